@@ -1,0 +1,142 @@
+"""Parameters and multiply-accumulates (MACs) per node, from ONNX shape inference.
+
+Shape inference runs on a *skeleton* of the model (large tensors keep their dims but not
+their bytes), so it costs memory proportional to the graph, not to the weights.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from ..model import get_attr
+
+#: Tensors with more elements than this lose their data in the skeleton.
+_SKELETON_MAX_ELEMENTS = 4096
+
+
+def _strip(tensor: onnx.TensorProto) -> None:
+    if int(np.prod(tensor.dims, dtype=np.int64)) > _SKELETON_MAX_ELEMENTS:
+        for name in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+            tensor.ClearField(name)
+        tensor.data_location = onnx.TensorProto.DEFAULT
+        del tensor.external_data[:]
+
+
+def _skeleton(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None) -> onnx.ModelProto:
+    """A copy of ``model`` without large tensor bytes and with concrete input dims."""
+    skel = onnx.ModelProto()
+    skel.ir_version = model.ir_version
+    skel.opset_import.extend(model.opset_import)
+    graph = skel.graph
+    src = model.graph
+    graph.name = src.name
+    for init in src.initializer:
+        t = graph.initializer.add()
+        t.name, t.data_type = init.name, init.data_type
+        t.dims.extend(init.dims)
+        if int(np.prod(init.dims, dtype=np.int64)) <= _SKELETON_MAX_ELEMENTS:
+            t.CopyFrom(init)
+    for node in src.node:
+        new = graph.node.add()
+        new.CopyFrom(node)
+        for attr in new.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                _strip(attr.t)
+    graph.output.extend(src.output)
+    init_names = {i.name for i in src.initializer}
+    for value in src.input:
+        new = graph.input.add()
+        new.CopyFrom(value)
+        if value.name in init_names:
+            continue
+        dims = new.type.tensor_type.shape.dim if new.type.HasField("tensor_type") else []
+        wanted = (input_shapes or {}).get(value.name)
+        for axis, dim in enumerate(dims):
+            if wanted is not None and axis < len(wanted):
+                dim.Clear()
+                dim.dim_value = int(wanted[axis])
+            elif not dim.HasField("dim_value") or dim.dim_value <= 0:
+                dim.Clear()
+                dim.dim_value = 1 if axis == 0 else default_dynamic_dim(axis)
+    return skel
+
+
+def default_dynamic_dim(axis: int) -> int:
+    """Value used for a dynamic dim that nobody specified: batch (axis 0) is 1, others 16."""
+    return 1 if axis == 0 else 16
+
+
+def infer_shapes(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None) -> dict[str, list[int | None]]:
+    """Static shape of every tensor that shape inference can resolve (dims may be None)."""
+    skel = _skeleton(model, input_shapes)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(skel, data_prop=True)
+    except Exception:  # noqa: BLE001 - shapes are best effort for cost figures
+        inferred = skel
+    shapes: dict[str, list[int | None]] = {}
+    for value in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
+        if not value.type.HasField("tensor_type") or not value.type.tensor_type.HasField("shape"):
+            continue
+        shapes[value.name] = [d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim]
+    for init in inferred.graph.initializer:
+        shapes[init.name] = list(init.dims)
+    for node in inferred.graph.node:
+        if node.op_type == "Constant" and node.output:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    shapes[node.output[0]] = list(attr.t.dims)
+    return shapes
+
+
+def _known(shape) -> bool:
+    return shape is not None and all(d is not None for d in shape)
+
+
+def node_key(node: onnx.NodeProto, position: int) -> str:
+    """The key a node has in cost tables: its name, or ``#position`` when unnamed."""
+    return node.name or f"#{position}"
+
+
+def node_macs(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None,
+              shapes: dict[str, list[int | None]] | None = None) -> dict[str, int]:
+    """MACs of each Conv, ConvTranspose, Gemm and MatMul node of the main graph."""
+    shapes = shapes if shapes is not None else infer_shapes(model, input_shapes)
+    macs: dict[str, int] = {}
+    for position, node in enumerate(model.graph.node):
+        value = _macs(node, shapes)
+        if value:
+            macs[node_key(node, position)] = value
+    return macs
+
+
+def _macs(node: onnx.NodeProto, shapes: dict[str, list[int | None]]) -> int:
+    op = node.op_type
+    get = shapes.get
+    if op in ("Conv", "ConvTranspose") and len(node.input) > 1:
+        w, y, x = get(node.input[1]), get(node.output[0]), get(node.input[0])
+        if not _known(w):
+            return 0
+        kernel = int(np.prod(w[2:], dtype=np.int64))
+        if op == "Conv" and _known(y):
+            return int(np.prod(y, dtype=np.int64)) * int(w[1]) * kernel
+        if op == "ConvTranspose" and _known(x):
+            return int(np.prod(x, dtype=np.int64)) * int(w[1]) * kernel
+        return 0
+    if op == "Gemm" and len(node.input) > 1:
+        a, y = get(node.input[0]), get(node.output[0])
+        if not (_known(a) and _known(y)):
+            return 0
+        k = a[0] if get_attr(node, "transA", 0) else a[1]
+        return int(np.prod(y, dtype=np.int64)) * int(k)
+    if op == "MatMul" and len(node.input) > 1:
+        a, y = get(node.input[0]), get(node.output[0])
+        if not (_known(a) and _known(y)) or not a:
+            return 0
+        return int(np.prod(y, dtype=np.int64)) * int(a[-1])
+    return 0
+
+
+def total_macs(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None) -> int:
+    """Sum of :func:`node_macs`."""
+    return int(sum(node_macs(model, input_shapes).values()))

@@ -1,0 +1,224 @@
+"""The Python API: ``prune()`` mirrors the ``onnxprune`` command, ``validate()`` compares two models."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable
+
+import onnx
+
+from . import __version__
+from .analysis.cost import total_macs
+from .config import PruneConfig, ValidateConfig
+from .errors import InvalidModelError
+from .model import (
+    PROTOBUF_LIMIT,
+    LoadedModel,
+    check_model,
+    check_output_path,
+    count_params,
+    load_model,
+    save_model,
+    tensor_bytes,
+)
+from .passes.manager import PassContext, PassManager, PassResult
+from .passes.unstructured import MagnitudePrunePass
+from .validate import ModelSource, check_gates, check_providers, file_sizes, prepare_feeds, run_validation
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class PruneResult:
+    """Everything a run did and measured; ``to_dict()`` is the JSON report."""
+
+    input: str | None
+    output: str | None
+    config: PruneConfig
+    passes: list[PassResult] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+    validation: dict[str, Any] | None = None
+    gate_failures: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "onnxprune_version": __version__,
+            "input": self.input,
+            "output": self.output,
+            "config": {f.name: getattr(self.config, f.name) for f in fields(self.config)},
+            "passes": [p.to_dict() for p in self.passes],
+            "summary": self.summary,
+            "validation": self.validation,
+            "gates": {"passed": not self.gate_failures, "failures": self.gate_failures},
+            "timings": {k: round(v, 4) for k, v in self.timings.items()},
+            "warnings": self.warnings,
+        }
+
+
+def build_passes(config: PruneConfig) -> list:
+    """The pipeline the options ask for (the CLI and the API share it)."""
+    if config.structured:
+        from .passes.structured import StructuredPrunePass
+
+        return [StructuredPrunePass(config)]
+    return [MagnitudePrunePass(config)]
+
+
+def _as_loaded(model: str | os.PathLike | onnx.ModelProto | LoadedModel) -> LoadedModel:
+    if isinstance(model, LoadedModel):
+        return model
+    if isinstance(model, onnx.ModelProto):
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        check_model(copy)
+        return LoadedModel(model=copy)
+    return load_model(model)
+
+
+def prune(
+    model: str | os.PathLike | onnx.ModelProto | LoadedModel,
+    output: str | os.PathLike | None = None,
+    *,
+    config: PruneConfig | None = None,
+    validate: bool | ValidateConfig = False,
+    force: bool = False,
+    external_data: bool | None = None,
+    log: Callable[[str], None] | None = None,
+    progress: Callable[..., Any] | None = None,
+    **options: Any,
+) -> tuple[onnx.ModelProto, PruneResult]:
+    """Prune ``model`` (path or ModelProto) and return the pruned model and a result.
+
+    Options are :class:`PruneConfig` fields (``sparsity=0.7``, ``pattern="2:4"``,
+    ``structured=True``...). With ``output`` the model is written atomically (never over
+    the input); with ``validate`` both models are compared in onnxruntime.
+    """
+    log = log or (lambda message: None)
+    config = config or PruneConfig(**options)
+    config.validate()
+    vcfg = validate if isinstance(validate, ValidateConfig) else ValidateConfig(enabled=bool(validate))
+    if vcfg.enabled:
+        check_providers(vcfg.providers)
+    timings: dict[str, float] = {}
+    input_path = Path(model) if isinstance(model, (str, os.PathLike)) else getattr(model, "path", None)
+    output_path = Path(output) if output is not None else None
+    if output_path is not None:
+        check_output_path(output_path, input_path=input_path, force=force)
+
+    start = time.perf_counter()
+    log("loading model")
+    loaded = _as_loaded(model)
+    timings["load"] = time.perf_counter() - start
+
+    original_src = feeds = original_stats = None
+    if vcfg.enabled:  # check the validation inputs before any work, so bad --data writes nothing
+        feeds = prepare_feeds(loaded.model, vcfg)
+        original_stats = _model_stats(loaded.model)
+        original_stats["macs"] = total_macs(loaded.model, feeds[1]["shapes"])
+        if input_path is not None:
+            original_src = ModelSource(model=None, path=input_path)
+        else:
+            original_src = ModelSource(model=onnx.load_from_string(loaded.model.SerializeToString()))
+
+    start = time.perf_counter()
+    ctx = PassContext(model=loaded.model, log=log, progress=progress)
+    ctx.state["input_shapes"] = dict(feeds[1]["shapes"]) if feeds else dict(vcfg.input_shapes)
+    pass_results = PassManager(build_passes(config)).run(ctx)
+    timings["prune"] = time.perf_counter() - start
+
+    result = PruneResult(
+        input=str(input_path) if input_path else None,
+        output=str(output_path) if output_path else None,
+        config=config,
+        passes=pass_results,
+        timings=timings,
+    )
+    start = time.perf_counter()
+    if output_path is not None:
+        log(f"checking and writing {output_path}")
+        save_model(loaded.model, output_path, external_data=external_data,
+                   verify=lambda path: _full_check(loaded.model, path, input_path, result))
+    elif tensor_bytes(loaded.model) < PROTOBUF_LIMIT:
+        log("checking the pruned model")
+        _full_check(loaded.model, None, input_path, result)
+    timings["check_and_save"] = time.perf_counter() - start
+
+    result.summary = _summary(pass_results)
+    if vcfg.enabled:
+        start = time.perf_counter()
+        pruned_src = ModelSource(model=loaded.model, path=output_path)
+        result.validation = run_validation(original_src, pruned_src, vcfg, log, feeds=feeds)
+        result.validation["size"] = {
+            "original": file_sizes(input_path, original_src.model),
+            "pruned": file_sizes(output_path, loaded.model if output_path is None else None),
+        }
+        pruned_stats = _model_stats(loaded.model)
+        pruned_stats["macs"] = total_macs(loaded.model, feeds[1]["shapes"])
+        result.validation["model"] = {"original": original_stats, "pruned": pruned_stats}
+        result.gate_failures = check_gates(result.validation, vcfg)
+        timings["validate"] = time.perf_counter() - start
+    return loaded.model, result
+
+
+def _model_stats(model: onnx.ModelProto) -> dict[str, int]:
+    params, nonzero = count_params(model)
+    return {"params": params, "nonzero_params": nonzero}
+
+
+def _full_check(model: onnx.ModelProto, path: Path | None, input_path: Path | None, result: PruneResult) -> None:
+    """The pruned model must pass the full checker; if the input itself does not, only warn."""
+    try:
+        check_model(model, path=path, full=True)
+    except InvalidModelError as exc:
+        try:
+            if input_path is not None:
+                check_model(model, path=input_path, full=True)
+            else:
+                raise exc
+        except InvalidModelError:
+            result.warnings.append(f"the input model also fails the full ONNX check: {exc}")
+            return
+        raise InvalidModelError(f"internal error: the pruned model fails the ONNX check ({exc}); nothing written") from None
+
+
+def _summary(pass_results: list[PassResult]) -> dict[str, Any]:
+    summary: dict[str, Any] = {"passes": [p.name for p in pass_results]}
+    for p in pass_results:
+        d = p.details
+        if p.name == "unstructured":
+            summary.update({
+                "mode": d.get("mode"),
+                "prunable_params": d.get("prunable_params"),
+                "zeros": d.get("zeros"),
+                "achieved_sparsity": d.get("achieved_sparsity"),
+                "tensors_pruned": len(d.get("tensors", [])),
+                "tensors_skipped": len(d.get("skipped", [])),
+            })
+        elif p.name == "structured":
+            for key in ("channels_total", "channels_removed", "channels_frozen", "params_removed", "macs_removed"):
+                summary[key] = d.get(key)
+            summary["groups_pruned"] = len(d.get("groups", []))
+            summary["groups_frozen"] = len(d.get("frozen", []))
+    return summary
+
+
+def validate(
+    original: str | os.PathLike | onnx.ModelProto,
+    pruned: str | os.PathLike | onnx.ModelProto,
+    config: ValidateConfig | None = None,
+) -> dict[str, Any]:
+    """Compare two models in onnxruntime (fidelity and interleaved latency)."""
+    config = config or ValidateConfig()
+
+    def source(item) -> ModelSource:
+        if isinstance(item, onnx.ModelProto):
+            return ModelSource(model=item)
+        return ModelSource(model=onnx.load(str(item), load_external_data=False), path=Path(item))
+
+    return run_validation(source(original), source(pruned), config)

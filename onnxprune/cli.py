@@ -1,0 +1,181 @@
+"""The ``onnxprune`` command: options -> API call -> printed report and exit code."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .api import prune
+from .config import PruneConfig, ValidateConfig, parse_input_shape
+from .errors import EXIT_CODES, GateFailedError, OnnxPruneError, UsageError
+from .model import check_output_path, default_output_path
+from .report import check_report_path, render, write_report
+
+EPILOG = "Exit codes: " + "; ".join(f"{code} {text}" for code, text in sorted(EXIT_CODES.items())) + "; 130 interrupted."
+
+
+class DefaultGroup(click.Group):
+    """A group whose default command is ``prune``: ``onnxprune MODEL ...`` == ``onnxprune prune MODEL ...``."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
+            args = ["prune", *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=DefaultGroup, context_settings={"help_option_names": ["-h", "--help"]}, epilog=EPILOG)
+@click.version_option(__version__, prog_name="onnxprune")
+def main() -> None:
+    """Prune an ONNX model and prove what it cost.
+
+    \b
+    onnxprune model.onnx --sparsity 0.7              unstructured, 70% zeros
+    onnxprune model.onnx --pattern 2:4               N:M sparsity
+    onnxprune model.onnx --structured --sparsity 0.5 remove channels
+    """
+
+
+class _Display:
+    """Progress lines on stderr with elapsed time; progress bars on a terminal."""
+
+    def __init__(self, quiet: bool, verbose: bool):
+        self.quiet, self.verbose, self.start = quiet, verbose, time.perf_counter()
+
+    def log(self, message: str) -> None:
+        if not self.quiet:
+            click.echo(f"[{time.perf_counter() - self.start:7.2f}s] {message}", err=True)
+
+    def progress(self, items, label: str, length: int | None = None):
+        if self.quiet or not sys.stderr.isatty():
+            yield from items
+            return
+        with click.progressbar(items, label=f"  {label}", length=length, file=sys.stderr) as bar:
+            yield from bar
+
+
+def _on_sigterm(signum, frame):  # noqa: ARG001 - signal handler signature
+    raise KeyboardInterrupt
+
+
+def run_guarded(debug: bool, body) -> None:
+    """Run ``body``; map errors to one line on stderr and their exit code."""
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        body()
+    except OnnxPruneError as exc:
+        if debug:
+            traceback.print_exc()
+        click.echo(f"onnxprune: error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("onnxprune: interrupted; no output written", err=True)
+        sys.exit(130)
+    except MemoryError:
+        click.echo("onnxprune: error: out of memory", err=True)
+        sys.exit(1)
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, no traceback
+        if debug:
+            traceback.print_exc()
+        click.echo(f"onnxprune: error: internal error: {type(exc).__name__}: {exc} (rerun with --debug)", err=True)
+        sys.exit(1)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _providers(values: tuple[str, ...]) -> list[str]:
+    names: list[str] = []
+    for value in values:
+        for name in value.split(","):
+            name = name.strip()
+            if name:
+                names.append(name if name.endswith("ExecutionProvider") else f"{name.upper()}ExecutionProvider"
+                             if name.lower() in ("cpu", "cuda", "tensorrt") else name)
+    fixed = {"TENSORRTExecutionProvider": "TensorrtExecutionProvider"}
+    names = [fixed.get(n, n) for n in names]
+    if "CPUExecutionProvider" not in names:
+        names.insert(0, "CPUExecutionProvider")
+    return names
+
+
+@main.command("prune", epilog=EPILOG)
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Output model. [default: <stem>.pruned.onnx beside the input]")
+@click.option("--force", is_flag=True, help="Replace an existing output file.")
+@click.option("--sparsity", type=float, help="Fraction of prunable weights (or channels, with --structured) to remove, 0 <= S < 1.")
+@click.option("--threshold", type=float, help="Unstructured: zero every prunable weight with |w| <= T (instead of --sparsity).")
+@click.option("--pattern", help="N:M sparsity, e.g. 2:4: zero N of every M consecutive weights along the input axis.")
+@click.option("--criterion", default="l1", show_default=True, help="Importance: l1, l2, random (seeded baseline); bn (BatchNorm scale, --structured).")
+@click.option("--scope", type=click.Choice(["layer", "global"]), default="layer", show_default=True, help="Rank within each layer/group or across the model.")
+@click.option("--max-layer-sparsity", type=float, default=0.99, show_default=True, help="Global scope: cap per tensor so no layer is emptied.")
+@click.option("--structured", is_flag=True, help="Remove whole channels/neurons (physically smaller, faster model).")
+@click.option("--round-to", type=int, default=1, show_default=True, help="Structured: keep channel counts multiples of N.")
+@click.option("--exclude", multiple=True, metavar="GLOB", help="Leave weights/nodes whose name matches GLOB alone (repeatable).")
+@click.option("--min-params", type=int, default=0, show_default=True, help="Skip weight tensors with fewer elements.")
+@click.option("--prune-first/--no-prune-first", default=True, show_default=True, help="Include the first layer.")
+@click.option("--prune-last/--no-prune-last", default=True, show_default=True, help="Include the last layer.")
+@click.option("--include-embeddings", is_flag=True, help="Also prune embedding tables (Gather weights).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for --criterion random and synthetic inputs.")
+@click.option("--external-data/--no-external-data", default=None, help="Write weights to <output>.data. [default: automatic above 1.8 GB]")
+@click.option("--validate/--no-validate", default=True, show_default=True, help="Compare original and pruned in onnxruntime.")
+@click.option("--providers", multiple=True, metavar="NAME[,NAME]", help="Execution providers besides CPU, e.g. cuda.")
+@click.option("--data", type=click.Path(path_type=Path), help="Validation inputs: .npz mapping input names to arrays.")
+@click.option("--input-shape", multiple=True, metavar="NAME:1x3x224x224", help="Shape for an input with dynamic dims (repeatable). Default: batch 1, other dynamic dims 16.")
+@click.option("--threads", type=int, default=1, show_default=True, help="onnxruntime intra-op threads for latency.")
+@click.option("--runs", type=int, default=20, show_default=True, help="Timed runs per model (interleaved).")
+@click.option("--warmup", type=int, default=3, show_default=True, help="Untimed warm-up runs per model.")
+@click.option("--report", "reports", multiple=True, type=click.Path(path_type=Path), help="Write the report to a .json or .md file (repeatable).")
+@click.option("--min-cosine", type=float, help="Gate: fail (exit 6) if any output's cosine similarity is lower.")
+@click.option("--max-rel-l2", type=float, help="Gate: fail (exit 6) if any output's relative L2 error is higher.")
+@click.option("--min-top1", type=float, help="Gate: fail (exit 6) if top-1 agreement is lower.")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+@click.option("-v", "--verbose", is_flag=True, help="List every tensor/group in the summary.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def prune_command(model: Path, output: Path | None, force: bool, debug: bool, quiet: bool, verbose: bool,
+                  reports: tuple[Path, ...], **opts) -> None:
+    """Prune MODEL and validate the result (the default command)."""
+
+    def body() -> None:
+        config = PruneConfig(
+            sparsity=opts["sparsity"], threshold=opts["threshold"], criterion=opts["criterion"], scope=opts["scope"],
+            pattern=opts["pattern"], structured=opts["structured"], round_to=opts["round_to"],
+            exclude=list(opts["exclude"]), min_params=opts["min_params"], prune_first=opts["prune_first"],
+            prune_last=opts["prune_last"], include_embeddings=opts["include_embeddings"],
+            max_layer_sparsity=opts["max_layer_sparsity"], seed=opts["seed"],
+        )
+        config.validate()
+        if opts["threads"] < 1 or opts["runs"] < 1 or opts["warmup"] < 0:
+            raise UsageError("--threads and --runs must be >= 1, --warmup >= 0")
+        shapes = dict(parse_input_shape(spec) for spec in opts["input_shape"])
+        vcfg = ValidateConfig(
+            enabled=opts["validate"], providers=_providers(opts["providers"]),
+            data=str(opts["data"]) if opts["data"] else None, input_shapes=shapes, threads=opts["threads"],
+            warmup=opts["warmup"], runs=opts["runs"], seed=opts["seed"], min_cosine=opts["min_cosine"],
+            max_rel_l2=opts["max_rel_l2"], min_top1=opts["min_top1"],
+        )
+        out = output or default_output_path(model)
+        check_output_path(out, input_path=model, force=force)
+        for path in reports:
+            check_report_path(path)
+        display = _Display(quiet, verbose)
+        _, result = prune(model, out, config=config, validate=vcfg, force=force,
+                          external_data=opts["external_data"], log=display.log, progress=display.progress)
+        report = result.to_dict()
+        for path in reports:
+            write_report(report, path)
+        if not quiet:
+            click.echo(render(report, verbose=verbose))
+        if result.gate_failures:
+            raise GateFailedError("validation gates missed: " + "; ".join(result.gate_failures))
+
+    run_guarded(debug, body)
+
+
+def _dump(obj) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True, default=str)

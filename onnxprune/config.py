@@ -1,0 +1,96 @@
+"""Configuration objects shared by the CLI and the Python API (one vocabulary for both)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from .errors import UsageError
+
+CRITERIA_UNSTRUCTURED = ("l1", "l2", "random")
+CRITERIA_STRUCTURED = ("l1", "l2", "random", "bn")
+
+
+@dataclass
+class PruneConfig:
+    """What to prune and how. Mirrors the CLI options of ``onnxprune MODEL``."""
+
+    sparsity: float | None = None
+    threshold: float | None = None
+    criterion: str = "l1"
+    scope: str = "layer"
+    pattern: str | None = None
+    structured: bool = False
+    round_to: int = 1
+    exclude: list[str] = field(default_factory=list)
+    min_params: int = 0
+    prune_first: bool = True
+    prune_last: bool = True
+    include_embeddings: bool = False
+    max_layer_sparsity: float = 0.99
+    seed: int = 0
+
+    def validate(self) -> None:
+        """Raise :class:`UsageError` for inconsistent or out-of-range settings."""
+        if self.sparsity is not None and not (0.0 <= self.sparsity < 1.0):
+            raise UsageError(f"--sparsity must be in [0, 1), got {self.sparsity}")
+        if self.threshold is not None and self.threshold < 0:
+            raise UsageError(f"--threshold must be >= 0, got {self.threshold}")
+        if self.threshold is not None and self.sparsity is not None:
+            raise UsageError("give either --sparsity or --threshold, not both")
+        if self.threshold is not None and (self.structured or self.pattern):
+            raise UsageError("--threshold applies to unstructured pruning only")
+        if self.pattern is not None:
+            self.nm()  # raises on a malformed pattern
+            if self.structured:
+                raise UsageError("--pattern (N:M) and --structured cannot be combined")
+        if self.sparsity is None and self.threshold is None and self.pattern is None:
+            raise UsageError("nothing to do: give --sparsity, --threshold or --pattern")
+        allowed = CRITERIA_STRUCTURED if self.structured else CRITERIA_UNSTRUCTURED
+        if self.criterion not in allowed:
+            raise UsageError(f"--criterion {self.criterion!r} is not available here; choose from {', '.join(allowed)}")
+        if self.scope not in ("layer", "global"):
+            raise UsageError(f"--scope must be 'layer' or 'global', got {self.scope!r}")
+        if self.round_to < 1:
+            raise UsageError(f"--round-to must be >= 1, got {self.round_to}")
+        if self.min_params < 0:
+            raise UsageError(f"--min-params must be >= 0, got {self.min_params}")
+        if not (0.0 < self.max_layer_sparsity < 1.0):
+            raise UsageError(f"--max-layer-sparsity must be in (0, 1), got {self.max_layer_sparsity}")
+
+    def nm(self) -> tuple[int, int] | None:
+        """The N:M pattern as integers, or None."""
+        if self.pattern is None:
+            return None
+        match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", self.pattern)
+        if not match:
+            raise UsageError(f"malformed --pattern {self.pattern!r}: expected N:M such as 2:4")
+        n, m = int(match.group(1)), int(match.group(2))
+        if m < 2 or n < 1 or n >= m:
+            raise UsageError(f"--pattern {self.pattern!r}: need 1 <= N < M and M >= 2 (N weights zeroed of every M)")
+        return n, m
+
+
+@dataclass
+class ValidateConfig:
+    """How the original and pruned models are compared in onnxruntime."""
+
+    enabled: bool = True
+    providers: list[str] = field(default_factory=lambda: ["CPUExecutionProvider"])
+    data: str | None = None
+    input_shapes: dict[str, list[int]] = field(default_factory=dict)
+    threads: int = 1
+    warmup: int = 3
+    runs: int = 20
+    seed: int = 0
+    min_cosine: float | None = None
+    max_rel_l2: float | None = None
+    min_top1: float | None = None
+
+
+def parse_input_shape(spec: str) -> tuple[str, list[int]]:
+    """``name:1x3x224x224`` -> ("name", [1, 3, 224, 224])."""
+    name, sep, dims = spec.rpartition(":")
+    if not sep or not name or not re.fullmatch(r"\d+(x\d+)*", dims.strip()):
+        raise UsageError(f"malformed --input-shape {spec!r}: expected NAME:D1xD2x... such as input:1x3x224x224")
+    return name, [int(d) for d in dims.strip().split("x")]

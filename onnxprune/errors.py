@@ -1,0 +1,72 @@
+"""Error classes of onnxprune, each with the process exit code the CLI uses for it."""
+
+from __future__ import annotations
+
+
+class OnnxPruneError(Exception):
+    """Base class: a user-facing error with a one-line message and an exit code."""
+
+    exit_code = 1
+    kind = "error"
+
+
+class UsageError(OnnxPruneError):
+    """Bad options or option values (sparsity out of range, malformed pattern, ...)."""
+
+    exit_code = 2
+    kind = "usage"
+
+
+class ModelReadError(OnnxPruneError):
+    """The model cannot be read: missing file, not ONNX, truncated, missing external data."""
+
+    exit_code = 3
+    kind = "unreadable model"
+
+
+class InvalidModelError(OnnxPruneError):
+    """The model was read but fails the ONNX checker or is structurally broken."""
+
+    exit_code = 4
+    kind = "invalid model"
+
+
+class UnsupportedError(OnnxPruneError):
+    """The model or request uses something onnxprune does not support."""
+
+    exit_code = 5
+    kind = "unsupported"
+
+
+class GateFailedError(OnnxPruneError):
+    """A validation gate (--min-cosine, ...) was missed; the output was still written."""
+
+    exit_code = 6
+    kind = "validation gate failed"
+
+
+class OutputError(OnnxPruneError):
+    """The output cannot be written: exists without --force, unwritable directory, same as input."""
+
+    exit_code = 7
+    kind = "output"
+
+
+class InputDataError(UsageError):
+    """Validation/calibration data does not match the model (names, shapes, dtypes)."""
+
+    exit_code = 8
+    kind = "input data"
+
+
+EXIT_CODES = {
+    0: "success",
+    1: "internal error (a bug: please report it with --debug output)",
+    UsageError.exit_code: "usage: bad option or option value",
+    ModelReadError.exit_code: "unreadable model: missing file, not ONNX, truncated/corrupt, missing external data",
+    InvalidModelError.exit_code: "invalid model: fails the ONNX checker",
+    UnsupportedError.exit_code: "unsupported model or request",
+    GateFailedError.exit_code: "validation gate failed (output written, gates missed)",
+    OutputError.exit_code: "output cannot be written (exists without --force, unwritable, same as input)",
+    InputDataError.exit_code: "input data (--data, --input-shape) does not match the model",
+}

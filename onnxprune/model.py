@@ -1,0 +1,436 @@
+"""Loading, checking and atomically saving ONNX models, and uniform access to weights.
+
+Weights live either in graph initializers or in ``Constant`` nodes (some exporters store
+every weight that way); :class:`Weight` hides the difference. Models are kept as
+``onnx.ModelProto`` so that IR version, opset imports, metadata and doc strings survive
+untouched; only the tensors onnxprune changes are rewritten.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import onnx
+from google.protobuf.message import DecodeError
+from onnx import numpy_helper
+
+from .errors import InvalidModelError, ModelReadError, OutputError
+
+#: Protobuf cannot serialise a message of 2 GiB or more; above this we write external data.
+PROTOBUF_LIMIT = 2**31 - 1
+#: Auto external data once the tensors alone reach this many bytes (margin for the graph).
+EXTERNAL_DATA_THRESHOLD = int(1.8 * 2**30)
+#: Tensors at least this large go into the external data file when one is written.
+EXTERNAL_TENSOR_MIN_BYTES = 1024
+
+
+# --------------------------------------------------------------------------------------
+# Loading and checking
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadedModel:
+    """A model with where it came from."""
+
+    model: onnx.ModelProto
+    path: Path | None = None
+    has_external_data: bool = False
+    file_bytes: int = 0  # model file plus external data files, as on disk
+
+
+def _external_locations(model: onnx.ModelProto) -> list[str]:
+    locations: list[str] = []
+    for tensor in _iter_all_tensors(model):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            for entry in tensor.external_data:
+                if entry.key == "location" and entry.value not in locations:
+                    locations.append(entry.value)
+    return locations
+
+
+def load_model(path: str | os.PathLike, *, check: bool = True) -> LoadedModel:
+    """Read ``path`` (with its external data) and run the ONNX checker on it.
+
+    Raises :class:`ModelReadError` for anything that is not a readable ONNX file and
+    :class:`InvalidModelError` when the checker rejects the model.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ModelReadError(f"model file not found: {path}")
+    if path.is_dir():
+        raise ModelReadError(f"expected an ONNX file, got a directory: {path}")
+    size = path.stat().st_size
+    if size == 0:
+        raise ModelReadError(f"model file is empty: {path}")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except DecodeError as exc:
+        raise ModelReadError(f"not an ONNX model or corrupt/truncated file: {path} ({exc})") from None
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ModelReadError(f"cannot read model {path}: {exc}") from None
+    if model.ir_version <= 0 or not model.HasField("graph") or not model.opset_import:
+        raise ModelReadError(f"not an ONNX model (no IR version, graph or opset import): {path}")
+    locations = _external_locations(model)
+    base = path.parent
+    file_bytes = size
+    for loc in locations:
+        data_path = base / loc
+        if not data_path.is_file():
+            raise ModelReadError(f"external data file missing: {data_path} (referenced by {path.name})")
+        file_bytes += data_path.stat().st_size
+    if locations:
+        try:
+            onnx.external_data_helper.load_external_data_for_model(model, str(base))
+        except (OSError, ValueError) as exc:
+            raise ModelReadError(f"cannot read external data of {path}: {exc}") from None
+        _check_tensor_sizes(model, path)
+    else:
+        _check_tensor_sizes(model, path)
+    if check:
+        check_model(model, path=path if locations or size >= PROTOBUF_LIMIT else None)
+    return LoadedModel(model=model, path=path, has_external_data=bool(locations), file_bytes=file_bytes)
+
+
+def _check_tensor_sizes(model: onnx.ModelProto, path: Path) -> None:
+    """Catch raw data whose byte size does not match dims x dtype (corruption the checker misses)."""
+    for tensor in _iter_all_tensors(model):
+        if not tensor.HasField("raw_data"):
+            continue
+        if tensor.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+            continue
+        try:
+            np_dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+        except (KeyError, ValueError):
+            continue
+        count = int(np.prod(tensor.dims, dtype=np.int64)) if len(tensor.dims) else 1
+        bits = {onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4}.get(tensor.data_type)
+        expected = (count * bits + 7) // 8 if bits else count * np.dtype(np_dtype).itemsize
+        if len(tensor.raw_data) != expected:
+            raise InvalidModelError(
+                f"tensor {tensor.name!r} in {path.name} has {len(tensor.raw_data)} bytes of data, "
+                f"expected {expected} for shape {list(tensor.dims)}"
+            )
+
+
+def check_model(model: onnx.ModelProto, *, path: Path | None = None, full: bool = False) -> None:
+    """Run ``onnx.checker``; from ``path`` when the model is too big or has external data."""
+    try:
+        if path is not None:
+            onnx.checker.check_model(str(path), full_check=full)
+        else:
+            onnx.checker.check_model(model, full_check=full)
+    except onnx.checker.ValidationError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InvalidModelError(f"model fails the ONNX checker: {first}") from None
+    except onnx.shape_inference.InferenceError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise InvalidModelError(f"model fails ONNX shape inference: {first}") from None
+
+
+# --------------------------------------------------------------------------------------
+# Saving
+# --------------------------------------------------------------------------------------
+
+
+def tensor_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of tensor data held in memory (initializers and Constant values, subgraphs too)."""
+    return sum(len(t.raw_data) if t.HasField("raw_data") else _typed_bytes(t) for t in _iter_all_tensors(model))
+
+
+def _typed_bytes(tensor: onnx.TensorProto) -> int:
+    return 4 * (len(tensor.float_data) + len(tensor.int32_data)) + 8 * (
+        len(tensor.int64_data) + len(tensor.double_data) + len(tensor.uint64_data)
+    )
+
+
+def default_output_path(input_path: Path) -> Path:
+    """``model.onnx`` -> ``model.pruned.onnx`` beside the input."""
+    return input_path.with_name(f"{input_path.stem}.pruned{input_path.suffix or '.onnx'}")
+
+
+def check_output_path(output: Path, *, input_path: Path | None, force: bool) -> None:
+    """Refuse writing over the input, an existing file without ``force``, or an unwritable place."""
+    if input_path is not None and output.resolve() == input_path.resolve():
+        raise OutputError(f"refusing to overwrite the input model: {output}")
+    if output.is_dir():
+        raise OutputError(f"output path is a directory: {output}")
+    if output.exists() and not force:
+        raise OutputError(f"output exists: {output} (use --force to replace it)")
+    parent = output.parent if str(output.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputError(f"output directory does not exist: {parent}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"output directory is not writable: {parent}")
+
+
+def save_model(
+    model: onnx.ModelProto,
+    output: str | os.PathLike,
+    *,
+    external_data: bool | None = None,
+    verify: Callable[[Path], None] | None = None,
+) -> list[Path]:
+    """Write ``model`` atomically: into a temporary folder beside ``output``, then rename.
+
+    ``external_data=None`` writes external data when the tensors would not fit in one
+    protobuf (over ~1.8 GB). ``verify(temp_path)`` runs before the rename and may raise to
+    abort (nothing is then written). Returns the paths written; the in-memory model keeps
+    its data.
+    """
+    output = Path(output)
+    if external_data is None:
+        external_data = tensor_bytes(model) >= EXTERNAL_DATA_THRESHOLD
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent or "."))
+    written: list[Path] = []
+    try:
+        tmp_model = tmp_dir / output.name
+        data_name = f"{output.name}.data"
+        if external_data:
+            _save_external(model, tmp_model, data_name)
+        else:
+            onnx.save_model(model, str(tmp_model))
+        if verify is not None:
+            verify(tmp_model)
+        if (tmp_dir / data_name).exists():
+            os.replace(tmp_dir / data_name, output.parent / data_name)
+            written.append(output.parent / data_name)
+        os.replace(tmp_model, output)
+        written.insert(0, output)
+    except OSError as exc:
+        raise OutputError(f"cannot write {output}: {exc}") from None
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return written
+
+
+def _save_external(model: onnx.ModelProto, tmp_model: Path, data_name: str) -> None:
+    """Save with large tensors in one external file, without losing them from memory.
+
+    ``onnx.save_model(save_as_external_data=True)`` strips the data out of the in-memory
+    protos; we stash each tensor's bytes and put them back afterwards (no extra copies).
+    """
+    stash: list[tuple[onnx.TensorProto, bytes]] = []
+    offset = 0
+    with open(tmp_model.parent / data_name, "wb") as data_file:
+        for tensor in _iter_all_tensors(model):
+            if not tensor.HasField("raw_data") or len(tensor.raw_data) < EXTERNAL_TENSOR_MIN_BYTES:
+                continue
+            raw = tensor.raw_data
+            pad = (-offset) % 4096
+            if pad:
+                data_file.write(b"\0" * pad)
+                offset += pad
+            data_file.write(raw)
+            stash.append((tensor, raw))
+            tensor.ClearField("raw_data")
+            del tensor.external_data[:]
+            for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(len(raw)))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            offset += len(raw)
+    try:
+        onnx.save_model(model, str(tmp_model))
+    finally:
+        for tensor, raw in stash:
+            del tensor.external_data[:]
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            tensor.raw_data = raw
+
+
+# --------------------------------------------------------------------------------------
+# Graph walking and weight access
+# --------------------------------------------------------------------------------------
+
+
+def iter_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """``graph`` and every subgraph (If/Loop/Scan bodies), depth first."""
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from iter_graphs(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    yield from iter_graphs(sub)
+
+
+def _iter_all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    for graph in iter_graphs(model.graph):
+        yield from graph.initializer
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    yield attr.t
+                elif attr.type == onnx.AttributeProto.SPARSE_TENSOR:
+                    yield attr.sparse_tensor.values
+
+
+@dataclass(eq=False)
+class Weight:
+    """A constant tensor: an initializer or the value of a ``Constant`` node."""
+
+    name: str
+    kind: str  # "initializer" or "constant"
+    tensor: onnx.TensorProto
+    graph: onnx.GraphProto
+    node: onnx.NodeProto | None = None  # the Constant node, for kind == "constant"
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(int(d) for d in self.tensor.dims)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(self.tensor.data_type))
+
+    @property
+    def is_float(self) -> bool:
+        return self.tensor.data_type in FLOAT_TYPES
+
+    def array(self) -> np.ndarray:
+        """The values as a writable numpy array (original dtype), independent of the proto."""
+        values = numpy_helper.to_array(self.tensor)
+        return values if values.flags.writeable and values.flags.owndata else values.copy()
+
+    def set_array(self, values: np.ndarray) -> None:
+        """Replace the values (and shape); the dtype stays the tensor's own."""
+        values = np.ascontiguousarray(values, dtype=self.dtype)
+        name, doc = self.tensor.name, self.tensor.doc_string
+        new = numpy_helper.from_array(values, name)
+        self.tensor.CopyFrom(new)
+        if doc:
+            self.tensor.doc_string = doc
+
+
+FLOAT_TYPES = {
+    onnx.TensorProto.FLOAT,
+    onnx.TensorProto.FLOAT16,
+    onnx.TensorProto.BFLOAT16,
+    onnx.TensorProto.DOUBLE,
+}
+
+#: Ops that pass a weight through unchanged in value order (pruning the source is pruning the use).
+PASS_THROUGH_OPS = {"Identity", "Cast", "CastLike"}
+
+
+@dataclass
+class GraphIndex:
+    """Producers, consumers and constants of one graph, with its enclosing scope."""
+
+    graph: onnx.GraphProto
+    parent: GraphIndex | None = None
+    producer: dict[str, onnx.NodeProto] = field(default_factory=dict)
+    consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = field(default_factory=dict)
+    weights: dict[str, Weight] = field(default_factory=dict)
+    node_order: dict[int, int] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, graph: onnx.GraphProto, parent: GraphIndex | None = None) -> GraphIndex:
+        index = cls(graph=graph, parent=parent)
+        for init in graph.initializer:
+            index.weights[init.name] = Weight(init.name, "initializer", init, graph)
+        for position, node in enumerate(graph.node):
+            index.node_order[id(node)] = position
+            for out in node.output:
+                if out:
+                    index.producer[out] = node
+            for slot, name in enumerate(node.input):
+                if name:
+                    index.consumers.setdefault(name, []).append((node, slot))
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.output:
+                for attr in node.attribute:
+                    if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
+                        index.weights[node.output[0]] = Weight(node.output[0], "constant", attr.t, graph, node)
+        return index
+
+    def lookup_weight(self, name: str) -> Weight | None:
+        """The weight called ``name`` here or in an enclosing graph."""
+        scope: GraphIndex | None = self
+        while scope is not None:
+            if name in scope.weights:
+                return scope.weights[name]
+            if name in scope.producer:
+                return None
+            scope = scope.parent
+        return None
+
+    def resolve(self, name: str) -> tuple[Weight | None, list[onnx.NodeProto]]:
+        """Follow ``name`` back through Identity/Cast/Transpose to a weight.
+
+        Returns the weight (or None) and the chain of nodes between it and ``name``,
+        nearest the weight first.
+        """
+        chain: list[onnx.NodeProto] = []
+        seen: set[str] = set()
+        while name not in seen:
+            seen.add(name)
+            weight = self.lookup_weight(name)
+            if weight is not None:
+                return weight, list(reversed(chain))
+            node = self.producer.get(name)
+            if node is None or node.op_type not in PASS_THROUGH_OPS | {"Transpose"} or not node.input:
+                return None, []
+            chain.append(node)
+            name = node.input[0]
+        return None, []
+
+
+def build_indexes(model: onnx.ModelProto) -> list[GraphIndex]:
+    """A :class:`GraphIndex` for the main graph and each subgraph (main graph first)."""
+    indexes: list[GraphIndex] = []
+
+    def visit(graph: onnx.GraphProto, parent: GraphIndex | None) -> None:
+        index = GraphIndex.build(graph, parent)
+        indexes.append(index)
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    visit(attr.g, index)
+                elif attr.type == onnx.AttributeProto.GRAPHS:
+                    for sub in attr.graphs:
+                        visit(sub, index)
+
+    visit(model.graph, None)
+    return indexes
+
+
+def opset_version(model: onnx.ModelProto, domain: str = "") -> int:
+    """The model's opset version for ``domain`` (default: the ONNX domain)."""
+    for entry in model.opset_import:
+        if entry.domain in (domain, "ai.onnx" if domain == "" else domain):
+            return int(entry.version)
+    return 0
+
+
+def get_attr(node: onnx.NodeProto, name: str, default=None):
+    """An attribute's Python value, or ``default``."""
+    for attr in node.attribute:
+        if attr.name == name:
+            return onnx.helper.get_attribute_value(attr)
+    return default
+
+
+def count_params(model: onnx.ModelProto) -> tuple[int, int]:
+    """(parameters, non-zero parameters) over float weights, initializers and Constant nodes."""
+    total = nonzero = 0
+    for graph in iter_graphs(model.graph):
+        index = GraphIndex.build(graph)
+        for weight in index.weights.values():
+            if not weight.is_float or weight.size <= 1:
+                continue
+            arr = weight.array()
+            total += arr.size
+            nonzero += int(np.count_nonzero(arr))
+    return total, nonzero

@@ -1,0 +1,183 @@
+"""Unstructured magnitude pruning: zero individual weights, per layer, globally or N:M.
+
+Modes:
+- ``sparsity``: zero the given fraction of each tensor's weights (``scope="layer"``) or of
+  all prunable weights by one ranking (``scope="global"``, each tensor capped at
+  ``max_layer_sparsity`` so no layer is emptied);
+- ``threshold``: zero every weight with ``|w| <= T``;
+- ``pattern`` N:M: zero the N smallest of every M consecutive weights along the layer's
+  reduction (input) axis, the layout sparse tensor cores accelerate.
+
+For single weights, ``l1`` (|w|) and ``l2`` (w^2) give the same order; ``random`` is a
+seeded baseline. Weights that are already zero count toward the target.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..analysis.weights import PrunableWeight, find_prunable_weights, select_weights
+from ..config import PruneConfig
+from .manager import PassContext
+
+
+def zero_smallest(scores: np.ndarray, k: int) -> np.ndarray:
+    """Boolean mask of the ``k`` smallest entries of flat ``scores`` (ties broken by position)."""
+    n = scores.size
+    mask = np.zeros(n, dtype=bool)
+    if k <= 0:
+        return mask
+    if k >= n:
+        mask[:] = True
+        return mask
+    kth = np.partition(scores, k - 1)[k - 1]
+    np.less(scores, kth, out=mask)
+    missing = k - int(mask.sum())
+    if missing > 0:
+        ties = np.flatnonzero(scores == kth)[:missing]
+        mask[ties] = True
+    return mask
+
+
+def nm_mask(values: np.ndarray, axis: int, n: int, m: int) -> np.ndarray:
+    """Mask zeroing the ``n`` smallest |values| of every ``m`` consecutive entries along ``axis``."""
+    moved = np.moveaxis(np.abs(values.astype(np.float32)), axis, -1)
+    blocks = moved.reshape(*moved.shape[:-1], moved.shape[-1] // m, m)
+    order = np.argsort(blocks, axis=-1, kind="stable")
+    block_mask = np.zeros(blocks.shape, dtype=bool)
+    np.put_along_axis(block_mask, order[..., :n], True, axis=-1)
+    return np.moveaxis(block_mask.reshape(moved.shape), -1, axis)
+
+
+class MagnitudePrunePass:
+    """Zero weights by magnitude (or at random), per layer, globally, by threshold or N:M."""
+
+    name = "unstructured"
+
+    def __init__(self, config: PruneConfig):
+        self.config = config
+
+    # -- scoring -----------------------------------------------------------------------
+
+    def _scores(self, values: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        flat = values.reshape(-1).astype(np.float32)
+        if self.config.criterion == "random":
+            scores = rng.random(flat.size, dtype=np.float32)
+            scores[flat == 0] = -1.0  # existing zeros stay zeros and count first
+            return scores
+        return np.abs(flat) if self.config.criterion == "l1" else np.square(flat)
+
+    # -- allocation --------------------------------------------------------------------
+
+    def _global_counts(self, items: list[PrunableWeight], rng: np.random.Generator, ctx: PassContext) -> list[int]:
+        """How many weights each tensor loses under one global ranking, with a per-tensor cap."""
+        sizes = [item.weight.size for item in items]
+        caps = [int(np.floor(self.config.max_layer_sparsity * s)) for s in sizes]
+        target = int(round(self.config.sparsity * sum(sizes)))
+        if target > sum(caps):
+            target = sum(caps)
+        scores = [self._scores(item.weight.array(), rng) for item in ctx.iterate(items, "scoring", len(items))]
+        capped: set[int] = set()
+        while True:
+            free = [i for i in range(len(items)) if i not in capped]
+            budget = target - sum(caps[i] for i in capped)
+            if not free or budget <= 0:
+                counts = [caps[i] if i in capped else 0 for i in range(len(items))]
+                break
+            pool = np.concatenate([scores[i] for i in free])
+            kth = np.partition(pool, min(budget, pool.size) - 1)[min(budget, pool.size) - 1]
+            del pool
+            below = {i: int(np.count_nonzero(scores[i] < kth)) for i in free}
+            ties = {i: int(np.count_nonzero(scores[i] == kth)) for i in free}
+            new_caps = {i for i in free if below[i] > caps[i]}
+            if new_caps:
+                capped |= new_caps
+                continue
+            counts = [caps[i] if i in capped else below[i] for i in range(len(items))]
+            missing = budget - sum(below.values())
+            for i in free:  # hand out the weights tied at the threshold, in order, within caps
+                if missing <= 0:
+                    break
+                take = min(ties[i], caps[i] - counts[i], missing)
+                counts[i] += take
+                missing -= take
+            break
+        return counts
+
+    # -- the pass ----------------------------------------------------------------------
+
+    def run(self, ctx: PassContext) -> dict[str, Any]:
+        cfg = self.config
+        rng = np.random.default_rng(cfg.seed)
+        selection = select_weights(
+            find_prunable_weights(ctx.model),
+            exclude=cfg.exclude,
+            min_params=cfg.min_params,
+            prune_first=cfg.prune_first,
+            prune_last=cfg.prune_last,
+            include_embeddings=cfg.include_embeddings,
+        )
+        skipped = [{"weight": item.name, "layers": item.node_names(), "reason": why} for item, why in selection.skipped]
+        items = list(selection.selected)
+        nm = cfg.nm()
+        if nm is not None:
+            kept = []
+            for item in items:
+                axis = item.reduction_axis
+                if axis is None:
+                    skipped.append({"weight": item.name, "layers": item.node_names(),
+                                    "reason": "no single reduction axis (shared by layers reading it differently, or an embedding)"})
+                elif item.weight.shape[axis] % nm[1]:
+                    skipped.append({"weight": item.name, "layers": item.node_names(),
+                                    "reason": f"reduction axis {axis} has {item.weight.shape[axis]} entries, not divisible by M={nm[1]}"})
+                else:
+                    kept.append(item)
+            items = kept
+        counts = None
+        if cfg.sparsity is not None and cfg.scope == "global" and nm is None:
+            counts = self._global_counts(items, rng, ctx)
+        tensors = []
+        total = zeros_total = 0
+        for position, item in enumerate(ctx.iterate(items, "pruning", len(items))):
+            values = item.weight.array()
+            zeros_before = int(values.size - np.count_nonzero(values))
+            if nm is not None:
+                source = rng.random(values.shape, dtype=np.float32) if cfg.criterion == "random" else values
+                mask = nm_mask(source, item.reduction_axis, *nm)
+            elif cfg.threshold is not None:
+                mask = (np.abs(values.astype(np.float32)) <= cfg.threshold).reshape(values.shape)
+            else:
+                k = counts[position] if counts is not None else int(round(cfg.sparsity * values.size))
+                mask = zero_smallest(self._scores(values, rng), k).reshape(values.shape)
+            values[mask] = 0
+            zeros_after = int(values.size - np.count_nonzero(values))
+            item.weight.set_array(values)
+            total += values.size
+            zeros_total += zeros_after
+            tensors.append({
+                "weight": item.name,
+                "kind": item.weight.kind,
+                "layers": item.node_names(),
+                "ops": sorted({u.node.op_type for u in item.uses}),
+                "shape": list(item.weight.shape),
+                "params": int(values.size),
+                "zeros_before": zeros_before,
+                "zeros_after": zeros_after,
+                "sparsity": zeros_after / values.size if values.size else 0.0,
+            })
+        return {
+            "changed": any(t["zeros_after"] != t["zeros_before"] for t in tensors),
+            "mode": "nm" if nm else ("threshold" if cfg.threshold is not None else "sparsity"),
+            "criterion": cfg.criterion,
+            "scope": cfg.scope,
+            "target_sparsity": (nm[0] / nm[1]) if nm else cfg.sparsity,
+            "threshold": cfg.threshold,
+            "pattern": cfg.pattern,
+            "prunable_params": total,
+            "zeros": zeros_total,
+            "achieved_sparsity": zeros_total / total if total else 0.0,
+            "tensors": tensors,
+            "skipped": skipped,
+        }

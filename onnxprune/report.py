@@ -1,0 +1,183 @@
+"""Turn a run's result dict into a terminal summary, Markdown, or JSON."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .errors import OutputError, UsageError
+
+NOTE_UNSTRUCTURED = (
+    "zeroed weights do not make dense onnxruntime kernels faster; they shrink the compressed "
+    "size, and N:M patterns are ready for sparse tensor cores"
+)
+
+
+def _num(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if math.isnan(value) or math.isinf(value):
+            return str(value)
+        return f"{value:.6g}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def _bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return str(n)
+
+
+def _table(headers: list[str], rows: list[list[str]], markdown: bool) -> list[str]:
+    if markdown:
+        lines = ["", "| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+        return lines + ["| " + " | ".join(r) + " |" for r in rows] + [""]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return ["  " + fmt.format(*headers)] + ["  " + fmt.format(*r) for r in rows]
+
+
+def render(report: dict[str, Any], *, markdown: bool = False, verbose: bool = False, limit: int = 15) -> str:
+    """A readable summary; ``markdown`` for a .md report, ``verbose`` lists every tensor/group."""
+    h = "## " if markdown else ""
+    lines: list[str] = []
+    title = f"onnxprune {report.get('onnxprune_version', '')}: {report.get('input') or '<model>'}"
+    lines.append(("# " if markdown else "") + title + (f" -> {report['output']}" if report.get("output") else ""))
+    cfg = report["config"]
+    for p in report["passes"]:
+        d = p["details"]
+        lines.append("")
+        if p["name"] == "unstructured":
+            what = {"nm": f"N:M pattern {d.get('pattern')}", "threshold": f"threshold |w| <= {d.get('threshold')}"}.get(
+                d.get("mode"), f"sparsity {cfg.get('sparsity')} ({d.get('criterion')}, scope {d.get('scope')})")
+            lines.append(f"{h}Unstructured pruning: {what}")
+            lines.append(f"prunable weights: {len(d['tensors'])} tensors, {_num(d['prunable_params'])} params; "
+                         f"zeros {_num(d['zeros'])} ({100 * d['achieved_sparsity']:.2f}%)")
+            rows = [[t["weight"], "x".join(map(str, t["shape"])), ",".join(t["ops"]), f"{100 * t['sparsity']:.2f}%"]
+                    for t in d["tensors"]]
+            shown = rows if verbose or markdown else rows[:limit]
+            if shown:
+                lines += _table(["weight", "shape", "ops", "sparsity"], shown, markdown)
+            if len(shown) < len(rows):
+                lines.append(f"  ... {len(rows) - len(shown)} more (--verbose or --report)")
+            for s in d.get("skipped", []):
+                lines.append(f"  skipped {s['weight']}: {s['reason']}")
+        elif p["name"] == "structured":
+            lines.append(f"{h}Structured pruning: sparsity {d.get('target_sparsity')} "
+                         f"({d.get('criterion')}, scope {d.get('scope')}, round-to {d.get('round_to')})")
+            lines.append(f"channels: {_num(d.get('channels_total'))} in groups, {_num(d.get('channels_removed'))} removed, "
+                         f"{_num(d.get('channels_frozen'))} frozen; params removed {_num(d.get('params_removed'))}, "
+                         f"MACs removed {_num(d.get('macs_removed'))}")
+            rows = [[str(g["id"]), f"{g['channels_before']} -> {g['channels_after']}", _num(g.get("params_removed")),
+                     _num(g.get("macs_removed")), ",".join(g.get("producers", []))[:60]] for g in d.get("groups", [])]
+            shown = rows if verbose or markdown else rows[:limit]
+            if shown:
+                lines += _table(["group", "channels", "params removed", "MACs removed", "producers"], shown, markdown)
+            if len(shown) < len(rows):
+                lines.append(f"  ... {len(rows) - len(shown)} more groups (--verbose or --report)")
+            frozen = d.get("frozen", [])
+            if frozen:
+                lines.append(f"frozen groups ({len(frozen)}):")
+                for f in frozen if (verbose or markdown) else frozen[:limit]:
+                    lines.append(f"  {'- ' if markdown else ''}{f['id']} ({f.get('channels')} channels): {f['reason']}")
+                if not (verbose or markdown) and len(frozen) > limit:
+                    lines.append(f"  ... {len(frozen) - limit} more (--verbose or --report)")
+    _render_validation(report.get("validation"), lines, h, markdown)
+    gates = report.get("gates", {})
+    if gates.get("failures"):
+        lines.append("")
+        lines.append("GATES FAILED: " + "; ".join(gates["failures"]))
+    for w in report.get("warnings", []):
+        lines.append(f"warning: {w}")
+    timing = ", ".join(f"{p['name']} {p['seconds']:.2f}s" for p in report["passes"])
+    others = ", ".join(f"{k} {v:.2f}s" for k, v in report.get("timings", {}).items() if k != "prune")
+    lines.append("")
+    lines.append(f"time: {timing}" + (f"; {others}" if others else ""))
+    if any(p["name"] == "unstructured" for p in report["passes"]):
+        lines.append(f"note: {NOTE_UNSTRUCTURED}")
+    return "\n".join(lines) + "\n"
+
+
+def _render_validation(v: dict[str, Any] | None, lines: list[str], h: str, markdown: bool) -> None:
+    if not v:
+        return
+    lines.append("")
+    lines.append(f"{h}Validation")
+    model = v.get("model", {})
+    o, p = model.get("original", {}), model.get("pruned", {})
+    size = v.get("size", {})
+    so, sp = size.get("original", {}), size.get("pruned", {})
+    rows = [
+        ["params", _num(o.get("params")), _num(p.get("params")), _ratio(p.get("params"), o.get("params"))],
+        ["non-zero params", _num(o.get("nonzero_params")), _num(p.get("nonzero_params")),
+         _ratio(p.get("nonzero_params"), o.get("nonzero_params"))],
+        ["MACs", _num(o.get("macs")), _num(p.get("macs")), _ratio(p.get("macs"), o.get("macs"))],
+        ["file size", _bytes(so.get("bytes")), _bytes(sp.get("bytes")), _ratio(sp.get("bytes"), so.get("bytes"))],
+        ["zip size", _bytes(so.get("zip_bytes")), _bytes(sp.get("zip_bytes")), _ratio(sp.get("zip_bytes"), so.get("zip_bytes"))],
+    ]
+    lines += _table(["", "original", "pruned", "pruned/original"], rows, markdown)
+    inputs = v.get("inputs", {})
+    shapes = ", ".join(f"{k} {'x'.join(map(str, s))}" for k, s in inputs.get("shapes", {}).items())
+    lines.append(f"inputs: {inputs.get('source')} ({shapes})")
+    for provider, entry in v.get("providers", {}).items():
+        lines.append(f"{provider}:")
+        rows = [[name, _num(r.get("cosine")), _num(r.get("rel_l2")), _num(r.get("max_abs")),
+                 _num(r.get("top1_agreement"))] for name, r in entry["outputs"].items()]
+        lines += _table(["output", "cosine", "rel L2", "max abs", "top-1 agree"], rows, markdown)
+        lat = entry["latency"]
+        lines.append(f"  latency (threads {v.get('threads')}, {lat['original']['runs']} interleaved runs): "
+                     f"original median {lat['original']['median_ms']:.3f} ms (p90 {lat['original']['p90_ms']:.3f}), "
+                     f"pruned median {lat['pruned']['median_ms']:.3f} ms (p90 {lat['pruned']['p90_ms']:.3f}), "
+                     f"speedup {lat['speedup']:.2f}x")
+
+
+def _ratio(a, b) -> str:
+    if a is None or not b:
+        return "-"
+    return f"{a / b:.3f}"
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def check_report_path(path: Path) -> None:
+    """Refuse a report path we cannot write, before any work is done."""
+    if path.suffix.lower() not in (".json", ".md", ".markdown"):
+        raise UsageError(f"--report {path}: use a .json or .md file name")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputError(f"report directory does not exist: {parent}")
+
+
+def write_report(report: dict[str, Any], path: Path) -> None:
+    """Write JSON or Markdown by extension, atomically."""
+    if path.suffix.lower() == ".json":
+        text = json.dumps(report, indent=2, sort_keys=True, default=_json_default, allow_nan=True) + "\n"
+    else:
+        text = render(report, markdown=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise OutputError(f"cannot write report {path}: {exc}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
