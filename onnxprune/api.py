@@ -140,6 +140,8 @@ def prune(
         timings=timings,
     )
     start = time.perf_counter()
+    if external_data is None and loaded.has_external_data:
+        external_data = True  # external data in, external data out
     if output_path is not None:
         log(f"checking and writing {output_path}")
         save_model(loaded.model, output_path, external_data=external_data,
