@@ -179,3 +179,21 @@ def prune_command(model: Path, output: Path | None, force: bool, debug: bool, qu
 
 def _dump(obj) -> str:
     return json.dumps(obj, indent=2, sort_keys=True, default=str)
+
+
+@main.command("inspect", epilog=EPILOG)
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for programs.")
+@click.option("--input-shape", multiple=True, metavar="NAME:1x3x224x224", help="Shape for dynamic inputs (for MACs).")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def inspect_command(model: Path, as_json: bool, input_shape: tuple[str, ...], debug: bool) -> None:
+    """Describe MODEL without changing it: prunable weights, groups, params, MACs."""
+
+    def body() -> None:
+        from .inspect import inspect_model, render_inspection
+
+        shapes = dict(parse_input_shape(spec) for spec in input_shape)
+        info = inspect_model(model, shapes)
+        click.echo(_dump(info) if as_json else render_inspection(info))
+
+    run_guarded(debug, body)

@@ -1,0 +1,94 @@
+"""``onnxprune inspect``: what can be pruned in a model, without changing it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .analysis.cost import infer_shapes, node_key, node_macs
+from .analysis.weights import find_prunable_weights
+from .model import count_params, load_model, opset_version
+
+
+def inspect_model(path: Path, input_shapes: dict[str, list[int]] | None = None) -> dict[str, Any]:
+    """A JSON-able description: params, MACs per layer, prunable weights with magnitude stats, groups."""
+    loaded = load_model(path)
+    model = loaded.model
+    shapes = infer_shapes(model, input_shapes)
+    macs = node_macs(model, shapes=shapes)
+    positions = {id(node): i for i, node in enumerate(model.graph.node)}
+    params, nonzero = count_params(model)
+    layers = []
+    for item in find_prunable_weights(model):
+        values = item.weight.array().astype(np.float32)
+        absval = np.abs(values)
+        layers.append({
+            "weight": item.name,
+            "kind": item.weight.kind,
+            "layers": item.node_names(),
+            "ops": sorted({u.node.op_type for u in item.uses}),
+            "shape": list(item.weight.shape),
+            "params": int(values.size),
+            "sparsity": float(np.mean(values == 0)) if values.size else 0.0,
+            "abs_mean": float(absval.mean()) if values.size else 0.0,
+            "abs_max": float(absval.max()) if values.size else 0.0,
+            "std": float(values.std()) if values.size else 0.0,
+            "reduction_axis": item.reduction_axis,
+            "macs": int(sum(macs.get(node_key(u.node, positions.get(id(u.node), -1)), 0) for u in item.uses)),
+        })
+    info: dict[str, Any] = {
+        "model": str(path),
+        "ir_version": model.ir_version,
+        "opsets": {entry.domain or "ai.onnx": entry.version for entry in model.opset_import},
+        "opset": opset_version(model),
+        "external_data": loaded.has_external_data,
+        "file_bytes": loaded.file_bytes,
+        "nodes": len(model.graph.node),
+        "inputs": {v.name: shapes.get(v.name) for v in model.graph.input},
+        "outputs": {v.name: shapes.get(v.name) for v in model.graph.output},
+        "params": params,
+        "nonzero_params": nonzero,
+        "macs": int(sum(macs.values())),
+        "prunable_weights": layers,
+    }
+    info["structured"] = _structured_groups(model)
+    return info
+
+
+def _structured_groups(model) -> dict[str, Any] | None:
+    try:
+        from .passes.structured import describe_groups
+    except ImportError:
+        return None
+    return describe_groups(model)
+
+
+def render_inspection(info: dict[str, Any]) -> str:
+    """The terminal view of :func:`inspect_model`."""
+    lines = [
+        f"{info['model']}: IR {info['ir_version']}, opsets {info['opsets']}, {info['nodes']} nodes"
+        + (", external data" if info["external_data"] else ""),
+        f"inputs: {info['inputs']}",
+        f"outputs: {info['outputs']}",
+        f"params {info['params']:,} (non-zero {info['nonzero_params']:,}), MACs {info['macs']:,}",
+        "",
+        f"prunable weights ({len(info['prunable_weights'])}):",
+    ]
+    header = f"  {'weight':<32} {'shape':<18} {'ops':<14} {'params':>10} {'MACs':>14} {'sparsity':>8} {'|w| mean':>9}"
+    lines.append(header)
+    for w in info["prunable_weights"]:
+        lines.append(f"  {w['weight'][:32]:<32} {'x'.join(map(str, w['shape'])):<18} {','.join(w['ops'])[:14]:<14} "
+                     f"{w['params']:>10,} {w['macs']:>14,} {100 * w['sparsity']:>7.1f}% {w['abs_mean']:>9.4g}")
+    structured = info.get("structured")
+    if structured:
+        lines.append("")
+        groups = structured.get("groups", [])
+        frozen = structured.get("frozen", [])
+        lines.append(f"structured: {len(groups)} prunable channel groups, {len(frozen)} frozen")
+        for g in groups:
+            lines.append(f"  group {g['id']}: {g['channels']} channels, ops {','.join(g.get('ops', []))}")
+        for f in frozen:
+            lines.append(f"  frozen {f['id']}: {f.get('channels')} channels: {f['reason']}")
+    return "\n".join(lines)
