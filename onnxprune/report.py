@@ -175,6 +175,9 @@ def write_report(report: dict[str, Any], path: Path) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except OSError as exc:
         raise OutputError(f"cannot write report {path}: {exc}") from None
