@@ -64,9 +64,10 @@ def _on_sigterm(signum, frame):  # noqa: ARG001 - signal handler signature
     raise KeyboardInterrupt
 
 
-def run_guarded(debug: bool, body) -> None:
+def run_guarded(debug: bool, body, output: Path | None = None) -> None:
     """Run ``body``; map errors to one line on stderr and their exit code."""
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    started = time.time()
     try:
         body()
     except OnnxPruneError as exc:
@@ -75,7 +76,10 @@ def run_guarded(debug: bool, body) -> None:
         click.echo(f"onnxprune: error: {exc}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        click.echo("onnxprune: interrupted; no output written", err=True)
+        if output is not None and output.exists() and output.stat().st_mtime >= started - 1:
+            click.echo(f"onnxprune: interrupted after the output was written completely: {output}", err=True)
+        else:
+            click.echo("onnxprune: interrupted; no output written", err=True)
         sys.exit(130)
     except MemoryError:
         click.echo("onnxprune: error: out of memory", err=True)
@@ -174,7 +178,7 @@ def prune_command(model: Path, output: Path | None, force: bool, debug: bool, qu
         if result.gate_failures:
             raise GateFailedError("validation gates missed: " + "; ".join(result.gate_failures))
 
-    run_guarded(debug, body)
+    run_guarded(debug, body, output or default_output_path(model))
 
 
 def _dump(obj) -> str:
