@@ -187,7 +187,10 @@ def save_model(
     output = Path(output)
     if external_data is None:
         external_data = tensor_bytes(model) >= EXTERNAL_DATA_THRESHOLD
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent or "."))
+    try:
+        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent or "."))
+    except OSError as exc:
+        raise OutputError(f"cannot write into {output.parent}: {exc.strerror or exc}") from None
     written: list[Path] = []
     try:
         tmp_model = tmp_dir / output.name

@@ -1,0 +1,236 @@
+"""Every bad input: a one-line error, its documented exit code, and nothing written."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+from .conftest import FIXTURES, listing, run_cli, run_subprocess
+
+CNN = FIXTURES / "cnn.onnx"
+
+
+@pytest.fixture
+def work(tmp_path):
+    """A folder holding a copy of the CNN fixture; tests check that nothing new appears in it."""
+    shutil.copy(CNN, tmp_path / "model.onnx")
+    return tmp_path
+
+
+def assert_error(code: int, err: str, expected_code: int, *words: str) -> None:
+    # progress lines ("[  0.01s] loading model") may precede the error; the error itself is one line
+    lines = [line for line in err.strip().splitlines() if line.strip() and not line.startswith("[")]
+    assert code == expected_code, err
+    assert len(lines) == 1, f"expected one error line, got: {err!r}"
+    assert lines[0].startswith("onnxprune: error: ")
+    assert "Traceback" not in err
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+def assert_nothing_written(directory, before):
+    assert listing(directory) == before
+
+
+def check(directory, args, expected_code, *words):
+    before = listing(directory)
+    code, _, err = run_cli(*args)
+    assert_error(code, err, expected_code, *words)
+    assert_nothing_written(directory, before)
+
+
+def test_missing_file(tmp_path):
+    check(tmp_path, [tmp_path / "nope.onnx", "--sparsity", "0.5"], 3, "not found")
+
+
+def test_directory_instead_of_file(tmp_path):
+    (tmp_path / "dir.onnx").mkdir()
+    check(tmp_path, [tmp_path / "dir.onnx", "--sparsity", "0.5"], 3, "directory")
+
+
+def test_empty_file(tmp_path):
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    check(tmp_path, [tmp_path / "empty.onnx", "--sparsity", "0.5"], 3, "empty")
+
+
+def test_not_onnx(tmp_path):
+    (tmp_path / "text.onnx").write_text("this is not a model\n" * 20)
+    check(tmp_path, [tmp_path / "text.onnx", "--sparsity", "0.5"], 3, "not an ONNX model")
+
+
+def test_truncated_protobuf(tmp_path):
+    data = CNN.read_bytes()
+    (tmp_path / "cut.onnx").write_bytes(data[: len(data) // 2])
+    check(tmp_path, [tmp_path / "cut.onnx", "--sparsity", "0.5"], 3)
+
+
+def test_corrupt_protobuf(tmp_path):
+    data = bytearray(CNN.read_bytes())
+    data[:64] = bytes(np.random.default_rng(0).integers(0, 256, 64, dtype=np.uint8))
+    (tmp_path / "corrupt.onnx").write_bytes(bytes(data))
+    before = listing(tmp_path)
+    code, _, err = run_cli(tmp_path / "corrupt.onnx", "--sparsity", "0.5")
+    assert code in (3, 4)
+    assert_error(code, err, code)
+    assert_nothing_written(tmp_path, before)
+
+
+def test_wrong_raw_data_size(tmp_path):
+    model = onnx.load(CNN)
+    model.graph.initializer[0].raw_data = model.graph.initializer[0].raw_data[:-4]
+    onnx.save(model, tmp_path / "bad.onnx")
+    check(tmp_path, [tmp_path / "bad.onnx", "--sparsity", "0.5"], 4, "bytes of data")
+
+
+def test_model_failing_checker(tmp_path):
+    model = onnx.load(CNN)
+    model.graph.node[1].input[0] = "does_not_exist"
+    onnx.save(model, tmp_path / "dangling.onnx")
+    check(tmp_path, [tmp_path / "dangling.onnx", "--sparsity", "0.5"], 4, "checker")
+
+
+def test_missing_external_data(tmp_path):
+    shutil.copy(FIXTURES / "cnn_external" / "model.onnx", tmp_path / "model.onnx")
+    check(tmp_path, [tmp_path / "model.onnx", "--sparsity", "0.5"], 3, "external data")
+
+
+def test_unknown_input_shape_name(work):
+    check(work, [work / "model.onnx", "--sparsity", "0.5", "--input-shape", "nosuch:1x3x32x32"], 8, "nosuch")
+
+
+def test_malformed_input_shape(work):
+    check(work, [work / "model.onnx", "--sparsity", "0.5", "--input-shape", "input=1,3,32,32"], 2, "input-shape")
+
+
+def test_input_shape_conflicts_with_model(work):
+    check(work, [work / "model.onnx", "--sparsity", "0.5", "--input-shape", "input:1x3x64x64"], 8, "fixed")
+
+
+@pytest.mark.parametrize("arrays, words", [
+    ({"wrong_name": np.zeros((1, 3, 32, 32), np.float32)}, ["missing input", "unknown wrong_name"]),
+    ({"input": np.zeros((1, 3, 16, 16), np.float32)}, ["shape"]),
+    ({"input": np.zeros((1, 3, 32, 32), np.float64)}, ["dtype"]),
+])
+def test_bad_data(work, arrays, words):
+    np.savez(work / "data.npz", **arrays)
+    check(work, [work / "model.onnx", "--sparsity", "0.5", "--data", work / "data.npz"], 8, *words)
+
+
+def test_data_not_npz(work):
+    (work / "data.npz").write_text("nope")
+    check(work, [work / "model.onnx", "--sparsity", "0.5", "--data", work / "data.npz"], 8, "npz")
+
+
+@pytest.mark.parametrize("value", ["1.0", "-0.1", "1.5"])
+def test_sparsity_out_of_range(work, value):
+    check(work, [work / "model.onnx", "--sparsity", value], 2, "--sparsity")
+
+
+@pytest.mark.parametrize("pattern", ["2-4", "4:2", "0:4", "a:b", "2:2"])
+def test_malformed_pattern(work, pattern):
+    check(work, [work / "model.onnx", "--pattern", pattern], 2, "--pattern")
+
+
+def test_nothing_to_do(work):
+    check(work, [work / "model.onnx"], 2, "nothing to do")
+
+
+def test_unknown_criterion(work):
+    check(work, [work / "model.onnx", "--sparsity", "0.5", "--criterion", "bn"], 2, "criterion")
+
+
+def test_output_directory_missing(work):
+    check(work, [work / "model.onnx", "--sparsity", "0.5", "-o", work / "nodir" / "out.onnx"], 7, "does not exist")
+
+
+def test_output_under_a_file(work):
+    check(work, [work / "model.onnx", "--sparsity", "0.5", "-o", work / "model.onnx" / "out.onnx"], 7)
+
+
+def test_unwritable_output_directory(work):
+    locked = work / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):  # root writes anywhere: use a directory no one can create files in
+            before = listing(work)
+            code, _, err = run_cli(work / "model.onnx", "--sparsity", "0.5", "-o", "/proc/onnxprune-out.onnx")
+            assert_error(code, err, 7, "cannot write")
+            assert_nothing_written(work, before)
+        else:
+            check(work, [work / "model.onnx", "--sparsity", "0.5", "-o", locked / "out.onnx"], 7, "not writable")
+    finally:
+        locked.chmod(0o700)
+
+
+def test_existing_output_without_force(work):
+    (work / "out.onnx").write_bytes(b"keep me")
+    check(work, [work / "model.onnx", "--sparsity", "0.5", "-o", work / "out.onnx"], 7, "--force")
+    assert (work / "out.onnx").read_bytes() == b"keep me"
+
+
+def test_default_output_exists(work):
+    (work / "model.pruned.onnx").write_bytes(b"keep me")
+    check(work, [work / "model.onnx", "--sparsity", "0.5"], 7, "exists")
+
+
+def test_output_is_input(work):
+    original = (work / "model.onnx").read_bytes()
+    check(work, [work / "model.onnx", "--sparsity", "0.5", "-o", work / "model.onnx", "--force"], 7, "overwrite the input")
+    assert (work / "model.onnx").read_bytes() == original
+
+
+def test_unavailable_provider(work):
+    check(work, [work / "model.onnx", "--sparsity", "0.5", "--providers", "NoSuchExecutionProvider"], 5, "not available")
+
+
+def test_bad_report_extension(work):
+    check(work, [work / "model.onnx", "--sparsity", "0.5", "--report", work / "r.txt"], 2, ".json")
+
+
+def test_gate_failure_writes_output_and_exits_6(work):
+    code, out, err = run_cli(work / "model.onnx", "--sparsity", "0.9", "--min-cosine", "0.9999",
+                             "--report", work / "r.json")
+    assert code == 6, err
+    assert "gates missed" in err and "--min-cosine" in err
+    assert (work / "model.pruned.onnx").exists() and (work / "r.json").exists()
+
+
+def test_debug_shows_traceback(tmp_path):
+    proc = run_subprocess(tmp_path / "nope.onnx", "--sparsity", "0.5", "--debug")
+    assert proc.returncode == 3
+    assert "Traceback" in proc.stderr
+
+
+def test_subprocess_error_is_one_line(tmp_path):
+    (tmp_path / "text.onnx").write_text("garbage")
+    proc = run_subprocess(tmp_path / "text.onnx", "--sparsity", "0.5")
+    assert proc.returncode == 3
+    errors = [line for line in proc.stderr.splitlines() if not line.startswith("[")]
+    assert len(errors) == 1 and errors[0].startswith("onnxprune: error: ")
+
+
+def test_cycle_in_graph(tmp_path):
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])
+    nodes = [helper.make_node("Relu", ["b"], ["a"]), helper.make_node("Relu", ["a"], ["b"]),
+             helper.make_node("Add", ["x", "b"], ["y"])]
+    model = helper.make_model(helper.make_graph(nodes, "cycle", [x], [y]), ir_version=8,
+                              opset_imports=[helper.make_opsetid("", 13)])
+    onnx.save(model, tmp_path / "cycle.onnx")
+    check(tmp_path, [tmp_path / "cycle.onnx", "--sparsity", "0.5"], 4)
+
+
+def test_duplicate_output_names(tmp_path):
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])
+    nodes = [helper.make_node("Relu", ["x"], ["y"]), helper.make_node("Sigmoid", ["x"], ["y"])]
+    model = helper.make_model(helper.make_graph(nodes, "dup", [x], [y]), ir_version=8,
+                              opset_imports=[helper.make_opsetid("", 13)])
+    onnx.save(model, tmp_path / "dup.onnx")
+    check(tmp_path, [tmp_path / "dup.onnx", "--sparsity", "0.5"], 4)
