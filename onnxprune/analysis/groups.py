@@ -1,0 +1,296 @@
+"""Dependency groups: which channels of which tensors must be removed together.
+
+Every output channel of a *producer* (Conv, ConvTranspose, Gemm, MatMul with a constant
+weight) gets a global channel id. Walking the graph in topological order, each tensor that
+carries channels is annotated with its channel axis and, per position on that axis, the id
+of the channel it holds (a Concat output holds ids of several producers; a Flatten output
+holds each id once per spatial position). The op rules in :mod:`rules` compute these
+annotations and record *edits*: weight slices, per-channel constants and attributes that
+follow the channels. Elementwise ops (residual Add, SE Mul) *tie* ids with a union-find.
+A set of tied ids is one removable unit; anything the rules cannot follow *freezes* it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import onnx
+
+from ..model import GraphIndex, Weight, build_indexes
+from .cost import infer_shapes
+
+
+class Freeze(Exception):
+    """Raised by a rule: the channels reaching this node must stay."""
+
+
+@dataclass
+class Annotation:
+    """The channel axis of a tensor and the channel id at each position of it."""
+
+    axis: int
+    ids: np.ndarray  # int64, one entry per position on ``axis``
+
+
+@dataclass
+class Space:
+    """The output channels of one producer node."""
+
+    id: int
+    node: onnx.NodeProto
+    start: int  # first global channel id
+    size: int
+    op: str
+
+
+@dataclass
+class WeightEdit:
+    """A weight whose positions along ``axis`` follow the channel ids ``ids``."""
+
+    weight: Weight
+    axis: int
+    ids: np.ndarray
+    role: str  # producer | consumer | param
+    node: onnx.NodeProto
+
+
+@dataclass
+class Analysis:
+    """Everything structured pruning needs to know about one model."""
+
+    model: onnx.ModelProto
+    shapes: dict[str, list[int | None]]
+    index: GraphIndex
+    spaces: list[Space] = field(default_factory=list)
+    parent: list[int] = field(default_factory=list)  # union-find over channel ids
+    frozen: dict[int, str] = field(default_factory=dict)  # channel id -> reason
+    ann: dict[str, Annotation] = field(default_factory=dict)
+    edits: list[WeightEdit] = field(default_factory=list)
+    node_edits: list[tuple[onnx.NodeProto, Callable[[np.ndarray], None]]] = field(default_factory=list)
+    consumers_by_space: dict[int, set[str]] = field(default_factory=dict)
+    ops_by_id: dict[int, set[str]] = field(default_factory=dict)
+
+    # -- channel ids -------------------------------------------------------------------
+
+    @property
+    def num_channels(self) -> int:
+        return len(self.parent)
+
+    def new_space(self, node: onnx.NodeProto, size: int) -> np.ndarray:
+        start = len(self.parent)
+        self.spaces.append(Space(len(self.spaces), node, start, size, node.op_type))
+        self.parent.extend(range(start, start + size))
+        return np.arange(start, start + size, dtype=np.int64)
+
+    def find(self, i: int) -> int:
+        parent = self.parent
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    def tie(self, a: np.ndarray, b: np.ndarray) -> None:
+        """Channels at equal positions of ``a`` and ``b`` must go together."""
+        for x, y in zip(a.tolist(), b.tolist()):
+            rx, ry = self.find(x), self.find(y)
+            if rx != ry:
+                self.parent[max(rx, ry)] = min(rx, ry)
+
+    def freeze(self, ids: np.ndarray, reason: str) -> None:
+        for i in np.unique(ids).tolist():
+            self.frozen.setdefault(int(i), reason)
+
+    def mark(self, ids: np.ndarray, op: str) -> None:
+        for i in np.unique(ids).tolist():
+            self.ops_by_id.setdefault(int(i), set()).add(op)
+
+    # -- shapes and constants ------------------------------------------------------------
+
+    def shape(self, name: str) -> list[int | None] | None:
+        return self.shapes.get(name)
+
+    def weight(self, name: str) -> tuple[Weight | None, list[onnx.NodeProto]]:
+        if not name:
+            return None, []
+        return self.index.resolve(name)
+
+    def constant(self, name: str) -> np.ndarray | None:
+        """The value of a small constant input (shape tensors, axes, slice bounds)."""
+        weight, chain = self.weight(name)
+        if weight is None or any(n.op_type == "Transpose" for n in chain):
+            return None
+        return weight.array()
+
+    def add_weight_edit(self, name: str, axis: int, ids: np.ndarray, role: str, node: onnx.NodeProto) -> None:
+        """Record that weight input ``name`` follows ``ids`` on ``axis`` (mapped through Transposes)."""
+        weight, chain = self.weight(name)
+        if weight is None:
+            raise Freeze(f"{node.op_type} {node.name!r}: input {name!r} is not a constant weight")
+        rank = len(weight.shape)
+        for step in reversed(chain):
+            if step.op_type == "Transpose":
+                perm = next((list(a.ints) for a in step.attribute if a.name == "perm"), list(range(rank))[::-1])
+                axis = perm[axis]
+        axis = axis % rank if rank else 0
+        if rank == 0 or weight.shape[axis] != len(ids):
+            raise Freeze(f"{node.op_type} {node.name!r}: weight {weight.name!r} axis {axis} does not match the channels")
+        self.edits.append(WeightEdit(weight, axis, ids.copy(), role, node))
+
+
+def analyse(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None,
+            exclude: list[str] = ()) -> Analysis:
+    """Walk the main graph, apply the op rules and return channel ids, ties, edits and frozen ids."""
+    from .rules import RULES, producer_rule
+
+    index = build_indexes(model)[0]
+    analysis = Analysis(model=model, shapes=infer_shapes(model, input_shapes), index=index)
+    subgraph_refs = _outer_scope_refs(model.graph)
+    for node in model.graph.node:
+        annotated = [name for name in node.input if name in analysis.ann]
+        try:
+            if node.domain not in ("", "ai.onnx"):
+                if annotated:
+                    raise Freeze(f"custom-domain op {node.domain}::{node.op_type} ({node.name!r}) has no channel rule")
+                continue
+            if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+                refs = [name for name in subgraph_refs.get(id(node), ()) if name in analysis.ann]
+                if annotated or refs:
+                    raise Freeze(f"control-flow op {node.op_type} ({node.name!r}) reads these channels in a subgraph")
+                continue
+            if annotated:
+                rule = RULES.get(node.op_type)
+                if rule is None:
+                    raise Freeze(f"no channel rule for {node.op_type} ({node.name!r})")
+                rule(analysis, node)
+            else:
+                producer_rule(analysis, node)
+        except Freeze as exc:
+            for name in annotated:
+                analysis.freeze(analysis.ann[name].ids, str(exc))
+            for name in subgraph_refs.get(id(node), ()):
+                if name in analysis.ann:
+                    analysis.freeze(analysis.ann[name].ids, str(exc))
+            for out in node.output:
+                analysis.ann.pop(out, None)
+    for output in model.graph.output:
+        if output.name in analysis.ann:
+            analysis.freeze(analysis.ann[output.name].ids, f"reaches graph output {output.name!r}")
+    _dedupe_shared_weights(analysis)
+    if exclude:
+        _apply_exclusions(analysis, exclude)
+    return analysis
+
+
+def _outer_scope_refs(graph: onnx.GraphProto) -> dict[int, list[str]]:
+    """For each node with subgraphs: the outer tensors its subgraphs read."""
+    refs: dict[int, list[str]] = {}
+    for node in graph.node:
+        names: list[str] = []
+        for attr in node.attribute:
+            subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+            for sub in subs:
+                names.extend(_free_names(sub))
+        if names:
+            refs[id(node)] = names
+    return refs
+
+
+def _free_names(graph: onnx.GraphProto) -> list[str]:
+    defined = {i.name for i in graph.input} | {i.name for i in graph.initializer}
+    free: list[str] = []
+    for node in graph.node:
+        for name in node.input:
+            if name and name not in defined:
+                free.append(name)
+        for attr in node.attribute:
+            subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+            for sub in subs:
+                free.extend(n for n in _free_names(sub) if n not in defined)
+        defined.update(node.output)
+    return free
+
+
+def _dedupe_shared_weights(analysis: Analysis) -> None:
+    """A weight read twice along one axis follows both channel sets: tie them position-wise."""
+    seen: dict[tuple[int, int], WeightEdit] = {}
+    kept: list[WeightEdit] = []
+    for edit in analysis.edits:
+        key = (id(edit.weight.tensor), edit.axis)
+        first = seen.get(key)
+        if first is None:
+            seen[key] = edit
+            kept.append(edit)
+        else:
+            analysis.tie(first.ids, edit.ids)
+            if edit.role == "consumer" and first.role != "consumer":
+                first.role = "consumer"
+    analysis.edits = kept
+
+
+def _apply_exclusions(analysis: Analysis, patterns: list[str]) -> None:
+    for edit in analysis.edits:
+        names = [edit.weight.name, edit.node.name]
+        hit = next((p for p in patterns for n in names if n and fnmatch.fnmatchcase(n, p)), None)
+        if hit is not None and edit.role != "consumer":
+            analysis.freeze(edit.ids, f"excluded by pattern {hit!r}")
+
+
+@dataclass
+class ChannelGroup:
+    """Producers whose channels are tied, and the removable units (sets of tied channel ids)."""
+
+    id: int
+    spaces: list[Space]
+    units: list[list[int]]  # each unit: channel ids that go together
+    frozen_units: list[tuple[list[int], str]]
+    ops: list[str]
+
+    @property
+    def channels(self) -> int:
+        return len(self.units) + len(self.frozen_units)
+
+
+def build_groups(analysis: Analysis) -> list[ChannelGroup]:
+    """Cluster channel ids into units (union-find roots) and units into producer groups."""
+    n = analysis.num_channels
+    roots = np.array([analysis.find(i) for i in range(n)], dtype=np.int64)
+    members: dict[int, list[int]] = {}
+    for i, r in enumerate(roots.tolist()):
+        members.setdefault(r, []).append(i)
+    space_of = np.empty(n, dtype=np.int64)
+    for space in analysis.spaces:
+        space_of[space.start:space.start + space.size] = space.id
+    # spaces linked through any tied unit form one group
+    sp_parent = list(range(len(analysis.spaces)))
+
+    def sp_find(i: int) -> int:
+        while sp_parent[i] != i:
+            sp_parent[i] = sp_parent[sp_parent[i]]
+            i = sp_parent[i]
+        return i
+
+    for ids in members.values():
+        first = sp_find(int(space_of[ids[0]]))
+        for i in ids[1:]:
+            other = sp_find(int(space_of[i]))
+            if other != first:
+                sp_parent[max(first, other)] = min(first, other)
+                first = min(first, other)
+    by_group: dict[int, list[int]] = {}
+    for r, ids in members.items():
+        by_group.setdefault(sp_find(int(space_of[r])), []).append(r)
+    groups: list[ChannelGroup] = []
+    for gid, unit_roots in sorted(by_group.items()):
+        spaces = sorted({int(space_of[i]) for r in unit_roots for i in members[r]})
+        units, frozen_units, ops = [], [], set()
+        for r in sorted(unit_roots):
+            ids = members[r]
+            reason = next((analysis.frozen[i] for i in ids if i in analysis.frozen), None)
+            for i in ids:
+                ops |= analysis.ops_by_id.get(i, set())
+            (units.append(ids) if reason is None else frozen_units.append((ids, reason)))
+        groups.append(ChannelGroup(len(groups), [analysis.spaces[s] for s in spaces], units, frozen_units, sorted(ops)))
+    return groups

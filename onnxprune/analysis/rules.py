@@ -1,0 +1,642 @@
+"""The op-rule registry: how channels flow through each op (one small rule per op family).
+
+A rule is called for a node with at least one input carrying channels. It sets the
+annotation of the node's outputs (or none: the channels are consumed), records the weight
+slices, per-channel constants and attributes that follow the channels, ties channels that
+must go together, or raises :class:`Freeze` with the reason the channels must stay.
+``RULES`` maps op type -> rule; ``supported_ops()`` lists them for the docs.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from ..model import get_attr, opset_version
+from .groups import Analysis, Annotation, Freeze
+
+Rule = Callable[[Analysis, onnx.NodeProto], None]
+RULES: dict[str, Rule] = {}
+DESCRIPTIONS: dict[str, str] = {}
+
+
+def rule(*ops: str, does: str):
+    """Register a rule for ``ops`` with a one-line description for the docs."""
+
+    def register(fn: Rule) -> Rule:
+        for op in ops:
+            RULES[op] = fn
+            DESCRIPTIONS[op] = does
+        return fn
+
+    return register
+
+
+def supported_ops() -> dict[str, str]:
+    """Op type -> what its rule does (sorted), for docs and ``inspect``."""
+    return dict(sorted(DESCRIPTIONS.items()))
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+
+def _ann(a: Analysis, node: onnx.NodeProto, slot: int = 0) -> Annotation | None:
+    return a.ann.get(node.input[slot]) if len(node.input) > slot and node.input[slot] else None
+
+
+def _only_slot(a: Analysis, node: onnx.NodeProto, slot: int = 0) -> Annotation:
+    for i, name in enumerate(node.input):
+        if i != slot and name in a.ann:
+            raise Freeze(f"{node.op_type} {node.name!r}: channels reach input {i}, which has no channel rule")
+    ann = _ann(a, node, slot)
+    if ann is None:
+        raise Freeze(f"{node.op_type} {node.name!r}: channels reach an unsupported input")
+    return ann
+
+
+def _rank(a: Analysis, name: str) -> int:
+    shape = a.shape(name)
+    if shape is None:
+        raise Freeze(f"shape of {name!r} is unknown")
+    return len(shape)
+
+
+def _set(a: Analysis, node: onnx.NodeProto, axis: int, ids: np.ndarray, slot: int = 0) -> None:
+    a.ann[node.output[slot]] = Annotation(axis, ids)
+    a.mark(ids, node.op_type)
+
+
+def _axes(a: Analysis, node: onnx.NodeProto, input_slot: int, attr: str = "axes") -> list[int] | None:
+    """Axes given as an attribute (old opsets) or as a constant input (new opsets)."""
+    value = get_attr(node, attr)
+    if value is not None:
+        return [int(v) for v in value]
+    if len(node.input) > input_slot and node.input[input_slot]:
+        const = a.constant(node.input[input_slot])
+        if const is None:
+            raise Freeze(f"{node.op_type} {node.name!r}: axes computed at run time")
+        return [int(v) for v in np.atleast_1d(const)]
+    return None
+
+
+def _replace_input(a: Analysis, node: onnx.NodeProto, slot: int, values: np.ndarray, suffix: str) -> None:
+    """Point input ``slot`` of ``node`` at a new initializer (shared constants stay intact)."""
+    name = f"{node.name or node.output[0]}.{suffix}.pruned"
+    a.model.graph.initializer.append(numpy_helper.from_array(values, name))
+    node.input[slot] = name
+
+
+def _set_attr(node: onnx.NodeProto, name: str, value) -> None:
+    for attr in node.attribute:
+        if attr.name == name:
+            node.attribute.remove(attr)
+            break
+    node.attribute.append(onnx.helper.make_attribute(name, value))
+
+
+# -- producers -------------------------------------------------------------------------
+
+
+def produce(a: Analysis, node: onnx.NodeProto) -> None:
+    """Give the outputs of a Conv/ConvTranspose/Gemm/MatMul with a constant weight new channel ids."""
+    op = node.op_type
+    if op in ("Conv", "ConvTranspose"):
+        weight, _ = a.weight(node.input[1])
+        if weight is None or len(weight.shape) < 3:
+            return
+        group = int(get_attr(node, "group", 1))
+        size = weight.shape[0] if op == "Conv" else weight.shape[1] * group
+        ids = a.new_space(node, size)
+        if group != 1:
+            a.freeze(ids, f"{op} {node.name!r} is grouped (group={group}): its output channels stay")
+            _set(a, node, 1, ids)
+            return
+        a.add_weight_edit(node.input[1], 0 if op == "Conv" else 1, ids, "producer", node)
+        if len(node.input) > 2 and node.input[2]:
+            a.add_weight_edit(node.input[2], 0, ids, "param", node)
+        _set(a, node, 1, ids)
+    elif op == "Gemm":
+        weight, _ = a.weight(node.input[1])
+        if weight is None or len(weight.shape) != 2:
+            return
+        axis = 0 if get_attr(node, "transB", 0) else 1
+        ids = a.new_space(node, weight.shape[axis])
+        a.add_weight_edit(node.input[1], axis, ids, "producer", node)
+        if len(node.input) > 2 and node.input[2]:
+            bias = a.shape(node.input[2])
+            if bias and bias[-1] == len(ids) and len(ids) > 1:
+                a.add_weight_edit(node.input[2], len(bias) - 1, ids, "param", node)
+        _set(a, node, 1, ids)
+    elif op == "MatMul":
+        weight, _ = a.weight(node.input[1])
+        out = a.shape(node.output[0])
+        if weight is None or len(weight.shape) != 2 or out is None or a.weight(node.input[0])[0] is not None:
+            return
+        ids = a.new_space(node, weight.shape[1])
+        a.add_weight_edit(node.input[1], 1, ids, "producer", node)
+        _set(a, node, len(out) - 1, ids)
+
+
+def producer_rule(a: Analysis, node: onnx.NodeProto) -> None:
+    """Called for nodes without incoming channels: start new channels at producers."""
+    if node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+        produce(a, node)
+
+
+# -- layers that consume channels ---------------------------------------------------------
+
+
+@rule("Conv", does="consumes input channels (weight axis 1); depthwise ties input to output channels")
+def conv_rule(a: Analysis, node: onnx.NodeProto) -> None:
+    ann = _only_slot(a, node, 0)
+    if ann.axis != 1:
+        raise Freeze(f"Conv {node.name!r}: channels on axis {ann.axis}, not 1")
+    weight, _ = a.weight(node.input[1])
+    if weight is None:
+        raise Freeze(f"Conv {node.name!r}: weight computed at run time")
+    group, cin = int(get_attr(node, "group", 1)), len(ann.ids)
+    if group == 1:
+        a.add_weight_edit(node.input[1], 1, ann.ids, "consumer", node)
+        a.mark(ann.ids, "Conv")
+        produce(a, node)
+    elif group == cin and weight.shape[1] == 1:
+        mult = weight.shape[0] // cin
+        ids = np.repeat(ann.ids, mult)
+        a.add_weight_edit(node.input[1], 0, ids, "consumer", node)
+        if len(node.input) > 2 and node.input[2]:
+            a.add_weight_edit(node.input[2], 0, ids, "param", node)
+        a.node_edits.append((node, lambda keep, n=node, i=ann.ids: _set_attr(n, "group", int(keep[i].sum()))))
+        _set(a, node, 1, ids)
+    else:
+        raise Freeze(f"Conv {node.name!r} is grouped (group={group}): channels of a group stay together")
+
+
+@rule("ConvTranspose", does="consumes input channels (weight axis 0)")
+def conv_transpose_rule(a: Analysis, node: onnx.NodeProto) -> None:
+    ann = _only_slot(a, node, 0)
+    if ann.axis != 1 or int(get_attr(node, "group", 1)) != 1:
+        raise Freeze(f"ConvTranspose {node.name!r}: grouped or channels not on axis 1")
+    a.add_weight_edit(node.input[1], 0, ann.ids, "consumer", node)
+    a.mark(ann.ids, "ConvTranspose")
+    produce(a, node)
+
+
+@rule("Gemm", does="consumes input features (B axis by transB); produces new output channels")
+def gemm_rule(a: Analysis, node: onnx.NodeProto) -> None:
+    ann = _only_slot(a, node, 0)
+    if ann.axis != (0 if get_attr(node, "transA", 0) else 1):
+        raise Freeze(f"Gemm {node.name!r}: channels are not on the reduction axis of A")
+    a.add_weight_edit(node.input[1], 1 if get_attr(node, "transB", 0) else 0, ann.ids, "consumer", node)
+    a.mark(ann.ids, "Gemm")
+    produce(a, node)
+
+
+@rule("MatMul", does="consumes the last axis against a 2-D weight (rows); other axes pass through")
+def matmul_rule(a: Analysis, node: onnx.NodeProto) -> None:
+    ann = _only_slot(a, node, 0)
+    weight, _ = a.weight(node.input[1])
+    rank = _rank(a, node.input[0])
+    if weight is None or len(weight.shape) != 2:
+        raise Freeze(f"MatMul {node.name!r}: B is not a 2-D constant weight")
+    if ann.axis == rank - 1:
+        a.add_weight_edit(node.input[1], 0, ann.ids, "consumer", node)
+        a.mark(ann.ids, "MatMul")
+        produce(a, node)
+    elif ann.axis < rank - 2 or (ann.axis == rank - 2 and rank > 2):
+        _set(a, node, ann.axis + _rank(a, node.output[0]) - rank, ann.ids)
+    else:
+        raise Freeze(f"MatMul {node.name!r}: channels on the row axis of A")
+
+
+# -- per-channel ops ------------------------------------------------------------------------
+
+
+@rule("BatchNormalization", does="per-channel scale, bias, mean, var follow the channels")
+def batchnorm_rule(a: Analysis, node: onnx.NodeProto) -> None:
+    ann = _only_slot(a, node, 0)
+    if ann.axis != 1:
+        raise Freeze(f"BatchNormalization {node.name!r}: channels not on axis 1")
+    for slot in range(1, 5):
+        a.add_weight_edit(node.input[slot], 0, ann.ids, "param", node)
+    _set(a, node, 1, ann.ids)
+
+
+@rule("InstanceNormalization", does="per-channel scale and bias follow the channels")
+def instancenorm_rule(a: Analysis, node: onnx.NodeProto) -> None:
+    ann = _only_slot(a, node, 0)
+    if ann.axis != 1:
+        raise Freeze(f"InstanceNormalization {node.name!r}: channels not on axis 1")
+    for slot in (1, 2):
+        a.add_weight_edit(node.input[slot], 0, ann.ids, "param", node)
+    _set(a, node, 1, ann.ids)
+
+
+@rule("GroupNormalization", does="per-channel only when num_groups equals the channel count; else frozen")
+def groupnorm_rule(a: Analysis, node: onnx.NodeProto) -> None:
+    ann = _only_slot(a, node, 0)
+    groups = int(get_attr(node, "num_groups", 0))
+    if ann.axis != 1 or groups != len(ann.ids):
+        raise Freeze(f"GroupNormalization {node.name!r}: {groups} groups tie channels within each group")
+    for slot in (1, 2):
+        a.add_weight_edit(node.input[slot], 0, ann.ids, "param", node)
+    a.node_edits.append((node, lambda keep, n=node, i=ann.ids: _set_attr(n, "num_groups", int(keep[i].sum()))))
+    _set(a, node, 1, ann.ids)
+
+
+@rule("LayerNormalization", does="passes when it normalizes axes after the channel axis; frozen over the channel axis")
+def layernorm_rule(a: Analysis, node: onnx.NodeProto) -> None:
+    ann = _only_slot(a, node, 0)
+    rank = _rank(a, node.input[0])
+    axis = int(get_attr(node, "axis", -1)) % rank
+    if ann.axis >= axis:
+        raise Freeze(f"LayerNormalization {node.name!r} normalizes over the channel axis (mean/variance change)")
+    _set(a, node, ann.axis, ann.ids)
+
+
+UNARY = [
+    "Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Selu", "Celu", "Gelu", "Mish",
+    "Softplus", "Softsign", "Erf", "Exp", "Log", "Sqrt", "Abs", "Neg", "Reciprocal", "Sin", "Cos", "Floor", "Ceil",
+    "Round", "Sign", "ThresholdedRelu", "Shrink", "Swish", "Identity", "Dropout", "Cast", "CastLike", "Not",
+    "IsNaN", "IsInf", "Clip", "MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool",
+    "GlobalLpPool",
+]
+
+
+@rule(*UNARY, does="element-wise or per-channel spatial op: channels pass through")
+def passthrough_rule(a: Analysis, node: onnx.NodeProto) -> None:
+    ann = _only_slot(a, node, 0) if node.op_type not in ("Clip", "CastLike", "Dropout") else _ann(a, node, 0)
+    if ann is None:
+        raise Freeze(f"{node.op_type} {node.name!r}: channels reach a parameter input")
+    if node.op_type in ("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"):
+        if ann.axis != 1:
+            raise Freeze(f"{node.op_type} {node.name!r}: channels not on axis 1")
+        if node.op_type == "MaxPool" and len(node.output) > 1 and node.output[1]:
+            raise Freeze(f"MaxPool {node.name!r}: pooling indices depend on the channel count")
+    _set(a, node, ann.axis, ann.ids)
+
+
+@rule("PRelu", does="per-channel slope follows the channels")
+def prelu_rule(a: Analysis, node: onnx.NodeProto) -> None:
+    ann = _only_slot(a, node, 0)
+    _elementwise_constant(a, node, 1, ann.axis, _rank(a, node.output[0]), ann.ids)
+    _set(a, node, ann.axis, ann.ids)
+
+
+def _elementwise_constant(a: Analysis, node: onnx.NodeProto, slot: int, axis: int, rank: int, ids: np.ndarray) -> None:
+    """A broadcast operand that is not annotated: slice it if it is per-channel, else it must broadcast."""
+    shape = a.shape(node.input[slot])
+    if shape is None:
+        raise Freeze(f"{node.op_type} {node.name!r}: shape of {node.input[slot]!r} unknown")
+    pos = axis - (rank - len(shape))
+    if pos < 0 or shape[pos] == 1:
+        return
+    if a.weight(node.input[slot])[0] is None:
+        raise Freeze(f"{node.op_type} {node.name!r} mixes these channels with {node.input[slot]!r}, which has no channel ids")
+    a.add_weight_edit(node.input[slot], pos, ids, "param", node)
+
+
+@rule("Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "Where", "Equal", "Greater", "Less",
+      "GreaterOrEqual", "LessOrEqual", "And", "Or", "Xor", "BitShift", "Mod",
+      does="broadcasting element-wise: ties channels of its inputs (residual Add, SE Mul); per-channel constants follow")
+def elementwise_rule(a: Analysis, node: onnx.NodeProto) -> None:
+    rank = _rank(a, node.output[0])
+    annotated = [(slot, a.ann[name]) for slot, name in enumerate(node.input) if name in a.ann]
+    axes = {ann.axis + rank - _rank(a, node.input[slot]) for slot, ann in annotated}
+    if len(axes) != 1:
+        raise Freeze(f"{node.op_type} {node.name!r}: inputs carry channels on different axes")
+    axis = axes.pop()
+    ids = annotated[0][1].ids
+    for _, ann in annotated[1:]:
+        if len(ann.ids) != len(ids):
+            raise Freeze(f"{node.op_type} {node.name!r}: inputs carry different channel counts")
+        a.tie(ids, ann.ids)
+    for slot, name in enumerate(node.input):
+        if name and name not in a.ann:
+            _elementwise_constant(a, node, slot, axis, rank, ids)
+    _set(a, node, axis, ids)
+
+
+@rule("Concat", does="places each input's channels at its offset; other axes tie the inputs")
+def concat_rule(a: Analysis, node: onnx.NodeProto) -> None:
+    rank = _rank(a, node.output[0])
+    axis = int(get_attr(node, "axis")) % rank
+    annotated = {slot: a.ann[name] for slot, name in enumerate(node.input) if name in a.ann}
+    if any(ann.axis != next(iter(annotated.values())).axis for ann in annotated.values()):
+        raise Freeze(f"Concat {node.name!r}: inputs carry channels on different axes")
+    ch_axis = next(iter(annotated.values())).axis
+    if ch_axis == axis:
+        parts = []
+        for slot, name in enumerate(node.input):
+            if slot in annotated:
+                parts.append(annotated[slot].ids)
+            else:
+                shape = a.shape(name)
+                if shape is None or shape[axis] is None:
+                    raise Freeze(f"Concat {node.name!r}: shape of {name!r} unknown")
+                foreign = a.new_space(node, int(shape[axis]))
+                a.freeze(foreign, f"Concat {node.name!r}: channels of {name!r} come from no prunable layer")
+                parts.append(foreign)
+        _set(a, node, axis, np.concatenate(parts))
+        return
+    ids = next(iter(annotated.values())).ids
+    for ann in annotated.values():
+        a.tie(ids, ann.ids)
+    for slot, name in enumerate(node.input):
+        if slot not in annotated:
+            _elementwise_constant(a, node, slot, ch_axis, rank, ids)
+    _set(a, node, ch_axis, ids)
+
+
+@rule("Split", does="gives each output its range of channels; split sizes are rewritten")
+def split_rule(a: Analysis, node: onnx.NodeProto) -> None:
+    ann = _only_slot(a, node, 0)
+    rank = _rank(a, node.input[0])
+    axis = int(get_attr(node, "axis", 0)) % rank
+    if axis != ann.axis:
+        for slot in range(len(node.output)):
+            _set(a, node, ann.axis, ann.ids, slot)
+        return
+    sizes = get_attr(node, "split")
+    from_input = sizes is None and len(node.input) > 1 and node.input[1]
+    if from_input:
+        sizes = a.constant(node.input[1])
+        if sizes is None:
+            raise Freeze(f"Split {node.name!r}: sizes computed at run time")
+    if sizes is None:
+        n = len(node.output)
+        sizes = [len(ann.ids) // n + (1 if i < len(ann.ids) % n else 0) for i in range(n)]
+        if len(ann.ids) % n:
+            raise Freeze(f"Split {node.name!r}: uneven equal split")
+    bounds = np.cumsum([0, *[int(s) for s in sizes]])
+    parts = [ann.ids[bounds[i]:bounds[i + 1]] for i in range(len(sizes))]
+    for slot, part in enumerate(parts):
+        _set(a, node, axis, part, slot)
+
+    def rewrite(keep: np.ndarray, n=node, parts=parts, from_input=from_input) -> None:
+        new = np.array([int(keep[p].sum()) for p in parts], dtype=np.int64)
+        if from_input:
+            _replace_input(a, n, 1, new, "split")
+        elif get_attr(n, "split") is not None:
+            _set_attr(n, "split", new.tolist())
+        elif len(set(new.tolist())) != 1:
+            _replace_input(a, n, 1, new, "split") if opset_version(a.model) >= 13 else _set_attr(n, "split", new.tolist())
+            for attr in list(n.attribute):
+                if attr.name == "num_outputs":
+                    n.attribute.remove(attr)
+
+    a.node_edits.append((node, rewrite))
+
+
+@rule("Slice", does="takes a range of channels (step 1); bounds are rewritten")
+def slice_rule(a: Analysis, node: onnx.NodeProto) -> None:
+    ann = _only_slot(a, node, 0)
+    rank = _rank(a, node.input[0])
+    if len(node.input) < 3:  # opset < 10: attributes
+        starts, ends = get_attr(node, "starts"), get_attr(node, "ends")
+        axes, steps = get_attr(node, "axes") or list(range(len(starts))), [1] * len(starts)
+    else:
+        values = [a.constant(node.input[i]) if len(node.input) > i and node.input[i] else None for i in range(1, 5)]
+        if values[0] is None or values[1] is None or (len(node.input) > 3 and node.input[3] and values[2] is None) or (
+                len(node.input) > 4 and node.input[4] and values[3] is None):
+            raise Freeze(f"Slice {node.name!r}: bounds computed at run time")
+        starts, ends = values[0].tolist(), values[1].tolist()
+        axes = values[2].tolist() if values[2] is not None else list(range(len(starts)))
+        steps = values[3].tolist() if values[3] is not None else [1] * len(starts)
+    axes = [int(x) % rank for x in axes]
+    if ann.axis not in axes:
+        _set(a, node, ann.axis, ann.ids)
+        return
+    k = axes.index(ann.axis)
+    if steps[k] != 1:
+        raise Freeze(f"Slice {node.name!r}: step {steps[k]} on the channel axis")
+    n = len(ann.ids)
+    start, end = int(np.clip(starts[k] + (n if starts[k] < 0 else 0), 0, n)), int(np.clip(ends[k] + (n if ends[k] < 0 else 0), 0, n))
+    _set(a, node, ann.axis, ann.ids[start:end])
+
+    def rewrite(keep: np.ndarray, n_=node, k=k, start=start, end=end, ids=ann.ids) -> None:
+        new_start = int(keep[ids[:start]].sum())
+        new_end = new_start + int(keep[ids[start:end]].sum())
+        if len(n_.input) < 3:
+            s, e = list(get_attr(n_, "starts")), list(get_attr(n_, "ends"))
+            s[k], e[k] = new_start, new_end
+            _set_attr(n_, "starts", s)
+            _set_attr(n_, "ends", e)
+            return
+        s, e = a.constant(n_.input[1]).copy(), a.constant(n_.input[2]).copy()
+        s[k], e[k] = new_start, new_end
+        _replace_input(a, n_, 1, s, "starts")
+        _replace_input(a, n_, 2, e, "ends")
+
+    a.node_edits.append((node, rewrite))
+
+
+@rule("Transpose", does="moves the channel axis")
+def transpose_rule(a: Analysis, node: onnx.NodeProto) -> None:
+    ann = _only_slot(a, node, 0)
+    rank = _rank(a, node.input[0])
+    perm = list(get_attr(node, "perm") or range(rank)[::-1])
+    _set(a, node, perm.index(ann.axis), ann.ids)
+
+
+@rule("Squeeze", "Unsqueeze", does="shifts the channel axis")
+def squeeze_rule(a: Analysis, node: onnx.NodeProto) -> None:
+    ann = _only_slot(a, node, 0)
+    out_rank = _rank(a, node.output[0])
+    axes = _axes(a, node, 1)
+    if node.op_type == "Squeeze":
+        in_rank = _rank(a, node.input[0])
+        axes = [x % in_rank for x in axes] if axes is not None else [
+            i for i, d in enumerate(a.shape(node.input[0])) if d == 1]
+        if ann.axis in axes:
+            raise Freeze(f"Squeeze {node.name!r} removes the channel axis")
+        _set(a, node, ann.axis - sum(1 for x in axes if x < ann.axis), ann.ids)
+    else:
+        pos = ann.axis
+        for x in sorted(v % out_rank for v in axes):
+            if x <= pos:
+                pos += 1
+        _set(a, node, pos, ann.ids)
+
+
+REDUCE = ["ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
+          "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare"]
+
+
+@rule(*REDUCE, does="passes when reducing other axes; frozen when reducing the channel axis")
+def reduce_rule(a: Analysis, node: onnx.NodeProto) -> None:
+    ann = _only_slot(a, node, 0)
+    rank = _rank(a, node.input[0])
+    axes = _axes(a, node, 1)
+    if not axes:
+        raise Freeze(f"{node.op_type} {node.name!r} reduces every axis, the channel axis too")
+    axes = [x % rank for x in axes]
+    if ann.axis in axes:
+        raise Freeze(f"{node.op_type} {node.name!r} reduces over the channel axis")
+    keep = int(get_attr(node, "keepdims", 1))
+    _set(a, node, ann.axis if keep else ann.axis - sum(1 for x in axes if x < ann.axis), ann.ids)
+
+
+@rule("Softmax", "LogSoftmax", "Hardmax", "ArgMax", "ArgMin", "CumSum",
+      does="passes when working along another axis; frozen along the channel axis")
+def axis_op_rule(a: Analysis, node: onnx.NodeProto) -> None:
+    ann = _only_slot(a, node, 0)
+    rank = _rank(a, node.input[0])
+    default = -1 if node.op_type in ("Softmax", "LogSoftmax", "Hardmax") and opset_version(a.model) >= 13 else (
+        1 if node.op_type in ("Softmax", "LogSoftmax", "Hardmax") else 0)
+    if node.op_type == "CumSum":
+        const = a.constant(node.input[1])
+        if const is None:
+            raise Freeze(f"CumSum {node.name!r}: axis computed at run time")
+        axis = int(const) % rank
+    else:
+        axis = int(get_attr(node, "axis", default)) % rank
+    if axis == ann.axis or (node.op_type in ("Softmax", "LogSoftmax", "Hardmax") and opset_version(a.model) < 13
+                            and ann.axis >= axis):
+        raise Freeze(f"{node.op_type} {node.name!r} works along the channel axis")
+    out = ann.axis
+    if node.op_type in ("ArgMax", "ArgMin") and not int(get_attr(node, "keepdims", 1)) and axis < ann.axis:
+        out -= 1
+    _set(a, node, out, ann.ids)
+
+
+@rule("Resize", "Upsample", does="passes when the channel axis is not resized; `sizes` are rewritten")
+def resize_rule(a: Analysis, node: onnx.NodeProto) -> None:
+    ann = _only_slot(a, node, 0)
+    scales_slot = 2 if node.op_type == "Resize" and len(node.input) > 2 else 1
+    if len(node.input) > scales_slot and node.input[scales_slot]:
+        scales = a.constant(node.input[scales_slot])
+        if scales is None:
+            raise Freeze(f"{node.op_type} {node.name!r}: scales computed at run time")
+        if scales.size and scales[ann.axis] != 1:
+            raise Freeze(f"{node.op_type} {node.name!r} resizes the channel axis")
+    if node.op_type == "Resize" and len(node.input) > 3 and node.input[3]:
+        sizes = a.constant(node.input[3])
+        if sizes is None:
+            raise Freeze(f"Resize {node.name!r}: sizes computed at run time")
+        if get_attr(node, "axes") is not None:
+            raise Freeze(f"Resize {node.name!r}: sizes with axes")
+
+        def rewrite(keep: np.ndarray, n=node, ids=ann.ids, sizes=sizes, axis=ann.axis) -> None:
+            new = sizes.copy()
+            new[axis] = int(keep[ids].sum())
+            _replace_input(a, n, 3, new, "sizes")
+
+        a.node_edits.append((node, rewrite))
+    _set(a, node, ann.axis, ann.ids)
+
+
+@rule("Pad", does="passes when the channel axis is not padded")
+def pad_rule(a: Analysis, node: onnx.NodeProto) -> None:
+    ann = _only_slot(a, node, 0)
+    rank = _rank(a, node.input[0])
+    pads = get_attr(node, "pads")
+    if pads is None:
+        pads = a.constant(node.input[1]) if len(node.input) > 1 else None
+        if pads is None:
+            raise Freeze(f"Pad {node.name!r}: pads computed at run time")
+        pads = pads.tolist()
+    axes = list(range(rank))
+    if len(node.input) > 3 and node.input[3]:
+        const = a.constant(node.input[3])
+        if const is None:
+            raise Freeze(f"Pad {node.name!r}: axes computed at run time")
+        axes = [int(x) % rank for x in const.tolist()]
+    half = len(pads) // 2
+    for i, axis in enumerate(axes[:half]):
+        if axis == ann.axis and (pads[i] or pads[i + half]):
+            raise Freeze(f"Pad {node.name!r} pads the channel axis")
+    _set(a, node, ann.axis, ann.ids)
+
+
+@rule("Flatten", does="turns each channel into a block of features for the next Gemm/MatMul")
+def flatten_rule(a: Analysis, node: onnx.NodeProto) -> None:
+    ann = _only_slot(a, node, 0)
+    shape = a.shape(node.input[0])
+    if shape is None or any(d is None for d in shape[1:]):
+        raise Freeze(f"Flatten {node.name!r}: input shape unknown")
+    axis = int(get_attr(node, "axis", 1))
+    axis = axis + len(shape) if axis < 0 else axis
+    if ann.axis < axis:
+        raise Freeze(f"Flatten {node.name!r}: channel axis before the flatten axis")
+    inner = int(np.prod(shape[ann.axis + 1:], dtype=np.int64))
+    outer = int(np.prod(shape[axis:ann.axis], dtype=np.int64))
+    _set(a, node, 1, np.tile(np.repeat(ann.ids, inner), outer))
+
+
+@rule("Reshape", does="keeps the channel axis, or merges it with the axes after it (blocks of features)")
+def reshape_rule(a: Analysis, node: onnx.NodeProto) -> None:
+    ann = _only_slot(a, node, 0)
+    src, dst = a.shape(node.input[0]), a.shape(node.output[0])
+    if src is None or dst is None or any(d is None for d in src[ann.axis:]) or any(d is None for d in dst):
+        raise Freeze(f"Reshape {node.name!r}: shapes unknown")
+    c, n = ann.axis, len(ann.ids)
+    inner = int(np.prod(src[c + 1:], dtype=np.int64))
+    prefix = [int(np.prod(dst[:j], dtype=np.int64)) for j in range(len(dst) + 1)]
+    want = int(np.prod([d for d in src[:c]], dtype=np.int64)) if all(d is not None for d in src[:c]) else None
+    if want is None or want not in prefix[:-1]:
+        raise Freeze(f"Reshape {node.name!r} mixes the channel axis with the axes before it")
+    j = prefix.index(want)
+    if dst[j] % n or inner % (dst[j] // n) or int(np.prod(dst[j + 1:], dtype=np.int64)) != inner // (dst[j] // n):
+        raise Freeze(f"Reshape {node.name!r} splits the channel axis")
+    block = dst[j] // n
+    target = a.constant(node.input[1])
+    if target is None:
+        raise Freeze(f"Reshape {node.name!r}: target shape computed at run time")
+    if target[j] not in (-1, 0) or (target[j] == 0 and j != c):
+        def rewrite(keep: np.ndarray, n_=node, ids=ann.ids, j=j, block=block, target=target) -> None:
+            new = target.copy()
+            new[j] = int(keep[ids].sum()) * block
+            _replace_input(a, n_, 1, new, "shape")
+
+        a.node_edits.append((node, rewrite))
+    _set(a, node, j, np.repeat(ann.ids, block))
+
+
+@rule("Expand", "Tile", does="passes when the channel axis is not repeated; Expand shapes are rewritten")
+def expand_rule(a: Analysis, node: onnx.NodeProto) -> None:
+    ann = _only_slot(a, node, 0)
+    rank_in, rank_out = _rank(a, node.input[0]), _rank(a, node.output[0])
+    value = a.constant(node.input[1])
+    if value is None:
+        raise Freeze(f"{node.op_type} {node.name!r}: shape computed at run time")
+    axis = ann.axis + rank_out - rank_in
+    if node.op_type == "Tile":
+        if value[ann.axis] != 1:
+            raise Freeze(f"Tile {node.name!r} repeats the channel axis")
+        _set(a, node, ann.axis, ann.ids)
+        return
+    pos = axis - (rank_out - len(value))
+    if pos >= 0 and value[pos] not in (1, len(ann.ids)):
+        raise Freeze(f"Expand {node.name!r} expands the channel axis")
+    if pos >= 0 and value[pos] == len(ann.ids) and len(ann.ids) > 1:
+        def rewrite(keep: np.ndarray, n=node, ids=ann.ids, pos=pos, value=value) -> None:
+            new = value.copy()
+            new[pos] = int(keep[ids].sum())
+            _replace_input(a, n, 1, new, "shape")
+
+        a.node_edits.append((node, rewrite))
+    _set(a, node, axis, ann.ids)
+
+
+@rule("Shape", does="allowed when only other axes' sizes are read (Shape -> Gather); else frozen")
+def shape_rule(a: Analysis, node: onnx.NodeProto) -> None:
+    ann = _only_slot(a, node, 0)
+    start = int(get_attr(node, "start", 0))
+    for consumer, slot in a.index.consumers.get(node.output[0], []):
+        if consumer.op_type == "Gather" and slot == 0:
+            idx = a.constant(consumer.input[1])
+            rank = _rank(a, node.input[0])
+            if idx is not None and ann.axis not in [(int(i) + start) % rank for i in np.atleast_1d(idx)]:
+                continue
+        raise Freeze(f"the channel count is read at run time (Shape {node.name!r} -> {consumer.op_type})")
+
+
+@rule("DepthToSpace", "SpaceToDepth", "Einsum", "Gather", "GatherElements", "ScatterND", "TopK", "NonZero",
+      "QuantizeLinear", "DequantizeLinear", "QLinearConv", "ConvInteger", "MatMulInteger", "QLinearMatMul",
+      "Size", "Loop", "If", "Scan", "LSTM", "GRU", "RNN", "Attention", "MultiHeadAttention",
+      does="frozen: channels that reach it stay (rearranges, indexes, quantizes or hides them)")
+def frozen_rule(a: Analysis, node: onnx.NodeProto) -> None:
+    raise Freeze(f"{node.op_type} {node.name!r} is not supported for channel removal")

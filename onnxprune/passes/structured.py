@@ -1,0 +1,224 @@
+"""Structured pruning: physically remove channels/neurons over dependency groups.
+
+analyse (rules + groups) -> score units -> allocate (per group or global, round-to) ->
+remove (every weight, bias, BN parameter, attribute and shape constant that follows the
+channels) -> refresh shapes. :func:`mask` builds the oracle's counterpart: the same
+channels zeroed in every consumer weight, shapes untouched.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import onnx
+
+from ..analysis.cost import infer_shapes, node_key, node_macs
+from ..analysis.groups import Analysis, ChannelGroup, analyse, build_groups
+from ..config import PruneConfig
+from ..model import count_params
+from ..scoring import unit_scores
+from .manager import PassContext
+
+
+def allocate(groups: list[ChannelGroup], scores: dict[int, np.ndarray], config: PruneConfig,
+             num_channels: int) -> np.ndarray:
+    """Boolean keep-mask over channel ids for the configured sparsity, scope and rounding."""
+    keep = np.ones(num_channels, dtype=bool)
+    sparsity, round_to = config.sparsity or 0.0, config.round_to
+    removals: dict[int, int] = {}
+    if config.scope == "global":
+        pool = []
+        for g in groups:
+            s = scores[g.id]
+            if len(s):
+                norm = s / (s.mean() if s.mean() > 0 else 1.0)
+                pool.extend((float(v), g.id, i) for i, v in enumerate(norm))
+        target = int(round(sparsity * sum(g.channels for g in groups if g.units)))
+        caps = {g.id: _cap(g, config.max_layer_sparsity) for g in groups}
+        chosen: dict[int, int] = {g.id: 0 for g in groups}
+        for _, gid, _ in sorted(pool):
+            if target <= 0:
+                break
+            if chosen[gid] < caps[gid]:
+                chosen[gid] += 1
+                target -= 1
+        removals = chosen
+    else:
+        removals = {g.id: min(int(math.floor(sparsity * g.channels + 1e-9)), _cap(g, 1.0)) for g in groups}
+    for g in groups:
+        n_remove = removals.get(g.id, 0)
+        if round_to > 1 and n_remove:
+            kept = g.channels - n_remove
+            kept = min(g.channels, int(math.ceil(kept / round_to)) * round_to)
+            n_remove = max(0, g.channels - kept)
+        n_remove = min(n_remove, len(g.units), g.channels - 1)
+        if n_remove <= 0:
+            continue
+        order = np.argsort(scores[g.id], kind="stable")[:n_remove]
+        for i in order:
+            keep[g.units[i]] = False
+    return keep
+
+
+def _cap(group: ChannelGroup, fraction: float) -> int:
+    """Most units a group may lose: at least one channel stays."""
+    return max(0, min(len(group.units), int(math.floor(fraction * group.channels)), group.channels - 1))
+
+
+def remove(analysis: Analysis, keep: np.ndarray) -> None:
+    """Physically remove the channels ``keep`` marks False, everywhere they appear."""
+    if keep.all():
+        return
+    for edit in analysis.edits:
+        mask = keep[edit.ids]
+        if not mask.all():
+            edit.weight.set_array(np.compress(mask, edit.weight.array(), axis=edit.axis))
+    for _, rewrite in analysis.node_edits:
+        rewrite(keep)
+    refresh_value_info(analysis.model)
+
+
+def mask(analysis: Analysis, keep: np.ndarray) -> None:
+    """Zero the consumer weight slices that read removed channels (the oracle's masked model)."""
+    for edit in analysis.edits:
+        if edit.role != "consumer":
+            continue
+        drop = ~keep[edit.ids]
+        if drop.any():
+            values = edit.weight.array()
+            index = [slice(None)] * values.ndim
+            index[edit.axis] = drop
+            values[tuple(index)] = 0
+            edit.weight.set_array(values)
+
+
+def refresh_value_info(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None) -> None:
+    """Drop stale intermediate shapes and re-infer them (graph inputs and outputs stay as they are)."""
+    del model.graph.value_info[:]
+    try:
+        inferred = onnx.shape_inference.infer_shapes(_header_only(model), strict_mode=False)
+        model.graph.value_info.extend(inferred.graph.value_info)
+    except Exception:  # noqa: BLE001 - value_info is optional; the checker runs later anyway
+        pass
+
+
+def _header_only(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model without large tensor bytes (shape inference needs dims, not values)."""
+    from ..analysis.cost import _skeleton
+
+    skel = _skeleton(model, None)
+    # keep symbolic input dims as they are for value_info
+    del skel.graph.input[:]
+    skel.graph.input.extend(model.graph.input)
+    return skel
+
+
+def describe_groups(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None) -> dict[str, Any]:
+    """Prunable and frozen groups, for ``onnxprune inspect``."""
+    analysis = analyse(model, input_shapes)
+    groups = build_groups(analysis)
+    return {
+        "groups": [{"id": g.id, "channels": g.channels, "prunable": len(g.units), "ops": g.ops,
+                    "producers": [s.node.name for s in g.spaces]} for g in groups if g.units],
+        "frozen": _frozen_entries(groups),
+    }
+
+
+def _frozen_entries(groups: list[ChannelGroup]) -> list[dict[str, Any]]:
+    entries = []
+    for g in groups:
+        reasons: dict[str, int] = {}
+        for _, reason in g.frozen_units:
+            reasons[reason] = reasons.get(reason, 0) + 1
+        for reason, count in reasons.items():
+            entries.append({"id": g.id, "channels": count, "ops": g.ops,
+                            "producers": [s.node.name for s in g.spaces], "reason": reason})
+    return entries
+
+
+class StructuredPrunePass:
+    """Remove the least important channel units of every prunable dependency group."""
+
+    name = "structured"
+
+    def __init__(self, config: PruneConfig):
+        self.config = config
+
+    def run(self, ctx: PassContext) -> dict[str, Any]:
+        cfg = self.config
+        shapes = ctx.state.get("input_shapes") or None
+        model = ctx.model
+        ctx.log("analysing channel groups")
+        analysis = analyse(model, shapes, cfg.exclude)
+        groups = build_groups(analysis)
+        scores = unit_scores(analysis, groups, cfg.criterion, cfg.seed)
+        keep = allocate(groups, scores, cfg, analysis.num_channels)
+        macs_before = node_macs(model, shapes=analysis.shapes)
+        params_before = count_params(model)[0]
+        group_stats = self._group_stats(analysis, groups, keep, macs_before)
+        ctx.log("removing channels")
+        remove(analysis, keep)
+        macs_after = node_macs(model, shapes=infer_shapes(model, shapes))
+        params_after = count_params(model)[0]
+        total = sum(g.channels for g in groups)
+        frozen = _frozen_entries(groups)
+        return {
+            "changed": not keep.all(),
+            "criterion": cfg.criterion,
+            "scope": cfg.scope,
+            "target_sparsity": cfg.sparsity,
+            "round_to": cfg.round_to,
+            "groups": group_stats,
+            "frozen": frozen,
+            "channels_total": total,
+            "channels_removed": int(sum(g["channels_before"] - g["channels_after"] for g in group_stats)),
+            "channels_frozen": int(sum(f["channels"] for f in frozen)),
+            "params_before": int(params_before),
+            "params_after": int(params_after),
+            "params_removed": int(params_before - params_after),
+            "macs_before": int(sum(macs_before.values())),
+            "macs_after": int(sum(macs_after.values())),
+            "macs_removed": int(sum(macs_before.values()) - sum(macs_after.values())),
+        }
+
+    @staticmethod
+    def _group_stats(analysis: Analysis, groups: list[ChannelGroup], keep: np.ndarray,
+                     macs: dict[str, int]) -> list[dict[str, Any]]:
+        """Per group: channels before/after and first-order params/MACs removed."""
+        positions = {id(n): i for i, n in enumerate(analysis.model.graph.node)}
+        group_of = np.full(analysis.num_channels, -1, dtype=np.int64)
+        for g in groups:
+            for ids in g.units:
+                group_of[ids] = g.id
+            for ids, _ in g.frozen_units:
+                group_of[ids] = g.id
+        params = np.zeros(len(groups))
+        macs_removed = np.zeros(len(groups))
+        for edit in analysis.edits:
+            dropped = ~keep[edit.ids]
+            if not dropped.any():
+                continue
+            per_slice = edit.weight.size / len(edit.ids)
+            node_mac = macs.get(node_key(edit.node, positions.get(id(edit.node), -1)), 0)
+            for gid, count in zip(*np.unique(group_of[edit.ids[dropped]], return_counts=True)):
+                params[gid] += per_slice * count
+                if edit.role != "param":
+                    macs_removed[gid] += node_mac * count / len(edit.ids)
+        stats = []
+        for g in groups:
+            if not g.units:
+                continue
+            removed = sum(1 for ids in g.units if not keep[ids[0]])
+            stats.append({
+                "id": g.id,
+                "channels_before": g.channels,
+                "channels_after": g.channels - removed,
+                "params_removed": int(params[g.id]),
+                "macs_removed": int(macs_removed[g.id]),
+                "ops": g.ops,
+                "producers": [s.node.name for s in g.spaces],
+                "frozen_channels": len(g.frozen_units),
+            })
+        return stats
