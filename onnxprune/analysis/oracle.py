@@ -19,11 +19,13 @@ def random_keep(model: onnx.ModelProto, fraction: float, seed: int,
     analysis = analyse(model, input_shapes)
     rng = np.random.default_rng(seed)
     keep = np.ones(analysis.num_channels, dtype=bool)
+    from ..passes.structured import never_empty
+
     for group in build_groups(analysis):
         n = min(int(round(fraction * len(group.units))), group.channels - 1, len(group.units))
         for i in rng.choice(len(group.units), size=max(n, 0), replace=False):
             keep[group.units[i]] = False
-    return keep
+    return never_empty(analysis, keep)
 
 
 def masked_and_removed(model: onnx.ModelProto, keep: np.ndarray,

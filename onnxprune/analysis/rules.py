@@ -86,6 +86,8 @@ def _replace_input(a: Analysis, node: onnx.NodeProto, slot: int, values: np.ndar
     """Point input ``slot`` of ``node`` at a new initializer (shared constants stay intact)."""
     name = f"{node.name or node.output[0]}.{suffix}.pruned"
     a.model.graph.initializer.append(numpy_helper.from_array(values, name))
+    while len(node.input) <= slot:
+        node.input.append("")
     node.input[slot] = name
 
 
@@ -578,21 +580,46 @@ def reshape_rule(a: Analysis, node: onnx.NodeProto) -> None:
     want = int(np.prod([d for d in src[:c]], dtype=np.int64)) if all(d is not None for d in src[:c]) else None
     if want is None or want not in prefix[:-1]:
         raise Freeze(f"Reshape {node.name!r} mixes the channel axis with the axes before it")
-    j = prefix.index(want)
-    if dst[j] % n or inner % (dst[j] // n) or int(np.prod(dst[j + 1:], dtype=np.int64)) != inner // (dst[j] // n):
+    def fits(j: int) -> bool:
+        return prefix[j] == want and dst[j] % n == 0 and dst[j] > 0 and inner % (dst[j] // n) == 0 and int(
+            np.prod(dst[j + 1:], dtype=np.int64)) == inner // (dst[j] // n)
+
+    j = next((j for j in range(len(dst)) if fits(j)), None)
+    if j is None:
         raise Freeze(f"Reshape {node.name!r} splits the channel axis")
     block = dst[j] // n
-    target = a.constant(node.input[1])
-    if target is None:
-        raise Freeze(f"Reshape {node.name!r}: target shape computed at run time")
-    if target[j] not in (-1, 0) or (target[j] == 0 and j != c):
-        def rewrite(keep: np.ndarray, n_=node, ids=ann.ids, j=j, block=block, target=target) -> None:
-            new = target.copy()
-            new[j] = int(keep[ids].sum()) * block
-            _replace_input(a, n_, 1, new, "shape")
+    slot, position, value = _shape_entry(a, node, j)
+    if value not in (-1, 0) or (value == 0 and j != c):
+        def rewrite(keep: np.ndarray, ids=ann.ids, block=block, slot=slot, position=position) -> None:
+            owner, input_slot = slot
+            new = a.constant(owner.input[input_slot]).copy()
+            new.reshape(-1)[position] = int(keep[ids].sum()) * block
+            _replace_input(a, owner, input_slot, new, "shape")
 
         a.node_edits.append((node, rewrite))
     _set(a, node, j, np.repeat(ann.ids, block))
+
+
+def _shape_entry(a: Analysis, node: onnx.NodeProto, j: int) -> tuple[tuple[onnx.NodeProto, int], int, int]:
+    """Where entry ``j`` of a Reshape target lives: a constant, or a constant piece of a run-time Concat."""
+    target = a.constant(node.input[1])
+    if target is not None:
+        return (node, 1), j, int(target[j])
+    producer = a.index.producer.get(node.input[1])
+    if producer is None or producer.op_type != "Concat":
+        raise Freeze(f"Reshape {node.name!r}: target shape computed at run time")
+    offset = 0
+    for slot, piece in enumerate(producer.input):
+        shape = a.shape(piece)
+        if not shape or shape[0] is None:
+            raise Freeze(f"Reshape {node.name!r}: target shape computed at run time")
+        if offset <= j < offset + shape[0]:
+            value = a.constant(piece)
+            if value is None:
+                raise Freeze(f"Reshape {node.name!r}: the merged size is computed at run time")
+            return (producer, slot), j - offset, int(np.atleast_1d(value)[j - offset])
+        offset += shape[0]
+    raise Freeze(f"Reshape {node.name!r}: target shape computed at run time")
 
 
 @rule("Expand", "Tile", does="passes when the channel axis is not repeated; Expand shapes are rewritten")

@@ -62,6 +62,33 @@ def allocate(groups: list[ChannelGroup], scores: dict[int, np.ndarray], config: 
     return keep
 
 
+def allocate_safe(analysis: Analysis, groups: list[ChannelGroup], scores: dict[int, np.ndarray],
+                  config: PruneConfig) -> np.ndarray:
+    """:func:`allocate`, then :func:`never_empty`, then restore units until ``round_to`` holds again."""
+    keep = never_empty(analysis, allocate(groups, scores, config, analysis.num_channels))
+    if config.round_to > 1:
+        for g in groups:
+            removed = [i for i, ids in enumerate(g.units) if not keep[ids[0]]]
+            removed.sort(key=lambda i: -scores[g.id][i])
+            while removed and (g.channels - len(removed)) % config.round_to:
+                keep[g.units[removed.pop(0)]] = True
+    return keep
+
+
+def never_empty(analysis: Analysis, keep: np.ndarray) -> np.ndarray:
+    """Restore channels so that no tensor loses all of them (a Split part, a Concat input...)."""
+    roots = np.array([analysis.find(i) for i in range(analysis.num_channels)], dtype=np.int64)
+    arrays = [ann.ids for ann in analysis.ann.values()] + [edit.ids for edit in analysis.edits]
+    changed = True
+    while changed:
+        changed = False
+        for ids in arrays:
+            if len(ids) and not keep[ids].any():
+                keep[roots == roots[ids[0]]] = True
+                changed = True
+    return keep
+
+
 def _cap(group: ChannelGroup, fraction: float) -> int:
     """Most units a group may lose: at least one channel stays."""
     return max(0, min(len(group.units), int(math.floor(fraction * group.channels)), group.channels - 1))
@@ -154,7 +181,7 @@ class StructuredPrunePass:
         analysis = analyse(model, shapes, cfg.exclude)
         groups = build_groups(analysis)
         scores = unit_scores(analysis, groups, cfg.criterion, cfg.seed)
-        keep = allocate(groups, scores, cfg, analysis.num_channels)
+        keep = allocate_safe(analysis, groups, scores, cfg)
         macs_before = node_macs(model, shapes=analysis.shapes)
         params_before = count_params(model)[0]
         group_stats = self._group_stats(analysis, groups, keep, macs_before)
