@@ -1,0 +1,132 @@
+"""Structured pruning end to end: CLI, report, allocation, exclusions, fixtures."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+import onnxprune
+from onnxprune.analysis.oracle import masked_and_removed, random_keep, relative_error
+
+from .conftest import FIXTURES, run_cli
+
+STRUCTURED_FIXTURES = ["cnn.onnx", "cnn_constant_weights.onnx", "cnn_external/model.onnx", "mlp_gemm.onnx",
+                       "mlp_matmul.onnx", "mlp_dynamic.onnx", "cnn_opset11.onnx", "cnn_opset21.onnx"]
+
+
+def io_signature(path):
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return ([(i.name, i.shape, i.type) for i in session.get_inputs()],
+            [(o.name, o.shape, o.type) for o in session.get_outputs()])
+
+
+@pytest.mark.parametrize("name", STRUCTURED_FIXTURES)
+def test_cli_structured(tmp_path, name):
+    source = FIXTURES / name
+    out = tmp_path / "pruned.onnx"
+    code, stdout, err = run_cli(source, "--structured", "--sparsity", "0.5", "-o", out, "--report",
+                                tmp_path / "r.json", "--runs", "3")
+    assert code == 0, err
+    assert "Structured pruning" in stdout
+    onnx.checker.check_model(str(out), full_check=True)
+    assert io_signature(out) == io_signature(source)
+    report = json.loads((tmp_path / "r.json").read_text())
+    details = report["passes"][0]["details"]
+    assert details["channels_removed"] > 0 and details["params_removed"] > 0
+    model = report["validation"]["model"]
+    assert model["pruned"]["params"] < model["original"]["params"]
+    assert model["pruned"]["macs"] < model["original"]["macs"]
+    assert all(f["reason"] for f in details["frozen"])
+
+
+@pytest.mark.parametrize("name", STRUCTURED_FIXTURES)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_oracle_on_fixtures(name, seed):
+    model = onnx.load(str(FIXTURES / name))
+    keep = random_keep(model, 0.5, seed)
+    assert not keep.all()
+    masked, removed = masked_and_removed(model, keep)
+    session = ort.InferenceSession(str(FIXTURES / name), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(seed)
+    feeds = {i.name: rng.standard_normal([d if isinstance(d, int) else 2 for d in i.shape]).astype(np.float32)
+             for i in session.get_inputs()}
+
+    def run(m):
+        return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+
+    assert relative_error(run(masked), run(removed)) <= 1e-5
+
+
+def test_layer_scope_halves_every_group():
+    _, result = onnxprune.prune(FIXTURES / "cnn.onnx", structured=True, sparsity=0.5)
+    groups = result.to_dict()["passes"][0]["details"]["groups"]
+    assert groups
+    for g in groups:
+        assert g["channels_after"] == g["channels_before"] - g["channels_before"] // 2
+
+
+def test_residual_group_spans_both_branches():
+    _, result = onnxprune.prune(FIXTURES / "cnn.onnx", structured=True, sparsity=0.5)
+    groups = result.to_dict()["passes"][0]["details"]["groups"]
+    assert any(set(g["producers"]) == {"stem", "block1.conv2"} for g in groups)
+    assert any(set(g["producers"]) == {"block3.conv", "block4.conv1"} for g in groups)
+
+
+def test_global_scope_and_cap():
+    _, result = onnxprune.prune(FIXTURES / "cnn.onnx", structured=True, sparsity=0.5, scope="global",
+                                max_layer_sparsity=0.8)
+    details = result.to_dict()["passes"][0]["details"]
+    removed = sum(g["channels_before"] - g["channels_after"] for g in details["groups"])
+    total = sum(g["channels_before"] for g in details["groups"])
+    assert abs(removed - 0.5 * total) <= 1
+    for g in details["groups"]:
+        assert g["channels_after"] >= max(1, int(np.ceil(0.2 * g["channels_before"])))
+
+
+def test_round_to():
+    _, result = onnxprune.prune(FIXTURES / "cnn.onnx", structured=True, sparsity=0.4, round_to=8)
+    for g in result.to_dict()["passes"][0]["details"]["groups"]:
+        assert g["channels_after"] % 8 == 0
+
+
+def test_exclude_freezes_group():
+    _, result = onnxprune.prune(FIXTURES / "cnn.onnx", structured=True, sparsity=0.5, exclude=["block2.*"])
+    details = result.to_dict()["passes"][0]["details"]
+    assert not any("block2.pw" in g["producers"] for g in details["groups"])
+    assert any("excluded" in f["reason"] for f in details["frozen"])
+
+
+@pytest.mark.parametrize("criterion", ["l1", "l2", "bn", "random"])
+def test_criteria_choose_different_channels(criterion):
+    model, result = onnxprune.prune(FIXTURES / "cnn.onnx", structured=True, sparsity=0.5, criterion=criterion)
+    onnx.checker.check_model(model, full_check=True)
+    assert result.to_dict()["passes"][0]["details"]["channels_removed"] > 0
+
+
+def test_bn_criterion_removes_smallest_gamma():
+    model = onnx.load(str(FIXTURES / "cnn.onnx"))
+    gamma = next(onnx.numpy_helper.to_array(i) for i in model.graph.initializer if i.name == "block2.pw.bn.scale")
+    pruned, _ = onnxprune.prune(model, structured=True, sparsity=0.5, criterion="bn")
+    kept = next(onnx.numpy_helper.to_array(i) for i in pruned.graph.initializer if i.name == "block2.pw.bn.scale")
+    np.testing.assert_array_equal(np.sort(np.abs(kept)), np.sort(np.abs(gamma))[len(gamma) // 2:])
+
+
+def test_sparsity_zero_changes_nothing():
+    model = onnx.load(str(FIXTURES / "cnn.onnx"))
+    pruned, result = onnxprune.prune(model, structured=True, sparsity=0.0)
+    assert result.to_dict()["passes"][0]["changed"] is False
+    assert [i.SerializeToString() for i in pruned.graph.initializer] == [
+        i.SerializeToString() for i in model.graph.initializer]
+
+
+def test_inspect_lists_groups_and_frozen():
+    code, out, err = run_cli("inspect", FIXTURES / "cnn.onnx")
+    assert code == 0, err
+    assert "prunable channel groups" in out and "reaches graph output" in out
+    code, out, err = run_cli("inspect", FIXTURES / "cnn.onnx", "--json")
+    info = json.loads(out)
+    assert info["structured"]["groups"] and info["structured"]["frozen"]
