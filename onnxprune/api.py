@@ -129,6 +129,8 @@ def prune(
     start = time.perf_counter()
     ctx = PassContext(model=loaded.model, log=log, progress=progress)
     ctx.state["input_shapes"] = dict(feeds[1]["shapes"]) if feeds else dict(vcfg.input_shapes)
+    if feeds and vcfg.data:
+        ctx.state["feeds"] = feeds[0]
     pass_results = PassManager(build_passes(config)).run(ctx)
     timings["prune"] = time.perf_counter() - start
 

@@ -120,6 +120,7 @@ def _providers(values: tuple[str, ...]) -> list[str]:
 @click.option("--max-layer-sparsity", type=float, default=0.99, show_default=True, help="Global scope: cap per tensor so no layer is emptied.")
 @click.option("--structured", is_flag=True, help="Remove whole channels/neurons (physically smaller, faster model).")
 @click.option("--round-to", type=int, default=1, show_default=True, help="Structured: keep channel counts multiples of N.")
+@click.option("--fold-constants/--no-fold-constants", default=True, show_default=True, help="Structured: fold what removed channels still output (bias, BN shift) into their consumers' biases.")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Leave weights/nodes whose name matches GLOB alone (repeatable).")
 @click.option("--min-params", type=int, default=0, show_default=True, help="Skip weight tensors with fewer elements.")
 @click.option("--prune-first/--no-prune-first", default=True, show_default=True, help="Include the first layer.")
@@ -151,7 +152,7 @@ def prune_command(model: Path, output: Path | None, force: bool, debug: bool, qu
             pattern=opts["pattern"], structured=opts["structured"], round_to=opts["round_to"],
             exclude=list(opts["exclude"]), min_params=opts["min_params"], prune_first=opts["prune_first"],
             prune_last=opts["prune_last"], include_embeddings=opts["include_embeddings"],
-            max_layer_sparsity=opts["max_layer_sparsity"], seed=opts["seed"],
+            max_layer_sparsity=opts["max_layer_sparsity"], seed=opts["seed"], fold_constants=opts["fold_constants"],
         )
         config.validate()
         if opts["threads"] < 1 or opts["runs"] < 1 or opts["warmup"] < 0:

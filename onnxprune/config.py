@@ -29,6 +29,7 @@ class PruneConfig:
     include_embeddings: bool = False
     max_layer_sparsity: float = 0.99
     seed: int = 0
+    fold_constants: bool = True
 
     def validate(self) -> None:
         """Raise :class:`UsageError` for inconsistent or out-of-range settings."""

@@ -18,6 +18,7 @@ from ..analysis.cost import infer_shapes, node_key, node_macs
 from ..analysis.groups import Analysis, ChannelGroup, analyse, build_groups
 from ..config import PruneConfig
 from ..model import count_params
+from ..compensation import fold_removed_constants
 from ..scoring import unit_scores
 from .manager import PassContext
 
@@ -165,6 +166,20 @@ def _frozen_entries(groups: list[ChannelGroup]) -> list[dict[str, Any]]:
     return entries
 
 
+def _fold_feeds(ctx: PassContext, model: onnx.ModelProto) -> list[dict[str, np.ndarray]]:
+    """Inputs to measure removed channels' values: the run's data, else two synthetic batches."""
+    if ctx.state.get("feeds"):
+        return [ctx.state["feeds"]]
+    from ..config import ValidateConfig
+    from ..validate import prepare_feeds
+
+    shapes = ctx.state.get("input_shapes") or {}
+    try:
+        return [prepare_feeds(model, ValidateConfig(input_shapes=shapes, seed=seed))[0] for seed in (0, 1)]
+    except Exception:  # noqa: BLE001 - inputs we cannot synthesise: no folding
+        return []
+
+
 class StructuredPrunePass:
     """Remove the least important channel units of every prunable dependency group."""
 
@@ -185,6 +200,12 @@ class StructuredPrunePass:
         macs_before = node_macs(model, shapes=analysis.shapes)
         params_before = count_params(model)[0]
         group_stats = self._group_stats(analysis, groups, keep, macs_before)
+        folded = None
+        if cfg.fold_constants and not keep.all():
+            ctx.log("folding constants of removed channels into consumer biases")
+            folded = fold_removed_constants(model, keep, _fold_feeds(ctx, model), shapes)
+            if folded["consumers"]:
+                analysis = analyse(model, shapes, cfg.exclude)
         ctx.log("removing channels")
         remove(analysis, keep)
         macs_after = node_macs(model, shapes=infer_shapes(model, shapes))
@@ -208,6 +229,7 @@ class StructuredPrunePass:
             "macs_before": int(sum(macs_before.values())),
             "macs_after": int(sum(macs_after.values())),
             "macs_removed": int(sum(macs_before.values()) - sum(macs_after.values())),
+            "folded_constants": folded,
         }
 
     @staticmethod

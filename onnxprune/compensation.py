@@ -1,0 +1,124 @@
+"""Faithful removal: fold what removed channels still feed into their consumers' biases.
+
+A removed channel is not always silent: with its producer weights zeroed it still outputs
+its bias, BN shift or ``act(constant)``. onnxprune measures, in onnxruntime, the value each
+removed channel carries into every consumer of the *zeroed* model (producer slices of the
+removed channels set to zero, shapes unchanged), and adds ``W[:, c] * value`` to the
+consumer's bias (adding a bias where there is none). When the value is constant over space
+and the consumer reads no padding, the pruned model equals the zeroed model exactly;
+otherwise the fold is the best constant (bias correction) and is reported as approximate.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import numpy_helper
+
+from .analysis.groups import WeightEdit, analyse
+from .model import PROTOBUF_LIMIT, get_attr, tensor_bytes
+
+
+def zeroed_model(model: onnx.ModelProto, keep: np.ndarray, input_shapes=None) -> onnx.ModelProto:
+    """A copy with the producer weight slices of removed channels zeroed (channels zeroed in place)."""
+    zeroed = onnx.ModelProto()
+    zeroed.CopyFrom(model)
+    for edit in analyse(zeroed, input_shapes).edits:
+        drop = ~keep[edit.ids]
+        if edit.role == "producer" and drop.any():
+            values = edit.weight.array()
+            index = [slice(None)] * values.ndim
+            index[edit.axis] = drop
+            values[tuple(index)] = 0
+            edit.weight.set_array(values)
+    return zeroed
+
+
+def _foldable(edit: WeightEdit, analysis) -> bool:
+    node = edit.node
+    if edit.role != "consumer" or node.op_type not in ("Conv", "Gemm", "MatMul"):
+        return False
+    if node.op_type == "Conv" and int(get_attr(node, "group", 1)) != 1:
+        return False  # depthwise: its own output channel goes too
+    _, chain = analysis.index.resolve(node.input[1])
+    return not any(step.op_type == "Transpose" for step in chain)
+
+
+def _reads_padding(node: onnx.NodeProto) -> bool:
+    if node.op_type != "Conv":
+        return False
+    pads = get_attr(node, "pads") or []
+    auto = get_attr(node, "auto_pad", b"NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else auto
+    return any(int(p) for p in pads) or auto not in ("NOTSET", "VALID")
+
+
+def fold_removed_constants(model: onnx.ModelProto, keep: np.ndarray, feeds: list[dict[str, np.ndarray]],
+                           input_shapes=None) -> dict[str, Any]:
+    """Measure removed channels' values in the zeroed model and fold them into consumer biases."""
+    analysis = analyse(model, input_shapes)
+    edits = [e for e in analysis.edits if _foldable(e, analysis) and not keep[e.ids].all()]
+    summary = {"consumers": 0, "exact": 0, "approximate": 0, "skipped": []}
+    if not edits or not feeds:
+        return summary
+    if tensor_bytes(model) >= PROTOBUF_LIMIT:
+        summary["skipped"].append("model over 2 GB: constants not folded")
+        return summary
+    zeroed = zeroed_model(model, keep, input_shapes)
+    names = sorted({e.node.input[0] for e in edits})
+    del zeroed.graph.output[:]
+    zeroed.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(zeroed.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    runs = [dict(zip(names, session.run(names, feed))) for feed in feeds]
+    for edit in edits:
+        name = edit.node.input[0]
+        axis = analysis.ann[name].axis
+        drop = np.flatnonzero(~keep[edit.ids])
+        per_run = [np.moveaxis(r[name].astype(np.float64), axis, 0)[drop].reshape(len(drop), -1) for r in runs]
+        stacked = np.concatenate(per_run, axis=1)
+        values = stacked.mean(axis=1)
+        constant = np.allclose(stacked, values[:, None], rtol=1e-5, atol=1e-6)
+        if not np.any(values):
+            continue
+        _add_to_bias(model, analysis, edit, drop, values)
+        summary["consumers"] += 1
+        exact = constant and not (_reads_padding(edit.node) and np.any(values))
+        summary["exact" if exact else "approximate"] += 1
+    return summary
+
+
+def _add_to_bias(model: onnx.ModelProto, analysis, edit: WeightEdit, drop: np.ndarray, values: np.ndarray) -> None:
+    node, weight = edit.node, edit.weight.array().astype(np.float64)
+    if node.op_type == "Conv":
+        taken = np.take(weight, drop, axis=1).reshape(weight.shape[0], len(drop), -1).sum(axis=2)
+        delta = taken @ values
+    elif node.op_type == "Gemm" and get_attr(node, "transB", 0):
+        delta = np.take(weight, drop, axis=1) @ values
+    else:  # Gemm B [K, N] or MatMul B [K, N]
+        delta = values @ np.take(weight, drop, axis=0)
+    dtype = edit.weight.dtype
+    for step in analysis.index.resolve(node.input[1])[1]:  # a weight stored fp16 and Cast to float
+        if step.op_type == "Cast":
+            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(int(get_attr(step, "to"))))
+    if node.op_type in ("Conv", "Gemm") and len(node.input) > 2 and node.input[2]:
+        bias, _ = analysis.index.resolve(node.input[2])
+        if bias is not None:
+            bias.set_array((bias.array().astype(np.float64) + delta).astype(bias.dtype))
+            return
+    name = f"{node.name or node.output[0]}.folded_bias"
+    model.graph.initializer.append(numpy_helper.from_array(delta.astype(dtype), name))
+    if node.op_type in ("Conv", "Gemm"):
+        while len(node.input) < 3:
+            node.input.append("")
+        node.input[2] = name
+        return
+    original = node.output[0]
+    node.output[0] = f"{original}.before_folded_bias"
+    position = list(model.graph.node).index(node)
+    model.graph.node.insert(position + 1, onnx.helper.make_node(
+        "Add", [node.output[0], name], [original], name=f"{node.name or original}.folded_bias_add"))
