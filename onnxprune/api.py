@@ -182,7 +182,7 @@ def _full_check(model: onnx.ModelProto, path: Path | None, input_path: Path | No
     except InvalidModelError as exc:
         try:
             if input_path is not None:
-                check_model(model, path=input_path, full=True)
+                check_model(None, path=input_path, full=True)
             else:
                 raise exc
         except InvalidModelError:

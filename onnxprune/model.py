@@ -94,7 +94,7 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> LoadedModel:
     else:
         _check_tensor_sizes(model, path)
     if check:
-        check_model(model, path=path if locations or size >= PROTOBUF_LIMIT else None)
+        check_model(model)
     return LoadedModel(model=model, path=path, has_external_data=bool(locations), file_bytes=file_bytes)
 
 
@@ -120,18 +120,131 @@ def _check_tensor_sizes(model: onnx.ModelProto, path: Path) -> None:
 
 
 def check_model(model: onnx.ModelProto, *, path: Path | None = None, full: bool = False) -> None:
-    """Run ``onnx.checker``; from ``path`` when the model is too big or has external data."""
+    """Run ``onnx.checker`` on the graph of ``model`` without copying its weight bytes.
+
+    The checker reads a *skeleton*: the model with each large tensor turned into an external
+    reference to a sparse file of the right size (tensor byte counts are verified separately
+    at load time). Checking a file that is not in memory (``path`` with ``model=None``)
+    reads it from disk.
+    """
     try:
-        if path is not None:
+        if model is None and path is not None:
             onnx.checker.check_model(str(path), full_check=full)
-        else:
-            onnx.checker.check_model(model, full_check=full)
+            return
+        with tempfile.TemporaryDirectory(prefix="onnxprune-check-") as tmp:
+            skeleton_path = Path(tmp) / "skeleton.onnx"
+            _write_skeleton(model, skeleton_path)
+            onnx.checker.check_model(str(skeleton_path), full_check=full)
     except onnx.checker.ValidationError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InvalidModelError(f"model fails the ONNX checker: {first}") from None
     except onnx.shape_inference.InferenceError as exc:
         first = str(exc).strip().splitlines()[0]
         raise InvalidModelError(f"model fails ONNX shape inference: {first}") from None
+
+
+def _write_skeleton(model: onnx.ModelProto, path: Path) -> None:
+    """Save ``model``'s graph with every tensor over 1 KB pointing into a sparse ``skeleton.data``."""
+    skeleton, tensors = external_skeleton(model, "skeleton.data")
+    with open(path.parent / "skeleton.data", "wb") as handle:
+        handle.truncate(sum(len_ for _, _, len_ in tensors))
+    onnx.save_model(skeleton, str(path))
+
+
+def external_skeleton(model: onnx.ModelProto, location: str
+                      ) -> tuple[onnx.ModelProto, list[tuple[onnx.TensorProto, int, int]]]:
+    """A new model whose large tensors are external references into ``location``.
+
+    ``model`` itself is not modified (its weight bytes are not copied); returns the skeleton
+    and, in file order, (source tensor, offset, length) of the bytes the data file must hold.
+    """
+    skeleton = onnx.ModelProto()
+    for descriptor, value in model.ListFields():
+        if descriptor.name != "graph":
+            field = getattr(skeleton, descriptor.name)
+            if _repeated(descriptor):
+                field.extend(value)
+            elif descriptor.message_type is not None:
+                field.CopyFrom(value)
+            else:
+                setattr(skeleton, descriptor.name, value)
+    placements: list[tuple[onnx.TensorProto, int, int]] = []
+    _skeleton_graph(model.graph, skeleton.graph, location, placements)
+    return skeleton, placements
+
+
+def _repeated(descriptor) -> bool:
+    """Whether a protobuf field is repeated (protobuf >= 6 has ``is_repeated``; older ones ``label``)."""
+    flag = getattr(descriptor, "is_repeated", None)
+    return bool(flag) if flag is not None else descriptor.label == descriptor.LABEL_REPEATED
+
+
+def _externalize(src: onnx.TensorProto, dst: onnx.TensorProto, location: str,
+                 placements: list[tuple[onnx.TensorProto, int, int]]) -> None:
+    offset = placements[-1][1] + placements[-1][2] if placements else 0
+    offset += (-offset) % 4096
+    size = len(src.raw_data)
+    for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+        dst.ClearField(field)
+    del dst.external_data[:]
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(size))):
+        entry = dst.external_data.add()
+        entry.key, entry.value = key, value
+    dst.data_location = onnx.TensorProto.EXTERNAL
+    placements.append((src, offset, size))
+
+
+def _large(tensor: onnx.TensorProto) -> bool:
+    if tensor.data_location == onnx.TensorProto.EXTERNAL or not tensor.HasField("raw_data"):
+        return False
+    count = int(np.prod(tensor.dims, dtype=np.int64)) if len(tensor.dims) else 1
+    try:
+        itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+    except (KeyError, ValueError, TypeError):
+        return False
+    return count * itemsize >= EXTERNAL_TENSOR_MIN_BYTES
+
+
+def _skeleton_graph(src: onnx.GraphProto, dst: onnx.GraphProto, location: str,
+                    placements: list[tuple[onnx.TensorProto, int, int]]) -> None:
+    for descriptor, value in src.ListFields():
+        if descriptor.name in ("initializer", "node"):
+            continue
+        field = getattr(dst, descriptor.name)
+        if _repeated(descriptor):
+            field.extend(value)
+        else:
+            setattr(dst, descriptor.name, value)
+    for init in src.initializer:
+        new = dst.initializer.add()
+        if _large(init):
+            new.name, new.data_type, new.doc_string = init.name, init.data_type, init.doc_string
+            new.dims.extend(init.dims)
+            _externalize(init, new, location, placements)
+        else:
+            new.CopyFrom(init)
+    for node in src.node:
+        new = dst.node.add()
+        new.name, new.op_type, new.domain, new.doc_string = node.name, node.op_type, node.domain, node.doc_string
+        if node.HasField("overload"):
+            new.overload = node.overload
+        new.input.extend(node.input)
+        new.output.extend(node.output)
+        new.metadata_props.extend(node.metadata_props)
+        for attr in node.attribute:
+            out = new.attribute.add()
+            if attr.type == onnx.AttributeProto.TENSOR and _large(attr.t):
+                out.name, out.type, out.doc_string = attr.name, attr.type, attr.doc_string
+                out.t.name, out.t.data_type = attr.t.name, attr.t.data_type
+                out.t.dims.extend(attr.t.dims)
+                _externalize(attr.t, out.t, location, placements)
+            elif attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
+                out.name, out.type, out.doc_string = attr.name, attr.type, attr.doc_string
+                for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                    target = out.g if attr.type == onnx.AttributeProto.GRAPH else out.graphs.add()
+                    _skeleton_graph(sub, target, location, placements)
+            else:
+                out.CopyFrom(attr)
 
 
 # --------------------------------------------------------------------------------------
@@ -214,38 +327,18 @@ def save_model(
 
 
 def _save_external(model: onnx.ModelProto, tmp_model: Path, data_name: str) -> None:
-    """Save with large tensors in one external file, without losing them from memory.
-
-    ``onnx.save_model(save_as_external_data=True)`` strips the data out of the in-memory
-    protos; we stash each tensor's bytes and put them back afterwards (no extra copies).
-    """
-    stash: list[tuple[onnx.TensorProto, bytes]] = []
-    offset = 0
+    """Save with large tensors in one external file, tensor by tensor, leaving ``model`` untouched."""
+    skeleton, placements = external_skeleton(model, data_name)
     with open(tmp_model.parent / data_name, "wb") as data_file:
-        for tensor in _iter_all_tensors(model):
-            if not tensor.HasField("raw_data") or len(tensor.raw_data) < EXTERNAL_TENSOR_MIN_BYTES:
-                continue
+        position = 0
+        for tensor, offset, _ in placements:
+            if offset > position:
+                data_file.write(b"\0" * (offset - position))
             raw = tensor.raw_data
-            pad = (-offset) % 4096
-            if pad:
-                data_file.write(b"\0" * pad)
-                offset += pad
             data_file.write(raw)
-            stash.append((tensor, raw))
-            tensor.ClearField("raw_data")
-            del tensor.external_data[:]
-            for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(len(raw)))):
-                entry = tensor.external_data.add()
-                entry.key, entry.value = key, value
-            tensor.data_location = onnx.TensorProto.EXTERNAL
-            offset += len(raw)
-    try:
-        onnx.save_model(model, str(tmp_model))
-    finally:
-        for tensor, raw in stash:
-            del tensor.external_data[:]
-            tensor.data_location = onnx.TensorProto.DEFAULT
-            tensor.raw_data = raw
+            position = offset + len(raw)
+            del raw
+    onnx.save_model(skeleton, str(tmp_model))
 
 
 # --------------------------------------------------------------------------------------
@@ -310,11 +403,14 @@ class Weight:
     def set_array(self, values: np.ndarray) -> None:
         """Replace the values (and shape); the dtype stays the tensor's own."""
         values = np.ascontiguousarray(values, dtype=self.dtype)
-        name, doc = self.tensor.name, self.tensor.doc_string
-        new = numpy_helper.from_array(values, name)
-        self.tensor.CopyFrom(new)
-        if doc:
-            self.tensor.doc_string = doc
+        tensor = self.tensor
+        for name in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
+            tensor.ClearField(name)
+        del tensor.dims[:]
+        tensor.dims.extend(values.shape)
+        if not values.dtype.isnative:
+            values = values.astype(values.dtype.newbyteorder("="))
+        tensor.raw_data = values.tobytes()
 
 
 FLOAT_TYPES = {
