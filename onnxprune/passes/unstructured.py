@@ -62,7 +62,7 @@ class MagnitudePrunePass:
     # -- scoring -----------------------------------------------------------------------
 
     def _scores(self, values: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        flat = values.reshape(-1).astype(np.float32)
+        flat = values.reshape(-1).astype(np.float32, copy=False)
         if self.config.criterion == "random":
             scores = rng.random(flat.size, dtype=np.float32)
             scores[flat == 0] = -1.0  # existing zeros stay zeros and count first
