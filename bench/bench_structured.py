@@ -1,0 +1,194 @@
+"""Structured pruning at --sparsity 0.5: onnxprune vs Torch-Pruning, on onnxruntime CPU.
+
+    pip install -e ".[bench]" && pip install --no-deps timm torch-pruning
+    python bench/bench_structured.py [--models resnet50,mobilenetv3_large_100,efficientnet_b0,convnext_tiny]
+                                     [--runs 30] [--threads 1] [--json out.json]
+
+For each architecture (timm, random init, 224x224, exported with torch.onnx):
+- onnxprune ``--structured --sparsity 0.5`` (and ``--round-to 8``) in a child process: wall
+  time and peak RSS of the tool;
+- Torch-Pruning (L1 group magnitude, ``pruning_ratio=0.5``, classifier kept): time to prune,
+  then the pruned torch model exported to ONNX the same way;
+- every ONNX model (original, onnxprune, onnxprune round-to 8, Torch-Pruning) timed in one
+  process, interleaved round-robin after a warm-up, one intra-op thread, spinning off;
+  medians and p90; MACs counted by onnxprune's cost model on every ONNX file alike;
+  speedup / MAC ratio says how much of the possible gain was realised.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+OUT = HERE / "models" / "structured"
+sys.path.insert(0, str(ROOT / "fixtures"))
+
+from onnxprune.analysis.cost import total_macs  # noqa: E402
+
+
+def child(cmd: list[str]) -> tuple[float, int, str]:
+    """Wall seconds, peak RSS and stderr of one child process."""
+    wrapper = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
+               "r = subprocess.run(sys.argv[1:], stderr=subprocess.PIPE, text=True); t = time.perf_counter() - t; "
+               "print(t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024); "
+               "sys.stderr.write(r.stderr); sys.exit(r.returncode)")
+    proc = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed")
+    seconds, rss = proc.stdout.split()[-2:]
+    return float(seconds), int(rss), proc.stderr
+
+
+def torch_pruning(name: str, path: Path) -> dict:
+    """Prune the same timm model with Torch-Pruning and export it to ONNX."""
+    from export_architectures import _torch, export
+
+    torch, timm = _torch()
+    import torch_pruning as tp
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=1000).eval()
+    example = torch.randn(1, 3, 224, 224)
+    classifier = model.get_classifier()
+    start = time.perf_counter()
+    pruner = tp.pruner.MagnitudePruner(model, example, importance=tp.importance.MagnitudeImportance(p=1),
+                                       pruning_ratio=0.5, ignored_layers=[classifier])
+    pruner.step()
+    seconds = time.perf_counter() - start
+    export(model, path, 224)
+    return {"seconds": seconds}
+
+
+def onnxprune_run(src: Path, dst: Path, extra: list[str]) -> dict:
+    report = dst.with_suffix(".json")
+    seconds, rss, _ = child([sys.executable, "-m", "onnxprune", str(src), "--structured", "--sparsity", "0.5",
+                             "--no-validate", "-o", str(dst), "--force", "-q", "--report", str(report), *extra])
+    details = json.loads(report.read_text())["passes"][0]["details"]
+    return {"seconds": seconds, "peak_rss": rss, "channels_frozen": details["channels_frozen"],
+            "channels_total": details["channels_total"]}
+
+
+def latencies(paths: dict[str, Path], runs: int, threads: int) -> dict[str, dict]:
+    """Interleaved round-robin timing of every model in one process."""
+    sessions = {}
+    for key, path in paths.items():
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.log_severity_level = 3
+        sessions[key] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
+    times: dict[str, list[float]] = {key: [] for key in sessions}
+    for _ in range(3):
+        for session in sessions.values():
+            session.run(None, {"input": x})
+    keys = list(sessions)
+    for i in range(runs):
+        for key in keys[i % len(keys):] + keys[:i % len(keys)]:
+            start = time.perf_counter()
+            sessions[key].run(None, {"input": x})
+            times[key].append((time.perf_counter() - start) * 1000)
+    return {k: {"median_ms": statistics.median(v), "p90_ms": float(np.percentile(v, 90))} for k, v in times.items()}
+
+
+def bench(name: str, runs: int, threads: int) -> dict:
+    from export_architectures import _torch, export
+
+    OUT.mkdir(parents=True, exist_ok=True)
+    original = OUT / f"{name}.onnx"
+    if not original.exists():
+        torch, timm = _torch()
+        torch.manual_seed(0)
+        export(timm.create_model(name, num_classes=1000), original, 224)
+    paths = {"original": original}
+    row: dict = {"model": name}
+    for key, extra in (("onnxprune", []), ("onnxprune_r8", ["--round-to", "8"])):
+        dst = OUT / f"{name}.{key}.onnx"
+        try:
+            row[key] = onnxprune_run(original, dst, extra)
+            paths[key] = dst
+        except Exception as exc:  # noqa: BLE001 - a failure is a result
+            row[key] = {"error": str(exc)}
+    tp_path = OUT / f"{name}.torch_pruning.onnx"
+    try:
+        row["torch_pruning"] = torch_pruning(name, tp_path)
+        paths["torch_pruning"] = tp_path
+    except Exception as exc:  # noqa: BLE001
+        row["torch_pruning"] = {"error": f"{type(exc).__name__}: {exc}"[:200]}
+        traceback.print_exc()
+    lat = latencies(paths, runs, threads)
+    base_macs = total_macs(onnx.load(str(original), load_external_data=False))
+    row["original"] = {"macs": base_macs, "params": _params(original), **lat["original"]}
+    for key, path in paths.items():
+        if key == "original":
+            continue
+        macs = total_macs(onnx.load(str(path), load_external_data=False))
+        entry = row[key]
+        entry.update(lat[key])
+        entry["macs"] = macs
+        entry["params"] = _params(path)
+        entry["macs_kept"] = macs / base_macs
+        entry["speedup"] = lat["original"]["median_ms"] / lat[key]["median_ms"]
+        entry["efficiency"] = entry["speedup"] / (base_macs / macs)
+    return row
+
+
+def _params(path: Path) -> int:
+    model = onnx.load(str(path))
+    return int(sum(np.prod(t.dims) for t in model.graph.initializer if len(t.dims) > 1 or np.prod(t.dims) > 1))
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| model | tool | params | MACs kept | latency median (p90) | speedup | MAC ratio | speedup / MAC ratio "
+             "| tool time | tool peak RSS |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        o = r["original"]
+        lines.append(f"| {r['model']} | original | {o['params'] / 1e6:.1f}M | 1.000 | {o['median_ms']:.1f} ms "
+                     f"({o['p90_ms']:.1f}) | 1.00x | 1.00 | - | - | - |")
+        for key, label in (("onnxprune", "onnxprune"), ("onnxprune_r8", "onnxprune --round-to 8"),
+                           ("torch_pruning", "Torch-Pruning")):
+            e = r.get(key, {})
+            if "error" in e or "macs" not in e:
+                lines.append(f"| {r['model']} | {label} | fails: {e.get('error', '?')} | | | | | | | |")
+                continue
+            rss = f"{e['peak_rss'] / 2**20:.0f} MiB" if "peak_rss" in e else "-"
+            lines.append(f"| {r['model']} | {label} | {e['params'] / 1e6:.1f}M | {e['macs_kept']:.3f} "
+                         f"| {e['median_ms']:.1f} ms ({e['p90_ms']:.1f}) | {e['speedup']:.2f}x "
+                         f"| {1 / e['macs_kept']:.2f} | {e['efficiency']:.2f} | {e['seconds']:.1f} s | {rss} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    warnings.simplefilter("ignore")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="resnet50,mobilenetv3_large_100,efficientnet_b0,convnext_tiny")
+    parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    rows = []
+    for name in args.models.split(","):
+        start = time.perf_counter()
+        rows.append(bench(name, args.runs, args.threads))
+        print(f"{name}: {time.perf_counter() - start:.0f}s", file=sys.stderr)
+    print(markdown(rows))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2, default=float))
+
+
+if __name__ == "__main__":
+    main()
