@@ -72,7 +72,7 @@ def test_layer_scope_halves_every_group():
 def test_residual_group_spans_both_branches():
     _, result = onnxprune.prune(FIXTURES / "cnn.onnx", structured=True, sparsity=0.5)
     groups = result.to_dict()["passes"][0]["details"]["groups"]
-    assert any(set(g["producers"]) == {"stem", "block1.conv2"} for g in groups)
+    assert any({"stem", "block1.conv2", "block2.dw"} == set(g["producers"]) for g in groups)  # depthwise joins
     assert any(set(g["producers"]) == {"block3.conv", "block4.conv1"} for g in groups)
 
 

@@ -320,11 +320,15 @@ def test_depthwise_ties_input_and_output():
     assert oracle(g.head(y, 2 * C))
 
 
-def test_grouped_conv_is_frozen():
+@pytest.mark.parametrize("group", [2, 4])
+def test_grouped_conv_removes_whole_groups(group):
     g = G()
-    model = g.head(g.conv(g.x, C, C, group=2), C)
-    assert any("grouped" in r for r in frozen_reasons(model))
-    oracle(model)
+    y = g.op("Relu", [g.conv(g.x, C, 2 * C, group=group)])
+    model = g.head(y, 2 * C)
+    assert oracle(model)
+    analysis = analyse(model)
+    unit_sizes = {len(ids) for grp in build_groups(analysis) for ids in grp.units if len(ids) > 1}
+    assert C // group + 2 * C // group in unit_sizes  # a group's inputs and outputs form one unit
 
 
 def test_conv_transpose():

@@ -151,7 +151,7 @@ def producer_rule(a: Analysis, node: onnx.NodeProto) -> None:
 # -- layers that consume channels ---------------------------------------------------------
 
 
-@rule("Conv", does="consumes input channels (weight axis 1); depthwise ties input to output channels")
+@rule("Conv", does="consumes input channels (weight axis 1); grouped/depthwise: a group's channels go together")
 def conv_rule(a: Analysis, node: onnx.NodeProto) -> None:
     ann = _only_slot(a, node, 0)
     if ann.axis != 1:
@@ -164,16 +164,24 @@ def conv_rule(a: Analysis, node: onnx.NodeProto) -> None:
         a.add_weight_edit(node.input[1], 1, ann.ids, "consumer", node)
         a.mark(ann.ids, "Conv")
         produce(a, node)
-    elif group == cin and weight.shape[1] == 1:
-        mult = weight.shape[0] // cin
-        ids = np.repeat(ann.ids, mult)
-        a.add_weight_edit(node.input[1], 0, ids, "consumer", node)
-        if len(node.input) > 2 and node.input[2]:
-            a.add_weight_edit(node.input[2], 0, ids, "param", node)
-        a.node_edits.append((node, lambda keep, n=node, i=ann.ids: _set_attr(n, "group", int(keep[i].sum()))))
-        _set(a, node, 1, ids)
+    elif cin % group == 0 and weight.shape[1] == cin // group and weight.shape[0] % group == 0:
+        _grouped_conv(a, node, ann.ids, group, weight.shape[0])
     else:
-        raise Freeze(f"Conv {node.name!r} is grouped (group={group}): channels of a group stay together")
+        raise Freeze(f"Conv {node.name!r}: group={group} does not match its {cin} input channels")
+
+
+def _grouped_conv(a: Analysis, node: onnx.NodeProto, in_ids: np.ndarray, group: int, cout: int) -> None:
+    """Grouped and depthwise convs: a group's input and output channels form one unit; `group` is rewritten."""
+    ci, co = len(in_ids) // group, cout // group
+    out_ids = a.new_space(node, cout)
+    for k in range(group):
+        a.tie(np.full(ci + co, in_ids[k * ci]), np.concatenate([in_ids[k * ci:(k + 1) * ci], out_ids[k * co:(k + 1) * co]]))
+    a.add_weight_edit(node.input[1], 0, out_ids, "consumer", node)
+    if len(node.input) > 2 and node.input[2]:
+        a.add_weight_edit(node.input[2], 0, out_ids, "param", node)
+    a.node_edits.append((node, lambda keep, n=node, o=out_ids, co=co: _set_attr(n, "group", int(keep[o].sum()) // co)))
+    a.mark(in_ids, "Conv")
+    _set(a, node, 1, out_ids)
 
 
 @rule("ConvTranspose", does="consumes input channels (weight axis 0)")
