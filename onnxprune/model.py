@@ -311,7 +311,7 @@ def save_model(
         if external_data:
             _save_external(model, tmp_model, data_name)
         else:
-            onnx.save_model(model, str(tmp_model))
+            _save_streamed(model, tmp_model)
         if verify is not None:
             verify(tmp_model)
         if (tmp_dir / data_name).exists():
@@ -324,6 +324,55 @@ def save_model(
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return written
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | 0x80 if value else byte)
+        if not value:
+            return bytes(out)
+
+
+def _save_streamed(model: onnx.ModelProto, path: Path) -> None:
+    """Write ``model`` as one protobuf file without serialising it into one buffer.
+
+    Protobuf merges repeated occurrences of an embedded message field, so the file is the
+    model without its main-graph nodes and initializers, followed by one ``graph`` field per
+    node and per initializer (each holding just that entry). Any protobuf parser reads back
+    the same model; memory stays at one tensor beyond the model itself.
+    """
+    graph = model.graph
+    head = onnx.ModelProto()
+    for descriptor, value in model.ListFields():
+        if descriptor.name == "graph":
+            continue
+        field = getattr(head, descriptor.name)
+        if _repeated(descriptor):
+            field.extend(value)
+        elif descriptor.message_type is not None:
+            field.CopyFrom(value)
+        else:
+            setattr(head, descriptor.name, value)
+    for descriptor, value in graph.ListFields():
+        if descriptor.name in ("node", "initializer"):
+            continue
+        field = getattr(head.graph, descriptor.name)
+        if _repeated(descriptor):
+            field.extend(value)
+        else:
+            setattr(head.graph, descriptor.name, value)
+    graph_tag, node_tag, init_tag = _varint((7 << 3) | 2), _varint((1 << 3) | 2), _varint((5 << 3) | 2)
+    with open(path, "wb") as handle:
+        handle.write(head.SerializeToString())
+        for tag, items in ((node_tag, graph.node), (init_tag, graph.initializer)):
+            for item in items:
+                payload = item.SerializeToString()
+                inner = tag + _varint(len(payload))
+                handle.write(graph_tag + _varint(len(inner) + len(payload)) + inner)
+                handle.write(payload)
+                del payload
 
 
 def _save_external(model: onnx.ModelProto, tmp_model: Path, data_name: str) -> None:
