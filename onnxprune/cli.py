@@ -121,6 +121,7 @@ def _providers(values: tuple[str, ...]) -> list[str]:
 @click.option("--structured", is_flag=True, help="Remove whole channels/neurons (physically smaller, faster model).")
 @click.option("--round-to", type=int, default=1, show_default=True, help="Structured: keep channel counts multiples of N.")
 @click.option("--fold-constants/--no-fold-constants", default=True, show_default=True, help="Structured: fold what removed channels still output (bias, BN shift) into their consumers' biases.")
+@click.option("--prune-layernorm", is_flag=True, help="Structured: also remove channels normalized by a LayerNorm over the channel axis (ConvNeXt's residual stream). Approximate: the mean and variance of the kept channels change.")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Leave weights/nodes whose name matches GLOB alone (repeatable).")
 @click.option("--min-params", type=int, default=0, show_default=True, help="Skip weight tensors with fewer elements.")
 @click.option("--prune-first/--no-prune-first", default=True, show_default=True, help="Include the first layer.")
@@ -153,6 +154,7 @@ def prune_command(model: Path, output: Path | None, force: bool, debug: bool, qu
             exclude=list(opts["exclude"]), min_params=opts["min_params"], prune_first=opts["prune_first"],
             prune_last=opts["prune_last"], include_embeddings=opts["include_embeddings"],
             max_layer_sparsity=opts["max_layer_sparsity"], seed=opts["seed"], fold_constants=opts["fold_constants"],
+            prune_layernorm=opts["prune_layernorm"],
         )
         config.validate()
         if opts["threads"] < 1 or opts["runs"] < 1 or opts["warmup"] < 0:

@@ -22,11 +22,12 @@ from .analysis.groups import WeightEdit, analyse
 from .model import PROTOBUF_LIMIT, get_attr, tensor_bytes
 
 
-def zeroed_model(model: onnx.ModelProto, keep: np.ndarray, input_shapes=None) -> onnx.ModelProto:
+def zeroed_model(model: onnx.ModelProto, keep: np.ndarray, input_shapes=None,
+                 approximate_layernorm: bool = False) -> onnx.ModelProto:
     """A copy with the producer weight slices of removed channels zeroed (channels zeroed in place)."""
     zeroed = onnx.ModelProto()
     zeroed.CopyFrom(model)
-    for edit in analyse(zeroed, input_shapes).edits:
+    for edit in analyse(zeroed, input_shapes, approximate_layernorm=approximate_layernorm).edits:
         drop = ~keep[edit.ids]
         if edit.role == "producer" and drop.any():
             values = edit.weight.array()
@@ -57,9 +58,9 @@ def _reads_padding(node: onnx.NodeProto) -> bool:
 
 
 def fold_removed_constants(model: onnx.ModelProto, keep: np.ndarray, feeds: list[dict[str, np.ndarray]],
-                           input_shapes=None) -> dict[str, Any]:
+                           input_shapes=None, approximate_layernorm: bool = False) -> dict[str, Any]:
     """Measure removed channels' values in the zeroed model and fold them into consumer biases."""
-    analysis = analyse(model, input_shapes)
+    analysis = analyse(model, input_shapes, approximate_layernorm=approximate_layernorm)
     edits = [e for e in analysis.edits if _foldable(e, analysis) and not keep[e.ids].all()]
     summary = {"consumers": 0, "exact": 0, "approximate": 0, "skipped": []}
     if not edits or not feeds:
@@ -67,7 +68,7 @@ def fold_removed_constants(model: onnx.ModelProto, keep: np.ndarray, feeds: list
     if tensor_bytes(model) >= PROTOBUF_LIMIT:
         summary["skipped"].append("model over 2 GB: constants not folded")
         return summary
-    zeroed = zeroed_model(model, keep, input_shapes)
+    zeroed = zeroed_model(model, keep, input_shapes, approximate_layernorm)
     names = sorted({e.node.input[0] for e in edits})
     del zeroed.graph.output[:]
     zeroed.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names)

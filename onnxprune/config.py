@@ -30,6 +30,7 @@ class PruneConfig:
     max_layer_sparsity: float = 0.99
     seed: int = 0
     fold_constants: bool = True
+    prune_layernorm: bool = False
 
     def validate(self) -> None:
         """Raise :class:`UsageError` for inconsistent or out-of-range settings."""

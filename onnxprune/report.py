@@ -86,6 +86,13 @@ def render(report: dict[str, Any], *, markdown: bool = False, verbose: bool = Fa
                 lines += _table(["group", "channels", "params removed", "MACs removed", "producers"], shown, markdown)
             if len(shown) < len(rows):
                 lines.append(f"  ... {len(rows) - len(shown)} more groups (--verbose or --report)")
+            if d.get("approximate_layernorms"):
+                lines.append(f"approximate: channels removed under {len(d['approximate_layernorms'])} LayerNorm(s) "
+                             "over the channel axis (--prune-layernorm); the kept channels' statistics change")
+            folded = d.get("folded_constants") or {}
+            if folded.get("consumers"):
+                lines.append(f"folded removed channels' constants into {folded['consumers']} consumer bias(es) "
+                             f"({folded['exact']} exact, {folded['approximate']} approximate)")
             frozen = d.get("frozen", [])
             if frozen:
                 lines.append(f"frozen groups ({len(frozen)}):")

@@ -401,3 +401,23 @@ def test_registry_lists_required_ops():
                "GlobalMaxPool", "ReduceMean", "Resize", "Pad", "DepthToSpace", "Flatten", "Reshape", "Transpose",
                "Squeeze", "Unsqueeze", "Gemm", "MatMul", "Dropout", "Identity", "Cast", "LayerNormalization"]:
         assert op in ops, op
+
+
+def test_layernorm_over_channels_approximate_option():
+    """--prune-layernorm lets channels through a channels-last LayerNorm: valid model, scale/bias sliced."""
+    import onnxprune
+
+    g = G()
+    y = g.op("Transpose", [g.x], perm=[0, 2, 3, 1])
+    y = g.op("LayerNormalization", [y, g.w([C]), g.w([C])], axis=-1)
+    y = g.op("MatMul", [y, g.w([C, C])])
+    y = g.op("Transpose", [y], perm=[0, 3, 1, 2])
+    model = g.head(y, C)
+    _, frozen = onnxprune.prune(model, structured=True, sparsity=0.5)
+    pruned, result = onnxprune.prune(model, structured=True, sparsity=0.5, prune_layernorm=True)
+    onnx.checker.check_model(pruned, full_check=True)
+    details = result.to_dict()["passes"][0]["details"]
+    assert details["approximate_layernorms"] and details["channels_removed"] > 0
+    x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    assert run(pruned, x)[0].shape == (2, 4)
+    assert details["macs_after"] < frozen.to_dict()["passes"][0]["details"]["macs_after"]

@@ -70,8 +70,9 @@ class Analysis:
     ann: dict[str, Annotation] = field(default_factory=dict)
     edits: list[WeightEdit] = field(default_factory=list)
     node_edits: list[tuple[onnx.NodeProto, Callable[[np.ndarray], None]]] = field(default_factory=list)
-    consumers_by_space: dict[int, set[str]] = field(default_factory=dict)
     ops_by_id: dict[int, set[str]] = field(default_factory=dict)
+    approximate_layernorm: bool = False  # let channels through LayerNorm over the channel axis
+    approximations: list[str] = field(default_factory=list)  # nodes where removal is not exact
 
     # -- channel ids -------------------------------------------------------------------
 
@@ -141,12 +142,13 @@ class Analysis:
 
 
 def analyse(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None,
-            exclude: list[str] = ()) -> Analysis:
+            exclude: list[str] = (), approximate_layernorm: bool = False) -> Analysis:
     """Walk the main graph, apply the op rules and return channel ids, ties, edits and frozen ids."""
     from .rules import RULES, producer_rule
 
     index = build_indexes(model)[0]
-    analysis = Analysis(model=model, shapes=infer_shapes(model, input_shapes), index=index)
+    analysis = Analysis(model=model, shapes=infer_shapes(model, input_shapes), index=index,
+                        approximate_layernorm=approximate_layernorm)
     subgraph_refs = _outer_scope_refs(model.graph)
     for node in model.graph.node:
         annotated = [name for name in node.input if name in analysis.ann]

@@ -256,13 +256,21 @@ def groupnorm_rule(a: Analysis, node: onnx.NodeProto) -> None:
     _set(a, node, 1, ann.ids)
 
 
-@rule("LayerNormalization", does="passes when it normalizes axes after the channel axis; frozen over the channel axis")
+@rule("LayerNormalization", does="passes when it normalizes axes after the channel axis; over the channel axis frozen "
+      "(or, with --prune-layernorm, its scale and bias follow the channels: approximate)")
 def layernorm_rule(a: Analysis, node: onnx.NodeProto) -> None:
     ann = _only_slot(a, node, 0)
     rank = _rank(a, node.input[0])
     axis = int(get_attr(node, "axis", -1)) % rank
-    if ann.axis >= axis:
+    if ann.axis < axis:
+        _set(a, node, ann.axis, ann.ids)
+        return
+    if not a.approximate_layernorm or axis != rank - 1 or ann.axis != rank - 1:
         raise Freeze(f"LayerNormalization {node.name!r} normalizes over the channel axis (mean/variance change)")
+    for slot in (1, 2):
+        if len(node.input) > slot and node.input[slot]:
+            a.add_weight_edit(node.input[slot], 0, ann.ids, "param", node)
+    a.approximations.append(node.name)
     _set(a, node, ann.axis, ann.ids)
 
 

@@ -193,7 +193,7 @@ class StructuredPrunePass:
         shapes = ctx.state.get("input_shapes") or None
         model = ctx.model
         ctx.log("analysing channel groups")
-        analysis = analyse(model, shapes, cfg.exclude)
+        analysis = analyse(model, shapes, cfg.exclude, cfg.prune_layernorm)
         groups = build_groups(analysis)
         scores = unit_scores(analysis, groups, cfg.criterion, cfg.seed)
         keep = allocate_safe(analysis, groups, scores, cfg)
@@ -203,9 +203,9 @@ class StructuredPrunePass:
         folded = None
         if cfg.fold_constants and not keep.all():
             ctx.log("folding constants of removed channels into consumer biases")
-            folded = fold_removed_constants(model, keep, _fold_feeds(ctx, model), shapes)
+            folded = fold_removed_constants(model, keep, _fold_feeds(ctx, model), shapes, cfg.prune_layernorm)
             if folded["consumers"]:
-                analysis = analyse(model, shapes, cfg.exclude)
+                analysis = analyse(model, shapes, cfg.exclude, cfg.prune_layernorm)
         ctx.log("removing channels")
         remove(analysis, keep)
         macs_after = node_macs(model, shapes=infer_shapes(model, shapes))
@@ -230,6 +230,7 @@ class StructuredPrunePass:
             "macs_after": int(sum(macs_after.values())),
             "macs_removed": int(sum(macs_before.values()) - sum(macs_after.values())),
             "folded_constants": folded,
+            "approximate_layernorms": sorted(set(analysis.approximations)),
         }
 
     @staticmethod
