@@ -116,7 +116,10 @@ def bench(name: str, runs: int, threads: int) -> dict:
         export(timm.create_model(name, num_classes=1000), original, 224)
     paths = {"original": original}
     row: dict = {"model": name}
-    for key, extra in (("onnxprune", []), ("onnxprune_r8", ["--round-to", "8"])):
+    variants = [("onnxprune", []), ("onnxprune_r8", ["--round-to", "8"])]
+    if name.startswith("convnext"):
+        variants.append(("onnxprune_ln", ["--prune-layernorm"]))
+    for key, extra in variants:
         dst = OUT / f"{name}.{key}.onnx"
         try:
             row[key] = onnxprune_run(original, dst, extra)
@@ -160,8 +163,10 @@ def markdown(rows: list[dict]) -> str:
         lines.append(f"| {r['model']} | original | {o['params'] / 1e6:.1f}M | 1.000 | {o['median_ms']:.1f} ms "
                      f"({o['p90_ms']:.1f}) | 1.00x | 1.00 | - | - | - |")
         for key, label in (("onnxprune", "onnxprune"), ("onnxprune_r8", "onnxprune --round-to 8"),
-                           ("torch_pruning", "Torch-Pruning")):
-            e = r.get(key, {})
+                           ("onnxprune_ln", "onnxprune --prune-layernorm"), ("torch_pruning", "Torch-Pruning")):
+            if key not in r:
+                continue
+            e = r[key]
             if "error" in e or "macs" not in e:
                 lines.append(f"| {r['model']} | {label} | fails: {e.get('error', '?')} | | | | | | | |")
                 continue

@@ -16,7 +16,6 @@ ARCH = sorted(p.stem for p in (FIXTURES / "arch").glob("*.onnx"))
 #: frozen share of channels (graph outputs excluded) each architecture must stay under, with the reason
 FROZEN_LIMITS = {
     "convnext": 0.30,  # LayerNormalization over channels ties the residual stream (see docs/structured.md)
-    "regnet": 0.85,  # grouped convolutions keep their channels
     "yolo": 0.45,  # run-time chunk sizes (Shape -> Gather -> Split) and a Resize with computed sizes
 }
 
