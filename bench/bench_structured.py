@@ -36,7 +36,7 @@ ROOT = HERE.parent
 OUT = HERE / "models" / "structured"
 sys.path.insert(0, str(ROOT / "fixtures"))
 
-from onnxprune.analysis.cost import total_macs  # noqa: E402
+from onnxprune.analysis.cost import total_macs
 
 
 def child(cmd: list[str]) -> tuple[float, int, str]:
@@ -45,7 +45,7 @@ def child(cmd: list[str]) -> tuple[float, int, str]:
                "r = subprocess.run(sys.argv[1:], stderr=subprocess.PIPE, text=True); t = time.perf_counter() - t; "
                "print(t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024); "
                "sys.stderr.write(r.stderr); sys.exit(r.returncode)")
-    proc = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True, check=False)
     if proc.returncode:
         raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed")
     seconds, rss = proc.stdout.split()[-2:]
@@ -156,8 +156,8 @@ def _params(path: Path) -> int:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| model | tool | params | MACs kept | latency median (p90) | speedup | MAC ratio | speedup / MAC ratio "
-             "| tool time | tool peak RSS |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [("| model | tool | params | MACs kept | latency median (p90) | speedup | MAC ratio | speedup / MAC ratio "
+             "| tool time | tool peak RSS |"), "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         o = r["original"]
         lines.append(f"| {r['model']} | original | {o['params'] / 1e6:.1f}M | 1.000 | {o['median_ms']:.1f} ms "

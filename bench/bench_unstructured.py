@@ -41,7 +41,7 @@ def generate(name: str) -> Path:
     external = hidden * hidden * layers * 4 > 2**31
     rng = np.random.default_rng(0)
     inits, nodes, prev = [], [], "input"
-    data = open(folder / "model.onnx.data", "wb") if external else None
+    data = open(folder / "model.onnx.data", "wb") if external else None  # noqa: SIM115 - closed below
     offset = 0
     for i in range(layers):
         values = rng.standard_normal((hidden, hidden), dtype=np.float32) / np.float32(np.sqrt(hidden))
@@ -78,7 +78,7 @@ def timed(cmd: list[str]) -> tuple[float, int]:
     wrapper = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
                "r = subprocess.run(sys.argv[1:]); t = time.perf_counter() - t; "
                "print(t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024); sys.exit(r.returncode)")
-    proc = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True, check=False)
     if proc.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr[-2000:]}")
     seconds, rss = proc.stdout.split()[-2:]
@@ -129,8 +129,8 @@ def bench(name: str, repeat: int) -> dict:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| model | params | size | plain load+save | onnxprune | time ratio | plain peak RSS | onnxprune peak RSS "
-             "| onnxprune RSS / model size |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [("| model | params | size | plain load+save | onnxprune | time ratio | plain peak RSS | onnxprune peak RSS "
+             "| onnxprune RSS / model size |"), "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']}{' (external data)' if r['external_data'] else ''} | {r['params'] / 1e6:.0f}M "
                      f"| {r['bytes'] / 2**20:.0f} MiB | {r['baseline_s']:.2f} s | {r['onnxprune_s']:.2f} s "

@@ -7,8 +7,8 @@
 
 __version__ = "0.1.0"
 
-from .api import PruneResult, build_passes, prune, validate  # noqa: E402
-from .config import PruneConfig, ValidateConfig  # noqa: E402
-from .errors import OnnxPruneError  # noqa: E402
+from .api import PruneResult, build_passes, prune, validate
+from .config import PruneConfig, ValidateConfig
+from .errors import OnnxPruneError
 
 __all__ = ["OnnxPruneError", "PruneConfig", "PruneResult", "ValidateConfig", "build_passes", "prune", "validate"]

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import onnx
 
@@ -184,7 +185,7 @@ def _full_check(model: onnx.ModelProto, path: Path | None, input_path: Path | No
             if input_path is not None:
                 check_model(None, path=input_path, full=True)
             else:
-                raise exc
+                raise
         except InvalidModelError:
             result.warnings.append(f"the input model also fails the full ONNX check: {exc}")
             return

@@ -60,7 +60,7 @@ class _Display:
             yield from bar
 
 
-def _on_sigterm(signum, frame):  # noqa: ARG001 - signal handler signature
+def _on_sigterm(signum, frame):
     raise KeyboardInterrupt
 
 

@@ -111,6 +111,8 @@ def _add_to_bias(model: onnx.ModelProto, analysis, edit: WeightEdit, drop: np.nd
         if bias is not None:
             bias.set_array((bias.array().astype(np.float64) + delta).astype(bias.dtype))
             return
+    if node.op_type == "MatMul" and _add_to_following_bias(analysis, node, delta):
+        return
     name = f"{node.name or node.output[0]}.folded_bias"
     model.graph.initializer.append(numpy_helper.from_array(delta.astype(dtype), name))
     if node.op_type in ("Conv", "Gemm"):
@@ -123,3 +125,18 @@ def _add_to_bias(model: onnx.ModelProto, analysis, edit: WeightEdit, drop: np.nd
     position = list(model.graph.node).index(node)
     model.graph.node.insert(position + 1, onnx.helper.make_node(
         "Add", [node.output[0], name], [original], name=f"{node.name or original}.folded_bias_add"))
+
+
+def _add_to_following_bias(analysis, node: onnx.NodeProto, delta: np.ndarray) -> bool:
+    """MatMul followed only by ``Add(bias)`` with a constant bias of the output width: fold there."""
+    consumers = analysis.index.consumers.get(node.output[0], [])
+    if len(consumers) != 1 or consumers[0][0].op_type != "Add":
+        return False
+    add, slot = consumers[0]
+    bias, chain = analysis.index.resolve(add.input[1 - slot])
+    if bias is None or chain or bias.shape not in ((len(delta),), (1, len(delta))):
+        return False
+    if len(analysis.index.consumers.get(add.input[1 - slot], [])) != 1:
+        return False  # a shared constant
+    bias.set_array((bias.array().astype(np.float64) + delta.reshape(bias.shape)).astype(bias.dtype))
+    return True

@@ -11,9 +11,9 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import onnx
@@ -184,8 +184,8 @@ def _externalize(src: onnx.TensorProto, dst: onnx.TensorProto, location: str,
     offset = placements[-1][1] + placements[-1][2] if placements else 0
     offset += (-offset) % 4096
     size = len(src.raw_data)
-    for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
-        dst.ClearField(field)
+    for name in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+        dst.ClearField(name)
     del dst.external_data[:]
     for key, value in (("location", location), ("offset", str(offset)), ("length", str(size))):
         entry = dst.external_data.add()

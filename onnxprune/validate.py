@@ -10,9 +10,10 @@ from __future__ import annotations
 import os
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import onnx
@@ -250,11 +251,7 @@ def _latency(sessions: tuple[ort.InferenceSession, ort.InferenceSession], feeds,
 
 def file_sizes(path: Path | None, model: onnx.ModelProto | None) -> dict[str, int]:
     """On-disk bytes (model + external data) and deflate-compressed bytes (zip, level 6)."""
-    files: list[Path] = []
-    if path is not None:
-        files.append(path)
-        for tensor_loc in _data_files(path):
-            files.append(tensor_loc)
+    files: list[Path] = [path, *_data_files(path)] if path is not None else []
     if not files:
         blob = model.SerializeToString() if model is not None and model.ByteSize() < PROTOBUF_LIMIT else b""
         return {"bytes": len(blob), "zip_bytes": len(zlib.compress(blob, 6))}

@@ -29,7 +29,7 @@ def run_cli(*args: str) -> tuple[int, str, str]:
 def run_subprocess(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run ``python -m onnxprune`` in a child process."""
     return subprocess.run([sys.executable, "-m", "onnxprune", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, check=False)
 
 
 def listing(directory: Path) -> list[str]:

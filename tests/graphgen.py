@@ -6,7 +6,7 @@ hypothesis strategies (``st.data()``) and plain ``random.Random`` loops.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import onnx
@@ -62,13 +62,12 @@ class _Builder:
     def act(self, x, kind) -> str:
         if kind == "HardSwish" and self.opset < 14:
             kind = "Relu"
-        if kind == "Clip":
-            if self.opset >= 11:
-                lo = self.name("lo")
-                hi = self.name("hi")
-                self.inits.append(numpy_helper.from_array(np.array(0.0, np.float32), lo))
-                self.inits.append(numpy_helper.from_array(np.array(6.0, np.float32), hi))
-                return self.node("Clip", [x, lo, hi])[0]
+        if kind == "Clip" and self.opset >= 11:
+            lo = self.name("lo")
+            hi = self.name("hi")
+            self.inits.append(numpy_helper.from_array(np.array(0.0, np.float32), lo))
+            self.inits.append(numpy_helper.from_array(np.array(6.0, np.float32), hi))
+            return self.node("Clip", [x, lo, hi])[0]
         return self.node(kind, [x])[0]
 
     def split2(self, x, c) -> tuple[list[str], list[int]]:

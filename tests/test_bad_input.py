@@ -194,7 +194,7 @@ def test_bad_report_extension(work):
 
 
 def test_gate_failure_writes_output_and_exits_6(work):
-    code, out, err = run_cli(work / "model.onnx", "--sparsity", "0.9", "--min-cosine", "0.9999",
+    code, _out, err = run_cli(work / "model.onnx", "--sparsity", "0.9", "--min-cosine", "0.9999",
                              "--report", work / "r.json")
     assert code == 6, err
     assert "gates missed" in err and "--min-cosine" in err

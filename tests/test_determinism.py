@@ -62,5 +62,5 @@ def test_repruning_reaches_new_target(model_path, tmp_path):
     before = {w.name: w.weight.array() for w in find_prunable_weights(onnx.load(first))}
     for item in find_prunable_weights(second):
         assert np.all(item.weight.array()[before[item.name] == 0] == 0)
-    again, result = onnxprune.prune(first, sparsity=0.5)
+    _again, result = onnxprune.prune(first, sparsity=0.5)
     assert result.to_dict()["passes"][0]["changed"] is False

@@ -187,7 +187,7 @@ def test_shared_weight_pruned_once():
 
 
 def test_integer_inputs_synthesised_in_range(tmp_path):
-    code, stdout, err = run_cli(FIXTURES / "embedding.onnx", "--sparsity", "0.5", "-o", tmp_path / "o.onnx",
+    code, _stdout, err = run_cli(FIXTURES / "embedding.onnx", "--sparsity", "0.5", "-o", tmp_path / "o.onnx",
                                 "--input-shape", "tokens:2x7", "--report", tmp_path / "r.json", "--runs", "2")
     assert code == 0, err
     report = json.loads((tmp_path / "r.json").read_text())

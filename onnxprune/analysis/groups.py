@@ -13,8 +13,8 @@ A set of tied ids is one removable unit; anything the rules cannot follow *freez
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import onnx

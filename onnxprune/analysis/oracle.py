@@ -22,7 +22,7 @@ def random_keep(model: onnx.ModelProto, fraction: float, seed: int,
     from ..passes.structured import never_empty
 
     for group in build_groups(analysis):
-        n = min(int(round(fraction * len(group.units))), group.channels - 1, len(group.units))
+        n = min(round(fraction * len(group.units)), group.channels - 1, len(group.units))
         for i in rng.choice(len(group.units), size=max(n, 0), replace=False):
             keep[group.units[i]] = False
     return never_empty(analysis, keep)

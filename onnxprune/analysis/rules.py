@@ -9,7 +9,7 @@ must go together, or raises :class:`Freeze` with the reason the channels must st
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import onnx

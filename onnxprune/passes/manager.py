@@ -8,8 +8,9 @@ times each pass and collects :class:`PassResult` records for the report.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Protocol
 
 import onnx
 

@@ -16,9 +16,9 @@ import onnx
 
 from ..analysis.cost import infer_shapes, node_key, node_macs
 from ..analysis.groups import Analysis, ChannelGroup, analyse, build_groups
+from ..compensation import fold_removed_constants
 from ..config import PruneConfig
 from ..model import count_params
-from ..compensation import fold_removed_constants
 from ..scoring import unit_scores
 from .manager import PassContext
 
@@ -36,7 +36,7 @@ def allocate(groups: list[ChannelGroup], scores: dict[int, np.ndarray], config: 
             if len(s):
                 norm = s / (s.mean() if s.mean() > 0 else 1.0)
                 pool.extend((float(v), g.id, i) for i, v in enumerate(norm))
-        target = int(round(sparsity * sum(g.channels for g in groups if g.units)))
+        target = round(sparsity * sum(g.channels for g in groups if g.units))
         caps = {g.id: _cap(g, config.max_layer_sparsity) for g in groups}
         chosen: dict[int, int] = {g.id: 0 for g in groups}
         for _, gid, _ in sorted(pool):
@@ -47,12 +47,12 @@ def allocate(groups: list[ChannelGroup], scores: dict[int, np.ndarray], config: 
                 target -= 1
         removals = chosen
     else:
-        removals = {g.id: min(int(math.floor(sparsity * g.channels + 1e-9)), _cap(g, 1.0)) for g in groups}
+        removals = {g.id: min(math.floor(sparsity * g.channels + 1e-9), _cap(g, 1.0)) for g in groups}
     for g in groups:
         n_remove = removals.get(g.id, 0)
         if round_to > 1 and n_remove:
             kept = g.channels - n_remove
-            kept = min(g.channels, int(math.ceil(kept / round_to)) * round_to)
+            kept = min(g.channels, math.ceil(kept / round_to) * round_to)
             n_remove = max(0, g.channels - kept)
         n_remove = min(n_remove, len(g.units), g.channels - 1)
         if n_remove <= 0:
@@ -92,7 +92,7 @@ def never_empty(analysis: Analysis, keep: np.ndarray) -> np.ndarray:
 
 def _cap(group: ChannelGroup, fraction: float) -> int:
     """Most units a group may lose: at least one channel stays."""
-    return max(0, min(len(group.units), int(math.floor(fraction * group.channels)), group.channels - 1))
+    return max(0, min(len(group.units), math.floor(fraction * group.channels), group.channels - 1))
 
 
 def remove(analysis: Analysis, keep: np.ndarray) -> None:
@@ -127,9 +127,9 @@ def refresh_value_info(model: onnx.ModelProto, input_shapes: dict[str, list[int]
     del model.graph.value_info[:]
     try:
         inferred = onnx.shape_inference.infer_shapes(_header_only(model), strict_mode=False)
-        model.graph.value_info.extend(inferred.graph.value_info)
-    except Exception:  # noqa: BLE001 - value_info is optional; the checker runs later anyway
-        pass
+    except Exception:  # noqa: BLE001 - value_info is optional; the full checker runs on the result anyway
+        return
+    model.graph.value_info.extend(inferred.graph.value_info)
 
 
 def _header_only(model: onnx.ModelProto) -> onnx.ModelProto:

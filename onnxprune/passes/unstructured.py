@@ -75,9 +75,8 @@ class MagnitudePrunePass:
         """How many weights each tensor loses under one global ranking, with a per-tensor cap."""
         sizes = [item.weight.size for item in items]
         caps = [int(np.floor(self.config.max_layer_sparsity * s)) for s in sizes]
-        target = int(round(self.config.sparsity * sum(sizes)))
-        if target > sum(caps):
-            target = sum(caps)
+        target = round(self.config.sparsity * sum(sizes))
+        target = min(target, sum(caps))
         scores = [self._scores(item.weight.array(), rng) for item in ctx.iterate(items, "scoring", len(items))]
         capped: set[int] = set()
         while True:
@@ -149,7 +148,7 @@ class MagnitudePrunePass:
             elif cfg.threshold is not None:
                 mask = (np.abs(values.astype(np.float32)) <= cfg.threshold).reshape(values.shape)
             else:
-                k = counts[position] if counts is not None else int(round(cfg.sparsity * values.size))
+                k = counts[position] if counts is not None else round(cfg.sparsity * values.size)
                 mask = zero_smallest(self._scores(values, rng), k).reshape(values.shape)
             values[mask] = 0
             zeros_after = int(values.size - np.count_nonzero(values))
