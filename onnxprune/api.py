@@ -14,7 +14,7 @@ import onnx
 from . import __version__
 from .analysis.cost import total_macs
 from .config import PruneConfig, ValidateConfig
-from .errors import InvalidModelError
+from .errors import InvalidModelError, UnsupportedError
 from .model import (
     PROTOBUF_LIMIT,
     LoadedModel,
@@ -127,6 +127,7 @@ def prune(
         else:
             original_src = ModelSource(model=onnx.load_from_string(loaded.model.SerializeToString()))
 
+    _refuse_quantized(loaded.model, config)
     start = time.perf_counter()
     ctx = PassContext(model=loaded.model, log=log, progress=progress)
     ctx.state["input_shapes"] = dict(feeds[1]["shapes"]) if feeds else dict(vcfg.input_shapes)
@@ -169,6 +170,28 @@ def prune(
         result.gate_failures = check_gates(result.validation, vcfg)
         timings["validate"] = time.perf_counter() - start
     return loaded.model, result
+
+
+QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
+                 "ConvInteger", "MatMulInteger", "QGemm", "QLinearAdd", "QLinearMul", "QLinearSigmoid",
+                 "QLinearLeakyRelu", "QLinearConcat", "QLinearGlobalAveragePool", "QLinearAveragePool",
+                 "QAttention", "DynamicQuantizeMatMul", "MatMulIntegerToFloat"}
+
+
+def _refuse_quantized(model: onnx.ModelProto, config: PruneConfig) -> None:
+    """Structured pruning of a quantized graph, or unstructured with no float weight left, is refused."""
+    from .analysis.weights import find_prunable_weights
+    from .model import iter_graphs
+
+    found = sorted({n.op_type for g in iter_graphs(model.graph) for n in g.node if n.op_type in QUANTIZED_OPS})
+    if not found:
+        return
+    hint = "prune the float model, then quantize it (onnxruntime.quantization)"
+    if config.structured:
+        raise UnsupportedError(f"structured pruning of a quantized model is not supported (found {', '.join(found)}); "
+                               f"{hint}")
+    if not find_prunable_weights(model):
+        raise UnsupportedError(f"no float weights to prune: the layers are quantized ({', '.join(found)}); {hint}")
 
 
 def _model_stats(model: onnx.ModelProto) -> dict[str, int]:

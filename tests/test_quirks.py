@@ -1,0 +1,132 @@
+"""Exporter quirks (guide section 3): quantized models, subgraphs, custom ops, fp16/bf16, odd weight paths."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+import onnxprune
+from onnxprune.analysis.oracle import masked_and_removed, random_keep, relative_error
+from onnxprune.analysis.weights import find_prunable_weights
+from onnxprune.errors import UnsupportedError
+
+from .conftest import FIXTURES, run_cli
+
+Q = FIXTURES / "quirks"
+
+
+def feeds(model: onnx.ModelProto, seed: int = 0):
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(seed)
+    out = {}
+    for arg in session.get_inputs():
+        shape = [d if isinstance(d, int) else 2 for d in arg.shape]
+        dtype = np.float16 if arg.type == "tensor(float16)" else np.float32
+        out[arg.name] = rng.standard_normal(shape).astype(dtype)
+    return out
+
+
+def run(model, inputs):
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, inputs)
+
+
+def same_outputs_shape(a, b):
+    inputs = feeds(a)
+    assert [o.shape for o in run(a, inputs)] == [o.shape for o in run(b, inputs)]
+
+
+@pytest.mark.parametrize("kind", ["qdq", "qoperator", "dynamic"])
+def test_quantized_structured_is_refused_naming_ops(tmp_path, kind):
+    code, _, err = run_cli(Q / f"quantized_{kind}.onnx", "--structured", "--sparsity", "0.5", "-o", tmp_path / "o.onnx")
+    assert code == UnsupportedError.exit_code
+    assert "quantized" in err and ("QuantizeLinear" in err or "ConvInteger" in err or "QLinearConv" in err)
+    assert not (tmp_path / "o.onnx").exists()
+
+
+@pytest.mark.parametrize("kind", ["qdq", "qoperator"])
+def test_quantized_unstructured_without_float_weights_is_refused(tmp_path, kind):
+    code, _, err = run_cli(Q / f"quantized_{kind}.onnx", "--sparsity", "0.5", "-o", tmp_path / "o.onnx")
+    assert code == UnsupportedError.exit_code and "no float weights" in err
+
+
+def test_dynamic_quantized_prunes_only_float_weights():
+    model = onnx.load(str(Q / "quantized_dynamic.onnx"))
+    pruned, result = onnxprune.prune(model, sparsity=0.5)
+    onnx.checker.check_model(pruned, full_check=True)
+    names = {t["weight"] for t in result.to_dict()["passes"][0]["details"]["tensors"]}
+    assert names == {"fc1.weight", "fc2.weight"}  # the convs became ConvInteger with int8 weights
+    for init in pruned.graph.initializer:
+        if init.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8):
+            original = next(i for i in model.graph.initializer if i.name == init.name)
+            assert init.SerializeToString() == original.SerializeToString(), "quantized weights untouched"
+    same_outputs_shape(model, pruned)
+
+
+@pytest.mark.parametrize("name, subgraph_weights", [("if_subgraph", {"then.weight", "else.weight"}),
+                                                     ("loop_subgraph", {"body.weight"})])
+def test_unstructured_reaches_subgraph_weights(name, subgraph_weights):
+    model = onnx.load(str(Q / f"{name}.onnx"))
+    pruned, result = onnxprune.prune(model, sparsity=0.5)
+    onnx.checker.check_model(pruned, full_check=True)
+    names = {t["weight"] for t in result.to_dict()["passes"][0]["details"]["tensors"]}
+    assert subgraph_weights <= names
+    same_outputs_shape(model, pruned)
+
+
+@pytest.mark.parametrize("name", ["if_subgraph", "loop_subgraph"])
+def test_structured_leaves_control_flow_intact(name):
+    model = onnx.load(str(Q / f"{name}.onnx"))
+    pruned, result = onnxprune.prune(model, structured=True, sparsity=0.5)
+    onnx.checker.check_model(pruned, full_check=True)
+    frozen = result.to_dict()["passes"][0]["details"]["frozen"]
+    assert any("control-flow" in f["reason"] for f in frozen)
+    inputs = feeds(model)
+    np.testing.assert_allclose(run(model, inputs)[0], run(pruned, inputs)[0], rtol=1e-6)
+
+
+def test_custom_domain_op_is_frozen_and_model_runs():
+    model = onnx.load(str(Q / "custom_domain.onnx"))
+    pruned, result = onnxprune.prune(model, structured=True, sparsity=0.5)
+    frozen = result.to_dict()["passes"][0]["details"]["frozen"]
+    assert any("com.microsoft::FastGelu" in f["reason"] for f in frozen)
+    same_outputs_shape(model, pruned)
+    pruned, _ = onnxprune.prune(model, pattern="2:4")
+    same_outputs_shape(model, pruned)
+
+
+def test_weight_paths_transpose_bf16_fp16():
+    model = onnx.load(str(Q / "weight_paths.onnx"))
+    pruned, result = onnxprune.prune(model, pattern="2:4")
+    tensors = {t["weight"]: t for t in result.to_dict()["passes"][0]["details"]["tensors"]}
+    assert set(tensors) == {"t.weight", "bf16.weight", "fp16.weight"}
+    weights = {w.name: w for w in find_prunable_weights(pruned)}
+    assert weights["t.weight"].reduction_axis == 1  # MatMul reads the transposed weight along its rows
+    values = weights["t.weight"].weight.array()
+    assert (np.count_nonzero(values.reshape(32, 4, 4) == 0, axis=-1) >= 2).all()
+    assert weights["bf16.weight"].weight.tensor.data_type == onnx.TensorProto.BFLOAT16
+    assert weights["fp16.weight"].weight.tensor.data_type == onnx.TensorProto.FLOAT16
+    same_outputs_shape(model, pruned)
+
+
+def test_weight_paths_structured_oracle():
+    model = onnx.load(str(Q / "weight_paths.onnx"))
+    inputs = feeds(model)
+    for seed in (0, 1):
+        keep = random_keep(model, 0.5, seed)
+        assert not keep.all()
+        masked, removed = masked_and_removed(model, keep)
+        onnx.checker.check_model(removed, full_check=True)
+        assert relative_error(run(masked, inputs), run(removed, inputs)) <= 1e-5
+
+
+def test_float16_model_structured_oracle():
+    model = onnx.load(str(Q / "float16.onnx"))
+    inputs = feeds(model)
+    keep = random_keep(model, 0.5, 0)
+    masked, removed = masked_and_removed(model, keep)
+    onnx.checker.check_model(removed, full_check=True)
+    assert relative_error(run(masked, inputs), run(removed, inputs)) <= 1e-3  # float16 arithmetic
+    pruned, _ = onnxprune.prune(model, sparsity=0.5, validate=True)
+    assert pruned.graph.initializer[0].data_type == onnx.TensorProto.FLOAT16
