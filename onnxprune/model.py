@@ -141,6 +141,8 @@ def check_model(model: onnx.ModelProto, *, path: Path | None = None, full: bool 
     except onnx.shape_inference.InferenceError as exc:
         first = str(exc).strip().splitlines()[0]
         raise InvalidModelError(f"model fails ONNX shape inference: {first}") from None
+    except UnicodeDecodeError:
+        raise ModelReadError("corrupt model: a name or text field is not valid UTF-8") from None
 
 
 def _write_skeleton(model: onnx.ModelProto, path: Path) -> None:
