@@ -14,7 +14,7 @@ import onnx
 from . import __version__
 from .analysis.cost import total_macs
 from .config import PruneConfig, ValidateConfig
-from .errors import InvalidModelError, UnsupportedError
+from .errors import InvalidModelError, UnsupportedError, UsageError
 from .model import (
     PROTOBUF_LIMIT,
     LoadedModel,
@@ -27,7 +27,7 @@ from .model import (
 )
 from .passes.manager import PassContext, PassManager, PassResult
 from .passes.unstructured import MagnitudePrunePass
-from .validate import ModelSource, check_gates, check_providers, file_sizes, prepare_feeds, run_validation
+from .validate import ModelSource, check_gates, check_providers, file_sizes, input_specs, prepare_feeds, run_validation
 
 SCHEMA_VERSION = 1
 
@@ -45,6 +45,7 @@ class PruneResult:
     gate_failures: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    quantization: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -56,6 +57,7 @@ class PruneResult:
             "passes": [p.to_dict() for p in self.passes],
             "summary": self.summary,
             "validation": self.validation,
+            "quantization": self.quantization,
             "gates": {"passed": not self.gate_failures, "failures": self.gate_failures},
             "timings": {k: round(v, 4) for k, v in self.timings.items()},
             "warnings": self.warnings,
@@ -92,13 +94,16 @@ def prune(
     external_data: bool | None = None,
     log: Callable[[str], None] | None = None,
     progress: Callable[..., Any] | None = None,
+    quantize: str | None = None,
     **options: Any,
 ) -> tuple[onnx.ModelProto, PruneResult]:
     """Prune ``model`` (path or ModelProto) and return the pruned model and a result.
 
     Options are :class:`PruneConfig` fields (``sparsity=0.7``, ``pattern="2:4"``,
     ``structured=True``...). With ``output`` the model is written atomically (never over
-    the input); with ``validate`` both models are compared in onnxruntime.
+    the input); with ``validate`` both models are compared in onnxruntime. ``quantize``
+    ("dynamic" or "static", needs ``output``) quantizes the pruned model with onnxruntime;
+    validation then compares the original with the pruned-and-quantized model.
     """
     log = log or (lambda message: None)
     config = config or PruneConfig(**options)
@@ -154,6 +159,23 @@ def prune(
         log("checking the pruned model")
         _full_check(loaded.model, None, input_path, result)
     timings["check_and_save"] = time.perf_counter() - start
+    if quantize:
+        if output_path is None:
+            raise UsageError("--quantize needs an output file")
+        from .quantize import quantize_file, split_batches
+
+        log(f"quantizing ({quantize})")
+        start = time.perf_counter()
+        calibration = []
+        if quantize == "static":
+            feed = feeds[0] if feeds else prepare_feeds(loaded.model, vcfg)[0]
+            batch_one = any(spec.shape and spec.shape[0] == 1 for spec in input_specs(loaded.model))
+            calibration = split_batches(feed, batch_one)
+            if not vcfg.data:
+                result.warnings.append("static quantization calibrated on synthetic inputs; give --data for real ones")
+        result.quantization = quantize_file(output_path, quantize, calibration, bool(external_data))
+        loaded.model = onnx.load(str(output_path))
+        timings["quantize"] = time.perf_counter() - start
 
     result.summary = _summary(pass_results)
     if vcfg.enabled:

@@ -129,6 +129,7 @@ def _providers(values: tuple[str, ...]) -> list[str]:
 @click.option("--include-embeddings", is_flag=True, help="Also prune embedding tables (Gather weights).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for --criterion random and synthetic inputs.")
 @click.option("--external-data/--no-external-data", default=None, help="Write weights to <output>.data. [default: automatic above 1.8 GB]")
+@click.option("--quantize", type=click.Choice(["dynamic", "static"]), help="After pruning, quantize with onnxruntime: dynamic (int8 weights) or static (QDQ, calibrated on --data).")
 @click.option("--validate/--no-validate", default=True, show_default=True, help="Compare original and pruned in onnxruntime.")
 @click.option("--providers", multiple=True, metavar="NAME[,NAME]", help="Execution providers besides CPU, e.g. cuda.")
 @click.option("--data", type=click.Path(path_type=Path), help="Validation inputs: .npz mapping input names to arrays.")
@@ -171,7 +172,7 @@ def prune_command(model: Path, output: Path | None, force: bool, debug: bool, qu
         for path in reports:
             check_report_path(path)
         display = _Display(quiet, verbose)
-        _, result = prune(model, out, config=config, validate=vcfg, force=force,
+        _, result = prune(model, out, config=config, validate=vcfg, force=force, quantize=opts["quantize"],
                           external_data=opts["external_data"], log=display.log, progress=display.progress)
         report = result.to_dict()
         for path in reports:

@@ -572,13 +572,16 @@ def get_attr(node: onnx.NodeProto, name: str, default=None):
     return default
 
 
+QUANTIZED_WEIGHT_TYPES = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
+
+
 def count_params(model: onnx.ModelProto) -> tuple[int, int]:
-    """(parameters, non-zero parameters) over float weights, initializers and Constant nodes."""
+    """(parameters, non-zero parameters): float weights and quantized (8/4-bit) weights of more than one element."""
     total = nonzero = 0
     for graph in iter_graphs(model.graph):
         index = GraphIndex.build(graph)
         for weight in index.weights.values():
-            if not weight.is_float or weight.size <= 1:
+            if weight.size <= 1 or not (weight.is_float or weight.tensor.data_type in QUANTIZED_WEIGHT_TYPES):
                 continue
             arr = weight.array()
             total += arr.size

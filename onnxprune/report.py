@@ -100,6 +100,12 @@ def render(report: dict[str, Any], *, markdown: bool = False, verbose: bool = Fa
                     lines.append(f"  {'- ' if markdown else ''}{f['id']} ({f.get('channels')} channels): {f['reason']}")
                 if not (verbose or markdown) and len(frozen) > limit:
                     lines.append(f"  ... {len(frozen) - limit} more (--verbose or --report)")
+    quant = report.get("quantization")
+    if quant:
+        lines.append("")
+        lines.append(f"{h}Quantization: {quant['mode']} ({quant['format']})")
+        lines.append(f"pruned {_bytes(quant['pruned_bytes'])} -> quantized {_bytes(quant['quantized_bytes'])}; "
+                     "the validation below compares the original with the pruned and quantized model")
     _render_validation(report.get("validation"), lines, h, markdown)
     gates = report.get("gates", {})
     if gates.get("failures"):

@@ -113,8 +113,10 @@ def node_macs(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None 
 def _macs(node: onnx.NodeProto, shapes: dict[str, list[int | None]]) -> int:
     op = node.op_type
     get = shapes.get
-    if op in ("Conv", "ConvTranspose") and len(node.input) > 1:
-        w, y, x = get(node.input[1]), get(node.output[0]), get(node.input[0])
+    weight_slot = {"QLinearConv": 3, "QLinearMatMul": 3}.get(op, 1)
+    op = {"ConvInteger": "Conv", "QLinearConv": "Conv", "MatMulInteger": "MatMul", "QLinearMatMul": "MatMul"}.get(op, op)
+    if op in ("Conv", "ConvTranspose") and len(node.input) > weight_slot:
+        w, y, x = get(node.input[weight_slot]), get(node.output[0]), get(node.input[0])
         if not _known(w):
             return 0
         kernel = int(np.prod(w[2:], dtype=np.int64))
@@ -129,7 +131,7 @@ def _macs(node: onnx.NodeProto, shapes: dict[str, list[int | None]]) -> int:
             return 0
         k = a[0] if get_attr(node, "transA", 0) else a[1]
         return int(np.prod(y, dtype=np.int64)) * int(k)
-    if op == "MatMul" and len(node.input) > 1:
+    if op == "MatMul" and len(node.input) > weight_slot:
         a, y = get(node.input[0]), get(node.output[0])
         if not (_known(a) and _known(y)) or not a:
             return 0

@@ -1,0 +1,68 @@
+"""Prune, then quantize: hand the pruned model to onnxruntime's quantization tools."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from .errors import OutputError, UsageError
+
+MODES = ("dynamic", "static")
+
+
+class _Reader:
+    """onnxruntime ``CalibrationDataReader`` over feed dicts, one sample at a time."""
+
+    def __init__(self, feeds: Iterable[dict[str, np.ndarray]]):
+        self._items = iter(list(feeds))
+
+    def get_next(self):
+        return next(self._items, None)
+
+    def rewind(self):  # pragma: no cover - part of the reader protocol, unused by the calibrators here
+        pass
+
+
+def split_batches(feed: dict[str, np.ndarray], batch_one: bool) -> list[dict[str, np.ndarray]]:
+    """Calibration samples from one feed: each item along axis 0 when the model wants batch 1."""
+    if not batch_one:
+        return [feed]
+    count = min(arr.shape[0] for arr in feed.values()) if feed else 0
+    return [{name: arr[i:i + 1] for name, arr in feed.items()} for i in range(count)]
+
+
+def quantize_file(path: Path, mode: str, calibration: list[dict[str, np.ndarray]], external_data: bool) -> dict[str, Any]:
+    """Quantize the model at ``path`` in place (atomically): int8 weights (dynamic) or weights and activations (static, QDQ)."""
+    if mode not in MODES:
+        raise UsageError(f"--quantize must be one of {', '.join(MODES)}, got {mode!r}")
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    before = path.stat().st_size
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".quant", dir=path.parent))
+    target = tmp_dir / path.name
+    try:
+        if mode == "dynamic":
+            quantize_dynamic(str(path), str(target), weight_type=QuantType.QInt8,
+                             use_external_data_format=external_data)
+        else:
+            quantize_static(str(path), str(target), _Reader(calibration), quant_format=QuantFormat.QDQ,
+                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                            use_external_data_format=external_data)
+        data = tmp_dir / f"{path.name}.data"
+        if data.exists():
+            os.replace(data, path.parent / data.name)
+        os.replace(target, path)
+    except OSError as exc:
+        raise OutputError(f"cannot write the quantized model {path}: {exc}") from None
+    finally:
+        for leftover in tmp_dir.iterdir() if tmp_dir.exists() else []:
+            leftover.unlink()
+        if tmp_dir.exists():
+            tmp_dir.rmdir()
+    return {"mode": mode, "format": "QDQ" if mode == "static" else "QOperator (dynamic)",
+            "calibration_samples": len(calibration) if mode == "static" else 0,
+            "pruned_bytes": before, "quantized_bytes": path.stat().st_size}

@@ -1,0 +1,41 @@
+"""Prune, then quantize with onnxruntime's quantization tools."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from .conftest import FIXTURES, listing, run_cli
+
+
+@pytest.mark.parametrize("mode, ops", [("dynamic", {"ConvInteger", "DynamicQuantizeLinear"}),
+                                       ("static", {"QuantizeLinear", "DequantizeLinear"})])
+@pytest.mark.parametrize("structured", [False, True])
+def test_prune_then_quantize(tmp_path, mode, ops, structured):
+    np.savez(tmp_path / "data.npz", input=np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32))
+    args = [FIXTURES / "cnn.onnx", "--sparsity", "0.5", "--quantize", mode, "-o", tmp_path / "q.onnx", "--report",
+            tmp_path / "r.json", "--runs", "2", "--data", tmp_path / "data.npz"] + (["--structured"] if structured else [])
+    code, out, err = run_cli(*args)
+    assert code == 0, err
+    model = onnx.load(str(tmp_path / "q.onnx"))
+    onnx.checker.check_model(model, full_check=True)
+    assert ops <= {n.op_type for n in model.graph.node}
+    report = json.loads((tmp_path / "r.json").read_text())
+    quant = report["quantization"]
+    assert quant["mode"] == mode and quant["quantized_bytes"] < quant["pruned_bytes"]
+    size = report["validation"]["size"]
+    assert size["pruned"]["bytes"] < size["original"]["bytes"] / 3
+    assert report["validation"]["worst"]["cosine"] > 0.3
+    assert "Quantization" in out
+    assert sorted(p for p in listing(tmp_path) if not p.startswith(".")) == ["data.npz", "q.onnx", "r.json"]
+    assert not [p for p in listing(tmp_path) if p.startswith(".")], "no temporary files left"
+
+
+def test_static_quantization_without_data_warns(tmp_path):
+    code, out, err = run_cli(FIXTURES / "mlp_gemm.onnx", "--sparsity", "0.5", "--quantize", "static", "-o",
+                             tmp_path / "q.onnx", "--runs", "2")
+    assert code == 0, err
+    assert "synthetic inputs" in out
