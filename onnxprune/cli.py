@@ -137,7 +137,7 @@ def _providers(values: tuple[str, ...]) -> list[str]:
 @click.option("--threads", type=int, default=1, show_default=True, help="onnxruntime intra-op threads for latency.")
 @click.option("--runs", type=int, default=20, show_default=True, help="Timed runs per model (interleaved).")
 @click.option("--warmup", type=int, default=3, show_default=True, help="Untimed warm-up runs per model.")
-@click.option("--report", "reports", multiple=True, type=click.Path(path_type=Path), help="Write the report to a .json or .md file (repeatable).")
+@click.option("--report", "reports", multiple=True, type=click.Path(path_type=Path), help="Write the report to a .json, .md or .html file (repeatable).")
 @click.option("--min-cosine", type=float, help="Gate: fail (exit 6) if any output's cosine similarity is lower.")
 @click.option("--max-rel-l2", type=float, help="Gate: fail (exit 6) if any output's relative L2 error is higher.")
 @click.option("--min-top1", type=float, help="Gate: fail (exit 6) if top-1 agreement is lower.")

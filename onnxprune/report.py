@@ -171,17 +171,21 @@ def _json_default(value: Any) -> Any:
 
 def check_report_path(path: Path) -> None:
     """Refuse a report path we cannot write, before any work is done."""
-    if path.suffix.lower() not in (".json", ".md", ".markdown"):
-        raise UsageError(f"--report {path}: use a .json or .md file name")
+    if path.suffix.lower() not in (".json", ".md", ".markdown", ".html", ".htm"):
+        raise UsageError(f"--report {path}: use a .json, .md or .html file name")
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise OutputError(f"report directory does not exist: {parent}")
 
 
 def write_report(report: dict[str, Any], path: Path) -> None:
-    """Write JSON or Markdown by extension, atomically."""
+    """Write JSON, Markdown or HTML by extension, atomically."""
     if path.suffix.lower() == ".json":
         text = json.dumps(report, indent=2, sort_keys=True, default=_json_default, allow_nan=True) + "\n"
+    elif path.suffix.lower() in (".html", ".htm"):
+        from .html_report import render_html
+
+        text = render_html(report)
     else:
         text = render(report, markdown=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")

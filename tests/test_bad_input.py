@@ -190,7 +190,7 @@ def test_unavailable_provider(work):
 
 
 def test_bad_report_extension(work):
-    check(work, [work / "model.onnx", "--sparsity", "0.5", "--report", work / "r.txt"], 2, ".json")
+    check(work, [work / "model.onnx", "--sparsity", "0.5", "--report", work / "r.txt"], 2, ".html")
 
 
 def test_gate_failure_writes_output_and_exits_6(work):

@@ -231,6 +231,8 @@ class StructuredPrunePass:
             "macs_removed": int(sum(macs_before.values()) - sum(macs_after.values())),
             "folded_constants": folded,
             "approximate_layernorms": sorted(set(analysis.approximations)),
+            "layers": [{"node": key, "macs_before": int(value), "macs_after": int(macs_after.get(key, 0))}
+                       for key, value in macs_before.items()],
         }
 
     @staticmethod
