@@ -66,11 +66,16 @@ class PruneResult:
 
 def build_passes(config: PruneConfig) -> list:
     """The pipeline the options ask for (the CLI and the API share it)."""
-    if config.structured:
-        from .passes.structured import StructuredPrunePass
+    from .passes.structured import StructuredPrunePass
 
-        return [StructuredPrunePass(config)]
-    return [MagnitudePrunePass(config)]
+    methods = {"structured" if config.structured else "unstructured"}
+    methods |= {entry["method"] for entry in config.overrides if "method" in entry}
+    passes: list = []
+    if "structured" in methods:
+        passes.append(StructuredPrunePass(config))
+    if "unstructured" in methods:
+        passes.append(MagnitudePrunePass(config))
+    return passes
 
 
 def _as_loaded(model: str | os.PathLike | onnx.ModelProto | LoadedModel) -> LoadedModel:

@@ -137,6 +137,8 @@ def _providers(values: tuple[str, ...]) -> list[str]:
 @click.option("--threads", type=int, default=1, show_default=True, help="onnxruntime intra-op threads for latency.")
 @click.option("--runs", type=int, default=20, show_default=True, help="Timed runs per model (interleaved).")
 @click.option("--warmup", type=int, default=3, show_default=True, help="Untimed warm-up runs per model.")
+@click.option("--config", "recipe_path", type=click.Path(path_type=Path), help="Recipe (YAML or JSON) with settings and per-layer overrides; options given on the command line win.")
+@click.option("--save-recipe", type=click.Path(path_type=Path), help="Write the recipe this run applied (YAML or JSON), one override per layer, to replay it.")
 @click.option("--report", "reports", multiple=True, type=click.Path(path_type=Path), help="Write the report to a .json, .md or .html file (repeatable).")
 @click.option("--min-cosine", type=float, help="Gate: fail (exit 6) if any output's cosine similarity is lower.")
 @click.option("--max-rel-l2", type=float, help="Gate: fail (exit 6) if any output's relative L2 error is higher.")
@@ -148,15 +150,25 @@ def prune_command(model: Path, output: Path | None, force: bool, debug: bool, qu
                   reports: tuple[Path, ...], **opts) -> None:
     """Prune MODEL and validate the result (the default command)."""
 
+    click_ctx = click.get_current_context()
+
     def body() -> None:
-        config = PruneConfig(
-            sparsity=opts["sparsity"], threshold=opts["threshold"], criterion=opts["criterion"], scope=opts["scope"],
-            pattern=opts["pattern"], structured=opts["structured"], round_to=opts["round_to"],
-            exclude=list(opts["exclude"]), min_params=opts["min_params"], prune_first=opts["prune_first"],
-            prune_last=opts["prune_last"], include_embeddings=opts["include_embeddings"],
-            max_layer_sparsity=opts["max_layer_sparsity"], seed=opts["seed"], fold_constants=opts["fold_constants"],
-            prune_layernorm=opts["prune_layernorm"],
-        )
+        settings = {
+            "sparsity": opts["sparsity"], "threshold": opts["threshold"], "criterion": opts["criterion"],
+            "scope": opts["scope"], "pattern": opts["pattern"], "structured": opts["structured"],
+            "round_to": opts["round_to"], "exclude": list(opts["exclude"]), "min_params": opts["min_params"],
+            "prune_first": opts["prune_first"], "prune_last": opts["prune_last"],
+            "include_embeddings": opts["include_embeddings"], "max_layer_sparsity": opts["max_layer_sparsity"],
+            "seed": opts["seed"], "fold_constants": opts["fold_constants"], "prune_layernorm": opts["prune_layernorm"],
+        }
+        if opts["recipe_path"]:
+            from .recipe import load_recipe
+
+            for key, value in load_recipe(opts["recipe_path"]).items():
+                source = click_ctx.get_parameter_source(key)
+                if key not in settings or source != click.core.ParameterSource.COMMANDLINE:
+                    settings[key] = value
+        config = PruneConfig(**settings)
         config.validate()
         if opts["threads"] < 1 or opts["runs"] < 1 or opts["warmup"] < 0:
             raise UsageError("--threads and --runs must be >= 1, --warmup >= 0")
@@ -177,6 +189,10 @@ def prune_command(model: Path, output: Path | None, force: bool, debug: bool, qu
         report = result.to_dict()
         for path in reports:
             write_report(report, path)
+        if opts["save_recipe"]:
+            from .recipe import applied_recipe, write_recipe
+
+            write_recipe(applied_recipe(report), opts["save_recipe"])
         if not quiet:
             click.echo(render(report, verbose=verbose))
         if result.gate_failures:

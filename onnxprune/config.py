@@ -31,6 +31,7 @@ class PruneConfig:
     seed: int = 0
     fold_constants: bool = True
     prune_layernorm: bool = False
+    overrides: list[dict] = field(default_factory=list)  # recipe: [{match, sparsity|pattern|method|exclude}]
 
     def validate(self) -> None:
         """Raise :class:`UsageError` for inconsistent or out-of-range settings."""
@@ -46,7 +47,10 @@ class PruneConfig:
             self.nm()  # raises on a malformed pattern
             if self.structured:
                 raise UsageError("--pattern (N:M) and --structured cannot be combined")
-        if self.sparsity is None and self.threshold is None and self.pattern is None:
+        for entry in self.overrides:
+            if entry.get("pattern") is not None:
+                PruneConfig(pattern=entry["pattern"]).nm()
+        if self.sparsity is None and self.threshold is None and self.pattern is None and not self.overrides:
             raise UsageError("nothing to do: give --sparsity, --threshold or --pattern")
         allowed = CRITERIA_STRUCTURED if self.structured else CRITERIA_UNSTRUCTURED
         if self.criterion not in allowed:

@@ -47,8 +47,8 @@ def _td(value: Any, numeric: bool = False) -> str:
 
 def render_html(report: dict[str, Any]) -> str:
     """The whole report as an HTML page."""
-    parts = [f"<h1>onnxprune report</h1><p class='sub'>{_e(report.get('input') or '<model>')} &rarr; "
-             f"{_e(report.get('output') or '(in memory)')} &middot; onnxprune {_e(report.get('onnxprune_version'))}</p>"]
+    parts = [(f"<h1>onnxprune report</h1><p class='sub'>{_e(report.get('input') or '<model>')} &rarr; "
+             f"{_e(report.get('output') or '(in memory)')} &middot; onnxprune {_e(report.get('onnxprune_version'))}</p>")]
     parts.append(_summary_cards(report))
     for p in report.get("passes", []):
         if p["name"] == "unstructured":

@@ -142,7 +142,7 @@ class Analysis:
 
 
 def analyse(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None,
-            exclude: list[str] = (), approximate_layernorm: bool = False) -> Analysis:
+            exclude: list[str] = (), approximate_layernorm: bool = False, overrides: list[dict] = ()) -> Analysis:
     """Walk the main graph, apply the op rules and return channel ids, ties, edits and frozen ids."""
     from .rules import RULES, producer_rule
 
@@ -181,8 +181,8 @@ def analyse(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = 
         if output.name in analysis.ann:
             analysis.freeze(analysis.ann[output.name].ids, f"reaches graph output {output.name!r}")
     _dedupe_shared_weights(analysis)
-    if exclude:
-        _apply_exclusions(analysis, exclude)
+    if exclude or overrides:
+        _apply_exclusions(analysis, list(exclude), list(overrides))
     return analysis
 
 
@@ -232,12 +232,20 @@ def _dedupe_shared_weights(analysis: Analysis) -> None:
     analysis.edits = kept
 
 
-def _apply_exclusions(analysis: Analysis, patterns: list[str]) -> None:
+def _apply_exclusions(analysis: Analysis, patterns: list[str], overrides: list[dict] = ()) -> None:
     for edit in analysis.edits:
+        if edit.role == "consumer":
+            continue
         names = [edit.weight.name, edit.node.name]
         hit = next((p for p in patterns for n in names if n and fnmatch.fnmatchcase(n, p)), None)
-        if hit is not None and edit.role != "consumer":
+        if hit is not None:
             analysis.freeze(edit.ids, f"excluded by pattern {hit!r}")
+            continue
+        entry = next((e for e in overrides if any(n and fnmatch.fnmatchcase(n, str(e["match"])) for n in names)), None)
+        if entry is not None and entry.get("exclude"):
+            analysis.freeze(edit.ids, f"excluded by recipe override {entry['match']!r}")
+        elif entry is not None and entry.get("method") == "unstructured":
+            analysis.freeze(edit.ids, f"left to unstructured pruning by recipe override {entry['match']!r}")
 
 
 @dataclass

@@ -23,20 +23,36 @@ from ..scoring import unit_scores
 from .manager import PassContext
 
 
+def group_overrides(groups: list[ChannelGroup], config: PruneConfig) -> dict[int, float]:
+    """Group id -> sparsity from the first recipe override matching one of its producers."""
+    from ..recipe import find_override
+
+    result: dict[int, float] = {}
+    for g in groups:
+        names = [name for s in g.spaces for name in (s.node.name, *s.node.input[1:2])]
+        entry = find_override(config, names) if config.overrides else None
+        if entry is not None and "sparsity" in entry:
+            result[g.id] = float(entry["sparsity"])
+    return result
+
+
 def allocate(groups: list[ChannelGroup], scores: dict[int, np.ndarray], config: PruneConfig,
              num_channels: int) -> np.ndarray:
     """Boolean keep-mask over channel ids for the configured sparsity, scope and rounding."""
     keep = np.ones(num_channels, dtype=bool)
     sparsity, round_to = config.sparsity or 0.0, config.round_to
+    per_group = group_overrides(groups, config)
     removals: dict[int, int] = {}
     if config.scope == "global":
         pool = []
         for g in groups:
+            if g.id in per_group:
+                continue
             s = scores[g.id]
             if len(s):
                 norm = s / (s.mean() if s.mean() > 0 else 1.0)
                 pool.extend((float(v), g.id, i) for i, v in enumerate(norm))
-        target = round(sparsity * sum(g.channels for g in groups if g.units))
+        target = round(sparsity * sum(g.channels for g in groups if g.units and g.id not in per_group))
         caps = {g.id: _cap(g, config.max_layer_sparsity) for g in groups}
         chosen: dict[int, int] = {g.id: 0 for g in groups}
         for _, gid, _ in sorted(pool):
@@ -46,8 +62,10 @@ def allocate(groups: list[ChannelGroup], scores: dict[int, np.ndarray], config: 
                 chosen[gid] += 1
                 target -= 1
         removals = chosen
-    else:
-        removals = {g.id: min(math.floor(sparsity * g.channels + 1e-9), _cap(g, 1.0)) for g in groups}
+    for g in groups:
+        if config.scope != "global" or g.id in per_group:
+            fraction = per_group.get(g.id, sparsity)
+            removals[g.id] = min(math.floor(fraction * g.channels + 1e-9), _cap(g, 1.0))
     for g in groups:
         n_remove = removals.get(g.id, 0)
         if round_to > 1 and n_remove:
@@ -193,7 +211,7 @@ class StructuredPrunePass:
         shapes = ctx.state.get("input_shapes") or None
         model = ctx.model
         ctx.log("analysing channel groups")
-        analysis = analyse(model, shapes, cfg.exclude, cfg.prune_layernorm)
+        analysis = analyse(model, shapes, cfg.exclude, cfg.prune_layernorm, cfg.overrides)
         groups = build_groups(analysis)
         scores = unit_scores(analysis, groups, cfg.criterion, cfg.seed)
         keep = allocate_safe(analysis, groups, scores, cfg)
@@ -205,7 +223,7 @@ class StructuredPrunePass:
             ctx.log("folding constants of removed channels into consumer biases")
             folded = fold_removed_constants(model, keep, _fold_feeds(ctx, model), shapes, cfg.prune_layernorm)
             if folded["consumers"]:
-                analysis = analyse(model, shapes, cfg.exclude, cfg.prune_layernorm)
+                analysis = analyse(model, shapes, cfg.exclude, cfg.prune_layernorm, cfg.overrides)
         ctx.log("removing channels")
         remove(analysis, keep)
         macs_after = node_macs(model, shapes=infer_shapes(model, shapes))

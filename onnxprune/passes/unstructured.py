@@ -20,6 +20,7 @@ import numpy as np
 
 from ..analysis.weights import PrunableWeight, find_prunable_weights, select_weights
 from ..config import PruneConfig
+from ..recipe import find_override, wants
 from .manager import PassContext
 
 
@@ -67,7 +68,7 @@ class MagnitudePrunePass:
             scores = rng.random(flat.size, dtype=np.float32)
             scores[flat == 0] = -1.0  # existing zeros stay zeros and count first
             return scores
-        return np.abs(flat) if self.config.criterion == "l1" else np.square(flat)
+        return np.square(flat) if self.config.criterion == "l2" else np.abs(flat)
 
     # -- allocation --------------------------------------------------------------------
 
@@ -119,36 +120,57 @@ class MagnitudePrunePass:
             include_embeddings=cfg.include_embeddings,
         )
         skipped = [{"weight": item.name, "layers": item.node_names(), "reason": why} for item, why in selection.skipped]
-        items = list(selection.selected)
+        items, settings = [], {}
+        for item in selection.selected:
+            names = [item.name, *item.node_names()]
+            override = find_override(cfg, names) or {}
+            if not wants(cfg, names, "unstructured"):
+                continue  # the structured pass handles it
+            if override.get("exclude"):
+                skipped.append({"weight": item.name, "layers": item.node_names(),
+                                "reason": f"excluded by recipe override {override['match']!r}"})
+            else:
+                items.append(item)
+                settings[item.name] = override
         nm = cfg.nm()
-        if nm is not None:
+        if nm is not None or any("pattern" in s for s in settings.values()):
             kept = []
             for item in items:
+                item_nm = PruneConfig(pattern=settings[item.name]["pattern"]).nm() if "pattern" in settings[item.name] else nm
+                if item_nm is None:
+                    kept.append(item)
+                    continue
                 axis = item.reduction_axis
                 if axis is None:
                     skipped.append({"weight": item.name, "layers": item.node_names(),
                                     "reason": "no single reduction axis (shared by layers reading it differently, or an embedding)"})
-                elif item.weight.shape[axis] % nm[1]:
+                elif item.weight.shape[axis] % item_nm[1]:
                     skipped.append({"weight": item.name, "layers": item.node_names(),
-                                    "reason": f"reduction axis {axis} has {item.weight.shape[axis]} entries, not divisible by M={nm[1]}"})
+                                    "reason": f"reduction axis {axis} has {item.weight.shape[axis]} entries, "
+                                              f"not divisible by M={item_nm[1]}"})
                 else:
                     kept.append(item)
             items = kept
-        counts = None
-        if cfg.sparsity is not None and cfg.scope == "global" and nm is None:
-            counts = self._global_counts(items, rng, ctx)
+        counts: dict[str, int] = {}
+        pooled = [i for i in items if "sparsity" not in settings[i.name] and "pattern" not in settings[i.name]]
+        if cfg.sparsity is not None and cfg.scope == "global" and nm is None and pooled:
+            counts = dict(zip([i.name for i in pooled], self._global_counts(pooled, rng, ctx)))
         tensors = []
         total = zeros_total = 0
-        for position, item in enumerate(ctx.iterate(items, "pruning", len(items))):
+        for item in ctx.iterate(items, "pruning", len(items)):
             values = item.weight.array()
             zeros_before = int(values.size - np.count_nonzero(values))
-            if nm is not None:
+            override = settings[item.name]
+            item_nm = PruneConfig(pattern=override["pattern"]).nm() if "pattern" in override else (
+                nm if "sparsity" not in override else None)
+            if item_nm is not None:
                 source = rng.random(values.shape, dtype=np.float32) if cfg.criterion == "random" else values
-                mask = nm_mask(source, item.reduction_axis, *nm)
-            elif cfg.threshold is not None:
+                mask = nm_mask(source, item.reduction_axis, *item_nm)
+            elif cfg.threshold is not None and "sparsity" not in override:
                 mask = (np.abs(values.astype(np.float32)) <= cfg.threshold).reshape(values.shape)
             else:
-                k = counts[position] if counts is not None else round(cfg.sparsity * values.size)
+                target = override.get("sparsity", cfg.sparsity) or 0.0
+                k = counts[item.name] if item.name in counts else round(target * values.size)
                 mask = zero_smallest(self._scores(values, rng), k).reshape(values.shape)
             values[mask] = 0
             zeros_after = int(values.size - np.count_nonzero(values))
