@@ -171,6 +171,7 @@ class MagnitudePrunePass:
             else:
                 target = override.get("sparsity", cfg.sparsity) or 0.0
                 k = counts[item.name] if item.name in counts else round(target * values.size)
+                k = min(k, values.size - 1)  # rounding never empties a tensor
                 mask = zero_smallest(self._scores(values, rng), k).reshape(values.shape)
             values[mask] = 0
             zeros_after = int(values.size - np.count_nonzero(values))
