@@ -130,6 +130,10 @@ def prune(
     original_src = feeds = original_stats = None
     if vcfg.enabled:  # check the validation inputs before any work, so bad --data writes nothing
         feeds = prepare_feeds(loaded.model, vcfg)
+        if vcfg.eval_data:
+            from .accuracy import load_eval_data
+
+            load_eval_data(vcfg.eval_data, input_specs(loaded.model))
         original_stats = _model_stats(loaded.model)
         original_stats["macs"] = total_macs(loaded.model, feeds[1]["shapes"])
         if input_path is not None:

@@ -140,6 +140,8 @@ def _providers(values: tuple[str, ...]) -> list[str]:
 @click.option("--config", "recipe_path", type=click.Path(path_type=Path), help="Recipe (YAML or JSON) with settings and per-layer overrides; options given on the command line win.")
 @click.option("--save-recipe", type=click.Path(path_type=Path), help="Write the recipe this run applied (YAML or JSON), one override per layer, to replay it.")
 @click.option("--report", "reports", multiple=True, type=click.Path(path_type=Path), help="Write the report to a .json, .md or .html file (repeatable).")
+@click.option("--eval-data", type=click.Path(path_type=Path), help="Labelled data (.npz: inputs + 'labels'): report top-1/top-5 of original and pruned.")
+@click.option("--max-accuracy-drop", type=float, help="Gate: fail (exit 6) if top-1 drops by more than X percentage points (needs --eval-data).")
 @click.option("--min-cosine", type=float, help="Gate: fail (exit 6) if any output's cosine similarity is lower.")
 @click.option("--max-rel-l2", type=float, help="Gate: fail (exit 6) if any output's relative L2 error is higher.")
 @click.option("--min-top1", type=float, help="Gate: fail (exit 6) if top-1 agreement is lower.")
@@ -178,7 +180,13 @@ def prune_command(model: Path, output: Path | None, force: bool, debug: bool, qu
             data=str(opts["data"]) if opts["data"] else None, input_shapes=shapes, threads=opts["threads"],
             warmup=opts["warmup"], runs=opts["runs"], seed=opts["seed"], min_cosine=opts["min_cosine"],
             max_rel_l2=opts["max_rel_l2"], min_top1=opts["min_top1"],
+            eval_data=str(opts["eval_data"]) if opts["eval_data"] else None,
+            max_accuracy_drop=opts["max_accuracy_drop"],
         )
+        if vcfg.max_accuracy_drop is not None and not vcfg.eval_data:
+            raise UsageError("--max-accuracy-drop needs --eval-data")
+        if vcfg.eval_data and not vcfg.enabled:
+            raise UsageError("--eval-data needs validation (drop --no-validate)")
         out = output or default_output_path(model)
         check_output_path(out, input_path=model, force=force)
         for path in reports:

@@ -92,6 +92,8 @@ class ValidateConfig:
     min_cosine: float | None = None
     max_rel_l2: float | None = None
     min_top1: float | None = None
+    eval_data: str | None = None
+    max_accuracy_drop: float | None = None  # top-1 percentage points
 
 
 def parse_input_shape(spec: str) -> tuple[str, list[int]]:

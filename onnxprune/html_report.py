@@ -140,6 +140,12 @@ def _validation(v: dict[str, Any] | None) -> str:
         rows.append([_td(label), _td(a, True), _td(b, True), _td(None if ratio is None else round(ratio, 4), True),
                      f"<td>{_bar(ratio or 0, 'after')}</td>"])
     parts = ["<h2>Validation</h2>", _table(["", "original", "pruned", "pruned / original", ""], rows)]
+    acc = v.get("accuracy")
+    if acc:
+        parts.append(f"<h3>Accuracy ({acc['samples']} labelled samples)</h3>" + _table(["", "top-1", "top-5"], [
+            [_td("original"), _td(acc["original"]["top1"], True), _td(acc["original"]["top5"], True)],
+            [_td("pruned"), _td(acc["pruned"]["top1"], True), _td(acc["pruned"]["top5"], True)]])
+            + f"<p>top-1 drop: {acc['top1_drop_points']:.2f} points</p>")
     for provider, entry in v.get("providers", {}).items():
         outs = [[_td(name), _td(r.get("cosine"), True), _td(r.get("rel_l2"), True), _td(r.get("max_abs"), True),
                  _td(r.get("top1_agreement"), True)] for name, r in entry["outputs"].items()]

@@ -143,6 +143,11 @@ def _render_validation(v: dict[str, Any] | None, lines: list[str], h: str, markd
     inputs = v.get("inputs", {})
     shapes = ", ".join(f"{k} {'x'.join(map(str, s))}" for k, s in inputs.get("shapes", {}).items())
     lines.append(f"inputs: {inputs.get('source')} ({shapes})")
+    acc = v.get("accuracy")
+    if acc:
+        lines.append(f"accuracy on {acc['samples']} labelled samples: top-1 {100 * acc['original']['top1']:.2f}% -> "
+                     f"{100 * acc['pruned']['top1']:.2f}% (drop {acc['top1_drop_points']:.2f} points), top-5 "
+                     f"{100 * acc['original']['top5']:.2f}% -> {100 * acc['pruned']['top5']:.2f}%")
     for provider, entry in v.get("providers", {}).items():
         lines.append(f"{provider}:")
         rows = [[name, _num(r.get("cosine")), _num(r.get("rel_l2")), _num(r.get("max_abs")),

@@ -291,6 +291,11 @@ def run_validation(original: ModelSource, pruned: ModelSource, cfg: ValidateConf
         results["providers"][provider] = {"outputs": outputs, "latency": latency}
         del sessions
     results["worst"] = _worst(results["providers"])
+    if cfg.eval_data:
+        from .accuracy import evaluate
+
+        log(f"measuring accuracy on {cfg.eval_data}")
+        results["accuracy"] = evaluate(original, pruned, cfg.eval_data, input_specs(original.model or pruned.model))
     return results
 
 
@@ -317,6 +322,13 @@ def check_gates(validation: dict[str, Any], cfg: ValidateConfig) -> list[str]:
     gates = (("cosine", cfg.min_cosine, min, "--min-cosine", lambda v, g: v >= g),
              ("rel_l2", cfg.max_rel_l2, max, "--max-rel-l2", lambda v, g: v <= g),
              ("top1_agreement", cfg.min_top1, min, "--min-top1", lambda v, g: v >= g))
+    accuracy = validation.get("accuracy")
+    if cfg.max_accuracy_drop is not None:
+        if accuracy is None:
+            failures.append("--max-accuracy-drop needs --eval-data with labels")
+        elif accuracy["top1_drop_points"] > cfg.max_accuracy_drop:
+            failures.append(f"--max-accuracy-drop {cfg.max_accuracy_drop}: top-1 dropped "
+                            f"{accuracy['top1_drop_points']:.2f} points")
     for key, gate, _, option, ok in gates:
         if gate is None:
             continue
