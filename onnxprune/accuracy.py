@@ -49,7 +49,7 @@ def evaluate(original: ModelSource, pruned: ModelSource, path: str, specs: list[
     """Top-1/top-5 of both models on the labelled samples, and the top-1 drop in points."""
     inputs, labels = load_eval_data(path, specs)
     fixed = any(spec.shape and spec.shape[0] == 1 for spec in specs)
-    result: dict[str, Any] = {"samples": int(len(labels))}
+    result: dict[str, Any] = {"samples": len(labels)}
     for key, source in (("original", original), ("pruned", pruned)):
         logits = _logits(source, inputs, batch, fixed)
         if logits.shape[1] < 2 or labels.max() >= logits.shape[1]:
