@@ -142,11 +142,19 @@ def prune(
             original_src = ModelSource(model=onnx.load_from_string(loaded.model.SerializeToString()))
 
     _refuse_quantized(loaded.model, config)
+    calibration = None
+    if config.calibration_data:
+        from .calibration import load_calibration
+
+        log(f"reading calibration data {config.calibration_data}")
+        calibration = load_calibration(config.calibration_data, loaded.model)
     start = time.perf_counter()
     ctx = PassContext(model=loaded.model, log=log, progress=progress)
     ctx.state["input_shapes"] = dict(feeds[1]["shapes"]) if feeds else dict(vcfg.input_shapes)
     if feeds and vcfg.data:
         ctx.state["feeds"] = feeds[0]
+    if calibration:
+        ctx.state["calibration"] = calibration
     pass_results = PassManager(build_passes(config)).run(ctx)
     timings["prune"] = time.perf_counter() - start
 

@@ -122,6 +122,8 @@ def _providers(values: tuple[str, ...]) -> list[str]:
 @click.option("--round-to", type=int, default=1, show_default=True, help="Structured: keep channel counts multiples of N.")
 @click.option("--fold-constants/--no-fold-constants", default=True, show_default=True, help="Structured: fold what removed channels still output (bias, BN shift) into their consumers' biases.")
 @click.option("--prune-layernorm", is_flag=True, help="Structured: also remove channels normalized by a LayerNorm over the channel axis (ConvNeXt's residual stream). Approximate: the mean and variance of the kept channels change.")
+@click.option("--calibration-data", type=click.Path(path_type=Path), help="Calibration inputs: .npz (input name -> array with a batch axis) or a folder of .npz/.npy files.")
+@click.option("--reconstruct", is_flag=True, help="Structured: refit the layers that lost inputs by least squares so their outputs on the calibration data match the original's.")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Leave weights/nodes whose name matches GLOB alone (repeatable).")
 @click.option("--min-params", type=int, default=0, show_default=True, help="Skip weight tensors with fewer elements.")
 @click.option("--prune-first/--no-prune-first", default=True, show_default=True, help="Include the first layer.")
@@ -162,6 +164,8 @@ def prune_command(model: Path, output: Path | None, force: bool, debug: bool, qu
             "prune_first": opts["prune_first"], "prune_last": opts["prune_last"],
             "include_embeddings": opts["include_embeddings"], "max_layer_sparsity": opts["max_layer_sparsity"],
             "seed": opts["seed"], "fold_constants": opts["fold_constants"], "prune_layernorm": opts["prune_layernorm"],
+            "reconstruct": opts["reconstruct"],
+            "calibration_data": str(opts["calibration_data"]) if opts["calibration_data"] else None,
         }
         if opts["recipe_path"]:
             from .recipe import load_recipe

@@ -140,3 +140,106 @@ def _add_to_following_bias(analysis, node: onnx.NodeProto, delta: np.ndarray) ->
         return False  # a shared constant
     bias.set_array((bias.array().astype(np.float64) + delta.reshape(bias.shape)).astype(bias.dtype))
     return True
+
+
+# --------------------------------------------------------------------------------------
+# Least-squares reconstruction (--reconstruct)
+# --------------------------------------------------------------------------------------
+
+
+def _im2col(x: np.ndarray, node: onnx.NodeProto, kernel: tuple[int, int]) -> np.ndarray:
+    """Patches of a 4-D input as rows: [N*Ho*Wo, C*kh*kw] for a 2-D Conv's pads/strides/dilations."""
+    kh, kw = kernel
+    pads = list(get_attr(node, "pads") or [0, 0, 0, 0])
+    sh, sw = list(get_attr(node, "strides") or [1, 1])
+    dh, dw = list(get_attr(node, "dilations") or [1, 1])
+    xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+    win = np.lib.stride_tricks.sliding_window_view(xp, ((kh - 1) * dh + 1, (kw - 1) * dw + 1), axis=(2, 3))
+    win = win[:, :, ::sh, ::sw, ::dh, ::dw]
+    n, c, ho, wo = win.shape[:4]
+    return win.transpose(0, 2, 3, 1, 4, 5).reshape(n * ho * wo, c * kh * kw)
+
+
+def _reconstructable(node: onnx.NodeProto) -> bool:
+    if node.op_type == "Conv":
+        auto = get_attr(node, "auto_pad", b"NOTSET")
+        auto = auto.decode() if isinstance(auto, bytes) else auto
+        return int(get_attr(node, "group", 1)) == 1 and auto == "NOTSET"
+    if node.op_type == "Gemm":
+        return not get_attr(node, "transA", 0) and get_attr(node, "alpha", 1.0) == 1.0 and get_attr(node, "beta", 1.0) == 1.0
+    return node.op_type == "MatMul"
+
+
+def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, layers: list[tuple[str, np.ndarray]],
+                feeds: list[dict[str, np.ndarray]], ridge: float = 1e-3) -> dict[str, Any]:
+    """Refit each layer's kept weights (and bias) so its output on ``feeds`` matches the original's.
+
+    ``layers`` are (output tensor name, mask of the original output channels still present),
+    in topological order; each is solved with ridge-regularised normal equations on the
+    pruned model's own inputs to that layer (earlier refits already applied).
+    """
+    from .calibration import session_with_outputs
+
+    done, skipped = [], []
+    index = {out: node for node in pruned.graph.node for out in node.output}
+    reference = session_with_outputs(original, [name for name, _ in layers])
+    for name, out_mask in layers:
+        node = index.get(name)
+        if node is None or not _reconstructable(node):
+            skipped.append(name)
+            continue
+        from .analysis.groups import analyse  # fresh weights after earlier refits
+
+        weight, chain = analyse(pruned).index.resolve(node.input[1])
+        if weight is None or chain:
+            skipped.append(name)
+            continue
+        current = session_with_outputs(pruned, [node.input[0]])
+        w = weight.array().astype(np.float64)
+        gram = cross = None
+        for feed in feeds:
+            x = current.run([node.input[0]], feed)[0].astype(np.float64)
+            y = reference.run([name], feed)[0].astype(np.float64)
+            if node.op_type == "Conv":
+                rows = _im2col(x, node, tuple(w.shape[2:4]))
+                target = np.moveaxis(y, 1, -1).reshape(-1, y.shape[1])[:, out_mask]
+            else:
+                rows = x.reshape(-1, x.shape[-1])
+                target = y.reshape(-1, y.shape[-1])[:, out_mask]
+            if rows.shape[0] != target.shape[0]:
+                break
+            if node.op_type != "MatMul":
+                rows = np.hstack([rows, np.ones((rows.shape[0], 1))])
+            gram = rows.T @ rows if gram is None else gram + rows.T @ rows
+            cross = rows.T @ target if cross is None else cross + rows.T @ target
+        if gram is None or rows.shape[0] != target.shape[0]:
+            skipped.append(name)
+            continue
+        lam = ridge * float(np.trace(gram)) / gram.shape[0] + 1e-12
+        solution = np.linalg.solve(gram + lam * np.eye(gram.shape[0]), cross)  # [D(+1), O]
+        _write_solution(pruned, analyse(pruned), node, weight, solution)
+        done.append(name)
+    return {"layers": len(done), "skipped": skipped, "samples": int(sum(next(iter(f.values())).shape[0] for f in feeds))}
+
+
+def _write_solution(model: onnx.ModelProto, analysis, node: onnx.NodeProto, weight, solution: np.ndarray) -> None:
+    dtype = weight.dtype
+    shape = weight.shape
+    if node.op_type == "MatMul":
+        weight.set_array(solution.astype(dtype))
+        return
+    coef, bias = solution[:-1], solution[-1]
+    if node.op_type == "Conv":
+        weight.set_array(coef.T.reshape(shape).astype(dtype))
+    else:
+        weight.set_array((coef.T if get_attr(node, "transB", 0) else coef).astype(dtype))
+    if len(node.input) > 2 and node.input[2]:
+        existing, _ = analysis.index.resolve(node.input[2])
+        if existing is not None and existing.size == bias.size:
+            existing.set_array(bias.reshape(existing.shape).astype(existing.dtype))
+            return
+    name = f"{node.name or node.output[0]}.reconstructed_bias"
+    model.graph.initializer.append(numpy_helper.from_array(bias.astype(dtype), name))
+    while len(node.input) < 3:
+        node.input.append("")
+    node.input[2] = name

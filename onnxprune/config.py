@@ -32,6 +32,8 @@ class PruneConfig:
     fold_constants: bool = True
     prune_layernorm: bool = False
     overrides: list[dict] = field(default_factory=list)  # recipe: [{match, sparsity|pattern|method|exclude}]
+    reconstruct: bool = False  # structured: least-squares refit of the layers that lost inputs (calibration data)
+    calibration_data: str | None = None  # .npz file or directory of .npz/.npy files
 
     def validate(self) -> None:
         """Raise :class:`UsageError` for inconsistent or out-of-range settings."""
@@ -57,6 +59,10 @@ class PruneConfig:
             raise UsageError(f"--criterion {self.criterion!r} is not available here; choose from {', '.join(allowed)}")
         if self.scope not in ("layer", "global"):
             raise UsageError(f"--scope must be 'layer' or 'global', got {self.scope!r}")
+        if self.reconstruct and not self.structured:
+            raise UsageError("--reconstruct applies to --structured pruning")
+        if self.reconstruct and not self.calibration_data:
+            raise UsageError("--reconstruct needs --calibration-data")
         if self.round_to < 1:
             raise UsageError(f"--round-to must be >= 1, got {self.round_to}")
         if self.min_params < 0:

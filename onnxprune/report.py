@@ -89,6 +89,10 @@ def render(report: dict[str, Any], *, markdown: bool = False, verbose: bool = Fa
             if d.get("approximate_layernorms"):
                 lines.append(f"approximate: channels removed under {len(d['approximate_layernorms'])} LayerNorm(s) "
                              "over the channel axis (--prune-layernorm); the kept channels' statistics change")
+            rec = d.get("reconstruction")
+            if rec:
+                lines.append(f"reconstructed {rec['layers']} layer(s) by least squares on {rec['samples']} calibration "
+                             f"samples" + (f"; skipped {len(rec['skipped'])}" if rec["skipped"] else ""))
             folded = d.get("folded_constants") or {}
             if folded.get("consumers"):
                 lines.append(f"folded removed channels' constants into {folded['consumers']} consumer bias(es) "

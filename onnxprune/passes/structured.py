@@ -16,8 +16,9 @@ import onnx
 
 from ..analysis.cost import infer_shapes, node_key, node_macs
 from ..analysis.groups import Analysis, ChannelGroup, analyse, build_groups
-from ..compensation import fold_removed_constants
+from ..compensation import fold_removed_constants, reconstruct
 from ..config import PruneConfig
+from ..errors import UsageError
 from ..model import count_params
 from ..scoring import unit_scores
 from .manager import PassContext
@@ -184,8 +185,31 @@ def _frozen_entries(groups: list[ChannelGroup]) -> list[dict[str, Any]]:
     return entries
 
 
+def _reconstruction_layers(analysis: Analysis, keep: np.ndarray) -> list[tuple[str, np.ndarray]]:
+    """Layers that lose input channels, in graph order, with the mask of their kept output channels."""
+    out_masks = {id(e.node): keep[e.ids] for e in analysis.edits if e.role == "producer"}
+    layers, seen = [], set()
+    for edit in analysis.edits:
+        node = edit.node
+        if edit.role != "consumer" or id(node) in seen or keep[edit.ids].all():
+            continue
+        if node.op_type == "Conv" and edit.axis != 1:
+            continue  # depthwise: its own output channel goes too
+        seen.add(id(node))
+        mask = out_masks.get(id(node))
+        if mask is None:
+            width = analysis.shape(node.output[0])
+            mask = np.ones(int(width[1 if node.op_type != "MatMul" else -1] or 0), dtype=bool) if width else None
+        if mask is not None and mask.any():
+            layers.append((node.output[0], mask))
+    order = {out: i for i, n in enumerate(analysis.model.graph.node) for out in n.output}
+    return sorted(layers, key=lambda item: order.get(item[0], 0))
+
+
 def _fold_feeds(ctx: PassContext, model: onnx.ModelProto) -> list[dict[str, np.ndarray]]:
-    """Inputs to measure removed channels' values: the run's data, else two synthetic batches."""
+    """Inputs to measure removed channels' values: calibration data, the run's data, else two synthetic batches."""
+    if ctx.state.get("calibration"):
+        return list(ctx.state["calibration"])[:8]
     if ctx.state.get("feeds"):
         return [ctx.state["feeds"]]
     from ..config import ValidateConfig
@@ -218,14 +242,27 @@ class StructuredPrunePass:
         macs_before = node_macs(model, shapes=analysis.shapes)
         params_before = count_params(model)[0]
         group_stats = self._group_stats(analysis, groups, keep, macs_before)
-        folded = None
-        if cfg.fold_constants and not keep.all():
+        folded = reconstruction = None
+        calibration = ctx.state.get("calibration")
+        if cfg.reconstruct and not calibration:
+            raise UsageError("--reconstruct needs --calibration-data")
+        if cfg.reconstruct and not keep.all():
+            original = onnx.ModelProto()
+            original.CopyFrom(model)
+            layers = _reconstruction_layers(analysis, keep)
+            ctx.log("removing channels")
+            remove(analysis, keep)
+            ctx.log(f"reconstructing {len(layers)} layers by least squares on calibration data")
+            reconstruction = reconstruct(original, model, layers, calibration)
+            del original
+        elif cfg.fold_constants and not keep.all():
             ctx.log("folding constants of removed channels into consumer biases")
             folded = fold_removed_constants(model, keep, _fold_feeds(ctx, model), shapes, cfg.prune_layernorm)
             if folded["consumers"]:
                 analysis = analyse(model, shapes, cfg.exclude, cfg.prune_layernorm, cfg.overrides)
-        ctx.log("removing channels")
-        remove(analysis, keep)
+        if reconstruction is None:
+            ctx.log("removing channels")
+            remove(analysis, keep)
         macs_after = node_macs(model, shapes=infer_shapes(model, shapes))
         params_after = count_params(model)[0]
         total = sum(g.channels for g in groups)
@@ -248,6 +285,7 @@ class StructuredPrunePass:
             "macs_after": int(sum(macs_after.values())),
             "macs_removed": int(sum(macs_before.values()) - sum(macs_after.values())),
             "folded_constants": folded,
+            "reconstruction": reconstruction,
             "approximate_layernorms": sorted(set(analysis.approximations)),
             "layers": [{"node": key, "macs_before": int(value), "macs_after": int(macs_after.get(key, 0))}
                        for key, value in macs_before.items()],

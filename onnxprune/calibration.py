@@ -1,0 +1,122 @@
+"""Calibration data in, activations out (through onnxruntime, streamed batch by batch).
+
+Sources: an ``.npz`` file (input name -> array with a batch axis), a directory of ``.npz``
+files (one feed each) or ``.npy`` files (single-input models), or, from Python, any iterable
+of feed dicts (the shape of onnxruntime's ``CalibrationDataReader``). Names, dtypes and
+shapes are checked against the model's inputs with clear errors.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .errors import InputDataError
+from .validate import ORT_TYPES, InputSpec, input_specs
+
+
+def _check_feed(feed: dict[str, np.ndarray], specs: list[InputSpec], where: str) -> dict[str, np.ndarray]:
+    names = {s.name for s in specs}
+    missing, extra = sorted(names - feed.keys()), sorted(feed.keys() - names - {"labels"})
+    if missing or extra:
+        raise InputDataError(f"calibration data {where}: names do not match the model inputs"
+                             + (f"; missing {', '.join(missing)}" if missing else "")
+                             + (f"; unknown {', '.join(extra)}" if extra else ""))
+    out = {}
+    for spec in specs:
+        arr = np.asarray(feed[spec.name])
+        want = ORT_TYPES.get(spec.type)
+        if want is not None and arr.dtype != np.dtype(want):
+            raise InputDataError(f"calibration data {where}: {spec.name} has dtype {arr.dtype}, expected {np.dtype(want)}")
+        if arr.ndim != len(spec.shape) or any(isinstance(d, int) and d > 0 and d != s and i > 0
+                                              for i, (d, s) in enumerate(zip(spec.shape, arr.shape))):
+            raise InputDataError(f"calibration data {where}: {spec.name} has shape {list(arr.shape)}, "
+                                 f"the model expects {spec.shape}")
+        out[spec.name] = arr
+    return out
+
+
+def _batches(feed: dict[str, np.ndarray], batch: int, fixed_one: bool) -> Iterator[dict[str, np.ndarray]]:
+    count = min(arr.shape[0] for arr in feed.values())
+    step = 1 if fixed_one else batch
+    for start in range(0, count, step):
+        yield {name: arr[start:start + step] for name, arr in feed.items()}
+
+
+def load_calibration(source: str | os.PathLike | Iterable[dict[str, np.ndarray]], model: onnx.ModelProto,
+                     batch: int = 16, limit: int | None = None) -> list[dict[str, np.ndarray]]:
+    """Calibration batches as feed dicts, checked against ``model``'s inputs."""
+    specs = input_specs(model)
+    fixed_one = any(spec.shape and spec.shape[0] == 1 for spec in specs)
+    feeds: list[dict[str, np.ndarray]] = []
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if path.is_dir():
+            files = sorted(p for p in path.iterdir() if p.suffix in (".npz", ".npy"))
+            if not files:
+                raise InputDataError(f"calibration directory {path} holds no .npz or .npy files")
+            raw = [_read(p, specs) for p in files]
+        elif path.is_file():
+            raw = [_read(path, specs)]
+        else:
+            raise InputDataError(f"calibration data not found: {path}")
+    else:
+        raw = list(source)
+    for i, feed in enumerate(raw):
+        checked = _check_feed(feed, specs, str(source) if isinstance(source, (str, os.PathLike)) else f"item {i}")
+        feeds.extend(_batches(checked, batch, fixed_one))
+    if not feeds:
+        raise InputDataError("calibration data is empty")
+    if limit is not None:
+        feeds = feeds[:limit]
+    return feeds
+
+
+def _read(path: Path, specs: list[InputSpec]) -> dict[str, np.ndarray]:
+    try:
+        if path.suffix == ".npy":
+            if len(specs) != 1:
+                raise InputDataError(f"{path}: .npy files need a single-input model; use .npz with input names")
+            return {specs[0].name: np.load(path, allow_pickle=False)}
+        with np.load(path, allow_pickle=False) as data:
+            return {key: data[key] for key in data.files}
+    except (OSError, ValueError) as exc:
+        raise InputDataError(f"cannot read calibration file {path}: {exc}") from None
+
+
+def session_with_outputs(model: onnx.ModelProto, names: list[str]) -> ort.InferenceSession:
+    """An onnxruntime session that also returns the intermediate tensors ``names``."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    existing = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names if n not in existing)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor observable
+    return ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def channel_energy(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
+                   tensors: dict[str, int]) -> dict[str, np.ndarray]:
+    """Per-channel squared norm (sum over batch and every other axis) of each tensor, streamed."""
+    if not tensors:
+        return {}
+    names = sorted(tensors)
+    session = session_with_outputs(model, names)
+    energy: dict[str, np.ndarray] = {}
+    for feed in feeds:
+        for name, value in zip(names, session.run(names, feed)):
+            moved = np.moveaxis(value.astype(np.float64), tensors[name], 0).reshape(value.shape[tensors[name]], -1)
+            energy[name] = energy.get(name, 0) + np.einsum("ij,ij->i", moved, moved)
+    return energy
+
+
+def describe(feeds: list[dict[str, np.ndarray]]) -> dict[str, Any]:
+    """What the report says about the calibration data."""
+    return {"batches": len(feeds), "samples": int(sum(next(iter(f.values())).shape[0] for f in feeds))}
