@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 
 from .errors import UsageError
 
-CRITERIA_UNSTRUCTURED = ("l1", "l2", "random")
-CRITERIA_STRUCTURED = ("l1", "l2", "random", "bn")
+CRITERIA_UNSTRUCTURED = ("l1", "l2", "random", "activation")
+CRITERIA_STRUCTURED = ("l1", "l2", "random", "bn", "activation")
 
 
 @dataclass
@@ -63,6 +63,10 @@ class PruneConfig:
             raise UsageError("--reconstruct applies to --structured pruning")
         if self.reconstruct and not self.calibration_data:
             raise UsageError("--reconstruct needs --calibration-data")
+        if self.criterion == "activation" and not self.calibration_data:
+            raise UsageError("--criterion activation needs --calibration-data")
+        if self.criterion == "activation" and not self.structured and self.scope == "global":
+            raise UsageError("--criterion activation ranks weights within each output row; --scope global does not apply")
         if self.round_to < 1:
             raise UsageError(f"--round-to must be >= 1, got {self.round_to}")
         if self.min_params < 0:

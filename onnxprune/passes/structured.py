@@ -237,7 +237,17 @@ class StructuredPrunePass:
         ctx.log("analysing channel groups")
         analysis = analyse(model, shapes, cfg.exclude, cfg.prune_layernorm, cfg.overrides)
         groups = build_groups(analysis)
-        scores = unit_scores(analysis, groups, cfg.criterion, cfg.seed)
+        energy = None
+        if cfg.criterion == "activation":
+            from ..calibration import channel_energy
+
+            if not ctx.state.get("calibration"):
+                raise UsageError("--criterion activation needs --calibration-data")
+            ctx.log("measuring channel activations on calibration data")
+            inputs = {e.node.input[0]: analysis.ann[e.node.input[0]].axis for e in analysis.edits
+                      if e.role == "consumer" and e.node.input[0] in analysis.ann}
+            energy = channel_energy(model, ctx.state["calibration"], inputs)
+        scores = unit_scores(analysis, groups, cfg.criterion, cfg.seed, energy)
         keep = allocate_safe(analysis, groups, scores, cfg)
         macs_before = node_macs(model, shapes=analysis.shapes)
         params_before = count_params(model)[0]

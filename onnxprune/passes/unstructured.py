@@ -20,6 +20,8 @@ import numpy as np
 
 from ..analysis.weights import PrunableWeight, find_prunable_weights, select_weights
 from ..config import PruneConfig
+from ..errors import UsageError
+from ..model import get_attr
 from ..recipe import find_override, wants
 from .manager import PassContext
 
@@ -40,6 +42,26 @@ def zero_smallest(scores: np.ndarray, k: int) -> np.ndarray:
         ties = np.flatnonzero(scores == kth)[:missing]
         mask[ties] = True
     return mask
+
+
+def wanda_scores(values: np.ndarray, axis: int, norms: np.ndarray) -> np.ndarray:
+    """|W| times the input-channel norm along the reduction axis (Wanda)."""
+    shape = [1] * values.ndim
+    shape[axis] = -1
+    return np.abs(values.astype(np.float32)) * norms.astype(np.float32).reshape(shape)
+
+
+def per_row_mask(scores: np.ndarray, reduction_axis: int, sparsity: float) -> np.ndarray:
+    """Zero ``sparsity`` of each output row's weights, ranked within the row."""
+    output_axis = 1 if reduction_axis == 0 else 0
+    rows = np.moveaxis(scores, output_axis, 0).reshape(scores.shape[output_axis], -1)
+    k = min(round(sparsity * rows.shape[1]), rows.shape[1] - 1)
+    mask = np.zeros(rows.shape, dtype=bool)
+    if k > 0:
+        order = np.argpartition(rows, k - 1, axis=1)[:, :k]
+        np.put_along_axis(mask, order, True, axis=1)
+    moved_shape = list(np.moveaxis(scores, output_axis, 0).shape)
+    return np.moveaxis(mask.reshape(moved_shape), 0, output_axis)
 
 
 def nm_mask(values: np.ndarray, axis: int, n: int, m: int) -> np.ndarray:
@@ -69,6 +91,37 @@ class MagnitudePrunePass:
             scores[flat == 0] = -1.0  # existing zeros stay zeros and count first
             return scores
         return np.square(flat) if self.config.criterion == "l2" else np.abs(flat)
+
+    def _activation_norms(self, ctx: PassContext, items: list[PrunableWeight]) -> dict[str, np.ndarray]:
+        """||X_j||_2 of each weight's input channels on the calibration data (Wanda)."""
+        from ..calibration import channel_energy
+
+        feeds = ctx.state.get("calibration")
+        if not feeds:
+            raise UsageError("--criterion activation needs --calibration-data")
+        wanted: dict[str, tuple[str, int]] = {}
+        for item in items:
+            use = item.uses[0]
+            if use.slot != 1 or item.reduction_axis is None or len(item.uses) > 1:
+                continue  # shared weights and weights read as A keep magnitude scores
+            rank = len(item.weight.shape)
+            axis = {"conv": 1, "gemm": 0 if get_attr(use.node, "transA", 0) else 1}.get(use.role)
+            if use.role == "matmul":
+                axis = -1
+            if axis is not None:
+                wanted[item.name] = (use.node.input[0], axis if axis >= 0 else -1)
+            del rank
+        ctx.log(f"measuring input activations of {len(wanted)} layers on calibration data")
+        energy = channel_energy(ctx.model, feeds, {name: axis for name, axis in wanted.values() if axis >= 0})
+        last = {name for name, axis in wanted.values() if axis < 0}
+        if last:
+            from ..analysis.cost import infer_shapes
+
+            shapes = infer_shapes(ctx.model, ctx.state.get("input_shapes") or None)
+            energy.update(channel_energy(ctx.model, feeds, {n: len(shapes[n]) - 1 for n in last if shapes.get(n)}))
+        sizes = {item.name: item.weight.shape[item.reduction_axis] for item in items if item.name in wanted}
+        return {item: np.sqrt(energy[name]) for item, (name, _) in wanted.items()
+                if name in energy and len(energy[name]) == sizes[item]}  # grouped convs keep magnitude
 
     # -- allocation --------------------------------------------------------------------
 
@@ -132,6 +185,7 @@ class MagnitudePrunePass:
             else:
                 items.append(item)
                 settings[item.name] = override
+        norms = self._activation_norms(ctx, items) if cfg.criterion == "activation" else {}
         nm = cfg.nm()
         if nm is not None or any("pattern" in s for s in settings.values()):
             kept = []
@@ -163,8 +217,11 @@ class MagnitudePrunePass:
             override = settings[item.name]
             item_nm = PruneConfig(pattern=override["pattern"]).nm() if "pattern" in override else (
                 nm if "sparsity" not in override else None)
+            wanda = norms.get(item.name)
             if item_nm is not None:
                 source = rng.random(values.shape, dtype=np.float32) if cfg.criterion == "random" else values
+                if wanda is not None:
+                    source = wanda_scores(values, item.reduction_axis, wanda)
                 mask = nm_mask(source, item.reduction_axis, *item_nm)
             elif cfg.threshold is not None and "sparsity" not in override:
                 mask = (np.abs(values.astype(np.float32)) <= cfg.threshold).reshape(values.shape)
@@ -172,7 +229,10 @@ class MagnitudePrunePass:
                 target = override.get("sparsity", cfg.sparsity) or 0.0
                 k = counts[item.name] if item.name in counts else round(target * values.size)
                 k = min(k, values.size - 1)  # rounding never empties a tensor
-                mask = zero_smallest(self._scores(values, rng), k).reshape(values.shape)
+                if wanda is not None:
+                    mask = per_row_mask(wanda_scores(values, item.reduction_axis, wanda), item.reduction_axis, target)
+                else:
+                    mask = zero_smallest(self._scores(values, rng), k).reshape(values.shape)
             values[mask] = 0
             zeros_after = int(values.size - np.count_nonzero(values))
             item.weight.set_array(values)
