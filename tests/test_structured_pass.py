@@ -130,3 +130,95 @@ def test_inspect_lists_groups_and_frozen():
     code, out, err = run_cli("inspect", FIXTURES / "cnn.onnx", "--json")
     info = json.loads(out)
     assert info["structured"]["groups"] and info["structured"]["frozen"]
+
+
+# -- the pass itself on every fixture under fixtures/structured ------------------------------------------------
+
+STRUCTURED_DIR = FIXTURES / "structured"
+PASS_FIXTURES = sorted(p.stem for p in STRUCTURED_DIR.glob("*.onnx") if p.stem != "custom_op")
+REQUIRED_KEYS = {"changed", "criterion", "scope", "target_sparsity", "round_to", "groups", "frozen", "channels_total",
+                 "channels_removed", "channels_frozen", "params_removed", "macs_removed"}
+
+
+def run_pass(model, **config):
+    from onnxprune.config import PruneConfig
+    from onnxprune.passes.manager import PassContext
+    from onnxprune.passes.structured import StructuredPrunePass
+
+    ctx = PassContext(model=model)
+    details = StructuredPrunePass(PruneConfig(structured=True, **config)).run(ctx)
+    return ctx.model, details
+
+
+@pytest.mark.parametrize("name", PASS_FIXTURES)
+def test_pass_on_structured_fixtures(name):
+    original = onnx.load(str(STRUCTURED_DIR / f"{name}.onnx"))
+    model = onnx.load(str(STRUCTURED_DIR / f"{name}.onnx"))
+    model, details = run_pass(model, sparsity=0.5)
+    assert REQUIRED_KEYS <= set(details)
+    json.dumps(details)
+    onnx.checker.check_model(model, full_check=True)
+    assert [(v.name, str(v.type)) for v in [*model.graph.input, *model.graph.output]] == [
+        (v.name, str(v.type)) for v in [*original.graph.input, *original.graph.output]]
+    assert details["changed"] and details["channels_removed"] > 0 and details["params_removed"] > 0
+    assert details["macs_removed"] > 0
+    for g in details["groups"]:
+        assert {"id", "channels_before", "channels_after", "params_removed", "macs_removed", "ops", "producers"} <= set(g)
+        assert 1 <= g["channels_after"] <= g["channels_before"]
+    assert all(f["reason"] and f["channels"] > 0 for f in details["frozen"])
+    assert details["channels_total"] == sum(g["channels_before"] for g in details["groups"]) + sum(
+        f["channels"] for f in details["frozen"] if not any(g["id"] == f["id"] for g in details["groups"]))
+    x = {i.name: np.random.default_rng(0).standard_normal([d.dim_value or 2 for d in i.type.tensor_type.shape.dim])
+         .astype(np.float32) for i in original.graph.input}
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    reference = ort.InferenceSession(original.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert [o.shape for o in session.run(None, x)] == [o.shape for o in reference.run(None, x)]
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+@pytest.mark.parametrize("round_to", [1, 4])
+def test_pass_allocation_on_mlp(scope, round_to):
+    _, details = run_pass(onnx.load(str(STRUCTURED_DIR / "mlp.onnx")), sparsity=0.5, scope=scope, round_to=round_to)
+    for g in details["groups"]:
+        assert g["channels_after"] >= 1
+        if round_to > 1:
+            assert g["channels_after"] % round_to == 0
+    total = sum(g["channels_before"] for g in details["groups"])
+    removed = sum(g["channels_before"] - g["channels_after"] for g in details["groups"])
+    assert abs(removed - 0.5 * total) <= round_to * len(details["groups"])
+
+
+def test_pass_exclude_by_weight_glob_and_bn_criterion():
+    model = onnx.load(str(STRUCTURED_DIR / "residual.onnx"))
+    _, details = run_pass(model, sparsity=0.5, criterion="bn", exclude=["conv2*"])
+    assert any("excluded by pattern 'conv2*'" in f["reason"] for f in details["frozen"])
+    assert not any("conv2" in g["producers"] for g in details["groups"])
+
+
+@pytest.mark.parametrize("name", ["opset11", "opset13", "opset18"])
+def test_pass_rewrites_split_in_each_opset_form(name):
+    model, _ = run_pass(onnx.load(str(STRUCTURED_DIR / f"{name}.onnx")), sparsity=0.5)
+    split = next(n for n in model.graph.node if n.op_type == "Split")
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in inferred.graph.value_info}
+    sizes = [shapes[o][1] for o in split.output]
+    assert min(sizes) >= 1 and sum(sizes) == shapes[split.input[0]][1] < 8  # no part emptied; sizes rewritten
+    x = np.random.default_rng(0).standard_normal((2, 3, 16, 16)).astype(np.float32)
+    assert ort.InferenceSession(model.SerializeToString()).run(None, {"input": x})[0].shape == (2, 5)
+
+
+def test_emptied_split_part_keeps_its_best_channel():
+    from onnxprune.analysis.groups import analyse, build_groups
+    from onnxprune.passes.structured import never_empty
+
+    model = onnx.load(str(STRUCTURED_DIR / "opset13.onnx"))
+    analysis = analyse(model)
+    group = next(g for g in build_groups(analysis) if "Split" in g.ops)
+    split = next(n for n in model.graph.node if n.op_type == "Split")
+    second = analysis.ann[split.output[1]].ids  # the part that feeds the Concat directly
+    keep = np.ones(analysis.num_channels, dtype=bool)
+    keep[second] = False
+    score = np.zeros(analysis.num_channels)
+    score[second[2]] = 1.0
+    keep = never_empty(analysis, keep, score)
+    assert keep[second].tolist() == [False, False, True, False] and len(group.units) == 8

@@ -98,7 +98,7 @@ def first_group_prunable(model) -> bool:
     return any(g.units for g in build_groups(analysis) if any(s.node.name == first for s in g.spaces))
 
 
-UNARY = ["Relu", "Sigmoid", "Tanh", "Elu", "Selu", "Softplus", "Softsign", "Erf", "Exp", "Abs", "Neg", "HardSigmoid",
+UNARY = ["Atan", "Sinh", "Cosh", "Asinh", "Tan", "Relu", "Sigmoid", "Tanh", "Elu", "Selu", "Softplus", "Softsign", "Erf", "Exp", "Abs", "Neg", "HardSigmoid",
          "HardSwish", "LeakyRelu", "Celu", "Mish", "Identity", "Dropout", "Sqrt", "Reciprocal", "Gelu"]
 
 
@@ -130,15 +130,39 @@ def test_batchnorm_instancenorm():
     assert oracle(g.head(y, C))
 
 
-def test_groupnorm_per_channel_and_frozen():
+@pytest.mark.parametrize("groups", [C, 4, 2])
+def test_groupnorm_removes_whole_groups(groups):
     g = G(opset=21)
-    y = g.op("GroupNormalization", [g.x, g.w([C]), g.w([C])], num_groups=C)
-    assert oracle(g.head(y, C))
-    g = G(opset=21)
-    y = g.op("GroupNormalization", [g.x, g.w([C]), g.w([C])], num_groups=2)
+    y = g.op("GroupNormalization", [g.x, g.w([C]), g.w([C])], num_groups=groups)
     model = g.head(y, C)
-    assert any("GroupNormalization" in r for r in frozen_reasons(model))
-    oracle(model)
+    assert oracle(model)
+    sizes = {len(ids) for grp in build_groups(analyse(model)) for ids in grp.units}
+    assert C // groups in sizes  # a group's channels form one unit
+
+
+@pytest.mark.parametrize("mode", ["DCR", "CRD"])
+def test_depth_to_space_block_aware(mode):
+    g = G()
+    y = g.op("DepthToSpace", [g.x], blocksize=2, mode=mode)  # [N, 2, 16, 16]
+    model = g.head(y, C // 4)
+    assert oracle(model)
+    assert {4} <= {len(ids) for grp in build_groups(analyse(model)) for ids in grp.units}
+
+
+def test_space_to_depth_repeats_channels():
+    g = G()
+    y = g.op("SpaceToDepth", [g.x], blocksize=2)  # [N, 4C, 4, 4]
+    assert oracle(g.head(y, 4 * C))
+
+
+def test_normalizations_over_space_pass_over_channels_frozen():
+    g = G(opset=13)
+    y = g.op("MeanVarianceNormalization", [g.x], axes=[2, 3])
+    y = g.op("LpNormalization", [y], axis=3)
+    assert oracle(g.head(y, C))
+    g = G(opset=13)
+    model = g.head(g.op("LpNormalization", [g.x], axis=1), C)
+    assert any("normalizes over the channel axis" in r for r in frozen_reasons(model))
 
 
 @pytest.mark.parametrize("op", ["Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "Mean", "Pow"])
@@ -331,6 +355,15 @@ def test_grouped_conv_removes_whole_groups(group):
     assert C // group + 2 * C // group in unit_sizes  # a group's inputs and outputs form one unit
 
 
+@pytest.mark.parametrize("group", [2, 4])
+def test_grouped_conv_transpose(group):
+    g = G()
+    y = g.op("ConvTranspose", [g.x, g.w([C, 12 // group, 2, 2]), g.w([12], 0.1)], strides=[2, 2], group=group)
+    model = g.head(g.op("Relu", [y]), 12)
+    assert oracle(model)
+    assert C // group + 12 // group in {len(ids) for grp in build_groups(analyse(model)) for ids in grp.units}
+
+
 def test_conv_transpose():
     g = G()
     y = g.op("ConvTranspose", [g.x, g.w([C, 5, 2, 2]), g.w([5], 0.1)], strides=[2, 2])
@@ -421,3 +454,36 @@ def test_layernorm_over_channels_approximate_option():
     x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
     assert run(pruned, x)[0].shape == (2, 4)
     assert details["macs_after"] < frozen.to_dict()["passes"][0]["details"]["macs_after"]
+
+
+def test_a_failing_rule_freezes_instead_of_crashing(monkeypatch):
+    from onnxprune.analysis import rules
+
+    def broken(a, node):
+        raise IndexError("boom")
+
+    monkeypatch.setitem(rules.RULES, "Relu", broken)
+    g = G()
+    model = g.head(g.op("Relu", [g.x]), C)
+    assert any("no rule could follow the channels (IndexError: boom)" in r for r in frozen_reasons(model))
+    oracle(model)
+
+
+def test_docs_table_lists_every_registered_op():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "structured.md").read_text()
+    table = text[text.index("## Supported ops"):]
+    missing = [op for op in supported_ops() if op not in table]
+    assert not missing, f"docs/structured.md lacks {missing}"
+
+
+def test_reduce_noop_with_empty_axes_passes_reduce_all_frozen():
+    g = G(opset=18)
+    y = g.op("ReduceSum", [g.x], noop_with_empty_axes=1)
+    assert oracle(g.head(y, C))
+    g = G(opset=18)
+    s = g.op("ReduceSum", [g.x], keepdims=1)
+    model = g.head(g.op("Add", [g.x, s]), C)
+    assert any("reduces every axis" in r for r in frozen_reasons(model))
+    oracle(model)

@@ -12,6 +12,7 @@ A set of tied ids is one removable unit; anything the rules cannot follow *freez
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,7 +21,110 @@ import numpy as np
 import onnx
 
 from ..model import GraphIndex, Weight, build_indexes
-from .cost import infer_shapes
+from .cost import _skeleton
+
+#: Ops whose output has the shape of input 0 (used where onnx shape inference gives up, e.g. GroupNormalization-21).
+SAME_SHAPE = {
+    "Relu", "LeakyRelu", "PRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Selu", "Celu", "Gelu", "Mish",
+    "Softplus", "Softsign", "Erf", "Exp", "Log", "Sqrt", "Abs", "Neg", "Reciprocal", "Clip", "Identity", "Dropout",
+    "Cast", "BatchNormalization", "InstanceNormalization", "GroupNormalization", "LayerNormalization",
+    "LpNormalization", "MeanVarianceNormalization", "Softmax", "LogSoftmax", "Swish",
+}
+
+
+def complete_shapes(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None
+                    ) -> dict[str, list[int | None]]:
+    """Static shapes of every tensor: onnx shape inference on a weight-less skeleton, continued by hand
+    through shape-preserving ops it cannot infer and Reshapes whose run-time target folds to constants."""
+    skel = _skeleton(model, input_shapes)
+    custom = {o for n in model.graph.node if n.domain not in ("", "ai.onnx") for o in n.output}
+    skel.graph.value_info.extend(v for v in model.graph.value_info if v.name in custom)  # the exporter's word
+    for _ in range(64):
+        with contextlib.suppress(Exception):  # shapes are best effort; unknown shapes freeze channels
+            skel = onnx.shape_inference.infer_shapes(skel, data_prop=True)
+        types = {v.name: v.type for v in [*skel.graph.input, *skel.graph.value_info, *skel.graph.output]
+                 if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape")}
+        added = _fill_types(skel, types)
+        if not added:
+            break
+        skel.graph.value_info.extend(added)
+    shapes: dict[str, list[int | None]] = {}
+    for value in [*skel.graph.input, *skel.graph.value_info, *skel.graph.output]:
+        if value.type.HasField("tensor_type") and value.type.tensor_type.HasField("shape"):
+            shapes[value.name] = [d.dim_value if d.HasField("dim_value") else None
+                                  for d in value.type.tensor_type.shape.dim]
+    for init in skel.graph.initializer:
+        shapes[init.name] = list(init.dims)
+    for node in skel.graph.node:
+        if node.op_type == "Constant" and node.output and node.attribute and node.attribute[0].HasField("t"):
+            shapes[node.output[0]] = list(node.attribute[0].t.dims)
+    return shapes
+
+
+def _fill_types(skel: onnx.ModelProto, types: dict[str, onnx.TypeProto]) -> list[onnx.ValueInfoProto]:
+    """Value infos for outputs shape inference left empty: shape-preserving ops and foldable Reshapes."""
+    added = []
+    values = _ShapeValues(skel, types)
+    for node in skel.graph.node:
+        if not node.output or node.output[0] in types or not node.input or node.input[0] not in types:
+            continue
+        source = types[node.input[0]]
+        if node.op_type in SAME_SHAPE:
+            new = onnx.TypeProto()
+            new.CopyFrom(source)
+            if node.op_type == "Cast":
+                new.tensor_type.elem_type = next(a.i for a in node.attribute if a.name == "to")
+        elif node.op_type == "Reshape" and len(node.input) > 1:
+            dims = [d.dim_value if d.HasField("dim_value") else None for d in source.tensor_type.shape.dim]
+            target = values.get(node.input[1])
+            if target is None or None in dims:
+                continue
+            target = [dims[i] if v == 0 else int(v) for i, v in enumerate(target)]
+            if -1 in target:
+                known = int(np.prod([v for v in target if v != -1], dtype=np.int64))
+                target[target.index(-1)] = int(np.prod(dims, dtype=np.int64)) // max(known, 1)
+            new = onnx.helper.make_tensor_type_proto(source.tensor_type.elem_type, target)
+        else:
+            continue
+        types[node.output[0]] = new
+        added.append(onnx.helper.make_value_info(node.output[0], new))
+    return added
+
+
+class _ShapeValues:
+    """Folds small shape computations (Shape, Gather, Concat, Unsqueeze, Squeeze, Cast) to constants."""
+
+    def __init__(self, skel: onnx.ModelProto, types: dict[str, onnx.TypeProto]):
+        self.types = types
+        self.producer = {o: n for n in skel.graph.node for o in n.output}
+        self.consts = {i.name: i for i in skel.graph.initializer}
+
+    def get(self, name: str) -> np.ndarray | None:
+        if name in self.consts:
+            return onnx.numpy_helper.to_array(self.consts[name]) if self.consts[name].ByteSize() else None
+        node = self.producer.get(name)
+        if node is None:
+            return None
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type == "Constant":
+            return onnx.numpy_helper.to_array(attrs["value"]) if "value" in attrs else None
+        if node.op_type == "Shape":
+            t = self.types.get(node.input[0])
+            dims = [d.dim_value if d.HasField("dim_value") else None for d in t.tensor_type.shape.dim] if t else [None]
+            dims = dims[attrs.get("start", 0):attrs.get("end", len(dims))]
+            return None if None in dims else np.array(dims, dtype=np.int64)
+        args = [self.get(i) for i in node.input]
+        if any(a is None for a in args[:1]):
+            return None
+        if node.op_type == "Gather" and args[1] is not None:
+            return np.take(args[0], args[1], axis=attrs.get("axis", 0))
+        if node.op_type == "Concat" and all(a is not None for a in args):
+            return np.concatenate([np.atleast_1d(a) for a in args], axis=attrs.get("axis", 0))
+        if node.op_type in ("Unsqueeze", "Squeeze", "Cast", "Identity"):
+            if node.op_type == "Unsqueeze":
+                return args[0].reshape(1) if args[0].ndim == 0 else None
+            return args[0].reshape(()) if node.op_type == "Squeeze" and args[0].size == 1 else args[0]
+        return None
 
 
 class Freeze(Exception):
@@ -147,11 +251,12 @@ def analyse(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = 
     from .rules import RULES, producer_rule
 
     index = build_indexes(model)[0]
-    analysis = Analysis(model=model, shapes=infer_shapes(model, input_shapes), index=index,
+    analysis = Analysis(model=model, shapes=complete_shapes(model, input_shapes), index=index,
                         approximate_layernorm=approximate_layernorm)
     subgraph_refs = _outer_scope_refs(model.graph)
     for node in model.graph.node:
         annotated = [name for name in node.input if name in analysis.ann]
+        snapshot = (analysis.num_channels, len(analysis.edits), len(analysis.node_edits))
         try:
             if node.domain not in ("", "ai.onnx"):
                 if annotated:
@@ -169,7 +274,12 @@ def analyse(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = 
                 rule(analysis, node)
             else:
                 producer_rule(analysis, node)
-        except Freeze as exc:
+        except Exception as exc:  # noqa: BLE001 - unknown means frozen: a rule that fails never crashes the run
+            if not isinstance(exc, Freeze):
+                exc = Freeze(f"{node.op_type} {node.name!r}: no rule could follow the channels "
+                             f"({type(exc).__name__}: {exc})")
+            del analysis.edits[snapshot[1]:], analysis.node_edits[snapshot[2]:]
+            analysis.freeze(np.arange(snapshot[0], analysis.num_channels), str(exc))
             for name in annotated:
                 analysis.freeze(analysis.ann[name].ids, str(exc))
             for name in subgraph_refs.get(id(node), ()):

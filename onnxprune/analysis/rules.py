@@ -184,14 +184,34 @@ def _grouped_conv(a: Analysis, node: onnx.NodeProto, in_ids: np.ndarray, group: 
     _set(a, node, 1, out_ids)
 
 
-@rule("ConvTranspose", does="consumes input channels (weight axis 0)")
+@rule("ConvTranspose", does="consumes input channels (weight axis 0); grouped: a group's input and output channels "
+      "go together and `group` is rewritten")
 def conv_transpose_rule(a: Analysis, node: onnx.NodeProto) -> None:
     ann = _only_slot(a, node, 0)
-    if ann.axis != 1 or int(get_attr(node, "group", 1)) != 1:
-        raise Freeze(f"ConvTranspose {node.name!r}: grouped or channels not on axis 1")
+    if ann.axis != 1:
+        raise Freeze(f"ConvTranspose {node.name!r}: channels on axis {ann.axis}, not 1")
+    weight, _ = a.weight(node.input[1])
+    if weight is None:
+        raise Freeze(f"ConvTranspose {node.name!r}: weight computed at run time")
+    group, cin = int(get_attr(node, "group", 1)), len(ann.ids)
+    if group == 1:
+        a.add_weight_edit(node.input[1], 0, ann.ids, "consumer", node)
+        a.mark(ann.ids, "ConvTranspose")
+        produce(a, node)
+        return
+    if cin % group or weight.shape[0] != cin:
+        raise Freeze(f"ConvTranspose {node.name!r}: group={group} does not match its {cin} input channels")
+    ci, co = cin // group, weight.shape[1]
+    out_ids = a.new_space(node, co * group)
+    for k in range(group):
+        a.tie(np.full(ci + co, ann.ids[k * ci]),
+              np.concatenate([ann.ids[k * ci:(k + 1) * ci], out_ids[k * co:(k + 1) * co]]))
     a.add_weight_edit(node.input[1], 0, ann.ids, "consumer", node)
+    if len(node.input) > 2 and node.input[2]:
+        a.add_weight_edit(node.input[2], 0, out_ids, "param", node)
+    a.node_edits.append((node, lambda keep, n=node, i=ann.ids, ci=ci: _set_attr(n, "group", int(keep[i].sum()) // ci)))
     a.mark(ann.ids, "ConvTranspose")
-    produce(a, node)
+    _set(a, node, 1, out_ids)
 
 
 @rule("Gemm", does="consumes input features (B axis by transB); produces new output channels")
@@ -244,15 +264,21 @@ def instancenorm_rule(a: Analysis, node: onnx.NodeProto) -> None:
     _set(a, node, 1, ann.ids)
 
 
-@rule("GroupNormalization", does="per-channel only when num_groups equals the channel count; else frozen")
+@rule("GroupNormalization", does="a group's channels go together (whole groups are removed); `num_groups` is "
+      "rewritten; per-group (opset 18) or per-channel (opset 21) scale and bias follow")
 def groupnorm_rule(a: Analysis, node: onnx.NodeProto) -> None:
     ann = _only_slot(a, node, 0)
-    groups = int(get_attr(node, "num_groups", 0))
-    if ann.axis != 1 or groups != len(ann.ids):
-        raise Freeze(f"GroupNormalization {node.name!r}: {groups} groups tie channels within each group")
+    groups, n = int(get_attr(node, "num_groups", 0)), len(ann.ids)
+    if ann.axis != 1 or groups <= 0 or n % groups:
+        raise Freeze(f"GroupNormalization {node.name!r}: {groups} groups do not divide its {n} channels")
+    size = n // groups
+    heads = ann.ids[::size]
+    for k in range(groups):
+        a.tie(np.full(size, heads[k]), ann.ids[k * size:(k + 1) * size])
     for slot in (1, 2):
-        a.add_weight_edit(node.input[slot], 0, ann.ids, "param", node)
-    a.node_edits.append((node, lambda keep, n=node, i=ann.ids: _set_attr(n, "num_groups", int(keep[i].sum()))))
+        shape = a.shape(node.input[slot])
+        a.add_weight_edit(node.input[slot], 0, ann.ids if shape and shape[0] == n else heads, "param", node)
+    a.node_edits.append((node, lambda keep, n_=node, h=heads: _set_attr(n_, "num_groups", int(keep[h].sum()))))
     _set(a, node, 1, ann.ids)
 
 
@@ -279,7 +305,7 @@ UNARY = [
     "Softplus", "Softsign", "Erf", "Exp", "Log", "Sqrt", "Abs", "Neg", "Reciprocal", "Sin", "Cos", "Floor", "Ceil",
     "Round", "Sign", "ThresholdedRelu", "Shrink", "Swish", "Identity", "Dropout", "Cast", "CastLike", "Not",
     "IsNaN", "IsInf", "Clip", "MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool",
-    "GlobalLpPool",
+    "GlobalLpPool", "Acos", "Acosh", "Asin", "Asinh", "Atan", "Atanh", "Cosh", "Sinh", "Tan", "BitwiseNot",
 ]
 
 
@@ -317,7 +343,7 @@ def _elementwise_constant(a: Analysis, node: onnx.NodeProto, slot: int, axis: in
 
 
 @rule("Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "Where", "Equal", "Greater", "Less",
-      "GreaterOrEqual", "LessOrEqual", "And", "Or", "Xor", "BitShift", "Mod",
+      "GreaterOrEqual", "LessOrEqual", "And", "Or", "Xor", "BitShift", "Mod", "BitwiseAnd", "BitwiseOr", "BitwiseXor",
       does="broadcasting element-wise: ties channels of its inputs (residual Add, SE Mul); per-channel constants follow")
 def elementwise_rule(a: Analysis, node: onnx.NodeProto) -> None:
     rank = _rank(a, node.output[0])
@@ -339,7 +365,10 @@ def elementwise_rule(a: Analysis, node: onnx.NodeProto) -> None:
 
 @rule("Concat", does="places each input's channels at its offset; other axes tie the inputs")
 def concat_rule(a: Analysis, node: onnx.NodeProto) -> None:
-    rank = _rank(a, node.output[0])
+    known = [a.shape(n) for n in (node.output[0], *node.input) if a.shape(n) is not None]
+    if not known:
+        raise Freeze(f"Concat {node.name!r}: ranks unknown")
+    rank = len(known[0])
     axis = int(get_attr(node, "axis")) % rank
     annotated = {slot: a.ann[name] for slot, name in enumerate(node.input) if name in a.ann}
     if any(ann.axis != next(iter(annotated.values())).axis for ann in annotated.values()):
@@ -488,6 +517,9 @@ def reduce_rule(a: Analysis, node: onnx.NodeProto) -> None:
     ann = _only_slot(a, node, 0)
     rank = _rank(a, node.input[0])
     axes = _axes(a, node, 1)
+    if not axes and int(get_attr(node, "noop_with_empty_axes", 0)):
+        _set(a, node, ann.axis, ann.ids)  # no axes and noop: an identity
+        return
     if not axes:
         raise Freeze(f"{node.op_type} {node.name!r} reduces every axis, the channel axis too")
     axes = [x % rank for x in axes]
@@ -677,9 +709,45 @@ def shape_rule(a: Analysis, node: onnx.NodeProto) -> None:
         raise Freeze(f"the channel count is read at run time (Shape {node.name!r} -> {consumer.op_type})")
 
 
-@rule("DepthToSpace", "SpaceToDepth", "Einsum", "Gather", "GatherElements", "ScatterND", "TopK", "NonZero",
+@rule("Einsum", "Gather", "GatherElements", "ScatterND", "TopK", "NonZero",
       "QuantizeLinear", "DequantizeLinear", "QLinearConv", "ConvInteger", "MatMulInteger", "QLinearMatMul",
       "Size", "Loop", "If", "Scan", "LSTM", "GRU", "RNN", "Attention", "MultiHeadAttention",
       does="frozen: channels that reach it stay (rearranges, indexes, quantizes or hides them)")
 def frozen_rule(a: Analysis, node: onnx.NodeProto) -> None:
     raise Freeze(f"{node.op_type} {node.name!r} is not supported for channel removal")
+
+
+@rule("DepthToSpace", does="block-aware: the blocksize^2 input channels that form one output channel go together")
+def depth_to_space_rule(a: Analysis, node: onnx.NodeProto) -> None:
+    ann = _only_slot(a, node, 0)
+    b2 = int(get_attr(node, "blocksize")) ** 2
+    if ann.axis != 1 or len(ann.ids) % b2:
+        raise Freeze(f"DepthToSpace {node.name!r}: channels not on axis 1 or not a multiple of blocksize^2")
+    mode = get_attr(node, "mode", b"DCR")
+    crd = (mode.decode() if isinstance(mode, bytes) else mode) == "CRD"
+    blocks = ann.ids.reshape(-1, b2) if crd else ann.ids.reshape(b2, -1).T  # row c': the inputs of output c'
+    for row in blocks:
+        a.tie(np.full(b2, row[0]), row)
+    _set(a, node, 1, blocks[:, 0].copy())
+
+
+@rule("SpaceToDepth", does="block-aware: each input channel becomes blocksize^2 output channels (at stride C)")
+def space_to_depth_rule(a: Analysis, node: onnx.NodeProto) -> None:
+    ann = _only_slot(a, node, 0)
+    if ann.axis != 1:
+        raise Freeze(f"SpaceToDepth {node.name!r}: channels not on axis 1")
+    _set(a, node, 1, np.tile(ann.ids, int(get_attr(node, "blocksize")) ** 2))
+
+
+@rule("MeanVarianceNormalization", "LpNormalization",
+      does="passes when normalizing over other axes; frozen over the channel axis")
+def normalize_axes_rule(a: Analysis, node: onnx.NodeProto) -> None:
+    ann = _only_slot(a, node, 0)
+    rank = _rank(a, node.input[0])
+    if node.op_type == "LpNormalization":
+        axes = [int(get_attr(node, "axis", -1)) % rank]
+    else:
+        axes = [int(x) % rank for x in (get_attr(node, "axes") or [0, 2, 3])]
+    if ann.axis in axes:
+        raise Freeze(f"{node.op_type} {node.name!r} normalizes over the channel axis")
+    _set(a, node, ann.axis, ann.ids)

@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import onnx
 
-from ..analysis.cost import infer_shapes, node_key, node_macs
-from ..analysis.groups import Analysis, ChannelGroup, analyse, build_groups
+from ..analysis.cost import node_key, node_macs
+from ..analysis.groups import Analysis, ChannelGroup, analyse, build_groups, complete_shapes
 from ..compensation import fold_removed_constants, reconstruct
 from ..config import PruneConfig
 from ..errors import UsageError
@@ -85,7 +85,11 @@ def allocate(groups: list[ChannelGroup], scores: dict[int, np.ndarray], config: 
 def allocate_safe(analysis: Analysis, groups: list[ChannelGroup], scores: dict[int, np.ndarray],
                   config: PruneConfig) -> np.ndarray:
     """:func:`allocate`, then :func:`never_empty`, then restore units until ``round_to`` holds again."""
-    keep = never_empty(analysis, allocate(groups, scores, config, analysis.num_channels))
+    per_channel = np.zeros(analysis.num_channels)
+    for g in groups:
+        for i, ids in enumerate(g.units):
+            per_channel[ids] = scores[g.id][i]
+    keep = never_empty(analysis, allocate(groups, scores, config, analysis.num_channels), per_channel)
     if config.round_to > 1:
         for g in groups:
             removed = [i for i, ids in enumerate(g.units) if not keep[ids[0]]]
@@ -95,8 +99,11 @@ def allocate_safe(analysis: Analysis, groups: list[ChannelGroup], scores: dict[i
     return keep
 
 
-def never_empty(analysis: Analysis, keep: np.ndarray) -> np.ndarray:
-    """Restore channels so that no tensor loses all of them (a Split part, a Concat input...)."""
+def never_empty(analysis: Analysis, keep: np.ndarray, channel_score: np.ndarray | None = None) -> np.ndarray:
+    """Restore channels so that no tensor loses all of them (a Split part, a Concat input...).
+
+    The unit restored is the best-scored one reaching the tensor (``channel_score`` per channel id), else the first.
+    """
     roots = np.array([analysis.find(i) for i in range(analysis.num_channels)], dtype=np.int64)
     arrays = [ann.ids for ann in analysis.ann.values()] + [edit.ids for edit in analysis.edits]
     changed = True
@@ -104,7 +111,8 @@ def never_empty(analysis: Analysis, keep: np.ndarray) -> np.ndarray:
         changed = False
         for ids in arrays:
             if len(ids) and not keep[ids].any():
-                keep[roots == roots[ids[0]]] = True
+                best = ids[int(np.argmax(channel_score[ids]))] if channel_score is not None else ids[0]
+                keep[roots == roots[best]] = True
                 changed = True
     return keep
 
@@ -142,12 +150,21 @@ def mask(analysis: Analysis, keep: np.ndarray) -> None:
 
 
 def refresh_value_info(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None) -> None:
-    """Drop stale intermediate shapes and re-infer them (graph inputs and outputs stay as they are)."""
+    """Drop stale intermediate shapes and re-infer them (graph inputs and outputs stay as they are).
+
+    Shapes of custom-domain outputs (the exporter's word; their inputs' channels are frozen) are kept.
+    """
+    custom = {o for n in model.graph.node if n.domain not in ("", "ai.onnx") for o in n.output}
+    kept = [v for v in model.graph.value_info if v.name in custom]
     del model.graph.value_info[:]
+    model.graph.value_info.extend(kept)
     try:
-        inferred = onnx.shape_inference.infer_shapes(_header_only(model), strict_mode=False)
+        header = _header_only(model)
+        header.graph.value_info.extend(kept)
+        inferred = onnx.shape_inference.infer_shapes(header, strict_mode=False)
     except Exception:  # noqa: BLE001 - value_info is optional; the full checker runs on the result anyway
         return
+    del model.graph.value_info[:]
     model.graph.value_info.extend(inferred.graph.value_info)
 
 
@@ -273,7 +290,7 @@ class StructuredPrunePass:
         if reconstruction is None:
             ctx.log("removing channels")
             remove(analysis, keep)
-        macs_after = node_macs(model, shapes=infer_shapes(model, shapes))
+        macs_after = node_macs(model, shapes=complete_shapes(model, shapes))
         params_after = count_params(model)[0]
         total = sum(g.channels for g in groups)
         frozen = _frozen_entries(groups)
