@@ -2,13 +2,15 @@
 
     pip install -e ".[bench]" && pip install --no-deps timm torch-pruning
     python bench/bench_structured.py [--models resnet50,mobilenetv3_large_100,efficientnet_b0,convnext_tiny]
-                                     [--runs 30] [--threads 1] [--json out.json]
+                                     [--runs 30] [--threads 1] [--json out.json] [--fresh]
 
-For each architecture (timm, random init, 224x224, exported with torch.onnx):
-- onnxprune ``--structured --sparsity 0.5`` (and ``--round-to 8``) in a child process: wall
-  time and peak RSS of the tool;
-- Torch-Pruning (L1 group magnitude, ``pruning_ratio=0.5``, classifier kept): time to prune,
-  then the pruned torch model exported to ONNX the same way;
+For each architecture (timm, random init, 224x224, exported with torch.onnx into the git-ignored
+bench/models/structured/ by fixtures/export_architectures.py):
+- onnxprune ``--structured --sparsity 0.5`` (and ``--round-to 8``; ConvNeXt also ``--prune-layernorm``)
+  in a child process: wall time and peak RSS of the tool, frozen share from its JSON report;
+- Torch-Pruning (L1 group magnitude, ``pruning_ratio=0.5``, classifier in ``ignored_layers``) on the
+  same torch model and weights: time to build the pruner and prune, then the pruned model exported
+  to ONNX the same way; a failure is reported in the table, not raised;
 - every ONNX model (original, onnxprune, onnxprune round-to 8, Torch-Pruning) timed in one
   process, interleaved round-robin after a warm-up, one intra-op thread, spinning off;
   medians and p90; MACs counted by onnxprune's cost model on every ONNX file alike;
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -53,22 +56,21 @@ def child(cmd: list[str]) -> tuple[float, int, str]:
 
 
 def torch_pruning(name: str, path: Path) -> dict:
-    """Prune the same timm model with Torch-Pruning and export it to ONNX."""
-    from export_architectures import _torch, export
+    """Prune the same model (same weights as the exported original) with Torch-Pruning and export it to ONNX."""
+    from export_architectures import _torch, export, full_model, randomize_batchnorm
 
-    torch, timm = _torch()
+    torch, _ = _torch()
     import torch_pruning as tp
 
-    torch.manual_seed(0)
-    model = timm.create_model(name, num_classes=1000).eval()
+    model = full_model(name).eval()
+    randomize_batchnorm(model)
     example = torch.randn(1, 3, 224, 224)
-    classifier = model.get_classifier()
     start = time.perf_counter()
     pruner = tp.pruner.MagnitudePruner(model, example, importance=tp.importance.MagnitudeImportance(p=1),
-                                       pruning_ratio=0.5, ignored_layers=[classifier])
+                                       pruning_ratio=0.5, ignored_layers=[model.get_classifier()])
     pruner.step()
     seconds = time.perf_counter() - start
-    export(model, path, 224)
+    export(model, path, 224, randomize_bn=False)
     return {"seconds": seconds}
 
 
@@ -77,8 +79,16 @@ def onnxprune_run(src: Path, dst: Path, extra: list[str]) -> dict:
     seconds, rss, _ = child([sys.executable, "-m", "onnxprune", str(src), "--structured", "--sparsity", "0.5",
                              "--no-validate", "-o", str(dst), "--force", "-q", "--report", str(report), *extra])
     details = json.loads(report.read_text())["passes"][0]["details"]
+    at_outputs = sum(f["channels"] for f in details["frozen"] if f["reason"].startswith("reaches graph output"))
+    reasons: dict[str, int] = {}
+    for f in details["frozen"]:
+        if not f["reason"].startswith("reaches graph output"):
+            reason = f["reason"].split("'")[0].strip() + " ... " + f["reason"].split("'")[-1].strip()
+            reasons[reason] = reasons.get(reason, 0) + f["channels"]
     return {"seconds": seconds, "peak_rss": rss, "channels_frozen": details["channels_frozen"],
-            "channels_total": details["channels_total"]}
+            "channels_total": details["channels_total"],
+            "frozen_share": (details["channels_frozen"] - at_outputs) / max(1, details["channels_total"] - at_outputs),
+            "frozen_reasons": reasons}
 
 
 def latencies(paths: dict[str, Path], runs: int, threads: int) -> dict[str, dict]:
@@ -106,14 +116,12 @@ def latencies(paths: dict[str, Path], runs: int, threads: int) -> dict[str, dict
 
 
 def bench(name: str, runs: int, threads: int) -> dict:
-    from export_architectures import _torch, export
+    from export_architectures import export, full_model
 
     OUT.mkdir(parents=True, exist_ok=True)
     original = OUT / f"{name}.onnx"
     if not original.exists():
-        torch, timm = _torch()
-        torch.manual_seed(0)
-        export(timm.create_model(name, num_classes=1000), original, 224)
+        export(full_model(name), original, 224)
     paths = {"original": original}
     row: dict = {"model": name}
     variants = [("onnxprune", []), ("onnxprune_r8", ["--round-to", "8"])]
@@ -157,24 +165,41 @@ def _params(path: Path) -> int:
 
 def markdown(rows: list[dict]) -> str:
     lines = [("| model | tool | params | MACs kept | latency median (p90) | speedup | MAC ratio | speedup / MAC ratio "
-             "| tool time | tool peak RSS |"), "|---|---|---|---|---|---|---|---|---|---|"]
+              "| frozen | tool time | tool peak RSS |"), "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         o = r["original"]
         lines.append(f"| {r['model']} | original | {o['params'] / 1e6:.1f}M | 1.000 | {o['median_ms']:.1f} ms "
-                     f"({o['p90_ms']:.1f}) | 1.00x | 1.00 | - | - | - |")
+                     f"({o['p90_ms']:.1f}) | 1.00x | 1.00 | - | - | - | - |")
         for key, label in (("onnxprune", "onnxprune"), ("onnxprune_r8", "onnxprune --round-to 8"),
                            ("onnxprune_ln", "onnxprune --prune-layernorm"), ("torch_pruning", "Torch-Pruning")):
             if key not in r:
                 continue
             e = r[key]
             if "error" in e or "macs" not in e:
-                lines.append(f"| {r['model']} | {label} | fails: {e.get('error', '?')} | | | | | | | |")
+                lines.append(f"| {r['model']} | {label} | fails: {e.get('error', '?')} | | | | | | | | |")
                 continue
             rss = f"{e['peak_rss'] / 2**20:.0f} MiB" if "peak_rss" in e else "-"
+            frozen = f"{e['frozen_share']:.0%}" if "frozen_share" in e else "-"
             lines.append(f"| {r['model']} | {label} | {e['params'] / 1e6:.1f}M | {e['macs_kept']:.3f} "
                          f"| {e['median_ms']:.1f} ms ({e['p90_ms']:.1f}) | {e['speedup']:.2f}x "
-                         f"| {1 / e['macs_kept']:.2f} | {e['efficiency']:.2f} | {e['seconds']:.1f} s | {rss} |")
+                         f"| {1 / e['macs_kept']:.2f} | {e['efficiency']:.2f} | {frozen} | {e['seconds']:.1f} s | {rss} |")
     return "\n".join(lines)
+
+
+def versions() -> str:
+    import platform
+
+    import onnxprune
+
+    try:
+        from importlib.metadata import version
+
+        tp_version = version("torch-pruning")
+    except Exception:  # noqa: BLE001 - not installed
+        tp_version = "not installed"
+    return (f"{time.strftime('%Y-%m-%d')}, {platform.machine()} {os.cpu_count()} cores, Python "
+            f"{platform.python_version()}, onnx {onnx.__version__}, onnxruntime {ort.__version__}, "
+            f"onnxprune {onnxprune.__version__}, Torch-Pruning {tp_version}")
 
 
 def main() -> None:
@@ -184,12 +209,18 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--fresh", action="store_true", help="re-export the original models even if present")
     args = parser.parse_args()
+    if args.fresh:
+        for name in args.models.split(","):
+            (OUT / f"{name}.onnx").unlink(missing_ok=True)
     rows = []
     for name in args.models.split(","):
         start = time.perf_counter()
         rows.append(bench(name, args.runs, args.threads))
         print(f"{name}: {time.perf_counter() - start:.0f}s", file=sys.stderr)
+    print(versions())
+    print()
     print(markdown(rows))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2, default=float))
