@@ -134,11 +134,23 @@ def _add_to_following_bias(analysis, node: onnx.NodeProto, delta: np.ndarray) ->
         return False
     add, slot = consumers[0]
     bias, chain = analysis.index.resolve(add.input[1 - slot])
-    if bias is None or chain or bias.shape not in ((len(delta),), (1, len(delta))):
+    if bias is None or any(step.op_type == "Transpose" for step in chain):
         return False
-    if len(analysis.index.consumers.get(add.input[1 - slot], [])) != 1:
-        return False  # a shared constant
-    bias.set_array((bias.array().astype(np.float64) + delta.reshape(bias.shape)).astype(bias.dtype))
+    if bias.shape not in ((len(delta),), (1, len(delta))):
+        return False
+    shared = len(analysis.index.consumers.get(bias.name, [])) != 1 or chain
+    if not shared:
+        bias.set_array((bias.array().astype(np.float64) + delta.reshape(bias.shape)).astype(bias.dtype))
+        return True
+    # a bias shared by several layers (or reached through Identity/Cast): this Add gets its own copy
+    dtype = bias.dtype
+    for step in chain:
+        if step.op_type == "Cast":
+            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(int(get_attr(step, "to"))))
+    name = f"{add.name or add.output[0]}.folded_bias"
+    values = (bias.array().astype(np.float64) + delta.reshape(bias.shape)).astype(dtype)
+    analysis.model.graph.initializer.append(numpy_helper.from_array(values, name))
+    add.input[1 - slot] = name
     return True
 
 

@@ -222,3 +222,18 @@ def test_emptied_split_part_keeps_its_best_channel():
     score[second[2]] = 1.0
     keep = never_empty(analysis, keep, score)
     assert keep[second].tolist() == [False, False, True, False] and len(group.units) == 8
+
+
+@pytest.mark.parametrize("name", ["arch/yolo.onnx", "arch/convnext.onnx", "cnn_opset11.onnx"])
+def test_no_dead_nodes_or_initializers_after_pruning(name):
+    model, _ = onnxprune.prune(FIXTURES / name, structured=True, sparsity=0.5, prune_layernorm=True)
+    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+    assert [i.name for i in model.graph.initializer if i.name not in used] == []
+    assert [n.name for n in model.graph.node if not any(o in used for o in n.output)] == []
+
+
+def test_fold_into_shared_bias_adds_no_node():
+    """ConvNeXt's exporter shares one zero bias between blocks (through Identity): folds get private copies."""
+    model, _ = onnxprune.prune(FIXTURES / "arch" / "convnext.onnx", structured=True, sparsity=0.5,
+                               prune_layernorm=True)
+    assert not [n.name for n in model.graph.node if n.name.endswith("folded_bias_add")]

@@ -132,7 +132,36 @@ def remove(analysis: Analysis, keep: np.ndarray) -> None:
             edit.weight.set_array(np.compress(mask, edit.weight.array(), axis=edit.axis))
     for _, rewrite in analysis.node_edits:
         rewrite(keep)
+    remove_dead_nodes(analysis.model)
     refresh_value_info(analysis.model)
+
+
+def remove_dead_nodes(model: onnx.ModelProto) -> int:
+    """Drop main-graph nodes and initializers nothing reads any more (e.g. shape constants that were replaced)."""
+    from ..analysis.groups import _free_names
+
+    graph = model.graph
+    used = {o.name for o in graph.output}
+    for node in graph.node:
+        for attr in node.attribute:
+            subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+            for sub in subs:
+                used.update(_free_names(sub))
+    dead_nodes = []
+    for position in range(len(graph.node) - 1, -1, -1):
+        node = graph.node[position]
+        if any(out and out in used for out in node.output):
+            used.update(n for n in node.input if n)
+        else:
+            dead_nodes.append(position)
+    for position in dead_nodes:  # descending, so earlier positions stay valid
+        del graph.node[position]
+    removed = len(dead_nodes)
+    inputs = {i.name for i in graph.input}
+    dead = [i for i, init in enumerate(graph.initializer) if init.name not in used and init.name not in inputs]
+    for i in reversed(dead):
+        del graph.initializer[i]
+    return removed + len(dead)
 
 
 def mask(analysis: Analysis, keep: np.ndarray) -> None:
