@@ -27,7 +27,6 @@ MAX_BYTES = 1_500_000
 #: every other architecture: 10 %
 FROZEN_LIMITS = {
     "convnext": 0.30,  # LayerNormalization over channels ties the residual stream (see docs/structured.md)
-    "yolo": 0.45,  # torch's chunk() exports as Slice with run-time bounds (Shape -> Gather -> Add -> Div -> Slice)
 }
 
 

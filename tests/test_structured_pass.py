@@ -237,3 +237,45 @@ def test_fold_into_shared_bias_adds_no_node():
     model, _ = onnxprune.prune(FIXTURES / "arch" / "convnext.onnx", structured=True, sparsity=0.5,
                                prune_layernorm=True)
     assert not [n.name for n in model.graph.node if n.name.endswith("folded_bias_add")]
+
+
+def test_static_shape_reads_fold_and_oracle_holds():
+    """torch.chunk exports Shape -> Gather -> Div -> Slice; folded, its channels prune and the oracle holds."""
+    from onnxprune.passes.shapefold import fold_static_shape_reads
+    from onnxprune.passes.structured import remove_dead_nodes
+
+    model = onnx.load(str(FIXTURES / "arch" / "yolo.onnx"))
+    folded = onnx.ModelProto()
+    folded.CopyFrom(model)
+    assert fold_static_shape_reads(folded) == 3
+    remove_dead_nodes(folded)
+    assert not [n for n in folded.graph.node if n.op_type == "Shape"]
+    onnx.checker.check_model(folded, full_check=True)
+    rng = np.random.default_rng(0)
+    feeds = {"input": rng.standard_normal((2, 3, 64, 64)).astype(np.float32)}  # batch stays dynamic
+
+    def run(m):
+        return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+
+    for a, b in zip(run(model), run(folded)):
+        np.testing.assert_array_equal(a, b)
+    for seed in (0, 1):
+        keep = random_keep(folded, 0.5, seed)
+        masked, removed = masked_and_removed(folded, keep)
+        assert relative_error(run(masked), run(removed)) <= 1e-5
+
+
+def test_dynamic_batch_shape_reads_are_not_folded():
+    from onnx import TensorProto, helper
+
+    from onnxprune.passes.shapefold import fold_static_shape_reads
+
+    nodes = [helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Gather", ["s", "zero"], ["b"], axis=0),
+             helper.make_node("Concat", ["b", "minus1"], ["target"], axis=0),
+             helper.make_node("Reshape", ["x", "target"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])],
+                              [onnx.numpy_helper.from_array(np.array([0], np.int64), "zero"),
+                               onnx.numpy_helper.from_array(np.array([-1], np.int64), "minus1")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    assert fold_static_shape_reads(model) == 0

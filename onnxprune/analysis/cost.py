@@ -70,6 +70,10 @@ def default_dynamic_dim(axis: int) -> int:
 def infer_shapes(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None) -> dict[str, list[int | None]]:
     """Static shape of every tensor that shape inference can resolve (dims may be None)."""
     skel = _skeleton(model, input_shapes)
+    if any(n.op_type == "Shape" for n in skel.graph.node):
+        from ..passes.shapefold import fold_static_shape_reads  # sizes computed from shapes become known
+
+        fold_static_shape_reads(skel)
     try:
         inferred = onnx.shape_inference.infer_shapes(skel, data_prop=True)
     except Exception:  # noqa: BLE001 - shapes are best effort for cost figures

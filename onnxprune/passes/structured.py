@@ -280,6 +280,10 @@ class StructuredPrunePass:
         cfg = self.config
         shapes = ctx.state.get("input_shapes") or None
         model = ctx.model
+        from .shapefold import fold_static_shape_reads
+
+        if fold_static_shape_reads(model):
+            remove_dead_nodes(model)
         ctx.log("analysing channel groups")
         analysis = analyse(model, shapes, cfg.exclude, cfg.prune_layernorm, cfg.overrides)
         groups = build_groups(analysis)
