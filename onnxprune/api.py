@@ -46,6 +46,7 @@ class PruneResult:
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     quantization: dict[str, Any] | None = None
+    allocation: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -58,6 +59,7 @@ class PruneResult:
             "summary": self.summary,
             "validation": self.validation,
             "quantization": self.quantization,
+            "allocation": self.allocation,
             "gates": {"passed": not self.gate_failures, "failures": self.gate_failures},
             "timings": {k: round(v, 4) for k, v in self.timings.items()},
             "warnings": self.warnings,
@@ -148,6 +150,9 @@ def prune(
 
         log(f"reading calibration data {config.calibration_data}")
         calibration = load_calibration(config.calibration_data, loaded.model)
+    allocation = None
+    if config.target_macs is not None or config.target_params is not None:
+        allocation = _allocate_for_target(loaded.model, config, calibration, vcfg, feeds, log)
     start = time.perf_counter()
     ctx = PassContext(model=loaded.model, log=log, progress=progress)
     ctx.state["input_shapes"] = dict(feeds[1]["shapes"]) if feeds else dict(vcfg.input_shapes)
@@ -164,6 +169,7 @@ def prune(
         config=config,
         passes=pass_results,
         timings=timings,
+        allocation=allocation,
     )
     start = time.perf_counter()
     if external_data is None and loaded.has_external_data:
@@ -209,6 +215,27 @@ def prune(
         result.gate_failures = check_gates(result.validation, vcfg)
         timings["validate"] = time.perf_counter() - start
     return loaded.model, result
+
+
+def _allocate_for_target(model: onnx.ModelProto, config: PruneConfig, calibration, vcfg: ValidateConfig, feeds,
+                         log: Callable[[str], None]) -> dict[str, Any]:
+    """Measure each group's sensitivity, pick per-group ratios for the target, write them as overrides."""
+    from .sensitivity import allocate_for_target, measure
+
+    samples = list(calibration or [])[:4] or ([feeds[0]] if feeds else [prepare_feeds(model, vcfg)[0]])
+    shapes = dict(feeds[1]["shapes"]) if feeds else None
+    log("measuring each group's sensitivity for the target")
+    sens = measure(model, samples, config, ratios=(0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875),
+                   input_shapes=shapes, log=log)
+    ratios = allocate_for_target(model, sens, config, target_macs=config.target_macs,
+                                 target_params=config.target_params, input_shapes=shapes)
+    by_id = {g["id"]: g for g in sens["groups"]}
+    config.overrides = [{"match": by_id[gid]["producers"][0], "sparsity": ratio} for gid, ratio in ratios.items()
+                        ] + list(config.overrides)
+    config.sparsity = 0.0
+    return {"target_macs": config.target_macs, "target_params": config.target_params,
+            "ratios": [{"producers": by_id[gid]["producers"], "ratio": ratio} for gid, ratio in ratios.items()],
+            "sensitivity": sens}
 
 
 QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",

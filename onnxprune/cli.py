@@ -119,6 +119,8 @@ def _providers(values: tuple[str, ...]) -> list[str]:
 @click.option("--scope", type=click.Choice(["layer", "global"]), default="layer", show_default=True, help="Rank within each layer/group or across the model.")
 @click.option("--max-layer-sparsity", type=float, default=0.99, show_default=True, help="Global scope: cap per tensor so no layer is emptied.")
 @click.option("--structured", is_flag=True, help="Remove whole channels/neurons (physically smaller, faster model).")
+@click.option("--target-macs", type=float, help="Structured: keep this fraction of the MACs; per-group ratios chosen from measured sensitivity.")
+@click.option("--target-params", type=float, help="Structured: keep this fraction of the parameters (like --target-macs).")
 @click.option("--round-to", type=int, default=1, show_default=True, help="Structured: keep channel counts multiples of N.")
 @click.option("--fold-constants/--no-fold-constants", default=True, show_default=True, help="Structured: fold what removed channels still output (bias, BN shift) into their consumers' biases.")
 @click.option("--prune-layernorm", is_flag=True, help="Structured: also remove channels normalized by a LayerNorm over the channel axis (ConvNeXt's residual stream). Approximate: the mean and variance of the kept channels change.")
@@ -164,7 +166,8 @@ def prune_command(model: Path, output: Path | None, force: bool, debug: bool, qu
             "prune_first": opts["prune_first"], "prune_last": opts["prune_last"],
             "include_embeddings": opts["include_embeddings"], "max_layer_sparsity": opts["max_layer_sparsity"],
             "seed": opts["seed"], "fold_constants": opts["fold_constants"], "prune_layernorm": opts["prune_layernorm"],
-            "reconstruct": opts["reconstruct"],
+            "reconstruct": opts["reconstruct"], "target_macs": opts["target_macs"],
+            "target_params": opts["target_params"],
             "calibration_data": str(opts["calibration_data"]) if opts["calibration_data"] else None,
         }
         if opts["recipe_path"]:
@@ -231,5 +234,60 @@ def inspect_command(model: Path, as_json: bool, input_shape: tuple[str, ...], de
         shapes = dict(parse_input_shape(spec) for spec in input_shape)
         info = inspect_model(model, shapes)
         click.echo(_dump(info) if as_json else render_inspection(info))
+
+    run_guarded(debug, body)
+
+
+@main.command("sensitivity", epilog=EPILOG)
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--calibration-data", type=click.Path(path_type=Path), help="Inputs to measure on (.npz or folder); default: synthetic.")
+@click.option("--eval-data", type=click.Path(path_type=Path), help="Labelled .npz (inputs + 'labels'): also report top-1.")
+@click.option("--ratios", default="0.25,0.5,0.75", show_default=True, help="Shares of each group's channels to remove.")
+@click.option("--criterion", default="l1", show_default=True, help="Which channels go first: l1, l2, bn, random.")
+@click.option("--input-shape", multiple=True, metavar="NAME:1x3x224x224", help="Shape for dynamic inputs.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the measurements as JSON.")
+@click.option("--plot", type=click.Path(path_type=Path), help="Write a PNG plot of error against ratio per group.")
+@click.option("--prune-layernorm", is_flag=True, help="As for pruning: let channels through LayerNorm over channels.")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def sensitivity_command(model: Path, calibration_data: Path | None, eval_data: Path | None, ratios: str,
+                        criterion: str, input_shape: tuple[str, ...], json_path: Path | None, plot: Path | None,
+                        prune_layernorm: bool, quiet: bool, debug: bool) -> None:
+    """Prune each channel group of MODEL alone at several ratios and measure what it costs."""
+
+    def body() -> None:
+        from . import sensitivity as sens
+        from .calibration import load_calibration
+        from .model import load_model
+        from .validate import input_specs, prepare_feeds
+
+        try:
+            values = tuple(float(r) for r in ratios.split(","))
+        except ValueError:
+            raise UsageError(f"--ratios must be numbers separated by commas, got {ratios!r}") from None
+        if not values or any(not 0 < r < 1 for r in values):
+            raise UsageError("--ratios must lie in (0, 1)")
+        config = PruneConfig(structured=True, sparsity=0.0, criterion=criterion, prune_layernorm=prune_layernorm)
+        config.validate()
+        display = _Display(quiet, False)
+        loaded = load_model(model)
+        shapes = dict(parse_input_shape(spec) for spec in input_shape)
+        labels = None
+        if eval_data:
+            from .accuracy import load_eval_data
+
+            inputs, labels = load_eval_data(str(eval_data), input_specs(loaded.model))
+            feeds = load_calibration([inputs], loaded.model, batch=64)
+        elif calibration_data:
+            feeds = load_calibration(calibration_data, loaded.model, limit=8)
+        else:
+            feeds = [prepare_feeds(loaded.model, ValidateConfig(input_shapes=shapes, seed=s))[0] for s in (0, 1)]
+        result = sens.measure(loaded.model, feeds, config, values, labels, shapes or None, display.log)
+        if json_path:
+            json_path.write_text(_dump(result) + "\n")
+        if plot:
+            sens.plot(result, str(plot))
+        if not quiet:
+            click.echo(sens.render(result))
 
     run_guarded(debug, body)

@@ -34,6 +34,8 @@ class PruneConfig:
     overrides: list[dict] = field(default_factory=list)  # recipe: [{match, sparsity|pattern|method|exclude}]
     reconstruct: bool = False  # structured: least-squares refit of the layers that lost inputs (calibration data)
     calibration_data: str | None = None  # .npz file or directory of .npz/.npy files
+    target_macs: float | None = None  # structured: keep this fraction of MACs, ratios chosen by sensitivity
+    target_params: float | None = None
 
     def validate(self) -> None:
         """Raise :class:`UsageError` for inconsistent or out-of-range settings."""
@@ -52,6 +54,20 @@ class PruneConfig:
         for entry in self.overrides:
             if entry.get("pattern") is not None:
                 PruneConfig(pattern=entry["pattern"]).nm()
+        for name in ("target_macs", "target_params"):
+            value = getattr(self, name)
+            if value is not None:
+                option = "--" + name.replace("_", "-")
+                if not self.structured:
+                    raise UsageError(f"{option} applies to --structured pruning")
+                if not 0 < value <= 1:
+                    raise UsageError(f"{option} must be in (0, 1], the fraction to keep; got {value}")
+                if self.sparsity is not None:
+                    raise UsageError(f"give either --sparsity or {option}, not both")
+        if self.target_macs is not None and self.target_params is not None:
+            raise UsageError("give either --target-macs or --target-params, not both")
+        if self.target_macs is not None or self.target_params is not None:
+            return
         if self.sparsity is None and self.threshold is None and self.pattern is None and not self.overrides:
             raise UsageError("nothing to do: give --sparsity, --threshold or --pattern")
         allowed = CRITERIA_STRUCTURED if self.structured else CRITERIA_UNSTRUCTURED

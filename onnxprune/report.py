@@ -104,6 +104,13 @@ def render(report: dict[str, Any], *, markdown: bool = False, verbose: bool = Fa
                     lines.append(f"  {'- ' if markdown else ''}{f['id']} ({f.get('channels')} channels): {f['reason']}")
                 if not (verbose or markdown) and len(frozen) > limit:
                     lines.append(f"  ... {len(frozen) - limit} more (--verbose or --report)")
+    alloc = report.get("allocation")
+    if alloc:
+        target = f"MACs {alloc['target_macs']}" if alloc.get("target_macs") is not None else f"params {alloc['target_params']}"
+        lines.append("")
+        lines.append(f"{h}Allocation for target {target} (from measured sensitivity)")
+        for entry in alloc["ratios"]:
+            lines.append(f"  {entry['ratio']:.3f}  {', '.join(entry['producers'])[:70]}")
     quant = report.get("quantization")
     if quant:
         lines.append("")

@@ -1,0 +1,179 @@
+"""Sensitivity analysis and automatic per-group ratios (``onnxprune sensitivity``, ``--target-macs``).
+
+Each prunable channel group is pruned *alone* at several ratios and the model's outputs are
+compared with the original's on the given inputs (and top-1 accuracy when labels exist).
+From those measured curves, :func:`allocate_for_target` picks per-group ratios that reach a
+MAC (or parameter) target while losing the least fidelity, greedily, then checks the target
+on the actually pruned model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .analysis.cost import total_macs
+from .analysis.groups import analyse, build_groups
+from .config import PruneConfig
+from .model import count_params
+from .scoring import unit_scores
+
+DEFAULT_RATIOS = (0.25, 0.5, 0.75)
+
+
+def _run(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> list[list[np.ndarray]]:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return [session.run(None, feed) for feed in feeds]
+
+
+def _rel_error(reference: list[list[np.ndarray]], candidate: list[list[np.ndarray]]) -> float:
+    num = den = 0.0
+    for ref_outs, cand_outs in zip(reference, candidate):
+        for a, b in zip(ref_outs, cand_outs):
+            a64, b64 = a.astype(np.float64), b.astype(np.float64)
+            num += float(np.sum((a64 - b64) ** 2))
+            den += float(np.sum(a64 ** 2))
+    return (num / den) ** 0.5 if den > 0 else 0.0
+
+
+def _top1(outputs: list[list[np.ndarray]], labels: np.ndarray | None) -> float | None:
+    if labels is None:
+        return None
+    logits = np.concatenate([outs[0].reshape(outs[0].shape[0], -1) for outs in outputs])
+    return float(np.mean(logits.argmax(axis=1) == labels[:len(logits)]))
+
+
+def prune_groups(model: onnx.ModelProto, ratios: dict[int, float], config: PruneConfig,
+                 input_shapes: dict[str, list[int]] | None = None) -> onnx.ModelProto:
+    """A copy of ``model`` with each group in ``ratios`` losing that share of its lowest-scored units."""
+    from .passes.structured import never_empty, remove
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    analysis = analyse(copy, input_shapes, config.exclude, config.prune_layernorm)
+    groups = {g.id: g for g in build_groups(analysis)}
+    scores = unit_scores(analysis, list(groups.values()), config.criterion if config.criterion != "activation"
+                         else "l1", config.seed)
+    keep = np.ones(analysis.num_channels, dtype=bool)
+    for gid, ratio in ratios.items():
+        group = groups[gid]
+        n = min(int(np.floor(ratio * group.channels + 1e-9)), len(group.units), group.channels - 1)
+        for i in np.argsort(scores[gid], kind="stable")[:max(n, 0)]:
+            keep[group.units[i]] = False
+    remove(analysis, never_empty(analysis, keep))
+    return copy
+
+
+def measure(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], config: PruneConfig,
+            ratios: tuple[float, ...] = DEFAULT_RATIOS, labels: np.ndarray | None = None,
+            input_shapes: dict[str, list[int]] | None = None,
+            log: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
+    """Prune each group alone at each ratio; fidelity, MACs and params of every point."""
+    reference = _run(model, feeds)
+    base_macs, base_params = total_macs(model, input_shapes), count_params(model)[0]
+    groups = [g for g in build_groups(analyse(model, input_shapes, config.exclude, config.prune_layernorm)) if g.units]
+    rows = []
+    for number, group in enumerate(groups, 1):
+        log(f"group {number}/{len(groups)}: {', '.join(s.node.name for s in group.spaces)[:60]}")
+        points = []
+        for ratio in ratios:
+            pruned = prune_groups(model, {group.id: ratio}, config, input_shapes)
+            outputs = _run(pruned, feeds)
+            points.append({
+                "ratio": ratio,
+                "channels_removed": min(int(np.floor(ratio * group.channels + 1e-9)), len(group.units)),
+                "rel_l2": _rel_error(reference, outputs),
+                "top1": _top1(outputs, labels),
+                "macs_saved": base_macs - total_macs(pruned, input_shapes),
+                "params_saved": base_params - count_params(pruned)[0],
+            })
+        rows.append({"id": group.id, "producers": [s.node.name for s in group.spaces], "channels": group.channels,
+                     "prunable": len(group.units), "points": points})
+    return {"macs": base_macs, "params": base_params, "ratios": list(ratios), "top1": _top1(reference, labels),
+            "groups": rows}
+
+
+def allocate_for_target(model: onnx.ModelProto, sensitivity: dict[str, Any], config: PruneConfig, *,
+                        target_macs: float | None = None, target_params: float | None = None,
+                        input_shapes: dict[str, list[int]] | None = None) -> dict[int, float]:
+    """Per-group ratios reaching ``target_*`` (fraction of the original kept) at the least measured loss."""
+    key, base = ("macs_saved", sensitivity["macs"]) if target_macs is not None else ("params_saved", sensitivity["params"])
+    target = target_macs if target_macs is not None else target_params
+    needed = (1.0 - target) * base
+    chosen: dict[int, int] = {}  # group id -> index into its points (-1: untouched)
+    groups = {g["id"]: g for g in sensitivity["groups"]}
+    for _ in range(8):  # the savings of groups interact (a conv loses inputs and outputs): re-check and go on
+        saved = sum(groups[g]["points"][i][key] for g, i in chosen.items())
+        while saved < needed:
+            best, best_cost = None, None
+            for gid, group in groups.items():
+                i = chosen.get(gid, -1) + 1
+                if i >= len(group["points"]):
+                    continue
+                prev = group["points"][i - 1] if i > 0 else {"rel_l2": 0.0, key: 0}
+                gain = group["points"][i][key] - prev[key]
+                if gain <= 0:
+                    continue
+                cost = (group["points"][i]["rel_l2"] - prev["rel_l2"]) / gain
+                if best_cost is None or cost < best_cost:
+                    best, best_cost = gid, cost
+            if best is None:
+                break
+            chosen[best] = chosen.get(best, -1) + 1
+            saved = sum(groups[g]["points"][i][key] for g, i in chosen.items())
+        ratios = {gid: groups[gid]["points"][i]["ratio"] for gid, i in chosen.items()}
+        pruned = prune_groups(model, ratios, config, input_shapes)
+        actual = total_macs(pruned, input_shapes) if target_macs is not None else count_params(pruned)[0]
+        if actual <= target * base * 1.02 or all(chosen.get(g, -1) + 1 >= len(groups[g]["points"]) for g in groups):
+            return ratios
+        needed += actual - target * base  # the estimate was optimistic: ask for the difference
+    return ratios
+
+
+def render(sensitivity: dict[str, Any]) -> str:
+    """A table: one row per group, rel. L2 error (and top-1) at each ratio."""
+    ratios = sensitivity["ratios"]
+    head = f"{'group':>5}  {'channels':>8}  " + "  ".join(f"{'r=' + str(r):>10}" for r in ratios) + "  producers"
+    lines = [f"original: MACs {sensitivity['macs']:,}, params {sensitivity['params']:,}"
+             + (f", top-1 {100 * sensitivity['top1']:.2f}%" if sensitivity.get("top1") is not None else ""),
+             "relative L2 error of the outputs with one group pruned alone" +
+             (" (top-1 in brackets)" if sensitivity.get("top1") is not None else ""), head]
+    for g in sensitivity["groups"]:
+        cells = []
+        for p in g["points"]:
+            cell = f"{p['rel_l2']:.4f}" + (f" ({100 * p['top1']:.0f}%)" if p["top1"] is not None else "")
+            cells.append(f"{cell:>10}")
+        lines.append(f"{g['id']:>5}  {g['channels']:>8}  " + "  ".join(cells) + "  " + ", ".join(g["producers"])[:60])
+    return "\n".join(lines)
+
+
+def plot(sensitivity: dict[str, Any], path: str) -> None:
+    """PNG: error against ratio, one line per group (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        from .errors import UsageError
+
+        raise UsageError("--plot needs matplotlib: pip install 'onnxprune[plot]'") from None
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
+    for g in sensitivity["groups"]:
+        ax.plot([p["ratio"] for p in g["points"]], [p["rel_l2"] for p in g["points"]], marker="o", linewidth=1,
+                label=f"{g['id']}: {g['producers'][0][:24]}")
+    ax.set_xlabel("share of the group's channels removed")
+    ax.set_ylabel("relative L2 error of the outputs")
+    ax.set_title("onnxprune sensitivity (each group pruned alone)")
+    ax.grid(alpha=0.3)
+    if len(sensitivity["groups"]) <= 16:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
