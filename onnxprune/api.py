@@ -149,7 +149,11 @@ def prune(
         from .calibration import load_calibration
 
         log(f"reading calibration data {config.calibration_data}")
-        calibration = load_calibration(config.calibration_data, loaded.model)
+        from .calibration import ImagePreprocess
+
+        pre = ImagePreprocess(tuple(config.image_size) if config.image_size else None, tuple(config.image_mean),
+                              tuple(config.image_std), config.image_layout, config.image_channels)
+        calibration = load_calibration(config.calibration_data, loaded.model, images=pre)
     allocation = None
     if config.target_macs is not None or config.target_params is not None:
         allocation = _allocate_for_target(loaded.model, config, calibration, vcfg, feeds, log)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,18 +50,65 @@ def _batches(feed: dict[str, np.ndarray], batch: int, fixed_one: bool) -> Iterat
         yield {name: arr[start:start + step] for name, arr in feed.items()}
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm")
+
+
+@dataclass
+class ImagePreprocess:
+    """How a folder of images becomes one image input: resize, scale to [0, 1], normalise, layout."""
+
+    size: tuple[int, int] | None = None  # (height, width); default: the model input's static size
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    layout: str = "nchw"  # or "nhwc"
+    channels: str = "rgb"  # or "bgr"
+
+
+def load_images(folder: Path, spec: InputSpec, pre: ImagePreprocess) -> dict[str, np.ndarray]:
+    """Every image in ``folder`` as one batch for the image input ``spec``."""
+    try:
+        from PIL import Image
+    except ImportError:
+        raise InputDataError("image calibration data needs Pillow: pip install 'onnxprune[images]'") from None
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if pre.layout not in ("nchw", "nhwc") or pre.channels not in ("rgb", "bgr"):
+        raise InputDataError("image layout must be nchw or nhwc, channel order rgb or bgr")
+    dims = spec.shape
+    static = (dims[2], dims[3]) if pre.layout == "nchw" and len(dims) == 4 else (dims[1], dims[2]) if len(dims) == 4 else None
+    size = pre.size or (static if static and all(isinstance(d, int) for d in static) else None)
+    if size is None:
+        raise InputDataError(f"input {spec.name} has dynamic height/width: give the image size")
+    images = []
+    for path in files:
+        try:
+            with Image.open(path) as img:
+                arr = np.asarray(img.convert("RGB").resize((size[1], size[0]), Image.BILINEAR), dtype=np.float32)
+        except OSError as exc:
+            raise InputDataError(f"cannot read image {path}: {exc}") from None
+        arr = (arr / 255.0 - np.asarray(pre.mean, np.float32)) / np.asarray(pre.std, np.float32)
+        if pre.channels == "bgr":
+            arr = arr[..., ::-1]
+        images.append(arr.transpose(2, 0, 1) if pre.layout == "nchw" else arr)
+    return {spec.name: np.ascontiguousarray(np.stack(images)).astype(np.float32)}
+
+
 def load_calibration(source: str | os.PathLike | Iterable[dict[str, np.ndarray]], model: onnx.ModelProto,
-                     batch: int = 16, limit: int | None = None) -> list[dict[str, np.ndarray]]:
+                     batch: int = 16, limit: int | None = None,
+                     images: ImagePreprocess | None = None) -> list[dict[str, np.ndarray]]:
     """Calibration batches as feed dicts, checked against ``model``'s inputs."""
     specs = input_specs(model)
     fixed_one = any(spec.shape and spec.shape[0] == 1 for spec in specs)
     feeds: list[dict[str, np.ndarray]] = []
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
-        if path.is_dir():
+        if path.is_dir() and any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.iterdir()):
+            if len(specs) != 1:
+                raise InputDataError(f"image calibration data needs a single-input model; {len(specs)} inputs here")
+            raw = [load_images(path, specs[0], images or ImagePreprocess())]
+        elif path.is_dir():
             files = sorted(p for p in path.iterdir() if p.suffix in (".npz", ".npy"))
             if not files:
-                raise InputDataError(f"calibration directory {path} holds no .npz or .npy files")
+                raise InputDataError(f"calibration directory {path} holds no .npz, .npy or image files")
             raw = [_read(p, specs) for p in files]
         elif path.is_file():
             raw = [_read(path, specs)]

@@ -125,6 +125,11 @@ def _providers(values: tuple[str, ...]) -> list[str]:
 @click.option("--fold-constants/--no-fold-constants", default=True, show_default=True, help="Structured: fold what removed channels still output (bias, BN shift) into their consumers' biases.")
 @click.option("--prune-layernorm", is_flag=True, help="Structured: also remove channels normalized by a LayerNorm over the channel axis (ConvNeXt's residual stream). Approximate: the mean and variance of the kept channels change.")
 @click.option("--calibration-data", type=click.Path(path_type=Path), help="Calibration inputs: .npz (input name -> array with a batch axis) or a folder of .npz/.npy files.")
+@click.option("--image-size", metavar="HxW", help="Image calibration data: resize to HxW. [default: the model input's size]")
+@click.option("--image-mean", default="0.485,0.456,0.406", show_default=True, help="Image calibration data: per-channel mean (after scaling to [0, 1]).")
+@click.option("--image-std", default="0.229,0.224,0.225", show_default=True, help="Image calibration data: per-channel std.")
+@click.option("--image-layout", type=click.Choice(["nchw", "nhwc"]), default="nchw", show_default=True, help="Image calibration data: tensor layout.")
+@click.option("--image-channels", type=click.Choice(["rgb", "bgr"]), default="rgb", show_default=True, help="Image calibration data: channel order.")
 @click.option("--reconstruct", is_flag=True, help="Structured: refit the layers that lost inputs by least squares so their outputs on the calibration data match the original's.")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Leave weights/nodes whose name matches GLOB alone (repeatable).")
 @click.option("--min-params", type=int, default=0, show_default=True, help="Skip weight tensors with fewer elements.")
@@ -167,6 +172,9 @@ def prune_command(model: Path, output: Path | None, force: bool, debug: bool, qu
             "include_embeddings": opts["include_embeddings"], "max_layer_sparsity": opts["max_layer_sparsity"],
             "seed": opts["seed"], "fold_constants": opts["fold_constants"], "prune_layernorm": opts["prune_layernorm"],
             "reconstruct": opts["reconstruct"], "target_macs": opts["target_macs"],
+            "image_size": _hw(opts["image_size"]), "image_mean": _floats(opts["image_mean"], "--image-mean"),
+            "image_std": _floats(opts["image_std"], "--image-std"), "image_layout": opts["image_layout"],
+            "image_channels": opts["image_channels"],
             "target_params": opts["target_params"],
             "calibration_data": str(opts["calibration_data"]) if opts["calibration_data"] else None,
         }
@@ -214,6 +222,23 @@ def prune_command(model: Path, output: Path | None, force: bool, debug: bool, qu
             raise GateFailedError("validation gates missed: " + "; ".join(result.gate_failures))
 
     run_guarded(debug, body, output or default_output_path(model))
+
+
+def _hw(value: str | None) -> tuple[int, int] | None:
+    if not value:
+        return None
+    try:
+        h, w = (int(v) for v in value.lower().split("x"))
+    except ValueError:
+        raise UsageError(f"--image-size must be HxW such as 224x224, got {value!r}") from None
+    return h, w
+
+
+def _floats(value: str, option: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in value.split(","))
+    except ValueError:
+        raise UsageError(f"{option} must be numbers separated by commas, got {value!r}") from None
 
 
 def _dump(obj) -> str:

@@ -33,7 +33,12 @@ class PruneConfig:
     prune_layernorm: bool = False
     overrides: list[dict] = field(default_factory=list)  # recipe: [{match, sparsity|pattern|method|exclude}]
     reconstruct: bool = False  # structured: least-squares refit of the layers that lost inputs (calibration data)
-    calibration_data: str | None = None  # .npz file or directory of .npz/.npy files
+    calibration_data: str | None = None  # .npz file, or a directory of .npz/.npy files or images
+    image_size: tuple[int, int] | None = None  # image calibration data: resize to (height, width)
+    image_mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    image_std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    image_layout: str = "nchw"
+    image_channels: str = "rgb"
     target_macs: float | None = None  # structured: keep this fraction of MACs, ratios chosen by sensitivity
     target_params: float | None = None
 

@@ -101,3 +101,37 @@ def test_reconstruct_needs_calibration_and_structured(tmp_path):
     code, _, err = run_cli(FIXTURES / "cnn.onnx", "--sparsity", "0.5", "--calibration-data", tmp_path / "nope.npz",
                            "-o", tmp_path / "o.onnx")
     assert code == InputDataError.exit_code and "not found" in err
+
+
+def test_image_folder_calibration(tmp_path):
+    from PIL import Image
+
+    from onnxprune.calibration import ImagePreprocess
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    model = onnx.load(str(FIXTURES / "cnn.onnx"))
+    feeds = load_calibration(folder, model)
+    assert feeds[0]["input"].shape == (5, 3, 32, 32) and len(feeds) == 1  # dynamic batch: one batch of 5
+    assert abs(float(feeds[0]["input"].mean())) < 3
+    pre = ImagePreprocess(mean=(0, 0, 0), std=(1, 1, 1), channels="bgr")
+    raw = load_calibration(folder, model, images=pre)[0]["input"]
+    assert raw.min() >= 0 and raw.max() <= 1
+    code, _out, err = run_cli(FIXTURES / "cnn.onnx", "--structured", "--sparsity", "0.5", "--reconstruct",
+                             "--calibration-data", folder, "-o", tmp_path / "o.onnx", "--no-validate")
+    assert code == 0, err
+
+
+def test_image_calibration_errors(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    (folder / "broken.png").write_bytes(b"not a png")
+    code, _, err = run_cli(FIXTURES / "cnn.onnx", "--structured", "--sparsity", "0.5", "--reconstruct",
+                           "--calibration-data", folder, "-o", tmp_path / "o.onnx")
+    assert code == InputDataError.exit_code and "cannot read image" in err
+    code, _, err = run_cli(FIXTURES / "cnn.onnx", "--structured", "--sparsity", "0.5", "--reconstruct",
+                           "--calibration-data", folder, "--image-size", "big", "-o", tmp_path / "o.onnx")
+    assert code == 2 and "--image-size" in err
