@@ -255,3 +255,67 @@ def _write_solution(model: onnx.ModelProto, analysis, node: onnx.NodeProto, weig
     while len(node.input) < 3:
         node.input.append("")
     node.input[2] = name
+
+
+def reconstruct_sparse(original: onnx.ModelProto, pruned: onnx.ModelProto, layers: list[onnx.NodeProto],
+                       feeds: list[dict[str, np.ndarray]], ridge: float = 1e-3) -> dict[str, Any]:
+    """Row-wise least squares for zeroed weights: each output row's *kept* weights are refitted so the
+    layer's output on ``feeds`` matches the original's; zeros stay zero (the sparsity pattern holds)."""
+    from .analysis.groups import analyse
+    from .calibration import session_with_outputs
+
+    done, skipped = [], []
+    reference = session_with_outputs(original, [node.output[0] for node in layers])
+    index = analyse(pruned).index
+    for node in layers:
+        weight, chain = index.resolve(node.input[1])
+        if weight is None or chain or not _reconstructable(node):
+            skipped.append(node.name or node.output[0])
+            continue
+        w = weight.array().astype(np.float64)
+        rows_w = _as_rows(node, w)  # [O, D]
+        bias = None
+        if node.op_type in ("Conv", "Gemm") and len(node.input) > 2 and node.input[2]:
+            b, _ = index.resolve(node.input[2])
+            bias = b.array().astype(np.float64).reshape(-1) if b is not None else None
+        current = session_with_outputs(pruned, [node.input[0]])
+        gram = cross = None
+        for feed in feeds:
+            x = current.run([node.input[0]], feed)[0].astype(np.float64)
+            y = reference.run([node.output[0]], feed)[0].astype(np.float64)
+            if node.op_type == "Conv":
+                a = _im2col(x, node, tuple(w.shape[2:4]))
+                t = np.moveaxis(y, 1, -1).reshape(-1, y.shape[1])
+            else:
+                a, t = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+            if bias is not None and bias.size in (1, t.shape[1]):
+                t = t - bias
+            gram = a.T @ a if gram is None else gram + a.T @ a
+            cross = a.T @ t if cross is None else cross + a.T @ t
+        lam = ridge * float(np.trace(gram)) / gram.shape[0] + 1e-12
+        for o in range(rows_w.shape[0]):
+            kept = np.flatnonzero(rows_w[o])
+            if kept.size:
+                sub = gram[np.ix_(kept, kept)] + lam * np.eye(kept.size)
+                rows_w[o, kept] = np.linalg.solve(sub, cross[kept, o])
+        weight.set_array(_from_rows(node, rows_w, w.shape).astype(weight.dtype))
+        done.append(node.name or node.output[0])
+    return {"layers": len(done), "skipped": skipped,
+            "samples": int(sum(next(iter(f.values())).shape[0] for f in feeds))}
+
+
+def _as_rows(node: onnx.NodeProto, w: np.ndarray) -> np.ndarray:
+    """The weight as [output rows, inputs] in im2col / feature order."""
+    if node.op_type == "Conv":
+        return w.reshape(w.shape[0], -1).copy()
+    if node.op_type == "Gemm" and get_attr(node, "transB", 0):
+        return w.copy()
+    return w.T.copy()
+
+
+def _from_rows(node: onnx.NodeProto, rows: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    if node.op_type == "Conv":
+        return rows.reshape(shape)
+    if node.op_type == "Gemm" and get_attr(node, "transB", 0):
+        return rows
+    return rows.T

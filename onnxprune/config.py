@@ -80,8 +80,6 @@ class PruneConfig:
             raise UsageError(f"--criterion {self.criterion!r} is not available here; choose from {', '.join(allowed)}")
         if self.scope not in ("layer", "global"):
             raise UsageError(f"--scope must be 'layer' or 'global', got {self.scope!r}")
-        if self.reconstruct and not self.structured:
-            raise UsageError("--reconstruct applies to --structured pruning")
         if self.reconstruct and not self.calibration_data:
             raise UsageError("--reconstruct needs --calibration-data")
         if self.criterion == "activation" and not self.calibration_data:

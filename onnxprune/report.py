@@ -73,6 +73,10 @@ def render(report: dict[str, Any], *, markdown: bool = False, verbose: bool = Fa
                 lines.append(f"  ... {len(rows) - len(shown)} more (--verbose or --report)")
             for s in d.get("skipped", []):
                 lines.append(f"  skipped {s['weight']}: {s['reason']}")
+            rec = d.get("reconstruction")
+            if rec:
+                lines.append(f"refitted the kept weights of {rec['layers']} layer(s) by least squares on "
+                             f"{rec['samples']} calibration samples")
         elif p["name"] == "structured":
             lines.append(f"{h}Structured pruning: sparsity {d.get('target_sparsity')} "
                          f"({d.get('criterion')}, scope {d.get('scope')}, round-to {d.get('round_to')})")

@@ -91,15 +91,15 @@ def test_bad_calibration_data(tmp_path, arrays, words):
     assert listing(tmp_path) == before
 
 
-def test_reconstruct_needs_calibration_and_structured(tmp_path):
+def test_reconstruct_needs_calibration(tmp_path):
     code, _, err = run_cli(FIXTURES / "cnn.onnx", "--structured", "--sparsity", "0.5", "--reconstruct",
                            "-o", tmp_path / "o.onnx")
     assert code == 2 and "--calibration-data" in err
     code, _, err = run_cli(FIXTURES / "cnn.onnx", "--sparsity", "0.5", "--reconstruct", "--calibration-data",
-                           calib(tmp_path), "-o", tmp_path / "o.onnx")
-    assert code == 2 and "--structured" in err
+                           calib(tmp_path), "-o", tmp_path / "o.onnx", "--no-validate")
+    assert code == 0, err  # unstructured: the row-wise refit of the kept weights
     code, _, err = run_cli(FIXTURES / "cnn.onnx", "--sparsity", "0.5", "--calibration-data", tmp_path / "nope.npz",
-                           "-o", tmp_path / "o.onnx")
+                           "-o", tmp_path / "o2.onnx")
     assert code == InputDataError.exit_code and "not found" in err
 
 
@@ -135,3 +135,22 @@ def test_image_calibration_errors(tmp_path):
     code, _, err = run_cli(FIXTURES / "cnn.onnx", "--structured", "--sparsity", "0.5", "--reconstruct",
                            "--calibration-data", folder, "--image-size", "big", "-o", tmp_path / "o.onnx")
     assert code == 2 and "--image-size" in err
+
+
+@pytest.mark.parametrize("options", [{"sparsity": 0.7}, {"pattern": "2:4"}, {"sparsity": 0.7, "criterion": "activation"}])
+def test_unstructured_reconstruction_keeps_zeros_and_helps(tmp_path, options):
+    rng = np.random.default_rng(3)
+    np.savez(tmp_path / "c.npz", input=rng.standard_normal((32, 3, 32, 32)).astype(np.float32))
+    x = rng.standard_normal((8, 3, 32, 32)).astype(np.float32)
+    plain, _ = onnxprune.prune(FIXTURES / "cnn.onnx", calibration_data=str(tmp_path / "c.npz"), **options)
+    rebuilt, result = onnxprune.prune(FIXTURES / "cnn.onnx", calibration_data=str(tmp_path / "c.npz"),
+                                      reconstruct=True, **options)
+    onnx.checker.check_model(rebuilt, full_check=True)
+    assert result.to_dict()["passes"][0]["details"]["reconstruction"]["layers"] >= 7  # 2:4 skips the 3-channel stem
+    from onnxprune.analysis.weights import find_prunable_weights
+
+    before = {w.name: w.weight.array() == 0 for w in find_prunable_weights(plain)}
+    for w in find_prunable_weights(rebuilt):
+        assert (w.weight.array()[before[w.name]] == 0).all()  # every pruned weight stays zero
+        # (a weight reading an input that is always zero, e.g. a dead ReLU channel, may become zero too)
+    assert rel_error(FIXTURES / "cnn.onnx", rebuilt, x) < 0.5 * rel_error(FIXTURES / "cnn.onnx", plain, x)

@@ -17,8 +17,10 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import onnx
 
 from ..analysis.weights import PrunableWeight, find_prunable_weights, select_weights
+from ..compensation import reconstruct_sparse
 from ..config import PruneConfig
 from ..errors import UsageError
 from ..model import get_attr
@@ -209,6 +211,12 @@ class MagnitudePrunePass:
         pooled = [i for i in items if "sparsity" not in settings[i.name] and "pattern" not in settings[i.name]]
         if cfg.sparsity is not None and cfg.scope == "global" and nm is None and pooled:
             counts = dict(zip([i.name for i in pooled], self._global_counts(pooled, rng, ctx)))
+        original = None
+        if cfg.reconstruct and not cfg.structured:
+            if not ctx.state.get("calibration"):
+                raise UsageError("--reconstruct needs --calibration-data")
+            original = onnx.ModelProto()
+            original.CopyFrom(ctx.model)
         tensors = []
         total = zeros_total = 0
         for item in ctx.iterate(items, "pruning", len(items)):
@@ -249,7 +257,14 @@ class MagnitudePrunePass:
                 "zeros_after": zeros_after,
                 "sparsity": zeros_after / values.size if values.size else 0.0,
             })
+        reconstruction = None
+        if original is not None:
+            layers = [item.uses[0].node for item in items if len(item.uses) == 1 and item.uses[0].slot == 1]
+            ctx.log(f"refitting the kept weights of {len(layers)} layers by least squares on calibration data")
+            reconstruction = reconstruct_sparse(original, ctx.model, layers, ctx.state["calibration"])
+            del original
         return {
+            "reconstruction": reconstruction,
             "changed": any(t["zeros_after"] != t["zeros_before"] for t in tensors),
             "mode": "nm" if nm else ("threshold" if cfg.threshold is not None else "sparsity"),
             "criterion": cfg.criterion,
