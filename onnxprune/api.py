@@ -228,8 +228,15 @@ def _allocate_for_target(model: onnx.ModelProto, config: PruneConfig, calibratio
 
     samples = list(calibration or [])[:4] or ([feeds[0]] if feeds else [prepare_feeds(model, vcfg)[0]])
     shapes = dict(feeds[1]["shapes"]) if feeds else None
+    labels = None
+    if vcfg.eval_data:  # with labels, the allocation minimises lost accuracy
+        from .accuracy import load_eval_data
+
+        inputs, labels = load_eval_data(vcfg.eval_data, input_specs(model))
+        samples = [{name: arr[:256] for name, arr in inputs.items()}]
+        labels = labels[:256]
     log("measuring each group's sensitivity for the target")
-    sens = measure(model, samples, config, ratios=(0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875),
+    sens = measure(model, samples, config, ratios=(0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875), labels=labels,
                    input_shapes=shapes, log=log)
     ratios = allocate_for_target(model, sens, config, target_macs=config.target_macs,
                                  target_params=config.target_params, input_shapes=shapes)

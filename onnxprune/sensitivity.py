@@ -108,6 +108,12 @@ def allocate_for_target(model: onnx.ModelProto, sensitivity: dict[str, Any], con
     needed = (1.0 - target) * base
     chosen: dict[int, int] = {}  # group id -> index into its points (-1: untouched)
     groups = {g["id"]: g for g in sensitivity["groups"]}
+    last: int | None = None
+
+    def measure_cost(candidate: dict[int, float]) -> float:
+        pruned = prune_groups(model, candidate, config, input_shapes)
+        return total_macs(pruned, input_shapes) if target_macs is not None else count_params(pruned)[0]
+
     for _ in range(8):  # the savings of groups interact (a conv loses inputs and outputs): re-check and go on
         saved = sum(groups[g]["points"][i][key] for g, i in chosen.items())
         while saved < needed:
@@ -116,24 +122,48 @@ def allocate_for_target(model: onnx.ModelProto, sensitivity: dict[str, Any], con
                 i = chosen.get(gid, -1) + 1
                 if i >= len(group["points"]):
                     continue
-                prev = group["points"][i - 1] if i > 0 else {"rel_l2": 0.0, key: 0}
+                prev = group["points"][i - 1] if i > 0 else {"rel_l2": 0.0, key: 0, "top1": sensitivity.get("top1")}
                 gain = group["points"][i][key] - prev[key]
                 if gain <= 0:
                     continue
-                cost = (group["points"][i]["rel_l2"] - prev["rel_l2"]) / gain
+                cost = (_loss(group["points"][i], sensitivity) - _loss(prev, sensitivity)) / gain
                 if best_cost is None or cost < best_cost:
                     best, best_cost = gid, cost
             if best is None:
                 break
             chosen[best] = chosen.get(best, -1) + 1
+            last = best
             saved = sum(groups[g]["points"][i][key] for g, i in chosen.items())
         ratios = {gid: groups[gid]["points"][i]["ratio"] for gid, i in chosen.items()}
-        pruned = prune_groups(model, ratios, config, input_shapes)
-        actual = total_macs(pruned, input_shapes) if target_macs is not None else count_params(pruned)[0]
+        actual = measure_cost(ratios)
         if actual <= target * base * 1.02 or all(chosen.get(g, -1) + 1 >= len(groups[g]["points"]) for g in groups):
-            return ratios
+            return _refine(ratios, last, groups, chosen, measure_cost, target * base)
         needed += actual - target * base  # the estimate was optimistic: ask for the difference
     return ratios
+
+
+def _loss(point: dict[str, Any], sensitivity: dict[str, Any]) -> float:
+    """What a point costs: lost top-1 when labels were given (relative L2 breaks ties), else relative L2."""
+    if sensitivity.get("top1") is not None and point.get("top1") is not None:
+        return (sensitivity["top1"] - point["top1"]) + 0.01 * point["rel_l2"]
+    return point["rel_l2"]
+
+
+def _refine(ratios: dict[int, float], last: int | None, groups: dict[int, Any], chosen: dict[int, int],
+            measure_cost: Callable[[dict[int, float]], float], budget: float) -> dict[int, float]:
+    """Lower the last group's ratio (bisection on the measured cost) so the target is met, not overshot."""
+    if last is None:
+        return ratios
+    i = chosen[last]
+    low = groups[last]["points"][i - 1]["ratio"] if i > 0 else 0.0
+    high = ratios[last]
+    for _ in range(6):
+        mid = (low + high) / 2
+        if measure_cost({**ratios, last: mid}) <= budget:
+            high = mid
+        else:
+            low = mid
+    return {**ratios, last: high}
 
 
 def render(sensitivity: dict[str, Any]) -> str:
