@@ -130,3 +130,37 @@ def test_float16_model_structured_oracle():
     assert relative_error(run(masked, inputs), run(removed, inputs)) <= 1e-3  # float16 arithmetic
     pruned, _ = onnxprune.prune(model, sparsity=0.5, validate=True)
     assert pruned.graph.initializer[0].data_type == onnx.TensorProto.FLOAT16
+
+
+def test_scan_subgraph_weights():
+    """A Scan whose body multiplies each step by a body-local weight: unstructured reaches it, structured leaves it."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(9)
+    body = helper.make_graph(
+        [helper.make_node("MatMul", ["x_t", "scan.weight"], ["mm"], name="scan_mm"),
+         helper.make_node("Add", ["state_in", "mm"], ["state_out"], name="scan_add"),
+         helper.make_node("Identity", ["mm"], ["y_t"], name="scan_out")],
+        "body", [helper.make_tensor_value_info("state_in", TensorProto.FLOAT, [8]),
+                 helper.make_tensor_value_info("x_t", TensorProto.FLOAT, [8])],
+        [helper.make_tensor_value_info("state_out", TensorProto.FLOAT, [8]),
+         helper.make_tensor_value_info("y_t", TensorProto.FLOAT, [8])],
+        [numpy_helper.from_array((rng.standard_normal((8, 8)) * 0.3).astype(np.float32), "scan.weight")])
+    nodes = [helper.make_node("MatMul", ["input", "in.weight"], ["seq"], name="in_mm"),
+             helper.make_node("Scan", ["init", "seq"], ["final", "ys"], body=body, num_scan_inputs=1, name="scan")]
+    graph = helper.make_graph(nodes, "scan", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [5, 8])],
+                              [helper.make_tensor_value_info("ys", TensorProto.FLOAT, [5, 8])],
+                              [numpy_helper.from_array((rng.standard_normal((8, 8)) * 0.3).astype(np.float32), "in.weight"),
+                               numpy_helper.from_array(np.zeros(8, np.float32), "init")])
+    del graph.output[:]
+    graph.output.extend([helper.make_tensor_value_info("final", TensorProto.FLOAT, [8]),
+                         helper.make_tensor_value_info("ys", TensorProto.FLOAT, [5, 8])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    onnx.checker.check_model(model, full_check=True)
+    pruned, result = onnxprune.prune(model, sparsity=0.5)
+    assert {t["weight"] for t in result.to_dict()["passes"][0]["details"]["tensors"]} == {"in.weight", "scan.weight"}
+    same_outputs_shape(model, pruned)
+    pruned, result = onnxprune.prune(model, structured=True, sparsity=0.5)
+    assert any("control-flow" in f["reason"] for f in result.to_dict()["passes"][0]["details"]["frozen"])
+    inputs = feeds(model)
+    np.testing.assert_allclose(run(model, inputs)[1], run(pruned, inputs)[1], rtol=1e-6)

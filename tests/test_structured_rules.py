@@ -487,3 +487,15 @@ def test_reduce_noop_with_empty_axes_passes_reduce_all_frozen():
     model = g.head(g.op("Add", [g.x, s]), C)
     assert any("reduces every axis" in r for r in frozen_reasons(model))
     oracle(model)
+
+
+@pytest.mark.parametrize("opset", [11, 13, 18])
+def test_resize_and_reducemean_opset_forms(opset):
+    """Resize (roi/scales inputs since opset 11) and ReduceMean (axes attribute until 17, input from 18)."""
+    g = G(opset=opset)
+    y = g.op("Resize", [g.x, g.c([], np.float32), g.c([1, 1, 2, 2], np.float32)], mode="nearest")
+    if opset < 18:
+        y = g.op("ReduceMean", [y], axes=[2, 3], keepdims=0)
+    else:
+        y = g.op("ReduceMean", [y, g.c([2, 3])], keepdims=0)
+    assert oracle(g.head(y, C, spatial=False))
