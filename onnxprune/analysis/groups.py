@@ -177,6 +177,7 @@ class Analysis:
     ops_by_id: dict[int, set[str]] = field(default_factory=dict)
     approximate_layernorm: bool = False  # let channels through LayerNorm over the channel axis
     approximations: list[str] = field(default_factory=list)  # nodes where removal is not exact
+    rewritten: dict[str, np.ndarray] = field(default_factory=dict)  # constants created while removing
 
     # -- channel ids -------------------------------------------------------------------
 
@@ -224,6 +225,8 @@ class Analysis:
 
     def constant(self, name: str) -> np.ndarray | None:
         """The value of a small constant input (shape tensors, axes, slice bounds)."""
+        if name in self.rewritten:
+            return self.rewritten[name]
         weight, chain = self.weight(name)
         if weight is None or any(n.op_type == "Transpose" for n in chain):
             return None

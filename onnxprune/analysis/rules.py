@@ -85,7 +85,11 @@ def _axes(a: Analysis, node: onnx.NodeProto, input_slot: int, attr: str = "axes"
 def _replace_input(a: Analysis, node: onnx.NodeProto, slot: int, values: np.ndarray, suffix: str) -> None:
     """Point input ``slot`` of ``node`` at a new initializer (shared constants stay intact)."""
     name = f"{node.name or node.output[0]}.{suffix}.pruned"
+    existing = next((i for i, init in enumerate(a.model.graph.initializer) if init.name == name), None)
+    if existing is not None:  # a shared shape tensor rewritten again (e.g. q, k and v reading one Concat)
+        del a.model.graph.initializer[existing]
     a.model.graph.initializer.append(numpy_helper.from_array(values, name))
+    a.rewritten[name] = values
     while len(node.input) <= slot:
         node.input.append("")
     node.input[slot] = name
@@ -226,8 +230,11 @@ def gemm_rule(a: Analysis, node: onnx.NodeProto) -> None:
 
 @rule("MatMul", does="consumes the last axis against a 2-D weight (rows); other axes pass through")
 def matmul_rule(a: Analysis, node: onnx.NodeProto) -> None:
-    ann = _only_slot(a, node, 0)
     weight, _ = a.weight(node.input[1])
+    if node.input[1] in a.ann or weight is None:
+        _batched_matmul(a, node)
+        return
+    ann = _only_slot(a, node, 0)
     rank = _rank(a, node.input[0])
     if weight is None or len(weight.shape) != 2:
         raise Freeze(f"MatMul {node.name!r}: B is not a 2-D constant weight")
@@ -239,6 +246,34 @@ def matmul_rule(a: Analysis, node: onnx.NodeProto) -> None:
         _set(a, node, ann.axis + _rank(a, node.output[0]) - rank, ann.ids)
     else:
         raise Freeze(f"MatMul {node.name!r}: channels on the row axis of A")
+
+
+def _batched_matmul(a: Analysis, node: onnx.NodeProto) -> None:
+    """MatMul of two activations (attention): channels on a shared batch axis (heads) pass through and tie."""
+    out_rank = _rank(a, node.output[0])
+    anns = {slot: a.ann[name] for slot, name in enumerate(node.input[:2]) if name in a.ann}
+    axes = set()
+    for slot, ann in anns.items():
+        rank = _rank(a, node.input[slot])
+        if ann.axis >= rank - 2:
+            raise Freeze(f"MatMul {node.name!r}: channels on a matrix axis of input {slot}")
+        axes.add(ann.axis + out_rank - rank)
+    if len(axes) != 1:
+        raise Freeze(f"MatMul {node.name!r}: inputs carry channels on different axes")
+    axis = axes.pop()
+    ids = next(iter(anns.values())).ids
+    for ann in anns.values():
+        if len(ann.ids) != len(ids):
+            raise Freeze(f"MatMul {node.name!r}: inputs carry different channel counts")
+        a.tie(ids, ann.ids)
+    for slot in (0, 1):
+        if slot not in anns:
+            shape = a.shape(node.input[slot])
+            pos = axis - (out_rank - len(shape)) if shape is not None else 0
+            if shape is None or (pos >= 0 and shape[pos] not in (1,)):
+                raise Freeze(f"MatMul {node.name!r} mixes these channels with {node.input[slot]!r}, "
+                             "which has no channel ids")
+    _set(a, node, axis, ids)
 
 
 # -- per-channel ops ------------------------------------------------------------------------
@@ -634,7 +669,8 @@ def reshape_rule(a: Analysis, node: onnx.NodeProto) -> None:
 
     j = next((j for j in range(len(dst)) if fits(j)), None)
     if j is None:
-        raise Freeze(f"Reshape {node.name!r} splits the channel axis")
+        _split_into_heads(a, node, ann, dst, prefix, want, inner)
+        return
     block = dst[j] // n
     slot, position, value = _shape_entry(a, node, j)
     if value not in (-1, 0) or (value == 0 and j != c):
@@ -646,6 +682,33 @@ def reshape_rule(a: Analysis, node: onnx.NodeProto) -> None:
 
         a.node_edits.append((node, rewrite))
     _set(a, node, j, np.repeat(ann.ids, block))
+
+
+def _split_into_heads(a: Analysis, node: onnx.NodeProto, ann: Annotation, dst: list[int], prefix: list[int],
+                      want: int, inner: int) -> None:
+    """Reshape [.., H*D, ..] -> [.., H, D, ..] (attention heads): each head's D channels go together."""
+    n = len(ann.ids)
+    j = next((j for j in range(len(dst) - 1) if prefix[j] == want and dst[j] * dst[j + 1] == n and dst[j] > 1
+              and int(np.prod(dst[j + 2:], dtype=np.int64)) == inner), None)
+    if j is None:
+        raise Freeze(f"Reshape {node.name!r} splits the channel axis")
+    heads, width = dst[j], dst[j + 1]
+    for h in range(heads):
+        a.tie(np.full(width, ann.ids[h * width]), ann.ids[h * width:(h + 1) * width])
+    slot, position, value = _shape_entry(a, node, j)
+    if value == 0:
+        raise Freeze(f"Reshape {node.name!r}: the head count is copied from the input")
+    representatives = ann.ids[::width].copy()
+    if value != -1:
+        def rewrite(keep: np.ndarray, ids=representatives, slot=slot, position=position) -> None:
+            owner, input_slot = slot
+            new = a.constant(owner.input[input_slot]).copy()
+            new.reshape(-1)[position] = int(keep[ids].sum())
+            _replace_input(a, owner, input_slot, new, "shape")
+
+        a.node_edits.append((node, rewrite))
+    a.mark(ann.ids, "Reshape")
+    _set(a, node, j, representatives)
 
 
 def _shape_entry(a: Analysis, node: onnx.NodeProto, j: int) -> tuple[tuple[onnx.NodeProto, int], int, int]:

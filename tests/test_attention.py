@@ -1,0 +1,114 @@
+"""Attention heads: q/k/v -> Reshape [B, S, H, D] -> Transpose -> MatMul -> Softmax -> MatMul -> Reshape -> out-proj."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import onnxprune
+from onnxprune.analysis.groups import analyse, build_groups
+from onnxprune.analysis.oracle import masked_and_removed, random_keep, relative_error
+
+E, H, D, FF = 32, 4, 8, 64
+
+
+def attention_block(runtime_shapes: bool) -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    inits = []
+
+    def w(name, shape, scale=0.2):
+        inits.append(numpy_helper.from_array((rng.standard_normal(shape) * scale).astype(np.float32), name))
+        return name
+
+    def c(name, values, dtype=np.int64):
+        inits.append(numpy_helper.from_array(np.asarray(values, dtype=dtype), name))
+        return name
+
+    nodes = [helper.make_node("LayerNormalization", ["x", w("ln.g", [E]), w("ln.b", [E])], ["h"], axis=-1, name="ln")]
+    if runtime_shapes:  # Shape -> Gather -> Concat with constant head pieces, as torch exports
+        nodes += [helper.make_node("Shape", ["h"], ["hs"], name="shape"),
+                  helper.make_node("Gather", ["hs", c("i0", [0])], ["bsz"], axis=0, name="g0"),
+                  helper.make_node("Gather", ["hs", c("i1", [1])], ["seq"], axis=0, name="g1"),
+                  helper.make_node("Concat", ["bsz", "seq", c("heads", [H]), c("hd", [D])], ["split_shape"], axis=0,
+                                   name="split_shape"),
+                  helper.make_node("Concat", ["bsz", "seq", c("hidden", [H * D])], ["merge_shape"], axis=0,
+                                   name="merge_shape")]
+        split, merge = "split_shape", "merge_shape"
+    else:
+        split, merge = c("split", [0, 0, H, D]), c("merge", [0, 0, H * D])
+    for p in "qkv":
+        nodes += [helper.make_node("MatMul", ["h", w(f"{p}.w", [E, H * D])], [f"{p}0"], name=f"{p}_proj"),
+                  helper.make_node("Add", [f"{p}0", w(f"{p}.b", [H * D], 0.1)], [f"{p}1"], name=f"{p}_bias"),
+                  helper.make_node("Reshape", [f"{p}1", split], [f"{p}2"], name=f"{p}_split")]
+    nodes += [
+        helper.make_node("Transpose", ["q2"], ["q"], perm=[0, 2, 1, 3], name="q_t"),
+        helper.make_node("Transpose", ["k2"], ["k"], perm=[0, 2, 3, 1], name="k_t"),
+        helper.make_node("Transpose", ["v2"], ["v"], perm=[0, 2, 1, 3], name="v_t"),
+        helper.make_node("MatMul", ["q", "k"], ["scores"], name="qk"),
+        helper.make_node("Div", ["scores", c("scale", np.sqrt(D), np.float32)], ["scaled"], name="scale"),
+        helper.make_node("Add", ["scaled", "mask"], ["masked"], name="mask_add"),
+        helper.make_node("Softmax", ["masked"], ["probs"], axis=-1, name="softmax"),
+        helper.make_node("MatMul", ["probs", "v"], ["ctx"], name="pv"),
+        helper.make_node("Transpose", ["ctx"], ["ctx_t"], perm=[0, 2, 1, 3], name="ctx_t"),
+        helper.make_node("Reshape", ["ctx_t", merge], ["ctx_m"], name="merge"),
+        helper.make_node("MatMul", ["ctx_m", w("o.w", [H * D, E])], ["o0"], name="o_proj"),
+        helper.make_node("Add", ["o0", w("o.b", [E], 0.1)], ["attn"], name="o_bias"),
+        helper.make_node("Add", ["x", "attn"], ["res"], name="residual"),
+        # MLP: up -> Gelu (erf spelling) -> down
+        helper.make_node("MatMul", ["res", w("up.w", [E, FF])], ["u0"], name="up"),
+        helper.make_node("Div", ["u0", c("sqrt2", np.sqrt(2.0), np.float32)], ["u1"], name="gelu_div"),
+        helper.make_node("Erf", ["u1"], ["u2"], name="gelu_erf"),
+        helper.make_node("Add", ["u2", c("one", 1.0, np.float32)], ["u3"], name="gelu_add"),
+        helper.make_node("Mul", ["u0", "u3"], ["u4"], name="gelu_mul"),
+        helper.make_node("Mul", ["u4", c("half", 0.5, np.float32)], ["u5"], name="gelu_half"),
+        helper.make_node("MatMul", ["u5", w("down.w", [FF, E])], ["d0"], name="down"),
+        helper.make_node("Add", ["res", "d0"], ["y"], name="residual2"),
+    ]
+    graph = helper.make_graph(nodes, "attention", [
+        helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "S", E]),
+        helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["B", 1, 1, "S"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", "S", E])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def run(model, batch, seq):
+    rng = np.random.default_rng(batch * 100 + seq)
+    feeds = {"x": rng.standard_normal((batch, seq, E)).astype(np.float32),
+             "mask": np.where(rng.random((batch, 1, 1, seq)) < 0.2, -1e4, 0).astype(np.float32)}
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+@pytest.mark.parametrize("runtime_shapes", [False, True])
+def test_heads_are_units_and_oracle_holds(runtime_shapes):
+    model = attention_block(runtime_shapes)
+    groups = build_groups(analyse(model))
+    head_group = next(g for g in groups if any(s.node.name == "q_proj" for s in g.spaces))
+    assert {s.node.name for s in head_group.spaces} == {"q_proj", "k_proj", "v_proj"}
+    assert len(head_group.units) == H and all(len(u) == 3 * D for u in head_group.units)
+    mlp = next(g for g in groups if any(s.node.name == "up" for s in g.spaces))
+    assert len(mlp.units) == FF
+    for seed in (0, 1, 2):
+        keep = random_keep(model, 0.5, seed)
+        masked, removed = masked_and_removed(model, keep)
+        onnx.checker.check_model(removed, full_check=True)
+        for batch, seq in ((1, 5), (2, 7), (3, 16)):
+            assert relative_error(run(masked, batch, seq), run(removed, batch, seq)) <= 1e-5
+
+
+def test_prune_heads_and_neurons():
+    model = attention_block(runtime_shapes=True)
+    pruned, result = onnxprune.prune(model, structured=True, sparsity=0.5)
+    onnx.checker.check_model(pruned, full_check=True)
+    shapes = {i.name: list(i.dims) for i in pruned.graph.initializer}
+    assert shapes["q.w"] == [E, H // 2 * D] and shapes["o.w"] == [H // 2 * D, E]
+    assert shapes["up.w"] == [E, FF // 2] and shapes["down.w"] == [FF // 2, E]
+    for batch, seq in ((1, 5), (2, 9), (4, 32)):
+        assert run(pruned, batch, seq)[0].shape == (batch, seq, E)
+    frozen = " ".join(f["reason"] for f in result.to_dict()["passes"][0]["details"]["frozen"])
+    assert "residual" in frozen  # the hidden size (residual stream) stays
+    assert shapes["o.b"] == [E] and shapes["ln.g"] == [E]
