@@ -119,6 +119,7 @@ def _providers(values: tuple[str, ...]) -> list[str]:
 @click.option("--scope", type=click.Choice(["layer", "global"]), default="layer", show_default=True, help="Rank within each layer/group or across the model.")
 @click.option("--max-layer-sparsity", type=float, default=0.99, show_default=True, help="Global scope: cap per tensor so no layer is emptied.")
 @click.option("--structured", is_flag=True, help="Remove whole channels/neurons (physically smaller, faster model).")
+@click.option("--head-sparsity", type=float, default=0.0, show_default=True, help="Structured: share of attention heads to remove (--sparsity covers MLP neurons and other channels).")
 @click.option("--target-macs", type=float, help="Structured: keep this fraction of the MACs; per-group ratios chosen from measured sensitivity.")
 @click.option("--target-params", type=float, help="Structured: keep this fraction of the parameters (like --target-macs).")
 @click.option("--round-to", type=int, default=1, show_default=True, help="Structured: keep channel counts multiples of N.")
@@ -172,6 +173,7 @@ def prune_command(model: Path, output: Path | None, force: bool, debug: bool, qu
             "include_embeddings": opts["include_embeddings"], "max_layer_sparsity": opts["max_layer_sparsity"],
             "seed": opts["seed"], "fold_constants": opts["fold_constants"], "prune_layernorm": opts["prune_layernorm"],
             "reconstruct": opts["reconstruct"], "target_macs": opts["target_macs"],
+            "head_sparsity": opts["head_sparsity"],
             "image_size": _hw(opts["image_size"]), "image_mean": _floats(opts["image_mean"], "--image-mean"),
             "image_std": _floats(opts["image_std"], "--image-std"), "image_layout": opts["image_layout"],
             "image_channels": opts["image_channels"],

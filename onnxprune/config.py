@@ -39,6 +39,7 @@ class PruneConfig:
     image_std: tuple[float, ...] = (0.229, 0.224, 0.225)
     image_layout: str = "nchw"
     image_channels: str = "rgb"
+    head_sparsity: float = 0.0  # structured: share of attention heads removed (--sparsity covers the rest)
     target_macs: float | None = None  # structured: keep this fraction of MACs, ratios chosen by sensitivity
     target_params: float | None = None
 
@@ -86,6 +87,8 @@ class PruneConfig:
             raise UsageError("--criterion activation needs --calibration-data")
         if self.criterion == "activation" and not self.structured and self.scope == "global":
             raise UsageError("--criterion activation ranks weights within each output row; --scope global does not apply")
+        if not 0.0 <= self.head_sparsity < 1.0:
+            raise UsageError(f"--head-sparsity must be in [0, 1), got {self.head_sparsity}")
         if self.round_to < 1:
             raise UsageError(f"--round-to must be >= 1, got {self.round_to}")
         if self.min_params < 0:

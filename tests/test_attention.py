@@ -102,7 +102,9 @@ def test_heads_are_units_and_oracle_holds(runtime_shapes):
 
 def test_prune_heads_and_neurons():
     model = attention_block(runtime_shapes=True)
-    pruned, result = onnxprune.prune(model, structured=True, sparsity=0.5)
+    kept_heads, _ = onnxprune.prune(model, structured=True, sparsity=0.5)  # heads stay unless asked for
+    assert {i.name: list(i.dims) for i in kept_heads.graph.initializer}["q.w"] == [E, H * D]
+    pruned, result = onnxprune.prune(model, structured=True, sparsity=0.5, head_sparsity=0.5)
     onnx.checker.check_model(pruned, full_check=True)
     shapes = {i.name: list(i.dims) for i in pruned.graph.initializer}
     assert shapes["q.w"] == [E, H // 2 * D] and shapes["o.w"] == [H // 2 * D, E]

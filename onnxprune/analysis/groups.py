@@ -178,6 +178,7 @@ class Analysis:
     approximate_layernorm: bool = False  # let channels through LayerNorm over the channel axis
     approximations: list[str] = field(default_factory=list)  # nodes where removal is not exact
     rewritten: dict[str, np.ndarray] = field(default_factory=dict)  # constants created while removing
+    head_ids: set[int] = field(default_factory=set)  # channel ids that stand for whole attention heads
 
     # -- channel ids -------------------------------------------------------------------
 

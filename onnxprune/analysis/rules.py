@@ -699,6 +699,7 @@ def _split_into_heads(a: Analysis, node: onnx.NodeProto, ann: Annotation, dst: l
     if value == 0:
         raise Freeze(f"Reshape {node.name!r}: the head count is copied from the input")
     representatives = ann.ids[::width].copy()
+    a.head_ids.update(int(i) for i in representatives)
     if value != -1:
         def rewrite(keep: np.ndarray, ids=representatives, slot=slot, position=position) -> None:
             owner, input_slot = slot

@@ -38,11 +38,15 @@ def group_overrides(groups: list[ChannelGroup], config: PruneConfig) -> dict[int
 
 
 def allocate(groups: list[ChannelGroup], scores: dict[int, np.ndarray], config: PruneConfig,
-             num_channels: int) -> np.ndarray:
-    """Boolean keep-mask over channel ids for the configured sparsity, scope and rounding."""
+             num_channels: int, fixed: dict[int, float] | None = None) -> np.ndarray:
+    """Boolean keep-mask over channel ids for the configured sparsity, scope and rounding.
+
+    ``fixed`` gives some groups their own ratio (attention heads: ``head_sparsity``); recipe
+    overrides win over it.
+    """
     keep = np.ones(num_channels, dtype=bool)
     sparsity, round_to = config.sparsity or 0.0, config.round_to
-    per_group = group_overrides(groups, config)
+    per_group = {**(fixed or {}), **group_overrides(groups, config)}
     removals: dict[int, int] = {}
     if config.scope == "global":
         pool = []
@@ -89,7 +93,9 @@ def allocate_safe(analysis: Analysis, groups: list[ChannelGroup], scores: dict[i
     for g in groups:
         for i, ids in enumerate(g.units):
             per_channel[ids] = scores[g.id][i]
-    keep = never_empty(analysis, allocate(groups, scores, config, analysis.num_channels), per_channel)
+    heads = {g.id: config.head_sparsity for g in groups
+             if analysis.head_ids and any(i in analysis.head_ids for ids in g.units for i in ids)}
+    keep = never_empty(analysis, allocate(groups, scores, config, analysis.num_channels, heads), per_channel)
     if config.round_to > 1:
         for g in groups:
             removed = [i for i, ids in enumerate(g.units) if not keep[ids[0]]]
