@@ -89,6 +89,8 @@ SETTINGS = [
     ("unstructured 70%, magnitude + --reconstruct", ["--sparsity", "0.7", "--reconstruct"]),
     ("structured --target-macs 0.5", ["--structured", "--target-macs", "0.5"]),
     ("structured --target-macs 0.5 + --reconstruct", ["--structured", "--target-macs", "0.5", "--reconstruct"]),
+    ("structured --target-macs 0.253 (the MACs of 50% uniform) + --reconstruct",
+     ["--structured", "--target-macs", "0.253", "--reconstruct"]),
     ("structured --target-macs 0.5, L2 + --reconstruct",
      ["--structured", "--target-macs", "0.5", "--reconstruct", "--criterion", "l2"]),
 ]
