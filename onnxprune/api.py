@@ -144,6 +144,7 @@ def prune(
             original_src = ModelSource(model=onnx.load_from_string(loaded.model.SerializeToString()))
 
     _refuse_quantized(loaded.model, config)
+    _refuse_fused_heads(loaded.model, config)
     calibration = None
     if config.calibration_data:
         from .calibration import load_calibration
@@ -253,6 +254,21 @@ QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", 
                  "ConvInteger", "MatMulInteger", "QGemm", "QLinearAdd", "QLinearMul", "QLinearSigmoid",
                  "QLinearLeakyRelu", "QLinearConcat", "QLinearGlobalAveragePool", "QLinearAveragePool",
                  "QAttention", "DynamicQuantizeMatMul", "MatMulIntegerToFloat"}
+
+
+FUSED_ATTENTION = {"Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedAttention",
+                   "PackedMultiHeadAttention", "DecoderMaskedMultiHeadAttention", "SparseAttention"}
+
+
+def _refuse_fused_heads(model: onnx.ModelProto, config: PruneConfig) -> None:
+    """Head pruning through fused attention ops is refused, naming the op (their head count is an attribute)."""
+    if not (config.structured and config.head_sparsity > 0):
+        return
+    for node in model.graph.node:
+        if node.op_type in FUSED_ATTENTION:
+            domain = node.domain or "ai.onnx"
+            raise UnsupportedError(f"--head-sparsity: fused attention op {domain}::{node.op_type} ({node.name!r}) is "
+                                   "not supported for head pruning; export the model without attention fusion")
 
 
 def _refuse_quantized(model: onnx.ModelProto, config: PruneConfig) -> None:

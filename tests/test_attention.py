@@ -114,3 +114,27 @@ def test_prune_heads_and_neurons():
     frozen = " ".join(f["reason"] for f in result.to_dict()["passes"][0]["details"]["frozen"])
     assert "residual" in frozen  # the hidden size (residual stream) stays
     assert shapes["o.b"] == [E] and shapes["ln.g"] == [E]
+
+
+def test_fused_attention_head_pruning_is_refused(tmp_path):
+    from onnxprune.errors import UnsupportedError
+
+    from .conftest import listing, run_cli
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array((rng.standard_normal((E, 3 * E)) * 0.2).astype(np.float32), "qkv.w"),
+             numpy_helper.from_array(np.zeros(3 * E, np.float32), "qkv.b")]
+    nodes = [helper.make_node("Attention", ["x", "qkv.w", "qkv.b"], ["y"], domain="com.microsoft", num_heads=H,
+                              name="fused_attention")]
+    graph = helper.make_graph(nodes, "fused", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 5, E])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5, E])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
+                              ir_version=8)
+    onnx.save(model, tmp_path / "fused.onnx")
+    before = listing(tmp_path)
+    code, _, err = run_cli(tmp_path / "fused.onnx", "--structured", "--sparsity", "0.5", "--head-sparsity", "0.25",
+                           "-o", tmp_path / "o.onnx")
+    assert code == UnsupportedError.exit_code and "com.microsoft::Attention" in err
+    assert listing(tmp_path) == before
+    _, result = onnxprune.prune(tmp_path / "fused.onnx", structured=True, sparsity=0.5)  # no heads asked for
+    assert result.to_dict()["passes"][0]["details"]["channels_removed"] == 0  # the fused op is left as it is
