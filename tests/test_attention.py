@@ -138,3 +138,65 @@ def test_fused_attention_head_pruning_is_refused(tmp_path):
     assert listing(tmp_path) == before
     _, result = onnxprune.prune(tmp_path / "fused.onnx", structured=True, sparsity=0.5)  # no heads asked for
     assert result.to_dict()["passes"][0]["details"]["channels_removed"] == 0  # the fused op is left as it is
+
+
+def gqa_block(hkv: int = 2) -> onnx.ModelProto:
+    """LLaMA-style grouped-query attention: K/V have fewer heads, repeated by Unsqueeze -> Expand -> Reshape."""
+    rng = np.random.default_rng(1)
+    rep = H // hkv
+    inits = []
+
+    def w(name, shape, scale=0.2):
+        inits.append(numpy_helper.from_array((rng.standard_normal(shape) * scale).astype(np.float32), name))
+        return name
+
+    def c(name, values, dtype=np.int64):
+        inits.append(numpy_helper.from_array(np.asarray(values, dtype=dtype), name))
+        return name
+
+    nodes = [helper.make_node("MatMul", ["x", w("q.w", [E, H * D])], ["q0"], name="q_proj"),
+             helper.make_node("Reshape", ["q0", c("qs", [0, 0, H, D])], ["q1"], name="q_split"),
+             helper.make_node("Transpose", ["q1"], ["q"], perm=[0, 2, 1, 3], name="q_t")]
+    for p in "kv":
+        nodes += [helper.make_node("MatMul", ["x", w(f"{p}.w", [E, hkv * D])], [f"{p}0"], name=f"{p}_proj"),
+                  helper.make_node("Reshape", [f"{p}0", c(f"{p}s", [0, 0, hkv, D])], [f"{p}1"], name=f"{p}_split"),
+                  helper.make_node("Transpose", [f"{p}1"], [f"{p}2"], perm=[0, 2, 1, 3], name=f"{p}_t"),
+                  helper.make_node("Unsqueeze", [f"{p}2", c(f"{p}ax", [2])], [f"{p}3"], name=f"{p}_unsq"),
+                  helper.make_node("Expand", [f"{p}3", c(f"{p}ex", [1, hkv, rep, 1, 1])], [f"{p}4"], name=f"{p}_expand"),
+                  helper.make_node("Reshape", [f"{p}4", c(f"{p}rs", [0, H, -1, D])], [f"{p}5"], name=f"{p}_repeat")]
+    nodes += [helper.make_node("Transpose", ["k5"], ["kt"], perm=[0, 1, 3, 2], name="k_tt"),
+              helper.make_node("MatMul", ["q", "kt"], ["scores"], name="qk"),
+              helper.make_node("Softmax", ["scores"], ["probs"], axis=-1, name="softmax"),
+              helper.make_node("MatMul", ["probs", "v5"], ["ctx"], name="pv"),
+              helper.make_node("Transpose", ["ctx"], ["ctx_t"], perm=[0, 2, 1, 3], name="ctx_t"),
+              helper.make_node("Reshape", ["ctx_t", c("ms", [0, 0, H * D])], ["ctx_m"], name="merge"),
+              helper.make_node("MatMul", ["ctx_m", w("o.w", [H * D, E])], ["y"], name="o_proj")]
+    graph = helper.make_graph(nodes, "gqa", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "S", E])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", "S", E])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_grouped_query_attention_units_and_oracle():
+    model = gqa_block()
+    groups = build_groups(analyse(model))
+    group = next(g for g in groups if any(s.node.name == "q_proj" for s in g.spaces))
+    assert {s.node.name for s in group.spaces} == {"q_proj", "k_proj", "v_proj"}
+    # one unit per K/V head: its D key and D value channels and the 2 query heads that share it
+    assert len(group.units) == 2 and all(len(u) == 2 * D + 2 * D for u in group.units)
+    rng = np.random.default_rng(0)
+    for seed in (0, 1):
+        keep = random_keep(model, 0.5, seed)
+        masked, removed = masked_and_removed(model, keep)
+        onnx.checker.check_model(removed, full_check=True)
+        for batch, seq in ((1, 3), (2, 6)):
+            feeds = {"x": rng.standard_normal((batch, seq, E)).astype(np.float32)}
+
+            def go(m):
+                return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+
+            assert relative_error(go(masked), go(removed)) <= 1e-5
+    pruned, _ = onnxprune.prune(model, structured=True, sparsity=0.0, head_sparsity=0.5)
+    dims = {i.name: list(i.dims) for i in pruned.graph.initializer}
+    assert dims["k.w"] == [E, D] and dims["q.w"] == [E, 2 * D] and dims["o.w"] == [2 * D, E]
