@@ -193,7 +193,7 @@ def test_grouped_query_attention_units_and_oracle():
         for batch, seq in ((1, 3), (2, 6)):
             feeds = {"x": rng.standard_normal((batch, seq, E)).astype(np.float32)}
 
-            def go(m):
+            def go(m, feeds=feeds):
                 return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
 
             assert relative_error(go(masked), go(removed)) <= 1e-5
