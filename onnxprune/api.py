@@ -145,6 +145,8 @@ def prune(
 
     _refuse_quantized(loaded.model, config)
     _refuse_fused_heads(loaded.model, config)
+    if output_path is not None:
+        _check_data_files(loaded, output_path, external_data, force)
     calibration = None
     if config.calibration_data:
         from .calibration import load_calibration
@@ -254,6 +256,22 @@ QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", 
                  "ConvInteger", "MatMulInteger", "QGemm", "QLinearAdd", "QLinearMul", "QLinearSigmoid",
                  "QLinearLeakyRelu", "QLinearConcat", "QLinearGlobalAveragePool", "QLinearAveragePool",
                  "QAttention", "DynamicQuantizeMatMul", "MatMulIntegerToFloat"}
+
+
+def _check_data_files(loaded: LoadedModel, output: Path, external_data: bool | None, force: bool) -> None:
+    """Never write over the input's external data; an existing ``<output>.data`` needs ``--force``."""
+    from .errors import OutputError
+    from .model import _external_locations
+
+    if loaded.path is not None and loaded.has_external_data:
+        inputs = {(loaded.path.parent / loc).resolve() for loc in _external_locations(
+            onnx.load(str(loaded.path), load_external_data=False))}
+        targets = {output.resolve(), output.with_name(f"{output.name}.data").resolve()}
+        if inputs & targets:
+            raise OutputError(f"refusing to overwrite the input model's external data: {min(inputs & targets)}")
+    data = output.with_name(f"{output.name}.data")
+    if (external_data or (external_data is None and loaded.has_external_data)) and data.exists() and not force:
+        raise OutputError(f"output data file exists: {data} (use --force to replace it)")
 
 
 FUSED_ATTENTION = {"Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedAttention",

@@ -80,6 +80,35 @@ def test_corrupt_protobuf(tmp_path):
     assert_nothing_written(tmp_path, before)
 
 
+@pytest.mark.parametrize("start", [2, 20, 200])
+def test_flipped_bytes(tmp_path, start):
+    data = bytearray(CNN.read_bytes())
+    for i in range(start, start + 16):
+        data[i] ^= 0xFF
+    (tmp_path / "flipped.onnx").write_bytes(bytes(data))
+    before = listing(tmp_path)
+    code, _, err = run_cli(tmp_path / "flipped.onnx", "--sparsity", "0.5")
+    assert code in (3, 4), err
+    assert_error(code, err, code)
+    assert_nothing_written(tmp_path, before)
+
+
+def test_truncated_external_data(tmp_path):
+    shutil.copytree(FIXTURES / "cnn_external", tmp_path / "ext")
+    data = (tmp_path / "ext" / "model.onnx.data").read_bytes()
+    (tmp_path / "ext" / "model.onnx.data").write_bytes(data[: len(data) // 2])
+    check(tmp_path, [tmp_path / "ext" / "model.onnx", "--sparsity", "0.5"], 3)
+
+
+def test_report_directory_missing(work):
+    check(work, [work / "model.onnx", "--sparsity", "0.5", "--report", work / "nodir" / "r.json"], 7, "does not exist")
+
+
+def test_output_is_input_spelled_differently(work, monkeypatch):
+    monkeypatch.chdir(work)
+    check(work, ["model.onnx", "--sparsity", "0.5", "-o", "./sub/../model.onnx", "--force"], 7, "overwrite the input")
+
+
 def test_wrong_raw_data_size(tmp_path):
     model = onnx.load(CNN)
     model.graph.initializer[0].raw_data = model.graph.initializer[0].raw_data[:-4]
@@ -234,3 +263,19 @@ def test_duplicate_output_names(tmp_path):
                               opset_imports=[helper.make_opsetid("", 13)])
     onnx.save(model, tmp_path / "dup.onnx")
     check(tmp_path, [tmp_path / "dup.onnx", "--sparsity", "0.5"], 4)
+
+
+def test_output_is_the_inputs_external_data_file(tmp_path):
+    """The input's external data file is part of the input: never overwritten, even with --force."""
+    shutil.copytree(FIXTURES / "cnn_external", tmp_path / "ext")
+    data = tmp_path / "ext" / "model.onnx.data"
+    original = data.read_bytes()
+    check(tmp_path, [tmp_path / "ext" / "model.onnx", "--sparsity", "0.5", "-o", data, "--force"], 7, "input")
+    assert data.read_bytes() == original
+
+
+def test_existing_external_data_file_without_force(work):
+    """With external data the output is two files; an existing ``<output>.data`` is refused like the model file."""
+    (work / "out.onnx.data").write_bytes(b"keep me")
+    check(work, [work / "model.onnx", "--sparsity", "0.5", "-o", work / "out.onnx", "--external-data"], 7, "--force")
+    assert (work / "out.onnx.data").read_bytes() == b"keep me"

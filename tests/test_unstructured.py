@@ -15,7 +15,8 @@ from onnxprune.analysis.weights import find_prunable_weights
 from .conftest import FIXTURES, run_cli
 
 MAIN_FIXTURES = ["cnn.onnx", "cnn_constant_weights.onnx", "cnn_external/model.onnx", "mlp_gemm.onnx",
-                 "mlp_matmul.onnx", "mlp_dynamic.onnx", "cnn_opset11.onnx", "cnn_opset21.onnx", "shared_weight.onnx"]
+                 "mlp_matmul.onnx", "mlp_dynamic.onnx", "cnn_opset11.onnx", "cnn_opset21.onnx", "shared_weight.onnx",
+                 "embedding.onnx"]
 
 
 def zeros_among_prunable(path) -> tuple[int, int]:
@@ -126,7 +127,7 @@ def test_l1_l2_same_zeros_random_differs():
 
 
 @pytest.mark.parametrize("pattern", ["2:4", "4:8", "1:4"])
-@pytest.mark.parametrize("name", ["cnn.onnx", "mlp_gemm.onnx", "mlp_matmul.onnx"])
+@pytest.mark.parametrize("name", ["cnn.onnx", "mlp_gemm.onnx", "mlp_matmul.onnx", "cnn_constant_weights.onnx"])
 def test_nm_along_reduction_axis(name, pattern):
     n, m = map(int, pattern.split(":"))
     pruned, result = onnxprune.prune(FIXTURES / name, pattern=pattern)
@@ -229,3 +230,69 @@ def test_python_api_in_memory_and_passes():
     assert [r.name for r in results] == ["unstructured", "unstructured"] and all(r.changed for r in results)
     assert results[1].details["achieved_sparsity"] == pytest.approx(0.5, abs=1e-3)
     assert results[0].seconds >= 0
+
+
+def test_global_scope_never_empties_a_layer():
+    _, result = onnxprune.prune(FIXTURES / "cnn.onnx", sparsity=0.97, scope="global")
+    details = result.to_dict()["passes"][0]["details"]
+    assert details["achieved_sparsity"] == pytest.approx(0.97, abs=1e-3)
+    for t in details["tensors"]:
+        assert t["sparsity"] <= 0.99 + 1.0 / t["params"], t
+    model, _ = onnxprune.prune(FIXTURES / "cnn.onnx", sparsity=0.97, scope="global")
+    assert all(np.count_nonzero(item.weight.array()) > 0 for item in find_prunable_weights(model))
+
+
+def test_random_criterion_is_seeded():
+    def mask(seed):
+        model, _ = onnxprune.prune(FIXTURES / "cnn.onnx", sparsity=0.5, criterion="random", seed=seed)
+        return {item.name: item.weight.array() == 0 for item in find_prunable_weights(model)}
+
+    first, again, other = mask(7), mask(7), mask(8)
+    assert all(np.array_equal(first[k], again[k]) for k in first)
+    assert any(not np.array_equal(first[k], other[k]) for k in first)
+    assert all(abs(m.mean() - 0.5) <= 1.0 / m.size for m in first.values())
+
+
+def test_shared_weight_both_users_see_the_pruned_tensor(tmp_path):
+    code, _, err = run_cli(FIXTURES / "shared_weight.onnx", "--sparsity", "0.6", "-o", tmp_path / "o.onnx",
+                           "--no-validate")
+    assert code == 0, err
+    model = onnx.load(str(tmp_path / "o.onnx"))
+    (weight,) = model.graph.initializer
+    readers = [n.name for n in model.graph.node if weight.name in n.input]
+    assert readers == ["first", "second"]
+    w = onnx.numpy_helper.to_array(weight)
+    assert np.mean(w == 0) == pytest.approx(0.6, abs=1.0 / w.size)
+    x = np.random.default_rng(0).standard_normal((3, 32)).astype(np.float32)
+    got = ort.InferenceSession(str(tmp_path / "o.onnx"), providers=["CPUExecutionProvider"]).run(None, {"input": x})
+    np.testing.assert_allclose(got[0], np.tanh(x @ w) @ w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("options", [
+    ["--sparsity", "0.7"], ["--sparsity", "0.7", "--scope", "global"], ["--pattern", "2:4"],
+    ["--sparsity", "0.5", "--criterion", "random", "--seed", "3"], ["--threshold", "0.05"],
+])
+@pytest.mark.parametrize("name", ["cnn.onnx", "cnn_constant_weights.onnx", "cnn_external/model.onnx"])
+def test_same_options_give_byte_identical_files(tmp_path, name, options):
+    for run in ("a", "b"):  # same file name in two folders: an external model names its data file
+        (tmp_path / run).mkdir()
+        code, _, err = run_cli(FIXTURES / name, *options, "-o", tmp_path / run / "o.onnx", "--no-validate")
+        assert code == 0, err
+    files = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert files == (["o.onnx", "o.onnx.data"] if name.startswith("cnn_external") else ["o.onnx"])
+    for file in files:
+        assert (tmp_path / "a" / file).read_bytes() == (tmp_path / "b" / file).read_bytes(), file
+
+
+@pytest.mark.parametrize("name", MAIN_FIXTURES)
+def test_sparsity_zero_changes_no_output(tmp_path, name):
+    code, _, err = run_cli(FIXTURES / name, "--sparsity", "0", "-o", tmp_path / "o.onnx", "--no-validate")
+    assert code == 0, err
+    before = {i.name: i.weight.array().tobytes() for i in find_prunable_weights(onnx.load(str(FIXTURES / name)))}
+    after = {i.name: i.weight.array().tobytes() for i in find_prunable_weights(onnx.load(str(tmp_path / "o.onnx")))}
+    assert before == after
+    feeds = feeds_for(FIXTURES / name)
+    runs = [ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)
+            for path in (FIXTURES / name, tmp_path / "o.onnx")]
+    for a, b in zip(*runs, strict=True):
+        np.testing.assert_array_equal(a, b)
