@@ -227,7 +227,9 @@ def _skeleton_graph(src: onnx.GraphProto, dst: onnx.GraphProto, location: str,
             new.CopyFrom(init)
     for node in src.node:
         new = dst.node.add()
-        new.name, new.op_type, new.domain, new.doc_string = node.name, node.op_type, node.domain, node.doc_string
+        for name in ("name", "op_type", "domain", "doc_string"):
+            if node.HasField(name):  # keep absent fields absent (byte-identical graphs)
+                setattr(new, name, getattr(node, name))
         if node.HasField("overload"):
             new.overload = node.overload
         new.input.extend(node.input)
