@@ -161,18 +161,24 @@ def external_skeleton(model: onnx.ModelProto, location: str
     and, in file order, (source tensor, offset, length) of the bytes the data file must hold.
     """
     skeleton = onnx.ModelProto()
-    for descriptor, value in model.ListFields():
-        if descriptor.name != "graph":
-            field = getattr(skeleton, descriptor.name)
-            if _repeated(descriptor):
-                field.extend(value)
-            elif descriptor.message_type is not None:
-                field.CopyFrom(value)
-            else:
-                setattr(skeleton, descriptor.name, value)
+    _copy_fields(model, skeleton, skip=("graph",))
     placements: list[tuple[onnx.TensorProto, int, int]] = []
     _skeleton_graph(model.graph, skeleton.graph, location, placements)
     return skeleton, placements
+
+
+def _copy_fields(src, dst, skip: tuple[str, ...]) -> None:
+    """Copy every set field of protobuf message ``src`` into ``dst`` except those named in ``skip``."""
+    for descriptor, value in src.ListFields():
+        if descriptor.name in skip:
+            continue
+        field = getattr(dst, descriptor.name)
+        if _repeated(descriptor):
+            field.extend(value)
+        elif descriptor.message_type is not None:
+            field.CopyFrom(value)
+        else:
+            setattr(dst, descriptor.name, value)
 
 
 def _repeated(descriptor) -> bool:
@@ -209,14 +215,7 @@ def _large(tensor: onnx.TensorProto) -> bool:
 
 def _skeleton_graph(src: onnx.GraphProto, dst: onnx.GraphProto, location: str,
                     placements: list[tuple[onnx.TensorProto, int, int]]) -> None:
-    for descriptor, value in src.ListFields():
-        if descriptor.name in ("initializer", "node"):
-            continue
-        field = getattr(dst, descriptor.name)
-        if _repeated(descriptor):
-            field.extend(value)
-        else:
-            setattr(dst, descriptor.name, value)
+    _copy_fields(src, dst, skip=("initializer", "node"))
     for init in src.initializer:
         new = dst.initializer.add()
         if _large(init):
@@ -349,24 +348,8 @@ def _save_streamed(model: onnx.ModelProto, path: Path) -> None:
     """
     graph = model.graph
     head = onnx.ModelProto()
-    for descriptor, value in model.ListFields():
-        if descriptor.name == "graph":
-            continue
-        field = getattr(head, descriptor.name)
-        if _repeated(descriptor):
-            field.extend(value)
-        elif descriptor.message_type is not None:
-            field.CopyFrom(value)
-        else:
-            setattr(head, descriptor.name, value)
-    for descriptor, value in graph.ListFields():
-        if descriptor.name in ("node", "initializer"):
-            continue
-        field = getattr(head.graph, descriptor.name)
-        if _repeated(descriptor):
-            field.extend(value)
-        else:
-            setattr(head.graph, descriptor.name, value)
+    _copy_fields(model, head, skip=("graph",))
+    _copy_fields(graph, head.graph, skip=("node", "initializer"))
     graph_tag, node_tag, init_tag = _varint((7 << 3) | 2), _varint((1 << 3) | 2), _varint((5 << 3) | 2)
     with open(path, "wb") as handle:
         handle.write(head.SerializeToString())

@@ -54,16 +54,20 @@ def choice_to_keep(analysis: Analysis, choice: Choice) -> np.ndarray:
     return never_empty(analysis, keep)
 
 
+def _edited_copy(model: onnx.ModelProto, choice: Choice, input_shapes, apply) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    analysis = analyse(copy, input_shapes)
+    apply(analysis, choice_to_keep(analysis, choice))
+    return copy
+
+
 def mask_model(model: onnx.ModelProto, choice: Choice,
                input_shapes: dict[str, list[int]] | None = None) -> onnx.ModelProto:
     """A copy of ``model`` with every consumer slice reading the chosen channels zeroed (shapes unchanged)."""
     from ..passes.structured import mask
 
-    masked = onnx.ModelProto()
-    masked.CopyFrom(model)
-    analysis = analyse(masked, input_shapes)
-    mask(analysis, choice_to_keep(analysis, choice))
-    return masked
+    return _edited_copy(model, choice, input_shapes, mask)
 
 
 def remove_model(model: onnx.ModelProto, choice: Choice,
@@ -71,11 +75,7 @@ def remove_model(model: onnx.ModelProto, choice: Choice,
     """A copy of ``model`` with the chosen channels physically removed everywhere in their groups."""
     from ..passes.structured import remove
 
-    removed = onnx.ModelProto()
-    removed.CopyFrom(model)
-    analysis = analyse(removed, input_shapes)
-    remove(analysis, choice_to_keep(analysis, choice))
-    return removed
+    return _edited_copy(model, choice, input_shapes, remove)
 
 
 def random_keep(model: onnx.ModelProto, fraction: float, seed: int,

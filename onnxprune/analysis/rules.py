@@ -155,15 +155,20 @@ def producer_rule(a: Analysis, node: onnx.NodeProto) -> None:
 # -- layers that consume channels ---------------------------------------------------------
 
 
-@rule("Conv", does="consumes input channels (weight axis 1); grouped/depthwise: a group's channels go together")
-def conv_rule(a: Analysis, node: onnx.NodeProto) -> None:
+def _conv_input(a: Analysis, node: onnx.NodeProto):
+    """Channels entering a (transposed) convolution: (annotation, weight, group, input channels)."""
     ann = _only_slot(a, node, 0)
     if ann.axis != 1:
-        raise Freeze(f"Conv {node.name!r}: channels on axis {ann.axis}, not 1")
+        raise Freeze(f"{node.op_type} {node.name!r}: channels on axis {ann.axis}, not 1")
     weight, _ = a.weight(node.input[1])
     if weight is None:
-        raise Freeze(f"Conv {node.name!r}: weight computed at run time")
-    group, cin = int(get_attr(node, "group", 1)), len(ann.ids)
+        raise Freeze(f"{node.op_type} {node.name!r}: weight computed at run time")
+    return ann, weight, int(get_attr(node, "group", 1)), len(ann.ids)
+
+
+@rule("Conv", does="consumes input channels (weight axis 1); grouped/depthwise: a group's channels go together")
+def conv_rule(a: Analysis, node: onnx.NodeProto) -> None:
+    ann, weight, group, cin = _conv_input(a, node)
     if group == 1:
         a.add_weight_edit(node.input[1], 1, ann.ids, "consumer", node)
         a.mark(ann.ids, "Conv")
@@ -191,13 +196,7 @@ def _grouped_conv(a: Analysis, node: onnx.NodeProto, in_ids: np.ndarray, group: 
 @rule("ConvTranspose", does="consumes input channels (weight axis 0); grouped: a group's input and output channels "
       "go together and `group` is rewritten")
 def conv_transpose_rule(a: Analysis, node: onnx.NodeProto) -> None:
-    ann = _only_slot(a, node, 0)
-    if ann.axis != 1:
-        raise Freeze(f"ConvTranspose {node.name!r}: channels on axis {ann.axis}, not 1")
-    weight, _ = a.weight(node.input[1])
-    if weight is None:
-        raise Freeze(f"ConvTranspose {node.name!r}: weight computed at run time")
-    group, cin = int(get_attr(node, "group", 1)), len(ann.ids)
+    ann, weight, group, cin = _conv_input(a, node)
     if group == 1:
         a.add_weight_edit(node.input[1], 0, ann.ids, "consumer", node)
         a.mark(ann.ids, "ConvTranspose")
