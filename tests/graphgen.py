@@ -142,3 +142,17 @@ def random_cnn(draw_int: Callable[[int, int], int], draw_choice: Callable[[list]
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=ir_for_opset(opset))
     onnx.checker.check_model(model, full_check=True)
     return model
+
+
+def run_input(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
+    """Run a generated model (input named ``input``) in onnxruntime."""
+    import onnxruntime as ort
+
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})
+
+
+def draw_model(data) -> onnx.ModelProto:
+    """A random CNN drawn from a hypothesis ``st.data()`` object."""
+    from hypothesis import strategies as st
+
+    return random_cnn(lambda lo, hi: data.draw(st.integers(lo, hi)), lambda xs: data.draw(st.sampled_from(xs)))

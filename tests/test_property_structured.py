@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -12,18 +11,10 @@ from hypothesis import strategies as st
 import onnxprune
 from onnxprune.analysis.oracle import masked_and_removed, random_keep, relative_error
 
-from .graphgen import random_cnn
+from .graphgen import draw_model as _draw_model
+from .graphgen import run_input as _run
 
 CASES = 40
-
-
-def _run(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run(None, {"input": x})
-
-
-def _draw_model(data) -> onnx.ModelProto:
-    return random_cnn(lambda lo, hi: data.draw(st.integers(lo, hi)), lambda xs: data.draw(st.sampled_from(xs)))
 
 
 def check_oracle(model: onnx.ModelProto, fraction: float, seed: int) -> None:
