@@ -67,6 +67,20 @@ def default_dynamic_dim(axis: int) -> int:
     return 1 if axis == 0 else 16
 
 
+def symbolic_inference(skel: onnx.ModelProto) -> onnx.ModelProto:
+    """``skel`` with onnxruntime's symbolic shape inference applied, or unchanged where it fails.
+
+    It follows run-time shape computations (``Shape -> Gather -> Slice/Expand/Range``, as
+    transformer exports have) and onnxruntime's fused ops, which onnx's own inference leaves unknown.
+    """
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        return SymbolicShapeInference.infer_shapes(skel, auto_merge=True)
+    except Exception:  # noqa: BLE001 - best effort; onnx's inference runs after it anyway
+        return skel
+
+
 def infer_shapes(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None) -> dict[str, list[int | None]]:
     """Static shape of every tensor that shape inference can resolve (dims may be None)."""
     skel = _skeleton(model, input_shapes)
@@ -74,6 +88,7 @@ def infer_shapes(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | No
         from ..passes.shapefold import fold_static_shape_reads  # sizes computed from shapes become known
 
         fold_static_shape_reads(skel)
+    skel = symbolic_inference(skel)
     try:
         inferred = onnx.shape_inference.infer_shapes(skel, data_prop=True)
     except Exception:  # noqa: BLE001 - shapes are best effort for cost figures

@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 
 from ..model import GraphIndex, Weight, build_indexes
-from .cost import _skeleton
+from .cost import _skeleton, symbolic_inference
 
 #: Ops whose output has the shape of input 0 (used where onnx shape inference gives up, e.g. GroupNormalization-21).
 SAME_SHAPE = {
@@ -39,6 +39,7 @@ def complete_shapes(model: onnx.ModelProto, input_shapes: dict[str, list[int]] |
     skel = _skeleton(model, input_shapes)
     custom = {o for n in model.graph.node if n.domain not in ("", "ai.onnx") for o in n.output}
     skel.graph.value_info.extend(v for v in model.graph.value_info if v.name in custom)  # the exporter's word
+    skel = symbolic_inference(skel)
     for _ in range(64):
         with contextlib.suppress(Exception):  # shapes are best effort; unknown shapes freeze channels
             skel = onnx.shape_inference.infer_shapes(skel, data_prop=True)
@@ -330,10 +331,20 @@ def _free_names(graph: onnx.GraphProto) -> list[str]:
 
 
 def _dedupe_shared_weights(analysis: Analysis) -> None:
-    """A weight read twice along one axis follows both channel sets: tie them position-wise."""
+    """A weight read twice along one axis follows both channel sets: tie them position-wise.
+
+    Per-channel parameters (biases, norm scales) that several nodes read are not tied: exporters
+    merge equal initializers (freshly initialised zeros and ones), which is no reason to prune the
+    layers alike. Each pruned reader gets its own copy instead.
+    """
+    readers = _readers(analysis)
+    names = {i.name for i in analysis.model.graph.initializer} | {o for n in analysis.model.graph.node for o in n.output}
     seen: dict[tuple[int, int], WeightEdit] = {}
     kept: list[WeightEdit] = []
     for edit in analysis.edits:
+        if edit.role == "param" and readers.get(id(edit.weight.tensor), 0) > 1 and _own_copy(analysis, edit, names):
+            kept.append(edit)
+            continue
         key = (id(edit.weight.tensor), edit.axis)
         first = seen.get(key)
         if first is None:
@@ -344,6 +355,44 @@ def _dedupe_shared_weights(analysis: Analysis) -> None:
             if edit.role == "consumer" and first.role != "consumer":
                 first.role = "consumer"
     analysis.edits = kept
+
+
+def _readers(analysis: Analysis) -> dict[int, int]:
+    """How many (node, input) pairs of the main graph read each weight, through Identity/Cast chains."""
+    counts: dict[int, int] = {}
+    index = analysis.index
+    for node in analysis.model.graph.node:
+        for name in node.input:
+            if not name or (node.op_type == "Identity" and name in index.weights):
+                continue
+            weight = index.lookup_weight(name) if node.op_type != "Identity" else None
+            if weight is None and node.op_type != "Identity":
+                weight, _ = index.resolve(name)
+            if weight is not None:
+                counts[id(weight.tensor)] = counts.get(id(weight.tensor), 0) + 1
+    return counts
+
+
+def _own_copy(analysis: Analysis, edit: WeightEdit, names: set[str]) -> bool:
+    """Point ``edit.node`` at a private copy of its parameter; False when it reads it in another form."""
+    slots = [i for i, name in enumerate(edit.node.input)
+             if name and (lambda w, chain: w is not None and w.tensor is edit.weight.tensor
+                          and all(n.op_type == "Identity" for n in chain))(*analysis.index.resolve(name))]
+    if len(slots) != 1 or edit.weight.graph is not analysis.model.graph:
+        return False
+    base = f"{edit.weight.name}.{edit.node.name or 'copy'}"
+    name, k = base, 1
+    while name in names:
+        name, k = f"{base}.{k}", k + 1
+    names.add(name)
+    tensor = analysis.model.graph.initializer.add()
+    tensor.CopyFrom(edit.weight.tensor)
+    tensor.name = name
+    edit.node.input[slots[0]] = name
+    edit.weight = Weight(name, "initializer", tensor, analysis.model.graph)
+    analysis.index.weights[name] = edit.weight
+    analysis.index.consumers.setdefault(name, []).append((edit.node, slots[0]))
+    return True
 
 
 def _apply_exclusions(analysis: Analysis, patterns: list[str], overrides: list[dict] = ()) -> None:

@@ -62,14 +62,30 @@ def fold_static_shape_reads(model: onnx.ModelProto) -> int:
 
 def _evaluate_chain(model, index: GraphIndex, shape_node: onnx.NodeProto,
                     shapes: dict[str, list[int | None]]) -> dict[str, np.ndarray] | None:
-    """Values of the chain's outputs that feed sinks, or None when the chain cannot be folded."""
+    """Values of the chain's outputs that feed sinks, or None when the chain cannot be folded.
+
+    The chain is evaluated twice, with the dynamic dims set to two different sizes: a sink value
+    that changes between the two depends on a dynamic dim and is not a constant.
+    """
     dims = shapes.get(shape_node.input[0])
     if dims is None:
         return None
+    runs = [_evaluate_with(model, index, shape_node, dims, probe) for probe in _PROBES]
+    if any(run is None for run in runs) or runs[0].keys() != runs[1].keys():
+        return None
+    if any(not np.array_equal(runs[0][name], runs[1][name]) for name in runs[0]):
+        return None
+    return runs[0] or None
+
+
+_PROBES = (1_000_003, 1_000_033)  # stand-in sizes for dynamic dims
+
+
+def _evaluate_with(model, index: GraphIndex, shape_node: onnx.NodeProto, dims: list[int | None],
+                   probe: int) -> dict[str, np.ndarray] | None:
     start = int(get_attr(shape_node, "start", 0))
     end = get_attr(shape_node, "end")
-    full = np.array([d if d is not None else -1 for d in dims], dtype=np.int64)[start:end]
-    known: dict[str, np.ndarray] = {}
+    full = np.array([d if d is not None else probe for d in dims], dtype=np.int64)[start:end]
     order = {id(n): i for i, n in enumerate(model.graph.node)}
     opset = next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
     frontier: dict[str, np.ndarray] = {}
@@ -79,8 +95,6 @@ def _evaluate_chain(model, index: GraphIndex, shape_node: onnx.NodeProto,
         name = pending.pop()
         for consumer, slot in sorted(index.consumers.get(name, []), key=lambda c: order.get(id(c[0]), 0)):
             if (consumer.op_type, slot) in SINKS:
-                if name == shape_node.output[0] and (value_of[name] < 0).any():
-                    return None  # the whole shape, with a dynamic dim
                 frontier[name] = value_of[name]
                 continue
             if consumer.op_type not in FOLDABLE or consumer.domain not in ("", "ai.onnx"):
@@ -97,13 +111,10 @@ def _evaluate_chain(model, index: GraphIndex, shape_node: onnx.NodeProto,
             result = _run(consumer, inputs, opset)
             if result is None:
                 return None
-            if consumer.op_type == "Gather" and name == shape_node.output[0] and (result < 0).any():
-                return None  # reads a dynamic dim
             if consumer.output[0] not in value_of:
                 value_of[consumer.output[0]] = result
-                known[consumer.output[0]] = result
                 pending.append(consumer.output[0])
-    return frontier or None
+    return frontier
 
 
 def _run(node: onnx.NodeProto, inputs: list[np.ndarray], opset: int) -> np.ndarray | None:
