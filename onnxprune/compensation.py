@@ -107,10 +107,13 @@ def _add_to_bias(model: onnx.ModelProto, analysis, edit: WeightEdit, drop: np.nd
         if step.op_type == "Cast":
             dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(int(get_attr(step, "to"))))
     if node.op_type in ("Conv", "Gemm") and len(node.input) > 2 and node.input[2]:
-        bias, _ = analysis.index.resolve(node.input[2])
+        bias, chain = analysis.index.resolve(node.input[2])
         if bias is not None:
-            bias.set_array((bias.array().astype(np.float64) + delta).astype(bias.dtype))
-            return
+            shared = bool(chain) or len(analysis.index.consumers.get(bias.name, [])) != 1
+            if not shared or any(step.op_type != "Identity" for step in chain):
+                bias.set_array((bias.array().astype(np.float64) + delta).astype(bias.dtype))
+                return
+            delta, dtype = bias.array().astype(np.float64) + delta, bias.dtype  # shared: this node gets a copy
     if node.op_type == "MatMul" and _add_to_following_bias(analysis, node, delta):
         return
     name = f"{node.name or node.output[0]}.folded_bias"

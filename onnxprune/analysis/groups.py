@@ -160,6 +160,7 @@ class WeightEdit:
     ids: np.ndarray
     role: str  # producer | consumer | param
     node: onnx.NodeProto
+    private: bool = False  # shared with other readers: copy before changing (see :func:`own_copy`)
 
 
 @dataclass
@@ -338,11 +339,11 @@ def _dedupe_shared_weights(analysis: Analysis) -> None:
     layers alike. Each pruned reader gets its own copy instead.
     """
     readers = _readers(analysis)
-    names = {i.name for i in analysis.model.graph.initializer} | {o for n in analysis.model.graph.node for o in n.output}
     seen: dict[tuple[int, int], WeightEdit] = {}
     kept: list[WeightEdit] = []
     for edit in analysis.edits:
-        if edit.role == "param" and readers.get(id(edit.weight.tensor), 0) > 1 and _own_copy(analysis, edit, names):
+        if edit.role == "param" and readers.get(id(edit.weight.tensor), 0) > 1 and _reader_slot(analysis, edit) is not None:
+            edit.private = True
             kept.append(edit)
             continue
         key = (id(edit.weight.tensor), edit.axis)
@@ -373,26 +374,35 @@ def _readers(analysis: Analysis) -> dict[int, int]:
     return counts
 
 
-def _own_copy(analysis: Analysis, edit: WeightEdit, names: set[str]) -> bool:
-    """Point ``edit.node`` at a private copy of its parameter; False when it reads it in another form."""
-    slots = [i for i, name in enumerate(edit.node.input)
-             if name and (lambda w, chain: w is not None and w.tensor is edit.weight.tensor
-                          and all(n.op_type == "Identity" for n in chain))(*analysis.index.resolve(name))]
-    if len(slots) != 1 or edit.weight.graph is not analysis.model.graph:
-        return False
+def _reader_slot(analysis: Analysis, edit: WeightEdit) -> int | None:
+    """The input of ``edit.node`` that reads the weight (directly or through Identity), if exactly one."""
+    if edit.weight.graph is not analysis.model.graph:
+        return None
+    slots = []
+    for slot, name in enumerate(edit.node.input):
+        weight, chain = analysis.index.resolve(name) if name else (None, [])
+        if weight is not None and weight.tensor is edit.weight.tensor and all(n.op_type == "Identity" for n in chain):
+            slots.append(slot)
+    return slots[0] if len(slots) == 1 else None
+
+
+def own_copy(analysis: Analysis, edit: WeightEdit) -> None:
+    """Point ``edit.node`` at a private copy of its shared parameter, so that changing it leaves the others."""
+    slot = _reader_slot(analysis, edit)
+    graph = analysis.model.graph
+    names = {i.name for i in graph.initializer} | {o for n in graph.node for o in n.output}
     base = f"{edit.weight.name}.{edit.node.name or 'copy'}"
     name, k = base, 1
     while name in names:
         name, k = f"{base}.{k}", k + 1
-    names.add(name)
-    tensor = analysis.model.graph.initializer.add()
+    tensor = graph.initializer.add()
     tensor.CopyFrom(edit.weight.tensor)
     tensor.name = name
-    edit.node.input[slots[0]] = name
-    edit.weight = Weight(name, "initializer", tensor, analysis.model.graph)
+    edit.node.input[slot] = name
+    edit.weight = Weight(name, "initializer", tensor, graph)
+    edit.private = False
     analysis.index.weights[name] = edit.weight
-    analysis.index.consumers.setdefault(name, []).append((edit.node, slots[0]))
-    return True
+    analysis.index.consumers.setdefault(name, []).append((edit.node, slot))
 
 
 def _apply_exclusions(analysis: Analysis, patterns: list[str], overrides: list[dict] = ()) -> None:

@@ -18,11 +18,23 @@ from .groups import Analysis, analyse, build_groups
 Choice = dict[int, list[int]]
 
 
+def prepared(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` as the structured pass analyses it: static run-time size reads folded."""
+    from ..passes.shapefold import fold_static_shape_reads
+    from ..passes.structured import remove_dead_nodes
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    if fold_static_shape_reads(copy):
+        remove_dead_nodes(copy)
+    return copy
+
+
 def list_groups(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None) -> list[dict]:
     """Every group: id, channels, prunable units, ops, producers, frozen reasons (what a choice indexes)."""
     return [{"id": g.id, "channels": g.channels, "prunable": len(g.units), "ops": g.ops,
              "producers": [s.node.name for s in g.spaces], "frozen": sorted({r for _, r in g.frozen_units})}
-            for g in build_groups(analyse(model, input_shapes))]
+            for g in build_groups(analyse(prepared(model), input_shapes))]
 
 
 def random_choice(model: onnx.ModelProto, fraction: float, seed: int,
@@ -55,8 +67,7 @@ def choice_to_keep(analysis: Analysis, choice: Choice) -> np.ndarray:
 
 
 def _edited_copy(model: onnx.ModelProto, choice: Choice, input_shapes, apply) -> onnx.ModelProto:
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
+    copy = prepared(model)
     analysis = analyse(copy, input_shapes)
     apply(analysis, choice_to_keep(analysis, choice))
     return copy

@@ -14,10 +14,10 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ..analysis.cost import _skeleton
+from ..analysis.cost import _skeleton, symbolic_inference
 from ..model import GraphIndex, get_attr
 
-FOLDABLE = {"Gather", "Add", "Sub", "Mul", "Div", "Unsqueeze", "Squeeze", "Concat", "Cast", "Floor", "Ceil"}
+FOLDABLE = {"Gather", "Slice", "Add", "Sub", "Mul", "Div", "Unsqueeze", "Squeeze", "Concat", "Cast", "Floor", "Ceil"}
 SINKS = {("Slice", 1), ("Slice", 2), ("Split", 1), ("Reshape", 1)}
 
 
@@ -26,10 +26,11 @@ def _symbolic_shapes(model: onnx.ModelProto) -> dict[str, list[int | None]]:
     skel = _skeleton(model, None)
     del skel.graph.input[:]
     skel.graph.input.extend(model.graph.input)
+    skel = symbolic_inference(skel)
     try:
         skel = onnx.shape_inference.infer_shapes(skel)
-    except Exception:  # noqa: BLE001 - no shapes, no folding
-        return {}
+    except Exception:  # noqa: BLE001 - keep what symbolic inference found
+        pass
     shapes = {}
     for value in [*skel.graph.input, *skel.graph.value_info, *skel.graph.output]:
         if value.type.HasField("tensor_type") and value.type.tensor_type.HasField("shape"):

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 
 from ..analysis.cost import node_key, node_macs
-from ..analysis.groups import Analysis, ChannelGroup, analyse, build_groups, complete_shapes
+from ..analysis.groups import Analysis, ChannelGroup, analyse, build_groups, complete_shapes, own_copy
 from ..compensation import fold_removed_constants, reconstruct
 from ..config import PruneConfig
 from ..errors import UsageError
@@ -135,6 +135,8 @@ def remove(analysis: Analysis, keep: np.ndarray) -> None:
     for edit in analysis.edits:
         mask = keep[edit.ids]
         if not mask.all():
+            if edit.private:
+                own_copy(analysis, edit)
             edit.weight.set_array(np.compress(mask, edit.weight.array(), axis=edit.axis))
     for _, rewrite in analysis.node_edits:
         rewrite(keep)
