@@ -247,7 +247,7 @@ def test_static_shape_reads_fold_and_oracle_holds():
     model = onnx.load(str(FIXTURES / "arch" / "yolo.onnx"))
     folded = onnx.ModelProto()
     folded.CopyFrom(model)
-    assert fold_static_shape_reads(folded) == 3
+    assert fold_static_shape_reads(folded) == 6  # the start and end of each of the three chunk slices
     remove_dead_nodes(folded)
     assert not [n for n in folded.graph.node if n.op_type == "Shape"]
     onnx.checker.check_model(folded, full_check=True)

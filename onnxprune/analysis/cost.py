@@ -76,7 +76,14 @@ def symbolic_inference(skel: onnx.ModelProto) -> onnx.ModelProto:
     try:
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
-        return SymbolicShapeInference.infer_shapes(skel, auto_merge=True)
+        # SymbolicShapeInference.infer_shapes drops partial results (and writes a debug file into
+        # the working directory) when some shape stays unknown; run its loop and keep what it found.
+        inference = SymbolicShapeInference(2**31 - 1, True, False, 0)
+        inference._preprocess(skel)
+        while inference.run_:
+            inference._infer_impl()
+        inference._update_output_from_vi()
+        return inference.out_mp_
     except Exception:  # noqa: BLE001 - best effort; onnx's inference runs after it anyway
         return skel
 

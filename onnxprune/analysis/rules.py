@@ -677,7 +677,7 @@ def reshape_rule(a: Analysis, node: onnx.NodeProto) -> None:
             owner, input_slot = slot
             new = a.constant(owner.input[input_slot]).copy()
             new.reshape(-1)[position] = int(keep[ids].sum()) * block
-            _replace_input(a, owner, input_slot, new, "shape")
+            _replace_input(a, owner, input_slot, new, f"shape{input_slot}")
 
         a.node_edits.append((node, rewrite))
     _set(a, node, j, np.repeat(ann.ids, block))
@@ -704,58 +704,94 @@ def _split_into_heads(a: Analysis, node: onnx.NodeProto, ann: Annotation, dst: l
             owner, input_slot = slot
             new = a.constant(owner.input[input_slot]).copy()
             new.reshape(-1)[position] = int(keep[ids].sum())
-            _replace_input(a, owner, input_slot, new, "shape")
+            _replace_input(a, owner, input_slot, new, f"shape{input_slot}")
 
         a.node_edits.append((node, rewrite))
     a.mark(ann.ids, "Reshape")
     _set(a, node, j, representatives)
 
 
-def _shape_entry(a: Analysis, node: onnx.NodeProto, j: int) -> tuple[tuple[onnx.NodeProto, int], int, int]:
-    """Where entry ``j`` of a Reshape target lives: a constant, or a constant piece of a run-time Concat."""
-    target = a.constant(node.input[1])
-    if target is not None:
-        return (node, 1), j, int(target[j])
-    producer = a.index.producer.get(node.input[1])
-    if producer is None or producer.op_type != "Concat":
-        raise Freeze(f"Reshape {node.name!r}: target shape computed at run time")
-    offset = 0
-    for slot, piece in enumerate(producer.input):
-        shape = a.shape(piece)
-        if not shape or shape[0] is None:
-            raise Freeze(f"Reshape {node.name!r}: target shape computed at run time")
-        if offset <= j < offset + shape[0]:
-            value = a.constant(piece)
-            if value is None:
-                raise Freeze(f"Reshape {node.name!r}: the merged size is computed at run time")
-            return (producer, slot), j - offset, int(np.atleast_1d(value)[j - offset])
-        offset += shape[0]
-    raise Freeze(f"Reshape {node.name!r}: target shape computed at run time")
+def _shape_entry(a: Analysis, node: onnx.NodeProto, j: int, slot: int = 1
+                 ) -> tuple[tuple[onnx.NodeProto, int], int, int]:
+    """Where entry ``j`` of the shape tensor read by input ``slot`` lives: ((reader, its input), position, value).
+
+    Follows a run-time shape through the pieces of a ``Concat``, 1-D ``Reshape``/``Cast``/``Identity``,
+    and ``Where(Equal(t, c), ..., t)`` (how exporters spell "-1 means keep") down to a constant.
+    """
+    reader, name, pos = (node, slot), node.input[slot], j
+    for _ in range(16):
+        value = a.constant(name)
+        if value is not None:
+            return reader, pos, int(np.atleast_1d(value).reshape(-1)[pos])
+        producer = a.index.producer.get(name)
+        op = producer.op_type if producer is not None else None
+        if op == "Concat":
+            offset = 0
+            for piece_slot, piece in enumerate(producer.input):
+                shape = a.shape(piece)
+                if not shape or shape[0] is None:
+                    break
+                if offset <= pos < offset + shape[0]:
+                    reader, name, pos = (producer, piece_slot), piece, pos - offset
+                    break
+                offset += shape[0]
+            else:
+                break
+            if reader[0] is not producer:
+                break
+        elif op in ("Cast", "Identity") or (op == "Reshape" and a.shape(producer.input[0]) == a.shape(name)):
+            reader, name = (producer, 0), producer.input[0]
+        elif op == "Where" and _where_branch(a, producer, pos) is not None:
+            branch = _where_branch(a, producer, pos)
+            reader, name = (producer, branch), producer.input[branch]
+        else:
+            break
+    raise Freeze(f"{node.op_type} {node.name!r}: the size of the channel axis is computed at run time")
 
 
-@rule("Expand", "Tile", does="passes when the channel axis is not repeated; Expand shapes are rewritten")
+def _where_branch(a: Analysis, where: onnx.NodeProto, pos: int) -> int | None:
+    """The input of a 1-D ``Where`` that entry ``pos`` comes from: by a constant condition, or
+    ``Where(Equal(t, c), other, t)`` (exporters' "-1 means keep"), whose entries of ``t`` pass unchanged."""
+    cond = a.constant(where.input[0])
+    if cond is not None:
+        cond = np.broadcast_to(np.atleast_1d(cond), a.shape(where.output[0]) or np.shape(cond)).reshape(-1)
+        return 1 if bool(cond[pos]) else 2
+    test = a.index.producer.get(where.input[0])
+    return 2 if test is not None and test.op_type == "Equal" and where.input[2] in test.input else None
+
+
+@rule("Expand", "Tile", does="passes when the channel axis is not repeated; Expand shapes are rewritten "
+      "(also pieces of run-time targets)")
 def expand_rule(a: Analysis, node: onnx.NodeProto) -> None:
     ann = _only_slot(a, node, 0)
     rank_in, rank_out = _rank(a, node.input[0]), _rank(a, node.output[0])
-    value = a.constant(node.input[1])
-    if value is None:
-        raise Freeze(f"{node.op_type} {node.name!r}: shape computed at run time")
     axis = ann.axis + rank_out - rank_in
+    n = len(ann.ids)
+    out = a.shape(node.output[0])
+    if out is None or out[axis] != n:
+        raise Freeze(f"{node.op_type} {node.name!r} repeats the channel axis")
     if node.op_type == "Tile":
-        if value[ann.axis] != 1:
-            raise Freeze(f"Tile {node.name!r} repeats the channel axis")
+        value = a.constant(node.input[1])
+        if value is None or value[ann.axis] != 1:
+            raise Freeze(f"Tile {node.name!r}: repeats computed at run time")
         _set(a, node, ann.axis, ann.ids)
         return
-    pos = axis - (rank_out - len(value))
-    if pos >= 0 and value[pos] not in (1, len(ann.ids)):
-        raise Freeze(f"Expand {node.name!r} expands the channel axis")
-    if pos >= 0 and value[pos] == len(ann.ids) and len(ann.ids) > 1:
-        def rewrite(keep: np.ndarray, n=node, ids=ann.ids, pos=pos, value=value) -> None:
-            new = value.copy()
-            new[pos] = int(keep[ids].sum())
-            _replace_input(a, n, 1, new, "shape")
+    target = a.shape(node.input[1])
+    pos = axis - (rank_out - target[0]) if target and target[0] is not None else None
+    if pos is None:
+        raise Freeze(f"Expand {node.name!r}: shape computed at run time")
+    if pos >= 0 and n > 1:
+        slot, position, value = _shape_entry(a, node, pos)
+        if value not in (1, n):
+            raise Freeze(f"Expand {node.name!r} expands the channel axis")
+        if value == n:
+            def rewrite(keep: np.ndarray, ids=ann.ids, slot=slot, position=position) -> None:
+                owner, input_slot = slot
+                new = np.array(a.constant(owner.input[input_slot]), copy=True)
+                new.reshape(-1)[position] = int(keep[ids].sum())
+                _replace_input(a, owner, input_slot, new, f"shape{input_slot}")
 
-        a.node_edits.append((node, rewrite))
+            a.node_edits.append((node, rewrite))
     _set(a, node, axis, ann.ids)
 
 

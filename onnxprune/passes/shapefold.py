@@ -1,14 +1,22 @@
-"""Fold run-time reads of static sizes (``Shape -> Gather``) into constants before channel analysis.
+"""Fold run-time reads of static sizes (``Shape -> Gather -> ...``) into constants before channel analysis.
 
-Exporters compute chunk sizes and slice bounds from the tensor itself (``torch.chunk`` becomes
-``Shape -> Gather(axis 1) -> Div -> Slice``). When the gathered sizes are static in the model
-(not batch or other dynamic dims), the whole little computation is a constant. Folding it lets
-the Slice/Split/Reshape rules rewrite those bounds when channels are removed, instead of
-freezing the channels. A fold is applied only when every value it produces ends in a
-Slice/Split/Reshape shape input, which the rules know how to rewrite.
+Exporters compute sizes from the tensors themselves: ``torch.chunk`` becomes ``Shape -> Gather ->
+Div -> Slice``, ``x.view(b, s, heads, -1)`` a ``Concat`` of gathered and constant pieces, and
+grouped-query attention's K/V repeat an ``Expand`` whose target mixes the batch and sequence
+sizes (dynamic) with the K/V head count (static). This pass evaluates every small computation
+downstream of ``Shape`` twice, with the dynamic dims set to two different sets of sizes; a value
+that comes out equal both times does not depend on any dynamic dim, so it is a constant.
+
+Such a value is replaced by an initializer where it is read by a shape input (Reshape/Expand
+targets, Slice bounds, Split sizes) or by a computation whose result still varies (a ``Concat``
+of a static head count with the dynamic batch size), but only when everything downstream ends in
+shape inputs. The op rules then find the constant entry and rewrite it when channels are removed;
+where they cannot, they freeze the channels. Run-time reads that lead anywhere else stay.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import numpy as np
 import onnx
@@ -17,116 +25,135 @@ from onnx import numpy_helper
 from ..analysis.cost import _skeleton, symbolic_inference
 from ..model import GraphIndex, get_attr
 
-FOLDABLE = {"Gather", "Slice", "Add", "Sub", "Mul", "Div", "Unsqueeze", "Squeeze", "Concat", "Cast", "Floor", "Ceil"}
-SINKS = {("Slice", 1), ("Slice", 2), ("Split", 1), ("Reshape", 1)}
+#: (op, input slot) pairs that read a shape-like tensor the op rules know how to rewrite.
+SINKS = {("Slice", 1), ("Slice", 2), ("Split", 1), ("Reshape", 1), ("Expand", 1), ("Tile", 1)}
+#: ops never evaluated here (random, control flow, or too costly for shape arithmetic).
+_NOT_EVALUATED = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
+                  "Bernoulli", "If", "Loop", "Scan", "SequenceConstruct"}
+_MAX_ELEMENTS = 4096  # shape arithmetic is small; anything larger is data
+_PROBES = ((1_000_003, 999_983, 999_979, 999_961), (1_000_033, 1_000_037, 1_000_039, 1_000_081))
 
 
-def _symbolic_shapes(model: onnx.ModelProto) -> dict[str, list[int | None]]:
-    """Shapes with dynamic dims left unknown (nothing is concretised)."""
+def _symbolic_shapes(model: onnx.ModelProto) -> dict[str, list[int | str | None]]:
+    """Shapes with dynamic dims kept symbolic (a name) or unknown (None); nothing is concretised."""
     skel = _skeleton(model, None)
     del skel.graph.input[:]
     skel.graph.input.extend(model.graph.input)
     skel = symbolic_inference(skel)
-    try:
+    with contextlib.suppress(Exception):  # keep what symbolic inference found
         skel = onnx.shape_inference.infer_shapes(skel)
-    except Exception:  # noqa: BLE001 - keep what symbolic inference found
-        pass
-    shapes = {}
+    shapes: dict[str, list[int | str | None]] = {}
     for value in [*skel.graph.input, *skel.graph.value_info, *skel.graph.output]:
         if value.type.HasField("tensor_type") and value.type.tensor_type.HasField("shape"):
-            shapes[value.name] = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
-                                  for d in value.type.tensor_type.shape.dim]
+            shapes[value.name] = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0
+                                  else (d.dim_param or None) for d in value.type.tensor_type.shape.dim]
     return shapes
 
 
 def fold_static_shape_reads(model: onnx.ModelProto) -> int:
-    """Replace foldable ``Shape -> Gather -> arithmetic`` chains by constants; returns how many chains."""
+    """Replace static values computed from ``Shape`` reads by constants (see module doc); returns how many."""
     shape_nodes = [n for n in model.graph.node if n.op_type == "Shape" and n.domain in ("", "ai.onnx")]
     if not shape_nodes:
         return 0
     shapes = _symbolic_shapes(model)
+    index = GraphIndex.build(model.graph)
+    runs = [_evaluate(model, index, shapes, probe) for probe in _PROBES]
+    static = {name for name, value in runs[0].items()
+              if name in runs[1] and value.shape == runs[1][name].shape and np.array_equal(value, runs[1][name])}
+    only_shapes = _reaches_only_sinks(model, index, runs[0])
     folded = 0
-    for shape_node in shape_nodes:
-        index = GraphIndex.build(model.graph)
-        values = _evaluate_chain(model, index, shape_node, shapes)
-        if not values:
-            continue
-        for name, value in values.items():
-            const = f"{name}.folded"
-            model.graph.initializer.append(numpy_helper.from_array(value, const))
-            for consumer, slot in index.consumers.get(name, []):
-                if (consumer.op_type, slot) in SINKS:
-                    consumer.input[slot] = const
-        folded += 1
+    constants: dict[str, str] = {}
+    for node in model.graph.node:
+        for slot, name in enumerate(node.input):
+            if name not in static or index.producer.get(name) is None or index.producer[name].op_type == "Constant":
+                continue
+            into_sink = (node.op_type, slot) in SINKS and node.domain in ("", "ai.onnx")
+            into_dynamic = node.output and node.output[0] in runs[0] and node.output[0] not in static and all(
+                only_shapes.get(out, False) for out in node.output)
+            if not (into_sink or into_dynamic):
+                continue
+            if name not in constants:
+                constants[name] = f"{name}.folded"
+                model.graph.initializer.append(numpy_helper.from_array(runs[0][name], constants[name]))
+                folded += 1
+            node.input[slot] = constants[name]
     return folded
 
 
-def _evaluate_chain(model, index: GraphIndex, shape_node: onnx.NodeProto,
-                    shapes: dict[str, list[int | None]]) -> dict[str, np.ndarray] | None:
-    """Values of the chain's outputs that feed sinks, or None when the chain cannot be folded.
+def _evaluate(model: onnx.ModelProto, index: GraphIndex, shapes: dict[str, list[int | str | None]],
+              probe: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """Values of every small computation downstream of Shape nodes, dynamic dims set from ``probe``."""
+    sizes: dict[str, int] = {}
+    unknown = iter(range(7, 10_000))
 
-    The chain is evaluated twice, with the dynamic dims set to two different sizes: a sink value
-    that changes between the two depends on a dynamic dim and is not a constant.
-    """
-    dims = shapes.get(shape_node.input[0])
-    if dims is None:
-        return None
-    runs = [_evaluate_with(model, index, shape_node, dims, probe) for probe in _PROBES]
-    if any(run is None for run in runs) or runs[0].keys() != runs[1].keys():
-        return None
-    if any(not np.array_equal(runs[0][name], runs[1][name]) for name in runs[0]):
-        return None
-    return runs[0] or None
+    def dim(d: int | str | None) -> int:
+        if isinstance(d, int):
+            return d
+        if d is None:  # an anonymous dynamic dim: its own size
+            return probe[0] * 7 + next(unknown) * (probe[1] - probe[0] + 1)
+        if d not in sizes:
+            sizes[d] = probe[len(sizes) % len(probe)] + 101 * (len(sizes) // len(probe))
+        return sizes[d]
 
-
-_PROBES = (1_000_003, 1_000_033)  # stand-in sizes for dynamic dims
-
-
-def _evaluate_with(model, index: GraphIndex, shape_node: onnx.NodeProto, dims: list[int | None],
-                   probe: int) -> dict[str, np.ndarray] | None:
-    start = int(get_attr(shape_node, "start", 0))
-    end = get_attr(shape_node, "end")
-    full = np.array([d if d is not None else probe for d in dims], dtype=np.int64)[start:end]
-    order = {id(n): i for i, n in enumerate(model.graph.node)}
+    values: dict[str, np.ndarray] = {}
     opset = next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
-    frontier: dict[str, np.ndarray] = {}
-    pending = [shape_node.output[0]]
-    value_of = {shape_node.output[0]: full}
-    while pending:
-        name = pending.pop()
-        for consumer, slot in sorted(index.consumers.get(name, []), key=lambda c: order.get(id(c[0]), 0)):
-            if (consumer.op_type, slot) in SINKS:
-                frontier[name] = value_of[name]
+    for node in model.graph.node:
+        if node.domain not in ("", "ai.onnx") or node.op_type in _NOT_EVALUATED or not node.output:
+            continue
+        if node.op_type == "Shape":
+            dims = shapes.get(node.input[0])
+            if dims is None:
                 continue
-            if consumer.op_type not in FOLDABLE or consumer.domain not in ("", "ai.onnx"):
-                return None
-            inputs = []
-            for other in consumer.input:
-                if other in value_of:
-                    inputs.append(value_of[other])
-                else:
-                    weight, _ = index.resolve(other)
-                    if weight is None:
-                        return None
-                    inputs.append(weight.array())
-            result = _run(consumer, inputs, opset)
-            if result is None:
-                return None
-            if consumer.output[0] not in value_of:
-                value_of[consumer.output[0]] = result
-                pending.append(consumer.output[0])
-    return frontier
+            full = np.array([dim(d) for d in dims], dtype=np.int64)
+            values[node.output[0]] = full[int(get_attr(node, "start", 0)):get_attr(node, "end")]
+            continue
+        if not any(name in values for name in node.input):
+            continue
+        inputs = []
+        for name in node.input:
+            if not name:
+                inputs.append(None)
+            elif name in values:
+                inputs.append(values[name])
+            else:
+                weight, _ = index.resolve(name)
+                if weight is None or weight.size > _MAX_ELEMENTS:
+                    break
+                inputs.append(weight.array())
+        else:
+            result = _run(node, inputs, opset)
+            if result is not None and result.size <= _MAX_ELEMENTS:
+                values[node.output[0]] = result
+    return values
 
 
-def _run(node: onnx.NodeProto, inputs: list[np.ndarray], opset: int) -> np.ndarray | None:
+def _reaches_only_sinks(model: onnx.ModelProto, index: GraphIndex, values: dict[str, np.ndarray]) -> dict[str, bool]:
+    """For each evaluated value: does everything downstream of it end in shape inputs (SINKS)?"""
+    outputs = {o.name for o in model.graph.output}
+    result: dict[str, bool] = {}
+    for node in reversed(model.graph.node):
+        for out in node.output:
+            if out not in values:
+                continue
+            ok = out not in outputs
+            for consumer, slot in index.consumers.get(out, []):
+                if (consumer.op_type, slot) in SINKS:
+                    continue
+                if not consumer.output or not all(result.get(o, False) for o in consumer.output if o):
+                    ok = False
+            result[out] = ok
+    return result
+
+
+def _run(node: onnx.NodeProto, inputs: list[np.ndarray | None], opset: int) -> np.ndarray | None:
     """Evaluate one small node with onnx's reference implementation."""
     from onnx.reference import ReferenceEvaluator
 
-    names = [f"in{i}" for i in range(len(inputs))]
+    names = [f"in{i}" if v is not None else "" for i, v in enumerate(inputs)]
     copy = onnx.helper.make_node(node.op_type, names, ["out"], **{a.name: onnx.helper.get_attribute_value(a)
                                                                    for a in node.attribute})
     graph = onnx.helper.make_graph([copy], "fold", [], [onnx.helper.make_empty_tensor_value_info("out")],
-                                   [numpy_helper.from_array(np.asarray(v), n) for n, v in zip(names, inputs)])
+                                   [numpy_helper.from_array(np.asarray(v), n) for n, v in zip(names, inputs) if n])
     try:
         model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)], ir_version=8)
         return np.asarray(ReferenceEvaluator(model).run(None, {})[0])

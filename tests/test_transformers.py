@@ -1,0 +1,106 @@
+"""Transformers exported by torch.onnx (TorchScript and dynamo) from Hugging Face model code.
+
+Fixtures: ``fixtures/transformers/*.onnx``, built by ``fixtures/export_transformers.py`` (random
+weights, small configs). Heads and MLP neurons are removed; the oracle compares removal against
+zeroing at several batch sizes and sequence lengths.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+import onnxprune
+from onnxprune.analysis.oracle import list_groups, mask_model, random_choice, relative_error, remove_model
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "transformers"
+EXPORTS = ["bert_ts", "bert_dynamo", "gpt2_ts", "llama_ts", "llama_dynamo", "vit_ts"]
+SHAPES = [(1, 5), (2, 16), (1, 33), (2, 7)]  # (batch, sequence): 3 sequence lengths, 2 batch sizes
+
+
+def load(name: str) -> onnx.ModelProto:
+    return onnx.load(str(FIXTURES / f"{name}.onnx"))
+
+
+def feeds(model: onnx.ModelProto, batch: int, seq: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    out = {}
+    for value in model.graph.input:
+        if value.name == "pixel_values":
+            out[value.name] = rng.standard_normal((batch, 3, 32, 32)).astype(np.float32)
+        elif value.name == "input_ids":
+            out[value.name] = rng.integers(0, 256, (batch, seq)).astype(np.int64)
+        elif value.name == "attention_mask":
+            mask = np.ones((batch, seq), dtype=np.int64)
+            mask[0, seq - seq // 4:] = 0  # some padding in the first row
+            out[value.name] = mask
+    return out
+
+
+def run(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, feed)
+
+
+def shapes_of(name: str) -> list[tuple[int, int]]:
+    return [(1, 0), (2, 0)] if name.startswith("vit") else SHAPES
+
+
+def head_groups(model: onnx.ModelProto) -> list[dict]:
+    return [g for g in list_groups(model) if "Reshape" in g["ops"] and "Softmax" in g["ops"] and not g["frozen"]]
+
+
+@pytest.mark.parametrize("name", EXPORTS)
+def test_heads_and_neurons_are_prunable(name):
+    model = load(name)
+    groups = [g for g in list_groups(model) if not g["frozen"]]
+    heads = head_groups(model)
+    assert len(heads) == 2, f"{name}: expected the two layers' attention heads to be prunable, got {heads}"
+    mlp = [g for g in groups if g not in heads and g["prunable"] == 128]
+    assert len(mlp) == 2, f"{name}: expected two MLP neuron groups, got {groups}"
+
+
+@pytest.mark.parametrize("name", EXPORTS)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_oracle(name, seed):
+    model = load(name)
+    choice = random_choice(model, 0.5, seed)
+    assert choice, "nothing was chosen"
+    masked, removed = mask_model(model, choice), remove_model(model, choice)
+    onnx.checker.check_model(removed, full_check=True)
+    assert sum(t.ByteSize() for t in removed.graph.initializer) < sum(t.ByteSize() for t in model.graph.initializer)
+    for batch, seq in shapes_of(name):
+        feed = feeds(model, batch, seq, seed)
+        want, got = run(masked, feed), run(removed, feed)
+        assert [w.shape for w in want] == [g.shape for g in got]
+        assert relative_error(want, got) < 1e-4, (name, batch, seq)
+
+
+# head units per layer and how many stay at the requested head sparsity (GQA: a K/V head with its query heads)
+HEAD_UNITS = {"llama_ts": (2, 0.5, 1), "llama_dynamo": (2, 0.5, 1)}
+
+
+@pytest.mark.parametrize("name", EXPORTS)
+def test_cli_prunes_requested_share(name, tmp_path):
+    src = FIXTURES / f"{name}.onnx"
+    out = tmp_path / "pruned.onnx"
+    units, head_sparsity, kept = HEAD_UNITS.get(name, (4, 0.25, 3))
+    config = onnxprune.PruneConfig(structured=True, sparsity=0.5, head_sparsity=head_sparsity)
+    _, result = onnxprune.prune(src, out, config=config)
+    pruned = onnx.load(str(out))
+    onnx.checker.check_model(pruned, full_check=True)
+    groups = result.passes[0].details["groups"]
+    heads = [g for g in groups if g["channels_before"] == units]
+    neurons = [g for g in groups if g["channels_before"] == 128]
+    assert [g["channels_after"] for g in heads] == [kept, kept], groups
+    assert [g["channels_after"] for g in neurons] == [64, 64], groups
+    original = load(name)
+    for batch, seq in shapes_of(name):
+        feed = feeds(original, batch, seq)
+        want, got = run(original, feed), run(pruned, feed)
+        assert [w.shape for w in want] == [g.shape for g in got]
+        assert all(np.isfinite(g).all() for g in got)
