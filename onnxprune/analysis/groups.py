@@ -38,8 +38,11 @@ def complete_shapes(model: onnx.ModelProto, input_shapes: dict[str, list[int]] |
     through shape-preserving ops it cannot infer and Reshapes whose run-time target folds to constants."""
     skel = _skeleton(model, input_shapes)
     custom = {o for n in model.graph.node if n.domain not in ("", "ai.onnx") for o in n.output}
-    skel.graph.value_info.extend(v for v in model.graph.value_info if v.name in custom)  # the exporter's word
     skel = symbolic_inference(skel)
+    kept = [v for v in skel.graph.value_info if v.name not in custom]
+    del skel.graph.value_info[:]
+    skel.graph.value_info.extend(kept)
+    skel.graph.value_info.extend(v for v in model.graph.value_info if v.name in custom)  # the exporter's word
     for _ in range(64):
         with contextlib.suppress(Exception):  # shapes are best effort; unknown shapes freeze channels
             skel = onnx.shape_inference.infer_shapes(skel, data_prop=True)
