@@ -279,11 +279,17 @@ FUSED_ATTENTION = {"Attention", "MultiHeadAttention", "GroupQueryAttention", "Pa
 
 
 def _refuse_fused_heads(model: onnx.ModelProto, config: PruneConfig) -> None:
-    """Head pruning through fused attention ops is refused, naming the op (their head count is an attribute)."""
+    """Head pruning through fused attention ops without a rule is refused, naming the op.
+
+    onnxruntime's ``com.microsoft::Attention`` (fused QKV) has a rule; ``MultiHeadAttention``,
+    ``GroupQueryAttention``, ONNX ``Attention`` and the packed variants do not.
+    """
     if not (config.structured and config.head_sparsity > 0):
         return
+    from .analysis.rules import RULES
+
     for node in model.graph.node:
-        if node.op_type in FUSED_ATTENTION:
+        if node.op_type in FUSED_ATTENTION and f"{node.domain}::{node.op_type}" not in RULES:
             domain = node.domain or "ai.onnx"
             raise UnsupportedError(f"--head-sparsity: fused attention op {domain}::{node.op_type} ({node.name!r}) is "
                                    "not supported for head pruning; export the model without attention fusion")

@@ -124,8 +124,10 @@ def test_fused_attention_head_pruning_is_refused(tmp_path):
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array((rng.standard_normal((E, 3 * E)) * 0.2).astype(np.float32), "qkv.w"),
              numpy_helper.from_array(np.zeros(3 * E, np.float32), "qkv.b")]
-    nodes = [helper.make_node("Attention", ["x", "qkv.w", "qkv.b"], ["y"], domain="com.microsoft", num_heads=H,
-                              name="fused_attention")]
+    # MultiHeadAttention takes projected q, k, v: its head count has no rule (com.microsoft::Attention has one)
+    nodes = [helper.make_node("MatMul", ["x", "qkv.w"], ["qkv"], name="qkv_proj"),
+             helper.make_node("MultiHeadAttention", ["qkv", "", "", "qkv.b"], ["y"], domain="com.microsoft",
+                              num_heads=H, name="fused_attention")]
     graph = helper.make_graph(nodes, "fused", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 5, E])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5, E])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
@@ -134,7 +136,7 @@ def test_fused_attention_head_pruning_is_refused(tmp_path):
     before = listing(tmp_path)
     code, _, err = run_cli(tmp_path / "fused.onnx", "--structured", "--sparsity", "0.5", "--head-sparsity", "0.25",
                            "-o", tmp_path / "o.onnx")
-    assert code == UnsupportedError.exit_code and "com.microsoft::Attention" in err
+    assert code == UnsupportedError.exit_code and "com.microsoft::MultiHeadAttention" in err
     assert listing(tmp_path) == before
     _, result = onnxprune.prune(tmp_path / "fused.onnx", structured=True, sparsity=0.5)  # no heads asked for
     assert result.to_dict()["passes"][0]["details"]["channels_removed"] == 0  # the fused op is left as it is
@@ -200,3 +202,35 @@ def test_grouped_query_attention_units_and_oracle():
     pruned, _ = onnxprune.prune(model, structured=True, sparsity=0.0, head_sparsity=0.5)
     dims = {i.name: list(i.dims) for i in pruned.graph.initializer}
     assert dims["k.w"] == [E, D] and dims["q.w"] == [E, 2 * D] and dims["o.w"] == [2 * D, E]
+
+
+def test_onnxruntime_fused_attention_heads_oracle():
+    """com.microsoft::Attention (fused QKV weight, v wider than q/k): heads go with their q, k, v columns and
+    bias; num_heads and qkv_hidden_sizes are rewritten; removal equals zeroing the out-projection rows."""
+    from onnxprune.analysis.oracle import list_groups, mask_model, random_choice, remove_model
+
+    rng = np.random.default_rng(0)
+    dq, dv = 8, 12
+    sizes = [H * dq, H * dq, H * dv]
+    inits = [numpy_helper.from_array((rng.standard_normal((E, sum(sizes))) * 0.2).astype(np.float32), "qkv.w"),
+             numpy_helper.from_array((rng.standard_normal(sum(sizes)) * 0.1).astype(np.float32), "qkv.b"),
+             numpy_helper.from_array((rng.standard_normal((H * dv, E)) * 0.2).astype(np.float32), "o.w")]
+    nodes = [helper.make_node("Attention", ["x", "qkv.w", "qkv.b"], ["ctx"], domain="com.microsoft", num_heads=H,
+                              qkv_hidden_sizes=sizes, name="fused_attention"),
+             helper.make_node("MatMul", ["ctx", "o.w"], ["y"], name="o_proj")]
+    graph = helper.make_graph(nodes, "fused", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", E])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "s", E])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
+                              ir_version=8)
+    heads = [g for g in list_groups(model) if "Attention" in g["ops"]]
+    assert len(heads) == 1 and heads[0]["prunable"] == H and not heads[0]["frozen"]
+    choice = random_choice(model, 0.5, 0)
+    masked, removed = mask_model(model, choice), remove_model(model, choice)
+    attention = next(n for n in removed.graph.node if n.op_type == "Attention")
+    attrs = {a.name: helper.get_attribute_value(a) for a in attention.attribute}
+    assert attrs["num_heads"] == H // 2 and list(attrs["qkv_hidden_sizes"]) == [H // 2 * dq, H // 2 * dq, H // 2 * dv]
+    for shape in [(1, 5, E), (2, 9, E)]:
+        x = rng.standard_normal(shape).astype(np.float32)
+        want, got = (ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+                     for m in (masked, removed))
+        assert relative_error(want, got) < 1e-5

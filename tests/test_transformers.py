@@ -18,7 +18,7 @@ import onnxprune
 from onnxprune.analysis.oracle import list_groups, mask_model, random_choice, relative_error, remove_model
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "transformers"
-EXPORTS = ["bert_ts", "bert_dynamo", "gpt2_ts", "llama_ts", "llama_dynamo", "vit_ts"]
+EXPORTS = ["bert_ts", "bert_dynamo", "bert_fused", "gpt2_ts", "llama_ts", "llama_dynamo", "vit_ts"]
 SHAPES = [(1, 5), (2, 16), (1, 33), (2, 7)]  # (batch, sequence): 3 sequence lengths, 2 batch sizes
 
 
@@ -51,7 +51,8 @@ def shapes_of(name: str) -> list[tuple[int, int]]:
 
 
 def head_groups(model: onnx.ModelProto) -> list[dict]:
-    return [g for g in list_groups(model) if "Reshape" in g["ops"] and "Softmax" in g["ops"] and not g["frozen"]]
+    return [g for g in list_groups(model) if ({"Reshape", "Softmax"} <= set(g["ops"]) or "Attention" in g["ops"])
+            and not g["frozen"]]
 
 
 @pytest.mark.parametrize("name", EXPORTS)

@@ -139,6 +139,8 @@ def node_macs(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None 
 def _macs(node: onnx.NodeProto, shapes: dict[str, list[int | None]]) -> int:
     op = node.op_type
     get = shapes.get
+    if node.domain == "com.microsoft" and op == "Attention" and len(node.input) > 1:
+        return _fused_attention_macs(node, get(node.input[0]), get(node.input[1]))
     weight_slot = {"QLinearConv": 3, "QLinearMatMul": 3}.get(op, 1)
     op = {"ConvInteger": "Conv", "QLinearConv": "Conv", "MatMulInteger": "MatMul", "QLinearMatMul": "MatMul"}.get(op, op)
     if op in ("Conv", "ConvTranspose") and len(node.input) > weight_slot:
@@ -163,6 +165,16 @@ def _macs(node: onnx.NodeProto, shapes: dict[str, list[int | None]]) -> int:
             return 0
         return int(np.prod(y, dtype=np.int64)) * int(a[-1])
     return 0
+
+
+def _fused_attention_macs(node: onnx.NodeProto, x, w) -> int:
+    """onnxruntime's Attention: the QKV projection plus scores (q.k) and context (p.v) per head."""
+    if not (_known(x) and _known(w)) or len(x) != 3 or len(w) != 2:
+        return 0
+    batch, seq, hidden = x
+    sizes = [int(v) for v in (get_attr(node, "qkv_hidden_sizes") or [w[1] // 3] * 3)]
+    projection = batch * seq * hidden * int(w[1])
+    return int(projection + batch * seq * seq * (sizes[0] + sizes[2]))
 
 
 def total_macs(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None) -> int:

@@ -39,6 +39,7 @@ def complete_shapes(model: onnx.ModelProto, input_shapes: dict[str, list[int]] |
     skel = _skeleton(model, input_shapes)
     custom = {o for n in model.graph.node if n.domain not in ("", "ai.onnx") for o in n.output}
     skel = symbolic_inference(skel)
+    custom &= {v.name for v in model.graph.value_info}
     kept = [v for v in skel.graph.value_info if v.name not in custom]
     del skel.graph.value_info[:]
     skel.graph.value_info.extend(kept)
@@ -257,7 +258,7 @@ class Analysis:
 def analyse(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None,
             exclude: list[str] = (), approximate_layernorm: bool = False, overrides: list[dict] = ()) -> Analysis:
     """Walk the main graph, apply the op rules and return channel ids, ties, edits and frozen ids."""
-    from .rules import RULES, producer_rule
+    from .rules import CUSTOM_PRODUCERS, RULES, producer_rule
 
     index = build_indexes(model)[0]
     analysis = Analysis(model=model, shapes=complete_shapes(model, input_shapes), index=index,
@@ -268,7 +269,10 @@ def analyse(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = 
         snapshot = (analysis.num_channels, len(analysis.edits), len(analysis.node_edits))
         try:
             if node.domain not in ("", "ai.onnx"):
-                if annotated:
+                custom = RULES.get(f"{node.domain}::{node.op_type}")
+                if custom is not None and (annotated or f"{node.domain}::{node.op_type}" in CUSTOM_PRODUCERS):
+                    custom(analysis, node)
+                elif annotated:
                     raise Freeze(f"custom-domain op {node.domain}::{node.op_type} ({node.name!r}) has no channel rule")
                 continue
             if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
