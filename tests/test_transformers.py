@@ -105,3 +105,29 @@ def test_cli_prunes_requested_share(name, tmp_path):
         want, got = run(original, feed), run(pruned, feed)
         assert [w.shape for w in want] == [g.shape for g in got]
         assert all(np.isfinite(g).all() for g in got)
+
+
+@pytest.mark.parametrize("options", [
+    {"sparsity": 0.5, "include_embeddings": True},
+    {"sparsity": 0.5, "include_embeddings": True, "scope": "global"},
+    {"pattern": "2:4", "include_embeddings": True},
+    {"sparsity": 0.5},
+    {"structured": True, "sparsity": 0.5, "head_sparsity": 0.25},
+])
+def test_tied_embedding_copies_stay_tied(options):
+    """GPT-2's LM head is the token embedding; the exporter stores it twice (transposed for MatMul)."""
+    model = load("gpt2_ts")
+    pruned, result = onnxprune.prune(model, **options)
+    weights = {i.name: onnx.numpy_helper.to_array(i) for i in pruned.graph.initializer}
+    embedding = weights["model.transformer.wte.weight"]
+    head = weights[next(n.input[1] for n in pruned.graph.node if n.name == "/model/lm_head/MatMul")]
+    np.testing.assert_array_equal(embedding, head.T)
+    details = result.to_dict()["passes"][0]["details"]
+    if options.get("include_embeddings"):
+        assert (embedding == 0).mean() > 0.3
+        assert any(t.get("tied_to") for t in details["tensors"])
+        if "pattern" in options:  # 2:4 along the head's reduction axis (hidden), in both copies
+            assert ((head.reshape(-1, 4, head.shape[1]) != 0).sum(axis=1) <= 2).all()
+    elif not options.get("structured"):
+        assert (embedding != 0).all()
+        assert any("tied to the embedding" in s["reason"] for s in details["skipped"])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass, field
 
+import numpy as np
 import onnx
 
 from ..model import GraphIndex, Weight, build_indexes, get_attr
@@ -160,3 +161,32 @@ def select_weights(
             selected.append(item)
     return Selection(selected, skipped)
 
+
+
+def tied_copies(prunable: list[PrunableWeight]) -> dict[str, tuple[PrunableWeight, bool]]:
+    """Embeddings stored twice: embedding name -> (the layer weight holding the same values, transposed?).
+
+    Exporters often write a tied LM head (``lm_head.weight is wte.weight``) as a second initializer,
+    transposed for MatMul. Such a pair is one parameter to the user and is pruned alike.
+    """
+    layers: dict[tuple[int, ...], list[PrunableWeight]] = {}
+    for item in prunable:
+        if len(item.weight.shape) == 2 and not item.is_embedding and item.weight.is_float:
+            layers.setdefault(item.weight.shape, []).append(item)
+    tied: dict[str, tuple[PrunableWeight, bool]] = {}
+    for item in prunable:
+        if not item.is_embedding or len(item.weight.shape) != 2:
+            continue
+        shape = item.weight.shape
+        values = None
+        for transposed, candidates in ((True, layers.get(shape[::-1], [])), (False, layers.get(shape, []))):
+            for other in candidates:
+                if values is None:
+                    values = item.weight.array()
+                theirs = other.weight.array()
+                if np.array_equal(values, theirs.T if transposed else theirs):
+                    tied[item.name] = (other, transposed)
+                    break
+            if item.name in tied:
+                break
+    return tied

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from ..analysis.weights import PrunableWeight, find_prunable_weights, select_weights
+from ..analysis.weights import PrunableWeight, Selection, find_prunable_weights, select_weights, tied_copies
 from ..compensation import reconstruct_sparse
 from ..config import PruneConfig
 from ..errors import UsageError
@@ -166,14 +166,17 @@ class MagnitudePrunePass:
     def run(self, ctx: PassContext) -> dict[str, Any]:
         cfg = self.config
         rng = np.random.default_rng(cfg.seed)
+        prunable = find_prunable_weights(ctx.model)
+        tied = tied_copies(prunable)
         selection = select_weights(
-            find_prunable_weights(ctx.model),
+            prunable,
             exclude=cfg.exclude,
             min_params=cfg.min_params,
             prune_first=cfg.prune_first,
             prune_last=cfg.prune_last,
             include_embeddings=cfg.include_embeddings,
         )
+        selection, followers = _tie_copies(selection, tied)
         skipped = [{"weight": item.name, "layers": item.node_names(), "reason": why} for item, why in selection.skipped]
         items, settings = [], {}
         for item in selection.selected:
@@ -241,22 +244,28 @@ class MagnitudePrunePass:
                     mask = per_row_mask(wanda_scores(values, item.reduction_axis, wanda), item.reduction_axis, target)
                 else:
                     mask = zero_smallest(self._scores(values, rng), k).reshape(values.shape)
-            values[mask] = 0
-            zeros_after = int(values.size - np.count_nonzero(values))
-            item.weight.set_array(values)
-            total += values.size
-            zeros_total += zeros_after
-            tensors.append({
-                "weight": item.name,
-                "kind": item.weight.kind,
-                "layers": item.node_names(),
-                "ops": sorted({u.node.op_type for u in item.uses}),
-                "shape": list(item.weight.shape),
-                "params": int(values.size),
-                "zeros_before": zeros_before,
-                "zeros_after": zeros_after,
-                "sparsity": zeros_after / values.size if values.size else 0.0,
-            })
+            for target, target_mask, tied_to in [(item, mask, None)] + [
+                    (copy, mask.T if transposed else mask, item.name) for copy, transposed in followers.get(item.name, [])]:
+                if target is not item:
+                    values = target.weight.array()
+                    zeros_before = int(values.size - np.count_nonzero(values))
+                values[target_mask] = 0
+                zeros_after = int(values.size - np.count_nonzero(values))
+                target.weight.set_array(values)
+                total += values.size
+                zeros_total += zeros_after
+                tensors.append({
+                    "weight": target.name,
+                    "kind": target.weight.kind,
+                    "layers": target.node_names(),
+                    "ops": sorted({u.node.op_type for u in target.uses}),
+                    "shape": list(target.weight.shape),
+                    "params": int(values.size),
+                    "zeros_before": zeros_before,
+                    "zeros_after": zeros_after,
+                    "sparsity": zeros_after / values.size if values.size else 0.0,
+                    **({"tied_to": tied_to} if tied_to else {}),
+                })
         reconstruction = None
         if original is not None:
             layers = [item.uses[0].node for item in items if len(item.uses) == 1 and item.uses[0].slot == 1]
@@ -278,3 +287,26 @@ class MagnitudePrunePass:
             "tensors": tensors,
             "skipped": skipped,
         }
+
+
+def _tie_copies(selection: Selection, tied: dict[str, tuple[PrunableWeight, bool]]
+                ) -> tuple[Selection, dict[str, list[tuple[PrunableWeight, bool]]]]:
+    """Tied embedding copies follow their layer weight's mask; with embeddings left out, both stay.
+
+    Returns the adjusted selection and, per layer weight, the copies that take its mask.
+    """
+    selected = {item.name: item for item in selection.selected}
+    followers: dict[str, list[tuple[PrunableWeight, bool]]] = {}
+    skipped = list(selection.skipped)
+    for embedding, (layer, transposed) in tied.items():
+        if layer.name not in selected:
+            continue
+        copy = selected.pop(embedding, None)
+        if copy is None:  # the embedding is left alone: its tied copy too
+            why = (f"tied to the embedding {embedding!r} (stored as a second copy), which is left alone; "
+                   "--include-embeddings prunes both alike")
+            skipped.append((selected.pop(layer.name), why))
+            continue
+        followers.setdefault(layer.name, []).append((copy, transposed))
+    kept = [item for item in selection.selected if item.name in selected]
+    return Selection(kept, skipped), followers
