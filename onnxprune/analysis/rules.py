@@ -372,8 +372,32 @@ def _elementwise_constant(a: Analysis, node: onnx.NodeProto, slot: int, axis: in
     if pos < 0 or shape[pos] == 1:
         return
     if a.weight(node.input[slot])[0] is None:
-        raise Freeze(f"{node.op_type} {node.name!r} mixes these channels with {node.input[slot]!r}, which has no channel ids")
+        raise Freeze(f"{node.op_type} {node.name!r} mixes these channels with {node.input[slot]!r}, which has no channel "
+                     f"ids{_origin(a, node.input[slot])}")
     a.add_weight_edit(node.input[slot], pos, ids, "param", node)
+
+
+_ORIGINS = {"Gather": "an embedding lookup", "LayerNormalization": "a normalization over these channels",
+            "SimplifiedLayerNormalization": "a normalization over these channels",
+            "SkipLayerNormalization": "a normalization over these channels",
+            "ReduceMean": "a normalization over these channels (mean/RMS)", "Sqrt": "a normalization (RMS)",
+            "Reciprocal": "a normalization (RMS)"}
+
+
+def _origin(a: Analysis, name: str) -> str:
+    """Where a tensor without channel ids comes from, when that explains a frozen stream (norms, embeddings)."""
+    for _ in range(24):
+        producer = a.index.producer.get(name)
+        if producer is None:
+            return f" (graph input {name!r})" if name in {i.name for i in a.model.graph.input} else ""
+        if producer.op_type in _ORIGINS:
+            what = _ORIGINS[producer.op_type]
+            return f" (it comes from {what}, {producer.op_type} {producer.name!r}: this stream's width stays)"
+        inputs = [i for i in producer.input if i and a.weight(i)[0] is None]
+        if not inputs:
+            return ""
+        name = inputs[0]
+    return ""
 
 
 @rule("Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "Where", "Equal", "Greater", "Less",
