@@ -131,3 +131,15 @@ def test_tied_embedding_copies_stay_tied(options):
     elif not options.get("structured"):
         assert (embedding != 0).all()
         assert any("tied to the embedding" in s["reason"] for s in details["skipped"])
+
+
+def test_runtime_path_imports_no_heavy_framework():
+    """Pruning a transformer (symbolic shape inference included) must not import torch or transformers."""
+    import subprocess
+    import sys
+
+    code = ("import sys, onnxprune; onnxprune.prune(sys.argv[1], structured=True, sparsity=0.5, head_sparsity=0.5); "
+            "print(sorted(m for m in ('torch', 'transformers', 'timm', 'sklearn') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code, str(FIXTURES / "llama_ts.onnx")], capture_output=True,
+                         text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"

@@ -6,6 +6,10 @@ their bytes), so it costs memory proportional to the graph, not to the weights.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+from pathlib import Path
+
 import numpy as np
 import onnx
 
@@ -67,6 +71,19 @@ def default_dynamic_dim(axis: int) -> int:
     return 1 if axis == 0 else 16
 
 
+@functools.cache
+def _symbolic_shape_inference_class():
+    """onnxruntime's SymbolicShapeInference, loaded from its file: the ``onnxruntime.tools`` package
+    imports torch when it is installed, which the runtime path must not pay for."""
+    import onnxruntime
+
+    path = Path(onnxruntime.__file__).parent / "tools" / "symbolic_shape_infer.py"
+    spec = importlib.util.spec_from_file_location("onnxprune._ort_symbolic_shape_infer", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.SymbolicShapeInference
+
+
 def symbolic_inference(skel: onnx.ModelProto) -> onnx.ModelProto:
     """``skel`` with onnxruntime's symbolic shape inference applied, or unchanged where it fails.
 
@@ -74,8 +91,7 @@ def symbolic_inference(skel: onnx.ModelProto) -> onnx.ModelProto:
     transformer exports have) and onnxruntime's fused ops, which onnx's own inference leaves unknown.
     """
     try:
-        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
+        SymbolicShapeInference = _symbolic_shape_inference_class()
         # SymbolicShapeInference.infer_shapes drops partial results (and writes a debug file into
         # the working directory) when some shape stays unknown; run its loop and keep what it found.
         inference = SymbolicShapeInference(2**31 - 1, True, False, 0)

@@ -145,9 +145,55 @@ def _reaches_only_sinks(model: onnx.ModelProto, index: GraphIndex, values: dict[
     return result
 
 
+def _axes(node: onnx.NodeProto, inputs: list[np.ndarray | None]) -> list[int] | None:
+    if len(inputs) > 1 and inputs[1] is not None:
+        return [int(v) for v in np.atleast_1d(inputs[1])]
+    value = get_attr(node, "axes")
+    return None if value is None else [int(v) for v in value]
+
+
+def _fast(node: onnx.NodeProto, x: list[np.ndarray | None]) -> np.ndarray | None:
+    """numpy for the common shape-arithmetic ops (the reference evaluator is slow per node)."""
+    op = node.op_type
+    if op in ("Add", "Sub", "Mul", "Equal") and len(x) == 2:
+        fn = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Equal": np.equal}[op]
+        return fn(x[0], x[1])
+    if op == "Div" and x[0].dtype.kind in "iu" and x[1].dtype.kind in "iu":
+        return np.trunc(x[0] / x[1]).astype(np.result_type(x[0], x[1]))
+    if op == "Gather":
+        return np.take(x[0], x[1], axis=int(get_attr(node, "axis", 0)))
+    if op == "Unsqueeze":
+        axes = _axes(node, x)
+        out = x[0]
+        rank = out.ndim + len(axes)
+        for axis in sorted(a % rank for a in axes):
+            out = np.expand_dims(out, axis)
+        return out
+    if op == "Squeeze":
+        axes = _axes(node, x)
+        return np.squeeze(x[0]) if axes is None else np.squeeze(x[0], axis=tuple(a % x[0].ndim for a in axes))
+    if op == "Concat":
+        return np.concatenate(x, axis=int(get_attr(node, "axis")))
+    if op in ("Identity",):
+        return x[0]
+    if op == "Where":
+        return np.where(x[0], x[1], x[2])
+    if op == "Shape":
+        return np.array(x[0].shape, dtype=np.int64)
+    return None
+
+
 def _run(node: onnx.NodeProto, inputs: list[np.ndarray | None], opset: int) -> np.ndarray | None:
-    """Evaluate one small node with onnx's reference implementation."""
+    """Evaluate one small node: numpy for common ops, else onnx's reference implementation."""
     from onnx.reference import ReferenceEvaluator
+
+    if all(v is not None for v in inputs):
+        try:
+            fast = _fast(node, [np.asarray(v) for v in inputs])
+        except Exception:  # noqa: BLE001 - let the reference implementation decide
+            fast = None
+        if fast is not None:
+            return np.asarray(fast)
 
     names = [f"in{i}" if v is not None else "" for i, v in enumerate(inputs)]
     copy = onnx.helper.make_node(node.op_type, names, ["out"], **{a.name: onnx.helper.get_attribute_value(a)
