@@ -18,7 +18,7 @@ import onnxprune
 from onnxprune.analysis.oracle import list_groups, mask_model, random_choice, relative_error, remove_model
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "transformers"
-EXPORTS = ["bert_ts", "bert_dynamo", "bert_fused", "gpt2_ts", "llama_ts", "llama_dynamo", "vit_ts"]
+EXPORTS = ["bert_ts", "bert_dynamo", "bert_sdpa_dynamo", "bert_fused", "gpt2_ts", "llama_ts", "llama_dynamo", "vit_ts"]
 SHAPES = [(1, 5), (2, 16), (1, 33), (2, 7)]  # (batch, sequence): 3 sequence lengths, 2 batch sizes
 
 
@@ -143,3 +143,16 @@ def test_runtime_path_imports_no_heavy_framework():
     out = subprocess.run([sys.executable, "-c", code, str(FIXTURES / "llama_ts.onnx")], capture_output=True,
                          text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "[]"
+
+
+def test_sdpa_decomposition_key_transpose_is_simplified():
+    """The dynamo exporter's SDPA transposes K via Reshape(merge batch and heads) -> Transpose -> Reshape;
+    canonicalisation turns it into one Transpose (exactly), so heads stay visible."""
+    from onnxprune.passes.canonical import merge_batched_transposes
+
+    model = load("bert_sdpa_dynamo")
+    simplified = onnx.ModelProto()
+    simplified.CopyFrom(model)
+    assert merge_batched_transposes(simplified) == 2  # one per layer
+    feed = feeds(model, 2, 9)
+    assert relative_error(run(model, feed), run(simplified, feed)) < 1e-6

@@ -19,13 +19,15 @@ Choice = dict[int, list[int]]
 
 
 def prepared(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``model`` as the structured pass analyses it: static run-time size reads folded."""
+    """A copy of ``model`` as the structured pass analyses it: static run-time size reads folded, exporter
+    spellings simplified (:mod:`onnxprune.passes.canonical`)."""
+    from ..passes.canonical import merge_batched_transposes
     from ..passes.shapefold import fold_static_shape_reads
     from ..passes.structured import remove_dead_nodes
 
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
-    if fold_static_shape_reads(copy):
+    if fold_static_shape_reads(copy) + merge_batched_transposes(copy):
         remove_dead_nodes(copy)
     return copy
 

@@ -288,9 +288,10 @@ class StructuredPrunePass:
         cfg = self.config
         shapes = ctx.state.get("input_shapes") or None
         model = ctx.model
+        from .canonical import merge_batched_transposes
         from .shapefold import fold_static_shape_reads
 
-        if fold_static_shape_reads(model):
+        if fold_static_shape_reads(model) + merge_batched_transposes(model):
             remove_dead_nodes(model)
         ctx.log("analysing channel groups")
         analysis = analyse(model, shapes, cfg.exclude, cfg.prune_layernorm, cfg.overrides)
