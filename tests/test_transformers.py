@@ -18,7 +18,8 @@ import onnxprune
 from onnxprune.analysis.oracle import list_groups, mask_model, random_choice, relative_error, remove_model
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "transformers"
-EXPORTS = ["bert_ts", "bert_dynamo", "bert_sdpa_dynamo", "bert_fused", "gpt2_ts", "llama_ts", "llama_dynamo", "vit_ts"]
+EXPORTS = ["bert_ts", "bert_dynamo", "bert_sdpa_dynamo", "bert_fused", "gpt2_ts", "llama_ts", "llama_dynamo", "vit_ts",
+           "qwen2_ts", "phi3_ts", "gpt_neox_ts", "distilbert_ts"]
 SHAPES = [(1, 5), (2, 16), (1, 33), (2, 7)]  # (batch, sequence): 3 sequence lengths, 2 batch sizes
 
 
@@ -82,7 +83,7 @@ def test_oracle(name, seed):
 
 
 # head units per layer and how many stay at the requested head sparsity (GQA: a K/V head with its query heads)
-HEAD_UNITS = {"llama_ts": (2, 0.5, 1), "llama_dynamo": (2, 0.5, 1)}
+HEAD_UNITS = {name: (2, 0.5, 1) for name in ("llama_ts", "llama_dynamo", "qwen2_ts", "phi3_ts")}
 
 
 @pytest.mark.parametrize("name", EXPORTS)
