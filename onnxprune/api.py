@@ -227,7 +227,10 @@ def prune(
 def _allocate_for_target(model: onnx.ModelProto, config: PruneConfig, calibration, vcfg: ValidateConfig, feeds,
                          log: Callable[[str], None]) -> dict[str, Any]:
     """Measure each group's sensitivity, pick per-group ratios for the target, write them as overrides."""
+    from .passes.structured import prepare_for_analysis
     from .sensitivity import allocate_for_target, measure
+
+    prepare_for_analysis(model)  # what the structured pass analyses, so group ids and heads agree
 
     samples = list(calibration or [])[:4] or ([feeds[0]] if feeds else [prepare_feeds(model, vcfg)[0]])
     shapes = dict(feeds[1]["shapes"]) if feeds else None
@@ -240,7 +243,7 @@ def _allocate_for_target(model: onnx.ModelProto, config: PruneConfig, calibratio
         labels = labels[:256]
     log("measuring each group's sensitivity for the target")
     sens = measure(model, samples, config, ratios=(0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875), labels=labels,
-                   input_shapes=shapes, log=log)
+                   input_shapes=shapes, log=log, include_heads=False)
     ratios = allocate_for_target(model, sens, config, target_macs=config.target_macs,
                                  target_params=config.target_params, input_shapes=shapes)
     by_id = {g["id"]: g for g in sens["groups"]}

@@ -309,6 +309,9 @@ def sensitivity_command(model: Path, calibration_data: Path | None, eval_data: P
             feeds = load_calibration(calibration_data, loaded.model, limit=8)
         else:
             feeds = [prepare_feeds(loaded.model, ValidateConfig(input_shapes=shapes, seed=s))[0] for s in (0, 1)]
+        from .passes.structured import prepare_for_analysis
+
+        prepare_for_analysis(loaded.model)
         result = sens.measure(loaded.model, feeds, config, values, labels, shapes or None, display.log)
         if json_path:
             json_path.write_text(_dump(result) + "\n")

@@ -73,11 +73,18 @@ def prune_groups(model: onnx.ModelProto, ratios: dict[int, float], config: Prune
 def measure(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], config: PruneConfig,
             ratios: tuple[float, ...] = DEFAULT_RATIOS, labels: np.ndarray | None = None,
             input_shapes: dict[str, list[int]] | None = None,
-            log: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
-    """Prune each group alone at each ratio; fidelity, MACs and params of every point."""
+            log: Callable[[str], None] = lambda m: None, include_heads: bool = True) -> dict[str, Any]:
+    """Prune each group alone at each ratio; fidelity, MACs and params of every point.
+
+    ``include_heads=False`` leaves attention-head groups out (their ratio is ``--head-sparsity``);
+    their ids are listed under ``head_groups`` either way."""
     reference = _run(model, feeds)
     base_macs, base_params = total_macs(model, input_shapes), count_params(model)[0]
-    groups = [g for g in build_groups(analyse(model, input_shapes, config.exclude, config.prune_layernorm)) if g.units]
+    analysis = analyse(model, input_shapes, config.exclude, config.prune_layernorm)
+    groups = [g for g in build_groups(analysis) if g.units]
+    heads = [g.id for g in groups if _is_head_group(analysis, g)]
+    if heads and not include_heads:  # heads follow --head-sparsity, not the allocation
+        groups = [g for g in groups if g.id not in heads]
     rows = []
     for number, group in enumerate(groups, 1):
         log(f"group {number}/{len(groups)}: {', '.join(s.node.name for s in group.spaces)[:60]}")
@@ -96,7 +103,11 @@ def measure(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], config: 
         rows.append({"id": group.id, "producers": [s.node.name for s in group.spaces], "channels": group.channels,
                      "prunable": len(group.units), "points": points})
     return {"macs": base_macs, "params": base_params, "ratios": list(ratios), "top1": _top1(reference, labels),
-            "groups": rows}
+            "groups": rows, "head_groups": heads}
+
+
+def _is_head_group(analysis, group) -> bool:
+    return bool(analysis.head_ids) and any(int(i) in analysis.head_ids for ids in group.units for i in ids)
 
 
 def allocate_for_target(model: onnx.ModelProto, sensitivity: dict[str, Any], config: PruneConfig, *,
@@ -110,9 +121,14 @@ def allocate_for_target(model: onnx.ModelProto, sensitivity: dict[str, Any], con
     groups = {g["id"]: g for g in sensitivity["groups"]}
     last: int | None = None
 
+    pinned = {gid: config.head_sparsity for gid in sensitivity.get("head_groups", []) if gid not in groups}
+
     def measure_cost(candidate: dict[int, float]) -> float:
-        pruned = prune_groups(model, candidate, config, input_shapes)
+        pruned = prune_groups(model, {**pinned, **candidate}, config, input_shapes)
         return total_macs(pruned, input_shapes) if target_macs is not None else count_params(pruned)[0]
+
+    if any(pinned.values()):  # heads removed at --head-sparsity count toward the target
+        needed -= base - measure_cost({})
 
     for _ in range(8):  # the savings of groups interact (a conv loses inputs and outputs): re-check and go on
         saved = sum(groups[g]["points"][i][key] for g, i in chosen.items())

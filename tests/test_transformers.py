@@ -157,3 +157,32 @@ def test_sdpa_decomposition_key_transpose_is_simplified():
     assert merge_batched_transposes(simplified) == 2  # one per layer
     feed = feeds(model, 2, 9)
     assert relative_error(run(model, feed), run(simplified, feed)) < 1e-6
+
+
+@pytest.mark.parametrize("head_sparsity", [0.0, 0.5])
+def test_target_macs_counts_pinned_heads(tmp_path, head_sparsity):
+    """--target-macs allocates MLP neurons; heads stay at --head-sparsity and count toward the target."""
+    model = load("llama_ts")
+    rng = np.random.default_rng(0)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, input_ids=rng.integers(0, 256, (8, 16)).astype(np.int64),
+             attention_mask=np.ones((8, 16), np.int64))
+    config = onnxprune.PruneConfig(structured=True, target_macs=0.6, head_sparsity=head_sparsity,
+                                   calibration_data=str(calib))
+    _, result = onnxprune.prune(model, config=config)
+    details = result.passes[0].details
+    assert abs(details["macs_after"] / details["macs_before"] - 0.6) < 0.02
+    heads = [g["channels_after"] for g in details["groups"] if g["channels_before"] == 2]
+    assert heads == ([1, 1] if head_sparsity else [2, 2])
+
+
+def test_sensitivity_sees_heads():
+    from onnxprune.config import PruneConfig
+    from onnxprune.passes.structured import prepare_for_analysis
+    from onnxprune.sensitivity import measure
+
+    model = load("llama_ts")
+    prepare_for_analysis(model)
+    result = measure(model, [feeds(model, 2, 8)], PruneConfig(structured=True), ratios=(0.5,))
+    assert len(result["head_groups"]) == 2
+    assert {g["id"] for g in result["groups"]} >= set(result["head_groups"])

@@ -21,14 +21,11 @@ Choice = dict[int, list[int]]
 def prepared(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of ``model`` as the structured pass analyses it: static run-time size reads folded, exporter
     spellings simplified (:mod:`onnxprune.passes.canonical`)."""
-    from ..passes.canonical import merge_batched_transposes
-    from ..passes.shapefold import fold_static_shape_reads
-    from ..passes.structured import remove_dead_nodes
+    from ..passes.structured import prepare_for_analysis
 
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
-    if fold_static_shape_reads(copy) + merge_batched_transposes(copy):
-        remove_dead_nodes(copy)
+    prepare_for_analysis(copy)
     return copy
 
 

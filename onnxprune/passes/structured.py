@@ -144,6 +144,20 @@ def remove(analysis: Analysis, keep: np.ndarray) -> None:
     refresh_value_info(analysis.model)
 
 
+def prepare_for_analysis(model: onnx.ModelProto) -> int:
+    """In place: fold static run-time size reads and simplify exporter spellings (before any channel analysis).
+
+    The structured pass, the oracle, sensitivity analysis and target allocation all analyse the
+    prepared graph, so their group ids agree."""
+    from .canonical import merge_batched_transposes
+    from .shapefold import fold_static_shape_reads
+
+    changed = fold_static_shape_reads(model) + merge_batched_transposes(model)
+    if changed:
+        remove_dead_nodes(model)
+    return changed
+
+
 def remove_dead_nodes(model: onnx.ModelProto) -> int:
     """Drop main-graph nodes and initializers nothing reads any more (e.g. shape constants that were replaced)."""
     from ..analysis.groups import _free_names
@@ -288,11 +302,7 @@ class StructuredPrunePass:
         cfg = self.config
         shapes = ctx.state.get("input_shapes") or None
         model = ctx.model
-        from .canonical import merge_batched_transposes
-        from .shapefold import fold_static_shape_reads
-
-        if fold_static_shape_reads(model) + merge_batched_transposes(model):
-            remove_dead_nodes(model)
+        prepare_for_analysis(model)
         ctx.log("analysing channel groups")
         analysis = analyse(model, shapes, cfg.exclude, cfg.prune_layernorm, cfg.overrides)
         groups = build_groups(analysis)
