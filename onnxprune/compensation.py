@@ -19,7 +19,7 @@ import onnxruntime as ort
 from onnx import numpy_helper
 
 from .analysis.groups import WeightEdit, analyse
-from .model import PROTOBUF_LIMIT, get_attr, tensor_bytes
+from .model import PROTOBUF_LIMIT, get_attr, inference_session, tensor_bytes
 
 
 def zeroed_model(model: onnx.ModelProto, keep: np.ndarray, input_shapes=None,
@@ -36,6 +36,25 @@ def zeroed_model(model: onnx.ModelProto, keep: np.ndarray, input_shapes=None,
             values[tuple(index)] = 0
             edit.weight.set_array(values)
     return zeroed
+
+
+def _zeroed_producers(analysis, keep: np.ndarray) -> dict[str, np.ndarray] | None:
+    """Producer weights with removed channels zeroed, by initializer name (None: some are not main-graph
+    initializers, so the caller zeroes a copy of the model instead)."""
+    zeros: dict[str, np.ndarray] = {}
+    for edit in analysis.edits:
+        drop = ~keep[edit.ids]
+        if edit.role != "producer" or not drop.any():
+            continue
+        if edit.weight.kind != "initializer" or edit.weight.graph is not analysis.model.graph:
+            return None
+        values = zeros.get(edit.weight.name)
+        if values is None:
+            values = zeros[edit.weight.name] = edit.weight.array()
+        index = [slice(None)] * values.ndim
+        index[edit.axis] = drop
+        values[tuple(index)] = 0
+    return zeros
 
 
 def _foldable(edit: WeightEdit, analysis) -> bool:
@@ -65,17 +84,23 @@ def fold_removed_constants(model: onnx.ModelProto, keep: np.ndarray, feeds: list
     summary = {"consumers": 0, "exact": 0, "approximate": 0, "skipped": []}
     if not edits or not feeds:
         return summary
-    if tensor_bytes(model) >= PROTOBUF_LIMIT:
-        summary["skipped"].append("model over 2 GB: constants not folded")
-        return summary
-    zeroed = zeroed_model(model, keep, input_shapes, approximate_layernorm)
     names = sorted({e.node.input[0] for e in edits})
-    del zeroed.graph.output[:]
-    zeroed.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names)
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    session = ort.InferenceSession(zeroed.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    options.add_session_config_entry("session.disable_prepacking", "1")  # one run: no second copy of the weights
+    zeros = _zeroed_producers(analysis, keep)
+    if zeros is not None:  # the zeroed model is the model with a few weights swapped: no copy of the rest
+        session = inference_session(model, outputs=names, replaced=zeros, options=options)
+    else:
+        if tensor_bytes(model) >= PROTOBUF_LIMIT:
+            summary["skipped"].append("model over 2 GB with weights in Constant nodes: constants not folded")
+            return summary
+        zeroed = zeroed_model(model, keep, input_shapes, approximate_layernorm)
+        del zeroed.graph.output[:]
+        zeroed.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names)
+        session = ort.InferenceSession(zeroed.SerializeToString(), options, providers=["CPUExecutionProvider"])
     runs = [dict(zip(names, session.run(names, feed))) for feed in feeds]
+    del session
     for edit in edits:
         name = edit.node.input[0]
         axis = analysis.ann[name].axis

@@ -260,6 +260,52 @@ def tensor_bytes(model: onnx.ModelProto) -> int:
     return sum(len(t.raw_data) if t.HasField("raw_data") else _typed_bytes(t) for t in _iter_all_tensors(model))
 
 
+def inference_session(model: onnx.ModelProto, outputs: list[str] | None = None,
+                      replaced: dict[str, np.ndarray] | None = None, options=None,
+                      providers: tuple[str, ...] = ("CPUExecutionProvider",)):
+    """An onnxruntime session over ``model`` that does not serialize its weights.
+
+    The main graph's larger initializers are handed to onnxruntime as OrtValues over numpy arrays
+    (``SessionOptions.add_external_initializers``); only the graph is serialized, so a model over
+    2 GB works and no second serialized copy of the weights is made. ``replaced`` arrays stand in
+    for initializers of the same name (e.g. zeroed weights); ``outputs`` replaces the graph outputs.
+    """
+    import onnxruntime as ort
+
+    replaced = replaced or {}
+    header = onnx.ModelProto()
+    _copy_fields(model, header, skip=("graph",))
+    graph = header.graph
+    _copy_fields(model.graph, graph, skip=("initializer", "output") if outputs is not None else ("initializer",))
+    if outputs is not None:
+        graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in outputs)
+    names, values, keep_alive = [], [], []
+    for tensor in model.graph.initializer:
+        array = replaced.get(tensor.name)
+        if array is None and (int(np.prod(tensor.dims, dtype=np.int64)) <= 256 or tensor.data_type in (
+                onnx.TensorProto.STRING, onnx.TensorProto.BFLOAT16) or tensor.data_location == onnx.TensorProto.EXTERNAL):
+            graph.initializer.append(tensor)
+            continue
+        if array is None:
+            array = numpy_helper.to_array(tensor)
+        array = np.ascontiguousarray(array)
+        keep_alive.append(array)
+        names.append(tensor.name)
+        values.append(ort.OrtValue.ortvalue_from_numpy(array))
+        placeholder = graph.initializer.add()  # declared, its data given at session creation
+        placeholder.name, placeholder.data_type = tensor.name, tensor.data_type
+        placeholder.dims.extend(tensor.dims)
+        placeholder.data_location = onnx.TensorProto.EXTERNAL
+        entry = placeholder.external_data.add()
+        entry.key, entry.value = "location", "onnxprune-in-memory"
+    options = options or ort.SessionOptions()
+    if names:
+        options.add_external_initializers(names, values)
+    session = ort.InferenceSession(header.SerializeToString(), options, providers=list(providers))
+    session._onnxprune_arrays = keep_alive  # the OrtValues view these arrays
+    return session
+
+
 def _typed_bytes(tensor: onnx.TensorProto) -> int:
     return 4 * (len(tensor.float_data) + len(tensor.int32_data)) + 8 * (
         len(tensor.int64_data) + len(tensor.double_data) + len(tensor.uint64_data)
