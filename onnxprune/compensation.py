@@ -57,6 +57,39 @@ def _zeroed_producers(analysis, keep: np.ndarray) -> dict[str, np.ndarray] | Non
     return zeros
 
 
+_ZERO_TO_ZERO = {"Relu", "LeakyRelu", "PRelu", "Gelu", "Erf", "Tanh", "Neg", "Abs", "Sin", "Softsign", "HardSwish",
+                 "Mish", "Identity", "Cast", "Dropout", "Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten",
+                 "Slice", "Split", "Expand", "Tile", "Resize", "MaxPool", "AveragePool", "GlobalAveragePool",
+                 "GlobalMaxPool", "DepthToSpace", "SpaceToDepth"}
+
+
+def _known_zero(analysis, name: str, memo: dict[str, bool]) -> bool:
+    """Whether removed channels are exactly zero in ``name`` once their producers' weights are zeroed,
+    decided from the graph alone: bias-free producers, then ops that map 0 to 0 (then nothing to fold)."""
+    if name in memo:
+        return memo[name]
+    memo[name] = False  # cycles and unknowns: not known
+    node = analysis.index.producer.get(name)
+    result = False
+    if node is not None and node.domain in ("", "ai.onnx"):
+        annotated = [i for i in node.input if i in analysis.ann]
+        weighted = node.op_type in ("MatMul", "Conv", "ConvTranspose", "Gemm") and analysis.index.resolve(
+            node.input[1])[0] is not None if len(node.input) > 1 else False
+        if weighted:  # a producer: its output channels are zeroed rows/columns, unless a bias is added
+            result = len(node.input) < 3 or not node.input[2]
+        elif node.op_type in ("Mul", "MatMul"):  # anything times zero
+            result = any(_known_zero(analysis, i, memo) for i in annotated)
+        elif node.op_type == "Div":
+            result = node.input[0] in annotated and _known_zero(analysis, node.input[0], memo)
+        elif node.op_type in ("Add", "Sub", "Sum", "Concat", "Max", "Min"):
+            result = bool(annotated) and len(annotated) == len([i for i in node.input if i]) and all(
+                _known_zero(analysis, i, memo) for i in annotated)
+        elif node.op_type in _ZERO_TO_ZERO and node.input[0] in annotated:
+            result = _known_zero(analysis, node.input[0], memo)
+    memo[name] = result
+    return result
+
+
 def _foldable(edit: WeightEdit, analysis) -> bool:
     node = edit.node
     if edit.role != "consumer" or node.op_type not in ("Conv", "Gemm", "MatMul"):
@@ -83,6 +116,10 @@ def fold_removed_constants(model: onnx.ModelProto, keep: np.ndarray, feeds: list
     edits = [e for e in analysis.edits if _foldable(e, analysis) and not keep[e.ids].all()]
     summary = {"consumers": 0, "exact": 0, "approximate": 0, "skipped": []}
     if not edits or not feeds:
+        return summary
+    memo: dict[str, bool] = {}
+    edits = [e for e in edits if not _known_zero(analysis, e.node.input[0], memo)]
+    if not edits:  # removed channels are exactly zero where they are read (no biases on their path)
         return summary
     names = sorted({e.node.input[0] for e in edits})
     options = ort.SessionOptions()

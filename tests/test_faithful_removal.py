@@ -72,3 +72,24 @@ def test_cli_pass_folds_by_default_and_improves_fidelity():
     details = with_fold.to_dict()["passes"][0]["details"]
     assert details["folded_constants"]["consumers"] > 0
     assert with_fold.validation["worst"]["rel_l2"] < without.validation["worst"]["rel_l2"]
+
+
+@pytest.mark.parametrize("name, runs_session", [("llama_ts", False), ("bert_ts", True)])
+def test_bias_free_paths_skip_the_measuring_session(monkeypatch, name, runs_session):
+    """Removed channels behind bias-free producers and 0 -> 0 ops (LLaMA: MatMul, SiLU gate * up, P.V) are
+    exactly zero: nothing to fold, no onnxruntime run. With biases (BERT) the values are measured."""
+    from onnxprune import compensation
+    from onnxprune.analysis.oracle import choice_to_keep, prepared, random_choice
+
+    model = prepared(onnx.load(str(FIXTURES / "transformers" / f"{name}.onnx")))
+    analysis = analyse(model)
+    keep = choice_to_keep(analysis, random_choice(model, 0.5, 0))
+    calls = []
+    real = compensation.inference_session
+    monkeypatch.setattr(compensation, "inference_session", lambda *a, **k: calls.append(1) or real(*a, **k))
+    rng = np.random.default_rng(0)
+    feed = {"input_ids": rng.integers(0, 256, (2, 8)).astype(np.int64), "attention_mask": np.ones((2, 8), np.int64)}
+    summary = fold_removed_constants(model, keep, [feed])
+    assert bool(calls) == runs_session
+    if not runs_session:
+        assert summary["consumers"] == 0
