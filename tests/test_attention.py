@@ -142,8 +142,9 @@ def test_fused_attention_head_pruning_is_refused(tmp_path):
     assert result.to_dict()["passes"][0]["details"]["channels_removed"] == 0  # the fused op is left as it is
 
 
-def gqa_block(hkv: int = 2) -> onnx.ModelProto:
-    """LLaMA-style grouped-query attention: K/V have fewer heads, repeated by Unsqueeze -> Expand -> Reshape."""
+def gqa_block(hkv: int = 2, tile: bool = False) -> onnx.ModelProto:
+    """LLaMA-style grouped-query attention: K/V have fewer heads, repeated by Unsqueeze -> Expand -> Reshape
+    (each K/V head next to its copies), or by Tile (the K/V heads repeated as a block)."""
     rng = np.random.default_rng(1)
     rep = H // hkv
     inits = []
@@ -162,8 +163,11 @@ def gqa_block(hkv: int = 2) -> onnx.ModelProto:
     for p in "kv":
         nodes += [helper.make_node("MatMul", ["x", w(f"{p}.w", [E, hkv * D])], [f"{p}0"], name=f"{p}_proj"),
                   helper.make_node("Reshape", [f"{p}0", c(f"{p}s", [0, 0, hkv, D])], [f"{p}1"], name=f"{p}_split"),
-                  helper.make_node("Transpose", [f"{p}1"], [f"{p}2"], perm=[0, 2, 1, 3], name=f"{p}_t"),
-                  helper.make_node("Unsqueeze", [f"{p}2", c(f"{p}ax", [2])], [f"{p}3"], name=f"{p}_unsq"),
+                  helper.make_node("Transpose", [f"{p}1"], [f"{p}2"], perm=[0, 2, 1, 3], name=f"{p}_t")]
+        if tile:
+            nodes.append(helper.make_node("Tile", [f"{p}2", c(f"{p}rep", [1, rep, 1, 1])], [f"{p}5"], name=f"{p}_tile"))
+            continue
+        nodes += [helper.make_node("Unsqueeze", [f"{p}2", c(f"{p}ax", [2])], [f"{p}3"], name=f"{p}_unsq"),
                   helper.make_node("Expand", [f"{p}3", c(f"{p}ex", [1, hkv, rep, 1, 1])], [f"{p}4"], name=f"{p}_expand"),
                   helper.make_node("Reshape", [f"{p}4", c(f"{p}rs", [0, H, -1, D])], [f"{p}5"], name=f"{p}_repeat")]
     nodes += [helper.make_node("Transpose", ["k5"], ["kt"], perm=[0, 1, 3, 2], name="k_tt"),
@@ -180,8 +184,9 @@ def gqa_block(hkv: int = 2) -> onnx.ModelProto:
     return model
 
 
-def test_grouped_query_attention_units_and_oracle():
-    model = gqa_block()
+@pytest.mark.parametrize("tile", [False, True])
+def test_grouped_query_attention_units_and_oracle(tile):
+    model = gqa_block(tile=tile)
     groups = build_groups(analyse(model))
     group = next(g for g in groups if any(s.node.name == "q_proj" for s in g.spaces))
     assert {s.node.name for s in group.spaces} == {"q_proj", "k_proj", "v_proj"}

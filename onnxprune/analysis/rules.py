@@ -784,22 +784,22 @@ def _where_branch(a: Analysis, where: onnx.NodeProto, pos: int) -> int | None:
     return 2 if test is not None and test.op_type == "Equal" and where.input[2] in test.input else None
 
 
-@rule("Expand", "Tile", does="passes when the channel axis is not repeated; Expand shapes are rewritten "
-      "(also pieces of run-time targets)")
+@rule("Expand", "Tile", does="Expand passes when the channel axis is not expanded, its shape is rewritten (also "
+      "pieces of run-time targets); Tile copies the ids of a repeated channel axis (the repeat count stays)")
 def expand_rule(a: Analysis, node: onnx.NodeProto) -> None:
     ann = _only_slot(a, node, 0)
     rank_in, rank_out = _rank(a, node.input[0]), _rank(a, node.output[0])
     axis = ann.axis + rank_out - rank_in
     n = len(ann.ids)
     out = a.shape(node.output[0])
+    if node.op_type == "Tile":  # repeats of the channel axis copy the ids (K/V heads tiled for grouped queries)
+        value = a.constant(node.input[1])
+        if value is None:
+            raise Freeze(f"Tile {node.name!r}: repeats computed at run time")
+        _set(a, node, ann.axis, np.tile(ann.ids, int(value[ann.axis])))
+        return
     if out is None or out[axis] != n:
         raise Freeze(f"{node.op_type} {node.name!r} repeats the channel axis")
-    if node.op_type == "Tile":
-        value = a.constant(node.input[1])
-        if value is None or value[ann.axis] != 1:
-            raise Freeze(f"Tile {node.name!r}: repeats computed at run time")
-        _set(a, node, ann.axis, ann.ids)
-        return
     target = a.shape(node.input[1])
     pos = axis - (rank_out - target[0]) if target and target[0] is not None else None
     if pos is None:
