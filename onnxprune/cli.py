@@ -115,7 +115,9 @@ def _providers(values: tuple[str, ...]) -> list[str]:
 @click.option("--sparsity", type=float, help="Fraction of prunable weights (or channels, with --structured) to remove, 0 <= S < 1.")
 @click.option("--threshold", type=float, help="Unstructured: zero every prunable weight with |w| <= T (instead of --sparsity).")
 @click.option("--pattern", help="N:M sparsity, e.g. 2:4: zero N of every M consecutive weights along the input axis.")
-@click.option("--criterion", default="l1", show_default=True, help="Importance: l1, l2, random (seeded baseline); bn (BatchNorm scale, --structured).")
+@click.option("--criterion", default=None, help="Importance: l1 (default), l2, random (seeded baseline); bn (BatchNorm "
+              "scale, --structured); activation (needs --calibration-data); reconstruction (--structured: channels the "
+              "least-squares refit can best do without; the default with --reconstruct).")
 @click.option("--scope", type=click.Choice(["layer", "global"]), default="layer", show_default=True, help="Rank within each layer/group or across the model.")
 @click.option("--max-layer-sparsity", type=float, default=0.99, show_default=True, help="Global scope: cap per tensor so no layer is emptied.")
 @click.option("--structured", is_flag=True, help="Remove whole channels/neurons (physically smaller, faster model).")

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from .errors import UsageError
 
 CRITERIA_UNSTRUCTURED = ("l1", "l2", "random", "activation")
-CRITERIA_STRUCTURED = ("l1", "l2", "random", "bn", "activation")
+CRITERIA_STRUCTURED = ("l1", "l2", "random", "bn", "activation", "reconstruction")
 
 
 @dataclass
@@ -17,7 +17,7 @@ class PruneConfig:
 
     sparsity: float | None = None
     threshold: float | None = None
-    criterion: str = "l1"
+    criterion: str | None = None  # None: "reconstruction" for --structured --reconstruct, else "l1"
     scope: str = "layer"
     pattern: str | None = None
     structured: bool = False
@@ -44,7 +44,11 @@ class PruneConfig:
     target_params: float | None = None
 
     def validate(self) -> None:
-        """Raise :class:`UsageError` for inconsistent or out-of-range settings."""
+        """Raise :class:`UsageError` for inconsistent or out-of-range settings (and resolve the default criterion)."""
+        if self.criterion is None:  # structured repair picks the channels its least squares can best do without
+            self.criterion = "reconstruction" if self.structured and self.reconstruct and self.calibration_data else "l1"
+        if self.criterion == "reconstruction" and not self.calibration_data:
+            raise UsageError("--criterion reconstruction needs --calibration-data")
         if self.sparsity is not None and not (0.0 <= self.sparsity < 1.0):
             raise UsageError(f"--sparsity must be in [0, 1), got {self.sparsity}")
         if self.threshold is not None and self.threshold < 0:

@@ -45,3 +45,161 @@ def unit_scores(analysis: Analysis, groups: list[ChannelGroup], criterion: str, 
         values = np.array([per_channel[ids].sum() for ids in group.units], dtype=np.float64)
         scores[group.id] = np.sqrt(values) if criterion == "l2" else values
     return scores
+
+
+# -- selection aware of the least-squares repair (--criterion reconstruction) ----------------------
+
+
+def reconstruction_scores(analysis: Analysis, groups: list[ChannelGroup], feeds: list[dict[str, np.ndarray]],
+                          ridge: float = 1e-3) -> dict[int, np.ndarray]:
+    """Group id -> unit scores from greedy elimination that knows the consumers will be refitted.
+
+    For each consumer layer of a group, its input features X on the calibration data give the Gram
+    matrix H = XᵀX. Removing a unit (its block q of input features) and refitting the rest by least
+    squares raises the consumer's output error by wᵀ (H⁻¹_qq)⁻¹ w (the optimal-brain-surgeon block
+    formula, w the unit's current weight rows), summed over the group's consumers. Units are removed
+    greedily, cheapest first, updating H⁻¹ and the refitted weights after each removal (He et al.'s
+    channel selection for reconstruction, ThiNet's greedy order). A unit's score is the accumulated
+    error when it went, so lower-scored units go first. Groups whose consumers cannot be refitted
+    (grouped convs, batched MatMuls) keep L1 scores.
+    """
+    fallback = unit_scores(analysis, groups, "l1")
+    consumers = _refit_consumers(analysis)
+    if not consumers:
+        return fallback
+    grams = _consumer_grams(analysis.model, consumers, feeds, ridge)
+    scores: dict[int, np.ndarray] = {}
+    for group in groups:
+        scores[group.id] = _greedy_order(group, consumers, grams) if group.units else fallback[group.id]
+        if scores[group.id] is None:
+            scores[group.id] = fallback[group.id]
+    return scores
+
+
+def _refit_consumers(analysis: Analysis) -> dict[str, tuple]:
+    """Consumer node name -> (node, edit, weight matrix [features, outputs], channel id per feature)."""
+    from .compensation import _reconstructable
+
+    found = {}
+    for edit in analysis.edits:
+        node = edit.node
+        if edit.role != "consumer" or not _reconstructable(node) or node.input[0] not in analysis.ann:
+            continue
+        w = edit.weight.array().astype(np.float64)
+        _, chain = analysis.index.resolve(node.input[1])
+        if chain:
+            continue
+        if node.op_type == "Conv" and edit.axis == 1 and w.ndim == 4:
+            k = w.shape[2] * w.shape[3]
+            matrix, feature_ids = w.reshape(w.shape[0], -1).T, np.repeat(edit.ids, k)
+        elif node.op_type == "Gemm" and w.ndim == 2:
+            matrix = w.T if edit.axis == 1 else w  # transB: B is [N, K]
+            feature_ids = edit.ids
+        elif node.op_type == "MatMul" and w.ndim == 2 and edit.axis == 0:
+            matrix, feature_ids = w, edit.ids
+        else:
+            continue
+        found[node.name or node.output[0]] = (node, edit, matrix, np.asarray(feature_ids))
+    return found
+
+
+def _consumer_grams(model, consumers: dict[str, tuple], feeds: list[dict[str, np.ndarray]],
+                    ridge: float) -> dict[str, np.ndarray]:
+    """XᵀX of each consumer's input features on ``feeds`` (+ ridge), in bounded memory."""
+    from .calibration import session_with_outputs
+    from .compensation import _im2col
+
+    names = sorted({node.input[0] for node, *_ in consumers.values()})
+    session = session_with_outputs(model, names)
+    grams: dict[str, np.ndarray] = {}
+    for feed in feeds:
+        values = dict(zip(names, session.run(names, feed)))
+        for key, (node, _, matrix, _) in consumers.items():
+            x = values[node.input[0]].astype(np.float64)
+            if node.op_type == "Conv":
+                rows = _im2col(x, node, _kernel(node, matrix.shape[0], x.shape[1]))
+            else:
+                rows = x.reshape(-1, x.shape[-1])
+            if rows.shape[1] != matrix.shape[0]:
+                continue
+            grams[key] = grams.get(key, 0) + rows.T @ rows
+    for key, gram in grams.items():
+        gram += (ridge * float(np.trace(gram)) / gram.shape[0] + 1e-12) * np.eye(gram.shape[0])
+    return grams
+
+
+def _kernel(node, features: int, channels: int) -> tuple[int, int]:
+    from .model import get_attr
+
+    shape = get_attr(node, "kernel_shape")
+    if shape:
+        return int(shape[0]), int(shape[1])
+    side = round(float(np.sqrt(features // channels)))
+    return side, side
+
+
+def _greedy_order(group: ChannelGroup, consumers: dict[str, tuple], grams: dict[str, np.ndarray]) -> np.ndarray | None:
+    unit_of = {}
+    for u, ids in enumerate(group.units):
+        for i in np.asarray(ids).tolist():
+            unit_of[int(i)] = u
+    states = []
+    for key, (_, _, matrix, feature_ids) in consumers.items():
+        if key not in grams:
+            continue
+        units = np.array([unit_of.get(int(i), -1) for i in feature_ids])
+        if not (units >= 0).any():
+            continue
+        try:
+            inverse = np.linalg.inv(grams[key])
+        except np.linalg.LinAlgError:
+            return None
+        blocks = {u: np.flatnonzero(units == u) for u in np.unique(units[units >= 0]).tolist()}
+        states.append({"P": inverse, "W": matrix.copy(), "blocks": blocks})
+    if not states:
+        return None
+    n = len(group.units)
+    alive = np.ones(n, dtype=bool)
+    scores = np.zeros(n)
+    total = 0.0
+    for step in range(n):
+        cost = np.zeros(n)
+        for state in states:
+            for u, q in state["blocks"].items():
+                if alive[u]:
+                    cost[u] += _removal_cost(state["P"], state["W"], q)
+        cost[~alive] = np.inf
+        u = int(np.argmin(cost))
+        total += max(float(cost[u]), 0.0)
+        scores[u] = total + 1e-12 * step
+        alive[u] = False
+        for state in states:
+            q = state["blocks"].pop(u, None)
+            if q is not None:
+                _remove_block(state, q)
+    return scores
+
+
+def _removal_cost(P: np.ndarray, W: np.ndarray, q: np.ndarray) -> float:
+    w = W[q]
+    block = P[np.ix_(q, q)]
+    try:
+        return float(np.sum(w * np.linalg.solve(block, w)))
+    except np.linalg.LinAlgError:
+        return float("inf")
+
+
+def _remove_block(state: dict, q: np.ndarray) -> None:
+    """Drop features ``q``: refit the remaining weights and downdate the inverse Gram (block OBS update)."""
+    P, W = state["P"], state["W"]
+    block = P[np.ix_(q, q)]
+    try:
+        inv = np.linalg.inv(block)
+    except np.linalg.LinAlgError:
+        inv = np.linalg.pinv(block)
+    column = P[:, q] @ inv
+    W -= column @ W[q]
+    P -= column @ P[q, :]
+    W[q] = 0.0
+    P[q, :] = 0.0
+    P[:, q] = 0.0

@@ -58,8 +58,8 @@ def prune_groups(model: onnx.ModelProto, ratios: dict[int, float], config: Prune
     copy.CopyFrom(model)
     analysis = analyse(copy, input_shapes, config.exclude, config.prune_layernorm)
     groups = {g.id: g for g in build_groups(analysis)}
-    scores = unit_scores(analysis, list(groups.values()), config.criterion if config.criterion != "activation"
-                         else "l1", config.seed)
+    criterion = config.criterion if config.criterion in ("l1", "l2", "bn", "random") else "l1"  # data-free ones
+    scores = unit_scores(analysis, list(groups.values()), criterion, config.seed)
     keep = np.ones(analysis.num_channels, dtype=bool)
     for gid, ratio in ratios.items():
         group = groups[gid]

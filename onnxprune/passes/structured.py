@@ -316,7 +316,15 @@ class StructuredPrunePass:
             inputs = {e.node.input[0]: analysis.ann[e.node.input[0]].axis for e in analysis.edits
                       if e.role == "consumer" and e.node.input[0] in analysis.ann}
             energy = channel_energy(model, ctx.state["calibration"], inputs)
-        scores = unit_scores(analysis, groups, cfg.criterion, cfg.seed, energy)
+        if cfg.criterion == "reconstruction":
+            from ..scoring import reconstruction_scores
+
+            if not ctx.state.get("calibration"):
+                raise UsageError("--criterion reconstruction needs --calibration-data")
+            ctx.log("choosing channels for least-squares repair on calibration data")
+            scores = reconstruction_scores(analysis, groups, list(ctx.state["calibration"])[:16])
+        else:
+            scores = unit_scores(analysis, groups, cfg.criterion, cfg.seed, energy)
         keep = allocate_safe(analysis, groups, scores, cfg)
         macs_before = node_macs(model, shapes=analysis.shapes)
         params_before = count_params(model)[0]
