@@ -79,3 +79,16 @@ def test_reconstruction_criterion_needs_calibration_data():
 
     with pytest.raises(UsageError, match="calibration"):
         onnxprune.prune(TRAINED / "digits_cnn.onnx", structured=True, sparsity=0.5, criterion="reconstruction")
+
+
+def test_target_macs_meets_target_and_beats_uniform():
+    """--target-macs 0.5 lands within 2 % and, with no repair, keeps more accuracy than the uniform ratio with
+    about the same MACs (0.3 keeps 0.504 of them)."""
+    allocated, result = prune(structured=True, target_macs=0.5)
+    details = result.passes[0].details
+    kept = details["macs_after"] / details["macs_before"]
+    assert abs(kept - 0.5) <= 0.02
+    uniform, result = prune(structured=True, sparsity=0.3)
+    uniform_kept = result.passes[0].details["macs_after"] / result.passes[0].details["macs_before"]
+    assert uniform_kept >= kept - 0.02
+    assert accuracy(allocated) > accuracy(uniform)
