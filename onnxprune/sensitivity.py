@@ -181,7 +181,26 @@ def _refine(ratios: dict[int, float], last: int | None, groups: dict[int, Any], 
             high = mid
         else:
             low = mid
-    return {**ratios, last: high}
+    return _give_back({**ratios, last: high}, groups, measure_cost, budget)
+
+
+def _give_back(ratios: dict[int, float], groups: dict[int, Any], measure_cost: Callable[[dict[int, float]], float],
+               budget: float, tries: int = 16) -> dict[int, float]:
+    """Channel counts move in whole units, so the refined allocation can undershoot the target: give single
+    channels back (the most sensitive groups first) while the measured cost stays within the budget."""
+    order = sorted(ratios, key=lambda g: -max((p["rel_l2"] for p in groups[g]["points"]), default=0.0))
+    changed = True
+    while changed and tries > 0:
+        changed = False
+        for gid in order:
+            step = 1.0 / max(1, groups[gid]["channels"])
+            if ratios[gid] < step or tries <= 0:
+                continue
+            candidate = {**ratios, gid: max(0.0, ratios[gid] - step)}
+            tries -= 1
+            if measure_cost(candidate) <= budget:
+                ratios, changed = candidate, True
+    return ratios
 
 
 def render(sensitivity: dict[str, Any]) -> str:

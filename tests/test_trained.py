@@ -82,12 +82,12 @@ def test_reconstruction_criterion_needs_calibration_data():
 
 
 def test_target_macs_meets_target_and_beats_uniform():
-    """--target-macs 0.5 lands within 2 % and, with no repair, keeps more accuracy than the uniform ratio with
-    about the same MACs (0.3 keeps 0.504 of them)."""
+    """--target-macs 0.5 lands within 2 points of the MACs (whole channels) and, with no repair, keeps more
+    accuracy than the uniform ratio with about the same MACs (0.3 keeps 0.504 of them)."""
     allocated, result = prune(structured=True, target_macs=0.5)
     details = result.passes[0].details
     kept = details["macs_after"] / details["macs_before"]
-    assert abs(kept - 0.5) <= 0.02
+    assert 0.48 <= kept <= 0.5  # never above the target; below it by less than one channel (~2 % of the MACs)
     uniform, result = prune(structured=True, sparsity=0.3)
     uniform_kept = result.passes[0].details["macs_after"] / result.passes[0].details["macs_before"]
     assert uniform_kept >= kept - 0.02
