@@ -37,7 +37,7 @@ OUT = HERE / "models" / "transformers"
 sys.path.insert(0, str(ROOT / "fixtures"))
 sys.path.insert(0, str(HERE))
 
-from bench_structured import child
+from bench_structured import child, versions
 
 from onnxprune.analysis.cost import total_macs
 from onnxprune.model import count_params
@@ -162,16 +162,6 @@ def markdown(rows: list[dict], seq: int) -> str:
                      f"| {r['baseline_seconds']:.1f} s | {r['baseline_rss'] / 2**30:.2f} GiB "
                      f"| {r['seconds'] / r['baseline_seconds']:.2f}x | {r['peak_rss'] / r['baseline_rss']:.2f}x |")
     return "\n".join(lines)
-
-
-def versions() -> str:
-    import platform
-
-    import onnxprune
-
-    return (f"{time.strftime('%Y-%m-%d')}, {platform.machine()} {os.cpu_count()} cores, Python "
-            f"{platform.python_version()}, onnx {onnx.__version__}, onnxruntime {ort.__version__}, "
-            f"onnxprune {onnxprune.__version__}")
 
 
 def main() -> None:
