@@ -185,9 +185,11 @@ def _refine(ratios: dict[int, float], last: int | None, groups: dict[int, Any], 
 
 
 def _give_back(ratios: dict[int, float], groups: dict[int, Any], measure_cost: Callable[[dict[int, float]], float],
-               budget: float, tries: int = 16) -> dict[int, float]:
+               budget: float, tries: int = 24) -> dict[int, float]:
     """Channel counts move in whole units, so the refined allocation can undershoot the target: give single
-    channels back (the most sensitive groups first) while the measured cost stays within the budget."""
+    channels back (the most sensitive groups first) while the measured cost stays within the budget, then
+    trade one channel of one group for one of another while that lands closer to the budget without raising
+    the estimated fidelity loss."""
     order = sorted(ratios, key=lambda g: -max((p["rel_l2"] for p in groups[g]["points"]), default=0.0))
     changed = True
     while changed and tries > 0:
@@ -200,7 +202,36 @@ def _give_back(ratios: dict[int, float], groups: dict[int, Any], measure_cost: C
             tries -= 1
             if measure_cost(candidate) <= budget:
                 ratios, changed = candidate, True
+    # then swaps: one channel back in one group, one more out of another, when that lands closer to the budget
+    current = measure_cost(ratios)
+    everyone = order + [g for g in groups if g not in ratios]
+    pairs = [(back, out) for back in everyone for out in everyone if back != out]
+    improved = True
+    while improved and tries > 0:
+        improved = False
+        for back, out in pairs:
+            if tries <= 0 or ratios.get(back, 0.0) <= 0:
+                continue
+            step_back, step_out = (1.0 / max(1, groups[g]["channels"]) for g in (back, out))
+            if ratios.get(out, 0.0) + step_out >= 1.0:
+                continue
+            candidate = {**ratios, back: max(0.0, ratios[back] - step_back), out: ratios.get(out, 0.0) + step_out}
+            if _estimated_loss(candidate, groups) > _estimated_loss(ratios, groups):
+                continue  # closer to the target only at a fidelity cost: keep the allocation
+            tries -= 1
+            cost = measure_cost(candidate)
+            if current < cost <= budget:
+                ratios, current, improved = candidate, cost, True
     return ratios
+
+
+def _estimated_loss(ratios: dict[int, float], groups: dict[int, Any]) -> float:
+    """Summed relative L2 of the groups at these ratios, interpolated between their measured points."""
+    total = 0.0
+    for gid, ratio in ratios.items():
+        points = groups[gid]["points"]
+        total += float(np.interp(ratio, [0.0] + [p["ratio"] for p in points], [0.0] + [p["rel_l2"] for p in points]))
+    return total
 
 
 def render(sensitivity: dict[str, Any]) -> str:
