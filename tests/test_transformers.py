@@ -186,3 +186,10 @@ def test_sensitivity_sees_heads():
     result = measure(model, [feeds(model, 2, 8)], PruneConfig(structured=True), ratios=(0.5,))
     assert len(result["head_groups"]) == 2
     assert {g["id"] for g in result["groups"]} >= set(result["head_groups"])
+
+
+def test_inspect_lists_heads_of_an_export():
+    from onnxprune.passes.structured import describe_groups
+
+    groups = describe_groups(load("llama_ts"))["groups"]
+    assert sum(1 for g in groups if "Softmax" in g["ops"]) == 2

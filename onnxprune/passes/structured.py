@@ -231,8 +231,11 @@ def _header_only(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def describe_groups(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None) -> dict[str, Any]:
-    """Prunable and frozen groups, for ``onnxprune inspect``."""
-    analysis = analyse(model, input_shapes)
+    """Prunable and frozen groups, for ``onnxprune inspect`` (of the graph as the pass prepares it)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    prepare_for_analysis(copy)
+    analysis = analyse(copy, input_shapes)
     groups = build_groups(analysis)
     return {
         "groups": [{"id": g.id, "channels": g.channels, "prunable": len(g.units), "ops": g.ops,
