@@ -91,7 +91,7 @@ def remove_model(model: onnx.ModelProto, choice: Choice,
 def random_keep(model: onnx.ModelProto, fraction: float, seed: int,
                 input_shapes: dict[str, list[int]] | None = None) -> np.ndarray:
     """A random choice of removable units (``fraction`` of each group's prunable units, one unit always kept)."""
-    analysis = analyse(model, input_shapes)
+    analysis = analyse(prepared(model), input_shapes)
     rng = np.random.default_rng(seed)
     keep = np.ones(analysis.num_channels, dtype=bool)
     from ..passes.structured import never_empty
@@ -105,12 +105,10 @@ def random_keep(model: onnx.ModelProto, fraction: float, seed: int,
 
 def masked_and_removed(model: onnx.ModelProto, keep: np.ndarray,
                        input_shapes: dict[str, list[int]] | None = None) -> tuple[onnx.ModelProto, onnx.ModelProto]:
-    """The two oracle models for the channel choice ``keep`` (channel ids as numbered by ``analyse``)."""
+    """The two oracle models for the channel choice ``keep`` (channel ids as :func:`random_keep` numbers them)."""
     from ..passes.structured import mask, remove
 
-    masked, removed = onnx.ModelProto(), onnx.ModelProto()
-    masked.CopyFrom(model)
-    removed.CopyFrom(model)
+    masked, removed = prepared(model), prepared(model)
     mask(analyse(masked, input_shapes), keep)
     remove(analyse(removed, input_shapes), keep)
     return masked, removed
