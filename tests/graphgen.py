@@ -79,14 +79,15 @@ class _Builder:
 
 def random_cnn(draw_int: Callable[[int, int], int], draw_choice: Callable[[list], object], seed: int = 0
                ) -> onnx.ModelProto:
-    """A random, valid CNN: conv blocks with BN, activations, residual adds, concats, splits, SE, and a head."""
+    """A random, valid CNN: conv blocks with BN, activations, residual adds, concats, splits, SE, reshapes sized
+    at run time, and a head."""
     opset = draw_choice([11, 13, 14, 17, 18, 21])
     b = _Builder(opset, seed)
     size = 16
     c = draw_choice([4, 8, 12])
     x = b.conv("input", 3, c, 3)
     for _ in range(draw_int(1, 5)):
-        block = draw_choice(["conv", "residual", "concat", "split", "se", "depthwise", "grouped"])
+        block = draw_choice(["conv", "residual", "concat", "split", "se", "depthwise", "grouped", "reshape"])
         if block == "conv":
             cout = draw_choice([4, 6, 8, 16])
             y = b.conv(x, c, cout, draw_choice([1, 3]))
@@ -115,6 +116,12 @@ def random_cnn(draw_int: Callable[[int, int], int], draw_choice: Callable[[list]
             x = b.act(b.conv(x, c, c, 3, group=c), "Relu")
         elif block == "grouped" and c % 2 == 0:
             x = b.act(b.conv(x, c, c, 3, group=2), "Relu")
+        elif block == "reshape":  # [N, C, H, W] -> [N, C, H*W] -> back, both sized by run-time Shape reads
+            shape = b.node("Shape", [x])[0]
+            lead = b.node("Slice", [shape, b.const_i64([0]), b.const_i64([2]), b.const_i64([0])])[0]
+            flat = b.node("Reshape", [x, b.node("Concat", [lead, b.const_i64([-1])], axis=0)[0]])[0]
+            flat = b.act(flat, draw_choice(ACTIVATIONS))
+            x = b.node("Reshape", [flat, shape])[0]
         if draw_int(0, 3) == 0 and size >= 8:
             x = b.node(draw_choice(["MaxPool", "AveragePool"]), [x], kernel_shape=[2, 2], strides=[2, 2])[0]
             size //= 2

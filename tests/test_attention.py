@@ -15,7 +15,10 @@ from onnxprune.analysis.oracle import masked_and_removed, random_keep, relative_
 E, H, D, FF = 32, 4, 8, 64
 
 
-def attention_block(runtime_shapes: bool) -> onnx.ModelProto:
+def attention_block(runtime_shapes: bool, bias: str | None = None) -> onnx.ModelProto:
+    """One pre-LN attention + MLP block; ``bias``: a per-head score bias computed at run time from constants
+    ("table": gathered from a [buckets, H] table by relative position, T5/Swin style; "zeros":
+    ConstantOfShape([1, H, S, S]); "leak": the table bias, also read by a node that knows no heads)."""
     rng = np.random.default_rng(0)
     inits = []
 
@@ -43,13 +46,35 @@ def attention_block(runtime_shapes: bool) -> onnx.ModelProto:
         nodes += [helper.make_node("MatMul", ["h", w(f"{p}.w", [E, H * D])], [f"{p}0"], name=f"{p}_proj"),
                   helper.make_node("Add", [f"{p}0", w(f"{p}.b", [H * D], 0.1)], [f"{p}1"], name=f"{p}_bias"),
                   helper.make_node("Reshape", [f"{p}1", split], [f"{p}2"], name=f"{p}_split")]
+    scaled = "scaled"
+    if bias:
+        nodes += [helper.make_node("Shape", ["x"], ["xs"], name="bias_shape"),
+                  helper.make_node("Gather", ["xs", c("one_i", 1)], ["seq_len"], axis=0, name="bias_seq"),
+                  helper.make_node("Unsqueeze", ["seq_len", c("ax0", [0])], ["seq_1d"], name="bias_seq_1d")]
+        if bias == "zeros":
+            nodes += [helper.make_node("Concat", [c("unit_dim", [1]), c("nh", [H]), "seq_1d", "seq_1d"], ["bias_dims"],
+                                       axis=0, name="bias_dims"),
+                      helper.make_node("ConstantOfShape", ["bias_dims"], ["bias"], name="bias_zeros",
+                                       value=numpy_helper.from_array(np.array([0.25], np.float32)))]
+        else:
+            nodes += [helper.make_node("Range", [c("zero_i", 0), "seq_len", c("step", 1)], ["pos"], name="bias_range"),
+                      helper.make_node("Unsqueeze", ["pos", c("ax1", [1])], ["pos_q"], name="bias_q"),
+                      helper.make_node("Unsqueeze", ["pos", c("ax0b", [0])], ["pos_k"], name="bias_k"),
+                      helper.make_node("Sub", ["pos_q", "pos_k"], ["rel"], name="bias_rel"),
+                      helper.make_node("Clip", ["rel", c("lo", -7), c("hi", 7)], ["rel_c"], name="bias_clip"),
+                      helper.make_node("Add", ["rel_c", c("seven", 7)], ["bucket"], name="bias_bucket"),
+                      helper.make_node("Gather", [w("table", [15, H], 1.0), "bucket"], ["bias_sqh"], axis=0,
+                                       name="bias_gather"),
+                      helper.make_node("Transpose", ["bias_sqh"], ["bias_hqk"], perm=[2, 0, 1], name="bias_t"),
+                      helper.make_node("Unsqueeze", ["bias_hqk", c("ax0c", [0])], ["bias"], name="bias_u")]
+        scaled = "biased"
     nodes += [
         helper.make_node("Transpose", ["q2"], ["q"], perm=[0, 2, 1, 3], name="q_t"),
         helper.make_node("Transpose", ["k2"], ["k"], perm=[0, 2, 3, 1], name="k_t"),
         helper.make_node("Transpose", ["v2"], ["v"], perm=[0, 2, 1, 3], name="v_t"),
         helper.make_node("MatMul", ["q", "k"], ["scores"], name="qk"),
         helper.make_node("Div", ["scores", c("scale", np.sqrt(D), np.float32)], ["scaled"], name="scale"),
-        helper.make_node("Add", ["scaled", "mask"], ["masked"], name="mask_add"),
+        helper.make_node("Add", [scaled, "mask"], ["masked"], name="mask_add"),
         helper.make_node("Softmax", ["masked"], ["probs"], axis=-1, name="softmax"),
         helper.make_node("MatMul", ["probs", "v"], ["ctx"], name="pv"),
         helper.make_node("Transpose", ["ctx"], ["ctx_t"], perm=[0, 2, 1, 3], name="ctx_t"),
@@ -67,6 +92,13 @@ def attention_block(runtime_shapes: bool) -> onnx.ModelProto:
         helper.make_node("MatMul", ["u5", w("down.w", [FF, E])], ["d0"], name="down"),
         helper.make_node("Add", ["res", "d0"], ["y"], name="residual2"),
     ]
+    if bias:
+        at = next(i for i, n in enumerate(nodes) if n.name == "scale") + 1
+        nodes.insert(at, helper.make_node("Add", ["scaled", "bias"], ["biased"], name="bias_add"))
+    if bias == "leak":  # the bias also feeds a node that knows nothing of heads
+        nodes[-1].input[1] = "d1"
+        nodes[-1:-1] = [helper.make_node("ReduceMean", ["bias_sqh"], ["bias_mean"], keepdims=0, name="bias_mean"),
+                        helper.make_node("Add", ["d0", "bias_mean"], ["d1"], name="leak")]
     graph = helper.make_graph(nodes, "attention", [
         helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "S", E]),
         helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["B", 1, 1, "S"])],
@@ -98,6 +130,31 @@ def test_heads_are_units_and_oracle_holds(runtime_shapes):
         onnx.checker.check_model(removed, full_check=True)
         for batch, seq in ((1, 5), (2, 7), (3, 16)):
             assert relative_error(run(masked, batch, seq), run(removed, batch, seq)) <= 1e-5
+
+
+@pytest.mark.parametrize("bias", ["table", "zeros"])
+def test_per_head_bias_computed_from_constants_follows_the_heads(bias):
+    model = attention_block(runtime_shapes=True, bias=bias)
+    groups = build_groups(analyse(model))
+    head_group = next(g for g in groups if any(s.node.name == "q_proj" for s in g.spaces))
+    assert len(head_group.units) == H and not head_group.frozen_units
+    for seed in (0, 1):
+        keep = random_keep(model, 0.5, seed)
+        masked, removed = masked_and_removed(model, keep)
+        onnx.checker.check_model(removed, full_check=True)
+        for batch, seq in ((1, 5), (2, 7), (3, 16)):
+            assert relative_error(run(masked, batch, seq), run(removed, batch, seq)) <= 1e-5
+    if bias == "table":
+        pruned, _ = onnxprune.prune(model, structured=True, sparsity=0.5, head_sparsity=0.5)
+        assert {i.name: list(i.dims) for i in pruned.graph.initializer}["table"] == [15, H // 2]
+
+
+def test_per_head_bias_read_elsewhere_freezes_the_heads():
+    model = attention_block(runtime_shapes=True, bias="leak")
+    groups = build_groups(analyse(model))
+    head_group = next(g for g in groups if any(s.node.name == "q_proj" for s in g.spaces))
+    assert not head_group.units
+    assert any("also read by ReduceMean 'bias_mean'" in r for _, r in head_group.frozen_units)
 
 
 def test_prune_heads_and_neurons():

@@ -391,20 +391,64 @@ def test_expand_and_tile():
     assert oracle(g.head(y, C))
 
 
-def test_shape_reading_batch_passes_reading_channels_frozen():
+def test_shape_reading_batch_passes():
     g = G()
     shape = g.op("Shape", [g.x])
     batch = g.op("Gather", [shape, g.c([0])], axis=0)
     target = g.op("Concat", [batch, g.c([-1])], axis=0)
     y = g.op("Reshape", [g.op("GlobalAveragePool", [g.x]), target])
     assert oracle(g.head(y, C, spatial=False))
-    g = G()
-    shape = g.op("Shape", [g.x])
-    chans = g.op("Gather", [shape, g.c([1])], axis=0)
-    target = g.op("Concat", [g.c([-1]), chans], axis=0)
-    y = g.op("Reshape", [g.op("GlobalAveragePool", [g.x]), target])
+
+
+@pytest.mark.parametrize("spelling", ["gather", "slice", "scalar", "shape-attrs"])
+def test_channel_count_read_at_run_time_to_reshape_its_own_channels_passes(spelling):
+    """Shape(x) -> Gather/Slice/Unsqueeze -> Concat -> Reshape of x's channels: the read count shrinks with them."""
+    g = G(opset=17)
+    pooled = g.op("GlobalAveragePool", [g.x])
+    shape = g.op("Shape", [pooled], **({"start": 1, "end": 2} if spelling == "shape-attrs" else {}))
+    if spelling == "gather":
+        chans = g.op("Gather", [shape, g.c([1])], axis=0)
+    elif spelling == "slice":
+        chans = g.op("Slice", [shape, g.c([1]), g.c([2]), g.c([0])])
+    elif spelling == "scalar":
+        chans = g.op("Unsqueeze", [g.op("Gather", [shape, g.c(1)], axis=0), g.c([0])])
+    else:
+        chans = shape
+    target = g.op("Concat", [g.c([-1]), g.op("Cast", [chans], to=TensorProto.INT64)], axis=0)
+    y = g.op("Reshape", [pooled, target])
     model = g.head(y, C, spatial=False)
-    assert any("read at run time" in r for r in frozen_reasons(model))
+    assert not any("read at run time" in r for r in frozen_reasons(model))
+    assert oracle(model)
+
+
+def test_channel_count_read_at_run_time_elsewhere_is_tied_or_frozen():
+    # the count shapes another group's channels: both groups go together
+    g = G()
+    chans = g.op("Gather", [g.op("Shape", [g.x]), g.c([1])], axis=0)
+    other = g.op("Reshape", [g.op("GlobalAveragePool", [g.conv(g.x, C, C, k=1)]), g.c([-1, C])])
+    y = g.op("Reshape", [other, g.op("Concat", [g.c([-1]), chans], axis=0)])
+    model = g.head(y, C, spatial=False)
+    analysis = analyse(model)
+    groups = [grp for grp in build_groups(analysis) if grp.units]
+    assert len(groups) == 1 and {s.node.op_type for s in groups[0].spaces} == {"Conv"} and len(groups[0].spaces) == 2
+    assert oracle(model)
+    # the count shapes a tensor without channels
+    g = G()
+    chans = g.op("Gather", [g.op("Shape", [g.x]), g.c([1])], axis=0)
+    ones = g.op("Expand", [g.c([[1.0]], np.float32), g.op("Concat", [g.c([1]), chans], axis=0)])
+    total = g.op("ReduceSum", [ones], keepdims=0)
+    y = g.op("Mul", [g.op("Reshape", [g.op("GlobalAveragePool", [g.x]), g.c([-1, C])]), total])
+    model = g.head(y, C, spatial=False)
+    assert any("read at run time" in r and "do not follow" in r for r in frozen_reasons(model))
+    oracle(model)
+    # the count is computed with (doubled)
+    g = G()
+    pooled = g.op("GlobalAveragePool", [g.x])
+    chans = g.op("Gather", [g.op("Shape", [pooled]), g.c([1])], axis=0)
+    target = g.op("Concat", [g.c([-1]), g.op("Mul", [chans, g.c([2])])], axis=0)
+    y = g.op("Reshape", [g.op("Concat", [pooled, pooled], axis=1), target])
+    model = g.head(y, 2 * C, spatial=False)
+    assert any("read at run time" in r and "Mul" in r for r in frozen_reasons(model))
     oracle(model)
 
 

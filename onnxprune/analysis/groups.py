@@ -97,7 +97,7 @@ def _fill_types(skel: onnx.ModelProto, types: dict[str, onnx.TypeProto]) -> list
 
 
 class _ShapeValues:
-    """Folds small shape computations (Shape, Gather, Concat, Unsqueeze, Squeeze, Cast) to constants."""
+    """Folds small shape computations (Shape, Gather, Concat, Slice, Unsqueeze, Squeeze, Cast) to constants."""
 
     def __init__(self, skel: onnx.ModelProto, types: dict[str, onnx.TypeProto]):
         self.types = types
@@ -125,6 +125,10 @@ class _ShapeValues:
             return np.take(args[0], args[1], axis=attrs.get("axis", 0))
         if node.op_type == "Concat" and all(a is not None for a in args):
             return np.concatenate([np.atleast_1d(a) for a in args], axis=attrs.get("axis", 0))
+        if node.op_type == "Slice" and args[0].ndim == 1 and len(args) >= 3 and all(
+                x is not None for x in args[1:3]) and all(x is None or x.size == 1 for x in args[3:]) and (
+                len(args) < 5 or args[4] is None or int(args[4].reshape(-1)[0]) == 1):
+            return args[0][int(args[1].reshape(-1)[0]):int(args[2].reshape(-1)[0])]
         if node.op_type in ("Unsqueeze", "Squeeze", "Cast", "Identity"):
             if node.op_type == "Unsqueeze":
                 return args[0].reshape(1) if args[0].ndim == 0 else None
@@ -185,6 +189,11 @@ class Analysis:
     approximations: list[str] = field(default_factory=list)  # nodes where removal is not exact
     rewritten: dict[str, np.ndarray] = field(default_factory=dict)  # constants created while removing
     head_ids: set[int] = field(default_factory=set)  # channel ids that stand for whole attention heads
+    size_reads: set[tuple[int, int]] = field(default_factory=set)  # (id(node), shape entry) sized by a Shape read
+    deferred: list[Callable[[], None]] = field(default_factory=list)  # checks once every node is walked
+    lineage_nodes: set[int] = field(default_factory=set)  # id(node) computing a per-channel operand from constants
+    lineage_users: set[int] = field(default_factory=set)  # id(node) reading such an operand with channel ids
+    lineage_ids: dict[str, tuple[int, np.ndarray]] = field(default_factory=dict)  # lineage tensor -> (axis, ids)
 
     # -- channel ids -------------------------------------------------------------------
 
@@ -300,6 +309,8 @@ def analyse(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = 
                     analysis.freeze(analysis.ann[name].ids, str(exc))
             for out in node.output:
                 analysis.ann.pop(out, None)
+    for check in analysis.deferred:
+        check()
     for output in model.graph.output:
         if output.name in analysis.ann:
             analysis.freeze(analysis.ann[output.name].ids, f"reaches graph output {output.name!r}")

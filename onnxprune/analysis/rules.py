@@ -369,12 +369,189 @@ def _elementwise_constant(a: Analysis, node: onnx.NodeProto, slot: int, axis: in
     if shape is None:
         raise Freeze(f"{node.op_type} {node.name!r}: shape of {node.input[slot]!r} unknown")
     pos = axis - (rank - len(shape))
-    if pos < 0 or shape[pos] == 1:
+    if pos < 0 or shape[pos] == 1 or (shape[pos] is None and _at_most_one(a, node.input[slot], pos)):
         return
-    if a.weight(node.input[slot])[0] is None:
+    if a.weight(node.input[slot])[0] is not None:
+        a.add_weight_edit(node.input[slot], pos, ids, "param", node)
+        return
+    found: list[tuple] = []
+    tensors: list[tuple[str, int]] = []
+    if not _lineage(a, node.input[slot], pos, node, found, tensors):
         raise Freeze(f"{node.op_type} {node.name!r} mixes these channels with {node.input[slot]!r}, which has no channel "
                      f"ids{_origin(a, node.input[slot])}")
-    a.add_weight_edit(node.input[slot], pos, ids, "param", node)
+    for name, where, reader in found:
+        if name != "shape":
+            a.add_weight_edit(name, where, ids, "param", reader)
+            continue
+        owner, (entry_slot, position, j) = where, reader
+        if entry_slot is None:
+            _follow_read(a, owner, j, position, ids)
+            continue
+
+        def rewrite(keep: np.ndarray, ids=ids, slot=entry_slot, position=position) -> None:
+            reader_node, input_slot = slot
+            new = np.array(a.constant(reader_node.input[input_slot]), copy=True)
+            new.reshape(-1)[position] = int(keep[ids].sum())
+            _replace_input(a, reader_node, input_slot, new, f"shape{input_slot}")
+
+        a.node_edits.append((owner, rewrite))
+    _guard_lineage(a, node, tensors, ids)
+
+
+_LINEAGE_BINARY = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Where"}
+
+
+def _at_most_one(a: Analysis, name: str, pos: int, depth: int = 0) -> bool:
+    """Is axis ``pos`` of ``name`` (size unknown to shape inference) provably of size 1 or 0? A causal mask
+    sliced at run time from a ``[1, 1, max, max]`` buffer broadcasts over heads (GPT-Neo)."""
+    shape = a.shape(name)
+    if shape is None or not 0 <= pos < len(shape) or depth > 32:
+        return False
+    if shape[pos] is not None:
+        return shape[pos] <= 1
+    producer = a.index.producer.get(name)
+    if producer is None or producer.domain not in ("", "ai.onnx"):
+        return False
+    op, inputs = producer.op_type, list(producer.input)
+    if op in ("Slice", "Cast", "Identity", "Not", "Neg", "Abs") or (op in UNARY and op not in (
+            "MaxPool", "AveragePool", "LpPool") and not op.startswith("Global")):
+        return _at_most_one(a, inputs[0], pos, depth + 1)  # a slice never grows an axis
+    if op in _LINEAGE_BINARY or op in ("Equal", "Less", "Greater", "And", "Or"):
+        for inp in inputs:
+            src = a.shape(inp) if inp else None
+            if src is None:
+                return False
+            p = pos - (len(shape) - len(src))
+            if p >= 0 and not _at_most_one(a, inp, p, depth + 1):
+                return False
+        return True
+    if op == "Transpose":
+        perm = get_attr(producer, "perm") or list(range(len(shape)))[::-1]
+        return _at_most_one(a, inputs[0], int(perm[pos]), depth + 1)
+    if op == "Expand":  # the larger of the input's size and the target's entry
+        src, target = a.shape(inputs[0]), a.shape(inputs[1])
+        if src is None or not target or target[0] is None:
+            return False
+        p = pos - (len(shape) - len(src))
+        if p >= 0 and not _at_most_one(a, inputs[0], p, depth + 1):
+            return False
+        j = pos - (len(shape) - target[0])
+        if j < 0:
+            return True
+        try:
+            reader, _, value = _shape_entry(a, producer, j)
+        except Freeze:
+            return False
+        return reader is not None and 0 <= value <= 1
+    return False
+
+
+def _lineage(a: Analysis, name: str, pos: int, reader: onnx.NodeProto, found: list, tensors: list,
+             depth: int = 0) -> bool:
+    """Is axis ``pos`` of ``name`` computed from constants only, along that axis? Records the constants to
+    slice (weight, axis, reader) in ``found`` and the tensors in between in ``tensors``: a per-head bias
+    gathered from a table at run time (T5, Swin), a constant plus a mask that broadcasts over heads."""
+    shape = a.shape(name)
+    if shape is None or not 0 <= pos < len(shape) or depth > 32 or name in a.ann:
+        return False
+    if shape[pos] == 1:
+        return True
+    if a.weight(name)[0] is not None:
+        found.append((name, pos, reader))
+        return True
+    producer = a.index.producer.get(name)
+    if producer is None or producer.domain not in ("", "ai.onnx") or shape[pos] is None:
+        return False
+    tensors.append((name, pos))
+    op, inputs = producer.op_type, [i for i in producer.input]
+
+    def follow(slot: int, p: int) -> bool:
+        return _lineage(a, inputs[slot], p, producer, found, tensors, depth + 1)
+
+    if op in UNARY and op not in ("MaxPool", "AveragePool", "LpPool") and not op.startswith("Global"):
+        return follow(0, pos)
+    if op in _LINEAGE_BINARY:
+        for slot, inp in enumerate(inputs):
+            r = len(a.shape(inp) or []) if inp else 0
+            if inp and a.shape(inp) is None:
+                return False
+            if inp and pos - (len(shape) - r) >= 0 and not follow(slot, pos - (len(shape) - r)):
+                return False
+        return True
+    if op == "Transpose":
+        perm = get_attr(producer, "perm") or list(range(len(shape)))[::-1]
+        return follow(0, int(perm[pos]))
+    if op in ("Unsqueeze", "Squeeze"):
+        axes = _axes(a, producer, 1)
+        rank_in = len(a.shape(inputs[0]) or [])
+        if op == "Unsqueeze":
+            axes = sorted(x % len(shape) for x in axes)
+            return pos not in axes and follow(0, pos - sum(x < pos for x in axes))
+        src = a.shape(inputs[0])
+        axes = sorted(x % rank_in for x in axes) if axes is not None else [i for i, d in enumerate(src) if d == 1]
+        kept = [i for i in range(rank_in) if i not in axes]
+        return follow(0, kept[pos])
+    if op == "Gather":
+        data, indices = a.shape(inputs[0]), a.shape(inputs[1])
+        if data is None or indices is None:
+            return False
+        g = int(get_attr(producer, "axis", 0)) % len(data)
+        if pos < g:
+            return follow(0, pos)
+        if pos >= g + len(indices):
+            return follow(0, pos - len(indices) + 1)
+        return False
+    if op == "Expand":
+        src = a.shape(inputs[0])
+        p = pos - (len(shape) - len(src or []))
+        if src is not None and p >= 0 and src[p] == shape[pos]:
+            return follow(0, p)
+        return (src is not None and (p < 0 or src[p] == 1)) and _lineage_shape(a, producer, 1, pos, len(shape), found)
+    if op == "ConstantOfShape":
+        return _lineage_shape(a, producer, 0, pos, len(shape), found)
+    return False
+
+
+def _lineage_shape(a: Analysis, node: onnx.NodeProto, slot: int, pos: int, rank: int, found: list) -> bool:
+    """The channel axis of a lineage is created by a shape input (ConstantOfShape, Expand from size 1): the
+    entry that sizes it is rewritten (a constant), or read at run time from a tensor with these channels."""
+    target = a.shape(node.input[slot])
+    if not target or target[0] is None:
+        return False
+    try:
+        reader, position, _ = _shape_entry(a, node, pos - (rank - target[0]), slot)
+    except Freeze:
+        return False
+    found.append(("shape", node, (reader, position, pos - (rank - target[0]))))
+    return True
+
+
+def _guard_lineage(a: Analysis, user: onnx.NodeProto, tensors: list[tuple[str, int]], ids: np.ndarray) -> None:
+    """Slicing a constant along a lineage changes every reader of the tensors in it: each must be another
+    link of a lineage or a node that uses it with these channels (checked once the walk is done). Users of
+    one lineage tensor (a bias shared by several layers) have their channels tied."""
+    if not tensors:
+        return
+    a.lineage_users.add(id(user))
+    for name, pos in tensors:
+        a.lineage_nodes.add(id(a.index.producer[name]))
+        seen = a.lineage_ids.setdefault(name, (pos, ids))
+        if seen[0] != pos or len(seen[1]) != len(ids):
+            raise Freeze(f"{user.op_type} {user.name!r}: {name!r} is used with channels on another axis")
+        a.tie(seen[1], ids)
+
+    def check(tensors=tensors, ids=ids) -> None:
+        for name, _ in tensors:
+            for consumer, _ in a.index.consumers.get(name, []):
+                if id(consumer) not in a.lineage_users and id(consumer) not in a.lineage_nodes:
+                    a.freeze(ids, f"{user.op_type} {user.name!r}: the per-channel operand {name!r} is also read by "
+                                  f"{consumer.op_type} {consumer.name!r}")
+                    return
+            if name in {o.name for o in a.model.graph.output}:
+                a.freeze(ids, f"{user.op_type} {user.name!r}: the per-channel operand {name!r} is a graph output")
+                return
+
+    a.deferred.append(check)
 
 
 _ORIGINS = {"Gather": "an embedding lookup", "LayerNormalization": "a normalization over these channels",
@@ -678,25 +855,33 @@ def flatten_rule(a: Analysis, node: onnx.NodeProto) -> None:
 def reshape_rule(a: Analysis, node: onnx.NodeProto) -> None:
     ann = _only_slot(a, node, 0)
     src, dst = a.shape(node.input[0]), a.shape(node.output[0])
-    if src is None or dst is None or any(d is None for d in src[ann.axis:]) or any(d is None for d in dst):
+    if src is None or dst is None or any(d is None for d in src[ann.axis:]):
         raise Freeze(f"Reshape {node.name!r}: shapes unknown")
     c, n = ann.axis, len(ann.ids)
     inner = int(np.prod(src[c + 1:], dtype=np.int64))
-    prefix = [int(np.prod(dst[:j], dtype=np.int64)) for j in range(len(dst) + 1)]
-    want = int(np.prod([d for d in src[:c]], dtype=np.int64)) if all(d is not None for d in src[:c]) else None
-    if want is None or want not in prefix[:-1]:
-        raise Freeze(f"Reshape {node.name!r} mixes the channel axis with the axes before it")
+    if any(d is None for d in dst[c:]):
+        dst = _complete_reshape_target(a, node, src, dst, c)
+    # sizes of the trailing output axes (leading ones may be unknown, e.g. batch x windows): the output axes
+    # from j on hold exactly the channel axis and what follows it when their product is n * inner
+    suffix = [None if any(d is None for d in dst[j:]) else int(np.prod(dst[j:], dtype=np.int64))
+              for j in range(len(dst) + 1)]
+    if n * inner not in suffix[:-1]:
+        raise Freeze(f"Reshape {node.name!r} mixes the channel axis with the axes before it"
+                     if None not in suffix else f"Reshape {node.name!r}: shapes unknown")
+
     def fits(j: int) -> bool:
-        return prefix[j] == want and dst[j] % n == 0 and dst[j] > 0 and inner % (dst[j] // n) == 0 and int(
-            np.prod(dst[j + 1:], dtype=np.int64)) == inner // (dst[j] // n)
+        return suffix[j] == n * inner and dst[j] % n == 0 and dst[j] > 0 and inner % (dst[j] // n) == 0 and \
+            suffix[j + 1] == inner // (dst[j] // n)
 
     j = next((j for j in range(len(dst)) if fits(j)), None)
     if j is None:
-        _split_into_heads(a, node, ann, dst, prefix, want, inner)
+        _split_into_heads(a, node, ann, dst, suffix, inner)
         return
     block = dst[j] // n
     slot, position, value = _shape_entry(a, node, j)
-    if value not in (-1, 0) or (value == 0 and j != c):
+    if slot is None:
+        _follow_read(a, node, j, position, np.repeat(ann.ids, block))
+    elif value not in (-1, 0) or (value == 0 and j != c):
         def rewrite(keep: np.ndarray, ids=ann.ids, block=block, slot=slot, position=position) -> None:
             owner, input_slot = slot
             new = a.constant(owner.input[input_slot]).copy()
@@ -707,12 +892,55 @@ def reshape_rule(a: Analysis, node: onnx.NodeProto) -> None:
     _set(a, node, j, np.repeat(ann.ids, block))
 
 
-def _split_into_heads(a: Analysis, node: onnx.NodeProto, ann: Annotation, dst: list[int], prefix: list[int],
-                      want: int, inner: int) -> None:
+def _complete_reshape_target(a: Analysis, node: onnx.NodeProto, src: list, dst: list, c: int) -> list:
+    """Output sizes shape inference left unknown, from the target's entries: constants, ``0`` (copy),
+    run-time reads of a known size; one ``-1`` after axis ``c`` is resolved when the entries before ``c``
+    are the input's own sizes (``x.view(*x.shape[:c], -1)``)."""
+    dst = list(dst)
+    if len(dst) <= c:
+        return dst
+    def entry(i: int):
+        try:
+            return _shape_entry(a, node, i)
+        except Freeze:
+            return None, None, None
+    lead = True
+    for i in range(c):
+        reader, position, value = entry(i)
+        if reader is None and position is not None:
+            lead &= position == (node.input[0], i)
+        else:
+            lead &= value == 0 or (value is not None and value > 0 and value == src[i])
+    unknown = []
+    for i in range(c, len(dst)):
+        if dst[i] is not None:
+            continue
+        reader, position, value = entry(i)
+        if reader is None and position is not None:
+            size = (a.shape(position[0]) or [None] * (position[1] + 1))[position[1]]
+        elif value is not None and value > 0:
+            size = value
+        elif value == 0 and i < len(src):
+            size = src[i]
+        else:
+            size = None
+        dst[i] = size
+        if size is None:
+            unknown.append(i)
+    if lead and len(unknown) == 1 and None not in src[c:]:
+        known = int(np.prod([d for i, d in enumerate(dst[c:], c) if i != unknown[0]], dtype=np.int64))
+        total = int(np.prod(src[c:], dtype=np.int64))
+        if known and total % known == 0:
+            dst[unknown[0]] = total // known
+    return dst
+
+
+def _split_into_heads(a: Analysis, node: onnx.NodeProto, ann: Annotation, dst: list[int], suffix: list[int | None],
+                      inner: int) -> None:
     """Reshape [.., H*D, ..] -> [.., H, D, ..] (attention heads): each head's D channels go together."""
     n = len(ann.ids)
-    j = next((j for j in range(len(dst) - 1) if prefix[j] == want and dst[j] * dst[j + 1] == n and dst[j] > 1
-              and int(np.prod(dst[j + 2:], dtype=np.int64)) == inner), None)
+    j = next((j for j in range(len(dst) - 1) if suffix[j] == n * inner and dst[j] * dst[j + 1] == n and dst[j] > 1
+              and suffix[j + 2] == inner), None)
     if j is None:
         raise Freeze(f"Reshape {node.name!r} splits the channel axis")
     heads, width = dst[j], dst[j + 1]
@@ -723,7 +951,9 @@ def _split_into_heads(a: Analysis, node: onnx.NodeProto, ann: Annotation, dst: l
         raise Freeze(f"Reshape {node.name!r}: the head count is copied from the input")
     representatives = ann.ids[::width].copy()
     a.head_ids.update(int(i) for i in representatives)
-    if value != -1:
+    if slot is None:
+        _follow_read(a, node, j, position, representatives)
+    elif value != -1:
         def rewrite(keep: np.ndarray, ids=representatives, slot=slot, position=position) -> None:
             owner, input_slot = slot
             new = a.constant(owner.input[input_slot]).copy()
@@ -740,7 +970,9 @@ def _shape_entry(a: Analysis, node: onnx.NodeProto, j: int, slot: int = 1
     """Where entry ``j`` of the shape tensor read by input ``slot`` lives: ((reader, its input), position, value).
 
     Follows a run-time shape through the pieces of a ``Concat``, 1-D ``Reshape``/``Cast``/``Identity``,
-    and ``Where(Equal(t, c), ..., t)`` (how exporters spell "-1 means keep") down to a constant.
+    and ``Where(Equal(t, c), ..., t)`` (how exporters spell "-1 means keep") down to a constant; through
+    ``Slice``/``Gather``/``Unsqueeze``/``Squeeze`` to a ``Shape`` read of another tensor, returned as
+    ``(None, (tensor, axis), size)`` (see :func:`_follow_read`).
     """
     reader, name, pos = (node, slot), node.input[slot], j
     for _ in range(16):
@@ -768,6 +1000,21 @@ def _shape_entry(a: Analysis, node: onnx.NodeProto, j: int, slot: int = 1
         elif op == "Where" and _where_branch(a, producer, pos) is not None:
             branch = _where_branch(a, producer, pos)
             reader, name = (producer, branch), producer.input[branch]
+        elif op == "Shape":
+            rank = _rank(a, producer.input[0])
+            axis = _clip(int(get_attr(producer, "start", 0)), rank) + pos
+            size = (a.shape(producer.input[0]) or [None] * rank)[axis]
+            return None, (producer.input[0], axis), size if size is not None else -2
+        elif op in ("Unsqueeze", "Squeeze") and a.shape(name) in ([1], []):
+            reader, name, pos = (producer, 0), producer.input[0], 0
+        elif op == "Slice" and a.shape(producer.input[0]) and a.shape(producer.input[0])[0] is not None \
+                and _vector_slice(a, producer, a.shape(producer.input[0])[0]):
+            reader, name = (producer, 0), producer.input[0]
+            pos += _vector_slice(a, producer, a.shape(name)[0])[0]
+        elif op == "Gather" and int(get_attr(producer, "axis", 0)) == 0 and a.constant(producer.input[1]) is not None \
+                and a.shape(producer.input[0]) and a.shape(producer.input[0])[0]:
+            picks = np.atleast_1d(a.constant(producer.input[1])).reshape(-1)
+            reader, name, pos = (producer, 0), producer.input[0], int(picks[pos]) % a.shape(producer.input[0])[0]
         else:
             break
     raise Freeze(f"{node.op_type} {node.name!r}: the size of the channel axis is computed at run time")
@@ -806,9 +1053,11 @@ def expand_rule(a: Analysis, node: onnx.NodeProto) -> None:
         raise Freeze(f"Expand {node.name!r}: shape computed at run time")
     if pos >= 0 and n > 1:
         slot, position, value = _shape_entry(a, node, pos)
-        if value not in (1, n):
+        if slot is None:
+            _follow_read(a, node, pos, position, ann.ids)
+        elif value not in (1, n):
             raise Freeze(f"Expand {node.name!r} expands the channel axis")
-        if value == n:
+        elif value == n:
             def rewrite(keep: np.ndarray, ids=ann.ids, slot=slot, position=position) -> None:
                 owner, input_slot = slot
                 new = np.array(a.constant(owner.input[input_slot]), copy=True)
@@ -819,17 +1068,94 @@ def expand_rule(a: Analysis, node: onnx.NodeProto) -> None:
     _set(a, node, axis, ann.ids)
 
 
-@rule("Shape", does="allowed when only other axes' sizes are read (Shape -> Gather); else frozen")
+@rule("Shape", does="allowed when only other axes' sizes are read, or when the channel count read goes "
+      "(through Slice/Gather/Concat/Unsqueeze/Cast) only into Reshape/Expand shapes whose channels follow it")
 def shape_rule(a: Analysis, node: onnx.NodeProto) -> None:
     ann = _only_slot(a, node, 0)
-    start = int(get_attr(node, "start", 0))
-    for consumer, slot in a.index.consumers.get(node.output[0], []):
-        if consumer.op_type == "Gather" and slot == 0:
-            idx = a.constant(consumer.input[1])
-            rank = _rank(a, node.input[0])
-            if idx is not None and ann.axis not in [(int(i) + start) % rank for i in np.atleast_1d(idx)]:
-                continue
-        raise Freeze(f"the channel count is read at run time (Shape {node.name!r} -> {consumer.op_type})")
+    rank = _rank(a, node.input[0])
+    start, end = _clip(int(get_attr(node, "start", 0)), rank), _clip(int(get_attr(node, "end", rank)), rank)
+    if not start <= ann.axis < end:
+        return
+    sinks, reader = _size_sinks(a, node.output[0], ann.axis - start)
+    if sinks is None:
+        raise Freeze(f"the channel count is read at run time (Shape {node.name!r} -> {reader})")
+    for sink, position in sinks:
+        def check(sink=sink, position=position, ids=ann.ids) -> None:
+            if (id(sink), position) not in a.size_reads:
+                a.freeze(ids, f"the channel count is read at run time (Shape {node.name!r}) to shape "
+                              f"{sink.op_type} {sink.name!r}, whose channels do not follow it")
+
+        a.deferred.append(check)
+
+
+def _clip(index: int, rank: int) -> int:
+    return int(np.clip(index + rank if index < 0 else index, 0, rank))
+
+
+def _vector_slice(a: Analysis, node: onnx.NodeProto, length: int) -> tuple[int, int] | None:
+    """(start, end) of a step-1 ``Slice`` of a 1-D tensor with constant bounds, else None."""
+    if len(node.input) < 3:
+        starts, ends = get_attr(node, "starts"), get_attr(node, "ends")
+        axes, steps = get_attr(node, "axes") or [0], [1]
+    else:
+        values = [a.constant(node.input[i]) if len(node.input) > i and node.input[i] else None for i in range(1, 5)]
+        if values[0] is None or values[1] is None or any(
+                len(node.input) > i + 1 and node.input[i + 1] and values[i] is None for i in (2, 3)):
+            return None
+        starts, ends = values[0].tolist(), values[1].tolist()
+        axes = values[2].tolist() if values[2] is not None else [0]
+        steps = values[3].tolist() if values[3] is not None else [1]
+    if len(starts) != 1 or len(axes) != 1 or list(steps) != [1]:
+        return None
+    return _clip(int(starts[0]), length), _clip(int(ends[0]), length)
+
+
+def _size_sinks(a: Analysis, name: str, pos: int) -> tuple[list[tuple[onnx.NodeProto, int]] | None, str]:
+    """Follow entry ``pos`` of the shape vector ``name`` forward through shape plumbing (Slice, Gather,
+    Concat, Unsqueeze, Squeeze, Cast, Identity): the (Reshape/Expand, entry of its shape input) it ends
+    in, or None with the op that computes with it (then the channel count cannot change)."""
+    sinks: list[tuple[onnx.NodeProto, int]] = []
+    todo, seen = [(name, pos)], set()
+    while todo:
+        name, pos = todo.pop()
+        if (name, pos) in seen:
+            continue
+        seen.add((name, pos))
+        shape = a.shape(name)
+        length = int(np.prod(shape, dtype=np.int64)) if shape is not None and None not in shape else None
+        for consumer, slot in a.index.consumers.get(name, []):
+            op, out = consumer.op_type, consumer.output[0] if consumer.output else ""
+            if op in ("Reshape", "Expand") and slot == 1:
+                sinks.append((consumer, pos))
+            elif op in ("Cast", "Identity") or (op in ("Unsqueeze", "Squeeze") and slot == 0 and length == 1):
+                todo.append((out, pos))
+            elif op == "Slice" and slot == 0 and length is not None and _vector_slice(a, consumer, length):
+                lo, hi = _vector_slice(a, consumer, length)
+                if lo <= pos < hi:
+                    todo.append((out, pos - lo))
+            elif op == "Gather" and slot == 0 and length and a.constant(consumer.input[1]) is not None \
+                    and int(get_attr(consumer, "axis", 0)) == 0:
+                picks = np.atleast_1d(a.constant(consumer.input[1])).reshape(-1) % length
+                todo.extend((out, int(k)) for k in np.flatnonzero(picks == pos))
+            elif op == "Concat" and all(a.shape(x) is not None and len(a.shape(x)) == 1 and a.shape(x)[0] is not None
+                                        for x in consumer.input):
+                offset = sum(a.shape(x)[0] for x in consumer.input[:slot])
+                todo.append((out, offset + pos))
+            else:
+                return None, op
+    return sinks, ""
+
+
+def _follow_read(a: Analysis, node: onnx.NodeProto, j: int, read: tuple[str, int], ids: np.ndarray) -> None:
+    """Entry ``j`` of ``node``'s shape is the size of axis ``read[1]`` of ``read[0]``, read at run time: fine
+    when that axis carries channels that go with ``ids`` (the ones the entry sizes); they are tied."""
+    source, axis = read
+    src = a.ann.get(source)
+    if src is None or src.axis != axis or len(src.ids) != len(ids):
+        raise Freeze(f"{node.op_type} {node.name!r}: the size of the channel axis is read at run time from "
+                     f"{source!r}, whose channels do not follow")
+    a.tie(src.ids, ids)
+    a.size_reads.add((id(node), j))
 
 
 @rule("Einsum", "Gather", "GatherElements", "ScatterND", "TopK", "NonZero",
