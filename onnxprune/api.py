@@ -14,7 +14,7 @@ import onnx
 from . import __version__
 from .analysis.cost import total_macs
 from .config import PruneConfig, ValidateConfig
-from .errors import InvalidModelError, UnsupportedError, UsageError
+from .errors import InputDataError, InvalidModelError, UnsupportedError, UsageError
 from .model import (
     PROTOBUF_LIMIT,
     LoadedModel,
@@ -208,10 +208,20 @@ def prune(
         timings["quantize"] = time.perf_counter() - start
 
     result.summary = _summary(pass_results)
+    structured = next((p.details for p in pass_results if p.name == "structured"), None)
+    if structured is not None and config.head_sparsity > 0 and not structured.get("head_groups"):
+        result.warnings.append(f"--head-sparsity {config.head_sparsity:g}: no attention heads could be removed "
+                               "(the frozen groups in the report say why)")
     if vcfg.enabled:
         start = time.perf_counter()
         pruned_src = ModelSource(model=loaded.model, path=output_path)
-        result.validation = run_validation(original_src, pruned_src, vcfg, log, feeds=feeds)
+        try:
+            result.validation = run_validation(original_src, pruned_src, vcfg, log, feeds=feeds)
+        except InputDataError as exc:
+            if output_path is None:
+                raise
+            raise InputDataError(f"{exc}; the pruned model was written to {output_path} (--no-validate skips "
+                                 "validation)") from exc
         result.validation["size"] = {
             "original": file_sizes(input_path, original_src.model),
             "pruned": file_sizes(output_path, loaded.model if output_path is None else None),

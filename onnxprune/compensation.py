@@ -123,7 +123,7 @@ def fold_removed_constants(model: onnx.ModelProto, keep: np.ndarray, feeds: list
         return summary
     names = sorted({e.node.input[0] for e in edits})
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # a failing run is reported in the summary
     options.add_session_config_entry("session.disable_prepacking", "1")  # one run: no second copy of the weights
     zeros = _zeroed_producers(analysis, keep)
     if zeros is not None:  # the zeroed model is the model with a few weights swapped: no copy of the rest
@@ -136,8 +136,15 @@ def fold_removed_constants(model: onnx.ModelProto, keep: np.ndarray, feeds: list
         del zeroed.graph.output[:]
         zeroed.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names)
         session = ort.InferenceSession(zeroed.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    runs = [dict(zip(names, session.run(names, feed))) for feed in feeds]
-    del session
+    try:
+        runs = [dict(zip(names, session.run(names, feed))) for feed in feeds]
+    except Exception as exc:  # noqa: BLE001 - e.g. synthetic inputs whose sizes the model does not accept
+        summary["skipped"].append("the model did not run on the inputs used to measure removed channels "
+                                  f"({str(exc).strip().splitlines()[0][:200]}): their constant outputs were not "
+                                  "folded into the next layers' biases; give --data or --calibration-data")
+        return summary
+    finally:
+        del session
     for edit in edits:
         name = edit.node.input[0]
         axis = analysis.ann[name].axis

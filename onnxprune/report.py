@@ -101,6 +101,8 @@ def render(report: dict[str, Any], *, markdown: bool = False, verbose: bool = Fa
             if folded.get("consumers"):
                 lines.append(f"folded removed channels' constants into {folded['consumers']} consumer bias(es) "
                              f"({folded['exact']} exact, {folded['approximate']} approximate)")
+            for reason in folded.get("skipped", []):
+                lines.append(f"note: {reason}")
             frozen = d.get("frozen", [])
             if frozen:
                 lines.append(f"frozen groups ({len(frozen)}):")

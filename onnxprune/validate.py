@@ -44,7 +44,7 @@ class ModelSource:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3
+        options.log_severity_level = 4  # failures raise, with their message
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         if self.path is not None:
@@ -284,7 +284,13 @@ def run_validation(original: ModelSource, pruned: ModelSource, cfg: ValidateConf
         log(f"validating on {provider}")
         sessions = (original.session(provider, cfg.threads), pruned.session(provider, cfg.threads))
         names = [out.name for out in sessions[0].get_outputs()]
-        ref = sessions[0].run(None, feeds)
+        try:
+            ref = sessions[0].run(None, feeds)
+        except Exception as exc:  # sizes the model does not accept (e.g. a KV cache's lengths)
+            what = "synthetic" if results["inputs"].get("source") == "synthetic" else "given"
+            raise InputDataError(f"the original model does not run on the {what} inputs "
+                                 f"({str(exc).strip().splitlines()[0][:240]}); give inputs it accepts with --data "
+                                 "or sizes with --input-shape") from exc
         got = sessions[1].run(None, feeds)
         outputs = {name: compare_outputs(r, g) for name, r, g in zip(names, ref, got)}
         latency = _latency(sessions, feeds, cfg.warmup, cfg.runs)

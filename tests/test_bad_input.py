@@ -279,3 +279,41 @@ def test_existing_external_data_file_without_force(work):
     (work / "out.onnx.data").write_bytes(b"keep me")
     check(work, [work / "model.onnx", "--sparsity", "0.5", "-o", work / "out.onnx", "--external-data"], 7, "--force")
     assert (work / "out.onnx.data").read_bytes() == b"keep me"
+
+
+def _model_rejecting_synthetic_inputs(path):
+    """An MLP plus a second output that needs len(m) == len(s) + 1 (as a KV cache needs mask = past + new)."""
+    rng = np.random.default_rng(0)
+    inits = [onnx.numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+             for name, shape in (("w1", [8, 16]), ("b1", [16]), ("w2", [16, 4]))]
+    inits += [onnx.numpy_helper.from_array(np.array(v, np.int64), n) for n, v in
+              (("one", [1]), ("end", [2**62]), ("axis", [1]))]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h0"]), helper.make_node("Add", ["h0", "b1"], ["h1"]),
+             helper.make_node("Relu", ["h1"], ["h2"]), helper.make_node("MatMul", ["h2", "w2"], ["y"]),
+             helper.make_node("Slice", ["m", "one", "end", "axis"], ["m1"]),
+             helper.make_node("Add", ["m1", "s"], ["z"])]
+    graph = helper.make_graph(nodes, "kv", [
+        helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 8]),
+        helper.make_tensor_value_info("m", onnx.TensorProto.FLOAT, ["N", "T"]),
+        helper.make_tensor_value_info("s", onnx.TensorProto.FLOAT, ["N", "S"])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 4]),
+         helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, ["N", "S"])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
+
+
+def test_model_that_rejects_synthetic_inputs(tmp_path):
+    """Validation cannot run: a clear error (exit 8) naming the fix; the pruned model is written and says so."""
+    src, out = tmp_path / "kv.onnx", tmp_path / "kv.pruned.onnx"
+    _model_rejecting_synthetic_inputs(src)
+    code, _, err = run_cli(src, "--structured", "--sparsity", "0.5", "-o", out)
+    assert_error(code, err, 8, "does not run on the synthetic inputs", "--input-shape", str(out))
+    assert out.exists()
+    onnx.checker.check_model(onnx.load(str(out)), full_check=True)
+    code, _, err = run_cli(src, "--structured", "--sparsity", "0.5", "-o", out, "--force",
+                                "--input-shape", "m:1x17", "--input-shape", "s:1x16", "--report", tmp_path / "r.json")
+    assert code == 0, err
+    import json
+
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["passes"][0]["details"]["groups"][0]["channels_after"] == 8
+    assert report["validation"]["providers"]["CPUExecutionProvider"]["outputs"]["z"]["rel_l2"] == 0

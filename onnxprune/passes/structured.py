@@ -364,6 +364,8 @@ class StructuredPrunePass:
             "target_sparsity": cfg.sparsity,
             "round_to": cfg.round_to,
             "groups": group_stats,
+            "head_groups": sum(1 for g in groups if analysis.head_ids and any(
+                i in analysis.head_ids for ids in g.units for i in ids)),
             "frozen": frozen,
             "channels_total": total,
             "channels_removed": int(sum(g["channels_before"] - g["channels_after"] for g in group_stats)),
