@@ -90,7 +90,7 @@ def test_oracle(name, seed):
 
 
 # --head-sparsity per export and head units before -> after (GQA: a K/V head with its query heads;
-# per-layer rounding to the nearest unit, half to even: 0.25 of 2 units removes none)
+# rounded down per layer: 0.25 of 2 units removes none)
 HEAD_UNITS = {name: (0.5, {2: 1}) for name in ("llama_ts", "llama_dynamo", "qwen2_ts", "phi3_ts")}
 HEAD_UNITS["swin_ts"] = (0.25, {2: 2, 4: 3})
 NEURONS = {128: 64, 256: 128}
