@@ -39,7 +39,7 @@ def complete_shapes(model: onnx.ModelProto, input_shapes: dict[str, list[int]] |
     skel = _skeleton(model, input_shapes)
     custom = {o for n in model.graph.node if n.domain not in ("", "ai.onnx") for o in n.output}
     skel = symbolic_inference(skel)
-    custom &= {v.name for v in model.graph.value_info}
+    custom &= {v.name for v in model.graph.value_info if v.type.tensor_type.HasField("shape")}  # a shape, not a type
     kept = [v for v in skel.graph.value_info if v.name not in custom]
     del skel.graph.value_info[:]
     skel.graph.value_info.extend(kept)
