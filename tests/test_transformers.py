@@ -19,7 +19,7 @@ from onnxprune.analysis.oracle import list_groups, mask_model, random_choice, re
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "transformers"
 EXPORTS = ["bert_ts", "bert_dynamo", "bert_sdpa_dynamo", "bert_fused", "bert_fused_fp16", "gpt2_ts", "llama_ts", "llama_dynamo", "vit_ts",
-           "qwen2_ts", "phi3_ts", "gpt_neox_ts", "distilbert_ts", "gptj_ts", "t5_ts", "swin_ts"]
+           "qwen2_ts", "phi3_ts", "gpt_neox_ts", "distilbert_ts", "gptj_ts", "gpt_neo_ts", "t5_ts", "swin_ts"]
 # prunable head groups and 128-neuron MLP groups per export (default: one of each per layer, two layers).
 # T5: a stack's layers share one relative position bias, so their heads form one group (encoder self,
 # decoder self, decoder cross); Swin: 2 stages of 2 blocks, MLPs of 128 and 256 neurons.
