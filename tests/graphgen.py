@@ -80,14 +80,14 @@ class _Builder:
 def random_cnn(draw_int: Callable[[int, int], int], draw_choice: Callable[[list], object], seed: int = 0
                ) -> onnx.ModelProto:
     """A random, valid CNN: conv blocks with BN, activations, residual adds, concats, splits, SE, reshapes sized
-    at run time, and a head."""
+    at run time, per-channel gates computed from constants, and a head."""
     opset = draw_choice([11, 13, 14, 17, 18, 21])
     b = _Builder(opset, seed)
     size = 16
     c = draw_choice([4, 8, 12])
     x = b.conv("input", 3, c, 3)
     for _ in range(draw_int(1, 5)):
-        block = draw_choice(["conv", "residual", "concat", "split", "se", "depthwise", "grouped", "reshape"])
+        block = draw_choice(["conv", "residual", "concat", "split", "se", "depthwise", "grouped", "reshape", "gate"])
         if block == "conv":
             cout = draw_choice([4, 6, 8, 16])
             y = b.conv(x, c, cout, draw_choice([1, 3]))
@@ -116,6 +116,14 @@ def random_cnn(draw_int: Callable[[int, int], int], draw_choice: Callable[[list]
             x = b.act(b.conv(x, c, c, 3, group=c), "Relu")
         elif block == "grouped" and c % 2 == 0:
             x = b.act(b.conv(x, c, c, 3, group=2), "Relu")
+        elif block == "gate":  # a per-channel operand computed from a constant at run time
+            vector = b.weight([c], 1.0)
+            if opset >= 13:
+                gate = b.node("Unsqueeze", [vector, b.const_i64([1, 2])])[0]
+            else:
+                gate = b.node("Unsqueeze", [vector], axes=[1, 2])[0]
+            gate = b.node("Sigmoid", [gate])[0] if draw_int(0, 1) else gate
+            x = b.node(draw_choice(["Mul", "Add"]), [x, gate])[0]
         elif block == "reshape":  # [N, C, H, W] -> [N, C, H*W] -> back, both sized by run-time Shape reads
             shape = b.node("Shape", [x])[0]
             lead = b.node("Slice", [shape, b.const_i64([0]), b.const_i64([2]), b.const_i64([0])])[0]

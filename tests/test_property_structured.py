@@ -22,9 +22,13 @@ def check_oracle(model: onnx.ModelProto, fraction: float, seed: int) -> None:
     masked, removed = masked_and_removed(model, keep)
     onnx.checker.check_model(removed, full_check=True)
     x = np.random.default_rng(seed).standard_normal((2, 3, 16, 16)).astype(np.float32)
-    a, b = _run(masked, x), _run(removed, x)
-    assert [o.shape for o in b] == [o.shape for o in _run(model, x)]
-    assert relative_error(a, b) <= 1e-5
+    a, b, original = _run(masked, x), _run(removed, x), _run(model, x)
+    assert [o.shape for o in b] == [o.shape for o in original]
+    # float32 summation order differs between the two; where most channels are gone the outputs can nearly
+    # cancel, so the noise is measured against the original outputs' scale, not the (tiny) remainder's
+    scale = max(float(np.abs(o).max()) for o in original)
+    worst = max(float(np.abs(p - q).max()) for p, q in zip(a, b))
+    assert relative_error(a, b) <= 1e-5 or worst <= 1e-5 * scale, (relative_error(a, b), worst, scale)
 
 
 @settings(max_examples=CASES, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -181,6 +181,40 @@ def test_per_channel_constant_operand_is_sliced():
     assert oracle(g.head(y, C))
 
 
+@pytest.mark.parametrize("spelling", ["unsqueeze", "sigmoid-transpose", "gather", "expand"])
+def test_per_channel_operand_computed_from_constants_is_sliced(spelling):
+    """An operand computed at run time from constants along the channel axis: its constants are sliced."""
+    g = G(opset=17)
+    if spelling == "unsqueeze":  # a [C] parameter broadcast as [C, 1, 1]
+        operand = g.op("Unsqueeze", [g.w([C]), g.c([1, 2])])
+    elif spelling == "sigmoid-transpose":  # a gate computed from a [1, 1, C] constant, moved to [1, C, 1, 1]
+        operand = g.op("Unsqueeze", [g.op("Transpose", [g.op("Sigmoid", [g.w([1, 1, C])])], perm=[0, 2, 1]),
+                                     g.c([3])])
+    elif spelling == "gather":  # a row of a [rows, C] table picked by a constant index, then [1, C, 1, 1]
+        operand = g.op("Reshape", [g.op("Gather", [g.w([3, C]), g.c([1])], axis=0), g.c([1, C, 1, 1])])
+    else:  # a [1, C, 1, 1] constant expanded over the batch of the input
+        batch = g.op("Gather", [g.op("Shape", ["input"]), g.c([0])], axis=0)
+        operand = g.op("Expand", [g.w([1, C, 1, 1]), g.op("Concat", [batch, g.c([1, 1, 1])], axis=0)])
+    y = g.op("Add", [g.x, operand])
+    model = g.head(y, C)
+    if spelling == "gather":  # the Reshape between the table and the Add is not followed: frozen, with the reason
+        assert any("no channel ids" in r for r in frozen_reasons(model))
+        return
+    assert first_group_prunable(model)
+    assert oracle(model)
+
+
+def test_per_channel_operand_also_read_elsewhere_is_frozen():
+    g = G(opset=17)
+    gate = g.op("Sigmoid", [g.w([C, 1, 1])])
+    y = g.op("Mul", [g.x, gate])
+    pooled = g.op("ReduceMean", [gate], keepdims=0)  # the gate also feeds a node that knows no channels
+    y = g.op("Add", [y, pooled])
+    model = g.head(y, C)
+    assert any("also read by ReduceMean" in r for r in frozen_reasons(model))
+    oracle(model)
+
+
 def test_squeeze_excitation():
     g = G()
     s = g.op("GlobalAveragePool", [g.x])
