@@ -160,7 +160,7 @@ def check(path: Path) -> dict:
     image = [i.name for i in model.graph.input] == ["pixel_values"]
     shapes = [(1, 0), (2, 0)] if image else SHAPES
     groups = list_groups(model)
-    heads = [g for g in groups if "Softmax" in g["ops"] and g["channels"] <= 16]
+    heads = [g for g in groups if "Softmax" in g["ops"] and (g["prunable"] or g["channels"]) <= 16]
     # other frozen groups that are not the residual stream or the logits: the attention path
     attention = [g for g in groups if not g["prunable"] and g not in heads and g["frozen"]
                  and not any(w in r for r in g["frozen"] for w in ("normaliz", "graph output", "embedding lookup"))]

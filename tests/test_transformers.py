@@ -19,7 +19,7 @@ from onnxprune.analysis.oracle import list_groups, mask_model, random_choice, re
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "transformers"
 EXPORTS = ["bert_ts", "bert_dynamo", "bert_sdpa_dynamo", "bert_fused", "bert_fused_fp16", "gpt2_ts", "llama_ts", "llama_dynamo", "vit_ts",
-           "qwen2_ts", "phi3_ts", "gpt_neox_ts", "distilbert_ts", "gptj_ts", "gpt_neo_ts", "t5_ts", "swin_ts"]
+           "qwen2_ts", "phi3_ts", "gpt_neox_ts", "distilbert_ts", "gptj_ts", "gpt_neo_ts", "gpt_bigcode_ts", "t5_ts", "swin_ts"]
 # prunable head groups and 128-neuron MLP groups per export (default: one of each per layer, two layers).
 # T5: a stack's layers share one relative position bias, so their heads form one group (encoder self,
 # decoder self, decoder cross); Swin: 2 stages of 2 blocks, MLPs of 128 and 256 neurons.
@@ -59,7 +59,7 @@ def shapes_of(name: str) -> list[tuple[int, int]]:
 
 def head_groups(model: onnx.ModelProto) -> list[dict]:
     return [g for g in list_groups(model) if ({"Reshape", "Softmax"} <= set(g["ops"]) or "Attention" in g["ops"])
-            and not g["frozen"]]
+            and g["prunable"]]
 
 
 @pytest.mark.parametrize("name", EXPORTS)
@@ -93,6 +93,7 @@ def test_oracle(name, seed):
 # rounded down per layer: 0.25 of 2 units removes none)
 HEAD_UNITS = {name: (0.5, {2: 1}) for name in ("llama_ts", "llama_dynamo", "qwen2_ts", "phi3_ts")}
 HEAD_UNITS["swin_ts"] = (0.25, {2: 2, 4: 3})
+HEAD_UNITS["gpt_bigcode_ts"] = (0.25, {36: 35})  # multi-query: 4 query heads (+ 32 K/V channels that stay)
 NEURONS = {128: 64, 256: 128}
 
 

@@ -251,11 +251,15 @@ def _batched_matmul(a: Analysis, node: onnx.NodeProto) -> None:
     """MatMul of two activations (attention): channels on a shared batch axis (heads) pass through and tie."""
     out_rank = _rank(a, node.output[0])
     anns = {slot: a.ann[name] for slot, name in enumerate(node.input[:2]) if name in a.ann}
+    blocked = {slot for slot, ann in anns.items() if ann.axis >= _rank(a, node.input[slot]) - 2}
+    if blocked and len(blocked) == len(anns):
+        raise Freeze(f"MatMul {node.name!r}: channels on a matrix axis of input {min(blocked)}")
+    for slot in blocked:  # multi-query attention: the one K/V head's channels stay, the query heads go on
+        a.freeze(anns.pop(slot).ids, f"MatMul {node.name!r}: channels on a matrix axis of input {slot} (a K/V "
+                                     "head shared by every query head stays)")
     axes = set()
     for slot, ann in anns.items():
         rank = _rank(a, node.input[slot])
-        if ann.axis >= rank - 2:
-            raise Freeze(f"MatMul {node.name!r}: channels on a matrix axis of input {slot}")
         axes.add(ann.axis + out_rank - rank)
     if len(axes) != 1:
         raise Freeze(f"MatMul {node.name!r}: inputs carry channels on different axes")
@@ -269,10 +273,67 @@ def _batched_matmul(a: Analysis, node: onnx.NodeProto) -> None:
         if slot not in anns:
             shape = a.shape(node.input[slot])
             pos = axis - (out_rank - len(shape)) if shape is not None else 0
-            if shape is None or (pos >= 0 and shape[pos] not in (1,)):
+            if shape is None or (pos >= 0 and shape[pos] not in (1,) and not _repeated_for_heads(
+                    a, node, node.input[slot], pos, ids)):
                 raise Freeze(f"MatMul {node.name!r} mixes these channels with {node.input[slot]!r}, "
                              "which has no channel ids")
     _set(a, node, axis, ids)
+
+
+def _repeated_for_heads(a: Analysis, user: onnx.NodeProto, name: str, pos: int, ids: np.ndarray) -> bool:
+    """Axis ``pos`` of ``name`` repeats one tensor once per head (multi-query attention's K/V expanded to
+    the query heads: Unsqueeze -> Expand -> Reshape, Transposes): the sizes that make the repeat (the
+    Expand target's entry, the Reshape's) are rewritten to the heads kept. False when not so spelled."""
+    edits: list[tuple[onnx.NodeProto, int]] = []
+    tensors: list[tuple[str, int]] = []
+    for _ in range(8):
+        shape = a.shape(name)
+        producer = a.index.producer.get(name)
+        if shape is None or producer is None or shape[pos] is None:
+            return False
+        tensors.append((name, pos))
+        if producer.op_type == "Transpose":
+            perm = get_attr(producer, "perm") or list(range(len(shape)))[::-1]
+            name, pos = producer.input[0], int(perm[pos])
+        elif producer.op_type == "Reshape":  # [.., 1, H, ..] -> [.., H, ..]: the same axis without a size-1 one
+            src = a.shape(producer.input[0])
+            if src is None or len(src) != len(shape) + 1:
+                return False
+            j = next((j for j in range(len(src) - 1) if src[j] == 1 and src[j + 1] == shape[pos]
+                      and list(src[:j]) == list(shape[:pos]) and list(src[j + 2:]) == list(shape[pos + 1:])), None)
+            if j is None:
+                return False
+            edits.append((producer, pos))
+            name, pos = producer.input[0], j + 1
+        elif producer.op_type == "Expand":
+            src = a.shape(producer.input[0])
+            p = pos - (len(shape) - len(src or []))
+            if src is None or (p >= 0 and src[p] != 1):
+                return False
+            edits.append((producer, pos))
+            break
+        else:
+            return False
+    else:
+        return False
+    for owner, axis in edits:
+        target = a.shape(owner.input[1])
+        if not target or target[0] is None:
+            return False
+        j = axis - (_rank(a, owner.output[0]) - target[0])
+        reader, position, value = _shape_entry(a, owner, j)
+        if reader is None or value != len(ids):
+            return False
+
+        def rewrite(keep: np.ndarray, ids=ids, slot=reader, position=position) -> None:
+            reader_node, input_slot = slot
+            new = np.array(a.constant(reader_node.input[input_slot]), copy=True)
+            new.reshape(-1)[position] = int(keep[ids].sum())
+            _replace_input(a, reader_node, input_slot, new, f"shape{input_slot}")
+
+        a.node_edits.append((owner, rewrite))
+    _guard_lineage(a, user, tensors, ids)
+    return True
 
 
 # -- per-channel ops ------------------------------------------------------------------------

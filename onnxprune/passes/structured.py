@@ -38,11 +38,13 @@ def group_overrides(groups: list[ChannelGroup], config: PruneConfig) -> dict[int
 
 
 def allocate(groups: list[ChannelGroup], scores: dict[int, np.ndarray], config: PruneConfig,
-             num_channels: int, fixed: dict[int, float] | None = None) -> np.ndarray:
+             num_channels: int, fixed: dict[int, float] | None = None,
+             counts: dict[int, int] | None = None) -> np.ndarray:
     """Boolean keep-mask over channel ids for the configured sparsity, scope and rounding.
 
-    ``fixed`` gives some groups their own ratio (attention heads: ``head_sparsity``); recipe
-    overrides win over it.
+    ``fixed`` gives some groups their own ratio (attention heads: ``head_sparsity``), taken of
+    ``counts[group]`` units where given (the heads, not the shared K/V channels beside them);
+    recipe overrides win over it.
     """
     keep = np.ones(num_channels, dtype=bool)
     sparsity, round_to = config.sparsity or 0.0, config.round_to
@@ -70,7 +72,8 @@ def allocate(groups: list[ChannelGroup], scores: dict[int, np.ndarray], config: 
     for g in groups:
         if config.scope != "global" or g.id in per_group:
             fraction = per_group.get(g.id, sparsity)
-            removals[g.id] = min(math.floor(fraction * g.channels + 1e-9), _cap(g, 1.0))
+            base = (counts or {}).get(g.id, g.channels) if g.id in (fixed or {}) else g.channels
+            removals[g.id] = min(math.floor(fraction * base + 1e-9), _cap(g, 1.0))
     for g in groups:
         n_remove = removals.get(g.id, 0)
         if round_to > 1 and n_remove:
@@ -95,7 +98,10 @@ def allocate_safe(analysis: Analysis, groups: list[ChannelGroup], scores: dict[i
             per_channel[ids] = scores[g.id][i]
     heads = {g.id: config.head_sparsity for g in groups
              if analysis.head_ids and any(i in analysis.head_ids for ids in g.units for i in ids)}
-    keep = never_empty(analysis, allocate(groups, scores, config, analysis.num_channels, heads), per_channel)
+    counts = {gid: sum(1 for ids in [*g.units, *(u for u, _ in g.frozen_units)]
+                       if any(int(i) in analysis.head_ids for i in ids))
+              for g in groups if (gid := g.id) in heads}
+    keep = never_empty(analysis, allocate(groups, scores, config, analysis.num_channels, heads, counts), per_channel)
     if config.round_to > 1:
         for g in groups:
             removed = [i for i, ids in enumerate(g.units) if not keep[ids[0]]]
