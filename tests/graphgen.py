@@ -80,14 +80,15 @@ class _Builder:
 def random_cnn(draw_int: Callable[[int, int], int], draw_choice: Callable[[list], object], seed: int = 0
                ) -> onnx.ModelProto:
     """A random, valid CNN: conv blocks with BN, activations, residual adds, concats, splits, SE, reshapes sized
-    at run time, per-channel gates computed from constants, and a head."""
+    at run time, per-channel gates computed from constants, constant channel picks (Gather), and a head."""
     opset = draw_choice([11, 13, 14, 17, 18, 21])
     b = _Builder(opset, seed)
     size = 16
     c = draw_choice([4, 8, 12])
     x = b.conv("input", 3, c, 3)
     for _ in range(draw_int(1, 5)):
-        block = draw_choice(["conv", "residual", "concat", "split", "se", "depthwise", "grouped", "reshape", "gate"])
+        block = draw_choice(["conv", "residual", "concat", "split", "se", "depthwise", "grouped", "reshape", "gate",
+                                   "pick"])
         if block == "conv":
             cout = draw_choice([4, 6, 8, 16])
             y = b.conv(x, c, cout, draw_choice([1, 3]))
@@ -124,6 +125,10 @@ def random_cnn(draw_int: Callable[[int, int], int], draw_choice: Callable[[list]
                 gate = b.node("Unsqueeze", [vector], axes=[1, 2])[0]
             gate = b.node("Sigmoid", [gate])[0] if draw_int(0, 1) else gate
             x = b.node(draw_choice(["Mul", "Add"]), [x, gate])[0]
+        elif block == "pick" and c >= 4:  # a constant subset of the channels, in another order
+            picks = [int(i) for i in np.random.default_rng(seed + c).permutation(c)[: max(2, c // 2)]]
+            x = b.node("Gather", [x, b.const_i64(picks)], axis=1)[0]
+            c = len(picks)
         elif block == "reshape":  # [N, C, H, W] -> [N, C, H*W] -> back, both sized by run-time Shape reads
             shape = b.node("Shape", [x])[0]
             lead = b.node("Slice", [shape, b.const_i64([0]), b.const_i64([2]), b.const_i64([0])])[0]

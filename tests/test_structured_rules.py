@@ -579,3 +579,22 @@ def test_resize_and_reducemean_opset_forms(opset):
     else:
         y = g.op("ReduceMean", [y, g.c([2, 3])], keepdims=0)
     assert oracle(g.head(y, C, spatial=False))
+
+
+@pytest.mark.parametrize("case", ["other-axis", "pick-list", "pick-one"])
+def test_gather(case):
+    g = G(opset=17)
+    if case == "other-axis":  # a row of the feature map: channels pass
+        y = g.op("Gather", [g.x, g.c(3)], axis=2)  # [N, C, 8]
+        y = g.op("Unsqueeze", [y, g.c([3])])
+        assert oracle(g.head(y, C))
+        return
+    if case == "pick-list":  # channels 0, 2, 5, 7 picked (and in another order): they follow
+        y = g.op("Gather", [g.x, g.c([7, 0, 2, 5])], axis=1)
+        model = g.head(y, 4)
+    else:  # channel 3 picked alone: it stays, the others go, the index moves
+        y = g.op("Unsqueeze", [g.op("Gather", [g.x, g.c(3)], axis=1), g.c([1])])
+        model = g.head(y, 1)
+    assert any("Gather" in r for r in frozen_reasons(model)) == (case == "pick-one")
+    assert first_group_prunable(model)
+    assert oracle(model)

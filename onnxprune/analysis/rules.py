@@ -1219,12 +1219,46 @@ def _follow_read(a: Analysis, node: onnx.NodeProto, j: int, read: tuple[str, int
     a.size_reads.add((id(node), j))
 
 
-@rule("Einsum", "Gather", "GatherElements", "ScatterND", "TopK", "NonZero",
+@rule("Einsum", "GatherElements", "ScatterND", "TopK", "NonZero",
       "QuantizeLinear", "DequantizeLinear", "QLinearConv", "ConvInteger", "MatMulInteger", "QLinearMatMul",
       "Size", "Loop", "If", "Scan", "LSTM", "GRU", "RNN", "Attention", "MultiHeadAttention",
       does="frozen: channels that reach it stay (rearranges, indexes, quantizes or hides them)")
 def frozen_rule(a: Analysis, node: onnx.NodeProto) -> None:
     raise Freeze(f"{node.op_type} {node.name!r} is not supported for channel removal")
+
+
+@rule("Gather", does="picks along another axis: channels pass; constant picks along the channel axis: the "
+      "picked channels follow (indices rewritten), a single pick keeps its channel")
+def gather_rule(a: Analysis, node: onnx.NodeProto) -> None:
+    ann = _only_slot(a, node, 0)
+    rank = _rank(a, node.input[0])
+    axis = int(get_attr(node, "axis", 0)) % rank
+    indices = a.constant(node.input[1])
+    index_rank = len(a.shape(node.input[1]) or []) if indices is None else np.ndim(indices)
+    if axis != ann.axis:
+        _set(a, node, ann.axis + (index_rank - 1 if axis < ann.axis else 0), ann.ids)
+        return
+    if indices is None or np.ndim(indices) > 1:
+        raise Freeze(f"Gather {node.name!r} picks channels at run time")
+    n = len(ann.ids)
+    picks = np.atleast_1d(indices).astype(np.int64) % n
+    if np.ndim(indices) == 0:  # one channel, its axis dropped: that channel stays; its position may move
+        picked = ann.ids[picks]
+        a.freeze(picked, f"Gather {node.name!r} reads this channel at a fixed position")
+        ids = ann.ids
+    else:
+        ids = ann.ids
+        _set(a, node, axis, ann.ids[picks])
+
+    scalar = np.ndim(indices) == 0
+
+    def rewrite(keep: np.ndarray, n_=node, ids=ids, picks=picks, scalar=scalar) -> None:
+        position = np.cumsum(keep[ids]) - 1
+        chosen = [int(position[p]) for p in picks if keep[ids[p]]]
+        new = np.array(chosen[0] if scalar else chosen, dtype=np.int64)
+        _replace_input(a, n_, 1, new, "indices")
+
+    a.node_edits.append((node, rewrite))
 
 
 @rule("DepthToSpace", does="block-aware: the blocksize^2 input channels that form one output channel go together")
