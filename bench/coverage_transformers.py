@@ -38,7 +38,8 @@ from export_transformers import _wrapper  # the fixtures' export wrapper
 
 SHAPES = [(1, 5), (2, 16), (1, 33)]
 
-# family -> (task, config overrides). Every config also gets the tiny sizes below where it has the key.
+# family -> (task, config overrides); "family+variant" names another config of the same family. Every
+# config also gets the tiny sizes below where it has the key.
 ARCHS = {
     "bert": ("base", {}), "roberta": ("base", {}), "xlm-roberta": ("base", {}), "albert": ("base", {}),
     "electra": ("base", {}), "mobilebert": ("base", {}), "distilbert": ("base", {"dim": 64, "hidden_dim": 128,
@@ -47,6 +48,7 @@ ARCHS = {
     "gptj": ("lm", {"rotary_dim": 8}), "codegen": ("lm", {"rotary_dim": 8}), "gpt_neox": ("lm", {}),
     "opt": ("lm", {"ffn_dim": 128, "word_embed_proj_dim": 64}), "bloom": ("lm", {"n_head": 4}),
     "falcon": ("lm", {"new_decoder_architecture": False, "multi_query": False, "ffn_hidden_size": 128}),
+    "falcon+mqa": ("lm", {"new_decoder_architecture": False, "multi_query": True, "ffn_hidden_size": 128}),
     "gpt_bigcode": ("lm", {"multi_query": True}),
     "llama": ("lm", {}), "mistral": ("lm", {}), "qwen2": ("lm", {}), "qwen3": ("lm", {}), "gemma": ("lm", {}),
     "gemma2": ("lm", {}), "phi": ("lm", {}), "phi3": ("lm", {"pad_token_id": 0}), "stablelm": ("lm", {}),
@@ -68,7 +70,7 @@ def build(kind: str, task: str, extra: dict):
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     torch.manual_seed(0)
-    cfg = AutoConfig.for_model(kind, **extra)
+    cfg = AutoConfig.for_model(kind.split("+")[0], **extra)  # "family+variant": a second config of one family
     for key, value in TINY.items():
         if hasattr(cfg, key) or key in getattr(cfg, "attribute_map", {}):
             try:

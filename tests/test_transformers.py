@@ -19,7 +19,7 @@ from onnxprune.analysis.oracle import list_groups, mask_model, random_choice, re
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "transformers"
 EXPORTS = ["bert_ts", "bert_dynamo", "bert_sdpa_dynamo", "bert_fused", "bert_fused_fp16", "gpt2_ts", "llama_ts", "llama_dynamo", "vit_ts",
-           "qwen2_ts", "phi3_ts", "gpt_neox_ts", "distilbert_ts", "gptj_ts", "gpt_neo_ts", "gpt_bigcode_ts", "t5_ts", "swin_ts"]
+           "qwen2_ts", "phi3_ts", "gpt_neox_ts", "distilbert_ts", "gptj_ts", "gpt_neo_ts", "gpt_bigcode_ts", "falcon_mqa_ts", "t5_ts", "swin_ts"]
 # prunable head groups and 128-neuron MLP groups per export (default: one of each per layer, two layers).
 # T5: a stack's layers share one relative position bias, so their heads form one group (encoder self,
 # decoder self, decoder cross); Swin: 2 stages of 2 blocks, MLPs of 128 and 256 neurons.
@@ -94,6 +94,7 @@ def test_oracle(name, seed):
 HEAD_UNITS = {name: (0.5, {2: 1}) for name in ("llama_ts", "llama_dynamo", "qwen2_ts", "phi3_ts")}
 HEAD_UNITS["swin_ts"] = (0.25, {2: 2, 4: 3})
 HEAD_UNITS["gpt_bigcode_ts"] = (0.25, {36: 35})  # multi-query: 4 query heads (+ 32 K/V channels that stay)
+HEAD_UNITS["falcon_mqa_ts"] = (0.5, {6: 4})  # multi-query, fused [H + 2] heads: 2 of the 4 query heads go
 NEURONS = {128: 64, 256: 128}
 
 

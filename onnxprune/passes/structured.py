@@ -98,8 +98,8 @@ def allocate_safe(analysis: Analysis, groups: list[ChannelGroup], scores: dict[i
             per_channel[ids] = scores[g.id][i]
     heads = {g.id: config.head_sparsity for g in groups
              if analysis.head_ids and any(i in analysis.head_ids for ids in g.units for i in ids)}
-    counts = {gid: sum(1 for ids in [*g.units, *(u for u, _ in g.frozen_units)]
-                       if any(int(i) in analysis.head_ids for i in ids))
+    # the share is of the removable heads: not of a shared K/V head's channels beside them (multi-query)
+    counts = {gid: sum(1 for ids in g.units if any(int(i) in analysis.head_ids for i in ids))
               for g in groups if (gid := g.id) in heads}
     keep = never_empty(analysis, allocate(groups, scores, config, analysis.num_channels, heads, counts), per_channel)
     if config.round_to > 1:
