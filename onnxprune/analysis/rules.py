@@ -324,14 +324,7 @@ def _repeated_for_heads(a: Analysis, user: onnx.NodeProto, name: str, pos: int, 
         reader, position, value = _shape_entry(a, owner, j)
         if reader is None or value != len(ids):
             return False
-
-        def rewrite(keep: np.ndarray, ids=ids, slot=reader, position=position) -> None:
-            reader_node, input_slot = slot
-            new = np.array(a.constant(reader_node.input[input_slot]), copy=True)
-            new.reshape(-1)[position] = int(keep[ids].sum())
-            _replace_input(a, reader_node, input_slot, new, f"shape{input_slot}")
-
-        a.node_edits.append((owner, rewrite))
+        _count_entry(a, owner, reader, position, ids)
     _guard_lineage(a, user, tensors, ids)
     return True
 
@@ -448,14 +441,7 @@ def _elementwise_constant(a: Analysis, node: onnx.NodeProto, slot: int, axis: in
         if entry_slot is None:
             _follow_read(a, owner, j, position, ids)
             continue
-
-        def rewrite(keep: np.ndarray, ids=ids, slot=entry_slot, position=position) -> None:
-            reader_node, input_slot = slot
-            new = np.array(a.constant(reader_node.input[input_slot]), copy=True)
-            new.reshape(-1)[position] = int(keep[ids].sum())
-            _replace_input(a, reader_node, input_slot, new, f"shape{input_slot}")
-
-        a.node_edits.append((owner, rewrite))
+        _count_entry(a, owner, entry_slot, position, ids)
     _guard_lineage(a, node, tensors, ids)
 
 
@@ -1119,13 +1105,7 @@ def expand_rule(a: Analysis, node: onnx.NodeProto) -> None:
         elif value not in (1, n):
             raise Freeze(f"Expand {node.name!r} expands the channel axis")
         elif value == n:
-            def rewrite(keep: np.ndarray, ids=ann.ids, slot=slot, position=position) -> None:
-                owner, input_slot = slot
-                new = np.array(a.constant(owner.input[input_slot]), copy=True)
-                new.reshape(-1)[position] = int(keep[ids].sum())
-                _replace_input(a, owner, input_slot, new, f"shape{input_slot}")
-
-            a.node_edits.append((node, rewrite))
+            _count_entry(a, node, slot, position, ann.ids)
     _set(a, node, axis, ann.ids)
 
 
@@ -1205,6 +1185,19 @@ def _size_sinks(a: Analysis, name: str, pos: int) -> tuple[list[tuple[onnx.NodeP
             else:
                 return None, op
     return sinks, ""
+
+
+def _count_entry(a: Analysis, node: onnx.NodeProto, slot: tuple[onnx.NodeProto, int], position: int,
+                 ids: np.ndarray) -> None:
+    """At removal, entry ``position`` of the constant read by ``slot`` (a (node, input) pair, as
+    :func:`_shape_entry` finds it) becomes the number of ``ids`` kept."""
+    def rewrite(keep: np.ndarray) -> None:
+        owner, input_slot = slot
+        new = np.array(a.constant(owner.input[input_slot]), copy=True)
+        new.reshape(-1)[position] = int(keep[ids].sum())
+        _replace_input(a, owner, input_slot, new, f"shape{input_slot}")
+
+    a.node_edits.append((node, rewrite))
 
 
 def _follow_read(a: Analysis, node: onnx.NodeProto, j: int, read: tuple[str, int], ids: np.ndarray) -> None:
