@@ -18,6 +18,7 @@ from .errors import InputDataError, InvalidModelError, UnsupportedError, UsageEr
 from .model import (
     PROTOBUF_LIMIT,
     LoadedModel,
+    check_input_model,
     check_model,
     check_output_path,
     count_params,
@@ -86,8 +87,7 @@ def _as_loaded(model: str | os.PathLike | onnx.ModelProto | LoadedModel) -> Load
     if isinstance(model, onnx.ModelProto):
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
-        check_model(copy)
-        return LoadedModel(model=copy)
+        return LoadedModel(model=copy, warnings=check_input_model(copy))
     return load_model(model)
 
 
@@ -128,6 +128,7 @@ def prune(
     log("loading model")
     loaded = _as_loaded(model)
     timings["load"] = time.perf_counter() - start
+    result_warnings = list(loaded.warnings)
 
     original_src = feeds = original_stats = None
     if vcfg.enabled:  # check the validation inputs before any work, so bad --data writes nothing
@@ -177,6 +178,7 @@ def prune(
         passes=pass_results,
         timings=timings,
         allocation=allocation,
+        warnings=result_warnings,
     )
     start = time.perf_counter()
     if external_data is None and loaded.has_external_data:

@@ -43,6 +43,40 @@ class LoadedModel:
     path: Path | None = None
     has_external_data: bool = False
     file_bytes: int = 0  # model file plus external data files, as on disk
+    warnings: list[str] = field(default_factory=list)
+
+
+#: ops onnxruntime's transformer optimizer writes into the default ONNX domain, which onnxruntime runs
+#: but the ONNX checker does not know (it rejects the model: "No Op registered for ...")
+ORT_DEFAULT_DOMAIN_OPS = {"SimplifiedLayerNormalization"}
+
+
+def check_input_model(model: onnx.ModelProto) -> list[str]:
+    """:func:`check_model` for an input; a model whose only fault is onnxruntime's own default-domain ops
+    (:data:`ORT_DEFAULT_DOMAIN_OPS`) passes with a warning (returned)."""
+    try:
+        check_model(model)
+        return []
+    except InvalidModelError as exc:
+        internal = sorted({n.op_type for n in model.graph.node if n.domain in ("", "ai.onnx")
+                           and n.op_type in ORT_DEFAULT_DOMAIN_OPS})
+        if not internal or not any(f"No Op registered for {op}" in str(exc) for op in internal):
+            raise
+        nodes = [n for n in model.graph.node if n.domain in ("", "ai.onnx") and n.op_type in ORT_DEFAULT_DOMAIN_OPS]
+        added = "com.microsoft" not in {o.domain for o in model.opset_import}
+        try:  # check once more with those nodes seen as onnxruntime's (in place: no copy of the weights)
+            for node in nodes:
+                node.domain = "com.microsoft"
+            if added:
+                model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+            check_model(model)  # anything else wrong still fails
+        finally:
+            for node in nodes:
+                node.domain = ""
+            if added:
+                del model.opset_import[-1]
+        return [(f"the model uses onnxruntime's {', '.join(internal)} in the ONNX domain: onnxruntime runs it, "
+                 "the ONNX checker does not know it (the pruned model keeps it)")]
 
 
 def _external_locations(model: onnx.ModelProto) -> list[str]:
@@ -93,9 +127,9 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> LoadedModel:
         _check_tensor_sizes(model, path)
     else:
         _check_tensor_sizes(model, path)
-    if check:
-        check_model(model)
-    return LoadedModel(model=model, path=path, has_external_data=bool(locations), file_bytes=file_bytes)
+    warnings = check_input_model(model) if check else []
+    return LoadedModel(model=model, path=path, has_external_data=bool(locations), file_bytes=file_bytes,
+                       warnings=warnings)
 
 
 def _check_tensor_sizes(model: onnx.ModelProto, path: Path) -> None:

@@ -317,3 +317,35 @@ def test_model_that_rejects_synthetic_inputs(tmp_path):
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["passes"][0]["details"]["groups"][0]["channels_after"] == 8
     assert report["validation"]["providers"]["CPUExecutionProvider"]["outputs"]["z"]["rel_l2"] == 0
+
+
+def _model_with_default_domain_op(path, op):
+    """RMSNorm as onnxruntime's optimizer writes it (``op`` in the ONNX domain), then an MLP."""
+    rng = np.random.default_rng(0)
+    inits = [onnx.numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+             for name, shape in (("g", [8]), ("w1", [8, 16]), ("w2", [16, 4]))]
+    nodes = [helper.make_node(op, ["x", "g"], ["n"], axis=-1, epsilon=1e-5),
+             helper.make_node("MatMul", ["n", "w1"], ["h0"]), helper.make_node("Relu", ["h0"], ["h1"]),
+             helper.make_node("MatMul", ["h1", "w2"], ["y"])]
+    graph = helper.make_graph(nodes, "rms", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 8])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 4])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
+
+
+def test_onnxruntime_default_domain_op_is_accepted_with_a_warning(tmp_path):
+    """onnxruntime's SimplifiedLayerNormalization in the ONNX domain (its transformer optimizer writes it):
+    onnxruntime runs the model, so it is pruned, with a warning; an op nobody knows still fails."""
+    import onnxruntime as ort
+
+    src, out = tmp_path / "rms.onnx", tmp_path / "rms.pruned.onnx"
+    _model_with_default_domain_op(src, "SimplifiedLayerNormalization")
+    code, stdout, err = run_cli(src, "--structured", "--sparsity", "0.5", "-o", out)
+    assert code == 0, err
+    assert "SimplifiedLayerNormalization in the ONNX domain" in stdout + err
+    pruned = onnx.load(str(out))
+    assert {i.name: list(i.dims) for i in pruned.graph.initializer}["w1"] == [8, 8]
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert session.run(None, {"x": np.ones((2, 8), np.float32)})[0].shape == (2, 4)
+    bad = tmp_path / "bad.onnx"
+    _model_with_default_domain_op(bad, "NoSuchNormalization")
+    check(tmp_path, [bad, "--sparsity", "0.5"], 4, "No Op registered for NoSuchNormalization")
