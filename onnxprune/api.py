@@ -128,7 +128,6 @@ def prune(
     log("loading model")
     loaded = _as_loaded(model)
     timings["load"] = time.perf_counter() - start
-    result_warnings = list(loaded.warnings)
 
     original_src = feeds = original_stats = None
     if vcfg.enabled:  # check the validation inputs before any work, so bad --data writes nothing
@@ -178,7 +177,7 @@ def prune(
         passes=pass_results,
         timings=timings,
         allocation=allocation,
-        warnings=result_warnings,
+        warnings=list(loaded.warnings),
     )
     start = time.perf_counter()
     if external_data is None and loaded.has_external_data:

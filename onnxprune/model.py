@@ -58,11 +58,10 @@ def check_input_model(model: onnx.ModelProto) -> list[str]:
         check_model(model)
         return []
     except InvalidModelError as exc:
-        internal = sorted({n.op_type for n in model.graph.node if n.domain in ("", "ai.onnx")
-                           and n.op_type in ORT_DEFAULT_DOMAIN_OPS})
-        if not internal or not any(f"No Op registered for {op}" in str(exc) for op in internal):
-            raise
         nodes = [n for n in model.graph.node if n.domain in ("", "ai.onnx") and n.op_type in ORT_DEFAULT_DOMAIN_OPS]
+        internal = sorted({n.op_type for n in nodes})
+        if not any(f"No Op registered for {op}" in str(exc) for op in internal):
+            raise
         added = "com.microsoft" not in {o.domain for o in model.opset_import}
         try:  # check once more with those nodes seen as onnxruntime's (in place: no copy of the weights)
             for node in nodes:

@@ -20,6 +20,7 @@ from .analysis.cost import total_macs
 from .analysis.groups import analyse, build_groups
 from .config import PruneConfig
 from .model import count_params
+from .passes.structured import head_units
 from .scoring import unit_scores
 
 DEFAULT_RATIOS = (0.25, 0.5, 0.75)
@@ -82,7 +83,7 @@ def measure(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], config: 
     base_macs, base_params = total_macs(model, input_shapes), count_params(model)[0]
     analysis = analyse(model, input_shapes, config.exclude, config.prune_layernorm)
     groups = [g for g in build_groups(analysis) if g.units]
-    heads = [g.id for g in groups if _is_head_group(analysis, g)]
+    heads = [g.id for g in groups if head_units(analysis, g)]
     if heads and not include_heads:  # heads follow --head-sparsity, not the allocation
         groups = [g for g in groups if g.id not in heads]
     rows = []
@@ -104,10 +105,6 @@ def measure(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], config: 
                      "prunable": len(group.units), "points": points})
     return {"macs": base_macs, "params": base_params, "ratios": list(ratios), "top1": _top1(reference, labels),
             "groups": rows, "head_groups": heads}
-
-
-def _is_head_group(analysis, group) -> bool:
-    return bool(analysis.head_ids) and any(int(i) in analysis.head_ids for ids in group.units for i in ids)
 
 
 def allocate_for_target(model: onnx.ModelProto, sensitivity: dict[str, Any], config: PruneConfig, *,

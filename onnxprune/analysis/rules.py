@@ -446,6 +446,8 @@ def _elementwise_constant(a: Analysis, node: onnx.NodeProto, slot: int, axis: in
 
 
 _LINEAGE_BINARY = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Where"}
+#: element-wise one-input ops (UNARY without the pools, which change other axes)
+_ELEMENTWISE = {op for op in UNARY if not op.endswith("Pool")}
 
 
 def _at_most_one(a: Analysis, name: str, pos: int, depth: int = 0) -> bool:
@@ -460,9 +462,8 @@ def _at_most_one(a: Analysis, name: str, pos: int, depth: int = 0) -> bool:
     if producer is None or producer.domain not in ("", "ai.onnx"):
         return False
     op, inputs = producer.op_type, list(producer.input)
-    if op in ("Slice", "Cast", "Identity", "Not", "Neg", "Abs") or (op in UNARY and op not in (
-            "MaxPool", "AveragePool", "LpPool") and not op.startswith("Global")):
-        return _at_most_one(a, inputs[0], pos, depth + 1)  # a slice never grows an axis
+    if op == "Slice" or op in _ELEMENTWISE:  # a slice never grows an axis
+        return _at_most_one(a, inputs[0], pos, depth + 1)
     if op in _LINEAGE_BINARY or op in ("Equal", "Less", "Greater", "And", "Or"):
         for inp in inputs:
             src = a.shape(inp) if inp else None
@@ -510,12 +511,12 @@ def _lineage(a: Analysis, name: str, pos: int, reader: onnx.NodeProto, found: li
     if producer is None or producer.domain not in ("", "ai.onnx") or shape[pos] is None:
         return False
     tensors.append((name, pos))
-    op, inputs = producer.op_type, [i for i in producer.input]
+    op, inputs = producer.op_type, list(producer.input)
 
     def follow(slot: int, p: int) -> bool:
         return _lineage(a, inputs[slot], p, producer, found, tensors, depth + 1)
 
-    if op in UNARY and op not in ("MaxPool", "AveragePool", "LpPool") and not op.startswith("Global"):
+    if op in _ELEMENTWISE:
         return follow(0, pos)
     if op in _LINEAGE_BINARY:
         for slot, inp in enumerate(inputs):
@@ -588,13 +589,14 @@ def _guard_lineage(a: Analysis, user: onnx.NodeProto, tensors: list[tuple[str, i
         a.tie(seen[1], ids)
 
     def check(tensors=tensors, ids=ids) -> None:
+        outputs = {o.name for o in a.model.graph.output}
         for name, _ in tensors:
             for consumer, _ in a.index.consumers.get(name, []):
                 if id(consumer) not in a.lineage_users and id(consumer) not in a.lineage_nodes:
                     a.freeze(ids, f"{user.op_type} {user.name!r}: the per-channel operand {name!r} is also read by "
                                   f"{consumer.op_type} {consumer.name!r}")
                     return
-            if name in {o.name for o in a.model.graph.output}:
+            if name in outputs:
                 a.freeze(ids, f"{user.op_type} {user.name!r}: the per-channel operand {name!r} is a graph output")
                 return
 
@@ -924,19 +926,13 @@ def reshape_rule(a: Analysis, node: onnx.NodeProto) -> None:
     if j is None:
         _split_into_heads(a, node, ann, dst, suffix, inner)
         return
-    block = dst[j] // n
+    out_ids = np.repeat(ann.ids, dst[j] // n)
     slot, position, value = _shape_entry(a, node, j)
     if slot is None:
-        _follow_read(a, node, j, position, np.repeat(ann.ids, block))
+        _follow_read(a, node, j, position, out_ids)
     elif value not in (-1, 0) or (value == 0 and j != c):
-        def rewrite(keep: np.ndarray, ids=ann.ids, block=block, slot=slot, position=position) -> None:
-            owner, input_slot = slot
-            new = a.constant(owner.input[input_slot]).copy()
-            new.reshape(-1)[position] = int(keep[ids].sum()) * block
-            _replace_input(a, owner, input_slot, new, f"shape{input_slot}")
-
-        a.node_edits.append((node, rewrite))
-    _set(a, node, j, np.repeat(ann.ids, block))
+        _count_entry(a, node, slot, position, out_ids)
+    _set(a, node, j, out_ids)
 
 
 def _complete_reshape_target(a: Analysis, node: onnx.NodeProto, src: list, dst: list, c: int) -> list:
@@ -1001,13 +997,7 @@ def _split_into_heads(a: Analysis, node: onnx.NodeProto, ann: Annotation, dst: l
     if slot is None:
         _follow_read(a, node, j, position, representatives)
     elif value != -1:
-        def rewrite(keep: np.ndarray, ids=representatives, slot=slot, position=position) -> None:
-            owner, input_slot = slot
-            new = a.constant(owner.input[input_slot]).copy()
-            new.reshape(-1)[position] = int(keep[ids].sum())
-            _replace_input(a, owner, input_slot, new, f"shape{input_slot}")
-
-        a.node_edits.append((node, rewrite))
+        _count_entry(a, node, slot, position, representatives)
     a.mark(ann.ids, "Reshape")
     _set(a, node, j, representatives)
 
@@ -1055,9 +1045,8 @@ def _shape_entry(a: Analysis, node: onnx.NodeProto, j: int, slot: int = 1
         elif op in ("Unsqueeze", "Squeeze") and a.shape(name) in ([1], []):
             reader, name, pos = (producer, 0), producer.input[0], 0
         elif op == "Slice" and a.shape(producer.input[0]) and a.shape(producer.input[0])[0] is not None \
-                and _vector_slice(a, producer, a.shape(producer.input[0])[0]):
-            reader, name = (producer, 0), producer.input[0]
-            pos += _vector_slice(a, producer, a.shape(name)[0])[0]
+                and (bounds := _vector_slice(a, producer, a.shape(producer.input[0])[0])):
+            reader, name, pos = (producer, 0), producer.input[0], pos + bounds[0]
         elif op == "Gather" and int(get_attr(producer, "axis", 0)) == 0 and a.constant(producer.input[1]) is not None \
                 and a.shape(producer.input[0]) and a.shape(producer.input[0])[0]:
             picks = np.atleast_1d(a.constant(producer.input[1])).reshape(-1)
@@ -1170,8 +1159,8 @@ def _size_sinks(a: Analysis, name: str, pos: int) -> tuple[list[tuple[onnx.NodeP
                 sinks.append((consumer, pos))
             elif op in ("Cast", "Identity") or (op in ("Unsqueeze", "Squeeze") and slot == 0 and length == 1):
                 todo.append((out, pos))
-            elif op == "Slice" and slot == 0 and length is not None and _vector_slice(a, consumer, length):
-                lo, hi = _vector_slice(a, consumer, length)
+            elif op == "Slice" and slot == 0 and length is not None and (bounds := _vector_slice(a, consumer, length)):
+                lo, hi = bounds
                 if lo <= pos < hi:
                     todo.append((out, pos - lo))
             elif op == "Gather" and slot == 0 and length and a.constant(consumer.input[1]) is not None \

@@ -89,6 +89,11 @@ def allocate(groups: list[ChannelGroup], scores: dict[int, np.ndarray], config: 
     return keep
 
 
+def head_units(analysis: Analysis, group: ChannelGroup) -> int:
+    """How many of the group's removable units are attention heads (0: not a head group)."""
+    return sum(1 for ids in group.units if any(int(i) in analysis.head_ids for i in ids)) if analysis.head_ids else 0
+
+
 def allocate_safe(analysis: Analysis, groups: list[ChannelGroup], scores: dict[int, np.ndarray],
                   config: PruneConfig) -> np.ndarray:
     """:func:`allocate`, then :func:`never_empty`, then restore units until ``round_to`` holds again."""
@@ -96,11 +101,9 @@ def allocate_safe(analysis: Analysis, groups: list[ChannelGroup], scores: dict[i
     for g in groups:
         for i, ids in enumerate(g.units):
             per_channel[ids] = scores[g.id][i]
-    heads = {g.id: config.head_sparsity for g in groups
-             if analysis.head_ids and any(i in analysis.head_ids for ids in g.units for i in ids)}
     # the share is of the removable heads: not of a shared K/V head's channels beside them (multi-query)
-    counts = {gid: sum(1 for ids in g.units if any(int(i) in analysis.head_ids for i in ids))
-              for g in groups if (gid := g.id) in heads}
+    counts = {g.id: n for g in groups if (n := head_units(analysis, g))}
+    heads = dict.fromkeys(counts, config.head_sparsity)
     keep = never_empty(analysis, allocate(groups, scores, config, analysis.num_channels, heads, counts), per_channel)
     if config.round_to > 1:
         for g in groups:
@@ -370,8 +373,7 @@ class StructuredPrunePass:
             "target_sparsity": cfg.sparsity,
             "round_to": cfg.round_to,
             "groups": group_stats,
-            "head_groups": sum(1 for g in groups if analysis.head_ids and any(
-                i in analysis.head_ids for ids in g.units for i in ids)),
+            "head_groups": sum(1 for g in groups if head_units(analysis, g)),
             "frozen": frozen,
             "channels_total": total,
             "channels_removed": int(sum(g["channels_before"] - g["channels_after"] for g in group_stats)),
