@@ -17,6 +17,7 @@ from onnx import numpy_helper
 
 from ..model import get_attr, opset_version
 from .groups import Analysis, Annotation, Freeze
+from .weights import RECURRENT_GATES
 
 Rule = Callable[[Analysis, onnx.NodeProto], None]
 RULES: dict[str, Rule] = {}
@@ -150,6 +151,8 @@ def producer_rule(a: Analysis, node: onnx.NodeProto) -> None:
     """Called for nodes without incoming channels: start new channels at producers."""
     if node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
         produce(a, node)
+    elif node.op_type in RECURRENT_GATES:
+        recurrent_produce(a, node)
 
 
 # -- layers that consume channels ---------------------------------------------------------
@@ -914,6 +917,8 @@ def reshape_rule(a: Analysis, node: onnx.NodeProto) -> None:
     # from j on hold exactly the channel axis and what follows it when their product is n * inner
     suffix = [None if any(d is None for d in dst[j:]) else int(np.prod(dst[j:], dtype=np.int64))
               for j in range(len(dst) + 1)]
+    if n * inner not in suffix[:-1] and _merge_before_channels(a, node, ann, src, dst, suffix):
+        return
     if n * inner not in suffix[:-1]:
         raise Freeze(f"Reshape {node.name!r} mixes the channel axis with the axes before it"
                      if None not in suffix else f"Reshape {node.name!r}: shapes unknown")
@@ -933,6 +938,33 @@ def reshape_rule(a: Analysis, node: onnx.NodeProto) -> None:
     elif value not in (-1, 0) or (value == 0 and j != c):
         _count_entry(a, node, slot, position, out_ids)
     _set(a, node, j, out_ids)
+
+
+def _merge_before_channels(a: Analysis, node: onnx.NodeProto, ann: Annotation, src: list, dst: list,
+                           suffix: list[int | None]) -> bool:
+    """Reshape merging the channel axis with known axes before it (a bidirectional recurrent layer's
+    [.., D, .., H] -> [.., D*H]): the ids repeat once per position of those axes. False when not so."""
+    c, n = ann.axis, len(ann.ids)
+    inner = int(np.prod(src[c + 1:], dtype=np.int64))
+    for k in range(c - 1, -1, -1):
+        if src[k] is None:
+            return False
+        outer = int(np.prod(src[k:c], dtype=np.int64))
+        for j in range(len(dst)):
+            if suffix[j] != outer * n * inner or dst[j] % (outer * n) or inner % (dst[j] // (outer * n)) \
+                    or suffix[j + 1] != inner // (dst[j] // (outer * n)):
+                continue
+            out_ids = np.tile(np.repeat(ann.ids, dst[j] // (outer * n)), outer)
+            slot, position, value = _shape_entry(a, node, j)
+            if slot is None:
+                _follow_read(a, node, j, position, out_ids)
+            elif value == 0:
+                raise Freeze(f"Reshape {node.name!r}: the merged channel axis copies the input's size")
+            elif value != -1:
+                _count_entry(a, node, slot, position, out_ids)
+            _set(a, node, j, out_ids)
+            return True
+    return False
 
 
 def _complete_reshape_target(a: Analysis, node: onnx.NodeProto, src: list, dst: list, c: int) -> list:
@@ -1203,10 +1235,77 @@ def _follow_read(a: Analysis, node: onnx.NodeProto, j: int, read: tuple[str, int
 
 @rule("Einsum", "GatherElements", "ScatterND", "TopK", "NonZero",
       "QuantizeLinear", "DequantizeLinear", "QLinearConv", "ConvInteger", "MatMulInteger", "QLinearMatMul",
-      "Size", "Loop", "If", "Scan", "LSTM", "GRU", "RNN", "Attention", "MultiHeadAttention",
+      "Size", "Loop", "If", "Scan", "Attention", "MultiHeadAttention",
       does="frozen: channels that reach it stay (rearranges, indexes, quantizes or hides them)")
 def frozen_rule(a: Analysis, node: onnx.NodeProto) -> None:
     raise Freeze(f"{node.op_type} {node.name!r} is not supported for channel removal")
+
+
+# -- recurrent layers (LSTM, GRU, RNN) ----------------------------------------------------------
+# W [D, G*H, I], R [D, G*H, H], B [D, 2*G*H], P [D, 3*H] (LSTM peepholes), initial_h/c [D, N, H];
+# Y [S, D, N, H] (layout 1: [N, S, D, H]), Y_h / Y_c [D, N, H] (layout 1: [N, D, H]). Hidden unit j is
+# row g*H + j of every gate block g of W, R and both halves of B, column j of R, entry j of the states
+# and peepholes. The directions are tied: unit j of the forward and of the backward pass go together,
+# so that Y's hidden axis (3) carries one id per position, also after Y's directions are merged with
+# the hidden axis into [.., D*H] (the ids repeat once per direction).
+
+
+def recurrent_produce(a: Analysis, node: onnx.NodeProto) -> None:
+    """Give the hidden units of a recurrent layer with constant W/R channel ids (see above)."""
+    hidden = int(get_attr(node, "hidden_size", 0) or 0)
+    gates = RECURRENT_GATES[node.op_type]
+    w, r = a.weight(node.input[1])[0], a.weight(node.input[2])[0]
+    if hidden <= 0 or w is None or r is None or len(r.shape) != 3 or r.shape[1:] != (gates * hidden, hidden):
+        return
+    ids = a.new_space(node, hidden)
+    rows = np.tile(ids, gates)
+    a.add_weight_edit(node.input[1], 1, rows, "producer", node)
+    a.add_weight_edit(node.input[2], 1, rows, "producer", node)
+    a.add_weight_edit(node.input[2], 2, ids, "consumer", node)  # the recurrence reads the unit's output
+    optional = {3: np.tile(ids, 2 * gates), 7: np.tile(ids, 3)}  # B (Wb and Rb), P (LSTM peepholes)
+    for slot, slot_ids in optional.items():
+        if len(node.input) > slot and node.input[slot]:
+            a.add_weight_edit(node.input[slot], 1, slot_ids, "param", node)
+    for slot in (5, 6):  # initial_h, initial_c
+        if len(node.input) > slot and node.input[slot]:
+            _initial_state(a, node, slot, ids)
+    a.node_edits.append((node, lambda keep, n=node, i=ids: _set_attr(n, "hidden_size", int(keep[i].sum()))))
+    a.mark(ids, node.op_type)
+    for slot, axis in ((0, 3), (1, 2), (2, 2)):
+        if len(node.output) > slot and node.output[slot]:
+            _set(a, node, axis, ids, slot)
+
+
+def _initial_state(a: Analysis, node: onnx.NodeProto, slot: int, ids: np.ndarray) -> None:
+    """A constant initial state follows the units; zeros made by ConstantOfShape get their size rewritten."""
+    name = node.input[slot]
+    if a.weight(name)[0] is not None:
+        a.add_weight_edit(name, 2, ids, "param", node)
+        return
+    producer = a.index.producer.get(name)
+    if producer is None:
+        a.freeze(ids, f"{node.op_type} {node.name!r}: the initial state {name!r} is a graph input "
+                      "(its shape is part of the interface)")
+        return
+    if producer.op_type != "ConstantOfShape":
+        a.freeze(ids, f"{node.op_type} {node.name!r}: the initial state {name!r} is computed at run time")
+        return
+    reader, position, value = _shape_entry(a, producer, 2, slot=0)
+    if reader is None or value != len(ids):
+        a.freeze(ids, f"{node.op_type} {node.name!r}: the size of the initial state {name!r} is read at run time")
+        return
+    _count_entry(a, producer, reader, position, ids)
+
+
+@rule("LSTM", "GRU", "RNN", does="consumes input features (W axis 2); its hidden units are new channels (gate rows "
+      "of W/R/B/P, R columns, initial states, `hidden_size`); both directions' unit j go together")
+def recurrent_rule(a: Analysis, node: onnx.NodeProto) -> None:
+    ann = _only_slot(a, node, 0)
+    if ann.axis != _rank(a, node.input[0]) - 1 or int(get_attr(node, "layout", 0)) not in (0, 1):
+        raise Freeze(f"{node.op_type} {node.name!r}: channels are not on the feature axis of X")
+    a.add_weight_edit(node.input[1], 2, ann.ids, "consumer", node)
+    a.mark(ann.ids, node.op_type)
+    recurrent_produce(a, node)
 
 
 @rule("Gather", does="picks along another axis: channels pass; constant picks along the channel axis: the "

@@ -1,8 +1,10 @@
 """Which weights unstructured pruning may touch, and along which axis each one is reduced.
 
 A weight is prunable when it is a float tensor of rank >= 2 that feeds the weight input of
-Conv, ConvTranspose, Gemm or MatMul (directly or through Identity/Cast/Transpose), or,
-opt-in, the data input of an embedding ``Gather``. A weight shared by several layers is
+Conv, ConvTranspose, Gemm or MatMul (directly or through Identity/Cast/Transpose), the input
+(``W``) or recurrence (``R``) weight of LSTM/GRU/RNN (``[directions, gates * hidden, inputs]``,
+reduced along the last axis; the bias ``B`` stays dense), or, opt-in, the data input of an
+embedding ``Gather``. A weight shared by several layers is
 one :class:`PrunableWeight` with several uses, so it is pruned once, consistently.
 """
 
@@ -23,7 +25,7 @@ class WeightUse:
 
     node: onnx.NodeProto
     slot: int
-    role: str  # conv | conv_transpose | gemm | matmul | embedding
+    role: str  # conv | conv_transpose | gemm | matmul | recurrent | embedding
     reduction_axis: int | None  # axis of the stored weight summed over by this layer
     position: int = 0  # the reader's position in its graph's node list
 
@@ -47,11 +49,24 @@ class PrunableWeight:
         return axes.pop() if len(axes) == 1 else None
 
     @property
+    def gate_blocks(self) -> int:
+        """Rows of a recurrent W/R per (direction, gate) block; 0 for any other weight."""
+        use = self.uses[0]
+        if use.role != "recurrent" or len(self.uses) > 1 or len(self.weight.shape) != 3:
+            return 0
+        return self.weight.shape[1] // RECURRENT_GATES[use.node.op_type]
+
+    @property
     def is_embedding(self) -> bool:
         return all(use.role == "embedding" for use in self.uses)
 
     def node_names(self) -> list[str]:
         return [use.node.name for use in self.uses]
+
+
+#: Gate blocks stacked in the rows of W, R (and each half of B) of the recurrent ops (LSTM: i, o, f, c;
+#: GRU: z, r, h; RNN: one).
+RECURRENT_GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 
 
 def _consumer_axis(node: onnx.NodeProto, slot: int, rank: int) -> tuple[str, int | None] | None:
@@ -69,6 +84,8 @@ def _consumer_axis(node: onnx.NodeProto, slot: int, rank: int) -> tuple[str, int
         return "gemm", 0 if get_attr(node, "transA", 0) else 1
     if op == "MatMul" and slot in (0, 1):
         return "matmul", rank - 2 if slot == 1 else rank - 1
+    if op in RECURRENT_GATES and slot in (1, 2) and rank == 3:
+        return "recurrent", 2
     if op == "Gather" and slot == 0:
         return "embedding", None
     return None
@@ -97,7 +114,7 @@ def find_prunable_weights(model: onnx.ModelProto) -> list[PrunableWeight]:
 def _collect(index: GraphIndex, found: dict[int, PrunableWeight], *, in_subgraph: bool) -> None:
     for position, node in enumerate(index.graph.node):
         for slot, name in enumerate(node.input):
-            if not name or slot > 1:
+            if not name or slot > (2 if node.op_type in RECURRENT_GATES else 1):
                 continue
             weight, chain = index.resolve(name)
             if weight is None or not weight.is_float or len(weight.shape) < 2:

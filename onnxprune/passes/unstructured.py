@@ -10,10 +10,16 @@ Modes:
 
 For single weights, ``l1`` (|w|) and ``l2`` (w^2) give the same order; ``random`` is a
 seeded baseline. Weights that are already zero count toward the target.
+
+Recurrent W/R (LSTM/GRU/RNN) rank per layer within each (direction, gate) block, like the
+row blocks of separate layers, so no gate of one direction is emptied for another's sake;
+global scope ranks them with every other weight. N:M runs along their input (last) axis.
+
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -66,6 +72,15 @@ def per_row_mask(scores: np.ndarray, reduction_axis: int, sparsity: float) -> np
     return np.moveaxis(mask.reshape(moved_shape), 0, output_axis)
 
 
+def per_block_mask(scores: np.ndarray, block_rows: int, k_of: Callable[[int], int]) -> np.ndarray:
+    """Zero ``k_of(block size)`` smallest scores in each block of ``block_rows`` rows of a [D, rows, I] weight."""
+    blocks = scores.reshape(-1, block_rows * scores.shape[-1])
+    mask = np.zeros(blocks.shape, dtype=bool)
+    for b in range(blocks.shape[0]):
+        mask[b] = zero_smallest(blocks[b], k_of(blocks.shape[1]))
+    return mask.reshape(scores.shape)
+
+
 def nm_mask(values: np.ndarray, axis: int, n: int, m: int) -> np.ndarray:
     """Mask zeroing the ``n`` smallest |values| of every ``m`` consecutive entries along ``axis``."""
     moved = np.moveaxis(np.abs(values.astype(np.float32)), axis, -1)
@@ -108,7 +123,7 @@ class MagnitudePrunePass:
                 continue  # shared weights and weights read as A keep magnitude scores
             rank = len(item.weight.shape)
             axis = {"conv": 1, "gemm": 0 if get_attr(use.node, "transA", 0) else 1}.get(use.role)
-            if use.role == "matmul":
+            if use.role in ("matmul", "recurrent"):  # X of a recurrent op is [seq, batch, inputs]
                 axis = -1
             if axis is not None:
                 wanted[item.name] = (use.node.input[0], axis if axis >= 0 else -1)
@@ -229,6 +244,7 @@ class MagnitudePrunePass:
             item_nm = PruneConfig(pattern=override["pattern"]).nm() if "pattern" in override else (
                 nm if "sparsity" not in override else None)
             wanda = norms.get(item.name)
+            blocks = item.gate_blocks if cfg.scope == "layer" or item.name not in counts else 0
             if item_nm is not None:
                 source = rng.random(values.shape, dtype=np.float32) if cfg.criterion == "random" else values
                 if wanda is not None:
@@ -240,8 +256,14 @@ class MagnitudePrunePass:
                 target = override.get("sparsity", cfg.sparsity) or 0.0
                 k = counts[item.name] if item.name in counts else round(target * values.size)
                 k = min(k, values.size - 1)  # rounding never empties a tensor
-                if wanda is not None:
+                if wanda is not None and item.gate_blocks:  # each row of each gate block is one output unit
+                    scores = wanda_scores(values, item.reduction_axis, wanda)
+                    mask = per_row_mask(scores.reshape(-1, values.shape[-1]), 1, target).reshape(values.shape)
+                elif wanda is not None:
                     mask = per_row_mask(wanda_scores(values, item.reduction_axis, wanda), item.reduction_axis, target)
+                elif blocks:
+                    scores = self._scores(values, rng).reshape(values.shape)
+                    mask = per_block_mask(scores, blocks, lambda n, t=target: min(round(t * n), n - 1))
                 else:
                     mask = zero_smallest(self._scores(values, rng), k).reshape(values.shape)
             for target, target_mask, tied_to in [(item, mask, None)] + [
@@ -255,6 +277,7 @@ class MagnitudePrunePass:
                 total += values.size
                 zeros_total += zeros_after
                 tensors.append({
+                    **_scoring_note(target, cfg.criterion, target.name in norms),
                     "weight": target.name,
                     "kind": target.weight.kind,
                     "layers": target.node_names(),
@@ -268,7 +291,8 @@ class MagnitudePrunePass:
                 })
         reconstruction = None
         if original is not None:
-            layers = [item.uses[0].node for item in items if len(item.uses) == 1 and item.uses[0].slot == 1]
+            layers = [item.uses[0].node for item in items
+                      if len(item.uses) == 1 and item.uses[0].slot == 1 and item.uses[0].role != "recurrent"]
             ctx.log(f"refitting the kept weights of {len(layers)} layers by least squares on calibration data")
             reconstruction = reconstruct_sparse(original, ctx.model, layers, ctx.state["calibration"])
             del original
@@ -287,6 +311,17 @@ class MagnitudePrunePass:
             "tensors": tensors,
             "skipped": skipped,
         }
+
+
+def _scoring_note(item: PrunableWeight, criterion: str, measured: bool) -> dict[str, str]:
+    """Why a weight kept magnitude scores under ``--criterion activation`` (recurrent R, shared weights)."""
+    if criterion != "activation" or measured:
+        return {}
+    if item.uses[0].role == "recurrent" and item.uses[0].slot == 2:
+        why = "ranked by magnitude: R reads the hidden state inside the recurrent op, which no activation shows"
+    else:
+        why = "ranked by magnitude: its input activation could not be measured per input channel"
+    return {"note": why}
 
 
 def _tie_copies(selection: Selection, tied: dict[str, tuple[PrunableWeight, bool]]
