@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 
 from .analysis.cost import infer_shapes, node_key, node_macs
 from .analysis.weights import find_prunable_weights
@@ -17,7 +18,8 @@ def inspect_model(path: Path, input_shapes: dict[str, list[int]] | None = None) 
     loaded = load_model(path)
     model = loaded.model
     shapes = infer_shapes(model, input_shapes)
-    macs = node_macs(model, shapes=shapes)
+    macs_notes: list[str] = []
+    macs = node_macs(model, input_shapes, shapes=shapes, notes=macs_notes)
     positions = {id(node): i for i, node in enumerate(model.graph.node)}
     params, nonzero = count_params(model)
     layers = []
@@ -51,10 +53,18 @@ def inspect_model(path: Path, input_shapes: dict[str, list[int]] | None = None) 
         "params": params,
         "nonzero_params": nonzero,
         "macs": int(sum(macs.values())),
+        "subgraph_macs": {key: int(macs.get(key, 0)) for key in _control_flow_keys(model)},
+        "macs_notes": macs_notes,
         "prunable_weights": layers,
     }
     info["structured"] = _structured_groups(model)
     return info
+
+
+def _control_flow_keys(model) -> list[str]:
+    """Cost-table keys of the main graph's If/Loop/Scan nodes."""
+    return [node_key(node, i) for i, node in enumerate(model.graph.node)
+            if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)]
 
 
 def _structured_groups(model) -> dict[str, Any] | None:
@@ -73,6 +83,8 @@ def render_inspection(info: dict[str, Any]) -> str:
         f"inputs: {info['inputs']}",
         f"outputs: {info['outputs']}",
         f"params {info['params']:,} (non-zero {info['nonzero_params']:,}), MACs {info['macs']:,}",
+        *[f"  MACs in the subgraphs of {key}: {value:,}" for key, value in info.get("subgraph_macs", {}).items()],
+        *[f"  note: {note}" for note in info.get("macs_notes", [])],
         "",
         f"prunable weights ({len(info['prunable_weights'])}):",
     ]

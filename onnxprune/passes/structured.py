@@ -19,7 +19,7 @@ from ..analysis.groups import Analysis, ChannelGroup, analyse, build_groups, com
 from ..compensation import fold_removed_constants, reconstruct
 from ..config import PruneConfig
 from ..errors import UsageError
-from ..model import count_params
+from ..model import build_indexes, count_params, get_attr, iter_graphs
 from ..scoring import unit_scores
 from .manager import PassContext
 
@@ -249,8 +249,54 @@ def describe_groups(model: onnx.ModelProto, input_shapes: dict[str, list[int]] |
     return {
         "groups": [{"id": g.id, "channels": g.channels, "prunable": len(g.units), "ops": g.ops,
                     "producers": [s.node.name for s in g.spaces]} for g in groups if g.units],
-        "frozen": _frozen_entries(groups),
+        "frozen": _frozen_entries(groups) + subgraph_entries(copy),
     }
+
+
+#: ops whose output channels structured pruning removes in the main graph
+_LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "LSTM", "GRU", "RNN")
+
+
+def subgraph_entries(model: onnx.ModelProto) -> list[dict[str, Any]]:
+    """One frozen entry per If/Loop/Scan subgraph holding layers: structured pruning leaves subgraphs alone
+    (their channels would have to change consistently in every branch and at the node's outputs)."""
+    entries = []
+    index = build_indexes(model)[0]
+    for node in model.graph.node:
+        for attr in node.attribute:
+            subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+            for k, sub in enumerate(subs):
+                layers = [n for g in iter_graphs(sub) for n in g.node if n.op_type in _LAYER_OPS]
+                if not layers:
+                    continue
+                where = f"{node.op_type} {node.name!r} {attr.name}" + (f"[{k}]" if len(subs) > 1 else "")
+                entries.append({"id": where, "channels": sum(_layer_width(index, n, sub) for n in layers),
+                                "ops": sorted({n.op_type for n in layers}), "producers": [n.name for n in layers],
+                                "reason": f"{len(layers)} layer(s) inside the {where} subgraph: structured pruning "
+                                          "does not edit control-flow subgraphs (unstructured pruning reaches them)"})
+    return entries
+
+
+def _layer_width(index, node: onnx.NodeProto, sub: onnx.GraphProto) -> int:
+    """Output channels of a layer inside a subgraph (0 when its weight is not a constant in reach)."""
+    if node.op_type in ("LSTM", "GRU", "RNN"):
+        return int(get_attr(node, "hidden_size", 0) or 0)
+    names = {i.name: i for g in iter_graphs(sub) for i in g.initializer}
+    names.update({n.output[0]: n.attribute[0].t for g in iter_graphs(sub) for n in g.node
+                  if n.op_type == "Constant" and n.output and n.attribute and n.attribute[0].HasField("t")})
+    tensor = names.get(node.input[1]) if len(node.input) > 1 else None
+    weight = tensor.dims if tensor is not None else (index.lookup_weight(node.input[1]).shape
+                                                      if len(node.input) > 1 and index.lookup_weight(node.input[1])
+                                                      else None)
+    if not weight or len(weight) < 2:
+        return 0
+    if node.op_type == "Conv":
+        return int(weight[0])
+    if node.op_type == "ConvTranspose":
+        return int(weight[1]) * int(get_attr(node, "group", 1))
+    if node.op_type == "Gemm":
+        return int(weight[0] if get_attr(node, "transB", 0) else weight[1])
+    return int(weight[-1])
 
 
 def _frozen_entries(groups: list[ChannelGroup]) -> list[dict[str, Any]]:
@@ -275,6 +321,8 @@ def _reconstruction_layers(analysis: Analysis, keep: np.ndarray) -> list[tuple[s
             continue
         if node.op_type == "Conv" and edit.axis != 1:
             continue  # depthwise: its own output channel goes too
+        if node.op_type in ("LSTM", "GRU", "RNN"):
+            continue  # no least-squares refit of a recurrence
         seen.add(id(node))
         mask = out_masks.get(id(node))
         if mask is None:
@@ -364,8 +412,8 @@ class StructuredPrunePass:
             remove(analysis, keep)
         macs_after = node_macs(model, shapes=complete_shapes(model, shapes))
         params_after = count_params(model)[0]
-        total = sum(g.channels for g in groups)
-        frozen = _frozen_entries(groups)
+        frozen = _frozen_entries(groups) + subgraph_entries(model)
+        total = sum(g.channels for g in groups) + sum(f["channels"] for f in frozen if isinstance(f["id"], str))
         return {
             "changed": not keep.all(),
             "criterion": cfg.criterion,
