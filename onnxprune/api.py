@@ -213,7 +213,7 @@ def prune(
     if structured is not None and config.head_sparsity > 0 and not structured.get("head_groups"):
         result.warnings.append(f"--head-sparsity {config.head_sparsity:g}: no attention heads could be removed "
                                "(the frozen groups in the report say why)")
-    if structured is not None and (config.sparsity or 0) > 0 and not structured.get("changed"):
+    if structured is not None and (config.sparsity or 0) > 0 and not structured.get("channels_removed"):
         reasons = sorted({f["reason"] for f in structured.get("frozen", [])})
         result.warnings.append("structured pruning removed nothing" + (
             f": {reasons[0]}" + (f" (and {len(reasons) - 1} more reasons in the frozen groups)" if len(reasons) > 1
