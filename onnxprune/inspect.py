@@ -9,14 +9,20 @@ import numpy as np
 
 from .analysis.cost import infer_shapes, node_key, node_macs
 from .analysis.weights import find_prunable_weights
+from .feeds import describe_resolution, resolve_inputs
 from .model import count_params, load_model, opset_version
+from .passes.structured import describe_groups
 
 
 def inspect_model(path: Path, input_shapes: dict[str, list[int]] | None = None) -> dict[str, Any]:
-    """A JSON-able description: params, MACs per layer, prunable weights with magnitude stats, groups."""
+    """A JSON-able description: params, MACs per layer, prunable weights with magnitude stats, groups.
+
+    Dynamic input dims are resolved as ``prune`` resolves them (:func:`resolve_inputs`), so both
+    commands report the same MACs and channel groups."""
     loaded = load_model(path)
     model = loaded.model
-    shapes = infer_shapes(model, input_shapes)
+    resolution = resolve_inputs(model, input_shapes, path=path)
+    shapes = infer_shapes(model, resolution.shapes)
     macs = node_macs(model, shapes=shapes)
     positions = {id(node): i for i, node in enumerate(model.graph.node)}
     params, nonzero = count_params(model)
@@ -47,22 +53,15 @@ def inspect_model(path: Path, input_shapes: dict[str, list[int]] | None = None) 
         "file_bytes": loaded.file_bytes,
         "nodes": len(model.graph.node),
         "inputs": {v.name: shapes.get(v.name) for v in model.graph.input},
+        "input_resolution": resolution.to_dict(),
         "outputs": {v.name: shapes.get(v.name) for v in model.graph.output},
         "params": params,
         "nonzero_params": nonzero,
         "macs": int(sum(macs.values())),
         "prunable_weights": layers,
     }
-    info["structured"] = _structured_groups(model)
+    info["structured"] = describe_groups(model, resolution.shapes)
     return info
-
-
-def _structured_groups(model) -> dict[str, Any] | None:
-    try:
-        from .passes.structured import describe_groups
-    except ImportError:
-        return None
-    return describe_groups(model)
 
 
 def render_inspection(info: dict[str, Any]) -> str:
@@ -71,6 +70,7 @@ def render_inspection(info: dict[str, Any]) -> str:
         f"{info['model']}: IR {info['ir_version']}, opsets {info['opsets']}, {info['nodes']} nodes"
         + (", external data" if info["external_data"] else ""),
         f"inputs: {info['inputs']}",
+        describe_resolution(info["input_resolution"]),
         f"outputs: {info['outputs']}",
         f"params {info['params']:,} (non-zero {info['nonzero_params']:,}), MACs {info['macs']:,}",
         "",
