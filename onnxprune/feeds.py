@@ -11,6 +11,7 @@ so both analyse the model at the same sizes.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import re
@@ -47,6 +48,8 @@ BATCH_NAMES = re.compile(r"^(n|b|bs|batch|batch_?size|batches|num_batch(es)?)$",
 PLACEHOLDER_NAMES = {"?", "-1", "none", "null", "dynamic", "unk", "unknown"}
 PASS_THROUGH = {"Cast", "CastLike", "Identity", "Squeeze", "Unsqueeze", "Reshape", "Flatten"}
 COMPARE_OPS = {"Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual"}
+#: (op, input index) that take a count or a size: an integer input there is a small positive number
+COUNT_INPUTS = {("Range", 1), ("Range", 2), ("Tile", 1), ("Expand", 1), ("ConstantOfShape", 0)}
 DOWNSAMPLE_OPS = {"Conv", "MaxPool", "AveragePool", "LpPool", "ConvInteger", "QLinearConv", "DeformConv"}
 
 
@@ -139,7 +142,8 @@ def _check_given(specs: list[InputSpec], input_shapes: dict[str, list[int]]) -> 
                                  f"{len(spec.shape)}")
         for axis, (want, have) in enumerate(zip(given, spec.shape)):
             if isinstance(have, int) and have > 0 and have != want:
-                raise InputDataError(f"--input-shape {spec.name}: axis {axis} is fixed to {have} in the model, got {want}")
+                raise InputDataError(f"--input-shape {spec.name}: axis {axis} is fixed to {have} in the model, "
+                                     f"got {want}")
     return input_shapes
 
 
@@ -151,18 +155,15 @@ def _try_candidates(model, path, specs, rules, candidates, choices, seed, first:
         first.ran, first.error = False, f"onnxruntime cannot load it ({_first_line(exc)})"
         return first
     trials, error = 0, None
-    for how, shapes in candidates:
-        for choice in choices:
-            if trials == MAX_TRIALS:
-                break
-            trials += 1
-            feeds = synthesize_inputs(specs, shapes, None, seed, rules=rules, choice=choice)
-            try:
-                session.run(None, feeds)
-            except Exception as exc:  # noqa: BLE001 - sizes or values the model does not accept
-                error = error or f"{how}: {_first_line(exc)}"
-                continue
-            return Resolution(shapes, how, _values_text(rules, choice), choice, trials, True)
+    for (how, shapes), choice in itertools.islice(itertools.product(candidates, choices), MAX_TRIALS):
+        trials += 1
+        feeds = synthesize_inputs(specs, shapes, None, seed, rules=rules, choice=choice)
+        try:
+            session.run(None, feeds)
+        except Exception as exc:  # noqa: BLE001 - sizes or values the model does not accept
+            error = error or f"{how}: {_first_line(exc)}"
+            continue
+        return Resolution(shapes, how, _values_text(rules, choice), choice, trials, True)
     first.trials, first.ran, first.error = trials, False, error
     return first
 
@@ -430,7 +431,8 @@ def _constants(model: onnx.ModelProto, max_elements: int) -> dict[str, np.ndarra
                 if value is not None and value.size <= max_elements:
                     out[node.output[0]] = value
         for tensor in tensors:
-            if int(np.prod(tensor.dims, dtype=np.int64)) <= max_elements and tensor.data_location != onnx.TensorProto.EXTERNAL:
+            small = int(np.prod(tensor.dims, dtype=np.int64)) <= max_elements
+            if small and tensor.data_location != onnx.TensorProto.EXTERNAL:
                 try:
                     out[tensor.name] = numpy_helper.to_array(tensor)
                 except Exception:  # noqa: BLE001 - a malformed tensor is not a hint
@@ -482,7 +484,7 @@ def integer_rules(model: onnx.ModelProto | None, specs: list[InputSpec]) -> dict
                 table, axis = tables[node.input[0]], get_attr(node, "axis", 0)
                 if -len(table) <= axis < len(table):
                     rows = min(rows or 1 << 62, int(table[axis]))
-            elif (node.op_type, index) in {("Range", 1), ("Range", 2), ("Tile", 1), ("Expand", 1), ("ConstantOfShape", 0)}:
+            elif (node.op_type, index) in COUNT_INPUTS:
                 count = True
         small = all(d is not None for d in spec.shape) and int(np.prod(spec.shape or [1])) <= 4
         if compared and small:

@@ -269,3 +269,13 @@ def test_inspect_says_how_it_chose_the_sizes():
     code, out, err = run_cli("inspect", FEEDS / "metadata_size.onnx")
     assert code == 0, err
     assert "synthetic inputs: image 1x3x40x40 (metadata input_size 40x40); the original model runs on them" in out
+
+
+def test_fixtures_are_reproducible():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("build_feeds_fixtures", FIXTURES / "build_feeds_fixtures.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for name, build in module.BUILDERS.items():
+        assert build().SerializeToString() == (FEEDS / f"{name}.onnx").read_bytes(), name
