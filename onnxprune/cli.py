@@ -310,7 +310,9 @@ def sensitivity_command(model: Path, calibration_data: Path | None, eval_data: P
         elif calibration_data:
             feeds = load_calibration(calibration_data, loaded.model, limit=8)
         else:
-            feeds = [prepare_feeds(loaded.model, ValidateConfig(input_shapes=shapes, seed=s))[0] for s in (0, 1)]
+            first, info = prepare_feeds(loaded.model, ValidateConfig(input_shapes=shapes), path=model)
+            shapes = info["shapes"]  # resolved as prune resolves them; the analysis below uses the same
+            feeds = [first, prepare_feeds(loaded.model, ValidateConfig(input_shapes=shapes, seed=1))[0]]
         from .passes.structured import prepare_for_analysis
 
         prepare_for_analysis(loaded.model)
