@@ -156,8 +156,12 @@ def _try_candidates(model, path, specs, rules, candidates, choices, seed, first:
         return first
     trials, error = 0, None
     for (how, shapes), choice in itertools.islice(itertools.product(candidates, choices), MAX_TRIALS):
+        try:
+            feeds = synthesize_inputs(specs, shapes, None, seed, rules=rules, choice=choice)
+        except InputDataError as exc:  # a type nothing can be synthesised for (strings): no run can tell
+            first.ran, first.error = False, str(exc)
+            return first
         trials += 1
-        feeds = synthesize_inputs(specs, shapes, None, seed, rules=rules, choice=choice)
         try:
             session.run(None, feeds)
         except Exception as exc:  # noqa: BLE001 - sizes or values the model does not accept

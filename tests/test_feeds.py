@@ -279,3 +279,15 @@ def test_fixtures_are_reproducible():
     spec.loader.exec_module(module)
     for name, build in module.BUILDERS.items():
         assert build().SerializeToString() == (FEEDS / f"{name}.onnx").read_bytes(), name
+
+
+def test_inspect_of_a_model_with_a_string_input(tmp_path):
+    model = small_model([helper.make_node("Identity", ["x"], ["y"])],
+                        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", "t"]),
+                         helper.make_tensor_value_info("label", TensorProto.STRING, ["n"])],
+                        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", "t"])])
+    onnx.save(model, tmp_path / "m.onnx")
+    resolution = _inspect(tmp_path / "m.onnx")["input_resolution"]
+    assert resolution["ran"] is False and "cannot synthesise input 'label'" in resolution["error"]
+    code, _, err = run_cli(tmp_path / "m.onnx", "--sparsity", "0.5", "-o", tmp_path / "o.onnx")
+    assert code == 8 and "give --data" in err
