@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ from . import __version__
 from .analysis.cost import total_macs
 from .config import PruneConfig, ValidateConfig
 from .errors import InputDataError, InvalidModelError, UnsupportedError, UsageError
+from .feeds import describe_resolution, resolve_inputs
 from .model import (
     PROTOBUF_LIMIT,
     LoadedModel,
@@ -131,7 +132,7 @@ def prune(
 
     original_src = feeds = original_stats = None
     if vcfg.enabled:  # check the validation inputs before any work, so bad --data writes nothing
-        feeds = prepare_feeds(loaded.model, vcfg)
+        feeds = prepare_feeds(loaded.model, vcfg, path=input_path)
         if vcfg.eval_data:
             from .accuracy import load_eval_data
 
@@ -143,6 +144,7 @@ def prune(
         else:
             original_src = ModelSource(model=onnx.load_from_string(loaded.model.SerializeToString()))
 
+    input_shapes = _input_shapes(loaded.model, vcfg, feeds, input_path, log)
     _refuse_quantized(loaded.model, config)
     _refuse_fused_heads(loaded.model, config)
     if output_path is not None:
@@ -159,10 +161,10 @@ def prune(
         calibration = load_calibration(config.calibration_data, loaded.model, images=pre)
     allocation = None
     if config.target_macs is not None or config.target_params is not None:
-        allocation = _allocate_for_target(loaded.model, config, calibration, vcfg, feeds, log)
+        allocation = _allocate_for_target(loaded.model, config, calibration, vcfg, feeds, input_shapes, log)
     start = time.perf_counter()
     ctx = PassContext(model=loaded.model, log=log, progress=progress)
-    ctx.state["input_shapes"] = dict(feeds[1]["shapes"]) if feeds else dict(vcfg.input_shapes)
+    ctx.state["input_shapes"] = dict(input_shapes)
     if feeds and vcfg.data:
         ctx.state["feeds"] = feeds[0]
     if calibration:
@@ -240,16 +242,30 @@ def prune(
     return loaded.model, result
 
 
+def _input_shapes(model: onnx.ModelProto, vcfg: ValidateConfig, feeds, path: Path | None,
+                  log: Callable[[str], None]) -> dict[str, list[int]]:
+    """The input shapes the passes analyse at: those of the validation inputs, else the same resolution
+    (:func:`resolve_inputs`, which ``inspect`` uses too) without validation."""
+    if feeds is not None:
+        info = feeds[1]
+        if "resolution" in info:
+            log(describe_resolution(info["resolution"]))
+        return dict(info["shapes"])
+    resolution = resolve_inputs(model, vcfg.input_shapes, seed=vcfg.seed, path=path)
+    log(describe_resolution(resolution.to_dict()))
+    return resolution.shapes
+
+
 def _allocate_for_target(model: onnx.ModelProto, config: PruneConfig, calibration, vcfg: ValidateConfig, feeds,
-                         log: Callable[[str], None]) -> dict[str, Any]:
+                         shapes: dict[str, list[int]], log: Callable[[str], None]) -> dict[str, Any]:
     """Measure each group's sensitivity, pick per-group ratios for the target, write them as overrides."""
     from .passes.structured import prepare_for_analysis
     from .sensitivity import allocate_for_target, measure
 
     prepare_for_analysis(model)  # what the structured pass analyses, so group ids and heads agree
 
-    samples = list(calibration or [])[:4] or ([feeds[0]] if feeds else [prepare_feeds(model, vcfg)[0]])
-    shapes = dict(feeds[1]["shapes"]) if feeds else None
+    samples = list(calibration or [])[:4] or (
+        [feeds[0]] if feeds else [prepare_feeds(model, replace(vcfg, input_shapes=shapes))[0]])
     labels = None
     if vcfg.eval_data:  # with labels, lost top-1 breaks ties between equally faithful allocations
         from .accuracy import load_eval_data

@@ -145,7 +145,7 @@ def _providers(values: tuple[str, ...]) -> list[str]:
 @click.option("--validate/--no-validate", default=True, show_default=True, help="Compare original and pruned in onnxruntime.")
 @click.option("--providers", multiple=True, metavar="NAME[,NAME]", help="Execution providers besides CPU, e.g. cuda.")
 @click.option("--data", type=click.Path(path_type=Path), help="Validation inputs: .npz mapping input names to arrays.")
-@click.option("--input-shape", multiple=True, metavar="NAME:1x3x224x224", help="Shape for an input with dynamic dims (repeatable). Default: batch 1, other dynamic dims 16.")
+@click.option("--input-shape", multiple=True, metavar="NAME:1x3x224x224", help="Shape for an input with dynamic dims (repeatable). Default: batch 1, other dims found so the model runs (README).")
 @click.option("--threads", type=int, default=1, show_default=True, help="onnxruntime intra-op threads for latency.")
 @click.option("--runs", type=int, default=20, show_default=True, help="Timed runs per model (interleaved).")
 @click.option("--warmup", type=int, default=3, show_default=True, help="Untimed warm-up runs per model.")
@@ -252,7 +252,7 @@ def _dump(obj) -> str:
 @main.command("inspect", epilog=EPILOG)
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for programs.")
-@click.option("--input-shape", multiple=True, metavar="NAME:1x3x224x224", help="Shape for dynamic inputs (for MACs).")
+@click.option("--input-shape", multiple=True, metavar="NAME:1x3x224x224", help="Shape for dynamic inputs (for MACs and groups); default: found as prune finds it.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def inspect_command(model: Path, as_json: bool, input_shape: tuple[str, ...], debug: bool) -> None:
     """Describe MODEL without changing it: prunable weights, groups, params, MACs."""
@@ -310,7 +310,9 @@ def sensitivity_command(model: Path, calibration_data: Path | None, eval_data: P
         elif calibration_data:
             feeds = load_calibration(calibration_data, loaded.model, limit=8)
         else:
-            feeds = [prepare_feeds(loaded.model, ValidateConfig(input_shapes=shapes, seed=s))[0] for s in (0, 1)]
+            first, info = prepare_feeds(loaded.model, ValidateConfig(input_shapes=shapes), path=model)
+            shapes = info["shapes"]  # resolved as prune resolves them; the analysis below uses the same
+            feeds = [first, prepare_feeds(loaded.model, ValidateConfig(input_shapes=shapes, seed=1))[0]]
         from .passes.structured import prepare_for_analysis
 
         prepare_for_analysis(loaded.model)

@@ -10,16 +10,22 @@ import onnx
 
 from .analysis.cost import infer_shapes, node_key, node_macs
 from .analysis.weights import find_prunable_weights
+from .feeds import describe_resolution, resolve_inputs
 from .model import count_params, load_model, opset_version
+from .passes.structured import describe_groups
 
 
 def inspect_model(path: Path, input_shapes: dict[str, list[int]] | None = None) -> dict[str, Any]:
-    """A JSON-able description: params, MACs per layer, prunable weights with magnitude stats, groups."""
+    """A JSON-able description: params, MACs per layer, prunable weights with magnitude stats, groups.
+
+    Dynamic input dims are resolved as ``prune`` resolves them (:func:`resolve_inputs`), so both
+    commands report the same MACs and channel groups."""
     loaded = load_model(path)
     model = loaded.model
-    shapes = infer_shapes(model, input_shapes)
+    resolution = resolve_inputs(model, input_shapes, path=path)
+    shapes = infer_shapes(model, resolution.shapes)
     macs_notes: list[str] = []
-    macs = node_macs(model, input_shapes, shapes=shapes, notes=macs_notes)
+    macs = node_macs(model, resolution.shapes, shapes=shapes, notes=macs_notes)
     positions = {id(node): i for i, node in enumerate(model.graph.node)}
     params, nonzero = count_params(model)
     layers = []
@@ -49,6 +55,7 @@ def inspect_model(path: Path, input_shapes: dict[str, list[int]] | None = None) 
         "file_bytes": loaded.file_bytes,
         "nodes": len(model.graph.node),
         "inputs": {v.name: shapes.get(v.name) for v in model.graph.input},
+        "input_resolution": resolution.to_dict(),
         "outputs": {v.name: shapes.get(v.name) for v in model.graph.output},
         "params": params,
         "nonzero_params": nonzero,
@@ -57,7 +64,7 @@ def inspect_model(path: Path, input_shapes: dict[str, list[int]] | None = None) 
         "macs_notes": macs_notes,
         "prunable_weights": layers,
     }
-    info["structured"] = _structured_groups(model)
+    info["structured"] = describe_groups(model, resolution.shapes)
     return info
 
 
@@ -67,20 +74,13 @@ def _control_flow_keys(model) -> list[str]:
             if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)]
 
 
-def _structured_groups(model) -> dict[str, Any] | None:
-    try:
-        from .passes.structured import describe_groups
-    except ImportError:
-        return None
-    return describe_groups(model)
-
-
 def render_inspection(info: dict[str, Any]) -> str:
     """The terminal view of :func:`inspect_model`."""
     lines = [
         f"{info['model']}: IR {info['ir_version']}, opsets {info['opsets']}, {info['nodes']} nodes"
         + (", external data" if info["external_data"] else ""),
         f"inputs: {info['inputs']}",
+        describe_resolution(info["input_resolution"]),
         f"outputs: {info['outputs']}",
         f"params {info['params']:,} (non-zero {info['nonzero_params']:,}), MACs {info['macs']:,}",
         *[f"  MACs in the subgraphs of {key}: {value:,}" for key, value in info.get("subgraph_macs", {}).items()],

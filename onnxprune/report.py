@@ -159,7 +159,8 @@ def _render_validation(v: dict[str, Any] | None, lines: list[str], h: str, markd
     lines += _table(["", "original", "pruned", "pruned/original"], rows, markdown)
     inputs = v.get("inputs", {})
     shapes = ", ".join(f"{k} {'x'.join(map(str, s))}" for k, s in inputs.get("shapes", {}).items())
-    lines.append(f"inputs: {inputs.get('source')} ({shapes})")
+    how = inputs.get("resolution", {}).get("how")
+    lines.append(f"inputs: {inputs.get('source')} ({shapes}{'; ' + how if how else ''})")
     acc = v.get("accuracy")
     if acc:
         lines.append(f"accuracy on {acc['samples']} labelled samples: top-1 {100 * acc['original']['top1']:.2f}% -> "

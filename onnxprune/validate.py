@@ -7,7 +7,6 @@ measured interleaved in one process (warm-up, then median and p90 over the runs)
 
 from __future__ import annotations
 
-import os
 import time
 import zlib
 from collections.abc import Callable
@@ -19,17 +18,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .analysis.cost import default_dynamic_dim
 from .config import ValidateConfig
 from .errors import InputDataError, UnsupportedError
-from .model import PROTOBUF_LIMIT, get_attr
-
-ORT_TYPES = {
-    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
-    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int16)": np.int16, "tensor(int8)": np.int8,
-    "tensor(uint8)": np.uint8, "tensor(uint16)": np.uint16, "tensor(uint32)": np.uint32,
-    "tensor(uint64)": np.uint64, "tensor(bool)": np.bool_,
-}
+from .feeds import ORT_TYPES, InputSpec, input_specs, load_data, prepare_feeds, synthesize_inputs  # noqa: F401
+from .model import PROTOBUF_LIMIT
 
 
 @dataclass
@@ -61,139 +53,6 @@ def check_providers(providers: list[str]) -> None:
                 f"execution provider {name!r} is not available in this onnxruntime build "
                 f"(available: {', '.join(available)})"
             )
-
-
-# --------------------------------------------------------------------------------------
-# Inputs
-# --------------------------------------------------------------------------------------
-
-
-@dataclass
-class InputSpec:
-    """A graph input the caller must feed: name, ``tensor(...)`` type string, dims (None = dynamic)."""
-
-    name: str
-    type: str
-    shape: list[int | None]
-
-
-def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
-    """The inputs to feed (graph inputs that are not initializers), read from the graph."""
-    initializers = {i.name for i in model.graph.initializer}
-    specs = []
-    for value in model.graph.input:
-        if value.name in initializers or not value.type.HasField("tensor_type"):
-            continue
-        tensor_type = value.type.tensor_type
-        type_name = onnx.helper.tensor_dtype_to_string(tensor_type.elem_type).replace("TensorProto.", "").lower()
-        type_name = {"float": "float", "bool": "bool"}.get(type_name, type_name)
-        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tensor_type.shape.dim]
-        specs.append(InputSpec(value.name, f"tensor({type_name})", dims))
-    return specs
-
-
-def prepare_feeds(model: onnx.ModelProto, cfg: ValidateConfig) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """The feeds for validation (from --data or synthesised) and a description of them."""
-    specs = input_specs(model)
-    if cfg.data:
-        feeds = load_data(cfg.data, specs)
-        info: dict[str, Any] = {"source": os.fspath(cfg.data)}
-    else:
-        feeds = synthesize_inputs(specs, resolve_shapes(specs, cfg.input_shapes), model, cfg.seed)
-        info = {"source": "synthetic", "seed": cfg.seed}
-    info["shapes"] = {name: list(arr.shape) for name, arr in feeds.items()}
-    return feeds, info
-
-
-def _index_ranges(model: onnx.ModelProto | None) -> dict[str, int]:
-    """Graph inputs used as Gather indices into a constant table: name -> number of rows."""
-    if model is None:
-        return {}
-    inits = {i.name: list(i.dims) for i in model.graph.initializer}
-    ranges: dict[str, int] = {}
-    for node in model.graph.node:
-        if node.op_type == "Gather" and len(node.input) > 1 and node.input[0] in inits:
-            axis = get_attr(node, "axis", 0)
-            dims = inits[node.input[0]]
-            if dims:
-                ranges[node.input[1]] = min(ranges.get(node.input[1], 1 << 62), int(dims[axis]))
-    return ranges
-
-
-def resolve_shapes(specs: list[InputSpec], input_shapes: dict[str, list[int]]) -> dict[str, list[int]]:
-    """Concrete shape for every input: --input-shape, static dims, then documented defaults."""
-    names = {spec.name for spec in specs}
-    for name in input_shapes:
-        if name not in names:
-            raise InputDataError(f"--input-shape names unknown input {name!r} (inputs: {', '.join(sorted(names))})")
-    shapes: dict[str, list[int]] = {}
-    for spec in specs:
-        given = input_shapes.get(spec.name)
-        if given is not None:
-            if len(given) != len(spec.shape):
-                raise InputDataError(f"--input-shape {spec.name}: rank {len(given)} but the model input has rank {len(spec.shape)}")
-            for axis, (want, have) in enumerate(zip(given, spec.shape)):
-                if isinstance(have, int) and have > 0 and have != want:
-                    raise InputDataError(f"--input-shape {spec.name}: axis {axis} is fixed to {have} in the model, got {want}")
-            shapes[spec.name] = list(given)
-        else:
-            shapes[spec.name] = [d if isinstance(d, int) and d > 0 else default_dynamic_dim(i) for i, d in enumerate(spec.shape)]
-    return shapes
-
-
-def synthesize_inputs(specs: list[InputSpec], shapes: dict[str, list[int]], model: onnx.ModelProto | None,
-                      seed: int) -> dict[str, np.ndarray]:
-    """Random inputs matching the specs: floats ~ N(0,1), indices within their table, masks = 1."""
-    rng = np.random.default_rng(seed)
-    ranges = _index_ranges(model)
-    feeds: dict[str, np.ndarray] = {}
-    for spec in specs:
-        dtype = ORT_TYPES.get(spec.type)
-        if dtype is None:
-            raise InputDataError(f"cannot synthesise input {spec.name!r} of type {spec.type}; give --data")
-        shape = shapes[spec.name]
-        if np.issubdtype(dtype, np.floating):
-            feeds[spec.name] = rng.standard_normal(shape).astype(dtype)
-        elif dtype is np.bool_:
-            feeds[spec.name] = np.ones(shape, dtype=bool)
-        elif "mask" in spec.name.lower():
-            feeds[spec.name] = np.ones(shape, dtype=dtype)
-        else:
-            high = ranges.get(spec.name, 10)
-            feeds[spec.name] = rng.integers(0, max(high, 1), size=shape).astype(dtype)
-    return feeds
-
-
-def load_data(path: str, specs: list[InputSpec]) -> dict[str, np.ndarray]:
-    """Read ``--data file.npz`` and check names, dtypes and shapes against the model inputs."""
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {key: data[key] for key in data.files}
-    except FileNotFoundError:
-        raise InputDataError(f"--data file not found: {path}") from None
-    except (OSError, ValueError) as exc:
-        raise InputDataError(f"--data {path} is not a readable .npz file: {exc}") from None
-    names = {spec.name for spec in specs}
-    missing = sorted(names - arrays.keys())
-    extra = sorted(arrays.keys() - names - {"labels"})
-    if missing or extra:
-        raise InputDataError(
-            f"--data {path}: names do not match the model inputs"
-            + (f"; missing {', '.join(missing)}" if missing else "")
-            + (f"; unknown {', '.join(extra)}" if extra else "")
-        )
-    feeds: dict[str, np.ndarray] = {}
-    for spec in specs:
-        arr = arrays[spec.name]
-        want = ORT_TYPES.get(spec.type)
-        if want is not None and arr.dtype != np.dtype(want):
-            raise InputDataError(f"--data {path}: {spec.name} has dtype {arr.dtype}, the model expects {np.dtype(want)}")
-        if arr.ndim != len(spec.shape) or any(
-            isinstance(d, int) and d > 0 and d != s for d, s in zip(spec.shape, arr.shape)
-        ):
-            raise InputDataError(f"--data {path}: {spec.name} has shape {list(arr.shape)}, the model expects {spec.shape}")
-        feeds[spec.name] = arr
-    return feeds
 
 
 # --------------------------------------------------------------------------------------
