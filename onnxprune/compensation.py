@@ -65,29 +65,60 @@ _ZERO_TO_ZERO = {"Relu", "LeakyRelu", "PRelu", "Gelu", "Erf", "Tanh", "Neg", "Ab
 
 def _known_zero(analysis, name: str, memo: dict[str, bool]) -> bool:
     """Whether removed channels are exactly zero in ``name`` once their producers' weights are zeroed,
-    decided from the graph alone: bias-free producers, then ops that map 0 to 0 (then nothing to fold)."""
-    if name in memo:
-        return memo[name]
-    memo[name] = False  # cycles and unknowns: not known
+    decided from the graph alone: bias-free producers, then ops that map 0 to 0 (then nothing to fold).
+
+    Walks producers with an explicit stack (a chain of thousands of element-wise ops must not hit
+    Python's recursion limit); ``memo`` holds every answer, cycles and unknowns count as not zero."""
+    stack, visiting = [name], set()
+    while stack:
+        current = stack[-1]
+        if current in memo:
+            stack.pop()
+            continue
+        needed = [i for i in _zero_inputs(analysis, current) if i not in memo]
+        if needed and current not in visiting:
+            visiting.add(current)
+            stack.extend(needed)
+            continue
+        memo[current] = _zero_from_inputs(analysis, current, memo)
+        stack.pop()
+    return memo[name]
+
+
+def _zero_inputs(analysis, name: str) -> list[str]:
+    """The annotated inputs whose answers decide :func:`_known_zero` for ``name`` (none for producers)."""
     node = analysis.index.producer.get(name)
-    result = False
-    if node is not None and node.domain in ("", "ai.onnx"):
-        annotated = [i for i in node.input if i in analysis.ann]
-        weighted = node.op_type in ("MatMul", "Conv", "ConvTranspose", "Gemm") and analysis.index.resolve(
-            node.input[1])[0] is not None if len(node.input) > 1 else False
-        if weighted:  # a producer: its output channels are zeroed rows/columns, unless a bias is added
-            result = len(node.input) < 3 or not node.input[2]
-        elif node.op_type in ("Mul", "MatMul"):  # anything times zero
-            result = any(_known_zero(analysis, i, memo) for i in annotated)
-        elif node.op_type == "Div":
-            result = node.input[0] in annotated and _known_zero(analysis, node.input[0], memo)
-        elif node.op_type in ("Add", "Sub", "Sum", "Concat", "Max", "Min"):
-            result = bool(annotated) and len(annotated) == len([i for i in node.input if i]) and all(
-                _known_zero(analysis, i, memo) for i in annotated)
-        elif node.op_type in _ZERO_TO_ZERO and node.input[0] in annotated:
-            result = _known_zero(analysis, node.input[0], memo)
-    memo[name] = result
-    return result
+    if node is None or node.domain not in ("", "ai.onnx") or _weighted(analysis, node):
+        return []
+    annotated = [i for i in node.input if i in analysis.ann]
+    if node.op_type in ("Mul", "MatMul", "Add", "Sub", "Sum", "Concat", "Max", "Min"):
+        return annotated
+    if node.op_type == "Div" or node.op_type in _ZERO_TO_ZERO:
+        return [node.input[0]] if node.input[0] in annotated else []
+    return []
+
+
+def _weighted(analysis, node: onnx.NodeProto) -> bool:
+    return node.op_type in ("MatMul", "Conv", "ConvTranspose", "Gemm") and len(node.input) > 1 and \
+        analysis.index.resolve(node.input[1])[0] is not None
+
+
+def _zero_from_inputs(analysis, name: str, memo: dict[str, bool]) -> bool:
+    """:func:`_known_zero` for ``name`` once its inputs are decided (missing answers: a cycle, not zero)."""
+    node = analysis.index.producer.get(name)
+    if node is None or node.domain not in ("", "ai.onnx"):
+        return False
+    if _weighted(analysis, node):  # a producer: its output channels are zeroed rows/columns, unless a bias is added
+        return len(node.input) < 3 or not node.input[2]
+    annotated = [i for i in node.input if i in analysis.ann]
+    if node.op_type in ("Mul", "MatMul"):  # anything times zero
+        return any(memo.get(i, False) for i in annotated)
+    if node.op_type in ("Add", "Sub", "Sum", "Concat", "Max", "Min"):
+        return bool(annotated) and len(annotated) == len([i for i in node.input if i]) and all(
+            memo.get(i, False) for i in annotated)
+    if node.op_type == "Div" or node.op_type in _ZERO_TO_ZERO:
+        return node.input[0] in annotated and memo.get(node.input[0], False)
+    return False
 
 
 def _foldable(edit: WeightEdit, analysis) -> bool:
