@@ -19,7 +19,7 @@ import onnxruntime as ort
 from onnx import numpy_helper
 
 from .analysis.groups import WeightEdit, analyse
-from .model import PROTOBUF_LIMIT, get_attr, inference_session, tensor_bytes
+from .model import PROTOBUF_LIMIT, GraphIndex, get_attr, inference_session, tensor_bytes
 
 
 def zeroed_model(model: onnx.ModelProto, keep: np.ndarray, input_shapes=None,
@@ -303,9 +303,8 @@ def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, layers: list
         if node is None or not _reconstructable(node):
             skipped.append(name)
             continue
-        from .analysis.groups import analyse  # fresh weights after earlier refits
-
-        weight, chain = analyse(pruned).index.resolve(node.input[1])
+        weights = GraphIndex.build(pruned.graph)  # fresh weights after earlier refits (no shape analysis needed)
+        weight, chain = weights.resolve(node.input[1])
         if weight is None or chain:
             skipped.append(name)
             continue
@@ -332,12 +331,13 @@ def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, layers: list
             continue
         lam = ridge * float(np.trace(gram)) / gram.shape[0] + 1e-12
         solution = np.linalg.solve(gram + lam * np.eye(gram.shape[0]), cross)  # [D(+1), O]
-        _write_solution(pruned, analyse(pruned), node, weight, solution)
+        _write_solution(pruned, weights, node, weight, solution)
         done.append(name)
     return {"layers": len(done), "skipped": skipped, "samples": int(sum(next(iter(f.values())).shape[0] for f in feeds))}
 
 
-def _write_solution(model: onnx.ModelProto, analysis, node: onnx.NodeProto, weight, solution: np.ndarray) -> None:
+def _write_solution(model: onnx.ModelProto, index: GraphIndex, node: onnx.NodeProto, weight,
+                    solution: np.ndarray) -> None:
     dtype = weight.dtype
     shape = weight.shape
     if node.op_type == "MatMul":
@@ -349,7 +349,7 @@ def _write_solution(model: onnx.ModelProto, analysis, node: onnx.NodeProto, weig
     else:
         weight.set_array((coef.T if get_attr(node, "transB", 0) else coef).astype(dtype))
     if len(node.input) > 2 and node.input[2]:
-        existing, _ = analysis.index.resolve(node.input[2])
+        existing, _ = index.resolve(node.input[2])
         if existing is not None and existing.size == bias.size:
             existing.set_array(bias.reshape(existing.shape).astype(existing.dtype))
             return
@@ -364,12 +364,11 @@ def reconstruct_sparse(original: onnx.ModelProto, pruned: onnx.ModelProto, layer
                        feeds: list[dict[str, np.ndarray]], ridge: float = 1e-3) -> dict[str, Any]:
     """Row-wise least squares for zeroed weights: each output row's *kept* weights are refitted so the
     layer's output on ``feeds`` matches the original's; zeros stay zero (the sparsity pattern holds)."""
-    from .analysis.groups import analyse
     from .calibration import session_with_outputs
 
     done, skipped = [], []
     reference = session_with_outputs(original, [node.output[0] for node in layers])
-    index = analyse(pruned).index
+    index = GraphIndex.build(pruned.graph)
     for node in layers:
         weight, chain = index.resolve(node.input[1])
         if weight is None or chain or not _reconstructable(node):

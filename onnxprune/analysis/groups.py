@@ -178,6 +178,20 @@ class _ShapeValues:
         return None
 
 
+def cast_along(index: GraphIndex, value: np.ndarray, chain: list[onnx.NodeProto]) -> np.ndarray:
+    """``value`` (a constant that :meth:`GraphIndex.resolve` found behind ``chain``) in the element type at the
+    chain's end: an int32 constant read through ``Cast(to=int64)`` is int64 there, so whatever is computed from
+    it or written in its place has the type its reader expects (Paddle's int32 shape chains)."""
+    for step in chain:
+        if step.op_type == "Cast":
+            value = value.astype(onnx.helper.tensor_dtype_to_np_dtype(int(get_attr(step, "to"))))
+        elif step.op_type == "CastLike" and len(step.input) > 1:
+            like, _ = index.resolve(step.input[1])
+            if like is not None:
+                value = value.astype(like.dtype)
+    return value
+
+
 class Freeze(Exception):
     """Raised by a rule: the channels reaching this node must stay."""
 
@@ -288,19 +302,7 @@ class Analysis:
         weight, chain = self.weight(name)
         if weight is None or any(n.op_type == "Transpose" for n in chain):
             return None
-        return self._cast_along(weight.array(), chain)
-
-    def _cast_along(self, value: np.ndarray, chain: list[onnx.NodeProto]) -> np.ndarray:
-        """``value`` in the element type of the chain's end: a shape entry read behind ``Cast(to=int64)`` of an
-        int32 constant is int64, so a rewrite of it keeps the type the consumer reads (Paddle's int32 chains)."""
-        for step in chain:
-            if step.op_type == "Cast":
-                value = value.astype(onnx.helper.tensor_dtype_to_np_dtype(int(get_attr(step, "to"))))
-            elif step.op_type == "CastLike":
-                like, _ = self.weight(step.input[1]) if len(step.input) > 1 else (None, [])
-                if like is not None:
-                    value = value.astype(like.dtype)
-        return value
+        return cast_along(self.index, weight.array(), chain)
 
     def add_weight_edit(self, name: str, axis: int, ids: np.ndarray, role: str, node: onnx.NodeProto) -> None:
         """Record that weight input ``name`` follows ``ids`` on ``axis`` (mapped through Transposes)."""
