@@ -91,8 +91,10 @@ def _zero_inputs(analysis, name: str) -> list[str]:
     if node is None or node.domain not in ("", "ai.onnx") or _weighted(analysis, node):
         return []
     annotated = [i for i in node.input if i in analysis.ann]
-    if node.op_type in ("Mul", "MatMul", "Add", "Sub", "Sum", "Concat", "Max", "Min"):
+    if node.op_type in ("Mul", "MatMul"):
         return annotated
+    if node.op_type in ("Add", "Sub", "Sum", "Concat", "Max", "Min"):  # zero only when every input is
+        return annotated if len(annotated) == len([i for i in node.input if i]) else []
     if node.op_type == "Div" or node.op_type in _ZERO_TO_ZERO:
         return [node.input[0]] if node.input[0] in annotated else []
     return []
