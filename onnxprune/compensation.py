@@ -18,7 +18,7 @@ import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
 
-from .analysis.groups import WeightEdit, analyse
+from .analysis.groups import Analysis, WeightEdit, analyse
 from .model import PROTOBUF_LIMIT, GraphIndex, get_attr, inference_session, tensor_bytes
 
 
@@ -143,9 +143,12 @@ def _reads_padding(node: onnx.NodeProto) -> bool:
 
 
 def fold_removed_constants(model: onnx.ModelProto, keep: np.ndarray, feeds: list[dict[str, np.ndarray]],
-                           input_shapes=None, approximate_layernorm: bool = False) -> dict[str, Any]:
-    """Measure removed channels' values in the zeroed model and fold them into consumer biases."""
-    analysis = analyse(model, input_shapes, approximate_layernorm=approximate_layernorm)
+                           input_shapes=None, approximate_layernorm: bool = False,
+                           analysis: Analysis | None = None) -> dict[str, Any]:
+    """Measure removed channels' values in the zeroed model and fold them into consumer biases (``analysis``: the
+    one ``keep`` was chosen on, when the caller has it, so the graph is not analysed twice)."""
+    if analysis is None:
+        analysis = analyse(model, input_shapes, approximate_layernorm=approximate_layernorm)
     edits = [e for e in analysis.edits if _foldable(e, analysis) and not keep[e.ids].all()]
     summary = {"consumers": 0, "exact": 0, "approximate": 0, "skipped": []}
     if not edits or not feeds:

@@ -278,11 +278,11 @@ class Analysis:
                 self.parent[max(rx, ry)] = min(rx, ry)
 
     def freeze(self, ids: np.ndarray, reason: str) -> None:
-        for i in np.unique(ids).tolist():
+        for i in set(np.asarray(ids).reshape(-1).tolist()):  # a set: np.unique costs more per call on short ids
             self.frozen.setdefault(int(i), reason)
 
     def mark(self, ids: np.ndarray, op: str) -> None:
-        for i in np.unique(ids).tolist():
+        for i in set(np.asarray(ids).reshape(-1).tolist()):
             self.ops_by_id.setdefault(int(i), set()).add(op)
 
     # -- shapes and constants ------------------------------------------------------------
