@@ -94,7 +94,8 @@ class _Builder:
 def random_cnn(draw_int: Callable[[int, int], int], draw_choice: Callable[[list], object], seed: int = 0
                ) -> onnx.ModelProto:
     """A random, valid CNN: conv blocks with BN, activations, residual adds, concats, splits, SE, reshapes sized
-    at run time (int64 or Paddle's int32 shape arithmetic), per-channel gates computed from constants, constant channel picks (Gather), and a head."""
+    at run time (int64 or Paddle's int32 shape arithmetic), per-channel gates computed from constants, constant
+    channel picks (Gather), and a head."""
     opset = draw_choice([11, 13, 14, 17, 18, 21])
     b = _Builder(opset, seed)
     size = 16

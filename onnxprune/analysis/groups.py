@@ -391,16 +391,23 @@ def _outer_scope_refs(graph: onnx.GraphProto) -> dict[int, list[str]]:
 
 
 def _free_names(graph: onnx.GraphProto) -> list[str]:
-    defined = {i.name for i in graph.input} | {i.name for i in graph.initializer}
+    """Names ``graph`` (and the subgraphs inside it) read from enclosing scopes, in reading order."""
     free: list[str] = []
-    for node in graph.node:
-        for name in node.input:
-            if name and name not in defined:
-                free.append(name)
+    # explicit stack of (graph, names defined so far as seen from it, next node position): no recursion on nesting
+    stack: list[tuple[onnx.GraphProto, set[str], int]] = [(graph, {i.name for i in graph.input} |
+                                                           {i.name for i in graph.initializer}, 0)]
+    while stack:
+        current, defined, position = stack.pop()
+        if position >= len(current.node):
+            continue
+        node = current.node[position]
+        free.extend(name for name in node.input if name and name not in defined)
+        stack.append((current, defined, position + 1))
+        children = []
         for attr in node.attribute:
-            subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
-            for sub in subs:
-                free.extend(n for n in _free_names(sub) if n not in defined)
+            children.extend([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs))
+        for sub in reversed(children):
+            stack.append((sub, defined | {i.name for i in sub.input} | {i.name for i in sub.initializer}, 0))
         defined.update(node.output)
     return free
 
