@@ -18,8 +18,8 @@ import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
 
-from .analysis.groups import WeightEdit, analyse
-from .model import PROTOBUF_LIMIT, get_attr, inference_session, tensor_bytes
+from .analysis.groups import Analysis, WeightEdit, analyse
+from .model import PROTOBUF_LIMIT, GraphIndex, get_attr, inference_session, tensor_bytes
 
 
 def zeroed_model(model: onnx.ModelProto, keep: np.ndarray, input_shapes=None,
@@ -65,29 +65,62 @@ _ZERO_TO_ZERO = {"Relu", "LeakyRelu", "PRelu", "Gelu", "Erf", "Tanh", "Neg", "Ab
 
 def _known_zero(analysis, name: str, memo: dict[str, bool]) -> bool:
     """Whether removed channels are exactly zero in ``name`` once their producers' weights are zeroed,
-    decided from the graph alone: bias-free producers, then ops that map 0 to 0 (then nothing to fold)."""
-    if name in memo:
-        return memo[name]
-    memo[name] = False  # cycles and unknowns: not known
+    decided from the graph alone: bias-free producers, then ops that map 0 to 0 (then nothing to fold).
+
+    Walks producers with an explicit stack (a chain of thousands of element-wise ops must not hit
+    Python's recursion limit); ``memo`` holds every answer, cycles and unknowns count as not zero."""
+    stack, visiting = [name], set()
+    while stack:
+        current = stack[-1]
+        if current in memo:
+            stack.pop()
+            continue
+        needed = [i for i in _zero_inputs(analysis, current) if i not in memo]
+        if needed and current not in visiting:
+            visiting.add(current)
+            stack.extend(needed)
+            continue
+        memo[current] = _zero_from_inputs(analysis, current, memo)
+        stack.pop()
+    return memo[name]
+
+
+def _zero_inputs(analysis, name: str) -> list[str]:
+    """The annotated inputs whose answers decide :func:`_known_zero` for ``name`` (none for producers)."""
     node = analysis.index.producer.get(name)
-    result = False
-    if node is not None and node.domain in ("", "ai.onnx"):
-        annotated = [i for i in node.input if i in analysis.ann]
-        weighted = node.op_type in ("MatMul", "Conv", "ConvTranspose", "Gemm") and analysis.index.resolve(
-            node.input[1])[0] is not None if len(node.input) > 1 else False
-        if weighted:  # a producer: its output channels are zeroed rows/columns, unless a bias is added
-            result = len(node.input) < 3 or not node.input[2]
-        elif node.op_type in ("Mul", "MatMul"):  # anything times zero
-            result = any(_known_zero(analysis, i, memo) for i in annotated)
-        elif node.op_type == "Div":
-            result = node.input[0] in annotated and _known_zero(analysis, node.input[0], memo)
-        elif node.op_type in ("Add", "Sub", "Sum", "Concat", "Max", "Min"):
-            result = bool(annotated) and len(annotated) == len([i for i in node.input if i]) and all(
-                _known_zero(analysis, i, memo) for i in annotated)
-        elif node.op_type in _ZERO_TO_ZERO and node.input[0] in annotated:
-            result = _known_zero(analysis, node.input[0], memo)
-    memo[name] = result
-    return result
+    if node is None or node.domain not in ("", "ai.onnx") or _weighted(analysis, node):
+        return []
+    annotated = [i for i in node.input if i in analysis.ann]
+    if node.op_type in ("Mul", "MatMul"):
+        return annotated
+    if node.op_type in ("Add", "Sub", "Sum", "Concat", "Max", "Min"):  # zero only when every input is
+        return annotated if len(annotated) == len([i for i in node.input if i]) else []
+    if node.op_type == "Div" or node.op_type in _ZERO_TO_ZERO:
+        return [node.input[0]] if node.input[0] in annotated else []
+    return []
+
+
+def _weighted(analysis, node: onnx.NodeProto) -> bool:
+    return node.op_type in ("MatMul", "Conv", "ConvTranspose", "Gemm") and len(node.input) > 1 and \
+        analysis.index.resolve(node.input[1])[0] is not None
+
+
+def _zero_from_inputs(analysis, name: str, memo: dict[str, bool]) -> bool:
+    """:func:`_known_zero` for ``name`` once its inputs are decided (missing answers: a cycle, not zero)."""
+    node = analysis.index.producer.get(name)
+    if node is None or node.domain not in ("", "ai.onnx"):
+        return False
+    if _weighted(analysis, node):  # a producer: its output channels are zeroed rows/columns, unless a bias is added
+        return len(node.input) < 3 or not node.input[2]
+    annotated = [i for i in node.input if i in analysis.ann]
+    if node.op_type in ("Mul", "MatMul"):  # anything times zero
+        return any(memo.get(i, False) for i in annotated)
+    if node.op_type in ("Add", "Sub", "Sum", "Concat", "Max", "Min"):
+        return bool(annotated) and len(annotated) == len([i for i in node.input if i]) and all(
+            memo.get(i, False) for i in annotated)
+    if node.op_type == "Div" or node.op_type in _ZERO_TO_ZERO:
+        return node.input[0] in annotated and memo.get(node.input[0], False)
+    return False
 
 
 def _foldable(edit: WeightEdit, analysis) -> bool:
@@ -110,9 +143,12 @@ def _reads_padding(node: onnx.NodeProto) -> bool:
 
 
 def fold_removed_constants(model: onnx.ModelProto, keep: np.ndarray, feeds: list[dict[str, np.ndarray]],
-                           input_shapes=None, approximate_layernorm: bool = False) -> dict[str, Any]:
-    """Measure removed channels' values in the zeroed model and fold them into consumer biases."""
-    analysis = analyse(model, input_shapes, approximate_layernorm=approximate_layernorm)
+                           input_shapes=None, approximate_layernorm: bool = False,
+                           analysis: Analysis | None = None) -> dict[str, Any]:
+    """Measure removed channels' values in the zeroed model and fold them into consumer biases (``analysis``: the
+    one ``keep`` was chosen on, when the caller has it, so the graph is not analysed twice)."""
+    if analysis is None:
+        analysis = analyse(model, input_shapes, approximate_layernorm=approximate_layernorm)
     edits = [e for e in analysis.edits if _foldable(e, analysis) and not keep[e.ids].all()]
     summary = {"consumers": 0, "exact": 0, "approximate": 0, "skipped": []}
     if not edits or not feeds:
@@ -272,9 +308,8 @@ def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, layers: list
         if node is None or not _reconstructable(node):
             skipped.append(name)
             continue
-        from .analysis.groups import analyse  # fresh weights after earlier refits
-
-        weight, chain = analyse(pruned).index.resolve(node.input[1])
+        weights = GraphIndex.build(pruned.graph)  # fresh weights after earlier refits (no shape analysis needed)
+        weight, chain = weights.resolve(node.input[1])
         if weight is None or chain:
             skipped.append(name)
             continue
@@ -301,12 +336,13 @@ def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, layers: list
             continue
         lam = ridge * float(np.trace(gram)) / gram.shape[0] + 1e-12
         solution = np.linalg.solve(gram + lam * np.eye(gram.shape[0]), cross)  # [D(+1), O]
-        _write_solution(pruned, analyse(pruned), node, weight, solution)
+        _write_solution(pruned, weights, node, weight, solution)
         done.append(name)
     return {"layers": len(done), "skipped": skipped, "samples": int(sum(next(iter(f.values())).shape[0] for f in feeds))}
 
 
-def _write_solution(model: onnx.ModelProto, analysis, node: onnx.NodeProto, weight, solution: np.ndarray) -> None:
+def _write_solution(model: onnx.ModelProto, index: GraphIndex, node: onnx.NodeProto, weight,
+                    solution: np.ndarray) -> None:
     dtype = weight.dtype
     shape = weight.shape
     if node.op_type == "MatMul":
@@ -318,7 +354,7 @@ def _write_solution(model: onnx.ModelProto, analysis, node: onnx.NodeProto, weig
     else:
         weight.set_array((coef.T if get_attr(node, "transB", 0) else coef).astype(dtype))
     if len(node.input) > 2 and node.input[2]:
-        existing, _ = analysis.index.resolve(node.input[2])
+        existing, _ = index.resolve(node.input[2])
         if existing is not None and existing.size == bias.size:
             existing.set_array(bias.reshape(existing.shape).astype(existing.dtype))
             return
@@ -333,12 +369,11 @@ def reconstruct_sparse(original: onnx.ModelProto, pruned: onnx.ModelProto, layer
                        feeds: list[dict[str, np.ndarray]], ridge: float = 1e-3) -> dict[str, Any]:
     """Row-wise least squares for zeroed weights: each output row's *kept* weights are refitted so the
     layer's output on ``feeds`` matches the original's; zeros stay zero (the sparsity pattern holds)."""
-    from .analysis.groups import analyse
     from .calibration import session_with_outputs
 
     done, skipped = [], []
     reference = session_with_outputs(original, [node.output[0] for node in layers])
-    index = analyse(pruned).index
+    index = GraphIndex.build(pruned.graph)
     for node in layers:
         weight, chain = index.resolve(node.input[1])
         if weight is None or chain or not _reconstructable(node):

@@ -462,15 +462,25 @@ def _save_external(model: onnx.ModelProto, tmp_model: Path, data_name: str) -> N
 
 
 def iter_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
-    """``graph`` and every subgraph (If/Loop/Scan bodies), depth first."""
-    yield graph
+    """``graph`` and every subgraph (If/Loop/Scan bodies), depth first (an explicit stack: nesting depth is
+    not bounded by Python's recursion limit)."""
+    stack = [graph]
+    while stack:
+        current = stack.pop()
+        yield current
+        stack.extend(reversed(_subgraphs(current)))
+
+
+def _subgraphs(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
+    """The subgraphs directly inside ``graph``'s nodes, in node and attribute order."""
+    subs: list[onnx.GraphProto] = []
     for node in graph.node:
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.GRAPH:
-                yield from iter_graphs(attr.g)
+                subs.append(attr.g)
             elif attr.type == onnx.AttributeProto.GRAPHS:
-                for sub in attr.graphs:
-                    yield from iter_graphs(sub)
+                subs.extend(attr.graphs)
+    return subs
 
 
 def _iter_all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
@@ -604,19 +614,12 @@ class GraphIndex:
 def build_indexes(model: onnx.ModelProto) -> list[GraphIndex]:
     """A :class:`GraphIndex` for the main graph and each subgraph (main graph first)."""
     indexes: list[GraphIndex] = []
-
-    def visit(graph: onnx.GraphProto, parent: GraphIndex | None) -> None:
+    stack: list[tuple[onnx.GraphProto, GraphIndex | None]] = [(model.graph, None)]
+    while stack:  # depth first, as nested; no recursion on nesting depth
+        graph, parent = stack.pop()
         index = GraphIndex.build(graph, parent)
         indexes.append(index)
-        for node in graph.node:
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    visit(attr.g, index)
-                elif attr.type == onnx.AttributeProto.GRAPHS:
-                    for sub in attr.graphs:
-                        visit(sub, index)
-
-    visit(model.graph, None)
+        stack.extend((sub, index) for sub in reversed(_subgraphs(graph)))
     return indexes
 
 

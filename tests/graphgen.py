@@ -37,10 +37,24 @@ class _Builder:
         self.inits.append(numpy_helper.from_array((self.rng.standard_normal(shape) * scale).astype(np.float32), name))
         return name
 
-    def const_i64(self, values) -> str:
+    def const_i64(self, values, dtype=np.int64) -> str:
         name = self.name("c")
-        self.inits.append(numpy_helper.from_array(np.asarray(values, dtype=np.int64), name))
+        self.inits.append(numpy_helper.from_array(np.asarray(values, dtype=dtype), name))
         return name
+
+    def reshape_int32(self, x: str, c: int, channels: str) -> tuple[str, str]:
+        """Paddle's spelling of ``[N, C, H, W] -> [N, C, H*W]``: ``Shape -> Cast(int32) -> Slice -> Concat ->
+        Cast(int64) -> Reshape``, the channel entry read at run time or an int32 constant; returns the flat tensor and
+        the int64 shape to restore."""
+        shape = self.node("Cast", [self.node("Shape", [x])[0]], to=TensorProto.INT32)[0]
+        batch = self.node("Slice", [shape, self.const_i64([0]), self.const_i64([1]), self.const_i64([0])])[0]
+        if channels == "read":
+            count = self.node("Slice", [shape, self.const_i64([1]), self.const_i64([2]), self.const_i64([0])])[0]
+        else:
+            count = self.const_i64([c], np.int32)
+        target = self.node("Concat", [batch, count, self.const_i64([-1], np.int32)], axis=0)[0]
+        flat = self.node("Reshape", [x, self.node("Cast", [target], to=TensorProto.INT64)[0]])[0]
+        return flat, self.node("Cast", [shape], to=TensorProto.INT64)[0]
 
     def node(self, op, inputs, n_out=1, **attrs) -> list[str]:
         outs = [self.name(op.lower()) for _ in range(n_out)]
@@ -80,7 +94,8 @@ class _Builder:
 def random_cnn(draw_int: Callable[[int, int], int], draw_choice: Callable[[list], object], seed: int = 0
                ) -> onnx.ModelProto:
     """A random, valid CNN: conv blocks with BN, activations, residual adds, concats, splits, SE, reshapes sized
-    at run time, per-channel gates computed from constants, constant channel picks (Gather), and a head."""
+    at run time (int64 or Paddle's int32 shape arithmetic), per-channel gates computed from constants, constant
+    channel picks (Gather), and a head."""
     opset = draw_choice([11, 13, 14, 17, 18, 21])
     b = _Builder(opset, seed)
     size = 16
@@ -130,9 +145,12 @@ def random_cnn(draw_int: Callable[[int, int], int], draw_choice: Callable[[list]
             x = b.node("Gather", [x, b.const_i64(picks)], axis=1)[0]
             c = len(picks)
         elif block == "reshape":  # [N, C, H, W] -> [N, C, H*W] -> back, both sized by run-time Shape reads
-            shape = b.node("Shape", [x])[0]
-            lead = b.node("Slice", [shape, b.const_i64([0]), b.const_i64([2]), b.const_i64([0])])[0]
-            flat = b.node("Reshape", [x, b.node("Concat", [lead, b.const_i64([-1])], axis=0)[0]])[0]
+            if draw_choice(["int64", "int32"]) == "int64":
+                shape = b.node("Shape", [x])[0]
+                lead = b.node("Slice", [shape, b.const_i64([0]), b.const_i64([2]), b.const_i64([0])])[0]
+                flat = b.node("Reshape", [x, b.node("Concat", [lead, b.const_i64([-1])], axis=0)[0]])[0]
+            else:  # the same in int32 shape arithmetic (Paddle exports)
+                flat, shape = b.reshape_int32(x, c, draw_choice(["read", "constant"]))
             flat = b.act(flat, draw_choice(ACTIVATIONS))
             x = b.node("Reshape", [flat, shape])[0]
         if draw_int(0, 3) == 0 and size >= 8:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from ..model import GraphIndex, Weight, build_indexes
+from ..model import GraphIndex, Weight, build_indexes, get_attr
 from .cost import _skeleton, symbolic_inference
 
 #: Ops whose output has the shape of input 0 (used where onnx shape inference gives up, e.g. GroupNormalization-21).
@@ -37,6 +37,23 @@ def complete_shapes(model: onnx.ModelProto, input_shapes: dict[str, list[int]] |
     """Static shapes of every tensor: onnx shape inference on a weight-less skeleton, continued by hand
     through shape-preserving ops it cannot infer and Reshapes whose run-time target folds to constants."""
     skel = _skeleton(model, input_shapes)
+    skel = _static_inference(skel) or _dynamic_inference(model, skel)
+    shapes: dict[str, list[int | None]] = {}
+    for value in [*skel.graph.input, *skel.graph.value_info, *skel.graph.output]:
+        if value.type.HasField("tensor_type") and value.type.tensor_type.HasField("shape"):
+            shapes[value.name] = [d.dim_value if d.HasField("dim_value") else None
+                                  for d in value.type.tensor_type.shape.dim]
+    for init in skel.graph.initializer:
+        shapes[init.name] = list(init.dims)
+    for node in skel.graph.node:
+        if node.op_type == "Constant" and node.output and node.attribute and node.attribute[0].HasField("t"):
+            shapes[node.output[0]] = list(node.attribute[0].t.dims)
+    return shapes
+
+
+def _dynamic_inference(model: onnx.ModelProto, skel: onnx.ModelProto) -> onnx.ModelProto:
+    """``skel`` with shapes from onnxruntime's symbolic inference, onnx's inference (with data propagation)
+    and :func:`_fill_types`, repeated while the last one adds shapes."""
     custom = {o for n in model.graph.node if n.domain not in ("", "ai.onnx") for o in n.output}
     skel = symbolic_inference(skel)
     custom &= {v.name for v in model.graph.value_info if v.type.tensor_type.HasField("shape")}  # a shape, not a type
@@ -53,17 +70,21 @@ def complete_shapes(model: onnx.ModelProto, input_shapes: dict[str, list[int]] |
         if not added:
             break
         skel.graph.value_info.extend(added)
-    shapes: dict[str, list[int | None]] = {}
-    for value in [*skel.graph.input, *skel.graph.value_info, *skel.graph.output]:
-        if value.type.HasField("tensor_type") and value.type.tensor_type.HasField("shape"):
-            shapes[value.name] = [d.dim_value if d.HasField("dim_value") else None
-                                  for d in value.type.tensor_type.shape.dim]
-    for init in skel.graph.initializer:
-        shapes[init.name] = list(init.dims)
-    for node in skel.graph.node:
-        if node.op_type == "Constant" and node.output and node.attribute and node.attribute[0].HasField("t"):
-            shapes[node.output[0]] = list(node.attribute[0].t.dims)
-    return shapes
+    return skel
+
+
+def _static_inference(skel: onnx.ModelProto) -> onnx.ModelProto | None:
+    """The skeleton as onnx's own inference completes it when that gives every output of the graph a fully known
+    shape (onnxruntime's symbolic inference, about a millisecond per node in Python, has nothing to add), else None."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(skel, data_prop=True)
+    except Exception:  # noqa: BLE001 - let the symbolic inference try
+        return None
+    known = {v.name for v in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]
+             if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape")
+             and all(d.HasField("dim_value") for d in v.type.tensor_type.shape.dim)}
+    known.update(i.name for i in skel.graph.initializer)
+    return inferred if all(out in known for node in skel.graph.node for out in node.output if out) else None
 
 
 def _fill_types(skel: onnx.ModelProto, types: dict[str, onnx.TypeProto]) -> list[onnx.ValueInfoProto]:
@@ -104,11 +125,32 @@ class _ShapeValues:
         self.producer = {o: n for n in skel.graph.node for o in n.output}
         self.consts = {i.name: i for i in skel.graph.initializer}
 
+    _OPS = ("Constant", "Shape", "Gather", "Concat", "Slice", "Unsqueeze", "Squeeze", "Cast", "Identity")
+
     def get(self, name: str) -> np.ndarray | None:
+        """The value of ``name`` when it folds; inputs first, with an explicit stack (no recursion on graph size)."""
+        values: dict[str, np.ndarray | None] = {}
+        stack, expanded = [name], set()
+        while stack:
+            current = stack[-1]
+            if current in values:
+                stack.pop()
+                continue
+            node = self.producer.get(current)
+            if current not in expanded and current not in self.consts and node is not None and \
+                    node.op_type in self._OPS and node.op_type not in ("Constant", "Shape"):
+                expanded.add(current)  # inputs first; an input already expanded is an ancestor (a cycle)
+                stack.extend(i for i in node.input if i and i not in values and i not in expanded)
+                continue
+            values[current] = self._fold(current, values)
+            stack.pop()
+        return values[name]
+
+    def _fold(self, name: str, values: dict[str, np.ndarray | None]) -> np.ndarray | None:
         if name in self.consts:
             return onnx.numpy_helper.to_array(self.consts[name]) if self.consts[name].ByteSize() else None
         node = self.producer.get(name)
-        if node is None:
+        if node is None or node.op_type not in self._OPS:
             return None
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         if node.op_type == "Constant":
@@ -118,7 +160,7 @@ class _ShapeValues:
             dims = [d.dim_value if d.HasField("dim_value") else None for d in t.tensor_type.shape.dim] if t else [None]
             dims = dims[attrs.get("start", 0):attrs.get("end", len(dims))]
             return None if None in dims else np.array(dims, dtype=np.int64)
-        args = [self.get(i) for i in node.input]
+        args = [values.get(i) if i else None for i in node.input]
         if any(a is None for a in args[:1]):
             return None
         if node.op_type == "Gather" and args[1] is not None:
@@ -134,6 +176,20 @@ class _ShapeValues:
                 return args[0].reshape(1) if args[0].ndim == 0 else None
             return args[0].reshape(()) if node.op_type == "Squeeze" and args[0].size == 1 else args[0]
         return None
+
+
+def cast_along(index: GraphIndex, value: np.ndarray, chain: list[onnx.NodeProto]) -> np.ndarray:
+    """``value`` (a constant that :meth:`GraphIndex.resolve` found behind ``chain``) in the element type at the
+    chain's end: an int32 constant read through ``Cast(to=int64)`` is int64 there, so whatever is computed from
+    it or written in its place has the type its reader expects (Paddle's int32 shape chains)."""
+    for step in chain:
+        if step.op_type == "Cast":
+            value = value.astype(onnx.helper.tensor_dtype_to_np_dtype(int(get_attr(step, "to"))))
+        elif step.op_type == "CastLike" and len(step.input) > 1:
+            like, _ = index.resolve(step.input[1])
+            if like is not None:
+                value = value.astype(like.dtype)
+    return value
 
 
 class Freeze(Exception):
@@ -222,11 +278,11 @@ class Analysis:
                 self.parent[max(rx, ry)] = min(rx, ry)
 
     def freeze(self, ids: np.ndarray, reason: str) -> None:
-        for i in np.unique(ids).tolist():
+        for i in set(np.asarray(ids).reshape(-1).tolist()):  # a set: np.unique costs more per call on short ids
             self.frozen.setdefault(int(i), reason)
 
     def mark(self, ids: np.ndarray, op: str) -> None:
-        for i in np.unique(ids).tolist():
+        for i in set(np.asarray(ids).reshape(-1).tolist()):
             self.ops_by_id.setdefault(int(i), set()).add(op)
 
     # -- shapes and constants ------------------------------------------------------------
@@ -246,7 +302,7 @@ class Analysis:
         weight, chain = self.weight(name)
         if weight is None or any(n.op_type == "Transpose" for n in chain):
             return None
-        return weight.array()
+        return cast_along(self.index, weight.array(), chain)
 
     def add_weight_edit(self, name: str, axis: int, ids: np.ndarray, role: str, node: onnx.NodeProto) -> None:
         """Record that weight input ``name`` follows ``ids`` on ``axis`` (mapped through Transposes)."""
@@ -335,16 +391,23 @@ def _outer_scope_refs(graph: onnx.GraphProto) -> dict[int, list[str]]:
 
 
 def _free_names(graph: onnx.GraphProto) -> list[str]:
-    defined = {i.name for i in graph.input} | {i.name for i in graph.initializer}
+    """Names ``graph`` (and the subgraphs inside it) read from enclosing scopes, in reading order."""
     free: list[str] = []
-    for node in graph.node:
-        for name in node.input:
-            if name and name not in defined:
-                free.append(name)
+    # explicit stack of (graph, names defined so far as seen from it, next node position): no recursion on nesting
+    stack: list[tuple[onnx.GraphProto, set[str], int]] = [(graph, {i.name for i in graph.input} |
+                                                           {i.name for i in graph.initializer}, 0)]
+    while stack:
+        current, defined, position = stack.pop()
+        if position >= len(current.node):
+            continue
+        node = current.node[position]
+        free.extend(name for name in node.input if name and name not in defined)
+        stack.append((current, defined, position + 1))
+        children = []
         for attr in node.attribute:
-            subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
-            for sub in subs:
-                free.extend(n for n in _free_names(sub) if n not in defined)
+            children.extend([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs))
+        for sub in reversed(children):
+            stack.append((sub, defined | {i.name for i in sub.input} | {i.name for i in sub.initializer}, 0))
         defined.update(node.output)
     return free
 

@@ -1323,6 +1323,7 @@ def gather_rule(a: Analysis, node: onnx.NodeProto) -> None:
         raise Freeze(f"Gather {node.name!r} picks channels at run time")
     n = len(ann.ids)
     picks = np.atleast_1d(indices).astype(np.int64) % n
+    index_type = np.asarray(indices).dtype  # int32 indices stay int32
     if np.ndim(indices) == 0:  # one channel, its axis dropped: that channel stays; its position may move
         picked = ann.ids[picks]
         a.freeze(picked, f"Gather {node.name!r} reads this channel at a fixed position")
@@ -1333,10 +1334,10 @@ def gather_rule(a: Analysis, node: onnx.NodeProto) -> None:
 
     scalar = np.ndim(indices) == 0
 
-    def rewrite(keep: np.ndarray, n_=node, ids=ids, picks=picks, scalar=scalar) -> None:
+    def rewrite(keep: np.ndarray, n_=node, ids=ids, picks=picks, scalar=scalar, index_type=index_type) -> None:
         position = np.cumsum(keep[ids]) - 1
         chosen = [int(position[p]) for p in picks if keep[ids[p]]]
-        new = np.array(chosen[0] if scalar else chosen, dtype=np.int64)
+        new = np.array(chosen[0] if scalar else chosen, dtype=index_type)
         _replace_input(a, n_, 1, new, "indices")
 
     a.node_edits.append((node, rewrite))

@@ -23,6 +23,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..analysis.cost import _skeleton, symbolic_inference
+from ..analysis.groups import cast_along
 from ..model import GraphIndex, get_attr
 
 #: (op, input slot) pairs that read a shape-like tensor the op rules know how to rewrite.
@@ -118,10 +119,10 @@ def _evaluate(model: onnx.ModelProto, index: GraphIndex, shapes: dict[str, list[
             elif name in values:
                 inputs.append(values[name])
             else:
-                weight, _ = index.resolve(name)
-                if weight is None or weight.size > _MAX_ELEMENTS:
+                weight, chain = index.resolve(name)
+                if weight is None or weight.size > _MAX_ELEMENTS or any(n.op_type == "Transpose" for n in chain):
                     break
-                inputs.append(weight.array())
+                inputs.append(cast_along(index, weight.array(), chain))
         else:
             result = _run(node, inputs, opset)
             if result is not None and result.size <= _MAX_ELEMENTS:

@@ -404,7 +404,8 @@ class StructuredPrunePass:
             del original
         elif cfg.fold_constants and not keep.all():
             ctx.log("folding constants of removed channels into consumer biases")
-            folded = fold_removed_constants(model, keep, _fold_feeds(ctx, model), shapes, cfg.prune_layernorm)
+            folded = fold_removed_constants(model, keep, _fold_feeds(ctx, model), shapes, cfg.prune_layernorm,
+                                            analysis=analysis)
             if folded["consumers"]:
                 analysis = analyse(model, shapes, cfg.exclude, cfg.prune_layernorm, cfg.overrides)
         if reconstruction is None:
