@@ -94,6 +94,7 @@ def checkpoint(stage: str) -> None:
 def main() -> None:
     """``onnxprune``: install the signal handlers, then import and run the command-line interface."""
     install_exit_handlers()
+    checkpoint("start")
     from .cli import main as cli_main
 
     checkpoint("import")

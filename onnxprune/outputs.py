@@ -201,10 +201,12 @@ def commit(moves: list[tuple[Path, Path]], what: str) -> None:
         umask = os.umask(0)
         os.umask(umask)
         try:
-            for source, target in moves:
+            for position, (source, target) in enumerate(moves):
                 os.chmod(source, 0o666 & ~umask)
                 os.replace(source, target)
                 COMMITTED.append(str(target))
+                if position < len(moves) - 1:
+                    checkpoint("rename")  # between the data file and the model: signals are held here
         except OSError as exc:
             raise OutputError(f"cannot write {moves[-1][1]}: {exc.strerror or exc}") from None
     checkpoint("written")
