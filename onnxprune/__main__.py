@@ -1,5 +1,5 @@
-"""``python -m onnxprune`` runs the command-line interface."""
+"""``python -m onnxprune`` runs the command-line interface (signal handlers first: see ``entry.py``)."""
 
-from .cli import main
+from .entry import main
 
 main()

@@ -27,6 +27,8 @@ from .model import (
     save_model,
     tensor_bytes,
 )
+from .entry import checkpoint
+from .outputs import OutputGuard
 from .passes.manager import PassContext, PassManager, PassResult
 from .passes.unstructured import MagnitudePrunePass
 from .validate import ModelSource, check_gates, check_providers, file_sizes, input_specs, prepare_feeds, run_validation
@@ -103,6 +105,7 @@ def prune(
     log: Callable[[str], None] | None = None,
     progress: Callable[..., Any] | None = None,
     quantize: str | None = None,
+    outputs: OutputGuard | None = None,
     **options: Any,
 ) -> tuple[onnx.ModelProto, PruneResult]:
     """Prune ``model`` (path or ModelProto) and return the pruned model and a result.
@@ -111,7 +114,8 @@ def prune(
     ``structured=True``...). With ``output`` the model is written atomically (never over
     the input); with ``validate`` both models are compared in onnxruntime. ``quantize``
     ("dynamic" or "static", needs ``output``) quantizes the pruned model with onnxruntime;
-    validation then compares the original with the pruned-and-quantized model.
+    validation then compares the original with the pruned-and-quantized model. ``outputs`` (the CLI's
+    :class:`~onnxprune.outputs.OutputGuard`) also protects the input's external data from the run's other outputs.
     """
     log = log or (lambda message: None)
     config = config or PruneConfig(**options)
@@ -129,6 +133,7 @@ def prune(
     log("loading model")
     loaded = _as_loaded(model)
     timings["load"] = time.perf_counter() - start
+    checkpoint("load")
 
     original_src = feeds = original_stats = None
     if vcfg.enabled:  # check the validation inputs before any work, so bad --data writes nothing
@@ -147,8 +152,9 @@ def prune(
     input_shapes = _input_shapes(loaded.model, vcfg, feeds, input_path, log)
     _refuse_quantized(loaded.model, config)
     _refuse_fused_heads(loaded.model, config)
+    refuse_non_finite(loaded.model)
     if output_path is not None:
-        _check_data_files(loaded, output_path, external_data, force)
+        external_data = _check_data_files(loaded, output_path, external_data, outputs or OutputGuard(force=force))
     calibration = None
     if config.calibration_data:
         from .calibration import load_calibration
@@ -169,6 +175,7 @@ def prune(
         ctx.state["feeds"] = feeds[0]
     if calibration:
         ctx.state["calibration"] = calibration
+    checkpoint("prune")
     pass_results = PassManager(build_passes(config)).run(ctx)
     timings["prune"] = time.perf_counter() - start
 
@@ -182,8 +189,6 @@ def prune(
         warnings=list(loaded.warnings),
     )
     start = time.perf_counter()
-    if external_data is None and loaded.has_external_data:
-        external_data = True  # external data in, external data out
     if output_path is not None:
         log(f"checking and writing {output_path}")
         save_model(loaded.model, output_path, external_data=external_data,
@@ -293,20 +298,36 @@ QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", 
                  "QAttention", "DynamicQuantizeMatMul", "MatMulIntegerToFloat"}
 
 
-def _check_data_files(loaded: LoadedModel, output: Path, external_data: bool | None, force: bool) -> None:
-    """Never write over the input's external data; an existing ``<output>.data`` needs ``--force``."""
-    from .errors import OutputError
-    from .model import _external_locations
+def _check_data_files(loaded: LoadedModel, output: Path, external_data: bool | None, guard: OutputGuard) -> bool:
+    """Never write over the input or its external data files; ``<output>.data`` follows the output rules.
 
-    if loaded.path is not None and loaded.has_external_data:
-        inputs = {(loaded.path.parent / loc).resolve() for loc in _external_locations(
-            onnx.load(str(loaded.path), load_external_data=False))}
-        targets = {output.resolve(), output.with_name(f"{output.name}.data").resolve()}
-        if inputs & targets:
-            raise OutputError(f"refusing to overwrite the input model's external data: {min(inputs & targets)}")
+    Returns whether external data will be written (``None``: when the input has external data or its tensors
+    reach the automatic threshold), decided here so the data file is checked before any work.
+    """
+    from .model import EXTERNAL_DATA_THRESHOLD
+
+    if external_data is None:
+        external_data = loaded.has_external_data or tensor_bytes(loaded.model) >= EXTERNAL_DATA_THRESHOLD
+    guard.protect(loaded.path, "input model")
+    for path in loaded.data_files:
+        guard.protect(path, "input model's external data")
     data = output.with_name(f"{output.name}.data")
-    if (external_data or (external_data is None and loaded.has_external_data)) and data.exists() and not force:
-        raise OutputError(f"output data file exists: {data} (use --force to replace it)")
+    for path, what in ((output, "output"), (data, "output data file")):
+        if (path is output or external_data) and not guard.claims(path):
+            guard.claim(path, what)
+    return external_data
+
+
+def refuse_non_finite(model: onnx.ModelProto) -> None:
+    """A prunable weight holding NaN or infinity is refused (exit 4): magnitude ranking on it is undefined."""
+    import numpy as np
+
+    from .analysis.weights import find_prunable_weights
+
+    for item in find_prunable_weights(model):
+        if not np.isfinite(item.weight.array()).all():
+            raise InvalidModelError(f"weight {item.name!r} holds NaN or infinite values: pruning by magnitude is "
+                                    "undefined on them; fix or re-export the model")
 
 
 FUSED_ATTENTION = {"Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedAttention",

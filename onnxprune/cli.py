@@ -12,10 +12,12 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .api import prune
+from .api import prune, refuse_non_finite
 from .config import PruneConfig, ValidateConfig, parse_input_shape
+from .entry import COMMITTED, SIGNALS, install_raise_handlers, interrupted_message
 from .errors import EXIT_CODES, GateFailedError, OnnxPruneError, UsageError
-from .model import check_output_path, default_output_path
+from .model import default_output_path
+from .outputs import OutputGuard, write_atomic, write_text_atomic
 from .report import check_report_path, render, write_report
 
 EPILOG = "Exit codes: " + "; ".join(f"{code} {text}" for code, text in sorted(EXIT_CODES.items())) + "; 130 interrupted."
@@ -60,14 +62,11 @@ class _Display:
             yield from bar
 
 
-def _on_sigterm(signum, frame):
-    raise KeyboardInterrupt
-
-
-def run_guarded(debug: bool, body, output: Path | None = None) -> None:
-    """Run ``body``; map errors to one line on stderr and their exit code."""
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
-    started = time.time()
+def run_guarded(debug: bool, body) -> None:
+    """Run ``body``; map errors to one line on stderr and their exit code (130 for SIGINT/SIGTERM)."""
+    previous = {sig: signal.getsignal(sig) for sig in SIGNALS}
+    COMMITTED.clear()
+    install_raise_handlers()
     try:
         body()
     except OnnxPruneError as exc:
@@ -76,10 +75,7 @@ def run_guarded(debug: bool, body, output: Path | None = None) -> None:
         click.echo(f"onnxprune: error: {exc}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        if output is not None and output.exists() and output.stat().st_mtime >= started - 1:
-            click.echo(f"onnxprune: interrupted after the output was written completely: {output}", err=True)
-        else:
-            click.echo("onnxprune: interrupted; no output written", err=True)
+        click.echo(interrupted_message(), err=True)
         sys.exit(130)
     except MemoryError:
         click.echo("onnxprune: error: out of memory", err=True)
@@ -87,10 +83,21 @@ def run_guarded(debug: bool, body, output: Path | None = None) -> None:
     except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, no traceback
         if debug:
             traceback.print_exc()
-        click.echo(f"onnxprune: error: internal error: {type(exc).__name__}: {exc} (rerun with --debug)", err=True)
+        click.echo(f"onnxprune: error: internal error (a bug in onnxprune): {type(exc).__name__}: {exc}; please "
+                   "report it with the output of the same command with --debug", err=True)
         sys.exit(1)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _guard(force: bool, model: Path, **inputs: Path | str | None) -> OutputGuard:
+    """An output guard that protects the model and the other files the run reads."""
+    guard = OutputGuard(force=force)
+    guard.protect(model, "input model")
+    for what, path in inputs.items():
+        guard.protect(path, what.replace("_", " "))
+    return guard
 
 
 def _providers(values: tuple[str, ...]) -> list[str]:
@@ -207,12 +214,20 @@ def prune_command(model: Path, output: Path | None, force: bool, debug: bool, qu
         if vcfg.eval_data and not vcfg.enabled:
             raise UsageError("--eval-data needs validation (drop --no-validate)")
         out = output or default_output_path(model)
-        check_output_path(out, input_path=model, force=force)
+        guard = _guard(force, model, data_file=opts["data"], eval_data_file=opts["eval_data"],
+                       calibration_data=opts["calibration_data"], recipe=opts["recipe_path"])
+        guard.claim(out, "output")
+        if opts["external_data"]:
+            guard.claim(out.with_name(f"{out.name}.data"), "output data file")
         for path in reports:
             check_report_path(path)
+            guard.claim(path, "report")
+        if opts["save_recipe"]:
+            guard.claim(opts["save_recipe"], "recipe")
         display = _Display(quiet, verbose)
         _, result = prune(model, out, config=config, validate=vcfg, force=force, quantize=opts["quantize"],
-                          external_data=opts["external_data"], log=display.log, progress=display.progress)
+                          external_data=opts["external_data"], log=display.log, progress=display.progress,
+                          outputs=guard)
         report = result.to_dict()
         for path in reports:
             write_report(report, path)
@@ -225,7 +240,7 @@ def prune_command(model: Path, output: Path | None, force: bool, debug: bool, qu
         if result.gate_failures:
             raise GateFailedError("validation gates missed: " + "; ".join(result.gate_failures))
 
-    run_guarded(debug, body, output or default_output_path(model))
+    run_guarded(debug, body)
 
 
 def _hw(value: str | None) -> tuple[int, int] | None:
@@ -276,12 +291,13 @@ def inspect_command(model: Path, as_json: bool, input_shape: tuple[str, ...], de
 @click.option("--input-shape", multiple=True, metavar="NAME:1x3x224x224", help="Shape for dynamic inputs.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the measurements as JSON.")
 @click.option("--plot", type=click.Path(path_type=Path), help="Write a PNG plot of error against ratio per group.")
+@click.option("--force", is_flag=True, help="Replace existing --json/--plot files.")
 @click.option("--prune-layernorm", is_flag=True, help="As for pruning: let channels through LayerNorm over channels.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def sensitivity_command(model: Path, calibration_data: Path | None, eval_data: Path | None, ratios: str,
                         criterion: str, input_shape: tuple[str, ...], json_path: Path | None, plot: Path | None,
-                        prune_layernorm: bool, quiet: bool, debug: bool) -> None:
+                        force: bool, prune_layernorm: bool, quiet: bool, debug: bool) -> None:
     """Prune each channel group of MODEL alone at several ratios and measure what it costs."""
 
     def body() -> None:
@@ -298,8 +314,18 @@ def sensitivity_command(model: Path, calibration_data: Path | None, eval_data: P
             raise UsageError("--ratios must lie in (0, 1)")
         config = PruneConfig(structured=True, sparsity=0.0, criterion=criterion, prune_layernorm=prune_layernorm)
         config.validate()
+        guard = _guard(force, model, calibration_data=calibration_data, eval_data_file=eval_data)
+        if json_path:
+            guard.claim(json_path, "JSON file")
+        if plot:
+            if not plot.suffix:
+                raise UsageError(f"--plot {plot}: give the file an image extension such as .png")
+            guard.claim(plot, "plot")
         display = _Display(quiet, False)
         loaded = load_model(model)
+        for path in loaded.data_files:
+            guard.protect(path, "input model's external data")
+        refuse_non_finite(loaded.model)
         shapes = dict(parse_input_shape(spec) for spec in input_shape)
         labels = None
         if eval_data:
@@ -318,9 +344,9 @@ def sensitivity_command(model: Path, calibration_data: Path | None, eval_data: P
         prepare_for_analysis(loaded.model)
         result = sens.measure(loaded.model, feeds, config, values, labels, shapes or None, display.log)
         if json_path:
-            json_path.write_text(_dump(result) + "\n")
+            write_text_atomic(json_path, _dump(result) + "\n", "JSON file")
         if plot:
-            sens.plot(result, str(plot))
+            write_atomic(plot, "plot", lambda temp: sens.plot(result, str(temp)))
         if not quiet:
             click.echo(sens.render(result))
 

@@ -46,7 +46,9 @@ class GateFailedError(OnnxPruneError):
 
 
 class OutputError(OnnxPruneError):
-    """The output cannot be written: exists without --force, unwritable directory, same as input."""
+    """An output path is refused (see onnxprune/outputs.py): it is an input or another output of the run, exists
+    without --force, is not a regular file (device, FIFO, socket, directory, symbolic link), or its folder is
+    missing or unwritable."""
 
     exit_code = 7
     kind = "output"
@@ -63,10 +65,12 @@ EXIT_CODES = {
     0: "success",
     1: "internal error (a bug: please report it with --debug output)",
     UsageError.exit_code: "usage: bad option or option value",
-    ModelReadError.exit_code: "unreadable model: missing file, not ONNX, truncated/corrupt, missing external data",
-    InvalidModelError.exit_code: "invalid model: fails the ONNX checker",
+    ModelReadError.exit_code: "unreadable model: missing file, not ONNX, truncated/corrupt, missing external data or "
+                              "external data outside the model's folder",
+    InvalidModelError.exit_code: "invalid model: fails the ONNX checker, malformed tensor, non-finite weights",
     UnsupportedError.exit_code: "unsupported model or request",
     GateFailedError.exit_code: "validation gate failed (output written, gates missed)",
-    OutputError.exit_code: "output cannot be written (exists without --force, unwritable, same as input)",
+    OutputError.exit_code: "output refused (an input or another output, exists without --force, not a regular file, "
+                           "missing or unwritable folder)",
     InputDataError.exit_code: "input data (--data, --input-shape) does not match the model",
 }

@@ -8,8 +8,9 @@ untouched; only the tensors onnxprune changes are rewritten.
 
 from __future__ import annotations
 
+import math
 import os
-import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ class LoadedModel:
     has_external_data: bool = False
     file_bytes: int = 0  # model file plus external data files, as on disk
     warnings: list[str] = field(default_factory=list)
+    data_files: list[Path] = field(default_factory=list)  # the external data files read (inside the folder)
 
 
 #: ops onnxruntime's transformer optimizer writes into the default ONNX domain, which onnxruntime runs
@@ -79,26 +81,74 @@ def check_input_model(model: onnx.ModelProto) -> list[str]:
 
 
 def _external_locations(model: onnx.ModelProto) -> list[str]:
-    locations: list[str] = []
+    """The distinct external data locations of ``model`` (not checked: see :func:`external_data_file`)."""
+    return [location for _, location in _external_tensors(model)]
+
+
+def _external_tensors(model: onnx.ModelProto) -> list[tuple[str, str]]:
+    """(tensor name, location) of each external tensor, first occurrence of each location."""
+    locations: dict[str, str] = {}
     for tensor in _iter_all_tensors(model):
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            for entry in tensor.external_data:
-                if entry.key == "location" and entry.value not in locations:
-                    locations.append(entry.value)
-    return locations
+            location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+            locations.setdefault(location, tensor.name)
+    return [(name, location) for location, name in locations.items()]
+
+
+def _refuse_location(tensor: str, location: str, why: str) -> ModelReadError:
+    return ModelReadError(f"external data of tensor {tensor!r}: location {location!r} {why}; onnxprune reads "
+                          "external data only from regular files inside the model's folder")
+
+
+def external_data_file(base: Path, tensor: str, location: str) -> Path:
+    """The file holding ``tensor``'s external data, checked to lie inside ``base`` (the model's folder).
+
+    The location must be a normalised relative path (no absolute path, ``..``, ``.`` or empty part); every
+    part is ``lstat``-ed only once the parts before it are known to be real folders inside ``base``, so no
+    path outside is opened or stat'ed. Symbolic links are refused (onnx refuses them too); the file must be
+    a regular file. Independent of the installed onnx version.
+    """
+    parts = location.replace("\\", "/").split("/")
+    if "\0" in location or location.startswith(("/", "\\")) or (len(location) > 1 and location[1] == ":"):
+        raise _refuse_location(tensor, location, "is absolute")
+    if any(part in ("", ".", "..") for part in parts):
+        raise _refuse_location(tensor, location, "is not a normalised relative path")
+    current = base
+    for position, part in enumerate(parts):
+        current = current / part
+        try:
+            info = os.lstat(current)
+        except FileNotFoundError:
+            raise ModelReadError(f"external data file missing: {current} (tensor {tensor!r})") from None
+        except OSError as exc:
+            raise _refuse_location(tensor, location, f"cannot be read ({exc.strerror or exc})") from None
+        if stat.S_ISLNK(info.st_mode):
+            target = os.readlink(current)
+            inside = not os.path.isabs(target) and not os.path.normpath(
+                os.path.join(*parts[:position], target)).startswith("..")
+            raise _refuse_location(tensor, location, "is a symbolic link" + (
+                "" if inside else f" leading outside the model's folder (to {target})"))
+        last = position == len(parts) - 1
+        if not last and not stat.S_ISDIR(info.st_mode):
+            raise _refuse_location(tensor, location, f"passes through {part!r}, which is not a folder")
+        if last and not stat.S_ISREG(info.st_mode):
+            raise _refuse_location(tensor, location, "is not a regular file (a folder, device, FIFO or socket)")
+    return current
 
 
 def load_model(path: str | os.PathLike, *, check: bool = True) -> LoadedModel:
     """Read ``path`` (with its external data) and run the ONNX checker on it.
 
-    Raises :class:`ModelReadError` for anything that is not a readable ONNX file and
-    :class:`InvalidModelError` when the checker rejects the model.
+    Raises :class:`ModelReadError` for anything that is not a readable ONNX file or external data outside the
+    model's folder, and :class:`InvalidModelError` when the checker rejects the model or a tensor is malformed.
     """
     path = Path(path)
     if not path.exists():
         raise ModelReadError(f"model file not found: {path}")
     if path.is_dir():
         raise ModelReadError(f"expected an ONNX file, got a directory: {path}")
+    if not path.is_file():
+        raise ModelReadError(f"expected an ONNX file, got a device, FIFO or socket: {path}")
     size = path.stat().st_size
     if size == 0:
         raise ModelReadError(f"model file is empty: {path}")
@@ -110,46 +160,96 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> LoadedModel:
         raise ModelReadError(f"cannot read model {path}: {exc}") from None
     if model.ir_version <= 0 or not model.HasField("graph") or not model.opset_import:
         raise ModelReadError(f"not an ONNX model (no IR version, graph or opset import): {path}")
-    locations = _external_locations(model)
     base = path.parent
-    file_bytes = size
-    for loc in locations:
-        data_path = base / loc
-        if not data_path.is_file():
-            raise ModelReadError(f"external data file missing: {data_path} (referenced by {path.name})")
-        file_bytes += data_path.stat().st_size
-    if locations:
+    data_files = [external_data_file(base, tensor, loc) for tensor, loc in _external_tensors(model)]
+    file_bytes = size + sum(p.stat().st_size for p in data_files)
+    if data_files:
         try:
             onnx.external_data_helper.load_external_data_for_model(model, str(base))
         except (OSError, ValueError) as exc:
             raise ModelReadError(f"cannot read external data of {path}: {exc}") from None
-        _check_tensor_sizes(model, path)
-    else:
-        _check_tensor_sizes(model, path)
+    check_tensors(model, path)
     warnings = check_input_model(model) if check else []
-    return LoadedModel(model=model, path=path, has_external_data=bool(locations), file_bytes=file_bytes,
-                       warnings=warnings)
+    return LoadedModel(model=model, path=path, has_external_data=bool(data_files), file_bytes=file_bytes,
+                       warnings=warnings, data_files=data_files)
 
 
-def _check_tensor_sizes(model: onnx.ModelProto, path: Path) -> None:
-    """Catch raw data whose byte size does not match dims x dtype (corruption the checker misses)."""
+#: bits per element of the packed sub-byte types (onnx versions without a type lack its name)
+_PACKED_BITS = {getattr(onnx.TensorProto, name): bits for name, bits in (
+    ("INT4", 4), ("UINT4", 4), ("FLOAT4E2M1", 4), ("INT2", 2), ("UINT2", 2)) if hasattr(onnx.TensorProto, name)}
+#: the typed field each data type stores its values in when it has no raw data, and values per element
+_TYPED_FIELD = {
+    onnx.TensorProto.FLOAT: ("float_data", 1), onnx.TensorProto.COMPLEX64: ("float_data", 2),
+    onnx.TensorProto.DOUBLE: ("double_data", 1), onnx.TensorProto.COMPLEX128: ("double_data", 2),
+    onnx.TensorProto.INT64: ("int64_data", 1), onnx.TensorProto.UINT32: ("uint64_data", 1),
+    onnx.TensorProto.UINT64: ("uint64_data", 1), onnx.TensorProto.STRING: ("string_data", 1),
+}
+
+
+def _element_bits(data_type: int) -> int | None:
+    """Bits per element of an ONNX data type, None for an unknown one."""
+    if data_type in _PACKED_BITS:
+        return _PACKED_BITS[data_type]
+    if data_type in (onnx.TensorProto.UNDEFINED, onnx.TensorProto.STRING):
+        return None
+    try:
+        return 8 * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(data_type)).itemsize
+    except (KeyError, ValueError, TypeError):
+        return None
+
+
+def check_tensors(model: onnx.ModelProto, path: Path | None = None) -> None:
+    """Refuse malformed tensors the checker may miss (exit 4, naming the tensor): negative dims, unknown data
+    types, data whose size does not match dims x type (raw or typed fields, sizes as Python ints, so huge dims
+    cannot wrap around), and an initializer declared as a graph input with another type or shape."""
+    where = f" in {path.name}" if path is not None else ""
     for tensor in _iter_all_tensors(model):
-        if not tensor.HasField("raw_data"):
-            continue
-        if tensor.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
-            continue
-        try:
-            np_dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
-        except (KeyError, ValueError):
-            continue
-        count = int(np.prod(tensor.dims, dtype=np.int64)) if len(tensor.dims) else 1
-        bits = {onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4}.get(tensor.data_type)
-        expected = (count * bits + 7) // 8 if bits else count * np.dtype(np_dtype).itemsize
+        _check_tensor(tensor, where)
+    for graph in iter_graphs(model.graph):
+        _check_initializer_inputs(graph, where)
+
+
+def _check_tensor(tensor: onnx.TensorProto, where: str) -> None:
+    name, dims = tensor.name, list(tensor.dims)
+    if any(d < 0 for d in dims):
+        raise InvalidModelError(f"tensor {name!r}{where} has a negative dimension: {dims}")
+    count = math.prod(dims)
+    if tensor.data_type != onnx.TensorProto.STRING and _element_bits(tensor.data_type) is None:
+        raise InvalidModelError(f"tensor {name!r}{where} has an unknown data type {tensor.data_type}")
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        return
+    if tensor.HasField("raw_data"):
+        if tensor.data_type == onnx.TensorProto.STRING:
+            raise InvalidModelError(f"tensor {name!r}{where}: a string tensor cannot have raw data")
+        expected = (count * _element_bits(tensor.data_type) + 7) // 8
         if len(tensor.raw_data) != expected:
-            raise InvalidModelError(
-                f"tensor {tensor.name!r} in {path.name} has {len(tensor.raw_data)} bytes of data, "
-                f"expected {expected} for shape {list(tensor.dims)}"
-            )
+            raise InvalidModelError(f"tensor {name!r}{where} has {len(tensor.raw_data)} bytes of data, "
+                                    f"expected {expected} for shape {dims}")
+        return
+    field_name, per = _TYPED_FIELD.get(tensor.data_type, ("int32_data", 1))
+    bits = _PACKED_BITS.get(tensor.data_type)
+    expected = -(-count // (8 // bits)) if bits else count * per  # packed types: one int32 entry per byte
+    found = len(getattr(tensor, field_name))
+    if found != expected and not (found == 0 and count == 0):
+        raise InvalidModelError(f"tensor {name!r}{where} holds {found} values in {field_name}, expected "
+                                f"{expected} for shape {dims}")
+
+
+def _check_initializer_inputs(graph: onnx.GraphProto, where: str) -> None:
+    """An initializer that is also a graph input must agree with the input's declared type and fixed dims."""
+    declared = {v.name: v.type.tensor_type for v in graph.input if v.type.HasField("tensor_type")}
+    for init in graph.initializer:
+        kind = declared.get(init.name)
+        if kind is None:
+            continue
+        if kind.elem_type and kind.elem_type != init.data_type:
+            raise InvalidModelError(f"initializer {init.name!r}{where} has data type {init.data_type} but the graph "
+                                    f"input of that name declares {kind.elem_type}")
+        if kind.HasField("shape"):
+            dims = [d.dim_value if d.HasField("dim_value") else None for d in kind.shape.dim]
+            if len(dims) != len(init.dims) or any(d is not None and d != v for d, v in zip(dims, init.dims)):
+                raise InvalidModelError(f"initializer {init.name!r}{where} has shape {list(init.dims)} but the "
+                                        f"graph input of that name declares {dims}")
 
 
 def check_model(model: onnx.ModelProto, *, path: Path | None = None, full: bool = False) -> None:
@@ -351,18 +451,13 @@ def default_output_path(input_path: Path) -> Path:
 
 
 def check_output_path(output: Path, *, input_path: Path | None, force: bool) -> None:
-    """Refuse writing over the input, an existing file without ``force``, or an unwritable place."""
-    if input_path is not None and output.resolve() == input_path.resolve():
-        raise OutputError(f"refusing to overwrite the input model: {output}")
-    if output.is_dir():
-        raise OutputError(f"output path is a directory: {output}")
-    if output.exists() and not force:
-        raise OutputError(f"output exists: {output} (use --force to replace it)")
-    parent = output.parent if str(output.parent) else Path(".")
-    if not parent.is_dir():
-        raise OutputError(f"output directory does not exist: {parent}")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"output directory is not writable: {parent}")
+    """Refuse writing over the input, an existing file without ``force``, a non-regular file or an unwritable
+    place (the rules of :class:`onnxprune.outputs.OutputGuard`)."""
+    from .outputs import OutputGuard
+
+    guard = OutputGuard(force=force)
+    guard.protect(input_path, "input model")
+    guard.claim(output, "output")
 
 
 def save_model(
@@ -379,33 +474,26 @@ def save_model(
     abort (nothing is then written). Returns the paths written; the in-memory model keeps
     its data.
     """
+    from .outputs import commit, temp_folder
+
     output = Path(output)
     if external_data is None:
         external_data = tensor_bytes(model) >= EXTERNAL_DATA_THRESHOLD
-    try:
-        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent or "."))
-    except OSError as exc:
-        raise OutputError(f"cannot write into {output.parent}: {exc.strerror or exc}") from None
-    written: list[Path] = []
-    try:
+    data_name = f"{output.name}.data"
+    with temp_folder(output) as tmp_dir:
         tmp_model = tmp_dir / output.name
-        data_name = f"{output.name}.data"
-        if external_data:
-            _save_external(model, tmp_model, data_name)
-        else:
-            _save_streamed(model, tmp_model)
+        try:
+            if external_data:
+                _save_external(model, tmp_model, data_name)
+            else:
+                _save_streamed(model, tmp_model)
+        except OSError as exc:
+            raise OutputError(f"cannot write {output}: {exc.strerror or exc}") from None
         if verify is not None:
             verify(tmp_model)
-        if (tmp_dir / data_name).exists():
-            os.replace(tmp_dir / data_name, output.parent / data_name)
-            written.append(output.parent / data_name)
-        os.replace(tmp_model, output)
-        written.insert(0, output)
-    except OSError as exc:
-        raise OutputError(f"cannot write {output}: {exc}") from None
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-    return written
+        moves = [(tmp_dir / data_name, output.parent / data_name)] if external_data else []
+        commit(moves + [(tmp_model, output)], "output")
+    return [output] + [target for _, target in moves]
 
 
 def _varint(value: int) -> bytes:

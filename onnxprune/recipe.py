@@ -125,11 +125,13 @@ def applied_recipe(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_recipe(recipe: dict[str, Any], path: Path) -> None:
-    """Write a recipe as YAML (or JSON for a .json name)."""
+    """Write a recipe as YAML (or JSON for a .json name), atomically."""
+    from .outputs import write_text_atomic
+
     if path.suffix.lower() == ".json":
         text = json.dumps(recipe, indent=2) + "\n"
     else:
         import yaml
 
         text = yaml.safe_dump(recipe, sort_keys=False)
-    path.write_text(text, encoding="utf-8")
+    write_text_atomic(Path(path), text, "recipe")

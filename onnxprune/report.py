@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from .errors import OutputError, UsageError
+from .errors import UsageError
 
 NOTE_UNSTRUCTURED = (
     "zeroed weights do not make dense onnxruntime kernels faster; they shrink the compressed "
@@ -193,16 +191,19 @@ def _json_default(value: Any) -> Any:
 
 
 def check_report_path(path: Path) -> None:
-    """Refuse a report path we cannot write, before any work is done."""
+    """Refuse a report path we cannot write, before any work is done (the output guard's rules and a known
+    extension; :class:`onnxprune.outputs.OutputGuard` also keeps it apart from the run's other files)."""
+    from .outputs import check_target
+
     if path.suffix.lower() not in (".json", ".md", ".markdown", ".html", ".htm"):
         raise UsageError(f"--report {path}: use a .json, .md or .html file name")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise OutputError(f"report directory does not exist: {parent}")
+    check_target(path, "report", force=True)
 
 
 def write_report(report: dict[str, Any], path: Path) -> None:
-    """Write JSON, Markdown or HTML by extension, atomically."""
+    """Write JSON, Markdown or HTML by extension, atomically (a temporary file beside it, then a rename)."""
+    from .outputs import write_text_atomic
+
     if path.suffix.lower() == ".json":
         text = json.dumps(report, indent=2, sort_keys=True, default=_json_default, allow_nan=True) + "\n"
     elif path.suffix.lower() in (".html", ".htm"):
@@ -211,16 +212,4 @@ def write_report(report: dict[str, Any], path: Path) -> None:
         text = render_html(report)
     else:
         text = render(report, markdown=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise OutputError(f"cannot write report {path}: {exc}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_text_atomic(Path(path), text, "report")

@@ -349,3 +349,117 @@ def test_onnxruntime_default_domain_op_is_accepted_with_a_warning(tmp_path):
     bad = tmp_path / "bad.onnx"
     _model_with_default_domain_op(bad, "NoSuchNormalization")
     check(tmp_path, [bad, "--sparsity", "0.5"], 4, "No Op registered for NoSuchNormalization")
+
+
+# --------------------------------------------------------------------------------------
+# Malformed tensors: exit 4 naming the tensor, never "internal error", nothing written
+# --------------------------------------------------------------------------------------
+
+
+def _mlp(tmp_path, weight, extra_inputs=(), name="bad.onnx"):
+    """x[1, 4] @ weight -> y, with ``weight`` (a TensorProto) as the initializer; returns the saved path."""
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", weight.name], ["y"])], "mlp",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4]), *extra_inputs],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])], [weight])
+    path = tmp_path / name
+    path.write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)],
+                                       ir_version=8).SerializeToString())
+    return path
+
+
+def _weight(values=None, dims=None, data_type=None):
+    tensor = onnx.numpy_helper.from_array(np.ones((4, 4), np.float32) if values is None else values, "w")
+    if dims is not None:
+        del tensor.dims[:]
+        tensor.dims.extend(dims)
+    if data_type is not None:
+        tensor.data_type = data_type
+    return tensor
+
+
+def _typed_short():
+    tensor = helper.make_tensor("w", onnx.TensorProto.FLOAT, [4, 4], [1.0] * 16)
+    del tensor.float_data[-1]
+    return tensor
+
+
+@pytest.mark.parametrize("weight, words", [
+    (_weight(dims=[9, 4099276460824344832]), ["'w'", f"expected {9 * 4099276460824344832 * 4} for"]),  # wraps in int64
+    (_weight(dims=[-4, -4]), ["'w'", "negative dimension"]),
+    (_weight(data_type=999), ["'w'", "unknown data type 999"]),
+    (_weight(np.ones((4, 3), np.float32), dims=[4, 4]), ["'w'", "48 bytes of data, expected 64"]),
+    (_typed_short(), ["'w'", "15 values in float_data, expected 16"]),
+], ids=["wrapped-dims", "negative-dims", "unknown-dtype", "raw-size", "typed-size"])
+def test_malformed_tensor(tmp_path, weight, words):
+    check(tmp_path, [_mlp(tmp_path, weight), "--sparsity", "0.5"], 4, *words)
+
+
+def test_malformed_constant_node(tmp_path):
+    """The same checks reach Constant nodes (weights some exporters store that way)."""
+    value = helper.make_tensor("c", onnx.TensorProto.INT64, [2], [1, 2])
+    value.dims[0] = 2**62  # 2 * 2**62 elements wrap to 0 in int64
+    value.dims.append(4)
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])
+    nodes = [helper.make_node("Constant", [], ["c"], value=value), helper.make_node("Identity", ["x"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [x], [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])])
+    path = tmp_path / "const.onnx"
+    path.write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)],
+                                       ir_version=8).SerializeToString())
+    check(tmp_path, [path, "--sparsity", "0.5"], 4, "'c'", "int64_data")
+
+
+def test_inspect_does_not_skip_an_unknown_dtype(tmp_path):
+    check(tmp_path, ["inspect", _mlp(tmp_path, _weight(data_type=999))], 4, "unknown data type 999")
+
+
+@pytest.mark.parametrize("declared, words", [
+    (helper.make_tensor_value_info("w", onnx.TensorProto.FLOAT, [8, 8]), ["'w'", "[4, 4]", "[8, 8]"]),
+    (helper.make_tensor_value_info("w", onnx.TensorProto.INT64, [4, 4]), ["'w'", "data type"]),
+], ids=["shape", "dtype"])
+def test_initializer_clashing_with_a_graph_input(tmp_path, declared, words):
+    """It used to end in "internal error" with model.pruned.onnx left on disk."""
+    check(tmp_path, [_mlp(tmp_path, _weight(), [declared]), "--sparsity", "0.5"], 4, *words)
+
+
+def test_initializer_matching_its_graph_input_is_fine(tmp_path):
+    declared = helper.make_tensor_value_info("w", onnx.TensorProto.FLOAT, [4, "n"])
+    code, _, err = run_cli(_mlp(tmp_path, _weight(np.arange(16, dtype=np.float32).reshape(4, 4)), [declared]),
+                           "--sparsity", "0.5", "--no-validate")
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_prunable_weight(tmp_path, bad):
+    values = np.arange(16, dtype=np.float32).reshape(4, 4)
+    values[2, 1] = bad
+    path = _mlp(tmp_path, _weight(values))
+    check(tmp_path, [path, "--sparsity", "0.5"], 4, "'w'", "NaN or infinite")
+    check(tmp_path, [path, "--structured", "--sparsity", "0.5"], 4, "'w'")
+
+
+def test_non_finite_constant_that_is_not_a_weight_is_fine(tmp_path):
+    """-inf in a mask-like constant (not a prunable weight) does not stop pruning."""
+    mask = onnx.numpy_helper.from_array(np.array([0, -np.inf, 0, 0], np.float32), "mask")
+    w = _weight(np.arange(16, dtype=np.float32).reshape(4, 4))
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Add", ["h", "mask"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])], [w, mask])
+    path = tmp_path / "mask.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8), path)
+    code, _, err = run_cli(path, "--sparsity", "0.5", "--no-validate")
+    assert code == 0, err
+    pruned = onnx.numpy_helper.to_array(onnx.load(str(tmp_path / "mask.pruned.onnx")).graph.initializer[0])
+    assert int((pruned == 0).sum()) == 8 and pruned[3].all()  # the 8 smallest of 0..15 went, the largest row stays
+
+
+def test_internal_error_asks_for_a_report_with_debug(tmp_path, monkeypatch):
+    """Exit 1 is for onnxprune's own bugs: the one line says so and asks for --debug output."""
+    from onnxprune import cli
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(cli, "prune", broken)
+    shutil.copy(CNN, tmp_path / "model.onnx")
+    check(tmp_path, [tmp_path / "model.onnx", "--sparsity", "0.5"], 1, "bug in onnxprune", "ZeroDivisionError",
+          "report it", "--debug")
