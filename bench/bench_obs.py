@@ -9,9 +9,11 @@ disjoint from the calibration data. Settings: unstructured 50 %, 70 % and 2:4, p
 
 Rows: magnitude (l1), Wanda (``--criterion activation``), Wanda + row-wise least-squares refit
 (``--reconstruct``), magnitude + row-wise refit (what ``--reconstruct`` alone does), OBS
-(``--criterion obs``: dense refit to the original layer output, then SparseGPT), and OBS with the
-paper's objective (each layer keeps its own output on the pruned model's inputs, no drift
-correction; the repair object built directly, since this variant has no CLI switch). Figures:
+(``--criterion obs``: dense refit to the original layer output, then exact per-row OBS for layers
+this small), OBS with the SparseGPT sweep for every layer (what layers above
+``onnxprune.obs.EXACT_WORK`` get), and that sweep with the paper's objective (each layer keeps its
+own output on the pruned model's inputs, no drift correction). The last two have no CLI switch:
+the benchmark sets the module constant / builds the repair object itself. Figures:
 top-1 on the test images (dense -> pruned), relative L2 of the logits against the dense model on
 the same images, and the tool's wall time (``onnxprune.prune`` in this process, no validation).
 """
@@ -29,7 +31,7 @@ import onnx
 import onnxruntime as ort
 
 import onnxprune
-from onnxprune.obs import ObsRepair
+from onnxprune import obs
 from onnxprune.passes import unstructured
 
 TRAINED = Path(__file__).resolve().parent.parent / "fixtures" / "trained"
@@ -40,7 +42,8 @@ SETTINGS = {"50%": {"sparsity": 0.5}, "70%": {"sparsity": 0.7}, "2:4": {"pattern
 METHODS = {"magnitude": {}, "Wanda": {"criterion": "activation"},
            "Wanda + refit": {"criterion": "activation", "reconstruct": True},
            "magnitude + refit": {"criterion": "l1", "reconstruct": True},
-           "OBS": {"criterion": "obs"}, "OBS, paper objective": {"criterion": "obs", "paper": True}}
+           "OBS": {"criterion": "obs"}, "OBS, SparseGPT sweep": {"criterion": "obs", "sweep": True},
+           "OBS, SparseGPT sweep, paper objective": {"criterion": "obs", "sweep": True, "paper": True}}
 
 
 def logits(model: onnx.ModelProto, inputs: np.ndarray) -> np.ndarray:
@@ -49,25 +52,25 @@ def logits(model: onnx.ModelProto, inputs: np.ndarray) -> np.ndarray:
 
 
 @contextmanager
-def paper_objective():
-    """OBS without the original model as reference: each layer keeps its own output on its current inputs."""
-    build = unstructured._obs_repair
-    unstructured._obs_repair = lambda ctx, items, followers: ObsRepair(
-        ctx.model, items, ctx.state["calibration"], reference=None, log=ctx.log)
+def variant(sweep: bool, paper: bool):
+    """OBS with the SparseGPT sweep for every layer and/or without the original model as reference."""
+    build, exact = unstructured._obs_repair, obs.EXACT_WORK
+    if paper:
+        unstructured._obs_repair = lambda ctx, items, followers: obs.ObsRepair(
+            ctx.model, items, ctx.state["calibration"], reference=None, log=ctx.log)
+    if sweep:
+        obs.EXACT_WORK = 0
     try:
         yield
     finally:
-        unstructured._obs_repair = build
+        unstructured._obs_repair, obs.EXACT_WORK = build, exact
 
 
 def run(model: str, calib: str, val: dict, setting: dict, method: dict, dense: np.ndarray) -> dict:
-    options = {k: v for k, v in method.items() if k != "paper"}
+    options = {k: v for k, v in method.items() if k not in ("paper", "sweep")}
     config = onnxprune.PruneConfig(calibration_data=str(TRAINED / calib), **setting, **options)
     start = time.perf_counter()
-    if method.get("paper"):
-        with paper_objective():
-            pruned, _ = onnxprune.prune(TRAINED / model, config=config)
-    else:
+    with variant(method.get("sweep", False), method.get("paper", False)):
         pruned, _ = onnxprune.prune(TRAINED / model, config=config)
     seconds = time.perf_counter() - start
     out = logits(pruned, val["input"])
@@ -78,6 +81,7 @@ def run(model: str, calib: str, val: dict, setting: dict, method: dict, dense: n
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     args = parser.parse_args()
     rows = []
     print("| model | setting | method | top-1 dense -> pruned | rel. L2 of logits | tool time |\n|---|---|---|---|---|---|")
@@ -86,7 +90,8 @@ def main() -> None:
         dense = logits(onnx.load(str(TRAINED / model)), val["input"])
         dense_top1 = float((dense.argmax(1) == val["labels"]).mean())
         for setting_label, setting in SETTINGS.items():
-            for method_label, method in METHODS.items():
+            for method_label in args.methods:
+                method = METHODS[method_label]
                 r = run(model, calib, val, setting, method, dense)
                 rows.append({"model": label, "setting": setting_label, "method": method_label,
                              "dense_top1": dense_top1, **r})

@@ -29,6 +29,7 @@ from .model import build_indexes, get_attr
 
 BLOCK = 128
 DAMP = 0.01
+EXACT_WORK = 1e9  # layers with outputs x inputs³ up to this are pruned by exact per-row OBS (about a second)
 
 
 def obs_prune_rows(rows: np.ndarray, hessian: np.ndarray, *, count: int | None = None,
@@ -71,6 +72,63 @@ def obs_prune_rows(rows: np.ndarray, hessian: np.ndarray, *, count: int | None =
         w[:, end:] -= errors @ u[start:end, end:]
     w[mask] = 0.0
     return w, mask
+
+
+def obs_exact_rows(rows: np.ndarray, hessian: np.ndarray, *, count: int | None = None,
+                   nm: tuple[int, int] | None = None, damp: float = DAMP) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy OBS per row (Optimal Brain Compression): remove the weight of least w² / [H⁻¹]_qq, update the
+    row's other weights and its inverse Hessian exactly (rank-one), repeat; returns (rows, mask).
+
+    Each row stays the exact least-squares optimum for its mask, unlike the one-pass sweep of
+    :func:`obs_prune_rows`; the work is about outputs x inputs³, so only small layers take this path.
+    Unstructured: ``count`` zeros spread evenly over the rows; N:M: ``nm[0]`` of every ``nm[1]``.
+    """
+    w = rows.astype(np.float64, copy=True)
+    outputs, columns = w.shape
+    factor = inverse_hessian_factor(hessian, damp)
+    inverse = factor.T @ factor
+    if nm is None:
+        per_row = np.full(outputs, (count or 0) // outputs)
+        per_row[:(count or 0) % outputs] += 1
+    else:
+        per_row = np.full(outputs, columns // nm[1] * nm[0])
+    mask = np.zeros(w.shape, dtype=bool)
+    chunk = max(1, 2 ** 24 // (columns * columns))  # rows at a time: 128 MB of inverse Hessians
+    for start in range(0, outputs, chunk):
+        stop = min(start + chunk, outputs)
+        _greedy(w[start:stop], mask[start:stop], np.repeat(inverse[None], stop - start, axis=0),
+                per_row[start:stop], nm)
+    return w.astype(np.float32), mask
+
+
+def _greedy(w: np.ndarray, mask: np.ndarray, inverse: np.ndarray, per_row: np.ndarray,
+            nm: tuple[int, int] | None) -> None:
+    """The OBS removal loop of :func:`obs_exact_rows` on a chunk of rows (all arguments updated in place)."""
+    for step in range(int(per_row.max(initial=0))):
+        rows = np.flatnonzero(per_row > step)
+        if len(rows) < len(w):  # the last step of an uneven split: work on copies of the rows still pruning
+            sub_w, sub_mask, sub_inverse = w[rows], mask[rows], inverse[rows]
+            _remove_one(sub_w, sub_mask, sub_inverse, nm)
+            w[rows], mask[rows], inverse[rows] = sub_w, sub_mask, sub_inverse
+        else:
+            _remove_one(w, mask, inverse, nm)
+
+
+def _remove_one(w: np.ndarray, mask: np.ndarray, inverse: np.ndarray, nm: tuple[int, int] | None) -> None:
+    """Remove the cheapest remaining weight of every row, updating the rows and their inverse Hessians."""
+    rows = np.arange(len(w))
+    scores = w ** 2 / np.where(mask, 1.0, np.einsum("rii->ri", inverse))
+    scores[mask] = np.inf
+    if nm is not None:  # groups that already have their N zeros take no more
+        full = mask.reshape(len(w), -1, nm[1]).sum(axis=2) >= nm[0]
+        scores[np.repeat(full, nm[1], axis=1)] = np.inf
+    q = scores.argmin(axis=1)
+    column = inverse[rows, :, q] / np.sqrt(inverse[rows, q, q])[:, None]  # [rows, inputs]
+    w -= (w[rows, q] / np.sqrt(inverse[rows, q, q]))[:, None] * column
+    for r in rows:  # in place, one row at a time: no temporary the size of all inverses
+        inverse[r] -= np.outer(column[r], column[r])
+    mask[rows, q] = True
+    w[mask] = 0.0
 
 
 def _share(count: int, outputs: int, columns: int, start: int, end: int) -> int:
@@ -270,10 +328,13 @@ class ObsRepair:
         rows = layer.rows(values, nm is not None)
         counts = _split_count(count, [r.size for r in rows]) if nm is None else [None] * len(rows)
         targets = [refit_dense(r, h, p) if stats.p is not None else r for r, (h, p, _) in zip(rows, order)]
-        results = [obs_prune_rows(t, h, count=c, nm=nm) for t, (h, _, _), c in zip(targets, order, counts)]
+        exact = sum(r.shape[0] * r.shape[1] ** 3 for r in rows) <= EXACT_WORK
+        prune_rows = obs_exact_rows if exact else obs_prune_rows
+        results = [prune_rows(t, h, count=c, nm=nm) for t, (h, _, _), c in zip(targets, order, counts)]
         new_rows = [new for new, _ in results]
         before = output_error(rows, [np.where(m, 0.0, r) for r, (_, m) in zip(rows, results)], order)
         self.repaired.append({"weight": item.name, "layer": layer.node.name or layer.node.output[0],
+                              "algorithm": "exact" if exact else "sparsegpt",
                               "rel_error_masked": before, "rel_error_repaired": output_error(rows, new_rows, order)})
         layer.write(values, new_rows, nm is not None)
         mask = np.zeros(values.shape, dtype=bool)
