@@ -84,7 +84,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     args = parser.parse_args()
     rows = []
-    print("| model | setting | method | top-1 dense -> pruned | rel. L2 of logits | tool time |\n|---|---|---|---|---|---|")
+    print("| model | setting | method | top-1 dense -> pruned | rel. L2 of logits | tool time |")
+    print("|---|---|---|---|---|---|")
     for label, (model, calib, val_file) in MODELS.items():
         val = dict(np.load(TRAINED / val_file))
         dense = logits(onnx.load(str(TRAINED / model)), val["input"])

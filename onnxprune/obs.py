@@ -249,8 +249,9 @@ def output_error(rows: np.ndarray, new_rows: np.ndarray, grams: list[tuple[np.nd
     num = den = 0.0
     for w, n, (h, p, g) in zip(rows, new_rows, grams):
         w, n = w.astype(np.float64), n.astype(np.float64)
-        num += float(np.einsum("ij,ij->", n @ h, n) - 2 * np.einsum("ij,ij->", n @ p, w) + np.einsum("ij,ij->", w @ g, w))
-        den += float(np.einsum("ij,ij->", w @ g, w))
+        reference = float(np.einsum("ij,ij->", w @ g, w))
+        num += float(np.einsum("ij,ij->", n @ h, n) - 2 * np.einsum("ij,ij->", n @ p, w)) + reference
+        den += reference
     return float(np.sqrt(max(num, 0.0) / den)) if den > 0 else 0.0
 
 
@@ -258,9 +259,13 @@ def describe_layer(item: PrunableWeight, index) -> Layer | str:
     """The :class:`Layer` for ``item``, or why OBS cannot repair it (it keeps the magnitude mask)."""
     if item.in_subgraph:
         return "inside a control-flow subgraph"
-    if len(item.uses) != 1 or item.uses[0].slot != 1:
-        return "shared by several layers or read as the data input"
+    if len(item.uses) != 1:
+        return "shared by several layers"
     node = item.uses[0].node
+    if node.op_type not in ("Conv", "Gemm", "MatMul"):
+        return f"{node.op_type} weights are not repaired (OBS covers Conv, Gemm and MatMul)"
+    if item.uses[0].slot != 1:
+        return "read as the data input of the layer"
     weight, chain = index.resolve(node.input[1])
     if weight is None or any(step.op_type not in ("Identity", "Cast") for step in chain):
         return "weight reached through a layout change (Transpose)"
@@ -377,7 +382,8 @@ class ObsRepair:
                 x = layer.columns(tensors[key[0]])
                 if key not in self.grams:
                     groups, width = x.shape[1:]
-                    self.grams[key] = Grams(*(np.zeros((groups, width, width)) for _ in range(3 if key in drift else 1)))
+                    count = 3 if key in drift else 1
+                    self.grams[key] = Grams(*(np.zeros((groups, width, width)) for _ in range(count)))
                 self.grams[key].add(x, layer.columns(before[key[0]]) if key in drift else None)
         self.stages += 1
 

@@ -156,7 +156,8 @@ def test_conv_grouped_or_not(tmp_path, monkeypatch, group, options, exact):
     if not exact:
         monkeypatch.setattr("onnxprune.obs.EXACT_WORK", 0)
     rng = np.random.default_rng(1)
-    model = layer_model("Conv", rng.standard_normal((8, 8 // group, 3, 3)) * 0.3, [1, 8, 6, 6], [1, 8, 3, 6], group=group,
+    model = layer_model("Conv", rng.standard_normal((8, 8 // group, 3, 3)) * 0.3, [1, 8, 6, 6], [1, 8, 3, 6],
+                        group=group,
                         pads=[1, 1, 1, 1], strides=[2, 1])
     x = np.repeat(rng.standard_normal((32, 4, 6, 6)), 2, axis=1) + 0.1 * rng.standard_normal((32, 8, 6, 6))
     x = x.astype(np.float32)
