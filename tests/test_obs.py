@@ -202,9 +202,10 @@ def cnn_calib(tmp_path_factory):
 def test_cnn_fixture_checks_runs_and_reports_every_layer(cnn_calib, tmp_path, monkeypatch):
     monkeypatch.setattr("onnxprune.obs.EXACT_WORK", 0)  # the one-pass sweep: seconds on this fixture
     out = tmp_path / "pruned.onnx"
-    code, _, err = run_cli(FIXTURES / "cnn.onnx", "-o", out, "--sparsity", "0.5", "--criterion", "obs",
-                           "--calibration-data", cnn_calib, "--runs", "1", "--report", tmp_path / "r.json")
+    code, printed, err = run_cli(FIXTURES / "cnn.onnx", "-o", out, "--sparsity", "0.5", "--criterion", "obs",
+                                 "--calibration-data", cnn_calib, "--runs", "1", "--report", tmp_path / "r.json")
     assert code == 0, err
+    assert "OBS repaired" in printed
     model = onnx.load(str(out))
     onnx.checker.check_model(model, full_check=True)
     import json
