@@ -7,12 +7,17 @@ upper Cholesky factor U of H⁻¹ is computed (float64). Columns (inputs) are th
 128: the mask is chosen per block by w² / U_jj² (unstructured: the lowest scores of the block,
 the block's share of the tensor's target; N:M: N of every M consecutive inputs, chosen when the
 sweep reaches the group), each pruned weight's error is pushed onto the not-yet-processed columns
-of its row (the OBS update), and at the end of a block onto the later blocks.
+of its row (the OBS update), and at the end of a block onto the later blocks. Layers small
+enough (outputs x inputs³ <= ``EXACT_WORK``) take exact greedy OBS per row instead (Optimal Brain
+Compression): on the trained fixtures the sweep's frozen columns cost more accuracy than they save.
 
-Layers are processed in graph order on the inputs of the already-pruned model, as in the paper;
-layers whose inputs no pending layer can change any more are measured together in one
-onnxruntime pass (a "stage"), with one Hessian per distinct input, so the passes grow with the
-model's depth in layers, not with its number of layers.
+Layers are processed in graph order on the inputs of the already-pruned model, as in the paper.
+Unlike the paper, a layer after a pruned one is first refitted densely to reproduce the original
+model's output from its pruned-model inputs (drift correction, as the row-wise refit does); the
+paper's objective collapses the residual digits CNN at 70 % (docs/benchmarks.md). Layers whose
+inputs no pending layer can change any more are measured together in one onnxruntime pass (a
+"stage"), with one Gram matrix per distinct input, so the passes grow with the model's depth in
+layers, not with its number of layers.
 """
 
 from __future__ import annotations
