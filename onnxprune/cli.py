@@ -123,7 +123,8 @@ def _providers(values: tuple[str, ...]) -> list[str]:
 @click.option("--threshold", type=float, help="Unstructured: zero every prunable weight with |w| <= T (instead of --sparsity).")
 @click.option("--pattern", help="N:M sparsity, e.g. 2:4: zero N of every M consecutive weights along the input axis.")
 @click.option("--criterion", default=None, help="Importance: l1 (default), l2, random (seeded baseline); bn (BatchNorm "
-              "scale, --structured); activation (needs --calibration-data); reconstruction (--structured: channels the "
+              "scale, --structured); activation (needs --calibration-data); obs (unstructured/N:M: SparseGPT-style masks and "
+              "repair, needs --calibration-data); reconstruction (--structured: channels the "
               "least-squares refit can best do without; the default with --reconstruct).")
 @click.option("--scope", type=click.Choice(["layer", "global"]), default="layer", show_default=True, help="Rank within each layer/group or across the model.")
 @click.option("--max-layer-sparsity", type=float, default=0.99, show_default=True, help="Global scope: cap per tensor so no layer is emptied.")
@@ -140,7 +141,7 @@ def _providers(values: tuple[str, ...]) -> list[str]:
 @click.option("--image-std", default="0.229,0.224,0.225", show_default=True, help="Image calibration data: per-channel std.")
 @click.option("--image-layout", type=click.Choice(["nchw", "nhwc"]), default="nchw", show_default=True, help="Image calibration data: tensor layout.")
 @click.option("--image-channels", type=click.Choice(["rgb", "bgr"]), default="rgb", show_default=True, help="Image calibration data: channel order.")
-@click.option("--reconstruct", is_flag=True, help="Structured: refit the layers that lost inputs by least squares so their outputs on the calibration data match the original's.")
+@click.option("--reconstruct", is_flag=True, help="Refit by least squares on the calibration data so layer outputs match the original's: structured, the layers that lost inputs; unstructured, the kept weights of each output row.")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Leave weights/nodes whose name matches GLOB alone (repeatable).")
 @click.option("--min-params", type=int, default=0, show_default=True, help="Skip weight tensors with fewer elements.")
 @click.option("--prune-first/--no-prune-first", default=True, show_default=True, help="Include the first layer.")

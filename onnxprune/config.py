@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from .errors import UsageError
 
-CRITERIA_UNSTRUCTURED = ("l1", "l2", "random", "activation")
+CRITERIA_UNSTRUCTURED = ("l1", "l2", "random", "activation", "obs")
 CRITERIA_STRUCTURED = ("l1", "l2", "random", "bn", "activation", "reconstruction")
 
 
@@ -89,6 +89,10 @@ class PruneConfig:
             raise UsageError("--reconstruct needs --calibration-data")
         if self.criterion == "activation" and not self.calibration_data:
             raise UsageError("--criterion activation needs --calibration-data")
+        if self.criterion == "obs" and not self.calibration_data:
+            raise UsageError("--criterion obs needs --calibration-data")
+        if self.criterion == "obs" and self.threshold is not None:
+            raise UsageError("--criterion obs chooses its own mask: give --sparsity or --pattern, not --threshold")
         if self.criterion == "activation" and not self.structured and self.scope == "global":
             raise UsageError("--criterion activation ranks weights within each output row; --scope global does not apply")
         if not 0.0 <= self.head_sparsity < 1.0:

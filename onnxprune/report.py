@@ -75,6 +75,15 @@ def render(report: dict[str, Any], *, markdown: bool = False, verbose: bool = Fa
             if rec:
                 lines.append(f"refitted the kept weights of {rec['layers']} layer(s) by least squares on "
                              f"{rec['samples']} calibration samples")
+            repair = d.get("obs")
+            if repair:
+                lines.append(f"OBS repaired {len(repair['layers'])} layer(s) on {repair['samples']} calibration samples "
+                             f"({repair['stages']} onnxruntime pass(es)); relative output error, masked -> repaired:")
+                for entry in repair["layers"] if verbose or markdown else repair["layers"][:limit]:
+                    lines.append(f"  {entry['layer']} ({entry['algorithm']}): {entry['rel_error_masked']:.4f} -> "
+                                 f"{entry['rel_error_repaired']:.4f}")
+                for s in repair["skipped"]:
+                    lines.append(f"  not repaired {s['weight']} (magnitude mask): {s['reason']}")
         elif p["name"] == "structured":
             lines.append(f"{h}Structured pruning: sparsity {d.get('target_sparsity')} "
                          f"({d.get('criterion')}, scope {d.get('scope')}, round-to {d.get('round_to')})")

@@ -206,6 +206,7 @@ class MagnitudePrunePass:
                 items.append(item)
                 settings[item.name] = override
         norms = self._activation_norms(ctx, items) if cfg.criterion == "activation" else {}
+        repair = _obs_repair(ctx, items, followers) if cfg.criterion == "obs" else None
         nm = cfg.nm()
         if nm is not None or any("pattern" in s for s in settings.values()):
             kept = []
@@ -245,7 +246,11 @@ class MagnitudePrunePass:
                 nm if "sparsity" not in override else None)
             wanda = norms.get(item.name)
             blocks = item.gate_blocks if cfg.scope == "layer" or item.name not in counts else 0
-            if item_nm is not None:
+            if repair is not None and repair.covers(item):  # OBS: its own mask, and the kept weights updated
+                count = None if item_nm else min(counts.get(item.name, round(
+                    (override.get("sparsity", cfg.sparsity) or 0.0) * values.size)), values.size - 1)
+                mask = repair.prune(item, values, count, item_nm)
+            elif item_nm is not None:
                 source = rng.random(values.shape, dtype=np.float32) if cfg.criterion == "random" else values
                 if wanda is not None:
                     source = wanda_scores(values, item.reduction_axis, wanda)
@@ -298,6 +303,7 @@ class MagnitudePrunePass:
             del original
         return {
             "reconstruction": reconstruction,
+            **({"obs": repair.report()} if repair is not None else {}),
             "changed": any(t["zeros_after"] != t["zeros_before"] for t in tensors),
             "mode": "nm" if nm else ("threshold" if cfg.threshold is not None else "sparsity"),
             "criterion": cfg.criterion,
@@ -322,6 +328,18 @@ def _scoring_note(item: PrunableWeight, criterion: str, measured: bool) -> dict[
     else:
         why = "ranked by magnitude: its input activation could not be measured per input channel"
     return {"note": why}
+
+
+def _obs_repair(ctx: PassContext, items: list[PrunableWeight], followers: dict[str, list]):
+    """The SparseGPT repair (onnxprune/obs.py) over ``items``; weights with tied copies keep the magnitude mask."""
+    from ..obs import ObsRepair
+
+    if not ctx.state.get("calibration"):
+        raise UsageError("--criterion obs needs --calibration-data")
+    tied = {name: "tied to an embedding copy that must stay equal to it" for name in followers}
+    original = onnx.ModelProto()
+    original.CopyFrom(ctx.model)
+    return ObsRepair(ctx.model, items, ctx.state["calibration"], reference=original, exclude=tied, log=ctx.log)
 
 
 def _tie_copies(selection: Selection, tied: dict[str, tuple[PrunableWeight, bool]]

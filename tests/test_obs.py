@@ -1,0 +1,260 @@
+"""SparseGPT-style pruning with repair (--criterion obs, onnxprune/obs.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import onnxprune
+from onnxprune.analysis.weights import find_prunable_weights
+
+from .conftest import FIXTURES, run_cli
+
+
+def layer_model(op: str, weight: np.ndarray, x_shape: list, y_shape: list, **attrs) -> onnx.ModelProto:
+    """One layer (input ``x`` -> ``op`` with weight ``w`` -> ``y``)."""
+    node = helper.make_node(op, ["x", "w"], ["y"], name="layer", **attrs)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", *x_shape[1:]])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", *y_shape[1:]])],
+                              [numpy_helper.from_array(weight.astype(np.float32), "w")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def correlated(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
+    """Inputs whose features are strongly correlated (a random mix of a few latent factors plus noise)."""
+    latent = rng.standard_normal((n, max(2, d // 4)))
+    return (latent @ rng.standard_normal((latent.shape[1], d)) + 0.1 * rng.standard_normal((n, d))).astype(np.float32)
+
+
+def prune(model: onnx.ModelProto, calib: np.ndarray, tmp_path, **options) -> tuple[onnx.ModelProto, dict]:
+    path = tmp_path / "calib.npz"
+    np.savez(path, x=calib)
+    pruned, result = onnxprune.prune(model, calibration_data=str(path), **options)
+    return pruned, result.passes[0].details
+
+
+def weight_of(model: onnx.ModelProto) -> np.ndarray:
+    return next(numpy_helper.to_array(t) for t in model.graph.initializer if t.name == "w")
+
+
+def run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0]
+
+
+def expected_obs(w_rows: np.ndarray, x: np.ndarray, *, count: int | None = None, nm=None) -> np.ndarray:
+    """The OBS sweep written from the paper's formulas: columns in order; the mask from w² / [H_F⁻¹]_jj
+    (F = the columns not processed yet); each pruned weight's error goes to F with H_F⁻¹."""
+    h = x.astype(np.float64).T @ x.astype(np.float64)
+    h += 0.01 * np.mean(np.diag(h)) * np.eye(len(h))
+    w = w_rows.astype(np.float64).copy()
+    d = w.shape[1]
+    inverse_diag = np.array([np.linalg.inv(h[j:, j:])[0, 0] for j in range(d)])
+    mask = np.zeros(w.shape, dtype=bool)
+    if count is not None:  # one block: the count lowest scores over the whole matrix
+        mask.flat[np.argsort((w ** 2 / inverse_diag).ravel(), kind="stable")[:count]] = True
+    for j in range(d):
+        if nm is not None and j % nm[1] == 0:
+            scores = w[:, j:j + nm[1]] ** 2 / inverse_diag[j:j + nm[1]]
+            for row, lowest in enumerate(np.argsort(scores, axis=1, kind="stable")[:, :nm[0]]):
+                mask[row, j + lowest] = True
+        inverse = np.linalg.inv(h[j:, j:])
+        for row in np.flatnonzero(mask[:, j]):
+            w[row, j:] -= w[row, j] / inverse[0, 0] * inverse[0, :]
+            w[row, j] = 0.0
+    return w
+
+
+def expected_exact(w_rows: np.ndarray, x: np.ndarray, per_row: int, nm=None) -> np.ndarray:
+    """Greedy OBS per row from the formula, with the inverse of the remaining weights' Hessian recomputed
+    at every step: remove argmin w_q² / [H_R⁻¹]_qq, then w_R -= w_q / [H_R⁻¹]_qq · H_R⁻¹[:, q]."""
+    h = x.astype(np.float64).T @ x.astype(np.float64)
+    h += 0.01 * np.mean(np.diag(h)) * np.eye(len(h))
+    out = np.zeros(w_rows.shape)
+    for row, w in enumerate(w_rows.astype(np.float64)):
+        w, remaining = w.copy(), list(range(len(w)))
+        for _ in range(per_row):
+            inverse = np.linalg.inv(h[np.ix_(remaining, remaining)])
+            scores = w[remaining] ** 2 / np.diag(inverse)
+            if nm is not None:
+                for i, j in enumerate(remaining):
+                    if sum(k not in remaining for k in range(j // nm[1] * nm[1], j // nm[1] * nm[1] + nm[1])) >= nm[0]:
+                        scores[i] = np.inf
+            q = int(np.argmin(scores))
+            w[remaining] -= w[remaining[q]] / inverse[q, q] * inverse[:, q]
+            w[remaining[q]] = 0.0
+            remaining.pop(q)
+        out[row] = w
+    return out
+
+
+@pytest.mark.parametrize("options, per_row, nm", [({"pattern": "2:4"}, 2, (2, 4)), ({"sparsity": 0.5}, 2, None)])
+def test_exact_obs_matches_the_formula_on_a_4x4_problem(tmp_path, options, per_row, nm):
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((4, 4)).astype(np.float32)  # MatMul [K, N]: rows of OBS are the N outputs
+    x = correlated(rng, 64, 4)
+    pruned, details = prune(layer_model("MatMul", w, [1, 4], [1, 4]), x, tmp_path, criterion="obs", **options)
+    np.testing.assert_allclose(weight_of(pruned), expected_exact(w.T, x, per_row, nm).T, rtol=1e-4, atol=1e-5)
+    assert details["obs"]["layers"][0]["algorithm"] == "exact"
+
+
+@pytest.mark.parametrize("options, expect", [({"pattern": "2:4"}, {"nm": (2, 4)}),
+                                             ({"sparsity": 0.5}, {"count": 8})])
+def test_sparsegpt_update_matches_the_formula_on_a_4x4_problem(tmp_path, monkeypatch, options, expect):
+    monkeypatch.setattr("onnxprune.obs.EXACT_WORK", 0)  # layers this small normally take the exact path
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((4, 4)).astype(np.float32)  # MatMul [K, N]: rows of the sweep are the N outputs
+    x = correlated(rng, 64, 4)
+    pruned, details = prune(layer_model("MatMul", w, [1, 4], [1, 4]), x, tmp_path, criterion="obs", **options)
+    expected = expected_obs(w.T, x, **expect).T
+    np.testing.assert_allclose(weight_of(pruned), expected, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(expected[expected != 0], w[expected != 0])  # the kept weights did move
+    assert [(e["layer"], e["algorithm"]) for e in details["obs"]["layers"]] == [("layer", "sparsegpt")]
+
+
+def output_error(model: onnx.ModelProto, original: onnx.ModelProto, x: np.ndarray) -> float:
+    reference = run(original, x)
+    return float(np.linalg.norm(run(model, x) - reference) / np.linalg.norm(reference))
+
+
+@pytest.mark.parametrize("options", [{"sparsity": 0.5}, {"sparsity": 0.7}, {"pattern": "2:4"}])
+def test_obs_beats_magnitude_and_the_refit_on_correlated_inputs(tmp_path, options):
+    rng = np.random.default_rng(0)
+    model = layer_model("Gemm", rng.standard_normal((32, 64)), [1, 64], [1, 32], transB=1)
+    x = correlated(rng, 512, 64)
+    errors = {}
+    for label, extra in (("magnitude", {}), ("refit", {"reconstruct": True}), ("obs", {"criterion": "obs"})):
+        pruned, details = prune(model, x, tmp_path, **options, **extra)
+        errors[label] = output_error(pruned, model, x)
+    assert errors["obs"] < errors["magnitude"]
+    assert errors["obs"] <= errors["refit"]
+    reported = details["obs"]["layers"][0]
+    assert reported["rel_error_repaired"] == pytest.approx(errors["obs"], rel=1e-3)
+    assert reported["rel_error_masked"] > reported["rel_error_repaired"]
+
+
+def test_sparsegpt_beats_magnitude_on_correlated_inputs(tmp_path, monkeypatch):
+    """The one-pass sweep (large layers) is far better than magnitude; the exact refit of a magnitude mask
+    can be better still on such low-rank inputs, which is why small layers take the exact path."""
+    monkeypatch.setattr("onnxprune.obs.EXACT_WORK", 0)
+    rng = np.random.default_rng(0)
+    model = layer_model("Gemm", rng.standard_normal((32, 64)), [1, 64], [1, 32], transB=1)
+    x = correlated(rng, 512, 64)
+    obs, details = prune(model, x, tmp_path, sparsity=0.5, criterion="obs")
+    magnitude, _ = prune(model, x, tmp_path, sparsity=0.5)
+    assert details["obs"]["layers"][0]["algorithm"] == "sparsegpt"
+    assert output_error(obs, model, x) < 0.5 * output_error(magnitude, model, x)
+
+
+@pytest.mark.parametrize("exact", [True, False])
+@pytest.mark.parametrize("group", [1, 2])
+@pytest.mark.parametrize("options", [{"sparsity": 0.6}, {"pattern": "2:4"}])
+def test_conv_grouped_or_not(tmp_path, monkeypatch, group, options, exact):
+    if not exact:
+        monkeypatch.setattr("onnxprune.obs.EXACT_WORK", 0)
+    rng = np.random.default_rng(1)
+    model = layer_model("Conv", rng.standard_normal((8, 8 // group, 3, 3)) * 0.3, [1, 8, 6, 6], [1, 8, 3, 6],
+                        group=group,
+                        pads=[1, 1, 1, 1], strides=[2, 1])
+    x = np.repeat(rng.standard_normal((32, 4, 6, 6)), 2, axis=1) + 0.1 * rng.standard_normal((32, 8, 6, 6))
+    x = x.astype(np.float32)
+    pruned, details = prune(model, x, tmp_path, criterion="obs", **options)
+    onnx.checker.check_model(pruned, full_check=True)
+    w = weight_of(pruned)
+    if "pattern" in options:
+        blocks = np.moveaxis(w, 1, -1).reshape(8, 3, 3, -1, 4)
+        assert (np.count_nonzero(blocks == 0, axis=-1) == 2).all()
+    else:
+        assert np.count_nonzero(w == 0) == round(0.6 * w.size)
+    magnitude, _ = prune(model, x, tmp_path, **options)
+    error = output_error(pruned, model, x)
+    # the report's error (from the Gram matrices, in the sweep's column order) is the model's actual error
+    assert details["obs"]["layers"][0]["rel_error_repaired"] == pytest.approx(error, rel=1e-3)
+    assert details["obs"]["layers"][0]["algorithm"] == ("exact" if exact else "sparsegpt")
+    assert error < output_error(magnitude, model, x)
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_gemm_without_transb_and_exact_counts(tmp_path, monkeypatch, exact):
+    if not exact:
+        monkeypatch.setattr("onnxprune.obs.EXACT_WORK", 0)
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((300, 20))  # [K, N]: 300 inputs span three column blocks of 128
+    model = layer_model("Gemm", w, [1, 300], [1, 20])
+    x = correlated(rng, 400, 300)
+    pruned, details = prune(model, x, tmp_path, criterion="obs", sparsity=0.37)
+    assert np.count_nonzero(weight_of(pruned) == 0) == round(0.37 * w.size)
+    assert details["tensors"][0]["sparsity"] == pytest.approx(round(0.37 * w.size) / w.size)
+    magnitude, _ = prune(model, x, tmp_path, sparsity=0.37)
+    assert output_error(pruned, model, x) < output_error(magnitude, model, x)
+
+
+@pytest.fixture(scope="module")
+def cnn_calib(tmp_path_factory):
+    path = tmp_path_factory.mktemp("calib") / "calib.npz"
+    np.savez(path, input=np.random.default_rng(1).standard_normal((32, 3, 32, 32)).astype(np.float32))
+    return str(path)
+
+
+def test_cnn_fixture_checks_runs_and_reports_every_layer(cnn_calib, tmp_path, monkeypatch):
+    monkeypatch.setattr("onnxprune.obs.EXACT_WORK", 0)  # the one-pass sweep: seconds on this fixture
+    out = tmp_path / "pruned.onnx"
+    code, printed, err = run_cli(FIXTURES / "cnn.onnx", "-o", out, "--sparsity", "0.5", "--criterion", "obs",
+                                 "--calibration-data", cnn_calib, "--runs", "1", "--report", tmp_path / "r.json")
+    assert code == 0, err
+    assert "OBS repaired" in printed
+    model = onnx.load(str(out))
+    onnx.checker.check_model(model, full_check=True)
+    import json
+
+    details = json.loads((tmp_path / "r.json").read_text())["passes"][0]["details"]
+    repaired = {entry["weight"] for entry in details["obs"]["layers"]}
+    prunable = {w.name: w for w in find_prunable_weights(model)}
+    assert repaired == set(prunable) - {s["weight"] for s in details["obs"]["skipped"]}
+    assert details["obs"]["stages"] == len(repaired)  # a chain of layers: one onnxruntime pass per layer
+    for entry in details["obs"]["layers"]:
+        assert entry["rel_error_repaired"] < entry["rel_error_masked"]
+        values = prunable[entry["weight"]].weight.array()
+        assert np.count_nonzero(values == 0) == min(round(0.5 * values.size), values.size - 1)
+
+
+def test_layers_reading_final_inputs_are_measured_in_one_pass(tmp_path):
+    """q and k read the same input (one pass, one Gram matrix), o reads their product (a second pass)."""
+    rng = np.random.default_rng(5)
+    weights = {name: numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), name) for name in "qko"}
+    nodes = [helper.make_node("MatMul", ["x", "q"], ["xq"], name="mq"),
+             helper.make_node("MatMul", ["x", "k"], ["xk"], name="mk"),
+             helper.make_node("Mul", ["xq", "xk"], ["h"], name="mul"),
+             helper.make_node("MatMul", ["h", "o"], ["y"], name="mo")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])], list(weights.values()))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    x = correlated(rng, 128, 8)
+    pruned, details = prune(model, x, tmp_path, criterion="obs", sparsity=0.5)
+    assert details["obs"]["stages"] == 2
+    assert [e["layer"] for e in details["obs"]["layers"]] == ["mq", "mk", "mo"]
+    onnx.checker.check_model(pruned, full_check=True)
+    assert output_error(pruned, model, x) < output_error(prune(model, x, tmp_path, sparsity=0.5)[0], model, x)
+
+
+def test_obs_with_global_scope_takes_magnitude_ratios(cnn_calib):
+    magnitude, result = onnxprune.prune(FIXTURES / "cnn.onnx", sparsity=0.6, scope="global")
+    obs, obs_result = onnxprune.prune(FIXTURES / "cnn.onnx", sparsity=0.6, scope="global", criterion="obs",
+                                      calibration_data=cnn_calib)
+    zeros = {t["weight"]: t["zeros_after"] for t in result.passes[0].details["tensors"]}
+    assert {t["weight"]: t["zeros_after"] for t in obs_result.passes[0].details["tensors"]} == zeros
+    assert len(set(t["sparsity"] for t in result.passes[0].details["tensors"])) > 1  # not uniform
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--sparsity", "0.5", "--criterion", "obs"], "--calibration-data"),
+    (["--threshold", "0.1", "--criterion", "obs", "--calibration-data", "x.npz"], "--threshold"),
+    (["--structured", "--sparsity", "0.5", "--criterion", "obs", "--calibration-data", "x.npz"], "obs"),
+])
+def test_obs_usage_errors(tmp_path, args, words):
+    code, _, err = run_cli(FIXTURES / "cnn.onnx", "-o", tmp_path / "o.onnx", *args)
+    assert code == 2 and words in err
+    assert not (tmp_path / "o.onnx").exists()
