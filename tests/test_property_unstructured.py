@@ -65,8 +65,8 @@ def test_unstructured_random_graphs(data, sparsity, scope, criterion):
     changed = changed_weights(model, pruned)
     assert set(changed) <= {t["weight"] for t in details["tensors"]}
     if criterion != "random":  # magnitude: the smallest weights go, and only those
-        caps = {t["weight"]: int(np.floor(0.99 * t["params"])) for t in details["tensors"]} if scope == "global" else None
-        check_smallest_zeroed(changed, caps)
+        caps = {t["weight"]: int(np.floor(0.99 * t["params"])) for t in details["tensors"]}
+        check_smallest_zeroed(changed, caps if scope == "global" else None)
 
 
 @settings(max_examples=CASES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
