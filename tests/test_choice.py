@@ -322,3 +322,39 @@ def test_unstructured_random_criterion_follows_the_seed():
         assert zeros_of(pruned) == expected
         seen.add(str(expected))
     assert len(seen) == 4 and str([list(map(list, e)) for e in LAYER_ZEROS]) not in seen
+
+
+# -- folding: a removed channel that is constant moves into the next layer's bias -------------------------
+#
+# Channels 1 and 3 of conv1 have zero weights and biases 0.7 and -0.3: after Relu they are the constants 0.7 and
+# 0, so L1 (consumer weights only: 0.2 and 0.3, against >= 1.3 for the others) removes them, and folding adds
+# 0.7 * W2[:, 1] to conv2's bias: the pruned model computes exactly what the original does.
+
+F1 = np.array([[0.9, -0.4], [0.0, 0.0], [-0.6, 1.1], [0.0, 0.0]], F).reshape(4, 2, 1, 1)
+B1 = np.array([0.1, 0.7, -0.2, -0.3], F)
+F2 = np.array([[0.8, 0.1, -0.5, 0.2], [-0.7, 0.1, 0.9, -0.1]], F).reshape(2, 4, 1, 1)
+B2 = np.array([0.05, -0.05], F)
+
+
+def constant_channel_model() -> onnx.ModelProto:
+    nodes = [helper.make_node("Conv", ["input", "w1", "b1"], ["c1"], name="conv1"),
+             helper.make_node("Relu", ["c1"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "w2", "b2"], ["output"], name="conv2")]
+    return build(nodes, {"w1": F1, "b1": B1, "w2": F2, "b2": B2},
+                 [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 2, 3, 3])],
+                 [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 2, 3, 3])])
+
+
+@pytest.mark.parametrize("fold", [True, False])
+def test_structured_folds_constant_channels_into_the_next_bias(fold):
+    model = constant_channel_model()
+    pruned, details = structured(model, sparsity=0.5, criterion="l1", fold_constants=fold)
+    assert reported(details) == {"conv1": {1, 3}}
+    x = np.random.default_rng(0).standard_normal((4, 2, 3, 3)).astype(F)
+    difference = np.abs(run(pruned, x) - run(model, x)).max()
+    if fold:
+        assert details["folded_constants"]["consumers"] == 1
+        np.testing.assert_allclose(weights(pruned)["b2"], B2 + 0.7 * F2[:, 1, 0, 0], rtol=1e-6)
+        assert difference < 1e-5
+    else:
+        assert difference == pytest.approx(0.07, rel=1e-4)  # 0.7 * |W2[:, 1]| = 0.07 on both outputs
