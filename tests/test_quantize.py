@@ -31,6 +31,8 @@ def test_prune_then_quantize(tmp_path, mode, ops, structured, sparsity, min_cosi
     size = report["validation"]["size"]
     assert size["pruned"]["bytes"] < size["original"]["bytes"] / 3
     assert report["validation"]["worst"]["cosine"] > min_cosine
+    details = report["passes"][0]["details"]  # and the pruning happened (a no-op would keep the cosine at 1)
+    assert details["channels_removed"] > 0 if structured else abs(details["achieved_sparsity"] - float(sparsity)) < 0.01
     assert "Quantization" in out
     assert sorted(p for p in listing(tmp_path) if not p.startswith(".")) == ["data.npz", "q.onnx", "r.json"]
     assert not [p for p in listing(tmp_path) if p.startswith(".")], "no temporary files left"
