@@ -37,8 +37,9 @@ def test_accuracy_gate(tmp_path, eval_data):
     code, _, err = run_cli(FIXTURES / "cnn.onnx", "--structured", "--sparsity", "0.7", "-o", tmp_path / "o.onnx",
                            "--eval-data", eval_data, "--max-accuracy-drop", "0", "--runs", "2")
     assert code == 6 and "top-1 dropped" in err
-    code, _, err = run_cli(FIXTURES / "cnn.onnx", "--sparsity", "0.1", "-o", tmp_path / "o2.onnx",
-                           "--eval-data", eval_data, "--max-accuracy-drop", "100", "--runs", "2")
+    # measured at 5 %: magnitude pruning loses 17.5 points of top-1; the inverted ranking loses 90
+    code, _, err = run_cli(FIXTURES / "cnn.onnx", "--sparsity", "0.05", "-o", tmp_path / "o2.onnx",
+                           "--eval-data", eval_data, "--max-accuracy-drop", "40", "--runs", "2")
     assert code == 0, err
 
 

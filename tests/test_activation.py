@@ -25,7 +25,10 @@ def fidelity(options, calib):
     return result.validation["worst"]["rel_l2"], result
 
 
-@pytest.mark.parametrize("options", [{"sparsity": 0.7}, {"pattern": "2:4"}, {"structured": True, "sparsity": 0.5}])
+# Structured pruning is not compared here: on the CNN fixture (random weights, BN statistics of noise) neither
+# criterion keeps the function once whole channels go (rel. L2 > 2 at 10 % and at 50 %), and which one loses less
+# varies with the ratio; tests/test_choice.py checks the structured activation criterion's exact choice instead.
+@pytest.mark.parametrize("options", [{"sparsity": 0.7}, {"pattern": "2:4"}])
 def test_activation_beats_magnitude_on_the_cnn(calib, options):
     magnitude, _ = fidelity(options, calib)
     activation, _ = fidelity({**options, "criterion": "activation"}, calib)

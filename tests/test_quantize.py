@@ -13,10 +13,12 @@ from .conftest import FIXTURES, listing, run_cli
 
 @pytest.mark.parametrize("mode, ops", [("dynamic", {"ConvInteger", "DynamicQuantizeLinear"}),
                                        ("static", {"QuantizeLinear", "DequantizeLinear"})])
-@pytest.mark.parametrize("structured", [False, True])
-def test_prune_then_quantize(tmp_path, mode, ops, structured):
+# sparsity and the worst output cosine pruning + quantization keeps on the CNN fixture (measured: unstructured 0.2
+# keeps ~0.85, structured 0.1 ~0.35; with the ranking inverted both fall below 0: -0.19 and -0.04)
+@pytest.mark.parametrize("structured, sparsity, min_cosine", [(False, "0.2", 0.8), (True, "0.1", 0.3)])
+def test_prune_then_quantize(tmp_path, mode, ops, structured, sparsity, min_cosine):
     np.savez(tmp_path / "data.npz", input=np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32))
-    args = [FIXTURES / "cnn.onnx", "--sparsity", "0.5", "--quantize", mode, "-o", tmp_path / "q.onnx", "--report",
+    args = [FIXTURES / "cnn.onnx", "--sparsity", sparsity, "--quantize", mode, "-o", tmp_path / "q.onnx", "--report",
             tmp_path / "r.json", "--runs", "2", "--data", tmp_path / "data.npz"] + (["--structured"] if structured else [])
     code, out, err = run_cli(*args)
     assert code == 0, err
@@ -28,7 +30,9 @@ def test_prune_then_quantize(tmp_path, mode, ops, structured):
     assert quant["mode"] == mode and quant["quantized_bytes"] < quant["pruned_bytes"]
     size = report["validation"]["size"]
     assert size["pruned"]["bytes"] < size["original"]["bytes"] / 3
-    assert report["validation"]["worst"]["cosine"] > 0.3
+    assert report["validation"]["worst"]["cosine"] > min_cosine
+    details = report["passes"][0]["details"]  # and the pruning happened (a no-op would keep the cosine at 1)
+    assert details["channels_removed"] > 0 if structured else abs(details["achieved_sparsity"] - float(sparsity)) < 0.01
     assert "Quantization" in out
     assert sorted(p for p in listing(tmp_path) if not p.startswith(".")) == ["data.npz", "q.onnx", "r.json"]
     assert not [p for p in listing(tmp_path) if p.startswith(".")], "no temporary files left"

@@ -48,7 +48,7 @@ def test_target_macs_is_met(target):
     pruned, result = onnxprune.prune(model, structured=True, target_macs=target)
     onnx.checker.check_model(pruned, full_check=True)
     kept = total_macs(pruned) / total_macs(model)
-    assert kept <= target * 1.02 and kept >= target - 0.15
+    assert abs(kept - target) <= 0.02  # the README's promise (measured: 0.503 and 0.690)
     assert result.to_dict()["allocation"]["ratios"]
 
 
@@ -59,12 +59,15 @@ def test_target_params_is_met():
 
 
 def test_target_allocation_beats_uniform_at_equal_macs():
-    """Measured allocation loses less fidelity than a uniform ratio with no fewer MACs removed."""
+    """Measured allocation loses less fidelity than a uniform ratio with no fewer MACs removed.
+
+    At 90 % of the MACs, where the CNN fixture's function survives (measured rel. L2: 1.15 targeted, 2.58
+    uniform); at 50 % both lose it (~3.5) and the comparison says nothing."""
     model = onnx.load(str(FIXTURES / "cnn.onnx"))
     val = onnxprune.ValidateConfig(runs=1, input_shapes={"input": [8, 3, 32, 32]})
-    _, targeted = onnxprune.prune(model, structured=True, target_macs=0.5, validate=val)
+    _, targeted = onnxprune.prune(model, structured=True, target_macs=0.9, validate=val)
     kept = targeted.validation["model"]["pruned"]["macs"] / targeted.validation["model"]["original"]["macs"]
-    for sparsity in np.arange(0.2, 0.7, 0.05):
+    for sparsity in np.arange(0.02, 0.7, 0.02):
         _, uniform = onnxprune.prune(model, structured=True, sparsity=float(sparsity), validate=val)
         if uniform.validation["model"]["pruned"]["macs"] / uniform.validation["model"]["original"]["macs"] <= kept:
             break

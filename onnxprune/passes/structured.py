@@ -477,5 +477,16 @@ class StructuredPrunePass:
                 "ops": g.ops,
                 "producers": [s.node.name for s in g.spaces],
                 "frozen_channels": len(g.frozen_units),
+                "removed_channels": _removed_channels(g, keep),
             })
         return stats
+
+
+def _removed_channels(group: ChannelGroup, keep: np.ndarray) -> dict[str, list[int]]:
+    """Producer name -> the output channels it lost (positions in the original producer's output)."""
+    removed: dict[str, list[int]] = {}
+    for space in group.spaces:
+        lost = np.flatnonzero(~keep[space.start:space.start + space.size])
+        if len(lost):
+            removed[space.node.name or space.node.output[0]] = [int(i) for i in lost]
+    return removed
