@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -11,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from .errors import OutputError, UsageError
+from .outputs import commit, temp_folder
 
 MODES = ("dynamic", "static")
 
@@ -43,27 +42,21 @@ def quantize_file(path: Path, mode: str, calibration: list[dict[str, np.ndarray]
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
 
     before = path.stat().st_size
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".quant", dir=path.parent))
-    target = tmp_dir / path.name
-    try:
-        if mode == "dynamic":
-            quantize_dynamic(str(path), str(target), weight_type=QuantType.QInt8,
-                             use_external_data_format=external_data)
-        else:
-            quantize_static(str(path), str(target), _Reader(calibration), quant_format=QuantFormat.QDQ,
-                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                            use_external_data_format=external_data)
+    with temp_folder(path) as tmp_dir:  # onnxprune's own temp pattern: a killed run's leftovers are swept
+        target = tmp_dir / path.name
+        try:
+            if mode == "dynamic":
+                quantize_dynamic(str(path), str(target), weight_type=QuantType.QInt8,
+                                 use_external_data_format=external_data)
+            else:
+                quantize_static(str(path), str(target), _Reader(calibration), quant_format=QuantFormat.QDQ,
+                                activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                                use_external_data_format=external_data)
+        except OSError as exc:
+            raise OutputError(f"cannot write the quantized model {path}: {exc}") from None
         data = tmp_dir / f"{path.name}.data"
-        if data.exists():
-            os.replace(data, path.parent / data.name)
-        os.replace(target, path)
-    except OSError as exc:
-        raise OutputError(f"cannot write the quantized model {path}: {exc}") from None
-    finally:
-        for leftover in tmp_dir.iterdir() if tmp_dir.exists() else []:
-            leftover.unlink()
-        if tmp_dir.exists():
-            tmp_dir.rmdir()
+        moves = [(data, path.parent / data.name)] if data.exists() else []
+        commit(moves + [(target, path)], "quantized model")
     return {"mode": mode, "format": "QDQ" if mode == "static" else "QOperator (dynamic)",
             "calibration_samples": len(calibration) if mode == "static" else 0,
             "pruned_bytes": before, "quantized_bytes": path.stat().st_size}
