@@ -12,9 +12,9 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .api import prune
+from .api import gate_error, prune
 from .config import PruneConfig, ValidateConfig, parse_input_shape
-from .errors import EXIT_CODES, GateFailedError, OnnxPruneError, UsageError
+from .errors import EXIT_CODES, OnnxPruneError, UsageError
 from .model import check_output_path, default_output_path
 from .report import check_report_path, render, write_report
 
@@ -222,8 +222,9 @@ def prune_command(model: Path, output: Path | None, force: bool, debug: bool, qu
             write_recipe(applied_recipe(report), opts["save_recipe"])
         if not quiet:
             click.echo(render(report, verbose=verbose))
-        if result.gate_failures:
-            raise GateFailedError("validation gates missed: " + "; ".join(result.gate_failures))
+        error = gate_error(result)  # exit 6, or 8 when the models could not be compared
+        if error is not None:
+            raise error
 
     run_guarded(debug, body, output or default_output_path(model))
 
