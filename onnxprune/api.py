@@ -283,7 +283,7 @@ def _validate_step(result: PruneResult, loaded: LoadedModel, vcfg: ValidateConfi
                                     feeds=feeds, classifiers=classifiers, specs=specs)
     except ValidationUnavailable as exc:
         source = feeds[1].get("source") if feeds else "synthetic"
-        hint = "give --data (or --calibration-data)" if source == "synthetic" else \
+        hint = "give --data (or --calibration-data), or sizes with --input-shape" if source == "synthetic" else \
             "give inputs the original model accepts with --data"
         validation = not_validated(f"{exc}; {hint}")
         result.warnings.append(f"not validated: {exc}; {hint}")
