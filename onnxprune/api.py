@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import os
 import time
 from collections.abc import Callable
@@ -44,6 +43,7 @@ from .validate import (
     model_files,
     not_validated,
     prepare_feeds,
+    release_memory,
     run_validation,
 )
 
@@ -257,17 +257,15 @@ def _validate_step(result: PruneResult, loaded: LoadedModel, vcfg: ValidateConfi
                    log: Callable[[str], None]) -> None:
     """Compare the pruned model with the original and fill ``result.validation``, gates and warnings.
 
-    Sizes, params and MACs are measured first; then, when the pruned model is on disk and this run owns the
-    in-memory copy, that copy is freed so that only onnxruntime's two sessions hold weights (it is read back
-    from the output afterwards). Inputs that do not run the original leave the model "not validated".
+    Params and MACs are counted first; then, when the pruned model is on disk and this run owns the in-memory
+    copy, that copy is freed so that only onnxruntime's two sessions hold weights (peak memory: docs/benchmarks.md);
+    it is read back from the output afterwards. Inputs that do not run the original leave it "not validated".
     """
     input_files = None
     if result.input is not None:
         path = Path(result.input)
         input_files = model_files(path, onnx.load(str(path), load_external_data=False)) \
             if loaded.has_external_data else [path]
-    sizes = {"original": file_sizes(input_files, blob=original_src.blob),
-             "pruned": file_sizes(written or None, loaded.model)}
     pruned_stats = _model_stats(loaded.model)
     pruned_stats["macs"] = total_macs(loaded.model, feeds[1]["shapes"] if feeds else vcfg.input_shapes or None)
     classifiers, specs = classifier_outputs(loaded.model), input_specs(loaded.model)
@@ -275,7 +273,9 @@ def _validate_step(result: PruneResult, loaded: LoadedModel, vcfg: ValidateConfi
     free = owns_model and output is not None
     if free:
         loaded.model = None
-        gc.collect()
+        release_memory()
+    sizes = {"original": file_sizes(input_files, blob=original_src.blob),
+             "pruned": file_sizes(written or None, loaded.model)}
     try:
         if unavailable is not None:
             raise ValidationUnavailable(unavailable)
@@ -287,9 +287,9 @@ def _validate_step(result: PruneResult, loaded: LoadedModel, vcfg: ValidateConfi
             "give inputs the original model accepts with --data"
         validation = not_validated(f"{exc}; {hint}")
         result.warnings.append(f"not validated: {exc}; {hint}")
-    finally:
-        if free:
-            loaded.model = onnx.load(str(output))
+    if free:
+        release_memory()  # what the sessions held, before the output is read back
+        loaded.model = onnx.load(str(output))
     validation["size"] = sizes
     validation["model"] = {"original": original_stats, "pruned": pruned_stats}
     result.validation = validation

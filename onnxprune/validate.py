@@ -1,12 +1,15 @@
 """Validation: run the original and pruned models in onnxruntime and compare them.
 
 For each execution provider: per-output fidelity (cosine similarity, relative L2 error,
-max abs error, top-1 agreement for classifier-like outputs) and latency of both models
-measured interleaved in one process (warm-up, then median and p90 over the runs).
+max abs error, top-1 agreement for classifier-like outputs, NaN/Inf counts) and latency of both
+models measured in one process in alternating blocks (A B A B, one session alive at a time;
+warm-up, then median, p25/p75 and p90 over the runs).
 """
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import os
 import re
 import time
@@ -301,25 +304,73 @@ def latency_change(original: list[float], pruned: list[float]) -> str:
     return "no measurable change"
 
 
-def _latency(sessions: tuple[ort.InferenceSession, ort.InferenceSession], feeds, warmup: int, runs: int):
-    """Median, p25/p75 and p90 milliseconds of each session, runs interleaved A B / B A, and what changed."""
-    times: tuple[list[float], list[float]] = ([], [])
-    for _ in range(warmup):
-        for session in sessions:
-            session.run(None, feeds)
-    for round_ in range(runs):
-        order = (0, 1) if round_ % 2 == 0 else (1, 0)
-        for which in order:
-            start = time.perf_counter()
-            sessions[which].run(None, feeds)
-            times[which].append((time.perf_counter() - start) * 1000.0)
-    stats = []
-    for series in times:
-        arr = np.asarray(series) if series else np.asarray([float("nan")])
-        p25, median, p75, p90 = (float(v) for v in np.percentile(arr, [25, 50, 75, 90]))
-        stats.append({"median_ms": median, "p25_ms": p25, "p75_ms": p75, "p90_ms": p90, "runs": len(series)})
+#: Latency blocks per model: A B A B, one session alive at a time.
+LATENCY_ROUNDS = 2
+
+
+def _summary(series: list[float]) -> dict[str, Any]:
+    arr = np.asarray(series) if series else np.asarray([float("nan")])
+    p25, median, p75, p90 = (float(v) for v in np.percentile(arr, [25, 50, 75, 90]))
+    return {"median_ms": median, "p25_ms": p25, "p75_ms": p75, "p90_ms": p90, "runs": len(series)}
+
+
+def _latency(times: tuple[list[float], list[float]]) -> dict[str, Any]:
+    """Median, p25/p75 and p90 milliseconds of each model, the speedup of the medians, and what changed."""
+    stats = [_summary(series) for series in times]
     speedup = stats[0]["median_ms"] / stats[1]["median_ms"] if stats[1]["median_ms"] > 0 else float("nan")
     return {"original": stats[0], "pruned": stats[1], "speedup": speedup, "change": latency_change(*times)}
+
+
+def _time_runs(session: ort.InferenceSession, feeds: dict[str, np.ndarray], warmup: int, runs: int) -> list[float]:
+    for _ in range(warmup):
+        session.run(None, feeds)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        session.run(None, feeds)
+        times.append((time.perf_counter() - start) * 1000.0)
+    return times
+
+
+def release_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the system: glibc keeps them otherwise, and the next
+    large allocation (a session, a model read back) adds to the peak instead of reusing them."""
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
+
+
+def _measure(sources: tuple[ModelSource, ModelSource], provider: str, cfg: ValidateConfig,
+             batches: list[dict[str, np.ndarray]], what: str):
+    """Outputs of both models on every batch and their latency, with one onnxruntime session alive at a time.
+
+    Blocks alternate A B A B (``LATENCY_ROUNDS``), each with a fresh session, its warm-up, then its share of the
+    timed runs; the outputs come from each model's first block. Peak memory holds one session, and an idle
+    session's threads cannot steal the cores from the timed one.
+    """
+    outputs: list[list | None] = [None, None]
+    names: list[str] = []
+    times: tuple[list[float], list[float]] = ([], [])
+    rounds = min(LATENCY_ROUNDS, max(cfg.runs, 1))
+    for round_ in range(rounds):
+        share = cfg.runs // rounds + (1 if round_ < cfg.runs % rounds else 0)
+        for which in (0, 1):
+            session = sources[which].session(provider, cfg.threads)
+            if outputs[which] is None:
+                names = names or [out.name for out in session.get_outputs()]
+                try:
+                    outputs[which] = [session.run(None, batch) for batch in batches]
+                except Exception as exc:  # sizes or values the model does not accept (e.g. a KV cache's lengths)
+                    if which == 1:
+                        raise
+                    raise ValidationUnavailable(f"the original model does not run on the {what} "
+                                                f"({ort_reason(exc)})") from exc
+            times[which].extend(_time_runs(session, batches[0], cfg.warmup, share))
+            del session
+            release_memory()
+    return names, outputs, _latency(times)
 
 
 def file_sizes(files: list[Path] | None, model: onnx.ModelProto | None = None, blob: bytes | None = None
@@ -415,9 +466,9 @@ def run_validation(original: ModelSource, pruned: ModelSource, cfg: ValidateConf
                    classifiers: set[str] | None = None, specs: list[InputSpec] | None = None) -> dict[str, Any]:
     """Compare ``pruned`` with ``original`` on every provider of ``cfg``.
 
-    ``feeds``: (one feed dict or a list of them, description). Only the sessions that interleaved latency
-    needs are alive at once; the original runs first, so a model the inputs do not run raises
-    :class:`ValidationUnavailable` before the pruned model is loaded. ``classifiers``: the outputs that get
+    ``feeds``: (one feed dict or a list of them, description). One session is alive at a time (see
+    :func:`_measure`); the original runs first, so inputs it does not accept raise :class:`ValidationUnavailable`
+    before the pruned model is loaded. ``classifiers``: the outputs that get
     top-1 agreement (default: read from the graph, see :func:`classifier_outputs`); ``specs``: the inputs
     ``--eval-data`` must match (default: read from the graph).
     """
@@ -427,25 +478,15 @@ def run_validation(original: ModelSource, pruned: ModelSource, cfg: ValidateConf
     batches, results["inputs"] = _batches(feeds if feeds is not None else prepare_feeds(original.model, cfg))
     if classifiers is None:
         classifiers = classifier_outputs(original.model or pruned.model)
+    source = results["inputs"].get("source")
+    what = {"synthetic": "synthetic inputs", "calibration hold-out": "calibration hold-out"}.get(source, "given inputs")
     for provider in cfg.providers:
         log(f"validating on {provider}")
-        first = original.session(provider, cfg.threads)
-        names = [out.name for out in first.get_outputs()]
-        try:
-            ref = [first.run(None, batch) for batch in batches]
-        except Exception as exc:  # sizes or values the model does not accept (e.g. a KV cache's lengths)
-            source = results["inputs"].get("source")
-            what = {"synthetic": "synthetic inputs", "calibration hold-out": "calibration hold-out"}.get(
-                source, "given inputs")
-            raise ValidationUnavailable(f"the original model does not run on the {what} ({ort_reason(exc)})") from exc
-        second = pruned.session(provider, cfg.threads)
-        got = [second.run(None, batch) for batch in batches]
+        names, (ref, got), latency = _measure((original, pruned), provider, cfg, batches, what)
         outputs = {name: compare_outputs([r[i] for r in ref], [g[i] for g in got],
                                          None if classifiers is None else name in classifiers)
                    for i, name in enumerate(names)}
         del ref, got
-        latency = _latency((first, second), batches[0], cfg.warmup, cfg.runs)
-        del first, second
         results["providers"][provider] = {"outputs": outputs, "latency": latency}
     results["worst"] = _worst(results["providers"])
     if cfg.eval_data:

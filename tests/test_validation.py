@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import json
+import subprocess
 import sys
 
 import numpy as np
@@ -283,3 +284,48 @@ def test_very_low_fidelity_on_synthetic_inputs_warns(tmp_path):
               "or --calibration-data"
     assert warning in out
     assert any(w.startswith(warning) for w in json.loads((tmp_path / "r.json").read_text())["warnings"])
+
+
+# ------------------------------------------------------------------------------------------ memory
+
+#: Runs ``argv[1:]`` as its only child; prints that child's peak RSS in bytes.
+PEAK_RSS = ("import resource, subprocess, sys\n"
+            "code = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL).returncode\n"
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)\n"
+            "sys.exit(code)\n")
+
+
+def peak_rss(*argv) -> int:
+    proc = subprocess.run([sys.executable, "-c", PEAK_RSS, *map(str, argv)], capture_output=True, text=True,
+                          timeout=900, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return int(proc.stdout.split()[-1])
+
+
+def mlp(path, hidden, layers):
+    rng = np.random.default_rng(0)
+    nodes, inits, prev = [], [], "x"
+    for i in range(layers):
+        inits.append(tensor(f"w{i}", rng.standard_normal((hidden, hidden), dtype=np.float32) / np.sqrt(hidden)))
+        nodes += [helper.make_node("MatMul", [prev, f"w{i}"], [f"m{i}"]), helper.make_node("Relu", [f"m{i}"], [f"h{i}"])]
+        prev = f"h{i}"
+    return save(path, nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, hidden])],
+                [helper.make_tensor_value_info(prev, TensorProto.FLOAT, [1, hidden])], inits)
+
+
+def test_validation_peak_memory_within_3x_the_model(tmp_path):
+    """A validating run on a ~50 MB model peaks within 3x its size above the tool's fixed cost: the same command
+    on a 16-wide model (interpreter, onnx, onnxruntime and its threads, no weights to speak of)."""
+    src, tiny = mlp(tmp_path / "m.onnx", 1024, 12), mlp(tmp_path / "tiny.onnx", 16, 2)
+    size = src.stat().st_size
+    assert 40e6 < size < 60e6
+
+    def command(model, out):
+        return [sys.executable, "-m", "onnxprune", model, "--sparsity", "0.5", "-o", out, "--runs", "3",
+                "--warmup", "1", "--report", tmp_path / f"{out.stem}.json"]
+
+    baseline = peak_rss(*command(tiny, tmp_path / "tiny_out.onnx"))
+    peak = peak_rss(*command(src, tmp_path / "o.onnx"))
+    assert json.loads((tmp_path / "o.json").read_text())["validation"]["status"] == "validated"
+    assert peak <= 3 * size + baseline, f"peak {peak / 2**20:.0f} MiB, fixed cost {baseline / 2**20:.0f} MiB, " \
+                                        f"model {size / 2**20:.0f} MiB: {(peak - baseline) / size:.2f}x"
