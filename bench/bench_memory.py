@@ -8,7 +8,7 @@ into bench/models/ (reused when present), then runs, each in a fresh child proce
 - baseline: ``onnx.load`` + ``onnx.save_model`` of the same model;
 - ``onnxprune MODEL --sparsity 0.5 --no-validate``;
 - ``onnxprune MODEL --sparsity 0.5`` (validation: fidelity and interleaved latency, 5 runs);
-- ``onnxprune MODEL --structured --sparsity 0.5`` (validation on).
+- ``onnxprune MODEL --structured --sparsity 0.5``, without and with validation.
 
 Peak memory is the child's own ``ru_maxrss`` (a one-child wrapper reports ``RUSAGE_CHILDREN``). Reports peak
 RSS / model file size, and the same above the tool's fixed cost (each mode run first on a 16-wide model: the
@@ -46,6 +46,7 @@ MODES = {
     "load+save": None,
     "prune, no validation": ["--sparsity", "0.5", "--no-validate"],
     "prune + validation": ["--sparsity", "0.5", "--runs", "5", "--warmup", "1"],
+    "structured, no validation": ["--structured", "--sparsity", "0.5", "--no-validate"],
     "structured + validation": ["--structured", "--sparsity", "0.5", "--runs", "5", "--warmup", "1"],
 }
 
