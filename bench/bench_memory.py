@@ -70,7 +70,8 @@ def build_model(hidden: int, matmuls: int, gemms: int, seed: int = 0) -> onnx.Mo
     head = onnx.numpy_helper.from_array(rng.standard_normal((hidden, 10), dtype=np.float32) * scale, "head")
     inits.append(head)
     nodes.append(helper.make_node("MatMul", [prev, "head"], ["logits"], name="head"))
-    graph = helper.make_graph(nodes, "memory_bench", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, hidden])],
+    graph = helper.make_graph(nodes, "memory_bench",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, hidden])],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 10])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
 

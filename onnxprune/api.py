@@ -27,8 +27,8 @@ from .model import (
     tensor_bytes,
 )
 from .passes.manager import PassContext, PassManager, PassResult
-from .report import caveats
 from .passes.unstructured import MagnitudePrunePass
+from .report import caveats
 from .validate import (
     LOW_COSINE,
     ModelSource,
@@ -204,7 +204,7 @@ def prune(
     if output_path is not None:
         log(f"checking and writing {output_path}")
         written = save_model(loaded.model, output_path, external_data=external_data,
-                   verify=lambda path: _full_check(loaded.model, path, input_path, result))
+                             verify=lambda path: _full_check(loaded.model, path, input_path, result))
     elif tensor_bytes(loaded.model) < PROTOBUF_LIMIT:
         log("checking the pruned model")
         _full_check(loaded.model, None, input_path, result)
@@ -253,8 +253,8 @@ def _load_calibration(model: onnx.ModelProto, config: PruneConfig, log: Callable
 
 
 def _validate_step(result: PruneResult, loaded: LoadedModel, vcfg: ValidateConfig, original_src: ModelSource,
-                   original_stats: dict[str, int], feeds, unavailable: str | None, written: list[Path], owns_model: bool,
-                   log: Callable[[str], None]) -> None:
+                   original_stats: dict[str, int], feeds, unavailable: str | None, written: list[Path],
+                   owns_model: bool, log: Callable[[str], None]) -> None:
     """Compare the pruned model with the original and fill ``result.validation``, gates and warnings.
 
     Params and MACs are counted first; then, when the pruned model is on disk and this run owns the in-memory

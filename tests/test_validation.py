@@ -307,7 +307,8 @@ def mlp(path, hidden, layers):
     nodes, inits, prev = [], [], "x"
     for i in range(layers):
         inits.append(tensor(f"w{i}", rng.standard_normal((hidden, hidden), dtype=np.float32) / np.sqrt(hidden)))
-        nodes += [helper.make_node("MatMul", [prev, f"w{i}"], [f"m{i}"]), helper.make_node("Relu", [f"m{i}"], [f"h{i}"])]
+        nodes += [helper.make_node("MatMul", [prev, f"w{i}"], [f"m{i}"]),
+                  helper.make_node("Relu", [f"m{i}"], [f"h{i}"])]
         prev = f"h{i}"
     return save(path, nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, hidden])],
                 [helper.make_tensor_value_info(prev, TensorProto.FLOAT, [1, hidden])], inits)
