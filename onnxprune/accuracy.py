@@ -46,12 +46,14 @@ def topk(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
 
 def evaluate(original: ModelSource, pruned: ModelSource, path: str, specs: list[InputSpec],
              batch: int = 32) -> dict[str, Any]:
-    """Top-1/top-5 of both models on the labelled samples, and the top-1 drop in points."""
+    """Top-1/top-5 of both models on the labelled samples, the top-1 drop in points, and how many logits of
+    either model are NaN/Inf (``nonfinite``: the accuracy gate fails on any)."""
     inputs, labels = load_eval_data(path, specs)
     fixed = any(spec.shape and spec.shape[0] == 1 for spec in specs)
-    result: dict[str, Any] = {"samples": len(labels)}
+    result: dict[str, Any] = {"samples": len(labels), "nonfinite": 0}
     for key, source in (("original", original), ("pruned", pruned)):
         logits = _logits(source, inputs, batch, fixed)
+        result["nonfinite"] += int(logits.size - np.count_nonzero(np.isfinite(logits)))
         if logits.shape[1] < 2 or labels.max() >= logits.shape[1]:
             raise InputDataError(f"--eval-data {path}: the first output has {logits.shape[1]} classes, labels go to "
                                  f"{int(labels.max())}")

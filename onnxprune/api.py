@@ -14,7 +14,7 @@ import onnx
 from . import __version__
 from .analysis.cost import total_macs
 from .config import PruneConfig, ValidateConfig
-from .errors import InputDataError, InvalidModelError, UnsupportedError, UsageError
+from .errors import GateFailedError, InputDataError, InvalidModelError, OnnxPruneError, UnsupportedError, UsageError
 from .feeds import describe_resolution, resolve_inputs
 from .model import (
     PROTOBUF_LIMIT,
@@ -31,7 +31,24 @@ from .entry import checkpoint
 from .outputs import OutputGuard
 from .passes.manager import PassContext, PassManager, PassResult
 from .passes.unstructured import MagnitudePrunePass
-from .validate import ModelSource, check_gates, check_providers, file_sizes, input_specs, prepare_feeds, run_validation
+from .report import caveats
+from .validate import (
+    LOW_COSINE,
+    ModelSource,
+    ValidationUnavailable,
+    check_gates,
+    check_providers,
+    classifier_outputs,
+    describe_nonfinite,
+    file_sizes,
+    holdout,
+    input_specs,
+    model_files,
+    not_validated,
+    prepare_feeds,
+    release_memory,
+    run_validation,
+)
 
 SCHEMA_VERSION = 1
 
@@ -53,7 +70,7 @@ class PruneResult:
     allocation: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        report = {
             "schema_version": SCHEMA_VERSION,
             "onnxprune_version": __version__,
             "input": self.input,
@@ -68,6 +85,8 @@ class PruneResult:
             "timings": {k: round(v, 4) for k, v in self.timings.items()},
             "warnings": self.warnings,
         }
+        report["notes"] = caveats(report)
+        return report
 
 
 def build_passes(config: PruneConfig) -> list:
@@ -135,36 +154,36 @@ def prune(
     timings["load"] = time.perf_counter() - start
     checkpoint("load")
 
-    original_src = feeds = original_stats = None
-    if vcfg.enabled:  # check the validation inputs before any work, so bad --data writes nothing
-        feeds = prepare_feeds(loaded.model, vcfg, path=input_path)
-        if vcfg.eval_data:
-            from .accuracy import load_eval_data
-
-            load_eval_data(vcfg.eval_data, input_specs(loaded.model))
-        original_stats = _model_stats(loaded.model)
-        original_stats["macs"] = total_macs(loaded.model, feeds[1]["shapes"])
-        if input_path is not None:
-            original_src = ModelSource(model=None, path=input_path)
-        else:
-            original_src = ModelSource(model=onnx.load_from_string(loaded.model.SerializeToString()))
-
-    input_shapes = _input_shapes(loaded.model, vcfg, feeds, input_path, log)
     _refuse_quantized(loaded.model, config)
     _refuse_fused_heads(loaded.model, config)
     refuse_non_finite(loaded.model)
     if output_path is not None:
         external_data = _check_data_files(loaded, output_path, external_data, outputs or OutputGuard(force=force))
-    calibration = None
-    if config.calibration_data:
-        from .calibration import load_calibration
+    calibration = _load_calibration(loaded.model, config, log) if config.calibration_data else None
+    original_src = feeds = original_stats = None
+    unavailable: str | None = None  # why the models cannot be compared (no inputs run the original)
+    if vcfg.enabled:  # check the validation inputs before any work, so bad --data writes nothing
+        if not vcfg.data and calibration:
+            calibration, feeds = holdout(calibration, config.calibration_data)
+        else:
+            try:
+                feeds = prepare_feeds(loaded.model, vcfg, path=input_path)
+            except InputDataError as exc:
+                if vcfg.data or str(exc).startswith("--input-shape"):
+                    raise
+                unavailable = str(exc)
+        if vcfg.eval_data:
+            from .accuracy import load_eval_data
 
-        log(f"reading calibration data {config.calibration_data}")
-        from .calibration import ImagePreprocess
+            load_eval_data(vcfg.eval_data, input_specs(loaded.model))
+        original_stats = _model_stats(loaded.model)
+        original_stats["macs"] = total_macs(loaded.model, feeds[1]["shapes"] if feeds else vcfg.input_shapes or None)
+        if input_path is not None:
+            original_src = ModelSource(model=None, path=input_path)
+        else:  # the passes change the model in place: keep the original as bytes for onnxruntime
+            original_src = ModelSource(blob=loaded.model.SerializeToString())
 
-        pre = ImagePreprocess(tuple(config.image_size) if config.image_size else None, tuple(config.image_mean),
-                              tuple(config.image_std), config.image_layout, config.image_channels)
-        calibration = load_calibration(config.calibration_data, loaded.model, images=pre)
+    input_shapes = _input_shapes(loaded.model, vcfg, feeds, input_path, log)
     allocation = None
     if config.target_macs is not None or config.target_params is not None:
         allocation = _allocate_for_target(loaded.model, config, calibration, vcfg, feeds, input_shapes, log)
@@ -189,10 +208,11 @@ def prune(
         warnings=list(loaded.warnings),
     )
     start = time.perf_counter()
+    written: list[Path] = []
     if output_path is not None:
         log(f"checking and writing {output_path}")
-        save_model(loaded.model, output_path, external_data=external_data,
-                   verify=lambda path: _full_check(loaded.model, path, input_path, result))
+        written = save_model(loaded.model, output_path, external_data=external_data,
+                             verify=lambda path: _full_check(loaded.model, path, input_path, result))
     elif tensor_bytes(loaded.model) < PROTOBUF_LIMIT:
         log("checking the pruned model")
         _full_check(loaded.model, None, input_path, result)
@@ -208,10 +228,11 @@ def prune(
         if quantize == "static":
             feed = feeds[0] if feeds else prepare_feeds(loaded.model, vcfg)[0]
             batch_one = any(spec.shape and spec.shape[0] == 1 for spec in input_specs(loaded.model))
-            calibration = split_batches(feed, batch_one)
-            if not vcfg.data:
+            calibration = list(feed) if isinstance(feed, list) else split_batches(feed, batch_one)
+            if not feeds or feeds[1].get("source") == "synthetic":
                 result.warnings.append("static quantization calibrated on synthetic inputs; give --data for real ones")
         result.quantization = quantize_file(output_path, quantize, calibration, bool(external_data))
+        written = [output_path, *[path for path in written[1:] if path.exists()]]
         loaded.model = onnx.load(str(output_path))
         timings["quantize"] = time.perf_counter() - start
 
@@ -227,22 +248,9 @@ def prune(
                                  else "") if reasons else ": no prunable channel groups"))
     if vcfg.enabled:
         start = time.perf_counter()
-        pruned_src = ModelSource(model=loaded.model, path=output_path)
-        try:
-            result.validation = run_validation(original_src, pruned_src, vcfg, log, feeds=feeds)
-        except InputDataError as exc:
-            if output_path is None:
-                raise
-            raise InputDataError(f"{exc}; the pruned model was written to {output_path} (--no-validate skips "
-                                 "validation)") from exc
-        result.validation["size"] = {
-            "original": file_sizes(input_path, original_src.model),
-            "pruned": file_sizes(output_path, loaded.model if output_path is None else None),
-        }
-        pruned_stats = _model_stats(loaded.model)
-        pruned_stats["macs"] = total_macs(loaded.model, feeds[1]["shapes"])
-        result.validation["model"] = {"original": original_stats, "pruned": pruned_stats}
-        result.gate_failures = check_gates(result.validation, vcfg)
+        del ctx  # the passes' view of the model: validation may free it
+        _validate_step(result, loaded, vcfg, original_src, original_stats, feeds, unavailable, written,
+                       owns_model=not isinstance(model, LoadedModel), log=log)
         timings["validate"] = time.perf_counter() - start
     return loaded.model, result
 
@@ -259,6 +267,89 @@ def _input_shapes(model: onnx.ModelProto, vcfg: ValidateConfig, feeds, path: Pat
     resolution = resolve_inputs(model, vcfg.input_shapes, seed=vcfg.seed, path=path)
     log(describe_resolution(resolution.to_dict()))
     return resolution.shapes
+
+
+def _load_calibration(model: onnx.ModelProto, config: PruneConfig, log: Callable[[str], None]) -> list:
+    """``--calibration-data`` as checked feed batches (images preprocessed as the options say)."""
+    from .calibration import ImagePreprocess, load_calibration
+
+    log(f"reading calibration data {config.calibration_data}")
+    pre = ImagePreprocess(tuple(config.image_size) if config.image_size else None, tuple(config.image_mean),
+                          tuple(config.image_std), config.image_layout, config.image_channels)
+    return load_calibration(config.calibration_data, model, images=pre)
+
+
+def _validate_step(result: PruneResult, loaded: LoadedModel, vcfg: ValidateConfig, original_src: ModelSource,
+                   original_stats: dict[str, int], feeds, unavailable: str | None, written: list[Path],
+                   owns_model: bool, log: Callable[[str], None]) -> None:
+    """Compare the pruned model with the original and fill ``result.validation``, gates and warnings.
+
+    Params and MACs are counted first; then, when the pruned model is on disk and this run owns the in-memory
+    copy, that copy is freed so that only onnxruntime's two sessions hold weights (peak memory: docs/benchmarks.md);
+    it is read back from the output afterwards. Inputs that do not run the original leave it "not validated".
+    """
+    input_files = None
+    if result.input is not None:
+        path = Path(result.input)
+        input_files = model_files(path, onnx.load(str(path), load_external_data=False)) \
+            if loaded.has_external_data else [path]
+    pruned_stats = _model_stats(loaded.model)
+    pruned_stats["macs"] = total_macs(loaded.model, feeds[1]["shapes"] if feeds else vcfg.input_shapes or None)
+    classifiers, specs = classifier_outputs(loaded.model), input_specs(loaded.model)
+    output = Path(result.output) if result.output else None
+    free = owns_model and output is not None
+    if free:
+        loaded.model = None
+        release_memory()
+    sizes = {"original": file_sizes(input_files, blob=original_src.blob),
+             "pruned": file_sizes(written or None, loaded.model)}
+    try:
+        if unavailable is not None:
+            raise ValidationUnavailable(unavailable)
+        validation = run_validation(original_src, ModelSource(model=loaded.model, path=output), vcfg, log,
+                                    feeds=feeds, classifiers=classifiers, specs=specs)
+    except ValidationUnavailable as exc:
+        source = feeds[1].get("source") if feeds else "synthetic"
+        hint = "give --data (or --calibration-data), or sizes with --input-shape" if source == "synthetic" else \
+            "give inputs the original model accepts with --data"
+        validation = not_validated(f"{exc}; {hint}")
+        result.warnings.append(f"not validated: {exc}; {hint}")
+    if free:
+        release_memory()  # what the sessions held, before the output is read back
+        loaded.model = onnx.load(str(output))
+    validation["size"] = sizes
+    validation["model"] = {"original": original_stats, "pruned": pruned_stats}
+    result.validation = validation
+    result.gate_failures = check_gates(validation, vcfg)
+    result.warnings.extend(fidelity_warnings(validation))
+
+
+def fidelity_warnings(validation: dict[str, Any]) -> list[str]:
+    """Warnings about what the fidelity figures say: NaN/Inf in outputs, very low cosine (suggesting real inputs)."""
+    warnings = [f"non-finite values in {describe_nonfinite(entry)}"
+                for entry in validation.get("worst", {}).get("nonfinite", [])]
+    lowest = min(((out["cosine"], name) for entry in validation.get("providers", {}).values()
+                  for name, out in entry["outputs"].items() if "cosine" in out), default=None)
+    if lowest is not None and lowest[0] < LOW_COSINE:
+        source = validation.get("inputs", {}).get("source")
+        advice = ("synthetic inputs may be far from real ones: give --data or --calibration-data to measure on "
+                  "real inputs" if source == "synthetic" else
+                  "the pruned model's outputs differ strongly from the original's on these inputs")
+        warnings.append(f"very low fidelity: cosine {lowest[0]:.3g} on output {lowest[1]!r}; {advice}")
+    return warnings
+
+
+def gate_error(result: PruneResult) -> OnnxPruneError | None:
+    """The error a missed gate ends the command with: exit 8 when the models could not be compared, else 6."""
+    if not result.gate_failures:
+        return None
+    validation = result.validation or {}
+    if validation.get("status") == "not validated":
+        written = f"; the pruned model was written to {result.output}" if result.output else ""
+        options = ", ".join(failure.split(":")[0] for failure in result.gate_failures)
+        return InputDataError(f"not validated: {validation.get('reason')}{written}; the gates ({options}) need "
+                              "validation")
+    return GateFailedError("validation gates missed: " + "; ".join(result.gate_failures))
 
 
 def _allocate_for_target(model: onnx.ModelProto, config: PruneConfig, calibration, vcfg: ValidateConfig, feeds,

@@ -12,10 +12,10 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .api import prune, refuse_non_finite
+from .api import gate_error, prune, refuse_non_finite
 from .config import PruneConfig, ValidateConfig, parse_input_shape
 from .entry import COMMITTED, SIGNALS, install_raise_handlers, interrupted_message
-from .errors import EXIT_CODES, GateFailedError, OnnxPruneError, UsageError
+from .errors import EXIT_CODES, OnnxPruneError, UsageError
 from .model import default_output_path
 from .outputs import OutputGuard, write_atomic, write_text_atomic
 from .report import check_report_path, render, write_report
@@ -238,8 +238,9 @@ def prune_command(model: Path, output: Path | None, force: bool, debug: bool, qu
             write_recipe(applied_recipe(report), opts["save_recipe"])
         if not quiet:
             click.echo(render(report, verbose=verbose))
-        if result.gate_failures:
-            raise GateFailedError("validation gates missed: " + "; ".join(result.gate_failures))
+        error = gate_error(result)  # exit 6, or 8 when the models could not be compared
+        if error is not None:
+            raise error
 
     run_guarded(debug, body)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import html
 from typing import Any
 
+from .report import inputs_text, caveats, nonfinite_text, speedup_text
+
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1100px;color:#1d2433;padding:0 1rem}
 h1{font-size:1.5rem;margin-bottom:.2rem}h2{font-size:1.15rem;margin-top:2rem;border-bottom:1px solid #dde2ea;padding-bottom:.3rem}
@@ -14,7 +16,7 @@ th{background:#f5f7fa;font-weight:600}td.num{text-align:right;font-variant-numer
 .bar{background:#eef1f5;border-radius:3px;height:.9rem;width:260px;position:relative}
 .fill{background:#3b82f6;height:100%;border-radius:3px}.fill.kept{background:#10b981}.fill.after{background:#f59e0b}
 .cards{display:flex;flex-wrap:wrap;gap:.8rem}.card{border:1px solid #dde2ea;border-radius:6px;padding:.6rem .9rem;min-width:150px}
-.card b{display:block;font-size:1.2rem}.bad{color:#b91c1c}.ok{color:#047857}.warn{background:#fff7ed;border:1px solid #fed7aa;padding:.5rem .8rem;border-radius:6px}
+.card b{display:block;font-size:1.2rem}.card.bad{border-color:#fca5a5}.bad{color:#b91c1c}.ok{color:#047857}.warn{background:#fff7ed;border:1px solid #fed7aa;padding:.5rem .8rem;border-radius:6px}
 """
 
 
@@ -50,6 +52,9 @@ def render_html(report: dict[str, Any]) -> str:
     parts = [(f"<h1>onnxprune report</h1><p class='sub'>{_e(report.get('input') or '<model>')} &rarr; "
              f"{_e(report.get('output') or '(in memory)')} &middot; onnxprune {_e(report.get('onnxprune_version'))}</p>")]
     parts.append(_summary_cards(report))
+    notes = report.get("notes", caveats(report))
+    if notes:
+        parts.append("<ul class='notes'>" + "".join(f"<li>note: {_e(n)}</li>" for n in notes) + "</ul>")
     for p in report.get("passes", []):
         if p["name"] == "unstructured":
             parts.append(_unstructured(p["details"]))
@@ -88,12 +93,18 @@ def _summary_cards(report: dict[str, Any]) -> str:
     if o.get("macs"):
         cards.append(("MACs kept", f"{100 * p.get('macs', 0) / o['macs']:.1f}%"))
     worst = v.get("worst", {})
+    if v.get("status") == "not validated":
+        cards.append(("validation", "not validated"))
+    if worst.get("nonfinite"):
+        cards.append(("outputs with NaN/Inf", str(len(worst["nonfinite"]))))
     if worst.get("cosine") is not None:
         cards.append(("worst cosine", f"{worst['cosine']:.4f}"))
     for entry in v.get("providers", {}).values():
-        cards.append(("speedup", f"{entry['latency']['speedup']:.2f}x"))
+        cards.append(("speedup", speedup_text(entry["latency"])))
         break
-    return "<div class='cards'>" + "".join(f"<div class='card'>{_e(k)}<b>{_e(val)}</b></div>" for k, val in cards) + "</div>"
+    bad = {"validation", "outputs with NaN/Inf"}
+    return "<div class='cards'>" + "".join(
+        f"<div class='card{' bad' if k in bad else ''}'>{_e(k)}<b>{_e(val)}</b></div>" for k, val in cards) + "</div>"
 
 
 def _unstructured(d: dict[str, Any]) -> str:
@@ -140,6 +151,9 @@ def _validation(v: dict[str, Any] | None) -> str:
         rows.append([_td(label), _td(a, True), _td(b, True), _td(None if ratio is None else round(ratio, 4), True),
                      f"<td>{_bar(ratio or 0, 'after')}</td>"])
     parts = ["<h2>Validation</h2>", _table(["", "original", "pruned", "pruned / original", ""], rows)]
+    if v.get("status") == "not validated":
+        return "".join(parts) + f"<p class='bad'>Not validated: {_e(v.get('reason'))}</p>"
+    parts.append(f"<p>inputs: {_e(inputs_text(v.get('inputs', {})))}</p>")
     acc = v.get("accuracy")
     if acc:
         parts.append(f"<h3>Accuracy ({acc['samples']} labelled samples)</h3>" + _table(["", "top-1", "top-5"], [
@@ -148,13 +162,17 @@ def _validation(v: dict[str, Any] | None) -> str:
             + f"<p>top-1 drop: {acc['top1_drop_points']:.2f} points</p>")
     for provider, entry in v.get("providers", {}).items():
         outs = [[_td(name), _td(r.get("cosine"), True), _td(r.get("rel_l2"), True), _td(r.get("max_abs"), True),
-                 _td(r.get("top1_agreement"), True)] for name, r in entry["outputs"].items()]
+                 _td(r.get("top1_agreement"), True), f"<td class='bad'>{_e(nonfinite_text(r))}</td>"]
+                for name, r in entry["outputs"].items()]
         lat = entry["latency"]
-        parts.append(f"<h3>{_e(provider)}</h3>" + _table(["output", "cosine", "rel. L2", "max abs", "top-1 agreement"], outs))
+        parts.append(f"<h3>{_e(provider)}</h3>" + _table(["output", "cosine", "rel. L2", "max abs", "top-1 agreement",
+                                                          "NaN/Inf"], outs))
         parts.append(_table(["latency", "median ms", "p90 ms", "runs"], [
             [_td("original"), _td(lat["original"]["median_ms"], True), _td(lat["original"]["p90_ms"], True),
              _td(lat["original"]["runs"], True)],
             [_td("pruned"), _td(lat["pruned"]["median_ms"], True), _td(lat["pruned"]["p90_ms"], True),
-             _td(lat["pruned"]["runs"], True)]]) + f"<p>speedup {lat['speedup']:.2f}x (interleaved, "
-            f"{_e(v.get('threads'))} thread(s))</p>")
+             _td(lat["pruned"]["runs"], True)]]) + f"<p>speedup: {_e(speedup_text(lat))} (median ratio "
+            f"{lat['speedup']:.2f}x, interleaved, {_e(v.get('threads'))} thread(s))</p>")
+    parts.append("<p class='sub'>top-1 agreement: classifier-like outputs only; one-element outputs: absolute error "
+                 "only (docs/report.md)</p>")
     return "".join(parts)

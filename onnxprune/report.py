@@ -141,9 +141,39 @@ def render(report: dict[str, Any], *, markdown: bool = False, verbose: bool = Fa
     others = ", ".join(f"{k} {v:.2f}s" for k, v in report.get("timings", {}).items() if k != "prune")
     lines.append("")
     lines.append(f"time: {timing}" + (f"; {others}" if others else ""))
-    if any(p["name"] == "unstructured" for p in report["passes"]):
-        lines.append(f"note: {NOTE_UNSTRUCTURED}")
+    for note in caveats(report):
+        lines.append(f"note: {note}")
     return "\n".join(lines) + "\n"
+
+
+def caveats(report: dict[str, Any]) -> list[str]:
+    """How to read the figures: the same notes in the terminal, JSON (``notes``), Markdown and HTML."""
+    notes = []
+    v = report.get("validation") or {}
+    for provider, entry in v.get("providers", {}).items():
+        lat = entry["latency"]
+        if lat.get("change") == "no measurable change":
+            notes.append(f"latency on {provider}: no measurable change (speedup {_num(lat['speedup'])}x is within the "
+                         f"spread of {lat['original']['runs']} interleaved runs: the p25-p75 ranges of the two models "
+                         f"overlap, or fewer than 5 runs)")
+    if any(p["name"] == "unstructured" for p in report.get("passes", [])):
+        notes.append(NOTE_UNSTRUCTURED)
+    return notes
+
+
+def speedup_text(latency: dict[str, Any]) -> str:
+    """``1.85x faster``, ``0.80x (slower)`` or ``no measurable change``."""
+    change = latency.get("change")
+    if change == "no measurable change":
+        return "no measurable change"
+    return f"{latency['speedup']:.2f}x" + (" (slower)" if change == "slower" else "")
+
+
+def nonfinite_text(result: dict[str, Any]) -> str:
+    """``pruned: 8 NaN, 0 Inf`` for an output with non-finite values, else an empty string."""
+    parts = [f"{side}: {counts['nan']} NaN, {counts['inf']} Inf"
+             for side, counts in result.get("nonfinite", {}).items() if counts.get("nan") or counts.get("inf")]
+    return "; ".join(parts)
 
 
 def _render_validation(v: dict[str, Any] | None, lines: list[str], h: str, markdown: bool) -> None:
@@ -164,25 +194,42 @@ def _render_validation(v: dict[str, Any] | None, lines: list[str], h: str, markd
         ["zip size", _bytes(so.get("zip_bytes")), _bytes(sp.get("zip_bytes")), _ratio(sp.get("zip_bytes"), so.get("zip_bytes"))],
     ]
     lines += _table(["", "original", "pruned", "pruned/original"], rows, markdown)
+    if v.get("status") == "not validated":
+        lines.append(f"NOT VALIDATED: {v.get('reason')}")
+        return
     inputs = v.get("inputs", {})
     shapes = ", ".join(f"{k} {'x'.join(map(str, s))}" for k, s in inputs.get("shapes", {}).items())
     how = inputs.get("resolution", {}).get("how")
-    lines.append(f"inputs: {inputs.get('source')} ({shapes}{'; ' + how if how else ''})")
+    lines.append(f"inputs: {inputs_text(inputs)} ({shapes}{'; ' + how if how else ''})")
     acc = v.get("accuracy")
     if acc:
         lines.append(f"accuracy on {acc['samples']} labelled samples: top-1 {100 * acc['original']['top1']:.2f}% -> "
                      f"{100 * acc['pruned']['top1']:.2f}% (drop {acc['top1_drop_points']:.2f} points), top-5 "
-                     f"{100 * acc['original']['top5']:.2f}% -> {100 * acc['pruned']['top5']:.2f}%")
+                     f"{100 * acc['original']['top5']:.2f}% -> {100 * acc['pruned']['top5']:.2f}%"
+                     + (f"; {acc['nonfinite']} non-finite logits" if acc.get("nonfinite") else ""))
     for provider, entry in v.get("providers", {}).items():
         lines.append(f"{provider}:")
         rows = [[name, _num(r.get("cosine")), _num(r.get("rel_l2")), _num(r.get("max_abs")),
-                 _num(r.get("top1_agreement"))] for name, r in entry["outputs"].items()]
-        lines += _table(["output", "cosine", "rel L2", "max abs", "top-1 agree"], rows, markdown)
+                 _num(r.get("top1_agreement")), nonfinite_text(r) or "-"] for name, r in entry["outputs"].items()]
+        lines += _table(["output", "cosine", "rel L2", "max abs", "top-1 agree", "NaN/Inf"], rows, markdown)
         lat = entry["latency"]
         lines.append(f"  latency (threads {v.get('threads')}, {lat['original']['runs']} interleaved runs): "
                      f"original median {lat['original']['median_ms']:.3f} ms (p90 {lat['original']['p90_ms']:.3f}), "
                      f"pruned median {lat['pruned']['median_ms']:.3f} ms (p90 {lat['pruned']['p90_ms']:.3f}), "
-                     f"speedup {lat['speedup']:.2f}x")
+                     + (f"speedup {speedup_text(lat)}" if lat.get("change") != "no measurable change"
+                        else f"no measurable change (speedup {lat['speedup']:.2f}x within the noise)"))
+    lines.append("  top-1 agree: classifier-like outputs only; one-element outputs: absolute error only "
+                 "(docs/report.md)")
+
+
+def inputs_text(inputs: dict[str, Any]) -> str:
+    """Where the validation inputs came from, in words."""
+    if inputs.get("source") == "calibration hold-out":
+        first, last = inputs.get("held_out", [0, 0])
+        which = ("its only sample, also used for calibration" if inputs.get("also_calibration") else
+                 f"samples {first}-{last} of {inputs.get('of')}, the last 25%, not used for calibration")
+        return f"calibration hold-out of {inputs.get('calibration_data')} ({which})"
+    return str(inputs.get("source"))
 
 
 def _ratio(a, b) -> str:

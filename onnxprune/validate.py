@@ -1,12 +1,17 @@
 """Validation: run the original and pruned models in onnxruntime and compare them.
 
 For each execution provider: per-output fidelity (cosine similarity, relative L2 error,
-max abs error, top-1 agreement for classifier-like outputs) and latency of both models
-measured interleaved in one process (warm-up, then median and p90 over the runs).
+max abs error, top-1 agreement for classifier-like outputs, NaN/Inf counts) and latency of both
+models measured in one process in alternating blocks (A B A B, one session alive at a time;
+warm-up, then median, p25/p75 and p90 over the runs).
 """
 
 from __future__ import annotations
 
+import ctypes
+import gc
+import os
+import re
 import time
 import zlib
 from collections.abc import Callable
@@ -26,10 +31,12 @@ from .model import PROTOBUF_LIMIT
 
 @dataclass
 class ModelSource:
-    """A model for onnxruntime: a file path (preferred, handles external data) or a proto."""
+    """A model for onnxruntime: a file path (preferred: onnxruntime reads it, external data too), serialized
+    bytes, or a proto (serialized for the session)."""
 
     model: onnx.ModelProto | None = None
     path: Path | None = None
+    blob: bytes | None = None
 
     def session(self, provider: str, threads: int) -> ort.InferenceSession:
         options = ort.SessionOptions()
@@ -41,6 +48,8 @@ class ModelSource:
         options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         if self.path is not None:
             return ort.InferenceSession(str(self.path), options, providers=[provider])
+        if self.blob is not None:
+            return ort.InferenceSession(self.blob, options, providers=[provider])
         return ort.InferenceSession(self.model.SerializeToString(), options, providers=[provider])
 
 
@@ -59,17 +68,70 @@ def check_providers(providers: list[str]) -> None:
 # Metrics
 # --------------------------------------------------------------------------------------
 
+#: Ops a classifier head ends with; walking back from an output passes through the bias Add, activations that
+#: keep the argmax and shape-only ops (see docs/report.md "top-1 agreement").
+CLASSIFIER_HEADS = {"Gemm", "MatMul"}
+ARGMAX_PRESERVING = {"Add", "Softmax", "LogSoftmax", "Sigmoid", "Identity", "Cast", "Reshape", "Flatten", "Squeeze",
+                     "Unsqueeze"}
+#: Fewer timed runs than this cannot tell a latency change from noise.
+MIN_RUNS_FOR_CHANGE = 5
+#: Cosine below this on some output is "very low fidelity" and earns a warning.
+LOW_COSINE = 0.5
 
-def compare_outputs(reference: np.ndarray, candidate: np.ndarray) -> dict[str, Any]:
-    """Fidelity of ``candidate`` against ``reference`` for one output."""
-    result: dict[str, Any] = {"shape": list(reference.shape), "same_shape": reference.shape == candidate.shape}
-    if reference.shape != candidate.shape:
+
+def classifier_outputs(model: onnx.ModelProto | None) -> set[str] | None:
+    """Graph outputs computed by a classifier head (Gemm/MatMul, then bias/softmax/reshapes); None without a graph."""
+    if model is None:
+        return None
+    producers = {out: node for node in model.graph.node for out in node.output}
+    constants = {i.name for i in model.graph.initializer}
+    found = set()
+    for output in model.graph.output:
+        node, steps = producers.get(output.name), 0
+        while node is not None and node.op_type in ARGMAX_PRESERVING and steps < 16:
+            data = [name for name in node.input[:2 if node.op_type == "Add" else 1] if name and name not in constants]
+            node, steps = (producers.get(data[0]) if data else None), steps + 1
+        if node is not None and node.op_type in CLASSIFIER_HEADS:
+            found.add(output.name)
+    return found
+
+
+def is_classifier_shape(shape: tuple[int, ...]) -> bool:
+    """[N, C] or [N, T, C] with C > 1: the shapes top-1 agreement is defined for."""
+    return len(shape) in (2, 3) and shape[-1] > 1
+
+
+def _nonfinite(arrays: list[np.ndarray]) -> dict[str, int]:
+    return {"nan": int(sum(np.count_nonzero(np.isnan(a)) for a in arrays)),
+            "inf": int(sum(np.count_nonzero(np.isinf(a)) for a in arrays))}
+
+
+def compare_outputs(reference: np.ndarray | list[np.ndarray], candidate: np.ndarray | list[np.ndarray],
+                    classifier: bool | None = None) -> dict[str, Any]:
+    """Fidelity of ``candidate`` against ``reference`` for one output (arrays, or one array per input batch).
+
+    Non-finite values are counted per model and leave the metrics out; a one-element output gets its
+    absolute error only; top-1 agreement only for classifier-like outputs (``classifier``; None: by shape).
+    """
+    refs = reference if isinstance(reference, list) else [reference]
+    cands = candidate if isinstance(candidate, list) else [candidate]
+    result: dict[str, Any] = {"shape": list(refs[0].shape),
+                              "same_shape": all(r.shape == c.shape for r, c in zip(refs, cands))}
+    if not result["same_shape"]:
         return result
-    if not np.issubdtype(reference.dtype, np.floating):
-        result["exact_match"] = float(np.mean(reference == candidate)) if reference.size else 1.0
+    if not np.issubdtype(refs[0].dtype, np.floating):
+        total = sum(r.size for r in refs)
+        result["exact_match"] = float(sum(np.sum(r == c) for r, c in zip(refs, cands)) / total) if total else 1.0
         return result
-    a = reference.astype(np.float64).reshape(-1)
-    b = candidate.astype(np.float64).reshape(-1)
+    result["nonfinite"] = {"original": _nonfinite(refs), "pruned": _nonfinite(cands)}
+    if any(result["nonfinite"][side][kind] for side in ("original", "pruned") for kind in ("nan", "inf")):
+        return result
+    a = np.concatenate([r.astype(np.float64).reshape(-1) for r in refs])
+    b = np.concatenate([c.astype(np.float64).reshape(-1) for c in cands])
+    result["max_abs"] = float(np.max(np.abs(a - b))) if a.size else 0.0
+    if a.size == 1:
+        result["values"] = {"original": float(a[0]), "pruned": float(b[0])}
+        return result
     norm_a, norm_b = float(np.linalg.norm(a)), float(np.linalg.norm(b))
     diff = float(np.linalg.norm(a - b))
     if norm_a == 0 and norm_b == 0:
@@ -80,39 +142,106 @@ def compare_outputs(reference: np.ndarray, candidate: np.ndarray) -> dict[str, A
         cosine = float(np.dot(a, b) / (norm_a * norm_b))
     result["cosine"] = cosine
     result["rel_l2"] = diff / norm_a if norm_a > 0 else (0.0 if diff == 0 else float("inf"))
-    result["max_abs"] = float(np.max(np.abs(a - b))) if a.size else 0.0
-    if reference.ndim >= 2 and 2 <= reference.shape[-1] <= 1_000_000:
-        ref_top = reference.reshape(-1, reference.shape[-1]).argmax(axis=1)
-        cand_top = candidate.reshape(-1, candidate.shape[-1]).argmax(axis=1)
+    if is_classifier_shape(refs[0].shape) and classifier is not False:
+        width = refs[0].shape[-1]
+        ref_top = np.concatenate([r.reshape(-1, width).argmax(axis=1) for r in refs])
+        cand_top = np.concatenate([c.reshape(-1, width).argmax(axis=1) for c in cands])
         result["top1_agreement"] = float(np.mean(ref_top == cand_top))
     return result
 
 
-def _latency(sessions: tuple[ort.InferenceSession, ort.InferenceSession], feeds, warmup: int, runs: int):
-    """Median and p90 milliseconds of each session, runs interleaved A B / B A."""
-    times: tuple[list[float], list[float]] = ([], [])
-    for _ in range(warmup):
-        for session in sessions:
-            session.run(None, feeds)
-    for round_ in range(runs):
-        order = (0, 1) if round_ % 2 == 0 else (1, 0)
-        for which in order:
-            start = time.perf_counter()
-            sessions[which].run(None, feeds)
-            times[which].append((time.perf_counter() - start) * 1000.0)
-    stats = []
-    for series in times:
-        arr = np.asarray(series) if series else np.asarray([float("nan")])
-        stats.append({"median_ms": float(np.median(arr)), "p90_ms": float(np.percentile(arr, 90)), "runs": len(series)})
+def latency_change(original: list[float], pruned: list[float]) -> str:
+    """"faster", "slower" or "no measurable change": a change counts when the middle halves (p25-p75) of
+    the two models' interleaved timings do not overlap, with at least ``MIN_RUNS_FOR_CHANGE`` runs each."""
+    if min(len(original), len(pruned)) < MIN_RUNS_FOR_CHANGE:
+        return "no measurable change"
+    o25, o75 = np.percentile(original, [25, 75])
+    p25, p75 = np.percentile(pruned, [25, 75])
+    if p75 < o25:
+        return "faster"
+    if p25 > o75:
+        return "slower"
+    return "no measurable change"
+
+
+#: Latency blocks per model: A B A B, one session alive at a time.
+LATENCY_ROUNDS = 2
+
+
+def _summary(series: list[float]) -> dict[str, Any]:
+    arr = np.asarray(series) if series else np.asarray([float("nan")])
+    p25, median, p75, p90 = (float(v) for v in np.percentile(arr, [25, 50, 75, 90]))
+    return {"median_ms": median, "p25_ms": p25, "p75_ms": p75, "p90_ms": p90, "runs": len(series)}
+
+
+def _latency(times: tuple[list[float], list[float]]) -> dict[str, Any]:
+    """Median, p25/p75 and p90 milliseconds of each model, the speedup of the medians, and what changed."""
+    stats = [_summary(series) for series in times]
     speedup = stats[0]["median_ms"] / stats[1]["median_ms"] if stats[1]["median_ms"] > 0 else float("nan")
-    return {"original": stats[0], "pruned": stats[1], "speedup": speedup}
+    return {"original": stats[0], "pruned": stats[1], "speedup": speedup, "change": latency_change(*times)}
 
 
-def file_sizes(path: Path | None, model: onnx.ModelProto | None) -> dict[str, int]:
-    """On-disk bytes (model + external data) and deflate-compressed bytes (zip, level 6)."""
-    files: list[Path] = [path, *_data_files(path)] if path is not None else []
+def _time_runs(session: ort.InferenceSession, feeds: dict[str, np.ndarray], warmup: int, runs: int) -> list[float]:
+    for _ in range(warmup):
+        session.run(None, feeds)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        session.run(None, feeds)
+        times.append((time.perf_counter() - start) * 1000.0)
+    return times
+
+
+def release_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the system: glibc keeps them otherwise, and the next
+    large allocation (a session, a model read back) adds to the peak instead of reusing them."""
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
+
+
+def _measure(sources: tuple[ModelSource, ModelSource], provider: str, cfg: ValidateConfig,
+             batches: list[dict[str, np.ndarray]], what: str):
+    """Outputs of both models on every batch and their latency, with one onnxruntime session alive at a time.
+
+    Blocks alternate A B A B (``LATENCY_ROUNDS``), each with a fresh session, its warm-up, then its share of the
+    timed runs; the outputs come from each model's first block. Peak memory holds one session, and an idle
+    session's threads cannot steal the cores from the timed one.
+    """
+    outputs: list[list | None] = [None, None]
+    names: list[str] = []
+    times: tuple[list[float], list[float]] = ([], [])
+    rounds = min(LATENCY_ROUNDS, max(cfg.runs, 1))
+    for round_ in range(rounds):
+        share = cfg.runs // rounds + (1 if round_ < cfg.runs % rounds else 0)
+        for which in (0, 1):
+            session = sources[which].session(provider, cfg.threads)
+            if outputs[which] is None:
+                names = names or [out.name for out in session.get_outputs()]
+                try:
+                    outputs[which] = [session.run(None, batch) for batch in batches]
+                except Exception as exc:  # sizes or values the model does not accept (e.g. a KV cache's lengths)
+                    if which == 1:
+                        raise
+                    raise ValidationUnavailable(f"the original model does not run on the {what} "
+                                                f"({ort_reason(exc)})") from exc
+            times[which].extend(_time_runs(session, batches[0], cfg.warmup, share))
+            del session
+            release_memory()
+    return names, outputs, _latency(times)
+
+
+def file_sizes(files: list[Path] | None, model: onnx.ModelProto | None = None, blob: bytes | None = None
+               ) -> dict[str, int]:
+    """On-disk bytes (model + external data files) and deflate-compressed bytes (zip, level 6).
+
+    Without files, the serialized ``blob`` or the in-memory ``model`` is measured (under protobuf's limit).
+    """
     if not files:
-        blob = model.SerializeToString() if model is not None and model.ByteSize() < PROTOBUF_LIMIT else b""
+        if blob is None:
+            blob = model.SerializeToString() if model is not None and model.ByteSize() < PROTOBUF_LIMIT else b""
         return {"bytes": len(blob), "zip_bytes": len(zlib.compress(blob, 6))}
     total = compressed = 0
     for file in files:
@@ -125,80 +254,180 @@ def file_sizes(path: Path | None, model: onnx.ModelProto | None) -> dict[str, in
     return {"bytes": total, "zip_bytes": compressed}
 
 
-def _data_files(path: Path) -> list[Path]:
-    model = onnx.load(str(path), load_external_data=False)
+def model_files(path: Path, model: onnx.ModelProto) -> list[Path]:
+    """``path`` and the external data files ``model`` (read from ``path`` without its data) references."""
     from .model import _external_locations
 
-    return [path.parent / loc for loc in _external_locations(model)]
+    return [path, *(path.parent / loc for loc in _external_locations(model))]
+
+
+#: Share of the calibration samples held out for validation when --data is absent (at least one sample).
+HOLDOUT_SHARE = 0.25
+
+
+def holdout(batches: list[dict[str, np.ndarray]], source: Any
+            ) -> tuple[list[dict[str, np.ndarray]], tuple[list[dict[str, np.ndarray]], dict[str, Any]]]:
+    """Split calibration batches: (batches left for calibration, (validation batches, description)).
+
+    The last ``HOLDOUT_SHARE`` of the samples (at least one) validate; calibration keeps the rest. With a single
+    sample there is nothing to hold out: it serves both, and the description says so.
+    """
+    sizes = [len(next(iter(batch.values()))) for batch in batches]
+    total = sum(sizes)
+    held = max(1, int(total * HOLDOUT_SHARE))
+    if total < 2:
+        kept, validation = list(batches), list(batches)
+    else:
+        kept, validation, first = [], [], total - held  # samples [first, total) validate
+        start = 0
+        for batch, size in zip(batches, sizes):
+            cut = min(max(first - start, 0), size)
+            if cut:
+                kept.append({name: arr[:cut] for name, arr in batch.items()})
+            if cut < size:
+                validation.append({name: arr[cut:] for name, arr in batch.items()})
+            start += size
+    info: dict[str, Any] = {
+        "source": "calibration hold-out", "calibration_data": os.fspath(source) if source is not None else None,
+        "samples": held, "of": total, "held_out": [total - held, total - 1] if total >= 2 else [0, 0],
+        "also_calibration": total < 2,
+        "shapes": {name: list(arr.shape) for name, arr in validation[0].items()},
+    }
+    return kept, (validation, info)
+
+
+class ValidationUnavailable(InputDataError):
+    """The original model does not run on the validation inputs: the pruned model is not validated."""
+
+
+def ort_reason(exc: BaseException, limit: int = 300) -> str:
+    """The useful part of an onnxruntime error: the failing node and its status message on one line (the cause
+    is at the end, so a long message keeps its tail)."""
+    text = str(exc).strip()
+    node = re.search(r"while running (\S+) node\. Name:'([^']*)'", text)
+    message = text.split("Status Message:", 1)[-1] if "Status Message:" in text else text
+    message = " ".join(line.strip() for line in message.splitlines() if line.strip()) or text
+    message = re.sub(r"^\S+\.(?:h|cc|cpp|c):\d+\s+", "", message)  # source location
+    message = re.sub(r"^[\w:~<>]+\([^)]*\)\s+", "", message)  # C++ function signature
+    message = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", message)
+    if len(message) > limit:
+        message = "..." + message[-limit:]
+    return f"{node.group(1)} node {node.group(2)!r}: {message}" if node else message
+
+
+def _batches(feeds) -> tuple[list[dict[str, np.ndarray]], dict[str, Any]]:
+    batches, info = feeds
+    return (list(batches) if isinstance(batches, list) else [batches]), info
 
 
 def run_validation(original: ModelSource, pruned: ModelSource, cfg: ValidateConfig,
                    log: Callable[[str], None] = lambda m: None,
-                   feeds: tuple[dict[str, np.ndarray], dict[str, Any]] | None = None) -> dict[str, Any]:
-    """Compare ``pruned`` with ``original`` on every provider of ``cfg``."""
+                   feeds: tuple[Any, dict[str, Any]] | None = None,
+                   classifiers: set[str] | None = None, specs: list[InputSpec] | None = None) -> dict[str, Any]:
+    """Compare ``pruned`` with ``original`` on every provider of ``cfg``.
+
+    ``feeds``: (one feed dict or a list of them, description). One session is alive at a time (see
+    :func:`_measure`); the original runs first, so inputs it does not accept raise :class:`ValidationUnavailable`
+    before the pruned model is loaded. ``classifiers``: the outputs that get
+    top-1 agreement (default: read from the graph, see :func:`classifier_outputs`); ``specs``: the inputs
+    ``--eval-data`` must match (default: read from the graph).
+    """
     check_providers(cfg.providers)
-    results: dict[str, Any] = {"providers": {}, "threads": cfg.threads, "warmup": cfg.warmup, "runs": cfg.runs}
-    feeds, results["inputs"] = feeds if feeds is not None else prepare_feeds(original.model, cfg)
+    results: dict[str, Any] = {"status": "validated", "providers": {}, "threads": cfg.threads, "warmup": cfg.warmup,
+                               "runs": cfg.runs}
+    batches, results["inputs"] = _batches(feeds if feeds is not None else prepare_feeds(original.model, cfg))
+    if classifiers is None:
+        classifiers = classifier_outputs(original.model or pruned.model)
+    source = results["inputs"].get("source")
+    what = {"synthetic": "synthetic inputs", "calibration hold-out": "calibration hold-out"}.get(source, "given inputs")
     for provider in cfg.providers:
         log(f"validating on {provider}")
-        sessions = (original.session(provider, cfg.threads), pruned.session(provider, cfg.threads))
-        names = [out.name for out in sessions[0].get_outputs()]
-        try:
-            ref = sessions[0].run(None, feeds)
-        except Exception as exc:  # sizes the model does not accept (e.g. a KV cache's lengths)
-            what = "synthetic" if results["inputs"].get("source") == "synthetic" else "given"
-            raise InputDataError(f"the original model does not run on the {what} inputs "
-                                 f"({str(exc).strip().splitlines()[0][:240]}); give inputs it accepts with --data "
-                                 "or sizes with --input-shape") from exc
-        got = sessions[1].run(None, feeds)
-        outputs = {name: compare_outputs(r, g) for name, r, g in zip(names, ref, got)}
-        latency = _latency(sessions, feeds, cfg.warmup, cfg.runs)
+        names, (ref, got), latency = _measure((original, pruned), provider, cfg, batches, what)
+        outputs = {name: compare_outputs([r[i] for r in ref], [g[i] for g in got],
+                                         None if classifiers is None else name in classifiers)
+                   for i, name in enumerate(names)}
+        del ref, got
         results["providers"][provider] = {"outputs": outputs, "latency": latency}
-        del sessions
     results["worst"] = _worst(results["providers"])
     if cfg.eval_data:
         from .accuracy import evaluate
 
         log(f"measuring accuracy on {cfg.eval_data}")
-        results["accuracy"] = evaluate(original, pruned, cfg.eval_data, input_specs(original.model or pruned.model))
+        results["accuracy"] = evaluate(original, pruned, cfg.eval_data,
+                                       specs if specs is not None else input_specs(original.model or pruned.model))
     return results
 
 
-def _worst(providers: dict[str, Any]) -> dict[str, float | None]:
-    cos, rel, top = [], [], []
-    for entry in providers.values():
-        for out in entry["outputs"].values():
+def not_validated(reason: str) -> dict[str, Any]:
+    """The ``validation`` entry of a run whose models could not be compared."""
+    return {"status": "not validated", "reason": reason, "providers": {}, "worst": {}}
+
+
+def _worst(providers: dict[str, Any]) -> dict[str, Any]:
+    cos, rel, top, nonfinite = [], [], [], []
+    for provider, entry in providers.items():
+        for name, out in entry["outputs"].items():
             if "cosine" in out:
                 cos.append(out["cosine"])
                 rel.append(out["rel_l2"])
             if "top1_agreement" in out:
                 top.append(out["top1_agreement"])
+            counts = out.get("nonfinite", {})
+            for side in ("original", "pruned"):
+                bad = counts.get(side, {})
+                if bad.get("nan") or bad.get("inf"):
+                    nonfinite.append({"provider": provider, "output": name, "model": side, **bad})
     return {
         "cosine": min(cos) if cos else None,
         "rel_l2": max(rel) if rel else None,
         "top1_agreement": min(top) if top else None,
+        "nonfinite": nonfinite,
     }
 
 
+def describe_nonfinite(entry: dict[str, Any]) -> str:
+    """``output 'y' of the pruned model: 8 NaN, 0 Inf``."""
+    return f"output {entry['output']!r} of the {entry['model']} model: {entry['nan']} NaN, {entry['inf']} Inf"
+
+
+def gates_given(cfg: ValidateConfig) -> list[str]:
+    """The gate options set in ``cfg``, as the command line spells them."""
+    return [option for option, value in (("--min-cosine", cfg.min_cosine), ("--max-rel-l2", cfg.max_rel_l2),
+                                         ("--min-top1", cfg.min_top1), ("--max-accuracy-drop", cfg.max_accuracy_drop))
+            if value is not None]
+
+
 def check_gates(validation: dict[str, Any], cfg: ValidateConfig) -> list[str]:
-    """Gate violations as readable strings (empty when every gate holds)."""
+    """Gate violations as readable strings (empty when every gate holds).
+
+    Every gate fails when the models were not compared, or when an output (or the accuracy logits) holds NaN/Inf.
+    """
+    if validation.get("status") == "not validated":
+        return [f"{option}: not validated ({validation.get('reason')})" for option in gates_given(cfg)]
     worst = validation.get("worst", {})
-    failures = []
-    gates = (("cosine", cfg.min_cosine, min, "--min-cosine", lambda v, g: v >= g),
-             ("rel_l2", cfg.max_rel_l2, max, "--max-rel-l2", lambda v, g: v <= g),
-             ("top1_agreement", cfg.min_top1, min, "--min-top1", lambda v, g: v >= g))
+    bad = "; ".join(describe_nonfinite(entry) for entry in worst.get("nonfinite", []))
     accuracy = validation.get("accuracy")
+    if accuracy is not None and accuracy.get("nonfinite"):
+        bad = "; ".join(filter(None, [bad, f"accuracy logits: {accuracy['nonfinite']} non-finite values"]))
+    failures = []
+    gates = (("cosine", cfg.min_cosine, "--min-cosine", lambda v, g: v >= g),
+             ("rel_l2", cfg.max_rel_l2, "--max-rel-l2", lambda v, g: v <= g),
+             ("top1_agreement", cfg.min_top1, "--min-top1", lambda v, g: v >= g))
     if cfg.max_accuracy_drop is not None:
         if accuracy is None:
             failures.append("--max-accuracy-drop needs --eval-data with labels")
+        elif bad:
+            failures.append(f"--max-accuracy-drop {cfg.max_accuracy_drop}: non-finite outputs ({bad})")
         elif accuracy["top1_drop_points"] > cfg.max_accuracy_drop:
             failures.append(f"--max-accuracy-drop {cfg.max_accuracy_drop}: top-1 dropped "
                             f"{accuracy['top1_drop_points']:.2f} points")
-    for key, gate, _, option, ok in gates:
+    for key, gate, option, ok in gates:
         if gate is None:
             continue
         value = worst.get(key)
-        if value is None:
+        if bad:
+            failures.append(f"{option} {gate}: non-finite outputs ({bad})")
+        elif value is None:
             failures.append(f"{option} {gate}: the model has no output to measure {key} on")
         elif not ok(value, gate):
             failures.append(f"{option} {gate}: measured {value:.6g}")
