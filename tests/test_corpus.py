@@ -56,7 +56,7 @@ def _model(name: str) -> CorpusModel:
 
 def _param(name: str, mode: str, *marks: pytest.MarkDecorator):
     reason = KNOWN.get((name, mode))
-    xfail = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
+    xfail = [pytest.mark.xfail(strict=True, raises=AssertionError, reason=reason)] if reason else []
     return pytest.param(name, mode, marks=[*marks, *xfail], id=f"{name}-{mode.replace(' ', '_')}")
 
 

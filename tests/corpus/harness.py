@@ -159,7 +159,7 @@ def run_row(model: CorpusModel, mode: str, folder: Path, data: dict[str, Path] |
         return row
     check_output(model, src, out, row, count or model.count)
     details = json.loads(report.read_text())
-    macs = details.get("validation", {}).get("model", {})
+    macs = (details.get("validation") or {}).get("model") or {}  # absent with --no-validate
     if macs.get("original", {}).get("macs"):
         row.macs_kept = macs["pruned"]["macs"] / macs["original"]["macs"]
     if "--structured" in MODES[mode] and not details["summary"].get("macs_removed"):
