@@ -74,6 +74,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--scale", type=int, default=2, help="check/calibration samples: this many times the "
                         "default suite's count per model")
+    parser.add_argument("--row-timeout", type=int, default=1800, help="stop a row after this many seconds")
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")
     parser.add_argument("--from-json", type=Path, nargs="+",
                         help="rewrite the docs table from saved rows (runs nothing)")
@@ -96,9 +97,10 @@ def main() -> None:
             count = model.count * args.scale
             data = make_data(model, folder, count)
             for mode in modes:
-                rows.append(run_row(model, mode, folder, data, count=count))
+                rows.append(run_row(model, mode, folder, data, count=count, timeout=args.row_timeout))
                 print(json.dumps(asdict(rows[-1])), flush=True)
-            rows.append(run_row(model, "sparsity 0.5", folder, None, label=BARE, count=count))
+            rows.append(run_row(model, "sparsity 0.5", folder, None, label=BARE, count=count,
+                                timeout=args.row_timeout))
             print(json.dumps(asdict(rows[-1])), flush=True)
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in rows], indent=1))

@@ -127,10 +127,14 @@ def _fidelity(dense: list[np.ndarray], pruned: list[np.ndarray]) -> tuple[float,
 
 
 def invoke(model_path: Path, args: list[str], timeout: int = 1800) -> tuple[int, str, float]:
-    """Run ``python -m onnxprune`` and return (exit code, last stderr line, wall seconds)."""
+    """Run ``python -m onnxprune`` and return (exit code, last stderr line, wall seconds); a run past ``timeout``
+    seconds is stopped and reported as exit 124."""
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "onnxprune", str(model_path), *args], capture_output=True,
-                          text=True, timeout=timeout, check=False)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "onnxprune", str(model_path), *args], capture_output=True,
+                              text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        return 124, f"did not finish within {timeout} s (stopped)", time.perf_counter() - start
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     return proc.returncode, (lines[-1] if lines else ""), time.perf_counter() - start
 
@@ -147,13 +151,13 @@ def tool_args(mode: str, out: Path, report: Path, data: dict[str, Path] | None, 
 
 
 def run_row(model: CorpusModel, mode: str, folder: Path, data: dict[str, Path] | None, label: str = "",
-            validate: bool = True, count: int | None = None) -> Row:
+            validate: bool = True, count: int | None = None, timeout: int = 1800) -> Row:
     """Prune ``model`` in ``mode`` into ``folder`` and check the result on ``count`` samples (default the
     model's); ``label`` names the row (default the mode)."""
     src, label = model.locate(), label or mode
     stem = f"{folder / model.name}.{label.replace(' ', '_').replace(':', '-').replace(',', '')}"
     out, report = Path(stem + ".onnx"), Path(stem + ".json")
-    rc, message, seconds = invoke(src, tool_args(mode, out, report, data, validate))
+    rc, message, seconds = invoke(src, tool_args(mode, out, report, data, validate), timeout)
     row = Row(model.name, label, rc, message, seconds)
     if rc != 0:
         return row
