@@ -34,7 +34,7 @@ LSTM = ("LSTM W/R weights (silero: the LSTM cell in its If branches) are not pru
 CALIB_0D = ("calibration batching takes axis 0 of every input: the 0-d sample-rate input ends in exit 1 "
             "IndexError (tuple index out of range)")
 KNOWN: dict[tuple[str, str], str] = {
-    **{(m, s): INT32 for m in ("ocr_cls",) for s in MODES if s.startswith("structured")},
+    **{(m, s): INT32 for m in ("ocr_cls", "ocr_rec") for s in MODES if s.startswith("structured")},
     ("nudenet_320n", BARE): SYNTH_32, ("ocr_det", BARE): SYNTH_32, ("silero_vad", BARE): SYNTH_SR,
     ("silero_vad", "structured 0.3"): IF_BRANCH, ("silero_vad", "structured 0.5"): IF_BRANCH,
     ("silero_vad", "structured 0.3 + reconstruct"): CALIB_0D,
