@@ -1,0 +1,1 @@
+"""Real-model corpus helpers: locating models inside installed packages, realistic inputs, the row harness."""
