@@ -15,7 +15,7 @@ from . import __version__
 from .analysis.cost import total_macs
 from .config import PruneConfig, ValidateConfig
 from .errors import GateFailedError, InputDataError, InvalidModelError, OnnxPruneError, UnsupportedError, UsageError
-from .feeds import describe_resolution, resolve_inputs
+from .feeds import batch_axes, describe_resolution, resolve_inputs
 from .model import (
     PROTOBUF_LIMIT,
     LoadedModel,
@@ -164,7 +164,7 @@ def prune(
     unavailable: str | None = None  # why the models cannot be compared (no inputs run the original)
     if vcfg.enabled:  # check the validation inputs before any work, so bad --data writes nothing
         if not vcfg.data and calibration:
-            calibration, feeds = holdout(calibration, config.calibration_data)
+            calibration, feeds = holdout(calibration, config.calibration_data, batch_axes(input_specs(loaded.model)))
         else:
             try:
                 feeds = prepare_feeds(loaded.model, vcfg, path=input_path)
@@ -352,6 +352,11 @@ def gate_error(result: PruneResult) -> OnnxPruneError | None:
     return GateFailedError("validation gates missed: " + "; ".join(result.gate_failures))
 
 
+def _as_batches(feed) -> list[dict]:
+    """Validation feeds as a list of feed dicts (``--data`` for a one-sample model is already split)."""
+    return list(feed) if isinstance(feed, list) else [feed]
+
+
 def _allocate_for_target(model: onnx.ModelProto, config: PruneConfig, calibration, vcfg: ValidateConfig, feeds,
                          shapes: dict[str, list[int]], log: Callable[[str], None]) -> dict[str, Any]:
     """Measure each group's sensitivity, pick per-group ratios for the target, write them as overrides."""
@@ -361,7 +366,7 @@ def _allocate_for_target(model: onnx.ModelProto, config: PruneConfig, calibratio
     prepare_for_analysis(model)  # what the structured pass analyses, so group ids and heads agree
 
     samples = list(calibration or [])[:4] or (
-        [feeds[0]] if feeds else [prepare_feeds(model, replace(vcfg, input_shapes=shapes))[0]])
+        _as_batches(feeds[0]) if feeds else [prepare_feeds(model, replace(vcfg, input_shapes=shapes))[0]])
     labels = None
     if vcfg.eval_data:  # with labels, lost top-1 breaks ties between equally faithful allocations
         from .accuracy import load_eval_data

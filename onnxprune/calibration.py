@@ -19,7 +19,7 @@ import onnx
 import onnxruntime as ort
 
 from .errors import InputDataError
-from .validate import ORT_TYPES, InputSpec, input_specs
+from .feeds import ORT_TYPES, InputSpec, batch_axes, input_specs, sample_count, take_samples
 
 
 def _check_feed(feed: dict[str, np.ndarray], specs: list[InputSpec], where: str) -> dict[str, np.ndarray]:
@@ -29,13 +29,13 @@ def _check_feed(feed: dict[str, np.ndarray], specs: list[InputSpec], where: str)
         raise InputDataError(f"calibration data {where}: names do not match the model inputs"
                              + (f"; missing {', '.join(missing)}" if missing else "")
                              + (f"; unknown {', '.join(extra)}" if extra else ""))
-    out = {}
+    out, axes = {}, batch_axes(specs)
     for spec in specs:
         arr = np.asarray(feed[spec.name])
         want = ORT_TYPES.get(spec.type)
         if want is not None and arr.dtype != np.dtype(want):
             raise InputDataError(f"calibration data {where}: {spec.name} has dtype {arr.dtype}, expected {np.dtype(want)}")
-        if arr.ndim != len(spec.shape) or any(isinstance(d, int) and d > 0 and d != s and i > 0
+        if arr.ndim != len(spec.shape) or any(isinstance(d, int) and d > 0 and d != s and i != axes[spec.name]
                                               for i, (d, s) in enumerate(zip(spec.shape, arr.shape))):
             raise InputDataError(f"calibration data {where}: {spec.name} has shape {list(arr.shape)}, "
                                  f"the model expects {spec.shape}")
@@ -43,11 +43,13 @@ def _check_feed(feed: dict[str, np.ndarray], specs: list[InputSpec], where: str)
     return out
 
 
-def _batches(feed: dict[str, np.ndarray], batch: int, fixed_one: bool) -> Iterator[dict[str, np.ndarray]]:
-    count = min(arr.shape[0] for arr in feed.values())
+def _batches(feed: dict[str, np.ndarray], batch: int, axes: dict[str, int | None],
+             fixed_one: bool) -> Iterator[dict[str, np.ndarray]]:
+    """Split one checked feed into batches along each input's sample axis (:func:`batch_axes`)."""
+    count = sample_count(feed, axes)
     step = 1 if fixed_one else batch
     for start in range(0, count, step):
-        yield {name: arr[start:start + step] for name, arr in feed.items()}
+        yield take_samples(feed, axes, start, min(start + step, count))
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm")
@@ -97,7 +99,8 @@ def load_calibration(source: str | os.PathLike | Iterable[dict[str, np.ndarray]]
                      images: ImagePreprocess | None = None) -> list[dict[str, np.ndarray]]:
     """Calibration batches as feed dicts, checked against ``model``'s inputs."""
     specs = input_specs(model)
-    fixed_one = any(spec.shape and spec.shape[0] == 1 for spec in specs)
+    axes = batch_axes(specs)
+    fixed_one = any(axes[spec.name] is not None and spec.shape[axes[spec.name]] == 1 for spec in specs)
     feeds: list[dict[str, np.ndarray]] = []
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
@@ -118,7 +121,7 @@ def load_calibration(source: str | os.PathLike | Iterable[dict[str, np.ndarray]]
         raw = list(source)
     for i, feed in enumerate(raw):
         checked = _check_feed(feed, specs, str(source) if isinstance(source, (str, os.PathLike)) else f"item {i}")
-        feeds.extend(_batches(checked, batch, fixed_one))
+        feeds.extend(_batches(checked, batch, axes, fixed_one))
     if not feeds:
         raise InputDataError("calibration data is empty")
     if limit is not None:

@@ -81,6 +81,35 @@ def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
 # --------------------------------------------------------------------------------------
 
 
+def batch_axes(specs: list[InputSpec]) -> dict[str, int | None]:
+    """The axis along which each input stacks samples: axis 0 when it is dynamic or 1, else the first dynamic
+    axis (a recurrent state such as ``[2, batch, 128]``); None for an input without one (a 0-d sample rate), which
+    every sample shares."""
+    axes: dict[str, int | None] = {}
+    for spec in specs:
+        dynamic = [i for i, d in enumerate(spec.shape) if not isinstance(d, int) or d <= 0]
+        axes[spec.name] = 0 if spec.shape and (0 in dynamic or spec.shape[0] == 1) else (
+            dynamic[0] if dynamic else None)
+    return axes
+
+
+def sample_count(feed: dict[str, np.ndarray], axes: dict[str, int | None]) -> int:
+    """How many samples ``feed`` holds (1 when no input has a sample axis)."""
+    counts = [arr.shape[axes[name]] for name, arr in feed.items()
+              if axes.get(name) is not None and arr.ndim > axes[name]]
+    return min(counts) if counts else 1
+
+
+def take_samples(feed: dict[str, np.ndarray], axes: dict[str, int | None], start: int, stop: int
+                 ) -> dict[str, np.ndarray]:
+    """Samples ``start:stop`` of ``feed`` (inputs without a sample axis are passed whole)."""
+    out = {}
+    for name, arr in feed.items():
+        axis = axes.get(name)
+        out[name] = arr if axis is None or arr.ndim <= axis else np.take(arr, range(start, stop), axis=axis)
+    return out
+
+
 @dataclass
 class Resolution:
     """Concrete shapes for every input, integer values read from the graph, and how they were found."""
@@ -569,12 +598,28 @@ def prepare_feeds(model: onnx.ModelProto, cfg: ValidateConfig, path: str | os.Pa
     if cfg.data:
         feeds = load_data(cfg.data, specs)
         info: dict[str, Any] = {"source": os.fspath(cfg.data)}
+        batches = _single_sample_batches(feeds, specs)
+        if batches is not None:  # a model fixed to one sample per run: --data holds several, one run each
+            info["shapes"] = {name: list(arr.shape) for name, arr in batches[0].items()}
+            info["samples"] = len(batches)
+            return batches, info
     else:
         res = resolve_inputs(model, cfg.input_shapes, seed=cfg.seed, path=path)
         feeds = synthesize_inputs(specs, res.shapes, model, cfg.seed, choice=res.choice)
         info = {"source": "synthetic", "seed": cfg.seed, "resolution": res.to_dict()}
     info["shapes"] = {name: list(arr.shape) for name, arr in feeds.items()}
     return feeds, info
+
+
+def _single_sample_batches(feeds: dict[str, np.ndarray], specs: list[InputSpec]
+                           ) -> list[dict[str, np.ndarray]] | None:
+    """``feeds`` split into one-sample feeds when an input's sample axis is fixed to 1 and holds more; else None."""
+    axes = batch_axes(specs)
+    fixed_one = any(axes[s.name] is not None and s.shape[axes[s.name]] == 1 for s in specs)
+    count = sample_count(feeds, axes)
+    if not fixed_one or count <= 1:
+        return None
+    return [take_samples(feeds, axes, i, i + 1) for i in range(count)]
 
 
 def synthesize_inputs(specs: list[InputSpec], shapes: dict[str, list[int]], model: onnx.ModelProto | None,
@@ -623,13 +668,16 @@ def load_data(path: str | os.PathLike, specs: list[InputSpec]) -> dict[str, np.n
             + (f"; unknown {', '.join(extra)}" if extra else "")
         )
     feeds: dict[str, np.ndarray] = {}
+    axes = batch_axes(specs)  # a sample axis fixed to 1 may hold several samples: they run one by one
     for spec in specs:
         arr = arrays[spec.name]
         want = ORT_TYPES.get(spec.type)
         if want is not None and arr.dtype != np.dtype(want):
             raise InputDataError(f"--data {path}: {spec.name} has dtype {arr.dtype}, the model expects {np.dtype(want)}")
+        axis = axes[spec.name]
         if arr.ndim != len(spec.shape) or any(
-            isinstance(d, int) and d > 0 and d != s for d, s in zip(spec.shape, arr.shape)
+            isinstance(d, int) and d > 0 and d != s and not (i == axis and d == 1)
+            for i, (d, s) in enumerate(zip(spec.shape, arr.shape))
         ):
             raise InputDataError(f"--data {path}: {spec.name} has shape {list(arr.shape)}, the model expects {spec.shape}")
         feeds[spec.name] = arr

@@ -25,7 +25,16 @@ import onnxruntime as ort
 
 from .config import ValidateConfig
 from .errors import InputDataError, UnsupportedError
-from .feeds import ORT_TYPES, InputSpec, input_specs, load_data, prepare_feeds, synthesize_inputs  # noqa: F401
+from .feeds import (  # noqa: F401 - re-exported for callers of the validation module
+    ORT_TYPES,
+    InputSpec,
+    input_specs,
+    load_data,
+    prepare_feeds,
+    sample_count,
+    synthesize_inputs,
+    take_samples,
+)
 from .model import PROTOBUF_LIMIT
 
 
@@ -265,14 +274,16 @@ def model_files(path: Path, model: onnx.ModelProto) -> list[Path]:
 HOLDOUT_SHARE = 0.25
 
 
-def holdout(batches: list[dict[str, np.ndarray]], source: Any
+def holdout(batches: list[dict[str, np.ndarray]], source: Any, axes: dict[str, int | None] | None = None
             ) -> tuple[list[dict[str, np.ndarray]], tuple[list[dict[str, np.ndarray]], dict[str, Any]]]:
     """Split calibration batches: (batches left for calibration, (validation batches, description)).
 
     The last ``HOLDOUT_SHARE`` of the samples (at least one) validate; calibration keeps the rest. With a single
-    sample there is nothing to hold out: it serves both, and the description says so.
+    sample there is nothing to hold out: it serves both, and the description says so. ``axes`` gives each input's
+    sample axis (:func:`~onnxprune.feeds.batch_axes`; default axis 0).
     """
-    sizes = [len(next(iter(batch.values()))) for batch in batches]
+    axes = axes if axes is not None else {name: 0 for name in batches[0]}
+    sizes = [sample_count(batch, axes) for batch in batches]
     total = sum(sizes)
     held = max(1, int(total * HOLDOUT_SHARE))
     if total < 2:
@@ -283,9 +294,9 @@ def holdout(batches: list[dict[str, np.ndarray]], source: Any
         for batch, size in zip(batches, sizes):
             cut = min(max(first - start, 0), size)
             if cut:
-                kept.append({name: arr[:cut] for name, arr in batch.items()})
+                kept.append(take_samples(batch, axes, 0, cut))
             if cut < size:
-                validation.append({name: arr[cut:] for name, arr in batch.items()})
+                validation.append(take_samples(batch, axes, cut, size))
             start += size
     info: dict[str, Any] = {
         "source": "calibration hold-out", "calibration_data": os.fspath(source) if source is not None else None,

@@ -23,22 +23,13 @@ from .corpus.models import BY_NAME, CORPUS, INSTALL, CorpusModel
 BARE = "sparsity 0.5, no --data"
 
 # Failure classes found by the corpus, (model, row) -> reason; each row is a strict xfail until fixed.
-INT32 = ("structured pass writes an int64 constant into a Paddle int32 shape chain: exit 4 inconsistent type "
-         "tensor(int32)")
-SYNTH_32 = ("synthetic inputs use 16 for dynamic dims; the detector runs only at multiples of 32: exit 8 without "
-            "--data")
-SYNTH_SR = "synthetic integer sample rate drawn from [0, 10) instead of 8000/16000: exit 8 without --data"
-IF_BRANCH = "layers inside If branches: structured pruning removes nothing (exit 0, no MACs removed, no reason)"
-LSTM = ("LSTM W/R weights (silero: the LSTM cell in its If branches) are not prunable: the float weights stay "
-        "below the requested share of zeros")
+IF_BRANCH = ("layers inside If branches: structured pruning removes nothing (exit 0 with a warning naming each "
+             "subgraph; pruning inside subgraphs is not supported)")
 CALIB_0D = ("calibration batching takes axis 0 of every input: the 0-d sample-rate input ends in exit 1 "
             "IndexError (tuple index out of range)")
 KNOWN: dict[tuple[str, str], str] = {
-    **{(m, s): INT32 for m in ("ocr_cls", "ocr_rec") for s in MODES if s.startswith("structured")},
-    ("nudenet_320n", BARE): SYNTH_32, ("ocr_det", BARE): SYNTH_32, ("silero_vad", BARE): SYNTH_SR,
     ("silero_vad", "structured 0.3"): IF_BRANCH, ("silero_vad", "structured 0.5"): IF_BRANCH,
     ("silero_vad", "structured 0.3 + reconstruct"): CALIB_0D,
-    **{(m, s): LSTM for m in ("ddddocr", "silero_vad") for s in ("sparsity 0.5", "sparsity 0.7")},
 }
 
 # The default suite: every model, the cheap rows (--runs 1 --warmup 0, small accepted input sizes).

@@ -339,7 +339,8 @@ def _fold_feeds(ctx: PassContext, model: onnx.ModelProto) -> list[dict[str, np.n
     if ctx.state.get("calibration"):
         return list(ctx.state["calibration"])[:8]
     if ctx.state.get("feeds"):
-        return [ctx.state["feeds"]]
+        feeds = ctx.state["feeds"]
+        return list(feeds) if isinstance(feeds, list) else [feeds]
     from ..config import ValidateConfig
     from ..validate import prepare_feeds
 
