@@ -153,7 +153,7 @@ def caveats(report: dict[str, Any]) -> list[str]:
     for provider, entry in v.get("providers", {}).items():
         lat = entry["latency"]
         if lat.get("change") == "no measurable change":
-            notes.append(f"latency on {provider}: no measurable change (speedup {_num(lat['speedup'])}x is within the "
+            notes.append(f"latency on {provider}: no measurable change (speedup {lat['speedup']:.2f}x is within the "
                          f"spread of {lat['original']['runs']} interleaved runs: the p25-p75 ranges of the two models "
                          f"overlap, or fewer than 5 runs)")
     if any(p["name"] == "unstructured" for p in report.get("passes", [])):
