@@ -20,7 +20,7 @@ __version__ = "0.1.0"
 _PUBLIC = {"PruneResult": "api", "build_passes": "api", "prune": "api", "validate": "api",
            "PruneConfig": "config", "ValidateConfig": "config", "OnnxPruneError": "errors"}
 
-__all__ = sorted(_PUBLIC)
+__all__ = ["OnnxPruneError", "PruneConfig", "PruneResult", "ValidateConfig", "build_passes", "prune", "validate"]
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from .api import PruneResult, build_passes, prune, validate

@@ -14,6 +14,7 @@ import onnx
 from . import __version__
 from .analysis.cost import total_macs
 from .config import PruneConfig, ValidateConfig
+from .entry import checkpoint
 from .errors import GateFailedError, InputDataError, InvalidModelError, OnnxPruneError, UnsupportedError, UsageError
 from .feeds import batch_axes, describe_resolution, resolve_inputs
 from .model import (
@@ -27,7 +28,6 @@ from .model import (
     save_model,
     tensor_bytes,
 )
-from .entry import checkpoint
 from .outputs import OutputGuard
 from .passes.manager import PassContext, PassManager, PassResult
 from .passes.unstructured import MagnitudePrunePass

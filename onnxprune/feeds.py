@@ -313,7 +313,7 @@ def _metadata_stride(model: onnx.ModelProto) -> int:
 
 
 def _round_up(value: int, multiple: int) -> int:
-    return max(multiple, int(math.ceil(value / multiple)) * multiple)
+    return max(multiple, math.ceil(value / multiple) * multiple)
 
 
 def _lone_middle_dim(spec: InputSpec, axis: int) -> bool:
@@ -425,7 +425,7 @@ def _strides(model: onnx.ModelProto, names: list[str]) -> dict[str, tuple[int, .
             f = tuple(max(r[i] for r in reached) * scale[i] for i in range(3))
             deepest = tuple(max(a, b) for a, b in zip(deepest, f))
             factor.update({o: f for o in node.output if o})
-        out[name] = tuple(int(round(d)) if 1 < d <= 1024 and abs(d - round(d)) < 1e-6 else 1 for d in deepest)
+        out[name] = tuple(round(d) if 1 < d <= 1024 and abs(d - round(d)) < 1e-6 else 1 for d in deepest)
     return out
 
 
@@ -468,7 +468,7 @@ def _constants(model: onnx.ModelProto, max_elements: int) -> dict[str, np.ndarra
             if small and tensor.data_location != onnx.TensorProto.EXTERNAL:
                 try:
                     out[tensor.name] = numpy_helper.to_array(tensor)
-                except Exception:  # noqa: BLE001 - a malformed tensor is not a hint
+                except Exception:  # noqa: BLE001, S112 - a malformed tensor is not a hint
                     continue
     return out
 

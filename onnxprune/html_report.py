@@ -5,7 +5,7 @@ from __future__ import annotations
 import html
 from typing import Any
 
-from .report import inputs_text, caveats, nonfinite_text, speedup_text
+from .report import caveats, inputs_text, nonfinite_text, speedup_text
 
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1100px;color:#1d2433;padding:0 1rem}

@@ -64,7 +64,7 @@ def test_detector_synthetic_feeds_run_and_keep_the_seeded_values():
 def test_sample_rate_takes_a_value_the_graph_compares_it_with():
     model = load("samplerate")
     assert integer_rules(model, input_specs(model))["sr"] == ("values", [16000, 8000])
-    feeds, info = prepare_feeds(model, ValidateConfig())
+    feeds, _info = prepare_feeds(model, ValidateConfig())
     assert feeds["sr"].dtype == np.int64 and feeds["sr"].shape == () and int(feeds["sr"]) == 16000
     assert feeds["audio"].shape == (1, 64)
     assert runs(model, feeds)
@@ -211,7 +211,7 @@ def test_models_that_ran_keep_their_synthetic_values(name):
     model = onnx.load(str(FIXTURES / name))
     feeds, _ = prepare_feeds(model, ValidateConfig(seed=0))
     rng = np.random.default_rng(0)
-    rows = {n.input[1]: next(list(i.dims)[0] for i in model.graph.initializer if i.name == n.input[0])
+    rows = {n.input[1]: next(next(iter(i.dims)) for i in model.graph.initializer if i.name == n.input[0])
             for n in model.graph.node if n.op_type == "Gather"}
     for spec in input_specs(model):
         shape = [d if d else (1 if axis == 0 else 16) for axis, d in enumerate(spec.shape)]

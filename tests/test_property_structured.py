@@ -79,9 +79,8 @@ def masked_model(model: onnx.ModelProto, details: dict, calibration, fold: bool)
     masked = prepared(model)
     analysis = analyse(masked)
     keep = reported_keep(analysis, details)
-    if fold and not keep.all():
-        if fold_removed_constants(masked, keep, calibration)["consumers"]:
-            analysis = analyse(masked)
+    if fold and not keep.all() and fold_removed_constants(masked, keep, calibration)["consumers"]:
+        analysis = analyse(masked)
     mask(analysis, keep)
     return masked
 

@@ -9,15 +9,15 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+import onnxprune
 from onnxprune.analysis.cost import node_macs
 from onnxprune.analysis.oracle import list_groups, mask_model, random_choice, relative_error, remove_model
 from onnxprune.analysis.weights import find_prunable_weights
-import onnxprune
 
 from .conftest import FIXTURES, run_cli
 
 sys.path.insert(0, str(FIXTURES))
-import build_recurrent as builder  # noqa: E402
+import build_recurrent as builder
 
 OPS = ["LSTM", "GRU", "RNN"]
 
@@ -185,13 +185,13 @@ def test_stacked_layers_and_state_outputs():
     x = feeds(stacked)
     assert relative_error(run(mask_model(stacked, choice), x), run(remove_model(stacked, choice), x)) <= 1e-5
     with_state = builder.recurrent("GRU", "forward", state_output=True)
-    frozen = [g for g in list_groups(with_state) if "GRU" in g["ops"] and g["channels"] == builder.HIDDEN][0]
+    frozen = next(g for g in list_groups(with_state) if "GRU" in g["ops"] and g["channels"] == builder.HIDDEN)
     assert frozen["prunable"] == 0 and any("state_h" in r for r in frozen["frozen"])
 
 
 def test_initial_state_given_as_input_freezes_the_units():
     model = builder.recurrent("LSTM", "forward", state="input")
-    group = [g for g in list_groups(model) if "LSTM" in g["ops"] and g["channels"] == builder.HIDDEN][0]
+    group = next(g for g in list_groups(model) if "LSTM" in g["ops"] and g["channels"] == builder.HIDDEN)
     assert group["prunable"] == 0
     assert any("graph input" in r for r in group["frozen"])
 

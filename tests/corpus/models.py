@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import importlib.metadata as md
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from PIL import Image

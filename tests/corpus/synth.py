@@ -14,9 +14,7 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-WORDS = ("the model layer input output channel weight table figure section result data value page text line "
-         "report number total method network image sample train test score error mean time level order field "
-         "source form case state point group share north south market price annual review index summary").split()
+WORDS = ["the", "model", "layer", "input", "output", "channel", "weight", "table", "figure", "section", "result", "data", "value", "page", "text", "line", "report", "number", "total", "method", "network", "image", "sample", "train", "test", "score", "error", "mean", "time", "level", "order", "field", "source", "form", "case", "state", "point", "group", "share", "north", "south", "market", "price", "annual", "review", "index", "summary"]
 
 
 @lru_cache(maxsize=64)
