@@ -139,6 +139,8 @@ def _kernel(node, features: int, channels: int) -> tuple[int, int]:
 
 
 def _greedy_order(group: ChannelGroup, consumers: dict[str, tuple], grams: dict[str, np.ndarray]) -> np.ndarray | None:
+    """Greedy OBS elimination over the group's units: each step removes the unit whose block costs least,
+    summed over the consumers, then downdates each consumer's inverse Gram and refitted weights."""
     unit_of = {}
     for u, ids in enumerate(group.units):
         for i in np.asarray(ids).tolist():
@@ -154,8 +156,7 @@ def _greedy_order(group: ChannelGroup, consumers: dict[str, tuple], grams: dict[
             inverse = np.linalg.inv(grams[key])
         except np.linalg.LinAlgError:
             return None
-        blocks = {u: np.flatnonzero(units == u) for u in np.unique(units[units >= 0]).tolist()}
-        states.append({"P": inverse, "W": matrix.copy(), "blocks": blocks})
+        states.append(_State(inverse, matrix.copy(), units))
     if not states:
         return None
     n = len(group.units)
@@ -165,19 +166,54 @@ def _greedy_order(group: ChannelGroup, consumers: dict[str, tuple], grams: dict[
     for step in range(n):
         cost = np.zeros(n)
         for state in states:
-            for u, q in state["blocks"].items():
-                if alive[u]:
-                    cost[u] += _removal_cost(state["P"], state["W"], q)
+            state.add_costs(cost)
         cost[~alive] = np.inf
         u = int(np.argmin(cost))
         total += max(float(cost[u]), 0.0)
         scores[u] = total + 1e-12 * step
         alive[u] = False
         for state in states:
-            q = state["blocks"].pop(u, None)
-            if q is not None:
-                _remove_block(state, q)
+            state.remove(u)
     return scores
+
+
+class _State:
+    """One consumer's inverse Gram ``P`` and refitted weights ``W`` over its surviving input features.
+
+    Removed features are dropped from ``P`` and ``W`` (compacted) instead of zeroed, so each step costs
+    O(D_alive² · |block|); units with blocks of equal size are costed in one batched solve."""
+
+    def __init__(self, inverse: np.ndarray, weights: np.ndarray, units: np.ndarray):
+        self.P, self.W, self.units = inverse, weights, units
+
+    def add_costs(self, cost: np.ndarray) -> None:
+        """cost[u] += wᵀ (P_qq)⁻¹ w for every surviving unit u of this consumer (its block q of features)."""
+        for unit_ids, index in self._blocks():
+            w = self.W[index]  # [units, k, outputs]
+            block = self.P[index[:, :, None], index[:, None, :]]  # [units, k, k]
+            try:
+                solved = np.linalg.solve(block, w)
+            except np.linalg.LinAlgError:
+                cost[unit_ids] += [_removal_cost(self.P, self.W, q) for q in index]
+                continue
+            cost[unit_ids] += np.einsum("ukj,ukj->u", w, solved)
+
+    def _blocks(self):
+        units = self.units
+        present = units >= 0
+        order = np.argsort(units, kind="stable")
+        order = order[present[order]]
+        ids, starts, sizes = np.unique(units[order], return_index=True, return_counts=True)
+        for size in np.unique(sizes):
+            chosen = np.flatnonzero(sizes == size)
+            index = order[starts[chosen][:, None] + np.arange(size)[None, :]]
+            yield ids[chosen], index
+
+    def remove(self, unit: int) -> None:
+        """Drop the unit's features (see :func:`_remove_block`)."""
+        q = np.flatnonzero(self.units == unit)
+        if q.size:
+            _remove_block(self, q)
 
 
 def _removal_cost(P: np.ndarray, W: np.ndarray, q: np.ndarray) -> float:
@@ -189,17 +225,17 @@ def _removal_cost(P: np.ndarray, W: np.ndarray, q: np.ndarray) -> float:
         return float("inf")
 
 
-def _remove_block(state: dict, q: np.ndarray) -> None:
-    """Drop features ``q``: refit the remaining weights and downdate the inverse Gram (block OBS update)."""
-    P, W = state["P"], state["W"]
+def _remove_block(state: _State, q: np.ndarray) -> None:
+    """Drop features ``q``: refit the remaining weights and downdate the inverse Gram (block OBS update),
+    P ← P_rr − P_rq P_qq⁻¹ P_qr and W ← W_r − P_rq P_qq⁻¹ W_q over the remaining features r."""
+    P, W = state.P, state.W
     block = P[np.ix_(q, q)]
     try:
         inv = np.linalg.inv(block)
     except np.linalg.LinAlgError:
         inv = np.linalg.pinv(block)
-    column = P[:, q] @ inv
-    W -= column @ W[q]
-    P -= column @ P[q, :]
-    W[q] = 0.0
-    P[q, :] = 0.0
-    P[:, q] = 0.0
+    rest = np.setdiff1d(np.arange(len(P)), q, assume_unique=True)
+    column = P[np.ix_(rest, q)] @ inv
+    state.W = W[rest] - column @ W[q]
+    state.P = P[np.ix_(rest, rest)] - column @ P[np.ix_(q, rest)]
+    state.units = state.units[rest]
