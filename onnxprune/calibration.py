@@ -150,6 +150,26 @@ def session_with_outputs(model: onnx.ModelProto, names: list[str]) -> ort.Infere
     return ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
+def live_weight_session(model: onnx.ModelProto, names: list[str],
+                        live: dict[str, np.ndarray]) -> ort.InferenceSession:
+    """:func:`session_with_outputs` where the constants named in ``live`` (initializers, Constant outputs or new
+    names) become graph inputs, fed on every run: weights that change between runs need no new session."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    graph = probe.graph
+    keep = [init for init in graph.initializer if init.name not in live]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    nodes = [node for node in graph.node if not (node.op_type == "Constant" and node.output[0] in live)]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    declared = {i.name for i in graph.input}
+    graph.input.extend(onnx.helper.make_tensor_value_info(name, onnx.helper.np_dtype_to_tensor_dtype(value.dtype),
+                                                          list(value.shape))
+                       for name, value in live.items() if name not in declared)
+    return session_with_outputs(probe, names)
+
+
 def channel_energy(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
                    tensors: dict[str, int]) -> dict[str, np.ndarray]:
     """Per-channel squared norm (sum over batch and every other axis) of each tensor, streamed."""

@@ -105,27 +105,57 @@ def _refit_consumers(analysis: Analysis) -> dict[str, tuple]:
 
 def _consumer_grams(model, consumers: dict[str, tuple], feeds: list[dict[str, np.ndarray]],
                     ridge: float) -> dict[str, np.ndarray]:
-    """XᵀX of each consumer's input features on ``feeds`` (+ ridge), in bounded memory."""
+    """XᵀX of each consumer's input features on ``feeds`` (+ ridge), in bounded memory.
+
+    One onnxruntime run per feed captures every consumer input; consumers that read the same tensor with the
+    same patch geometry share one Gram. Each feed's product runs in float32 (as the activations are) and is
+    summed in float64."""
     from .calibration import session_with_outputs
-    from .compensation import _im2col
 
     names = sorted({node.input[0] for node, *_ in consumers.values()})
     session = session_with_outputs(model, names)
-    grams: dict[str, np.ndarray] = {}
+    shared = {key: _patch_key(node, matrix.shape[0]) for key, (node, _, matrix, _) in consumers.items()}
+    sums: dict[tuple, np.ndarray | None] = {}
     for feed in feeds:
         values = dict(zip(names, session.run(names, feed)))
         for key, (node, _, matrix, _) in consumers.items():
-            x = values[node.input[0]].astype(np.float64)
-            if node.op_type == "Conv":
-                rows = _im2col(x, node, _kernel(node, matrix.shape[0], x.shape[1]))
-            else:
-                rows = x.reshape(-1, x.shape[-1])
-            if rows.shape[1] != matrix.shape[0]:
+            patch = shared[key]
+            if patch in sums and (sums[patch] is None or sums[patch][1] is feed):
+                continue  # features that do not match the weight, or this feed is already counted
+            rows = _features(node, values[node.input[0]], matrix.shape[0])
+            if rows is None:
+                sums[patch] = None
                 continue
-            grams[key] = grams.get(key, 0) + rows.T @ rows
-    for key, gram in grams.items():
-        gram += (ridge * float(np.trace(gram)) / gram.shape[0] + 1e-12) * np.eye(gram.shape[0])
+            total = sums[patch][0] if patch in sums else 0
+            sums[patch] = (total + (rows.T @ rows).astype(np.float64), feed)
+    grams: dict[str, np.ndarray] = {}
+    for key, patch in shared.items():
+        if sums.get(patch) is not None:
+            gram = sums[patch][0]
+            grams[key] = gram + (ridge * float(np.trace(gram)) / gram.shape[0] + 1e-12) * np.eye(gram.shape[0])
     return grams
+
+
+def _patch_key(node, features: int) -> tuple:
+    """What decides a consumer's input features: the tensor, and for a Conv its patch geometry."""
+    from .model import get_attr
+
+    if node.op_type != "Conv":
+        return (node.input[0], features)
+    return (node.input[0], features, tuple(get_attr(node, "kernel_shape") or ()), tuple(get_attr(node, "pads") or ()),
+            tuple(get_attr(node, "strides") or ()), tuple(get_attr(node, "dilations") or ()))
+
+
+def _features(node, x: np.ndarray, features: int) -> np.ndarray | None:
+    """The consumer's input as float32 rows of features (im2col patches for a Conv); None if they do not match."""
+    from .compensation import _im2col
+
+    x = x.astype(np.float32, copy=False)
+    if node.op_type == "Conv":
+        rows = _im2col(x, node, _kernel(node, features, x.shape[1]))
+    else:
+        rows = x.reshape(-1, x.shape[-1])
+    return rows if rows.shape[1] == features else None
 
 
 def _kernel(node, features: int, channels: int) -> tuple[int, int]:
@@ -180,7 +210,7 @@ def _greedy_order(group: ChannelGroup, consumers: dict[str, tuple], grams: dict[
 class _State:
     """One consumer's inverse Gram ``P`` and refitted weights ``W`` over its surviving input features.
 
-    Removed features are dropped from ``P`` and ``W`` (compacted) instead of zeroed, so each step costs
+    Removed features are zeroed, then dropped from ``P`` and ``W`` in batches, so each step costs
     O(D_alive² · |block|); units with blocks of equal size are costed in one batched solve."""
 
     def __init__(self, inverse: np.ndarray, weights: np.ndarray, units: np.ndarray):
@@ -227,15 +257,21 @@ def _removal_cost(P: np.ndarray, W: np.ndarray, q: np.ndarray) -> float:
 
 def _remove_block(state: _State, q: np.ndarray) -> None:
     """Drop features ``q``: refit the remaining weights and downdate the inverse Gram (block OBS update),
-    P ← P_rr − P_rq P_qq⁻¹ P_qr and W ← W_r − P_rq P_qq⁻¹ W_q over the remaining features r."""
+    P ← P − P[:, q] P_qq⁻¹ P[q, :] and W ← W − P[:, q] P_qq⁻¹ W[q]; the rows and columns of ``q`` become zero and
+    are compacted away once a quarter of the matrix is dead (the update then runs on the survivors only)."""
     P, W = state.P, state.W
     block = P[np.ix_(q, q)]
     try:
         inv = np.linalg.inv(block)
     except np.linalg.LinAlgError:
         inv = np.linalg.pinv(block)
-    rest = np.setdiff1d(np.arange(len(P)), q, assume_unique=True)
-    column = P[np.ix_(rest, q)] @ inv
-    state.W = W[rest] - column @ W[q]
-    state.P = P[np.ix_(rest, rest)] - column @ P[np.ix_(q, rest)]
-    state.units = state.units[rest]
+    column = P[:, q] @ inv
+    W -= column @ W[q]
+    P -= column @ P[q, :]
+    W[q] = 0.0
+    P[q, :] = 0.0
+    P[:, q] = 0.0
+    state.units[q] = -1
+    live = state.units >= 0
+    if 4 * int(live.sum()) < 3 * len(live):
+        state.P, state.W, state.units = P[np.ix_(live, live)], W[live], state.units[live]
