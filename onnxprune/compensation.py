@@ -415,31 +415,58 @@ def _refit_wave(wave: list[_Refit], feeds: list[dict[str, np.ndarray]], referenc
     """Accumulate every wave layer's normal equations over ``feeds`` (one run of each model per feed) and solve."""
     inputs = sorted({item.node.input[0] for item in wave})
     outputs = [item.name for item in wave]
-    sums: dict[str, list] = {}
+    sums: dict[str, GramSum | None] = {}
     for feed in feeds:
         xs = dict(zip(inputs, current.run(inputs, {**feed, **live})))
         ys = dict(zip(outputs, reference.run(outputs, feed)))
         for item in wave:
-            if sums.get(item.name, [None])[0] is False:
+            if item.name in sums and sums[item.name] is None:
                 continue
             rows, target = _refit_rows(item, xs[item.node.input[0]], ys[item.name])
             if rows is None:
-                sums[item.name] = [False]
+                sums[item.name] = None
                 continue
-            gram = (rows.T @ rows).astype(np.float64)
-            cross = (rows.T @ target).astype(np.float64)
-            if item.name in sums:
-                sums[item.name][0] += gram
-                sums[item.name][1] += cross
-            else:
-                sums[item.name] = [gram, cross]
+            sums.setdefault(item.name, GramSum()).add(rows, target)
     for item in wave:
-        entry = sums.get(item.name)
-        if entry is None or entry[0] is False:
-            continue
-        gram, cross = entry
-        lam = ridge * float(np.trace(gram)) / gram.shape[0] + 1e-12
-        item.solution = np.linalg.solve(gram + lam * np.eye(gram.shape[0]), cross)  # [D(+1), O]
+        if sums.get(item.name) is not None:
+            gram, cross = sums[item.name].result()
+            lam = ridge * float(np.trace(gram)) / gram.shape[0] + 1e-12
+            item.solution = np.linalg.solve(gram + lam * np.eye(gram.shape[0]), cross)  # [D(+1), O]
+
+
+class GramSum:
+    """XᵀX (and XᵀY) over row blocks, in float64: blocks are multiplied in float32 (as activations are) and
+    buffered until they hold as many rows as features, so small batches do not each cost a D×D update."""
+
+    def __init__(self):
+        self.gram: np.ndarray | int = 0
+        self.cross: np.ndarray | int = 0
+        self.rows: list[np.ndarray] = []
+        self.targets: list[np.ndarray] = []
+        self.count = 0
+
+    def add(self, rows: np.ndarray, target: np.ndarray | None = None) -> None:
+        self.rows.append(rows)
+        if target is not None:
+            self.targets.append(target)
+        self.count += rows.shape[0]
+        if self.count >= rows.shape[1]:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self.rows:
+            return
+        rows = self.rows[0] if len(self.rows) == 1 else np.concatenate(self.rows)
+        self.gram = self.gram + (rows.T @ rows).astype(np.float64)
+        if self.targets:
+            target = self.targets[0] if len(self.targets) == 1 else np.concatenate(self.targets)
+            self.cross = self.cross + (rows.T @ target).astype(np.float64)
+        self.rows, self.targets, self.count = [], [], 0
+
+    def result(self) -> tuple[np.ndarray, np.ndarray | int]:
+        """(XᵀX, XᵀY) of every block added."""
+        self._flush()
+        return self.gram, self.cross
 
 
 def _refit_rows(item: _Refit, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:

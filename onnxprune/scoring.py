@@ -108,30 +108,31 @@ def _consumer_grams(model, consumers: dict[str, tuple], feeds: list[dict[str, np
     """XᵀX of each consumer's input features on ``feeds`` (+ ridge), in bounded memory.
 
     One onnxruntime run per feed captures every consumer input; consumers that read the same tensor with the
-    same patch geometry share one Gram. Each feed's product runs in float32 (as the activations are) and is
-    summed in float64."""
+    same patch geometry share one Gram (float32 products summed in float64, see ``GramSum``)."""
     from .calibration import session_with_outputs
+    from .compensation import GramSum
 
     names = sorted({node.input[0] for node, *_ in consumers.values()})
     session = session_with_outputs(model, names)
     shared = {key: _patch_key(node, matrix.shape[0]) for key, (node, _, matrix, _) in consumers.items()}
-    sums: dict[tuple, np.ndarray | None] = {}
+    sums: dict[tuple, GramSum | None] = {}
     for feed in feeds:
         values = dict(zip(names, session.run(names, feed)))
+        counted = set()  # features that several consumers share are added once per feed
         for key, (node, _, matrix, _) in consumers.items():
             patch = shared[key]
-            if patch in sums and (sums[patch] is None or sums[patch][1] is feed):
-                continue  # features that do not match the weight, or this feed is already counted
+            if patch in counted or (patch in sums and sums[patch] is None):
+                continue
+            counted.add(patch)
             rows = _features(node, values[node.input[0]], matrix.shape[0])
-            if rows is None:
+            if rows is None:  # features that do not match the weight
                 sums[patch] = None
                 continue
-            total = sums[patch][0] if patch in sums else 0
-            sums[patch] = (total + (rows.T @ rows).astype(np.float64), feed)
+            sums.setdefault(patch, GramSum()).add(rows)
     grams: dict[str, np.ndarray] = {}
     for key, patch in shared.items():
         if sums.get(patch) is not None:
-            gram = sums[patch][0]
+            gram = sums[patch].result()[0]
             grams[key] = gram + (ridge * float(np.trace(gram)) / gram.shape[0] + 1e-12) * np.eye(gram.shape[0])
     return grams
 
