@@ -32,8 +32,8 @@ import onnxruntime as ort
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import onnxprune  # noqa: E402
-from onnxprune import compensation, scoring  # noqa: E402
+import onnxprune
+from onnxprune import compensation, scoring
 
 BUILTIN = {
     "digits": (ROOT / "fixtures/trained/digits_cnn.onnx", None, 0.5),
@@ -80,7 +80,7 @@ def instrument(clock: Clock) -> None:
     wrap(scoring, "_consumer_grams", "gram")
     wrap(scoring, "_greedy_order", "selection")
     wrap(compensation, "reconstruct", "refit")
-    import onnxprune.passes.structured as structured
+    from onnxprune.passes import structured
     structured.reconstruct = compensation.reconstruct
     session_init = ort.InferenceSession.__init__
 

@@ -426,7 +426,7 @@ def _refit_wave(wave: list[_Refit], feeds: list[dict[str, np.ndarray]], referenc
             if rows is None:
                 sums[item.name] = None
                 continue
-            sums.setdefault(item.name, GramSum()).add(rows, target)
+            sums.setdefault(item.name, GramSum(np.float64)).add(rows, target)
     for item in wave:
         if sums.get(item.name) is not None:
             gram, cross = sums[item.name].result()
@@ -435,10 +435,12 @@ def _refit_wave(wave: list[_Refit], feeds: list[dict[str, np.ndarray]], referenc
 
 
 class GramSum:
-    """XᵀX (and XᵀY) over row blocks, in float64: blocks are multiplied in float32 (as activations are) and
-    buffered until they hold as many rows as features, so small batches do not each cost a D×D update."""
+    """XᵀX (and XᵀY) over row blocks, summed in float64: blocks are multiplied in ``dtype`` (float32 where the
+    result only ranks channels, float64 for a refit's normal equations) and buffered until they hold as many rows
+    as features, so small batches do not each cost a D×D update."""
 
-    def __init__(self):
+    def __init__(self, dtype: type = np.float32):
+        self.dtype = dtype
         self.gram: np.ndarray | int = 0
         self.cross: np.ndarray | int = 0
         self.rows: list[np.ndarray] = []
@@ -456,10 +458,11 @@ class GramSum:
     def _flush(self) -> None:
         if not self.rows:
             return
-        rows = self.rows[0] if len(self.rows) == 1 else np.concatenate(self.rows)
+        rows = (self.rows[0] if len(self.rows) == 1 else np.concatenate(self.rows)).astype(self.dtype, copy=False)
         self.gram = self.gram + (rows.T @ rows).astype(np.float64)
         if self.targets:
             target = self.targets[0] if len(self.targets) == 1 else np.concatenate(self.targets)
+            target = target.astype(self.dtype, copy=False)
             self.cross = self.cross + (rows.T @ target).astype(np.float64)
         self.rows, self.targets, self.count = [], [], 0
 
@@ -470,7 +473,7 @@ class GramSum:
 
 
 def _refit_rows(item: _Refit, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """The layer's float32 input rows (im2col for a Conv, with a ones column for the bias) and its targets."""
+    """The layer's input rows (im2col for a Conv, with a ones column for the bias) and its targets, float32."""
     node = item.node
     x, y = x.astype(np.float32, copy=False), y.astype(np.float32, copy=False)
     if node.op_type == "Conv":
