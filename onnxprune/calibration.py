@@ -150,6 +150,32 @@ def session_with_outputs(model: onnx.ModelProto, names: list[str]) -> ort.Infere
     return ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
+def prefix_model(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """A copy holding only the nodes, initializers and inputs that ``names`` depend on (onnxruntime runs every node
+    of a session, so capturing an early tensor from the whole model would compute the rest for nothing)."""
+    from .analysis.groups import _free_names
+
+    graph = model.graph
+    needed, kept = set(names), []
+    for node in reversed(graph.node):
+        if any(out in needed for out in node.output):
+            kept.append(node)
+            needed.update(name for name in node.input if name)
+            for attr in node.attribute:
+                subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+                for sub in subs:
+                    needed.update(_free_names(sub))
+    prefix = onnx.ModelProto(ir_version=model.ir_version, producer_name=model.producer_name)
+    prefix.opset_import.extend(model.opset_import)
+    prefix.functions.extend(model.functions)
+    prefix.graph.name = graph.name
+    prefix.graph.node.extend(reversed(kept))
+    prefix.graph.initializer.extend(init for init in graph.initializer if init.name in needed)
+    prefix.graph.sparse_initializer.extend(init for init in graph.sparse_initializer if init.values.name in needed)
+    prefix.graph.input.extend(i for i in graph.input if i.name in needed)
+    return prefix
+
+
 def live_weight_session(model: onnx.ModelProto, names: list[str],
                         live: dict[str, np.ndarray]) -> ort.InferenceSession:
     """:func:`session_with_outputs` where the constants named in ``live`` (initializers, Constant outputs or new

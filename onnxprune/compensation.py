@@ -298,9 +298,9 @@ def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, layers: list
     in topological order; each is solved with ridge-regularised normal equations on the
     pruned model's own inputs to that layer (earlier refits already applied). Layers are refitted in
     waves: a wave holds every layer whose upstream refits are all done, so one pass over ``feeds`` (one run of
-    the pruned model, whose refitted weights are session inputs, and one of the original) serves the whole wave.
+    the pruned model, whose refitted weights are session inputs, and one of the original, both cut to the part
+    the wave reads) serves the whole wave.
     """
-    from .calibration import live_weight_session, session_with_outputs
 
     nodes = {out: node for node in pruned.graph.node for out in node.output}
     index = GraphIndex.build(pruned.graph)
@@ -321,20 +321,17 @@ def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, layers: list
         if item.bias is not None:
             live[item.bias.name] = item.bias.array()
     done = []
-    if plan:
-        reference = session_with_outputs(original, [item.name for item in plan])
-        current = live_weight_session(pruned, sorted({item.node.input[0] for item in plan}), live)
-        for wave in _waves(pruned, plan):
-            _refit_wave(wave, feeds, reference, current, live, ridge)
-            for item in wave:
-                if item.solution is None:
-                    skipped.append(item.name)
-                    continue
-                _write_solution(pruned, index, item.node, item.weight, item.solution)
-                live[item.weight.name] = item.weight.array()
-                if item.bias is not None:
-                    live[item.bias.name] = item.bias.array()
-                done.append(item.name)
+    for wave in _waves(pruned, plan):
+        _refit_wave(wave, feeds, original, pruned, live, ridge)
+        for item in wave:
+            if item.solution is None:
+                skipped.append(item.name)
+                continue
+            _write_solution(pruned, index, item.node, item.weight, item.solution)
+            live[item.weight.name] = item.weight.array()
+            if item.bias is not None:
+                live[item.bias.name] = item.bias.array()
+            done.append(item.name)
     for item in plan:
         if item.solution is None and item.added is not None:
             _drop_added_bias(pruned, item.node, item.added)
@@ -410,15 +407,24 @@ def _waves(model: onnx.ModelProto, plan: list[_Refit]) -> list[list[_Refit]]:
     return waves
 
 
-def _refit_wave(wave: list[_Refit], feeds: list[dict[str, np.ndarray]], reference, current,
-                live: dict[str, np.ndarray], ridge: float) -> None:
-    """Accumulate every wave layer's normal equations over ``feeds`` (one run of each model per feed) and solve."""
+def _refit_wave(wave: list[_Refit], feeds: list[dict[str, np.ndarray]], original: onnx.ModelProto,
+                pruned: onnx.ModelProto, live: dict[str, np.ndarray], ridge: float) -> None:
+    """Accumulate every wave layer's normal equations over ``feeds`` and solve: per feed one run of the original
+    and one of the pruned model (its refitted weights fed as inputs), each cut to what the wave reads."""
+    from .calibration import live_weight_session, prefix_model, session_with_outputs
+
     inputs = sorted({item.node.input[0] for item in wave})
     outputs = [item.name for item in wave]
+    reference = session_with_outputs(prefix_model(original, outputs), outputs)
+    prefix = prefix_model(pruned, inputs)
+    read = {name for node in prefix.graph.node for name in node.input}
+    current = live_weight_session(prefix, inputs, {k: v for k, v in live.items() if k in read})
+    current_names = {i.name for i in current.get_inputs()}
+    reference_names = {i.name for i in reference.get_inputs()}
     sums: dict[str, GramSum | None] = {}
     for feed in feeds:
-        xs = dict(zip(inputs, current.run(inputs, {**feed, **live})))
-        ys = dict(zip(outputs, reference.run(outputs, feed)))
+        xs = dict(zip(inputs, current.run(inputs, {k: v for k, v in {**feed, **live}.items() if k in current_names})))
+        ys = dict(zip(outputs, reference.run(outputs, {k: v for k, v in feed.items() if k in reference_names})))
         for item in wave:
             if item.name in sums and sums[item.name] is None:
                 continue
