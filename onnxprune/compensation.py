@@ -291,15 +291,16 @@ def _reconstructable(node: onnx.NodeProto) -> bool:
 
 
 def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, layers: list[tuple[str, np.ndarray]],
-                feeds: list[dict[str, np.ndarray]], ridge: float = 1e-3) -> dict[str, Any]:
+                feeds: list[dict[str, np.ndarray]], ridge: float = 1e-3, budget: int = 1 << 30) -> dict[str, Any]:
     """Refit each layer's kept weights (and bias) so its output on ``feeds`` matches the original's.
 
     ``layers`` are (output tensor name, mask of the original output channels still present),
     in topological order; each is solved with ridge-regularised normal equations on the
     pruned model's own inputs to that layer (earlier refits already applied). Layers are refitted in
-    waves: a wave holds every layer whose upstream refits are all done, so one pass over ``feeds`` (one run of
-    the pruned model, whose refitted weights are session inputs, and one of the original, both cut to the part
-    the wave reads) serves the whole wave.
+    waves: a wave holds every layer whose upstream refits are all done, so one pass over ``feeds`` serves the whole
+    wave. Both models are streamed (:class:`~onnxprune.calibration.ActivationStream`): each node runs once per feed,
+    the tensors later waves read are kept between waves (at most ``budget`` bytes, else recomputed), and the
+    refitted weights are session inputs of the pruned model.
     """
 
     nodes = {out: node for node in pruned.graph.node for out in node.output}
@@ -320,9 +321,12 @@ def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, layers: list
         live[item.weight.name] = item.weight.array()
         if item.bias is not None:
             live[item.bias.name] = item.bias.array()
+    from .calibration import ActivationStream
+
     done = []
+    reference, current = ActivationStream(original, feeds, budget), ActivationStream(pruned, feeds, budget)
     for wave in _waves(pruned, plan):
-        _refit_wave(wave, feeds, original, pruned, live, ridge)
+        _refit_wave(wave, reference, current, live, ridge)
         for item in wave:
             if item.solution is None:
                 skipped.append(item.name)
@@ -407,24 +411,13 @@ def _waves(model: onnx.ModelProto, plan: list[_Refit]) -> list[list[_Refit]]:
     return waves
 
 
-def _refit_wave(wave: list[_Refit], feeds: list[dict[str, np.ndarray]], original: onnx.ModelProto,
-                pruned: onnx.ModelProto, live: dict[str, np.ndarray], ridge: float) -> None:
-    """Accumulate every wave layer's normal equations over ``feeds`` and solve: per feed one run of the original
-    and one of the pruned model (its refitted weights fed as inputs), each cut to what the wave reads."""
-    from .calibration import live_weight_session, prefix_model, session_with_outputs
-
+def _refit_wave(wave: list[_Refit], reference, current, live: dict[str, np.ndarray], ridge: float) -> None:
+    """Accumulate every wave layer's normal equations over the calibration feeds and solve; ``reference`` and
+    ``current`` stream the original and the pruned model (its refitted weights fed as inputs)."""
     inputs = sorted({item.node.input[0] for item in wave})
     outputs = [item.name for item in wave]
-    reference = session_with_outputs(prefix_model(original, outputs), outputs)
-    prefix = prefix_model(pruned, inputs)
-    read = {name for node in prefix.graph.node for name in node.input}
-    current = live_weight_session(prefix, inputs, {k: v for k, v in live.items() if k in read})
-    current_names = {i.name for i in current.get_inputs()}
-    reference_names = {i.name for i in reference.get_inputs()}
     sums: dict[str, GramSum | None] = {}
-    for feed in feeds:
-        xs = dict(zip(inputs, current.run(inputs, {k: v for k, v in {**feed, **live}.items() if k in current_names})))
-        ys = dict(zip(outputs, reference.run(outputs, {k: v for k, v in feed.items() if k in reference_names})))
+    for xs, ys in zip(current.run(inputs, live), reference.run(outputs)):
         for item in wave:
             if item.name in sums and sums[item.name] is None:
                 continue
