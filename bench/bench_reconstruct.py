@@ -11,7 +11,7 @@ splits its time by wrapping the stage functions of ``onnxprune.scoring`` / ``onn
 
 Wall and CPU time (``time.process_time``: the machine is shared, CPU time is the stable figure) per stage.
 
-    python bench/bench_reconstruct.py [--models digits,resnet18,resnet50] [--samples 32] [--json out.json]
+    python bench/bench_reconstruct.py [--models digits,resnet18,resnet50,resnet18-224] [--samples 32] [--json out.json]
     python bench/bench_reconstruct.py --model path/to/model.onnx --calibration calib.npz [--sparsity 0.3]
 """
 
@@ -39,7 +39,57 @@ BUILTIN = {
     "digits": (ROOT / "fixtures/trained/digits_cnn.onnx", None, 0.5),
     "resnet18": (ROOT / "fixtures/arch/resnet18.onnx", (3, 64, 64), 0.3),
     "resnet50": (ROOT / "fixtures/arch/resnet50.onnx", (3, 64, 64), 0.3),
+    "resnet18-224": (ROOT / "bench/models/resnet18_full.onnx", (3, 224, 224), 0.3),  # built on first use
 }
+
+
+def resnet18_full(path: Path) -> Path:
+    """A ResNet-18-sized network (widths 64-512, 224² input, He-initialised convs with biases, 1000 logits)
+    built with onnx.helper, written to ``path`` (reused when present)."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    if path.exists():
+        return path
+    rng = np.random.default_rng(0)
+    nodes, inits = [], []
+
+    def conv(x, cin, cout, k, stride, name, relu=True):
+        w = rng.standard_normal((cout, cin, k, k)).astype(np.float32) * np.sqrt(2.0 / (cin * k * k))
+        inits.extend([numpy_helper.from_array(w, f"{name}.w"),
+                      numpy_helper.from_array(rng.normal(0, 0.05, cout).astype(np.float32), f"{name}.b")])
+        nodes.append(helper.make_node("Conv", [x, f"{name}.w", f"{name}.b"], [f"{name}.y"], name=name,
+                                      kernel_shape=[k, k], strides=[stride, stride], pads=[k // 2] * 4))
+        if not relu:
+            return f"{name}.y"
+        nodes.append(helper.make_node("Relu", [f"{name}.y"], [f"{name}.r"], name=f"{name}.relu"))
+        return f"{name}.r"
+
+    x = conv("input", 3, 64, 7, 2, "stem")
+    nodes.append(helper.make_node("MaxPool", [x], ["pool"], kernel_shape=[3, 3], strides=[2, 2], pads=[1] * 4))
+    x, cin = "pool", 64
+    for stage, cout in enumerate((64, 128, 256, 512)):
+        for block in range(2):
+            stride = 2 if stage and not block else 1
+            name = f"s{stage}b{block}"
+            y = conv(conv(x, cin, cout, 3, stride, f"{name}.c1"), cout, cout, 3, 1, f"{name}.c2", relu=False)
+            skip = conv(x, cin, cout, 1, stride, f"{name}.down", relu=False) if stride > 1 or cin != cout else x
+            nodes.append(helper.make_node("Add", [y, skip], [f"{name}.sum"]))
+            nodes.append(helper.make_node("Relu", [f"{name}.sum"], [f"{name}.out"]))
+            x, cin = f"{name}.out", cout
+    nodes.append(helper.make_node("GlobalAveragePool", [x], ["gap"]))
+    nodes.append(helper.make_node("Flatten", ["gap"], ["flat"]))
+    inits.append(numpy_helper.from_array(rng.standard_normal((1000, 512)).astype(np.float32) * 0.04, "fc.w"))
+    inits.append(numpy_helper.from_array(np.zeros(1000, np.float32), "fc.b"))
+    nodes.append(helper.make_node("Gemm", ["flat", "fc.w", "fc.b"], ["logits"], name="fc", transB=1))
+    graph = helper.make_graph(nodes, "resnet18_full",
+                              [helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, ["N", 3, 224, 224])],
+                              [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["N", 1000])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model, full_check=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path
 
 
 class Clock:
@@ -151,6 +201,8 @@ def main() -> None:
         else:
             for name in args.models.split(","):
                 path, shape, sparsity = BUILTIN[name]
+                if name == "resnet18-224":
+                    resnet18_full(path)
                 calibration = calibration_for(name, path, shape, args.samples, Path(folder))
                 rows.append(bench(name, path, calibration, args.sparsity or sparsity))
                 print(json.dumps(rows[-1]), flush=True)
