@@ -55,7 +55,7 @@ def resnet18_full(path: Path) -> Path:
     nodes, inits = [], []
 
     def conv(x, cin, cout, k, stride, name, relu=True):
-        w = rng.standard_normal((cout, cin, k, k)).astype(np.float32) * np.sqrt(2.0 / (cin * k * k))
+        w = (rng.standard_normal((cout, cin, k, k)) * np.sqrt(2.0 / (cin * k * k))).astype(np.float32)
         inits.extend([numpy_helper.from_array(w, f"{name}.w"),
                       numpy_helper.from_array(rng.normal(0, 0.05, cout).astype(np.float32), f"{name}.b")])
         nodes.append(helper.make_node("Conv", [x, f"{name}.w", f"{name}.b"], [f"{name}.y"], name=name,
@@ -79,7 +79,7 @@ def resnet18_full(path: Path) -> Path:
             x, cin = f"{name}.out", cout
     nodes.append(helper.make_node("GlobalAveragePool", [x], ["gap"]))
     nodes.append(helper.make_node("Flatten", ["gap"], ["flat"]))
-    inits.append(numpy_helper.from_array(rng.standard_normal((1000, 512)).astype(np.float32) * 0.04, "fc.w"))
+    inits.append(numpy_helper.from_array((rng.standard_normal((1000, 512)) * 0.04).astype(np.float32), "fc.w"))
     inits.append(numpy_helper.from_array(np.zeros(1000, np.float32), "fc.b"))
     nodes.append(helper.make_node("Gemm", ["flat", "fc.w", "fc.b"], ["logits"], name="fc", transB=1))
     graph = helper.make_graph(nodes, "resnet18_full",
