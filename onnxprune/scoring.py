@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .analysis.groups import Analysis, ChannelGroup
@@ -51,7 +53,7 @@ def unit_scores(analysis: Analysis, groups: list[ChannelGroup], criterion: str, 
 
 
 def reconstruction_scores(analysis: Analysis, groups: list[ChannelGroup], feeds: list[dict[str, np.ndarray]],
-                          ridge: float = 1e-3) -> dict[int, np.ndarray]:
+                          ridge: float = 1e-3, stop: float | None = None) -> dict[int, np.ndarray]:
     """Group id -> unit scores from greedy elimination that knows the consumers will be refitted.
 
     For each consumer layer of a group, its input features X on the calibration data give the Gram
@@ -61,7 +63,9 @@ def reconstruction_scores(analysis: Analysis, groups: list[ChannelGroup], feeds:
     greedily, cheapest first, updating H⁻¹ and the refitted weights after each removal (He et al.'s
     channel selection for reconstruction, ThiNet's greedy order). A unit's score is the accumulated
     error when it went, so lower-scored units go first. Groups whose consumers cannot be refitted
-    (grouped convs, batched MatMuls) keep L1 scores.
+    (grouped convs, batched MatMuls) keep L1 scores. With ``stop`` (the largest share of a group's channels the
+    allocation may remove), the order stops one unit past that share: the remaining units score above every
+    removed one (accumulated error plus their cost at that point), so the removed set is the same.
     """
     fallback = unit_scores(analysis, groups, "l1")
     consumers = _refit_consumers(analysis)
@@ -70,7 +74,8 @@ def reconstruction_scores(analysis: Analysis, groups: list[ChannelGroup], feeds:
     grams = _consumer_grams(analysis.model, consumers, feeds, ridge)
     scores: dict[int, np.ndarray] = {}
     for group in groups:
-        scores[group.id] = _greedy_order(group, consumers, grams) if group.units else fallback[group.id]
+        steps = None if stop is None else math.ceil(stop * max(group.channels, len(group.units))) + 1
+        scores[group.id] = _greedy_order(group, consumers, grams, steps) if group.units else fallback[group.id]
         if scores[group.id] is None:
             scores[group.id] = fallback[group.id]
     return scores
@@ -169,9 +174,11 @@ def _kernel(node, features: int, channels: int) -> tuple[int, int]:
     return side, side
 
 
-def _greedy_order(group: ChannelGroup, consumers: dict[str, tuple], grams: dict[str, np.ndarray]) -> np.ndarray | None:
+def _greedy_order(group: ChannelGroup, consumers: dict[str, tuple], grams: dict[str, np.ndarray],
+                  steps: int | None = None) -> np.ndarray | None:
     """Greedy OBS elimination over the group's units: each step removes the unit whose block costs least,
-    summed over the consumers, then downdates each consumer's inverse Gram and refitted weights."""
+    summed over the consumers, then downdates each consumer's inverse Gram and refitted weights (``steps``:
+    stop after that many; the rest score the accumulated error plus their current cost)."""
     unit_of = {}
     for u, ids in enumerate(group.units):
         for i in np.asarray(ids).tolist():
@@ -199,6 +206,10 @@ def _greedy_order(group: ChannelGroup, consumers: dict[str, tuple], grams: dict[
         for state in states:
             state.add_costs(cost)
         cost[~alive] = np.inf
+        if steps is not None and step >= steps:
+            rest = np.flatnonzero(alive)
+            scores[rest] = total + np.maximum(cost[rest], 0.0) + 1e-12 * (step + 1)
+            break
         u = int(np.argmin(cost))
         total += max(float(cost[u]), 0.0)
         scores[u] = total + 1e-12 * step

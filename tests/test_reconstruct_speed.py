@@ -184,3 +184,23 @@ def test_activation_stream_runs_each_node_once(budget):
         assert len(stream.computed) == len(set(stream.computed))  # no node ran twice
     else:
         assert len(stream.computed) > len(set(stream.computed))
+
+
+@pytest.mark.parametrize("share", [0.25, 0.5, 0.75])
+def test_stopped_order_removes_the_same_units(share):
+    """Stopping the greedy order one unit past the share the allocation removes keeps the removed set and its order."""
+    from onnxprune.calibration import load_calibration
+    from onnxprune.scoring import reconstruction_scores
+
+    trained = FIXTURES / "trained"
+    model = onnx.load(str(trained / "digits_cnn.onnx"))
+    analysis = analyse(model)
+    groups = [g for g in build_groups(analysis) if g.units]
+    feeds = load_calibration(trained / "digits_calib.npz", model)[:4]
+    full = reconstruction_scores(analysis, groups, feeds)
+    stopped = reconstruction_scores(analysis, groups, feeds, stop=share)
+    for group in groups:
+        n = int(np.floor(share * group.channels))
+        assert np.argsort(stopped[group.id], kind="stable")[:n].tolist() == \
+            np.argsort(full[group.id], kind="stable")[:n].tolist()
+        assert not np.array_equal(stopped[group.id], full[group.id])  # the tail was not ordered
