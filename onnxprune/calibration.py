@@ -150,52 +150,6 @@ def session_with_outputs(model: onnx.ModelProto, names: list[str]) -> ort.Infere
     return ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-def prefix_model(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    """A copy holding only the nodes, initializers and inputs that ``names`` depend on (onnxruntime runs every node
-    of a session, so capturing an early tensor from the whole model would compute the rest for nothing)."""
-    from .analysis.groups import _free_names
-
-    graph = model.graph
-    needed, kept = set(names), []
-    for node in reversed(graph.node):
-        if any(out in needed for out in node.output):
-            kept.append(node)
-            needed.update(name for name in node.input if name)
-            for attr in node.attribute:
-                subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
-                for sub in subs:
-                    needed.update(_free_names(sub))
-    prefix = onnx.ModelProto(ir_version=model.ir_version, producer_name=model.producer_name)
-    prefix.opset_import.extend(model.opset_import)
-    prefix.functions.extend(model.functions)
-    prefix.graph.name = graph.name
-    prefix.graph.node.extend(reversed(kept))
-    prefix.graph.initializer.extend(init for init in graph.initializer if init.name in needed)
-    prefix.graph.sparse_initializer.extend(init for init in graph.sparse_initializer if init.values.name in needed)
-    prefix.graph.input.extend(i for i in graph.input if i.name in needed)
-    return prefix
-
-
-def live_weight_session(model: onnx.ModelProto, names: list[str],
-                        live: dict[str, np.ndarray]) -> ort.InferenceSession:
-    """:func:`session_with_outputs` where the constants named in ``live`` (initializers, Constant outputs or new
-    names) become graph inputs, fed on every run: weights that change between runs need no new session."""
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    graph = probe.graph
-    keep = [init for init in graph.initializer if init.name not in live]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
-    nodes = [node for node in graph.node if not (node.op_type == "Constant" and node.output[0] in live)]
-    del graph.node[:]
-    graph.node.extend(nodes)
-    declared = {i.name for i in graph.input}
-    graph.input.extend(onnx.helper.make_tensor_value_info(name, onnx.helper.np_dtype_to_tensor_dtype(value.dtype),
-                                                          list(value.shape))
-                       for name, value in live.items() if name not in declared)
-    return session_with_outputs(probe, names)
-
-
 class ActivationStream:
     """Runs ``model`` on every feed step by step, computing each node once.
 
@@ -226,7 +180,8 @@ class ActivationStream:
         self.done: set[int] = set()
 
     def run(self, names: list[str], live: dict[str, np.ndarray] | None = None) -> Iterator[dict[str, np.ndarray]]:
-        """Per feed, the tensors ``names`` (``live``: constants fed as inputs, see :func:`live_weight_session`)."""
+        """Per feed, the tensors ``names``; ``live`` maps constants (initializers, Constant outputs) to values fed as
+        session inputs instead, so weights that change between steps need no new model copy."""
         live = live or {}
         self._forget()  # here, not after the last yield: a caller may stop iterating once it has every feed
         available = set(self.feeds[0]) | set(self.kept[0]) | set(live)
