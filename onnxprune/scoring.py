@@ -227,6 +227,7 @@ class _State:
 
     def __init__(self, inverse: np.ndarray, weights: np.ndarray, units: np.ndarray):
         self.P, self.W, self.units = inverse, weights, units
+        self.scratch: np.ndarray | None = None
 
     def add_costs(self, cost: np.ndarray) -> None:
         """cost[u] += wᵀ (P_qq)⁻¹ w for every surviving unit u of this consumer (its block q of features)."""
@@ -279,7 +280,9 @@ def _remove_block(state: _State, q: np.ndarray) -> None:
         inv = np.linalg.pinv(block)
     column = P[:, q] @ inv
     W -= column @ W[q]
-    P -= column @ P[q, :]
+    if state.scratch is None or state.scratch.shape != P.shape:
+        state.scratch = np.empty_like(P)
+    P -= np.matmul(column, P[q, :], out=state.scratch)  # no fresh D×D temporary per step
     W[q] = 0.0
     P[q, :] = 0.0
     P[:, q] = 0.0
