@@ -153,6 +153,94 @@ def session_with_outputs(model: onnx.ModelProto, names: list[str]) -> ort.Infere
     return ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
+class ActivationStream:
+    """Runs ``model`` on every feed step by step, computing each node once.
+
+    A step (:meth:`run`) computes only what its requested tensors need beyond the tensors kept from earlier steps;
+    computed tensors that nodes not yet run still read are kept, per feed, for later steps. Capturing the inputs
+    of layer after layer thus costs about one forward pass over the calibration data instead of one per step.
+    Kept tensors are bounded by ``budget`` bytes: over it they are dropped and recomputed when needed. Values must
+    not change once computed: a caller that changes weights (fed through ``live``) only changes those of nodes
+    that have not run yet."""
+
+    def __init__(self, model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], budget: int = 1 << 30):
+        from .analysis.groups import _free_names
+
+        self.model, self.feeds, self.budget = model, feeds, budget
+        self.kept: list[dict[str, np.ndarray]] = [{} for _ in feeds]
+        self.producer = {out: node for node in model.graph.node for out in node.output if out}
+        self.position = {id(node): i for i, node in enumerate(model.graph.node)}
+        self.reads: dict[int, list[str]] = {}
+        self.readers: dict[str, list[int]] = {}
+        for node in model.graph.node:
+            names = [n for n in node.input if n]
+            for attr in node.attribute:
+                for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+                    names.extend(_free_names(sub))
+            self.reads[id(node)] = names
+            for name in names:
+                self.readers.setdefault(name, []).append(id(node))
+        self.done: set[int] = set()
+
+    def run(self, names: list[str], live: dict[str, np.ndarray] | None = None) -> Iterator[dict[str, np.ndarray]]:
+        """Per feed, the tensors ``names``; ``live`` maps constants (initializers, Constant outputs) to values fed as
+        session inputs instead, so weights that change between steps need no new model copy."""
+        live = live or {}
+        self._forget()  # here, not after the last yield: a caller may stop iterating once it has every feed
+        available = set(self.feeds[0]) | set(self.kept[0]) | set(live)
+        segment = self._segment(names, available)
+        ids = {id(node) for node in segment}
+        produced = [out for node in segment for out in node.output if out]
+        wanted = [n for n in names if n not in available]
+        later = [out for out in produced if out not in wanted and
+                 any(r not in self.done and r not in ids for r in self.readers.get(out, []))]
+        outputs = wanted + later
+        session = self._session(segment, available, live, outputs) if outputs else None
+        inputs = [i.name for i in session.get_inputs()] if session else []
+        self.done |= ids
+        for feed, kept in zip(self.feeds, self.kept):
+            values = {**feed, **kept, **live}
+            if session is not None:
+                values.update(zip(outputs, session.run(outputs, {k: values[k] for k in inputs})))
+            kept.update({out: values[out] for out in wanted + later})
+            yield {n: values[n] for n in names}
+
+    def _segment(self, names: list[str], available: set[str]) -> list[onnx.NodeProto]:
+        """The nodes that compute ``names`` from what is available, in graph order."""
+        chosen: dict[int, onnx.NodeProto] = {}
+        stack = [n for n in names if n not in available]
+        while stack:
+            node = self.producer.get(stack.pop())
+            if node is None or id(node) in chosen:
+                continue
+            chosen[id(node)] = node
+            stack.extend(n for n in self.reads[id(node)] if n not in available)
+        return sorted(chosen.values(), key=lambda node: self.position[id(node)])
+
+    def _session(self, segment: list[onnx.NodeProto], available: set[str], live: dict[str, np.ndarray],
+                 outputs: list[str]) -> ort.InferenceSession:
+        model, values = self.model, {**self.feeds[0], **self.kept[0], **live}
+        read = {n for node in segment for n in self.reads[id(node)]}
+        part = onnx.ModelProto(ir_version=model.ir_version, producer_name=model.producer_name)
+        part.opset_import.extend(model.opset_import)
+        part.functions.extend(model.functions)
+        part.graph.name = model.graph.name
+        part.graph.node.extend(segment)
+        part.graph.initializer.extend(i for i in model.graph.initializer if i.name in read and i.name not in available)
+        part.graph.input.extend(onnx.helper.make_tensor_value_info(
+            name, onnx.helper.np_dtype_to_tensor_dtype(values[name].dtype), None) for name in sorted(read & available))
+        return session_with_outputs(part, outputs)
+
+    def _forget(self) -> None:
+        """Drop kept tensors no node left to run reads; drop everything when over the budget."""
+        for kept in self.kept:
+            for name in [n for n in kept if all(r in self.done for r in self.readers.get(n, []))]:
+                del kept[name]
+        if sum(v.nbytes for kept in self.kept for v in kept.values()) > self.budget:
+            for kept in self.kept:
+                kept.clear()
+
+
 def channel_energy(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
                    tensors: dict[str, int]) -> dict[str, np.ndarray]:
     """Per-channel squared norm (sum over batch and every other axis) of each tensor, streamed."""

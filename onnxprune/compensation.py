@@ -291,54 +291,201 @@ def _reconstructable(node: onnx.NodeProto) -> bool:
 
 
 def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, layers: list[tuple[str, np.ndarray]],
-                feeds: list[dict[str, np.ndarray]], ridge: float = 1e-3) -> dict[str, Any]:
+                feeds: list[dict[str, np.ndarray]], ridge: float = 1e-3, budget: int = 1 << 30) -> dict[str, Any]:
     """Refit each layer's kept weights (and bias) so its output on ``feeds`` matches the original's.
 
     ``layers`` are (output tensor name, mask of the original output channels still present),
     in topological order; each is solved with ridge-regularised normal equations on the
-    pruned model's own inputs to that layer (earlier refits already applied).
+    pruned model's own inputs to that layer (earlier refits already applied). Layers are refitted in
+    waves: a wave holds every layer whose upstream refits are all done, so one pass over ``feeds`` serves the whole
+    wave. Both models are streamed (:class:`~onnxprune.calibration.ActivationStream`): each node runs once per feed,
+    the tensors later waves read are kept between waves (at most ``budget`` bytes, else recomputed), and the
+    refitted weights are session inputs of the pruned model.
     """
-    from .calibration import session_with_outputs
 
-    done, skipped = [], []
-    index = {out: node for node in pruned.graph.node for out in node.output}
-    reference = session_with_outputs(original, [name for name, _ in layers])
+    nodes = {out: node for node in pruned.graph.node for out in node.output}
+    index = GraphIndex.build(pruned.graph)
+    chosen, skipped = [], []
     for name, out_mask in layers:
-        node = index.get(name)
-        if node is None or not _reconstructable(node):
+        node = nodes.get(name)
+        weight, chain = index.resolve(node.input[1]) if node is not None and len(node.input) > 1 else (None, [])
+        if node is None or not _reconstructable(node) or weight is None or chain:
             skipped.append(name)
-            continue
-        weights = GraphIndex.build(pruned.graph)  # fresh weights after earlier refits (no shape analysis needed)
-        weight, chain = weights.resolve(node.input[1])
-        if weight is None or chain:
-            skipped.append(name)
-            continue
-        current = session_with_outputs(pruned, [node.input[0]])
-        w = weight.array().astype(np.float64)
-        gram = cross = None
-        for feed in feeds:
-            x = current.run([node.input[0]], feed)[0].astype(np.float64)
-            y = reference.run([name], feed)[0].astype(np.float64)
-            if node.op_type == "Conv":
-                rows = _im2col(x, node, tuple(w.shape[2:4]))
-                target = np.moveaxis(y, 1, -1).reshape(-1, y.shape[1])[:, out_mask]
-            else:
-                rows = x.reshape(-1, x.shape[-1])
-                target = y.reshape(-1, y.shape[-1])[:, out_mask]
-            if rows.shape[0] != target.shape[0]:
-                break
-            if node.op_type != "MatMul":
-                rows = np.hstack([rows, np.ones((rows.shape[0], 1))])
-            gram = rows.T @ rows if gram is None else gram + rows.T @ rows
-            cross = rows.T @ target if cross is None else cross + rows.T @ target
-        if gram is None or rows.shape[0] != target.shape[0]:
-            skipped.append(name)
-            continue
-        lam = ridge * float(np.trace(gram)) / gram.shape[0] + 1e-12
-        solution = np.linalg.solve(gram + lam * np.eye(gram.shape[0]), cross)  # [D(+1), O]
-        _write_solution(pruned, weights, node, weight, solution)
-        done.append(name)
+        else:
+            chosen.append((name, out_mask, node, _ensure_bias(pruned, index, node, weight)))
+    index = GraphIndex.build(pruned.graph)  # with the biases just added
+    plan = [_Refit(name, out_mask, node, index.resolve(node.input[1])[0], index, added)
+            for name, out_mask, node, added in chosen]
+    live = {}
+    for item in plan:
+        live[item.weight.name] = item.weight.array()
+        if item.bias is not None:
+            live[item.bias.name] = item.bias.array()
+    from .calibration import ActivationStream
+
+    done = []
+    reference, current = ActivationStream(original, feeds, budget), ActivationStream(pruned, feeds, budget)
+    for wave in _waves(pruned, plan):
+        _refit_wave(wave, reference, current, live, ridge)
+        for item in wave:
+            if item.solution is None:
+                skipped.append(item.name)
+                continue
+            _write_solution(pruned, index, item.node, item.weight, item.solution)
+            live[item.weight.name] = item.weight.array()
+            if item.bias is not None:
+                live[item.bias.name] = item.bias.array()
+            done.append(item.name)
+    for item in plan:
+        if item.solution is None and item.added is not None:
+            _drop_added_bias(pruned, item.node, item.added)
     return {"layers": len(done), "skipped": skipped, "samples": int(sum(next(iter(f.values())).shape[0] for f in feeds))}
+
+
+class _Refit:
+    """One layer to refit: its node, weight and bias (None for MatMul) and, once solved, the solution."""
+
+    def __init__(self, name: str, out_mask: np.ndarray, node: onnx.NodeProto, weight, index: GraphIndex,
+                 added: tuple[str, str] | None):
+        self.name, self.out_mask, self.node, self.weight, self.added = name, out_mask, node, weight, added
+        self.bias = index.resolve(node.input[2])[0] if node.op_type != "MatMul" else None
+        self.solution: np.ndarray | None = None
+
+
+def _ensure_bias(model: onnx.ModelProto, index: GraphIndex, node: onnx.NodeProto, weight) -> tuple[str, str] | None:
+    """Give a Conv/Gemm its own bias initializer of the output width when it has none (zeros) or one of another
+    size (broadcast), as the refit would; returns (new name, previous input) so a layer left unsolved gets its
+    previous bias back, None when nothing was added."""
+    if node.op_type == "MatMul":
+        return None
+    width = weight.shape[0] if node.op_type == "Conv" or get_attr(node, "transB", 0) else weight.shape[-1]
+    previous = node.input[2] if len(node.input) > 2 else ""
+    existing = index.resolve(previous)[0] if previous else None
+    if existing is not None and existing.size == width:
+        return None
+    value = np.zeros(width, dtype=weight.dtype)
+    if existing is not None:
+        value = np.broadcast_to(existing.array().reshape(-1), (width,)).astype(weight.dtype)
+    name = f"{node.name or node.output[0]}.reconstructed_bias"
+    model.graph.initializer.append(numpy_helper.from_array(value, name))
+    while len(node.input) < 3:
+        node.input.append("")
+    node.input[2] = name
+    return name, previous
+
+
+def _drop_added_bias(model: onnx.ModelProto, node: onnx.NodeProto, added: tuple[str, str]) -> None:
+    name, previous = added
+    if previous:
+        node.input[2] = previous
+    else:
+        del node.input[2:]
+    kept = [init for init in model.graph.initializer if init.name != name]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+
+
+def _waves(model: onnx.ModelProto, plan: list[_Refit]) -> list[list[_Refit]]:
+    """``plan`` split into waves: a layer joins the wave after the last refitted layer upstream of its input."""
+    position = {id(item.node): i for i, item in enumerate(plan)}
+    upstream: dict[str, int] = {}  # tensor -> bit set of the plan layers it depends on
+    depends: dict[int, int] = {}
+    for node in model.graph.node:
+        mask = 0
+        for name in node.input:
+            mask |= upstream.get(name, 0)
+        i = position.get(id(node))
+        if i is not None:
+            depends[i] = upstream.get(node.input[0], 0)
+            mask |= 1 << i
+        for out in node.output:
+            upstream[out] = mask
+    wave_of: dict[int, int] = {}
+    for i in range(len(plan)):
+        bits, before = depends.get(i, 0), [-1]
+        before.extend(wave_of[j] for j in wave_of if bits >> j & 1)
+        wave_of[i] = max(before) + 1
+    waves: list[list[_Refit]] = [[] for _ in range(max(wave_of.values(), default=-1) + 1)]
+    for i, item in enumerate(plan):
+        waves[wave_of[i]].append(item)
+    return waves
+
+
+def _refit_wave(wave: list[_Refit], reference, current, live: dict[str, np.ndarray], ridge: float) -> None:
+    """Accumulate every wave layer's normal equations over the calibration feeds and solve; ``reference`` and
+    ``current`` stream the original and the pruned model (its refitted weights fed as inputs)."""
+    inputs = sorted({item.node.input[0] for item in wave})
+    outputs = [item.name for item in wave]
+    sums: dict[str, GramSum | None] = {}
+    for xs, ys in zip(current.run(inputs, live), reference.run(outputs)):
+        for item in wave:
+            if item.name in sums and sums[item.name] is None:
+                continue
+            rows, target = _refit_rows(item, xs[item.node.input[0]], ys[item.name])
+            if rows is None:
+                sums[item.name] = None
+                continue
+            sums.setdefault(item.name, GramSum(np.float64)).add(rows, target)
+    for item in wave:
+        if sums.get(item.name) is not None:
+            gram, cross = sums[item.name].result()
+            lam = ridge * float(np.trace(gram)) / gram.shape[0] + 1e-12
+            item.solution = np.linalg.solve(gram + lam * np.eye(gram.shape[0]), cross)  # [D(+1), O]
+
+
+class GramSum:
+    """XᵀX (and XᵀY) over row blocks, summed in float64: blocks are multiplied in ``dtype`` (float32 where the
+    result only ranks channels, float64 for a refit's normal equations) and buffered until they hold as many rows
+    as features, so small batches do not each cost a D×D update."""
+
+    def __init__(self, dtype: type = np.float32):
+        self.dtype = dtype
+        self.gram: np.ndarray | int = 0
+        self.cross: np.ndarray | int = 0
+        self.rows: list[np.ndarray] = []
+        self.targets: list[np.ndarray] = []
+        self.count = 0
+
+    def add(self, rows: np.ndarray, target: np.ndarray | None = None) -> None:
+        self.rows.append(rows)
+        if target is not None:
+            self.targets.append(target)
+        self.count += rows.shape[0]
+        if self.count >= rows.shape[1]:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self.rows:
+            return
+        rows = (self.rows[0] if len(self.rows) == 1 else np.concatenate(self.rows)).astype(self.dtype, copy=False)
+        self.gram = self.gram + (rows.T @ rows).astype(np.float64)
+        if self.targets:
+            target = self.targets[0] if len(self.targets) == 1 else np.concatenate(self.targets)
+            target = target.astype(self.dtype, copy=False)
+            self.cross = self.cross + (rows.T @ target).astype(np.float64)
+        self.rows, self.targets, self.count = [], [], 0
+
+    def result(self) -> tuple[np.ndarray, np.ndarray | int]:
+        """(XᵀX, XᵀY) of every block added."""
+        self._flush()
+        return self.gram, self.cross
+
+
+def _refit_rows(item: _Refit, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The layer's input rows (im2col for a Conv, with a ones column for the bias) and its targets, float32."""
+    node = item.node
+    x, y = x.astype(np.float32, copy=False), y.astype(np.float32, copy=False)
+    if node.op_type == "Conv":
+        rows = _im2col(x, node, tuple(item.weight.shape[2:4]))
+        target = np.moveaxis(y, 1, -1).reshape(-1, y.shape[1])[:, item.out_mask]
+    else:
+        rows = x.reshape(-1, x.shape[-1])
+        target = y.reshape(-1, y.shape[-1])[:, item.out_mask]
+    if rows.shape[0] != target.shape[0]:
+        return None, None
+    if node.op_type != "MatMul":
+        rows = np.hstack([rows, np.ones((rows.shape[0], 1), dtype=np.float32)])
+    return rows, target
 
 
 def _write_solution(model: onnx.ModelProto, index: GraphIndex, node: onnx.NodeProto, weight,

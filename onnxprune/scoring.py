@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .analysis.groups import Analysis, ChannelGroup
@@ -51,7 +53,7 @@ def unit_scores(analysis: Analysis, groups: list[ChannelGroup], criterion: str, 
 
 
 def reconstruction_scores(analysis: Analysis, groups: list[ChannelGroup], feeds: list[dict[str, np.ndarray]],
-                          ridge: float = 1e-3) -> dict[int, np.ndarray]:
+                          ridge: float = 1e-3, stop: float | None = None) -> dict[int, np.ndarray]:
     """Group id -> unit scores from greedy elimination that knows the consumers will be refitted.
 
     For each consumer layer of a group, its input features X on the calibration data give the Gram
@@ -61,7 +63,9 @@ def reconstruction_scores(analysis: Analysis, groups: list[ChannelGroup], feeds:
     greedily, cheapest first, updating H⁻¹ and the refitted weights after each removal (He et al.'s
     channel selection for reconstruction, ThiNet's greedy order). A unit's score is the accumulated
     error when it went, so lower-scored units go first. Groups whose consumers cannot be refitted
-    (grouped convs, batched MatMuls) keep L1 scores.
+    (grouped convs, batched MatMuls) keep L1 scores. With ``stop`` (the largest share of a group's channels the
+    allocation may remove), the order stops one unit past that share: the remaining units score above every
+    removed one (accumulated error plus their cost at that point), so the removed set is the same.
     """
     fallback = unit_scores(analysis, groups, "l1")
     consumers = _refit_consumers(analysis)
@@ -70,7 +74,8 @@ def reconstruction_scores(analysis: Analysis, groups: list[ChannelGroup], feeds:
     grams = _consumer_grams(analysis.model, consumers, feeds, ridge)
     scores: dict[int, np.ndarray] = {}
     for group in groups:
-        scores[group.id] = _greedy_order(group, consumers, grams) if group.units else fallback[group.id]
+        steps = None if stop is None else math.ceil(stop * max(group.channels, len(group.units))) + 1
+        scores[group.id] = _greedy_order(group, consumers, grams, steps) if group.units else fallback[group.id]
         if scores[group.id] is None:
             scores[group.id] = fallback[group.id]
     return scores
@@ -105,27 +110,58 @@ def _refit_consumers(analysis: Analysis) -> dict[str, tuple]:
 
 def _consumer_grams(model, consumers: dict[str, tuple], feeds: list[dict[str, np.ndarray]],
                     ridge: float) -> dict[str, np.ndarray]:
-    """XᵀX of each consumer's input features on ``feeds`` (+ ridge), in bounded memory."""
+    """XᵀX of each consumer's input features on ``feeds`` (+ ridge), in bounded memory.
+
+    One onnxruntime run per feed captures every consumer input; consumers that read the same tensor with the
+    same patch geometry share one Gram (float32 products summed in float64, see ``GramSum``)."""
     from .calibration import session_with_outputs
-    from .compensation import _im2col
+    from .compensation import GramSum
 
     names = sorted({node.input[0] for node, *_ in consumers.values()})
     session = session_with_outputs(model, names)
-    grams: dict[str, np.ndarray] = {}
+    shared = {key: _patch_key(node, matrix.shape[0]) for key, (node, _, matrix, _) in consumers.items()}
+    sums: dict[tuple, GramSum | None] = {}
     for feed in feeds:
         values = dict(zip(names, session.run(names, feed)))
+        counted = set()  # features that several consumers share are added once per feed
         for key, (node, _, matrix, _) in consumers.items():
-            x = values[node.input[0]].astype(np.float64)
-            if node.op_type == "Conv":
-                rows = _im2col(x, node, _kernel(node, matrix.shape[0], x.shape[1]))
-            else:
-                rows = x.reshape(-1, x.shape[-1])
-            if rows.shape[1] != matrix.shape[0]:
+            patch = shared[key]
+            if patch in counted or (patch in sums and sums[patch] is None):
                 continue
-            grams[key] = grams.get(key, 0) + rows.T @ rows
-    for key, gram in grams.items():
-        gram += (ridge * float(np.trace(gram)) / gram.shape[0] + 1e-12) * np.eye(gram.shape[0])
+            counted.add(patch)
+            rows = _features(node, values[node.input[0]], matrix.shape[0])
+            if rows is None:  # features that do not match the weight
+                sums[patch] = None
+                continue
+            sums.setdefault(patch, GramSum()).add(rows)
+    grams: dict[str, np.ndarray] = {}
+    for key, patch in shared.items():
+        if sums.get(patch) is not None:
+            gram = sums[patch].result()[0]
+            grams[key] = gram + (ridge * float(np.trace(gram)) / gram.shape[0] + 1e-12) * np.eye(gram.shape[0])
     return grams
+
+
+def _patch_key(node, features: int) -> tuple:
+    """What decides a consumer's input features: the tensor, and for a Conv its patch geometry."""
+    from .model import get_attr
+
+    if node.op_type != "Conv":
+        return (node.input[0], features)
+    return (node.input[0], features, tuple(get_attr(node, "kernel_shape") or ()), tuple(get_attr(node, "pads") or ()),
+            tuple(get_attr(node, "strides") or ()), tuple(get_attr(node, "dilations") or ()))
+
+
+def _features(node, x: np.ndarray, features: int) -> np.ndarray | None:
+    """The consumer's input as float32 rows of features (im2col patches for a Conv); None if they do not match."""
+    from .compensation import _im2col
+
+    x = x.astype(np.float32, copy=False)
+    if node.op_type == "Conv":
+        rows = _im2col(x, node, _kernel(node, features, x.shape[1]))
+    else:
+        rows = x.reshape(-1, x.shape[-1])
+    return rows if rows.shape[1] == features else None
 
 
 def _kernel(node, features: int, channels: int) -> tuple[int, int]:
@@ -138,7 +174,11 @@ def _kernel(node, features: int, channels: int) -> tuple[int, int]:
     return side, side
 
 
-def _greedy_order(group: ChannelGroup, consumers: dict[str, tuple], grams: dict[str, np.ndarray]) -> np.ndarray | None:
+def _greedy_order(group: ChannelGroup, consumers: dict[str, tuple], grams: dict[str, np.ndarray],
+                  steps: int | None = None) -> np.ndarray | None:
+    """Greedy OBS elimination over the group's units: each step removes the unit whose block costs least,
+    summed over the consumers, then downdates each consumer's inverse Gram and refitted weights (``steps``:
+    stop after that many; the rest score the accumulated error plus their current cost)."""
     unit_of = {}
     for u, ids in enumerate(group.units):
         for i in np.asarray(ids).tolist():
@@ -154,8 +194,7 @@ def _greedy_order(group: ChannelGroup, consumers: dict[str, tuple], grams: dict[
             inverse = np.linalg.inv(grams[key])
         except np.linalg.LinAlgError:
             return None
-        blocks = {u: np.flatnonzero(units == u) for u in np.unique(units[units >= 0]).tolist()}
-        states.append({"P": inverse, "W": matrix.copy(), "blocks": blocks})
+        states.append(_State(inverse, matrix.copy(), units))
     if not states:
         return None
     n = len(group.units)
@@ -165,19 +204,59 @@ def _greedy_order(group: ChannelGroup, consumers: dict[str, tuple], grams: dict[
     for step in range(n):
         cost = np.zeros(n)
         for state in states:
-            for u, q in state["blocks"].items():
-                if alive[u]:
-                    cost[u] += _removal_cost(state["P"], state["W"], q)
+            state.add_costs(cost)
         cost[~alive] = np.inf
+        if steps is not None and step >= steps:
+            rest = np.flatnonzero(alive)
+            scores[rest] = total + np.maximum(cost[rest], 0.0) + 1e-12 * (step + 1)
+            break
         u = int(np.argmin(cost))
         total += max(float(cost[u]), 0.0)
         scores[u] = total + 1e-12 * step
         alive[u] = False
         for state in states:
-            q = state["blocks"].pop(u, None)
-            if q is not None:
-                _remove_block(state, q)
+            state.remove(u)
     return scores
+
+
+class _State:
+    """One consumer's inverse Gram ``P`` and refitted weights ``W`` over its surviving input features.
+
+    Removed features are zeroed, then dropped from ``P`` and ``W`` in batches, so each step costs
+    O(D_alive² · |block|); units with blocks of equal size are costed in one batched solve."""
+
+    def __init__(self, inverse: np.ndarray, weights: np.ndarray, units: np.ndarray):
+        self.P, self.W, self.units = inverse, weights, units
+        self.scratch: np.ndarray | None = None
+
+    def add_costs(self, cost: np.ndarray) -> None:
+        """cost[u] += wᵀ (P_qq)⁻¹ w for every surviving unit u of this consumer (its block q of features)."""
+        for unit_ids, index in self._blocks():
+            w = self.W[index]  # [units, k, outputs]
+            block = self.P[index[:, :, None], index[:, None, :]]  # [units, k, k]
+            try:
+                solved = np.linalg.solve(block, w)
+            except np.linalg.LinAlgError:
+                cost[unit_ids] += [_removal_cost(self.P, self.W, q) for q in index]
+                continue
+            cost[unit_ids] += np.einsum("ukj,ukj->u", w, solved)
+
+    def _blocks(self):
+        units = self.units
+        present = units >= 0
+        order = np.argsort(units, kind="stable")
+        order = order[present[order]]
+        ids, starts, sizes = np.unique(units[order], return_index=True, return_counts=True)
+        for size in np.unique(sizes):
+            chosen = np.flatnonzero(sizes == size)
+            index = order[starts[chosen][:, None] + np.arange(size)[None, :]]
+            yield ids[chosen], index
+
+    def remove(self, unit: int) -> None:
+        """Drop the unit's features (see :func:`_remove_block`)."""
+        q = np.flatnonzero(self.units == unit)
+        if q.size:
+            _remove_block(self, q)
 
 
 def _removal_cost(P: np.ndarray, W: np.ndarray, q: np.ndarray) -> float:
@@ -189,9 +268,11 @@ def _removal_cost(P: np.ndarray, W: np.ndarray, q: np.ndarray) -> float:
         return float("inf")
 
 
-def _remove_block(state: dict, q: np.ndarray) -> None:
-    """Drop features ``q``: refit the remaining weights and downdate the inverse Gram (block OBS update)."""
-    P, W = state["P"], state["W"]
+def _remove_block(state: _State, q: np.ndarray) -> None:
+    """Drop features ``q``: refit the remaining weights and downdate the inverse Gram (block OBS update),
+    P ← P − P[:, q] P_qq⁻¹ P[q, :] and W ← W − P[:, q] P_qq⁻¹ W[q]; the rows and columns of ``q`` become zero and
+    are compacted away once a quarter of the matrix is dead (the update then runs on the survivors only)."""
+    P, W = state.P, state.W
     block = P[np.ix_(q, q)]
     try:
         inv = np.linalg.inv(block)
@@ -199,7 +280,13 @@ def _remove_block(state: dict, q: np.ndarray) -> None:
         inv = np.linalg.pinv(block)
     column = P[:, q] @ inv
     W -= column @ W[q]
-    P -= column @ P[q, :]
+    if state.scratch is None or state.scratch.shape != P.shape:
+        state.scratch = np.empty_like(P)
+    P -= np.matmul(column, P[q, :], out=state.scratch)  # no fresh D×D temporary per step
     W[q] = 0.0
     P[q, :] = 0.0
     P[:, q] = 0.0
+    state.units[q] = -1
+    live = state.units >= 0
+    if 4 * int(live.sum()) < 3 * len(live):
+        state.P, state.W, state.units = P[np.ix_(live, live)], W[live], state.units[live]

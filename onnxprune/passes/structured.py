@@ -334,6 +334,16 @@ def _reconstruction_layers(analysis: Analysis, keep: np.ndarray) -> list[tuple[s
     return sorted(layers, key=lambda item: order.get(item[0], 0))
 
 
+def _largest_share(cfg: PruneConfig) -> float | None:
+    """The largest share of a group's channels this configuration can remove, when each group's count follows from
+    its own ratio (None for the global scope, where every unit's score counts)."""
+    if cfg.scope == "global":
+        return None
+    shares = [cfg.sparsity or 0.0, cfg.head_sparsity]
+    shares.extend(float(entry["sparsity"]) for entry in cfg.overrides if "sparsity" in entry)
+    return min(1.0, max(shares))
+
+
 def _fold_feeds(ctx: PassContext, model: onnx.ModelProto) -> list[dict[str, np.ndarray]]:
     """Inputs to measure removed channels' values: calibration data, the run's data, else two synthetic batches."""
     if ctx.state.get("calibration"):
@@ -383,7 +393,8 @@ class StructuredPrunePass:
             if not ctx.state.get("calibration"):
                 raise UsageError("--criterion reconstruction needs --calibration-data")
             ctx.log("choosing channels for least-squares repair on calibration data")
-            scores = reconstruction_scores(analysis, groups, list(ctx.state["calibration"])[:16])
+            scores = reconstruction_scores(analysis, groups, list(ctx.state["calibration"])[:16],
+                                           stop=_largest_share(cfg))
         else:
             scores = unit_scores(analysis, groups, cfg.criterion, cfg.seed, energy)
         keep = allocate_safe(analysis, groups, scores, cfg)

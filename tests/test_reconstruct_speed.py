@@ -1,0 +1,206 @@
+"""The fast paths of structured --reconstruct compute what the plain algorithms compute.
+
+- greedy selection (batched OBS block costs, compacted inverse-Gram downdates) against a brute-force greedy that
+  refits every candidate subset from scratch;
+- buffered Gram sums against XᵀX / XᵀY of the stacked rows;
+- the refit in waves (one run of each model per wave and feed, refitted weights fed as session inputs) against a
+  layer-by-layer refit that builds a fresh session of the pruned model for every layer.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from onnxprune.analysis.groups import analyse, build_groups
+from onnxprune.calibration import ActivationStream, session_with_outputs
+from onnxprune.compensation import GramSum, _im2col, _reconstructable, _waves, _write_solution, reconstruct
+from onnxprune.config import PruneConfig
+from onnxprune.model import GraphIndex
+from onnxprune.passes.structured import _reconstruction_layers, allocate_safe, prepare_for_analysis, remove
+from onnxprune.scoring import _greedy_order, unit_scores
+
+from .conftest import FIXTURES
+
+
+def _objective(H: np.ndarray, W: np.ndarray, alive: np.ndarray) -> float:
+    """min over V (zero outside ``alive``) of tr((W - V)ᵀ H (W - V)): the output error after the best refit."""
+    s = np.flatnonzero(alive)
+    V = np.zeros_like(W)
+    if s.size:
+        V[s] = np.linalg.solve(H[np.ix_(s, s)], H[s] @ W)
+    return float(np.sum((W - V) * (H @ (W - V))))
+
+
+def _brute_force_order(states: list[tuple[np.ndarray, np.ndarray, np.ndarray]], n: int) -> list[int]:
+    alive_units = list(range(n))
+    order = []
+    masks = [np.ones(len(units), dtype=bool) for _, _, units in states]
+    while alive_units:
+        costs = {u: sum(_objective(H, W, m & (units != u)) for (H, W, units), m in zip(states, masks))
+                 for u in alive_units}
+        best = min(alive_units, key=costs.__getitem__)
+        order.append(best)
+        alive_units.remove(best)
+        masks = [m & (units != best) for (_, _, units), m in zip(states, masks)]
+    return order
+
+
+@pytest.mark.parametrize("block", [1, 3])
+def test_greedy_selection_matches_brute_force(block):
+    """Two consumers share a group of 7 units (blocks of ``block`` features, as a k×k Conv has); the fast greedy
+    removes units in the order a from-scratch refit of every candidate gives, and scores are the summed errors."""
+    rng = np.random.default_rng(block)
+    n = 7
+    units = [np.array([i]) for i in range(n)]
+    consumers, grams, states = {}, {}, []
+    for key, outputs in (("a", 4), ("b", 2)):
+        feature_ids = np.repeat(np.arange(n), block)
+        x = rng.standard_normal((200, n * block)) @ rng.standard_normal((n * block, n * block)) * 0.3
+        x[:, :block] += x[:, -block:]  # correlated features: refitting matters
+        H = x.T @ x + 0.05 * np.eye(n * block)
+        W = rng.standard_normal((n * block, outputs))
+        consumers[key] = (None, None, W, feature_ids)
+        grams[key] = H
+        states.append((H, W, feature_ids))
+    scores = _greedy_order(SimpleNamespace(units=units), consumers, grams)
+    assert np.argsort(scores).tolist() == _brute_force_order(states, n)
+    full = sum(_objective(H, W, np.zeros(len(u), dtype=bool)) for H, W, u in states)
+    assert scores.max() == pytest.approx(full, rel=1e-6)  # everything removed: the whole output is the error
+
+
+def test_gram_sum_matches_stacked_rows():
+    rng = np.random.default_rng(0)
+    blocks = [rng.standard_normal((rows, 40)).astype(np.float32) for rows in (3, 17, 50, 1, 90)]
+    targets = [rng.standard_normal((b.shape[0], 5)).astype(np.float32) for b in blocks]
+    total = GramSum()
+    for b, t in zip(blocks, targets):
+        total.add(b, t)
+    gram, cross = total.result()
+    x, y = np.concatenate(blocks).astype(np.float64), np.concatenate(targets).astype(np.float64)
+    np.testing.assert_allclose(gram, x.T @ x, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(cross, x.T @ y, rtol=1e-5, atol=1e-4)
+
+
+def _layer_by_layer(original, pruned, layers, feeds, ridge=1e-3):
+    """Each layer solved on the pruned model's own inputs (a fresh session after every refit), in float64."""
+    reference = session_with_outputs(original, [name for name, _ in layers])
+    nodes = {out: node for node in pruned.graph.node for out in node.output}
+    for name, out_mask in layers:
+        node = nodes[name]
+        if not _reconstructable(node):
+            continue
+        index = GraphIndex.build(pruned.graph)
+        weight, _ = index.resolve(node.input[1])
+        current = session_with_outputs(pruned, [node.input[0]])
+        rows, targets = [], []
+        for feed in feeds:
+            x = current.run([node.input[0]], feed)[0].astype(np.float64)
+            y = reference.run([name], feed)[0].astype(np.float64)
+            if node.op_type == "Conv":
+                rows.append(_im2col(x, node, weight.shape[2:4]))
+                targets.append(np.moveaxis(y, 1, -1).reshape(-1, y.shape[1])[:, out_mask])
+            else:
+                rows.append(x.reshape(-1, x.shape[-1]))
+                targets.append(y.reshape(-1, y.shape[-1])[:, out_mask])
+        a, t = np.concatenate(rows), np.concatenate(targets)
+        if node.op_type != "MatMul":
+            a = np.hstack([a, np.ones((a.shape[0], 1))])
+        gram = a.T @ a
+        lam = ridge * np.trace(gram) / gram.shape[0] + 1e-12
+        _write_solution(pruned, index, node, weight, np.linalg.solve(gram + lam * np.eye(len(gram)), a.T @ t))
+
+
+def test_wave_refit_equals_layer_by_layer(monkeypatch):
+    model = onnx.load(str(FIXTURES / "arch" / "resnet18.onnx"))
+    prepare_for_analysis(model)
+    analysis = analyse(model)
+    groups = build_groups(analysis)
+    keep = allocate_safe(analysis, groups, unit_scores(analysis, groups, "l1"),
+                         PruneConfig(structured=True, sparsity=0.4))
+    original = onnx.ModelProto()
+    original.CopyFrom(model)
+    layers = _reconstruction_layers(analysis, keep)
+    remove(analysis, keep)
+    rng = np.random.default_rng(3)
+    feeds = [{"input": rng.standard_normal((8, 3, 64, 64)).astype(np.float32)} for _ in range(3)]
+    slow, fast = onnx.ModelProto(), onnx.ModelProto()
+    slow.CopyFrom(model)
+    fast.CopyFrom(model)
+    _layer_by_layer(original, slow, layers, feeds)
+
+    runs = []
+    real_run = ort.InferenceSession.run
+
+    def counting_run(self, *args, **kwargs):
+        runs.append(1)
+        return real_run(self, *args, **kwargs)
+    monkeypatch.setattr(ort.InferenceSession, "run", counting_run)
+    summary = reconstruct(original, fast, layers, feeds)
+    monkeypatch.undo()
+
+    assert summary["layers"] == len(layers) > 10 and not summary["skipped"]
+    plan = [SimpleNamespace(node=n) for n in fast.graph.node if any(n.output[0] == name for name, _ in layers)]
+    waves = _waves(fast, plan)
+    assert len(waves) < len(layers)  # a stage's first conv and its downsample read one tensor: one wave
+    assert len(runs) <= 2 * len(waves) * len(feeds)  # at most one run of each model per wave and feed
+    slow_w = {i.name: onnx.numpy_helper.to_array(i) for i in slow.graph.initializer}
+    fast_w = {i.name: onnx.numpy_helper.to_array(i) for i in fast.graph.initializer}
+    assert slow_w.keys() == fast_w.keys()
+    for name, value in slow_w.items():
+        np.testing.assert_allclose(fast_w[name], value, rtol=1e-4, atol=1e-5 * max(1.0, np.abs(value).max()))
+    onnx.checker.check_model(fast, full_check=True)
+
+
+class _Recording(ActivationStream):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.computed: list[int] = []
+
+    def _segment(self, names, available):
+        segment = super()._segment(names, available)
+        self.computed.extend(id(node) for node in segment)
+        return segment
+
+
+@pytest.mark.parametrize("budget", [1 << 30, 0])
+def test_activation_stream_runs_each_node_once(budget):
+    """Capturing every conv input of ResNet-18 step by step gives the values of one full run; with room to keep
+    tensors between steps every node runs once per feed, without room (budget 0) steps recompute and agree."""
+    model = onnx.load(str(FIXTURES / "arch" / "resnet18.onnx"))
+    rng = np.random.default_rng(4)
+    feeds = [{"input": rng.standard_normal((n, 3, 64, 64)).astype(np.float32)} for n in (4, 3)]
+    steps = [[node.input[0]] for node in model.graph.node if node.op_type == "Conv"]
+    full = session_with_outputs(model, sorted({s[0] for s in steps}))
+    stream = _Recording(model, feeds, budget)
+    for names in steps:
+        for feed, got in zip(feeds, stream.run(names)):
+            np.testing.assert_array_equal(got[names[0]], full.run(names, feed)[0])
+    if budget:
+        assert len(stream.computed) == len(set(stream.computed))  # no node ran twice
+    else:
+        assert len(stream.computed) > len(set(stream.computed))
+
+
+@pytest.mark.parametrize("share", [0.25, 0.5, 0.75])
+def test_stopped_order_removes_the_same_units(share):
+    """Stopping the greedy order one unit past the share the allocation removes keeps the removed set and its order."""
+    from onnxprune.calibration import load_calibration
+    from onnxprune.scoring import reconstruction_scores
+
+    trained = FIXTURES / "trained"
+    model = onnx.load(str(trained / "digits_cnn.onnx"))
+    analysis = analyse(model)
+    groups = [g for g in build_groups(analysis) if g.units]
+    feeds = load_calibration(trained / "digits_calib.npz", model)[:4]
+    full = reconstruction_scores(analysis, groups, feeds)
+    stopped = reconstruction_scores(analysis, groups, feeds, stop=share)
+    for group in groups:
+        n = int(np.floor(share * group.channels))
+        assert np.argsort(stopped[group.id], kind="stable")[:n].tolist() == \
+            np.argsort(full[group.id], kind="stable")[:n].tolist()
+        assert not np.array_equal(stopped[group.id], full[group.id])  # the tail was not ordered
