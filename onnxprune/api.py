@@ -177,13 +177,14 @@ def prune(
 
             load_eval_data(vcfg.eval_data, input_specs(loaded.model))
         original_stats = _model_stats(loaded.model)
-        original_stats["macs"] = total_macs(loaded.model, feeds[1]["shapes"] if feeds else vcfg.input_shapes or None)
         if input_path is not None:
             original_src = ModelSource(model=None, path=input_path)
         else:  # the passes change the model in place: keep the original as bytes for onnxruntime
             original_src = ModelSource(blob=loaded.model.SerializeToString())
 
     input_shapes = _input_shapes(loaded.model, vcfg, feeds, input_path, log)
+    if original_stats is not None:  # counted at the shapes the passes analyse, as the pruned MACs are
+        original_stats["macs"] = total_macs(loaded.model, input_shapes)
     allocation = None
     if config.target_macs is not None or config.target_params is not None:
         allocation = _allocate_for_target(loaded.model, config, calibration, vcfg, feeds, input_shapes, log)
@@ -250,7 +251,7 @@ def prune(
         start = time.perf_counter()
         del ctx  # the passes' view of the model: validation may free it
         _validate_step(result, loaded, vcfg, original_src, original_stats, feeds, unavailable, written,
-                       owns_model=not isinstance(model, LoadedModel), log=log)
+                       owns_model=not isinstance(model, LoadedModel), input_shapes=input_shapes, log=log)
         timings["validate"] = time.perf_counter() - start
     return loaded.model, result
 
@@ -281,7 +282,7 @@ def _load_calibration(model: onnx.ModelProto, config: PruneConfig, log: Callable
 
 def _validate_step(result: PruneResult, loaded: LoadedModel, vcfg: ValidateConfig, original_src: ModelSource,
                    original_stats: dict[str, int], feeds, unavailable: str | None, written: list[Path],
-                   owns_model: bool, log: Callable[[str], None]) -> None:
+                   owns_model: bool, input_shapes: dict[str, list[int]], log: Callable[[str], None]) -> None:
     """Compare the pruned model with the original and fill ``result.validation``, gates and warnings.
 
     Params and MACs are counted first; then, when the pruned model is on disk and this run owns the in-memory
@@ -294,7 +295,7 @@ def _validate_step(result: PruneResult, loaded: LoadedModel, vcfg: ValidateConfi
         input_files = model_files(path, onnx.load(str(path), load_external_data=False)) \
             if loaded.has_external_data else [path]
     pruned_stats = _model_stats(loaded.model)
-    pruned_stats["macs"] = total_macs(loaded.model, feeds[1]["shapes"] if feeds else vcfg.input_shapes or None)
+    pruned_stats["macs"] = total_macs(loaded.model, input_shapes)
     classifiers, specs = classifier_outputs(loaded.model), input_specs(loaded.model)
     output = Path(result.output) if result.output else None
     free = owns_model and output is not None
