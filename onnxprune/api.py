@@ -20,6 +20,7 @@ from .feeds import batch_axes, describe_resolution, resolve_inputs
 from .model import (
     PROTOBUF_LIMIT,
     LoadedModel,
+    check_external_locations,
     check_input_model,
     check_model,
     check_output_path,
@@ -517,6 +518,8 @@ def validate(
     def source(item) -> ModelSource:
         if isinstance(item, onnx.ModelProto):
             return ModelSource(model=item)
-        return ModelSource(model=onnx.load(str(item), load_external_data=False), path=Path(item))
+        model = onnx.load(str(item), load_external_data=False)
+        check_external_locations(model, Path(item))  # onnxruntime reads these files: the same containment
+        return ModelSource(model=model, path=Path(item))
 
     return run_validation(source(original), source(pruned), config)

@@ -95,6 +95,11 @@ def _external_tensors(model: onnx.ModelProto) -> list[tuple[str, str]]:
     return [(name, location) for location, name in locations.items()]
 
 
+def check_external_locations(model: onnx.ModelProto, path: Path) -> list[Path]:
+    """The external data files of ``model`` (read from ``path``), each checked by :func:`external_data_file`."""
+    return [external_data_file(path.parent, tensor, location) for tensor, location in _external_tensors(model)]
+
+
 def _refuse_location(tensor: str, location: str, why: str) -> ModelReadError:
     return ModelReadError(f"external data of tensor {tensor!r}: location {location!r} {why}; onnxprune reads "
                           "external data only from regular files inside the model's folder")
@@ -161,7 +166,7 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> LoadedModel:
     if model.ir_version <= 0 or not model.HasField("graph") or not model.opset_import:
         raise ModelReadError(f"not an ONNX model (no IR version, graph or opset import): {path}")
     base = path.parent
-    data_files = [external_data_file(base, tensor, loc) for tensor, loc in _external_tensors(model)]
+    data_files = check_external_locations(model, path)
     file_bytes = size + sum(p.stat().st_size for p in data_files)
     if data_files:
         try:

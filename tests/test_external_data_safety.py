@@ -152,3 +152,16 @@ def oldest_onnx_python(tmp_path_factory):
 def test_containment_under_the_oldest_onnx(layout, case, oldest_onnx_python):
     """onnx 1.16 itself reads a linked-out data file (and onnxprune used to copy it into the output)."""
     run_case(layout, case, python=oldest_onnx_python)
+
+
+@pytest.mark.parametrize("case", ["absolute", "link to an outside FIFO", "../outside/model.onnx.data"])
+def test_validate_api_refuses_the_same_locations(layout, case):
+    """``onnxprune.validate()`` hands model paths to onnxruntime, which would read the external data: the same
+    containment check runs first and raises before any outside file is opened."""
+    import onnxprune
+    from onnxprune.errors import ModelReadError
+
+    location = build(layout, case)
+    relocate(layout / "m" / "model.onnx", location)
+    with pytest.raises(ModelReadError, match=FIRST):
+        onnxprune.validate(layout / "m" / "model.onnx", layout / "m" / "model.onnx")
