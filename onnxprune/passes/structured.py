@@ -449,7 +449,7 @@ class StructuredPrunePass:
         else:
             scores = unit_scores(analysis, groups, cfg.criterion, cfg.seed, energy)
         keep = allocate_safe(analysis, groups, scores, cfg)
-        macs_before = node_macs(model, shapes=analysis.shapes)
+        macs_before = node_macs(model, shapes, shapes=analysis.shapes)
         params_before = count_params(model)[0]
         group_stats = self._group_stats(analysis, groups, keep, macs_before)
         folded = reconstruction = None
@@ -476,7 +476,7 @@ class StructuredPrunePass:
             remove(analysis, keep)
         sub = prune_subgraphs(model, cfg, shapes, ctx.log)
         group_stats += sub["groups"]
-        macs_after = node_macs(model, shapes=complete_shapes(model, shapes))
+        macs_after = node_macs(model, shapes, shapes=complete_shapes(model, shapes))
         params_after = count_params(model)[0]
         frozen = _frozen_entries(groups) + sub["frozen"]
         total = sum(g.channels for g in groups) + sub["channels_total"]
