@@ -264,7 +264,7 @@ def fold_small_constants(model: onnx.ModelProto) -> int:
             if node.op_type in _NOT_FOLDED or node.domain not in ("", "ai.onnx") or len(node.output) != 1 \
                     or not node.input or not all(name in known for name in node.input if name):
                 continue
-            value = _evaluate(model, node, known)
+            value = evaluate_node(model, node, known)
             if value is None:
                 continue
             if value.size > _SKELETON_MAX_ELEMENTS or value.dtype == object:
@@ -276,8 +276,9 @@ def fold_small_constants(model: onnx.ModelProto) -> int:
     return folded
 
 
-def _evaluate(model: onnx.ModelProto, node: onnx.NodeProto, known: dict[str, np.ndarray]) -> np.ndarray | None:
-    """The output of ``node`` on constant inputs, by onnx's reference implementation at the model's opsets."""
+def evaluate_node(model: onnx.ModelProto, node: onnx.NodeProto, known: dict[str, np.ndarray]) -> np.ndarray | None:
+    """The first output of ``node`` on the constant inputs ``known``, by onnx's reference implementation at the
+    model's opsets (None where it cannot evaluate it)."""
     from onnx.reference import ReferenceEvaluator
 
     names = list(dict.fromkeys(n for n in node.input if n))
