@@ -92,7 +92,7 @@ def test_inspect_shows_subgraph_macs(tmp_path):
 
 def test_structured_prunes_inside_each_branch_and_names_it(tmp_path):
     out, report = tmp_path / "out.onnx", tmp_path / "report.json"
-    code, stdout, stderr = run_cli(IF_CONV, "--structured", "--sparsity", "0.5", "-o", out, "--report", report)
+    code, _, _ = run_cli(IF_CONV, "--structured", "--sparsity", "0.5", "-o", out, "--report", report)
     assert code == 0
     data = json.loads(report.read_text())
     details = data["passes"][0]["details"]

@@ -133,7 +133,7 @@ def test_loop_and_scan_bodies_pruned_and_macs_follow_trips():
 
 def test_cli_report_and_inspect_name_each_subgraph(tmp_path):
     report = tmp_path / "report.json"
-    code, stdout, stderr = run_cli(CF / "nested_if.onnx", "--structured", "--sparsity", "0.5",
+    code, _, stderr = run_cli(CF / "nested_if.onnx", "--structured", "--sparsity", "0.5",
                                    "-o", tmp_path / "out.onnx", "--report", report)
     assert code == 0, stderr
     data = json.loads(report.read_text())
