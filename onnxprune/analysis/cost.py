@@ -254,11 +254,11 @@ def fold_small_constants(model: onnx.ModelProto) -> int:
     known: dict[str, np.ndarray] = {}
     for graph in iter_graphs(model.graph):  # parents before children: outer constants are known inside
         for init in graph.initializer:
-            if init.ByteSize() and int(np.prod(init.dims, dtype=np.int64)) <= _SKELETON_MAX_ELEMENTS:
+            if _small(init):
                 known[init.name] = onnx.numpy_helper.to_array(init)
         for position, node in enumerate(graph.node):
             if node.op_type == "Constant" and node.output and node.attribute and node.attribute[0].HasField("t") \
-                    and node.attribute[0].name == "value" and node.attribute[0].t.ByteSize():
+                    and node.attribute[0].name == "value" and _small(node.attribute[0].t):
                 known[node.output[0]] = onnx.numpy_helper.to_array(node.attribute[0].t)
                 continue
             if node.op_type in _NOT_FOLDED or node.domain not in ("", "ai.onnx") or len(node.output) != 1 \
@@ -274,6 +274,12 @@ def fold_small_constants(model: onnx.ModelProto) -> int:
                 "Constant", [], [node.output[0]], name=node.name, value=onnx.numpy_helper.from_array(value)))
             folded += 1
     return folded
+
+
+def _small(tensor: onnx.TensorProto) -> bool:
+    """A tensor whose values the skeleton keeps (small enough, data present)."""
+    return int(np.prod(tensor.dims, dtype=np.int64)) <= _SKELETON_MAX_ELEMENTS and tensor.data_location == \
+        onnx.TensorProto.DEFAULT and tensor.ByteSize() > 0
 
 
 def evaluate_node(model: onnx.ModelProto, node: onnx.NodeProto, known: dict[str, np.ndarray]) -> np.ndarray | None:
