@@ -13,8 +13,8 @@ from onnx import numpy_helper
 import onnxprune
 from onnxprune.analysis.oracle import relative_error
 from onnxprune.config import PruneConfig
-from onnxprune.passes.structured import _analyse_scope, _scopes_in_turn, mask, never_empty, remove
-from onnxprune.passes.subgraphs import write_back
+from onnxprune.passes.structured import _analyse_scope, mask, never_empty, remove
+from onnxprune.passes.subgraphs import scopes, write_back
 
 from .conftest import FIXTURES, run_cli
 
@@ -40,7 +40,7 @@ def _edited(model: onnx.ModelProto, seed: int, apply) -> tuple[onnx.ModelProto, 
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     rng, edited = np.random.default_rng(seed), []
-    for scope in _scopes_in_turn(copy, None):
+    for scope in scopes(copy, None):
         analysis, groups, _ = _analyse_scope(scope, PruneConfig(structured=True))
         if analysis is None:
             continue

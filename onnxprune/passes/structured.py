@@ -22,6 +22,7 @@ from ..errors import UsageError
 from ..model import count_params
 from ..scoring import unit_scores
 from .manager import PassContext
+from .subgraphs import WEIGHT_CRITERIA, Scope, scopes, write_back
 
 
 def group_overrides(groups: list[ChannelGroup], config: PruneConfig) -> dict[int, float]:
@@ -261,7 +262,7 @@ def subgraph_entries(model: onnx.ModelProto, input_shapes: dict[str, list[int]] 
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     groups, frozen = [], []
-    for scope in _scopes_in_turn(copy, input_shapes):
+    for scope in scopes(copy, input_shapes):
         analysis, scope_groups, why = _analyse_scope(scope, config or PruneConfig(structured=True))
         if analysis is None:
             frozen.append(_scope_frozen(scope, why))
@@ -274,15 +275,7 @@ def subgraph_entries(model: onnx.ModelProto, input_shapes: dict[str, list[int]] 
     return groups, frozen
 
 
-def _scopes_in_turn(model: onnx.ModelProto, input_shapes):
-    """Each subgraph scope wrapped just before its turn (an inner scope written back changes its parent)."""
-    from .subgraphs import scopes
-
-    for position in range(len(scopes(model, input_shapes))):
-        yield scopes(model, input_shapes)[position]
-
-
-def _analyse_scope(scope, cfg: PruneConfig) -> tuple[Analysis | None, list[ChannelGroup], str]:
+def _analyse_scope(scope: Scope, cfg: PruneConfig) -> tuple[Analysis | None, list[ChannelGroup], str]:
     """Channel groups of one subgraph scope; outer weights that other graphs read too are frozen."""
     if scope.skipped:
         return None, [], scope.skipped
@@ -306,7 +299,7 @@ def _why_nothing(groups: list[ChannelGroup]) -> str:
     return ranked[0] + (f" (and {len(ranked) - 1} more reasons)" if len(ranked) > 1 else "")
 
 
-def _scope_frozen(scope, why: str) -> dict[str, Any]:
+def _scope_frozen(scope: Scope, why: str) -> dict[str, Any]:
     return {"id": scope.where, "channels": 0, "ops": [], "producers": scope.layers,
             "reason": f"{len(scope.layers)} layer(s) inside the {scope.where} subgraph, none removed: {why}"}
 
@@ -316,8 +309,8 @@ def prune_subgraphs(model: onnx.ModelProto, cfg: PruneConfig, input_shapes: dict
     """Structured pruning in every If/Loop/Scan subgraph scope, innermost first. Returns the group stats, frozen
     entries and one line per scope (pruned, or why not)."""
     stats, frozen, lines, total = [], [], [], 0
-    criterion = cfg.criterion if cfg.criterion in ("l1", "l2", "random", "bn") else "l1"
-    for scope in _scopes_in_turn(model, input_shapes):
+    criterion = cfg.criterion if cfg.criterion in WEIGHT_CRITERIA else "l1"
+    for scope in scopes(model, input_shapes):
         analysis, groups, why = _analyse_scope(scope, cfg)
         if analysis is None:
             frozen.append(_scope_frozen(scope, why))
@@ -331,7 +324,7 @@ def prune_subgraphs(model: onnx.ModelProto, cfg: PruneConfig, input_shapes: dict
         why = _why_nothing(groups) if keep.all() else ""
         if not keep.all():
             remove(analysis, keep)
-            why = write_back_scope(scope) or ""
+            why = write_back(scope) or ""
         removed = 0 if why else sum(g["channels_before"] - g["channels_after"] for g in scope_stats)
         if why:
             frozen.append(_scope_frozen(scope, why))
@@ -342,12 +335,6 @@ def prune_subgraphs(model: onnx.ModelProto, cfg: PruneConfig, input_shapes: dict
         lines.append({"subgraph": scope.where, "removed": removed, "reason": why,
                       **({"criterion": criterion} if criterion != cfg.criterion else {})})
     return {"groups": stats, "frozen": frozen, "subgraphs": lines, "channels_total": total}
-
-
-def write_back_scope(scope) -> str | None:
-    from .subgraphs import write_back
-
-    return write_back(scope)
 
 
 def _frozen_entries(groups: list[ChannelGroup]) -> list[dict[str, Any]]:

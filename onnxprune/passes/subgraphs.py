@@ -11,6 +11,7 @@ subgraph; nested subgraphs are scopes of their own, innermost first.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import onnx
@@ -19,8 +20,8 @@ from ..analysis.cost import _skeleton, infer_shapes
 from ..analysis.groups import _free_names
 from ..model import build_indexes, iter_graphs
 
-#: weight-free criteria a subgraph can be scored with (the data-driven ones need activations inside the body)
-_WEIGHT_CRITERIA = ("l1", "l2", "random", "bn")
+#: criteria a subgraph can be scored with (the data-driven ones need activations inside the body: l1 instead)
+WEIGHT_CRITERIA = ("l1", "l2", "random", "bn")
 #: ops whose output channels structured pruning removes
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "LSTM", "GRU", "RNN")
 
@@ -40,20 +41,21 @@ class Scope:
     skipped: str | None = None  # why this scope cannot be analysed at all
 
 
-def scopes(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None) -> list[Scope]:
-    """Every subgraph holding layers, innermost first, wrapped against the model as it is now.
-
-    Build them again after writing one back: a wrapper copies its subgraph."""
-    result = []
+def scopes(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None) -> Iterator[Scope]:
+    """Every subgraph holding layers, innermost first, each wrapped only when the caller asks for the next one: a
+    scope written back before then is what its parent's wrapper copies. (Pruning inside one scope changes neither
+    the types nor the readers of the outer tensors another scope reads, so those are found once.)"""
+    sites = []
     for where, graph in _walk(model.graph, ""):
         layers = [n.name or n.output[0] for g in iter_graphs(graph) for n in g.node if n.op_type in LAYER_OPS]
         if layers:
-            result.append((where, graph, layers))
-    if not result:
-        return []
+            sites.append((where, graph, layers))
+    if not sites:
+        return
     types, concrete = _outer_types(model, input_shapes)
     reads = _read_counts(model)
-    return [_wrap(model, where, graph, layers, types, concrete, reads) for where, graph, layers in result]
+    for where, graph, layers in sites:
+        yield _wrap(model, where, graph, layers, types, concrete, reads)
 
 
 def _walk(graph: onnx.GraphProto, prefix: str):
@@ -92,8 +94,8 @@ def _outer_types(model: onnx.ModelProto, input_shapes) -> tuple[dict[str, onnx.T
 
 
 def _read_counts(model: onnx.ModelProto) -> dict[str, list[int]]:
-    """Tensor name -> ids of the graphs whose nodes read it (a read from a nested subgraph counts for the graph
-    holding the node that owns that subgraph, as well as for the subgraph itself)."""
+    """Tensor name -> ids of the graphs (any depth) whose nodes read it: an outer weight is lifted into a scope only
+    when every reading graph lies inside that scope."""
     reads: dict[str, list[int]] = {}
     for graph in iter_graphs(model.graph):
         for node in graph.node:
