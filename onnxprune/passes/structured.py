@@ -9,6 +9,7 @@ channels zeroed in every consumer weight, shapes untouched.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -305,7 +306,7 @@ def _scope_frozen(scope: Scope, why: str) -> dict[str, Any]:
 
 
 def prune_subgraphs(model: onnx.ModelProto, cfg: PruneConfig, input_shapes: dict[str, list[int]] | None,
-                    log=None) -> dict[str, Any]:
+                    log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Structured pruning in every If/Loop/Scan subgraph scope, innermost first. Returns the group stats, frozen
     entries and one line per scope (pruned, or why not)."""
     stats, frozen, lines, total = [], [], [], 0
@@ -321,7 +322,8 @@ def prune_subgraphs(model: onnx.ModelProto, cfg: PruneConfig, input_shapes: dict
         scope_stats = StructuredPrunePass._group_stats(analysis, groups, keep,
                                                        node_macs(scope.wrapper, shapes=analysis.shapes))
         frozen.extend({**f, "id": f"{scope.where} #{f['id']}"} for f in _frozen_entries(groups))
-        why = _why_nothing(groups) if keep.all() else ""
+        why = "" if not keep.all() else ("the requested share rounds to no unit of its groups"
+                                          if any(g.units for g in groups) else _why_nothing(groups))
         if not keep.all():
             remove(analysis, keep)
             why = write_back(scope) or ""
