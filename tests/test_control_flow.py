@@ -138,3 +138,20 @@ def test_unstructured_reaches_the_branches(tmp_path):
         for init in attr.g.initializer:
             values = numpy_helper.to_array(init)
             assert np.count_nonzero(values == 0) == values.size // 2
+
+
+def test_if_on_an_integer_input_counts_the_branch_the_resolved_value_takes(tmp_path):
+    """sr is compared with 16000 (then: a conv) and, in the else branch, with 8000: the resolution feeds 16000 first,
+    so the then branch's conv is counted (not the larger of the two), the same in inspect and prune."""
+    path = FIXTURES / "feeds" / "samplerate.onnx"
+    notes: list[str] = []
+    macs = node_macs(onnx.load(str(path)), {"audio": [1, 512], "sr": []}, notes=notes)
+    assert macs == {"if16k": 8 * 64 * 512 // 64}  # 8 filters x 64 taps x (512 / 64 stride) frames
+    assert "If 'if16k': the then branch runs (condition computed from the resolved inputs)" in notes
+    code, out, _ = run_cli("inspect", path, "--json", "--input-shape", "audio:1x512")
+    assert code == 0 and json.loads(out)["macs"] == macs["if16k"]
+    report = tmp_path / "r.json"
+    code, _, _ = run_cli(path, "--sparsity", "0.5", "--input-shape", "audio:1x512", "-o", tmp_path / "o.onnx",
+                         "--report", report)
+    assert code == 0
+    assert json.loads(report.read_text())["validation"]["model"]["original"]["macs"] == macs["if16k"]
