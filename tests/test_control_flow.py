@@ -80,24 +80,44 @@ def test_inspect_shows_subgraph_macs(tmp_path):
     info = json.loads(out)
     assert info["macs"] == BRANCH_MACS
     assert info["subgraph_macs"] == {"branch": BRANCH_MACS}
-    frozen = info["structured"]["frozen"]
-    assert sorted(f["id"] for f in frozen) == ["If 'branch' else_branch", "If 'branch' then_branch"]
+    groups = {g["id"]: g["prunable"] for g in info["structured"]["groups"]}
+    assert groups == {"If 'branch' then_branch #0": 8, "If 'branch' else_branch #0": 8}
+    frozen = {f["id"]: f["reason"] for f in info["structured"]["frozen"]}
+    assert frozen == {"If 'branch' then_branch #1": "reaches graph output 'then.out'",
+                      "If 'branch' else_branch #1": "reaches graph output 'else.out'"}
     code, text, _ = run_cli("inspect", IF_CONV)
     assert f"MACs in the subgraphs of branch: {BRANCH_MACS:,}" in text
+    assert "the condition is known only at run time" not in text  # both branches cost the same
 
 
-def test_structured_names_each_subgraph_and_warns(tmp_path):
+def test_structured_prunes_inside_each_branch_and_names_it(tmp_path):
     out, report = tmp_path / "out.onnx", tmp_path / "report.json"
-    code, stdout, stderr = run_cli(IF_CONV, "--structured", "--sparsity", "0.5", "-o", out, "--report", report)
+    code, _, _ = run_cli(IF_CONV, "--structured", "--sparsity", "0.5", "-o", out, "--report", report)
     assert code == 0
     data = json.loads(report.read_text())
     details = data["passes"][0]["details"]
-    assert details["channels_removed"] == 0
-    reasons = {f["id"]: f["reason"] for f in details["frozen"]}
-    assert set(reasons) == {"If 'branch' then_branch", "If 'branch' else_branch"}
-    assert all("control-flow subgraphs" in r and "2 layer(s)" in r for r in reasons.values())
-    assert {f["channels"] for f in details["frozen"]} == {12}
-    assert any(w.startswith("structured pruning removed nothing") for w in data["warnings"])
+    assert details["channels_removed"] == 8
+    assert sorted(details["subgraphs"], key=lambda line: line["subgraph"]) == [
+        {"subgraph": "If 'branch' else_branch", "removed": 4, "reason": ""},
+        {"subgraph": "If 'branch' then_branch", "removed": 4, "reason": ""}]
+    assert details["macs_after"] == BRANCH_MACS // 2
+    assert not any("removed nothing" in w for w in data["warnings"])
+    pruned = onnx.load(str(out))
+    onnx.checker.check_model(pruned, full_check=True)
+    for attr in pruned.graph.node[-1].attribute:
+        dims = {i.name: list(i.dims) for i in attr.g.initializer}
+        assert dims[f"{attr.g.name}.conv1.weight"] == [4, 3, 3, 3] and dims[f"{attr.g.name}.conv2.weight"] == [4, 4, 1, 1]
+
+
+def test_structured_warns_when_no_subgraph_channel_can_go(tmp_path):
+    report = tmp_path / "report.json"
+    path = FIXTURES / "control_flow" / "shared_outer.onnx"  # both branches read one outer weight: frozen
+    code, stdout, stderr = run_cli(path, "--structured", "--sparsity", "0.5", "-o", tmp_path / "o.onnx",
+                                   "--report", report)
+    assert code == 0
+    data = json.loads(report.read_text())
+    reasons = {f["id"]: f["reason"] for f in data["passes"][0]["details"]["frozen"]}
+    assert "none removed: outer-scope weight 'shared.w1'" in reasons["If 'choose' then_branch"]
     assert "structured pruning removed nothing" in stdout + stderr
 
 
@@ -118,3 +138,20 @@ def test_unstructured_reaches_the_branches(tmp_path):
         for init in attr.g.initializer:
             values = numpy_helper.to_array(init)
             assert np.count_nonzero(values == 0) == values.size // 2
+
+
+def test_if_on_an_integer_input_counts_the_branch_the_resolved_value_takes(tmp_path):
+    """sr is compared with 16000 (then: a conv) and, in the else branch, with 8000: the resolution feeds 16000 first,
+    so the then branch's conv is counted (not the larger of the two), the same in inspect and prune."""
+    path = FIXTURES / "feeds" / "samplerate.onnx"
+    notes: list[str] = []
+    macs = node_macs(onnx.load(str(path)), {"audio": [1, 512], "sr": []}, notes=notes)
+    assert macs == {"if16k": 8 * 64 * 512 // 64}  # 8 filters x 64 taps x (512 / 64 stride) frames
+    assert "If 'if16k': the then branch runs (condition computed from the resolved inputs)" in notes
+    code, out, _ = run_cli("inspect", path, "--json", "--input-shape", "audio:1x512")
+    assert code == 0 and json.loads(out)["macs"] == macs["if16k"]
+    report = tmp_path / "r.json"
+    code, _, _ = run_cli(path, "--sparsity", "0.5", "--input-shape", "audio:1x512", "-o", tmp_path / "o.onnx",
+                         "--report", report)
+    assert code == 0
+    assert json.loads(report.read_text())["validation"]["model"]["original"]["macs"] == macs["if16k"]

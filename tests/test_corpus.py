@@ -23,18 +23,7 @@ from .corpus.models import BY_NAME, CORPUS, INSTALL, CorpusModel
 BARE = "sparsity 0.5, no --data"
 
 # Failure classes found by the corpus, (model, row) -> reason; each row is a strict xfail until fixed.
-IF_BRANCH = ("layers inside If branches: structured pruning removes nothing (exit 0 with a warning naming each "
-             "subgraph; pruning inside subgraphs is not supported)")
-CALIB_0D = ("calibration batching takes axis 0 of every input: the 0-d sample-rate input ends in exit 1 "
-            "IndexError (tuple index out of range)")
-SLICED_GATES = ("silero's LSTM cell is exported as gate Slices of weight_ih/weight_hh feeding MatMuls inside nested If "
-                "branches: weights behind a Slice are not prunable, so the float weights stay below the requested "
-                "share of zeros")
-KNOWN: dict[tuple[str, str], str] = {
-    **{("silero_vad", s): SLICED_GATES for s in ("sparsity 0.5", "sparsity 0.7")},
-    ("silero_vad", "structured 0.3"): IF_BRANCH, ("silero_vad", "structured 0.5"): IF_BRANCH,
-    ("silero_vad", "structured 0.3 + reconstruct"): CALIB_0D,
-}
+KNOWN: dict[tuple[str, str], str] = {}
 
 # The default suite: every model, the cheap rows (--runs 1 --warmup 0, small accepted input sizes).
 DEFAULT: list[tuple[str, str]] = [

@@ -6,6 +6,7 @@ their bytes), so it costs memory proportional to the graph, not to the weights.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from ..feeds import ORT_TYPES, input_specs, integer_rules
 from ..model import get_attr, iter_graphs
 
 #: Tensors with more elements than this lose their data in the skeleton.
@@ -106,11 +108,21 @@ def symbolic_inference(skel: onnx.ModelProto) -> onnx.ModelProto:
 
 def infer_shapes(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None) -> dict[str, list[int | None]]:
     """Static shape of every tensor that shape inference can resolve (dims may be None)."""
+    return _inferred(model, input_shapes)[0]
+
+
+def _inferred(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None
+              ) -> tuple[dict[str, list[int | None]], dict[str, bool]]:
+    """Shapes as :func:`infer_shapes` gives them, and the condition of each If (by its first output) that the
+    resolved inputs decide (see :func:`resolve_control_flow`)."""
     skel = _skeleton(model, input_shapes)
     if any(n.op_type == "Shape" for n in skel.graph.node):
         from ..passes.shapefold import fold_static_shape_reads  # sizes computed from shapes become known
 
         fold_static_shape_reads(skel)
+    conditions: dict[str, bool] = {}
+    if any(_subgraphs(node) for node in skel.graph.node):
+        skel, conditions = resolve_control_flow(skel, input_values(model, skel))
     skel = symbolic_inference(skel)
     try:
         inferred = onnx.shape_inference.infer_shapes(skel, data_prop=True)
@@ -131,7 +143,160 @@ def infer_shapes(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | No
                 for attr in node.attribute:
                     if attr.type == onnx.AttributeProto.TENSOR:
                         shapes[node.output[0]] = list(attr.t.dims)
-    return shapes
+    return shapes, conditions
+
+
+def input_values(model: onnx.ModelProto, skel: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Integer inputs the graph compares with constants (a sample rate against 8000/16000), at the value the input
+    resolution tries first (:func:`onnxprune.feeds.integer_rules`), in the skeleton's concrete shapes."""
+    specs = input_specs(model)
+    rules = integer_rules(model, specs)
+    dims = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in skel.graph.input}
+    values = {}
+    for spec in specs:
+        rule = rules.get(spec.name)
+        if rule is not None and rule[0] == "values" and spec.name in dims:
+            values[spec.name] = np.full(dims[spec.name], rule[1][0], dtype=ORT_TYPES[spec.type])
+    return values
+
+
+def resolve_control_flow(skel: onnx.ModelProto, values: dict[str, np.ndarray]
+                         ) -> tuple[onnx.ModelProto, dict[str, bool]]:
+    """The skeleton with every If whose condition follows from constants, ``values`` and known shapes replaced by the
+    branch it takes (repeated while that decides more), and those conditions by the If's first output. Only the
+    small constant/shape sub-graphs are evaluated, by onnx's reference implementation; no layer runs."""
+    conditions: dict[str, bool] = {}
+    graph = skel.graph
+    if values:
+        kept = [v for v in graph.input if v.name not in values]
+        nodes = [onnx.helper.make_node("Constant", [], [name], value=onnx.numpy_helper.from_array(value))
+                 for name, value in values.items()]
+        del graph.input[:]
+        graph.input.extend(kept)
+        nodes.extend(graph.node)
+        del graph.node[:]
+        graph.node.extend(nodes)
+    for _ in range(16):
+        fold_small_constants(skel)
+        changed = _inline_decided_ifs(skel, conditions)
+        with contextlib.suppress(Exception):
+            inferred = onnx.shape_inference.infer_shapes(skel, data_prop=True)
+            changed += _fold_shapes(skel, inferred)
+        if not changed:
+            break
+    return skel, conditions
+
+
+def _fold_shapes(skel: onnx.ModelProto, inferred: onnx.ModelProto) -> int:
+    """Replace Shape nodes (any graph) whose input shape ``inferred`` knows fully by Constants."""
+    known = {}
+    for graph in iter_graphs(inferred.graph):
+        for value in [*graph.input, *graph.value_info, *graph.output]:
+            dims = value.type.tensor_type.shape.dim if value.type.HasField("tensor_type") else []
+            if value.type.HasField("tensor_type") and value.type.tensor_type.HasField("shape") \
+                    and all(d.HasField("dim_value") for d in dims):
+                known[value.name] = [d.dim_value for d in dims]
+    folded = 0
+    for graph in iter_graphs(skel.graph):
+        for position, node in enumerate(graph.node):
+            if node.op_type != "Shape" or node.input[0] not in known:
+                continue
+            dims = known[node.input[0]]
+            start, end = get_attr(node, "start", 0), get_attr(node, "end", len(dims))
+            value = np.array(dims[start:end], dtype=np.int64)
+            graph.node[position].CopyFrom(onnx.helper.make_node(
+                "Constant", [], [node.output[0]], name=node.name, value=onnx.numpy_helper.from_array(value)))
+            folded += 1
+    return folded
+
+
+def _inline_decided_ifs(skel: onnx.ModelProto, conditions: dict[str, bool]) -> int:
+    """Replace each If whose condition is a Constant of its graph by the nodes of the branch it takes."""
+    inlined = 0
+    for graph in reversed(list(iter_graphs(skel.graph))):  # children first: a parent's edit leaves them behind
+        consts = {n.output[0]: n.attribute[0].t for n in graph.node
+                  if n.op_type == "Constant" and n.output and n.attribute and n.attribute[0].HasField("t")}
+        consts.update({i.name: i for i in graph.initializer})
+        nodes, changed = [], False
+        for node in graph.node:
+            cond = consts.get(node.input[0]) if node.op_type == "If" else None
+            if cond is None or not cond.ByteSize():
+                nodes.append(node)
+                continue
+            taken = bool(onnx.numpy_helper.to_array(cond).reshape(-1)[0])
+            conditions[node.output[0]] = taken
+            branch = get_attr(node, "then_branch" if taken else "else_branch")
+            nodes.extend(branch.node)
+            graph.initializer.extend(branch.initializer)
+            nodes.extend(onnx.helper.make_node("Identity", [inner.name], [outer])
+                         for inner, outer in zip(branch.output, node.output) if outer)
+            changed = True
+        if changed:
+            copies = [onnx.NodeProto() for _ in nodes]
+            for copy, node in zip(copies, nodes):
+                copy.CopyFrom(node)
+            del graph.node[:]
+            graph.node.extend(copies)
+            inlined += 1
+    return inlined
+
+
+#: ops never folded (state, randomness, subgraphs) when evaluating constant chains
+_NOT_FOLDED = {"If", "Loop", "Scan", "RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
+               "Multinomial", "Bernoulli", "Constant"}
+
+
+def fold_small_constants(model: onnx.ModelProto) -> int:
+    """In place, in every graph: replace each node whose inputs are all small constants by a Constant holding its
+    value (evaluated by onnx's reference implementation), so shape inference sees pads, axes and sizes that an
+    exporter computes from constants. Returns how many nodes were folded."""
+    folded = 0
+    known: dict[str, np.ndarray] = {}
+    for graph in iter_graphs(model.graph):  # parents before children: outer constants are known inside
+        for init in graph.initializer:
+            if _small(init):
+                known[init.name] = onnx.numpy_helper.to_array(init)
+        for position, node in enumerate(graph.node):
+            if node.op_type == "Constant" and node.output and node.attribute and node.attribute[0].HasField("t") \
+                    and node.attribute[0].name == "value" and _small(node.attribute[0].t):
+                known[node.output[0]] = onnx.numpy_helper.to_array(node.attribute[0].t)
+                continue
+            if node.op_type in _NOT_FOLDED or node.domain not in ("", "ai.onnx") or len(node.output) != 1 \
+                    or not node.input or not all(name in known for name in node.input if name):
+                continue
+            value = evaluate_node(model, node, known)
+            if value is None:
+                continue
+            if value.size > _SKELETON_MAX_ELEMENTS or value.dtype == object:
+                continue
+            known[node.output[0]] = value
+            graph.node[position].CopyFrom(onnx.helper.make_node(
+                "Constant", [], [node.output[0]], name=node.name, value=onnx.numpy_helper.from_array(value)))
+            folded += 1
+    return folded
+
+
+def _small(tensor: onnx.TensorProto) -> bool:
+    """A tensor whose values the skeleton keeps (small enough, data present)."""
+    return int(np.prod(tensor.dims, dtype=np.int64)) <= _SKELETON_MAX_ELEMENTS and tensor.data_location == \
+        onnx.TensorProto.DEFAULT and tensor.ByteSize() > 0
+
+
+def evaluate_node(model: onnx.ModelProto, node: onnx.NodeProto, known: dict[str, np.ndarray]) -> np.ndarray | None:
+    """The first output of ``node`` on the constant inputs ``known``, by onnx's reference implementation at the
+    model's opsets (None where it cannot evaluate it)."""
+    from onnx.reference import ReferenceEvaluator
+
+    names = list(dict.fromkeys(n for n in node.input if n))
+    inputs = [onnx.helper.make_tensor_value_info(n, onnx.helper.np_dtype_to_tensor_dtype(known[n].dtype),
+                                                 known[n].shape) for n in names]
+    tiny = onnx.helper.make_model(onnx.helper.make_graph(
+        [node], "fold", inputs, [onnx.helper.make_empty_tensor_value_info(node.output[0])]),
+        opset_imports=list(model.opset_import), ir_version=model.ir_version)
+    try:
+        return np.asarray(ReferenceEvaluator(tiny).run(None, {n: known[n] for n in names})[0])
+    except Exception:  # noqa: BLE001 - an op the reference cannot evaluate stays as it is
+        return None
 
 
 def _known(shape) -> bool:
@@ -148,12 +313,15 @@ def node_macs(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None 
     """MACs of each Conv, ConvTranspose, Gemm, MatMul and LSTM/GRU/RNN node of the main graph; an
     If/Loop/Scan node counts the MACs of its subgraphs as they run (see :func:`_control_flow_macs`, which
     appends to ``notes`` how each was counted)."""
-    shapes = shapes if shapes is not None else infer_shapes(model, input_shapes)
+    conditions: dict[str, bool] = {}
     if any(_subgraphs(node) for node in model.graph.node):
-        shapes = {**infer_shapes(model, input_shapes), **shapes}  # the subgraphs' own tensors
+        inferred, conditions = _inferred(model, input_shapes)
+        shapes = {**inferred, **(shapes or {})}  # the subgraphs' own tensors
+    shapes = shapes if shapes is not None else infer_shapes(model, input_shapes)
     constants = {init.name: init for init in model.graph.initializer}
     constants.update({n.output[0]: n.attribute[0].t for n in model.graph.node
                       if n.op_type == "Constant" and n.output and n.attribute and n.attribute[0].HasField("t")})
+    constants.update({name: onnx.numpy_helper.from_array(np.array(taken)) for name, taken in conditions.items()})
     macs: dict[str, int] = {}
     for position, node in enumerate(model.graph.node):
         if _subgraphs(node):
@@ -194,12 +362,14 @@ def _control_flow_macs(node: onnx.NodeProto, shapes: dict, constants: dict, note
     a Loop body times its constant trip count (else once); a Scan body times the scanned length."""
     what = f"{node.op_type} {node.name!r}"
     if node.op_type == "If":
+        cond = constants.get(node.output[0]) if node.output[0] in constants else constants.get(node.input[0])
         branches = {a.name: _graph_macs(a.g, shapes, constants, notes) for a in node.attribute
-                    if a.type == onnx.AttributeProto.GRAPH}
-        cond = constants.get(node.input[0])
+                    if a.type == onnx.AttributeProto.GRAPH and (cond is None or a.name == _taken(cond))}
+        cond = constants.get(node.output[0]) if node.output[0] in constants else constants.get(node.input[0])
         if cond is not None:
-            chosen = "then_branch" if bool(onnx.numpy_helper.to_array(cond).reshape(-1)[0]) else "else_branch"
-            notes.append(f"{what}: the {chosen.split('_')[0]} branch runs (constant condition)")
+            chosen = _taken(cond)
+            how = "constant condition" if node.input[0] in constants else "condition computed from the resolved inputs"
+            notes.append(f"{what}: the {chosen.split('_')[0]} branch runs ({how})")
             return branches.get(chosen, 0)
         larger = max(branches, key=branches.get) if branches else ""
         if len(set(branches.values())) > 1:
@@ -226,6 +396,10 @@ def _control_flow_macs(node: onnx.NodeProto, shapes: dict, constants: dict, note
             return body
         return body * int(length)
     return body
+
+
+def _taken(cond: onnx.TensorProto) -> str:
+    return "then_branch" if bool(onnx.numpy_helper.to_array(cond).reshape(-1)[0]) else "else_branch"
 
 
 def _macs(node: onnx.NodeProto, shapes: dict[str, list[int | None]]) -> int:

@@ -6,6 +6,12 @@ Conv, ConvTranspose, Gemm or MatMul (directly or through Identity/Cast/Transpose
 reduced along the last axis; the bias ``B`` stays dense), or, opt-in, the data input of an
 embedding ``Gather``. A weight shared by several layers is
 one :class:`PrunableWeight` with several uses, so it is pruned once, consistently.
+
+A layer whose weight is *assembled* from stored tensors by ops that only move entries (constant ``Slice``,
+``Concat``, ``Unsqueeze``, ``Squeeze``, ``Reshape``, ``Transpose``, ``Flatten``; e.g. an LSTM cell exported as
+per-gate Slices of ``weight_ih``) reads a :class:`WeightView`: it is scored and grouped along that layer's own
+input axis, and the entries it zeroes are zeroed in the source tensors. Where blocks overlap (one stored entry read
+at two positions, or by two layers), the zeros are the union of the uses' masks.
 """
 
 from __future__ import annotations
@@ -16,7 +22,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from ..model import GraphIndex, Weight, build_indexes, get_attr
+from ..model import PASS_THROUGH_OPS, GraphIndex, Weight, build_indexes, get_attr
+from .cost import evaluate_node
+
+#: ops that only move a constant's entries: a layer weight computed from stored tensors through them is a view
+MOVE_OPS = {"Slice", "Concat", "Unsqueeze", "Squeeze", "Reshape", "Transpose", "Flatten"}
 
 
 @dataclass
@@ -31,10 +41,121 @@ class WeightUse:
 
 
 @dataclass
+class WeightView:
+    """A layer's weight assembled from stored tensors by :data:`MOVE_OPS`: ``index`` (the assembled shape) holds,
+    per entry, its position in the flattened ``sources`` laid end to end."""
+
+    name: str  # the tensor the layer reads
+    sources: list[Weight]
+    index: np.ndarray
+    kind: str = "sliced"
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(int(d) for d in self.index.shape)
+
+    @property
+    def size(self) -> int:
+        return int(self.index.size)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.sources[0].dtype
+
+    @property
+    def is_float(self) -> bool:
+        return all(source.is_float for source in self.sources)
+
+    @property
+    def overlapping(self) -> bool:
+        """Some stored entry appears at two positions of the view."""
+        return len(np.unique(self.index)) != self.index.size
+
+    def _flat(self) -> np.ndarray:
+        return np.concatenate([source.array().reshape(-1) for source in self.sources])
+
+    def array(self) -> np.ndarray:
+        return self._flat()[self.index]
+
+    def set_array(self, values: np.ndarray) -> None:
+        """Write ``values`` back into the sources; where entries overlap, only the zeros (the union of masks)."""
+        flat = self._flat()
+        values = np.asarray(values).reshape(self.index.shape)
+        if self.overlapping:
+            flat[self.index[values == 0]] = 0
+        else:
+            flat[self.index.reshape(-1)] = values.reshape(-1)
+        start = 0
+        for source in self.sources:
+            source.set_array(flat[start:start + source.size].reshape(source.shape))
+            start += source.size
+
+
+def trace_view(model: onnx.ModelProto, index: GraphIndex, name: str, max_nodes: int = 64) -> WeightView | None:
+    """The :class:`WeightView` behind ``name`` when it is computed from stored tensors by :data:`MOVE_OPS` with
+    constant parameters (at least one such op on the way), else None. Index arrays, not values, go through the
+    ops (onnx's reference implementation), so every entry's source position is known."""
+    sources: list[Weight] = []
+    positions: dict[str, np.ndarray] = {}
+    stack, moved = [name], False
+    while stack:
+        current = stack[-1]
+        if current in positions:
+            stack.pop()
+            continue
+        weight = index.lookup_weight(current)
+        if weight is not None:
+            offset = sum(s.size for s in sources)
+            sources.append(weight)
+            positions[current] = offset + np.arange(weight.size, dtype=np.int64).reshape(weight.shape)
+            stack.pop()
+            continue
+        node = index.producer.get(current)
+        if node is None or node.op_type not in MOVE_OPS | PASS_THROUGH_OPS or len(positions) > max_nodes:
+            return None
+        data = _data_inputs(node)
+        missing = [i for i in data if i not in positions]
+        if missing:
+            stack.extend(missing)
+            continue
+        value = _moved(model, index, node, data, positions)
+        if value is None:
+            return None
+        moved |= node.op_type in MOVE_OPS
+        positions[current] = value
+        stack.pop()
+    if not moved or not sources or len({s.dtype for s in sources}) > 1:
+        return None
+    return WeightView(name, sources, positions[name])
+
+
+def _data_inputs(node: onnx.NodeProto) -> list[str]:
+    """The inputs whose entries an entry-moving op moves (the rest are its constant parameters)."""
+    if node.op_type == "Concat":
+        return [i for i in node.input if i]
+    return [node.input[0]]
+
+
+def _moved(model, index: GraphIndex, node: onnx.NodeProto, data: list[str], positions: dict) -> np.ndarray | None:
+    """``node`` applied to the position arrays of its data inputs (parameters read as constants)."""
+    if node.op_type in PASS_THROUGH_OPS:
+        return positions[data[0]]
+    known = {name: positions[name] for name in data}
+    for name in node.input:
+        if name and name not in known:
+            weight, chain = index.resolve(name)
+            if weight is None or chain:
+                return None
+            known[name] = weight.array()
+    value = evaluate_node(model, node, known)
+    return None if value is None or value.dtype != np.int64 else value
+
+
+@dataclass
 class PrunableWeight:
     """A weight with every layer that reads it."""
 
-    weight: Weight
+    weight: Weight | WeightView
     uses: list[WeightUse] = field(default_factory=list)
     order: int = 0  # topological position of its first reader (main graph), for first/last
     in_subgraph: bool = False
@@ -107,16 +228,19 @@ def find_prunable_weights(model: onnx.ModelProto) -> list[PrunableWeight]:
     found: dict[int, PrunableWeight] = {}
     indexes = build_indexes(model)
     for depth, index in enumerate(indexes):
-        _collect(index, found, in_subgraph=depth > 0)
+        _collect(model, index, found, in_subgraph=depth > 0)
     return sorted(found.values(), key=lambda p: (p.in_subgraph, p.order, p.name))
 
 
-def _collect(index: GraphIndex, found: dict[int, PrunableWeight], *, in_subgraph: bool) -> None:
+def _collect(model: onnx.ModelProto, index: GraphIndex, found: dict, *, in_subgraph: bool) -> None:
     for position, node in enumerate(index.graph.node):
         for slot, name in enumerate(node.input):
             if not name or slot > (2 if node.op_type in RECURRENT_GATES else 1):
                 continue
             weight, chain = index.resolve(name)
+            if weight is None and node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul", *RECURRENT_GATES) \
+                    and slot >= 1:
+                weight, chain = trace_view(model, index, name), []
             if weight is None or not weight.is_float or len(weight.shape) < 2:
                 continue
             # A MatMul/Gemm with two constant inputs is constant folding, not a layer.
@@ -129,10 +253,11 @@ def _collect(index: GraphIndex, found: dict[int, PrunableWeight], *, in_subgraph
                 continue
             role, axis = role_axis
             axis = _map_axis_through_chain(axis, chain, len(weight.shape))
-            entry = found.get(id(weight.tensor))
+            key = id(weight.tensor) if isinstance(weight, Weight) else (id(node), slot)
+            entry = found.get(key)
             if entry is None:
                 entry = PrunableWeight(weight=weight, order=position, in_subgraph=in_subgraph)
-                found[id(weight.tensor)] = entry
+                found[key] = entry
             entry.uses.append(WeightUse(node=node, slot=slot, role=role, reduction_axis=axis, position=position))
 
 

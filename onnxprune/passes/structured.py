@@ -9,6 +9,7 @@ channels zeroed in every consumer weight, shapes untouched.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -19,9 +20,10 @@ from ..analysis.groups import Analysis, ChannelGroup, analyse, build_groups, com
 from ..compensation import fold_removed_constants, reconstruct
 from ..config import PruneConfig
 from ..errors import UsageError
-from ..model import build_indexes, count_params, get_attr, iter_graphs
+from ..model import count_params
 from ..scoring import unit_scores
 from .manager import PassContext
+from .subgraphs import WEIGHT_CRITERIA, Scope, scopes, write_back
 
 
 def group_overrides(groups: list[ChannelGroup], config: PruneConfig) -> dict[int, float]:
@@ -246,57 +248,95 @@ def describe_groups(model: onnx.ModelProto, input_shapes: dict[str, list[int]] |
     prepare_for_analysis(copy)
     analysis = analyse(copy, input_shapes)
     groups = build_groups(analysis)
+    sub_groups, sub_frozen = subgraph_entries(copy, input_shapes)
     return {
         "groups": [{"id": g.id, "channels": g.channels, "prunable": len(g.units), "ops": g.ops,
-                    "producers": [s.node.name for s in g.spaces]} for g in groups if g.units],
-        "frozen": _frozen_entries(groups) + subgraph_entries(copy),
+                    "producers": [s.node.name for s in g.spaces]} for g in groups if g.units] + sub_groups,
+        "frozen": _frozen_entries(groups) + sub_frozen,
     }
 
 
-#: ops whose output channels structured pruning removes in the main graph
-_LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "LSTM", "GRU", "RNN")
+def subgraph_entries(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None,
+                     config: PruneConfig | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Prunable groups and frozen entries of every If/Loop/Scan subgraph holding layers (each its own scope, see
+    :mod:`subgraphs`), on a copy: what ``inspect`` shows and the structured pass would analyse."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    groups, frozen = [], []
+    for scope in scopes(copy, input_shapes):
+        analysis, scope_groups, why = _analyse_scope(scope, config or PruneConfig(structured=True))
+        if analysis is None:
+            frozen.append(_scope_frozen(scope, why))
+            continue
+        groups.extend({"id": f"{scope.where} #{g.id}", "channels": g.channels, "prunable": len(g.units),
+                       "ops": g.ops, "producers": [s.node.name for s in g.spaces]} for g in scope_groups if g.units)
+        if not any(g.units for g in scope_groups):
+            frozen.append(_scope_frozen(scope, _why_nothing(scope_groups)))
+        frozen.extend({**f, "id": f"{scope.where} #{f['id']}"} for f in _frozen_entries(scope_groups))
+    return groups, frozen
 
 
-def subgraph_entries(model: onnx.ModelProto) -> list[dict[str, Any]]:
-    """One frozen entry per If/Loop/Scan subgraph holding layers: structured pruning leaves subgraphs alone
-    (their channels would have to change consistently in every branch and at the node's outputs)."""
-    entries = []
-    index = build_indexes(model)[0]
-    for node in model.graph.node:
-        for attr in node.attribute:
-            subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
-            for k, sub in enumerate(subs):
-                layers = [n for g in iter_graphs(sub) for n in g.node if n.op_type in _LAYER_OPS]
-                if not layers:
-                    continue
-                where = f"{node.op_type} {node.name!r} {attr.name}" + (f"[{k}]" if len(subs) > 1 else "")
-                entries.append({"id": where, "channels": sum(_layer_width(index, n, sub) for n in layers),
-                                "ops": sorted({n.op_type for n in layers}), "producers": [n.name for n in layers],
-                                "reason": f"{len(layers)} layer(s) inside the {where} subgraph: structured pruning "
-                                          "does not edit control-flow subgraphs (unstructured pruning reaches them)"})
-    return entries
+def _analyse_scope(scope: Scope, cfg: PruneConfig) -> tuple[Analysis | None, list[ChannelGroup], str]:
+    """Channel groups of one subgraph scope; outer weights that other graphs read too are frozen."""
+    if scope.skipped:
+        return None, [], scope.skipped
+    prepare_for_analysis(scope.wrapper)
+    analysis = analyse(scope.wrapper, scope.shapes or None, cfg.exclude, cfg.prune_layernorm, cfg.overrides)
+    for edit in analysis.edits:
+        if edit.weight.name in scope.shared:
+            analysis.freeze(edit.ids, f"outer-scope weight {edit.weight.name!r} is also read outside {scope.where}")
+    return analysis, build_groups(analysis), ""
 
 
-def _layer_width(index, node: onnx.NodeProto, sub: onnx.GraphProto) -> int:
-    """Output channels of a layer inside a subgraph (0 when its weight is not a constant in reach)."""
-    if node.op_type in ("LSTM", "GRU", "RNN"):
-        return int(get_attr(node, "hidden_size", 0) or 0)
-    names = {i.name: i for g in iter_graphs(sub) for i in g.initializer}
-    names.update({n.output[0]: n.attribute[0].t for g in iter_graphs(sub) for n in g.node
-                  if n.op_type == "Constant" and n.output and n.attribute and n.attribute[0].HasField("t")})
-    tensor = names.get(node.input[1]) if len(node.input) > 1 else None
-    weight = tensor.dims if tensor is not None else (index.lookup_weight(node.input[1]).shape
-                                                      if len(node.input) > 1 and index.lookup_weight(node.input[1])
-                                                      else None)
-    if not weight or len(weight) < 2:
-        return 0
-    if node.op_type == "Conv":
-        return int(weight[0])
-    if node.op_type == "ConvTranspose":
-        return int(weight[1]) * int(get_attr(node, "group", 1))
-    if node.op_type == "Gemm":
-        return int(weight[0] if get_attr(node, "transB", 0) else weight[1])
-    return int(weight[-1])
+def _why_nothing(groups: list[ChannelGroup]) -> str:
+    """Why a scope has no removable unit: its frozen reasons, most frequent first."""
+    reasons: dict[str, int] = {}
+    for g in groups:
+        for _, reason in g.frozen_units:
+            reasons[reason] = reasons.get(reason, 0) + 1
+    if not reasons:
+        return "no layer with a constant weight produces channels here"
+    ranked = sorted(reasons, key=lambda r: -reasons[r])
+    return ranked[0] + (f" (and {len(ranked) - 1} more reasons)" if len(ranked) > 1 else "")
+
+
+def _scope_frozen(scope: Scope, why: str) -> dict[str, Any]:
+    return {"id": scope.where, "channels": 0, "ops": [], "producers": scope.layers,
+            "reason": f"{len(scope.layers)} layer(s) inside the {scope.where} subgraph, none removed: {why}"}
+
+
+def prune_subgraphs(model: onnx.ModelProto, cfg: PruneConfig, input_shapes: dict[str, list[int]] | None,
+                    log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Structured pruning in every If/Loop/Scan subgraph scope, innermost first. Returns the group stats, frozen
+    entries and one line per scope (pruned, or why not)."""
+    stats, frozen, lines, total = [], [], [], 0
+    criterion = cfg.criterion if cfg.criterion in WEIGHT_CRITERIA else "l1"
+    for scope in scopes(model, input_shapes):
+        analysis, groups, why = _analyse_scope(scope, cfg)
+        if analysis is None:
+            frozen.append(_scope_frozen(scope, why))
+            lines.append({"subgraph": scope.where, "removed": 0, "reason": why})
+            continue
+        total += sum(g.channels for g in groups)
+        keep = allocate_safe(analysis, groups, unit_scores(analysis, groups, criterion, cfg.seed), cfg)
+        scope_stats = StructuredPrunePass._group_stats(analysis, groups, keep,
+                                                       node_macs(scope.wrapper, shapes=analysis.shapes))
+        frozen.extend({**f, "id": f"{scope.where} #{f['id']}"} for f in _frozen_entries(groups))
+        why = "" if not keep.all() else ("the requested share rounds to no unit of its groups"
+                                          if any(g.units for g in groups) else _why_nothing(groups))
+        if not keep.all():
+            remove(analysis, keep)
+            why = write_back(scope) or ""
+        removed = 0 if why else sum(g["channels_before"] - g["channels_after"] for g in scope_stats)
+        if why:
+            frozen.append(_scope_frozen(scope, why))
+        else:
+            stats.extend({**g, "id": f"{scope.where} #{g['id']}", "subgraph": scope.where} for g in scope_stats)
+            if log is not None:
+                log(f"{scope.where}: removed {removed} channels")
+        lines.append({"subgraph": scope.where, "removed": removed, "reason": why,
+                      **({"criterion": criterion} if criterion != cfg.criterion else {})})
+    return {"groups": stats, "frozen": frozen, "subgraphs": lines, "channels_total": total}
 
 
 def _frozen_entries(groups: list[ChannelGroup]) -> list[dict[str, Any]]:
@@ -398,7 +438,7 @@ class StructuredPrunePass:
         else:
             scores = unit_scores(analysis, groups, cfg.criterion, cfg.seed, energy)
         keep = allocate_safe(analysis, groups, scores, cfg)
-        macs_before = node_macs(model, shapes=analysis.shapes)
+        macs_before = node_macs(model, shapes, shapes=analysis.shapes)
         params_before = count_params(model)[0]
         group_stats = self._group_stats(analysis, groups, keep, macs_before)
         folded = reconstruction = None
@@ -423,12 +463,15 @@ class StructuredPrunePass:
         if reconstruction is None:
             ctx.log("removing channels")
             remove(analysis, keep)
-        macs_after = node_macs(model, shapes=complete_shapes(model, shapes))
+        sub = prune_subgraphs(model, cfg, shapes, ctx.log)
+        group_stats += sub["groups"]
+        macs_after = node_macs(model, shapes, shapes=complete_shapes(model, shapes))
         params_after = count_params(model)[0]
-        frozen = _frozen_entries(groups) + subgraph_entries(model)
-        total = sum(g.channels for g in groups) + sum(f["channels"] for f in frozen if isinstance(f["id"], str))
+        frozen = _frozen_entries(groups) + sub["frozen"]
+        total = sum(g.channels for g in groups) + sub["channels_total"]
         return {
-            "changed": not keep.all(),
+            "changed": not keep.all() or any(line["removed"] for line in sub["subgraphs"]),
+            "subgraphs": sub["subgraphs"],
             "criterion": cfg.criterion,
             "scope": cfg.scope,
             "target_sparsity": cfg.sparsity,

@@ -285,6 +285,8 @@ class MagnitudePrunePass:
                     **_scoring_note(target, cfg.criterion, target.name in norms),
                     "weight": target.name,
                     "kind": target.weight.kind,
+                    **({"sources": [source.name for source in target.weight.sources]}
+                       if target.weight.kind == "sliced" else {}),
                     "layers": target.node_names(),
                     "ops": sorted({u.node.op_type for u in target.uses}),
                     "shape": list(target.weight.shape),
@@ -296,8 +298,8 @@ class MagnitudePrunePass:
                 })
         reconstruction = None
         if original is not None:
-            layers = [item.uses[0].node for item in items
-                      if len(item.uses) == 1 and item.uses[0].slot == 1 and item.uses[0].role != "recurrent"]
+            layers = [item.uses[0].node for item in items if len(item.uses) == 1 and item.uses[0].slot == 1
+                      and item.uses[0].role != "recurrent" and item.weight.kind != "sliced"]
             ctx.log(f"refitting the kept weights of {len(layers)} layers by least squares on calibration data")
             reconstruction = reconstruct_sparse(original, ctx.model, layers, ctx.state["calibration"])
             del original
