@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime
 from onnx import numpy_helper
 
 from .model import GraphIndex, get_attr
@@ -94,8 +95,6 @@ def default_dynamic_dim(axis: int) -> int:
 def _symbolic_shape_inference_class():
     """onnxruntime's SymbolicShapeInference, loaded from its file: the ``onnxruntime.tools`` package
     imports torch when it is installed, which the runtime path must not pay for."""
-    import onnxruntime
-
     path = Path(onnxruntime.__file__).parent / "tools" / "symbolic_shape_infer.py"
     spec = importlib.util.spec_from_file_location("onnxprune._ort_symbolic_shape_infer", path)
     module = importlib.util.module_from_spec(spec)

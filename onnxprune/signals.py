@@ -1,7 +1,8 @@
-"""The console-script entry point: signal handling installed before any heavy import, and the test pause hook.
+"""Signal handling for the command, and the test pause hook (standard library only).
 
-This module imports only the standard library, so that Ctrl-C or SIGTERM at any moment (even while numpy,
-onnx and onnxruntime are still being imported) ends the process with exit code 130 and one line on stderr.
+:mod:`onnxprune.entry` installs these handlers before any heavy import, so that Ctrl-C or SIGTERM at any moment
+(even while numpy, onnx and onnxruntime are still being imported) ends the process with exit code 130 and one line
+on stderr.
 
 Signals pass through three states:
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -61,8 +63,6 @@ def install_raise_handlers() -> None:
 @contextmanager
 def held_signals() -> Iterator[None]:
     """Defer SIGINT/SIGTERM until the block is done, then deliver the first one to the previous handler."""
-    import threading
-
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -89,13 +89,3 @@ def checkpoint(stage: str) -> None:
     deadline = time.monotonic() + PAUSE_LIMIT_S
     while os.path.exists(path) and time.monotonic() < deadline:
         time.sleep(0.01)
-
-
-def main() -> None:
-    """``onnxprune``: install the signal handlers, then import and run the command-line interface."""
-    install_exit_handlers()
-    checkpoint("start")
-    from .cli import main as cli_main
-
-    checkpoint("import")
-    cli_main()
