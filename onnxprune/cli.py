@@ -14,6 +14,7 @@ import click
 from . import __version__
 from . import sensitivity as sens
 from .accuracy import load_eval_data
+from .analysis.registry import raise_rule_errors
 from .api import gate_error, prune, refuse_non_finite
 from .calibration import load_calibration
 from .config import PruneConfig, ValidateConfig, parse_input_shape
@@ -73,6 +74,7 @@ class _Display:
 def run_guarded(debug: bool, body) -> None:
     """Run ``body``; map errors to one line on stderr and their exit code (130 for SIGINT/SIGTERM)."""
     previous = {sig: signal.getsignal(sig) for sig in SIGNALS}
+    raise_rule_errors(debug)  # --debug: a failing op rule stops the run with its traceback
     COMMITTED.clear()
     install_raise_handlers()
     try:
@@ -95,6 +97,7 @@ def run_guarded(debug: bool, body) -> None:
                    "report it with the output of the same command with --debug", err=True)
         sys.exit(1)
     finally:
+        raise_rule_errors(False)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 

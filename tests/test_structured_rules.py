@@ -537,16 +537,19 @@ def test_layernorm_over_channels_approximate_option():
     assert details["macs_after"] < frozen.to_dict()["passes"][0]["details"]["macs_after"]
 
 
-def test_a_failing_rule_freezes_instead_of_crashing(monkeypatch):
-    from onnxprune.analysis import rules
+def test_a_failing_rule_freezes_as_an_internal_error(monkeypatch):
+    """Outside tests and --debug (tests/test_rule_errors.py) a rule's bug freezes its channels, named as a bug."""
+    from onnxprune.analysis import registry
 
     def broken(a, node):
         raise IndexError("boom")
 
-    monkeypatch.setitem(rules.RULES, "Relu", broken)
+    monkeypatch.setitem(registry.RULES, "Relu", broken)
+    monkeypatch.delenv(registry.RAISE_ENV)
     g = G()
     model = g.head(g.op("Relu", [g.x]), C)
-    assert any("no rule could follow the channels (IndexError: boom)" in r for r in frozen_reasons(model))
+    assert any(r.startswith("internal error in rule broken at Relu") and "(IndexError: boom)" in r
+               for r in frozen_reasons(model))
     oracle(model)
 
 

@@ -21,7 +21,7 @@ import onnx
 
 from ..model import Weight, build_indexes
 from ..shapes import skeleton, symbolic_inference
-from .registry import Analysis, Annotation, Freeze, Space, WeightEdit  # noqa: F401 - re-exported
+from .registry import Analysis, Annotation, Freeze, Space, WeightEdit, rule_error  # noqa: F401 - re-exported
 from .rules import CUSTOM_PRODUCERS, RULES, producer_rule
 
 #: Ops whose output has the shape of input 0 (used where onnx shape inference gives up, e.g. GroupNormalization-21).
@@ -209,10 +209,9 @@ def analyse(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = 
                 rule(analysis, node)
             else:
                 producer_rule(analysis, node)
-        except Exception as exc:  # noqa: BLE001 - unknown means frozen: a rule that fails never crashes the run
+        except Exception as exc:  # noqa: BLE001 - unknown means frozen; a rule's own failure is named as a bug
             if not isinstance(exc, Freeze):
-                exc = Freeze(f"{node.op_type} {node.name!r}: no rule could follow the channels "
-                             f"({type(exc).__name__}: {exc})")
+                exc = rule_error(node, exc, bool(annotated))
             del analysis.edits[snapshot[1]:], analysis.node_edits[snapshot[2]:]
             analysis.freeze(np.arange(snapshot[0], analysis.num_channels), str(exc))
             for name in annotated:

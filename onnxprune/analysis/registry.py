@@ -8,6 +8,7 @@ ids); :class:`Freeze` is what a rule raises when channels must stay; :func:`rule
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -149,6 +150,27 @@ class Analysis:
 Rule = Callable[[Analysis, onnx.NodeProto], None]
 RULES: dict[str, Rule] = {}
 DESCRIPTIONS: dict[str, str] = {}
+
+
+#: tests set this environment variable to 1 (tests/conftest.py): exceptions in rules propagate
+RAISE_ENV = "ONNXPRUNE_RAISE_RULE_ERRORS"
+_raise_rule_errors = [False]
+
+
+def raise_rule_errors(on: bool = True) -> None:
+    """Let exceptions in rules propagate instead of freezing the channels (``--debug``)."""
+    _raise_rule_errors[0] = on
+
+
+def rule_error(node: onnx.NodeProto, exc: Exception, annotated: bool) -> Freeze:
+    """A rule that raised anything but :class:`Freeze` has a bug: re-raise it under ``--debug`` and in tests
+    (:data:`RAISE_ENV`); otherwise freeze the channels with a reason that says so, which the report lists."""
+    if _raise_rule_errors[0] or os.environ.get(RAISE_ENV) == "1":
+        raise exc
+    key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
+    name = getattr(RULES.get(key), "__name__", key) if annotated else "producer_rule"
+    return Freeze(f"internal error in rule {name} at {node.op_type} {node.name!r} ({type(exc).__name__}: {exc}); "
+                  "please report it with the output of the same command with --debug")
 
 
 def rule(*ops: str, does: str):
