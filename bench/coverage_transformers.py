@@ -153,7 +153,8 @@ def check(path: Path) -> dict:
     import onnxruntime as ort
 
     import onnxprune
-    from onnxprune.analysis.oracle import list_groups, mask_model, random_choice, relative_error, remove_model
+    sys.path.insert(0, str(HERE.parent))
+    from tests.oracle import list_groups, masked_and_removed, random_choice, relative_error
 
     def run(model, feed):
         return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)
@@ -172,7 +173,7 @@ def check(path: Path) -> dict:
         "frozen_heads_because": sorted({g["frozen"][0][:160] for g in heads + attention
                                         if not g["prunable"] and g["frozen"]})}
     choice = random_choice(model, 0.5, 0)
-    masked, removed = mask_model(model, choice), remove_model(model, choice)
+    masked, removed = masked_and_removed(model, choice)
     onnx.checker.check_model(removed, full_check=True)
     row["oracle_rel_l2"] = max(relative_error(run(masked, feeds(model, b, s)), run(removed, feeds(model, b, s)))
                                for b, s in shapes)

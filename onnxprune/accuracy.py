@@ -7,7 +7,8 @@ from typing import Any
 import numpy as np
 
 from .errors import InputDataError
-from .validate import InputSpec, ModelSource, load_data
+from .feeds import InputSpec, load_data, split_samples
+from .sessions import ModelSource
 
 
 def load_eval_data(path: str, specs: list[InputSpec]) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -28,11 +29,8 @@ def load_eval_data(path: str, specs: list[InputSpec]) -> tuple[dict[str, np.ndar
 
 def _logits(source: ModelSource, inputs: dict[str, np.ndarray], batch: int, fixed_batch: bool) -> np.ndarray:
     session = source.session("CPUExecutionProvider", threads=2)
-    count = len(next(iter(inputs.values())))
-    step = 1 if fixed_batch else batch
     chunks = []
-    for start in range(0, count, step):
-        feed = {name: arr[start:start + step] for name, arr in inputs.items()}
+    for feed in split_samples(inputs, dict.fromkeys(inputs, 0), 1 if fixed_batch else batch):
         out = session.run(None, feed)[0]
         chunks.append(out.reshape(out.shape[0], -1))
     return np.concatenate(chunks)

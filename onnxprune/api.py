@@ -9,15 +9,20 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 
 from . import __version__
+from .accuracy import load_eval_data
 from .analysis.cost import total_macs
+from .analysis.rules import RULES
+from .analysis.weights import find_prunable_weights
+from .calibration import ImagePreprocess, load_calibration
 from .config import PruneConfig, ValidateConfig
-from .entry import checkpoint
 from .errors import GateFailedError, InputDataError, InvalidModelError, OnnxPruneError, UnsupportedError, UsageError
-from .feeds import batch_axes, describe_resolution, resolve_inputs
+from .feeds import batch_axes, describe_resolution, input_specs, prepare_feeds, resolve_inputs, split_samples
 from .model import (
+    EXTERNAL_DATA_THRESHOLD,
     PROTOBUF_LIMIT,
     LoadedModel,
     check_external_locations,
@@ -25,17 +30,22 @@ from .model import (
     check_model,
     check_output_path,
     count_params,
+    iter_graphs,
     load_model,
     save_model,
     tensor_bytes,
 )
 from .outputs import OutputGuard
 from .passes.manager import PassContext, PassManager, PassResult
+from .passes.structured import StructuredPrunePass, prepare_for_analysis
 from .passes.unstructured import MagnitudePrunePass
+from .quantize import quantize_file
 from .report import caveats
+from .sensitivity import allocate_for_target, measure
+from .sessions import ModelSource
+from .signals import checkpoint
 from .validate import (
     LOW_COSINE,
-    ModelSource,
     ValidationUnavailable,
     check_gates,
     check_providers,
@@ -43,10 +53,8 @@ from .validate import (
     describe_nonfinite,
     file_sizes,
     holdout,
-    input_specs,
     model_files,
     not_validated,
-    prepare_feeds,
     release_memory,
     run_validation,
 )
@@ -92,8 +100,6 @@ class PruneResult:
 
 def build_passes(config: PruneConfig) -> list:
     """The pipeline the options ask for (the CLI and the API share it)."""
-    from .passes.structured import StructuredPrunePass
-
     methods = {"structured" if config.structured else "unstructured"}
     methods |= {entry["method"] for entry in config.overrides if "method" in entry}
     passes: list = []
@@ -174,8 +180,6 @@ def prune(
                     raise
                 unavailable = str(exc)
         if vcfg.eval_data:
-            from .accuracy import load_eval_data
-
             load_eval_data(vcfg.eval_data, input_specs(loaded.model))
         original_stats = _model_stats(loaded.model)
         if input_path is not None:
@@ -222,15 +226,14 @@ def prune(
     if quantize:
         if output_path is None:
             raise UsageError("--quantize needs an output file")
-        from .quantize import quantize_file, split_batches
-
         log(f"quantizing ({quantize})")
         start = time.perf_counter()
         calibration = []
         if quantize == "static":
             feed = feeds[0] if feeds else prepare_feeds(loaded.model, vcfg)[0]
             batch_one = any(spec.shape and spec.shape[0] == 1 for spec in input_specs(loaded.model))
-            calibration = list(feed) if isinstance(feed, list) else split_batches(feed, batch_one)
+            calibration = list(feed) if isinstance(feed, list) else (
+                split_samples(feed, dict.fromkeys(feed, 0), 1) if batch_one else [feed])
             if not feeds or feeds[1].get("source") == "synthetic":
                 result.warnings.append("static quantization calibrated on synthetic inputs; give --data for real ones")
         result.quantization = quantize_file(output_path, quantize, calibration, bool(external_data))
@@ -273,8 +276,6 @@ def _input_shapes(model: onnx.ModelProto, vcfg: ValidateConfig, feeds, path: Pat
 
 def _load_calibration(model: onnx.ModelProto, config: PruneConfig, log: Callable[[str], None]) -> list:
     """``--calibration-data`` as checked feed batches (images preprocessed as the options say)."""
-    from .calibration import ImagePreprocess, load_calibration
-
     log(f"reading calibration data {config.calibration_data}")
     pre = ImagePreprocess(tuple(config.image_size) if config.image_size else None, tuple(config.image_mean),
                           tuple(config.image_std), config.image_layout, config.image_channels)
@@ -362,17 +363,12 @@ def _as_batches(feed) -> list[dict]:
 def _allocate_for_target(model: onnx.ModelProto, config: PruneConfig, calibration, vcfg: ValidateConfig, feeds,
                          shapes: dict[str, list[int]], log: Callable[[str], None]) -> dict[str, Any]:
     """Measure each group's sensitivity, pick per-group ratios for the target, write them as overrides."""
-    from .passes.structured import prepare_for_analysis
-    from .sensitivity import allocate_for_target, measure
-
     prepare_for_analysis(model)  # what the structured pass analyses, so group ids and heads agree
 
     samples = list(calibration or [])[:4] or (
         _as_batches(feeds[0]) if feeds else [prepare_feeds(model, replace(vcfg, input_shapes=shapes))[0]])
     labels = None
     if vcfg.eval_data:  # with labels, lost top-1 breaks ties between equally faithful allocations
-        from .accuracy import load_eval_data
-
         inputs, labels = load_eval_data(vcfg.eval_data, input_specs(model))
         samples = [{name: arr[:256] for name, arr in inputs.items()}]
         labels = labels[:256]
@@ -402,8 +398,6 @@ def _check_data_files(loaded: LoadedModel, output: Path, external_data: bool | N
     Returns whether external data will be written (``None``: when the input has external data or its tensors
     reach the automatic threshold), decided here so the data file is checked before any work.
     """
-    from .model import EXTERNAL_DATA_THRESHOLD
-
     if external_data is None:
         external_data = loaded.has_external_data or tensor_bytes(loaded.model) >= EXTERNAL_DATA_THRESHOLD
     guard.protect(loaded.path, "input model")
@@ -418,10 +412,6 @@ def _check_data_files(loaded: LoadedModel, output: Path, external_data: bool | N
 
 def refuse_non_finite(model: onnx.ModelProto) -> None:
     """A prunable weight holding NaN or infinity is refused (exit 4): magnitude ranking on it is undefined."""
-    import numpy as np
-
-    from .analysis.weights import find_prunable_weights
-
     for item in find_prunable_weights(model):
         if not np.isfinite(item.weight.array()).all():
             raise InvalidModelError(f"weight {item.name!r} holds NaN or infinite values: pruning by magnitude is "
@@ -440,8 +430,6 @@ def _refuse_fused_heads(model: onnx.ModelProto, config: PruneConfig) -> None:
     """
     if not (config.structured and config.head_sparsity > 0):
         return
-    from .analysis.rules import RULES
-
     for node in model.graph.node:
         if node.op_type in FUSED_ATTENTION and f"{node.domain}::{node.op_type}" not in RULES:
             domain = node.domain or "ai.onnx"
@@ -451,9 +439,6 @@ def _refuse_fused_heads(model: onnx.ModelProto, config: PruneConfig) -> None:
 
 def _refuse_quantized(model: onnx.ModelProto, config: PruneConfig) -> None:
     """Structured pruning of a quantized graph, or unstructured with no float weight left, is refused."""
-    from .analysis.weights import find_prunable_weights
-    from .model import iter_graphs
-
     found = sorted({n.op_type for g in iter_graphs(model.graph) for n in g.node if n.op_type in QUANTIZED_OPS})
     if not found:
         return

@@ -18,39 +18,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from .analysis.groups import _free_names
 from .errors import InputDataError
-from .feeds import ORT_TYPES, InputSpec, batch_axes, input_specs, sample_count, take_samples
-
-
-def _check_feed(feed: dict[str, np.ndarray], specs: list[InputSpec], where: str) -> dict[str, np.ndarray]:
-    names = {s.name for s in specs}
-    missing, extra = sorted(names - feed.keys()), sorted(feed.keys() - names - {"labels"})
-    if missing or extra:
-        raise InputDataError(f"calibration data {where}: names do not match the model inputs"
-                             + (f"; missing {', '.join(missing)}" if missing else "")
-                             + (f"; unknown {', '.join(extra)}" if extra else ""))
-    out, axes = {}, batch_axes(specs)
-    for spec in specs:
-        arr = np.asarray(feed[spec.name])
-        want = ORT_TYPES.get(spec.type)
-        if want is not None and arr.dtype != np.dtype(want):
-            raise InputDataError(f"calibration data {where}: {spec.name} has dtype {arr.dtype}, expected {np.dtype(want)}")
-        if arr.ndim != len(spec.shape) or any(isinstance(d, int) and d > 0 and d != s and i != axes[spec.name]
-                                              for i, (d, s) in enumerate(zip(spec.shape, arr.shape))):
-            raise InputDataError(f"calibration data {where}: {spec.name} has shape {list(arr.shape)}, "
-                                 f"the model expects {spec.shape}")
-        out[spec.name] = arr
-    return out
-
-
-def _batches(feed: dict[str, np.ndarray], batch: int, axes: dict[str, int | None],
-             fixed_one: bool) -> Iterator[dict[str, np.ndarray]]:
-    """Split one checked feed into batches along each input's sample axis (:func:`batch_axes`)."""
-    count = sample_count(feed, axes)
-    step = 1 if fixed_one else batch
-    for start in range(0, count, step):
-        yield take_samples(feed, axes, start, min(start + step, count))
-
+from .feeds import InputSpec, batch_axes, check_feed, input_specs, split_samples
+from .sessions import session_with_outputs
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm")
 
@@ -120,8 +91,8 @@ def load_calibration(source: str | os.PathLike | Iterable[dict[str, np.ndarray]]
     else:
         raw = list(source)
     for i, feed in enumerate(raw):
-        checked = _check_feed(feed, specs, str(source) if isinstance(source, (str, os.PathLike)) else f"item {i}")
-        feeds.extend(_batches(checked, batch, axes, fixed_one))
+        where = f"calibration data {source if isinstance(source, (str, os.PathLike)) else f'item {i}'}"
+        feeds.extend(split_samples(check_feed(feed, specs, where, any_samples=True), axes, 1 if fixed_one else batch))
     if not feeds:
         raise InputDataError("calibration data is empty")
     if limit is not None:
@@ -141,18 +112,6 @@ def _read(path: Path, specs: list[InputSpec]) -> dict[str, np.ndarray]:
         raise InputDataError(f"cannot read calibration file {path}: {exc}") from None
 
 
-def session_with_outputs(model: onnx.ModelProto, names: list[str]) -> ort.InferenceSession:
-    """An onnxruntime session that also returns the intermediate tensors ``names``."""
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    existing = {o.name for o in probe.graph.output}
-    probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names if n not in existing)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor observable
-    return ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
-
-
 class ActivationStream:
     """Runs ``model`` on every feed step by step, computing each node once.
 
@@ -164,8 +123,6 @@ class ActivationStream:
     that have not run yet."""
 
     def __init__(self, model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], budget: int = 1 << 30):
-        from .analysis.groups import _free_names
-
         self.model, self.feeds, self.budget = model, feeds, budget
         self.kept: list[dict[str, np.ndarray]] = [{} for _ in feeds]
         self.producer = {out: node for node in model.graph.node for out in node.output if out}

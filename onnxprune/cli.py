@@ -12,13 +12,22 @@ from pathlib import Path
 import click
 
 from . import __version__
+from . import sensitivity as sens
+from .accuracy import load_eval_data
+from .analysis.registry import raise_rule_errors
 from .api import gate_error, prune, refuse_non_finite
+from .calibration import load_calibration
 from .config import PruneConfig, ValidateConfig, parse_input_shape
-from .entry import COMMITTED, SIGNALS, install_raise_handlers, interrupted_message
 from .errors import EXIT_CODES, OnnxPruneError, UsageError
-from .model import default_output_path
+from .feeds import input_specs, prepare_feeds
+from .inspect import inspect_model, render_inspection
+from .model import default_output_path, load_model
 from .outputs import OutputGuard, write_atomic, write_text_atomic
-from .report import check_report_path, render, write_report
+from .passes.structured import prepare_for_analysis
+from .recipe import applied_recipe, load_recipe, write_recipe
+from .report import render
+from .report_files import check_report_path, write_report
+from .signals import COMMITTED, SIGNALS, install_raise_handlers, interrupted_message
 
 EPILOG = "Exit codes: " + "; ".join(f"{code} {text}" for code, text in sorted(EXIT_CODES.items())) + "; 130 interrupted."
 
@@ -65,6 +74,7 @@ class _Display:
 def run_guarded(debug: bool, body) -> None:
     """Run ``body``; map errors to one line on stderr and their exit code (130 for SIGINT/SIGTERM)."""
     previous = {sig: signal.getsignal(sig) for sig in SIGNALS}
+    raise_rule_errors(debug)  # --debug: a failing op rule stops the run with its traceback
     COMMITTED.clear()
     install_raise_handlers()
     try:
@@ -87,6 +97,7 @@ def run_guarded(debug: bool, body) -> None:
                    "report it with the output of the same command with --debug", err=True)
         sys.exit(1)
     finally:
+        raise_rule_errors(False)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
@@ -191,8 +202,6 @@ def prune_command(model: Path, output: Path | None, force: bool, debug: bool, qu
             "calibration_data": str(opts["calibration_data"]) if opts["calibration_data"] else None,
         }
         if opts["recipe_path"]:
-            from .recipe import load_recipe
-
             for key, value in load_recipe(opts["recipe_path"]).items():
                 source = click_ctx.get_parameter_source(key)
                 if key not in settings or source != click.core.ParameterSource.COMMANDLINE:
@@ -233,8 +242,6 @@ def prune_command(model: Path, output: Path | None, force: bool, debug: bool, qu
         for path in reports:
             write_report(report, path)
         if opts["save_recipe"]:
-            from .recipe import applied_recipe, write_recipe
-
             write_recipe(applied_recipe(report), opts["save_recipe"])
         if not quiet:
             click.echo(render(report, verbose=verbose))
@@ -275,8 +282,6 @@ def inspect_command(model: Path, as_json: bool, input_shape: tuple[str, ...], de
     """Describe MODEL without changing it: prunable weights, groups, params, MACs."""
 
     def body() -> None:
-        from .inspect import inspect_model, render_inspection
-
         shapes = dict(parse_input_shape(spec) for spec in input_shape)
         info = inspect_model(model, shapes)
         click.echo(_dump(info) if as_json else render_inspection(info))
@@ -303,11 +308,6 @@ def sensitivity_command(model: Path, calibration_data: Path | None, eval_data: P
     """Prune each channel group of MODEL alone at several ratios and measure what it costs."""
 
     def body() -> None:
-        from . import sensitivity as sens
-        from .calibration import load_calibration
-        from .model import load_model
-        from .validate import input_specs, prepare_feeds
-
         try:
             values = tuple(float(r) for r in ratios.split(","))
         except ValueError:
@@ -331,8 +331,6 @@ def sensitivity_command(model: Path, calibration_data: Path | None, eval_data: P
         shapes = dict(parse_input_shape(spec) for spec in input_shape)
         labels = None
         if eval_data:
-            from .accuracy import load_eval_data
-
             inputs, labels = load_eval_data(str(eval_data), input_specs(loaded.model))
             feeds = load_calibration([inputs], loaded.model, batch=64)
         elif calibration_data:
@@ -341,8 +339,6 @@ def sensitivity_command(model: Path, calibration_data: Path | None, eval_data: P
             first, info = prepare_feeds(loaded.model, ValidateConfig(input_shapes=shapes), path=model)
             shapes = info["shapes"]  # resolved as prune resolves them; the analysis below uses the same
             feeds = [first, prepare_feeds(loaded.model, ValidateConfig(input_shapes=shapes, seed=1))[0]]
-        from .passes.structured import prepare_for_analysis
-
         prepare_for_analysis(loaded.model)
         result = sens.measure(loaded.model, feeds, config, values, labels, shapes or None, display.log)
         if json_path:

@@ -15,11 +15,12 @@ from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import numpy_helper
 
 from .analysis.groups import Analysis, WeightEdit, analyse
-from .model import PROTOBUF_LIMIT, GraphIndex, get_attr, inference_session, tensor_bytes
+from .calibration import ActivationStream
+from .model import PROTOBUF_LIMIT, GraphIndex, get_attr, tensor_bytes
+from .sessions import create_session, inference_session, session_options, session_with_outputs
 
 
 def zeroed_model(model: onnx.ModelProto, keep: np.ndarray, input_shapes=None,
@@ -158,9 +159,8 @@ def fold_removed_constants(model: onnx.ModelProto, keep: np.ndarray, feeds: list
     if not edits:  # removed channels are exactly zero where they are read (no biases on their path)
         return summary
     names = sorted({e.node.input[0] for e in edits})
-    options = ort.SessionOptions()
-    options.log_severity_level = 4  # a failing run is reported in the summary
-    options.add_session_config_entry("session.disable_prepacking", "1")  # one run: no second copy of the weights
+    # log level 4: a failing run is reported in the summary; no prepacking: one run, no second copy of the weights
+    options = session_options(log_level=4, prepacking=False)
     zeros = _zeroed_producers(analysis, keep)
     if zeros is not None:  # the zeroed model is the model with a few weights swapped: no copy of the rest
         session = inference_session(model, outputs=names, replaced=zeros, options=options)
@@ -171,7 +171,7 @@ def fold_removed_constants(model: onnx.ModelProto, keep: np.ndarray, feeds: list
         zeroed = zeroed_model(model, keep, input_shapes, approximate_layernorm)
         del zeroed.graph.output[:]
         zeroed.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names)
-        session = ort.InferenceSession(zeroed.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        session = create_session(zeroed, options)
     try:
         runs = [dict(zip(names, session.run(names, feed))) for feed in feeds]
     except Exception as exc:  # noqa: BLE001 - e.g. synthetic inputs whose sizes the model does not accept
@@ -321,8 +321,6 @@ def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, layers: list
         live[item.weight.name] = item.weight.array()
         if item.bias is not None:
             live[item.bias.name] = item.bias.array()
-    from .calibration import ActivationStream
-
     done = []
     reference, current = ActivationStream(original, feeds, budget), ActivationStream(pruned, feeds, budget)
     for wave in _waves(pruned, plan):
@@ -516,8 +514,6 @@ def reconstruct_sparse(original: onnx.ModelProto, pruned: onnx.ModelProto, layer
                        feeds: list[dict[str, np.ndarray]], ridge: float = 1e-3) -> dict[str, Any]:
     """Row-wise least squares for zeroed weights: each output row's *kept* weights are refitted so the
     layer's output on ``feeds`` matches the original's; zeros stay zero (the sparsity pattern holds)."""
-    from .calibration import session_with_outputs
-
     done, skipped = [], []
     reference = session_with_outputs(original, [node.output[0] for node in layers])
     index = GraphIndex.build(pruned.graph)

@@ -25,6 +25,7 @@ from onnx import numpy_helper
 from .config import ValidateConfig
 from .errors import InputDataError
 from .model import PROTOBUF_LIMIT, get_attr
+from .sessions import create_session, session_options
 
 ORT_TYPES = {
     "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
@@ -98,6 +99,40 @@ def sample_count(feed: dict[str, np.ndarray], axes: dict[str, int | None]) -> in
     counts = [arr.shape[axes[name]] for name, arr in feed.items()
               if axes.get(name) is not None and arr.ndim > axes[name]]
     return min(counts) if counts else 1
+
+
+def split_samples(feed: dict[str, np.ndarray], axes: dict[str, int | None], step: int) -> list[dict[str, np.ndarray]]:
+    """``feed`` in batches of ``step`` samples along each input's sample axis (:func:`batch_axes`)."""
+    count = sample_count(feed, axes)
+    return [take_samples(feed, axes, start, min(start + step, count)) for start in range(0, count, step)]
+
+
+def check_feed(arrays: dict[str, np.ndarray], specs: list[InputSpec], where: str, *, any_samples: bool
+               ) -> dict[str, np.ndarray]:
+    """``arrays`` checked against the model inputs: names (``labels`` aside), dtypes and shapes; ``where`` starts
+    each error. The sample axis may hold any number of samples with ``any_samples``, else only where the model
+    fixes it to 1 (then the samples run one by one)."""
+    names = {spec.name for spec in specs}
+    missing, extra = sorted(names - arrays.keys()), sorted(arrays.keys() - names - {"labels"})
+    if missing or extra:
+        raise InputDataError(f"{where}: names do not match the model inputs"
+                             + (f"; missing {', '.join(missing)}" if missing else "")
+                             + (f"; unknown {', '.join(extra)}" if extra else ""))
+    feeds: dict[str, np.ndarray] = {}
+    axes = batch_axes(specs)
+    for spec in specs:
+        arr = np.asarray(arrays[spec.name])
+        want = ORT_TYPES.get(spec.type)
+        if want is not None and arr.dtype != np.dtype(want):
+            raise InputDataError(f"{where}: {spec.name} has dtype {arr.dtype}, the model expects {np.dtype(want)}")
+        axis = axes[spec.name]
+        if arr.ndim != len(spec.shape) or any(
+            isinstance(d, int) and d > 0 and d != s and not (i == axis and (any_samples or d == 1))
+            for i, (d, s) in enumerate(zip(spec.shape, arr.shape))
+        ):
+            raise InputDataError(f"{where}: {spec.name} has shape {list(arr.shape)}, the model expects {spec.shape}")
+        feeds[spec.name] = arr
+    return feeds
 
 
 def take_samples(feed: dict[str, np.ndarray], axes: dict[str, int | None], start: int, stop: int
@@ -202,18 +237,12 @@ def _try_candidates(model, path, specs, rules, candidates, choices, seed, first:
 
 
 def _session(model: onnx.ModelProto, path):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 4
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options = session_options(threads=1, inter_threads=1, log_level=4, spinning=False)
     if path is not None:
-        return ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
+        return create_session(path, options)
     if model.ByteSize() >= PROTOBUF_LIMIT:
         raise InputDataError("the model is too large to run from memory")
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return create_session(model, options)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -616,10 +645,9 @@ def _single_sample_batches(feeds: dict[str, np.ndarray], specs: list[InputSpec]
     """``feeds`` split into one-sample feeds when an input's sample axis is fixed to 1 and holds more; else None."""
     axes = batch_axes(specs)
     fixed_one = any(axes[s.name] is not None and s.shape[axes[s.name]] == 1 for s in specs)
-    count = sample_count(feeds, axes)
-    if not fixed_one or count <= 1:
+    if not fixed_one or sample_count(feeds, axes) <= 1:
         return None
-    return [take_samples(feeds, axes, i, i + 1) for i in range(count)]
+    return split_samples(feeds, axes, 1)
 
 
 def synthesize_inputs(specs: list[InputSpec], shapes: dict[str, list[int]], model: onnx.ModelProto | None,
@@ -658,28 +686,5 @@ def load_data(path: str | os.PathLike, specs: list[InputSpec]) -> dict[str, np.n
         raise InputDataError(f"--data file not found: {path}") from None
     except (OSError, ValueError) as exc:
         raise InputDataError(f"--data {path} is not a readable .npz file: {exc}") from None
-    names = {spec.name for spec in specs}
-    missing = sorted(names - arrays.keys())
-    extra = sorted(arrays.keys() - names - {"labels"})
-    if missing or extra:
-        raise InputDataError(
-            f"--data {path}: names do not match the model inputs"
-            + (f"; missing {', '.join(missing)}" if missing else "")
-            + (f"; unknown {', '.join(extra)}" if extra else "")
-        )
-    feeds: dict[str, np.ndarray] = {}
-    axes = batch_axes(specs)  # a sample axis fixed to 1 may hold several samples: they run one by one
-    for spec in specs:
-        arr = arrays[spec.name]
-        want = ORT_TYPES.get(spec.type)
-        if want is not None and arr.dtype != np.dtype(want):
-            raise InputDataError(f"--data {path}: {spec.name} has dtype {arr.dtype}, the model expects {np.dtype(want)}")
-        axis = axes[spec.name]
-        if arr.ndim != len(spec.shape) or any(
-            isinstance(d, int) and d > 0 and d != s and not (i == axis and d == 1)
-            for i, (d, s) in enumerate(zip(spec.shape, arr.shape))
-        ):
-            raise InputDataError(f"--data {path}: {spec.name} has shape {list(arr.shape)}, the model expects {spec.shape}")
-        feeds[spec.name] = arr
-    return feeds
+    return check_feed(arrays, specs, f"--data {path}", any_samples=False)
 

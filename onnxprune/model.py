@@ -22,6 +22,7 @@ from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 
 from .errors import InvalidModelError, ModelReadError, OutputError
+from .outputs import OutputGuard, commit, temp_folder
 
 #: Protobuf cannot serialise a message of 2 GiB or more; above this we write external data.
 PROTOBUF_LIMIT = 2**31 - 1
@@ -299,13 +300,13 @@ def external_skeleton(model: onnx.ModelProto, location: str
     and, in file order, (source tensor, offset, length) of the bytes the data file must hold.
     """
     skeleton = onnx.ModelProto()
-    _copy_fields(model, skeleton, skip=("graph",))
+    copy_fields(model, skeleton, skip=("graph",))
     placements: list[tuple[onnx.TensorProto, int, int]] = []
     _skeleton_graph(model.graph, skeleton.graph, location, placements)
     return skeleton, placements
 
 
-def _copy_fields(src, dst, skip: tuple[str, ...]) -> None:
+def copy_fields(src, dst, skip: tuple[str, ...]) -> None:
     """Copy every set field of protobuf message ``src`` into ``dst`` except those named in ``skip``."""
     for descriptor, value in src.ListFields():
         if descriptor.name in skip:
@@ -353,7 +354,7 @@ def _large(tensor: onnx.TensorProto) -> bool:
 
 def _skeleton_graph(src: onnx.GraphProto, dst: onnx.GraphProto, location: str,
                     placements: list[tuple[onnx.TensorProto, int, int]]) -> None:
-    _copy_fields(src, dst, skip=("initializer", "node"))
+    copy_fields(src, dst, skip=("initializer", "node"))
     for init in src.initializer:
         new = dst.initializer.add()
         if _large(init):
@@ -398,52 +399,6 @@ def tensor_bytes(model: onnx.ModelProto) -> int:
     return sum(len(t.raw_data) if t.HasField("raw_data") else _typed_bytes(t) for t in _iter_all_tensors(model))
 
 
-def inference_session(model: onnx.ModelProto, outputs: list[str] | None = None,
-                      replaced: dict[str, np.ndarray] | None = None, options=None,
-                      providers: tuple[str, ...] = ("CPUExecutionProvider",)):
-    """An onnxruntime session over ``model`` that does not serialize its weights.
-
-    The main graph's larger initializers are handed to onnxruntime as OrtValues over numpy arrays
-    (``SessionOptions.add_external_initializers``); only the graph is serialized, so a model over
-    2 GB works and no second serialized copy of the weights is made. ``replaced`` arrays stand in
-    for initializers of the same name (e.g. zeroed weights); ``outputs`` replaces the graph outputs.
-    """
-    import onnxruntime as ort
-
-    replaced = replaced or {}
-    header = onnx.ModelProto()
-    _copy_fields(model, header, skip=("graph",))
-    graph = header.graph
-    _copy_fields(model.graph, graph, skip=("initializer", "output") if outputs is not None else ("initializer",))
-    if outputs is not None:
-        graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in outputs)
-    names, values, keep_alive = [], [], []
-    for tensor in model.graph.initializer:
-        array = replaced.get(tensor.name)
-        if array is None and (int(np.prod(tensor.dims, dtype=np.int64)) <= 256 or tensor.data_type in (
-                onnx.TensorProto.STRING, onnx.TensorProto.BFLOAT16) or tensor.data_location == onnx.TensorProto.EXTERNAL):
-            graph.initializer.append(tensor)
-            continue
-        if array is None:
-            array = numpy_helper.to_array(tensor)
-        array = np.ascontiguousarray(array)
-        keep_alive.append(array)
-        names.append(tensor.name)
-        values.append(ort.OrtValue.ortvalue_from_numpy(array))
-        placeholder = graph.initializer.add()  # declared, its data given at session creation
-        placeholder.name, placeholder.data_type = tensor.name, tensor.data_type
-        placeholder.dims.extend(tensor.dims)
-        placeholder.data_location = onnx.TensorProto.EXTERNAL
-        entry = placeholder.external_data.add()
-        entry.key, entry.value = "location", "onnxprune-in-memory"
-    options = options or ort.SessionOptions()
-    if names:
-        options.add_external_initializers(names, values)
-    session = ort.InferenceSession(header.SerializeToString(), options, providers=list(providers))
-    session._onnxprune_arrays = keep_alive  # the OrtValues view these arrays
-    return session
-
-
 def _typed_bytes(tensor: onnx.TensorProto) -> int:
     return 4 * (len(tensor.float_data) + len(tensor.int32_data)) + 8 * (
         len(tensor.int64_data) + len(tensor.double_data) + len(tensor.uint64_data)
@@ -458,8 +413,6 @@ def default_output_path(input_path: Path) -> Path:
 def check_output_path(output: Path, *, input_path: Path | None, force: bool) -> None:
     """Refuse writing over the input, an existing file without ``force``, a non-regular file or an unwritable
     place (the rules of :class:`onnxprune.outputs.OutputGuard`)."""
-    from .outputs import OutputGuard
-
     guard = OutputGuard(force=force)
     guard.protect(input_path, "input model")
     guard.claim(output, "output")
@@ -479,8 +432,6 @@ def save_model(
     abort (nothing is then written). Returns the paths written; the in-memory model keeps
     its data.
     """
-    from .outputs import commit, temp_folder
-
     output = Path(output)
     if external_data is None:
         external_data = tensor_bytes(model) >= EXTERNAL_DATA_THRESHOLD
@@ -520,8 +471,8 @@ def _save_streamed(model: onnx.ModelProto, path: Path) -> None:
     """
     graph = model.graph
     head = onnx.ModelProto()
-    _copy_fields(model, head, skip=("graph",))
-    _copy_fields(graph, head.graph, skip=("node", "initializer"))
+    copy_fields(model, head, skip=("graph",))
+    copy_fields(graph, head.graph, skip=("node", "initializer"))
     graph_tag, node_tag, init_tag = _varint((7 << 3) | 2), _varint((1 << 3) | 2), _varint((5 << 3) | 2)
     with open(path, "wb") as handle:
         handle.write(head.SerializeToString())

@@ -31,6 +31,7 @@ import onnx
 from .analysis.weights import PrunableWeight
 from .compensation import _im2col
 from .model import build_indexes, get_attr
+from .sessions import session_with_outputs
 
 BLOCK = 128
 DAMP = 0.01
@@ -363,8 +364,6 @@ class ObsRepair:
 
     def _measure(self, item: PrunableWeight) -> None:
         """One onnxruntime pass for every pending layer whose inputs are final (``item``'s among them)."""
-        from .calibration import session_with_outputs
-
         done = {other.name for other in self.items[:self.position[item.name]]}
         ready = [name for name, layer in self.layers.items() if self.position[name] >= self.position[item.name]
                  and self.upstream[name] <= done and layer.key not in self.grams]

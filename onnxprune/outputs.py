@@ -29,8 +29,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .entry import COMMITTED, checkpoint, held_signals
 from .errors import OutputError
+from .signals import COMMITTED, checkpoint, held_signals
 
 #: a temporary folder of onnxprune's own: ``.<target name>.onnxprune-<pid>-<8 random chars>.tmp``
 TEMP_PATTERN = re.compile(r"^\.(?P<name>.+)\.onnxprune-(?P<pid>[1-9][0-9]{0,9})-(?P<tag>[a-z0-9]{8})\.tmp$")

@@ -27,14 +27,6 @@ class _Reader:
         pass
 
 
-def split_batches(feed: dict[str, np.ndarray], batch_one: bool) -> list[dict[str, np.ndarray]]:
-    """Calibration samples from one feed: each item along axis 0 when the model wants batch 1."""
-    if not batch_one:
-        return [feed]
-    count = min(arr.shape[0] for arr in feed.values()) if feed else 0
-    return [{name: arr[i:i + 1] for name, arr in feed.items()} for i in range(count)]
-
-
 def quantize_file(path: Path, mode: str, calibration: list[dict[str, np.ndarray]], external_data: bool) -> dict[str, Any]:
     """Quantize the model at ``path`` in place (atomically): int8 weights (dynamic) or weights and activations (static, QDQ)."""
     if mode not in MODES:

@@ -18,6 +18,7 @@ from typing import Any
 
 from .config import PruneConfig
 from .errors import UsageError
+from .outputs import write_text_atomic
 
 OVERRIDE_KEYS = {"match", "sparsity", "pattern", "method", "exclude"}
 METHODS = ("unstructured", "structured")
@@ -126,8 +127,6 @@ def applied_recipe(report: dict[str, Any]) -> dict[str, Any]:
 
 def write_recipe(recipe: dict[str, Any], path: Path) -> None:
     """Write a recipe as YAML (or JSON for a .json name), atomically."""
-    from .outputs import write_text_atomic
-
     if path.suffix.lower() == ".json":
         text = json.dumps(recipe, indent=2) + "\n"
     else:

@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 from typing import Any
-
-from .errors import UsageError
 
 NOTE_UNSTRUCTURED = (
     "zeroed weights do not make dense onnxruntime kernels faster; they shrink the compressed "
@@ -236,36 +232,3 @@ def _ratio(a, b) -> str:
     if a is None or not b:
         return "-"
     return f"{a / b:.3f}"
-
-
-def _json_default(value: Any) -> Any:
-    if hasattr(value, "item"):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
-def check_report_path(path: Path) -> None:
-    """Refuse a report path we cannot write, before any work is done (the output guard's rules and a known
-    extension; :class:`onnxprune.outputs.OutputGuard` also keeps it apart from the run's other files)."""
-    from .outputs import check_target
-
-    if path.suffix.lower() not in (".json", ".md", ".markdown", ".html", ".htm"):
-        raise UsageError(f"--report {path}: use a .json, .md or .html file name")
-    check_target(path, "report", force=True)
-
-
-def write_report(report: dict[str, Any], path: Path) -> None:
-    """Write JSON, Markdown or HTML by extension, atomically (a temporary file beside it, then a rename)."""
-    from .outputs import write_text_atomic
-
-    if path.suffix.lower() == ".json":
-        text = json.dumps(report, indent=2, sort_keys=True, default=_json_default, allow_nan=True) + "\n"
-    elif path.suffix.lower() in (".html", ".htm"):
-        from .html_report import render_html
-
-        text = render_html(report)
-    else:
-        text = render(report, markdown=True)
-    write_text_atomic(Path(path), text, "report")

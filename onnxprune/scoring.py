@@ -7,6 +7,9 @@ import math
 import numpy as np
 
 from .analysis.groups import Analysis, ChannelGroup
+from .compensation import GramSum, _im2col, _reconstructable
+from .model import get_attr
+from .sessions import session_with_outputs
 
 
 def channel_scores(analysis: Analysis, criterion: str, energy: dict[str, np.ndarray] | None = None) -> np.ndarray:
@@ -83,8 +86,6 @@ def reconstruction_scores(analysis: Analysis, groups: list[ChannelGroup], feeds:
 
 def _refit_consumers(analysis: Analysis) -> dict[str, tuple]:
     """Consumer node name -> (node, edit, weight matrix [features, outputs], channel id per feature)."""
-    from .compensation import _reconstructable
-
     found = {}
     for edit in analysis.edits:
         node = edit.node
@@ -114,9 +115,6 @@ def _consumer_grams(model, consumers: dict[str, tuple], feeds: list[dict[str, np
 
     One onnxruntime run per feed captures every consumer input; consumers that read the same tensor with the
     same patch geometry share one Gram (float32 products summed in float64, see ``GramSum``)."""
-    from .calibration import session_with_outputs
-    from .compensation import GramSum
-
     names = sorted({node.input[0] for node, *_ in consumers.values()})
     session = session_with_outputs(model, names)
     shared = {key: _patch_key(node, matrix.shape[0]) for key, (node, _, matrix, _) in consumers.items()}
@@ -144,8 +142,6 @@ def _consumer_grams(model, consumers: dict[str, tuple], feeds: list[dict[str, np
 
 def _patch_key(node, features: int) -> tuple:
     """What decides a consumer's input features: the tensor, and for a Conv its patch geometry."""
-    from .model import get_attr
-
     if node.op_type != "Conv":
         return (node.input[0], features)
     return (node.input[0], features, tuple(get_attr(node, "kernel_shape") or ()), tuple(get_attr(node, "pads") or ()),
@@ -154,8 +150,6 @@ def _patch_key(node, features: int) -> tuple:
 
 def _features(node, x: np.ndarray, features: int) -> np.ndarray | None:
     """The consumer's input as float32 rows of features (im2col patches for a Conv); None if they do not match."""
-    from .compensation import _im2col
-
     x = x.astype(np.float32, copy=False)
     if node.op_type == "Conv":
         rows = _im2col(x, node, _kernel(node, features, x.shape[1]))
@@ -165,8 +159,6 @@ def _features(node, x: np.ndarray, features: int) -> np.ndarray | None:
 
 
 def _kernel(node, features: int, channels: int) -> tuple[int, int]:
-    from .model import get_attr
-
     shape = get_attr(node, "kernel_shape")
     if shape:
         return int(shape[0]), int(shape[1])

@@ -14,22 +14,21 @@ from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 from .analysis.cost import total_macs
 from .analysis.groups import analyse, build_groups
 from .config import PruneConfig
+from .errors import UsageError
 from .model import count_params
-from .passes.structured import head_units
+from .passes.structured import head_units, never_empty, remove
 from .scoring import unit_scores
+from .sessions import create_session, session_options
 
 DEFAULT_RATIOS = (0.25, 0.5, 0.75)
 
 
 def _run(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> list[list[np.ndarray]]:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = create_session(model, session_options(log_level=3))
     return [session.run(None, feed) for feed in feeds]
 
 
@@ -53,8 +52,6 @@ def _top1(outputs: list[list[np.ndarray]], labels: np.ndarray | None) -> float |
 def prune_groups(model: onnx.ModelProto, ratios: dict[int, float], config: PruneConfig,
                  input_shapes: dict[str, list[int]] | None = None) -> onnx.ModelProto:
     """A copy of ``model`` with each group in ``ratios`` losing that share of its lowest-scored units."""
-    from .passes.structured import never_empty, remove
-
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     analysis = analyse(copy, input_shapes, config.exclude, config.prune_layernorm)
@@ -256,8 +253,6 @@ def plot(sensitivity: dict[str, Any], path: str) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        from .errors import UsageError
-
         raise UsageError("--plot needs matplotlib: pip install 'onnxprune[plot]'") from None
     fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
     for g in sensitivity["groups"]:

@@ -15,7 +15,6 @@ import re
 import time
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,43 +22,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from .accuracy import evaluate
 from .config import ValidateConfig
 from .errors import InputDataError, UnsupportedError
-from .feeds import (  # noqa: F401 - re-exported for callers of the validation module
-    ORT_TYPES,
-    InputSpec,
-    input_specs,
-    load_data,
-    prepare_feeds,
-    sample_count,
-    synthesize_inputs,
-    take_samples,
-)
-from .model import PROTOBUF_LIMIT
-
-
-@dataclass
-class ModelSource:
-    """A model for onnxruntime: a file path (preferred: onnxruntime reads it, external data too), serialized
-    bytes, or a proto (serialized for the session)."""
-
-    model: onnx.ModelProto | None = None
-    path: Path | None = None
-    blob: bytes | None = None
-
-    def session(self, provider: str, threads: int) -> ort.InferenceSession:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 4  # failures raise, with their message
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-        if self.path is not None:
-            return ort.InferenceSession(str(self.path), options, providers=[provider])
-        if self.blob is not None:
-            return ort.InferenceSession(self.blob, options, providers=[provider])
-        return ort.InferenceSession(self.model.SerializeToString(), options, providers=[provider])
+from .feeds import InputSpec, input_specs, prepare_feeds, sample_count, take_samples
+from .model import PROTOBUF_LIMIT, _external_locations
+from .sessions import ModelSource
 
 
 def check_providers(providers: list[str]) -> None:
@@ -265,8 +233,6 @@ def file_sizes(files: list[Path] | None, model: onnx.ModelProto | None = None, b
 
 def model_files(path: Path, model: onnx.ModelProto) -> list[Path]:
     """``path`` and the external data files ``model`` (read from ``path`` without its data) references."""
-    from .model import _external_locations
-
     return [path, *(path.parent / loc for loc in _external_locations(model))]
 
 
@@ -361,8 +327,6 @@ def run_validation(original: ModelSource, pruned: ModelSource, cfg: ValidateConf
         results["providers"][provider] = {"outputs": outputs, "latency": latency}
     results["worst"] = _worst(results["providers"])
     if cfg.eval_data:
-        from .accuracy import evaluate
-
         log(f"measuring accuracy on {cfg.eval_data}")
         results["accuracy"] = evaluate(original, pruned, cfg.eval_data,
                                        specs if specs is not None else input_specs(original.model or pruned.model))

@@ -10,7 +10,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnxprune
 from onnxprune.analysis.groups import analyse, build_groups
-from onnxprune.analysis.oracle import masked_and_removed, random_keep, relative_error
+
+from .oracle import masked_and_removed, random_choice, relative_error
 
 E, H, D, FF = 32, 4, 8, 64
 
@@ -125,8 +126,8 @@ def test_heads_are_units_and_oracle_holds(runtime_shapes):
     mlp = next(g for g in groups if any(s.node.name == "up" for s in g.spaces))
     assert len(mlp.units) == FF
     for seed in (0, 1, 2):
-        keep = random_keep(model, 0.5, seed)
-        masked, removed = masked_and_removed(model, keep)
+        choice = random_choice(model, 0.5, seed)
+        masked, removed = masked_and_removed(model, choice)
         onnx.checker.check_model(removed, full_check=True)
         for batch, seq in ((1, 5), (2, 7), (3, 16)):
             assert relative_error(run(masked, batch, seq), run(removed, batch, seq)) <= 1e-5
@@ -139,8 +140,8 @@ def test_per_head_bias_computed_from_constants_follows_the_heads(bias):
     head_group = next(g for g in groups if any(s.node.name == "q_proj" for s in g.spaces))
     assert len(head_group.units) == H and not head_group.frozen_units
     for seed in (0, 1):
-        keep = random_keep(model, 0.5, seed)
-        masked, removed = masked_and_removed(model, keep)
+        choice = random_choice(model, 0.5, seed)
+        masked, removed = masked_and_removed(model, choice)
         onnx.checker.check_model(removed, full_check=True)
         for batch, seq in ((1, 5), (2, 7), (3, 16)):
             assert relative_error(run(masked, batch, seq), run(removed, batch, seq)) <= 1e-5
@@ -251,8 +252,8 @@ def test_grouped_query_attention_units_and_oracle(tile):
     assert len(group.units) == 2 and all(len(u) == 2 * D + 2 * D for u in group.units)
     rng = np.random.default_rng(0)
     for seed in (0, 1):
-        keep = random_keep(model, 0.5, seed)
-        masked, removed = masked_and_removed(model, keep)
+        choice = random_choice(model, 0.5, seed)
+        masked, removed = masked_and_removed(model, choice)
         onnx.checker.check_model(removed, full_check=True)
         for batch, seq in ((1, 3), (2, 6)):
             feeds = {"x": rng.standard_normal((batch, seq, E)).astype(np.float32)}
@@ -269,7 +270,7 @@ def test_grouped_query_attention_units_and_oracle(tile):
 def test_onnxruntime_fused_attention_heads_oracle():
     """com.microsoft::Attention (fused QKV weight, v wider than q/k): heads go with their q, k, v columns and
     bias; num_heads and qkv_hidden_sizes are rewritten; removal equals zeroing the out-projection rows."""
-    from onnxprune.analysis.oracle import list_groups, mask_model, random_choice, remove_model
+    from .oracle import list_groups, masked_and_removed, random_choice
 
     rng = np.random.default_rng(0)
     dq, dv = 8, 12
@@ -287,7 +288,7 @@ def test_onnxruntime_fused_attention_heads_oracle():
     heads = [g for g in list_groups(model) if "Attention" in g["ops"]]
     assert len(heads) == 1 and heads[0]["prunable"] == H and not heads[0]["frozen"]
     choice = random_choice(model, 0.5, 0)
-    masked, removed = mask_model(model, choice), remove_model(model, choice)
+    masked, removed = masked_and_removed(model, choice)
     attention = next(n for n in removed.graph.node if n.op_type == "Attention")
     attrs = {a.name: helper.get_attribute_value(a) for a in attention.attribute}
     assert attrs["num_heads"] == H // 2 and list(attrs["qkv_hidden_sizes"]) == [H // 2 * dq, H // 2 * dq, H // 2 * dv]

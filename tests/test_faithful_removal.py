@@ -9,11 +9,11 @@ import pytest
 
 import onnxprune
 from onnxprune.analysis.groups import analyse
-from onnxprune.analysis.oracle import random_keep, relative_error
 from onnxprune.compensation import fold_removed_constants, zeroed_model
 from onnxprune.passes.structured import remove
 
 from .conftest import FIXTURES
+from .oracle import choice_to_keep, prepared, random_choice, relative_error
 
 
 def feeds_for(model, batch=4, seed=0):
@@ -25,6 +25,11 @@ def feeds_for(model, batch=4, seed=0):
 
 def run(model, feeds):
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def random_keep(model, seed):
+    """The channel ids (as the analysis of ``model`` numbers them) of a random choice of half of each group."""
+    return choice_to_keep(analyse(prepared(model)), random_choice(model, 0.5, seed))
 
 
 def removed_model(model, keep, fold: bool):
@@ -42,7 +47,7 @@ def removed_model(model, keep, fold: bool):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_removed_equals_zeroed_exactly_when_constants_fold_exactly(name, seed):
     model = onnx.load(str(FIXTURES / name))
-    keep = random_keep(model, 0.5, seed)
+    keep = random_keep(model, seed)
     zeroed = zeroed_model(model, keep)
     folded, summary = removed_model(model, keep, fold=True)
     assert summary["consumers"] > 0 and summary["approximate"] == 0
@@ -55,7 +60,7 @@ def test_removed_equals_zeroed_exactly_when_constants_fold_exactly(name, seed):
 @pytest.mark.parametrize("seed", [0, 1])
 def test_folding_brings_cnn_closer_to_zeroed_and_original(seed):
     model = onnx.load(str(FIXTURES / "cnn.onnx"))
-    keep = random_keep(model, 0.5, seed)
+    keep = random_keep(model, seed)
     zeroed = zeroed_model(model, keep)
     folded, summary = removed_model(model, keep, fold=True)
     unfolded, _ = removed_model(model, keep, fold=False)
@@ -79,7 +84,6 @@ def test_bias_free_paths_skip_the_measuring_session(monkeypatch, name, runs_sess
     """Removed channels behind bias-free producers and 0 -> 0 ops (LLaMA: MatMul, SiLU gate * up, P.V) are
     exactly zero: nothing to fold, no onnxruntime run. With biases (BERT) the values are measured."""
     from onnxprune import compensation
-    from onnxprune.analysis.oracle import choice_to_keep, prepared, random_choice
 
     model = prepared(onnx.load(str(FIXTURES / "transformers" / f"{name}.onnx")))
     analysis = analyse(model)

@@ -11,10 +11,10 @@ from onnx import TensorProto, numpy_helper
 
 import onnxprune
 from onnxprune.analysis.groups import analyse, build_groups
-from onnxprune.analysis.oracle import masked_and_removed, prepared, random_keep, relative_error
-from onnxprune.passes.shapefold import fold_static_shape_reads
+from onnxprune.shapes import fold_static_shape_reads
 
 from .conftest import FIXTURES
+from .oracle import choice_to_keep, masked_and_removed, prepared, random_choice, relative_error
 from .test_structured_rules import C, G, frozen_reasons, oracle
 
 I32, I64 = TensorProto.INT32, TensorProto.INT64
@@ -55,9 +55,9 @@ def test_constant_entry_in_an_int32_concat_is_rewritten_in_int32():
     model = g.head(y, 6, spatial=False)
     assert not frozen_inside(model)
     assert oracle(model)
-    keep = random_keep(model, 0.5, 0)
-    _, removed = masked_and_removed(model, keep)
-    kept = int(keep[:C].sum())
+    choice = random_choice(model, 0.5, 0)
+    _, removed = masked_and_removed(model, choice)
+    kept = int(choice_to_keep(analyse(prepared(model)), choice)[:C].sum())
     rewritten = [i for i in removed.graph.initializer if i.name.endswith(".pruned")]
     assert [(i.data_type, numpy_helper.to_array(i).tolist()) for i in rewritten] == [(I32, [kept * 4])]
     concat_inputs_agree(removed)
@@ -73,7 +73,7 @@ def test_int32_constant_cast_on_its_own_into_an_int64_concat():
     y = g.op("MatMul", [g.op("Reshape", [pooled, g.op("Concat", [batch, features], axis=-1)]), g.w([C * 4, 6])])
     model = g.head(y, 6, spatial=False)
     assert oracle(model)
-    _, removed = masked_and_removed(model, random_keep(model, 0.5, 1))
+    _, removed = masked_and_removed(model, random_choice(model, 0.5, 1))
     assert {i.data_type for i in removed.graph.initializer if i.name.endswith(".pruned")} == {I64}
     concat_inputs_agree(removed)
 
@@ -115,8 +115,7 @@ def test_heads_split_with_int32_div_and_mul():
     units = {len(ids) for grp in build_groups(analyse(folded)) for ids in grp.units}
     assert C // 2 in units  # a head's channels go together
     assert oracle(model)
-    keep = random_keep(model, 0.5, 0)
-    _, removed = masked_and_removed(model, keep)
+    _, removed = masked_and_removed(model, random_choice(model, 0.5, 0))
     concat_inputs_agree(removed)
 
 
@@ -131,7 +130,7 @@ def test_where_equal_keep_spelling_in_int32():
     model = g.head(y, 6, spatial=False)
     assert not frozen_inside(model)
     assert oracle(model)
-    _, removed = masked_and_removed(model, random_keep(model, 0.5, 2))
+    _, removed = masked_and_removed(model, random_choice(model, 0.5, 2))
     concat_inputs_agree(removed)
 
 
@@ -140,7 +139,7 @@ def test_gather_of_channels_by_int32_indices_keeps_the_index_type():
     y = g.op("Gather", [g.x, i32(g, [0, 2, 3, 5, 6, 7])], axis=1)
     model = g.head(y, 6)
     assert oracle(model)
-    _, removed = masked_and_removed(model, random_keep(model, 0.5, 0))
+    _, removed = masked_and_removed(model, random_choice(model, 0.5, 0))
     gathers = [n for n in removed.graph.node if n.op_type == "Gather"]
     index = next(i for i in removed.graph.initializer if i.name == gathers[0].input[1])
     assert index.data_type == I32
@@ -175,9 +174,9 @@ def test_fixture_oracle(name):
     model = onnx.load(FIXTURES / "int32" / f"{name}.onnx")
     x = np.random.default_rng(3).standard_normal((2, 3, 16, 16)).astype(np.float32)
     for seed in (0, 1):
-        keep = random_keep(model, 0.5, seed)
-        assert not keep.all()
-        masked, removed = masked_and_removed(model, keep)
+        choice = random_choice(model, 0.5, seed)
+        assert choice
+        masked, removed = masked_and_removed(model, choice)
         onnx.checker.check_model(removed, full_check=True)
         assert relative_error([run(masked, x)], [run(removed, x)]) <= 1e-5
 

@@ -9,21 +9,21 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from onnxprune.analysis.groups import analyse, build_groups
-from onnxprune.analysis.oracle import masked_and_removed, prepared, random_keep, relative_error
 from onnxprune.compensation import fold_removed_constants
 from onnxprune.config import PruneConfig
 from onnxprune.passes.manager import PassContext
-from onnxprune.passes.structured import StructuredPrunePass, mask
+from onnxprune.passes.structured import StructuredPrunePass
 
 from .graphgen import draw_model as _draw_model
 from .graphgen import run_input as _run
+from .oracle import mask, masked_and_removed, prepared, random_choice, relative_error
 
 CASES = 40
 
 
 def check_oracle(model: onnx.ModelProto, fraction: float, seed: int) -> None:
-    keep = random_keep(model, fraction, seed)
-    masked, removed = masked_and_removed(model, keep)
+    choice = random_choice(model, fraction, seed)
+    masked, removed = masked_and_removed(model, choice)
     onnx.checker.check_model(removed, full_check=True)
     x = np.random.default_rng(seed).standard_normal((2, 3, 16, 16)).astype(np.float32)
     a, b, original = _run(masked, x), _run(removed, x), _run(model, x)

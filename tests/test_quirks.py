@@ -8,11 +8,11 @@ import onnxruntime as ort
 import pytest
 
 import onnxprune
-from onnxprune.analysis.oracle import masked_and_removed, random_keep, relative_error
 from onnxprune.analysis.weights import find_prunable_weights
 from onnxprune.errors import UnsupportedError
 
 from .conftest import FIXTURES, run_cli
+from .oracle import masked_and_removed, random_choice, relative_error
 
 Q = FIXTURES / "quirks"
 
@@ -116,9 +116,9 @@ def test_weight_paths_structured_oracle():
     model = onnx.load(str(Q / "weight_paths.onnx"))
     inputs = feeds(model)
     for seed in (0, 1):
-        keep = random_keep(model, 0.5, seed)
-        assert not keep.all()
-        masked, removed = masked_and_removed(model, keep)
+        choice = random_choice(model, 0.5, seed)
+        assert choice
+        masked, removed = masked_and_removed(model, choice)
         onnx.checker.check_model(removed, full_check=True)
         assert relative_error(run(masked, inputs), run(removed, inputs)) <= 1e-5
 
@@ -126,8 +126,8 @@ def test_weight_paths_structured_oracle():
 def test_float16_model_structured_oracle():
     model = onnx.load(str(Q / "float16.onnx"))
     inputs = feeds(model)
-    keep = random_keep(model, 0.5, 0)
-    masked, removed = masked_and_removed(model, keep)
+    choice = random_choice(model, 0.5, 0)
+    masked, removed = masked_and_removed(model, choice)
     onnx.checker.check_model(removed, full_check=True)
     assert relative_error(run(masked, inputs), run(removed, inputs)) <= 1e-3  # float16 arithmetic
     pruned, _ = onnxprune.prune(model, sparsity=0.5, validate=True)

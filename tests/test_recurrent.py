@@ -11,10 +11,10 @@ import pytest
 
 import onnxprune
 from onnxprune.analysis.cost import node_macs
-from onnxprune.analysis.oracle import list_groups, mask_model, random_choice, relative_error, remove_model
 from onnxprune.analysis.weights import find_prunable_weights
 
 from .conftest import FIXTURES, run_cli
+from .oracle import list_groups, masked_and_removed, random_choice, relative_error
 
 sys.path.insert(0, str(FIXTURES))
 import build_recurrent as builder
@@ -131,7 +131,7 @@ def test_masked_equals_removed(op, direction, head, state):
     for seed in (0, 1):
         choice = random_choice(model, 0.5, seed)
         assert any(g["id"] in choice for g in groups)
-        masked, removed = mask_model(model, choice), remove_model(model, choice)
+        masked, removed = masked_and_removed(model, choice)
         onnx.checker.check_model(removed, full_check=True)
         x = feeds(model, seed)
         assert relative_error(run(masked, x), run(removed, x)) <= 1e-5
@@ -145,7 +145,7 @@ def test_masked_equals_removed(op, direction, head, state):
 def test_removed_units_are_the_chosen_rows_of_every_gate():
     model = builder.recurrent("LSTM", "bidirectional", "matmul", "const", peepholes=True)
     group = next(g for g in list_groups(model) if "LSTM" in g["ops"] and g["channels"] == builder.HIDDEN)
-    removed = remove_model(model, {group["id"]: [1, 4]})
+    _, removed = masked_and_removed(model, {group["id"]: [1, 4]})
     keep = [0, 2, 3, 5]
     before, after = weights(model), weights(removed)
     rows = [g * builder.HIDDEN + j for g in range(4) for j in keep]
@@ -164,7 +164,7 @@ def test_masking_only_the_consumers_is_not_enough():
     model = builder.recurrent("GRU", "forward", "matmul")
     group = next(g for g in list_groups(model) if "GRU" in g["ops"] and g["channels"] == builder.HIDDEN)
     choice = {group["id"]: [0, 3]}
-    masked, removed = mask_model(model, choice), remove_model(model, choice)
+    masked, removed = masked_and_removed(model, choice)
     assert not weights(masked)["rnn0.R"][:, :, [0, 3]].any()
     heads_only = onnx.ModelProto()
     heads_only.CopyFrom(model)
@@ -183,7 +183,7 @@ def test_stacked_layers_and_state_outputs():
     assert sum(1 for g in list_groups(stacked) if "LSTM" in g["ops"] and g["prunable"] == builder.HIDDEN) == 2
     choice = random_choice(stacked, 0.5, 3)
     x = feeds(stacked)
-    assert relative_error(run(mask_model(stacked, choice), x), run(remove_model(stacked, choice), x)) <= 1e-5
+    assert relative_error(*(run(m, x) for m in masked_and_removed(stacked, choice))) <= 1e-5
     with_state = builder.recurrent("GRU", "forward", state_output=True)
     frozen = next(g for g in list_groups(with_state) if "GRU" in g["ops"] and g["channels"] == builder.HIDDEN)
     assert frozen["prunable"] == 0 and any("state_h" in r for r in frozen["frozen"])

@@ -9,9 +9,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from onnxprune.analysis.oracle import list_groups, mask_model, random_choice, relative_error, remove_model
-
 from .conftest import FIXTURES
+from .oracle import list_groups, masked_and_removed, random_choice, relative_error
 
 sys.path.insert(0, str(FIXTURES))
 import build_structured_fixtures as builder
@@ -60,7 +59,7 @@ def test_masked_equals_removed(name, fraction, seed):
     model = load(name)
     choice = random_choice(model, fraction, seed)
     assert choice, "every fixture has prunable channels"
-    masked, removed = mask_model(model, choice), remove_model(model, choice)
+    masked, removed = masked_and_removed(model, choice)
     onnx.checker.check_model(removed, full_check=True)
     assert signature(removed) == signature(model)
     x = feeds(model, seed)
@@ -73,7 +72,7 @@ def test_masked_equals_removed(name, fraction, seed):
 
 def test_custom_op_model_stays_valid():
     model = load("custom_op")
-    removed = remove_model(model, random_choice(model, 0.5, 0))
+    _, removed = masked_and_removed(model, random_choice(model, 0.5, 0))
     onnx.checker.check_model(removed)
     frozen = [g for g in list_groups(removed) if any("custom-domain" in r for r in g["frozen"])]
     assert frozen and frozen[0]["channels"] == 8 and frozen[0]["prunable"] == 0  # what FancyNorm reads stays
@@ -98,15 +97,15 @@ def test_choice_validation():
     model = load("conv_bn_relu")
     groups = list_groups(model)
     with pytest.raises(ValueError, match="no channel group"):
-        mask_model(model, {999: [0]})
+        masked_and_removed(model, {999: [0]})
     with pytest.raises(ValueError, match="out of range"):
-        remove_model(model, {groups[0]["id"]: [groups[0]["prunable"]]})
+        masked_and_removed(model, {groups[0]["id"]: [groups[0]["prunable"]]})
 
 
 def test_removing_everything_keeps_one_channel_per_tensor():
     model = load("split_slice")
     choice = {g["id"]: list(range(g["prunable"])) for g in list_groups(model) if g["prunable"]}
-    removed = remove_model(model, choice)
+    masked, removed = masked_and_removed(model, choice)
     onnx.checker.check_model(removed, full_check=True)
     x = feeds(model)
-    assert relative_error(run(mask_model(model, choice), x), run(removed, x)) <= 1e-5
+    assert relative_error(run(masked, x), run(removed, x)) <= 1e-5

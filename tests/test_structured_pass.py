@@ -10,9 +10,9 @@ import onnxruntime as ort
 import pytest
 
 import onnxprune
-from onnxprune.analysis.oracle import masked_and_removed, random_keep, relative_error
 
 from .conftest import FIXTURES, run_cli
+from .oracle import masked_and_removed, random_choice, relative_error
 
 STRUCTURED_FIXTURES = ["cnn.onnx", "cnn_constant_weights.onnx", "cnn_external/model.onnx", "mlp_gemm.onnx",
                        "mlp_matmul.onnx", "mlp_dynamic.onnx", "cnn_opset11.onnx", "cnn_opset21.onnx"]
@@ -47,9 +47,9 @@ def test_cli_structured(tmp_path, name):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_oracle_on_fixtures(name, seed):
     model = onnx.load(str(FIXTURES / name))
-    keep = random_keep(model, 0.5, seed)
-    assert not keep.all()
-    masked, removed = masked_and_removed(model, keep)
+    choice = random_choice(model, 0.5, seed)
+    assert choice
+    masked, removed = masked_and_removed(model, choice)
     session = ort.InferenceSession(str(FIXTURES / name), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(seed)
     feeds = {i.name: rng.standard_normal([d if isinstance(d, int) else 2 for d in i.shape]).astype(np.float32)
@@ -241,8 +241,8 @@ def test_fold_into_shared_bias_adds_no_node():
 
 def test_static_shape_reads_fold_and_oracle_holds():
     """torch.chunk exports Shape -> Gather -> Div -> Slice; folded, its channels prune and the oracle holds."""
-    from onnxprune.passes.shapefold import fold_static_shape_reads
     from onnxprune.passes.structured import remove_dead_nodes
+    from onnxprune.shapes import fold_static_shape_reads
 
     model = onnx.load(str(FIXTURES / "arch" / "yolo.onnx"))
     folded = onnx.ModelProto()
@@ -260,15 +260,15 @@ def test_static_shape_reads_fold_and_oracle_holds():
     for a, b in zip(run(model), run(folded)):
         np.testing.assert_array_equal(a, b)
     for seed in (0, 1):
-        keep = random_keep(folded, 0.5, seed)
-        masked, removed = masked_and_removed(folded, keep)
+        choice = random_choice(folded, 0.5, seed)
+        masked, removed = masked_and_removed(folded, choice)
         assert relative_error(run(masked), run(removed)) <= 1e-5
 
 
 def test_dynamic_batch_shape_reads_are_not_folded():
     from onnx import TensorProto, helper
 
-    from onnxprune.passes.shapefold import fold_static_shape_reads
+    from onnxprune.shapes import fold_static_shape_reads
 
     nodes = [helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Gather", ["s", "zero"], ["b"], axis=0),
              helper.make_node("Concat", ["b", "minus1"], ["target"], axis=0),

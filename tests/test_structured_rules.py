@@ -9,8 +9,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune.analysis.groups import analyse, build_groups
-from onnxprune.analysis.oracle import masked_and_removed, random_keep, relative_error
-from onnxprune.analysis.rules import supported_ops
+from onnxprune.analysis.rules import DESCRIPTIONS
+
+from .oracle import masked_and_removed, random_choice, relative_error
 
 C = 8  # channels produced by the first conv
 
@@ -78,9 +79,9 @@ def oracle(model, seeds=(0, 1, 2)):
     x = np.random.default_rng(5).standard_normal((2, 3, 8, 8)).astype(np.float32)
     removed_any = False
     for seed in seeds:
-        keep = random_keep(model, 0.5, seed)
-        removed_any |= not keep.all()
-        masked, removed = masked_and_removed(model, keep)
+        choice = random_choice(model, 0.5, seed)
+        removed_any |= bool(choice)
+        masked, removed = masked_and_removed(model, choice)
         onnx.checker.check_model(removed, full_check=True)
         assert relative_error(run(masked, x), run(removed, x)) <= 1e-5
         assert run(removed, x)[0].shape == run(model, x)[0].shape
@@ -267,8 +268,8 @@ def test_resize_with_sizes_is_rewritten():
     model = g.head(y, C)
     onnx.checker.check_model(model, full_check=True)
     x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
-    keep = random_keep(model, 0.5, 0)
-    masked, removed = masked_and_removed(model, keep)
+    choice = random_choice(model, 0.5, 0)
+    masked, removed = masked_and_removed(model, choice)
     assert relative_error(run(masked, x), run(removed, x)) <= 1e-5
 
 
@@ -508,7 +509,7 @@ def test_if_subgraph_reading_channels_is_frozen():
 
 
 def test_registry_lists_required_ops():
-    ops = supported_ops()
+    ops = DESCRIPTIONS  # op type -> what its rule does
     for op in ["Conv", "ConvTranspose", "BatchNormalization", "InstanceNormalization", "GroupNormalization", "Relu",
                "PRelu", "Clip", "HardSwish", "Add", "Mul", "Concat", "Split", "Slice", "MaxPool", "LpPool",
                "GlobalMaxPool", "ReduceMean", "Resize", "Pad", "DepthToSpace", "Flatten", "Reshape", "Transpose",
@@ -536,16 +537,19 @@ def test_layernorm_over_channels_approximate_option():
     assert details["macs_after"] < frozen.to_dict()["passes"][0]["details"]["macs_after"]
 
 
-def test_a_failing_rule_freezes_instead_of_crashing(monkeypatch):
-    from onnxprune.analysis import rules
+def test_a_failing_rule_freezes_as_an_internal_error(monkeypatch):
+    """Outside tests and --debug (tests/test_rule_errors.py) a rule's bug freezes its channels, named as a bug."""
+    from onnxprune.analysis import registry
 
     def broken(a, node):
         raise IndexError("boom")
 
-    monkeypatch.setitem(rules.RULES, "Relu", broken)
+    monkeypatch.setitem(registry.RULES, "Relu", broken)
+    monkeypatch.delenv(registry.RAISE_ENV)
     g = G()
     model = g.head(g.op("Relu", [g.x]), C)
-    assert any("no rule could follow the channels (IndexError: boom)" in r for r in frozen_reasons(model))
+    assert any(r.startswith("internal error in rule broken at Relu") and "(IndexError: boom)" in r
+               for r in frozen_reasons(model))
     oracle(model)
 
 
@@ -554,7 +558,7 @@ def test_docs_table_lists_every_registered_op():
 
     text = (Path(__file__).resolve().parent.parent / "docs" / "structured.md").read_text()
     table = text[text.index("## Supported ops"):]
-    missing = [op for op in supported_ops() if op not in table]
+    missing = [op for op in DESCRIPTIONS if op not in table]
     assert not missing, f"docs/structured.md lacks {missing}"
 
 

@@ -11,12 +11,12 @@ import pytest
 from onnx import numpy_helper
 
 import onnxprune
-from onnxprune.analysis.oracle import relative_error
 from onnxprune.config import PruneConfig
-from onnxprune.passes.structured import _analyse_scope, mask, never_empty, remove
+from onnxprune.passes.structured import _analyse_scope, never_empty, remove
 from onnxprune.passes.subgraphs import scopes, write_back
 
 from .conftest import FIXTURES, run_cli
+from .oracle import mask, relative_error
 
 CF = FIXTURES / "control_flow"
 

@@ -7,103 +7,13 @@ their bytes), so it costs memory proportional to the graph, not to the weights.
 from __future__ import annotations
 
 import contextlib
-import functools
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import onnx
 
 from ..feeds import ORT_TYPES, input_specs, integer_rules
 from ..model import get_attr, iter_graphs
-
-#: Tensors with more elements than this lose their data in the skeleton.
-_SKELETON_MAX_ELEMENTS = 4096
-
-
-def _strip(tensor: onnx.TensorProto) -> None:
-    if int(np.prod(tensor.dims, dtype=np.int64)) > _SKELETON_MAX_ELEMENTS:
-        for name in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
-            tensor.ClearField(name)
-        tensor.data_location = onnx.TensorProto.DEFAULT
-        del tensor.external_data[:]
-
-
-def _skeleton(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None) -> onnx.ModelProto:
-    """A copy of ``model`` without large tensor bytes and with concrete input dims."""
-    skel = onnx.ModelProto()
-    skel.ir_version = model.ir_version
-    skel.opset_import.extend(model.opset_import)
-    graph = skel.graph
-    src = model.graph
-    graph.name = src.name
-    for init in src.initializer:
-        t = graph.initializer.add()
-        t.name, t.data_type = init.name, init.data_type
-        t.dims.extend(init.dims)
-        if int(np.prod(init.dims, dtype=np.int64)) <= _SKELETON_MAX_ELEMENTS:
-            t.CopyFrom(init)
-    for node in src.node:
-        new = graph.node.add()
-        new.CopyFrom(node)
-        for attr in new.attribute:
-            if attr.type == onnx.AttributeProto.TENSOR:
-                _strip(attr.t)
-    graph.output.extend(src.output)
-    init_names = {i.name for i in src.initializer}
-    for value in src.input:
-        new = graph.input.add()
-        new.CopyFrom(value)
-        if value.name in init_names:
-            continue
-        dims = new.type.tensor_type.shape.dim if new.type.HasField("tensor_type") else []
-        wanted = (input_shapes or {}).get(value.name)
-        for axis, dim in enumerate(dims):
-            if wanted is not None and axis < len(wanted):
-                dim.Clear()
-                dim.dim_value = int(wanted[axis])
-            elif not dim.HasField("dim_value") or dim.dim_value <= 0:
-                dim.Clear()
-                dim.dim_value = 1 if axis == 0 else default_dynamic_dim(axis)
-    return skel
-
-
-def default_dynamic_dim(axis: int) -> int:
-    """Value used for a dynamic dim that nobody specified: batch (axis 0) is 1, others 16."""
-    return 1 if axis == 0 else 16
-
-
-@functools.cache
-def _symbolic_shape_inference_class():
-    """onnxruntime's SymbolicShapeInference, loaded from its file: the ``onnxruntime.tools`` package
-    imports torch when it is installed, which the runtime path must not pay for."""
-    import onnxruntime
-
-    path = Path(onnxruntime.__file__).parent / "tools" / "symbolic_shape_infer.py"
-    spec = importlib.util.spec_from_file_location("onnxprune._ort_symbolic_shape_infer", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.SymbolicShapeInference
-
-
-def symbolic_inference(skel: onnx.ModelProto) -> onnx.ModelProto:
-    """``skel`` with onnxruntime's symbolic shape inference applied, or unchanged where it fails.
-
-    It follows run-time shape computations (``Shape -> Gather -> Slice/Expand/Range``, as
-    transformer exports have) and onnxruntime's fused ops, which onnx's own inference leaves unknown.
-    """
-    try:
-        SymbolicShapeInference = _symbolic_shape_inference_class()
-        # SymbolicShapeInference.infer_shapes drops partial results (and writes a debug file into
-        # the working directory) when some shape stays unknown; run its loop and keep what it found.
-        inference = SymbolicShapeInference(2**31 - 1, True, False, 0)
-        inference._preprocess(skel)
-        while inference.run_:
-            inference._infer_impl()
-        inference._update_output_from_vi()
-        return inference.out_mp_
-    except Exception:  # noqa: BLE001 - best effort; onnx's inference runs after it anyway
-        return skel
+from ..shapes import SKELETON_MAX_ELEMENTS, fold_static_shape_reads, skeleton, symbolic_inference
 
 
 def infer_shapes(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None) -> dict[str, list[int | None]]:
@@ -115,10 +25,8 @@ def _inferred(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None
               ) -> tuple[dict[str, list[int | None]], dict[str, bool]]:
     """Shapes as :func:`infer_shapes` gives them, and the condition of each If (by its first output) that the
     resolved inputs decide (see :func:`resolve_control_flow`)."""
-    skel = _skeleton(model, input_shapes)
-    if any(n.op_type == "Shape" for n in skel.graph.node):
-        from ..passes.shapefold import fold_static_shape_reads  # sizes computed from shapes become known
-
+    skel = skeleton(model, input_shapes)
+    if any(n.op_type == "Shape" for n in skel.graph.node):  # sizes computed from shapes become known
         fold_static_shape_reads(skel)
     conditions: dict[str, bool] = {}
     if any(_subgraphs(node) for node in skel.graph.node):
@@ -267,7 +175,7 @@ def fold_small_constants(model: onnx.ModelProto) -> int:
             value = evaluate_node(model, node, known)
             if value is None:
                 continue
-            if value.size > _SKELETON_MAX_ELEMENTS or value.dtype == object:
+            if value.size > SKELETON_MAX_ELEMENTS or value.dtype == object:
                 continue
             known[node.output[0]] = value
             graph.node[position].CopyFrom(onnx.helper.make_node(
@@ -278,7 +186,7 @@ def fold_small_constants(model: onnx.ModelProto) -> int:
 
 def _small(tensor: onnx.TensorProto) -> bool:
     """A tensor whose values the skeleton keeps (small enough, data present)."""
-    return int(np.prod(tensor.dims, dtype=np.int64)) <= _SKELETON_MAX_ELEMENTS and tensor.data_location == \
+    return int(np.prod(tensor.dims, dtype=np.int64)) <= SKELETON_MAX_ELEMENTS and tensor.data_location == \
         onnx.TensorProto.DEFAULT and tensor.ByteSize() > 0
 
 

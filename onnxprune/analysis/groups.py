@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
 
-from ..model import GraphIndex, Weight, build_indexes, get_attr
-from .cost import _skeleton, symbolic_inference
+from ..model import Weight, build_indexes
+from ..shapes import skeleton, symbolic_inference
+from .registry import Analysis, Annotation, Freeze, Space, WeightEdit, rule_error  # noqa: F401 - re-exported
+from .rules import CUSTOM_PRODUCERS, RULES, producer_rule
 
 #: Ops whose output has the shape of input 0 (used where onnx shape inference gives up, e.g. GroupNormalization-21).
 SAME_SHAPE = {
@@ -36,7 +37,7 @@ def complete_shapes(model: onnx.ModelProto, input_shapes: dict[str, list[int]] |
                     ) -> dict[str, list[int | None]]:
     """Static shapes of every tensor: onnx shape inference on a weight-less skeleton, continued by hand
     through shape-preserving ops it cannot infer and Reshapes whose run-time target folds to constants."""
-    skel = _skeleton(model, input_shapes)
+    skel = skeleton(model, input_shapes)
     skel = _static_inference(skel) or _dynamic_inference(model, skel)
     shapes: dict[str, list[int | None]] = {}
     for value in [*skel.graph.input, *skel.graph.value_info, *skel.graph.output]:
@@ -178,153 +179,9 @@ class _ShapeValues:
         return None
 
 
-def cast_along(index: GraphIndex, value: np.ndarray, chain: list[onnx.NodeProto]) -> np.ndarray:
-    """``value`` (a constant that :meth:`GraphIndex.resolve` found behind ``chain``) in the element type at the
-    chain's end: an int32 constant read through ``Cast(to=int64)`` is int64 there, so whatever is computed from
-    it or written in its place has the type its reader expects (Paddle's int32 shape chains)."""
-    for step in chain:
-        if step.op_type == "Cast":
-            value = value.astype(onnx.helper.tensor_dtype_to_np_dtype(int(get_attr(step, "to"))))
-        elif step.op_type == "CastLike" and len(step.input) > 1:
-            like, _ = index.resolve(step.input[1])
-            if like is not None:
-                value = value.astype(like.dtype)
-    return value
-
-
-class Freeze(Exception):
-    """Raised by a rule: the channels reaching this node must stay."""
-
-
-@dataclass
-class Annotation:
-    """The channel axis of a tensor and the channel id at each position of it."""
-
-    axis: int
-    ids: np.ndarray  # int64, one entry per position on ``axis``
-
-
-@dataclass
-class Space:
-    """The output channels of one producer node."""
-
-    id: int
-    node: onnx.NodeProto
-    start: int  # first global channel id
-    size: int
-    op: str
-
-
-@dataclass
-class WeightEdit:
-    """A weight whose positions along ``axis`` follow the channel ids ``ids``."""
-
-    weight: Weight
-    axis: int
-    ids: np.ndarray
-    role: str  # producer | consumer | param
-    node: onnx.NodeProto
-    private: bool = False  # shared with other readers: copy before changing (see :func:`own_copy`)
-
-
-@dataclass
-class Analysis:
-    """Everything structured pruning needs to know about one model."""
-
-    model: onnx.ModelProto
-    shapes: dict[str, list[int | None]]
-    index: GraphIndex
-    spaces: list[Space] = field(default_factory=list)
-    parent: list[int] = field(default_factory=list)  # union-find over channel ids
-    frozen: dict[int, str] = field(default_factory=dict)  # channel id -> reason
-    ann: dict[str, Annotation] = field(default_factory=dict)
-    edits: list[WeightEdit] = field(default_factory=list)
-    node_edits: list[tuple[onnx.NodeProto, Callable[[np.ndarray], None]]] = field(default_factory=list)
-    ops_by_id: dict[int, set[str]] = field(default_factory=dict)
-    approximate_layernorm: bool = False  # let channels through LayerNorm over the channel axis
-    approximations: list[str] = field(default_factory=list)  # nodes where removal is not exact
-    rewritten: dict[str, np.ndarray] = field(default_factory=dict)  # constants created while removing
-    head_ids: set[int] = field(default_factory=set)  # channel ids that stand for whole attention heads
-    size_reads: set[tuple[int, int]] = field(default_factory=set)  # (id(node), shape entry) sized by a Shape read
-    deferred: list[Callable[[], None]] = field(default_factory=list)  # checks once every node is walked
-    lineage_nodes: set[int] = field(default_factory=set)  # id(node) computing a per-channel operand from constants
-    lineage_users: set[int] = field(default_factory=set)  # id(node) reading such an operand with channel ids
-    lineage_ids: dict[str, tuple[int, np.ndarray]] = field(default_factory=dict)  # lineage tensor -> (axis, ids)
-
-    # -- channel ids -------------------------------------------------------------------
-
-    @property
-    def num_channels(self) -> int:
-        return len(self.parent)
-
-    def new_space(self, node: onnx.NodeProto, size: int) -> np.ndarray:
-        start = len(self.parent)
-        self.spaces.append(Space(len(self.spaces), node, start, size, node.op_type))
-        self.parent.extend(range(start, start + size))
-        return np.arange(start, start + size, dtype=np.int64)
-
-    def find(self, i: int) -> int:
-        parent = self.parent
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    def tie(self, a: np.ndarray, b: np.ndarray) -> None:
-        """Channels at equal positions of ``a`` and ``b`` must go together."""
-        for x, y in zip(a.tolist(), b.tolist()):
-            rx, ry = self.find(x), self.find(y)
-            if rx != ry:
-                self.parent[max(rx, ry)] = min(rx, ry)
-
-    def freeze(self, ids: np.ndarray, reason: str) -> None:
-        for i in set(np.asarray(ids).reshape(-1).tolist()):  # a set: np.unique costs more per call on short ids
-            self.frozen.setdefault(int(i), reason)
-
-    def mark(self, ids: np.ndarray, op: str) -> None:
-        for i in set(np.asarray(ids).reshape(-1).tolist()):
-            self.ops_by_id.setdefault(int(i), set()).add(op)
-
-    # -- shapes and constants ------------------------------------------------------------
-
-    def shape(self, name: str) -> list[int | None] | None:
-        return self.shapes.get(name)
-
-    def weight(self, name: str) -> tuple[Weight | None, list[onnx.NodeProto]]:
-        if not name:
-            return None, []
-        return self.index.resolve(name)
-
-    def constant(self, name: str) -> np.ndarray | None:
-        """The value of a small constant input (shape tensors, axes, slice bounds)."""
-        if name in self.rewritten:
-            return self.rewritten[name]
-        weight, chain = self.weight(name)
-        if weight is None or any(n.op_type == "Transpose" for n in chain):
-            return None
-        return cast_along(self.index, weight.array(), chain)
-
-    def add_weight_edit(self, name: str, axis: int, ids: np.ndarray, role: str, node: onnx.NodeProto) -> None:
-        """Record that weight input ``name`` follows ``ids`` on ``axis`` (mapped through Transposes)."""
-        weight, chain = self.weight(name)
-        if weight is None:
-            raise Freeze(f"{node.op_type} {node.name!r}: input {name!r} is not a constant weight")
-        rank = len(weight.shape)
-        for step in reversed(chain):
-            if step.op_type == "Transpose":
-                perm = next((list(a.ints) for a in step.attribute if a.name == "perm"), list(range(rank))[::-1])
-                axis = perm[axis]
-        axis = axis % rank if rank else 0
-        if rank == 0 or weight.shape[axis] != len(ids):
-            raise Freeze(f"{node.op_type} {node.name!r}: weight {weight.name!r} axis {axis} does not match the channels")
-        self.edits.append(WeightEdit(weight, axis, ids.copy(), role, node))
-
-
 def analyse(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None,
             exclude: list[str] = (), approximate_layernorm: bool = False, overrides: list[dict] = ()) -> Analysis:
     """Walk the main graph, apply the op rules and return channel ids, ties, edits and frozen ids."""
-    from .rules import CUSTOM_PRODUCERS, RULES, producer_rule
-
     index = build_indexes(model)[0]
     analysis = Analysis(model=model, shapes=complete_shapes(model, input_shapes), index=index,
                         approximate_layernorm=approximate_layernorm)
@@ -352,10 +209,9 @@ def analyse(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = 
                 rule(analysis, node)
             else:
                 producer_rule(analysis, node)
-        except Exception as exc:  # noqa: BLE001 - unknown means frozen: a rule that fails never crashes the run
+        except Exception as exc:  # noqa: BLE001 - unknown means frozen; a rule's own failure is named as a bug
             if not isinstance(exc, Freeze):
-                exc = Freeze(f"{node.op_type} {node.name!r}: no rule could follow the channels "
-                             f"({type(exc).__name__}: {exc})")
+                exc = rule_error(node, exc, bool(annotated))
             del analysis.edits[snapshot[1]:], analysis.node_edits[snapshot[2]:]
             analysis.freeze(np.arange(snapshot[0], analysis.num_channels), str(exc))
             for name in annotated:

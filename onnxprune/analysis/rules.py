@@ -4,42 +4,18 @@ A rule is called for a node with at least one input carrying channels. It sets t
 annotation of the node's outputs (or none: the channels are consumed), records the weight
 slices, per-channel constants and attributes that follow the channels, ties channels that
 must go together, or raises :class:`Freeze` with the reason the channels must stay.
-``RULES`` maps op type -> rule; ``supported_ops()`` lists them for the docs.
+``RULES`` maps op type -> rule, ``DESCRIPTIONS`` op type -> what the rule does (registry: :mod:`.registry`).
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
 from ..model import get_attr, opset_version
-from .groups import Analysis, Annotation, Freeze
+from .registry import DESCRIPTIONS, RULES, Analysis, Annotation, Freeze, rule  # noqa: F401 - RULES, DESCRIPTIONS: the registry
 from .weights import RECURRENT_GATES
-
-Rule = Callable[[Analysis, onnx.NodeProto], None]
-RULES: dict[str, Rule] = {}
-DESCRIPTIONS: dict[str, str] = {}
-
-
-def rule(*ops: str, does: str):
-    """Register a rule for ``ops`` with a one-line description for the docs."""
-
-    def register(fn: Rule) -> Rule:
-        for op in ops:
-            RULES[op] = fn
-            DESCRIPTIONS[op] = does
-        return fn
-
-    return register
-
-
-def supported_ops() -> dict[str, str]:
-    """Op type -> what its rule does (sorted), for docs and ``inspect``."""
-    return dict(sorted(DESCRIPTIONS.items()))
-
 
 # -- helpers ---------------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
+from ..analysis.groups import complete_shapes
 from ..model import GraphIndex, get_attr
 
 
@@ -34,8 +35,6 @@ def merge_batched_transposes(model: onnx.ModelProto) -> int:
         candidates.append((first, second))
     if not candidates:
         return 0
-    from ..analysis.groups import complete_shapes
-
     shapes = complete_shapes(model)
     merged = 0
     for first, second in candidates:

@@ -16,20 +16,23 @@ import numpy as np
 import onnx
 
 from ..analysis.cost import node_key, node_macs
-from ..analysis.groups import Analysis, ChannelGroup, analyse, build_groups, complete_shapes, own_copy
+from ..analysis.groups import Analysis, ChannelGroup, _free_names, analyse, build_groups, complete_shapes, own_copy
+from ..calibration import channel_energy
 from ..compensation import fold_removed_constants, reconstruct
-from ..config import PruneConfig
+from ..config import PruneConfig, ValidateConfig
 from ..errors import UsageError
+from ..feeds import prepare_feeds
 from ..model import count_params
-from ..scoring import unit_scores
+from ..recipe import find_override
+from ..scoring import reconstruction_scores, unit_scores
+from ..shapes import fold_static_shape_reads, skeleton
+from .canonical import merge_batched_transposes
 from .manager import PassContext
 from .subgraphs import WEIGHT_CRITERIA, Scope, scopes, write_back
 
 
 def group_overrides(groups: list[ChannelGroup], config: PruneConfig) -> dict[int, float]:
     """Group id -> sparsity from the first recipe override matching one of its producers."""
-    from ..recipe import find_override
-
     result: dict[int, float] = {}
     for g in groups:
         names = [name for s in g.spaces for name in (s.node.name, *s.node.input[1:2])]
@@ -160,9 +163,6 @@ def prepare_for_analysis(model: onnx.ModelProto) -> int:
 
     The structured pass, the oracle, sensitivity analysis and target allocation all analyse the
     prepared graph, so their group ids agree."""
-    from .canonical import merge_batched_transposes
-    from .shapefold import fold_static_shape_reads
-
     changed = fold_static_shape_reads(model) + merge_batched_transposes(model)
     if changed:
         remove_dead_nodes(model)
@@ -171,8 +171,6 @@ def prepare_for_analysis(model: onnx.ModelProto) -> int:
 
 def remove_dead_nodes(model: onnx.ModelProto) -> int:
     """Drop main-graph nodes and initializers nothing reads any more (e.g. shape constants that were replaced)."""
-    from ..analysis.groups import _free_names
-
     graph = model.graph
     used = {o.name for o in graph.output}
     for node in graph.node:
@@ -197,20 +195,6 @@ def remove_dead_nodes(model: onnx.ModelProto) -> int:
     return removed + len(dead)
 
 
-def mask(analysis: Analysis, keep: np.ndarray) -> None:
-    """Zero the consumer weight slices that read removed channels (the oracle's masked model)."""
-    for edit in analysis.edits:
-        if edit.role != "consumer":
-            continue
-        drop = ~keep[edit.ids]
-        if drop.any():
-            values = edit.weight.array()
-            index = [slice(None)] * values.ndim
-            index[edit.axis] = drop
-            values[tuple(index)] = 0
-            edit.weight.set_array(values)
-
-
 def refresh_value_info(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None) -> None:
     """Drop stale intermediate shapes and re-infer them (graph inputs and outputs stay as they are).
 
@@ -232,9 +216,7 @@ def refresh_value_info(model: onnx.ModelProto, input_shapes: dict[str, list[int]
 
 def _header_only(model: onnx.ModelProto) -> onnx.ModelProto:
     """The model without large tensor bytes (shape inference needs dims, not values)."""
-    from ..analysis.cost import _skeleton
-
-    skel = _skeleton(model, None)
+    skel = skeleton(model, None)
     # keep symbolic input dims as they are for value_info
     del skel.graph.input[:]
     skel.graph.input.extend(model.graph.input)
@@ -391,9 +373,6 @@ def _fold_feeds(ctx: PassContext, model: onnx.ModelProto) -> list[dict[str, np.n
     if ctx.state.get("feeds"):
         feeds = ctx.state["feeds"]
         return list(feeds) if isinstance(feeds, list) else [feeds]
-    from ..config import ValidateConfig
-    from ..validate import prepare_feeds
-
     shapes = ctx.state.get("input_shapes") or {}
     try:
         return [prepare_feeds(model, ValidateConfig(input_shapes=shapes, seed=seed))[0] for seed in (0, 1)]
@@ -419,8 +398,6 @@ class StructuredPrunePass:
         groups = build_groups(analysis)
         energy = None
         if cfg.criterion == "activation":
-            from ..calibration import channel_energy
-
             if not ctx.state.get("calibration"):
                 raise UsageError("--criterion activation needs --calibration-data")
             ctx.log("measuring channel activations on calibration data")
@@ -428,8 +405,6 @@ class StructuredPrunePass:
                       if e.role == "consumer" and e.node.input[0] in analysis.ann}
             energy = channel_energy(model, ctx.state["calibration"], inputs)
         if cfg.criterion == "reconstruction":
-            from ..scoring import reconstruction_scores
-
             if not ctx.state.get("calibration"):
                 raise UsageError("--criterion reconstruction needs --calibration-data")
             ctx.log("choosing channels for least-squares repair on calibration data")

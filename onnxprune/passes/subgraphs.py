@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 
 import onnx
 
-from ..analysis.cost import _skeleton, infer_shapes
+from ..analysis.cost import infer_shapes
 from ..analysis.groups import _free_names
 from ..model import build_indexes, iter_graphs
+from ..shapes import skeleton
 
 #: criteria a subgraph can be scored with (the data-driven ones need activations inside the body: l1 instead)
 WEIGHT_CRITERIA = ("l1", "l2", "random", "bn")
@@ -80,7 +81,7 @@ def _walk(graph: onnx.GraphProto, prefix: str):
 
 def _outer_types(model: onnx.ModelProto, input_shapes) -> tuple[dict[str, onnx.TypeProto], dict[str, list]]:
     """Element types (with symbolic dims) and concrete shapes of every tensor, subgraphs included."""
-    skel = _skeleton(model, None)
+    skel = skeleton(model, None)
     del skel.graph.input[:]
     skel.graph.input.extend(model.graph.input)  # symbolic dims stay symbolic in the wrapper
     with contextlib.suppress(Exception):

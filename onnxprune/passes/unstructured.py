@@ -25,11 +25,14 @@ from typing import Any
 import numpy as np
 import onnx
 
+from ..analysis.cost import infer_shapes
 from ..analysis.weights import PrunableWeight, Selection, find_prunable_weights, select_weights, tied_copies
+from ..calibration import channel_energy
 from ..compensation import reconstruct_sparse
 from ..config import PruneConfig
 from ..errors import UsageError
 from ..model import get_attr
+from ..obs import ObsRepair
 from ..recipe import find_override, wants
 from .manager import PassContext
 
@@ -111,8 +114,6 @@ class MagnitudePrunePass:
 
     def _activation_norms(self, ctx: PassContext, items: list[PrunableWeight]) -> dict[str, np.ndarray]:
         """||X_j||_2 of each weight's input channels on the calibration data (Wanda)."""
-        from ..calibration import channel_energy
-
         feeds = ctx.state.get("calibration")
         if not feeds:
             raise UsageError("--criterion activation needs --calibration-data")
@@ -132,8 +133,6 @@ class MagnitudePrunePass:
         energy = channel_energy(ctx.model, feeds, {name: axis for name, axis in wanted.values() if axis >= 0})
         last = {name for name, axis in wanted.values() if axis < 0}
         if last:
-            from ..analysis.cost import infer_shapes
-
             shapes = infer_shapes(ctx.model, ctx.state.get("input_shapes") or None)
             energy.update(channel_energy(ctx.model, feeds, {n: len(shapes[n]) - 1 for n in last if shapes.get(n)}))
         sizes = {item.name: item.weight.shape[item.reduction_axis] for item in items if item.name in wanted}
@@ -334,8 +333,6 @@ def _scoring_note(item: PrunableWeight, criterion: str, measured: bool) -> dict[
 
 def _obs_repair(ctx: PassContext, items: list[PrunableWeight], followers: dict[str, list]):
     """The SparseGPT repair (onnxprune/obs.py) over ``items``; weights with tied copies keep the magnitude mask."""
-    from ..obs import ObsRepair
-
     if not ctx.state.get("calibration"):
         raise UsageError("--criterion obs needs --calibration-data")
     tied = {name: "tied to an embedding copy that must stay equal to it" for name in followers}

@@ -1,9 +1,16 @@
-"""Fold run-time reads of static sizes (``Shape -> Gather -> ...``) into constants before channel analysis.
+"""Shapes without weights: the skeleton, symbolic shape inference, and folding static ``Shape`` reads.
 
-Exporters compute sizes from the tensors themselves: ``torch.chunk`` becomes ``Shape -> Gather ->
-Div -> Slice``, ``x.view(b, s, heads, -1)`` a ``Concat`` of gathered and constant pieces, and
-grouped-query attention's K/V repeat an ``Expand`` whose target mixes the batch and sequence
-sizes (dynamic) with the K/V head count (static). This pass evaluates every small computation
+The bottom layer beside :mod:`onnxprune.model`: analysis, cost figures and passes all read shapes through it.
+
+*Skeleton*: a copy of the model whose large tensors keep their dims but not their bytes, so shape inference costs
+memory proportional to the graph, not to the weights. *Symbolic inference*: onnxruntime's
+``SymbolicShapeInference``, which follows run-time shape computations and fused ops.
+
+*Static shape reads* (:func:`fold_static_shape_reads`): exporters compute sizes from the tensors themselves:
+``torch.chunk`` becomes
+``Shape -> Gather -> Div -> Slice``, ``x.view(b, s, heads, -1)`` a ``Concat`` of gathered and constant pieces,
+and grouped-query attention's K/V repeat an ``Expand`` whose target mixes the batch and sequence sizes (dynamic)
+with the K/V head count (static). The structured pass calls it before channel analysis; it evaluates every small computation
 downstream of ``Shape`` twice, with the dynamic dims set to two different sets of sizes; a value
 that comes out equal both times does not depend on any dynamic dim, so it is a constant.
 
@@ -17,14 +24,118 @@ where they cannot, they freeze the channels. Run-time reads that lead anywhere e
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib.util
+from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime
 from onnx import numpy_helper
 
-from ..analysis.cost import _skeleton, symbolic_inference
-from ..analysis.groups import cast_along
-from ..model import GraphIndex, get_attr
+from .model import GraphIndex, get_attr
+
+#: Tensors with more elements than this lose their data in the skeleton.
+SKELETON_MAX_ELEMENTS = 4096
+
+
+def _strip(tensor: onnx.TensorProto) -> None:
+    if int(np.prod(tensor.dims, dtype=np.int64)) > SKELETON_MAX_ELEMENTS:
+        for name in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+            tensor.ClearField(name)
+        tensor.data_location = onnx.TensorProto.DEFAULT
+        del tensor.external_data[:]
+
+
+def skeleton(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None) -> onnx.ModelProto:
+    """A copy of ``model`` without large tensor bytes and with concrete input dims."""
+    skel = onnx.ModelProto()
+    skel.ir_version = model.ir_version
+    skel.opset_import.extend(model.opset_import)
+    graph = skel.graph
+    src = model.graph
+    graph.name = src.name
+    for init in src.initializer:
+        t = graph.initializer.add()
+        t.name, t.data_type = init.name, init.data_type
+        t.dims.extend(init.dims)
+        if int(np.prod(init.dims, dtype=np.int64)) <= SKELETON_MAX_ELEMENTS:
+            t.CopyFrom(init)
+    for node in src.node:
+        new = graph.node.add()
+        new.CopyFrom(node)
+        for attr in new.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                _strip(attr.t)
+    graph.output.extend(src.output)
+    init_names = {i.name for i in src.initializer}
+    for value in src.input:
+        new = graph.input.add()
+        new.CopyFrom(value)
+        if value.name in init_names:
+            continue
+        dims = new.type.tensor_type.shape.dim if new.type.HasField("tensor_type") else []
+        wanted = (input_shapes or {}).get(value.name)
+        for axis, dim in enumerate(dims):
+            if wanted is not None and axis < len(wanted):
+                dim.Clear()
+                dim.dim_value = int(wanted[axis])
+            elif not dim.HasField("dim_value") or dim.dim_value <= 0:
+                dim.Clear()
+                dim.dim_value = 1 if axis == 0 else default_dynamic_dim(axis)
+    return skel
+
+
+def default_dynamic_dim(axis: int) -> int:
+    """Value used for a dynamic dim that nobody specified: batch (axis 0) is 1, others 16."""
+    return 1 if axis == 0 else 16
+
+
+@functools.cache
+def _symbolic_shape_inference_class():
+    """onnxruntime's SymbolicShapeInference, loaded from its file: the ``onnxruntime.tools`` package
+    imports torch when it is installed, which the runtime path must not pay for."""
+    path = Path(onnxruntime.__file__).parent / "tools" / "symbolic_shape_infer.py"
+    spec = importlib.util.spec_from_file_location("onnxprune._ort_symbolic_shape_infer", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.SymbolicShapeInference
+
+
+def symbolic_inference(skel: onnx.ModelProto) -> onnx.ModelProto:
+    """``skel`` with onnxruntime's symbolic shape inference applied, or unchanged where it fails.
+
+    It follows run-time shape computations (``Shape -> Gather -> Slice/Expand/Range``, as
+    transformer exports have) and onnxruntime's fused ops, which onnx's own inference leaves unknown.
+    """
+    try:
+        SymbolicShapeInference = _symbolic_shape_inference_class()
+        # SymbolicShapeInference.infer_shapes drops partial results (and writes a debug file into
+        # the working directory) when some shape stays unknown; run its loop and keep what it found.
+        inference = SymbolicShapeInference(2**31 - 1, True, False, 0)
+        inference._preprocess(skel)
+        while inference.run_:
+            inference._infer_impl()
+        inference._update_output_from_vi()
+        return inference.out_mp_
+    except Exception:  # noqa: BLE001 - best effort; onnx's inference runs after it anyway
+        return skel
+
+
+def cast_along(index: GraphIndex, value: np.ndarray, chain: list[onnx.NodeProto]) -> np.ndarray:
+    """``value`` (a constant that :meth:`GraphIndex.resolve` found behind ``chain``) in the element type at the
+    chain's end: an int32 constant read through ``Cast(to=int64)`` is int64 there, so whatever is computed from
+    it or written in its place has the type its reader expects (Paddle's int32 shape chains)."""
+    for step in chain:
+        if step.op_type == "Cast":
+            value = value.astype(onnx.helper.tensor_dtype_to_np_dtype(int(get_attr(step, "to"))))
+        elif step.op_type == "CastLike" and len(step.input) > 1:
+            like, _ = index.resolve(step.input[1])
+            if like is not None:
+                value = value.astype(like.dtype)
+    return value
+
+
 
 #: (op, input slot) pairs that read a shape-like tensor the op rules know how to rewrite.
 SINKS = {("Slice", 1), ("Slice", 2), ("Split", 1), ("Reshape", 1), ("Expand", 1), ("Tile", 1)}
@@ -39,7 +150,7 @@ _PROBES = ((1_000_003, 999_983, 999_979, 999_961, 101), (1_000_033, 1_000_037, 1
 
 def _symbolic_shapes(model: onnx.ModelProto) -> dict[str, list[int | str | None]]:
     """Shapes with dynamic dims kept symbolic (a name) or unknown (None); nothing is concretised."""
-    skel = _skeleton(model, None)
+    skel = skeleton(model, None)
     del skel.graph.input[:]
     skel.graph.input.extend(model.graph.input)
     skel = symbolic_inference(skel)
