@@ -269,10 +269,12 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=900, help="stop a tool's run after this many seconds")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")
-    parser.add_argument("--from-json", type=Path, nargs="+", help="rewrite the docs table from saved rows")
+    parser.add_argument("--from-json", type=Path, nargs="+", help="rewrite the docs table from saved rows "
+                        "(several files are merged; for a model x method x tool in two, the later file's row wins)")
     args = parser.parse_args()
     if args.from_json:
-        rows = [Outcome(**r) for path in args.from_json for r in json.loads(path.read_text())]
+        loaded = [Outcome(**r) for path in args.from_json for r in json.loads(path.read_text())]
+        rows = list({(r.model, r.method, r.tool): r for r in loaded}.values())  # a later file's row wins
     else:
         rows = run_all(args.models.split(","), args.methods.split(","), args.scale, args.timeout, args.json)
     if not args.no_docs:
