@@ -227,10 +227,12 @@ def table(rows: list[Outcome]) -> str:
 
 
 def better(a: Outcome, b: Outcome) -> bool:
-    """Whether ``a`` is better than ``b``: valid where b is not, else (at no more MACs kept) a higher task metric,
-    or with metrics within ``METRIC_BAND`` (or none) a relative L2 lower by more than 1 %."""
+    """Whether ``a`` is better than ``b``: valid where b is not, pruned where b pruned nothing, else (at no more
+    MACs kept) a higher task metric, or with metrics within ``METRIC_BAND`` (or none) a relative L2 lower by 1 %."""
     if a.status != "ok" or b.status != "ok":
         return a.status == "ok"
+    if pruned_nothing(a) or pruned_nothing(b):  # a no-op did not do the job: it never wins, and loses to any pruning
+        return not pruned_nothing(a)
     if (a.macs_kept or 1) > (b.macs_kept or 1) + 0.01:
         return False
     if a.metric_pruned is not None and abs(a.metric_pruned - b.metric_pruned) >= METRIC_BAND:
@@ -238,17 +240,23 @@ def better(a: Outcome, b: Outcome) -> bool:
     return a.rel_l2 < 0.99 * b.rel_l2
 
 
+def pruned_nothing(row: Outcome) -> bool:
+    """A valid output that kept every MAC and parameter and holds (next to) no zeros: the run was a no-op."""
+    return row.status == "ok" and row.macs_kept >= 0.999 and row.params_kept >= 0.999 and row.zeros < 0.01
+
+
 def summary(rows: list[Outcome]) -> str:
-    """Per tool: runs, valid, invalid, failed, and the pairs it won."""
+    """Per tool: runs, valid, invalid, failed, valid but pruned nothing, and the pairs it won."""
     pairs: dict[tuple[str, str], dict[str, Outcome]] = {}
     for r in rows:
         pairs.setdefault((r.model, r.method), {})[r.tool] = r
-    lines = ["| tool | runs | valid | invalid | failed | pairs won |", "|---|---|---|---|---|---|"]
+    lines = ["| tool | runs | valid | invalid | failed | pruned nothing | pairs won |", "|---|---|---|---|---|---|---|"]
     for tool, other in (("onnxprune", "onnxsim"), ("onnxsim", "onnxprune")):
         mine = [r for r in rows if r.tool == tool]
         won = [f"{m} / {k}" for (m, k), p in pairs.items() if tool in p and other in p and better(p[tool], p[other])]
         counts = [sum(r.status == s for r in mine) for s in ("ok", "invalid", "failed")]
-        lines.append(f"| {tool} | {len(mine)} | {counts[0]} | {counts[1]} | {counts[2]} | {len(won)}: "
+        lines.append(f"| {tool} | {len(mine)} | {counts[0]} | {counts[1]} | {counts[2]} | "
+                     f"{sum(pruned_nothing(r) for r in mine)} | {len(won)}: "
                      f"{', '.join(won) or '–'} |")
     return "\n".join(lines)
 

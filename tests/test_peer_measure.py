@@ -111,7 +111,8 @@ def test_run_child_reports_exit_code_last_line_and_stops_hangs() -> None:
 
 
 def _row(status: str = "ok", macs: float = 1.0, metric: float | None = None, rel: float = 0.1) -> Outcome:
-    return Outcome("m", "x", "t", status, macs_kept=macs, metric_dense=metric, metric_pruned=metric, rel_l2=rel)
+    return Outcome("m", "x", "t", status, macs_kept=macs, params_kept=1.0, zeros=0.5, metric_dense=metric,
+                   metric_pruned=metric, rel_l2=rel)
 
 
 def test_better_rules() -> None:
@@ -123,3 +124,12 @@ def test_better_rules() -> None:
     assert not bench_peer.better(_row(metric=0.9, rel=0.1), _row(metric=0.9, rel=0.0995))
     # keeping more MACs never wins
     assert not bench_peer.better(_row(macs=0.8, metric=0.9), _row(macs=0.7, metric=0.5))
+
+
+def test_pruned_nothing_and_summary_counts() -> None:
+    noop = Outcome("m", "x", "onnxsim", "ok", macs_kept=1.0, params_kept=1.0, zeros=0.0, rel_l2=0.0)
+    zeroed = Outcome("m", "x", "onnxprune", "ok", macs_kept=1.0, params_kept=1.0, zeros=0.5, rel_l2=0.2)
+    assert bench_peer.pruned_nothing(noop) and not bench_peer.pruned_nothing(zeroed)
+    lines = bench_peer.summary([zeroed, noop, Outcome("n", "x", "onnxsim", "failed")]).splitlines()
+    assert lines[2].startswith("| onnxprune | 1 | 1 | 0 | 0 | 0 | 1: m / x")
+    assert lines[3].startswith("| onnxsim | 2 | 1 | 0 | 1 | 1 | 0: –")  # its rel L2 of 0 does not make a no-op win
