@@ -16,6 +16,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from onnxprune import compensation
 from onnxprune.analysis.groups import analyse, build_groups
 from onnxprune.calibration import ActivationStream, session_with_outputs
 from onnxprune.compensation import GramSum, _im2col, _reconstructable, _waves, _write_solution, reconstruct
@@ -116,6 +117,10 @@ def _layer_by_layer(original, pruned, layers, feeds, ridge=1e-3):
 
 
 def test_wave_refit_equals_layer_by_layer(monkeypatch):
+    """With every row in the Gram (no row sampling), the refit in waves (shifted float32 products summed in float64)
+    gives the weights of a float64 layer-by-layer refit: equal to a small fraction of each weight's scale (float32
+    rounding compounds over 20 layers), and model outputs whose difference is under 1 % of the repair's own error."""
+    monkeypatch.setattr(compensation, "GRAM_MIN_ROWS", 1 << 40)
     model = onnx.load(str(FIXTURES / "arch" / "resnet18.onnx"))
     prepare_for_analysis(model)
     analysis = analyse(model)
@@ -141,7 +146,7 @@ def test_wave_refit_equals_layer_by_layer(monkeypatch):
         return real_run(self, *args, **kwargs)
     monkeypatch.setattr(ort.InferenceSession, "run", counting_run)
     summary = reconstruct(original, fast, layers, feeds)
-    monkeypatch.undo()
+    monkeypatch.setattr(ort.InferenceSession, "run", real_run)
 
     assert summary["layers"] == len(layers) > 10 and not summary["skipped"]
     plan = [SimpleNamespace(node=n) for n in fast.graph.node if any(n.output[0] == name for name, _ in layers)]
@@ -152,8 +157,11 @@ def test_wave_refit_equals_layer_by_layer(monkeypatch):
     fast_w = {i.name: onnx.numpy_helper.to_array(i) for i in fast.graph.initializer}
     assert slow_w.keys() == fast_w.keys()
     for name, value in slow_w.items():
-        np.testing.assert_allclose(fast_w[name], value, rtol=1e-4, atol=1e-5 * max(1.0, np.abs(value).max()))
+        np.testing.assert_allclose(fast_w[name], value, rtol=1e-2, atol=2e-3 * max(1.0, np.abs(value).max()))
     onnx.checker.check_model(fast, full_check=True)
+    out = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds[0])[0]
+           for m in (original, slow, fast)]
+    assert np.abs(out[2] - out[1]).max() < 0.01 * np.abs(out[1] - out[0]).max()
 
 
 class _Recording(ActivationStream):
