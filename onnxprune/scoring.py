@@ -263,6 +263,11 @@ class _State:
         for unit_ids, index, blocks in self.groups:
             if not len(unit_ids):
                 continue
+            if index.shape[1] == 1:  # one feature per unit (neurons, Gemm/MatMul inputs): ‖w‖² / P_uu
+                rows, diag = self.W[index[:, 0]], blocks[:, 0, 0]
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    cost[unit_ids] += np.where(diag > 0, np.einsum("uj,uj->u", rows, rows) / diag, np.inf)
+                continue
             w = self.W[index]  # [units, k, outputs]
             try:
                 solved = np.linalg.solve(blocks, w)
