@@ -212,3 +212,51 @@ def test_stopped_order_removes_the_same_units(share):
         assert np.argsort(stopped[group.id], kind="stable")[:n].tolist() == \
             np.argsort(full[group.id], kind="stable")[:n].tolist()
         assert not np.array_equal(stopped[group.id], full[group.id])  # the tail was not ordered
+
+
+def test_sampled_patches_are_im2col_rows(monkeypatch):
+    """Over the row budget, a Conv's Gram reads a seeded sample of im2col rows: exactly the full im2col rows at the
+    picked positions, the same picks on every run, and the refit targets taken at the same positions."""
+    from onnxprune.compensation import RowSampler, _patches, _refit_rows
+
+    monkeypatch.setattr(compensation, "GRAM_MIN_ROWS", 100)
+    monkeypatch.setattr(compensation, "GRAM_ROWS_PER_FEATURE", 2)
+    node = onnx.helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[2, 2])
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((4, 5, 11, 9)).astype(np.float32)
+    full = _im2col(x, node, (3, 3))
+    rows, picked = _patches(x, node, (3, 3), RowSampler(features=45, batches=2))
+    assert picked is not None and len(picked) == round(full.shape[0] * 100 / (2 * full.shape[0]))
+    np.testing.assert_array_equal(rows, full[picked])
+    again = _patches(x, node, (3, 3), RowSampler(features=45, batches=2))[1]
+    np.testing.assert_array_equal(picked, again)
+    assert _patches(x, node, (3, 3), RowSampler(features=45, batches=1))[1] is not None  # 100 of 120 rows
+    monkeypatch.setattr(compensation, "GRAM_MIN_ROWS", 10_000)
+    assert _patches(x, node, (3, 3), RowSampler(features=45, batches=2))[1] is None  # under the budget: all rows
+
+    monkeypatch.setattr(compensation, "GRAM_MIN_ROWS", 100)
+    y = rng.standard_normal((4, 6, 6, 5)).astype(np.float32)
+    item = SimpleNamespace(node=node, weight=SimpleNamespace(shape=(6, 5, 3, 3)), out_mask=np.ones(6, dtype=bool))
+    got_rows, got_target = _refit_rows(item, x, y, RowSampler(features=45, batches=2))
+    np.testing.assert_array_equal(got_rows[:, :-1], full[picked])
+    np.testing.assert_array_equal(got_target, np.moveaxis(y, 1, -1).reshape(-1, 6)[picked])
+
+
+def test_shifted_gram_sum_is_exact_in_float64():
+    """Shifted float32 products: XᵀX and XᵀY of data with a large common offset (after a ReLU, a bias column)
+    agree with float64 products far better than unshifted float32 products do."""
+    rng = np.random.default_rng(6)
+    blocks = [np.abs(rng.standard_normal((300, 40))).astype(np.float32) + 50 for _ in range(4)]
+    targets = [rng.standard_normal((300, 3)).astype(np.float32) + 20 for _ in range(4)]
+    total = GramSum()
+    for b, t in zip(blocks, targets):
+        total.add(b, t)
+    gram, cross = total.result()
+    x, y = np.concatenate(blocks).astype(np.float64), np.concatenate(targets).astype(np.float64)
+    centred = x - x.mean(0)
+    exact = centred.T @ centred
+    shifted_error = np.abs((gram - np.outer(x.sum(0), x.mean(0))) - exact).max()
+    plain = np.concatenate(blocks).T @ np.concatenate(blocks)
+    plain_error = np.abs((plain.astype(np.float64) - np.outer(x.sum(0), x.mean(0))) - exact).max()
+    assert shifted_error < 1e-3 * np.abs(exact).max() < plain_error
+    np.testing.assert_allclose(cross, x.T @ y, rtol=1e-6)
