@@ -22,8 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.corpus.harness import make_data, run_row  # noqa: E402
-from tests.corpus.models import BY_NAME  # noqa: E402
+from tests.corpus.harness import make_data, run_row
+from tests.corpus.models import BY_NAME
 
 MODE = "structured 0.3 + reconstruct"
 

@@ -324,7 +324,7 @@ class RowSampler:
             self.share = min(1.0, self.budget / max(rows * self.batches, 1))
         if self.share >= 1.0:
             return None
-        count = max(1, int(round(rows * self.share)))
+        count = max(1, round(rows * self.share))
         return np.sort(self.rng.choice(rows, size=count, replace=False))
 
 

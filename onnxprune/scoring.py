@@ -76,7 +76,7 @@ def reconstruction_scores(analysis: Analysis, groups: list[ChannelGroup], feeds:
     if not consumers:
         return fallback
     with clock.stage("gram"):
-        grams = _consumer_grams(analysis.model, consumers, feeds, ridge, clock)
+        grams = _consumer_grams(analysis.model, consumers, feeds, ridge, clock, analysis.shapes)
     scores: dict[int, np.ndarray] = {}
     with clock.stage("selection"):
         for group in groups:
@@ -114,38 +114,59 @@ def _refit_consumers(analysis: Analysis) -> dict[str, tuple]:
     return found
 
 
+#: bytes of consumer inputs captured per onnxruntime run and calibration batch (and kept between runs) in selection
+CAPTURE_BYTES = 256 << 20
+
+
+def _capture_chunks(model, names: set[str], shapes: dict, feeds: list[dict[str, np.ndarray]]) -> list[list[str]]:
+    """``names`` in graph order, split so each chunk's tensors for one calibration batch (float32, sizes from the
+    analysis shapes; unknown dims count as 1) fit in ``CAPTURE_BYTES``."""
+    order = {out: i for i, node in enumerate(model.graph.node) for out in node.output}
+    batch = max((int(v.shape[0]) if v.ndim else 1 for feed in feeds for v in feed.values()), default=1)
+    chunks: list[list[str]] = [[]]
+    used = 0
+    for name in sorted(names, key=lambda n: (order.get(n, -1), n)):
+        dims = shapes.get(name) or []
+        size = 4 * batch * int(np.prod([d if isinstance(d, int) and d > 0 else 1 for d in dims[1:]]))
+        if chunks[-1] and used + size > CAPTURE_BYTES:
+            chunks.append([])
+            used = 0
+        chunks[-1].append(name)
+        used += size
+    return [c for c in chunks if c]
+
+
 def _consumer_grams(model, consumers: dict[str, tuple], feeds: list[dict[str, np.ndarray]],
-                    ridge: float, clock=None) -> dict[str, np.ndarray]:
+                    ridge: float, clock=None, shapes: dict | None = None) -> dict[str, np.ndarray]:
     """XᵀX of each consumer's input features on ``feeds`` (+ ridge), in bounded memory.
 
-    One onnxruntime run per feed captures every consumer input; consumers that read the same tensor with the
-    same patch geometry share one Gram (float32 products summed in float64, see ``GramSum``), over at most the
-    ``RowSampler`` budget of rows."""
-    from .calibration import session_with_outputs
+    Consumer inputs are captured in graph order, in chunks of at most ``CAPTURE_BYTES`` per calibration batch, by
+    one :class:`~onnxprune.calibration.ActivationStream` (each node runs once per batch; tensors later chunks read
+    are kept between chunks); consumers that read the same tensor with the same patch geometry share one Gram
+    (float32 products summed in float64, see ``GramSum``), over at most the ``RowSampler`` budget of rows."""
+    from .calibration import ActivationStream
     from .compensation import GramSum, RowSampler, StageClock
 
     clock = clock or StageClock()
-    names = sorted({node.input[0] for node, *_ in consumers.values()})
-    with clock.stage("capture"):
-        session = session_with_outputs(model, names)
     shared = {key: _patch_key(node, matrix.shape[0]) for key, (node, _, matrix, _) in consumers.items()}
     sums: dict[tuple, GramSum | None] = {}
     samplers = {patch: RowSampler(matrix.shape[0], len(feeds)) for key, (_, _, matrix, _) in consumers.items()
                 for patch in [shared[key]]}
-    for feed in feeds:
-        with clock.stage("capture"):
-            values = dict(zip(names, session.run(names, feed)))
-        counted = set()  # features that several consumers share are added once per feed
-        for key, (node, _, matrix, _) in consumers.items():
-            patch = shared[key]
-            if patch in counted or (patch in sums and sums[patch] is None):
-                continue
-            counted.add(patch)
-            rows = _features(node, values[node.input[0]], matrix.shape[0], samplers[patch])
-            if rows is None:  # features that do not match the weight
-                sums[patch] = None
-                continue
-            sums.setdefault(patch, GramSum()).add(rows)
+    stream = ActivationStream(model, feeds, CAPTURE_BYTES)
+    for chunk in _capture_chunks(model, {node.input[0] for node, *_ in consumers.values()}, shapes or {}, feeds):
+        reading = {key: item for key, item in consumers.items() if item[0].input[0] in chunk}
+        for values in stream.run(chunk, clock=clock):
+            counted = set()  # features that several consumers share are added once per feed
+            for key, (node, _, matrix, _) in reading.items():
+                patch = shared[key]
+                if patch in counted or (patch in sums and sums[patch] is None):
+                    continue
+                counted.add(patch)
+                rows = _features(node, values[node.input[0]], matrix.shape[0], samplers[patch])
+                if rows is None:  # features that do not match the weight
+                    sums[patch] = None
+                    continue
+                sums.setdefault(patch, GramSum()).add(rows)
     grams: dict[str, np.ndarray] = {}
     for key, patch in shared.items():
         if sums.get(patch) is not None:

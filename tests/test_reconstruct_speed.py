@@ -260,3 +260,26 @@ def test_shifted_gram_sum_is_exact_in_float64():
     plain_error = np.abs((plain.astype(np.float64) - np.outer(x.sum(0), x.mean(0))) - exact).max()
     assert shifted_error < 1e-3 * np.abs(exact).max() < plain_error
     np.testing.assert_allclose(cross, x.T @ y, rtol=1e-6)
+
+
+def test_chunked_capture_gives_the_same_grams(monkeypatch):
+    """Selection Grams captured one consumer input per onnxruntime run (a tiny capture budget) equal those of one
+    run capturing every input."""
+    from onnxprune import scoring
+
+    model = onnx.load(str(FIXTURES / "arch" / "resnet18.onnx"))
+    prepare_for_analysis(model)
+    analysis = analyse(model)
+    consumers = scoring._refit_consumers(analysis)
+    rng = np.random.default_rng(7)
+    feeds = [{"input": rng.standard_normal((n, 3, 64, 64)).astype(np.float32)} for n in (3, 2)]
+    whole = scoring._consumer_grams(model, consumers, feeds, 1e-3, shapes=analysis.shapes)
+    assert len(scoring._capture_chunks(model, {n.input[0] for n, *_ in consumers.values()}, analysis.shapes,
+                                       feeds)) == 1
+    monkeypatch.setattr(scoring, "CAPTURE_BYTES", 1)
+    chunks = scoring._capture_chunks(model, {n.input[0] for n, *_ in consumers.values()}, analysis.shapes, feeds)
+    assert len(chunks) == len({n.input[0] for n, *_ in consumers.values()}) > 10
+    split = scoring._consumer_grams(model, consumers, feeds, 1e-3, shapes=analysis.shapes)
+    assert whole.keys() == split.keys() and len(whole) > 10
+    for key, gram in whole.items():
+        np.testing.assert_allclose(split[key], gram, rtol=1e-6)
