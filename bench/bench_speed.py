@@ -3,6 +3,7 @@
     pip install -e ".[bench]"
     OPENBLAS_NUM_THREADS=1 python bench/bench_speed.py [--models minilm,bert-base,resnet50] [--samples 128]
                                                        [--seq 128] [--cache DIR] [--json out.json]
+    OPENBLAS_NUM_THREADS=1 python bench/bench_speed.py --selection   # greedy selection alone, synthetic groups
 
 Models (random weights, exported once by torch.onnx's TorchScript exporter into ``--cache``, default the git-ignored
 ``bench/models/speed/``; nothing is written into the tracked tree):
@@ -149,6 +150,30 @@ def bench(name: str, model: Path, calib: Path, sparsity: float, extra: list[str]
     return row
 
 
+def selection_micro() -> list[dict]:
+    """CPU seconds of greedy selection alone on one synthetic group (random Gram of 4·D rows, random weights)."""
+    from types import SimpleNamespace
+
+    sys.path.insert(0, str(ROOT))
+    from onnxprune.scoring import _greedy_order
+
+    rows = []
+    rng = np.random.default_rng(0)
+    for features, outputs, k, steps in ((1536, 384, 1, 462), (2304, 256, 9, 78), (4608, 512, 9, 155)):
+        units = features // k
+        x = rng.standard_normal((4 * features, features))
+        gram = x.T @ x
+        gram += 1e-3 * np.trace(gram) / features * np.eye(features)
+        group = SimpleNamespace(units=[np.array([u]) for u in range(units)])
+        consumers = {"c": (None, None, rng.standard_normal((features, outputs)), np.repeat(np.arange(units), k))}
+        wall, cpu = time.perf_counter(), time.process_time()
+        _greedy_order(group, consumers, {"c": gram}, steps)
+        rows.append({"features": features, "outputs": outputs, "block": k, "steps": steps,
+                     "wall_s": round(time.perf_counter() - wall, 2), "cpu_s": round(time.process_time() - cpu, 2)})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="minilm,bert-base,resnet50")
@@ -157,8 +182,12 @@ def main() -> None:
     parser.add_argument("--sparsity", type=float, default=0.3)
     parser.add_argument("--cache", type=Path, default=HERE / "models" / "speed")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--selection", action="store_true", help="only time greedy selection on synthetic groups")
     parser.add_argument("extra", nargs="*", help="further onnxprune options (after --)")
     args = parser.parse_args()
+    if args.selection:
+        selection_micro()
+        return
     args.cache.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in args.models.split(","):
