@@ -8,6 +8,7 @@ shapes are checked against the model's inputs with clear errors.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -139,10 +140,13 @@ class ActivationStream:
                 self.readers.setdefault(name, []).append(id(node))
         self.done: set[int] = set()
 
-    def run(self, names: list[str], live: dict[str, np.ndarray] | None = None) -> Iterator[dict[str, np.ndarray]]:
+    def run(self, names: list[str], live: dict[str, np.ndarray] | None = None,
+            clock: Any = None) -> Iterator[dict[str, np.ndarray]]:
         """Per feed, the tensors ``names``; ``live`` maps constants (initializers, Constant outputs) to values fed as
-        session inputs instead, so weights that change between steps need no new model copy."""
+        session inputs instead, so weights that change between steps need no new model copy. ``clock`` (a
+        :class:`~onnxprune.compensation.StageClock`) times session building and runs as ``capture``."""
         live = live or {}
+        timed = clock.stage("capture") if clock is not None else contextlib.nullcontext()
         self._forget()  # here, not after the last yield: a caller may stop iterating once it has every feed
         available = set(self.feeds[0]) | set(self.kept[0]) | set(live)
         segment = self._segment(names, available)
@@ -152,13 +156,15 @@ class ActivationStream:
         later = [out for out in produced if out not in wanted and
                  any(r not in self.done and r not in ids for r in self.readers.get(out, []))]
         outputs = wanted + later
-        session = self._session(segment, available, live, outputs) if outputs else None
+        with timed:
+            session = self._session(segment, available, live, outputs) if outputs else None
         inputs = [i.name for i in session.get_inputs()] if session else []
         self.done |= ids
         for feed, kept in zip(self.feeds, self.kept):
             values = {**feed, **kept, **live}
             if session is not None:
-                values.update(zip(outputs, session.run(outputs, {k: values[k] for k in inputs})))
+                with clock.stage("capture") if clock is not None else contextlib.nullcontext():
+                    values.update(zip(outputs, session.run(outputs, {k: values[k] for k in inputs})))
             kept.update({out: values[out] for out in wanted + later})
             yield {n: values[n] for n in names}
 

@@ -11,6 +11,9 @@ otherwise the fold is the best constant (bias correction) and is reported as app
 
 from __future__ import annotations
 
+import contextlib
+import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -267,8 +270,73 @@ def _add_to_following_bias(analysis, node: onnx.NodeProto, delta: np.ndarray) ->
 # --------------------------------------------------------------------------------------
 
 
+class StageClock:
+    """Wall and CPU seconds per named stage of a pass, for the report; a stage nested in another is not counted in
+    its parent's own time (capture inside Gram accumulation counts as capture)."""
+
+    def __init__(self):
+        self.wall: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+        self.stack: list[str] = []
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Time the body as ``name``."""
+        wall, cpu = time.perf_counter(), time.process_time()
+        self.stack.append(name)
+        try:
+            yield
+        finally:
+            self.stack.pop()
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            self.wall[name] = self.wall.get(name, 0.0) + wall
+            self.cpu[name] = self.cpu.get(name, 0.0) + cpu
+            if self.stack:
+                self.wall[self.stack[-1]] = self.wall.get(self.stack[-1], 0.0) - wall
+                self.cpu[self.stack[-1]] = self.cpu.get(self.stack[-1], 0.0) - cpu
+
+    def as_dict(self) -> dict[str, dict[str, float]]:
+        """Stage -> {"wall_s", "cpu_s"}, in the order the stages first ran."""
+        return {k: {"wall_s": round(v, 3), "cpu_s": round(self.cpu[k], 3)} for k, v in self.wall.items()}
+
+
+#: Gram matrices (selection and refit) use at most max(GRAM_MIN_ROWS, GRAM_ROWS_PER_FEATURE × features) rows per
+#: consumer: beyond that, a seeded uniform sample of the rows (im2col positions, tokens) of every calibration batch.
+#: XᵀX/n of a uniform sample estimates the full Gram without bias; 32 rows per feature keep its relative error
+#: small, and the sample is the same on every run (seed 0).
+GRAM_MIN_ROWS = 16384
+GRAM_ROWS_PER_FEATURE = 32
+
+
+class RowSampler:
+    """Which rows of each calibration batch enter one consumer's Gram: all of them while the batches hold at most
+    the row budget for ``features``, else a seeded uniform sample of the same share of every batch."""
+
+    def __init__(self, features: int, batches: int, seed: int = 0):
+        self.budget = max(GRAM_MIN_ROWS, GRAM_ROWS_PER_FEATURE * features)
+        self.batches = max(batches, 1)
+        self.rng = np.random.default_rng(seed)
+        self.share: float | None = None
+
+    def pick(self, rows: int) -> np.ndarray | None:
+        """Sorted row indices to keep out of ``rows`` (None: all); the share is fixed by the first batch."""
+        if self.share is None:
+            self.share = min(1.0, self.budget / max(rows * self.batches, 1))
+        if self.share >= 1.0:
+            return None
+        count = max(1, round(rows * self.share))
+        return np.sort(self.rng.choice(rows, size=count, replace=False))
+
+
 def _im2col(x: np.ndarray, node: onnx.NodeProto, kernel: tuple[int, int]) -> np.ndarray:
     """Patches of a 4-D input as rows: [N*Ho*Wo, C*kh*kw] for a 2-D Conv's pads/strides/dilations."""
+    return _patches(x, node, kernel)[0]
+
+
+def _patches(x: np.ndarray, node: onnx.NodeProto, kernel: tuple[int, int], sampler: RowSampler | None = None
+             ) -> tuple[np.ndarray, np.ndarray | None]:
+    """:func:`_im2col` rows and the indices of the output positions they belong to (None: all, in order). With
+    ``sampler`` only the sampled positions' patches are gathered (the full patch matrix is never built)."""
     kh, kw = kernel
     pads = list(get_attr(node, "pads") or [0, 0, 0, 0])
     sh, sw = list(get_attr(node, "strides") or [1, 1])
@@ -277,7 +345,12 @@ def _im2col(x: np.ndarray, node: onnx.NodeProto, kernel: tuple[int, int]) -> np.
     win = np.lib.stride_tricks.sliding_window_view(xp, ((kh - 1) * dh + 1, (kw - 1) * dw + 1), axis=(2, 3))
     win = win[:, :, ::sh, ::sw, ::dh, ::dw]
     n, c, ho, wo = win.shape[:4]
-    return win.transpose(0, 2, 3, 1, 4, 5).reshape(n * ho * wo, c * kh * kw)
+    picked = sampler.pick(n * ho * wo) if sampler is not None else None
+    if picked is None:
+        return win.transpose(0, 2, 3, 1, 4, 5).reshape(n * ho * wo, c * kh * kw), None
+    b, rest = np.divmod(picked, ho * wo)
+    i, j = np.divmod(rest, wo)
+    return win[b, :, i, j].reshape(len(picked), c * kh * kw), picked
 
 
 def _reconstructable(node: onnx.NodeProto) -> bool:
@@ -291,7 +364,8 @@ def _reconstructable(node: onnx.NodeProto) -> bool:
 
 
 def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, layers: list[tuple[str, np.ndarray]],
-                feeds: list[dict[str, np.ndarray]], ridge: float = 1e-3, budget: int = 1 << 30) -> dict[str, Any]:
+                feeds: list[dict[str, np.ndarray]], ridge: float = 1e-3, budget: int = 1 << 30,
+                clock: StageClock | None = None) -> dict[str, Any]:
     """Refit each layer's kept weights (and bias) so its output on ``feeds`` matches the original's.
 
     ``layers`` are (output tensor name, mask of the original output channels still present),
@@ -300,8 +374,9 @@ def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, layers: list
     waves: a wave holds every layer whose upstream refits are all done, so one pass over ``feeds`` serves the whole
     wave. Both models are streamed (:class:`~onnxprune.calibration.ActivationStream`): each node runs once per feed,
     the tensors later waves read are kept between waves (at most ``budget`` bytes, else recomputed), and the
-    refitted weights are session inputs of the pruned model.
+    refitted weights are session inputs of the pruned model. ``clock`` times capture, Gram products and solves.
     """
+    clock = clock or StageClock()
 
     nodes = {out: node for node in pruned.graph.node for out in node.output}
     index = GraphIndex.build(pruned.graph)
@@ -324,7 +399,7 @@ def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, layers: list
     done = []
     reference, current = ActivationStream(original, feeds, budget), ActivationStream(pruned, feeds, budget)
     for wave in _waves(pruned, plan):
-        _refit_wave(wave, reference, current, live, ridge)
+        _refit_wave(wave, reference, current, live, ridge, clock)
         for item in wave:
             if item.solution is None:
                 skipped.append(item.name)
@@ -348,6 +423,9 @@ class _Refit:
         self.name, self.out_mask, self.node, self.weight, self.added = name, out_mask, node, weight, added
         self.bias = index.resolve(node.input[2])[0] if node.op_type != "MatMul" else None
         self.solution: np.ndarray | None = None
+        shape = weight.shape
+        self.features = int(np.prod(shape[1:])) if node.op_type == "Conv" else int(
+            shape[-1] if node.op_type == "Gemm" and get_attr(node, "transB", 0) else shape[0])
 
 
 def _ensure_bias(model: onnx.ModelProto, index: GraphIndex, node: onnx.NodeProto, weight) -> tuple[str, str] | None:
@@ -409,32 +487,39 @@ def _waves(model: onnx.ModelProto, plan: list[_Refit]) -> list[list[_Refit]]:
     return waves
 
 
-def _refit_wave(wave: list[_Refit], reference, current, live: dict[str, np.ndarray], ridge: float) -> None:
+def _refit_wave(wave: list[_Refit], reference, current, live: dict[str, np.ndarray], ridge: float,
+                clock: StageClock) -> None:
     """Accumulate every wave layer's normal equations over the calibration feeds and solve; ``reference`` and
-    ``current`` stream the original and the pruned model (its refitted weights fed as inputs)."""
+    ``current`` stream the original and the pruned model (its refitted weights fed as inputs). Products run in
+    float32 over at most the :class:`RowSampler` budget of rows and are summed in float64; the solve is float64."""
     inputs = sorted({item.node.input[0] for item in wave})
     outputs = [item.name for item in wave]
     sums: dict[str, GramSum | None] = {}
-    for xs, ys in zip(current.run(inputs, live), reference.run(outputs)):
+    samplers: dict[str, RowSampler] = {}
+    for xs, ys in zip(current.run(inputs, live, clock), reference.run(outputs, clock=clock)):
+        with clock.stage("refit_gram"):
+            for item in wave:
+                if item.name in sums and sums[item.name] is None:
+                    continue
+                sampler = samplers.setdefault(item.name, RowSampler(item.features, len(current.feeds)))
+                rows, target = _refit_rows(item, xs[item.node.input[0]], ys[item.name], sampler)
+                if rows is None:
+                    sums[item.name] = None
+                    continue
+                sums.setdefault(item.name, GramSum(np.float32)).add(rows, target)
+    with clock.stage("refit_solve"):
         for item in wave:
-            if item.name in sums and sums[item.name] is None:
-                continue
-            rows, target = _refit_rows(item, xs[item.node.input[0]], ys[item.name])
-            if rows is None:
-                sums[item.name] = None
-                continue
-            sums.setdefault(item.name, GramSum(np.float64)).add(rows, target)
-    for item in wave:
-        if sums.get(item.name) is not None:
-            gram, cross = sums[item.name].result()
-            lam = ridge * float(np.trace(gram)) / gram.shape[0] + 1e-12
-            item.solution = np.linalg.solve(gram + lam * np.eye(gram.shape[0]), cross)  # [D(+1), O]
+            if sums.get(item.name) is not None:
+                gram, cross = sums[item.name].result()
+                lam = ridge * float(np.trace(gram)) / gram.shape[0] + 1e-12
+                item.solution = np.linalg.solve(gram + lam * np.eye(gram.shape[0]), cross)  # [D(+1), O]
 
 
 class GramSum:
-    """XᵀX (and XᵀY) over row blocks, summed in float64: blocks are multiplied in ``dtype`` (float32 where the
-    result only ranks channels, float64 for a refit's normal equations) and buffered until they hold as many rows
-    as features, so small batches do not each cost a D×D update."""
+    """XᵀX (and XᵀY) over row blocks, summed in float64. Blocks are multiplied in ``dtype`` after subtracting a
+    shift (the first block's column means), so float32 products keep the accuracy of the centred data (the mean,
+    large after a ReLU and exact for a bias column, is added back in float64 from the column sums); blocks are
+    buffered until they hold as many rows as features, so small batches do not each cost a D×D update."""
 
     def __init__(self, dtype: type = np.float32):
         self.dtype = dtype
@@ -443,6 +528,11 @@ class GramSum:
         self.rows: list[np.ndarray] = []
         self.targets: list[np.ndarray] = []
         self.count = 0
+        self.total = 0
+        self.shift: np.ndarray | None = None
+        self.target_shift: np.ndarray | None = None
+        self.sum_x: np.ndarray | int = 0
+        self.sum_y: np.ndarray | int = 0
 
     def add(self, rows: np.ndarray, target: np.ndarray | None = None) -> None:
         self.rows.append(rows)
@@ -455,32 +545,54 @@ class GramSum:
     def _flush(self) -> None:
         if not self.rows:
             return
-        rows = (self.rows[0] if len(self.rows) == 1 else np.concatenate(self.rows)).astype(self.dtype, copy=False)
-        self.gram = self.gram + (rows.T @ rows).astype(np.float64)
-        if self.targets:
-            target = self.targets[0] if len(self.targets) == 1 else np.concatenate(self.targets)
-            target = target.astype(self.dtype, copy=False)
-            self.cross = self.cross + (rows.T @ target).astype(np.float64)
+        rows = self.rows[0] if len(self.rows) == 1 else np.concatenate(self.rows)
+        target = (self.targets[0] if len(self.targets) == 1 else np.concatenate(self.targets)) if self.targets else None
+        if self.shift is None:
+            self.shift = rows.mean(axis=0, dtype=np.float64).astype(self.dtype)
+            if target is not None:
+                self.target_shift = target.mean(axis=0, dtype=np.float64).astype(self.dtype)
+        self.total += rows.shape[0]
+        self.sum_x = self.sum_x + rows.sum(axis=0, dtype=np.float64)
+        centred = rows.astype(self.dtype, copy=False) - self.shift
+        self.gram = self.gram + (centred.T @ centred).astype(np.float64)
+        if target is not None:
+            self.sum_y = self.sum_y + target.sum(axis=0, dtype=np.float64)
+            shifted = target.astype(self.dtype, copy=False) - self.target_shift
+            self.cross = self.cross + (centred.T @ shifted).astype(np.float64)
         self.rows, self.targets, self.count = [], [], 0
 
     def result(self) -> tuple[np.ndarray, np.ndarray | int]:
         """(XᵀX, XᵀY) of every block added."""
         self._flush()
-        return self.gram, self.cross
+        if self.shift is None:
+            return self.gram, self.cross
+        c = self.shift.astype(np.float64)
+        gram = self.gram + np.outer(c, self.sum_x) + np.outer(self.sum_x, c) - self.total * np.outer(c, c)
+        if self.target_shift is None:
+            return gram, self.cross
+        d = self.target_shift.astype(np.float64)
+        cross = self.cross + np.outer(c, self.sum_y) + np.outer(self.sum_x, d) - self.total * np.outer(c, d)
+        return gram, cross
 
 
-def _refit_rows(item: _Refit, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """The layer's input rows (im2col for a Conv, with a ones column for the bias) and its targets, float32."""
+def _refit_rows(item: _Refit, x: np.ndarray, y: np.ndarray, sampler: RowSampler | None = None
+                ) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The layer's input rows (im2col for a Conv, with a ones column for the bias) and its targets, float32; with
+    ``sampler``, only the sampled rows (the same ones of both)."""
     node = item.node
     x, y = x.astype(np.float32, copy=False), y.astype(np.float32, copy=False)
     if node.op_type == "Conv":
-        rows = _im2col(x, node, tuple(item.weight.shape[2:4]))
-        target = np.moveaxis(y, 1, -1).reshape(-1, y.shape[1])[:, item.out_mask]
+        rows, picked = _patches(x, node, tuple(item.weight.shape[2:4]), sampler)
+        target = np.moveaxis(y, 1, -1).reshape(-1, y.shape[1])
     else:
-        rows = x.reshape(-1, x.shape[-1])
-        target = y.reshape(-1, y.shape[-1])[:, item.out_mask]
+        rows, target = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+        picked = sampler.pick(rows.shape[0]) if sampler is not None and rows.shape[0] == target.shape[0] else None
+        rows = rows if picked is None else rows[picked]
+    if picked is not None and target.shape[0] > int(picked[-1]):
+        target = target[picked]
     if rows.shape[0] != target.shape[0]:
         return None, None
+    target = target[:, item.out_mask]
     if node.op_type != "MatMul":
         rows = np.hstack([rows, np.ones((rows.shape[0], 1), dtype=np.float32)])
     return rows, target

@@ -7,9 +7,9 @@ import math
 import numpy as np
 
 from .analysis.groups import Analysis, ChannelGroup
-from .compensation import GramSum, _im2col, _reconstructable
+from .calibration import ActivationStream
+from .compensation import GramSum, RowSampler, StageClock, _patches, _reconstructable
 from .model import get_attr
-from .sessions import session_with_outputs
 
 
 def channel_scores(analysis: Analysis, criterion: str, energy: dict[str, np.ndarray] | None = None) -> np.ndarray:
@@ -56,7 +56,7 @@ def unit_scores(analysis: Analysis, groups: list[ChannelGroup], criterion: str, 
 
 
 def reconstruction_scores(analysis: Analysis, groups: list[ChannelGroup], feeds: list[dict[str, np.ndarray]],
-                          ridge: float = 1e-3, stop: float | None = None) -> dict[int, np.ndarray]:
+                          ridge: float = 1e-3, stop: float | None = None, clock=None) -> dict[int, np.ndarray]:
     """Group id -> unit scores from greedy elimination that knows the consumers will be refitted.
 
     For each consumer layer of a group, its input features X on the calibration data give the Gram
@@ -68,19 +68,23 @@ def reconstruction_scores(analysis: Analysis, groups: list[ChannelGroup], feeds:
     error when it went, so lower-scored units go first. Groups whose consumers cannot be refitted
     (grouped convs, batched MatMuls) keep L1 scores. With ``stop`` (the largest share of a group's channels the
     allocation may remove), the order stops one unit past that share: the remaining units score above every
-    removed one (accumulated error plus their cost at that point), so the removed set is the same.
+    removed one (accumulated error plus their cost at that point), so the removed set is the same. ``clock`` (a
+    :class:`~onnxprune.compensation.StageClock`) times capture, Gram and selection.
     """
+    clock = clock or StageClock()
     fallback = unit_scores(analysis, groups, "l1")
     consumers = _refit_consumers(analysis)
     if not consumers:
         return fallback
-    grams = _consumer_grams(analysis.model, consumers, feeds, ridge)
+    with clock.stage("gram"):
+        grams = _consumer_grams(analysis.model, consumers, feeds, ridge, clock, analysis.shapes)
     scores: dict[int, np.ndarray] = {}
-    for group in groups:
-        steps = None if stop is None else math.ceil(stop * max(group.channels, len(group.units))) + 1
-        scores[group.id] = _greedy_order(group, consumers, grams, steps) if group.units else fallback[group.id]
-        if scores[group.id] is None:
-            scores[group.id] = fallback[group.id]
+    with clock.stage("selection"):
+        for group in groups:
+            steps = None if stop is None else math.ceil(stop * max(group.channels, len(group.units))) + 1
+            scores[group.id] = _greedy_order(group, consumers, grams, steps) if group.units else fallback[group.id]
+            if scores[group.id] is None:
+                scores[group.id] = fallback[group.id]
     return scores
 
 
@@ -109,29 +113,56 @@ def _refit_consumers(analysis: Analysis) -> dict[str, tuple]:
     return found
 
 
+#: bytes of consumer inputs captured per onnxruntime run and calibration batch (and kept between runs) in selection
+CAPTURE_BYTES = 256 << 20
+
+
+def _capture_chunks(model, names: set[str], shapes: dict, feeds: list[dict[str, np.ndarray]]) -> list[list[str]]:
+    """``names`` in graph order, split so each chunk's tensors for one calibration batch (float32, sizes from the
+    analysis shapes; unknown dims count as 1) fit in ``CAPTURE_BYTES``."""
+    order = {out: i for i, node in enumerate(model.graph.node) for out in node.output}
+    batch = max((int(v.shape[0]) if v.ndim else 1 for feed in feeds for v in feed.values()), default=1)
+    chunks: list[list[str]] = [[]]
+    used = 0
+    for name in sorted(names, key=lambda n: (order.get(n, -1), n)):
+        dims = shapes.get(name) or []
+        size = 4 * batch * int(np.prod([d if isinstance(d, int) and d > 0 else 1 for d in dims[1:]]))
+        if chunks[-1] and used + size > CAPTURE_BYTES:
+            chunks.append([])
+            used = 0
+        chunks[-1].append(name)
+        used += size
+    return [c for c in chunks if c]
+
+
 def _consumer_grams(model, consumers: dict[str, tuple], feeds: list[dict[str, np.ndarray]],
-                    ridge: float) -> dict[str, np.ndarray]:
+                    ridge: float, clock=None, shapes: dict | None = None) -> dict[str, np.ndarray]:
     """XᵀX of each consumer's input features on ``feeds`` (+ ridge), in bounded memory.
 
-    One onnxruntime run per feed captures every consumer input; consumers that read the same tensor with the
-    same patch geometry share one Gram (float32 products summed in float64, see ``GramSum``)."""
-    names = sorted({node.input[0] for node, *_ in consumers.values()})
-    session = session_with_outputs(model, names)
+    Consumer inputs are captured in graph order, in chunks of at most ``CAPTURE_BYTES`` per calibration batch, by
+    one :class:`~onnxprune.calibration.ActivationStream` (each node runs once per batch; tensors later chunks read
+    are kept between chunks); consumers that read the same tensor with the same patch geometry share one Gram
+    (float32 products summed in float64, see ``GramSum``), over at most the ``RowSampler`` budget of rows."""
+    clock = clock or StageClock()
     shared = {key: _patch_key(node, matrix.shape[0]) for key, (node, _, matrix, _) in consumers.items()}
     sums: dict[tuple, GramSum | None] = {}
-    for feed in feeds:
-        values = dict(zip(names, session.run(names, feed)))
-        counted = set()  # features that several consumers share are added once per feed
-        for key, (node, _, matrix, _) in consumers.items():
-            patch = shared[key]
-            if patch in counted or (patch in sums and sums[patch] is None):
-                continue
-            counted.add(patch)
-            rows = _features(node, values[node.input[0]], matrix.shape[0])
-            if rows is None:  # features that do not match the weight
-                sums[patch] = None
-                continue
-            sums.setdefault(patch, GramSum()).add(rows)
+    samplers = {patch: RowSampler(matrix.shape[0], len(feeds)) for key, (_, _, matrix, _) in consumers.items()
+                for patch in [shared[key]]}
+    stream = ActivationStream(model, feeds, CAPTURE_BYTES)
+    for chunk in _capture_chunks(model, {node.input[0] for node, *_ in consumers.values()}, shapes or {}, feeds):
+        reading = {key: item for key, item in consumers.items() if item[0].input[0] in chunk}
+        for values in stream.run(chunk, clock=clock):
+            counted = set()  # features that several consumers share are added once per feed
+            for key, (node, _, matrix, _) in reading.items():
+                patch = shared[key]
+                if patch in counted or (patch in sums and sums[patch] is None):
+                    continue
+                counted.add(patch)
+                rows = _features(node, values[node.input[0]], matrix.shape[0], samplers[patch])
+                if rows is None:  # features that do not match the weight
+                    sums[patch] = None
+                    continue
+                sums.setdefault(patch, GramSum()).add(rows)
     grams: dict[str, np.ndarray] = {}
     for key, patch in shared.items():
         if sums.get(patch) is not None:
@@ -148,13 +179,16 @@ def _patch_key(node, features: int) -> tuple:
             tuple(get_attr(node, "strides") or ()), tuple(get_attr(node, "dilations") or ()))
 
 
-def _features(node, x: np.ndarray, features: int) -> np.ndarray | None:
-    """The consumer's input as float32 rows of features (im2col patches for a Conv); None if they do not match."""
+def _features(node, x: np.ndarray, features: int, sampler=None) -> np.ndarray | None:
+    """The consumer's input as float32 rows of features (im2col patches for a Conv), only the rows ``sampler``
+    picks; None if they do not match."""
     x = x.astype(np.float32, copy=False)
     if node.op_type == "Conv":
-        rows = _im2col(x, node, _kernel(node, features, x.shape[1]))
+        rows = _patches(x, node, _kernel(node, features, x.shape[1]), sampler)[0]
     else:
         rows = x.reshape(-1, x.shape[-1])
+        picked = sampler.pick(rows.shape[0]) if sampler is not None else None
+        rows = rows if picked is None else rows[picked]
     return rows if rows.shape[1] == features else None
 
 
@@ -212,29 +246,20 @@ def _greedy_order(group: ChannelGroup, consumers: dict[str, tuple], grams: dict[
 
 
 class _State:
-    """One consumer's inverse Gram ``P`` and refitted weights ``W`` over its surviving input features.
+    """One consumer's refitted weights ``W`` and its inverse Gram in low-rank form, P = P₀ − U Vᵀ.
 
-    Removed features are zeroed, then dropped from ``P`` and ``W`` in batches, so each step costs
-    O(D_alive² · |block|); units with blocks of equal size are costed in one batched solve."""
+    Removing a unit's block q of features is the block OBS downdate P ← P − P[:, q] P_qq⁻¹ P[q, :]; instead of
+    rewriting the D×D matrix each step (memory-bound at D = C·k²), the downdate is appended to U and V, and only
+    what the costs read is kept current: the k×k diagonal block of every unit, updated from the new rank-k term.
+    A step costs O(D · rank · k) instead of O(D² · k); P₀ is never written. Units with blocks of equal size are
+    costed in one batched solve."""
 
     def __init__(self, inverse: np.ndarray, weights: np.ndarray, units: np.ndarray):
-        self.P, self.W, self.units = inverse, weights, units
-        self.scratch: np.ndarray | None = None
-
-    def add_costs(self, cost: np.ndarray) -> None:
-        """cost[u] += wᵀ (P_qq)⁻¹ w for every surviving unit u of this consumer (its block q of features)."""
-        for unit_ids, index in self._blocks():
-            w = self.W[index]  # [units, k, outputs]
-            block = self.P[index[:, :, None], index[:, None, :]]  # [units, k, k]
-            try:
-                solved = np.linalg.solve(block, w)
-            except np.linalg.LinAlgError:
-                cost[unit_ids] += [_removal_cost(self.P, self.W, q) for q in index]
-                continue
-            cost[unit_ids] += np.einsum("ukj,ukj->u", w, solved)
-
-    def _blocks(self):
-        units = self.units
+        self.P0, self.W, self.units = inverse, weights, units
+        self.U = np.empty((inverse.shape[0], 16))
+        self.V = np.empty((inverse.shape[0], 16))
+        self.rank = 0
+        self.groups = []  # (unit ids, feature index [units, k], current diagonal blocks [units, k, k])
         present = units >= 0
         order = np.argsort(units, kind="stable")
         order = order[present[order]]
@@ -242,43 +267,63 @@ class _State:
         for size in np.unique(sizes):
             chosen = np.flatnonzero(sizes == size)
             index = order[starts[chosen][:, None] + np.arange(size)[None, :]]
-            yield ids[chosen], index
+            self.groups.append([ids[chosen], index, inverse[index[:, :, None], index[:, None, :]]])
+
+    def add_costs(self, cost: np.ndarray) -> None:
+        """cost[u] += wᵀ (P_qq)⁻¹ w for every surviving unit u of this consumer (its block q of features)."""
+        for unit_ids, index, blocks in self.groups:
+            if not len(unit_ids):
+                continue
+            if index.shape[1] == 1:  # one feature per unit (neurons, Gemm/MatMul inputs): ‖w‖² / P_uu
+                rows, diag = self.W[index[:, 0]], blocks[:, 0, 0]
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    cost[unit_ids] += np.where(diag > 0, np.einsum("uj,uj->u", rows, rows) / diag, np.inf)
+                continue
+            w = self.W[index]  # [units, k, outputs]
+            try:
+                solved = np.linalg.solve(blocks, w)
+            except np.linalg.LinAlgError:
+                cost[unit_ids] += [_removal_cost(b, self.W[q]) for b, q in zip(blocks, index)]
+                continue
+            cost[unit_ids] += np.einsum("ukj,ukj->u", w, solved)
 
     def remove(self, unit: int) -> None:
-        """Drop the unit's features (see :func:`_remove_block`)."""
+        """Drop the unit's features q: refit W ← W − P[:, q] P_qq⁻¹ W[q] and append the downdate to U, V."""
         q = np.flatnonzero(self.units == unit)
-        if q.size:
-            _remove_block(self, q)
+        if not q.size:
+            return
+        column = self.P0[:, q] - self.U[:, :self.rank] @ self.V[q, :self.rank].T  # current P[:, q]
+        block = column[q]
+        try:
+            inv = np.linalg.inv(block)
+        except np.linalg.LinAlgError:
+            inv = np.linalg.pinv(block)
+        scaled = column @ inv
+        self.W -= scaled @ self.W[q]
+        self.W[q] = 0.0
+        self._append(scaled, column)
+        self.units[q] = -1
+        for entry in self.groups:
+            unit_ids, index, blocks = entry
+            alive = unit_ids != unit
+            if not alive.all():
+                entry[0], entry[1], entry[2] = unit_ids[alive], index[alive], blocks[alive]
+                unit_ids, index, blocks = entry
+            blocks -= np.einsum("ukr,ulr->ukl", scaled[index], column[index])
+
+    def _append(self, scaled: np.ndarray, column: np.ndarray) -> None:
+        k = scaled.shape[1]
+        if self.rank + k > self.U.shape[1]:
+            grow = max(self.U.shape[1], k)
+            self.U = np.hstack([self.U, np.empty((self.U.shape[0], grow))])
+            self.V = np.hstack([self.V, np.empty((self.V.shape[0], grow))])
+        self.U[:, self.rank:self.rank + k] = scaled
+        self.V[:, self.rank:self.rank + k] = column
+        self.rank += k
 
 
-def _removal_cost(P: np.ndarray, W: np.ndarray, q: np.ndarray) -> float:
-    w = W[q]
-    block = P[np.ix_(q, q)]
+def _removal_cost(block: np.ndarray, w: np.ndarray) -> float:
     try:
         return float(np.sum(w * np.linalg.solve(block, w)))
     except np.linalg.LinAlgError:
         return float("inf")
-
-
-def _remove_block(state: _State, q: np.ndarray) -> None:
-    """Drop features ``q``: refit the remaining weights and downdate the inverse Gram (block OBS update),
-    P ← P − P[:, q] P_qq⁻¹ P[q, :] and W ← W − P[:, q] P_qq⁻¹ W[q]; the rows and columns of ``q`` become zero and
-    are compacted away once a quarter of the matrix is dead (the update then runs on the survivors only)."""
-    P, W = state.P, state.W
-    block = P[np.ix_(q, q)]
-    try:
-        inv = np.linalg.inv(block)
-    except np.linalg.LinAlgError:
-        inv = np.linalg.pinv(block)
-    column = P[:, q] @ inv
-    W -= column @ W[q]
-    if state.scratch is None or state.scratch.shape != P.shape:
-        state.scratch = np.empty_like(P)
-    P -= np.matmul(column, P[q, :], out=state.scratch)  # no fresh D×D temporary per step
-    W[q] = 0.0
-    P[q, :] = 0.0
-    P[:, q] = 0.0
-    state.units[q] = -1
-    live = state.units >= 0
-    if 4 * int(live.sum()) < 3 * len(live):
-        state.P, state.W, state.units = P[np.ix_(live, live)], W[live], state.units[live]

@@ -16,6 +16,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from onnxprune import compensation
 from onnxprune.analysis.groups import analyse, build_groups
 from onnxprune.calibration import ActivationStream, session_with_outputs
 from onnxprune.compensation import GramSum, _im2col, _reconstructable, _waves, _write_solution, reconstruct
@@ -116,6 +117,10 @@ def _layer_by_layer(original, pruned, layers, feeds, ridge=1e-3):
 
 
 def test_wave_refit_equals_layer_by_layer(monkeypatch):
+    """With every row in the Gram (no row sampling), the refit in waves (shifted float32 products summed in float64)
+    gives the weights of a float64 layer-by-layer refit: equal to a small fraction of each weight's scale (float32
+    rounding compounds over 20 layers), and model outputs whose difference is under 1 % of the repair's own error."""
+    monkeypatch.setattr(compensation, "GRAM_MIN_ROWS", 1 << 40)
     model = onnx.load(str(FIXTURES / "arch" / "resnet18.onnx"))
     prepare_for_analysis(model)
     analysis = analyse(model)
@@ -141,7 +146,7 @@ def test_wave_refit_equals_layer_by_layer(monkeypatch):
         return real_run(self, *args, **kwargs)
     monkeypatch.setattr(ort.InferenceSession, "run", counting_run)
     summary = reconstruct(original, fast, layers, feeds)
-    monkeypatch.undo()
+    monkeypatch.setattr(ort.InferenceSession, "run", real_run)
 
     assert summary["layers"] == len(layers) > 10 and not summary["skipped"]
     plan = [SimpleNamespace(node=n) for n in fast.graph.node if any(n.output[0] == name for name, _ in layers)]
@@ -152,8 +157,11 @@ def test_wave_refit_equals_layer_by_layer(monkeypatch):
     fast_w = {i.name: onnx.numpy_helper.to_array(i) for i in fast.graph.initializer}
     assert slow_w.keys() == fast_w.keys()
     for name, value in slow_w.items():
-        np.testing.assert_allclose(fast_w[name], value, rtol=1e-4, atol=1e-5 * max(1.0, np.abs(value).max()))
+        np.testing.assert_allclose(fast_w[name], value, rtol=1e-2, atol=2e-3 * max(1.0, np.abs(value).max()))
     onnx.checker.check_model(fast, full_check=True)
+    out = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds[0])[0]
+           for m in (original, slow, fast)]
+    assert np.abs(out[2] - out[1]).max() < 0.01 * np.abs(out[1] - out[0]).max()
 
 
 class _Recording(ActivationStream):
@@ -204,3 +212,74 @@ def test_stopped_order_removes_the_same_units(share):
         assert np.argsort(stopped[group.id], kind="stable")[:n].tolist() == \
             np.argsort(full[group.id], kind="stable")[:n].tolist()
         assert not np.array_equal(stopped[group.id], full[group.id])  # the tail was not ordered
+
+
+def test_sampled_patches_are_im2col_rows(monkeypatch):
+    """Over the row budget, a Conv's Gram reads a seeded sample of im2col rows: exactly the full im2col rows at the
+    picked positions, the same picks on every run, and the refit targets taken at the same positions."""
+    from onnxprune.compensation import RowSampler, _patches, _refit_rows
+
+    monkeypatch.setattr(compensation, "GRAM_MIN_ROWS", 100)
+    monkeypatch.setattr(compensation, "GRAM_ROWS_PER_FEATURE", 2)
+    node = onnx.helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[2, 2])
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((4, 5, 11, 9)).astype(np.float32)
+    full = _im2col(x, node, (3, 3))
+    rows, picked = _patches(x, node, (3, 3), RowSampler(features=45, batches=2))
+    assert picked is not None and len(picked) == round(full.shape[0] * 100 / (2 * full.shape[0]))
+    np.testing.assert_array_equal(rows, full[picked])
+    again = _patches(x, node, (3, 3), RowSampler(features=45, batches=2))[1]
+    np.testing.assert_array_equal(picked, again)
+    assert _patches(x, node, (3, 3), RowSampler(features=45, batches=1))[1] is not None  # 100 of 120 rows
+    monkeypatch.setattr(compensation, "GRAM_MIN_ROWS", 10_000)
+    assert _patches(x, node, (3, 3), RowSampler(features=45, batches=2))[1] is None  # under the budget: all rows
+
+    monkeypatch.setattr(compensation, "GRAM_MIN_ROWS", 100)
+    y = rng.standard_normal((4, 6, 6, 5)).astype(np.float32)
+    item = SimpleNamespace(node=node, weight=SimpleNamespace(shape=(6, 5, 3, 3)), out_mask=np.ones(6, dtype=bool))
+    got_rows, got_target = _refit_rows(item, x, y, RowSampler(features=45, batches=2))
+    np.testing.assert_array_equal(got_rows[:, :-1], full[picked])
+    np.testing.assert_array_equal(got_target, np.moveaxis(y, 1, -1).reshape(-1, 6)[picked])
+
+
+def test_shifted_gram_sum_is_exact_in_float64():
+    """Shifted float32 products: XᵀX and XᵀY of data with a large common offset (after a ReLU, a bias column)
+    agree with float64 products far better than unshifted float32 products do."""
+    rng = np.random.default_rng(6)
+    blocks = [np.abs(rng.standard_normal((300, 40))).astype(np.float32) + 50 for _ in range(4)]
+    targets = [rng.standard_normal((300, 3)).astype(np.float32) + 20 for _ in range(4)]
+    total = GramSum()
+    for b, t in zip(blocks, targets):
+        total.add(b, t)
+    gram, cross = total.result()
+    x, y = np.concatenate(blocks).astype(np.float64), np.concatenate(targets).astype(np.float64)
+    centred = x - x.mean(0)
+    exact = centred.T @ centred
+    shifted_error = np.abs((gram - np.outer(x.sum(0), x.mean(0))) - exact).max()
+    plain = np.concatenate(blocks).T @ np.concatenate(blocks)
+    plain_error = np.abs((plain.astype(np.float64) - np.outer(x.sum(0), x.mean(0))) - exact).max()
+    assert shifted_error < 1e-3 * np.abs(exact).max() < plain_error
+    np.testing.assert_allclose(cross, x.T @ y, rtol=1e-6)
+
+
+def test_chunked_capture_gives_the_same_grams(monkeypatch):
+    """Selection Grams captured one consumer input per onnxruntime run (a tiny capture budget) equal those of one
+    run capturing every input."""
+    from onnxprune import scoring
+
+    model = onnx.load(str(FIXTURES / "arch" / "resnet18.onnx"))
+    prepare_for_analysis(model)
+    analysis = analyse(model)
+    consumers = scoring._refit_consumers(analysis)
+    rng = np.random.default_rng(7)
+    feeds = [{"input": rng.standard_normal((n, 3, 64, 64)).astype(np.float32)} for n in (3, 2)]
+    whole = scoring._consumer_grams(model, consumers, feeds, 1e-3, shapes=analysis.shapes)
+    assert len(scoring._capture_chunks(model, {n.input[0] for n, *_ in consumers.values()}, analysis.shapes,
+                                       feeds)) == 1
+    monkeypatch.setattr(scoring, "CAPTURE_BYTES", 1)
+    chunks = scoring._capture_chunks(model, {n.input[0] for n, *_ in consumers.values()}, analysis.shapes, feeds)
+    assert len(chunks) == len({n.input[0] for n, *_ in consumers.values()}) > 10
+    split = scoring._consumer_grams(model, consumers, feeds, 1e-3, shapes=analysis.shapes)
+    assert whole.keys() == split.keys() and len(whole) > 10
+    for key, gram in whole.items():
+        np.testing.assert_allclose(split[key], gram, rtol=1e-6)

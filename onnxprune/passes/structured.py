@@ -18,7 +18,7 @@ import onnx
 from ..analysis.cost import node_key, node_macs
 from ..analysis.groups import Analysis, ChannelGroup, _free_names, analyse, build_groups, complete_shapes, own_copy
 from ..calibration import channel_energy
-from ..compensation import fold_removed_constants, reconstruct
+from ..compensation import StageClock, fold_removed_constants, reconstruct
 from ..config import PruneConfig, ValidateConfig
 from ..errors import UsageError
 from ..feeds import prepare_feeds
@@ -392,10 +392,12 @@ class StructuredPrunePass:
         cfg = self.config
         shapes = ctx.state.get("input_shapes") or None
         model = ctx.model
-        prepare_for_analysis(model)
-        ctx.log("analysing channel groups")
-        analysis = analyse(model, shapes, cfg.exclude, cfg.prune_layernorm, cfg.overrides)
-        groups = build_groups(analysis)
+        clock = StageClock()
+        with clock.stage("analysis"):
+            prepare_for_analysis(model)
+            ctx.log("analysing channel groups")
+            analysis = analyse(model, shapes, cfg.exclude, cfg.prune_layernorm, cfg.overrides)
+            groups = build_groups(analysis)
         energy = None
         if cfg.criterion == "activation":
             if not ctx.state.get("calibration"):
@@ -409,7 +411,7 @@ class StructuredPrunePass:
                 raise UsageError("--criterion reconstruction needs --calibration-data")
             ctx.log("choosing channels for least-squares repair on calibration data")
             scores = reconstruction_scores(analysis, groups, list(ctx.state["calibration"])[:16],
-                                           stop=_largest_share(cfg))
+                                           stop=_largest_share(cfg), clock=clock)
         else:
             scores = unit_scores(analysis, groups, cfg.criterion, cfg.seed, energy)
         keep = allocate_safe(analysis, groups, scores, cfg)
@@ -425,9 +427,10 @@ class StructuredPrunePass:
             original.CopyFrom(model)
             layers = _reconstruction_layers(analysis, keep)
             ctx.log("removing channels")
-            remove(analysis, keep)
+            with clock.stage("removal"):
+                remove(analysis, keep)
             ctx.log(f"reconstructing {len(layers)} layers by least squares on calibration data")
-            reconstruction = reconstruct(original, model, layers, calibration)
+            reconstruction = reconstruct(original, model, layers, calibration, clock=clock)
             del original
         elif cfg.fold_constants and not keep.all():
             ctx.log("folding constants of removed channels into consumer biases")
@@ -437,8 +440,10 @@ class StructuredPrunePass:
                 analysis = analyse(model, shapes, cfg.exclude, cfg.prune_layernorm, cfg.overrides)
         if reconstruction is None:
             ctx.log("removing channels")
-            remove(analysis, keep)
-        sub = prune_subgraphs(model, cfg, shapes, ctx.log)
+            with clock.stage("removal"):
+                remove(analysis, keep)
+        with clock.stage("subgraphs"):
+            sub = prune_subgraphs(model, cfg, shapes, ctx.log)
         group_stats += sub["groups"]
         macs_after = node_macs(model, shapes, shapes=complete_shapes(model, shapes))
         params_after = count_params(model)[0]
@@ -465,6 +470,7 @@ class StructuredPrunePass:
             "macs_removed": int(sum(macs_before.values()) - sum(macs_after.values())),
             "folded_constants": folded,
             "reconstruction": reconstruction,
+            "stages": clock.as_dict(),
             "approximate_layernorms": sorted(set(analysis.approximations)),
             "layers": [{"node": key, "macs_before": int(value), "macs_after": int(macs_after.get(key, 0))}
                        for key, value in macs_before.items()],
