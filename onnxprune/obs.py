@@ -18,6 +18,12 @@ paper's objective collapses the residual digits CNN at 70 % (docs/benchmarks.md)
 inputs no pending layer can change any more are measured together in one onnxruntime pass (a
 "stage"), with one Gram matrix per distinct input, so the passes grow with the model's depth in
 layers, not with its number of layers.
+
+Under ``--reconstruct`` (and ``--criterion obs``) each layer then keeps the best of three candidates,
+scored by its output error on the same Gram matrices: the OBS solution, the OBS mask with every row's
+kept weights refitted by ridge least squares (undamped: the OBS update is the optimum of the dampened
+problem), and the row-wise refit of the criterion's own mask. No layer thus ends worse than the
+row-wise refit would leave it from the same inputs.
 """
 
 from __future__ import annotations
