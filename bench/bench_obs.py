@@ -8,7 +8,7 @@ digits_seq_calib.npz); evaluation: the 360 test images (digits_val.npz / digits_
 disjoint from the calibration data. Settings: unstructured 50 %, 70 % and 2:4, per layer.
 
 Rows: magnitude (l1), Wanda (``--criterion activation``), Wanda + row-wise least-squares refit
-(``--reconstruct``), magnitude + row-wise refit (what ``--reconstruct`` alone does), OBS
+(``--reconstruct --repair rowwise``), magnitude + row-wise refit (``--repair rowwise`` alone), OBS
 (``--criterion obs``: dense refit to the original layer output, then exact per-row OBS for layers
 this small), OBS with the SparseGPT sweep for every layer (what layers above
 ``onnxprune.obs.EXACT_WORK`` get), and that sweep with the paper's objective (each layer keeps its

@@ -24,9 +24,9 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import onnx
@@ -35,7 +35,7 @@ import onnxruntime as ort
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import onnxprune  # noqa: E402
+import onnxprune
 
 TRAINED = ROOT / "fixtures" / "trained"
 DOCS = ROOT / "docs" / "benchmarks.md"
