@@ -8,7 +8,7 @@ digits_seq_calib.npz); evaluation: the 360 test images (digits_val.npz / digits_
 disjoint from the calibration data. Settings: unstructured 50 %, 70 % and 2:4, per layer.
 
 Rows: magnitude (l1), Wanda (``--criterion activation``), Wanda + row-wise least-squares refit
-(``--reconstruct``), magnitude + row-wise refit (what ``--reconstruct`` alone does), OBS
+(``--reconstruct --repair rowwise``), magnitude + row-wise refit (``--repair rowwise`` alone), OBS
 (``--criterion obs``: dense refit to the original layer output, then exact per-row OBS for layers
 this small), OBS with the SparseGPT sweep for every layer (what layers above
 ``onnxprune.obs.EXACT_WORK`` get), and that sweep with the paper's objective (each layer keeps its
@@ -40,8 +40,8 @@ MODELS = {"CNN": ("digits_cnn.onnx", "digits_calib.npz", "digits_val.npz"),
           "transformer": ("digits_transformer.onnx", "digits_seq_calib.npz", "digits_seq_val.npz")}
 SETTINGS = {"50%": {"sparsity": 0.5}, "70%": {"sparsity": 0.7}, "2:4": {"pattern": "2:4"}}
 METHODS = {"magnitude": {}, "Wanda": {"criterion": "activation"},
-           "Wanda + refit": {"criterion": "activation", "reconstruct": True},
-           "magnitude + refit": {"criterion": "l1", "reconstruct": True},
+           "Wanda + refit": {"criterion": "activation", "reconstruct": True, "repair": "rowwise"},
+           "magnitude + refit": {"criterion": "l1", "reconstruct": True, "repair": "rowwise"},
            "OBS": {"criterion": "obs"}, "OBS, SparseGPT sweep": {"criterion": "obs", "sweep": True},
            "OBS, SparseGPT sweep, paper objective": {"criterion": "obs", "sweep": True, "paper": True}}
 
@@ -56,7 +56,7 @@ def variant(sweep: bool, paper: bool):
     """OBS with the SparseGPT sweep for every layer and/or without the original model as reference."""
     build, exact = unstructured._obs_repair, obs.EXACT_WORK
     if paper:
-        unstructured._obs_repair = lambda ctx, items, followers: obs.ObsRepair(
+        unstructured._obs_repair = lambda ctx, items, followers, original=None: obs.ObsRepair(
             ctx.model, items, ctx.state["calibration"], reference=None, log=ctx.log)
     if sweep:
         obs.EXACT_WORK = 0

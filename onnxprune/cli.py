@@ -152,7 +152,8 @@ def _providers(values: tuple[str, ...]) -> list[str]:
 @click.option("--image-std", default="0.229,0.224,0.225", show_default=True, help="Image calibration data: per-channel std.")
 @click.option("--image-layout", type=click.Choice(["nchw", "nhwc"]), default="nchw", show_default=True, help="Image calibration data: tensor layout.")
 @click.option("--image-channels", type=click.Choice(["rgb", "bgr"]), default="rgb", show_default=True, help="Image calibration data: channel order.")
-@click.option("--reconstruct", is_flag=True, help="Refit by least squares on the calibration data so layer outputs match the original's: structured, the layers that lost inputs; unstructured, the kept weights of each output row.")
+@click.option("--reconstruct", is_flag=True, help="Refit by least squares on the calibration data so layer outputs match the original's: structured, the layers that lost inputs; unstructured and N:M, OBS repair (see --repair).")
+@click.option("--repair", type=click.Choice(["obs", "rowwise"]), default=None, help="Unstructured/N:M --reconstruct: obs (default: OBS/SparseGPT masks and updates, each layer keeping the row-wise refit instead where that reproduces its output better) or rowwise (the criterion's mask, each output row's kept weights refitted).")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Leave weights/nodes whose name matches GLOB alone (repeatable).")
 @click.option("--min-params", type=int, default=0, show_default=True, help="Skip weight tensors with fewer elements.")
 @click.option("--prune-first/--no-prune-first", default=True, show_default=True, help="Include the first layer.")
@@ -193,7 +194,7 @@ def prune_command(model: Path, output: Path | None, force: bool, debug: bool, qu
             "prune_first": opts["prune_first"], "prune_last": opts["prune_last"],
             "include_embeddings": opts["include_embeddings"], "max_layer_sparsity": opts["max_layer_sparsity"],
             "seed": opts["seed"], "fold_constants": opts["fold_constants"], "prune_layernorm": opts["prune_layernorm"],
-            "reconstruct": opts["reconstruct"], "target_macs": opts["target_macs"],
+            "reconstruct": opts["reconstruct"], "repair": opts["repair"], "target_macs": opts["target_macs"],
             "head_sparsity": opts["head_sparsity"],
             "image_size": _hw(opts["image_size"]), "image_mean": _floats(opts["image_mean"], "--image-mean"),
             "image_std": _floats(opts["image_std"], "--image-std"), "image_layout": opts["image_layout"],

@@ -33,6 +33,7 @@ class PruneConfig:
     prune_layernorm: bool = False
     overrides: list[dict] = field(default_factory=list)  # recipe: [{match, sparsity|pattern|method|exclude}]
     reconstruct: bool = False  # structured: least-squares refit of the layers that lost inputs (calibration data)
+    repair: str | None = None  # unstructured --reconstruct: obs (default: OBS, never worse than rowwise per layer) | rowwise
     calibration_data: str | None = None  # .npz file, or a directory of .npz/.npy files or images
     image_size: tuple[int, int] | None = None  # image calibration data: resize to (height, width)
     image_mean: tuple[float, ...] = (0.485, 0.456, 0.406)
@@ -87,6 +88,11 @@ class PruneConfig:
             raise UsageError(f"--scope must be 'layer' or 'global', got {self.scope!r}")
         if self.reconstruct and not self.calibration_data:
             raise UsageError("--reconstruct needs --calibration-data")
+        if self.repair is not None and self.repair not in ("obs", "rowwise"):
+            raise UsageError(f"--repair must be 'obs' or 'rowwise', got {self.repair!r}")
+        if self.repair is not None and (self.structured or not self.reconstruct):
+            raise UsageError("--repair chooses the repair of unstructured/N:M --reconstruct; give --reconstruct, "
+                             "without --structured")
         if self.criterion == "activation" and not self.calibration_data:
             raise UsageError("--criterion activation needs --calibration-data")
         if self.criterion == "obs" and not self.calibration_data:

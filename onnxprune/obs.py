@@ -18,6 +18,12 @@ paper's objective collapses the residual digits CNN at 70 % (docs/benchmarks.md)
 inputs no pending layer can change any more are measured together in one onnxruntime pass (a
 "stage"), with one Gram matrix per distinct input, so the passes grow with the model's depth in
 layers, not with its number of layers.
+
+Under ``--reconstruct`` (and ``--criterion obs``) each layer then keeps the best of three candidates,
+scored by its output error on the same Gram matrices: the OBS solution, the OBS mask with every row's
+kept weights refitted by ridge least squares (undamped: the OBS update is the optimum of the dampened
+problem), and the row-wise refit of the criterion's own mask. No layer thus ends worse than the
+row-wise refit would leave it from the same inputs.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from .sessions import session_with_outputs
 
 BLOCK = 128
 DAMP = 0.01
+RIDGE = 1e-3  # the row-wise refit's ridge (compensation.reconstruct_sparse)
 EXACT_WORK = 1e9  # layers with outputs x inputs³ up to this are pruned by exact per-row OBS (about a second)
 
 
@@ -250,6 +257,21 @@ def refit_dense(rows: np.ndarray, h: np.ndarray, p: np.ndarray, damp: float = DA
     return np.linalg.solve(h + lam * eye, (p + lam * eye) @ rows.astype(np.float64).T).T
 
 
+def refit_masked(rows: np.ndarray, mask: np.ndarray, h: np.ndarray, p: np.ndarray, ridge: float = RIDGE
+                 ) -> np.ndarray:
+    """Each row's kept weights (``mask`` False) refitted by ridge least squares to the original output,
+    argmin ‖XₚAᵀ − XₒWᵀ‖² + λ‖A‖², λ = ``ridge`` x mean diag(H): the row-wise refit, on the given Gram."""
+    lam = ridge * float(np.mean(np.diag(h))) + 1e-12
+    rhs = rows.astype(np.float64) @ p.T  # row r: (P w_r), P = XₚᵀXₒ
+    out = np.zeros(rows.shape, dtype=np.float32)
+    for r in range(len(rows)):
+        kept = np.flatnonzero(~mask[r])
+        if kept.size:
+            sub = h[np.ix_(kept, kept)] + lam * np.eye(kept.size)
+            out[r, kept] = np.linalg.solve(sub, rhs[r, kept])
+    return out
+
+
 def output_error(rows: np.ndarray, new_rows: np.ndarray, grams: list[tuple[np.ndarray, ...]]) -> float:
     """‖XₚW'ᵀ − XₒWᵀ‖ / ‖XₒWᵀ‖ over the groups of a layer, from (H, P, G) per group."""
     num = den = 0.0
@@ -327,8 +349,13 @@ class ObsRepair:
         return item.name in self.layers
 
     def prune(self, item: PrunableWeight, values: np.ndarray, count: int | None,
-              nm: tuple[int, int] | None) -> np.ndarray:
-        """Choose the mask of ``item`` and update its kept weights in ``values`` (in place); returns the mask."""
+              nm: tuple[int, int] | None, baseline: np.ndarray | None = None) -> np.ndarray:
+        """Choose the mask of ``item`` and update its kept weights in ``values`` (in place); returns the mask.
+
+        Candidates, scored by the layer's output error on the same Gram matrices: the OBS solution, the
+        OBS mask refitted by least squares, and (with ``baseline``, the criterion's own mask) the row-wise
+        refit of that mask; the lowest error wins, so no layer ends worse than the row-wise refit.
+        """
         layer = self.layers[item.name]
         if layer.key not in self.grams:
             self._measure(item)
@@ -342,14 +369,24 @@ class ObsRepair:
         exact = sum(r.shape[0] * r.shape[1] ** 3 for r in rows) <= EXACT_WORK
         prune_rows = obs_exact_rows if exact else obs_prune_rows
         results = [prune_rows(t, h, count=c, nm=nm) for t, (h, _, _), c in zip(targets, order, counts)]
-        new_rows = [new for new, _ in results]
-        before = output_error(rows, [np.where(m, 0.0, r) for r, (_, m) in zip(rows, results)], order)
+        masks = {"obs": [m for _, m in results]}
+        candidates = {"obs": [new for new, _ in results]}
+        candidates["obs mask, refit"] = [refit_masked(r, m, h, p) for r, m, (h, p, _) in zip(rows, masks["obs"], order)]
+        masks["obs mask, refit"] = masks["obs"]
+        if baseline is not None:
+            masks["row-wise refit"] = [m > 0.5 for m in layer.rows(baseline.astype(np.float32), nm is not None)]
+            candidates["row-wise refit"] = [refit_masked(r, m, h, p)
+                                            for r, m, (h, p, _) in zip(rows, masks["row-wise refit"], order)]
+        errors = {name: output_error(rows, new, order) for name, new in candidates.items()}
+        choice = min(errors, key=errors.get)  # the first listed wins ties
+        before = output_error(rows, [np.where(m, 0.0, r) for r, m in zip(rows, masks["obs"])], order)
         self.repaired.append({"weight": item.name, "layer": layer.node.name or layer.node.output[0],
-                              "algorithm": "exact" if exact else "sparsegpt",
-                              "rel_error_masked": before, "rel_error_repaired": output_error(rows, new_rows, order)})
-        layer.write(values, new_rows, nm is not None)
+                              "algorithm": "exact" if exact else "sparsegpt", "choice": choice,
+                              "rel_error_masked": before, "rel_error_repaired": errors[choice],
+                              "rel_error_candidates": errors})
+        layer.write(values, candidates[choice], nm is not None)
         mask = np.zeros(values.shape, dtype=bool)
-        layer.write(mask, [m for _, m in results], nm is not None)
+        layer.write(mask, masks[choice], nm is not None)
         return mask
 
     def report(self) -> dict[str, Any]:

@@ -76,8 +76,8 @@ def render(report: dict[str, Any], *, markdown: bool = False, verbose: bool = Fa
                 lines.append(f"OBS repaired {len(repair['layers'])} layer(s) on {repair['samples']} calibration samples "
                              f"({repair['stages']} onnxruntime pass(es)); relative output error, masked -> repaired:")
                 for entry in repair["layers"] if verbose or markdown else repair["layers"][:limit]:
-                    lines.append(f"  {entry['layer']} ({entry['algorithm']}): {entry['rel_error_masked']:.4f} -> "
-                                 f"{entry['rel_error_repaired']:.4f}")
+                    lines.append(f"  {entry['layer']} ({entry['algorithm']}, kept: {entry['choice']}): "
+                                 f"{entry['rel_error_masked']:.4f} -> {entry['rel_error_repaired']:.4f}")
                 for s in repair["skipped"]:
                     lines.append(f"  not repaired {s['weight']} (magnitude mask): {s['reason']}")
         elif p["name"] == "structured":

@@ -145,7 +145,7 @@ def test_unstructured_reconstruction_keeps_zeros_and_helps(tmp_path, options):
     x = rng.standard_normal((8, 3, 32, 32)).astype(np.float32)
     plain, _ = onnxprune.prune(FIXTURES / "cnn.onnx", calibration_data=str(tmp_path / "c.npz"), **options)
     rebuilt, result = onnxprune.prune(FIXTURES / "cnn.onnx", calibration_data=str(tmp_path / "c.npz"),
-                                      reconstruct=True, **options)
+                                      reconstruct=True, repair="rowwise", **options)
     onnx.checker.check_model(rebuilt, full_check=True)
     assert result.to_dict()["passes"][0]["details"]["reconstruction"]["layers"] >= 7  # 2:4 skips the 3-channel stem
     from onnxprune.analysis.weights import find_prunable_weights

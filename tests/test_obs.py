@@ -10,6 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnxprune
 from onnxprune.analysis.weights import find_prunable_weights
+from onnxprune.obs import obs_exact_rows, obs_prune_rows
 
 from .conftest import FIXTURES, run_cli
 
@@ -96,23 +97,35 @@ def test_exact_obs_matches_the_formula_on_a_4x4_problem(tmp_path, options, per_r
     rng = np.random.default_rng(4)
     w = rng.standard_normal((4, 4)).astype(np.float32)  # MatMul [K, N]: rows of OBS are the N outputs
     x = correlated(rng, 64, 4)
+    expected = expected_exact(w.T, x, per_row, nm)
+    got, mask = obs_exact_rows(w.T, x.astype(np.float64).T @ x, count=None if nm else 8, nm=nm)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(mask, expected == 0)
+    # through the pass: the same weights are zeroed; the kept ones are the OBS update or its least-squares refit
     pruned, details = prune(layer_model("MatMul", w, [1, 4], [1, 4]), x, tmp_path, criterion="obs", **options)
-    np.testing.assert_allclose(weight_of(pruned), expected_exact(w.T, x, per_row, nm).T, rtol=1e-4, atol=1e-5)
-    assert details["obs"]["layers"][0]["algorithm"] == "exact"
+    entry = details["obs"]["layers"][0]
+    assert entry["algorithm"] == "exact" and entry["choice"] in ("obs", "obs mask, refit")
+    np.testing.assert_array_equal(weight_of(pruned) == 0, expected.T == 0)
+    if entry["choice"] == "obs":
+        np.testing.assert_allclose(weight_of(pruned), expected.T, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("options, expect", [({"pattern": "2:4"}, {"nm": (2, 4)}),
                                              ({"sparsity": 0.5}, {"count": 8})])
 def test_sparsegpt_update_matches_the_formula_on_a_4x4_problem(tmp_path, monkeypatch, options, expect):
-    monkeypatch.setattr("onnxprune.obs.EXACT_WORK", 0)  # layers this small normally take the exact path
     rng = np.random.default_rng(3)
     w = rng.standard_normal((4, 4)).astype(np.float32)  # MatMul [K, N]: rows of the sweep are the N outputs
     x = correlated(rng, 64, 4)
+    expected = expected_obs(w.T, x, **expect)
+    got, mask = obs_prune_rows(w.T, x.astype(np.float64).T @ x, **expect)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(mask, expected == 0)
+    assert not np.allclose(expected[expected != 0], w.T[expected != 0])  # the kept weights did move
+    monkeypatch.setattr("onnxprune.obs.EXACT_WORK", 0)  # layers this small normally take the exact path
     pruned, details = prune(layer_model("MatMul", w, [1, 4], [1, 4]), x, tmp_path, criterion="obs", **options)
-    expected = expected_obs(w.T, x, **expect).T
-    np.testing.assert_allclose(weight_of(pruned), expected, rtol=1e-4, atol=1e-5)
-    assert not np.allclose(expected[expected != 0], w[expected != 0])  # the kept weights did move
     assert [(e["layer"], e["algorithm"]) for e in details["obs"]["layers"]] == [("layer", "sparsegpt")]
+    if details["obs"]["layers"][0]["choice"] != "row-wise refit":
+        np.testing.assert_array_equal(weight_of(pruned) == 0, expected.T == 0)
 
 
 def output_error(model: onnx.ModelProto, original: onnx.ModelProto, x: np.ndarray) -> float:
@@ -217,8 +230,8 @@ def test_cnn_fixture_checks_runs_and_reports_every_layer(cnn_calib, tmp_path, mo
     assert details["obs"]["stages"] == len(repaired)  # a chain of layers: one onnxruntime pass per layer
     for entry in details["obs"]["layers"]:
         assert entry["rel_error_repaired"] < entry["rel_error_masked"]
-        values = prunable[entry["weight"]].weight.array()
-        assert np.count_nonzero(values == 0) == min(round(0.5 * values.size), values.size - 1)
+        values = prunable[entry["weight"]].weight.array()  # (a refit may also zero weights on dead inputs)
+        assert np.count_nonzero(values == 0) >= min(round(0.5 * values.size), values.size - 1)
 
 
 def test_layers_reading_final_inputs_are_measured_in_one_pass(tmp_path):
@@ -255,6 +268,94 @@ def test_obs_with_global_scope_takes_magnitude_ratios(cnn_calib):
     (["--structured", "--sparsity", "0.5", "--criterion", "obs", "--calibration-data", "x.npz"], "obs"),
 ])
 def test_obs_usage_errors(tmp_path, args, words):
+    code, _, err = run_cli(FIXTURES / "cnn.onnx", "-o", tmp_path / "o.onnx", *args)
+    assert code == 2 and words in err
+    assert not (tmp_path / "o.onnx").exists()
+
+
+# -- --reconstruct: OBS, never worse than the row-wise refit layer by layer ------------------------------------
+
+TRAINED = FIXTURES / "trained"
+
+
+def digits_mlp(**options) -> tuple[onnx.ModelProto, dict]:
+    """The trained digits MLP (64-256-128-10, real weights), pruned with its 256 calibration images."""
+    pruned, result = onnxprune.prune(TRAINED / "digits_mlp.onnx", calibration_data=str(TRAINED / "digits_calib.npz"),
+                                     **options)
+    return pruned, result.passes[0].details
+
+
+def first_layer_error(model: onnx.ModelProto) -> float:
+    """Error of the first Gemm's output against the original on the calibration images, relative to XWᵀ
+    (the bias, which no repair changes, left out as in the report)."""
+    from onnxprune.calibration import session_with_outputs
+
+    original = onnx.load(str(TRAINED / "digits_mlp.onnx"))
+    x = {"input": np.load(TRAINED / "digits_calib.npz")["input"]}
+    out = [session_with_outputs(m, ["/1/Gemm_output_0"]).run(["/1/Gemm_output_0"], x)[0] for m in (original, model)]
+    bias = next(numpy_helper.to_array(t) for t in original.graph.initializer if t.name == "1.bias")
+    return float(np.linalg.norm(out[1] - out[0]) / np.linalg.norm(out[0] - bias))
+
+
+@pytest.mark.parametrize("options", [{"sparsity": 0.7}, {"pattern": "2:4"}])
+def test_reconstruct_repairs_by_obs_never_worse_than_rowwise_per_layer(options):
+    obs, details = digits_mlp(reconstruct=True, **options)
+    rowwise, rowwise_details = digits_mlp(reconstruct=True, repair="rowwise", **options)
+    assert details["reconstruction"] is None  # every layer is covered by OBS: no row-wise pass after it
+    assert rowwise_details["reconstruction"]["layers"] == 3 and "obs" not in rowwise_details
+    layers = details["obs"]["layers"]
+    assert [e["weight"] for e in layers] == ["1.weight", "3.weight", "5.weight"]
+    for entry in layers:
+        candidates = entry["rel_error_candidates"]
+        assert set(candidates) == {"obs", "obs mask, refit", "row-wise refit"}
+        assert entry["rel_error_repaired"] == min(candidates.values()) <= candidates["row-wise refit"]
+    # the row-wise candidate is scored on the same Gram the row-wise refit solves: for the first layer (same
+    # inputs in both runs) its error is the row-wise model's actual error, and the chosen one is no larger
+    assert layers[0]["rel_error_candidates"]["row-wise refit"] == pytest.approx(first_layer_error(rowwise), rel=1e-3)
+    assert first_layer_error(obs) == pytest.approx(layers[0]["rel_error_repaired"], rel=1e-3)
+    assert first_layer_error(obs) < first_layer_error(rowwise)
+    if "pattern" in options:  # N:M: at most 2 nonzeros in every 4 consecutive inputs of each output row
+        for init in obs.graph.initializer:  # (3 or 4 zeros where digits' border pixels are never lit)
+            if init.name.endswith("weight"):
+                blocks = numpy_helper.to_array(init).reshape(init.dims[0], -1, 4)
+                assert (np.count_nonzero(blocks == 0, axis=-1) >= 2).all(), init.name
+                assert np.mean(np.count_nonzero(blocks == 0, axis=-1) == 2) > 0.8, init.name
+
+
+def test_a_layer_keeps_the_rowwise_refit_where_obs_is_worse(tmp_path, monkeypatch):
+    """With the OBS solver made poor (it zeroes the largest weights), the rule falls back to the row-wise refit
+    of the magnitude mask: same weights zeroed and the same refitted values as ``--repair rowwise``."""
+    import onnxprune.obs as obs_module
+
+    exact = obs_module.obs_exact_rows
+
+    def largest(rows, hessian, *, count=None, nm=None, damp=obs_module.DAMP):
+        order = np.argsort(-np.abs(rows), axis=None)[:count]
+        mask = np.zeros(rows.shape, dtype=bool)
+        mask.flat[order] = True
+        return np.where(mask, 0.0, rows).astype(np.float32), mask
+
+    rng = np.random.default_rng(6)
+    model = layer_model("Gemm", rng.standard_normal((16, 32)), [1, 32], [1, 16], transB=1)
+    x = correlated(rng, 256, 32)
+    rowwise, _ = prune(model, x, tmp_path, sparsity=0.5, reconstruct=True, repair="rowwise")
+    good, good_details = prune(model, x, tmp_path, sparsity=0.5, reconstruct=True)
+    monkeypatch.setattr(obs_module, "obs_exact_rows", largest)
+    fallback, details = prune(model, x, tmp_path, sparsity=0.5, reconstruct=True)
+    assert details["obs"]["layers"][0]["choice"] == "row-wise refit"
+    np.testing.assert_array_equal(weight_of(fallback) == 0, weight_of(rowwise) == 0)
+    np.testing.assert_allclose(weight_of(fallback), weight_of(rowwise), rtol=1e-3, atol=1e-4)
+    assert good_details["obs"]["layers"][0]["choice"] != "row-wise refit"  # the real solver wins here
+    assert output_error(good, model, x) < output_error(rowwise, model, x)
+    assert exact is not largest
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--sparsity", "0.5", "--repair", "rowwise", "--calibration-data", "x.npz"], "--reconstruct"),
+    (["--structured", "--sparsity", "0.5", "--reconstruct", "--repair", "obs", "--calibration-data", "x.npz"],
+     "--structured"),
+])
+def test_repair_usage_errors(tmp_path, args, words):
     code, _, err = run_cli(FIXTURES / "cnn.onnx", "-o", tmp_path / "o.onnx", *args)
     assert code == 2 and words in err
     assert not (tmp_path / "o.onnx").exists()

