@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 
 from . import __version__
@@ -16,7 +17,7 @@ from .analysis.cost import total_macs
 from .config import PruneConfig, ValidateConfig
 from .entry import checkpoint
 from .errors import GateFailedError, InputDataError, InvalidModelError, OnnxPruneError, UnsupportedError, UsageError
-from .feeds import batch_axes, describe_resolution, resolve_inputs
+from .feeds import batch_axes, describe_resolution, resolve_inputs, sample_count
 from .model import (
     PROTOBUF_LIMIT,
     LoadedModel,
@@ -137,7 +138,7 @@ def prune(
     :class:`~onnxprune.outputs.OutputGuard`) also protects the input's external data from the run's other outputs.
     """
     log = log or (lambda message: None)
-    config = config or PruneConfig(**options)
+    config = replace(config) if config is not None else PruneConfig(**options)  # the caller's object stays as given
     config.validate()
     vcfg = validate if isinstance(validate, ValidateConfig) else ValidateConfig(enabled=bool(validate))
     if vcfg.enabled:
@@ -186,7 +187,9 @@ def prune(
     input_shapes = _input_shapes(loaded.model, vcfg, feeds, input_path, log)
     allocation = None
     if config.target_macs is not None or config.target_params is not None:
-        allocation = _allocate_for_target(loaded.model, config, calibration, vcfg, feeds, input_shapes, log)
+        config, allocation = _allocate_for_target(loaded.model, config, calibration, vcfg, feeds, input_shapes, log)
+    elif config.structured and config.sparsity:
+        config, allocation = _default_allocation(loaded.model, config, calibration, input_shapes, log)
     start = time.perf_counter()
     ctx = PassContext(model=loaded.model, log=log, progress=progress)
     ctx.state["input_shapes"] = dict(input_shapes)
@@ -358,8 +361,9 @@ def _as_batches(feed) -> list[dict]:
 
 
 def _allocate_for_target(model: onnx.ModelProto, config: PruneConfig, calibration, vcfg: ValidateConfig, feeds,
-                         shapes: dict[str, list[int]], log: Callable[[str], None]) -> dict[str, Any]:
-    """Measure each group's sensitivity, pick per-group ratios for the target, write them as overrides."""
+                         shapes: dict[str, list[int]], log: Callable[[str], None]) -> tuple[PruneConfig, dict[str, Any]]:
+    """Measure each group's sensitivity, pick per-group ratios for the target; a new config carries them as
+    overrides (the given one is not changed)."""
     from .passes.structured import prepare_for_analysis
     from .sensitivity import allocate_for_target, measure
 
@@ -380,12 +384,88 @@ def _allocate_for_target(model: onnx.ModelProto, config: PruneConfig, calibratio
     ratios = allocate_for_target(model, sens, config, target_macs=config.target_macs,
                                  target_params=config.target_params, input_shapes=shapes)
     by_id = {g["id"]: g for g in sens["groups"]}
-    config.overrides = [{"match": by_id[gid]["producers"][0], "sparsity": ratio} for gid, ratio in ratios.items()
-                        ] + list(config.overrides)
-    config.sparsity = 0.0
-    return {"target_macs": config.target_macs, "target_params": config.target_params,
-            "ratios": [{"producers": by_id[gid]["producers"], "ratio": ratio} for gid, ratio in ratios.items()],
-            "sensitivity": sens}
+    planned = replace(config, overrides=_ratio_overrides(ratios, by_id) + list(config.overrides), sparsity=0.0)
+    return planned, {"method": "sensitivity", "target_macs": config.target_macs,
+                     "target_params": config.target_params,
+                     "ratios": [{"producers": by_id[gid]["producers"], "ratio": ratio} for gid, ratio in ratios.items()],
+                     "sensitivity": sens}
+
+
+def _ratio_overrides(ratios: dict[int, float], groups: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per-group ratios as recipe overrides matching each group's first named producer (glob characters in
+    the name escaped)."""
+    import glob
+
+    overrides = []
+    for gid, ratio in ratios.items():
+        name = next((n for n in groups[gid]["producers"] if n), None)
+        if name is not None:
+            overrides.append({"match": glob.escape(name), "sparsity": ratio})
+    return overrides
+
+
+MEASURE_SAMPLES = 8  # calibration samples the default allocation measures on (taken from the front)
+
+
+def _uniform_reason(config: PruneConfig, calibration) -> str | None:
+    """Why ``--structured --sparsity`` keeps uniform ratios (None: allocate by measured sensitivity)."""
+    if config.uniform:
+        return "asked for"
+    if not calibration:
+        return "no calibration data"
+    if config.overrides:
+        return "per-layer overrides fix the ratios"
+    if config.scope == "global":
+        return "global scope ranks channels across groups"
+    return None
+
+
+def _default_allocation(model: onnx.ModelProto, config: PruneConfig, calibration, shapes: dict[str, list[int]],
+                        log: Callable[[str], None]) -> tuple[PruneConfig, dict[str, Any]]:
+    """With calibration data: the MACs the uniform plan removes, spread over the groups by measured sensitivity.
+
+    Each group is measured alone at four ratios around the sparsity (masked weights, one analysis, one onnxruntime
+    run per point on at most ``MEASURE_SAMPLES`` calibration samples); the greedy target allocation then reaches
+    the uniform plan's MACs. Returns the config to run (a new one) and the report's ``allocation``."""
+    reason = _uniform_reason(config, calibration)
+    if reason is not None:
+        return config, {"method": "uniform", "reason": reason}
+    from .passes.structured import prepare_for_analysis
+    from .sensitivity import allocate_for_target, around, measure_masked, uniform_macs
+
+    start = time.perf_counter()
+    prepare_for_analysis(model)
+    target = uniform_macs(model, config, shapes)
+    base = total_macs(model, shapes)
+    samples = _first_samples(model, list(calibration), MEASURE_SAMPLES)
+    log("measuring each group's sensitivity on calibration data")
+    sens = measure_masked(model, samples, config, around(config.sparsity), input_shapes=shapes, log=log)
+    if not sens["groups"] or base <= 0 or target >= base:
+        return config, {"method": "uniform", "reason": "nothing to allocate: no prunable group loses MACs"}
+    ratios = allocate_for_target(model, sens, config, target_macs=target / base, input_shapes=shapes)
+    by_id = {g["id"]: g for g in sens["groups"]}
+    every = {gid: ratios.get(gid, 0.0) for gid in by_id}  # groups left whole are pinned at 0, not at the sparsity
+    planned = replace(config, overrides=_ratio_overrides(every, by_id))
+    seconds = time.perf_counter() - start
+    return planned, {"method": "sensitivity", "groups_measured": len(sens["groups"]),
+                     "evaluations": sens["evaluations"], "samples": sum(sample_count(s, batch_axes(input_specs(model))) for s in samples),
+                     "seconds": round(seconds, 3), "target_macs": round(target / base, 6), "uniform_macs": int(target),
+                     "ratios": [{"producers": by_id[gid]["producers"], "ratio": ratio} for gid, ratio in every.items()],
+                     "sensitivity": sens}
+
+
+def _first_samples(model: onnx.ModelProto, batches: list[dict], limit: int) -> list[dict]:
+    """The first ``limit`` samples of the calibration batches (cut along each input's sample axis)."""
+    axes = batch_axes(input_specs(model))
+    taken, left = [], limit
+    for batch in batches:
+        if left <= 0:
+            break
+        cut = {name: np.take(arr, np.arange(min(left, arr.shape[axes[name]])), axis=axes[name])
+               if axes.get(name) is not None and arr.ndim > axes[name] else arr for name, arr in batch.items()}
+        taken.append(cut)
+        left -= sample_count(cut, axes)
+    return taken
 
 
 QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",

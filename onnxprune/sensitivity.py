@@ -1,10 +1,12 @@
-"""Sensitivity analysis and automatic per-group ratios (``onnxprune sensitivity``, ``--target-macs``).
+"""Sensitivity analysis and automatic per-group ratios (``onnxprune sensitivity``, ``--target-macs``,
+structured pruning with calibration data).
 
 Each prunable channel group is pruned *alone* at several ratios and the model's outputs are
 compared with the original's on the given inputs (and top-1 accuracy when labels exist).
 From those measured curves, :func:`allocate_for_target` picks per-group ratios that reach a
 MAC (or parameter) target while losing the least fidelity, greedily, then checks the target
-on the actually pruned model.
+on the actually pruned model. :func:`measure_masked` is the cheap form used by default with
+calibration data: one analysis, each point a masked copy of the weights.
 """
 
 from __future__ import annotations
@@ -16,11 +18,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .analysis.cost import total_macs
-from .analysis.groups import analyse, build_groups
+from .analysis.cost import node_macs, total_macs
+from .analysis.groups import Analysis, analyse, build_groups
 from .config import PruneConfig
 from .model import count_params
-from .passes.structured import head_units
+from .passes.structured import StructuredPrunePass, allocate_safe, head_units, mask, never_empty, remove
 from .scoring import unit_scores
 
 DEFAULT_RATIOS = (0.25, 0.5, 0.75)
@@ -53,14 +55,11 @@ def _top1(outputs: list[list[np.ndarray]], labels: np.ndarray | None) -> float |
 def prune_groups(model: onnx.ModelProto, ratios: dict[int, float], config: PruneConfig,
                  input_shapes: dict[str, list[int]] | None = None) -> onnx.ModelProto:
     """A copy of ``model`` with each group in ``ratios`` losing that share of its lowest-scored units."""
-    from .passes.structured import never_empty, remove
-
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     analysis = analyse(copy, input_shapes, config.exclude, config.prune_layernorm)
     groups = {g.id: g for g in build_groups(analysis)}
-    criterion = config.criterion if config.criterion in ("l1", "l2", "bn", "random") else "l1"  # data-free ones
-    scores = unit_scores(analysis, list(groups.values()), criterion, config.seed)
+    scores = unit_scores(analysis, list(groups.values()), _data_free(config), config.seed)
     keep = np.ones(analysis.num_channels, dtype=bool)
     for gid, ratio in ratios.items():
         group = groups[gid]
@@ -69,6 +68,82 @@ def prune_groups(model: onnx.ModelProto, ratios: dict[int, float], config: Prune
             keep[group.units[i]] = False
     remove(analysis, never_empty(analysis, keep))
     return copy
+
+
+def _data_free(config: PruneConfig) -> str:
+    """The criterion sensitivity points rank units by: the configured one when it needs no data, else L1."""
+    return config.criterion if config.criterion in ("l1", "l2", "bn", "random") else "l1"
+
+
+def uniform_macs(model: onnx.ModelProto, config: PruneConfig,
+                 input_shapes: dict[str, list[int]] | None = None) -> int:
+    """MACs left by the uniform plan of ``config`` (its sparsity in every group, heads at their own ratio);
+    which units go does not change the count, so data-free scores stand in for the configured criterion."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    analysis = analyse(copy, input_shapes, config.exclude, config.prune_layernorm, config.overrides)
+    groups = build_groups(analysis)
+    remove(analysis, allocate_safe(analysis, groups, unit_scores(analysis, groups, _data_free(config), config.seed),
+                                   config))
+    return total_macs(copy, input_shapes)
+
+
+def around(sparsity: float) -> tuple[float, ...]:
+    """The ratios measured for an allocation around a uniform ``sparsity``: half, once, 1.5x and twice it
+    (capped at 0.875), so a fragile group can stay near zero and a robust one take twice its share."""
+    return tuple(sorted({round(min(0.875, f * sparsity), 4) for f in (0.5, 1.0, 1.5, 2.0)}))
+
+
+def measure_masked(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], config: PruneConfig,
+                   ratios: tuple[float, ...], input_shapes: dict[str, list[int]] | None = None,
+                   log: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
+    """:func:`measure` from a single analysis: each point zeroes the consumer weight slices that read the
+    group's dropped units (the oracle's masked model, whose outputs equal the removed model's without
+    compensation) and runs it; MACs and params saved are counted from the weight edits. Attention-head
+    groups are left out (they follow ``head_sparsity``). Cost: one onnxruntime run per group and ratio."""
+    reference = _run(model, feeds)
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    analysis = analyse(copy, input_shapes, config.exclude, config.prune_layernorm, config.overrides)
+    every = build_groups(analysis)
+    heads = [g.id for g in every if g.units and head_units(analysis, g)]
+    groups = [g for g in every if g.units and g.id not in heads]
+    scores = unit_scores(analysis, groups, _data_free(config), config.seed)
+    macs = node_macs(copy, shapes=analysis.shapes)
+    rows, evaluations = [], 0
+    for number, group in enumerate(groups, 1):
+        log(f"group {number}/{len(groups)}: {', '.join(s.node.name for s in group.spaces)[:60]}")
+        order = np.argsort(scores[group.id], kind="stable")
+        points = []
+        for ratio in ratios:
+            n = max(0, min(int(np.floor(ratio * group.channels + 1e-9)), len(group.units), group.channels - 1))
+            keep = np.ones(analysis.num_channels, dtype=bool)
+            for i in order[:n]:
+                keep[group.units[i]] = False
+            keep = never_empty(analysis, keep)
+            stats = StructuredPrunePass._group_stats(analysis, every, keep, macs)
+            outputs = _masked_outputs(analysis, keep, feeds)
+            evaluations += 1
+            points.append({"ratio": ratio, "channels_removed": n, "rel_l2": _rel_error(reference, outputs),
+                           "top1": None, "macs_saved": sum(s["macs_removed"] for s in stats),
+                           "params_saved": sum(s["params_removed"] for s in stats)})
+        rows.append({"id": group.id, "producers": [s.node.name for s in group.spaces], "channels": group.channels,
+                     "prunable": len(group.units), "points": points})
+    return {"macs": total_macs(model, input_shapes), "params": count_params(model)[0], "ratios": list(ratios),
+            "top1": None, "groups": rows, "head_groups": heads, "evaluations": evaluations}
+
+
+def _masked_outputs(analysis: Analysis, keep: np.ndarray, feeds: list[dict[str, np.ndarray]]) -> list:
+    """Outputs of the analysed model with the channels ``keep`` drops masked in their consumers; the weights
+    are restored afterwards."""
+    saved = [(edit.weight, edit.weight.array().copy()) for edit in analysis.edits
+             if edit.role == "consumer" and not keep[edit.ids].all()]
+    mask(analysis, keep)
+    try:
+        return _run(analysis.model, feeds)
+    finally:
+        for weight, values in reversed(saved):
+            weight.set_array(values)
 
 
 def measure(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], config: PruneConfig,
