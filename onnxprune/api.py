@@ -439,10 +439,12 @@ def _default_allocation(model: onnx.ModelProto, config: PruneConfig, calibration
     base = total_macs(model, shapes)
     samples = _first_samples(model, list(calibration), MEASURE_SAMPLES)
     log("measuring each group's sensitivity on calibration data")
-    sens = measure_masked(model, samples, config, around(config.sparsity), input_shapes=shapes, log=log)
+    sens, estimate = measure_masked(model, samples, config, around(config.sparsity), input_shapes=shapes, log=log)
     if not sens["groups"] or base <= 0 or target >= base:
         return config, {"method": "uniform", "reason": "nothing to allocate: no prunable group loses MACs"}
-    ratios = allocate_for_target(model, sens, config, target_macs=target / base, input_shapes=shapes)
+    exact = bool(sens["head_groups"]) and config.head_sparsity > 0  # heads: the estimate does not model them
+    ratios = allocate_for_target(model, sens, config, target_macs=target / base, input_shapes=shapes,
+                                 macs_left=None if exact else estimate)
     by_id = {g["id"]: g for g in sens["groups"]}
     every = {gid: ratios.get(gid, 0.0) for gid in by_id}  # groups left whole are pinned at 0, not at the sparsity
     planned = replace(config, overrides=_ratio_overrides(every, by_id))

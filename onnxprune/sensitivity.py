@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .analysis.cost import node_macs, total_macs
+from .analysis.cost import node_key, node_macs, total_macs
 from .analysis.groups import Analysis, analyse, build_groups
 from .config import PruneConfig
 from .model import count_params
@@ -96,11 +96,16 @@ def around(sparsity: float) -> tuple[float, ...]:
 
 def measure_masked(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], config: PruneConfig,
                    ratios: tuple[float, ...], input_shapes: dict[str, list[int]] | None = None,
-                   log: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
+                   log: Callable[[str], None] = lambda m: None) -> tuple[dict[str, Any], MacEstimate]:
     """:func:`measure` from a single analysis: each point zeroes the consumer weight slices that read the
     group's dropped units (the oracle's masked model, whose outputs equal the removed model's without
     compensation) and runs it; MACs and params saved are counted from the weight edits. Attention-head
-    groups are left out (they follow ``head_sparsity``). Cost: one onnxruntime run per group and ratio."""
+    groups are left out (they follow ``head_sparsity``). Cost: one onnxruntime run per group and ratio.
+
+    With ``config.reconstruct`` the consumers' input Gram matrices are captured once; each point then refits
+    the group's consumers by least squares from them (exact for a group pruned alone: its consumers' inputs
+    are the original's) and, with the ``reconstruction`` criterion, drops the units the pass would drop.
+    Returns the measurements and a :class:`MacEstimate` over the same unit order."""
     reference = _run(model, feeds)
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
@@ -109,6 +114,9 @@ def measure_masked(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], c
     heads = [g.id for g in every if g.units and head_units(analysis, g)]
     groups = [g for g in every if g.units and g.id not in heads]
     scores = unit_scores(analysis, groups, _data_free(config), config.seed)
+    refit = _Refit(analysis, feeds) if config.reconstruct else None
+    if refit is not None and config.criterion == "reconstruction":
+        scores.update(refit.orders(groups, stop=max(ratios)))
     macs = node_macs(copy, shapes=analysis.shapes)
     rows, evaluations = [], 0
     for number, group in enumerate(groups, 1):
@@ -122,7 +130,7 @@ def measure_masked(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], c
                 keep[group.units[i]] = False
             keep = never_empty(analysis, keep)
             stats = StructuredPrunePass._group_stats(analysis, every, keep, macs)
-            outputs = _masked_outputs(analysis, keep, feeds)
+            outputs = _masked_outputs(analysis, keep, feeds, refit)
             evaluations += 1
             points.append({"ratio": ratio, "channels_removed": n, "rel_l2": _rel_error(reference, outputs),
                            "top1": None, "macs_saved": sum(s["macs_removed"] for s in stats),
@@ -130,15 +138,93 @@ def measure_masked(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], c
         rows.append({"id": group.id, "producers": [s.node.name for s in group.spaces], "channels": group.channels,
                      "prunable": len(group.units), "points": points})
     return {"macs": total_macs(model, input_shapes), "params": count_params(model)[0], "ratios": list(ratios),
-            "top1": None, "groups": rows, "head_groups": heads, "evaluations": evaluations}
+            "top1": None, "groups": rows, "head_groups": heads, "evaluations": evaluations}, \
+        MacEstimate(analysis, groups, scores, macs)
 
 
-def _masked_outputs(analysis: Analysis, keep: np.ndarray, feeds: list[dict[str, np.ndarray]]) -> list:
-    """Outputs of the analysed model with the channels ``keep`` drops masked in their consumers; the weights
-    are restored afterwards."""
+class MacEstimate:
+    """MACs left when groups lose their lowest-scored units, from one analysis: each layer's MACs times the kept
+    share of every axis its weight edits cut (Conv, Gemm, MatMul against weights). Attention-head groups and
+    MatMuls between activations are not modelled: the caller checks the result on a really pruned model."""
+
+    def __init__(self, analysis: Analysis, groups: list, scores: dict[int, np.ndarray], macs: dict[str, int]):
+        positions = {id(n): i for i, n in enumerate(analysis.model.graph.node)}
+        axes: dict[str, dict[int, list[np.ndarray]]] = {}
+        for edit in analysis.edits:
+            key = node_key(edit.node, positions.get(id(edit.node), -1))
+            if edit.role != "param" and key in macs:
+                axes.setdefault(key, {}).setdefault(edit.axis, []).append(edit.ids)
+        self.terms = [(macs[key], [np.unique(np.concatenate(ids)) for ids in cut.values()])
+                      for key, cut in axes.items()]
+        self.rest = sum(macs.values()) - sum(macs[key] for key in axes)
+        self.groups = {g.id: g for g in groups}
+        self.orders = {g.id: np.argsort(scores[g.id], kind="stable") for g in groups}
+        self.channels = analysis.num_channels
+
+    def __call__(self, ratios: dict[int, float]) -> float:
+        keep = np.ones(self.channels, dtype=bool)
+        for gid, ratio in ratios.items():
+            group = self.groups.get(gid)
+            if group is None:
+                continue
+            n = max(0, min(int(np.floor(ratio * group.channels + 1e-9)), len(group.units), group.channels - 1))
+            for i in self.orders[gid][:n]:
+                keep[group.units[i]] = False
+        return self.rest + sum(m * float(np.prod([keep[ids].mean() for ids in cut])) for m, cut in self.terms)
+
+
+class _Refit:
+    """Least-squares refit of masked consumers from Gram matrices captured once on the calibration data."""
+
+    def __init__(self, analysis: Analysis, feeds: list[dict[str, np.ndarray]], ridge: float = 1e-3):
+        from .scoring import _consumer_grams, _refit_consumers
+
+        self.consumers = _refit_consumers(analysis)
+        self.grams = _consumer_grams(analysis.model, self.consumers, feeds, ridge) if self.consumers else {}
+
+    def orders(self, groups: list, stop: float) -> dict[int, np.ndarray]:
+        """Unit scores of the reconstruction criterion (greedy OBS elimination), where a group can be refitted."""
+        from .scoring import _greedy_order
+
+        found = {}
+        for group in groups:
+            steps = int(np.ceil(stop * max(group.channels, len(group.units)))) + 1
+            order = _greedy_order(group, self.consumers, self.grams, steps) if self.grams else None
+            if order is not None:
+                found[group.id] = order
+        return found
+
+    def apply(self, keep: np.ndarray) -> None:
+        """Write the refitted weights of every consumer that lost input features (after :func:`mask`)."""
+        for key, (node, edit, matrix, feature_ids) in self.consumers.items():
+            kept = keep[feature_ids]
+            if kept.all() or key not in self.grams or not kept.any():
+                continue
+            gram = self.grams[key]
+            fitted = np.zeros_like(matrix)
+            try:
+                fitted[kept] = np.linalg.solve(gram[np.ix_(kept, kept)], gram[kept] @ matrix)
+            except np.linalg.LinAlgError:
+                continue
+            shape = edit.weight.array().shape
+            if node.op_type == "Conv":
+                values = fitted.T.reshape(shape)
+            elif node.op_type == "Gemm" and edit.axis == 1:
+                values = fitted.T
+            else:
+                values = fitted
+            edit.weight.set_array(values)
+
+
+def _masked_outputs(analysis: Analysis, keep: np.ndarray, feeds: list[dict[str, np.ndarray]],
+                    refit: _Refit | None = None) -> list:
+    """Outputs of the analysed model with the channels ``keep`` drops masked in their consumers (and those
+    refitted, with ``refit``); the weights are restored afterwards."""
     saved = [(edit.weight, edit.weight.array().copy()) for edit in analysis.edits
              if edit.role == "consumer" and not keep[edit.ids].all()]
     mask(analysis, keep)
+    if refit is not None:
+        refit.apply(keep)
     try:
         return _run(analysis.model, feeds)
     finally:
@@ -184,8 +270,11 @@ def measure(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], config: 
 
 def allocate_for_target(model: onnx.ModelProto, sensitivity: dict[str, Any], config: PruneConfig, *,
                         target_macs: float | None = None, target_params: float | None = None,
-                        input_shapes: dict[str, list[int]] | None = None) -> dict[int, float]:
-    """Per-group ratios reaching ``target_*`` (fraction of the original kept) at the least measured loss."""
+                        input_shapes: dict[str, list[int]] | None = None,
+                        macs_left: Callable[[dict[int, float]], float] | None = None) -> dict[int, float]:
+    """Per-group ratios reaching ``target_*`` (fraction of the original kept) at the least measured loss.
+
+    ``macs_left`` (ratios -> MACs left, e.g. a :class:`MacEstimate`) replaces pruning a copy for every check."""
     key, base = ("macs_saved", sensitivity["macs"]) if target_macs is not None else ("params_saved", sensitivity["params"])
     target = target_macs if target_macs is not None else target_params
     needed = (1.0 - target) * base
@@ -196,6 +285,8 @@ def allocate_for_target(model: onnx.ModelProto, sensitivity: dict[str, Any], con
     pinned = {gid: config.head_sparsity for gid in sensitivity.get("head_groups", []) if gid not in groups}
 
     def measure_cost(candidate: dict[int, float]) -> float:
+        if macs_left is not None:
+            return macs_left({**pinned, **candidate})
         pruned = prune_groups(model, {**pinned, **candidate}, config, input_shapes)
         return total_macs(pruned, input_shapes) if target_macs is not None else count_params(pruned)[0]
 
