@@ -32,12 +32,12 @@ import onnxruntime as ort
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import onnxprune  # noqa: E402
-from onnxprune.passes.structured import prepare_for_analysis  # noqa: E402
-from onnxprune.sensitivity import uniform_macs  # noqa: E402
-from onnxprune.analysis.cost import total_macs  # noqa: E402
-from tests.corpus.harness import CALIB_SEED, CHECK_SEED, run_model, save_npz  # noqa: E402
-from tests.corpus.models import BY_NAME, CorpusModel  # noqa: E402
+import onnxprune
+from onnxprune.analysis.cost import total_macs
+from onnxprune.passes.structured import prepare_for_analysis
+from onnxprune.sensitivity import costliest, uniform_macs
+from tests.corpus.harness import CALIB_SEED, CHECK_SEED, run_model, save_npz
+from tests.corpus.models import BY_NAME, CorpusModel
 
 DOCS = ROOT / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- accuracy-table:begin -->", "<!-- accuracy-table:end -->"
@@ -153,9 +153,8 @@ def prune_row(task: Task, sparsity: float, uniform: bool, folder: Path) -> Row:
 
 def fragile_group(sens: dict, sparsity: float) -> str:
     """The group whose removal alone at ``sparsity`` loses most fidelity (relative L2 of the outputs)."""
-    best = max(sens["groups"], key=lambda g: min(g["points"], key=lambda p: abs(p["ratio"] - sparsity))["rel_l2"])
-    point = min(best["points"], key=lambda p: abs(p["ratio"] - sparsity))
-    return f"{best['producers'][0]} (rel L2 {point['rel_l2']:.2f} alone at {point['ratio']:g})"
+    worst = costliest(sens, sparsity)
+    return f"{worst['producers'][0]} (rel L2 {worst['rel_l2']:.2f} alone at {worst['ratio']:g})"
 
 
 def run(names: list[str], evals: int, calibs: int) -> list[Row]:

@@ -431,7 +431,7 @@ def _default_allocation(model: onnx.ModelProto, config: PruneConfig, calibration
     if reason is not None:
         return config, {"method": "uniform", "reason": reason}
     from .passes.structured import prepare_for_analysis
-    from .sensitivity import allocate_for_target, around, measure_masked, uniform_macs
+    from .sensitivity import allocate_for_target, around, costliest, measure_masked, uniform_macs
 
     start = time.perf_counter()
     prepare_for_analysis(model)
@@ -452,6 +452,7 @@ def _default_allocation(model: onnx.ModelProto, config: PruneConfig, calibration
     return planned, {"method": "sensitivity", "groups_measured": len(sens["groups"]),
                      "evaluations": sens["evaluations"], "samples": sum(sample_count(s, batch_axes(input_specs(model))) for s in samples),
                      "seconds": round(seconds, 3), "target_macs": round(target / base, 6), "uniform_macs": int(target),
+                     "costliest": costliest(sens, config.sparsity),
                      "ratios": [{"producers": by_id[gid]["producers"], "ratio": ratio} for gid, ratio in every.items()],
                      "sensitivity": sens}
 

@@ -181,6 +181,10 @@ def _render_allocation(alloc: dict[str, Any] | None, lines: list[str], h: str, f
     if alloc.get("groups_measured") is not None:  # by default with calibration data: the uniform plan's MACs
         lines.append(f"{h}allocation: sensitivity ({alloc['groups_measured']} groups measured, {alloc['seconds']:.1f} s)"
                      f"; MACs of the uniform plan: {alloc['target_macs']:.3f}")
+        worst = alloc.get("costliest")
+        if worst:
+            lines.append(f"costliest group alone: {', '.join(worst['producers'])[:60]} (rel L2 {worst['rel_l2']:.3g} "
+                         f"at {worst['ratio']:g})")
     else:
         target = f"MACs {alloc['target_macs']}" if alloc.get("target_macs") is not None else \
             f"params {alloc['target_params']}"

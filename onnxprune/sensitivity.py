@@ -142,6 +142,18 @@ def measure_masked(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], c
         MacEstimate(analysis, groups, scores, macs)
 
 
+def costliest(sensitivity: dict[str, Any], ratio: float) -> dict[str, Any] | None:
+    """The group whose removal alone at the measured ratio nearest ``ratio`` loses most fidelity: the layer that
+    limits how far the model can be pruned."""
+    found = None
+    for group in sensitivity["groups"]:
+        point = min(group["points"], key=lambda p: abs(p["ratio"] - ratio))
+        if found is None or point["rel_l2"] > found["rel_l2"]:
+            found = {"id": group["id"], "producers": group["producers"], "ratio": point["ratio"],
+                     "rel_l2": point["rel_l2"]}
+    return found
+
+
 class MacEstimate:
     """MACs left when groups lose their lowest-scored units, from one analysis: each layer's MACs times the kept
     share of every axis its weight edits cut (Conv, Gemm, MatMul against weights). Attention-head groups and
