@@ -431,7 +431,7 @@ def _default_allocation(model: onnx.ModelProto, config: PruneConfig, calibration
     if reason is not None:
         return config, {"method": "uniform", "reason": reason}
     from .passes.structured import prepare_for_analysis
-    from .sensitivity import allocate_for_target, around, costliest, measure_masked, uniform_macs
+    from .sensitivity import allocate_for_target, around, costliest, measure_masked, prune_groups, uniform_macs
 
     start = time.perf_counter()
     prepare_for_analysis(model)
@@ -445,6 +445,11 @@ def _default_allocation(model: onnx.ModelProto, config: PruneConfig, calibration
     exact = bool(sens["head_groups"]) and config.head_sparsity > 0  # heads: the estimate does not model them
     ratios = allocate_for_target(model, sens, config, target_macs=target / base, input_shapes=shapes,
                                  macs_left=None if exact else estimate)
+    if not exact:  # the estimate, checked once on a really pruned copy; an overshoot is asked back
+        planned_macs = total_macs(prune_groups(model, ratios, config, shapes), shapes)
+        if planned_macs > target + 0.002 * base:
+            ratios = allocate_for_target(model, sens, config, target_macs=(2 * target - planned_macs) / base,
+                                         input_shapes=shapes, macs_left=estimate)
     by_id = {g["id"]: g for g in sens["groups"]}
     every = {gid: ratios.get(gid, 0.0) for gid in by_id}  # groups left whole are pinned at 0, not at the sparsity
     planned = replace(config, overrides=_ratio_overrides(every, by_id))

@@ -117,6 +117,7 @@ def measure_masked(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], c
     refit = _Refit(analysis, feeds) if config.reconstruct else None
     if refit is not None and config.criterion == "reconstruction":
         scores.update(refit.orders(groups, stop=max(ratios)))
+    probe = _Probe(analysis, feeds, refit)
     macs = node_macs(copy, shapes=analysis.shapes)
     rows, evaluations = [], 0
     for number, group in enumerate(groups, 1):
@@ -130,7 +131,7 @@ def measure_masked(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], c
                 keep[group.units[i]] = False
             keep = never_empty(analysis, keep)
             stats = StructuredPrunePass._group_stats(analysis, every, keep, macs)
-            outputs = _masked_outputs(analysis, keep, feeds, refit)
+            outputs = probe.outputs(keep)
             evaluations += 1
             points.append({"ratio": ratio, "channels_removed": n, "rel_l2": _rel_error(reference, outputs),
                            "top1": None, "macs_saved": sum(s["macs_removed"] for s in stats),
@@ -228,20 +229,58 @@ class _Refit:
             edit.weight.set_array(values)
 
 
-def _masked_outputs(analysis: Analysis, keep: np.ndarray, feeds: list[dict[str, np.ndarray]],
-                    refit: _Refit | None = None) -> list:
-    """Outputs of the analysed model with the channels ``keep`` drops masked in their consumers (and those
-    refitted, with ``refit``); the weights are restored afterwards."""
-    saved = [(edit.weight, edit.weight.array().copy()) for edit in analysis.edits
-             if edit.role == "consumer" and not keep[edit.ids].all()]
-    mask(analysis, keep)
-    if refit is not None:
-        refit.apply(keep)
-    try:
-        return _run(analysis.model, feeds)
-    finally:
-        for weight, values in reversed(saved):
-            weight.set_array(values)
+class _Probe:
+    """Runs the analysed model with some consumer weights masked (and refitted). Where every consumer weight is
+    an initializer of the main graph they become graph inputs of one onnxruntime session, fed per point; else
+    each point serialises the masked model into a new session."""
+
+    def __init__(self, analysis: Analysis, feeds: list[dict[str, np.ndarray]], refit: _Refit | None):
+        self.analysis, self.feeds, self.refit = analysis, feeds, refit
+        self.edits = [e for e in analysis.edits if e.role == "consumer"]
+        weights = {e.weight.name: e.weight for e in self.edits}
+        self.session = None
+        if weights and all(w.kind == "initializer" and w.graph is analysis.model.graph for w in weights.values()):
+            self.weights = {name: w.array() for name, w in weights.items()}
+            self.session = _session(_weights_as_inputs(analysis.model, set(weights)))
+
+    def outputs(self, keep: np.ndarray) -> list[list[np.ndarray]]:
+        """The model's outputs on the feeds with the channels ``keep`` drops masked; weights restored after."""
+        touched = [e for e in self.edits if not keep[e.ids].all()]
+        saved = [(e.weight, e.weight.array()) for e in touched]
+        mask(self.analysis, keep)
+        if self.refit is not None:
+            self.refit.apply(keep)
+        try:
+            if self.session is None:
+                return _run(self.analysis.model, self.feeds)
+            weights = {**self.weights, **{e.weight.name: e.weight.array() for e in touched}}
+            return [self.session.run(None, {**feed, **weights}) for feed in self.feeds]
+        finally:
+            for weight, values in reversed(saved):
+                weight.set_array(values)
+
+
+def _session(model: onnx.ModelProto) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _weights_as_inputs(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
+    """A copy of ``model`` whose initializers ``names`` are graph inputs instead (fed on every run)."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    graph = probe.graph
+    listed = {i.name for i in graph.input}
+    kept = []
+    for init in graph.initializer:
+        if init.name not in names:
+            kept.append(init)
+        elif init.name not in listed:
+            graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    return probe
 
 
 def measure(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], config: PruneConfig,
