@@ -404,7 +404,8 @@ def _ratio_overrides(ratios: dict[int, float], groups: dict[int, dict[str, Any]]
     return overrides
 
 
-MEASURE_SAMPLES = 8  # calibration samples the default allocation measures on (taken from the front)
+MEASURE_SAMPLES = 8  # calibration samples the default allocation measures fidelity on (taken from the front)
+FIT_SAMPLES = 64  # the next ones: the Gram matrices its refit in the loop solves with (--reconstruct)
 
 
 def _uniform_reason(config: PruneConfig, calibration) -> str | None:
@@ -437,9 +438,12 @@ def _default_allocation(model: onnx.ModelProto, config: PruneConfig, calibration
     prepare_for_analysis(model)
     target = uniform_macs(model, config, shapes)
     base = total_macs(model, shapes)
-    samples = _first_samples(model, list(calibration), MEASURE_SAMPLES)
+    samples = _samples(model, list(calibration), 0, MEASURE_SAMPLES)
+    # the refit in the loop learns from other samples than those it is judged on (else few samples overfit)
+    fit = _samples(model, list(calibration), MEASURE_SAMPLES, MEASURE_SAMPLES + FIT_SAMPLES) or samples
     log("measuring each group's sensitivity on calibration data")
-    sens, estimate = measure_masked(model, samples, config, around(config.sparsity), input_shapes=shapes, log=log)
+    sens, estimate = measure_masked(model, samples, config, around(config.sparsity), input_shapes=shapes, log=log,
+                                    fit_feeds=fit)
     if not sens["groups"] or base <= 0 or target >= base:
         return config, {"method": "uniform", "reason": "nothing to allocate: no prunable group loses MACs"}
     exact = bool(sens["head_groups"]) and config.head_sparsity > 0  # heads: the estimate does not model them
@@ -462,17 +466,18 @@ def _default_allocation(model: onnx.ModelProto, config: PruneConfig, calibration
                      "sensitivity": sens}
 
 
-def _first_samples(model: onnx.ModelProto, batches: list[dict], limit: int) -> list[dict]:
-    """The first ``limit`` samples of the calibration batches (cut along each input's sample axis)."""
+def _samples(model: onnx.ModelProto, batches: list[dict], start: int, stop: int) -> list[dict]:
+    """Samples ``start`` to ``stop`` of the calibration batches, cut along each input's sample axis."""
     axes = batch_axes(input_specs(model))
-    taken, left = [], limit
+    taken, first = [], 0
     for batch in batches:
-        if left <= 0:
-            break
-        cut = {name: np.take(arr, np.arange(min(left, arr.shape[axes[name]])), axis=axes[name])
-               if axes.get(name) is not None and arr.ndim > axes[name] else arr for name, arr in batch.items()}
-        taken.append(cut)
-        left -= sample_count(cut, axes)
+        count = sample_count(batch, axes)
+        lo, hi = max(start - first, 0), min(stop - first, count)
+        first += count
+        if hi <= lo:
+            continue
+        taken.append({name: np.take(arr, np.arange(lo, hi), axis=axes[name])
+                      if axes.get(name) is not None and arr.ndim > axes[name] else arr for name, arr in batch.items()})
     return taken
 
 

@@ -96,15 +96,18 @@ def around(sparsity: float) -> tuple[float, ...]:
 
 def measure_masked(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], config: PruneConfig,
                    ratios: tuple[float, ...], input_shapes: dict[str, list[int]] | None = None,
-                   log: Callable[[str], None] = lambda m: None) -> tuple[dict[str, Any], MacEstimate]:
+                   log: Callable[[str], None] = lambda m: None,
+                   fit_feeds: list[dict[str, np.ndarray]] | None = None) -> tuple[dict[str, Any], MacEstimate]:
     """:func:`measure` from a single analysis: each point zeroes the consumer weight slices that read the
     group's dropped units (the oracle's masked model, whose outputs equal the removed model's without
     compensation) and runs it; MACs and params saved are counted from the weight edits. Attention-head
     groups are left out (they follow ``head_sparsity``). Cost: one onnxruntime run per group and ratio.
 
-    With ``config.reconstruct`` the consumers' input Gram matrices are captured once; each point then refits
-    the group's consumers by least squares from them (exact for a group pruned alone: its consumers' inputs
-    are the original's) and, with the ``reconstruction`` criterion, drops the units the pass would drop.
+    With ``config.reconstruct`` the consumers' input Gram matrices are captured once (on ``fit_feeds``, default
+    ``feeds``: samples apart from those judged keep a refit on few samples from looking better than it is); each
+    point then refits the group's consumers by least squares from them (exact for a group pruned alone: its
+    consumers' inputs are the original's) and, with the ``reconstruction`` criterion, drops the units the pass
+    would drop.
     Returns the measurements and a :class:`MacEstimate` over the same unit order."""
     reference = _run(model, feeds)
     copy = onnx.ModelProto()
@@ -114,7 +117,7 @@ def measure_masked(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], c
     heads = [g.id for g in every if g.units and head_units(analysis, g)]
     groups = [g for g in every if g.units and g.id not in heads]
     scores = unit_scores(analysis, groups, _data_free(config), config.seed)
-    refit = _Refit(analysis, feeds) if config.reconstruct else None
+    refit = _Refit(analysis, fit_feeds or feeds) if config.reconstruct else None
     if refit is not None and config.criterion == "reconstruction":
         scores.update(refit.orders(groups, stop=max(ratios)))
     probe = _Probe(analysis, feeds, refit)
