@@ -404,8 +404,8 @@ def _ratio_overrides(ratios: dict[int, float], groups: dict[int, dict[str, Any]]
     return overrides
 
 
-MEASURE_SAMPLES = 8  # calibration samples the default allocation measures fidelity on (taken from the front)
-FIT_SAMPLES = 64  # the next ones: the Gram matrices its refit in the loop solves with (--reconstruct)
+MEASURE_SAMPLES = 4  # calibration samples the default allocation measures fidelity on (taken from the front)
+FIT_SAMPLES = 32  # the next ones: the Gram matrices its refit in the loop solves with (--reconstruct)
 
 
 def _uniform_reason(config: PruneConfig, calibration) -> str | None:

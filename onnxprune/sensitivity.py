@@ -106,8 +106,8 @@ def measure_masked(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], c
     With ``config.reconstruct`` the consumers' input Gram matrices are captured once (on ``fit_feeds``, default
     ``feeds``: samples apart from those judged keep a refit on few samples from looking better than it is); each
     point then refits the group's consumers by least squares from them (exact for a group pruned alone: its
-    consumers' inputs are the original's) and, with the ``reconstruction`` criterion, drops the units the pass
-    would drop.
+    consumers' inputs are the original's). Units go in data-free order (L1 unless the criterion is one): the
+    greedy order of the ``reconstruction`` criterion would cost as much as the pass's own selection.
     Returns the measurements and a :class:`MacEstimate` over the same unit order."""
     reference = _run(model, feeds)
     copy = onnx.ModelProto()
@@ -118,8 +118,6 @@ def measure_masked(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], c
     groups = [g for g in every if g.units and g.id not in heads]
     scores = unit_scores(analysis, groups, _data_free(config), config.seed)
     refit = _Refit(analysis, fit_feeds or feeds) if config.reconstruct else None
-    if refit is not None and config.criterion == "reconstruction":
-        scores.update(refit.orders(groups, stop=max(ratios)))
     probe = _Probe(analysis, feeds, refit)
     macs = node_macs(copy, shapes=analysis.shapes)
     rows, evaluations = [], 0
@@ -197,18 +195,6 @@ class _Refit:
 
         self.consumers = _refit_consumers(analysis)
         self.grams = _consumer_grams(analysis.model, self.consumers, feeds, ridge) if self.consumers else {}
-
-    def orders(self, groups: list, stop: float) -> dict[int, np.ndarray]:
-        """Unit scores of the reconstruction criterion (greedy OBS elimination), where a group can be refitted."""
-        from .scoring import _greedy_order
-
-        found = {}
-        for group in groups:
-            steps = int(np.ceil(stop * max(group.channels, len(group.units)))) + 1
-            order = _greedy_order(group, self.consumers, self.grams, steps) if self.grams else None
-            if order is not None:
-                found[group.id] = order
-        return found
 
     def apply(self, keep: np.ndarray) -> None:
         """Write the refitted weights of every consumer that lost input features (after :func:`mask`)."""
