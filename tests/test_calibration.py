@@ -55,11 +55,12 @@ def test_reconstruction_brings_outputs_closer(tmp_path, name, size):
 def test_cli_reconstruct(tmp_path):
     code, out, err = run_cli(FIXTURES / "cnn.onnx", "--structured", "--sparsity", "0.1", "--reconstruct",
                              "--calibration-data", calib(tmp_path), "-o", tmp_path / "o.onnx", "--report",
-                             tmp_path / "r.json", "--runs", "2", "--input-shape", "input:8x3x32x32")
+                             tmp_path / "r.json", "--runs", "2", "--input-shape", "input:8x3x32x32", "--uniform")
     assert code == 0, err
     assert "reconstructed" in out
     report = json.loads((tmp_path / "r.json").read_text())
-    # measured on the CNN fixture at 10 %: cosine 0.62 with the repair, 0.27 without it
+    # measured on the CNN fixture at 10 % with uniform ratios: cosine 0.62 with the repair, 0.27 without it
+    # (the default sensitivity allocation gives 0.49 on this random-weight fixture)
     assert report["validation"]["worst"]["cosine"] > 0.5
 
 
