@@ -458,8 +458,9 @@ def _default_allocation(model: onnx.ModelProto, config: PruneConfig, calibration
     every = {gid: ratios.get(gid, 0.0) for gid in by_id}  # groups left whole are pinned at 0, not at the sparsity
     planned = replace(config, overrides=_ratio_overrides(every, by_id))
     seconds = time.perf_counter() - start
+    axes = batch_axes(input_specs(model))
     return planned, {"method": "sensitivity", "groups_measured": len(sens["groups"]),
-                     "evaluations": sens["evaluations"], "samples": sum(sample_count(s, batch_axes(input_specs(model))) for s in samples),
+                     "evaluations": sens["evaluations"], "samples": sum(sample_count(s, axes) for s in samples),
                      "seconds": round(seconds, 3), "target_macs": round(target / base, 6), "uniform_macs": int(target),
                      "costliest": costliest(sens, config.sparsity),
                      "ratios": [{"producers": by_id[gid]["producers"], "ratio": ratio} for gid, ratio in every.items()],
