@@ -179,7 +179,8 @@ def table(rows: list[Row]) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r.model} | {r.exporter} | {r.mode} | {r.metric_name} {r.metric:.3f} | "
-                     f"{100 * r.macs_kept:.1f} % | {r.seconds:.0f} s | {r.allocation or '–'} | {r.fragile or '–'} |")
+                     f"{100 * r.macs_kept:.1f} % | {r.seconds:.0f} s | {r.allocation or '–'} | "
+                     f"{r.fragile or '–'} |")
     return "\n".join(lines)
 
 

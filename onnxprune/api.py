@@ -361,7 +361,8 @@ def _as_batches(feed) -> list[dict]:
 
 
 def _allocate_for_target(model: onnx.ModelProto, config: PruneConfig, calibration, vcfg: ValidateConfig, feeds,
-                         shapes: dict[str, list[int]], log: Callable[[str], None]) -> tuple[PruneConfig, dict[str, Any]]:
+                         shapes: dict[str, list[int]], log: Callable[[str], None]
+                         ) -> tuple[PruneConfig, dict[str, Any]]:
     """Measure each group's sensitivity, pick per-group ratios for the target; a new config carries them as
     overrides (the given one is not changed)."""
     from .passes.structured import prepare_for_analysis
@@ -387,7 +388,8 @@ def _allocate_for_target(model: onnx.ModelProto, config: PruneConfig, calibratio
     planned = replace(config, overrides=_ratio_overrides(ratios, by_id) + list(config.overrides), sparsity=0.0)
     return planned, {"method": "sensitivity", "target_macs": config.target_macs,
                      "target_params": config.target_params,
-                     "ratios": [{"producers": by_id[gid]["producers"], "ratio": ratio} for gid, ratio in ratios.items()],
+                     "ratios": [{"producers": by_id[gid]["producers"], "ratio": ratio}
+                                for gid, ratio in ratios.items()],
                      "sensitivity": sens}
 
 

@@ -179,7 +179,8 @@ def _render_allocation(alloc: dict[str, Any] | None, lines: list[str], h: str, f
         lines.append(f"allocation: uniform ({alloc['reason']})")
         return
     if alloc.get("groups_measured") is not None:  # by default with calibration data: the uniform plan's MACs
-        lines.append(f"{h}allocation: sensitivity ({alloc['groups_measured']} groups measured, {alloc['seconds']:.1f} s)"
+        lines.append(f"{h}allocation: sensitivity ({alloc['groups_measured']} groups measured, "
+                     f"{alloc['seconds']:.1f} s)"
                      f"; MACs of the uniform plan: {alloc['target_macs']:.3f}")
         worst = alloc.get("costliest")
         if worst:
