@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import time
 from collections.abc import Callable
@@ -20,7 +21,15 @@ from .analysis.weights import find_prunable_weights
 from .calibration import ImagePreprocess, load_calibration
 from .config import PruneConfig, ValidateConfig
 from .errors import GateFailedError, InputDataError, InvalidModelError, OnnxPruneError, UnsupportedError, UsageError
-from .feeds import batch_axes, describe_resolution, input_specs, prepare_feeds, resolve_inputs, split_samples
+from .feeds import (
+    batch_axes,
+    describe_resolution,
+    input_specs,
+    prepare_feeds,
+    resolve_inputs,
+    sample_count,
+    split_samples,
+)
 from .model import (
     EXTERNAL_DATA_THRESHOLD,
     PROTOBUF_LIMIT,
@@ -41,7 +50,7 @@ from .passes.structured import StructuredPrunePass, prepare_for_analysis
 from .passes.unstructured import MagnitudePrunePass
 from .quantize import quantize_file
 from .report import caveats
-from .sensitivity import allocate_for_target, measure
+from .sensitivity import allocate_for_target, around, costliest, measure, measure_masked, prune_groups, uniform_macs
 from .sessions import ModelSource
 from .signals import checkpoint
 from .validate import (
@@ -144,7 +153,7 @@ def prune(
     :class:`~onnxprune.outputs.OutputGuard`) also protects the input's external data from the run's other outputs.
     """
     log = log or (lambda message: None)
-    config = config or PruneConfig(**options)
+    config = replace(config) if config is not None else PruneConfig(**options)  # the caller's object stays as given
     config.validate()
     vcfg = validate if isinstance(validate, ValidateConfig) else ValidateConfig(enabled=bool(validate))
     if vcfg.enabled:
@@ -192,7 +201,9 @@ def prune(
         original_stats["macs"] = total_macs(loaded.model, input_shapes)
     allocation = None
     if config.target_macs is not None or config.target_params is not None:
-        allocation = _allocate_for_target(loaded.model, config, calibration, vcfg, feeds, input_shapes, log)
+        config, allocation = _allocate_for_target(loaded.model, config, calibration, vcfg, feeds, input_shapes, log)
+    elif config.structured and config.sparsity:
+        config, allocation = _default_allocation(loaded.model, config, calibration, input_shapes, log)
     start = time.perf_counter()
     ctx = PassContext(model=loaded.model, log=log, progress=progress)
     ctx.state["input_shapes"] = dict(input_shapes)
@@ -361,8 +372,10 @@ def _as_batches(feed) -> list[dict]:
 
 
 def _allocate_for_target(model: onnx.ModelProto, config: PruneConfig, calibration, vcfg: ValidateConfig, feeds,
-                         shapes: dict[str, list[int]], log: Callable[[str], None]) -> dict[str, Any]:
-    """Measure each group's sensitivity, pick per-group ratios for the target, write them as overrides."""
+                         shapes: dict[str, list[int]], log: Callable[[str], None]
+                         ) -> tuple[PruneConfig, dict[str, Any]]:
+    """Measure each group's sensitivity, pick per-group ratios for the target; a new config carries them as
+    overrides (the given one is not changed)."""
     prepare_for_analysis(model)  # what the structured pass analyses, so group ids and heads agree
 
     samples = list(calibration or [])[:4] or (
@@ -378,12 +391,98 @@ def _allocate_for_target(model: onnx.ModelProto, config: PruneConfig, calibratio
     ratios = allocate_for_target(model, sens, config, target_macs=config.target_macs,
                                  target_params=config.target_params, input_shapes=shapes)
     by_id = {g["id"]: g for g in sens["groups"]}
-    config.overrides = [{"match": by_id[gid]["producers"][0], "sparsity": ratio} for gid, ratio in ratios.items()
-                        ] + list(config.overrides)
-    config.sparsity = 0.0
-    return {"target_macs": config.target_macs, "target_params": config.target_params,
-            "ratios": [{"producers": by_id[gid]["producers"], "ratio": ratio} for gid, ratio in ratios.items()],
-            "sensitivity": sens}
+    planned = replace(config, overrides=_ratio_overrides(ratios, by_id) + list(config.overrides), sparsity=0.0)
+    return planned, {"method": "sensitivity", "target_macs": config.target_macs,
+                     "target_params": config.target_params,
+                     "ratios": [{"producers": by_id[gid]["producers"], "ratio": ratio}
+                                for gid, ratio in ratios.items()],
+                     "sensitivity": sens}
+
+
+def _ratio_overrides(ratios: dict[int, float], groups: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per-group ratios as recipe overrides matching each group's first named producer (glob characters in
+    the name escaped)."""
+    overrides = []
+    for gid, ratio in ratios.items():
+        name = next((n for n in groups[gid]["producers"] if n), None)
+        if name is not None:
+            overrides.append({"match": glob.escape(name), "sparsity": ratio})
+    return overrides
+
+
+MEASURE_SAMPLES = 4  # calibration samples the default allocation measures fidelity on (taken from the front)
+FIT_SAMPLES = 32  # the next ones: the Gram matrices its refit in the loop solves with (--reconstruct)
+
+
+def _uniform_reason(config: PruneConfig, calibration) -> str | None:
+    """Why ``--structured --sparsity`` keeps uniform ratios (None: allocate by measured sensitivity)."""
+    if config.uniform:
+        return "asked for"
+    if not calibration:
+        return "no calibration data"
+    if config.overrides:
+        return "per-layer overrides fix the ratios"
+    if config.scope == "global":
+        return "global scope ranks channels across groups"
+    return None
+
+
+def _default_allocation(model: onnx.ModelProto, config: PruneConfig, calibration, shapes: dict[str, list[int]],
+                        log: Callable[[str], None]) -> tuple[PruneConfig, dict[str, Any]]:
+    """With calibration data: the MACs the uniform plan removes, spread over the groups by measured sensitivity.
+
+    Each group is measured alone at four ratios around the sparsity (masked weights, one analysis, one onnxruntime
+    run per point on at most ``MEASURE_SAMPLES`` calibration samples); the greedy target allocation then reaches
+    the uniform plan's MACs. Returns the config to run (a new one) and the report's ``allocation``."""
+    reason = _uniform_reason(config, calibration)
+    if reason is not None:
+        return config, {"method": "uniform", "reason": reason}
+    start = time.perf_counter()
+    prepare_for_analysis(model)
+    target = uniform_macs(model, config, shapes)
+    base = total_macs(model, shapes)
+    samples = _samples(model, list(calibration), 0, MEASURE_SAMPLES)
+    # the refit in the loop learns from other samples than those it is judged on (else few samples overfit)
+    fit = _samples(model, list(calibration), MEASURE_SAMPLES, MEASURE_SAMPLES + FIT_SAMPLES) or samples
+    log("measuring each group's sensitivity on calibration data")
+    sens, estimate = measure_masked(model, samples, config, around(config.sparsity), input_shapes=shapes, log=log,
+                                    fit_feeds=fit)
+    if not sens["groups"] or base <= 0 or target >= base:
+        return config, {"method": "uniform", "reason": "nothing to allocate: no prunable group loses MACs"}
+    exact = bool(sens["head_groups"]) and config.head_sparsity > 0  # heads: the estimate does not model them
+    ratios = allocate_for_target(model, sens, config, target_macs=target / base, input_shapes=shapes,
+                                 macs_left=None if exact else estimate)
+    if not exact:  # the estimate, checked once on a really pruned copy; an overshoot is asked back
+        planned_macs = total_macs(prune_groups(model, ratios, config, shapes), shapes)
+        if planned_macs > target + 0.002 * base:
+            ratios = allocate_for_target(model, sens, config, target_macs=(2 * target - planned_macs) / base,
+                                         input_shapes=shapes, macs_left=estimate)
+    by_id = {g["id"]: g for g in sens["groups"]}
+    every = {gid: ratios.get(gid, 0.0) for gid in by_id}  # groups left whole are pinned at 0, not at the sparsity
+    planned = replace(config, overrides=_ratio_overrides(every, by_id))
+    seconds = time.perf_counter() - start
+    axes = batch_axes(input_specs(model))
+    return planned, {"method": "sensitivity", "groups_measured": len(sens["groups"]),
+                     "evaluations": sens["evaluations"], "samples": sum(sample_count(s, axes) for s in samples),
+                     "seconds": round(seconds, 3), "target_macs": round(target / base, 6), "uniform_macs": int(target),
+                     "costliest": costliest(sens, config.sparsity),
+                     "ratios": [{"producers": by_id[gid]["producers"], "ratio": ratio} for gid, ratio in every.items()],
+                     "sensitivity": sens}
+
+
+def _samples(model: onnx.ModelProto, batches: list[dict], start: int, stop: int) -> list[dict]:
+    """Samples ``start`` to ``stop`` of the calibration batches, cut along each input's sample axis."""
+    axes = batch_axes(input_specs(model))
+    taken, first = [], 0
+    for batch in batches:
+        count = sample_count(batch, axes)
+        lo, hi = max(start - first, 0), min(stop - first, count)
+        first += count
+        if hi <= lo:
+            continue
+        taken.append({name: np.take(arr, np.arange(lo, hi), axis=axes[name])
+                      if axes.get(name) is not None and arr.ndim > axes[name] else arr for name, arr in batch.items()})
+    return taken
 
 
 QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",

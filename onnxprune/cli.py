@@ -143,6 +143,7 @@ def _providers(values: tuple[str, ...]) -> list[str]:
 @click.option("--head-sparsity", type=float, default=0.0, show_default=True, help="Structured: share of attention heads to remove (--sparsity covers MLP neurons and other channels).")
 @click.option("--target-macs", type=float, help="Structured: keep this fraction of the MACs; per-group ratios chosen from measured sensitivity.")
 @click.option("--target-params", type=float, help="Structured: keep this fraction of the parameters (like --target-macs).")
+@click.option("--uniform", is_flag=True, help="Structured: the same --sparsity in every group. Without it, with --calibration-data, per-group ratios come from measured sensitivity at the uniform plan's MACs.")
 @click.option("--round-to", type=int, default=1, show_default=True, help="Structured: keep channel counts multiples of N.")
 @click.option("--fold-constants/--no-fold-constants", default=True, show_default=True, help="Structured: fold what removed channels still output (bias, BN shift) into their consumers' biases.")
 @click.option("--prune-layernorm", is_flag=True, help="Structured: also remove channels normalized by a LayerNorm over the channel axis (ConvNeXt's residual stream). Approximate: the mean and variance of the kept channels change.")
@@ -199,7 +200,7 @@ def prune_command(model: Path, output: Path | None, force: bool, debug: bool, qu
             "image_size": _hw(opts["image_size"]), "image_mean": _floats(opts["image_mean"], "--image-mean"),
             "image_std": _floats(opts["image_std"], "--image-std"), "image_layout": opts["image_layout"],
             "image_channels": opts["image_channels"],
-            "target_params": opts["target_params"],
+            "target_params": opts["target_params"], "uniform": opts["uniform"],
             "calibration_data": str(opts["calibration_data"]) if opts["calibration_data"] else None,
         }
         if opts["recipe_path"]:

@@ -43,6 +43,7 @@ class PruneConfig:
     head_sparsity: float = 0.0  # structured: share of attention heads removed (--sparsity covers the rest)
     target_macs: float | None = None  # structured: keep this fraction of MACs, ratios chosen by sensitivity
     target_params: float | None = None
+    uniform: bool = False  # structured: the same ratio in every group even with calibration data
 
     def validate(self) -> None:
         """Raise :class:`UsageError` for inconsistent or out-of-range settings (and resolve the default criterion)."""
@@ -75,6 +76,8 @@ class PruneConfig:
                     raise UsageError(f"{option} must be in (0, 1], the fraction to keep; got {value}")
                 if self.sparsity is not None:
                     raise UsageError(f"give either --sparsity or {option}, not both")
+        if self.uniform and (self.target_macs is not None or self.target_params is not None):
+            raise UsageError("--uniform and --target-macs/--target-params cannot be combined")
         if self.target_macs is not None and self.target_params is not None:
             raise UsageError("give either --target-macs or --target-params, not both")
         if self.target_macs is not None or self.target_params is not None:

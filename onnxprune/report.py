@@ -113,13 +113,7 @@ def render(report: dict[str, Any], *, markdown: bool = False, verbose: bool = Fa
                     lines.append(f"  {'- ' if markdown else ''}{f['id']} ({f.get('channels')} channels): {f['reason']}")
                 if not (verbose or markdown) and len(frozen) > limit:
                     lines.append(f"  ... {len(frozen) - limit} more (--verbose or --report)")
-    alloc = report.get("allocation")
-    if alloc:
-        target = f"MACs {alloc['target_macs']}" if alloc.get("target_macs") is not None else f"params {alloc['target_params']}"
-        lines.append("")
-        lines.append(f"{h}Allocation for target {target} (from measured sensitivity)")
-        for entry in alloc["ratios"]:
-            lines.append(f"  {entry['ratio']:.3f}  {', '.join(entry['producers'])[:70]}")
+    _render_allocation(report.get("allocation"), lines, h, verbose or markdown, limit)
     quant = report.get("quantization")
     if quant:
         lines.append("")
@@ -170,6 +164,33 @@ def nonfinite_text(result: dict[str, Any]) -> str:
     parts = [f"{side}: {counts['nan']} NaN, {counts['inf']} Inf"
              for side, counts in result.get("nonfinite", {}).items() if counts.get("nan") or counts.get("inf")]
     return "; ".join(parts)
+
+
+def _render_allocation(alloc: dict[str, Any] | None, lines: list[str], h: str, full: bool, limit: int) -> None:
+    """The allocation line ("sensitivity (N groups measured, X s)" or "uniform (reason)") and the chosen ratios."""
+    if not alloc:
+        return
+    lines.append("")
+    if alloc.get("method") == "uniform":
+        lines.append(f"allocation: uniform ({alloc['reason']})")
+        return
+    if alloc.get("groups_measured") is not None:  # by default with calibration data: the uniform plan's MACs
+        lines.append(f"{h}allocation: sensitivity ({alloc['groups_measured']} groups measured, "
+                     f"{alloc['seconds']:.1f} s)"
+                     f"; MACs of the uniform plan: {alloc['target_macs']:.3f}")
+        worst = alloc.get("costliest")
+        if worst:
+            lines.append(f"costliest group alone: {', '.join(worst['producers'])[:60]} (rel L2 {worst['rel_l2']:.3g} "
+                         f"at {worst['ratio']:g})")
+    else:
+        target = f"MACs {alloc['target_macs']}" if alloc.get("target_macs") is not None else \
+            f"params {alloc['target_params']}"
+        lines.append(f"{h}Allocation for target {target} (from measured sensitivity)")
+    ratios = sorted(alloc["ratios"], key=lambda entry: -entry["ratio"])
+    for entry in ratios if full else ratios[:limit]:
+        lines.append(f"  {entry['ratio']:.3f}  {', '.join(entry['producers'])[:70]}")
+    if not full and len(ratios) > limit:
+        lines.append(f"  ... {len(ratios) - limit} more (--verbose or --report)")
 
 
 def _render_validation(v: dict[str, Any] | None, lines: list[str], h: str, markdown: bool) -> None:

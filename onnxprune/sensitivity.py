@@ -1,10 +1,12 @@
-"""Sensitivity analysis and automatic per-group ratios (``onnxprune sensitivity``, ``--target-macs``).
+"""Sensitivity analysis and automatic per-group ratios (``onnxprune sensitivity``, ``--target-macs``,
+structured pruning with calibration data).
 
 Each prunable channel group is pruned *alone* at several ratios and the model's outputs are
 compared with the original's on the given inputs (and top-1 accuracy when labels exist).
 From those measured curves, :func:`allocate_for_target` picks per-group ratios that reach a
 MAC (or parameter) target while losing the least fidelity, greedily, then checks the target
-on the actually pruned model.
+on the actually pruned model. :func:`measure_masked` is the cheap form used by default with
+calibration data: one analysis, each point a masked copy of the weights.
 """
 
 from __future__ import annotations
@@ -15,13 +17,13 @@ from typing import Any
 import numpy as np
 import onnx
 
-from .analysis.cost import total_macs
-from .analysis.groups import analyse, build_groups
+from .analysis.cost import node_key, node_macs, total_macs
+from .analysis.groups import Analysis, analyse, build_groups
 from .config import PruneConfig
 from .errors import UsageError
 from .model import count_params
-from .passes.structured import head_units, never_empty, remove
-from .scoring import unit_scores
+from .passes.structured import StructuredPrunePass, allocate_safe, head_units, mask, never_empty, remove
+from .scoring import _consumer_grams, _refit_consumers, unit_scores
 from .sessions import create_session, session_options
 
 DEFAULT_RATIOS = (0.25, 0.5, 0.75)
@@ -56,8 +58,7 @@ def prune_groups(model: onnx.ModelProto, ratios: dict[int, float], config: Prune
     copy.CopyFrom(model)
     analysis = analyse(copy, input_shapes, config.exclude, config.prune_layernorm)
     groups = {g.id: g for g in build_groups(analysis)}
-    criterion = config.criterion if config.criterion in ("l1", "l2", "bn", "random") else "l1"  # data-free ones
-    scores = unit_scores(analysis, list(groups.values()), criterion, config.seed)
+    scores = unit_scores(analysis, list(groups.values()), _data_free(config), config.seed)
     keep = np.ones(analysis.num_channels, dtype=bool)
     for gid, ratio in ratios.items():
         group = groups[gid]
@@ -66,6 +67,201 @@ def prune_groups(model: onnx.ModelProto, ratios: dict[int, float], config: Prune
             keep[group.units[i]] = False
     remove(analysis, never_empty(analysis, keep))
     return copy
+
+
+def _data_free(config: PruneConfig) -> str:
+    """The criterion sensitivity points rank units by: the configured one when it needs no data, else L1."""
+    return config.criterion if config.criterion in ("l1", "l2", "bn", "random") else "l1"
+
+
+def uniform_macs(model: onnx.ModelProto, config: PruneConfig,
+                 input_shapes: dict[str, list[int]] | None = None) -> int:
+    """MACs left by the uniform plan of ``config`` (its sparsity in every group, heads at their own ratio);
+    which units go does not change the count, so data-free scores stand in for the configured criterion."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    analysis = analyse(copy, input_shapes, config.exclude, config.prune_layernorm, config.overrides)
+    groups = build_groups(analysis)
+    remove(analysis, allocate_safe(analysis, groups, unit_scores(analysis, groups, _data_free(config), config.seed),
+                                   config))
+    return total_macs(copy, input_shapes)
+
+
+def around(sparsity: float) -> tuple[float, ...]:
+    """The ratios measured for an allocation around a uniform ``sparsity``: half, once, 1.5x and twice it
+    (capped at 0.875), so a fragile group can stay near zero and a robust one take twice its share."""
+    return tuple(sorted({round(min(0.875, f * sparsity), 4) for f in (0.5, 1.0, 1.5, 2.0)}))
+
+
+def measure_masked(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], config: PruneConfig,
+                   ratios: tuple[float, ...], input_shapes: dict[str, list[int]] | None = None,
+                   log: Callable[[str], None] = lambda m: None,
+                   fit_feeds: list[dict[str, np.ndarray]] | None = None) -> tuple[dict[str, Any], MacEstimate]:
+    """:func:`measure` from a single analysis: each point zeroes the consumer weight slices that read the
+    group's dropped units (the oracle's masked model, whose outputs equal the removed model's without
+    compensation) and runs it; MACs and params saved are counted from the weight edits. Attention-head
+    groups are left out (they follow ``head_sparsity``). Cost: one onnxruntime run per group and ratio.
+
+    With ``config.reconstruct`` the consumers' input Gram matrices are captured once (on ``fit_feeds``, default
+    ``feeds``: samples apart from those judged keep a refit on few samples from looking better than it is); each
+    point then refits the group's consumers by least squares from them (exact for a group pruned alone: its
+    consumers' inputs are the original's). Units go in data-free order (L1 unless the criterion is one): the
+    greedy order of the ``reconstruction`` criterion would cost as much as the pass's own selection.
+    Returns the measurements and a :class:`MacEstimate` over the same unit order."""
+    reference = _run(model, feeds)
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    analysis = analyse(copy, input_shapes, config.exclude, config.prune_layernorm, config.overrides)
+    every = build_groups(analysis)
+    heads = [g.id for g in every if g.units and head_units(analysis, g)]
+    groups = [g for g in every if g.units and g.id not in heads]
+    scores = unit_scores(analysis, groups, _data_free(config), config.seed)
+    refit = _Refit(analysis, fit_feeds or feeds) if config.reconstruct else None
+    probe = _Probe(analysis, feeds, refit)
+    macs = node_macs(copy, shapes=analysis.shapes)
+    rows, evaluations = [], 0
+    for number, group in enumerate(groups, 1):
+        log(f"group {number}/{len(groups)}: {', '.join(s.node.name for s in group.spaces)[:60]}")
+        order = np.argsort(scores[group.id], kind="stable")
+        points = []
+        for ratio in ratios:
+            n = max(0, min(int(np.floor(ratio * group.channels + 1e-9)), len(group.units), group.channels - 1))
+            keep = np.ones(analysis.num_channels, dtype=bool)
+            for i in order[:n]:
+                keep[group.units[i]] = False
+            keep = never_empty(analysis, keep)
+            stats = StructuredPrunePass._group_stats(analysis, every, keep, macs)
+            outputs = probe.outputs(keep)
+            evaluations += 1
+            points.append({"ratio": ratio, "channels_removed": n, "rel_l2": _rel_error(reference, outputs),
+                           "top1": None, "macs_saved": sum(s["macs_removed"] for s in stats),
+                           "params_saved": sum(s["params_removed"] for s in stats)})
+        rows.append({"id": group.id, "producers": [s.node.name for s in group.spaces], "channels": group.channels,
+                     "prunable": len(group.units), "points": points})
+    return {"macs": total_macs(model, input_shapes), "params": count_params(model)[0], "ratios": list(ratios),
+            "top1": None, "groups": rows, "head_groups": heads, "evaluations": evaluations}, \
+        MacEstimate(analysis, groups, scores, macs)
+
+
+def costliest(sensitivity: dict[str, Any], ratio: float) -> dict[str, Any] | None:
+    """The group whose removal alone at the measured ratio nearest ``ratio`` loses most fidelity: the layer that
+    limits how far the model can be pruned."""
+    found = None
+    for group in sensitivity["groups"]:
+        point = min(group["points"], key=lambda p: abs(p["ratio"] - ratio))
+        if found is None or point["rel_l2"] > found["rel_l2"]:
+            found = {"id": group["id"], "producers": group["producers"], "ratio": point["ratio"],
+                     "rel_l2": point["rel_l2"]}
+    return found
+
+
+class MacEstimate:
+    """MACs left when groups lose their lowest-scored units, from one analysis: each layer's MACs times the kept
+    share of every axis its weight edits cut (Conv, Gemm, MatMul against weights). Attention-head groups and
+    MatMuls between activations are not modelled: the caller checks the result on a really pruned model."""
+
+    def __init__(self, analysis: Analysis, groups: list, scores: dict[int, np.ndarray], macs: dict[str, int]):
+        positions = {id(n): i for i, n in enumerate(analysis.model.graph.node)}
+        axes: dict[str, dict[int, list[np.ndarray]]] = {}
+        for edit in analysis.edits:
+            key = node_key(edit.node, positions.get(id(edit.node), -1))
+            if edit.role != "param" and key in macs:
+                axes.setdefault(key, {}).setdefault(edit.axis, []).append(edit.ids)
+        self.terms = [(macs[key], [np.unique(np.concatenate(ids)) for ids in cut.values()])
+                      for key, cut in axes.items()]
+        self.rest = sum(macs.values()) - sum(macs[key] for key in axes)
+        self.groups = {g.id: g for g in groups}
+        self.orders = {g.id: np.argsort(scores[g.id], kind="stable") for g in groups}
+        self.channels = analysis.num_channels
+
+    def __call__(self, ratios: dict[int, float]) -> float:
+        keep = np.ones(self.channels, dtype=bool)
+        for gid, ratio in ratios.items():
+            group = self.groups.get(gid)
+            if group is None:
+                continue
+            n = max(0, min(int(np.floor(ratio * group.channels + 1e-9)), len(group.units), group.channels - 1))
+            for i in self.orders[gid][:n]:
+                keep[group.units[i]] = False
+        return self.rest + sum(m * float(np.prod([keep[ids].mean() for ids in cut])) for m, cut in self.terms)
+
+
+class _Refit:
+    """Least-squares refit of masked consumers from Gram matrices captured once on the calibration data."""
+
+    def __init__(self, analysis: Analysis, feeds: list[dict[str, np.ndarray]], ridge: float = 1e-3):
+
+        self.consumers = _refit_consumers(analysis)
+        self.grams = _consumer_grams(analysis.model, self.consumers, feeds, ridge) if self.consumers else {}
+
+    def apply(self, keep: np.ndarray) -> None:
+        """Write the refitted weights of every consumer that lost input features (after :func:`mask`)."""
+        for key, (node, edit, matrix, feature_ids) in self.consumers.items():
+            kept = keep[feature_ids]
+            if kept.all() or key not in self.grams or not kept.any():
+                continue
+            gram = self.grams[key]
+            fitted = np.zeros_like(matrix)
+            try:
+                fitted[kept] = np.linalg.solve(gram[np.ix_(kept, kept)], gram[kept] @ matrix)
+            except np.linalg.LinAlgError:
+                continue
+            shape = edit.weight.array().shape
+            if node.op_type == "Conv":
+                values = fitted.T.reshape(shape)
+            elif node.op_type == "Gemm" and edit.axis == 1:
+                values = fitted.T
+            else:
+                values = fitted
+            edit.weight.set_array(values)
+
+
+class _Probe:
+    """Runs the analysed model with some consumer weights masked (and refitted). Where every consumer weight is
+    an initializer of the main graph they become graph inputs of one onnxruntime session, fed per point; else
+    each point serialises the masked model into a new session."""
+
+    def __init__(self, analysis: Analysis, feeds: list[dict[str, np.ndarray]], refit: _Refit | None):
+        self.analysis, self.feeds, self.refit = analysis, feeds, refit
+        self.edits = [e for e in analysis.edits if e.role == "consumer"]
+        weights = {e.weight.name: e.weight for e in self.edits}
+        self.session = None
+        if weights and all(w.kind == "initializer" and w.graph is analysis.model.graph for w in weights.values()):
+            self.weights = {name: w.array() for name, w in weights.items()}
+            self.session = create_session(_weights_as_inputs(analysis.model, set(weights)), session_options(log_level=3))
+
+    def outputs(self, keep: np.ndarray) -> list[list[np.ndarray]]:
+        """The model's outputs on the feeds with the channels ``keep`` drops masked; weights restored after."""
+        touched = [e for e in self.edits if not keep[e.ids].all()]
+        saved = [(e.weight, e.weight.array()) for e in touched]
+        mask(self.analysis, keep)
+        if self.refit is not None:
+            self.refit.apply(keep)
+        try:
+            if self.session is None:
+                return _run(self.analysis.model, self.feeds)
+            weights = {**self.weights, **{e.weight.name: e.weight.array() for e in touched}}
+            return [self.session.run(None, {**feed, **weights}) for feed in self.feeds]
+        finally:
+            for weight, values in reversed(saved):
+                weight.set_array(values)
+
+
+def _weights_as_inputs(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
+    """A copy of ``model`` whose initializers ``names`` are graph inputs instead (fed on every run)."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    graph = probe.graph
+    listed = {i.name for i in graph.input}
+    kept = []
+    for init in graph.initializer:
+        if init.name not in names:
+            kept.append(init)
+        elif init.name not in listed:
+            graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    return probe
 
 
 def measure(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], config: PruneConfig,
@@ -106,8 +302,11 @@ def measure(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], config: 
 
 def allocate_for_target(model: onnx.ModelProto, sensitivity: dict[str, Any], config: PruneConfig, *,
                         target_macs: float | None = None, target_params: float | None = None,
-                        input_shapes: dict[str, list[int]] | None = None) -> dict[int, float]:
-    """Per-group ratios reaching ``target_*`` (fraction of the original kept) at the least measured loss."""
+                        input_shapes: dict[str, list[int]] | None = None,
+                        macs_left: Callable[[dict[int, float]], float] | None = None) -> dict[int, float]:
+    """Per-group ratios reaching ``target_*`` (fraction of the original kept) at the least measured loss.
+
+    ``macs_left`` (ratios -> MACs left, e.g. a :class:`MacEstimate`) replaces pruning a copy for every check."""
     key, base = ("macs_saved", sensitivity["macs"]) if target_macs is not None else ("params_saved", sensitivity["params"])
     target = target_macs if target_macs is not None else target_params
     needed = (1.0 - target) * base
@@ -118,6 +317,8 @@ def allocate_for_target(model: onnx.ModelProto, sensitivity: dict[str, Any], con
     pinned = {gid: config.head_sparsity for gid in sensitivity.get("head_groups", []) if gid not in groups}
 
     def measure_cost(candidate: dict[int, float]) -> float:
+        if macs_left is not None:
+            return macs_left({**pinned, **candidate})
         pruned = prune_groups(model, {**pinned, **candidate}, config, input_shapes)
         return total_macs(pruned, input_shapes) if target_macs is not None else count_params(pruned)[0]
 

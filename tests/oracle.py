@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 
 from onnxprune.analysis.groups import Analysis, analyse, build_groups
-from onnxprune.passes.structured import never_empty, prepare_for_analysis, remove
+from onnxprune.passes.structured import mask, never_empty, prepare_for_analysis, remove
 
 Choice = dict[int, list[int]]
 
@@ -61,20 +61,6 @@ def choice_to_keep(analysis: Analysis, choice: Choice) -> np.ndarray:
                 raise ValueError(f"group {gid} has {len(units)} prunable channels; index {i} is out of range")
             keep[units[int(i)]] = False
     return never_empty(analysis, keep)
-
-
-def mask(analysis: Analysis, keep: np.ndarray) -> None:
-    """Zero the consumer weight slices that read removed channels (the oracle's masked model)."""
-    for edit in analysis.edits:
-        if edit.role != "consumer":
-            continue
-        drop = ~keep[edit.ids]
-        if drop.any():
-            values = edit.weight.array()
-            index = [slice(None)] * values.ndim
-            index[edit.axis] = drop
-            values[tuple(index)] = 0
-            edit.weight.set_array(values)
 
 
 def masked_and_removed(model: onnx.ModelProto, choice: Choice, input_shapes: dict[str, list[int]] | None = None

@@ -41,7 +41,7 @@ def test_reconstruction_brings_outputs_closer(tmp_path, name, size):
         x = rng.standard_normal((8, 3, size, size)).astype(np.float32)
     plain, _ = onnxprune.prune(FIXTURES / name, structured=True, sparsity=0.5)
     rebuilt, result = onnxprune.prune(FIXTURES / name, structured=True, sparsity=0.5, reconstruct=True,
-                                      calibration_data=str(tmp_path / "c.npz"))
+                                      calibration_data=str(tmp_path / "c.npz"), uniform=True)  # same ratios as plain
     onnx.checker.check_model(rebuilt, full_check=True)
     rec = result.to_dict()["passes"][0]["details"]["reconstruction"]
     assert rec["layers"] > 0
@@ -55,11 +55,12 @@ def test_reconstruction_brings_outputs_closer(tmp_path, name, size):
 def test_cli_reconstruct(tmp_path):
     code, out, err = run_cli(FIXTURES / "cnn.onnx", "--structured", "--sparsity", "0.1", "--reconstruct",
                              "--calibration-data", calib(tmp_path), "-o", tmp_path / "o.onnx", "--report",
-                             tmp_path / "r.json", "--runs", "2", "--input-shape", "input:8x3x32x32")
+                             tmp_path / "r.json", "--runs", "2", "--input-shape", "input:8x3x32x32", "--uniform")
     assert code == 0, err
     assert "reconstructed" in out
     report = json.loads((tmp_path / "r.json").read_text())
-    # measured on the CNN fixture at 10 %: cosine 0.62 with the repair, 0.27 without it
+    # measured on the CNN fixture at 10 % with uniform ratios: cosine 0.62 with the repair, 0.27 without it
+    # (the default sensitivity allocation gives 0.49 on this random-weight fixture)
     assert report["validation"]["worst"]["cosine"] > 0.5
 
 

@@ -169,6 +169,21 @@ def prepare_for_analysis(model: onnx.ModelProto) -> int:
     return changed
 
 
+def mask(analysis: Analysis, keep: np.ndarray) -> None:
+    """Zero the consumer weight slices that read removed channels: the removal's effect without changing shapes
+    (sensitivity measurement; the oracle's masked model)."""
+    for edit in analysis.edits:
+        if edit.role != "consumer":
+            continue
+        drop = ~keep[edit.ids]
+        if drop.any():
+            values = edit.weight.array()
+            index = [slice(None)] * values.ndim
+            index[edit.axis] = drop
+            values[tuple(index)] = 0
+            edit.weight.set_array(values)
+
+
 def remove_dead_nodes(model: onnx.ModelProto) -> int:
     """Drop main-graph nodes and initializers nothing reads any more (e.g. shape constants that were replaced)."""
     graph = model.graph
