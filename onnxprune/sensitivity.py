@@ -126,6 +126,8 @@ def measure_masked(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], c
         points = []
         for ratio in ratios:
             n = max(0, min(int(np.floor(ratio * group.channels + 1e-9)), len(group.units), group.channels - 1))
+            if n == (points[-1]["channels_removed"] if points else 0):
+                continue  # the same channels as the point before (or none): nothing new to measure
             keep = np.ones(analysis.num_channels, dtype=bool)
             for i in order[:n]:
                 keep[group.units[i]] = False
@@ -136,8 +138,9 @@ def measure_masked(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], c
             points.append({"ratio": ratio, "channels_removed": n, "rel_l2": _rel_error(reference, outputs),
                            "top1": None, "macs_saved": sum(s["macs_removed"] for s in stats),
                            "params_saved": sum(s["params_removed"] for s in stats)})
-        rows.append({"id": group.id, "producers": [s.node.name for s in group.spaces], "channels": group.channels,
-                     "prunable": len(group.units), "points": points})
+        if points:
+            rows.append({"id": group.id, "producers": [s.node.name for s in group.spaces],
+                         "channels": group.channels, "prunable": len(group.units), "points": points})
     return {"macs": total_macs(model, input_shapes), "params": count_params(model)[0], "ratios": list(ratios),
             "top1": None, "groups": rows, "head_groups": heads, "evaluations": evaluations}, \
         MacEstimate(analysis, groups, scores, macs)
