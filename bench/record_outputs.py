@@ -29,7 +29,7 @@ FIXTURES = ROOT / "fixtures"
 sys.path.insert(0, str(ROOT))
 
 #: report keys whose values are wall-clock measurements: removed wherever they occur
-TIMING_KEYS = frozenset({"timings", "seconds", "latency"})
+TIMING_KEYS = frozenset({"timings", "seconds", "latency", "stages"})
 #: report lists of notes: a note about latency quotes a measured speedup, so only its first words are kept
 LATENCY_NOTE = "latency on "
 
