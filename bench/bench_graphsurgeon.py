@@ -16,7 +16,7 @@ import onnx_graphsurgeon as gs
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from onnxprune.passes.structured import remove_dead_nodes
+from onnxprune.graph import remove_dead_nodes
 
 for name in ["cnn.onnx", "transformers/bert_ts.onnx", "transformers/llama_ts.onnx", "int32/paddle_cls.onnx"]:
     model = onnx.load(str(ROOT / "fixtures" / name))

@@ -39,7 +39,7 @@ sys.path.insert(0, str(HERE))
 from bench_structured import child, versions
 
 from onnxprune.analysis.cost import total_macs
-from onnxprune.model import count_params
+from onnxprune.graph import count_params
 
 MODELS = {
     # name: (architecture in export_transformers, size)

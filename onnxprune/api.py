@@ -30,6 +30,7 @@ from .feeds import (
     sample_count,
     split_samples,
 )
+from .graph import count_params, iter_graphs
 from .model import (
     EXTERNAL_DATA_THRESHOLD,
     PROTOBUF_LIMIT,
@@ -38,8 +39,6 @@ from .model import (
     check_input_model,
     check_model,
     check_output_path,
-    count_params,
-    iter_graphs,
     load_model,
     save_model,
     tensor_bytes,

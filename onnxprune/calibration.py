@@ -19,9 +19,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .analysis.groups import _free_names
 from .errors import InputDataError
 from .feeds import InputSpec, batch_axes, check_feed, input_specs, split_samples
+from .graph import free_names
 from .sessions import session_with_outputs
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm")
@@ -134,7 +134,7 @@ class ActivationStream:
             names = [n for n in node.input if n]
             for attr in node.attribute:
                 for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
-                    names.extend(_free_names(sub))
+                    names.extend(free_names(sub))
             self.reads[id(node)] = names
             for name in names:
                 self.readers.setdefault(name, []).append(id(node))

@@ -22,7 +22,8 @@ from onnx import numpy_helper
 
 from .analysis.groups import Analysis, WeightEdit, analyse
 from .calibration import ActivationStream
-from .model import PROTOBUF_LIMIT, GraphIndex, get_attr, tensor_bytes
+from .graph import GraphIndex, get_attr
+from .model import PROTOBUF_LIMIT, tensor_bytes
 from .sessions import create_session, inference_session, session_options, session_with_outputs
 
 

@@ -24,7 +24,8 @@ from onnx import numpy_helper
 
 from .config import ValidateConfig
 from .errors import InputDataError
-from .model import PROTOBUF_LIMIT, get_attr
+from .graph import get_attr, iter_graphs, node_subgraphs
+from .model import PROTOBUF_LIMIT
 from .sessions import create_session, session_options
 
 ORT_TYPES = {
@@ -429,10 +430,8 @@ def _nodes_in_order(graph: onnx.GraphProto):
             yield node
             continue
         stack.append((node, True))
-        for attr in reversed(node.attribute):
-            subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
-            for sub in reversed(subs):
-                stack.extend((n, False) for n in reversed(sub.node))
+        for sub in reversed(node_subgraphs(node)):
+            stack.extend((n, False) for n in reversed(sub.node))
 
 
 def _strides(model: onnx.ModelProto, names: list[str]) -> dict[str, tuple[int, ...]]:
@@ -478,16 +477,9 @@ def _node_scale(node: onnx.NodeProto, consts: dict[str, np.ndarray]) -> tuple[fl
 def _constants(model: onnx.ModelProto, max_elements: int) -> dict[str, np.ndarray]:
     """Small constant tensors of every graph (initializers and Constant nodes), by name."""
     out: dict[str, np.ndarray] = {}
-    graphs = [model.graph]
-    while graphs:
-        graph = graphs.pop()
+    for graph in iter_graphs(model.graph):
         tensors = list(graph.initializer)
         for node in graph.node:
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    graphs.append(attr.g)
-                elif attr.type == onnx.AttributeProto.GRAPHS:
-                    graphs.extend(attr.graphs)
             if node.op_type == "Constant" and node.output:
                 value = _constant_value(node)
                 if value is not None and value.size <= max_elements:

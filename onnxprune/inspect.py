@@ -11,7 +11,8 @@ import onnx
 from .analysis.cost import infer_shapes, node_key, node_macs
 from .analysis.weights import find_prunable_weights
 from .feeds import describe_resolution, resolve_inputs
-from .model import count_params, load_model, opset_version
+from .graph import count_params, opset_version
+from .model import load_model
 from .passes.structured import describe_groups
 
 

@@ -1,9 +1,8 @@
-"""Loading, checking and atomically saving ONNX models, and uniform access to weights.
+"""Loading, checking and atomically saving ONNX models (with their external data).
 
-Weights live either in graph initializers or in ``Constant`` nodes (some exporters store
-every weight that way); :class:`Weight` hides the difference. Models are kept as
-``onnx.ModelProto`` so that IR version, opset imports, metadata and doc strings survive
-untouched; only the tensors onnxprune changes are rewritten.
+Models are kept as ``onnx.ModelProto`` so that IR version, opset imports, metadata and doc
+strings survive untouched; only the tensors onnxprune changes are rewritten. Walking graphs
+and reading weights is :mod:`onnxprune.graph`.
 """
 
 from __future__ import annotations
@@ -12,16 +11,16 @@ import math
 import os
 import stat
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
-from onnx import numpy_helper
 
 from .errors import InvalidModelError, ModelReadError, OutputError
+from .graph import iter_graphs, iter_tensors
 from .outputs import OutputGuard, commit, temp_folder
 
 #: Protobuf cannot serialise a message of 2 GiB or more; above this we write external data.
@@ -89,7 +88,7 @@ def _external_locations(model: onnx.ModelProto) -> list[str]:
 def _external_tensors(model: onnx.ModelProto) -> list[tuple[str, str]]:
     """(tensor name, location) of each external tensor, first occurrence of each location."""
     locations: dict[str, str] = {}
-    for tensor in _iter_all_tensors(model):
+    for tensor in iter_tensors(model):
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             location = next((e.value for e in tensor.external_data if e.key == "location"), "")
             locations.setdefault(location, tensor.name)
@@ -209,7 +208,7 @@ def check_tensors(model: onnx.ModelProto, path: Path | None = None) -> None:
     types, data whose size does not match dims x type (raw or typed fields, sizes as Python ints, so huge dims
     cannot wrap around), and an initializer declared as a graph input with another type or shape."""
     where = f" in {path.name}" if path is not None else ""
-    for tensor in _iter_all_tensors(model):
+    for tensor in iter_tensors(model):
         _check_tensor(tensor, where)
     for graph in iter_graphs(model.graph):
         _check_initializer_inputs(graph, where)
@@ -396,7 +395,7 @@ def _skeleton_graph(src: onnx.GraphProto, dst: onnx.GraphProto, location: str,
 
 def tensor_bytes(model: onnx.ModelProto) -> int:
     """Bytes of tensor data held in memory (initializers and Constant values, subgraphs too)."""
-    return sum(len(t.raw_data) if t.HasField("raw_data") else _typed_bytes(t) for t in _iter_all_tensors(model))
+    return sum(len(t.raw_data) if t.HasField("raw_data") else _typed_bytes(t) for t in iter_tensors(model))
 
 
 def _typed_bytes(tensor: onnx.TensorProto) -> int:
@@ -498,203 +497,3 @@ def _save_external(model: onnx.ModelProto, tmp_model: Path, data_name: str) -> N
             position = offset + len(raw)
             del raw
     onnx.save_model(skeleton, str(tmp_model))
-
-
-# --------------------------------------------------------------------------------------
-# Graph walking and weight access
-# --------------------------------------------------------------------------------------
-
-
-def iter_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
-    """``graph`` and every subgraph (If/Loop/Scan bodies), depth first (an explicit stack: nesting depth is
-    not bounded by Python's recursion limit)."""
-    stack = [graph]
-    while stack:
-        current = stack.pop()
-        yield current
-        stack.extend(reversed(_subgraphs(current)))
-
-
-def _subgraphs(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
-    """The subgraphs directly inside ``graph``'s nodes, in node and attribute order."""
-    subs: list[onnx.GraphProto] = []
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                subs.append(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                subs.extend(attr.graphs)
-    return subs
-
-
-def _iter_all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
-    for graph in iter_graphs(model.graph):
-        yield from graph.initializer
-        for node in graph.node:
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.TENSOR:
-                    yield attr.t
-                elif attr.type == onnx.AttributeProto.SPARSE_TENSOR:
-                    yield attr.sparse_tensor.values
-
-
-@dataclass(eq=False)
-class Weight:
-    """A constant tensor: an initializer or the value of a ``Constant`` node."""
-
-    name: str
-    kind: str  # "initializer" or "constant"
-    tensor: onnx.TensorProto
-    graph: onnx.GraphProto
-    node: onnx.NodeProto | None = None  # the Constant node, for kind == "constant"
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(int(d) for d in self.tensor.dims)
-
-    @property
-    def size(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
-
-    @property
-    def dtype(self) -> np.dtype:
-        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(self.tensor.data_type))
-
-    @property
-    def is_float(self) -> bool:
-        return self.tensor.data_type in FLOAT_TYPES
-
-    def array(self) -> np.ndarray:
-        """The values as a writable numpy array (original dtype), independent of the proto."""
-        values = numpy_helper.to_array(self.tensor)
-        return values if values.flags.writeable and values.flags.owndata else values.copy()
-
-    def set_array(self, values: np.ndarray) -> None:
-        """Replace the values (and shape); the dtype stays the tensor's own."""
-        values = np.ascontiguousarray(values, dtype=self.dtype)
-        tensor = self.tensor
-        for name in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
-            tensor.ClearField(name)
-        del tensor.dims[:]
-        tensor.dims.extend(values.shape)
-        if not values.dtype.isnative:
-            values = values.astype(values.dtype.newbyteorder("="))
-        tensor.raw_data = values.tobytes()
-
-
-FLOAT_TYPES = {
-    onnx.TensorProto.FLOAT,
-    onnx.TensorProto.FLOAT16,
-    onnx.TensorProto.BFLOAT16,
-    onnx.TensorProto.DOUBLE,
-}
-
-#: Ops that pass a weight through unchanged in value order (pruning the source is pruning the use).
-PASS_THROUGH_OPS = {"Identity", "Cast", "CastLike"}
-
-
-@dataclass
-class GraphIndex:
-    """Producers, consumers and constants of one graph, with its enclosing scope."""
-
-    graph: onnx.GraphProto
-    parent: GraphIndex | None = None
-    producer: dict[str, onnx.NodeProto] = field(default_factory=dict)
-    consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = field(default_factory=dict)
-    weights: dict[str, Weight] = field(default_factory=dict)
-    node_order: dict[int, int] = field(default_factory=dict)
-
-    @classmethod
-    def build(cls, graph: onnx.GraphProto, parent: GraphIndex | None = None) -> GraphIndex:
-        index = cls(graph=graph, parent=parent)
-        for init in graph.initializer:
-            index.weights[init.name] = Weight(init.name, "initializer", init, graph)
-        for position, node in enumerate(graph.node):
-            index.node_order[id(node)] = position
-            for out in node.output:
-                if out:
-                    index.producer[out] = node
-            for slot, name in enumerate(node.input):
-                if name:
-                    index.consumers.setdefault(name, []).append((node, slot))
-            if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.output:
-                for attr in node.attribute:
-                    if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
-                        index.weights[node.output[0]] = Weight(node.output[0], "constant", attr.t, graph, node)
-        return index
-
-    def lookup_weight(self, name: str) -> Weight | None:
-        """The weight called ``name`` here or in an enclosing graph."""
-        scope: GraphIndex | None = self
-        while scope is not None:
-            if name in scope.weights:
-                return scope.weights[name]
-            if name in scope.producer:
-                return None
-            scope = scope.parent
-        return None
-
-    def resolve(self, name: str) -> tuple[Weight | None, list[onnx.NodeProto]]:
-        """Follow ``name`` back through Identity/Cast/Transpose to a weight.
-
-        Returns the weight (or None) and the chain of nodes between it and ``name``,
-        nearest the weight first.
-        """
-        chain: list[onnx.NodeProto] = []
-        seen: set[str] = set()
-        while name not in seen:
-            seen.add(name)
-            weight = self.lookup_weight(name)
-            if weight is not None:
-                return weight, list(reversed(chain))
-            node = self.producer.get(name)
-            if node is None or node.op_type not in PASS_THROUGH_OPS | {"Transpose"} or not node.input:
-                return None, []
-            chain.append(node)
-            name = node.input[0]
-        return None, []
-
-
-def build_indexes(model: onnx.ModelProto) -> list[GraphIndex]:
-    """A :class:`GraphIndex` for the main graph and each subgraph (main graph first)."""
-    indexes: list[GraphIndex] = []
-    stack: list[tuple[onnx.GraphProto, GraphIndex | None]] = [(model.graph, None)]
-    while stack:  # depth first, as nested; no recursion on nesting depth
-        graph, parent = stack.pop()
-        index = GraphIndex.build(graph, parent)
-        indexes.append(index)
-        stack.extend((sub, index) for sub in reversed(_subgraphs(graph)))
-    return indexes
-
-
-def opset_version(model: onnx.ModelProto, domain: str = "") -> int:
-    """The model's opset version for ``domain`` (default: the ONNX domain)."""
-    for entry in model.opset_import:
-        if entry.domain in (domain, "ai.onnx" if domain == "" else domain):
-            return int(entry.version)
-    return 0
-
-
-def get_attr(node: onnx.NodeProto, name: str, default=None):
-    """An attribute's Python value, or ``default``."""
-    for attr in node.attribute:
-        if attr.name == name:
-            return onnx.helper.get_attribute_value(attr)
-    return default
-
-
-QUANTIZED_WEIGHT_TYPES = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
-
-
-def count_params(model: onnx.ModelProto) -> tuple[int, int]:
-    """(parameters, non-zero parameters): float weights and quantized (8/4-bit) weights of more than one element."""
-    total = nonzero = 0
-    for graph in iter_graphs(model.graph):
-        index = GraphIndex.build(graph)
-        for weight in index.weights.values():
-            if weight.size <= 1 or not (weight.is_float or weight.tensor.data_type in QUANTIZED_WEIGHT_TYPES):
-                continue
-            arr = weight.array()
-            total += arr.size
-            nonzero += int(np.count_nonzero(arr))
-    return total, nonzero

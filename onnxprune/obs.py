@@ -36,7 +36,7 @@ import onnx
 
 from .analysis.weights import PrunableWeight
 from .compensation import _im2col
-from .model import build_indexes, get_attr
+from .graph import build_indexes, get_attr
 from .sessions import session_with_outputs
 
 BLOCK = 128

@@ -9,7 +9,7 @@ import numpy as np
 from .analysis.groups import Analysis, ChannelGroup
 from .calibration import ActivationStream
 from .compensation import GramSum, RowSampler, StageClock, _patches, _reconstructable
-from .model import get_attr
+from .graph import get_attr
 
 
 def channel_scores(analysis: Analysis, criterion: str, energy: dict[str, np.ndarray] | None = None) -> np.ndarray:

@@ -21,7 +21,7 @@ from .analysis.cost import node_key, node_macs, total_macs
 from .analysis.groups import Analysis, analyse, build_groups
 from .config import PruneConfig
 from .errors import UsageError
-from .model import count_params
+from .graph import count_params
 from .passes.structured import StructuredPrunePass, allocate_safe, head_units, mask, never_empty, remove
 from .scoring import _consumer_grams, _refit_consumers, unit_scores
 from .sessions import create_session, session_options

@@ -1,6 +1,7 @@
-"""Shapes without weights: the skeleton, symbolic shape inference, and folding static ``Shape`` reads.
+"""Shapes without weights: the skeleton, symbolic shape inference, folding static ``Shape`` reads, and refreshing
+a model's value_info after an edit.
 
-The bottom layer beside :mod:`onnxprune.model`: analysis, cost figures and passes all read shapes through it.
+Layer 1, above :mod:`onnxprune.graph`: analysis, cost figures and passes all read shapes through it.
 
 *Skeleton*: a copy of the model whose large tensors keep their dims but not their bytes, so shape inference costs
 memory proportional to the graph, not to the weights. *Symbolic inference*: onnxruntime's
@@ -33,7 +34,7 @@ import onnx
 import onnxruntime
 from onnx import numpy_helper
 
-from .model import GraphIndex, get_attr
+from .graph import GraphIndex, get_attr, value_shapes
 
 #: Tensors with more elements than this lose their data in the skeleton.
 SKELETON_MAX_ELEMENTS = 4096
@@ -89,6 +90,34 @@ def skeleton(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None) 
 def default_dynamic_dim(axis: int) -> int:
     """Value used for a dynamic dim that nobody specified: batch (axis 0) is 1, others 16."""
     return 1 if axis == 0 else 16
+
+
+def refresh_value_info(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None) -> None:
+    """Drop stale intermediate shapes and re-infer them (graph inputs and outputs stay as they are).
+
+    Shapes of custom-domain outputs (the exporter's word; their inputs' channels are frozen) are kept.
+    """
+    custom = {o for n in model.graph.node if n.domain not in ("", "ai.onnx") for o in n.output}
+    kept = [v for v in model.graph.value_info if v.name in custom]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(kept)
+    try:
+        header = header_only(model)
+        header.graph.value_info.extend(kept)
+        inferred = onnx.shape_inference.infer_shapes(header, strict_mode=False)
+    except Exception:  # noqa: BLE001 - value_info is optional; the full checker runs on the result anyway
+        return
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(inferred.graph.value_info)
+
+
+def header_only(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model without large tensor bytes and with its own (possibly symbolic) input dims: shape inference needs
+    dims, not values."""
+    skel = skeleton(model, None)
+    del skel.graph.input[:]
+    skel.graph.input.extend(model.graph.input)
+    return skel
 
 
 @functools.cache
@@ -150,18 +179,10 @@ _PROBES = ((1_000_003, 999_983, 999_979, 999_961, 101), (1_000_033, 1_000_037, 1
 
 def _symbolic_shapes(model: onnx.ModelProto) -> dict[str, list[int | str | None]]:
     """Shapes with dynamic dims kept symbolic (a name) or unknown (None); nothing is concretised."""
-    skel = skeleton(model, None)
-    del skel.graph.input[:]
-    skel.graph.input.extend(model.graph.input)
-    skel = symbolic_inference(skel)
+    skel = symbolic_inference(header_only(model))
     with contextlib.suppress(Exception):  # keep what symbolic inference found
         skel = onnx.shape_inference.infer_shapes(skel)
-    shapes: dict[str, list[int | str | None]] = {}
-    for value in [*skel.graph.input, *skel.graph.value_info, *skel.graph.output]:
-        if value.type.HasField("tensor_type") and value.type.tensor_type.HasField("shape"):
-            shapes[value.name] = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0
-                                  else (d.dim_param or None) for d in value.type.tensor_type.shape.dim]
-    return shapes
+    return value_shapes(skel.graph, symbolic=True)
 
 
 def fold_static_shape_reads(model: onnx.ModelProto) -> int:

@@ -13,7 +13,7 @@ ABOVE_ANALYSIS = ("onnxprune.passes", "onnxprune.validate", "onnxprune.cli", "on
 #: the layers of docs/architecture.md ("Layers"), bottom up: a module imports only from its own layer or lower ones
 LAYERS = {
     0: ["errors", "signals", "config"],
-    1: ["outputs", "model", "shapes"],
+    1: ["graph", "outputs", "model", "shapes"],
     2: ["sessions", "feeds"],
     3: ["analysis", "analysis.weights", "analysis.registry", "analysis.rules", "analysis.groups", "analysis.cost"],
     4: ["calibration", "compensation", "scoring", "obs", "accuracy", "validate", "recipe", "quantize"],
@@ -131,6 +131,13 @@ def test_the_graph_is_read():
 def test_cycle_finder_finds_a_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_the_graph_module_is_the_bottom_of_its_layer():
+    """``graph`` (walking, weights, attributes) imports nothing of the package; files and shapes build on it."""
+    graph, _ = import_graph()
+    assert graph["onnxprune.graph"] == set()
+    assert "onnxprune.graph" in graph["onnxprune.model"] and "onnxprune.graph" in graph["onnxprune.shapes"]
 
 
 def test_no_import_cycles():

@@ -9,7 +9,8 @@ import pytest
 
 from onnxprune import model as model_io
 from onnxprune.errors import InvalidModelError, OutputError
-from onnxprune.model import GraphIndex, check_output_path, default_output_path, load_model, save_model
+from onnxprune.graph import GraphIndex
+from onnxprune.model import check_output_path, default_output_path, load_model, save_model
 
 from .conftest import FIXTURES, listing
 

@@ -21,7 +21,7 @@ from onnxprune.analysis.groups import analyse, build_groups
 from onnxprune.calibration import ActivationStream, session_with_outputs
 from onnxprune.compensation import GramSum, _im2col, _reconstructable, _waves, _write_solution, reconstruct
 from onnxprune.config import PruneConfig
-from onnxprune.model import GraphIndex
+from onnxprune.graph import GraphIndex
 from onnxprune.passes.structured import _reconstruction_layers, allocate_safe, prepare_for_analysis, remove
 from onnxprune.scoring import _greedy_order, unit_scores
 

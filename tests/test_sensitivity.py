@@ -10,7 +10,7 @@ import pytest
 
 import onnxprune
 from onnxprune.analysis.cost import total_macs
-from onnxprune.model import count_params
+from onnxprune.graph import count_params
 
 from .conftest import FIXTURES, listing, run_cli
 

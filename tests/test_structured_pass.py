@@ -241,7 +241,7 @@ def test_fold_into_shared_bias_adds_no_node():
 
 def test_static_shape_reads_fold_and_oracle_holds():
     """torch.chunk exports Shape -> Gather -> Div -> Slice; folded, its channels prune and the oracle holds."""
-    from onnxprune.passes.structured import remove_dead_nodes
+    from onnxprune.graph import remove_dead_nodes
     from onnxprune.shapes import fold_static_shape_reads
 
     model = onnx.load(str(FIXTURES / "arch" / "yolo.onnx"))

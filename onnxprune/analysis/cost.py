@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 
 from ..feeds import ORT_TYPES, input_specs, integer_rules
-from ..model import get_attr, iter_graphs
+from ..graph import constant_shapes, get_attr, iter_graphs, node_subgraphs, value_shapes
 from ..shapes import SKELETON_MAX_ELEMENTS, fold_static_shape_reads, skeleton, symbolic_inference
 
 
@@ -29,7 +29,7 @@ def _inferred(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None
     if any(n.op_type == "Shape" for n in skel.graph.node):  # sizes computed from shapes become known
         fold_static_shape_reads(skel)
     conditions: dict[str, bool] = {}
-    if any(_subgraphs(node) for node in skel.graph.node):
+    if any(node_subgraphs(node) for node in skel.graph.node):
         skel, conditions = resolve_control_flow(skel, input_values(model, skel))
     skel = symbolic_inference(skel)
     try:
@@ -38,19 +38,9 @@ def _inferred(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None
         inferred = skel
     shapes: dict[str, list[int | None]] = {}
     for graph in iter_graphs(inferred.graph):  # subgraphs too: their nodes' MACs count where they run
-        for value in [*graph.input, *graph.value_info, *graph.output]:
-            if not value.type.HasField("tensor_type") or not value.type.tensor_type.HasField("shape"):
-                continue
-            if value.name not in shapes or graph is inferred.graph:
-                shapes[value.name] = [d.dim_value if d.HasField("dim_value") else None
-                                      for d in value.type.tensor_type.shape.dim]
-        for init in graph.initializer:
-            shapes[init.name] = list(init.dims)
-        for node in graph.node:
-            if node.op_type == "Constant" and node.output:
-                for attr in node.attribute:
-                    if attr.type == onnx.AttributeProto.TENSOR:
-                        shapes[node.output[0]] = list(attr.t.dims)
+        main = graph is inferred.graph
+        shapes.update((name, dims) for name, dims in value_shapes(graph).items() if main or name not in shapes)
+        shapes.update(constant_shapes(graph))
     return shapes, conditions
 
 
@@ -99,11 +89,7 @@ def _fold_shapes(skel: onnx.ModelProto, inferred: onnx.ModelProto) -> int:
     """Replace Shape nodes (any graph) whose input shape ``inferred`` knows fully by Constants."""
     known = {}
     for graph in iter_graphs(inferred.graph):
-        for value in [*graph.input, *graph.value_info, *graph.output]:
-            dims = value.type.tensor_type.shape.dim if value.type.HasField("tensor_type") else []
-            if value.type.HasField("tensor_type") and value.type.tensor_type.HasField("shape") \
-                    and all(d.HasField("dim_value") for d in dims):
-                known[value.name] = [d.dim_value for d in dims]
+        known.update((name, dims) for name, dims in value_shapes(graph).items() if None not in dims)
     folded = 0
     for graph in iter_graphs(skel.graph):
         for position, node in enumerate(graph.node):
@@ -222,7 +208,7 @@ def node_macs(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None 
     If/Loop/Scan node counts the MACs of its subgraphs as they run (see :func:`_control_flow_macs`, which
     appends to ``notes`` how each was counted)."""
     conditions: dict[str, bool] = {}
-    if any(_subgraphs(node) for node in model.graph.node):
+    if any(node_subgraphs(node) for node in model.graph.node):
         inferred, conditions = _inferred(model, input_shapes)
         shapes = {**inferred, **(shapes or {})}  # the subgraphs' own tensors
     shapes = shapes if shapes is not None else infer_shapes(model, input_shapes)
@@ -232,7 +218,7 @@ def node_macs(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None 
     constants.update({name: onnx.numpy_helper.from_array(np.array(taken)) for name, taken in conditions.items()})
     macs: dict[str, int] = {}
     for position, node in enumerate(model.graph.node):
-        if _subgraphs(node):
+        if node_subgraphs(node):
             value = _control_flow_macs(node, shapes, constants, notes if notes is not None else [])
         else:
             value = _macs(node, shapes)
@@ -241,21 +227,11 @@ def node_macs(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None 
     return macs
 
 
-def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
-    graphs: list[onnx.GraphProto] = []
-    for attr in node.attribute:
-        if attr.type == onnx.AttributeProto.GRAPH:
-            graphs.append(attr.g)
-        elif attr.type == onnx.AttributeProto.GRAPHS:
-            graphs.extend(attr.graphs)
-    return graphs
-
-
 def _graph_macs(graph: onnx.GraphProto, shapes: dict, constants: dict, notes: list[str]) -> int:
     """MACs of a subgraph's nodes; layers whose shapes stay unknown are named in ``notes``."""
     total, unknown = 0, []
     for n in graph.node:
-        value = _control_flow_macs(n, shapes, constants, notes) if _subgraphs(n) else _macs(n, shapes)
+        value = _control_flow_macs(n, shapes, constants, notes) if node_subgraphs(n) else _macs(n, shapes)
         if not value and n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul", "LSTM", "GRU", "RNN"):
             unknown.append(n.name or n.output[0])
         total += value
@@ -284,7 +260,7 @@ def _control_flow_macs(node: onnx.NodeProto, shapes: dict, constants: dict, note
             notes.append(f"{what}: the condition is known only at run time; the larger branch "
                          f"({larger.split('_')[0]}, {branches[larger]:,} MACs) is counted")
         return max(branches.values(), default=0)
-    body = sum(_graph_macs(g, shapes, constants, notes) for g in _subgraphs(node))
+    body = sum(_graph_macs(g, shapes, constants, notes) for g in node_subgraphs(node))
     if node.op_type == "Loop":
         trips = constants.get(node.input[0]) if node.input and node.input[0] else None
         if trips is None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from ..model import Weight, build_indexes
+from ..graph import Weight, build_indexes, constant_shapes, free_names, value_shapes
 from ..shapes import skeleton, symbolic_inference
 from .registry import Analysis, Annotation, Freeze, Space, WeightEdit, rule_error  # noqa: F401 - re-exported
 from .rules import CUSTOM_PRODUCERS, RULES, producer_rule
@@ -39,17 +39,7 @@ def complete_shapes(model: onnx.ModelProto, input_shapes: dict[str, list[int]] |
     through shape-preserving ops it cannot infer and Reshapes whose run-time target folds to constants."""
     skel = skeleton(model, input_shapes)
     skel = _static_inference(skel) or _dynamic_inference(model, skel)
-    shapes: dict[str, list[int | None]] = {}
-    for value in [*skel.graph.input, *skel.graph.value_info, *skel.graph.output]:
-        if value.type.HasField("tensor_type") and value.type.tensor_type.HasField("shape"):
-            shapes[value.name] = [d.dim_value if d.HasField("dim_value") else None
-                                  for d in value.type.tensor_type.shape.dim]
-    for init in skel.graph.initializer:
-        shapes[init.name] = list(init.dims)
-    for node in skel.graph.node:
-        if node.op_type == "Constant" and node.output and node.attribute and node.attribute[0].HasField("t"):
-            shapes[node.output[0]] = list(node.attribute[0].t.dims)
-    return shapes
+    return value_shapes(skel.graph) | constant_shapes(skel.graph)
 
 
 def _dynamic_inference(model: onnx.ModelProto, skel: onnx.ModelProto) -> onnx.ModelProto:
@@ -240,32 +230,10 @@ def _outer_scope_refs(graph: onnx.GraphProto) -> dict[int, list[str]]:
         for attr in node.attribute:
             subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
             for sub in subs:
-                names.extend(_free_names(sub))
+                names.extend(free_names(sub))
         if names:
             refs[id(node)] = names
     return refs
-
-
-def _free_names(graph: onnx.GraphProto) -> list[str]:
-    """Names ``graph`` (and the subgraphs inside it) read from enclosing scopes, in reading order."""
-    free: list[str] = []
-    # explicit stack of (graph, names defined so far as seen from it, next node position): no recursion on nesting
-    stack: list[tuple[onnx.GraphProto, set[str], int]] = [(graph, {i.name for i in graph.input} |
-                                                           {i.name for i in graph.initializer}, 0)]
-    while stack:
-        current, defined, position = stack.pop()
-        if position >= len(current.node):
-            continue
-        node = current.node[position]
-        free.extend(name for name in node.input if name and name not in defined)
-        stack.append((current, defined, position + 1))
-        children = []
-        for attr in node.attribute:
-            children.extend([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs))
-        for sub in reversed(children):
-            stack.append((sub, defined | {i.name for i in sub.input} | {i.name for i in sub.initializer}, 0))
-        defined.update(node.output)
-    return free
 
 
 def _dedupe_shared_weights(analysis: Analysis) -> None:

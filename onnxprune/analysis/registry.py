@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from ..model import GraphIndex, Weight
+from ..graph import GraphIndex, Weight
 from ..shapes import cast_along
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ..model import get_attr, opset_version
+from ..graph import get_attr, opset_version
 from .registry import DESCRIPTIONS, RULES, Analysis, Annotation, Freeze, rule  # noqa: F401 - RULES, DESCRIPTIONS: the registry
 from .weights import RECURRENT_GATES
 

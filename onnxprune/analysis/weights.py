@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from ..model import PASS_THROUGH_OPS, GraphIndex, Weight, build_indexes, get_attr
+from ..graph import PASS_THROUGH_OPS, GraphIndex, Weight, build_indexes, get_attr
 from .cost import evaluate_node
 
 #: ops that only move a constant's entries: a layer weight computed from stored tensors through them is a view

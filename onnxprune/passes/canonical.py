@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 
 from ..analysis.groups import complete_shapes
-from ..model import GraphIndex, get_attr
+from ..graph import GraphIndex, get_attr
 
 
 def merge_batched_transposes(model: onnx.ModelProto) -> int:

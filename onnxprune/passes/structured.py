@@ -16,16 +16,16 @@ import numpy as np
 import onnx
 
 from ..analysis.cost import node_key, node_macs
-from ..analysis.groups import Analysis, ChannelGroup, _free_names, analyse, build_groups, complete_shapes, own_copy
+from ..analysis.groups import Analysis, ChannelGroup, analyse, build_groups, complete_shapes, own_copy
 from ..calibration import channel_energy
 from ..compensation import StageClock, fold_removed_constants, reconstruct
 from ..config import PruneConfig, ValidateConfig
 from ..errors import UsageError
 from ..feeds import prepare_feeds
-from ..model import count_params
+from ..graph import count_params, remove_dead_nodes
 from ..recipe import find_override
 from ..scoring import reconstruction_scores, unit_scores
-from ..shapes import fold_static_shape_reads, skeleton
+from ..shapes import fold_static_shape_reads, refresh_value_info
 from .canonical import merge_batched_transposes
 from .manager import PassContext
 from .subgraphs import WEIGHT_CRITERIA, Scope, scopes, write_back
@@ -182,60 +182,6 @@ def mask(analysis: Analysis, keep: np.ndarray) -> None:
             index[edit.axis] = drop
             values[tuple(index)] = 0
             edit.weight.set_array(values)
-
-
-def remove_dead_nodes(model: onnx.ModelProto) -> int:
-    """Drop main-graph nodes and initializers nothing reads any more (e.g. shape constants that were replaced)."""
-    graph = model.graph
-    used = {o.name for o in graph.output}
-    for node in graph.node:
-        for attr in node.attribute:
-            subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
-            for sub in subs:
-                used.update(_free_names(sub))
-    dead_nodes = []
-    for position in range(len(graph.node) - 1, -1, -1):
-        node = graph.node[position]
-        if any(out and out in used for out in node.output):
-            used.update(n for n in node.input if n)
-        else:
-            dead_nodes.append(position)
-    for position in dead_nodes:  # descending, so earlier positions stay valid
-        del graph.node[position]
-    removed = len(dead_nodes)
-    inputs = {i.name for i in graph.input}
-    dead = [i for i, init in enumerate(graph.initializer) if init.name not in used and init.name not in inputs]
-    for i in reversed(dead):
-        del graph.initializer[i]
-    return removed + len(dead)
-
-
-def refresh_value_info(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None) -> None:
-    """Drop stale intermediate shapes and re-infer them (graph inputs and outputs stay as they are).
-
-    Shapes of custom-domain outputs (the exporter's word; their inputs' channels are frozen) are kept.
-    """
-    custom = {o for n in model.graph.node if n.domain not in ("", "ai.onnx") for o in n.output}
-    kept = [v for v in model.graph.value_info if v.name in custom]
-    del model.graph.value_info[:]
-    model.graph.value_info.extend(kept)
-    try:
-        header = _header_only(model)
-        header.graph.value_info.extend(kept)
-        inferred = onnx.shape_inference.infer_shapes(header, strict_mode=False)
-    except Exception:  # noqa: BLE001 - value_info is optional; the full checker runs on the result anyway
-        return
-    del model.graph.value_info[:]
-    model.graph.value_info.extend(inferred.graph.value_info)
-
-
-def _header_only(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The model without large tensor bytes (shape inference needs dims, not values)."""
-    skel = skeleton(model, None)
-    # keep symbolic input dims as they are for value_info
-    del skel.graph.input[:]
-    skel.graph.input.extend(model.graph.input)
-    return skel
 
 
 def describe_groups(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None) -> dict[str, Any]:

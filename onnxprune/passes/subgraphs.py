@@ -17,8 +17,7 @@ from dataclasses import dataclass, field
 import onnx
 
 from ..analysis.cost import infer_shapes
-from ..analysis.groups import _free_names
-from ..model import build_indexes, iter_graphs
+from ..graph import build_indexes, free_names, iter_graphs
 from ..shapes import skeleton
 
 #: criteria a subgraph can be scored with (the data-driven ones need activations inside the body: l1 instead)
@@ -116,7 +115,7 @@ def _wrap(model, where, graph, layers, types, concrete, reads) -> Scope:
     inner = {id(g) for g in iter_graphs(graph)}
     index = _index_of(model, graph)
     seen = set()
-    for name in _free_names(graph):
+    for name in free_names(graph):
         if name in seen:
             continue
         seen.add(name)

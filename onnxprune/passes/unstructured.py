@@ -31,7 +31,7 @@ from ..calibration import channel_energy
 from ..compensation import reconstruct_sparse
 from ..config import PruneConfig
 from ..errors import UsageError
-from ..model import get_attr
+from ..graph import get_attr
 from ..obs import ObsRepair
 from ..recipe import find_override, wants
 from .manager import PassContext
