@@ -7,12 +7,16 @@ Weights live either in graph initializers or in ``Constant`` nodes (some exporte
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import fnmatch
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
+
+_Item = TypeVar("_Item")
 
 
 def iter_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
@@ -289,3 +293,9 @@ def constant_shapes(graph: onnx.GraphProto) -> dict[str, list[int]]:
                 if attr.type == onnx.AttributeProto.TENSOR:
                     shapes[node.output[0]] = list(attr.t.dims)
     return shapes
+
+
+def first_match(items: list[_Item], names: list[str], pattern: Callable[[_Item], Any] = str) -> _Item | None:
+    """The first of ``items`` whose glob (``pattern(item)``, case-sensitive) matches one of the non-empty ``names``
+    (tensor and node names): ``--exclude`` patterns and recipe overrides."""
+    return next((item for item in items if any(n and fnmatch.fnmatchcase(n, str(pattern(item))) for n in names)), None)

@@ -10,7 +10,6 @@ that a re-exported model is pruned the same way.
 
 from __future__ import annotations
 
-import fnmatch
 import json
 from dataclasses import fields
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 
 from .config import PruneConfig
 from .errors import UsageError
+from .graph import first_match
 from .outputs import write_text_atomic
 
 OVERRIDE_KEYS = {"match", "sparsity", "pattern", "method", "exclude"}
@@ -80,10 +80,7 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
 
 def find_override(config: PruneConfig, names: list[str]) -> dict[str, Any] | None:
     """The first override whose ``match`` glob matches any of ``names``."""
-    for entry in config.overrides:
-        if any(n and fnmatch.fnmatchcase(n, str(entry["match"])) for n in names):
-            return entry
-    return None
+    return first_match(config.overrides, names, lambda entry: entry["match"])
 
 
 def wants(config: PruneConfig, names: list[str], method: str) -> bool:

@@ -13,13 +13,12 @@ A set of tied ids is one removable unit; anything the rules cannot follow *freez
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 
-from ..graph import Weight, build_indexes, constant_shapes, free_names, value_shapes
+from ..graph import Weight, build_indexes, constant_shapes, first_match, free_names, value_shapes
 from ..shapes import skeleton, symbolic_inference
 from .registry import Analysis, Annotation, Freeze, Space, WeightEdit, rule_error  # noqa: F401 - re-exported
 from .rules import CUSTOM_PRODUCERS, RULES, producer_rule
@@ -315,11 +314,11 @@ def _apply_exclusions(analysis: Analysis, patterns: list[str], overrides: list[d
         if edit.role == "consumer":
             continue
         names = [edit.weight.name, edit.node.name]
-        hit = next((p for p in patterns for n in names if n and fnmatch.fnmatchcase(n, p)), None)
+        hit = first_match(patterns, names)
         if hit is not None:
             analysis.freeze(edit.ids, f"excluded by pattern {hit!r}")
             continue
-        entry = next((e for e in overrides if any(n and fnmatch.fnmatchcase(n, str(e["match"])) for n in names)), None)
+        entry = first_match(overrides, names, lambda e: e["match"])
         if entry is not None and entry.get("exclude"):
             analysis.freeze(edit.ids, f"excluded by recipe override {entry['match']!r}")
         elif entry is not None and entry.get("method") == "unstructured":

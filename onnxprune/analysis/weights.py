@@ -16,13 +16,12 @@ at two positions, or by two layers), the zeros are the union of the uses' masks.
 
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 
-from ..graph import PASS_THROUGH_OPS, GraphIndex, Weight, build_indexes, get_attr
+from ..graph import PASS_THROUGH_OPS, GraphIndex, Weight, build_indexes, first_match, get_attr
 from .cost import evaluate_node
 
 #: ops that only move a constant's entries: a layer weight computed from stored tensors through them is a view
@@ -286,7 +285,7 @@ def select_weights(
     skipped: list[tuple[PrunableWeight, str]] = []
     for item in prunable:
         names = [item.name, *item.node_names()]
-        pattern = next((pat for pat in exclude for n in names if n and fnmatch.fnmatchcase(n, pat)), None)
+        pattern = first_match(exclude, names)
         if pattern is not None:
             skipped.append((item, f"excluded by pattern {pattern!r}"))
         elif item.is_embedding and not include_embeddings:
