@@ -217,8 +217,3 @@ def channel_energy(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
             moved = np.moveaxis(value.astype(np.float64), tensors[name], 0).reshape(value.shape[tensors[name]], -1)
             energy[name] = energy.get(name, 0) + np.einsum("ij,ij->i", moved, moved)
     return energy
-
-
-def describe(feeds: list[dict[str, np.ndarray]]) -> dict[str, Any]:
-    """What the report says about the calibration data."""
-    return {"batches": len(feeds), "samples": int(sum(next(iter(f.values())).shape[0] for f in feeds))}
