@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from ..graph import PASS_THROUGH_OPS, GraphIndex, Weight, build_indexes, first_match, get_attr
+from ..graph import PASS_THROUGH_OPS, GraphIndex, Weight, build_indexes, first_match, get_attr, transpose_perm
 from .cost import evaluate_node
 
 #: ops that only move a constant's entries: a layer weight computed from stored tensors through them is a view
@@ -217,7 +217,7 @@ def _map_axis_through_chain(axis: int | None, chain: list[onnx.NodeProto], rank:
         return None
     for node in reversed(chain):  # from the consumer back toward the weight
         if node.op_type == "Transpose":
-            perm = get_attr(node, "perm") or list(reversed(range(rank)))
+            perm = transpose_perm(node, rank)
             axis = int(perm[axis])
     return axis
 
