@@ -139,7 +139,7 @@ def torch_pruning_rows() -> list[tuple[str, dict]]:
 
 def tool_cost() -> list[dict]:
     """Wall time and peak RSS of onnxprune on the CNN with and without calibration repair."""
-    from bench_structured import child
+    from benchlib import child_cost
 
     model, calib, _ = CNN
     rows = []
@@ -148,9 +148,9 @@ def tool_cost() -> list[dict]:
         for label, extra in (("structured 50%", []),
                              ("structured 50% + calibration + `--reconstruct`", ["--calibration-data", str(calib),
                                                                                  "--reconstruct"])):
-            seconds, rss, _ = child([sys.executable, "-m", "onnxprune", str(model), "--structured", "--sparsity",
-                                     "0.5", "--no-validate", "-o", out, "--force", "-q", *extra])
-            rows.append({"setting": label, "seconds": seconds, "peak_rss": rss})
+            cost = child_cost([sys.executable, "-m", "onnxprune", str(model), "--structured", "--sparsity",
+                               "0.5", "--no-validate", "-o", out, "--force", "-q", *extra])
+            rows.append({"setting": label, "seconds": cost.seconds, "peak_rss": cost.peak_rss})
     return rows
 
 

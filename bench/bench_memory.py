@@ -22,26 +22,19 @@ import datetime
 import json
 import platform
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime
+from benchlib import child_cost
 from onnx import TensorProto, helper
 
 HERE = Path(__file__).resolve().parent
 MODELS = HERE / "models" / "memory"
 #: name -> (hidden size, MatMul+Add blocks, Gemm blocks): params ~ (blocks) * hidden^2
 SIZES = {"tiny": (16, 1, 1), "50m": (1600, 10, 10), "110m": (2048, 13, 13)}
-#: Runs ``argv[1:]`` as its only child and prints wall seconds and that child's peak RSS (bytes).
-WRAPPER = (
-    "import resource, subprocess, sys, time\n"
-    "t = time.perf_counter(); r = subprocess.run(sys.argv[1:]); t = time.perf_counter() - t\n"
-    "print(t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)\n"
-    "sys.exit(r.returncode)\n"
-)
 MODES = {
     "load+save": None,
     "prune, no validation": ["--sparsity", "0.5", "--no-validate"],
@@ -88,11 +81,8 @@ def generate(name: str) -> Path:
 
 def measure(argv: list[str]) -> tuple[float, int]:
     """Wall seconds and peak RSS (bytes) of ``argv`` run as a fresh child process."""
-    proc = subprocess.run([sys.executable, "-c", WRAPPER, *argv], capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise SystemExit(f"failed ({proc.returncode}): {' '.join(argv)}\n{proc.stderr[-2000:]}")
-    seconds, rss = proc.stdout.split()
-    return float(seconds), int(rss)
+    cost = child_cost(argv)
+    return cost.seconds, cost.peak_rss
 
 
 def command(mode: str, model: Path, out: Path) -> list[str]:

@@ -27,12 +27,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from benchlib import child_cost
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -117,16 +117,8 @@ def calibration(name: str, samples: int, seq: int, folder: Path) -> Path:
 
 def child(cmd: list[str]) -> dict:
     """Wall seconds, CPU seconds (user + system) and peak RSS of one child process."""
-    wrapper = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
-               "r = subprocess.run(sys.argv[1:], stderr=subprocess.PIPE, text=True); t = time.perf_counter() - t; "
-               "u = resource.getrusage(resource.RUSAGE_CHILDREN); "
-               "print(t, u.ru_utime + u.ru_stime, u.ru_maxrss * 1024); "
-               "sys.stderr.write(r.stderr); sys.exit(r.returncode)")
-    proc = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True, check=False)
-    if proc.returncode:
-        raise RuntimeError(proc.stderr.strip()[-2000:] or "failed")
-    wall, cpu, rss = proc.stdout.split()[-3:]
-    return {"wall_s": round(float(wall), 1), "cpu_s": round(float(cpu), 1), "peak_rss_mb": int(rss) // 2**20}
+    cost = child_cost(cmd)
+    return {"wall_s": round(cost.seconds, 1), "cpu_s": round(cost.cpu_seconds, 1), "peak_rss_mb": cost.peak_rss // 2**20}
 
 
 def bench(name: str, model: Path, calib: Path, sparsity: float, extra: list[str]) -> dict:

@@ -22,8 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import subprocess
 import sys
 import time
 import traceback
@@ -39,20 +37,9 @@ ROOT = HERE.parent
 OUT = HERE / "models" / "structured"
 sys.path.insert(0, str(ROOT / "fixtures"))
 
+from benchlib import child_cost, latencies
+
 from onnxprune.analysis.cost import total_macs
-
-
-def child(cmd: list[str]) -> tuple[float, int, str]:
-    """Wall seconds, peak RSS and stderr of one child process."""
-    wrapper = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
-               "r = subprocess.run(sys.argv[1:], stderr=subprocess.PIPE, text=True); t = time.perf_counter() - t; "
-               "print(t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024); "
-               "sys.stderr.write(r.stderr); sys.exit(r.returncode)")
-    proc = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True, check=False)
-    if proc.returncode:
-        raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed")
-    seconds, rss = proc.stdout.split()[-2:]
-    return float(seconds), int(rss), proc.stderr
 
 
 def torch_pruning(name: str, path: Path) -> dict:
@@ -76,8 +63,9 @@ def torch_pruning(name: str, path: Path) -> dict:
 
 def onnxprune_run(src: Path, dst: Path, extra: list[str]) -> dict:
     report = dst.with_suffix(".json")
-    seconds, rss, _ = child([sys.executable, "-m", "onnxprune", str(src), "--structured", "--sparsity", "0.5",
-                             "--no-validate", "-o", str(dst), "--force", "-q", "--report", str(report), *extra])
+    cost = child_cost([sys.executable, "-m", "onnxprune", str(src), "--structured", "--sparsity", "0.5",
+                       "--no-validate", "-o", str(dst), "--force", "-q", "--report", str(report), *extra])
+    seconds, rss = cost.seconds, cost.peak_rss
     details = json.loads(report.read_text())["passes"][0]["details"]
     at_outputs = sum(f["channels"] for f in details["frozen"] if f["reason"].startswith("reaches graph output"))
     reasons: dict[str, int] = {}
@@ -89,30 +77,6 @@ def onnxprune_run(src: Path, dst: Path, extra: list[str]) -> dict:
             "channels_total": details["channels_total"],
             "frozen_share": (details["channels_frozen"] - at_outputs) / max(1, details["channels_total"] - at_outputs),
             "frozen_reasons": reasons}
-
-
-def latencies(paths: dict[str, Path], runs: int, threads: int) -> dict[str, dict]:
-    """Interleaved round-robin timing of every model in one process."""
-    sessions = {}
-    for key, path in paths.items():
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.log_severity_level = 3
-        sessions[key] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
-    times: dict[str, list[float]] = {key: [] for key in sessions}
-    for _ in range(3):
-        for session in sessions.values():
-            session.run(None, {"input": x})
-    keys = list(sessions)
-    for i in range(runs):
-        for key in keys[i % len(keys):] + keys[:i % len(keys)]:
-            start = time.perf_counter()
-            sessions[key].run(None, {"input": x})
-            times[key].append((time.perf_counter() - start) * 1000)
-    return {k: {"median_ms": statistics.median(v), "p90_ms": float(np.percentile(v, 90))} for k, v in times.items()}
 
 
 def bench(name: str, runs: int, threads: int) -> dict:
@@ -141,7 +105,8 @@ def bench(name: str, runs: int, threads: int) -> dict:
     except Exception as exc:  # noqa: BLE001
         row["torch_pruning"] = {"error": f"{type(exc).__name__}: {exc}"[:200]}
         traceback.print_exc()
-    lat = latencies(paths, runs, threads)
+    x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
+    lat = latencies(paths, {"input": x}, runs, threads)
     base_macs = total_macs(onnx.load(str(original), load_external_data=False))
     row["original"] = {"macs": base_macs, "params": _params(original), **lat["original"]}
     for key, path in paths.items():

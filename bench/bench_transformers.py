@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 import warnings
@@ -28,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -36,7 +34,8 @@ OUT = HERE / "models" / "transformers"
 sys.path.insert(0, str(ROOT / "fixtures"))
 sys.path.insert(0, str(HERE))
 
-from bench_structured import child, versions
+from bench_structured import versions
+from benchlib import child_cost, latencies
 
 from onnxprune.analysis.cost import total_macs
 from onnxprune.graph import count_params
@@ -75,47 +74,21 @@ def tool_cost(src: Path, external: bool) -> dict:
     """onnxprune's wall time and peak RSS, and those of a plain load + save of the same model."""
     dst = src.with_name(src.stem + ".pruned.onnx")
     report = dst.with_suffix(".json")
-    seconds, rss, _ = child([sys.executable, "-m", "onnxprune", str(src), *PRUNE, "--no-validate", "-o", str(dst),
-                             "--force", "-q", "--report", str(report)])
+    tool = child_cost([sys.executable, "-m", "onnxprune", str(src), *PRUNE, "--no-validate", "-o", str(dst),
+                       "--force", "-q", "--report", str(report)])
     copy = src.with_name(src.stem + ".copy.onnx")
     code = f"import onnx\nm = onnx.load({str(src)!r})\n"
     code += (f"onnx.save_model(m, {str(copy)!r}, save_as_external_data=True, location={copy.name + '.data'!r})\n"
              if external else f"onnx.save_model(m, {str(copy)!r})\n")
-    base_seconds, base_rss, _ = child([sys.executable, "-c", code])
+    base = child_cost([sys.executable, "-c", code])
     for leftover in (copy, copy.with_name(copy.name + ".data")):
         leftover.unlink(missing_ok=True)
     details = json.loads(report.read_text())["passes"][0]["details"]
     heads = [(g["channels_before"], g["channels_after"]) for g in details["groups"] if "Softmax" in g["ops"]]
     neurons = [(g["channels_before"], g["channels_after"]) for g in details["groups"] if "Softmax" not in g["ops"]]
-    return {"pruned": dst, "seconds": seconds, "peak_rss": rss, "baseline_seconds": base_seconds,
-            "baseline_rss": base_rss, "heads": heads, "neurons": neurons,
+    return {"pruned": dst, "seconds": tool.seconds, "peak_rss": tool.peak_rss, "baseline_seconds": base.seconds,
+            "baseline_rss": base.peak_rss, "heads": heads, "neurons": neurons,
             "frozen": sorted({f["reason"].split(" (")[0][:90] for f in details["frozen"]})[:3]}
-
-
-def latencies(paths: dict[str, Path], runs: int, threads: int, seq: int) -> dict[str, dict]:
-    """Interleaved timing of the models in one process, batch 1 and ``seq`` tokens."""
-    sessions = {}
-    for key, path in paths.items():
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.log_severity_level = 3
-        sessions[key] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    rng = np.random.default_rng(0)
-    feed = {"input_ids": rng.integers(0, 1000, (1, seq)).astype(np.int64),
-            "attention_mask": np.ones((1, seq), dtype=np.int64)}
-    times: dict[str, list[float]] = {key: [] for key in sessions}
-    for _ in range(3):
-        for session in sessions.values():
-            session.run(None, feed)
-    keys = list(sessions)
-    for i in range(runs):
-        for key in keys[i % len(keys):] + keys[:i % len(keys)]:
-            start = time.perf_counter()
-            sessions[key].run(None, feed)
-            times[key].append((time.perf_counter() - start) * 1000)
-    return {k: {"median_ms": statistics.median(v), "p90_ms": float(np.percentile(v, 90))} for k, v in times.items()}
 
 
 def bench(name: str, runs: int, threads: list[int], seq: int, timing: bool = True) -> dict:
@@ -129,9 +102,12 @@ def bench(name: str, runs: int, threads: list[int], seq: int, timing: bool = Tru
         row[key] = {"macs": total_macs(model, shapes), "params": count_params(onnx.load(str(path)))[0]}
     row["mac_ratio"] = row["original"]["macs"] / row["pruned"]["macs"]
     if timing:
+        rng = np.random.default_rng(0)
+        feed = {"input_ids": rng.integers(0, 1000, (1, seq)).astype(np.int64),
+                "attention_mask": np.ones((1, seq), dtype=np.int64)}
         row["latency"] = {}
         for t in threads:
-            lat = latencies({"original": src, "pruned": cost["pruned"]}, runs, t, seq)
+            lat = latencies({"original": src, "pruned": cost["pruned"]}, feed, runs, t)
             speedup = lat["original"]["median_ms"] / lat["pruned"]["median_ms"]
             row["latency"][t] = {**lat, "speedup": speedup, "efficiency": speedup / row["mac_ratio"]}
     return row

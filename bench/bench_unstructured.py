@@ -25,13 +25,13 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import onnx
+from benchlib import child_cost
 from onnx import TensorProto, helper
 
 HERE = Path(__file__).resolve().parent
@@ -41,15 +41,6 @@ SIZES = {"25m": (1024, 24), "110m": (2048, 26), "1.2b": (4096, 72)}
 #: Models whose weights go into an external data file (> 2 GiB, protobuf's limit).
 EXTERNAL = {"1.2b"}
 DATA_NAME = "model.onnx.data"
-
-#: Runs ``argv[1:]`` as its only child and prints wall seconds and that child's peak RSS (bytes).
-WRAPPER = (
-    "import resource, subprocess, sys, time\n"
-    "t = time.perf_counter(); r = subprocess.run(sys.argv[1:]); t = time.perf_counter() - t\n"
-    "print(t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)\n"
-    "sys.exit(r.returncode)\n"
-)
-
 
 def params_of(name: str) -> int:
     hidden, layers = SIZES[name]
@@ -121,11 +112,8 @@ def files_bytes(path: Path) -> int:
 
 def timed(cmd: list[str]) -> tuple[float, int]:
     """Wall seconds and peak RSS (bytes) of ``cmd`` run in a fresh process."""
-    proc = subprocess.run([sys.executable, "-c", WRAPPER, *cmd], capture_output=True, text=True, check=False)
-    if proc.returncode:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr[-2000:]}")
-    seconds, rss = proc.stdout.split()[-2:]
-    return float(seconds), int(rss)
+    cost = child_cost(cmd)
+    return cost.seconds, cost.peak_rss
 
 
 def baseline_cmd(src: Path, dst: Path, external: bool) -> list[str]:
