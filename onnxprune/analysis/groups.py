@@ -21,16 +21,9 @@ import onnx
 
 from ..model import Weight, build_indexes
 from ..shapes import skeleton, symbolic_inference
-from .registry import Analysis, Annotation, Freeze, Space, WeightEdit, rule_error  # noqa: F401 - re-exported
-from .rules import CUSTOM_PRODUCERS, RULES, producer_rule
-
-#: Ops whose output has the shape of input 0 (used where onnx shape inference gives up, e.g. GroupNormalization-21).
-SAME_SHAPE = {
-    "Relu", "LeakyRelu", "PRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Selu", "Celu", "Gelu", "Mish",
-    "Softplus", "Softsign", "Erf", "Exp", "Log", "Sqrt", "Abs", "Neg", "Reciprocal", "Clip", "Identity", "Dropout",
-    "Cast", "BatchNormalization", "InstanceNormalization", "GroupNormalization", "LayerNormalization",
-    "LpNormalization", "MeanVarianceNormalization", "Softmax", "LogSoftmax", "Swish",
-}
+from .registry import Analysis, Annotation, Freeze, Space, WeightEdit, find_root, rule_error, union  # noqa: F401 - re-exported
+from .rules._common import SAME_SHAPE
+from .rules.catalog import CUSTOM_PRODUCERS, RULES, producer_rule
 
 
 def complete_shapes(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None
@@ -236,14 +229,19 @@ def _outer_scope_refs(graph: onnx.GraphProto) -> dict[int, list[str]]:
     """For each node with subgraphs: the outer tensors its subgraphs read."""
     refs: dict[int, list[str]] = {}
     for node in graph.node:
-        names: list[str] = []
-        for attr in node.attribute:
-            subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
-            for sub in subs:
-                names.extend(_free_names(sub))
+        names = subgraph_free_names(node)
         if names:
             refs[id(node)] = names
     return refs
+
+
+def subgraph_free_names(node: onnx.NodeProto) -> list[str]:
+    """Names the subgraphs of ``node`` (If/Loop/Scan bodies) read from enclosing scopes, in reading order."""
+    names: list[str] = []
+    for attr in node.attribute:
+        for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+            names.extend(_free_names(sub))
+    return names
 
 
 def _free_names(graph: onnx.GraphProto) -> list[str]:
@@ -385,23 +383,13 @@ def build_groups(analysis: Analysis) -> list[ChannelGroup]:
         space_of[space.start:space.start + space.size] = space.id
     # spaces linked through any tied unit form one group
     sp_parent = list(range(len(analysis.spaces)))
-
-    def sp_find(i: int) -> int:
-        while sp_parent[i] != i:
-            sp_parent[i] = sp_parent[sp_parent[i]]
-            i = sp_parent[i]
-        return i
-
     for ids in members.values():
-        first = sp_find(int(space_of[ids[0]]))
+        first = int(space_of[ids[0]])
         for i in ids[1:]:
-            other = sp_find(int(space_of[i]))
-            if other != first:
-                sp_parent[max(first, other)] = min(first, other)
-                first = min(first, other)
+            first = union(sp_parent, first, int(space_of[i]))
     by_group: dict[int, list[int]] = {}
     for r, ids in members.items():
-        by_group.setdefault(sp_find(int(space_of[r])), []).append(r)
+        by_group.setdefault(find_root(sp_parent, int(space_of[r])), []).append(r)
     groups: list[ChannelGroup] = []
     for gid, unit_roots in sorted(by_group.items()):
         spaces = sorted({int(space_of[i]) for r in unit_roots for i in members[r]})
