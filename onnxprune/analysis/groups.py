@@ -21,7 +21,16 @@ import onnx
 
 from ..model import Weight, build_indexes
 from ..shapes import skeleton, symbolic_inference
-from .registry import Analysis, Annotation, Freeze, Space, WeightEdit, find_root, rule_error, union  # noqa: F401 - re-exported
+from .registry import (  # noqa: F401 - Annotation, Space: re-exported
+    Analysis,
+    Annotation,
+    Freeze,
+    Space,
+    WeightEdit,
+    find_root,
+    rule_error,
+    union,
+)
 from .rules._common import SAME_SHAPE
 from .rules.catalog import CUSTOM_PRODUCERS, RULES, producer_rule
 

@@ -88,7 +88,8 @@ ACTIVATIONS = [
 ]
 #: one-input ops that keep the channels where they are (element-wise, per-channel pools)
 UNARY = [
-    *ACTIVATIONS, "Sin", "Cos", "Floor", "Ceil", "Round", "Sign", "ThresholdedRelu", "Shrink", "Swish", "Identity", "Dropout", "Cast", "CastLike", "Not",
+    *ACTIVATIONS, "Sin", "Cos", "Floor", "Ceil", "Round", "Sign", "ThresholdedRelu", "Shrink", "Swish", "Identity",
+    "Dropout", "Cast", "CastLike", "Not",
     "IsNaN", "IsInf", "Clip", "MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool",
     "GlobalLpPool", "Acos", "Acosh", "Asin", "Asinh", "Atan", "Atanh", "Cosh", "Sinh", "Tan", "BitwiseNot",
 ]

@@ -100,7 +100,8 @@ def _tie_groups(a: Analysis, group: int, in_ids: np.ndarray, out_ids: np.ndarray
     """A grouped (transposed) convolution: group k's input and output channels form one unit."""
     ci, co = len(in_ids) // group, len(out_ids) // group
     for k in range(group):
-        a.tie(np.full(ci + co, in_ids[k * ci]), np.concatenate([in_ids[k * ci:(k + 1) * ci], out_ids[k * co:(k + 1) * co]]))
+        unit = np.concatenate([in_ids[k * ci:(k + 1) * ci], out_ids[k * co:(k + 1) * co]])
+        a.tie(np.full(ci + co, in_ids[k * ci]), unit)
 
 
 @rule("ConvTranspose", does="consumes input channels (weight axis 0); grouped: a group's input and output channels "
