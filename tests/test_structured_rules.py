@@ -9,7 +9,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune.analysis.groups import analyse, build_groups
-from onnxprune.analysis.rules import DESCRIPTIONS
+from onnxprune.analysis.rules.catalog import DESCRIPTIONS
 
 from .oracle import masked_and_removed, random_choice, relative_error
 
@@ -602,3 +602,20 @@ def test_gather(case):
     assert any("Gather" in r for r in frozen_reasons(model)) == (case == "pick-one")
     assert first_group_prunable(model)
     assert oracle(model)
+
+
+def test_trilu_passes_channels_off_its_triangle_and_freezes_them_on_it():
+    """The worked example of docs/architecture.md ("Adding an op"): Trilu keeps a triangle of its last two axes,
+    so channels on axis 1 pass through it, channels on the last axis stay."""
+    g = G(opset=14)
+    y = g.op("Trilu", [g.x, g.c(1)], upper=0)
+    model = g.head(y, C)
+    assert not any("Trilu" in r for r in frozen_reasons(model)) and first_group_prunable(model)
+    assert oracle(model)
+    g = G(opset=14)
+    y = g.op("Transpose", [g.x], perm=[0, 2, 3, 1])
+    y = g.op("Trilu", [y])
+    y = g.op("Transpose", [y], perm=[0, 3, 1, 2])
+    model = g.head(y, C)
+    assert any("Trilu" in r and "triangle" in r for r in frozen_reasons(model))
+    oracle(model)

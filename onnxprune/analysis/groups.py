@@ -20,16 +20,18 @@ import onnx
 
 from ..graph import Weight, build_indexes, constant_shapes, first_match, free_names, value_shapes
 from ..shapes import skeleton, symbolic_inference
-from .registry import Analysis, Annotation, Freeze, Space, WeightEdit, rule_error  # noqa: F401 - re-exported
-from .rules import CUSTOM_PRODUCERS, RULES, producer_rule
-
-#: Ops whose output has the shape of input 0 (used where onnx shape inference gives up, e.g. GroupNormalization-21).
-SAME_SHAPE = {
-    "Relu", "LeakyRelu", "PRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Selu", "Celu", "Gelu", "Mish",
-    "Softplus", "Softsign", "Erf", "Exp", "Log", "Sqrt", "Abs", "Neg", "Reciprocal", "Clip", "Identity", "Dropout",
-    "Cast", "BatchNormalization", "InstanceNormalization", "GroupNormalization", "LayerNormalization",
-    "LpNormalization", "MeanVarianceNormalization", "Softmax", "LogSoftmax", "Swish",
-}
+from .registry import (  # noqa: F401 - Annotation, Space: re-exported
+    Analysis,
+    Annotation,
+    Freeze,
+    Space,
+    WeightEdit,
+    find_root,
+    rule_error,
+    union,
+)
+from .rules._common import SAME_SHAPE
+from .rules.catalog import CUSTOM_PRODUCERS, RULES, producer_rule
 
 
 def complete_shapes(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None
@@ -352,23 +354,13 @@ def build_groups(analysis: Analysis) -> list[ChannelGroup]:
         space_of[space.start:space.start + space.size] = space.id
     # spaces linked through any tied unit form one group
     sp_parent = list(range(len(analysis.spaces)))
-
-    def sp_find(i: int) -> int:
-        while sp_parent[i] != i:
-            sp_parent[i] = sp_parent[sp_parent[i]]
-            i = sp_parent[i]
-        return i
-
     for ids in members.values():
-        first = sp_find(int(space_of[ids[0]]))
+        first = int(space_of[ids[0]])
         for i in ids[1:]:
-            other = sp_find(int(space_of[i]))
-            if other != first:
-                sp_parent[max(first, other)] = min(first, other)
-                first = min(first, other)
+            first = union(sp_parent, first, int(space_of[i]))
     by_group: dict[int, list[int]] = {}
     for r, ids in members.items():
-        by_group.setdefault(sp_find(int(space_of[r])), []).append(r)
+        by_group.setdefault(find_root(sp_parent, int(space_of[r])), []).append(r)
     groups: list[ChannelGroup] = []
     for gid, unit_roots in sorted(by_group.items()):
         spaces = sorted({int(space_of[i]) for r in unit_roots for i in members[r]})

@@ -2,8 +2,9 @@
 
 :class:`Analysis` holds what a walk over the graph found (channel ids and their ties, annotations, edits, frozen
 ids); :class:`Freeze` is what a rule raises when channels must stay; :func:`rule` registers an op rule in
-``RULES`` (op type -> rule) with the one-line description the docs list. :mod:`.rules` defines the rules,
-:mod:`.groups` walks the graph with them.
+``RULES`` (op type -> rule) with the one-line description the docs list; :func:`producer` registers what starts
+new channels at a node no channels reach (``PRODUCERS``). The package :mod:`.rules` defines them, one module per
+op family; :mod:`.groups` walks the graph with them.
 """
 
 from __future__ import annotations
@@ -15,8 +16,24 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from ..graph import GraphIndex, Weight
+from ..graph import GraphIndex, Weight, get_attr, transpose_perm  # noqa: F401 - transpose_perm: for the rules
 from ..shapes import cast_along
+
+
+def find_root(parent: list[int], i: int) -> int:
+    """Union-find: the root of ``i`` (path halving)."""
+    while parent[i] != i:
+        parent[i] = parent[parent[i]]
+        i = parent[i]
+    return i
+
+
+def union(parent: list[int], x: int, y: int) -> int:
+    """Union-find: join the sets of ``x`` and ``y`` under the smaller root, which is returned."""
+    rx, ry = find_root(parent, x), find_root(parent, y)
+    if rx != ry:
+        parent[max(rx, ry)] = min(rx, ry)
+    return min(rx, ry)
 
 
 class Freeze(Exception):
@@ -55,6 +72,65 @@ class WeightEdit:
 
 
 @dataclass
+class SetCount:
+    """Set attribute ``attr`` to the number of ``ids`` kept, divided by ``per``; with ``scale``, the list of that
+    number times each entry (a grouped conv's ``group``, ``num_groups``, ``hidden_size``, ``num_heads``)."""
+
+    attr: str
+    ids: np.ndarray
+    per: int = 1
+    scale: tuple[int, ...] = ()
+
+
+@dataclass
+class CountEntry:
+    """Entry ``position`` of the constant that input ``slot`` of ``owner`` reads becomes the number of ``ids`` kept
+    (a Reshape/Expand target, Resize sizes, a ConstantOfShape shape); the input points at a new initializer named
+    ``<node>.<suffix>.pruned``."""
+
+    owner: onnx.NodeProto
+    slot: int
+    position: int
+    ids: np.ndarray
+    suffix: str
+
+
+@dataclass
+class SplitSizes:
+    """A Split along the channel axis: its sizes become the kept counts of ``parts`` (input 1 when ``from_input``,
+    else the ``split`` attribute, or a new sizes input/attribute for an equal split that becomes uneven)."""
+
+    parts: list[np.ndarray]
+    from_input: bool
+
+
+@dataclass
+class SliceBounds:
+    """A Slice along the channel axis (entry ``k`` of its bounds, ``start:end`` of ``ids``): the bounds become the
+    kept positions."""
+
+    k: int
+    start: int
+    end: int
+    ids: np.ndarray
+
+
+@dataclass
+class Reindex:
+    """A Gather of constant ``picks`` along the channel axis ``ids``: the indices become the kept picks' new
+    positions (a ``scalar`` index stays scalar; the index type stays)."""
+
+    ids: np.ndarray
+    picks: np.ndarray
+    scalar: bool
+    index_type: np.dtype
+
+
+#: a declarative node edit: data that says how a node follows the kept channels; ``passes/removal.py`` applies it
+NodeEdit = SetCount | CountEntry | SplitSizes | SliceBounds | Reindex
+
+
+@dataclass
 class Analysis:
     """Everything structured pruning needs to know about one model."""
 
@@ -66,7 +142,7 @@ class Analysis:
     frozen: dict[int, str] = field(default_factory=dict)  # channel id -> reason
     ann: dict[str, Annotation] = field(default_factory=dict)
     edits: list[WeightEdit] = field(default_factory=list)
-    node_edits: list[tuple[onnx.NodeProto, Callable[[np.ndarray], None]]] = field(default_factory=list)
+    node_edits: list[tuple[onnx.NodeProto, NodeEdit]] = field(default_factory=list)  # applied at removal
     ops_by_id: dict[int, set[str]] = field(default_factory=dict)
     approximate_layernorm: bool = False  # let channels through LayerNorm over the channel axis
     approximations: list[str] = field(default_factory=list)  # nodes where removal is not exact
@@ -91,18 +167,12 @@ class Analysis:
         return np.arange(start, start + size, dtype=np.int64)
 
     def find(self, i: int) -> int:
-        parent = self.parent
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
+        return find_root(self.parent, i)
 
     def tie(self, a: np.ndarray, b: np.ndarray) -> None:
         """Channels at equal positions of ``a`` and ``b`` must go together."""
         for x, y in zip(a.tolist(), b.tolist()):
-            rx, ry = self.find(x), self.find(y)
-            if rx != ry:
-                self.parent[max(rx, ry)] = min(rx, ry)
+            union(self.parent, x, y)
 
     def freeze(self, ids: np.ndarray, reason: str) -> None:
         for i in set(np.asarray(ids).reshape(-1).tolist()):  # a set: np.unique costs more per call on short ids
@@ -139,8 +209,7 @@ class Analysis:
         rank = len(weight.shape)
         for step in reversed(chain):
             if step.op_type == "Transpose":
-                perm = next((list(a.ints) for a in step.attribute if a.name == "perm"), list(range(rank))[::-1])
-                axis = perm[axis]
+                axis = transpose_perm(step, rank)[axis]
         axis = axis % rank if rank else 0
         if rank == 0 or weight.shape[axis] != len(ids):
             raise Freeze(f"{node.op_type} {node.name!r}: weight {weight.name!r} axis {axis} does not match the channels")
@@ -150,6 +219,7 @@ class Analysis:
 Rule = Callable[[Analysis, onnx.NodeProto], None]
 RULES: dict[str, Rule] = {}
 DESCRIPTIONS: dict[str, str] = {}
+PRODUCERS: dict[str, Rule] = {}
 
 
 #: tests set this environment variable to 1 (tests/conftest.py): exceptions in rules propagate
@@ -183,3 +253,21 @@ def rule(*ops: str, does: str):
         return fn
 
     return register
+
+
+def producer(*ops: str):
+    """Register what gives the outputs of ``ops`` new channel ids when no channels reach the node."""
+
+    def register(fn: Rule) -> Rule:
+        for op in ops:
+            PRODUCERS[op] = fn
+        return fn
+
+    return register
+
+
+def producer_rule(a: Analysis, node: onnx.NodeProto) -> None:
+    """Called for nodes without incoming channels: start new channels at producers."""
+    fn = PRODUCERS.get(node.op_type)
+    if fn is not None:
+        fn(a, node)

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 
 from ..analysis.cost import node_key, node_macs
-from ..analysis.groups import Analysis, ChannelGroup, analyse, build_groups, complete_shapes, own_copy
+from ..analysis.groups import Analysis, ChannelGroup, analyse, build_groups, complete_shapes
 from ..calibration import channel_energy
 from ..compensation import StageClock, fold_removed_constants, reconstruct
 from ..config import PruneConfig, ValidateConfig
@@ -28,6 +28,7 @@ from ..scoring import reconstruction_scores, unit_scores
 from ..shapes import fold_static_shape_reads, refresh_value_info
 from .canonical import merge_batched_transposes
 from .manager import PassContext
+from .removal import apply_removal
 from .subgraphs import WEIGHT_CRITERIA, Scope, scopes, write_back
 
 
@@ -146,14 +147,7 @@ def remove(analysis: Analysis, keep: np.ndarray) -> None:
     """Physically remove the channels ``keep`` marks False, everywhere they appear."""
     if keep.all():
         return
-    for edit in analysis.edits:
-        mask = keep[edit.ids]
-        if not mask.all():
-            if edit.private:
-                own_copy(analysis, edit)
-            edit.weight.set_array(np.compress(mask, edit.weight.array(), axis=edit.axis))
-    for _, rewrite in analysis.node_edits:
-        rewrite(keep)
+    apply_removal(analysis, keep)
     remove_dead_nodes(analysis.model)
     refresh_value_info(analysis.model)
 
