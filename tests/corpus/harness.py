@@ -10,6 +10,7 @@ metric dense -> pruned, and the tool's wall time.
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import time
@@ -33,6 +34,8 @@ MODES: dict[str, tuple[str, ...]] = {
     "structured 0.3 + reconstruct": ("--structured", "--sparsity", "0.3", "--reconstruct"),
 }
 FAST = ("--runs", "1", "--warmup", "0", "-q")
+BARE = "sparsity 0.5, no --data"  # onnxprune MODEL --sparsity 0.5 with no input options, as a new user runs it
+ROW_ORDER = (*MODES, BARE)
 
 
 @dataclass
@@ -55,6 +58,27 @@ class Row:
     @property
     def ok(self) -> bool:
         return self.rc == 0 and not self.failures
+
+
+def expectations(row: Row) -> list[str]:
+    """What the corpus asserts of a row beyond its output checks: exit 0, fidelity measured, MACs removed in
+    structured modes, the requested share of zeros in unstructured ones (2:4: at least 10 %, tensors whose input
+    axis is not a multiple of 4 are skipped as documented; bare rows: exit 0 and validated). Empty when it passes."""
+    if row.rc != 0:
+        return [f"exit {row.rc}: {row.message}"]
+    problems = list(row.failures)
+    if row.cosine is None or not math.isfinite(row.cosine):
+        problems.append("fidelity was not measured")
+    flags = MODES.get(row.mode, ())
+    if "--structured" in flags:
+        if row.macs_kept is not None and row.macs_kept >= 1.0:
+            problems.append(f"MACs kept {row.macs_kept}")
+    elif row.mode == "2:4":
+        if row.zeros is None or row.zeros < 0.1:
+            problems.append(f"zeros {row.zeros} of the float weights")
+    elif row.mode != BARE and (row.zeros is None or row.zeros < 0.9 * float(flags[1])):
+        problems.append(f"zeros {row.zeros} of the float weights")
+    return problems
 
 
 def save_npz(path: Path, feeds: Feeds) -> Path:
