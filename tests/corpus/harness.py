@@ -54,6 +54,7 @@ class Row:
     rel_l2: float | None = None
     metric_dense: float | None = None
     metric_pruned: float | None = None
+    stages: dict[str, float] = field(default_factory=dict)  # the tool's own wall seconds per stage (its report)
 
     @property
     def ok(self) -> bool:
@@ -187,12 +188,23 @@ def run_row(model: CorpusModel, mode: str, folder: Path, data: dict[str, Path] |
         return row
     check_output(model, src, out, row, count or model.count)
     details = json.loads(report.read_text())
+    row.stages = stage_seconds(details)
     macs = (details.get("validation") or {}).get("model") or {}  # absent with --no-validate
     if macs.get("original", {}).get("macs"):
         row.macs_kept = macs["pruned"]["macs"] / macs["original"]["macs"]
     if "--structured" in MODES[mode] and not details["summary"].get("macs_removed"):
         row.failures.append("structured mode removed no MACs")
     return row
+
+
+def stage_seconds(report: dict) -> dict[str, float]:
+    """Wall seconds per stage from a report: load, prune, check_and_save, validate, and within the structured
+    pass its own stages (analysis, gram, selection, refit_gram, refit_solve, removal, ...) as ``prune.<stage>``."""
+    stages = {k: round(float(v), 1) for k, v in report.get("timings", {}).items()}
+    for item in report.get("passes", []):
+        for name, times in (item.get("details") or {}).get("stages", {}).items():
+            stages[f"prune.{name}"] = round(stages.get(f"prune.{name}", 0.0) + times["wall_s"], 1)
+    return stages
 
 
 def check_output(model: CorpusModel, src: Path, out: Path, row: Row, count: int) -> None:
