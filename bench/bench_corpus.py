@@ -4,10 +4,15 @@
     python bench/bench_corpus.py [--models orientation,ocr_cls] [--modes "sparsity 0.5"] [--json rows.json]
                                  [--no-docs] [--from-json rows.json ...]
 
+Without options it runs every row and rewrites the table in docs/benchmarks.md (between its markers). A partial
+run (``--models``/``--modes``, or ``--from-json`` with saved rows) replaces only the rows it ran and keeps the
+others, so the table can be refreshed model by model; rows are ordered by model, then mode.
+
 Models: the .onnx files shipped inside the packages of tests/corpus/requirements.txt (tests/corpus/models.py).
 Each row runs ``onnxprune MODEL <mode> --data <check.npz> --runs 1 --warmup 0`` (``--reconstruct`` rows add
 ``--calibration-data`` from a disjoint seed) and checks the output as tests/test_corpus.py does. A "bare"
-row per model runs ``--sparsity 0.5`` with no input options at all, as a new user would.
+row per model runs ``--sparsity 0.5`` with no input options at all, as a new user would. "ok" in the table
+means the row passes what tests/test_corpus.py asserts (``tests.corpus.harness.expectations``).
 """
 
 from __future__ import annotations
@@ -23,12 +28,14 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.corpus.harness import MODES, Row, make_data, run_row  # noqa: E402
-from tests.corpus.models import BY_NAME, CORPUS, DDDDOCR_OLD, INSTALL  # noqa: E402
+from tests.corpus.harness import BARE, MODES, ROW_ORDER, Row, expectations, make_data, run_row
+from tests.corpus.models import BY_NAME, CORPUS, DDDDOCR_OLD, INSTALL
 
 DOCS = ROOT / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- corpus-table:begin -->", "<!-- corpus-table:end -->"
-BARE = "sparsity 0.5, no --data"
+HEADER = (("| model | exporter | mode | result | zeros | MACs kept | cosine | rel L2 | task metric dense → pruned"
+           " | tool time |"),
+          "|---|---|---|---|---|---|---|---|---|---|")
 
 
 def _pct(value: float | None) -> str:
@@ -39,32 +46,54 @@ def _num(value: float | None, digits: int = 3) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
+def _result(row: Row) -> str:
+    problems = expectations(row)
+    if not problems:
+        return "ok"
+    if row.rc:
+        return f"exit {row.rc}: {row.message.removeprefix('onnxprune: error: ')[:110]}"
+    return "; ".join(problems)[:140]
+
+
+def line(row: Row) -> str:
+    """One markdown table line for ``row``."""
+    model = BY_NAME[row.model]
+    metric = "–"
+    if row.metric_dense is not None:
+        metric = f"{model.metric_name}: {row.metric_dense:.3f} → {row.metric_pruned:.3f}"
+    return (f"| {row.model} | {model.exporter} | {row.mode} | {_result(row).replace('|', '/')} | "
+            f"{_pct(row.zeros)} | {_pct(row.macs_kept)} | {_num(row.cosine)} | {_num(row.rel_l2)} | "
+            f"{metric} | {row.seconds:.0f} s |")
+
+
+def _order(key: tuple[str, str]) -> tuple[int, int]:
+    names = [m.name for m in (*CORPUS, DDDDOCR_OLD)]
+    model, mode = key
+    return (names.index(model) if model in names else len(names),
+            ROW_ORDER.index(mode) if mode in ROW_ORDER else len(ROW_ORDER))
+
+
+def merge(old: str, rows: list[Row]) -> str:
+    """The table text ``old`` with the lines of ``rows`` replacing those of the same model and mode (others kept)."""
+    lines = {}
+    for text in old.splitlines():
+        cells = [c.strip() for c in text.strip().strip("|").split("|")]
+        if text.startswith("| ") and len(cells) >= 3 and cells[0] in BY_NAME:
+            lines[(cells[0], cells[2])] = text
+    lines.update({(row.model, row.mode): line(row) for row in rows})
+    return "\n".join([*HEADER, *(lines[key] for key in sorted(lines, key=_order))])
+
+
 def table(rows: list[Row]) -> str:
-    """The markdown table of ``rows``."""
-    lines = ["| model | exporter | mode | result | zeros | MACs kept | cosine | rel L2 | task metric dense → pruned "
-             "| tool time |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for row in rows:
-        model = BY_NAME[row.model]
-        if row.ok:
-            result = "ok"
-        elif row.rc:
-            result = f"exit {row.rc}: {row.message.removeprefix('onnxprune: error: ')[:110]}"
-        else:
-            result = "; ".join(row.failures)[:140]
-        metric = "–"
-        if row.metric_dense is not None:
-            metric = f"{model.metric_name}: {row.metric_dense:.3f} → {row.metric_pruned:.3f}"
-        lines.append(f"| {row.model} | {model.exporter} | {row.mode} | {result.replace('|', '/')} | "
-                     f"{_pct(row.zeros)} | {_pct(row.macs_kept)} | {_num(row.cosine)} | {_num(row.rel_l2)} | "
-                     f"{metric} | {row.seconds:.0f} s |")
-    return "\n".join(lines)
+    """The markdown table of ``rows`` alone."""
+    return merge("", rows)
 
 
 def write_docs(rows: list[Row]) -> None:
+    """Replace the lines of ``rows`` in the table of docs/benchmarks.md, keeping the other rows."""
     text = DOCS.read_text()
     start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
-    DOCS.write_text(text[:start] + "\n" + table(rows) + "\n" + text[end:])
-
+    DOCS.write_text(text[:start] + "\n" + merge(text[start:end], rows) + "\n" + text[end:])
 
 
 def main() -> None:

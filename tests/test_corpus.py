@@ -11,16 +11,23 @@ Rows that fail on purpose today are strict xfails naming the failure class, so t
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from .corpus.harness import CALIB_SEED, CHECK_SEED, MODES, make_data, run_model, run_row, session
+from .corpus.harness import (
+    BARE,
+    CALIB_SEED,
+    CHECK_SEED,
+    ROW_ORDER,
+    expectations,
+    make_data,
+    run_model,
+    run_row,
+    session,
+)
 from .corpus.models import BY_NAME, CORPUS, INSTALL, CorpusModel
-
-BARE = "sparsity 0.5, no --data"
 
 # Failure classes found by the corpus, (model, row) -> reason; each row is a strict xfail until fixed.
 KNOWN: dict[tuple[str, str], str] = {}
@@ -32,7 +39,7 @@ DEFAULT: list[tuple[str, str]] = [
     ("nudenet_320n", "sparsity 0.5"), ("silero_vad", BARE), ("silero_vad", "structured 0.3"),
     ("ddddocr", "sparsity 0.5"), ("vietcombank_captcha", "structured 0.3"), ("captcha_crnn", "sparsity 0.5"),
 ]
-FULL = [(m.name, mode) for m in CORPUS for mode in (*MODES, BARE)]
+FULL = [(m.name, mode) for m in CORPUS for mode in ROW_ORDER]
 
 
 def _model(name: str) -> CorpusModel:
@@ -64,20 +71,12 @@ def corpus_data(tmp_path_factory):
 def _check_row(name: str, mode: str, corpus_data, tmp_path: Path, full: bool = False) -> None:
     model = _model(name)
     _, data = corpus_data(model)
-    bare = mode == BARE  # onnxprune MODEL --sparsity 0.5 with no input options, as a new user runs it
+    bare = mode == BARE
     # data rows skip the tool's own validation (the harness runs the same checks); bare rows keep it
     row = run_row(model, "sparsity 0.5" if bare else mode, tmp_path, None if bare else data, label=mode,
                   validate=bare or full)
-    assert row.rc == 0, f"{name} / {mode}: exit {row.rc}: {row.message}"
-    assert not row.failures, f"{name} / {mode}: {row.failures}"
-    assert row.cosine is not None and math.isfinite(row.cosine), "fidelity was not measured"
-    if "--structured" in MODES.get(mode, ()):
-        assert row.macs_kept is None or row.macs_kept < 1.0, f"MACs kept {row.macs_kept}"  # removed: in failures
-    elif mode == "2:4":  # tensors whose input axis is not a multiple of 4 are skipped (documented)
-        assert row.zeros is not None and row.zeros >= 0.1, f"zeros {row.zeros:.3f} of the float weights"
-    elif not bare:  # the float weights reach the requested share of zeros (bare rows: exit 0 and validated)
-        wanted = float(MODES[mode][1])
-        assert row.zeros is not None and row.zeros >= 0.9 * wanted, f"zeros {row.zeros:.3f} of the float weights"
+    problems = expectations(row)
+    assert not problems, f"{name} / {mode}: {problems}"
 
 
 @pytest.mark.parametrize(("name", "mode"), [_param(*r) for r in DEFAULT])

@@ -10,6 +10,7 @@ metric dense -> pruned, and the tool's wall time.
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import time
@@ -33,6 +34,8 @@ MODES: dict[str, tuple[str, ...]] = {
     "structured 0.3 + reconstruct": ("--structured", "--sparsity", "0.3", "--reconstruct"),
 }
 FAST = ("--runs", "1", "--warmup", "0", "-q")
+BARE = "sparsity 0.5, no --data"  # onnxprune MODEL --sparsity 0.5 with no input options, as a new user runs it
+ROW_ORDER = (*MODES, BARE)
 
 
 @dataclass
@@ -51,10 +54,32 @@ class Row:
     rel_l2: float | None = None
     metric_dense: float | None = None
     metric_pruned: float | None = None
+    stages: dict[str, float] = field(default_factory=dict)  # the tool's own wall seconds per stage (its report)
 
     @property
     def ok(self) -> bool:
         return self.rc == 0 and not self.failures
+
+
+def expectations(row: Row) -> list[str]:
+    """What the corpus asserts of a row beyond its output checks: exit 0, fidelity measured, MACs removed in
+    structured modes, the requested share of zeros in unstructured ones (2:4: at least 10 %, tensors whose input
+    axis is not a multiple of 4 are skipped as documented; bare rows: exit 0 and validated). Empty when it passes."""
+    if row.rc != 0:
+        return [f"exit {row.rc}: {row.message}"]
+    problems = list(row.failures)
+    if row.cosine is None or not math.isfinite(row.cosine):
+        problems.append("fidelity was not measured")
+    flags = MODES.get(row.mode, ())
+    if "--structured" in flags:
+        if row.macs_kept is not None and row.macs_kept >= 1.0:
+            problems.append(f"MACs kept {row.macs_kept}")
+    elif row.mode == "2:4":
+        if row.zeros is None or row.zeros < 0.1:
+            problems.append(f"zeros {row.zeros} of the float weights")
+    elif row.mode != BARE and (row.zeros is None or row.zeros < 0.9 * float(flags[1])):
+        problems.append(f"zeros {row.zeros} of the float weights")
+    return problems
 
 
 def save_npz(path: Path, feeds: Feeds) -> Path:
@@ -163,12 +188,23 @@ def run_row(model: CorpusModel, mode: str, folder: Path, data: dict[str, Path] |
         return row
     check_output(model, src, out, row, count or model.count)
     details = json.loads(report.read_text())
+    row.stages = stage_seconds(details)
     macs = (details.get("validation") or {}).get("model") or {}  # absent with --no-validate
     if macs.get("original", {}).get("macs"):
         row.macs_kept = macs["pruned"]["macs"] / macs["original"]["macs"]
     if "--structured" in MODES[mode] and not details["summary"].get("macs_removed"):
         row.failures.append("structured mode removed no MACs")
     return row
+
+
+def stage_seconds(report: dict) -> dict[str, float]:
+    """Wall seconds per stage from a report: load, prune, check_and_save, validate, and within the structured
+    pass its own stages (analysis, gram, selection, refit_gram, refit_solve, removal, ...) as ``prune.<stage>``."""
+    stages = {k: round(float(v), 1) for k, v in report.get("timings", {}).items()}
+    for item in report.get("passes", []):
+        for name, times in (item.get("details") or {}).get("stages", {}).items():
+            stages[f"prune.{name}"] = round(stages.get(f"prune.{name}", 0.0) + times["wall_s"], 1)
+    return stages
 
 
 def check_output(model: CorpusModel, src: Path, out: Path, row: Row, count: int) -> None:
