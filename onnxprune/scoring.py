@@ -139,30 +139,29 @@ def _consumer_grams(model, consumers: dict[str, tuple], feeds: list[dict[str, np
                     ridge: float, clock=None, shapes: dict | None = None) -> dict[str, np.ndarray]:
     """XᵀX of each consumer's input features on ``feeds`` (+ ridge), in bounded memory.
 
-    Consumer inputs are captured in graph order, in chunks of at most ``CAPTURE_BYTES`` per calibration batch, by
-    one :class:`~onnxprune.calibration.ActivationStream` (each node runs once per batch; tensors later chunks read
-    are kept between chunks); consumers that read the same tensor with the same patch geometry share one Gram
+    Consumer inputs are captured batch after batch, in graph order, in chunks of at most ``CAPTURE_BYTES`` per
+    calibration batch (:meth:`~onnxprune.calibration.ActivationStream.by_feed`: one forward pass per batch, only
+    that batch's tensors later chunks read are kept, each batch's tensors dropped once added); consumers that read the same tensor with the same patch geometry share one Gram
     (float32 products summed in float64, see ``GramSum``), over at most the ``RowSampler`` budget of rows."""
     clock = clock or StageClock()
     shared = {key: _patch_key(node, matrix.shape[0]) for key, (node, _, matrix, _) in consumers.items()}
     sums: dict[tuple, GramSum | None] = {}
     samplers = {patch: RowSampler(matrix.shape[0], len(feeds)) for key, (_, _, matrix, _) in consumers.items()
                 for patch in [shared[key]]}
-    stream = ActivationStream(model, feeds, CAPTURE_BYTES)
-    for chunk in _capture_chunks(model, {node.input[0] for node, *_ in consumers.values()}, shapes or {}, feeds):
-        reading = {key: item for key, item in consumers.items() if item[0].input[0] in chunk}
-        for values in stream.run(chunk, clock=clock):
-            counted = set()  # features that several consumers share are added once per feed
-            for key, (node, _, matrix, _) in reading.items():
-                patch = shared[key]
-                if patch in counted or (patch in sums and sums[patch] is None):
-                    continue
-                counted.add(patch)
-                rows = _features(node, values[node.input[0]], matrix.shape[0], samplers[patch])
-                if rows is None:  # features that do not match the weight
-                    sums[patch] = None
-                    continue
-                sums.setdefault(patch, GramSum()).add(rows)
+    chunks = _capture_chunks(model, {node.input[0] for node, *_ in consumers.values()}, shapes or {}, feeds)
+    readers = [{key: item for key, item in consumers.items() if item[0].input[0] in chunk} for chunk in chunks]
+    for i, values in ActivationStream(model, feeds).by_feed(chunks, clock):
+        counted = set()  # features that several consumers share are added once per feed
+        for key, (node, _, matrix, _) in readers[i].items():
+            patch = shared[key]
+            if patch in counted or (patch in sums and sums[patch] is None):
+                continue
+            counted.add(patch)
+            rows = _features(node, values[node.input[0]], matrix.shape[0], samplers[patch])
+            if rows is None:  # features that do not match the weight
+                sums[patch] = None
+                continue
+            sums.setdefault(patch, GramSum()).add(rows)
     grams: dict[str, np.ndarray] = {}
     for key, patch in shared.items():
         if sums.get(patch) is not None:
