@@ -79,13 +79,29 @@ def reconstruction_scores(analysis: Analysis, groups: list[ChannelGroup], feeds:
     with clock.stage("gram"):
         grams = _consumer_grams(analysis.model, consumers, feeds, ridge, clock, analysis.shapes)
     scores: dict[int, np.ndarray] = {}
+    last = _last_reader(groups, consumers)
+    for key in set(grams) - set(last):
+        del grams[key]  # no group reads this consumer
     with clock.stage("selection"):
-        for group in groups:
+        for number, group in enumerate(groups):
             steps = None if stop is None else math.ceil(stop * max(group.channels, len(group.units))) + 1
             scores[group.id] = _greedy_order(group, consumers, grams, steps) if group.units else fallback[group.id]
             if scores[group.id] is None:
                 scores[group.id] = fallback[group.id]
+            for key in [k for k, n in last.items() if n == number]:
+                grams.pop(key, None)  # no later group reads this consumer: free its Gram now
     return scores
+
+
+def _last_reader(groups: list[ChannelGroup], consumers: dict[str, tuple]) -> dict[str, int]:
+    """Consumer -> index of the last group whose units are among its input channels."""
+    last: dict[str, int] = {}
+    for number, group in enumerate(groups):
+        ids = {int(i) for unit in group.units for i in np.asarray(unit).ravel()}
+        for key, (_, _, _, feature_ids) in consumers.items():
+            if ids.intersection(np.unique(feature_ids).tolist()):
+                last[key] = number
+    return last
 
 
 def _refit_consumers(analysis: Analysis) -> dict[str, tuple]:
@@ -163,10 +179,14 @@ def _consumer_grams(model, consumers: dict[str, tuple], feeds: list[dict[str, np
                 continue
             sums.setdefault(patch, GramSum()).add(rows)
     grams: dict[str, np.ndarray] = {}
+    done: dict[tuple, np.ndarray] = {}  # one array per shared patch; each GramSum is freed once summed
     for key, patch in shared.items():
-        if sums.get(patch) is not None:
-            gram = sums[patch].result()[0]
-            grams[key] = gram + (ridge * float(np.trace(gram)) / gram.shape[0] + 1e-12) * np.eye(gram.shape[0])
+        if patch not in done and sums.get(patch) is not None:
+            gram = sums.pop(patch).result()[0]
+            gram[np.diag_indices_from(gram)] += ridge * float(np.trace(gram)) / gram.shape[0] + 1e-12
+            done[patch] = gram
+        if patch in done:
+            grams[key] = done[patch]
     return grams
 
 
