@@ -229,17 +229,19 @@ def _greedy_order(group: ChannelGroup, consumers: dict[str, tuple], grams: dict[
         for i in np.asarray(ids).tolist():
             unit_of[int(i)] = u
     states = []
+    inverses: dict[int, np.ndarray] = {}  # consumers of one shared patch share one Gram array: invert it once
     for key, (_, _, matrix, feature_ids) in consumers.items():
         if key not in grams:
             continue
         units = np.array([unit_of.get(int(i), -1) for i in feature_ids])
         if not (units >= 0).any():
             continue
-        try:
-            inverse = np.linalg.inv(grams[key])
-        except np.linalg.LinAlgError:
-            return None
-        states.append(_State(inverse, matrix.copy(), units))
+        if id(grams[key]) not in inverses:
+            try:
+                inverses[id(grams[key])] = np.linalg.inv(grams[key])
+            except np.linalg.LinAlgError:
+                return None
+        states.append(_State(inverses[id(grams[key])], matrix.copy(), units))
     if not states:
         return None
     n = len(group.units)
