@@ -224,8 +224,9 @@ class ActivationStream:
     def _session(self, segment: list[onnx.NodeProto], available: set[str], live: dict[str, np.ndarray],
                  outputs: list[str], values: dict[str, np.ndarray] | None = None, arena: bool = True
                  ) -> ort.InferenceSession:
-        """A session over ``segment`` returning ``outputs``; ``arena`` False: without onnxruntime's CPU memory arena,
-        for sessions kept alive together (each arena would keep its largest run's memory)."""
+        """A session over ``segment`` returning ``outputs``; ``arena`` False: without onnxruntime's CPU memory arena
+        and weight prepacking, for sessions kept alive together (each arena would keep its largest run's memory, and
+        prepacking adds a second copy of the weights)."""
         model = self.model
         values = values if values is not None else {**self.feeds[0], **self.kept[0], **live}
         read = {n for node in segment for n in self.reads[id(node)]}
@@ -240,7 +241,7 @@ class ActivationStream:
         if arena:
             return session_with_outputs(part, outputs)
         part.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in outputs)
-        options = session_options(log_level=3, optimize=False)
+        options = session_options(log_level=3, optimize=False, prepacking=False)
         options.enable_cpu_mem_arena = False
         return create_session(part, options)
 
