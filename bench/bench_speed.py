@@ -136,7 +136,7 @@ def bench(name: str, model: Path, calib: Path, sparsity: float, extra: list[str]
            "stages_s": details.get("stages"),
            "macs_kept": round(details["macs_after"] / max(details["macs_before"], 1), 3),
            "layers_refit": (details.get("reconstruction") or {}).get("layers"),
-           "fidelity": data.get("validation", {}).get("fidelity") if isinstance(data.get("validation"), dict) else None,
+           "worst": (data.get("validation") or {}).get("worst"),
            "load": os.getloadavg()[0]}
     out.unlink(missing_ok=True)
     return row

@@ -22,7 +22,7 @@ import onnxruntime as ort
 from .errors import InputDataError
 from .feeds import InputSpec, batch_axes, check_feed, input_specs, split_samples
 from .graph import free_names
-from .sessions import session_with_outputs
+from .sessions import create_session, session_options, session_with_outputs
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm")
 
@@ -168,6 +168,47 @@ class ActivationStream:
             kept.update({out: values[out] for out in wanted + later})
             yield {n: values[n] for n in names}
 
+    def by_feed(self, chunks: list[list[str]], clock: Any = None) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        """(chunk index, the chunk's tensors) for every feed, feed after feed, chunk after chunk: each feed runs the
+        forward pass once, in one onnxruntime run per chunk, and only the tensors later chunks still read are kept
+        between chunks, for that feed alone (memory holds one feed's captured tensors, never every feed's). The
+        chunks' sessions are built on the first feed and reused. Not combinable with :meth:`run` on this stream."""
+        sessions: list[tuple[ort.InferenceSession | None, list[str], list[str]]] = []
+        done: list[set[int]] = []  # nodes run once chunk i is done
+        for number, feed in enumerate(self.feeds):
+            values: dict[str, np.ndarray] = dict(feed)
+            for i, names in enumerate(chunks):
+                if number == 0:
+                    done.append(set(done[-1]) if done else set())
+                    sessions.append(self._chunk_session(names, values, done[-1], clock))
+                session, inputs, outputs = sessions[i]
+                if session is not None:
+                    with clock.stage("capture") if clock is not None else contextlib.nullcontext():
+                        values.update(zip(outputs, session.run(outputs, {k: values[k] for k in inputs})))
+                yield i, {n: values[n] for n in names}
+                later = {n for chunk in chunks[i + 1:] for n in chunk}
+                for name in [n for n in values if n not in feed and n not in later]:
+                    if all(r in done[i] for r in self.readers.get(name, [])):
+                        del values[name]
+
+    def _chunk_session(self, names: list[str], values: dict[str, np.ndarray], done: set[int], clock: Any
+                       ) -> tuple[ort.InferenceSession | None, list[str], list[str]]:
+        """The session computing chunk ``names`` from ``values`` (adding its nodes to ``done``), its inputs and its
+        outputs: the chunk's tensors and those that nodes not yet run read."""
+        available = set(values)
+        segment = self._segment(names, available)
+        done |= {id(node) for node in segment}
+        produced = [out for node in segment for out in node.output if out]
+        wanted = [n for n in names if n not in available]
+        later = [out for out in produced if out not in wanted and
+                 any(r not in done for r in self.readers.get(out, []))]
+        outputs = wanted + later
+        if not outputs:
+            return None, [], []
+        with clock.stage("capture") if clock is not None else contextlib.nullcontext():
+            session = self._session(segment, available, {}, outputs, values, arena=False)
+        return session, [i.name for i in session.get_inputs()], outputs
+
     def _segment(self, names: list[str], available: set[str]) -> list[onnx.NodeProto]:
         """The nodes that compute ``names`` from what is available, in graph order."""
         chosen: dict[int, onnx.NodeProto] = {}
@@ -181,8 +222,13 @@ class ActivationStream:
         return sorted(chosen.values(), key=lambda node: self.position[id(node)])
 
     def _session(self, segment: list[onnx.NodeProto], available: set[str], live: dict[str, np.ndarray],
-                 outputs: list[str]) -> ort.InferenceSession:
-        model, values = self.model, {**self.feeds[0], **self.kept[0], **live}
+                 outputs: list[str], values: dict[str, np.ndarray] | None = None, arena: bool = True
+                 ) -> ort.InferenceSession:
+        """A session over ``segment`` returning ``outputs``; ``arena`` False: without onnxruntime's CPU memory arena
+        and weight prepacking, for sessions kept alive together (each arena would keep its largest run's memory, and
+        prepacking adds a second copy of the weights)."""
+        model = self.model
+        values = values if values is not None else {**self.feeds[0], **self.kept[0], **live}
         read = {n for node in segment for n in self.reads[id(node)]}
         part = onnx.ModelProto(ir_version=model.ir_version, producer_name=model.producer_name)
         part.opset_import.extend(model.opset_import)
@@ -192,7 +238,12 @@ class ActivationStream:
         part.graph.initializer.extend(i for i in model.graph.initializer if i.name in read and i.name not in available)
         part.graph.input.extend(onnx.helper.make_tensor_value_info(
             name, onnx.helper.np_dtype_to_tensor_dtype(values[name].dtype), None) for name in sorted(read & available))
-        return session_with_outputs(part, outputs)
+        if arena:
+            return session_with_outputs(part, outputs)
+        part.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in outputs)
+        options = session_options(log_level=3, optimize=False, prepacking=False)
+        options.enable_cpu_mem_arena = False
+        return create_session(part, options)
 
     def _forget(self) -> None:
         """Drop kept tensors no node left to run reads; drop everything when over the budget."""

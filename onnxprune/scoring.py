@@ -79,13 +79,29 @@ def reconstruction_scores(analysis: Analysis, groups: list[ChannelGroup], feeds:
     with clock.stage("gram"):
         grams = _consumer_grams(analysis.model, consumers, feeds, ridge, clock, analysis.shapes)
     scores: dict[int, np.ndarray] = {}
+    last = _last_reader(groups, consumers)
+    for key in set(grams) - set(last):
+        del grams[key]  # no group reads this consumer
     with clock.stage("selection"):
-        for group in groups:
+        for number, group in enumerate(groups):
             steps = None if stop is None else math.ceil(stop * max(group.channels, len(group.units))) + 1
             scores[group.id] = _greedy_order(group, consumers, grams, steps) if group.units else fallback[group.id]
             if scores[group.id] is None:
                 scores[group.id] = fallback[group.id]
+            for key in [k for k, n in last.items() if n == number]:
+                grams.pop(key, None)  # no later group reads this consumer: free its Gram now
     return scores
+
+
+def _last_reader(groups: list[ChannelGroup], consumers: dict[str, tuple]) -> dict[str, int]:
+    """Consumer -> index of the last group whose units are among its input channels."""
+    last: dict[str, int] = {}
+    for number, group in enumerate(groups):
+        ids = {int(i) for unit in group.units for i in np.asarray(unit).ravel()}
+        for key, (_, _, _, feature_ids) in consumers.items():
+            if ids.intersection(np.unique(feature_ids).tolist()):
+                last[key] = number
+    return last
 
 
 def _refit_consumers(analysis: Analysis) -> dict[str, tuple]:
@@ -139,35 +155,38 @@ def _consumer_grams(model, consumers: dict[str, tuple], feeds: list[dict[str, np
                     ridge: float, clock=None, shapes: dict | None = None) -> dict[str, np.ndarray]:
     """XᵀX of each consumer's input features on ``feeds`` (+ ridge), in bounded memory.
 
-    Consumer inputs are captured in graph order, in chunks of at most ``CAPTURE_BYTES`` per calibration batch, by
-    one :class:`~onnxprune.calibration.ActivationStream` (each node runs once per batch; tensors later chunks read
-    are kept between chunks); consumers that read the same tensor with the same patch geometry share one Gram
+    Consumer inputs are captured batch after batch, in graph order, in chunks of at most ``CAPTURE_BYTES`` per
+    calibration batch (:meth:`~onnxprune.calibration.ActivationStream.by_feed`: one forward pass per batch, only
+    that batch's tensors later chunks read are kept, each batch's tensors dropped once added); consumers that read the same tensor with the same patch geometry share one Gram
     (float32 products summed in float64, see ``GramSum``), over at most the ``RowSampler`` budget of rows."""
     clock = clock or StageClock()
     shared = {key: _patch_key(node, matrix.shape[0]) for key, (node, _, matrix, _) in consumers.items()}
     sums: dict[tuple, GramSum | None] = {}
     samplers = {patch: RowSampler(matrix.shape[0], len(feeds)) for key, (_, _, matrix, _) in consumers.items()
                 for patch in [shared[key]]}
-    stream = ActivationStream(model, feeds, CAPTURE_BYTES)
-    for chunk in _capture_chunks(model, {node.input[0] for node, *_ in consumers.values()}, shapes or {}, feeds):
-        reading = {key: item for key, item in consumers.items() if item[0].input[0] in chunk}
-        for values in stream.run(chunk, clock=clock):
-            counted = set()  # features that several consumers share are added once per feed
-            for key, (node, _, matrix, _) in reading.items():
-                patch = shared[key]
-                if patch in counted or (patch in sums and sums[patch] is None):
-                    continue
-                counted.add(patch)
-                rows = _features(node, values[node.input[0]], matrix.shape[0], samplers[patch])
-                if rows is None:  # features that do not match the weight
-                    sums[patch] = None
-                    continue
-                sums.setdefault(patch, GramSum()).add(rows)
+    chunks = _capture_chunks(model, {node.input[0] for node, *_ in consumers.values()}, shapes or {}, feeds)
+    readers = [{key: item for key, item in consumers.items() if item[0].input[0] in chunk} for chunk in chunks]
+    for i, values in ActivationStream(model, feeds).by_feed(chunks, clock):
+        counted = set()  # features that several consumers share are added once per feed
+        for key, (node, _, matrix, _) in readers[i].items():
+            patch = shared[key]
+            if patch in counted or (patch in sums and sums[patch] is None):
+                continue
+            counted.add(patch)
+            rows = _features(node, values[node.input[0]], matrix.shape[0], samplers[patch])
+            if rows is None:  # features that do not match the weight
+                sums[patch] = None
+                continue
+            sums.setdefault(patch, GramSum()).add(rows)
     grams: dict[str, np.ndarray] = {}
+    done: dict[tuple, np.ndarray] = {}  # one array per shared patch; each GramSum is freed once summed
     for key, patch in shared.items():
-        if sums.get(patch) is not None:
-            gram = sums[patch].result()[0]
-            grams[key] = gram + (ridge * float(np.trace(gram)) / gram.shape[0] + 1e-12) * np.eye(gram.shape[0])
+        if patch not in done and sums.get(patch) is not None:
+            gram = sums.pop(patch).result()[0]
+            gram[np.diag_indices_from(gram)] += ridge * float(np.trace(gram)) / gram.shape[0] + 1e-12
+            done[patch] = gram
+        if patch in done:
+            grams[key] = done[patch]
     return grams
 
 
@@ -210,17 +229,19 @@ def _greedy_order(group: ChannelGroup, consumers: dict[str, tuple], grams: dict[
         for i in np.asarray(ids).tolist():
             unit_of[int(i)] = u
     states = []
+    inverses: dict[int, np.ndarray] = {}  # consumers of one shared patch share one Gram array: invert it once
     for key, (_, _, matrix, feature_ids) in consumers.items():
         if key not in grams:
             continue
         units = np.array([unit_of.get(int(i), -1) for i in feature_ids])
         if not (units >= 0).any():
             continue
-        try:
-            inverse = np.linalg.inv(grams[key])
-        except np.linalg.LinAlgError:
-            return None
-        states.append(_State(inverse, matrix.copy(), units))
+        if id(grams[key]) not in inverses:
+            try:
+                inverses[id(grams[key])] = np.linalg.inv(grams[key])
+            except np.linalg.LinAlgError:
+                return None
+        states.append(_State(inverses[id(grams[key])], matrix.copy(), units))
     if not states:
         return None
     n = len(group.units)

@@ -25,7 +25,7 @@ import onnxruntime as ort
 from .accuracy import evaluate
 from .config import ValidateConfig
 from .errors import InputDataError, UnsupportedError
-from .feeds import InputSpec, input_specs, prepare_feeds, sample_count, take_samples
+from .feeds import InputSpec, batch_axes, input_specs, prepare_feeds, sample_count, take_samples
 from .model import PROTOBUF_LIMIT, _external_locations
 from .sessions import ModelSource
 
@@ -180,13 +180,14 @@ def release_memory() -> None:
 
 
 def _measure(sources: tuple[ModelSource, ModelSource], provider: str, cfg: ValidateConfig,
-             batches: list[dict[str, np.ndarray]], what: str):
+             batches: list[dict[str, np.ndarray]], what: str, timed: dict[str, np.ndarray] | None = None):
     """Outputs of both models on every batch and their latency, with one onnxruntime session alive at a time.
 
     Blocks alternate A B A B (``LATENCY_ROUNDS``), each with a fresh session, its warm-up, then its share of the
-    timed runs; the outputs come from each model's first block. Peak memory holds one session, and an idle
-    session's threads cannot steal the cores from the timed one.
+    timed runs (on ``timed``, default the first batch); the outputs come from each model's first block. Peak memory
+    holds one session, and an idle session's threads cannot steal the cores from the timed one.
     """
+    timed = batches[0] if timed is None else timed
     outputs: list[list | None] = [None, None]
     names: list[str] = []
     times: tuple[list[float], list[float]] = ([], [])
@@ -204,7 +205,7 @@ def _measure(sources: tuple[ModelSource, ModelSource], provider: str, cfg: Valid
                         raise
                     raise ValidationUnavailable(f"the original model does not run on the {what} "
                                                 f"({ort_reason(exc)})") from exc
-            times[which].extend(_time_runs(session, batches[0], cfg.warmup, share))
+            times[which].extend(_time_runs(session, timed, cfg.warmup, share))
             del session
             release_memory()
     return names, outputs, _latency(times)
@@ -317,13 +318,15 @@ def run_validation(original: ModelSource, pruned: ModelSource, cfg: ValidateConf
         classifiers = classifier_outputs(original.model or pruned.model)
     source = results["inputs"].get("source")
     what = {"synthetic": "synthetic inputs", "calibration hold-out": "calibration hold-out"}.get(source, "given inputs")
+    timed = _latency_feed(batches, results["inputs"], specs or input_specs(original.model or pruned.model))
     for provider in cfg.providers:
         log(f"validating on {provider}")
-        names, (ref, got), latency = _measure((original, pruned), provider, cfg, batches, what)
+        names, (ref, got), latency = _measure((original, pruned), provider, cfg, batches, what, timed)
         outputs = {name: compare_outputs([r[i] for r in ref], [g[i] for g in got],
                                          None if classifiers is None else name in classifiers)
                    for i, name in enumerate(names)}
         del ref, got
+        latency["shapes"] = {name: list(arr.shape) for name, arr in timed.items()}
         results["providers"][provider] = {"outputs": outputs, "latency": latency}
     results["worst"] = _worst(results["providers"])
     if cfg.eval_data:
@@ -331,6 +334,16 @@ def run_validation(original: ModelSource, pruned: ModelSource, cfg: ValidateConf
         results["accuracy"] = evaluate(original, pruned, cfg.eval_data,
                                        specs if specs is not None else input_specs(original.model or pruned.model))
     return results
+
+
+def _latency_feed(batches: list[dict[str, np.ndarray]], info: dict[str, Any], specs: list[InputSpec]
+                  ) -> dict[str, np.ndarray]:
+    """The feed latency is timed on: the first sample of a calibration hold-out (its batches hold many samples, and
+    ``runs`` timed runs of a whole batch per model would cost more than the fidelity check itself), else the first
+    batch as given (``info``: the report's ``inputs``)."""
+    if info.get("source") == "calibration hold-out":
+        return take_samples(batches[0], batch_axes(specs), 0, 1)
+    return batches[0]
 
 
 def not_validated(reason: str) -> dict[str, Any]:

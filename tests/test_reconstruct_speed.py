@@ -194,6 +194,32 @@ def test_activation_stream_runs_each_node_once(budget):
         assert len(stream.computed) > len(set(stream.computed))
 
 
+def test_capture_by_feed_runs_each_node_once_per_feed():
+    """Capturing ResNet-18's conv inputs chunk by chunk, feed after feed, gives the values of one full run; each
+    chunk's session is built once, each node runs once per feed, and between chunks only the current feed's tensors
+    that later chunks read are kept (never another feed's)."""
+    model = onnx.load(str(FIXTURES / "arch" / "resnet18.onnx"))
+    rng = np.random.default_rng(5)
+    feeds = [{"input": rng.standard_normal((n, 3, 64, 64)).astype(np.float32)} for n in (4, 3, 2)]
+    names = [node.input[0] for node in model.graph.node if node.op_type == "Conv"]
+    chunks = [names[i:i + 3] for i in range(0, len(names), 3)]
+    full = session_with_outputs(model, sorted(set(names)))
+    stream = _Recording(model, feeds)
+    built = []
+    original = stream._session
+    stream._session = lambda *args, **kwargs: built.append(1) or original(*args, **kwargs)
+    seen = []
+    for i, got in stream.by_feed(chunks):
+        feed = feeds[len(seen) // len(chunks)]
+        seen.append(i)
+        reference = dict(zip(chunks[i], full.run(chunks[i], feed)))
+        for name in chunks[i]:
+            np.testing.assert_array_equal(got[name], reference[name])
+    assert seen == list(range(len(chunks))) * len(feeds) and len(chunks) > 3
+    assert len(built) == len(chunks)
+    assert len(stream.computed) == len(set(stream.computed))  # segments planned once: no node recomputed
+
+
 @pytest.mark.parametrize("share", [0.25, 0.5, 0.75])
 def test_stopped_order_removes_the_same_units(share):
     """Stopping the greedy order one unit past the share the allocation removes keeps the removed set and its order."""

@@ -184,6 +184,8 @@ def test_calibration_hold_out_validates_a_model_synthetic_inputs_cannot_run(tmp_
     a, b = run(src, {"x": x[6:]})[0].ravel(), run(tmp_path / "a.onnx", {"x": x[6:]})[0].ravel()
     cosine = float(np.dot(a, b) / np.linalg.norm(a) / np.linalg.norm(b))
     assert validation["providers"]["CPUExecutionProvider"]["outputs"]["logits"]["cosine"] == pytest.approx(cosine, 1e-6)
+    # latency is timed on one held-out sample, not on the whole hold-out batch
+    assert validation["providers"]["CPUExecutionProvider"]["latency"]["shapes"] == {"x": [1, 37]}
     # ... and calibration saw only the first six: the same model as calibrating on those alone
     code, _, err = run_cli(src, "--sparsity", "0.5", "--criterion", "activation", "--calibration-data",
                            tmp_path / "first6.npz", "-o", tmp_path / "b.onnx", "--no-validate")
