@@ -18,6 +18,7 @@ LAYERS = {
     3: ["analysis", "analysis.weights", "analysis.registry", "analysis.rules", "analysis.groups", "analysis.cost"],
     4: ["calibration", "compensation", "scoring", "obs", "accuracy", "validate", "recipe", "quantize"],
     5: ["passes", "passes.manager", "passes.canonical", "passes.subgraphs", "passes.unstructured", "passes.structured",
+        "passes.prepare",
         "sensitivity", "inspect"],
     6: ["report", "html_report", "report_files", "api", "cli", "entry", "__main__"],
 }
