@@ -57,7 +57,7 @@ def variant(sweep: bool, paper: bool):
     build, exact = unstructured._obs_repair, obs.EXACT_WORK
     if paper:
         unstructured._obs_repair = lambda ctx, items, followers, original=None: obs.ObsRepair(
-            ctx.model, items, ctx.state["calibration"], reference=None, log=ctx.log)
+            ctx.model, items, ctx.calibration, reference=None)
     if sweep:
         obs.EXACT_WORK = 0
     try:

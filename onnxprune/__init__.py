@@ -17,19 +17,20 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-_PUBLIC = {"PruneResult": "api", "build_passes": "api", "prune": "api", "validate": "api",
+_PUBLIC = {"PruneResult": "api", "build_passes": "api", "prune": "api", "sensitivity": "api", "validate": "api",
            "PruneConfig": "config", "ValidateConfig": "config", "OnnxPruneError": "errors"}
 
-__all__ = ["OnnxPruneError", "PruneConfig", "PruneResult", "ValidateConfig", "build_passes", "prune", "validate"]
+__all__ = ["OnnxPruneError", "PruneConfig", "PruneResult", "ValidateConfig", "build_passes", "prune", "sensitivity",
+           "validate"]
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
-    from .api import PruneResult, build_passes, prune, validate
+    from .api import PruneResult, build_passes, prune, sensitivity, validate
     from .config import PruneConfig, ValidateConfig
     from .errors import OnnxPruneError
 
 
 class _Package(types.ModuleType):
-    """The package module: a submodule named like a public function (``validate``) does not hide it."""
+    """The package module: a submodule named like a public function (``validate``, ``sensitivity``) does not hide it."""
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in _PUBLIC and isinstance(value, types.ModuleType):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
+import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,7 @@ import onnx
 from . import __version__
 from .accuracy import load_eval_data
 from .analysis.cost import total_macs
-from .analysis.rules import RULES
+from .analysis.rules.catalog import RULES
 from .analysis.weights import find_prunable_weights
 from .calibration import ImagePreprocess, load_calibration
 from .config import PruneConfig, ValidateConfig
@@ -45,11 +47,21 @@ from .model import (
 )
 from .outputs import OutputGuard
 from .passes.manager import PassContext, PassManager, PassResult
+from .passes.prepare import CleanupPass, PreparePass
 from .passes.structured import StructuredPrunePass, prepare_for_analysis
 from .passes.unstructured import MagnitudePrunePass
 from .quantize import quantize_file
 from .report import caveats
-from .sensitivity import allocate_for_target, around, costliest, measure, measure_masked, prune_groups, uniform_macs
+from .sensitivity import (
+    DEFAULT_RATIOS,
+    allocate_for_target,
+    around,
+    costliest,
+    measure,
+    measure_masked,
+    prune_groups,
+    uniform_macs,
+)
 from .sessions import ModelSource
 from .signals import checkpoint
 from .validate import (
@@ -68,6 +80,8 @@ from .validate import (
 )
 
 SCHEMA_VERSION = 1
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -112,7 +126,7 @@ def build_passes(config: PruneConfig) -> list:
     methods |= {entry["method"] for entry in config.overrides if "method" in entry}
     passes: list = []
     if "structured" in methods:
-        passes.append(StructuredPrunePass(config))
+        passes += [PreparePass(), StructuredPrunePass(config), CleanupPass()]
     if "unstructured" in methods:
         passes.append(MagnitudePrunePass(config))
     return passes
@@ -151,9 +165,46 @@ def prune(
     validation then compares the original with the pruned-and-quantized model. ``outputs`` (the CLI's
     :class:`~onnxprune.outputs.OutputGuard`) also protects the input's external data from the run's other outputs.
     """
-    log = log or (lambda message: None)
-    config = replace(config) if config is not None else PruneConfig(**options)  # the caller's object stays as given
-    config.validate()
+    with forward_log(log):
+        return _prune(model, output, config=config, validate=validate, force=force, external_data=external_data,
+                      progress=progress, quantize=quantize, outputs=outputs, **options)
+
+
+@contextlib.contextmanager
+def forward_log(log: Callable[[str], None] | None) -> Iterator[None]:
+    """While the block runs, hand onnxprune's progress lines (``logging``, INFO and up) to ``log`` as well."""
+    if log is None:
+        yield
+        return
+    handler = _CallbackHandler(log)
+    package = logging.getLogger("onnxprune")
+    previous = package.level
+    package.addHandler(handler)
+    if package.getEffectiveLevel() > logging.INFO:
+        package.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        package.removeHandler(handler)
+        package.setLevel(previous)
+
+
+class _CallbackHandler(logging.Handler):
+    """A logging handler that calls a function with each message."""
+
+    def __init__(self, log: Callable[[str], None]):
+        super().__init__(logging.INFO)
+        self.callback = log
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.callback(record.getMessage())
+
+
+def _prune(model, output, *, config: PruneConfig | None, validate: bool | ValidateConfig, force: bool,
+           external_data: bool | None, progress: Callable[..., Any] | None, quantize: str | None,
+           outputs: OutputGuard | None, **options: Any) -> tuple[onnx.ModelProto, PruneResult]:
+    """The body of :func:`prune`."""
+    config = (config or PruneConfig(**options)).validate()  # a new config: the caller's object stays as given
     vcfg = validate if isinstance(validate, ValidateConfig) else ValidateConfig(enabled=bool(validate))
     if vcfg.enabled:
         check_providers(vcfg.providers)
@@ -164,7 +215,7 @@ def prune(
         check_output_path(output_path, input_path=input_path, force=force)
 
     start = time.perf_counter()
-    log("loading model")
+    logger.info("loading model")
     loaded = _as_loaded(model)
     timings["load"] = time.perf_counter() - start
     checkpoint("load")
@@ -174,7 +225,7 @@ def prune(
     refuse_non_finite(loaded.model)
     if output_path is not None:
         external_data = _check_data_files(loaded, output_path, external_data, outputs or OutputGuard(force=force))
-    calibration = _load_calibration(loaded.model, config, log) if config.calibration_data else None
+    calibration = _load_calibration(loaded.model, config) if config.calibration_data else None
     original_src = feeds = original_stats = None
     unavailable: str | None = None  # why the models cannot be compared (no inputs run the original)
     if vcfg.enabled:  # check the validation inputs before any work, so bad --data writes nothing
@@ -195,23 +246,19 @@ def prune(
         else:  # the passes change the model in place: keep the original as bytes for onnxruntime
             original_src = ModelSource(blob=loaded.model.SerializeToString())
 
-    input_shapes = _input_shapes(loaded.model, vcfg, feeds, input_path, log)
+    input_shapes = _input_shapes(loaded.model, vcfg, feeds, input_path)
     if original_stats is not None:  # counted at the shapes the passes analyse, as the pruned MACs are
         original_stats["macs"] = total_macs(loaded.model, input_shapes)
     allocation = None
     if config.target_macs is not None or config.target_params is not None:
-        config, allocation = _allocate_for_target(loaded.model, config, calibration, vcfg, feeds, input_shapes, log)
+        config, allocation = _allocate_for_target(loaded.model, config, calibration, vcfg, feeds, input_shapes)
     elif config.structured and config.sparsity:
-        config, allocation = _default_allocation(loaded.model, config, calibration, input_shapes, log)
+        config, allocation = _default_allocation(loaded.model, config, calibration, input_shapes)
     start = time.perf_counter()
-    ctx = PassContext(model=loaded.model, log=log, progress=progress)
-    ctx.state["input_shapes"] = dict(input_shapes)
-    if feeds and vcfg.data:
-        ctx.state["feeds"] = feeds[0]
-    if calibration:
-        ctx.state["calibration"] = calibration
+    ctx = PassContext(model=loaded.model, progress=progress, input_shapes=dict(input_shapes),
+                      feeds=feeds[0] if feeds and vcfg.data else None, calibration=calibration or None)
     checkpoint("prune")
-    pass_results = PassManager(build_passes(config)).run(ctx)
+    pass_results = [r for r in PassManager(build_passes(config)).run(ctx) if r.reported]
     timings["prune"] = time.perf_counter() - start
 
     result = PruneResult(
@@ -226,17 +273,17 @@ def prune(
     start = time.perf_counter()
     written: list[Path] = []
     if output_path is not None:
-        log(f"checking and writing {output_path}")
+        logger.info("checking and writing %s", output_path)
         written = save_model(loaded.model, output_path, external_data=external_data,
                              verify=lambda path: _full_check(loaded.model, path, input_path, result))
     elif tensor_bytes(loaded.model) < PROTOBUF_LIMIT:
-        log("checking the pruned model")
+        logger.info("checking the pruned model")
         _full_check(loaded.model, None, input_path, result)
     timings["check_and_save"] = time.perf_counter() - start
     if quantize:
         if output_path is None:
-            raise UsageError("--quantize needs an output file")
-        log(f"quantizing ({quantize})")
+            raise UsageError("{quantize} needs an output file", options=("quantize",))
+        logger.info("quantizing (%s)", quantize)
         start = time.perf_counter()
         calibration = []
         if quantize == "static":
@@ -265,28 +312,28 @@ def prune(
         start = time.perf_counter()
         del ctx  # the passes' view of the model: validation may free it
         _validate_step(result, loaded, vcfg, original_src, original_stats, feeds, unavailable, written,
-                       owns_model=not isinstance(model, LoadedModel), input_shapes=input_shapes, log=log)
+                       owns_model=not isinstance(model, LoadedModel), input_shapes=input_shapes)
         timings["validate"] = time.perf_counter() - start
     return loaded.model, result
 
 
-def _input_shapes(model: onnx.ModelProto, vcfg: ValidateConfig, feeds, path: Path | None,
-                  log: Callable[[str], None]) -> dict[str, list[int]]:
+def _input_shapes(model: onnx.ModelProto, vcfg: ValidateConfig, feeds, path: Path | None
+                  ) -> dict[str, list[int]]:
     """The input shapes the passes analyse at: those of the validation inputs, else the same resolution
     (:func:`resolve_inputs`, which ``inspect`` uses too) without validation."""
     if feeds is not None:
         info = feeds[1]
         if "resolution" in info:
-            log(describe_resolution(info["resolution"]))
+            logger.info("%s", describe_resolution(info["resolution"]))
         return dict(info["shapes"])
     resolution = resolve_inputs(model, vcfg.input_shapes, seed=vcfg.seed, path=path)
-    log(describe_resolution(resolution.to_dict()))
+    logger.info("%s", describe_resolution(resolution.to_dict()))
     return resolution.shapes
 
 
-def _load_calibration(model: onnx.ModelProto, config: PruneConfig, log: Callable[[str], None]) -> list:
+def _load_calibration(model: onnx.ModelProto, config: PruneConfig) -> list:
     """``--calibration-data`` as checked feed batches (images preprocessed as the options say)."""
-    log(f"reading calibration data {config.calibration_data}")
+    logger.info("reading calibration data %s", config.calibration_data)
     pre = ImagePreprocess(tuple(config.image_size) if config.image_size else None, tuple(config.image_mean),
                           tuple(config.image_std), config.image_layout, config.image_channels)
     return load_calibration(config.calibration_data, model, images=pre)
@@ -294,7 +341,7 @@ def _load_calibration(model: onnx.ModelProto, config: PruneConfig, log: Callable
 
 def _validate_step(result: PruneResult, loaded: LoadedModel, vcfg: ValidateConfig, original_src: ModelSource,
                    original_stats: dict[str, int], feeds, unavailable: str | None, written: list[Path],
-                   owns_model: bool, input_shapes: dict[str, list[int]], log: Callable[[str], None]) -> None:
+                   owns_model: bool, input_shapes: dict[str, list[int]]) -> None:
     """Compare the pruned model with the original and fill ``result.validation``, gates and warnings.
 
     Params and MACs are counted first; then, when the pruned model is on disk and this run owns the in-memory
@@ -319,7 +366,7 @@ def _validate_step(result: PruneResult, loaded: LoadedModel, vcfg: ValidateConfi
     try:
         if unavailable is not None:
             raise ValidationUnavailable(unavailable)
-        validation = run_validation(original_src, ModelSource(model=loaded.model, path=output), vcfg, log,
+        validation = run_validation(original_src, ModelSource(model=loaded.model, path=output), vcfg,
                                     feeds=feeds, classifiers=classifiers, specs=specs)
     except ValidationUnavailable as exc:
         source = feeds[1].get("source") if feeds else "synthetic"
@@ -371,8 +418,7 @@ def _as_batches(feed) -> list[dict]:
 
 
 def _allocate_for_target(model: onnx.ModelProto, config: PruneConfig, calibration, vcfg: ValidateConfig, feeds,
-                         shapes: dict[str, list[int]], log: Callable[[str], None]
-                         ) -> tuple[PruneConfig, dict[str, Any]]:
+                         shapes: dict[str, list[int]]) -> tuple[PruneConfig, dict[str, Any]]:
     """Measure each group's sensitivity, pick per-group ratios for the target; a new config carries them as
     overrides (the given one is not changed)."""
     prepare_for_analysis(model)  # what the structured pass analyses, so group ids and heads agree
@@ -384,9 +430,9 @@ def _allocate_for_target(model: onnx.ModelProto, config: PruneConfig, calibratio
         inputs, labels = load_eval_data(vcfg.eval_data, input_specs(model))
         samples = [{name: arr[:256] for name, arr in inputs.items()}]
         labels = labels[:256]
-    log("measuring each group's sensitivity for the target")
+    logger.info("measuring each group's sensitivity for the target")
     sens = measure(model, samples, config, ratios=(0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875), labels=labels,
-                   input_shapes=shapes, log=log, include_heads=False)
+                   input_shapes=shapes, include_heads=False)
     ratios = allocate_for_target(model, sens, config, target_macs=config.target_macs,
                                  target_params=config.target_params, input_shapes=shapes)
     by_id = {g["id"]: g for g in sens["groups"]}
@@ -427,7 +473,7 @@ def _uniform_reason(config: PruneConfig, calibration) -> str | None:
 
 
 def _default_allocation(model: onnx.ModelProto, config: PruneConfig, calibration, shapes: dict[str, list[int]],
-                        log: Callable[[str], None]) -> tuple[PruneConfig, dict[str, Any]]:
+                        ) -> tuple[PruneConfig, dict[str, Any]]:
     """With calibration data: the MACs the uniform plan removes, spread over the groups by measured sensitivity.
 
     Each group is measured alone at four ratios around the sparsity (masked weights, one analysis, one onnxruntime
@@ -443,8 +489,8 @@ def _default_allocation(model: onnx.ModelProto, config: PruneConfig, calibration
     samples = _samples(model, list(calibration), 0, MEASURE_SAMPLES)
     # the refit in the loop learns from other samples than those it is judged on (else few samples overfit)
     fit = _samples(model, list(calibration), MEASURE_SAMPLES, MEASURE_SAMPLES + FIT_SAMPLES) or samples
-    log("measuring each group's sensitivity on calibration data")
-    sens, estimate = measure_masked(model, samples, config, around(config.sparsity), input_shapes=shapes, log=log,
+    logger.info("measuring each group's sensitivity on calibration data")
+    sens, estimate = measure_masked(model, samples, config, around(config.sparsity), input_shapes=shapes,
                                     fit_feeds=fit)
     if not sens["groups"] or base <= 0 or target >= base:
         return config, {"method": "uniform", "reason": "nothing to allocate: no prunable group loses MACs"}
@@ -531,8 +577,9 @@ def _refuse_fused_heads(model: onnx.ModelProto, config: PruneConfig) -> None:
     for node in model.graph.node:
         if node.op_type in FUSED_ATTENTION and f"{node.domain}::{node.op_type}" not in RULES:
             domain = node.domain or "ai.onnx"
-            raise UnsupportedError(f"--head-sparsity: fused attention op {domain}::{node.op_type} ({node.name!r}) is "
-                                   "not supported for head pruning; export the model without attention fusion")
+            raise UnsupportedError(f"{{head_sparsity}}: fused attention op {domain}::{node.op_type} ({node.name!r}) is "
+                                   "not supported for head pruning; export the model without attention fusion",
+                                   options=("head_sparsity",), value=f"{domain}::{node.op_type}")
 
 
 def _refuse_quantized(model: onnx.ModelProto, config: PruneConfig) -> None:
@@ -588,6 +635,45 @@ def _summary(pass_results: list[PassResult]) -> dict[str, Any]:
             summary["groups_pruned"] = len(d.get("groups", []))
             summary["groups_frozen"] = len(d.get("frozen", []))
     return summary
+
+
+def sensitivity(
+    model: str | os.PathLike | onnx.ModelProto | LoadedModel,
+    *,
+    config: PruneConfig | None = None,
+    ratios: tuple[float, ...] = DEFAULT_RATIOS,
+    calibration_data: str | os.PathLike | None = None,
+    eval_data: str | os.PathLike | None = None,
+    input_shapes: dict[str, list[int]] | None = None,
+    outputs: OutputGuard | None = None,
+    log: Callable[[str], None] | None = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """Prune each channel group of ``model`` alone at each ratio and measure fidelity, MACs and params.
+
+    Inputs: ``eval_data`` (labelled .npz: also top-1), else ``calibration_data`` (first 8 batches), else two
+    synthetic batches at the shapes ``prune`` resolves. Options are structured :class:`PruneConfig` fields
+    (``criterion="l2"``, ``prune_layernorm=True``); ``outputs`` also protects the input's external data."""
+    with forward_log(log):
+        base = (config or PruneConfig(**{"structured": True, "sparsity": 0.0, **options})).validate()
+        input_path = Path(model) if isinstance(model, (str, os.PathLike)) else getattr(model, "path", None)
+        loaded = _as_loaded(model)
+        for path in loaded.data_files if outputs is not None else ():
+            outputs.protect(path, "input model's external data")
+        refuse_non_finite(loaded.model)
+        shapes = dict(input_shapes or {})
+        labels = None
+        if eval_data:
+            inputs, labels = load_eval_data(str(eval_data), input_specs(loaded.model))
+            feeds = load_calibration([inputs], loaded.model, batch=64)
+        elif calibration_data:
+            feeds = load_calibration(calibration_data, loaded.model, limit=8)
+        else:
+            first, info = prepare_feeds(loaded.model, ValidateConfig(input_shapes=shapes), path=input_path)
+            shapes = info["shapes"]  # resolved as prune resolves them; the analysis below uses the same
+            feeds = [first, prepare_feeds(loaded.model, ValidateConfig(input_shapes=shapes, seed=1))[0]]
+        prepare_for_analysis(loaded.model)
+        return measure(loaded.model, feeds, base, tuple(ratios), labels, shapes or None)
 
 
 def validate(

@@ -3,30 +3,30 @@
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import sys
 import time
 import traceback
+from dataclasses import fields
 from pathlib import Path
+from typing import Self
 
 import click
 
 from . import __version__
-from . import sensitivity as sens
-from .accuracy import load_eval_data
 from .analysis.registry import raise_rule_errors
-from .api import gate_error, prune, refuse_non_finite
-from .calibration import load_calibration
+from .api import gate_error, prune, sensitivity
 from .config import PruneConfig, ValidateConfig, parse_input_shape
 from .errors import EXIT_CODES, OnnxPruneError, UsageError
-from .feeds import input_specs, prepare_feeds
 from .inspect import inspect_model, render_inspection
-from .model import default_output_path, load_model
+from .model import default_output_path
 from .outputs import OutputGuard, write_atomic, write_text_atomic
-from .passes.structured import prepare_for_analysis
 from .recipe import applied_recipe, load_recipe, write_recipe
 from .report import render
 from .report_files import check_report_path, write_report
+from .sensitivity import plot as plot_sensitivity
+from .sensitivity import render as render_sensitivity
 from .signals import COMMITTED, SIGNALS, install_raise_handlers, interrupted_message
 
 EPILOG = "Exit codes: " + "; ".join(f"{code} {text}" for code, text in sorted(EXIT_CODES.items())) + "; 130 interrupted."
@@ -53,15 +53,32 @@ def main() -> None:
     """
 
 
-class _Display:
-    """Progress lines on stderr with elapsed time; progress bars on a terminal."""
+class _Display(logging.Handler):
+    """Progress lines (onnxprune's ``logging`` records, INFO and up) on stderr with elapsed time; progress bars on a
+    terminal. ``with display:`` attaches it to the ``onnxprune`` logger for one command; ``--quiet`` shows nothing."""
 
     def __init__(self, quiet: bool, verbose: bool):
+        super().__init__(logging.INFO)
         self.quiet, self.verbose, self.start = quiet, verbose, time.perf_counter()
+        self.previous: tuple[int, bool] | None = None
 
-    def log(self, message: str) -> None:
-        if not self.quiet:
-            click.echo(f"[{time.perf_counter() - self.start:7.2f}s] {message}", err=True)
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(f"[{time.perf_counter() - self.start:7.2f}s] {record.getMessage()}", err=True)
+
+    def __enter__(self) -> Self:
+        package = logging.getLogger("onnxprune")
+        self.previous = (package.level, package.propagate)
+        if not self.quiet:  # the lines go to stderr here only, as the command printed them before logging
+            package.addHandler(self)
+            package.setLevel(logging.INFO)
+            package.propagate = False
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        package = logging.getLogger("onnxprune")
+        package.removeHandler(self)
+        package.setLevel(self.previous[0])
+        package.propagate = self.previous[1]
 
     def progress(self, items, label: str, length: int | None = None):
         if self.quiet or not sys.stderr.isatty():
@@ -82,7 +99,7 @@ def run_guarded(debug: bool, body) -> None:
     except OnnxPruneError as exc:
         if debug:
             traceback.print_exc()
-        click.echo(f"onnxprune: error: {exc}", err=True)
+        click.echo(f"onnxprune: error: {exc.render(flag)}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         click.echo(interrupted_message(), err=True)
@@ -100,6 +117,11 @@ def run_guarded(debug: bool, body) -> None:
         raise_rule_errors(False)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def flag(option: str) -> str:
+    """The command-line spelling of a setting named in an error (``round_to`` -> ``--round-to``)."""
+    return "--" + option.replace("_", "-")
 
 
 def _guard(force: bool, model: Path, **inputs: Path | str | None) -> OutputGuard:
@@ -188,28 +210,13 @@ def prune_command(model: Path, output: Path | None, force: bool, debug: bool, qu
     click_ctx = click.get_current_context()
 
     def body() -> None:
-        settings = {
-            "sparsity": opts["sparsity"], "threshold": opts["threshold"], "criterion": opts["criterion"],
-            "scope": opts["scope"], "pattern": opts["pattern"], "structured": opts["structured"],
-            "round_to": opts["round_to"], "exclude": list(opts["exclude"]), "min_params": opts["min_params"],
-            "prune_first": opts["prune_first"], "prune_last": opts["prune_last"],
-            "include_embeddings": opts["include_embeddings"], "max_layer_sparsity": opts["max_layer_sparsity"],
-            "seed": opts["seed"], "fold_constants": opts["fold_constants"], "prune_layernorm": opts["prune_layernorm"],
-            "reconstruct": opts["reconstruct"], "repair": opts["repair"], "target_macs": opts["target_macs"],
-            "head_sparsity": opts["head_sparsity"],
-            "image_size": _hw(opts["image_size"]), "image_mean": _floats(opts["image_mean"], "--image-mean"),
-            "image_std": _floats(opts["image_std"], "--image-std"), "image_layout": opts["image_layout"],
-            "image_channels": opts["image_channels"],
-            "target_params": opts["target_params"], "uniform": opts["uniform"],
-            "calibration_data": str(opts["calibration_data"]) if opts["calibration_data"] else None,
-        }
+        settings = _settings(opts)
         if opts["recipe_path"]:
             for key, value in load_recipe(opts["recipe_path"]).items():
                 source = click_ctx.get_parameter_source(key)
                 if key not in settings or source != click.core.ParameterSource.COMMANDLINE:
                     settings[key] = value
-        config = PruneConfig(**settings)
-        config.validate()
+        config = PruneConfig(**settings).validate()
         if opts["threads"] < 1 or opts["runs"] < 1 or opts["warmup"] < 0:
             raise UsageError("--threads and --runs must be >= 1, --warmup >= 0")
         shapes = dict(parse_input_shape(spec) for spec in opts["input_shape"])
@@ -237,9 +244,9 @@ def prune_command(model: Path, output: Path | None, force: bool, debug: bool, qu
         if opts["save_recipe"]:
             guard.claim(opts["save_recipe"], "recipe")
         display = _Display(quiet, verbose)
-        _, result = prune(model, out, config=config, validate=vcfg, force=force, quantize=opts["quantize"],
-                          external_data=opts["external_data"], log=display.log, progress=display.progress,
-                          outputs=guard)
+        with display:
+            _, result = prune(model, out, config=config, validate=vcfg, force=force, quantize=opts["quantize"],
+                              external_data=opts["external_data"], progress=display.progress, outputs=guard)
         report = result.to_dict()
         for path in reports:
             write_report(report, path)
@@ -252,6 +259,13 @@ def prune_command(model: Path, output: Path | None, force: bool, debug: bool, qu
             raise error
 
     run_guarded(debug, body)
+
+
+def _settings(opts: dict) -> dict:
+    """The :class:`PruneConfig` fields given as command options (same names), converted to the config's types."""
+    convert = {"exclude": list, "image_size": _hw, "image_mean": lambda v: _floats(v, "--image-mean"),
+               "image_std": lambda v: _floats(v, "--image-std"), "calibration_data": lambda v: str(v) if v else None}
+    return {f.name: convert.get(f.name, lambda v: v)(opts[f.name]) for f in fields(PruneConfig) if f.name in opts}
 
 
 def _hw(value: str | None) -> tuple[int, int] | None:
@@ -316,8 +330,8 @@ def sensitivity_command(model: Path, calibration_data: Path | None, eval_data: P
             raise UsageError(f"--ratios must be numbers separated by commas, got {ratios!r}") from None
         if not values or any(not 0 < r < 1 for r in values):
             raise UsageError("--ratios must lie in (0, 1)")
-        config = PruneConfig(structured=True, sparsity=0.0, criterion=criterion, prune_layernorm=prune_layernorm)
-        config.validate()
+        config = PruneConfig(structured=True, sparsity=0.0, criterion=criterion,
+                             prune_layernorm=prune_layernorm).validate()
         guard = _guard(force, model, calibration_data=calibration_data, eval_data_file=eval_data)
         if json_path:
             guard.claim(json_path, "JSON file")
@@ -325,29 +339,15 @@ def sensitivity_command(model: Path, calibration_data: Path | None, eval_data: P
             if not plot.suffix:
                 raise UsageError(f"--plot {plot}: give the file an image extension such as .png")
             guard.claim(plot, "plot")
-        display = _Display(quiet, False)
-        loaded = load_model(model)
-        for path in loaded.data_files:
-            guard.protect(path, "input model's external data")
-        refuse_non_finite(loaded.model)
         shapes = dict(parse_input_shape(spec) for spec in input_shape)
-        labels = None
-        if eval_data:
-            inputs, labels = load_eval_data(str(eval_data), input_specs(loaded.model))
-            feeds = load_calibration([inputs], loaded.model, batch=64)
-        elif calibration_data:
-            feeds = load_calibration(calibration_data, loaded.model, limit=8)
-        else:
-            first, info = prepare_feeds(loaded.model, ValidateConfig(input_shapes=shapes), path=model)
-            shapes = info["shapes"]  # resolved as prune resolves them; the analysis below uses the same
-            feeds = [first, prepare_feeds(loaded.model, ValidateConfig(input_shapes=shapes, seed=1))[0]]
-        prepare_for_analysis(loaded.model)
-        result = sens.measure(loaded.model, feeds, config, values, labels, shapes or None, display.log)
+        with _Display(quiet, False):
+            result = sensitivity(model, config=config, ratios=values, calibration_data=calibration_data,
+                                 eval_data=eval_data, input_shapes=shapes, outputs=guard)
         if json_path:
             write_text_atomic(json_path, _dump(result) + "\n", "JSON file")
         if plot:
-            write_atomic(plot, "plot", lambda temp: sens.plot(result, str(temp)))
+            write_atomic(plot, "plot", lambda temp: plot_sensitivity(result, str(temp)))
         if not quiet:
-            click.echo(sens.render(result))
+            click.echo(render_sensitivity(result))
 
     run_guarded(debug, body)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 
 from .errors import UsageError
 
 CRITERIA_UNSTRUCTURED = ("l1", "l2", "random", "activation", "obs")
 CRITERIA_STRUCTURED = ("l1", "l2", "random", "bn", "activation", "reconstruction")
+#: settings measured on calibration data: ``--reconstruct`` and these criteria
+CALIBRATED = ("reconstruct", "reconstruction", "activation", "obs")
 
 
 @dataclass
@@ -45,73 +48,89 @@ class PruneConfig:
     target_params: float | None = None
     uniform: bool = False  # structured: the same ratio in every group even with calibration data
 
-    def validate(self) -> None:
-        """Raise :class:`UsageError` for inconsistent or out-of-range settings (and resolve the default criterion)."""
-        if self.criterion is None:  # structured repair picks the channels its least squares can best do without
-            self.criterion = "reconstruction" if self.structured and self.reconstruct and self.calibration_data else "l1"
-        if self.criterion == "reconstruction" and not self.calibration_data:
-            raise UsageError("--criterion reconstruction needs --calibration-data")
+    def validate(self) -> PruneConfig:
+        """The settings to run, as a new config with the default criterion resolved; raise :class:`UsageError` for
+        inconsistent or out-of-range settings. ``self`` is never changed."""
+        config = replace(self, criterion=self.criterion or self.default_criterion())
+        config._check()
+        return config
+
+    def default_criterion(self) -> str:
+        """``reconstruction`` for structured repair (the channels its least squares can best do without), else l1."""
+        return "reconstruction" if self.structured and self.reconstruct and self.calibration_data else "l1"
+
+    def _check(self) -> None:
+        """Raise :class:`UsageError` for inconsistent or out-of-range settings."""
+        self.require_calibration(bool(self.calibration_data), ("reconstruction",))
         if self.sparsity is not None and not (0.0 <= self.sparsity < 1.0):
-            raise UsageError(f"--sparsity must be in [0, 1), got {self.sparsity}")
+            raise _usage(f"{{sparsity}} must be in [0, 1), got {self.sparsity}", self.sparsity)
         if self.threshold is not None and self.threshold < 0:
-            raise UsageError(f"--threshold must be >= 0, got {self.threshold}")
+            raise _usage(f"{{threshold}} must be >= 0, got {self.threshold}", self.threshold)
         if self.threshold is not None and self.sparsity is not None:
-            raise UsageError("give either --sparsity or --threshold, not both")
+            raise _usage("give either {sparsity} or {threshold}, not both")
         if self.threshold is not None and (self.structured or self.pattern):
-            raise UsageError("--threshold applies to unstructured pruning only")
+            raise _usage("{threshold} applies to unstructured pruning only")
         if self.pattern is not None:
             self.nm()  # raises on a malformed pattern
             if self.structured:
-                raise UsageError("--pattern (N:M) and --structured cannot be combined")
+                raise _usage("{pattern} (N:M) and {structured} cannot be combined")
         for entry in self.overrides:
             if entry.get("pattern") is not None:
                 PruneConfig(pattern=entry["pattern"]).nm()
         for name in ("target_macs", "target_params"):
             value = getattr(self, name)
             if value is not None:
-                option = "--" + name.replace("_", "-")
+                option = "{" + name + "}"
                 if not self.structured:
-                    raise UsageError(f"{option} applies to --structured pruning")
+                    raise _usage(f"{option} applies to {{structured}} pruning")
                 if not 0 < value <= 1:
-                    raise UsageError(f"{option} must be in (0, 1], the fraction to keep; got {value}")
+                    raise _usage(f"{option} must be in (0, 1], the fraction to keep; got {value}", value)
                 if self.sparsity is not None:
-                    raise UsageError(f"give either --sparsity or {option}, not both")
+                    raise _usage(f"give either {{sparsity}} or {option}, not both")
         if self.uniform and (self.target_macs is not None or self.target_params is not None):
-            raise UsageError("--uniform and --target-macs/--target-params cannot be combined")
+            raise _usage("{uniform} and {target_macs}/{target_params} cannot be combined")
         if self.target_macs is not None and self.target_params is not None:
-            raise UsageError("give either --target-macs or --target-params, not both")
+            raise _usage("give either {target_macs} or {target_params}, not both")
         if self.target_macs is not None or self.target_params is not None:
             return
         if self.sparsity is None and self.threshold is None and self.pattern is None and not self.overrides:
-            raise UsageError("nothing to do: give --sparsity, --threshold or --pattern")
+            raise _usage("nothing to do: give {sparsity}, {threshold} or {pattern}")
         allowed = CRITERIA_STRUCTURED if self.structured else CRITERIA_UNSTRUCTURED
         if self.criterion not in allowed:
-            raise UsageError(f"--criterion {self.criterion!r} is not available here; choose from {', '.join(allowed)}")
+            raise _usage(f"{{criterion}} {self.criterion!r} is not available here; choose from {', '.join(allowed)}",
+                         self.criterion)
         if self.scope not in ("layer", "global"):
-            raise UsageError(f"--scope must be 'layer' or 'global', got {self.scope!r}")
-        if self.reconstruct and not self.calibration_data:
-            raise UsageError("--reconstruct needs --calibration-data")
+            raise _usage(f"{{scope}} must be 'layer' or 'global', got {self.scope!r}", self.scope)
+        self.require_calibration(bool(self.calibration_data), ("reconstruct",))
         if self.repair is not None and self.repair not in ("obs", "rowwise"):
-            raise UsageError(f"--repair must be 'obs' or 'rowwise', got {self.repair!r}")
+            raise _usage(f"{{repair}} must be 'obs' or 'rowwise', got {self.repair!r}", self.repair)
         if self.repair is not None and (self.structured or not self.reconstruct):
-            raise UsageError("--repair chooses the repair of unstructured/N:M --reconstruct; give --reconstruct, "
-                             "without --structured")
-        if self.criterion == "activation" and not self.calibration_data:
-            raise UsageError("--criterion activation needs --calibration-data")
-        if self.criterion == "obs" and not self.calibration_data:
-            raise UsageError("--criterion obs needs --calibration-data")
+            raise _usage("{repair} chooses the repair of unstructured/N:M {reconstruct}; give {reconstruct}, "
+                             "without {structured}")
+        self.require_calibration(bool(self.calibration_data), ("activation", "obs"))
         if self.criterion == "obs" and self.threshold is not None:
-            raise UsageError("--criterion obs chooses its own mask: give --sparsity or --pattern, not --threshold")
+            raise _usage("{criterion} obs chooses its own mask: give {sparsity} or {pattern}, not {threshold}")
         if self.criterion == "activation" and not self.structured and self.scope == "global":
-            raise UsageError("--criterion activation ranks weights within each output row; --scope global does not apply")
+            raise _usage("{criterion} activation ranks weights within each output row; {scope} global does not apply")
         if not 0.0 <= self.head_sparsity < 1.0:
-            raise UsageError(f"--head-sparsity must be in [0, 1), got {self.head_sparsity}")
+            raise _usage(f"{{head_sparsity}} must be in [0, 1), got {self.head_sparsity}", self.head_sparsity)
         if self.round_to < 1:
-            raise UsageError(f"--round-to must be >= 1, got {self.round_to}")
+            raise _usage(f"{{round_to}} must be >= 1, got {self.round_to}", self.round_to)
         if self.min_params < 0:
-            raise UsageError(f"--min-params must be >= 0, got {self.min_params}")
+            raise _usage(f"{{min_params}} must be >= 0, got {self.min_params}", self.min_params)
         if not (0.0 < self.max_layer_sparsity < 1.0):
-            raise UsageError(f"--max-layer-sparsity must be in (0, 1), got {self.max_layer_sparsity}")
+            raise _usage(f"{{max_layer_sparsity}} must be in (0, 1), got {self.max_layer_sparsity}",
+                         self.max_layer_sparsity)
+
+    def require_calibration(self, available: bool, settings: Sequence[str] = CALIBRATED) -> None:
+        """The one "needs calibration data" check: ``reconstruct``, or a criterion among ``settings`` measured on
+        calibration data, without any (``available``) is a usage error."""
+        if available:
+            return
+        if "reconstruct" in settings and self.reconstruct:
+            raise _usage("{reconstruct} needs {calibration_data}")
+        if self.criterion in settings:
+            raise _usage(f"{{criterion}} {self.criterion} needs {{calibration_data}}", self.criterion)
 
     def nm(self) -> tuple[int, int] | None:
         """The N:M pattern as integers, or None."""
@@ -119,10 +138,11 @@ class PruneConfig:
             return None
         match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", self.pattern)
         if not match:
-            raise UsageError(f"malformed --pattern {self.pattern!r}: expected N:M such as 2:4")
+            raise _usage(f"malformed {{pattern}} {self.pattern!r}: expected N:M such as 2:4", self.pattern)
         n, m = int(match.group(1)), int(match.group(2))
         if m < 2 or n < 1 or n >= m:
-            raise UsageError(f"--pattern {self.pattern!r}: need 1 <= N < M and M >= 2 (N weights zeroed of every M)")
+            raise _usage(f"{{pattern}} {self.pattern!r}: need 1 <= N < M and M >= 2 (N weights zeroed of every M)",
+                         self.pattern)
         return n, m
 
 
@@ -145,9 +165,14 @@ class ValidateConfig:
     max_accuracy_drop: float | None = None  # top-1 percentage points
 
 
+def _usage(message: str, value: object = None) -> UsageError:
+    """A usage error whose message names settings as ``{field}``; the CLI spells them as its flags."""
+    return UsageError(message, options=re.findall(r"\{([a-z_]+)\}", message), value=value)
+
+
 def parse_input_shape(spec: str) -> tuple[str, list[int]]:
     """``name:1x3x224x224`` -> ("name", [1, 3, 224, 224])."""
     name, sep, dims = spec.rpartition(":")
     if not sep or not name or not re.fullmatch(r"\d+(x\d+)*", dims.strip()):
-        raise UsageError(f"malformed --input-shape {spec!r}: expected NAME:D1xD2x... such as input:1x3x224x224")
+        raise _usage(f"malformed {{input_shape}} {spec!r}: expected NAME:D1xD2x... such as input:1x3x224x224", spec)
     return name, [int(d) for d in dims.strip().split("x")]

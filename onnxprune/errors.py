@@ -2,12 +2,33 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import Any
+
 
 class OnnxPruneError(Exception):
-    """Base class: a user-facing error with a one-line message and an exit code."""
+    """Base class: a user-facing error with a one-line message and an exit code.
+
+    The message may name settings as ``{option}`` (a :class:`~onnxprune.config.PruneConfig` field, listed in
+    ``options``); :meth:`render` spells them, by default as the field name (the API's word), the CLI as its flag.
+    ``value`` is the offending value, when one is at fault."""
 
     exit_code = 1
     kind = "error"
+
+    def __init__(self, message: str = "", *, options: Sequence[str] = (), value: Any = None):
+        super().__init__(message)
+        self.options, self.value = tuple(options), value
+
+    def render(self, spell: Callable[[str], str] = lambda option: option) -> str:
+        """The message with each ``{option}`` spelled by ``spell``."""
+        text = super().__str__()
+        for option in self.options:
+            text = text.replace("{" + option + "}", spell(option))
+        return text
+
+    def __str__(self) -> str:
+        return self.render()
 
 
 class UsageError(OnnxPruneError):

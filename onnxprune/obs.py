@@ -28,6 +28,7 @@ row-wise refit would leave it from the same inputs.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +39,8 @@ from .analysis.weights import PrunableWeight
 from .compensation import _im2col
 from .graph import build_indexes, get_attr
 from .sessions import session_with_outputs
+
+logger = logging.getLogger(__name__)
 
 BLOCK = 128
 DAMP = 0.01
@@ -327,9 +330,8 @@ class ObsRepair:
     """
 
     def __init__(self, model: onnx.ModelProto, items: list[PrunableWeight], feeds: list[dict[str, np.ndarray]],
-                 reference: onnx.ModelProto | None = None, exclude: dict[str, str] | None = None,
-                 log=lambda message: None):
-        self.model, self.reference, self.items, self.feeds, self.log = model, reference, items, feeds, log
+                 reference: onnx.ModelProto | None = None, exclude: dict[str, str] | None = None):
+        self.model, self.reference, self.items, self.feeds = model, reference, items, feeds
         index = build_indexes(model)[0]
         self.layers: dict[str, Layer] = {}
         self.skipped: list[dict[str, Any]] = []
@@ -412,7 +414,7 @@ class ObsRepair:
             if self.reference is not None and self.upstream[name]:
                 drift.add(key)
         names = sorted({key[0] for key in wanted})
-        self.log(f"OBS: measuring the inputs of {len(ready)} layer(s) on calibration data")
+        logger.info("OBS: measuring the inputs of %d layer(s) on calibration data", len(ready))
         session = session_with_outputs(self.model, names)
         original = sorted({key[0] for key in drift})
         reference = session_with_outputs(self.reference, original) if original else None

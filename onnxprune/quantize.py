@@ -30,7 +30,8 @@ class _Reader:
 def quantize_file(path: Path, mode: str, calibration: list[dict[str, np.ndarray]], external_data: bool) -> dict[str, Any]:
     """Quantize the model at ``path`` in place (atomically): int8 weights (dynamic) or weights and activations (static, QDQ)."""
     if mode not in MODES:
-        raise UsageError(f"--quantize must be one of {', '.join(MODES)}, got {mode!r}")
+        raise UsageError(f"{{quantize}} must be one of {', '.join(MODES)}, got {mode!r}", options=("quantize",),
+                         value=mode)
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
 
     before = path.stat().st_size

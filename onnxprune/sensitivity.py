@@ -11,6 +11,7 @@ calibration data: one analysis, each point a masked copy of the weights.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -25,6 +26,8 @@ from .graph import count_params
 from .passes.structured import StructuredPrunePass, allocate_safe, head_units, mask, never_empty, remove
 from .scoring import _consumer_grams, _refit_consumers, unit_scores
 from .sessions import create_session, session_options
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_RATIOS = (0.25, 0.5, 0.75)
 
@@ -95,7 +98,6 @@ def around(sparsity: float) -> tuple[float, ...]:
 
 def measure_masked(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], config: PruneConfig,
                    ratios: tuple[float, ...], input_shapes: dict[str, list[int]] | None = None,
-                   log: Callable[[str], None] = lambda m: None,
                    fit_feeds: list[dict[str, np.ndarray]] | None = None) -> tuple[dict[str, Any], MacEstimate]:
     """:func:`measure` from a single analysis: each point zeroes the consumer weight slices that read the
     group's dropped units (the oracle's masked model, whose outputs equal the removed model's without
@@ -121,7 +123,7 @@ def measure_masked(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], c
     macs = node_macs(copy, shapes=analysis.shapes)
     rows, evaluations = [], 0
     for number, group in enumerate(groups, 1):
-        log(f"group {number}/{len(groups)}: {', '.join(s.node.name for s in group.spaces)[:60]}")
+        logger.info("group %d/%d: %s", number, len(groups), ", ".join(s.node.name for s in group.spaces)[:60])
         order = np.argsort(scores[group.id], kind="stable")
         points = []
         for ratio in ratios:
@@ -270,7 +272,7 @@ def _weights_as_inputs(model: onnx.ModelProto, names: set[str]) -> onnx.ModelPro
 def measure(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], config: PruneConfig,
             ratios: tuple[float, ...] = DEFAULT_RATIOS, labels: np.ndarray | None = None,
             input_shapes: dict[str, list[int]] | None = None,
-            log: Callable[[str], None] = lambda m: None, include_heads: bool = True) -> dict[str, Any]:
+            include_heads: bool = True) -> dict[str, Any]:
     """Prune each group alone at each ratio; fidelity, MACs and params of every point.
 
     ``include_heads=False`` leaves attention-head groups out (their ratio is ``--head-sparsity``);
@@ -284,7 +286,7 @@ def measure(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], config: 
         groups = [g for g in groups if g.id not in heads]
     rows = []
     for number, group in enumerate(groups, 1):
-        log(f"group {number}/{len(groups)}: {', '.join(s.node.name for s in group.spaces)[:60]}")
+        logger.info("group %d/%d: %s", number, len(groups), ", ".join(s.node.name for s in group.spaces)[:60])
         points = []
         for ratio in ratios:
             pruned = prune_groups(model, {group.id: ratio}, config, input_shapes)

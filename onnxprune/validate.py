@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import logging
 import os
 import re
 import time
 import zlib
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,8 @@ from .config import ValidateConfig
 from .errors import InputDataError, UnsupportedError
 from .feeds import InputSpec, batch_axes, input_specs, prepare_feeds, sample_count, take_samples
 from .model import PROTOBUF_LIMIT, _external_locations
+
+logger = logging.getLogger(__name__)
 from .sessions import ModelSource
 
 
@@ -299,7 +301,6 @@ def _batches(feeds) -> tuple[list[dict[str, np.ndarray]], dict[str, Any]]:
 
 
 def run_validation(original: ModelSource, pruned: ModelSource, cfg: ValidateConfig,
-                   log: Callable[[str], None] = lambda m: None,
                    feeds: tuple[Any, dict[str, Any]] | None = None,
                    classifiers: set[str] | None = None, specs: list[InputSpec] | None = None) -> dict[str, Any]:
     """Compare ``pruned`` with ``original`` on every provider of ``cfg``.
@@ -320,7 +321,7 @@ def run_validation(original: ModelSource, pruned: ModelSource, cfg: ValidateConf
     what = {"synthetic": "synthetic inputs", "calibration hold-out": "calibration hold-out"}.get(source, "given inputs")
     timed = _latency_feed(batches, results["inputs"], specs or input_specs(original.model or pruned.model))
     for provider in cfg.providers:
-        log(f"validating on {provider}")
+        logger.info("validating on %s", provider)
         names, (ref, got), latency = _measure((original, pruned), provider, cfg, batches, what, timed)
         outputs = {name: compare_outputs([r[i] for r in ref], [g[i] for g in got],
                                          None if classifiers is None else name in classifiers)
@@ -330,7 +331,7 @@ def run_validation(original: ModelSource, pruned: ModelSource, cfg: ValidateConf
         results["providers"][provider] = {"outputs": outputs, "latency": latency}
     results["worst"] = _worst(results["providers"])
     if cfg.eval_data:
-        log(f"measuring accuracy on {cfg.eval_data}")
+        logger.info("measuring accuracy on %s", cfg.eval_data)
         results["accuracy"] = evaluate(original, pruned, cfg.eval_data,
                                        specs if specs is not None else input_specs(original.model or pruned.model))
     return results

@@ -50,13 +50,11 @@ def run_pass(model: onnx.ModelProto, calibration: list[dict[str, np.ndarray]],
              **options) -> tuple[onnx.ModelProto, dict]:
     """The real :class:`StructuredPrunePass` on a copy of ``model`` (the calibration batches feed the activation
     criterion and the folding of removed channels' constants)."""
-    config = PruneConfig(structured=True, calibration_data="batches in the pass context", **options)
-    config.validate()
+    config = PruneConfig(structured=True, calibration_data="batches in the pass context", **options).validate()
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
-    ctx = PassContext(model=copy)
-    ctx.state["calibration"] = calibration
-    details = StructuredPrunePass(config).run(ctx)
+    ctx = PassContext(model=copy, calibration=calibration)
+    details = StructuredPrunePass(config).run(ctx).details
     onnx.checker.check_model(copy, full_check=True)
     return copy, details
 

@@ -146,8 +146,8 @@ def run_pass(model, **config):
     from onnxprune.passes.structured import StructuredPrunePass
 
     ctx = PassContext(model=model)
-    details = StructuredPrunePass(PruneConfig(structured=True, **config)).run(ctx)
-    return ctx.model, details
+    result = StructuredPrunePass(PruneConfig(structured=True, **config)).run(ctx)
+    return ctx.model, {"changed": result.modified, **result.details}
 
 
 @pytest.mark.parametrize("name", PASS_FIXTURES)

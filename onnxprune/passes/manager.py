@@ -1,28 +1,35 @@
 """The pass manager: an ordered pipeline of passes over one model.
 
-A pass is a small object with a ``name`` and a ``run(ctx) -> dict`` method; it changes
-``ctx.model`` in place and returns a JSON-able summary of what it changed. The manager
-times each pass and collects :class:`PassResult` records for the report.
+A pass is a small object with a ``name`` and a ``run(ctx) -> PassResult`` method; it changes ``ctx.model`` in
+place and returns whether it did and a JSON-able summary (``details``). The manager times each pass, names its
+result and logs its progress through :mod:`logging`.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import numpy as np
 import onnx
+
+logger = logging.getLogger(__name__)
+
+Feed = dict[str, np.ndarray]
 
 
 @dataclass
 class PassContext:
-    """What every pass sees: the model being changed, and a logger for progress lines."""
+    """What every pass sees: the model being changed and the run's inputs, as typed fields."""
 
     model: onnx.ModelProto
-    log: Callable[[str], None] = lambda message: None
     progress: Callable[..., Any] | None = None  # progress(iterable, label=..., length=...) -> iterable
-    state: dict[str, Any] = field(default_factory=dict)  # shared between passes (e.g. weight stats)
+    input_shapes: dict[str, list[int]] = field(default_factory=dict)  # the shapes the passes analyse at
+    calibration: list[Feed] | None = None  # --calibration-data as checked feed batches
+    feeds: Feed | list[Feed] | None = None  # the validation inputs given with --data
 
     def iterate(self, items, label: str, length: int | None = None):
         """Wrap ``items`` in the progress display, if one is attached."""
@@ -31,27 +38,34 @@ class PassContext:
         return self.progress(items, label=label, length=length)
 
 
+@dataclass
+class PassResult:
+    """What one pass did: whether it changed the model, its details for the report, its name and wall time."""
+
+    modified: bool
+    details: dict[str, Any] = field(default_factory=dict)
+    name: str = ""
+    seconds: float = 0.0
+    reported: bool = True  # False: bookkeeping passes (preparation, cleanup) that the report does not list
+
+    @property
+    def changed(self) -> bool:
+        """The report's word for :attr:`modified`."""
+        return self.modified
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "changed": self.modified, "seconds": round(self.seconds, 4),
+                "details": self.details}
+
+
 class Pass(Protocol):
     """The protocol every pass follows."""
 
     name: str
 
-    def run(self, ctx: PassContext) -> dict[str, Any]:
-        """Change ``ctx.model``; return what changed (JSON-able, with a ``changed`` flag)."""
+    def run(self, ctx: PassContext) -> PassResult:
+        """Change ``ctx.model``; return whether it changed and what (JSON-able details)."""
         ...
-
-
-@dataclass
-class PassResult:
-    """One pass's record for the report."""
-
-    name: str
-    changed: bool
-    seconds: float
-    details: dict[str, Any]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "changed": self.changed, "seconds": round(self.seconds, 4), "details": self.details}
 
 
 class PassManager:
@@ -61,13 +75,19 @@ class PassManager:
         self.passes = list(passes)
 
     def run(self, ctx: PassContext) -> list[PassResult]:
+        """Run every pass; the passes the report lists are numbered in the progress lines, the others log at debug."""
         results: list[PassResult] = []
-        for number, pass_ in enumerate(self.passes, 1):
-            ctx.log(f"pass {number}/{len(self.passes)}: {pass_.name}")
+        listed, number = sum(1 for p in self.passes if getattr(p, "reported", True)), 0
+        for pass_ in self.passes:
+            reported = getattr(pass_, "reported", True)
+            number += reported
+            level, label = (logging.INFO, f"pass {number}/{listed}: {pass_.name}") if reported \
+                else (logging.DEBUG, f"{pass_.name} pass")
+            logger.log(level, "%s", label)
             start = time.perf_counter()
-            details = pass_.run(ctx) or {}
-            elapsed = time.perf_counter() - start
-            changed = bool(details.pop("changed", True))
-            results.append(PassResult(pass_.name, changed, elapsed, details))
-            ctx.log(f"pass {number}/{len(self.passes)}: {pass_.name} done in {elapsed:.2f}s")
+            result = pass_.run(ctx)
+            result.seconds = time.perf_counter() - start
+            result.name, result.reported = pass_.name, reported
+            results.append(result)
+            logger.log(level, "%s done in %.2fs", label, result.seconds)
         return results

@@ -8,8 +8,8 @@ channels zeroed in every consumer weight, shapes untouched.
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -20,16 +20,17 @@ from ..analysis.groups import Analysis, ChannelGroup, analyse, build_groups, com
 from ..calibration import channel_energy
 from ..compensation import StageClock, fold_removed_constants, reconstruct
 from ..config import PruneConfig, ValidateConfig
-from ..errors import UsageError
 from ..feeds import prepare_feeds
 from ..graph import count_params, remove_dead_nodes
 from ..recipe import find_override
 from ..scoring import reconstruction_scores, unit_scores
 from ..shapes import fold_static_shape_reads, refresh_value_info
 from .canonical import merge_batched_transposes
-from .manager import PassContext
+from .manager import PassContext, PassResult
 from .removal import apply_removal
 from .subgraphs import WEIGHT_CRITERIA, Scope, scopes, write_back
+
+logger = logging.getLogger(__name__)
 
 
 def group_overrides(groups: list[ChannelGroup], config: PruneConfig) -> dict[int, float]:
@@ -242,8 +243,8 @@ def _scope_frozen(scope: Scope, why: str) -> dict[str, Any]:
             "reason": f"{len(scope.layers)} layer(s) inside the {scope.where} subgraph, none removed: {why}"}
 
 
-def prune_subgraphs(model: onnx.ModelProto, cfg: PruneConfig, input_shapes: dict[str, list[int]] | None,
-                    log: Callable[[str], None] | None = None) -> dict[str, Any]:
+def prune_subgraphs(model: onnx.ModelProto, cfg: PruneConfig, input_shapes: dict[str, list[int]] | None
+                    ) -> dict[str, Any]:
     """Structured pruning in every If/Loop/Scan subgraph scope, innermost first. Returns the group stats, frozen
     entries and one line per scope (pruned, or why not)."""
     stats, frozen, lines, total = [], [], [], 0
@@ -269,8 +270,7 @@ def prune_subgraphs(model: onnx.ModelProto, cfg: PruneConfig, input_shapes: dict
             frozen.append(_scope_frozen(scope, why))
         else:
             stats.extend({**g, "id": f"{scope.where} #{g['id']}", "subgraph": scope.where} for g in scope_stats)
-            if log is not None:
-                log(f"{scope.where}: removed {removed} channels")
+            logger.info("%s: removed %d channels", scope.where, removed)
         lines.append({"subgraph": scope.where, "removed": removed, "reason": why,
                       **({"criterion": criterion} if criterion != cfg.criterion else {})})
     return {"groups": stats, "frozen": frozen, "subgraphs": lines, "channels_total": total}
@@ -323,12 +323,12 @@ def _largest_share(cfg: PruneConfig) -> float | None:
 
 def _fold_feeds(ctx: PassContext, model: onnx.ModelProto) -> list[dict[str, np.ndarray]]:
     """Inputs to measure removed channels' values: calibration data, the run's data, else two synthetic batches."""
-    if ctx.state.get("calibration"):
-        return list(ctx.state["calibration"])[:8]
-    if ctx.state.get("feeds"):
-        feeds = ctx.state["feeds"]
+    if ctx.calibration:
+        return list(ctx.calibration)[:8]
+    if ctx.feeds:
+        feeds = ctx.feeds
         return list(feeds) if isinstance(feeds, list) else [feeds]
-    shapes = ctx.state.get("input_shapes") or {}
+    shapes = ctx.input_shapes or {}
     try:
         return [prepare_feeds(model, ValidateConfig(input_shapes=shapes, seed=seed))[0] for seed in (0, 1)]
     except Exception:  # noqa: BLE001 - inputs we cannot synthesise: no folding
@@ -343,29 +343,27 @@ class StructuredPrunePass:
     def __init__(self, config: PruneConfig):
         self.config = config
 
-    def run(self, ctx: PassContext) -> dict[str, Any]:
+    def run(self, ctx: PassContext) -> PassResult:
         cfg = self.config
-        shapes = ctx.state.get("input_shapes") or None
+        shapes = ctx.input_shapes or None
         model = ctx.model
         clock = StageClock()
         with clock.stage("analysis"):
             prepare_for_analysis(model)
-            ctx.log("analysing channel groups")
+            logger.info("analysing channel groups")
             analysis = analyse(model, shapes, cfg.exclude, cfg.prune_layernorm, cfg.overrides)
             groups = build_groups(analysis)
         energy = None
         if cfg.criterion == "activation":
-            if not ctx.state.get("calibration"):
-                raise UsageError("--criterion activation needs --calibration-data")
-            ctx.log("measuring channel activations on calibration data")
+            cfg.require_calibration(bool(ctx.calibration), ("activation",))
+            logger.info("measuring channel activations on calibration data")
             inputs = {e.node.input[0]: analysis.ann[e.node.input[0]].axis for e in analysis.edits
                       if e.role == "consumer" and e.node.input[0] in analysis.ann}
-            energy = channel_energy(model, ctx.state["calibration"], inputs)
+            energy = channel_energy(model, ctx.calibration, inputs)
         if cfg.criterion == "reconstruction":
-            if not ctx.state.get("calibration"):
-                raise UsageError("--criterion reconstruction needs --calibration-data")
-            ctx.log("choosing channels for least-squares repair on calibration data")
-            scores = reconstruction_scores(analysis, groups, list(ctx.state["calibration"])[:16],
+            cfg.require_calibration(bool(ctx.calibration), ("reconstruction",))
+            logger.info("choosing channels for least-squares repair on calibration data")
+            scores = reconstruction_scores(analysis, groups, list(ctx.calibration)[:16],
                                            stop=_largest_share(cfg), clock=clock)
         else:
             scores = unit_scores(analysis, groups, cfg.criterion, cfg.seed, energy)
@@ -374,38 +372,37 @@ class StructuredPrunePass:
         params_before = count_params(model)[0]
         group_stats = self._group_stats(analysis, groups, keep, macs_before)
         folded = reconstruction = None
-        calibration = ctx.state.get("calibration")
-        if cfg.reconstruct and not calibration:
-            raise UsageError("--reconstruct needs --calibration-data")
+        calibration = ctx.calibration
+        cfg.require_calibration(bool(calibration), ("reconstruct",))
         if cfg.reconstruct and not keep.all():
             original = onnx.ModelProto()
             original.CopyFrom(model)
             layers = _reconstruction_layers(analysis, keep)
-            ctx.log("removing channels")
+            logger.info("removing channels")
             with clock.stage("removal"):
                 remove(analysis, keep)
-            ctx.log(f"reconstructing {len(layers)} layers by least squares on calibration data")
+            logger.info(f"reconstructing {len(layers)} layers by least squares on calibration data")
             reconstruction = reconstruct(original, model, layers, calibration, clock=clock)
             del original
         elif cfg.fold_constants and not keep.all():
-            ctx.log("folding constants of removed channels into consumer biases")
+            logger.info("folding constants of removed channels into consumer biases")
             folded = fold_removed_constants(model, keep, _fold_feeds(ctx, model), shapes, cfg.prune_layernorm,
                                             analysis=analysis)
             if folded["consumers"]:
                 analysis = analyse(model, shapes, cfg.exclude, cfg.prune_layernorm, cfg.overrides)
         if reconstruction is None:
-            ctx.log("removing channels")
+            logger.info("removing channels")
             with clock.stage("removal"):
                 remove(analysis, keep)
         with clock.stage("subgraphs"):
-            sub = prune_subgraphs(model, cfg, shapes, ctx.log)
+            sub = prune_subgraphs(model, cfg, shapes)
         group_stats += sub["groups"]
         macs_after = node_macs(model, shapes, shapes=complete_shapes(model, shapes))
         params_after = count_params(model)[0]
         frozen = _frozen_entries(groups) + sub["frozen"]
         total = sum(g.channels for g in groups) + sub["channels_total"]
-        return {
-            "changed": not keep.all() or any(line["removed"] for line in sub["subgraphs"]),
+        modified = not keep.all() or any(line["removed"] for line in sub["subgraphs"])
+        return PassResult(modified, {
             "subgraphs": sub["subgraphs"],
             "criterion": cfg.criterion,
             "scope": cfg.scope,
@@ -429,7 +426,7 @@ class StructuredPrunePass:
             "approximate_layernorms": sorted(set(analysis.approximations)),
             "layers": [{"node": key, "macs_before": int(value), "macs_after": int(macs_after.get(key, 0))}
                        for key, value in macs_before.items()],
-        }
+        })
 
     @staticmethod
     def _group_stats(analysis: Analysis, groups: list[ChannelGroup], keep: np.ndarray,

@@ -19,8 +19,8 @@ global scope ranks them with every other weight. N:M runs along their input (las
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 import onnx
@@ -30,11 +30,12 @@ from ..analysis.weights import PrunableWeight, Selection, find_prunable_weights,
 from ..calibration import channel_energy
 from ..compensation import reconstruct_sparse
 from ..config import PruneConfig
-from ..errors import UsageError
 from ..graph import get_attr
 from ..obs import ObsRepair
 from ..recipe import find_override, wants
-from .manager import PassContext
+from .manager import PassContext, PassResult
+
+logger = logging.getLogger(__name__)
 
 
 def zero_smallest(scores: np.ndarray, k: int) -> np.ndarray:
@@ -114,9 +115,8 @@ class MagnitudePrunePass:
 
     def _activation_norms(self, ctx: PassContext, items: list[PrunableWeight]) -> dict[str, np.ndarray]:
         """||X_j||_2 of each weight's input channels on the calibration data (Wanda)."""
-        feeds = ctx.state.get("calibration")
-        if not feeds:
-            raise UsageError("--criterion activation needs --calibration-data")
+        feeds = ctx.calibration
+        self.config.require_calibration(bool(feeds), ("activation",))
         wanted: dict[str, tuple[str, int]] = {}
         for item in items:
             use = item.uses[0]
@@ -129,11 +129,11 @@ class MagnitudePrunePass:
             if axis is not None:
                 wanted[item.name] = (use.node.input[0], axis if axis >= 0 else -1)
             del rank
-        ctx.log(f"measuring input activations of {len(wanted)} layers on calibration data")
+        logger.info(f"measuring input activations of {len(wanted)} layers on calibration data")
         energy = channel_energy(ctx.model, feeds, {name: axis for name, axis in wanted.values() if axis >= 0})
         last = {name for name, axis in wanted.values() if axis < 0}
         if last:
-            shapes = infer_shapes(ctx.model, ctx.state.get("input_shapes") or None)
+            shapes = infer_shapes(ctx.model, ctx.input_shapes or None)
             energy.update(channel_energy(ctx.model, feeds, {n: len(shapes[n]) - 1 for n in last if shapes.get(n)}))
         sizes = {item.name: item.weight.shape[item.reduction_axis] for item in items if item.name in wanted}
         return {item: np.sqrt(energy[name]) for item, (name, _) in wanted.items()
@@ -177,7 +177,7 @@ class MagnitudePrunePass:
 
     # -- the pass ----------------------------------------------------------------------
 
-    def run(self, ctx: PassContext) -> dict[str, Any]:
+    def run(self, ctx: PassContext) -> PassResult:
         cfg = self.config
         rng = np.random.default_rng(cfg.seed)
         prunable = find_prunable_weights(ctx.model)
@@ -230,8 +230,7 @@ class MagnitudePrunePass:
             counts = dict(zip([i.name for i in pooled], self._global_counts(pooled, rng, ctx)))
         original = None
         if cfg.reconstruct and not cfg.structured:
-            if not ctx.state.get("calibration"):
-                raise UsageError("--reconstruct needs --calibration-data")
+            cfg.require_calibration(bool(ctx.calibration), ("reconstruct",))
             original = onnx.ModelProto()
             original.CopyFrom(ctx.model)
         obs = cfg.criterion == "obs" or (original is not None and cfg.repair != "rowwise")
@@ -300,13 +299,13 @@ class MagnitudePrunePass:
                       and item.uses[0].role != "recurrent" and item.weight.kind != "sliced"
                       and not (repair is not None and repair.covers(item))]
             if layers:  # what OBS does not cover keeps the row-wise refit
-                ctx.log(f"refitting the kept weights of {len(layers)} layers by least squares on calibration data")
-                reconstruction = reconstruct_sparse(original, ctx.model, layers, ctx.state["calibration"])
+                logger.info(f"refitting the kept weights of {len(layers)} layers by least squares on calibration data")
+                reconstruction = reconstruct_sparse(original, ctx.model, layers, ctx.calibration)
             del original
-        return {
+        modified = any(t["zeros_after"] != t["zeros_before"] for t in tensors)
+        return PassResult(modified, {
             "reconstruction": reconstruction,
             **({"obs": repair.report()} if repair is not None else {}),
-            "changed": any(t["zeros_after"] != t["zeros_before"] for t in tensors),
             "mode": "nm" if nm else ("threshold" if cfg.threshold is not None else "sparsity"),
             "criterion": cfg.criterion,
             "scope": cfg.scope,
@@ -318,7 +317,7 @@ class MagnitudePrunePass:
             "achieved_sparsity": zeros_total / total if total else 0.0,
             "tensors": tensors,
             "skipped": skipped,
-        }
+        })
 
 
 def _scoring_note(item: PrunableWeight, criterion: str, measured: bool) -> dict[str, str]:
@@ -335,13 +334,12 @@ def _scoring_note(item: PrunableWeight, criterion: str, measured: bool) -> dict[
 def _obs_repair(ctx: PassContext, items: list[PrunableWeight], followers: dict[str, list],
                 original: onnx.ModelProto | None = None):
     """The SparseGPT repair (onnxprune/obs.py) over ``items``; weights with tied copies keep the criterion's mask."""
-    if not ctx.state.get("calibration"):
-        raise UsageError("--criterion obs needs --calibration-data")
+    PruneConfig(criterion="obs").require_calibration(bool(ctx.calibration), ("obs",))
     tied = {name: "tied to an embedding copy that must stay equal to it" for name in followers}
     if original is None:
         original = onnx.ModelProto()
         original.CopyFrom(ctx.model)
-    return ObsRepair(ctx.model, items, ctx.state["calibration"], reference=original, exclude=tied, log=ctx.log)
+    return ObsRepair(ctx.model, items, ctx.calibration, reference=original, exclude=tied)
 
 
 def _tie_copies(selection: Selection, tied: dict[str, tuple[PrunableWeight, bool]]
