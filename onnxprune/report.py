@@ -149,7 +149,7 @@ def removed_by_kind(passes: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
     totals = {kind: {"macs": 0, "params": 0} for kind in KINDS}
     seen = False
     for p in passes:
-        d = p["details"] if "details" in p else p
+        d = p.get("details", p)
         if p.get("name") == "structured":
             seen = True
             heads = [g for g in d.get("groups", []) if g.get("heads")]

@@ -191,7 +191,7 @@ def test_bad_depth_settings(settings, words):
 
 
 def test_cli_without_calibration_data_is_a_usage_error(tmp_path):
-    code, out, err = run_cli(ROOT / "arch/resnet18.onnx", "-o", tmp_path / "out.onnx", "--drop-blocks", "1")
+    code, _, err = run_cli(ROOT / "arch/resnet18.onnx", "-o", tmp_path / "out.onnx", "--drop-blocks", "1")
     assert code == 2 and err.strip() == ("onnxprune: error: --drop-blocks needs --calibration-data: blocks are chosen "
                                          "by their influence measured on it")
     assert not (tmp_path / "out.onnx").exists()

@@ -70,8 +70,8 @@ def blocks_to_drop(config: PruneConfig, found: int) -> int:
     """How many blocks the options ask for: ``drop_blocks``, or ``depth_sparsity`` of the removable blocks rounded
     down."""
     if config.drop_blocks:
-        return int(config.drop_blocks)
-    return int(math.floor(config.depth_sparsity * found + 1e-9))
+        return config.drop_blocks
+    return math.floor(config.depth_sparsity * found + 1e-9)
 
 
 def block_influence(model: onnx.ModelProto, blocks: list[ResidualBlock], feeds: list[Feed]) -> list[float]:
