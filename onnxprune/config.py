@@ -140,6 +140,9 @@ class PruneConfig:
             raise _usage(f"{{depth_sparsity}} must be in [0, 1), got {self.depth_sparsity!r}", self.depth_sparsity)
         if self.drop_blocks and self.depth_sparsity:
             raise _usage("give either {drop_blocks} or {depth_sparsity}, not both")
+        if self.depth and (self.target_macs is not None or self.target_params is not None):
+            raise _usage("{target_macs}/{target_params} allocate width only and would miss the target after depth "
+                         "pruning; with {drop_blocks}/{depth_sparsity} give {sparsity}")
         if self.depth and not self.calibration_data:
             option = "{drop_blocks}" if self.drop_blocks else "{depth_sparsity}"
             raise _usage(f"{option} needs {{calibration_data}}: blocks are chosen by their influence measured on it")

@@ -183,6 +183,7 @@ def test_depth_sparsity_rounds_down_and_too_many_is_capped(tmp_path):
     ({"depth_sparsity": 1.0, "calibration_data": "c.npz"}, "must be in [0, 1)"),
     ({"drop_blocks": 1, "depth_sparsity": 0.5, "calibration_data": "c.npz"}, "either drop_blocks or depth_sparsity"),
     ({"drop_blocks": 1, "structured": True, "calibration_data": "c.npz"}, "nothing to do"),
+    ({"drop_blocks": 1, "structured": True, "target_macs": 0.5, "calibration_data": "c.npz"}, "allocate width only"),
 ])
 def test_bad_depth_settings(settings, words):
     with pytest.raises(UsageError) as info:
