@@ -22,6 +22,7 @@ import importlib
 import json
 import pkgutil
 import sys
+import sysconfig
 import zipfile
 from pathlib import Path
 
@@ -48,14 +49,14 @@ SEQ = 64
 def docstrings(count: int) -> list[str]:
     """Docstrings of standard-library modules and their public functions and classes, in a fixed order."""
     texts: list[str] = []
-    for info in sorted(pkgutil.iter_modules(), key=lambda m: m.name):
-        if info.name.startswith("_") or info.name in ("antigravity", "this", "idlelib", "tkinter", "turtle"):
+    stdlib = sysconfig.get_paths()["stdlib"]
+    for info in sorted(pkgutil.iter_modules([stdlib]), key=lambda m: m.name):
+        if info.name.startswith("_") or info.name in ("antigravity", "this", "idlelib", "tkinter", "turtle",
+                                                       "turtledemo", "pydoc", "webbrowser", "site"):
             continue
         try:
             module = importlib.import_module(info.name)
         except Exception:  # noqa: BLE001, S112 - optional modules of the platform
-            continue
-        if not str(getattr(module, "__file__", "")).startswith(sys.base_prefix):
             continue
         for name in sorted(dir(module)):
             doc = getattr(getattr(module, name, None), "__doc__", None)
@@ -144,23 +145,21 @@ def prune(model: Path, calib: Path, out: Path, shapes: dict, **options) -> tuple
 
 
 def matched_width(model: Path, calib: Path, out: Path, shapes: dict, target: float, depth: float,
-                  start: float) -> tuple[float, float, dict]:
-    """The width sparsity that, after depth pruning, keeps ``target`` of the MACs (secant steps); returns
-    (sparsity, MACs kept, report)."""
-    points: list[tuple[float, float]] = []
-    sparsity = start
-    for _ in range(4):
-        kept, report = prune(model, calib, out, shapes, depth_sparsity=depth, structured=True, uniform=True,
-                             sparsity=sparsity)
-        points.append((sparsity, kept))
-        if abs(kept - target) < 0.01:
+                  high: float) -> tuple[float, float]:
+    """The width sparsity in [0, ``high``] that, after depth pruning, keeps ``target`` of the MACs (bisection: the
+    MACs kept fall as the sparsity grows); returns (sparsity, MACs kept), ``out`` holding that model."""
+    low, best = 0.0, None
+    for _ in range(6):
+        sparsity = (low + high) / 2
+        kept, _ = prune(model, calib, out, shapes, depth_sparsity=depth, structured=True, uniform=True,
+                        sparsity=sparsity)
+        if best is None or abs(kept - target) < abs(best[1] - target):
+            best = (sparsity, kept)
+        if abs(kept - target) < 0.005:
             break
-        if len(points) == 1:
-            sparsity = min(max(sparsity + (kept - target), 0.0), 0.95)
-        else:
-            (s0, k0), (s1, k1) = points[-2], points[-1]
-            sparsity = s1 if k1 == k0 else min(max(s1 + (k1 - target) * (s1 - s0) / (k0 - k1), 0.0), 0.95)
-    return sparsity, kept, report
+        low, high = (sparsity, high) if kept > target else (low, sparsity)
+    prune(model, calib, out, shapes, depth_sparsity=depth, structured=True, uniform=True, sparsity=best[0])
+    return best
 
 
 def bench(name: str, width: float, depth: float) -> list[dict]:
@@ -182,7 +181,7 @@ def bench(name: str, width: float, depth: float) -> list[dict]:
                if b["removed"]]
     rows.append({"model": name, "row": "(c0) depth", "options": f"--depth-sparsity {depth}", "macs_kept": kept_d,
                  "path": folder / "depth.onnx", "blocks": removed})
-    sparsity, kept_c, _ = matched_width(model, calib, folder / "both.onnx", shapes, kept, depth, width * 0.6)
+    sparsity, kept_c = matched_width(model, calib, folder / "both.onnx", shapes, kept, depth, width)
     rows.append({"model": name, "row": "(c) depth + width",
                  "options": f"--depth-sparsity {depth} --structured --sparsity {sparsity:.3f} --uniform",
                  "macs_kept": kept_c, "path": folder / "both.onnx"})
