@@ -89,9 +89,14 @@ def minilm() -> tuple[Path, dict, dict]:
         import torch
         from transformers import BertModel
 
-        model = BertModel.from_pretrained(str(model_dir), attn_implementation="eager").eval()
-        torch.onnx.export(model, (torch.from_numpy(ids[:1]), torch.from_numpy(mask[:1])), str(path),
-                          input_names=["input_ids", "attention_mask"], output_names=["last_hidden_state", "pooler"],
+        bert = BertModel.from_pretrained(str(model_dir), attn_implementation="eager").eval()
+
+        class Encoder(torch.nn.Module):
+            def forward(self, input_ids, attention_mask):
+                return bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+        torch.onnx.export(Encoder().eval(), (torch.from_numpy(ids[:1]), torch.from_numpy(mask[:1])), str(path),
+                          input_names=["input_ids", "attention_mask"], output_names=["last_hidden_state"],
                           dynamic_axes={n: {0: "batch", 1: "sequence"} for n in ("input_ids", "attention_mask")},
                           opset_version=17, dynamo=False)
         exported = onnx.load(str(path))
