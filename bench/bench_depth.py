@@ -92,8 +92,12 @@ def minilm() -> tuple[Path, dict, dict]:
         bert = BertModel.from_pretrained(str(model_dir), attn_implementation="eager").eval()
 
         class Encoder(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.bert = bert
+
             def forward(self, input_ids, attention_mask):
-                return bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+                return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
         torch.onnx.export(Encoder().eval(), (torch.from_numpy(ids[:1]), torch.from_numpy(mask[:1])), str(path),
                           input_names=["input_ids", "attention_mask"], output_names=["last_hidden_state"],
