@@ -46,12 +46,13 @@ from .model import (
     tensor_bytes,
 )
 from .outputs import OutputGuard
+from .passes.depth import DepthPrunePass
 from .passes.manager import PassContext, PassManager, PassResult
 from .passes.prepare import CleanupPass, PreparePass
 from .passes.structured import StructuredPrunePass, prepare_for_analysis
 from .passes.unstructured import MagnitudePrunePass
 from .quantize import quantize_file
-from .report import caveats
+from .report import caveats, removed_by_kind
 from .sensitivity import (
     DEFAULT_RATIOS,
     allocate_for_target,
@@ -126,8 +127,13 @@ def build_passes(config: PruneConfig) -> list:
     methods |= {entry["method"] for entry in config.overrides if "method" in entry}
     passes: list = []
     if "structured" in methods:
-        passes += [PreparePass(), StructuredPrunePass(config), CleanupPass()]
-    if "unstructured" in methods:
+        passes.append(PreparePass())
+    if config.depth:
+        passes.append(DepthPrunePass(config))
+    if "structured" in methods:
+        passes += [StructuredPrunePass(config), CleanupPass()]
+    if "unstructured" in methods and (config.sparsity is not None or config.threshold is not None or config.pattern
+                                      or config.overrides):
         passes.append(MagnitudePrunePass(config))
     return passes
 
@@ -634,6 +640,11 @@ def _summary(pass_results: list[PassResult]) -> dict[str, Any]:
                 summary[key] = d.get(key)
             summary["groups_pruned"] = len(d.get("groups", []))
             summary["groups_frozen"] = len(d.get("frozen", []))
+        elif p.name == "depth":
+            summary["blocks_removed"] = d.get("removed", 0)
+    by_kind = removed_by_kind([p.to_dict() for p in pass_results])
+    if by_kind:
+        summary["removed_by_kind"] = by_kind
     return summary
 
 

@@ -166,6 +166,8 @@ def _providers(values: tuple[str, ...]) -> list[str]:
 @click.option("--target-macs", type=float, help="Structured: keep this fraction of the MACs; per-group ratios chosen from measured sensitivity.")
 @click.option("--target-params", type=float, help="Structured: keep this fraction of the parameters (like --target-macs).")
 @click.option("--uniform", is_flag=True, help="Structured: the same --sparsity in every group. Without it, with --calibration-data, per-group ratios come from measured sensitivity at the uniform plan's MACs.")
+@click.option("--drop-blocks", type=int, default=0, show_default=True, help="Depth: remove N residual blocks (one x + f(x) each: a transformer layer's attention or MLP, a ResNet/MobileNetV2/ConvNeXt block), lowest block influence 1 - cos(x_in, x_out) on --calibration-data first.")
+@click.option("--depth-sparsity", type=float, default=0.0, show_default=True, help="Depth: remove this share of the removable residual blocks (rounded down), like --drop-blocks.")
 @click.option("--round-to", type=int, default=1, show_default=True, help="Structured: keep channel counts multiples of N.")
 @click.option("--fold-constants/--no-fold-constants", default=True, show_default=True, help="Structured: fold what removed channels still output (bias, BN shift) into their consumers' biases.")
 @click.option("--prune-layernorm", is_flag=True, help="Structured: also remove channels normalized by a LayerNorm over the channel axis (ConvNeXt's residual stream). Approximate: the mean and variance of the kept channels change.")

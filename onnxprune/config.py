@@ -47,6 +47,8 @@ class PruneConfig:
     target_macs: float | None = None  # structured: keep this fraction of MACs, ratios chosen by sensitivity
     target_params: float | None = None
     uniform: bool = False  # structured: the same ratio in every group even with calibration data
+    drop_blocks: int = 0  # depth: remove this many residual blocks, lowest block influence first (calibration data)
+    depth_sparsity: float = 0.0  # depth: remove this share of the removable residual blocks, rounded down
 
     def validate(self) -> PruneConfig:
         """The settings to run, as a new config with the default criterion resolved; raise :class:`UsageError` for
@@ -62,6 +64,7 @@ class PruneConfig:
     def _check(self) -> None:
         """Raise :class:`UsageError` for inconsistent or out-of-range settings."""
         self.require_calibration(bool(self.calibration_data), ("reconstruction",))
+        self._check_depth()
         if self.sparsity is not None and not (0.0 <= self.sparsity < 1.0):
             raise _usage(f"{{sparsity}} must be in [0, 1), got {self.sparsity}", self.sparsity)
         if self.threshold is not None and self.threshold < 0:
@@ -94,6 +97,8 @@ class PruneConfig:
         if self.target_macs is not None or self.target_params is not None:
             return
         if self.sparsity is None and self.threshold is None and self.pattern is None and not self.overrides:
+            if self.depth and not self.structured:
+                return  # depth pruning alone
             raise _usage("nothing to do: give {sparsity}, {threshold} or {pattern}")
         allowed = CRITERIA_STRUCTURED if self.structured else CRITERIA_UNSTRUCTURED
         if self.criterion not in allowed:
@@ -121,6 +126,26 @@ class PruneConfig:
         if not (0.0 < self.max_layer_sparsity < 1.0):
             raise _usage(f"{{max_layer_sparsity}} must be in (0, 1), got {self.max_layer_sparsity}",
                          self.max_layer_sparsity)
+
+    @property
+    def depth(self) -> bool:
+        """Whether residual blocks are to be removed (``drop_blocks`` or ``depth_sparsity``)."""
+        return bool(self.drop_blocks or self.depth_sparsity)
+
+    def _check_depth(self) -> None:
+        """Range and consistency of the depth settings; they score blocks on calibration data."""
+        if isinstance(self.drop_blocks, bool) or not isinstance(self.drop_blocks, int) or self.drop_blocks < 0:
+            raise _usage(f"{{drop_blocks}} must be a whole number >= 0, got {self.drop_blocks!r}", self.drop_blocks)
+        if not isinstance(self.depth_sparsity, (int, float)) or not 0.0 <= self.depth_sparsity < 1.0:
+            raise _usage(f"{{depth_sparsity}} must be in [0, 1), got {self.depth_sparsity!r}", self.depth_sparsity)
+        if self.drop_blocks and self.depth_sparsity:
+            raise _usage("give either {drop_blocks} or {depth_sparsity}, not both")
+        if self.depth and (self.target_macs is not None or self.target_params is not None):
+            raise _usage("{target_macs}/{target_params} allocate width only and would miss the target after depth "
+                         "pruning; with {drop_blocks}/{depth_sparsity} give {sparsity}")
+        if self.depth and not self.calibration_data:
+            option = "{drop_blocks}" if self.drop_blocks else "{depth_sparsity}"
+            raise _usage(f"{option} needs {{calibration_data}}: blocks are chosen by their influence measured on it")
 
     def require_calibration(self, available: bool, settings: Sequence[str] = CALIBRATED) -> None:
         """The one "needs calibration data" check: ``reconstruct``, or a criterion among ``settings`` measured on

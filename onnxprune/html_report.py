@@ -60,6 +60,9 @@ def render_html(report: dict[str, Any]) -> str:
             parts.append(_unstructured(p["details"]))
         elif p["name"] == "structured":
             parts.append(_structured(p["details"]))
+        elif p["name"] == "depth":
+            parts.append(_depth(p["details"]))
+    parts.append(_removed_by_kind(report.get("summary") or {}))
     if report.get("quantization"):
         q = report["quantization"]
         parts.append(f"<h2>Quantization</h2><p>{_e(q['mode'])} ({_e(q['format'])}): pruned {_num(q['pruned_bytes'])} bytes "
@@ -137,6 +140,26 @@ def _structured(d: dict[str, Any]) -> str:
             + _table(["layer", "MACs before", "MACs after", "after / before"], layers)
             + (f"<h3>Frozen channels</h3><table><thead><tr><th>group</th><th>channels</th><th>reason</th></tr></thead>"
                f"<tbody>{frozen}</tbody></table>" if frozen else ""))
+
+
+def _depth(d: dict[str, Any]) -> str:
+    rows = [[_td(b["add"]), _td(b["kind"]), _td(round(b["influence"], 6), True), _td("removed" if b["removed"] else "kept")]
+            for b in d.get("blocks", [])]
+    others = "".join(f"<li><code>{_e(b['add'])}</code>: {_e(b['reason'])}</li>" for b in d.get("not_removable", []))
+    return (f"<h2>Depth pruning</h2><p>{_num(d.get('removed', 0))} of {_num(d.get('blocks_found', 0))} removable "
+            f"residual blocks removed (asked {_num(d.get('asked', 0))}; {_e(d.get('score'))}); MACs "
+            f"{_num(d.get('macs_before'))} &rarr; {_num(d.get('macs_after'))}, params {_num(d.get('params_before'))} "
+            f"&rarr; {_num(d.get('params_after'))}.</p>"
+            + (f"<p>{_e(d['reason'])}</p>" if d.get("reason") else "")
+            + _table(["block (Add)", "kind", "influence", ""], rows)
+            + (f"<h3>Not removable</h3><ul>{others}</ul>" if others else ""))
+
+
+def _removed_by_kind(summary: dict[str, Any]) -> str:
+    kinds = summary.get("removed_by_kind") or {}
+    rows = [[_td(kind), _td(v["macs"], True), _td(v["params"], True)] for kind, v in kinds.items()
+            if v["macs"] or v["params"]]
+    return "<h2>Removed by kind</h2>" + _table(["kind", "MACs removed", "params removed"], rows) if rows else ""
 
 
 def _validation(v: dict[str, Any] | None) -> str:

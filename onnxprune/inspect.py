@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from .analysis.blocks import describe_blocks
 from .analysis.cost import infer_shapes, node_key, node_macs
 from .analysis.weights import find_prunable_weights
 from .feeds import describe_resolution, resolve_inputs
@@ -66,6 +67,7 @@ def inspect_model(path: Path, input_shapes: dict[str, list[int]] | None = None) 
         "prunable_weights": layers,
     }
     info["structured"] = describe_groups(model, resolution.shapes)
+    info["depth"] = describe_blocks(model, resolution.shapes)
     return info
 
 
@@ -104,4 +106,11 @@ def render_inspection(info: dict[str, Any]) -> str:
             lines.append(f"  group {g['id']}: {g['channels']} channels, ops {','.join(g.get('ops', []))}")
         for f in frozen:
             lines.append(f"  frozen {f['id']}: {f.get('channels')} channels: {f['reason']}")
+    depth = info.get("depth")
+    if depth:
+        lines.append("")
+        lines.append(f"depth: {len(depth['blocks'])} removable residual blocks (one x + f(x) each), "
+                     f"{len(depth['not_removable'])} not removable" + (f": {depth['reason']}" if depth.get("reason") else ""))
+        lines += [f"  block {b['add']}: {b['kind']}, {b['nodes']} nodes" for b in depth["blocks"]]
+        lines += [f"  not removable {b['add']}: {b['reason']}" for b in depth["not_removable"]]
     return "\n".join(lines)

@@ -99,6 +99,9 @@ def applied_recipe(report: dict[str, Any]) -> dict[str, Any]:
                 "prune_layernorm"):
         if cfg.get(key) is not None:
             recipe[key] = cfg[key]
+    for key in ("drop_blocks", "depth_sparsity"):  # depth: replayed with the run's --calibration-data
+        if cfg.get(key):
+            recipe[key] = cfg[key]
     overrides: list[dict[str, Any]] = []
     for p in report["passes"]:
         details = p["details"]

@@ -80,6 +80,8 @@ def render(report: dict[str, Any], *, markdown: bool = False, verbose: bool = Fa
                                  f"{entry['rel_error_masked']:.4f} -> {entry['rel_error_repaired']:.4f}")
                 for s in repair["skipped"]:
                     lines.append(f"  not repaired {s['weight']} (magnitude mask): {s['reason']}")
+        elif p["name"] == "depth":
+            _render_depth(d, lines, h, verbose or markdown, markdown, limit)
         elif p["name"] == "structured":
             lines.append(f"{h}Structured pruning: sparsity {d.get('target_sparsity')} "
                          f"({d.get('criterion')}, scope {d.get('scope')}, round-to {d.get('round_to')})")
@@ -113,6 +115,7 @@ def render(report: dict[str, Any], *, markdown: bool = False, verbose: bool = Fa
                     lines.append(f"  {'- ' if markdown else ''}{f['id']} ({f.get('channels')} channels): {f['reason']}")
                 if not (verbose or markdown) and len(frozen) > limit:
                     lines.append(f"  ... {len(frozen) - limit} more (--verbose or --report)")
+    _render_removed_by_kind(report.get("summary") or {}, lines, h, markdown)
     _render_allocation(report.get("allocation"), lines, h, verbose or markdown, limit)
     quant = report.get("quantization")
     if quant:
@@ -134,6 +137,62 @@ def render(report: dict[str, Any], *, markdown: bool = False, verbose: bool = Fa
     for note in caveats(report):
         lines.append(f"note: {note}")
     return "\n".join(lines) + "\n"
+
+
+KINDS = ("width", "heads", "hidden", "depth", "vocabulary")
+
+
+def removed_by_kind(passes: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """MACs and params removed per kind: width and heads from the structured pass (its first-order per-group
+    figures split by head groups, the rest counted as width), hidden, depth and vocabulary from their passes'
+    ``kind`` details (before - after). Empty when no pass of these kinds ran."""
+    totals = {kind: {"macs": 0, "params": 0} for kind in KINDS}
+    seen = False
+    for p in passes:
+        d = p.get("details", p)
+        if p.get("name") == "structured":
+            seen = True
+            heads = [g for g in d.get("groups", []) if g.get("heads")]
+            head_macs = sum(int(g.get("macs_removed", 0)) for g in heads)
+            head_params = sum(int(g.get("params_removed", 0)) for g in heads)
+            totals["heads"]["macs"] += head_macs
+            totals["heads"]["params"] += head_params
+            totals["width"]["macs"] += max(int(d.get("macs_removed") or 0) - head_macs, 0)
+            totals["width"]["params"] += max(int(d.get("params_removed") or 0) - head_params, 0)
+        elif d.get("kind") in KINDS and "macs_before" in d:
+            seen = True
+            totals[d["kind"]]["macs"] += int(d["macs_before"]) - int(d.get("macs_after", d["macs_before"]))
+            totals[d["kind"]]["params"] += int(d["params_before"]) - int(d.get("params_after", d["params_before"]))
+    return totals if seen else {}
+
+
+def _render_removed_by_kind(summary: dict[str, Any], lines: list[str], h: str, markdown: bool) -> None:
+    """The "removed by kind" table (kinds that removed something)."""
+    kinds = summary.get("removed_by_kind") or {}
+    rows = [[kind, _num(v["macs"]), _num(v["params"])] for kind, v in kinds.items() if v["macs"] or v["params"]]
+    if rows:
+        lines.append("")
+        lines.append(f"{h}Removed by kind")
+        lines += _table(["kind", "MACs removed", "params removed"], rows, markdown)
+
+
+def _render_depth(d: dict[str, Any], lines: list[str], h: str, full: bool, markdown: bool, limit: int) -> None:
+    """The depth pass: blocks found, their influence, which were removed, and why others are not removable."""
+    lines.append(f"{h}Depth pruning: removed {d.get('removed', 0)} of {d.get('blocks_found', 0)} removable residual "
+                 f"block(s) (asked {d.get('asked', 0)}; {d.get('score')})")
+    lines.append(f"MACs {_num(d.get('macs_before'))} -> {_num(d.get('macs_after'))}, params "
+                 f"{_num(d.get('params_before'))} -> {_num(d.get('params_after'))}")
+    rows = [[b["add"][:60], b["kind"], f"{b['influence']:.6f}", "removed" if b["removed"] else "kept"]
+            for b in d.get("blocks", [])]
+    shown = rows if full else rows[:limit]
+    if shown:
+        lines += _table(["block (Add)", "kind", "influence", ""], shown, markdown)
+    if len(shown) < len(rows):
+        lines.append(f"  ... {len(rows) - len(shown)} more blocks (--verbose or --report)")
+    if d.get("reason"):
+        lines.append(f"note: {d['reason']}")
+    for b in d.get("not_removable", []) if full else d.get("not_removable", [])[:limit]:
+        lines.append(f"  {'- ' if markdown else ''}not removable {b['add']}: {b['reason']}")
 
 
 def caveats(report: dict[str, Any]) -> list[str]:

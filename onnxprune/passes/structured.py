@@ -465,6 +465,7 @@ class StructuredPrunePass:
                 "ops": g.ops,
                 "producers": [s.node.name for s in g.spaces],
                 "frozen_channels": len(g.frozen_units),
+                "heads": head_units(analysis, g),  # attention heads among its units (report: width vs heads)
                 "removed_channels": _removed_channels(g, keep),
             })
         return stats
