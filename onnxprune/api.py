@@ -50,6 +50,7 @@ from .passes.manager import PassContext, PassManager, PassResult
 from .passes.prepare import CleanupPass, PreparePass
 from .passes.structured import StructuredPrunePass, prepare_for_analysis
 from .passes.unstructured import MagnitudePrunePass
+from .passes.vocabulary import VocabularyPass, vocabulary_warnings
 from .quantize import quantize_file
 from .report import caveats
 from .sensitivity import (
@@ -124,9 +125,13 @@ def build_passes(config: PruneConfig) -> list:
     """The pipeline the options ask for (the CLI and the API share it)."""
     methods = {"structured" if config.structured else "unstructured"}
     methods |= {entry["method"] for entry in config.overrides if "method" in entry}
-    passes: list = []
+    passes: list = [PreparePass()] if "structured" in methods and config.prunes_weights() else []
+    if config.prunes_vocabulary():  # vocabulary before width: the structured pass sees the smaller tables
+        passes.append(VocabularyPass(config))
+    if not config.prunes_weights():
+        return passes
     if "structured" in methods:
-        passes += [PreparePass(), StructuredPrunePass(config), CleanupPass()]
+        passes += [StructuredPrunePass(config), CleanupPass()]
     if "unstructured" in methods:
         passes.append(MagnitudePrunePass(config))
     return passes
@@ -308,6 +313,9 @@ def _prune(model, output, *, config: PruneConfig | None, validate: bool | Valida
         result.warnings.append("structured pruning removed nothing" + (
             f": {reasons[0]}" + (f" (and {len(reasons) - 1} more reasons in the frozen groups)" if len(reasons) > 1
                                  else "") if reasons else ": no prunable channel groups"))
+    vocabulary = next((p.details for p in pass_results if p.name == "vocabulary"), None)
+    if vocabulary is not None:
+        result.warnings += vocabulary_warnings(vocabulary)
     if vcfg.enabled:
         start = time.perf_counter()
         del ctx  # the passes' view of the model: validation may free it

@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 
 from .analysis.cost import infer_shapes, node_key, node_macs
+from .analysis.vocab import describe_vocabulary, render_vocabulary
 from .analysis.weights import find_prunable_weights
 from .feeds import describe_resolution, resolve_inputs
 from .graph import count_params, opset_version
@@ -66,6 +67,7 @@ def inspect_model(path: Path, input_shapes: dict[str, list[int]] | None = None) 
         "prunable_weights": layers,
     }
     info["structured"] = describe_groups(model, resolution.shapes)
+    info["vocabulary"] = describe_vocabulary(model)
     return info
 
 
@@ -104,4 +106,6 @@ def render_inspection(info: dict[str, Any]) -> str:
             lines.append(f"  group {g['id']}: {g['channels']} channels, ops {','.join(g.get('ops', []))}")
         for f in frozen:
             lines.append(f"  frozen {f['id']}: {f.get('channels')} channels: {f['reason']}")
+    if info.get("vocabulary"):
+        lines += ["", *render_vocabulary(info["vocabulary"])]
     return "\n".join(lines)

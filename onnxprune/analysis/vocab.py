@@ -258,3 +258,20 @@ def find_vocabulary(model: onnx.ModelProto) -> Vocabulary:
 def describe_vocabulary(model: onnx.ModelProto) -> dict[str, Any]:
     """``inspect``'s vocabulary section: embedding(s), LM head(s), tied or not, vocabulary size; or why none."""
     return find_vocabulary(model).to_dict()
+
+
+def render_vocabulary(info: dict[str, Any]) -> list[str]:
+    """The terminal lines of :func:`describe_vocabulary`."""
+    if not info["embeddings"]:
+        return [f"vocabulary: none ({info['reason']})"]
+    lines = [f"vocabulary: {info['vocab_size']:,} tokens, hidden size {info['hidden_size']}"
+             + ("" if info["found"] else f"; cannot be pruned: {info['reason']}")]
+    for emb in info["embeddings"]:
+        lines.append(f"  embedding {emb['weight']} read by {len(emb['gathers'])} Gather(s) with ids from "
+                     f"{', '.join(emb['inputs'])}")
+    for head in info["lm_heads"]:
+        tied = {"shared": "tied (reads the embedding)", "copy": "tied by value (a copy of the embedding)"}.get(
+            head["tied"], "not tied")
+        lines.append(f"  LM head {head['op']} {head['node']!r} weight {head['weight']} -> {head['output']}, {tied}")
+    lines += [f"  note: {note}" for note in info["notes"]]
+    return lines

@@ -270,3 +270,15 @@ def _set_metadata(model: onnx.ModelProto, key: str, value: str) -> None:
             prop.value = value
             return
     model.metadata_props.add(key=key, value=value)
+
+
+def vocabulary_warnings(details: dict[str, Any]) -> list[str]:
+    """The run's warnings from the vocabulary pass's details: nothing pruned, a shrunk output, filler columns."""
+    if details.get("reason"):
+        return [f"vocabulary pruning removed nothing: {details['reason']}"]
+    warnings = [details["warning"]] if details.get("warning") else []
+    if details.get("lm_heads") and not details.get("shrink_logits"):
+        warnings.append(f"vocabulary: the logits of the {details['tokens_removed']} removed tokens hold the dtype's "
+                        "lowest value: cosine and relative L2 over all the logits' columns do not measure fidelity; "
+                        "compare the kept tokens' columns")
+    return warnings
