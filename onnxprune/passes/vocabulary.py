@@ -2,8 +2,7 @@
 
 The model's interface stays: token ids are remapped inside the graph by a ``[V]`` Gather table (kept id -> its new
 row, every other id -> the unknown token's row) in front of each embedding Gather, and the logits keep their
-``[.., V]`` shape by padding one filler column (the dtype's lowest finite value) and gathering the V columns back
-(kept columns in place, the others the filler). ``shrink_logits`` instead leaves the logits ``[.., K]``: column i is
+``[.., V]`` shape: the kept columns are scattered into a tensor filled with the dtype's lowest finite value. ``shrink_logits`` instead leaves the logits ``[.., K]``: column i is
 kept token ``kept_tokens[i]``, written to the model's ``onnxprune.kept_tokens`` metadata.
 """
 
@@ -19,10 +18,10 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..analysis.cost import infer_shapes, total_macs
+from ..analysis.cost import total_macs
 from ..analysis.vocab import LMHead, Vocabulary, find_vocabulary
 from ..config import PruneConfig
-from ..errors import InputDataError, UsageError
+from ..errors import InputDataError, UnsupportedError, UsageError
 from ..graph import GraphIndex, count_params, opset_version
 from ..shapes import refresh_value_info
 from .manager import PassContext, PassResult
@@ -151,7 +150,6 @@ def prune_vocabulary(model: onnx.ModelProto, vocab: Vocabulary, kept: np.ndarray
         _take(index, table.weight, kept, 0, done)
     _remap_ids(model, index, vocab, remap)
     heads = []
-    ranks = _logit_ranks(model, vocab.heads) if vocab.heads and not shrink else {}
     for head in vocab.heads:
         _take(index, head.weight, kept, head.vocab_axis, done)
         if head.bias:
@@ -161,7 +159,7 @@ def prune_vocabulary(model: onnx.ModelProto, vocab: Vocabulary, kept: np.ndarray
             _shrink_output(model, head, kept.size)
             entry["logits_shape"] = "shrunk to the kept tokens"
         else:
-            _scatter_logits(model, index, head, kept, vocab.size, ranks.get(head.logits))
+            _scatter_logits(model, index, head, kept, vocab.size)
             entry["logits_shape"] = "kept (removed tokens' columns hold the dtype's lowest value)"
         heads.append(entry)
     if shrink and vocab.heads:
@@ -215,44 +213,36 @@ def _remap_ids(model: onnx.ModelProto, index: GraphIndex, vocab: Vocabulary, rem
         node.input[1] = out
 
 
-def _logit_ranks(model: onnx.ModelProto, heads: list[LMHead]) -> dict[str, int]:
-    """The rank of each head's logits (shape inference), for Pad's ``pads`` below opset 18."""
-    shapes = infer_shapes(model)
-    return {h.logits: len(shapes[h.logits]) for h in heads if shapes.get(h.logits) is not None}
-
-
-def _scatter_logits(model: onnx.ModelProto, index: GraphIndex, head: LMHead, kept: np.ndarray, size: int,
-                    rank: int | None) -> None:
-    """``logits = Gather(Pad(kept_logits, one filler column), columns, axis=-1)``: the [.., V] shape is kept."""
+def _scatter_logits(model: onnx.ModelProto, index: GraphIndex, head: LMHead, kept: np.ndarray, size: int) -> None:
+    """``logits = ScatterElements(Expand(lowest, [.., V]), Expand(kept, [.., K]), kept_logits, axis=-1)``: the
+    [.., V] shape is kept; the work is one fill of the output and K columns written (a Gather along the last axis
+    would copy V elements one by one)."""
+    if opset_version(model) < 11:
+        raise UnsupportedError(f"keeping the logits' shape needs opset >= 11 (ScatterElements), the model has "
+                               f"{opset_version(model)}: give {{shrink_logits}}", options=("shrink_logits",))
     producer = index.producer[head.logits]
     dtype = index.weights[head.weight].dtype
-    base = head.logits.replace("/", "_")
-    narrow = _unique(model, f"onnxprune/{base}_kept")
-    padded = _unique(model, f"onnxprune/{base}_padded")
-    producer.output[0] = narrow
-    columns = np.full(size, kept.size, dtype=np.int64)
-    columns[kept] = np.arange(kept.size, dtype=np.int64)
-    names = {key: _unique(model, f"onnxprune/{base}_{key}") for key in ("pads", "filler", "columns", "axes")}
-    filler = np.array(np.finfo(dtype).min, dtype=dtype)
-    inits = [numpy_helper.from_array(filler, names["filler"]), numpy_helper.from_array(columns, names["columns"])]
-    pad_inputs = [narrow, names["pads"], names["filler"]]
-    if opset_version(model) >= 18:
-        inits += [numpy_helper.from_array(np.array([0, 1], np.int64), names["pads"]),
-                  numpy_helper.from_array(np.array([-1], np.int64), names["axes"])]
-        pad_inputs.append(names["axes"])
-    else:
-        if rank is None:
-            raise UsageError(f"the rank of the logits {head.logits!r} is unknown: give --shrink-logits")
-        pads = np.zeros(2 * rank, np.int64)
-        pads[-1] = 1
-        inits.append(numpy_helper.from_array(pads, names["pads"]))
-    model.graph.initializer.extend(inits)
-    pad = helper.make_node("Pad", pad_inputs, [padded], name=padded, mode="constant")
-    gather = helper.make_node("Gather", [padded, names["columns"]], [head.logits], name=_unique(model, narrow + "_cols"),
-                              axis=-1)
+    base = "onnxprune/" + head.logits.replace("/", "_")
+    name = {key: _unique(model, f"{base}_{key}") for key in (
+        "kept", "shape", "lead", "full", "filled", "columns", "index", "zero", "last", "vocab", "filler")}
+    producer.output[0] = name["kept"]
+    model.graph.initializer.extend([
+        numpy_helper.from_array(np.array(np.finfo(dtype).min, dtype=dtype), name["filler"]),
+        numpy_helper.from_array(kept.astype(np.int64), name["columns"]),
+        numpy_helper.from_array(np.array([0], np.int64), name["zero"]),
+        numpy_helper.from_array(np.array([-1], np.int64), name["last"]),
+        numpy_helper.from_array(np.array([size], np.int64), name["vocab"])])
+    nodes = [
+        helper.make_node("Shape", [name["kept"]], [name["shape"]], name=name["shape"]),
+        helper.make_node("Slice", [name["shape"], name["zero"], name["last"]], [name["lead"]], name=name["lead"]),
+        helper.make_node("Concat", [name["lead"], name["vocab"]], [name["full"]], name=name["full"], axis=0),
+        helper.make_node("Expand", [name["filler"], name["full"]], [name["filled"]], name=name["filled"]),
+        helper.make_node("Expand", [name["columns"], name["shape"]], [name["index"]], name=name["index"]),
+        helper.make_node("ScatterElements", [name["filled"], name["index"], name["kept"]], [head.logits],
+                         name=_unique(model, f"{base}_scatter"), axis=-1)]
     position = next(i for i, n in enumerate(model.graph.node) if n is producer) + 1
-    model.graph.node.insert(position, gather)
-    model.graph.node.insert(position, pad)
+    for node in reversed(nodes):
+        model.graph.node.insert(position, node)
 
 
 def _shrink_output(model: onnx.ModelProto, head: LMHead, count: int) -> None:
