@@ -262,3 +262,16 @@ def test_model_without_vocabulary_warns_and_changes_nothing(tmp_path):
     assert result.passes[0].modified is False and "no Gather reads" in details["reason"]
     assert any(w.startswith("vocabulary pruning removed nothing") for w in result.warnings)
     assert model.SerializeToString() == onnx.load(str(TRANSFORMERS / "vit_ts.onnx")).SerializeToString()
+
+
+def test_combined_with_unstructured_sparsity_and_saved_recipe(tmp_path):
+    (tmp_path / "keep.txt").write_text(" ".join(map(str, KEPT)))
+    status, _, err = run_cli(TRANSFORMERS / "llama_ts.onnx", "--keep-tokens", tmp_path / "keep.txt", "--sparsity",
+                             "0.5", "-o", tmp_path / "out.onnx", "--no-validate", "--save-recipe",
+                             tmp_path / "applied.yaml", "--report", tmp_path / "r.json")
+    assert status == 0, err
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert [p["name"] for p in report["passes"]] == ["vocabulary", "unstructured"]
+    head = weights(onnx.load(str(tmp_path / "out.onnx")))["onnx::MatMul_706"]
+    assert head.shape == (64, len(KEPT)) and 0.4 < np.mean(head == 0) < 0.6
+    assert f"keep_tokens: {tmp_path / 'keep.txt'}" in (tmp_path / "applied.yaml").read_text()
