@@ -275,3 +275,16 @@ def test_combined_with_unstructured_sparsity_and_saved_recipe(tmp_path):
     head = weights(onnx.load(str(tmp_path / "out.onnx")))["onnx::MatMul_706"]
     assert head.shape == (64, len(KEPT)) and 0.4 < np.mean(head == 0) < 0.6
     assert f"keep_tokens: {tmp_path / 'keep.txt'}" in (tmp_path / "applied.yaml").read_text()
+
+
+def test_default_unknown_token_from_the_model_metadata(tmp_path):
+    model = onnx.load(str(TRANSFORMERS / "llama_ts.onnx"))
+    model.metadata_props.add(key="unk_token_id", value="5")
+    path = tmp_path / "with_unk.onnx"
+    onnx.save(model, str(path))
+    _, pruned_model, details = pruned(path, tmp_path)
+    assert (details["unknown_token"], details["unknown_token_from"]) == (5, "metadata unk_token_id")
+    assert {p.key: p.value for p in pruned_model.metadata_props}["unk_token_id"] == "5"  # kept as it was
+    ids = np.array([[3, 6, 7]])
+    np.testing.assert_allclose(run(pruned_model, token_feeds(ids))[0][..., KEPT],
+                               run(model, token_feeds(np.array([[3, 5, 7]])))[0][..., KEPT], rtol=1e-5, atol=1e-5)

@@ -109,34 +109,35 @@ class VocabularyPass:
             logger.info("vocabulary: nothing pruned: %s", vocab.reason)
             return PassResult(False, {**details, "reason": vocab.reason, "macs_after": before["macs_before"],
                                       "params_after": before["params_before"]})
-        kept, unknown, source = self._kept(model, vocab, ctx)
+        kept, source = self._kept(vocab, ctx)
+        unknown, unknown_from = self._unknown(model, vocab, kept)
+        kept = np.union1d(kept, [unknown]).astype(np.int64)
         logger.info("vocabulary: keeping %d of %d tokens", kept.size, vocab.size)
         details.update(prune_vocabulary(model, vocab, kept, unknown, self.config.shrink_logits))
         details.update({"tokens_total": vocab.size, "tokens_kept": int(kept.size),
                         "tokens_removed": int(vocab.size - kept.size), "kept_from": source,
-                        "unknown_token": unknown, "unknown_token_from": self._unknown_from,
+                        "unknown_token": unknown, "unknown_token_from": unknown_from,
                         "shrink_logits": self.config.shrink_logits,
                         "macs_after": total_macs(model, shapes), "params_after": count_params(model)[0]})
         return PassResult(True, details)
 
-    def _kept(self, model: onnx.ModelProto, vocab: Vocabulary, ctx: PassContext) -> tuple[np.ndarray, int, str]:
-        """The sorted ids to keep (the unknown token among them), the unknown id and where the ids came from."""
+    def _kept(self, vocab: Vocabulary, ctx: PassContext) -> tuple[np.ndarray, str]:
+        """The sorted ids to keep and where they came from (the keep file or the calibration data)."""
         if self.config.keep_tokens:
             ids = read_token_file(self.config.keep_tokens)
             _check_range(ids, vocab.size, f"{{keep_tokens}} {self.config.keep_tokens}")
-            source = str(self.config.keep_tokens)
-        else:
-            ids = calibration_ids(vocab, ctx.calibration)
-            source = "calibration data"
-        kept = np.unique(ids)
-        if self.config.unknown_token is not None:
-            unknown, self._unknown_from = int(self.config.unknown_token), "given"
-            if not 0 <= unknown < vocab.size:
-                raise UsageError(f"{{unknown_token}} {unknown} is outside the vocabulary [0, {vocab.size})",
-                                 options=("unknown_token",), value=unknown)
-        else:
-            unknown, self._unknown_from = _default_unknown(model, kept, vocab.size)
-        return np.union1d(kept, [unknown]).astype(np.int64), unknown, source
+            return np.unique(ids), str(self.config.keep_tokens)
+        return calibration_ids(vocab, ctx.calibration), "calibration data"
+
+    def _unknown(self, model: onnx.ModelProto, vocab: Vocabulary, kept: np.ndarray) -> tuple[int, str]:
+        """The id that ids not kept are mapped to, and where it came from."""
+        if self.config.unknown_token is None:
+            return _default_unknown(model, kept, vocab.size)
+        unknown = int(self.config.unknown_token)
+        if not 0 <= unknown < vocab.size:
+            raise UsageError(f"{{unknown_token}} {unknown} is outside the vocabulary [0, {vocab.size})",
+                             options=("unknown_token",), value=unknown)
+        return unknown, "given"
 
 
 def prune_vocabulary(model: onnx.ModelProto, vocab: Vocabulary, kept: np.ndarray, unknown: int,
