@@ -8,7 +8,7 @@ transformers). Calibration ids: 64 x 32 Zipf-distributed ids below 2000 (``zipf_
 held-out ids: the same distribution, seed 1 (some of its ids never occur in calibration: they become unknown).
 
 Rows: (a) width only (``--structured --sparsity 0.5 --head-sparsity 0.25 --uniform``), vocabulary only
-(``--vocab-from-calibration``), (d) both. Columns: MACs kept at [1, 32]; latency ratio pruned/original on onnxruntime
+(``--vocab-from-calibration``), the same with ``--shrink-logits`` (logits [.., K]), (d) both. Columns: MACs kept at [1, 32]; latency ratio pruned/original on onnxruntime
 CPU (1 thread, interleaved, median); top-1 agreement of next-token predictions on the held-out ids, over the kept
 tokens' columns (what the pruned model can predict) and over all V columns; the share of held-out ids not kept.
 """
@@ -35,7 +35,8 @@ from onnxprune.analysis.cost import total_macs
 
 SHAPES = {"input_ids": [1, 32], "attention_mask": [1, 32]}
 WIDTH = {"structured": True, "sparsity": 0.5, "head_sparsity": 0.25, "uniform": True}
-ROWS = {"(a) width only": WIDTH, "vocabulary only": {}, "(d) width + vocabulary": WIDTH}
+ROWS = {"(a) width only": WIDTH, "vocabulary only": {}, "vocabulary, --shrink-logits": {"shrink_logits": True},
+        "(d) width + vocabulary": WIDTH}
 
 
 def gpt2_50k(models: Path) -> Path:
@@ -65,6 +66,10 @@ def measure(name: str, path: Path, out: Path, calibration: Path, held_out: np.nd
         details = next((p.details for p in result.passes if p.name == "vocabulary"), {})
         kept = np.unique(np.load(calibration)["input_ids"]) if details else np.arange(reference.shape[-1])
         pruned = logits(target, held_out)
+        if pruned.shape != reference.shape:  # --shrink-logits: column i is token kept[i]
+            full = np.full(reference.shape, np.finfo(np.float32).min, np.float32)
+            full[..., kept] = pruned
+            pruned = full
         top_kept = np.mean(pruned[..., kept].argmax(-1) == reference[..., kept].argmax(-1))
         top_all = np.mean(pruned.argmax(-1) == reference.argmax(-1))
         unknown = np.mean(~np.isin(held_out, kept))
