@@ -50,7 +50,7 @@ from .passes.manager import PassContext, PassManager, PassResult
 from .passes.prepare import CleanupPass, PreparePass
 from .passes.structured import StructuredPrunePass, prepare_for_analysis
 from .passes.unstructured import MagnitudePrunePass
-from .passes.vocabulary import VocabularyPass, vocabulary_warnings
+from .passes.vocabulary import VocabularyPass, read_token_file, vocabulary_warnings
 from .quantize import quantize_file
 from .report import caveats
 from .sensitivity import (
@@ -230,6 +230,8 @@ def _prune(model, output, *, config: PruneConfig | None, validate: bool | Valida
     refuse_non_finite(loaded.model)
     if output_path is not None:
         external_data = _check_data_files(loaded, output_path, external_data, outputs or OutputGuard(force=force))
+    if config.keep_tokens:  # a malformed token file fails before any work (its ids are range-checked by the pass)
+        read_token_file(config.keep_tokens)
     calibration = _load_calibration(loaded.model, config) if config.calibration_data else None
     original_src = feeds = original_stats = None
     unavailable: str | None = None  # why the models cannot be compared (no inputs run the original)

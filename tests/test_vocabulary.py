@@ -288,3 +288,19 @@ def test_default_unknown_token_from_the_model_metadata(tmp_path):
     ids = np.array([[3, 6, 7]])
     np.testing.assert_allclose(run(pruned_model, token_feeds(ids))[0][..., KEPT],
                                run(model, token_feeds(np.array([[3, 5, 7]])))[0][..., KEPT], rtol=1e-5, atol=1e-5)
+
+
+def test_validation_reports_top1_agreement_through_the_scattered_logits(tmp_path):
+    keep = tmp_path / "keep.txt"
+    keep.write_text("\n".join(map(str, range(255))))  # every token but 255
+    _, result = prune(str(TRANSFORMERS / "llama_ts.onnx"), keep_tokens=str(keep), validate=True)
+    logits = result.validation["providers"]["CPUExecutionProvider"]["outputs"]["logits"]
+    assert logits["same_shape"] and logits["top1_agreement"] == 1.0  # token 255 is never the argmax here
+    assert any("cosine and relative L2" in w for w in result.warnings)
+
+
+def test_malformed_token_file_fails_before_calibration(tmp_path):
+    (tmp_path / "keep.txt").write_text("1 2 three")
+    status, _, err = run_cli(LARGE, "--keep-tokens", tmp_path / "keep.txt", "--structured", "--sparsity", "0.5",
+                             "--calibration-data", LARGE_CALIBRATION, "-o", tmp_path / "out.onnx")
+    assert status == 8 and "'three' is not an integer" in err and "calibration" not in err.lower()
