@@ -51,6 +51,7 @@ from .passes.manager import PassContext, PassManager, PassResult
 from .passes.prepare import CleanupPass, PreparePass
 from .passes.structured import StructuredPrunePass, prepare_for_analysis
 from .passes.unstructured import MagnitudePrunePass
+from .passes.vocabulary import VocabularyPass, read_token_file, vocabulary_warnings
 from .quantize import quantize_file
 from .report import caveats, removed_by_kind
 from .sensitivity import (
@@ -122,18 +123,21 @@ class PruneResult:
 
 
 def build_passes(config: PruneConfig) -> list:
-    """The pipeline the options ask for (the CLI and the API share it)."""
+    """The pipeline the options ask for (the CLI and the API share it): preparation, depth, vocabulary, width
+    (structured, then cleanup) or magnitude pruning; each only when its options ask for it."""
     methods = {"structured" if config.structured else "unstructured"}
     methods |= {entry["method"] for entry in config.overrides if "method" in entry}
-    passes: list = []
-    if "structured" in methods:
-        passes.append(PreparePass())
+    weights = config.prunes_weights()
+    passes: list = [PreparePass()] if "structured" in methods and weights else []
     if config.depth:
         passes.append(DepthPrunePass(config))
+    if config.prunes_vocabulary():  # vocabulary before width: the structured pass sees the smaller tables
+        passes.append(VocabularyPass(config))
+    if not weights:
+        return passes
     if "structured" in methods:
         passes += [StructuredPrunePass(config), CleanupPass()]
-    if "unstructured" in methods and (config.sparsity is not None or config.threshold is not None or config.pattern
-                                      or config.overrides):
+    if "unstructured" in methods:
         passes.append(MagnitudePrunePass(config))
     return passes
 
@@ -231,6 +235,8 @@ def _prune(model, output, *, config: PruneConfig | None, validate: bool | Valida
     refuse_non_finite(loaded.model)
     if output_path is not None:
         external_data = _check_data_files(loaded, output_path, external_data, outputs or OutputGuard(force=force))
+    if config.keep_tokens:  # a malformed token file fails before any work (its ids are range-checked by the pass)
+        read_token_file(config.keep_tokens)
     calibration = _load_calibration(loaded.model, config) if config.calibration_data else None
     original_src = feeds = original_stats = None
     unavailable: str | None = None  # why the models cannot be compared (no inputs run the original)
@@ -314,6 +320,9 @@ def _prune(model, output, *, config: PruneConfig | None, validate: bool | Valida
         result.warnings.append("structured pruning removed nothing" + (
             f": {reasons[0]}" + (f" (and {len(reasons) - 1} more reasons in the frozen groups)" if len(reasons) > 1
                                  else "") if reasons else ": no prunable channel groups"))
+    vocabulary = next((p.details for p in pass_results if p.name == "vocabulary"), None)
+    if vocabulary is not None:
+        result.warnings += vocabulary_warnings(vocabulary)
     if vcfg.enabled:
         start = time.perf_counter()
         del ctx  # the passes' view of the model: validation may free it

@@ -168,6 +168,10 @@ def _providers(values: tuple[str, ...]) -> list[str]:
 @click.option("--uniform", is_flag=True, help="Structured: the same --sparsity in every group. Without it, with --calibration-data, per-group ratios come from measured sensitivity at the uniform plan's MACs.")
 @click.option("--drop-blocks", type=int, default=0, show_default=True, help="Depth: remove N residual blocks (one x + f(x) each: a transformer layer's attention or MLP, a ResNet/MobileNetV2/ConvNeXt block), lowest block influence 1 - cos(x_in, x_out) on --calibration-data first.")
 @click.option("--depth-sparsity", type=float, default=0.0, show_default=True, help="Depth: remove this share of the removable residual blocks (rounded down), like --drop-blocks.")
+@click.option("--keep-tokens", type=click.Path(path_type=Path), help="Vocabulary: keep only these token ids (a text file of integers separated by whitespace, commas or newlines, or a .npy); embedding rows and LM-head columns of the others go.")
+@click.option("--vocab-from-calibration", is_flag=True, help="Vocabulary: keep the token ids that occur in --calibration-data's token inputs.")
+@click.option("--unknown-token", type=int, help="Vocabulary: the id that ids not kept are mapped to. [default: the model's unk_token_id metadata, else the smallest kept id]")
+@click.option("--shrink-logits", is_flag=True, help="Vocabulary: logits over the kept tokens only ([.., K], the output shape changes; ids listed in the model metadata onnxprune.kept_tokens) instead of [.., V] with the removed tokens at the lowest value.")
 @click.option("--round-to", type=int, default=1, show_default=True, help="Structured: keep channel counts multiples of N.")
 @click.option("--fold-constants/--no-fold-constants", default=True, show_default=True, help="Structured: fold what removed channels still output (bias, BN shift) into their consumers' biases.")
 @click.option("--prune-layernorm", is_flag=True, help="Structured: also remove channels normalized by a LayerNorm over the channel axis (ConvNeXt's residual stream). Approximate: the mean and variance of the kept channels change.")
@@ -236,7 +240,8 @@ def prune_command(model: Path, output: Path | None, force: bool, debug: bool, qu
             raise UsageError("--eval-data needs validation (drop --no-validate)")
         out = output or default_output_path(model)
         guard = _guard(force, model, data_file=opts["data"], eval_data_file=opts["eval_data"],
-                       calibration_data=opts["calibration_data"], recipe=opts["recipe_path"])
+                       calibration_data=opts["calibration_data"], recipe=opts["recipe_path"],
+                       token_file=config.keep_tokens)
         guard.claim(out, "output")
         if opts["external_data"]:
             guard.claim(out.with_name(f"{out.name}.data"), "output data file")
@@ -266,7 +271,8 @@ def prune_command(model: Path, output: Path | None, force: bool, debug: bool, qu
 def _settings(opts: dict) -> dict:
     """The :class:`PruneConfig` fields given as command options (same names), converted to the config's types."""
     convert = {"exclude": list, "image_size": _hw, "image_mean": lambda v: _floats(v, "--image-mean"),
-               "image_std": lambda v: _floats(v, "--image-std"), "calibration_data": lambda v: str(v) if v else None}
+               "image_std": lambda v: _floats(v, "--image-std"), "calibration_data": lambda v: str(v) if v else None,
+               "keep_tokens": lambda v: str(v) if v else None}
     return {f.name: convert.get(f.name, lambda v: v)(opts[f.name]) for f in fields(PruneConfig) if f.name in opts}
 
 

@@ -49,6 +49,10 @@ class PruneConfig:
     uniform: bool = False  # structured: the same ratio in every group even with calibration data
     drop_blocks: int = 0  # depth: remove this many residual blocks, lowest block influence first (calibration data)
     depth_sparsity: float = 0.0  # depth: remove this share of the removable residual blocks, rounded down
+    keep_tokens: str | None = None  # vocabulary: file of token ids to keep (text or .npy)
+    vocab_from_calibration: bool = False  # vocabulary: keep the ids the calibration data's token inputs hold
+    unknown_token: int | None = None  # vocabulary: where ids not kept are mapped (default: see passes/vocabulary.py)
+    shrink_logits: bool = False  # vocabulary: logits [.., K] over the kept tokens instead of [.., V]
 
     def validate(self) -> PruneConfig:
         """The settings to run, as a new config with the default criterion resolved; raise :class:`UsageError` for
@@ -94,12 +98,14 @@ class PruneConfig:
             raise _usage("{uniform} and {target_macs}/{target_params} cannot be combined")
         if self.target_macs is not None and self.target_params is not None:
             raise _usage("give either {target_macs} or {target_params}, not both")
+        self._check_vocabulary()
         if self.target_macs is not None or self.target_params is not None:
             return
         if self.sparsity is None and self.threshold is None and self.pattern is None and not self.overrides:
-            if self.depth and not self.structured:
-                return  # depth pruning alone
-            raise _usage("nothing to do: give {sparsity}, {threshold} or {pattern}")
+            if self.prunes_vocabulary() or (self.depth and not self.structured):
+                return  # vocabulary or depth pruning alone
+            raise _usage("nothing to do: give {sparsity}, {threshold}, {pattern}, {drop_blocks}, {depth_sparsity}, "
+                         "{keep_tokens} or {vocab_from_calibration}")
         allowed = CRITERIA_STRUCTURED if self.structured else CRITERIA_UNSTRUCTURED
         if self.criterion not in allowed:
             raise _usage(f"{{criterion}} {self.criterion!r} is not available here; choose from {', '.join(allowed)}",
@@ -146,6 +152,31 @@ class PruneConfig:
         if self.depth and not self.calibration_data:
             option = "{drop_blocks}" if self.drop_blocks else "{depth_sparsity}"
             raise _usage(f"{option} needs {{calibration_data}}: blocks are chosen by their influence measured on it")
+
+
+    def prunes_weights(self) -> bool:
+        """Whether width or magnitude pruning has something to do (a ratio, threshold, pattern, target or override)."""
+        return any(value is not None for value in (self.sparsity, self.threshold, self.pattern, self.target_macs,
+                                                     self.target_params)) or bool(self.overrides)
+
+    def prunes_vocabulary(self) -> bool:
+        """Whether the vocabulary pass runs (a keep list or the calibration data's token ids)."""
+        return bool(self.keep_tokens) or self.vocab_from_calibration
+
+    def _check_vocabulary(self) -> None:
+        """The vocabulary options: one source of kept ids; the others only with one."""
+        if self.keep_tokens and self.vocab_from_calibration:
+            raise _usage("give either {keep_tokens} or {vocab_from_calibration}, not both")
+        if self.vocab_from_calibration and not self.calibration_data:
+            raise _usage("{vocab_from_calibration} needs {calibration_data}")
+        if not self.prunes_vocabulary():
+            for name in ("unknown_token", "shrink_logits"):
+                if getattr(self, name) not in (None, False):
+                    raise _usage(f"{{{name}}} applies to vocabulary pruning: give {{keep_tokens}} or "
+                                 "{vocab_from_calibration}")
+        if self.unknown_token is not None and (isinstance(self.unknown_token, bool)
+                                               or not isinstance(self.unknown_token, int) or self.unknown_token < 0):
+            raise _usage(f"{{unknown_token}} must be a token id >= 0, got {self.unknown_token!r}", self.unknown_token)
 
     def require_calibration(self, available: bool, settings: Sequence[str] = CALIBRATED) -> None:
         """The one "needs calibration data" check: ``reconstruct``, or a criterion among ``settings`` measured on

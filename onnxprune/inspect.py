@@ -10,6 +10,7 @@ import onnx
 
 from .analysis.blocks import describe_blocks
 from .analysis.cost import infer_shapes, node_key, node_macs
+from .analysis.vocab import describe_vocabulary, render_vocabulary
 from .analysis.weights import find_prunable_weights
 from .feeds import describe_resolution, resolve_inputs
 from .graph import count_params, opset_version
@@ -68,6 +69,7 @@ def inspect_model(path: Path, input_shapes: dict[str, list[int]] | None = None) 
     }
     info["structured"] = describe_groups(model, resolution.shapes)
     info["depth"] = describe_blocks(model, resolution.shapes)
+    info["vocabulary"] = describe_vocabulary(model)
     return info
 
 
@@ -113,4 +115,6 @@ def render_inspection(info: dict[str, Any]) -> str:
                      f"{len(depth['not_removable'])} not removable" + (f": {depth['reason']}" if depth.get("reason") else ""))
         lines += [f"  block {b['add']}: {b['kind']}, {b['nodes']} nodes" for b in depth["blocks"]]
         lines += [f"  not removable {b['add']}: {b['reason']}" for b in depth["not_removable"]]
+    if info.get("vocabulary"):
+        lines += ["", *render_vocabulary(info["vocabulary"])]
     return "\n".join(lines)

@@ -96,7 +96,7 @@ def applied_recipe(report: dict[str, Any]) -> dict[str, Any]:
     recipe: dict[str, Any] = {"method": "structured" if cfg.pop("structured") else "unstructured"}
     for key in ("sparsity", "threshold", "criterion", "scope", "pattern", "round_to", "exclude", "min_params",
                 "prune_first", "prune_last", "include_embeddings", "max_layer_sparsity", "seed", "fold_constants",
-                "prune_layernorm"):
+                "prune_layernorm", "keep_tokens", "vocab_from_calibration", "unknown_token", "shrink_logits"):
         if cfg.get(key) is not None:
             recipe[key] = cfg[key]
     for key in ("drop_blocks", "depth_sparsity"):  # depth: replayed with the run's --calibration-data

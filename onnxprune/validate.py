@@ -67,8 +67,10 @@ def classifier_outputs(model: onnx.ModelProto | None) -> set[str] | None:
     found = set()
     for output in model.graph.output:
         node, steps = producers.get(output.name), 0
-        while node is not None and node.op_type in ARGMAX_PRESERVING and steps < 16:
+        while node is not None and (node.op_type in ARGMAX_PRESERVING or node.op_type == "ScatterElements") \
+                and steps < 16:  # ScatterElements: the vocabulary pass's kept logits placed among filler columns
             data = [name for name in node.input[:2 if node.op_type == "Add" else 1] if name and name not in constants]
+            data = node.input[2:3] if node.op_type == "ScatterElements" else data
             node, steps = (producers.get(data[0]) if data else None), steps + 1
         if node is not None and node.op_type in CLASSIFIER_HEADS:
             found.add(output.name)
