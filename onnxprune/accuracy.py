@@ -7,8 +7,9 @@ from typing import Any
 import numpy as np
 
 from .errors import InputDataError
-from .feeds import InputSpec, load_data, split_samples
+from .feeds import load_data
 from .sessions import ModelSource
+from .specs import InputSpec, split_samples
 
 
 def load_eval_data(path: str, specs: list[InputSpec]) -> tuple[dict[str, np.ndarray], np.ndarray]:

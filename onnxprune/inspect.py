@@ -10,10 +10,10 @@ import onnx
 
 from .analysis.cost import infer_shapes, node_key, node_macs
 from .analysis.weights import find_prunable_weights
-from .feeds import describe_resolution, resolve_inputs
 from .graph import count_params, opset_version
 from .model import load_model
 from .passes.structured import describe_groups
+from .synthetic import describe_resolution, resolve_inputs
 
 
 def inspect_model(path: Path, input_shapes: dict[str, list[int]] | None = None) -> dict[str, Any]:
