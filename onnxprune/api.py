@@ -19,7 +19,7 @@ from .allocation import allocate_to_target, default_allocation
 from .analysis.cost import total_macs
 from .calibration import ImagePreprocess, load_calibration
 from .config import PruneConfig, ValidateConfig
-from .errors import InputDataError, InvalidModelError, UsageError
+from .errors import InputDataError, InvalidModelError, UsageError, flag
 from .feeds import (
     batch_axes,
     describe_resolution,
@@ -179,7 +179,7 @@ def _prune(model, output, *, config: PruneConfig | None, validate: bool | Valida
            external_data: bool | None, progress: Callable[..., Any] | None, quantize: str | None,
            outputs: OutputGuard | None, **options: Any) -> tuple[onnx.ModelProto, PruneResult]:
     """The body of :func:`prune`."""
-    config = (config or PruneConfig(**options)).validate()  # a new config: the caller's object stays as given
+    config = (config or PruneConfig(**options)).checked()  # checked once (the CLI validated it already); never changed
     vcfg = validate if isinstance(validate, ValidateConfig) else ValidateConfig(enabled=bool(validate))
     if vcfg.enabled:
         check_providers(vcfg.providers)
@@ -210,9 +210,9 @@ def _prune(model, output, *, config: PruneConfig | None, validate: bool | Valida
             try:
                 feeds = prepare_feeds(loaded.model, vcfg, path=input_path)
             except InputDataError as exc:
-                if vcfg.data or str(exc).startswith("--input-shape"):
+                if vcfg.data or "input_shapes" in exc.options:
                     raise
-                unavailable = str(exc)
+                unavailable = exc.render(flag)  # report text: the CLI's words
         if vcfg.eval_data:
             load_eval_data(vcfg.eval_data, input_specs(loaded.model))
         original_stats = model_stats(loaded.model)
@@ -387,7 +387,7 @@ def sensitivity(
     synthetic batches at the shapes ``prune`` resolves. Options are structured :class:`PruneConfig` fields
     (``criterion="l2"``, ``prune_layernorm=True``); ``outputs`` also protects the input's external data."""
     with forward_log(log):
-        base = (config or PruneConfig(**{"structured": True, "sparsity": 0.0, **options})).validate()
+        base = (config or PruneConfig(**{"structured": True, "sparsity": 0.0, **options})).checked()
         input_path = Path(model) if isinstance(model, (str, os.PathLike)) else getattr(model, "path", None)
         loaded = _as_loaded(model)
         for path in loaded.data_files if outputs is not None else ():

@@ -18,7 +18,7 @@ from . import __version__
 from .analysis.registry import raise_rule_errors
 from .api import prune, sensitivity
 from .config import PruneConfig, ValidateConfig, parse_input_shape
-from .errors import EXIT_CODES, OnnxPruneError, UsageError
+from .errors import EXIT_CODES, OnnxPruneError, UsageError, flag
 from .inspect import inspect_model, render_inspection
 from .model import default_output_path
 from .outputs import OutputGuard, write_atomic, write_text_atomic
@@ -118,11 +118,6 @@ def run_guarded(debug: bool, body) -> None:
         raise_rule_errors(False)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-
-def flag(option: str) -> str:
-    """The command-line spelling of a setting named in an error (``round_to`` -> ``--round-to``)."""
-    return "--" + option.replace("_", "-")
 
 
 def _guard(force: bool, model: Path, **inputs: Path | str | None) -> OutputGuard:

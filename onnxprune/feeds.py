@@ -1,4 +1,4 @@
-"""The feeds of a run: ``--data`` files read and checked, or synthetic inputs that run the original model.
+"""The feeds of a run: data files (``data``, ``--data``) read and checked, or synthetic inputs that run the model.
 
 The specs, checking and batching live in :mod:`onnxprune.specs`, the synthetic inputs in
 :mod:`onnxprune.synthetic`; the names most callers need are importable from here too.
@@ -42,13 +42,13 @@ __all__ = [
 
 def prepare_feeds(model: onnx.ModelProto, cfg: ValidateConfig, path: str | os.PathLike | None = None
                   ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """The feeds for validation (from --data or synthesised so the original model runs) and a description of them."""
+    """The feeds for validation (``cfg.data``, else synthesised so the original model runs) and a description of them."""
     specs = input_specs(model)
     if cfg.data:
         feeds = load_data(cfg.data, specs)
         info: dict[str, Any] = {"source": os.fspath(cfg.data)}
         batches = _single_sample_batches(feeds, specs)
-        if batches is not None:  # a model fixed to one sample per run: --data holds several, one run each
+        if batches is not None:  # a model fixed to one sample per run: the data holds several, one run each
             info["shapes"] = {name: list(arr.shape) for name, arr in batches[0].items()}
             info["samples"] = len(batches)
             return batches, info
@@ -71,13 +71,14 @@ def _single_sample_batches(feeds: dict[str, np.ndarray], specs: list[InputSpec]
 
 
 
-def load_data(path: str | os.PathLike, specs: list[InputSpec]) -> dict[str, np.ndarray]:
-    """Read ``--data file.npz`` and check names, dtypes and shapes against the model inputs."""
+def load_data(path: str | os.PathLike, specs: list[InputSpec], setting: str = "data") -> dict[str, np.ndarray]:
+    """Read an .npz file (the ``setting`` that named it: ``data``, ``eval_data``) and check names, dtypes and shapes
+    against the model inputs."""
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {key: data[key] for key in data.files}
     except FileNotFoundError:
-        raise InputDataError(f"--data file not found: {path}") from None
+        raise InputDataError(f"{{{setting}}} file not found: {path}", options=(setting,)) from None
     except (OSError, ValueError) as exc:
-        raise InputDataError(f"--data {path} is not a readable .npz file: {exc}") from None
-    return check_feed(arrays, specs, f"--data {path}", any_samples=False)
+        raise InputDataError(f"{{{setting}}} {path} is not a readable .npz file: {exc}", options=(setting,)) from None
+    return check_feed(arrays, specs, f"{{{setting}}} {path}", any_samples=False, options=(setting,))

@@ -66,30 +66,32 @@ def split_samples(feed: dict[str, np.ndarray], axes: dict[str, int | None], step
     return [take_samples(feed, axes, start, min(start + step, count)) for start in range(0, count, step)]
 
 
-def check_feed(arrays: dict[str, np.ndarray], specs: list[InputSpec], where: str, *, any_samples: bool
-               ) -> dict[str, np.ndarray]:
+def check_feed(arrays: dict[str, np.ndarray], specs: list[InputSpec], where: str, *, any_samples: bool,
+               options: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
     """``arrays`` checked against the model inputs: names (``labels`` aside), dtypes and shapes; ``where`` starts
-    each error. The sample axis may hold any number of samples with ``any_samples``, else only where the model
-    fixes it to 1 (then the samples run one by one)."""
+    each error (the settings it names as ``{field}`` are ``options``). The sample axis may hold any number of
+    samples with ``any_samples``, else only where the model fixes it to 1 (then the samples run one by one)."""
     names = {spec.name for spec in specs}
     missing, extra = sorted(names - arrays.keys()), sorted(arrays.keys() - names - {"labels"})
     if missing or extra:
         raise InputDataError(f"{where}: names do not match the model inputs"
                              + (f"; missing {', '.join(missing)}" if missing else "")
-                             + (f"; unknown {', '.join(extra)}" if extra else ""))
+                             + (f"; unknown {', '.join(extra)}" if extra else ""), options=options)
     feeds: dict[str, np.ndarray] = {}
     axes = batch_axes(specs)
     for spec in specs:
         arr = np.asarray(arrays[spec.name])
         want = ORT_TYPES.get(spec.type)
         if want is not None and arr.dtype != np.dtype(want):
-            raise InputDataError(f"{where}: {spec.name} has dtype {arr.dtype}, the model expects {np.dtype(want)}")
+            raise InputDataError(f"{where}: {spec.name} has dtype {arr.dtype}, the model expects {np.dtype(want)}",
+                                 options=options)
         axis = axes[spec.name]
         if arr.ndim != len(spec.shape) or any(
             isinstance(d, int) and d > 0 and d != s and not (i == axis and (any_samples or d == 1))
             for i, (d, s) in enumerate(zip(spec.shape, arr.shape))
         ):
-            raise InputDataError(f"{where}: {spec.name} has shape {list(arr.shape)}, the model expects {spec.shape}")
+            raise InputDataError(f"{where}: {spec.name} has shape {list(arr.shape)}, the model expects {spec.shape}",
+                                 options=options)
         feeds[spec.name] = arr
     return feeds
 

@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 
 from .dynamic_dims import DimPlan, graph_constants, nodes_in_order
-from .errors import InputDataError
+from .errors import InputDataError, flag
 from .graph import get_attr
 from .model import PROTOBUF_LIMIT
 from .sessions import create_session, session_options
@@ -66,7 +66,7 @@ def resolve_inputs(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | 
                    path: str | os.PathLike | None = None) -> Resolution:
     """Shapes (and integer values) for synthetic inputs on which the original model runs.
 
-    ``input_shapes`` (``--input-shape``) win; dims they leave open are resolved from the graph and
+    ``input_shapes`` win; dims they leave open are resolved from the graph and
     checked by running the model (``path`` when given, which handles external data). Never raises
     for a model that does not run: the first candidate is returned with ``ran=False``.
     """
@@ -86,18 +86,19 @@ def _check_given(specs: list[InputSpec], input_shapes: dict[str, list[int]]) -> 
     names = {spec.name for spec in specs}
     for name in input_shapes:
         if name not in names:
-            raise InputDataError(f"--input-shape names unknown input {name!r} (inputs: {', '.join(sorted(names))})")
+            raise InputDataError(f"{{input_shapes}} names unknown input {name!r} (inputs: {', '.join(sorted(names))})",
+                                 options=("input_shapes",))
     for spec in specs:
         given = input_shapes.get(spec.name)
         if given is None:
             continue
         if len(given) != len(spec.shape):
-            raise InputDataError(f"--input-shape {spec.name}: rank {len(given)} but the model input has rank "
-                                 f"{len(spec.shape)}")
+            raise InputDataError(f"{{input_shapes}} {spec.name}: rank {len(given)} but the model input has rank "
+                                 f"{len(spec.shape)}", options=("input_shapes",))
         for axis, (want, have) in enumerate(zip(given, spec.shape)):
             if isinstance(have, int) and have > 0 and have != want:
-                raise InputDataError(f"--input-shape {spec.name}: axis {axis} is fixed to {have} in the model, "
-                                     f"got {want}")
+                raise InputDataError(f"{{input_shapes}} {spec.name}: axis {axis} is fixed to {have} in the model, "
+                                     f"got {want}", options=("input_shapes",))
     return input_shapes
 
 
@@ -113,7 +114,7 @@ def _try_candidates(model, path, specs, rules, candidates, choices, seed, first:
         try:
             feeds = synthesize_inputs(specs, shapes, None, seed, rules=rules, choice=choice)
         except InputDataError as exc:  # a type nothing can be synthesised for (strings): no run can tell
-            first.ran, first.error = False, str(exc)
+            first.ran, first.error = False, exc.render(flag)  # report text: the CLI's words
             return first
         trials += 1
         try:
@@ -253,7 +254,8 @@ def synthesize_inputs(specs: list[InputSpec], shapes: dict[str, list[int]], mode
     for spec in specs:
         dtype = ORT_TYPES.get(spec.type)
         if dtype is None:
-            raise InputDataError(f"cannot synthesise input {spec.name!r} of type {spec.type}; give --data")
+            raise InputDataError(f"cannot synthesise input {spec.name!r} of type {spec.type}; give {{data}}",
+                                 options=("data",))
         shape = shapes[spec.name]
         rule = rules.get(spec.name, ("random",))
         if np.issubdtype(dtype, np.floating):

@@ -12,10 +12,13 @@ import onnx
 import pytest
 
 import onnxprune
+from onnxprune.accuracy import load_eval_data
 from onnxprune.api import build_passes, sensitivity
 from onnxprune.config import PruneConfig
-from onnxprune.errors import UsageError
+from onnxprune.errors import InputDataError, UsageError, flag
+from onnxprune.feeds import input_specs, load_data, resolve_inputs
 from onnxprune.passes import PassContext, PassManager
+from onnxprune.report_files import check_report_path
 
 from .conftest import FIXTURES, run_cli
 
@@ -45,6 +48,46 @@ def test_errors_carry_the_option_and_the_cli_spells_the_flag(tmp_path):
                            "-o", tmp_path / "out.onnx")
     assert code == 2 and err.strip() == "onnxprune: error: --criterion activation needs --calibration-data"
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_input_errors_name_settings_and_the_cli_spells_their_flags(tmp_path):
+    """Feeds, labelled data and report paths: the API's message names the setting, the command's its flag."""
+    specs = input_specs(onnx.load(str(FIXTURES / "cnn.onnx")))
+    cases = []
+    for call in (lambda: load_data(tmp_path / "missing.npz", specs),
+                 lambda: resolve_inputs(onnx.load(str(FIXTURES / "cnn.onnx")), {"nosuch": [1, 3, 32, 32]}),
+                 lambda: check_report_path(tmp_path / "r.txt")):
+        with pytest.raises(UsageError) as caught:
+            call()
+        cases.append(caught.value)
+    np.savez(tmp_path / "eval.npz", **{specs[0].name: np.zeros([2, 3, 32, 32], np.float32)})
+    with pytest.raises(InputDataError) as caught:
+        load_eval_data(str(tmp_path / "eval.npz"), specs)
+    cases.append(caught.value)
+    assert [e.options for e in cases] == [("data",), ("input_shapes",), ("report",), ("eval_data",)]
+    assert [str(e).split(" ")[0] for e in cases] == ["data", "input_shapes", "report", "eval_data"]
+    assert [e.render(flag).split(" ")[0] for e in cases] == ["--data", "--input-shape", "--report", "--eval-data"]
+    code, _, err = run_cli(FIXTURES / "cnn.onnx", "--sparsity", "0.5", "--input-shape", "nosuch:1x3x32x32",
+                           "-o", tmp_path / "out.onnx")
+    assert code == 8 and "onnxprune: error: --input-shape names unknown input 'nosuch'" in err
+
+
+def test_the_config_is_validated_once_on_the_command_path(tmp_path, monkeypatch):
+    """The CLI validates its config before claiming outputs; ``prune`` runs that config without checking it again,
+    but checks a config that was changed after validation (or never validated)."""
+    calls = []
+    check = PruneConfig._check
+    monkeypatch.setattr(PruneConfig, "_check", lambda self: calls.append(self) or check(self))
+    code, _, _ = run_cli(FIXTURES / "cnn.onnx", "--structured", "--sparsity", "0.5", "-o", tmp_path / "o.onnx",
+                         "--no-validate", "-q")
+    assert code == 0 and len(calls) == 1
+    config = PruneConfig(structured=True, sparsity=0.5).validate()
+    assert config.checked() is config and len(calls) == 2
+    config.exclude.append("conv1*")  # changed in place after validation: checked again
+    assert config.checked() is not config and len(calls) == 3
+    config.sparsity = 1.5
+    with pytest.raises(UsageError):
+        onnxprune.prune(FIXTURES / "cnn.onnx", config=config)
 
 
 @pytest.mark.parametrize("options", [{"sparsity": 0.5}, {"target_macs": 0.6}])
