@@ -43,6 +43,7 @@ from .model import (
 from .outputs import OutputGuard
 from .passes.manager import PassContext, PassManager, PassResult
 from .passes.prepare import CleanupPass, PreparePass
+from .passes.reconstruction import ReconstructionPass
 from .passes.structured import StructuredPrunePass, prepare_for_analysis
 from .passes.unstructured import MagnitudePrunePass
 from .quantize import quantize_file
@@ -101,10 +102,15 @@ def build_passes(config: PruneConfig) -> list:
     methods |= {entry["method"] for entry in config.overrides if "method" in entry}
     passes: list = []
     if "structured" in methods:
-        passes += [PreparePass(), StructuredPrunePass(config), CleanupPass()]
+        passes += [PreparePass(), StructuredPrunePass(config), *_repair(config), CleanupPass()]
     if "unstructured" in methods:
-        passes.append(MagnitudePrunePass(config))
+        passes += [MagnitudePrunePass(config), *_repair(config)]
     return passes
+
+
+def _repair(config: PruneConfig) -> list:
+    """The reconstruction pass after a pruning pass, with ``reconstruct`` (it refits what that pass chose)."""
+    return [ReconstructionPass()] if config.reconstruct else []
 
 
 def _as_loaded(model: str | os.PathLike | onnx.ModelProto | LoadedModel) -> LoadedModel:

@@ -21,7 +21,7 @@ LAYERS = {
                                                      "catalog"))],
     4: ["calibration", "compensation", "scoring", "obs", "accuracy", "validate", "recipe", "quantize"],
     5: ["passes", "passes.manager", "passes.canonical", "passes.subgraphs", "passes.unstructured", "passes.removal",
-        "passes.structured", "passes.prepare",
+        "passes.structured", "passes.reconstruction", "passes.prepare",
         "sensitivity", "allocation", "refusals", "validate_step", "inspect"],
     6: ["report", "html_report", "report_files", "api", "cli", "entry", "__main__"],
 }

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -14,9 +15,9 @@ import pytest
 import onnxprune
 from onnxprune.accuracy import load_eval_data
 from onnxprune.api import build_passes, sensitivity
-from onnxprune.config import PruneConfig
+from onnxprune.config import PruneConfig, ValidateConfig
 from onnxprune.errors import InputDataError, UsageError, flag
-from onnxprune.feeds import input_specs, load_data, resolve_inputs
+from onnxprune.feeds import input_specs, load_data, prepare_feeds, resolve_inputs
 from onnxprune.passes import PassContext, PassManager
 from onnxprune.report_files import check_report_path
 
@@ -118,6 +119,32 @@ def test_structured_pipeline_passes_and_typed_context():
     onnx.checker.check_model(ctx.model, full_check=True)
     _, result = onnxprune.prune(FIXTURES / "cnn.onnx", config=config)
     assert [p["name"] for p in result.to_dict()["passes"]] == ["structured"]
+
+
+@pytest.mark.parametrize("structured", [True, False])
+def test_reconstruction_is_a_pass_after_the_pruning_pass(structured):
+    """``reconstruct``: the pruning pass records its choice on the context, the reconstruction pass (bookkeeping, not
+    listed in the report) refits those layers and fills the pruning pass's ``reconstruction`` details."""
+    model = onnx.load(str(FIXTURES / "cnn.onnx"))
+    calibration = [prepare_feeds(model, ValidateConfig(input_shapes={"input": [4, 3, 32, 32]}, seed=s))[0]
+                   for s in range(2)]
+    config = PruneConfig(structured=structured, sparsity=0.5, reconstruct=True, repair=None if structured else "rowwise",
+                         calibration_data="batches in the pass context").validate()  # OBS repair needs no refit
+    passes = build_passes(config)
+    pruning = "structured" if structured else "unstructured"
+    expected = ["preparation", "structured", "reconstruction", "cleanup"] if structured else \
+        ["unstructured", "reconstruction"]
+    assert [p.name for p in passes] == expected
+    ctx = PassContext(model=model, input_shapes={"input": [4, 3, 32, 32]}, calibration=calibration)
+    results = {r.name: r for r in PassManager(passes).run(ctx)}
+    assert ctx.reconstruction is None  # consumed
+    assert not results["reconstruction"].reported and results["reconstruction"].modified
+    refit = results[pruning].details["reconstruction"]
+    assert refit is not None and refit["layers"]
+    assert results["reconstruction"].details["layers"] == refit["layers"] + len(refit["skipped"])
+    onnx.checker.check_model(ctx.model, full_check=True)
+    assert [p.name for p in build_passes(replace(config, reconstruct=False))] == [
+        n for n in expected if n != "reconstruction"]
 
 
 def test_sensitivity_api_matches_the_command(tmp_path):
