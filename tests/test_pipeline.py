@@ -19,6 +19,7 @@ from onnxprune.config import PruneConfig, ValidateConfig
 from onnxprune.errors import InputDataError, UsageError, flag
 from onnxprune.feeds import input_specs, load_data, prepare_feeds, resolve_inputs
 from onnxprune.passes import PassContext, PassManager
+from onnxprune.passes import structured as structured_pass
 from onnxprune.report_files import check_report_path
 
 from .conftest import FIXTURES, run_cli
@@ -119,6 +120,20 @@ def test_structured_pipeline_passes_and_typed_context():
     onnx.checker.check_model(ctx.model, full_check=True)
     _, result = onnxprune.prune(FIXTURES / "cnn.onnx", config=config)
     assert [p["name"] for p in result.to_dict()["passes"]] == ["structured"]
+
+
+def test_the_structured_pipeline_prepares_the_model_once(monkeypatch):
+    """The preparation pass prepares the graph; the structured pass after it does not fold shape reads again (a
+    second symbolic shape inference of the whole model), but still prepares a model when it runs alone."""
+    calls = []
+    fold = structured_pass.fold_static_shape_reads
+    monkeypatch.setattr(structured_pass, "fold_static_shape_reads", lambda model: calls.append(1) or fold(model))
+    config = PruneConfig(structured=True, sparsity=0.5).validate()
+    ctx = PassContext(model=onnx.load(str(FIXTURES / "cnn.onnx")))
+    PassManager(build_passes(config)).run(ctx)
+    assert ctx.prepared and len(calls) == 1
+    alone = PassContext(model=onnx.load(str(FIXTURES / "cnn.onnx")))
+    assert structured_pass.StructuredPrunePass(config).run(alone).modified and len(calls) == 2
 
 
 @pytest.mark.parametrize("structured", [True, False])

@@ -50,6 +50,7 @@ class PassContext:
     calibration: list[Feed] | None = None  # --calibration-data as checked feed batches
     feeds: Feed | list[Feed] | None = None  # the validation inputs given with --data
     reconstruction: ReconstructionRequest | None = None  # set by a pruning pass, consumed by ReconstructionPass
+    prepared: bool = False  # the preparation pass ran: the structured pass does not prepare the model again
 
     def iterate(self, items, label: str, length: int | None = None):
         """Wrap ``items`` in the progress display, if one is attached."""

@@ -349,7 +349,8 @@ class StructuredPrunePass:
         model = ctx.model
         clock = StageClock()
         with clock.stage("analysis"):
-            prepare_for_analysis(model)
+            if not ctx.prepared:  # run alone, without the preparation pass before it
+                prepare_for_analysis(model)
             logger.info("analysing channel groups")
             analysis = analyse(model, shapes, cfg.exclude, cfg.prune_layernorm, cfg.overrides)
             groups = build_groups(analysis)
