@@ -9,8 +9,12 @@ pass's own removal, including the control-flow subgraphs it pruned, so the refit
 from __future__ import annotations
 
 import logging
+from typing import Any
+
+import onnx
 
 from ..compensation import reconstruct, reconstruct_sparse
+from ..graph import count_params
 from .manager import PassContext, PassResult
 
 logger = logging.getLogger(__name__)
@@ -30,9 +34,17 @@ class ReconstructionPass:
             logger.info(f"reconstructing {len(request.layers)} layers by least squares on calibration data")
             outcome = reconstruct(request.original, ctx.model, request.layers, ctx.calibration, clock=request.clock)
             request.details["stages"] = request.clock.as_dict()
+            _recount_params(request.details, ctx.model)
         else:
             logger.info(f"refitting the kept weights of {len(request.layers)} layers by least squares on calibration "
                         "data")
             outcome = reconstruct_sparse(request.original, ctx.model, request.layers, ctx.calibration)
         request.details["reconstruction"] = outcome
         return PassResult(True, {"kind": request.kind, "layers": len(request.layers)})
+
+
+def _recount_params(details: dict[str, Any], model: onnx.ModelProto) -> None:
+    """The refit may give a layer a bias it lacked: the structured pass's parameter counts are taken again."""
+    after = count_params(model)[0]
+    details["params_after"] = int(after)
+    details["params_removed"] = int(details["params_before"] - after)
