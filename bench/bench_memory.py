@@ -118,10 +118,10 @@ def run(sizes: list[str], repeat: int) -> list[dict]:
 
 
 def markdown(rows: list[dict], argv: list[str]) -> str:
-    lines = [f"Command ({datetime.date.today()}; Python {platform.python_version()}, onnx {onnx.__version__}, "
-             f"onnxruntime {onnxruntime.__version__}):", "", "    python bench/bench_memory.py " + " ".join(argv), "",
-             "| model | params | file size | run | wall time | peak RSS | peak RSS / file size | fixed cost (same run, "
-             "16-wide model) | (peak − fixed) / file size |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [(f"Command ({datetime.date.today()}; Python {platform.python_version()}, onnx {onnx.__version__}, "
+              f"onnxruntime {onnxruntime.__version__}):"), "", "    python bench/bench_memory.py " + " ".join(argv), "",
+             ("| model | params | file size | run | wall time | peak RSS | peak RSS / file size | fixed cost (same run, "
+              "16-wide model) | (peak − fixed) / file size |"), "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['params'] / 1e6:.0f}M | {r['bytes'] / 2**20:.0f} MiB | {r['mode']} | "
                      f"{r['seconds']:.2f} s | {r['peak_rss'] / 2**20:.0f} MiB | {r['ratio']:.2f}x | "

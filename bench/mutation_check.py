@@ -93,7 +93,8 @@ def failing_tests(repo: Path, tests: list[str], timeout: int) -> tuple[list[str]
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not slow",
                f"--junitxml={report}", *tests]
     try:
-        done = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=timeout,
+                              check=False)
     except subprocess.TimeoutExpired:
         return ["(timed out)"], f"timed out after {timeout} s"
     failed = []

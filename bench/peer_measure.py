@@ -22,6 +22,7 @@ import onnxruntime as ort
 from onnx import numpy_helper
 
 from onnxprune.analysis.cost import total_macs
+from tests.corpus.fidelity import fidelity  # the corpus harness judges by the same figures
 
 Feeds = dict[str, np.ndarray]
 FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE)
@@ -164,17 +165,6 @@ def weight_counts(model: onnx.ModelProto) -> tuple[int, int, int]:
             elements += size
             zeros += int(np.count_nonzero(numpy_helper.to_array(tensor) == 0))
     return params, elements, zeros
-
-
-def fidelity(dense: list[np.ndarray], pruned: list[np.ndarray]) -> tuple[float, float]:
-    """Worst cosine and worst relative L2 error over the outputs."""
-    cos, rel = [], []
-    for a, b in zip(dense, pruned):
-        a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
-        denom = np.linalg.norm(a) * np.linalg.norm(b)
-        cos.append(float(a @ b / denom) if denom else float(np.array_equal(a, b)))
-        rel.append(float(np.linalg.norm(a - b) / max(np.linalg.norm(a), 1e-12)))
-    return min(cos), max(rel)
 
 
 def input_shapes(batches: list[Feeds]) -> dict[str, list[int]]:

@@ -1,4 +1,4 @@
-"""Accuracy on labelled data (``--eval-data``): top-1 and top-5 of the original and the pruned model."""
+"""Accuracy on labelled data (``eval_data``, ``--eval-data``): top-1 and top-5 of the original and the pruned model."""
 
 from __future__ import annotations
 
@@ -7,23 +7,29 @@ from typing import Any
 import numpy as np
 
 from .errors import InputDataError
-from .feeds import InputSpec, load_data, split_samples
+from .feeds import load_data
 from .sessions import ModelSource
+
+EVAL_DATA = ("eval_data",)  # the setting the errors about labelled data name
+from .specs import InputSpec, split_samples
 
 
 def load_eval_data(path: str, specs: list[InputSpec]) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Inputs (batch axis first) and integer class ``labels`` from an .npz file."""
     with np.load(path, allow_pickle=False) as data:
         if "labels" not in data.files:
-            raise InputDataError(f"--eval-data {path}: no 'labels' array (integer class per sample)")
+            raise InputDataError(f"{{eval_data}} {path}: no 'labels' array (integer class per sample)",
+                                 options=EVAL_DATA)
         labels = data["labels"]
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-        raise InputDataError(f"--eval-data {path}: 'labels' must be a 1-D integer array, got {labels.dtype} {labels.shape}")
+        raise InputDataError(f"{{eval_data}} {path}: 'labels' must be a 1-D integer array, got {labels.dtype} "
+                             f"{labels.shape}", options=EVAL_DATA)
     relaxed = [InputSpec(s.name, s.type, [None, *s.shape[1:]]) for s in specs]
-    inputs = load_data(path, relaxed)
+    inputs = load_data(path, relaxed, "eval_data")
     for name, arr in inputs.items():
         if arr.shape[0] != len(labels):
-            raise InputDataError(f"--eval-data {path}: {name} has {arr.shape[0]} samples but there are {len(labels)} labels")
+            raise InputDataError(f"{{eval_data}} {path}: {name} has {arr.shape[0]} samples but there are "
+                                 f"{len(labels)} labels", options=EVAL_DATA)
     return inputs, labels
 
 
@@ -53,8 +59,8 @@ def evaluate(original: ModelSource, pruned: ModelSource, path: str, specs: list[
         logits = _logits(source, inputs, batch, fixed)
         result["nonfinite"] += int(logits.size - np.count_nonzero(np.isfinite(logits)))
         if logits.shape[1] < 2 or labels.max() >= logits.shape[1]:
-            raise InputDataError(f"--eval-data {path}: the first output has {logits.shape[1]} classes, labels go to "
-                                 f"{int(labels.max())}")
+            raise InputDataError(f"{{eval_data}} {path}: the first output has {logits.shape[1]} classes, labels go "
+                                 f"to {int(labels.max())}", options=EVAL_DATA)
         result[key] = {"top1": topk(logits, labels, 1), "top5": topk(logits, labels, 5)}
     result["top1_drop_points"] = 100.0 * (result["original"]["top1"] - result["pruned"]["top1"])
     return result

@@ -16,9 +16,9 @@ import click
 
 from . import __version__
 from .analysis.registry import raise_rule_errors
-from .api import gate_error, prune, sensitivity
+from .api import prune, sensitivity
 from .config import PruneConfig, ValidateConfig, parse_input_shape
-from .errors import EXIT_CODES, OnnxPruneError, UsageError
+from .errors import EXIT_CODES, OnnxPruneError, UsageError, flag
 from .inspect import inspect_model, render_inspection
 from .model import default_output_path
 from .outputs import OutputGuard, write_atomic, write_text_atomic
@@ -28,6 +28,7 @@ from .report_files import check_report_path, write_report
 from .sensitivity import plot as plot_sensitivity
 from .sensitivity import render as render_sensitivity
 from .signals import COMMITTED, SIGNALS, install_raise_handlers, interrupted_message
+from .validate_step import gate_error
 
 EPILOG = "Exit codes: " + "; ".join(f"{code} {text}" for code, text in sorted(EXIT_CODES.items())) + "; 130 interrupted."
 
@@ -117,11 +118,6 @@ def run_guarded(debug: bool, body) -> None:
         raise_rule_errors(False)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-
-def flag(option: str) -> str:
-    """The command-line spelling of a setting named in an error (``round_to`` -> ``--round-to``)."""
-    return "--" + option.replace("_", "-")
 
 
 def _guard(force: bool, model: Path, **inputs: Path | str | None) -> OutputGuard:

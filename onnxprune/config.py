@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 from .errors import UsageError
 
@@ -59,7 +60,18 @@ class PruneConfig:
         inconsistent or out-of-range settings. ``self`` is never changed."""
         config = replace(self, criterion=self.criterion or self.default_criterion())
         config._check()
+        config._validated = config._settings()  # what checked() compares with (a copy: lists may be changed in place)
         return config
+
+    def checked(self) -> PruneConfig:
+        """This config when :meth:`validate` returned it and no setting changed since, else ``self.validate()``: the
+        settings are checked once on their way through the CLI and ``prune`` (configs made by ``replace`` are new)."""
+        if getattr(self, "_validated", None) == self._settings():
+            return self
+        return self.validate()
+
+    def _settings(self) -> list:
+        return copy.deepcopy([getattr(self, f.name) for f in fields(self)])
 
     def default_criterion(self) -> str:
         """``reconstruction`` for structured repair (the channels its least squares can best do without), else l1."""

@@ -2,8 +2,23 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
+
+#: settings whose command-line flag is not the field name with dashes
+FLAG_NAMES = {"input_shapes": "input-shape"}
+
+
+def flag(option: str) -> str:
+    """The command-line spelling of a setting (``round_to`` -> ``--round-to``, ``input_shapes`` -> ``--input-shape``):
+    the CLI renders errors with it, and report text (the CLI's words) quotes errors with it."""
+    return "--" + FLAG_NAMES.get(option, option.replace("_", "-"))
+
+
+def named(message: str) -> tuple[str, ...]:
+    """The settings ``message`` names as ``{field}``, in order: the ``options`` of an error with that message."""
+    return tuple(dict.fromkeys(re.findall(r"\{([a-z_]+)\}", message)))
 
 
 class OnnxPruneError(Exception):
@@ -15,6 +30,13 @@ class OnnxPruneError(Exception):
 
     exit_code = 1
     kind = "error"
+
+    def __init_subclass__(cls, *, exit_code: int | None = None, kind: str | None = None, **kwargs: Any):
+        """Each subclass states its exit code and kind in its class line: ``class X(OnnxPruneError, exit_code=2,
+        kind="usage")``."""
+        super().__init_subclass__(**kwargs)
+        cls.exit_code = exit_code if exit_code is not None else cls.exit_code
+        cls.kind = kind if kind is not None else cls.kind
 
     def __init__(self, message: str = "", *, options: Sequence[str] = (), value: Any = None):
         super().__init__(message)
@@ -31,55 +53,34 @@ class OnnxPruneError(Exception):
         return self.render()
 
 
-class UsageError(OnnxPruneError):
+class UsageError(OnnxPruneError, exit_code=2, kind="usage"):
     """Bad options or option values (sparsity out of range, malformed pattern, ...)."""
 
-    exit_code = 2
-    kind = "usage"
 
-
-class ModelReadError(OnnxPruneError):
+class ModelReadError(OnnxPruneError, exit_code=3, kind="unreadable model"):
     """The model cannot be read: missing file, not ONNX, truncated, missing external data."""
 
-    exit_code = 3
-    kind = "unreadable model"
 
-
-class InvalidModelError(OnnxPruneError):
+class InvalidModelError(OnnxPruneError, exit_code=4, kind="invalid model"):
     """The model was read but fails the ONNX checker or is structurally broken."""
 
-    exit_code = 4
-    kind = "invalid model"
 
-
-class UnsupportedError(OnnxPruneError):
+class UnsupportedError(OnnxPruneError, exit_code=5, kind="unsupported"):
     """The model or request uses something onnxprune does not support."""
 
-    exit_code = 5
-    kind = "unsupported"
 
-
-class GateFailedError(OnnxPruneError):
+class GateFailedError(OnnxPruneError, exit_code=6, kind="validation gate failed"):
     """A validation gate (--min-cosine, ...) was missed; the output was still written."""
 
-    exit_code = 6
-    kind = "validation gate failed"
 
-
-class OutputError(OnnxPruneError):
+class OutputError(OnnxPruneError, exit_code=7, kind="output"):
     """An output path is refused (see onnxprune/outputs.py): it is an input or another output of the run, exists
     without --force, is not a regular file (device, FIFO, socket, directory, symbolic link), or its folder is
     missing or unwritable."""
 
-    exit_code = 7
-    kind = "output"
 
-
-class InputDataError(UsageError):
+class InputDataError(UsageError, exit_code=8, kind="input data"):
     """Validation/calibration data does not match the model (names, shapes, dtypes)."""
-
-    exit_code = 8
-    kind = "input data"
 
 
 EXIT_CODES = {

@@ -12,10 +12,10 @@ from .analysis.blocks import describe_blocks
 from .analysis.cost import infer_shapes, node_key, node_macs
 from .analysis.vocab import describe_vocabulary, render_vocabulary
 from .analysis.weights import find_prunable_weights
-from .feeds import describe_resolution, resolve_inputs
 from .graph import count_params, opset_version
 from .model import load_model
 from .passes.structured import describe_groups
+from .synthetic import describe_resolution, resolve_inputs
 
 
 def inspect_model(path: Path, input_shapes: dict[str, list[int]] | None = None) -> dict[str, Any]:

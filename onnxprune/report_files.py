@@ -24,7 +24,7 @@ def check_report_path(path: Path) -> None:
     """Refuse a report path we cannot write, before any work is done (the output guard's rules and a known
     extension; :class:`onnxprune.outputs.OutputGuard` also keeps it apart from the run's other files)."""
     if path.suffix.lower() not in (".json", ".md", ".markdown", ".html", ".htm"):
-        raise UsageError(f"--report {path}: use a .json, .md or .html file name")
+        raise UsageError(f"{{report}} {path}: use a .json, .md or .html file name", options=("report",))
     check_target(path, "report", force=True)
 
 

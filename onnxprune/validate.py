@@ -25,8 +25,9 @@ import onnxruntime as ort
 from .accuracy import evaluate
 from .config import ValidateConfig
 from .errors import InputDataError, UnsupportedError
-from .feeds import InputSpec, batch_axes, input_specs, prepare_feeds, sample_count, take_samples
+from .feeds import prepare_feeds
 from .model import PROTOBUF_LIMIT, _external_locations
+from .specs import InputSpec, batch_axes, input_specs, sample_count, take_samples
 
 logger = logging.getLogger(__name__)
 from .sessions import ModelSource

@@ -271,9 +271,10 @@ def test_inspect_says_how_it_chose_the_sizes():
     assert "synthetic inputs: image 1x3x40x40 (metadata input_size 40x40); the original model runs on them" in out
 
 
-def test_fixtures_are_reproducible():
+def test_fixtures_are_reproducible(monkeypatch):
     import importlib.util
 
+    monkeypatch.syspath_prepend(str(FIXTURES))  # the script imports fixture_io beside it
     spec = importlib.util.spec_from_file_location("build_feeds_fixtures", FIXTURES / "build_feeds_fixtures.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

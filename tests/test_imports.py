@@ -14,7 +14,7 @@ ABOVE_ANALYSIS = ("onnxprune.passes", "onnxprune.validate", "onnxprune.cli", "on
 LAYERS = {
     0: ["errors", "signals", "config"],
     1: ["graph", "outputs", "model", "shapes"],
-    2: ["sessions", "feeds"],
+    2: ["sessions", "specs", "dynamic_dims", "synthetic", "feeds"],
     3: ["analysis", "analysis.weights", "analysis.blocks", "analysis.registry", "analysis.groups", "analysis.cost", "analysis.rules",
         "analysis.vocab",
         *(f"analysis.rules.{family}" for family in ("_common", "operands", "shape_plumbing", "layers", "norms",
@@ -22,8 +22,8 @@ LAYERS = {
                                                      "catalog"))],
     4: ["calibration", "compensation", "scoring", "obs", "accuracy", "validate", "recipe", "quantize"],
     5: ["passes", "passes.manager", "passes.canonical", "passes.subgraphs", "passes.unstructured", "passes.removal",
-        "passes.structured", "passes.prepare", "passes.depth", "passes.vocabulary",
-        "sensitivity", "inspect"],
+        "passes.structured", "passes.reconstruction", "passes.prepare", "passes.depth", "passes.vocabulary",
+        "sensitivity", "allocation", "refusals", "validate_step", "inspect"],
     6: ["report", "html_report", "report_files", "api", "cli", "entry", "__main__"],
 }
 #: what a function may import: optional or heavy modules that most runs never need

@@ -6,16 +6,22 @@ from __future__ import annotations
 import copy
 import json
 import logging
+from dataclasses import replace
 
 import numpy as np
 import onnx
 import pytest
 
 import onnxprune
+from onnxprune.accuracy import load_eval_data
 from onnxprune.api import build_passes, sensitivity
-from onnxprune.config import PruneConfig
-from onnxprune.errors import UsageError
+from onnxprune.config import PruneConfig, ValidateConfig
+from onnxprune.errors import InputDataError, UsageError, flag
+from onnxprune.feeds import input_specs, load_data, prepare_feeds, resolve_inputs
+from onnxprune.graph import count_params
 from onnxprune.passes import PassContext, PassManager
+from onnxprune.passes import structured as structured_pass
+from onnxprune.report_files import check_report_path
 
 from .conftest import FIXTURES, run_cli
 
@@ -47,6 +53,46 @@ def test_errors_carry_the_option_and_the_cli_spells_the_flag(tmp_path):
     assert not (tmp_path / "out.onnx").exists()
 
 
+def test_input_errors_name_settings_and_the_cli_spells_their_flags(tmp_path):
+    """Feeds, labelled data and report paths: the API's message names the setting, the command's its flag."""
+    specs = input_specs(onnx.load(str(FIXTURES / "cnn.onnx")))
+    cases = []
+    for call in (lambda: load_data(tmp_path / "missing.npz", specs),
+                 lambda: resolve_inputs(onnx.load(str(FIXTURES / "cnn.onnx")), {"nosuch": [1, 3, 32, 32]}),
+                 lambda: check_report_path(tmp_path / "r.txt")):
+        with pytest.raises(UsageError) as caught:
+            call()
+        cases.append(caught.value)
+    np.savez(tmp_path / "eval.npz", **{specs[0].name: np.zeros([2, 3, 32, 32], np.float32)})
+    with pytest.raises(InputDataError) as caught:
+        load_eval_data(str(tmp_path / "eval.npz"), specs)
+    cases.append(caught.value)
+    assert [e.options for e in cases] == [("data",), ("input_shapes",), ("report",), ("eval_data",)]
+    assert [str(e).split(" ")[0] for e in cases] == ["data", "input_shapes", "report", "eval_data"]
+    assert [e.render(flag).split(" ")[0] for e in cases] == ["--data", "--input-shape", "--report", "--eval-data"]
+    code, _, err = run_cli(FIXTURES / "cnn.onnx", "--sparsity", "0.5", "--input-shape", "nosuch:1x3x32x32",
+                           "-o", tmp_path / "out.onnx")
+    assert code == 8 and "onnxprune: error: --input-shape names unknown input 'nosuch'" in err
+
+
+def test_the_config_is_validated_once_on_the_command_path(tmp_path, monkeypatch):
+    """The CLI validates its config before claiming outputs; ``prune`` runs that config without checking it again,
+    but checks a config that was changed after validation (or never validated)."""
+    calls = []
+    check = PruneConfig._check
+    monkeypatch.setattr(PruneConfig, "_check", lambda self: calls.append(self) or check(self))
+    code, _, _ = run_cli(FIXTURES / "cnn.onnx", "--structured", "--sparsity", "0.5", "-o", tmp_path / "o.onnx",
+                         "--no-validate", "-q")
+    assert code == 0 and len(calls) == 1
+    config = PruneConfig(structured=True, sparsity=0.5).validate()
+    assert config.checked() is config and len(calls) == 2
+    config.exclude.append("conv1*")  # changed in place after validation: checked again
+    assert config.checked() is not config and len(calls) == 3
+    config.sparsity = 1.5
+    with pytest.raises(UsageError):
+        onnxprune.prune(FIXTURES / "cnn.onnx", config=config)
+
+
 @pytest.mark.parametrize("options", [{"sparsity": 0.5}, {"target_macs": 0.6}])
 def test_prune_leaves_the_callers_config_as_given(options):
     """A target allocation runs a new config carrying per-group overrides; the caller's object stays unchanged."""
@@ -75,6 +121,50 @@ def test_structured_pipeline_passes_and_typed_context():
     onnx.checker.check_model(ctx.model, full_check=True)
     _, result = onnxprune.prune(FIXTURES / "cnn.onnx", config=config)
     assert [p["name"] for p in result.to_dict()["passes"]] == ["structured"]
+
+
+def test_the_structured_pipeline_prepares_the_model_once(monkeypatch):
+    """The preparation pass prepares the graph; the structured pass after it does not fold shape reads again (a
+    second symbolic shape inference of the whole model), but still prepares a model when it runs alone."""
+    calls = []
+    fold = structured_pass.fold_static_shape_reads
+    monkeypatch.setattr(structured_pass, "fold_static_shape_reads", lambda model: calls.append(1) or fold(model))
+    config = PruneConfig(structured=True, sparsity=0.5).validate()
+    ctx = PassContext(model=onnx.load(str(FIXTURES / "cnn.onnx")))
+    PassManager(build_passes(config)).run(ctx)
+    assert ctx.prepared and len(calls) == 1
+    alone = PassContext(model=onnx.load(str(FIXTURES / "cnn.onnx")))
+    assert structured_pass.StructuredPrunePass(config).run(alone).modified and len(calls) == 2
+
+
+@pytest.mark.parametrize("structured", [True, False])
+def test_reconstruction_is_a_pass_after_the_pruning_pass(structured):
+    """``reconstruct``: the pruning pass records its choice on the context, the reconstruction pass (bookkeeping, not
+    listed in the report) refits those layers and fills the pruning pass's ``reconstruction`` details."""
+    model = onnx.load(str(FIXTURES / "cnn.onnx"))
+    calibration = [prepare_feeds(model, ValidateConfig(input_shapes={"input": [4, 3, 32, 32]}, seed=s))[0]
+                   for s in range(2)]
+    config = PruneConfig(structured=structured, sparsity=0.5, reconstruct=True, repair=None if structured else "rowwise",
+                         calibration_data="batches in the pass context").validate()  # OBS repair needs no refit
+    passes = build_passes(config)
+    pruning = "structured" if structured else "unstructured"
+    expected = ["preparation", "structured", "reconstruction", "cleanup"] if structured else \
+        ["unstructured", "reconstruction"]
+    assert [p.name for p in passes] == expected
+    ctx = PassContext(model=model, input_shapes={"input": [4, 3, 32, 32]}, calibration=calibration)
+    results = {r.name: r for r in PassManager(passes).run(ctx)}
+    assert ctx.reconstruction is None  # consumed
+    assert not results["reconstruction"].reported and results["reconstruction"].modified
+    refit = results[pruning].details["reconstruction"]
+    assert refit is not None and refit["layers"]
+    assert results["reconstruction"].details["layers"] == refit["layers"] + len(refit["skipped"])
+    if structured:  # the refit may add biases: the counts in the structured pass's report are taken after it
+        details = results["structured"].details
+        assert details["params_after"] == count_params(ctx.model)[0]
+        assert details["params_removed"] == details["params_before"] - details["params_after"]
+    onnx.checker.check_model(ctx.model, full_check=True)
+    assert [p.name for p in build_passes(replace(config, reconstruct=False))] == [
+        n for n in expected if n != "reconstruction"]
 
 
 def test_sensitivity_api_matches_the_command(tmp_path):

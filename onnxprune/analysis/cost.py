@@ -11,9 +11,10 @@ import contextlib
 import numpy as np
 import onnx
 
-from ..feeds import ORT_TYPES, input_specs, integer_rules
 from ..graph import constant_shapes, get_attr, iter_graphs, node_subgraphs, value_shapes
 from ..shapes import SKELETON_MAX_ELEMENTS, fold_static_shape_reads, skeleton, symbolic_inference
+from ..specs import ORT_TYPES, input_specs
+from ..synthetic import integer_rules
 
 
 def infer_shapes(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None) -> dict[str, list[int | None]]:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from ..graph import Weight, build_indexes, constant_shapes, first_match, free_names, value_shapes
+from ..graph import build_indexes, constant_shapes, first_match, free_names, value_shapes
 from ..shapes import skeleton, symbolic_inference
 from .registry import (  # noqa: F401 - Annotation, Space: re-exported
     Analysis,
@@ -248,7 +248,7 @@ def _dedupe_shared_weights(analysis: Analysis) -> None:
     seen: dict[tuple[int, int], WeightEdit] = {}
     kept: list[WeightEdit] = []
     for edit in analysis.edits:
-        if edit.role == "param" and readers.get(id(edit.weight.tensor), 0) > 1 and _reader_slot(analysis, edit) is not None:
+        if edit.role == "param" and readers.get(id(edit.weight.tensor), 0) > 1 and reader_slot(analysis, edit) is not None:
             edit.private = True
             kept.append(edit)
             continue
@@ -280,7 +280,7 @@ def _readers(analysis: Analysis) -> dict[int, int]:
     return counts
 
 
-def _reader_slot(analysis: Analysis, edit: WeightEdit) -> int | None:
+def reader_slot(analysis: Analysis, edit: WeightEdit) -> int | None:
     """The input of ``edit.node`` that reads the weight (directly or through Identity), if exactly one."""
     if edit.weight.graph is not analysis.model.graph:
         return None
@@ -290,25 +290,6 @@ def _reader_slot(analysis: Analysis, edit: WeightEdit) -> int | None:
         if weight is not None and weight.tensor is edit.weight.tensor and all(n.op_type == "Identity" for n in chain):
             slots.append(slot)
     return slots[0] if len(slots) == 1 else None
-
-
-def own_copy(analysis: Analysis, edit: WeightEdit) -> None:
-    """Point ``edit.node`` at a private copy of its shared parameter, so that changing it leaves the others."""
-    slot = _reader_slot(analysis, edit)
-    graph = analysis.model.graph
-    names = {i.name for i in graph.initializer} | {o for n in graph.node for o in n.output}
-    base = f"{edit.weight.name}.{edit.node.name or 'copy'}"
-    name, k = base, 1
-    while name in names:
-        name, k = f"{base}.{k}", k + 1
-    tensor = graph.initializer.add()
-    tensor.CopyFrom(edit.weight.tensor)
-    tensor.name = name
-    edit.node.input[slot] = name
-    edit.weight = Weight(name, "initializer", tensor, graph)
-    edit.private = False
-    analysis.index.weights[name] = edit.weight
-    analysis.index.consumers.setdefault(name, []).append((edit.node, slot))
 
 
 def _apply_exclusions(analysis: Analysis, patterns: list[str], overrides: list[dict] = ()) -> None:

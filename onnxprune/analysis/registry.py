@@ -68,7 +68,7 @@ class WeightEdit:
     ids: np.ndarray
     role: str  # producer | consumer | param
     node: onnx.NodeProto
-    private: bool = False  # shared with other readers: copy before changing (see :func:`own_copy`)
+    private: bool = False  # shared with other readers: copied before changing (passes/removal.py, own_copy)
 
 
 @dataclass

@@ -11,14 +11,33 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import onnx
 
+if TYPE_CHECKING:
+    from ..compensation import StageClock
+
 logger = logging.getLogger(__name__)
 
 Feed = dict[str, np.ndarray]
+
+
+@dataclass
+class ReconstructionRequest:
+    """A pruning pass's choice handed to the reconstruction pass: the model before the pass changed it, the layers to
+    refit, and the pass's report details (``details["reconstruction"]`` receives the outcome).
+
+    ``kind`` "structured": ``layers`` are (output tensor, kept-output mask) of the layers that lost input channels,
+    refit by least squares (``compensation.reconstruct``, its stages timed on ``clock``); "unstructured": the nodes
+    whose kept weights are refit row by row under their masks (``compensation.reconstruct_sparse``)."""
+
+    kind: str
+    original: onnx.ModelProto
+    layers: list
+    details: dict[str, Any]
+    clock: StageClock | None = None
 
 
 @dataclass
@@ -30,6 +49,8 @@ class PassContext:
     input_shapes: dict[str, list[int]] = field(default_factory=dict)  # the shapes the passes analyse at
     calibration: list[Feed] | None = None  # --calibration-data as checked feed batches
     feeds: Feed | list[Feed] | None = None  # the validation inputs given with --data
+    reconstruction: ReconstructionRequest | None = None  # set by a pruning pass, consumed by ReconstructionPass
+    prepared: bool = False  # the preparation pass ran: the structured pass does not prepare the model again
 
     def iterate(self, items, label: str, length: int | None = None):
         """Wrap ``items`` in the progress display, if one is attached."""

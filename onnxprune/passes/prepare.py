@@ -16,6 +16,7 @@ class PreparePass:
 
     def run(self, ctx: PassContext) -> PassResult:
         changes = prepare_for_analysis(ctx.model)
+        ctx.prepared = True
         return PassResult(bool(changes), {"rewrites": changes})
 
 

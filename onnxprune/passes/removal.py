@@ -11,9 +11,9 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ..analysis.groups import own_copy
-from ..analysis.registry import Analysis, CountEntry, NodeEdit, Reindex, SetCount, SliceBounds, SplitSizes
-from ..graph import get_attr, opset_version
+from ..analysis.groups import reader_slot
+from ..analysis.registry import Analysis, CountEntry, NodeEdit, Reindex, SetCount, SliceBounds, SplitSizes, WeightEdit
+from ..graph import Weight, get_attr, opset_version
 
 
 def apply_removal(analysis: Analysis, keep: np.ndarray) -> None:
@@ -26,6 +26,25 @@ def apply_removal(analysis: Analysis, keep: np.ndarray) -> None:
             edit.weight.set_array(np.compress(mask, edit.weight.array(), axis=edit.axis))
     for node, node_edit in analysis.node_edits:
         apply_node_edit(analysis, node, node_edit, keep)
+
+
+def own_copy(analysis: Analysis, edit: WeightEdit) -> None:
+    """Point ``edit.node`` at a private copy of its shared parameter, so that changing it leaves the others."""
+    slot = reader_slot(analysis, edit)
+    graph = analysis.model.graph
+    names = {i.name for i in graph.initializer} | {o for n in graph.node for o in n.output}
+    base = f"{edit.weight.name}.{edit.node.name or 'copy'}"
+    name, k = base, 1
+    while name in names:
+        name, k = f"{base}.{k}", k + 1
+    tensor = graph.initializer.add()
+    tensor.CopyFrom(edit.weight.tensor)
+    tensor.name = name
+    edit.node.input[slot] = name
+    edit.weight = Weight(name, "initializer", tensor, graph)
+    edit.private = False
+    analysis.index.weights[name] = edit.weight
+    analysis.index.consumers.setdefault(name, []).append((edit.node, slot))
 
 
 def apply_node_edit(analysis: Analysis, node: onnx.NodeProto, edit: NodeEdit, keep: np.ndarray) -> None:

@@ -18,7 +18,7 @@ import onnx
 from ..analysis.cost import node_key, node_macs
 from ..analysis.groups import Analysis, ChannelGroup, analyse, build_groups, complete_shapes
 from ..calibration import channel_energy
-from ..compensation import StageClock, fold_removed_constants, reconstruct
+from ..compensation import StageClock, fold_removed_constants
 from ..config import PruneConfig, ValidateConfig
 from ..feeds import prepare_feeds
 from ..graph import count_params, remove_dead_nodes
@@ -26,7 +26,7 @@ from ..recipe import find_override
 from ..scoring import reconstruction_scores, unit_scores
 from ..shapes import fold_static_shape_reads, refresh_value_info
 from .canonical import merge_batched_transposes
-from .manager import PassContext, PassResult
+from .manager import PassContext, PassResult, ReconstructionRequest
 from .removal import apply_removal
 from .subgraphs import WEIGHT_CRITERIA, Scope, scopes, write_back
 
@@ -349,7 +349,8 @@ class StructuredPrunePass:
         model = ctx.model
         clock = StageClock()
         with clock.stage("analysis"):
-            prepare_for_analysis(model)
+            if not ctx.prepared:  # run alone, without the preparation pass before it
+                prepare_for_analysis(model)
             logger.info("analysing channel groups")
             analysis = analyse(model, shapes, cfg.exclude, cfg.prune_layernorm, cfg.overrides)
             groups = build_groups(analysis)
@@ -371,29 +372,21 @@ class StructuredPrunePass:
         macs_before = node_macs(model, shapes, shapes=analysis.shapes)
         params_before = count_params(model)[0]
         group_stats = self._group_stats(analysis, groups, keep, macs_before)
-        folded = reconstruction = None
-        calibration = ctx.calibration
-        cfg.require_calibration(bool(calibration), ("reconstruct",))
-        if cfg.reconstruct and not keep.all():
+        folded = request = None
+        cfg.require_calibration(bool(ctx.calibration), ("reconstruct",))
+        if cfg.reconstruct and not keep.all():  # the choice, for the reconstruction pass that follows
             original = onnx.ModelProto()
             original.CopyFrom(model)
-            layers = _reconstruction_layers(analysis, keep)
-            logger.info("removing channels")
-            with clock.stage("removal"):
-                remove(analysis, keep)
-            logger.info(f"reconstructing {len(layers)} layers by least squares on calibration data")
-            reconstruction = reconstruct(original, model, layers, calibration, clock=clock)
-            del original
+            request = ReconstructionRequest("structured", original, _reconstruction_layers(analysis, keep), {}, clock)
         elif cfg.fold_constants and not keep.all():
             logger.info("folding constants of removed channels into consumer biases")
             folded = fold_removed_constants(model, keep, _fold_feeds(ctx, model), shapes, cfg.prune_layernorm,
                                             analysis=analysis)
             if folded["consumers"]:
                 analysis = analyse(model, shapes, cfg.exclude, cfg.prune_layernorm, cfg.overrides)
-        if reconstruction is None:
-            logger.info("removing channels")
-            with clock.stage("removal"):
-                remove(analysis, keep)
+        logger.info("removing channels")
+        with clock.stage("removal"):
+            remove(analysis, keep)
         with clock.stage("subgraphs"):
             sub = prune_subgraphs(model, cfg, shapes)
         group_stats += sub["groups"]
@@ -402,7 +395,7 @@ class StructuredPrunePass:
         frozen = _frozen_entries(groups) + sub["frozen"]
         total = sum(g.channels for g in groups) + sub["channels_total"]
         modified = not keep.all() or any(line["removed"] for line in sub["subgraphs"])
-        return PassResult(modified, {
+        details = {
             "subgraphs": sub["subgraphs"],
             "criterion": cfg.criterion,
             "scope": cfg.scope,
@@ -421,12 +414,16 @@ class StructuredPrunePass:
             "macs_after": int(sum(macs_after.values())),
             "macs_removed": int(sum(macs_before.values()) - sum(macs_after.values())),
             "folded_constants": folded,
-            "reconstruction": reconstruction,
+            "reconstruction": None,  # filled by the reconstruction pass
             "stages": clock.as_dict(),
             "approximate_layernorms": sorted(set(analysis.approximations)),
             "layers": [{"node": key, "macs_before": int(value), "macs_after": int(macs_after.get(key, 0))}
                        for key, value in macs_before.items()],
-        })
+        }
+        if request is not None:
+            request.details = details
+            ctx.reconstruction = request
+        return PassResult(modified, details)
 
     @staticmethod
     def _group_stats(analysis: Analysis, groups: list[ChannelGroup], keep: np.ndarray,

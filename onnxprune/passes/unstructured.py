@@ -28,12 +28,11 @@ import onnx
 from ..analysis.cost import infer_shapes
 from ..analysis.weights import PrunableWeight, Selection, find_prunable_weights, select_weights, tied_copies
 from ..calibration import channel_energy
-from ..compensation import reconstruct_sparse
 from ..config import PruneConfig
 from ..graph import get_attr
 from ..obs import ObsRepair
 from ..recipe import find_override, wants
-from .manager import PassContext, PassResult
+from .manager import PassContext, PassResult, ReconstructionRequest
 
 logger = logging.getLogger(__name__)
 
@@ -293,18 +292,12 @@ class MagnitudePrunePass:
                     "sparsity": zeros_after / values.size if values.size else 0.0,
                     **({"tied_to": tied_to} if tied_to else {}),
                 })
-        reconstruction = None
-        if original is not None:
-            layers = [item.uses[0].node for item in items if len(item.uses) == 1 and item.uses[0].slot == 1
-                      and item.uses[0].role != "recurrent" and item.weight.kind != "sliced"
-                      and not (repair is not None and repair.covers(item))]
-            if layers:  # what OBS does not cover keeps the row-wise refit
-                logger.info(f"refitting the kept weights of {len(layers)} layers by least squares on calibration data")
-                reconstruction = reconstruct_sparse(original, ctx.model, layers, ctx.calibration)
-            del original
+        layers = [item.uses[0].node for item in items if len(item.uses) == 1 and item.uses[0].slot == 1
+                  and item.uses[0].role != "recurrent" and item.weight.kind != "sliced"
+                  and not (repair is not None and repair.covers(item))] if original is not None else []
         modified = any(t["zeros_after"] != t["zeros_before"] for t in tensors)
-        return PassResult(modified, {
-            "reconstruction": reconstruction,
+        details = {
+            "reconstruction": None,  # what OBS does not cover keeps the row-wise refit: the reconstruction pass
             **({"obs": repair.report()} if repair is not None else {}),
             "mode": "nm" if nm else ("threshold" if cfg.threshold is not None else "sparsity"),
             "criterion": cfg.criterion,
@@ -317,7 +310,10 @@ class MagnitudePrunePass:
             "achieved_sparsity": zeros_total / total if total else 0.0,
             "tensors": tensors,
             "skipped": skipped,
-        })
+        }
+        if layers:
+            ctx.reconstruction = ReconstructionRequest("unstructured", original, layers, details)
+        return PassResult(modified, details)
 
 
 def _scoring_note(item: PrunableWeight, criterion: str, measured: bool) -> dict[str, str]:

@@ -22,6 +22,7 @@ import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
 
+from .fidelity import fidelity
 from .models import CorpusModel, Feeds
 
 CHECK_SEED, CALIB_SEED, ALT_SEED = 1, 2, 3  # check and calibration data never share a seed
@@ -140,17 +141,6 @@ def _declared(model: onnx.ModelProto) -> list[tuple[str, list]]:
     return [(o.name, [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim]) for o in model.graph.output]
 
 
-def _fidelity(dense: list[np.ndarray], pruned: list[np.ndarray]) -> tuple[float, float]:
-    """Worst cosine and worst relative L2 over the outputs."""
-    cos, rel = [], []
-    for a, b in zip(dense, pruned):
-        a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
-        denom = np.linalg.norm(a) * np.linalg.norm(b)
-        cos.append(float(a @ b / denom) if denom else float(np.array_equal(a, b)))
-        rel.append(float(np.linalg.norm(a - b) / max(np.linalg.norm(a), 1e-12)))
-    return min(cos), max(rel)
-
-
 def invoke(model_path: Path, args: list[str], timeout: int = 1800) -> tuple[int, str, float]:
     """Run ``python -m onnxprune`` and return (exit code, last stderr line, wall seconds); a run past ``timeout``
     seconds is stopped and reported as exit 124."""
@@ -235,6 +225,6 @@ def check_output(model: CorpusModel, src: Path, out: Path, row: Row, count: int)
                                 f"{[g.shape for g in got]}")
             continue
         if size == 0:
-            row.cosine, row.rel_l2 = _fidelity(dense, got)
+            row.cosine, row.rel_l2 = fidelity(dense, got)
             if model.metric:
                 row.metric_dense, row.metric_pruned = model.metric(dense, labels), model.metric(got, labels)

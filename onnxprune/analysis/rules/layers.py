@@ -70,13 +70,18 @@ def _conv_input(a: Analysis, node: onnx.NodeProto):
     return ann, weight, int(get_attr(node, "group", 1)), len(ann.ids)
 
 
+def _consume(a: Analysis, node: onnx.NodeProto, ids: np.ndarray, axis: int) -> None:
+    """An ungrouped (transposed) convolution reads ``ids`` on its weight's ``axis`` and starts channels of its own."""
+    a.add_weight_edit(node.input[1], axis, ids, "consumer", node)
+    a.mark(ids, node.op_type)
+    conv_produce(a, node)
+
+
 @rule("Conv", does="consumes input channels (weight axis 1); grouped/depthwise: a group's channels go together")
 def conv_rule(a: Analysis, node: onnx.NodeProto) -> None:
     ann, weight, group, cin = _conv_input(a, node)
     if group == 1:
-        a.add_weight_edit(node.input[1], 1, ann.ids, "consumer", node)
-        a.mark(ann.ids, "Conv")
-        conv_produce(a, node)
+        _consume(a, node, ann.ids, 1)
     elif cin % group == 0 and weight.shape[1] == cin // group and weight.shape[0] % group == 0:
         _grouped_conv(a, node, ann.ids, group, weight.shape[0])
     else:
@@ -109,9 +114,7 @@ def _tie_groups(a: Analysis, group: int, in_ids: np.ndarray, out_ids: np.ndarray
 def conv_transpose_rule(a: Analysis, node: onnx.NodeProto) -> None:
     ann, weight, group, cin = _conv_input(a, node)
     if group == 1:
-        a.add_weight_edit(node.input[1], 0, ann.ids, "consumer", node)
-        a.mark(ann.ids, "ConvTranspose")
-        conv_produce(a, node)
+        _consume(a, node, ann.ids, 0)
         return
     if cin % group or weight.shape[0] != cin:
         raise Freeze(f"ConvTranspose {node.name!r}: group={group} does not match its {cin} input channels")

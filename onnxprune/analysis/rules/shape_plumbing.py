@@ -1,4 +1,14 @@
-"""Shape plumbing: Reshape, Expand, Tile, Shape, and where the entries of a shape tensor come from."""
+"""Shape plumbing: Reshape, Expand, Tile, Shape, and where the entries of a shape tensor come from.
+
+:func:`_shape_entry` (backward) and :func:`_size_sinks` (forward) do not use the shared backward axis walker
+(``operands.axis_inputs``, behind ``_lineage`` and ``_at_most_one``), and cannot: that walker maps an *axis* of
+an N-d tensor through ops that keep axes (element-wise ops, Transpose, broadcasting binaries). These two follow one
+*entry* (an element) of a 1-D shape vector, whose position changes where an axis walk sees no axis at all: a
+``Concat`` shifts it by the lengths of the pieces before it, a ``Slice`` by its start, a ``Gather`` picks it, a
+``Shape`` turns an axis into an entry, a ``Where`` picks a branch per entry. The one step they share with the axis
+walker (``Cast``/``Identity``) passes values unchanged; the walker's other element-wise ops (``Neg``, ``Relu``...)
+would change the value an entry carries, so they must stop an entry walk.
+"""
 
 from __future__ import annotations
 

@@ -1,0 +1,50 @@
+"""The reconstruction pass: the least-squares repair of what a pruning pass removed, on calibration data.
+
+The pruning pass chooses (channels or weights) and records a :class:`~.manager.ReconstructionRequest` on the
+context; this pass refits the layers it names against the model before pruning and writes the outcome into the
+pruning pass's report details, so the report's ``passes`` list stays the pruning passes. It runs after the pruning
+pass's own removal, including the control-flow subgraphs it pruned, so the refit sees the final pruned graph.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import onnx
+
+from ..compensation import reconstruct, reconstruct_sparse
+from ..graph import count_params
+from .manager import PassContext, PassResult
+
+logger = logging.getLogger(__name__)
+
+
+class ReconstructionPass:
+    """Refit the layers a pruning pass asked for (``--reconstruct``); nothing to do when none asked."""
+
+    name = "reconstruction"
+    reported = False  # its outcome is part of the pruning pass's details
+
+    def run(self, ctx: PassContext) -> PassResult:
+        request, ctx.reconstruction = ctx.reconstruction, None
+        if request is None:
+            return PassResult(False)
+        if request.kind == "structured":
+            logger.info(f"reconstructing {len(request.layers)} layers by least squares on calibration data")
+            outcome = reconstruct(request.original, ctx.model, request.layers, ctx.calibration, clock=request.clock)
+            request.details["stages"] = request.clock.as_dict()
+            _recount_params(request.details, ctx.model)
+        else:
+            logger.info(f"refitting the kept weights of {len(request.layers)} layers by least squares on calibration "
+                        "data")
+            outcome = reconstruct_sparse(request.original, ctx.model, request.layers, ctx.calibration)
+        request.details["reconstruction"] = outcome
+        return PassResult(True, {"kind": request.kind, "layers": len(request.layers)})
+
+
+def _recount_params(details: dict[str, Any], model: onnx.ModelProto) -> None:
+    """The refit may give a layer a bias it lacked: the structured pass's parameter counts are taken again."""
+    after = count_params(model)[0]
+    details["params_after"] = int(after)
+    details["params_removed"] = int(details["params_before"] - after)

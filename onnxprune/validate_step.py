@@ -1,0 +1,110 @@
+"""The validation step of a ``prune`` run: the pruned model compared with the original in onnxruntime, the
+gates checked, warnings about what the figures say, and the error a missed gate ends the command with."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import onnx
+
+from .analysis.cost import total_macs
+from .config import ValidateConfig
+from .errors import GateFailedError, InputDataError, OnnxPruneError
+from .feeds import input_specs
+from .graph import count_params
+from .model import LoadedModel
+from .sessions import ModelSource
+from .validate import (
+    LOW_COSINE,
+    ValidationUnavailable,
+    check_gates,
+    classifier_outputs,
+    describe_nonfinite,
+    file_sizes,
+    model_files,
+    not_validated,
+    release_memory,
+    run_validation,
+)
+
+if TYPE_CHECKING:
+    from .api import PruneResult
+
+
+def validate_step(result: PruneResult, loaded: LoadedModel, vcfg: ValidateConfig, original_src: ModelSource,
+                   original_stats: dict[str, int], feeds, unavailable: str | None, written: list[Path],
+                   owns_model: bool, input_shapes: dict[str, list[int]]) -> None:
+    """Compare the pruned model with the original and fill ``result.validation``, gates and warnings.
+
+    Params and MACs are counted first; then, when the pruned model is on disk and this run owns the in-memory
+    copy, that copy is freed so that only onnxruntime's two sessions hold weights (peak memory: docs/benchmarks.md);
+    it is read back from the output afterwards. Inputs that do not run the original leave it "not validated".
+    """
+    input_files = None
+    if result.input is not None:
+        path = Path(result.input)
+        input_files = model_files(path, onnx.load(str(path), load_external_data=False)) \
+            if loaded.has_external_data else [path]
+    pruned_stats = model_stats(loaded.model)
+    pruned_stats["macs"] = total_macs(loaded.model, input_shapes)
+    classifiers, specs = classifier_outputs(loaded.model), input_specs(loaded.model)
+    output = Path(result.output) if result.output else None
+    free = owns_model and output is not None
+    if free:
+        loaded.model = None
+        release_memory()
+    sizes = {"original": file_sizes(input_files, blob=original_src.blob),
+             "pruned": file_sizes(written or None, loaded.model)}
+    try:
+        if unavailable is not None:
+            raise ValidationUnavailable(unavailable)
+        validation = run_validation(original_src, ModelSource(model=loaded.model, path=output), vcfg,
+                                    feeds=feeds, classifiers=classifiers, specs=specs)
+    except ValidationUnavailable as exc:
+        source = feeds[1].get("source") if feeds else "synthetic"
+        hint = "give --data (or --calibration-data), or sizes with --input-shape" if source == "synthetic" else \
+            "give inputs the original model accepts with --data"
+        validation = not_validated(f"{exc}; {hint}")
+        result.warnings.append(f"not validated: {exc}; {hint}")
+    if free:
+        release_memory()  # what the sessions held, before the output is read back
+        loaded.model = onnx.load(str(output))
+    validation["size"] = sizes
+    validation["model"] = {"original": original_stats, "pruned": pruned_stats}
+    result.validation = validation
+    result.gate_failures = check_gates(validation, vcfg)
+    result.warnings.extend(fidelity_warnings(validation))
+
+
+def fidelity_warnings(validation: dict[str, Any]) -> list[str]:
+    """Warnings about what the fidelity figures say: NaN/Inf in outputs, very low cosine (suggesting real inputs)."""
+    warnings = [f"non-finite values in {describe_nonfinite(entry)}"
+                for entry in validation.get("worst", {}).get("nonfinite", [])]
+    lowest = min(((out["cosine"], name) for entry in validation.get("providers", {}).values()
+                  for name, out in entry["outputs"].items() if "cosine" in out), default=None)
+    if lowest is not None and lowest[0] < LOW_COSINE:
+        source = validation.get("inputs", {}).get("source")
+        advice = ("synthetic inputs may be far from real ones: give --data or --calibration-data to measure on "
+                  "real inputs" if source == "synthetic" else
+                  "the pruned model's outputs differ strongly from the original's on these inputs")
+        warnings.append(f"very low fidelity: cosine {lowest[0]:.3g} on output {lowest[1]!r}; {advice}")
+    return warnings
+
+
+def gate_error(result: PruneResult) -> OnnxPruneError | None:
+    """The error a missed gate ends the command with: exit 8 when the models could not be compared, else 6."""
+    if not result.gate_failures:
+        return None
+    validation = result.validation or {}
+    if validation.get("status") == "not validated":
+        written = f"; the pruned model was written to {result.output}" if result.output else ""
+        options = ", ".join(failure.split(":")[0] for failure in result.gate_failures)
+        return InputDataError(f"not validated: {validation.get('reason')}{written}; the gates ({options}) need "
+                              "validation")
+    return GateFailedError("validation gates missed: " + "; ".join(result.gate_failures))
+
+
+def model_stats(model: onnx.ModelProto) -> dict[str, int]:
+    params, nonzero = count_params(model)
+    return {"params": params, "nonzero_params": nonzero}
