@@ -47,6 +47,7 @@ class PruneConfig:
     target_macs: float | None = None  # structured: keep this fraction of MACs, ratios chosen by sensitivity
     target_params: float | None = None
     uniform: bool = False  # structured: the same ratio in every group even with calibration data
+    hidden_sparsity: float = 0.0  # share of the residual stream's hidden size removed by rotation (calibration data)
 
     def validate(self) -> PruneConfig:
         """The settings to run, as a new config with the default criterion resolved; raise :class:`UsageError` for
@@ -62,6 +63,7 @@ class PruneConfig:
     def _check(self) -> None:
         """Raise :class:`UsageError` for inconsistent or out-of-range settings."""
         self.require_calibration(bool(self.calibration_data), ("reconstruction",))
+        self._check_hidden()
         if self.sparsity is not None and not (0.0 <= self.sparsity < 1.0):
             raise _usage(f"{{sparsity}} must be in [0, 1), got {self.sparsity}", self.sparsity)
         if self.threshold is not None and self.threshold < 0:
@@ -93,6 +95,9 @@ class PruneConfig:
             raise _usage("give either {target_macs} or {target_params}, not both")
         if self.target_macs is not None or self.target_params is not None:
             return
+        if self.sparsity is None and self.threshold is None and self.pattern is None and not self.overrides \
+                and self.hidden_sparsity:
+            return  # only the hidden size is pruned
         if self.sparsity is None and self.threshold is None and self.pattern is None and not self.overrides:
             raise _usage("nothing to do: give {sparsity}, {threshold} or {pattern}")
         allowed = CRITERIA_STRUCTURED if self.structured else CRITERIA_UNSTRUCTURED
@@ -122,11 +127,21 @@ class PruneConfig:
             raise _usage(f"{{max_layer_sparsity}} must be in (0, 1), got {self.max_layer_sparsity}",
                          self.max_layer_sparsity)
 
+    def _check_hidden(self) -> None:
+        """``hidden_sparsity``: in [0, 1), measured on calibration data."""
+        if not 0.0 <= self.hidden_sparsity < 1.0:
+            raise _usage(f"{{hidden_sparsity}} must be in [0, 1), got {self.hidden_sparsity}", self.hidden_sparsity)
+        if self.hidden_sparsity and not self.calibration_data:
+            raise _usage("{hidden_sparsity} needs {calibration_data} (the rotation is the PCA of the stream's "
+                         "activations)")
+
     def require_calibration(self, available: bool, settings: Sequence[str] = CALIBRATED) -> None:
         """The one "needs calibration data" check: ``reconstruct``, or a criterion among ``settings`` measured on
         calibration data, without any (``available``) is a usage error."""
         if available:
             return
+        if "hidden" in settings:
+            raise _usage("{hidden_sparsity} needs {calibration_data}")
         if "reconstruct" in settings and self.reconstruct:
             raise _usage("{reconstruct} needs {calibration_data}")
         if self.criterion in settings:

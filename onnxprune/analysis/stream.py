@@ -99,6 +99,7 @@ class Stream:
     segments: list[Segment]
     readers: dict[str, list[Linear]]  # norm name -> linear readers of its output
     restored: dict[str, list[str]]  # norm name -> what reads the output rotated back (node names / "output NAME")
+    shape_reads: list[tuple[str, onnx.NodeProto]] = field(default_factory=list)  # (stream tensor, Shape node)
 
     @property
     def norms(self) -> list[Norm]:
@@ -132,6 +133,7 @@ def describe_stream(stream: Stream) -> dict[str, Any]:
         "embeddings": sum(len(s.embeddings) for s in stream.segments),
         "readers": sum(len(r) for r in stream.readers.values()),
         "restored": sorted({r for names in stream.restored.values() for r in names}),
+        "shape_reads": len(stream.shape_reads),
     }
 
 
@@ -444,12 +446,16 @@ def _build(finder: _Finder, norms: list[Norm], model: onnx.ModelProto) -> Stream
     segments = [finder.segment(t) for t in sorted(order, key=order.get)]
     readers: dict[str, list[Linear]] = {}
     restored: dict[str, list[str]] = {}
+    shape_reads: list[tuple[str, onnx.NodeProto]] = []
     shortcut_adds = {(id(c.add), c.slot) for s in segments for c in s.shortcuts}
     outputs = {o.name for o in model.graph.output}
     for norm in norms:
         readers[norm.name], restored[norm.name] = [], []
         for node, slot in index.consumers.get(norm.output, []):
             if (id(node), slot) in shortcut_adds:
+                continue
+            if node.op_type == "Shape":
+                shape_reads.append((norm.output, node))
                 continue
             reader, first = _reader_from(index, node, slot, norm.output, hidden)
             if reader is not None:
@@ -458,8 +464,8 @@ def _build(finder: _Finder, norms: list[Norm], model: onnx.ModelProto) -> Stream
                 restored[norm.name].append(f"{first.op_type} {first.name}")
         if norm.output in outputs:
             restored[norm.name].append(f"output {norm.output}")
-    _check_raw_consumers(index, segments, norms, outputs)
-    return Stream(hidden, "layernorm" in kinds, segments, readers, restored)
+    shape_reads += _check_raw_consumers(index, segments, norms, outputs)
+    return Stream(hidden, "layernorm" in kinds, segments, readers, restored, shape_reads)
 
 
 def _reader_from(index: GraphIndex, node: onnx.NodeProto, slot: int, name: str, hidden: int):
@@ -479,8 +485,11 @@ def _reader_from(index: GraphIndex, node: onnx.NodeProto, slot: int, name: str, 
     return None, node
 
 
-def _check_raw_consumers(index: GraphIndex, segments: list[Segment], norms: list[Norm], outputs: set[str]) -> None:
-    """Every consumer of a segment tensor (and the partial sums and casts building it) is a norm or a stream Add."""
+def _check_raw_consumers(index: GraphIndex, segments: list[Segment], norms: list[Norm], outputs: set[str]
+                         ) -> list[tuple[str, onnx.NodeProto]]:
+    """Every consumer of a segment tensor (and the partial sums and casts building it) is a norm, a stream Add or a
+    Shape (returned: its value is rebuilt); anything else raises :class:`NotRotatable`."""
+    shape_reads = []
     allowed = {id(n) for norm in norms for n in norm.nodes}
     allowed |= {id(n) for s in segments for n in s.nodes}
     raw = {s.tensor for s in segments} | {o for s in segments for n in s.nodes for o in n.output}
@@ -488,8 +497,11 @@ def _check_raw_consumers(index: GraphIndex, segments: list[Segment], norms: list
         if name in outputs:
             raise NotRotatable(f"the stream tensor {name} is a graph output (its mean cannot be rotated back)")
         for node, _ in index.consumers.get(name, []):
-            if id(node) not in allowed:
+            if node.op_type == "Shape":
+                shape_reads.append((name, node))
+            elif id(node) not in allowed:
                 raise NotRotatable(f"{node.op_type} {node.name} reads the stream tensor {name} directly")
+    return shape_reads
 
 
 def weight_of(index: GraphIndex, name: str) -> Weight | None:
