@@ -99,7 +99,7 @@ class Stream:
     segments: list[Segment]
     readers: dict[str, list[Linear]]  # norm name -> linear readers of its output
     restored: dict[str, list[str]]  # norm name -> what reads the output rotated back (node names / "output NAME")
-    shape_reads: list[tuple[str, onnx.NodeProto]] = field(default_factory=list)  # (stream tensor, Shape node)
+    shape_reads: list[tuple[str, onnx.NodeProto, bool]] = field(default_factory=list)  # (stream tensor, Shape node, reads the width)
 
     @property
     def norms(self) -> list[Norm]:
@@ -133,7 +133,7 @@ def describe_stream(stream: Stream) -> dict[str, Any]:
         "embeddings": sum(len(s.embeddings) for s in stream.segments),
         "readers": sum(len(r) for r in stream.readers.values()),
         "restored": sorted({r for names in stream.restored.values() for r in names}),
-        "shape_reads": len(stream.shape_reads),
+        "shape_reads": sum(1 for read in stream.shape_reads if read[2]),
     }
 
 
@@ -445,8 +445,9 @@ def _build(finder: _Finder, norms: list[Norm], model: onnx.ModelProto) -> Stream
     order = {n.input: index.node_order[id(n.nodes[0])] for n in norms}
     segments = [finder.segment(t) for t in sorted(order, key=order.get)]
     readers: dict[str, list[Linear]] = {}
+    hidden_of = finder.hidden
     restored: dict[str, list[str]] = {}
-    shape_reads: list[tuple[str, onnx.NodeProto]] = []
+    shape_reads: list[tuple[str, onnx.NodeProto, bool]] = []
     shortcut_adds = {(id(c.add), c.slot) for s in segments for c in s.shortcuts}
     outputs = {o.name for o in model.graph.output}
     for norm in norms:
@@ -455,7 +456,7 @@ def _build(finder: _Finder, norms: list[Norm], model: onnx.ModelProto) -> Stream
             if (id(node), slot) in shortcut_adds:
                 continue
             if node.op_type == "Shape":
-                shape_reads.append((norm.output, node))
+                shape_reads.append((norm.output, node, _reads_width(index, node, len_of(hidden_of, norm.output))))
                 continue
             reader, first = _reader_from(index, node, slot, norm.output, hidden)
             if reader is not None:
@@ -464,7 +465,7 @@ def _build(finder: _Finder, norms: list[Norm], model: onnx.ModelProto) -> Stream
                 restored[norm.name].append(f"{first.op_type} {first.name}")
         if norm.output in outputs:
             restored[norm.name].append(f"output {norm.output}")
-    shape_reads += _check_raw_consumers(index, segments, norms, outputs)
+    shape_reads += _check_raw_consumers(index, segments, norms, outputs, finder.hidden)
     return Stream(hidden, "layernorm" in kinds, segments, readers, restored, shape_reads)
 
 
@@ -485,8 +486,20 @@ def _reader_from(index: GraphIndex, node: onnx.NodeProto, slot: int, name: str, 
     return None, node
 
 
-def _check_raw_consumers(index: GraphIndex, segments: list[Segment], norms: list[Norm], outputs: set[str]
-                         ) -> list[tuple[str, onnx.NodeProto]]:
+def _reads_width(index: GraphIndex, shape: onnx.NodeProto, rank: int) -> bool:
+    """Whether the value of ``shape`` (a Shape of a stream tensor) may be read at the hidden axis: False when every
+    reader is a Gather of a constant index of another axis (the batch and sequence sizes do not change)."""
+    if get_attr(shape, "start") is not None or get_attr(shape, "end") is not None or rank < 1:
+        return True
+    for node, slot in index.consumers.get(shape.output[0], []):
+        index_value = _const(index, node.input[1]) if node.op_type == "Gather" and slot == 0 else None
+        if index_value is None or index_value.size != 1 or int(index_value.reshape(-1)[0]) in (-1, rank - 1):
+            return True
+    return False
+
+
+def _check_raw_consumers(index: GraphIndex, segments: list[Segment], norms: list[Norm], outputs: set[str],
+                         hidden_of: dict[str, int]) -> list[tuple[str, onnx.NodeProto, bool]]:
     """Every consumer of a segment tensor (and the partial sums and casts building it) is a norm, a stream Add or a
     Shape (returned: its value is rebuilt); anything else raises :class:`NotRotatable`."""
     shape_reads = []
@@ -498,7 +511,8 @@ def _check_raw_consumers(index: GraphIndex, segments: list[Segment], norms: list
             raise NotRotatable(f"the stream tensor {name} is a graph output (its mean cannot be rotated back)")
         for node, _ in index.consumers.get(name, []):
             if node.op_type == "Shape":
-                shape_reads.append((name, node))
+                if _reads_width(index, node, len_of(hidden_of, name)):
+                    shape_reads.append((name, node, True))
             elif id(node) not in allowed:
                 raise NotRotatable(f"{node.op_type} {node.name} reads the stream tensor {name} directly")
     return shape_reads

@@ -138,6 +138,16 @@ class _Editor:
                 return helper.tensor_dtype_to_np_dtype(tensor.data_type)
         return np.float32
 
+    def constant_value(self, name: str) -> np.ndarray | None:
+        """The value of an initializer or Constant output ``name``, or None."""
+        for tensor in self.graph.initializer:
+            if tensor.name == name:
+                return numpy_helper.to_array(tensor)
+        for node in self.graph.node:
+            if node.op_type == "Constant" and node.output[0] == name and node.attribute[0].name == "value":
+                return numpy_helper.to_array(node.attribute[0].t)
+        return None
+
     def resize_last(self, reshape: onnx.NodeProto, width: int) -> None:
         """Make a Reshape that keeps the last axis produce ``width`` on it: the shape's last entry becomes width."""
         shape = reshape.input[1]
@@ -147,6 +157,14 @@ class _Editor:
             if value[-1] > 0:
                 value[-1] = width
             reshape.input[1] = self.constant(shape + ".sliced", value, value.dtype)
+            return
+        concat = next((n for n in self.graph.node if shape in n.output and n.op_type == "Concat"), None)
+        last = self.constant_value(concat.input[-1]) if concat is not None else None
+        if last is not None and last.ndim == 1 and last[-1] > 0:
+            value = last.copy()
+            value[-1] = width  # the exporter's Concat(sizes..., [H]): the same Concat with [k], shapes stay inferable
+            inputs = [*concat.input[:-1], self.constant(concat.input[-1] + ".sliced", value, value.dtype)]
+            reshape.input[1] = self.node("Concat", inputs, shape + "/sliced", axis=get_attr(concat, "axis", 0))
             return
         head = self.node("Slice", [shape, self.constant(shape + ".start", np.array([0]), np.int64),
                                    self.constant(shape + ".end", np.array([-1]), np.int64)], shape + "/head")
@@ -236,9 +254,13 @@ def rotate_stream(model: onnx.ModelProto, stream: Stream, bases: Bases) -> dict[
             edit.matmul(normalized[norm.name], fold, norm.beta, norm.name + "/restore", output=norm.output)
             counts["restored"] += 1
     by_output = {n.output: n.name for n in stream.norms}
-    for name, node in stream.shape_reads:
-        _exact_shape(edit, node, normalized[by_output[name]] if name in by_output else name, hidden)
-        counts["shape_reads"] += 1
+    for name, node, width in stream.shape_reads:
+        source = normalized[by_output[name]] if name in by_output else name
+        if width:
+            _exact_shape(edit, node, source, hidden)
+            counts["shape_reads"] += 1
+        else:
+            node.input[0] = source
     edit.finish()
     return counts
 
@@ -284,9 +306,12 @@ def _read(edit: _Editor, reader: Linear, fold: np.ndarray, beta: np.ndarray, sou
 
 def _exact_shape(edit: _Editor, node: onnx.NodeProto, name: str, hidden: int) -> None:
     """A Shape of a stream tensor keeps its value: the last entry is the original width again."""
-    full = edit.node("Shape", [name], node.name + "/sliced")
-    head = edit.node("Slice", [full, edit.constant(name + ".start", np.array([0]), np.int64),
-                               edit.constant(name + ".end", np.array([-1]), np.int64)], node.name + "/head")
+    if edit.opset >= 15:  # Shape(end=-1): shape inference follows it
+        head = edit.node("Shape", [name], node.name + "/head", end=-1)
+    else:
+        full = edit.node("Shape", [name], node.name + "/sliced")
+        head = edit.node("Slice", [full, edit.constant(name + ".start", np.array([0]), np.int64),
+                                   edit.constant(name + ".end", np.array([-1]), np.int64)], node.name + "/head")
     value = edit.node("Concat", [head, edit.constant(name + ".width", np.array([hidden]), np.int64)],
                       node.name + "/original", axis=0)
     start, end = get_attr(node, "start"), get_attr(node, "end")
