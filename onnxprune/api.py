@@ -48,6 +48,7 @@ from .model import (
 from .outputs import OutputGuard
 from .passes.manager import PassContext, PassManager, PassResult
 from .passes.prepare import CleanupPass, PreparePass
+from .passes.rotation import HiddenRotationPass
 from .passes.structured import StructuredPrunePass, prepare_for_analysis
 from .passes.unstructured import MagnitudePrunePass
 from .quantize import quantize_file
@@ -122,11 +123,15 @@ class PruneResult:
 
 def build_passes(config: PruneConfig) -> list:
     """The pipeline the options ask for (the CLI and the API share it)."""
-    methods = {"structured" if config.structured else "unstructured"}
+    hidden_only = bool(config.hidden_sparsity) and not config.structured and config.sparsity is None \
+        and config.threshold is None and config.pattern is None
+    methods = set() if hidden_only else {"structured" if config.structured else "unstructured"}
     methods |= {entry["method"] for entry in config.overrides if "method" in entry}
     passes: list = []
     if "structured" in methods:
         passes += [PreparePass(), StructuredPrunePass(config), CleanupPass()]
+    if config.hidden_sparsity:
+        passes += [HiddenRotationPass(config), CleanupPass()]
     if "unstructured" in methods:
         passes.append(MagnitudePrunePass(config))
     return passes

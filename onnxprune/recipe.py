@@ -99,6 +99,8 @@ def applied_recipe(report: dict[str, Any]) -> dict[str, Any]:
                 "prune_layernorm"):
         if cfg.get(key) is not None:
             recipe[key] = cfg[key]
+    if cfg.get("hidden_sparsity"):
+        recipe["hidden_sparsity"] = cfg["hidden_sparsity"]
     overrides: list[dict[str, Any]] = []
     for p in report["passes"]:
         details = p["details"]
