@@ -425,12 +425,31 @@ def find_streams(model: onnx.ModelProto, shapes: dict[str, list]) -> StreamRepor
                                   "onnxruntime's transformer fusions")])
     if not norms:
         return StreamReport([], ["no LayerNormalization or RMSNorm over the last axis"])
+    depthwise = _depthwise_on_stream(index)
+    if depthwise:
+        return StreamReport([], [depthwise])
     finder = _Finder(index, hidden, norms)
     try:
         stream = _build(finder, norms, model)
     except NotRotatable as exc:
         return StreamReport([], [str(exc)])
     return StreamReport([stream], [])
+
+
+def _depthwise_on_stream(index: GraphIndex) -> str | None:
+    """Why rotation does not apply to a CNN stream (ConvNeXt): a depthwise Conv reads a tensor that a residual Add
+    also reads. A per-channel filter does not commute with a rotation that mixes channels."""
+    for node in index.graph.node:
+        if node.op_type != "Add" or any(index.lookup_weight(name) is not None for name in node.input):
+            continue
+        for name in node.input:
+            for reader, slot in index.consumers.get(name, []):
+                weight = index.lookup_weight(reader.input[1]) if reader.op_type == "Conv" and slot == 0 else None
+                group = get_attr(reader, "group", 1) if weight is not None else 1
+                if group > 1 and group == weight.shape[0]:
+                    return (f"rotation does not apply: depthwise Conv {reader.name} reads the residual stream "
+                            f"({name}); a per-channel filter does not commute with a rotation of the channels")
+    return None
 
 
 def _build(finder: _Finder, norms: list[Norm], model: onnx.ModelProto) -> Stream:
