@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 
 from .analysis.cost import infer_shapes, node_key, node_macs
+from .analysis.stream import find_streams
 from .analysis.weights import find_prunable_weights
 from .feeds import describe_resolution, resolve_inputs
 from .graph import count_params, opset_version
@@ -66,6 +67,7 @@ def inspect_model(path: Path, input_shapes: dict[str, list[int]] | None = None) 
         "prunable_weights": layers,
     }
     info["structured"] = describe_groups(model, resolution.shapes)
+    info["hidden"] = find_streams(model, shapes).to_dict()
     return info
 
 
@@ -104,4 +106,19 @@ def render_inspection(info: dict[str, Any]) -> str:
             lines.append(f"  group {g['id']}: {g['channels']} channels, ops {','.join(g.get('ops', []))}")
         for f in frozen:
             lines.append(f"  frozen {f['id']}: {f.get('channels')} channels: {f['reason']}")
+    lines += _render_hidden(info.get("hidden"))
     return "\n".join(lines)
+
+
+def _render_hidden(hidden: dict[str, Any] | None) -> list[str]:
+    """The residual streams that ``--hidden-sparsity`` can rotate, or why there are none."""
+    if hidden is None:
+        return []
+    lines = ["", f"residual streams (--hidden-sparsity): {len(hidden['streams'])}"]
+    for s in hidden["streams"]:
+        lines.append(f"  hidden {s['hidden']}, {s['layout']} {s['norm']}: {s['segments']} segments, "
+                     f"{len(s['norms'])} norms, {s['writers']} writers + {s['embeddings']} embeddings, "
+                     f"{s['readers']} readers" + (f", rotated back for {', '.join(s['restored'])}"
+                                                  if s["restored"] else ""))
+    lines += [f"  not rotatable: {reason}" for reason in hidden["refused"]]
+    return lines
