@@ -49,6 +49,7 @@ class Linear:
     bias: tuple[onnx.NodeProto, int] | None  # the node and input slot holding the [out] bias constant
     reshapes: list[onnx.NodeProto]
     entry: str  # reader: the stream-side tensor it reads; writer: the tensor added to the stream
+    conv: bool = False  # a patch-embedding Conv writing the stream through Reshape + Transpose (ViT)
 
     @property
     def name(self) -> str:
@@ -65,6 +66,15 @@ class Embedding:
     @property
     def name(self) -> str:
         return self.node.name or self.node.output[0]
+
+
+@dataclass(eq=False)
+class ConstantTerm:
+    """A constant [..., H] added into the stream (ViT's position embeddings, an expanded class token)."""
+
+    node: onnx.NodeProto  # the node reading the constant
+    slot: int
+    value: np.ndarray  # float64
 
 
 @dataclass(eq=False)
@@ -85,6 +95,7 @@ class Segment:
     norms: list[Norm] = field(default_factory=list)
     writers: list[Linear] = field(default_factory=list)
     embeddings: list[Embedding] = field(default_factory=list)
+    constants: list[ConstantTerm] = field(default_factory=list)
     shortcuts: list[Shortcut] = field(default_factory=list)
     nodes: list[onnx.NodeProto] = field(default_factory=list)  # the Adds and Casts that build it
 
@@ -130,7 +141,7 @@ def describe_stream(stream: Stream) -> dict[str, Any]:
         "segments": len(stream.segments),
         "norms": [n.name for n in stream.norms],
         "writers": sum(len(s.writers) for s in stream.segments),
-        "embeddings": sum(len(s.embeddings) for s in stream.segments),
+        "embeddings": sum(len(s.embeddings) + len(s.constants) for s in stream.segments),
         "readers": sum(len(r) for r in stream.readers.values()),
         "restored": sorted({r for names in stream.restored.values() for r in names}),
         "shape_reads": sum(1 for read in stream.shape_reads if read[2]),
@@ -334,6 +345,26 @@ def _writer(index: GraphIndex, name: str, hidden: int) -> Linear | Embedding | N
     return Linear(node, weight, bias, list(reversed(reshapes)), name)
 
 
+def _patch_writer(index: GraphIndex, name: str, hidden: int) -> Linear | None:
+    """``Transpose(perm 0,2,1) <- Reshape/Flatten to [B, H, P] <- Conv`` with H output channels (ViT patches); the
+    Reshape's size may come from a Shape of the Conv's output (it then reads the kept width)."""
+    transpose = index.producer.get(name)
+    if transpose is None or transpose.op_type != "Transpose" or list(get_attr(transpose, "perm", [])) != [0, 2, 1]:
+        return None
+    flat = index.producer.get(transpose.input[0])
+    conv = index.producer.get(flat.input[0]) if flat is not None and flat.op_type in ("Reshape", "Flatten") else None
+    if conv is None or conv.op_type != "Conv" or get_attr(conv, "group", 1) != 1:
+        return None
+    weight = index.lookup_weight(conv.input[1])
+    others = [n for n, _ in index.consumers.get(conv.output[0], []) if n is not flat]
+    if weight is None or weight.shape[0] != hidden or any(n.op_type != "Shape" for n in others) \
+            or (flat.op_type == "Flatten" and get_attr(flat, "axis", 1) != 2):
+        return None
+    value = weight.array().astype(np.float64).reshape(hidden, -1).T
+    bias = (conv, 2) if len(conv.input) > 2 and conv.input[2] else None
+    return Linear(conv, value, bias, [], name, conv=True)
+
+
 def _reader(index: GraphIndex, name: str, hidden: int) -> tuple[Linear | None, onnx.NodeProto]:
     """The linear reader starting at the consumer of ``name`` ([Reshape]* → MatMul/Gemm as input A), or None and the
     first node that is not part of one."""
@@ -391,7 +422,19 @@ class _Finder:
                 segment.nodes.append(node)
                 stack.extend((t, node, i) for i, t in enumerate(node.input[:2]))
                 continue
-            writer = _writer(self.index, name, size)
+            if consumer is not None and (value := _const(self.index, name)) is not None and value.shape[-1:] == (size,):
+                segment.constants.append(ConstantTerm(consumer, slot, value))
+                continue
+            if node is not None and node.op_type == "Expand" and (value := _const(self.index, node.input[0])) \
+                    is not None and value.shape[-1:] == (size,):
+                segment.constants.append(ConstantTerm(node, 0, value))
+                segment.nodes.append(node)
+                continue
+            if node is not None and node.op_type == "Concat" and get_attr(node, "axis") not in (-1, rank - 1):
+                segment.nodes.append(node)
+                stack.extend((t, node, i) for i, t in enumerate(node.input))
+                continue
+            writer = _writer(self.index, name, size) or _patch_writer(self.index, name, size)
             if isinstance(writer, Embedding):
                 segment.embeddings.append(writer)
             elif isinstance(writer, Linear):

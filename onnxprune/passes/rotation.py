@@ -230,6 +230,9 @@ def rotate_stream(model: onnx.ModelProto, stream: Stream, bases: Bases) -> dict[
         for embedding in segment.embeddings:
             edit.set_weight(embedding.node, 0, embedding.table @ into, embedding.node.input[0])
             counts["embeddings"] += 1
+        for term in segment.constants:
+            edit.set_weight(term.node, term.slot, term.value @ into, term.node.input[term.slot])
+            counts["embeddings"] += 1
         for shortcut in segment.shortcuts:
             if shortcut.norm is not None:
                 source = bases.of[segment_of[shortcut.norm.name]]
@@ -269,6 +272,9 @@ def _write(edit: _Editor, writer: Linear, into: np.ndarray, width: int) -> None:
     """A linear layer writing the stream: W C P, b C P; its Reshapes produce ``width``."""
     weight = writer.weight @ into
     node = writer.node
+    if writer.conv:  # [C_in * kh * kw, k] back to [k, C_in, kh, kw]
+        shape = [int(d) for d in _initializer(edit, node.input[1]).dims]
+        weight = weight.T.reshape([into.shape[1], *shape[1:]])
     edit.set_weight(node, 1, weight.T if node.op_type == "Gemm" and get_attr(node, "transB", 0) else weight,
                     node.input[1])
     if writer.bias is not None:
