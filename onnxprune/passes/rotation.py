@@ -89,6 +89,8 @@ class _Editor:
         self.names |= {i.name for i in model.graph.initializer} | {i.name for i in model.graph.input}
         self.new_nodes: list[onnx.NodeProto] = []
         self.removed: set[int] = set()  # ids of original nodes to drop
+        self.rewritten: dict[str, int] = {}  # original weight name -> rotated copies written
+        self.producers = {o: n for n in model.graph.node for o in n.output}
         self.opset = opset_version(model)
 
     def fresh(self, base: str) -> str:
@@ -130,7 +132,20 @@ class _Editor:
         return self.node("Div", [x, self.node("Sqrt", [shifted], base + "/sqrt")], base + "/normalized")
 
     def set_weight(self, node: onnx.NodeProto, slot: int, value: np.ndarray, like: str) -> None:
+        """Give ``node`` a new initializer at ``slot`` (a weight shared with other layers, e.g. a tied embedding,
+        gets one rotated copy per use)."""
+        root = self._root(node.input[slot])
+        self.rewritten[root] = self.rewritten.get(root, 0) + 1
         node.input[slot] = self.constant(like + ".rotated", value, self._dtype(node.input[slot]))
+
+    def _root(self, name: str) -> str:
+        """The initializer behind ``name`` through Identity/Cast/Transpose (``name`` itself when there is none)."""
+        for _ in range(8):
+            node = self.producers.get(name)
+            if node is None or node.op_type not in ("Identity", "Cast", "Transpose"):
+                break
+            name = node.input[0]
+        return name
 
     def _dtype(self, name: str):
         for tensor in self.graph.initializer:
@@ -265,6 +280,7 @@ def rotate_stream(model: onnx.ModelProto, stream: Stream, bases: Bases) -> dict[
         else:
             node.input[0] = source
     edit.finish()
+    counts["untied"] = sorted(name for name, copies in edit.rewritten.items() if copies > 1)
     return counts
 
 
