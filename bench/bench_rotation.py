@@ -26,6 +26,7 @@ import json
 import pkgutil
 import random
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -166,7 +167,10 @@ def main() -> None:
     batches = [{k: v[i:i + 8] for k, v in calib_data.items()} for i in range(0, len(calib), 8)]
 
     def run(label: str, **options) -> tuple[str, onnx.ModelProto]:
-        model, _ = prune(str(path), config=PruneConfig(calibration_data=str(calib_file), **options))
+        start = time.perf_counter()
+        model, _ = prune(str(path), config=PruneConfig(calibration_data=str(calib_file), **options),
+                         log=lambda line: print(f"  {line}", file=sys.stderr, flush=True))
+        print(f"{label or options}: pruned in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
         return label, model
 
     rows: dict[str, onnx.ModelProto] = {}
