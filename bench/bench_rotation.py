@@ -11,7 +11,8 @@ docstring. The embedding is the attention-masked mean of ``last_hidden_state`` (
 the original's by cosine on every held-out text (mean and 5th percentile reported).
 
 Rows, each pruned in this process with onnxprune's Python API and measured in the same run:
-- hidden rotation alone at 20/30/40 % (one basis for the stream, and a basis per segment at 30 %);
+- hidden rotation alone at 20/30/40 % (the default: a basis per segment in this post-LN encoder; one basis for the
+  whole stream at 30 % for comparison; with ``--hidden-only`` also 10 %);
 - width only (``--structured --target-macs`` set to the MACs the 30 % rotation keeps; per-group ratios measured on the
   calibration text) - the same MACs reached the way onnxprune could before;
 - width + hidden (``--structured --sparsity 0.3`` then ``--hidden-sparsity 0.3``) and width only at its MACs.
@@ -137,11 +138,11 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
 
 
-def rotate_per_segment(path: Path, sparsity: float, calibration: list[dict[str, np.ndarray]],
-                       shapes: dict[str, list[int]]) -> onnx.ModelProto:
-    """The rotation pass alone with one basis per stream segment (not a CLI option: measured here)."""
+def rotate_with(path: Path, sparsity: float, calibration: list[dict[str, np.ndarray]],
+                shapes: dict[str, list[int]], per_segment: bool) -> onnx.ModelProto:
+    """The rotation pass alone with the bases chosen (not a CLI option: post-LN streams get a basis per segment)."""
     model = onnx.load(str(path))
-    HiddenRotationPass(PruneConfig(hidden_sparsity=sparsity, calibration_data="bench"), per_segment=True).run(
+    HiddenRotationPass(PruneConfig(hidden_sparsity=sparsity, calibration_data="bench"), per_segment).run(
         PassContext(model=model, calibration=calibration, input_shapes=shapes))
     return model
 
@@ -153,6 +154,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--hidden-only", action="store_true", help="only the rotation rows (no width-only runs)")
     args = parser.parse_args()
     path = export(CACHE / "all-minilm-l6-v2.onnx")
     texts = docstrings(args.calibration + args.heldout)
@@ -177,12 +179,15 @@ def main() -> None:
     for sparsity in (0.2, 0.3, 0.4):
         label, model = run(f"hidden {sparsity:.0%}", hidden_sparsity=sparsity)
         rows[label] = model
-    rows["hidden 30%, basis per segment"] = rotate_per_segment(path, 0.3, batches, shapes)
+    rows["hidden 30%, one basis for the stream"] = rotate_with(path, 0.3, batches, shapes, per_segment=False)
+    if args.hidden_only:
+        rows["hidden 10%"] = run("hidden 10%", hidden_sparsity=0.1)[1]
     kept = total_macs(rows["hidden 30%"], shapes) / macs0
-    rows[f"width only, target MACs {kept:.3f}"] = run("", structured=True, target_macs=round(kept, 4))[1]
-    rows["width 30% + hidden 30%"] = run("", structured=True, sparsity=0.3, hidden_sparsity=0.3)[1]
-    both = total_macs(rows["width 30% + hidden 30%"], shapes) / macs0
-    rows[f"width only, target MACs {both:.3f}"] = run("", structured=True, target_macs=round(both, 4))[1]
+    if not args.hidden_only:
+        rows[f"width only, target MACs {kept:.3f}"] = run("", structured=True, target_macs=round(kept, 4))[1]
+        rows["width 30% + hidden 30%"] = run("", structured=True, sparsity=0.3, hidden_sparsity=0.3)[1]
+        both = total_macs(rows["width 30% + hidden 30%"], shapes) / macs0
+        rows[f"width only, target MACs {both:.3f}"] = run("", structured=True, target_macs=round(both, 4))[1]
     CACHE.mkdir(parents=True, exist_ok=True)
     paths = {"original": path}
     results = []

@@ -34,13 +34,17 @@ logger = logging.getLogger(__name__)
 def stream_covariances(model: onnx.ModelProto, stream: Stream, feeds: Iterable[dict[str, np.ndarray]]
                        ) -> dict[str, np.ndarray]:
     """Per segment tensor: the float64 Gram matrix n^T n of its normalized rows (centred for LayerNorm streams),
-    accumulated feed after feed (one feed's activations in memory at a time)."""
+    accumulated feed after feed (one feed's activations in memory at a time). Where the model has an
+    ``attention_mask`` input of the stream's leading shape, the padded positions are left out."""
     names = [s.tensor for s in stream.segments]
     session = session_with_outputs(model, names)
     grams = {name: np.zeros((stream.hidden, stream.hidden)) for name in names}
     for feed in feeds:
         for name, value in zip(names, session.run(names, feed)):
             rows = value.astype(np.float64).reshape(-1, stream.hidden)
+            mask = feed.get("attention_mask")
+            if mask is not None and tuple(mask.shape) == tuple(value.shape[:-1]):
+                rows = rows[mask.reshape(-1) != 0]  # padding positions carry no text: left out of the PCA
             if stream.centered:
                 rows = rows - rows.mean(axis=1, keepdims=True)
             rows /= np.sqrt(np.mean(rows * rows, axis=1, keepdims=True)) + 1e-12
@@ -366,7 +370,9 @@ class HiddenRotationPass:
 
     name = "hidden"
 
-    def __init__(self, config: PruneConfig, per_segment: bool = False):
+    def __init__(self, config: PruneConfig, per_segment: bool | None = None):
+        """``per_segment`` None: a basis per segment in post-LN streams (their shortcuts carry a matrix anyway), one
+        basis for pre-LN streams (their shortcuts then need none)."""
         self.config = config
         self.per_segment = per_segment
 
@@ -397,10 +403,11 @@ class HiddenRotationPass:
         grams = stream_covariances(ctx.model, stream, ctx.iterate(ctx.calibration, "stream PCA",
                                                                   len(ctx.calibration)))
         keep = stream.hidden - round(self.config.hidden_sparsity * stream.hidden)
-        bases = choose_bases(stream, grams, max(keep, 1), self.per_segment)
+        per_segment = stream.post_ln if self.per_segment is None else self.per_segment
+        bases = choose_bases(stream, grams, max(keep, 1), per_segment)
         counts = rotate_stream(ctx.model, stream, bases)
         shares = list(bases.kept_variance.values())
         return {**describe_stream(stream), "hidden_before": stream.hidden, "hidden_after": max(keep, 1),
-                "bases": "per segment" if self.per_segment else "one for the stream",
+                "bases": "per segment" if per_segment else "one for the stream",
                 "explained_variance_kept": round(float(np.mean(shares)), 6),
                 "explained_variance_min": round(float(np.min(shares)), 6), **counts}
