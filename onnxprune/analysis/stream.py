@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from ..graph import GraphIndex, Weight, get_attr
+from ..graph import GraphIndex, get_attr
 
 FLOAT = onnx.TensorProto.FLOAT
 
@@ -578,8 +578,3 @@ def _check_raw_consumers(index: GraphIndex, segments: list[Segment], norms: list
             elif id(node) not in allowed:
                 raise NotRotatable(f"{node.op_type} {node.name} reads the stream tensor {name} directly")
     return shape_reads
-
-
-def weight_of(index: GraphIndex, name: str) -> Weight | None:
-    """The constant behind ``name`` (exported for the pass's bookkeeping)."""
-    return index.resolve(name)[0]

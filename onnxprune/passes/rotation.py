@@ -386,7 +386,7 @@ class HiddenRotationPass:
                                    "refused": found.refused, "streams": []}
         if not found.streams:
             reason = "; ".join(found.refused) or "no residual stream found"
-            logger.info("hidden size: nothing rotated: %s", reason)
+            logger.warning("hidden size: nothing rotated: %s", reason)
             return PassResult(False, {**details, "reason": reason, "macs_after": int(macs_before),
                                       "params_after": int(params_before)})
         self.config.require_calibration(bool(ctx.calibration), ("hidden",))
