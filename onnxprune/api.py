@@ -45,6 +45,7 @@ from .passes.depth import DepthPrunePass
 from .passes.manager import PassContext, PassManager, PassResult
 from .passes.prepare import CleanupPass, PreparePass
 from .passes.reconstruction import ReconstructionPass
+from .passes.rotation import HiddenRotationPass
 from .passes.structured import StructuredPrunePass, prepare_for_analysis
 from .passes.unstructured import MagnitudePrunePass
 from .passes.vocabulary import VocabularyPass, read_token_file, vocabulary_warnings
@@ -100,7 +101,7 @@ class PruneResult:
 
 def build_passes(config: PruneConfig) -> list:
     """The pipeline the options ask for (the CLI and the API share it): preparation, depth, vocabulary, width
-    (structured, then cleanup) or magnitude pruning; each only when its options ask for it."""
+    (structured, then cleanup), hidden size (rotation), magnitude pruning; each only when its options ask for it."""
     methods = {"structured" if config.structured else "unstructured"}
     methods |= {entry["method"] for entry in config.overrides if "method" in entry}
     weights = config.prunes_weights()
@@ -109,11 +110,11 @@ def build_passes(config: PruneConfig) -> list:
         passes.append(DepthPrunePass(config))
     if config.prunes_vocabulary():  # vocabulary before width: the structured pass sees the smaller tables
         passes.append(VocabularyPass(config))
-    if not weights:
-        return passes
-    if "structured" in methods:
+    if weights and "structured" in methods:
         passes += [StructuredPrunePass(config), *_repair(config), CleanupPass()]
-    if "unstructured" in methods:
+    if config.hidden_sparsity:  # rotation after width: it rotates the matrices the structured pass left
+        passes += [HiddenRotationPass(config), CleanupPass()]
+    if weights and "unstructured" in methods:
         passes += [MagnitudePrunePass(config), *_repair(config)]
     return passes
 

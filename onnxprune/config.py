@@ -54,6 +54,7 @@ class PruneConfig:
     vocab_from_calibration: bool = False  # vocabulary: keep the ids the calibration data's token inputs hold
     unknown_token: int | None = None  # vocabulary: where ids not kept are mapped (default: see passes/vocabulary.py)
     shrink_logits: bool = False  # vocabulary: logits [.., K] over the kept tokens instead of [.., V]
+    hidden_sparsity: float = 0.0  # share of the residual stream's hidden size removed by rotation (calibration data)
 
     def validate(self) -> PruneConfig:
         """The settings to run, as a new config with the default criterion resolved; raise :class:`UsageError` for
@@ -81,6 +82,7 @@ class PruneConfig:
         """Raise :class:`UsageError` for inconsistent or out-of-range settings."""
         self.require_calibration(bool(self.calibration_data), ("reconstruction",))
         self._check_depth()
+        self._check_hidden()
         if self.sparsity is not None and not (0.0 <= self.sparsity < 1.0):
             raise _usage(f"{{sparsity}} must be in [0, 1), got {self.sparsity}", self.sparsity)
         if self.threshold is not None and self.threshold < 0:
@@ -114,10 +116,10 @@ class PruneConfig:
         if self.target_macs is not None or self.target_params is not None:
             return
         if self.sparsity is None and self.threshold is None and self.pattern is None and not self.overrides:
-            if self.prunes_vocabulary() or (self.depth and not self.structured):
-                return  # vocabulary or depth pruning alone
+            if self.hidden_sparsity or self.prunes_vocabulary() or (self.depth and not self.structured):
+                return  # hidden size, vocabulary or depth pruning alone
             raise _usage("nothing to do: give {sparsity}, {threshold}, {pattern}, {drop_blocks}, {depth_sparsity}, "
-                         "{keep_tokens} or {vocab_from_calibration}")
+                         "{hidden_sparsity}, {keep_tokens} or {vocab_from_calibration}")
         allowed = CRITERIA_STRUCTURED if self.structured else CRITERIA_UNSTRUCTURED
         if self.criterion not in allowed:
             raise _usage(f"{{criterion}} {self.criterion!r} is not available here; choose from {', '.join(allowed)}",
@@ -190,11 +192,21 @@ class PruneConfig:
                                                or not isinstance(self.unknown_token, int) or self.unknown_token < 0):
             raise _usage(f"{{unknown_token}} must be a token id >= 0, got {self.unknown_token!r}", self.unknown_token)
 
+    def _check_hidden(self) -> None:
+        """``hidden_sparsity``: in [0, 1), measured on calibration data."""
+        if not 0.0 <= self.hidden_sparsity < 1.0:
+            raise _usage(f"{{hidden_sparsity}} must be in [0, 1), got {self.hidden_sparsity}", self.hidden_sparsity)
+        if self.hidden_sparsity and not self.calibration_data:
+            raise _usage("{hidden_sparsity} needs {calibration_data} (the rotation is the PCA of the stream's "
+                         "activations)")
+
     def require_calibration(self, available: bool, settings: Sequence[str] = CALIBRATED) -> None:
         """The one "needs calibration data" check: ``reconstruct``, or a criterion among ``settings`` measured on
         calibration data, without any (``available``) is a usage error."""
         if available:
             return
+        if "hidden" in settings:
+            raise _usage("{hidden_sparsity} needs {calibration_data}")
         if "reconstruct" in settings and self.reconstruct:
             raise _usage("{reconstruct} needs {calibration_data}")
         if self.criterion in settings:

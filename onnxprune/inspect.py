@@ -10,6 +10,7 @@ import onnx
 
 from .analysis.blocks import describe_blocks
 from .analysis.cost import infer_shapes, node_key, node_macs
+from .analysis.stream import find_streams
 from .analysis.vocab import describe_vocabulary, render_vocabulary
 from .analysis.weights import find_prunable_weights
 from .graph import count_params, opset_version
@@ -70,6 +71,7 @@ def inspect_model(path: Path, input_shapes: dict[str, list[int]] | None = None) 
     info["structured"] = describe_groups(model, resolution.shapes)
     info["depth"] = describe_blocks(model, resolution.shapes)
     info["vocabulary"] = describe_vocabulary(model)
+    info["hidden"] = find_streams(model, shapes).to_dict()
     return info
 
 
@@ -117,4 +119,19 @@ def render_inspection(info: dict[str, Any]) -> str:
         lines += [f"  not removable {b['add']}: {b['reason']}" for b in depth["not_removable"]]
     if info.get("vocabulary"):
         lines += ["", *render_vocabulary(info["vocabulary"])]
+    lines += _render_hidden(info.get("hidden"))
     return "\n".join(lines)
+
+
+def _render_hidden(hidden: dict[str, Any] | None) -> list[str]:
+    """The residual streams that ``--hidden-sparsity`` can rotate, or why there are none."""
+    if hidden is None:
+        return []
+    lines = ["", f"residual streams (--hidden-sparsity): {len(hidden['streams'])}"]
+    for s in hidden["streams"]:
+        lines.append(f"  hidden {s['hidden']}, {s['layout']} {s['norm']}: {s['segments']} segments, "
+                     f"{len(s['norms'])} norms, {s['writers']} writers + {s['embeddings']} embeddings, "
+                     f"{s['readers']} readers" + (f", rotated back for {', '.join(s['restored'])}"
+                                                  if s["restored"] else ""))
+    lines += [f"  not rotatable: {reason}" for reason in hidden["refused"]]
+    return lines

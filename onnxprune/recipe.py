@@ -102,6 +102,8 @@ def applied_recipe(report: dict[str, Any]) -> dict[str, Any]:
     for key in ("drop_blocks", "depth_sparsity"):  # depth: replayed with the run's --calibration-data
         if cfg.get(key):
             recipe[key] = cfg[key]
+    if cfg.get("hidden_sparsity"):
+        recipe["hidden_sparsity"] = cfg["hidden_sparsity"]
     overrides: list[dict[str, Any]] = []
     for p in report["passes"]:
         details = p["details"]

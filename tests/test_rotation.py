@@ -1,0 +1,248 @@
+"""Hidden size by rotation (``--hidden-sparsity``): the residual stream rotated into its PCA basis, then sliced.
+
+The oracle: with S = 0 the rotated model computes what the original computes (every output, rtol ~1e-4, random
+token ids with full and partly padded attention masks, two shapes). With S > 0 every rotated matrix has the kept
+width, MACs drop, and the PCA basis beats deleting the same number of unrotated dimensions (the ones with the
+least activation energy): a test that fails if the principal directions were taken in the wrong order.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+import onnxprune
+from onnxprune.analysis.cost import infer_shapes, total_macs
+from onnxprune.analysis.stream import find_streams
+from onnxprune.config import PruneConfig
+from onnxprune.inspect import inspect_model
+from onnxprune.passes.manager import PassContext
+from onnxprune.passes.rotation import Bases, HiddenRotationPass, rotate_stream, stream_covariances
+from onnxprune.passes.structured import prepare_for_analysis
+
+from .test_transformers import FIXTURES, feeds, load, run
+
+ROOT = Path(__file__).resolve().parent.parent
+SHAPES = {"input_ids": [1, 16], "attention_mask": [1, 16]}
+EXACT = ["bert_ts", "bert_dynamo", "bert_sdpa_dynamo", "distilbert_ts", "gpt2_ts", "gpt_neo_ts", "gpt_neox_ts", "gptj_ts",
+         "gpt_bigcode_ts", "falcon_mqa_ts", "llama_ts", "llama_dynamo", "qwen2_ts", "phi3_ts", "t5_ts", "vit_ts"]
+
+
+def token_feed(batch: int, seq: int, seed: int, padded: bool = True) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    mask = np.ones((batch, seq), dtype=np.int64)
+    if padded:
+        mask[-1, seq - seq // 3:] = 0
+    return {"input_ids": rng.integers(0, 256, (batch, seq)).astype(np.int64), "attention_mask": mask}
+
+
+def calibration(count: int = 6, name: str = "gpt2_ts") -> list[dict[str, np.ndarray]]:
+    model = load(name)
+    return [feeds(model, 2, 12, seed) for seed in range(count)]
+
+
+def shapes_for(name: str) -> dict[str, list[int]]:
+    if name.startswith("vit"):
+        return {"pixel_values": [1, 3, 32, 32]}
+    return {**SHAPES, "decoder_input_ids": [1, 19]} if name.startswith("t5") else dict(SHAPES)
+
+
+def rotated(name: str, sparsity: float, per_segment: bool = False) -> tuple[onnx.ModelProto, dict]:
+    model = load(name)
+    config = PruneConfig(hidden_sparsity=sparsity, calibration_data="calibration")
+    result = HiddenRotationPass(config, per_segment).run(
+        PassContext(model=model, calibration=calibration(name=name), input_shapes=shapes_for(name)))
+    onnx.checker.check_model(model, full_check=True)
+    return model, result.details
+
+
+def assert_same_interface(original: onnx.ModelProto, model: onnx.ModelProto) -> None:
+    for before, after in ((original.graph.input, model.graph.input), (original.graph.output, model.graph.output)):
+        assert [v.name for v in before] == [v.name for v in after]
+        assert [str(v.type) for v in before] == [str(v.type) for v in after]
+
+
+@pytest.mark.parametrize("name", EXACT)
+def test_zero_sparsity_is_exact(name: str) -> None:
+    original = load(name)
+    model, details = rotated(name, 0.0)
+    assert details["kind"] == "hidden" and details["streams"][0]["hidden_after"] == 64
+    assert_same_interface(original, model)
+    shapes = [(1, 0), (2, 0)] if name.startswith("vit") else [(1, 5), (2, 16), (3, 9)]
+    for batch, seq in shapes:  # feeds(): the first row's attention mask ends in padding
+        feed = feeds(original, batch, seq, seed=batch * 100 + seq)
+        for expected, got in zip(run(original, feed), run(model, feed)):
+            assert got.shape == expected.shape
+            np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * float(np.abs(expected).max()))
+
+
+@pytest.mark.parametrize("name", ["bert_ts", "gpt2_ts", "llama_ts"])
+def test_zero_sparsity_is_exact_with_a_basis_per_segment(name: str) -> None:
+    original = load(name)
+    model, details = rotated(name, 0.0, per_segment=True)
+    stream = details["streams"][0]
+    assert stream["bases"] == "per segment"
+    # pre-LN: a shortcut matrix between every two segments; post-LN: one per shortcut as always
+    assert stream["shortcut_matrices"] == 4
+    feed = token_feed(2, 11, seed=3)
+    for expected, got in zip(run(original, feed), run(model, feed)):
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * float(np.abs(expected).max()))
+
+
+def test_streams_found_and_refused() -> None:
+    def report(path: Path, shapes: dict) -> dict:
+        model = onnx.load(str(path))
+        prepare_for_analysis(model)
+        return find_streams(model, infer_shapes(model, shapes)).to_dict()
+
+    bert = report(FIXTURES / "bert_ts.onnx", SHAPES)["streams"][0]
+    assert (bert["norm"], bert["layout"], bert["segments"], bert["writers"], bert["embeddings"]) == \
+        ("layernorm", "post-ln", 5, 4, 3)
+    assert bert["readers"] == 8 and "Gather /model/pooler/Gather" in bert["restored"]
+    llama = report(FIXTURES / "llama_ts.onnx", SHAPES)["streams"][0]
+    assert (llama["norm"], llama["layout"], llama["readers"], llama["restored"]) == ("rmsnorm", "pre-ln", 11, [])
+    fused = report(FIXTURES / "bert_fused.onnx", SHAPES)
+    assert not fused["streams"] and "SkipLayerNormalization" in fused["refused"][0]
+    convnext = report(ROOT / "fixtures" / "arch" / "convnext.onnx", {"input": [1, 3, 64, 64]})
+    assert not convnext["streams"]
+    assert convnext["refused"][0].startswith("rotation does not apply: depthwise Conv ")
+    assert "conv_dw" in convnext["refused"][0] and "reads the residual stream" in convnext["refused"][0]
+
+
+def _weights_reading_and_writing(model: onnx.ModelProto) -> list[tuple[str, tuple[int, ...]]]:
+    return [(t.name, tuple(t.dims)) for t in model.graph.initializer if t.name.endswith(".rotated")]
+
+
+def test_sliced_stream_has_the_kept_width_everywhere() -> None:
+    original = load("llama_ts")
+    model, details = rotated("llama_ts", 0.25)
+    stream = details["streams"][0]
+    assert (stream["hidden_before"], stream["hidden_after"]) == (64, 48)
+    assert 0.5 < stream["explained_variance_kept"] < 1.0
+    rotated_weights = _weights_reading_and_writing(model)
+    assert len(rotated_weights) == 1 + 4 + 11  # embedding, writers (o_proj, down_proj), readers incl. the LM head
+    for name, dims in rotated_weights:  # the stream axis has 48; the other axis keeps its size (q/o_proj: 64 too)
+        assert 48 in dims, (name, dims)
+    by_name = dict(rotated_weights)
+    assert by_name["model.model.embed_tokens.weight.rotated"] == (256, 48)
+    assert sum(1 for dims in by_name.values() if dims == (48, 256)) == 1  # the LM head
+    assert details["macs_after"] < details["macs_before"]
+    assert details["macs_before"] == total_macs(original, SHAPES) and details["macs_after"] == total_macs(model, SHAPES)
+    assert details["params_after"] < details["params_before"]
+    feed = token_feed(2, 10, seed=7)
+    (expected,), (got,) = run(original, feed), run(model, feed)
+    assert got.shape == expected.shape and np.isfinite(got).all()
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a * b).sum() / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+@pytest.mark.parametrize("name", ["llama_ts", "gpt2_ts", "bert_ts"])
+def test_pca_beats_deleting_the_weakest_unrotated_dimensions(name: str) -> None:
+    """The same number of directions deleted: the principal ones kept vs the unrotated dimensions with the most
+    activation energy kept (the smallest-norm ones deleted). PCA in the wrong order fails this."""
+    original = load(name)
+    prepared = load(name)
+    prepare_for_analysis(prepared)
+    stream = find_streams(prepared, infer_shapes(prepared, SHAPES)).streams[0]
+    grams = stream_covariances(prepared, stream, calibration())
+    total = sum(grams.values())
+    keep = np.sort(np.argsort(np.diag(total))[::-1][:48])
+    selection = np.eye(64)[:, keep]
+    baseline = onnx.ModelProto()
+    baseline.CopyFrom(prepared)
+    rotate_stream(baseline, stream_of(baseline), Bases({n: selection for n in grams}, {}))
+    model, _ = rotated(name, 0.25)
+    feeds = [token_feed(2, 12, seed) for seed in range(50, 54)]
+    cos_rotated = np.mean([_cosine(run(original, f)[0], run(model, f)[0]) for f in feeds])
+    cos_selected = np.mean([_cosine(run(original, f)[0], run(baseline, f)[0]) for f in feeds])
+    assert np.isfinite(cos_rotated) and cos_rotated > cos_selected, (cos_rotated, cos_selected)
+
+
+def stream_of(model: onnx.ModelProto):
+    return find_streams(model, infer_shapes(model, SHAPES)).streams[0]
+
+
+def test_combined_with_structured_width_and_heads(tmp_path: Path) -> None:
+    data = tmp_path / "calibration.npz"
+    feeds = calibration(8)
+    np.savez(data, **{k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]})
+    model, result = _prune_combined(data)
+    names = [p.name for p in result.passes]
+    assert names == ["structured", "hidden"]
+    hidden = result.passes[1].details
+    assert hidden["streams"][0]["hidden_after"] == 48
+    structured = result.passes[0].details
+    assert hidden["macs_before"] == structured["macs_after"] and hidden["macs_after"] < hidden["macs_before"]
+    onnx.checker.check_model(model, full_check=True)
+    feed = token_feed(2, 9, seed=11)
+    (expected,), (got,) = run(load("llama_ts"), feed), run(model, feed)
+    assert got.shape == expected.shape and np.isfinite(got).all()
+
+
+def _prune_combined(data: Path):
+    config = PruneConfig(structured=True, sparsity=0.5, head_sparsity=0.25, hidden_sparsity=0.25,
+                         calibration_data=str(data), uniform=True)
+    return onnxprune.prune(str(FIXTURES / "llama_ts.onnx"), config=config)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "onnxprune", *args], capture_output=True, text=True, timeout=300,
+                          check=False)
+
+
+def test_cli_needs_calibration_data(tmp_path: Path) -> None:
+    out = tmp_path / "out.onnx"
+    done = _cli(str(FIXTURES / "gpt2_ts.onnx"), "--hidden-sparsity", "0.25", "-o", str(out))
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("onnxprune: error: --hidden-sparsity needs "
+                                                           "--calibration-data")
+    assert not out.exists()
+    done = _cli(str(FIXTURES / "gpt2_ts.onnx"), "--hidden-sparsity", "1.5", "--calibration-data", str(tmp_path))
+    assert done.returncode == 2 and "--hidden-sparsity must be in [0, 1)" in done.stderr
+
+
+def test_cli_and_recipe(tmp_path: Path) -> None:
+    data = tmp_path / "calibration.npz"
+    feeds = calibration(8)
+    np.savez(data, **{k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]})
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("hidden_sparsity: 0.25\n")
+    out, report = tmp_path / "out.onnx", tmp_path / "report.json"
+    done = _cli(str(FIXTURES / "gpt2_ts.onnx"), "--config", str(recipe), "--calibration-data", str(data),
+                "-o", str(out), "--report", str(report), "--save-recipe", str(tmp_path / "applied.yaml"),
+                "--no-validate")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(report.read_text())
+    (hidden,) = [p for p in result["passes"] if p["name"] == "hidden"]
+    details = hidden["details"]
+    assert details["kind"] == "hidden" and details["streams"][0]["hidden_after"] == 48
+    for key in ("macs_before", "macs_after", "params_before", "params_after"):
+        assert isinstance(details[key], int)
+    assert details["macs_after"] < details["macs_before"]
+    assert "hidden_sparsity: 0.25" in (tmp_path / "applied.yaml").read_text()
+    pruned = onnx.load(str(out))
+    assert [o.name for o in pruned.graph.output] == ["logits"]
+
+
+def test_no_stream_is_reported_not_crashed() -> None:
+    model = load("bert_fused")
+    result = HiddenRotationPass(PruneConfig(hidden_sparsity=0.25, calibration_data="x")).run(
+        PassContext(model=model, calibration=calibration(2), input_shapes=dict(SHAPES)))
+    assert not result.modified and "SkipLayerNormalization" in result.details["reason"]
+    assert result.details["macs_after"] == result.details["macs_before"]
+
+
+def test_inspect_lists_the_stream() -> None:
+    info = inspect_model(FIXTURES / "gpt2_ts.onnx")
+    stream = info["hidden"]["streams"][0]
+    assert (stream["hidden"], stream["norm"], stream["layout"], stream["segments"]) == (64, "layernorm", "pre-ln", 5)
+    info = inspect_model(ROOT / "fixtures" / "arch" / "convnext.onnx")
+    assert info["hidden"]["streams"] == [] and "depthwise Conv" in info["hidden"]["refused"][0]
