@@ -20,7 +20,7 @@ from .accuracy import load_eval_data
 from .analysis.cost import total_macs
 from .analysis.rules.catalog import RULES
 from .analysis.weights import find_prunable_weights
-from .calibration import ImagePreprocess, load_calibration
+from .calibration import ImagePreprocess, StageClock, load_calibration
 from .config import PruneConfig, ValidateConfig
 from .errors import GateFailedError, InputDataError, InvalidModelError, OnnxPruneError, UnsupportedError, UsageError
 from .feeds import (
@@ -250,10 +250,13 @@ def _prune(model, output, *, config: PruneConfig | None, validate: bool | Valida
     if original_stats is not None:  # counted at the shapes the passes analyse, as the pruned MACs are
         original_stats["macs"] = total_macs(loaded.model, input_shapes)
     allocation = None
+    start = time.perf_counter()
     if config.target_macs is not None or config.target_params is not None:
         config, allocation = _allocate_for_target(loaded.model, config, calibration, vcfg, feeds, input_shapes)
     elif config.structured and config.sparsity:
         config, allocation = _default_allocation(loaded.model, config, calibration, input_shapes)
+    if allocation is not None and allocation["method"] == "sensitivity":  # measured: timed apart from the pass
+        timings["allocation"] = time.perf_counter() - start
     start = time.perf_counter()
     ctx = PassContext(model=loaded.model, progress=progress, input_shapes=dict(input_shapes),
                       feeds=feeds[0] if feeds and vcfg.data else None, calibration=calibration or None)
@@ -490,8 +493,9 @@ def _default_allocation(model: onnx.ModelProto, config: PruneConfig, calibration
     # the refit in the loop learns from other samples than those it is judged on (else few samples overfit)
     fit = _samples(model, list(calibration), MEASURE_SAMPLES, MEASURE_SAMPLES + FIT_SAMPLES) or samples
     logger.info("measuring each group's sensitivity on calibration data")
+    clock = StageClock()
     sens, estimate = measure_masked(model, samples, config, around(config.sparsity), input_shapes=shapes,
-                                    fit_feeds=fit)
+                                    fit_feeds=fit, clock=clock)
     if not sens["groups"] or base <= 0 or target >= base:
         return config, {"method": "uniform", "reason": "nothing to allocate: no prunable group loses MACs"}
     exact = bool(sens["head_groups"]) and config.head_sparsity > 0  # heads: the estimate does not model them
@@ -509,7 +513,7 @@ def _default_allocation(model: onnx.ModelProto, config: PruneConfig, calibration
     axes = batch_axes(input_specs(model))
     return planned, {"method": "sensitivity", "groups_measured": len(sens["groups"]),
                      "evaluations": sens["evaluations"], "samples": sum(sample_count(s, axes) for s in samples),
-                     "seconds": round(seconds, 3), "target_macs": round(target / base, 6), "uniform_macs": int(target),
+                     "seconds": round(seconds, 3), "stages": clock.as_dict(), "target_macs": round(target / base, 6), "uniform_macs": int(target),
                      "costliest": costliest(sens, config.sparsity),
                      "ratios": [{"producers": by_id[gid]["producers"], "ratio": ratio} for gid, ratio in every.items()],
                      "sensitivity": sens}
