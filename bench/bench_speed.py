@@ -17,9 +17,17 @@ mask, or smooth seeded random images), one ``.npz`` file. Each model is pruned b
 
     python -m onnxprune MODEL --structured --sparsity 0.3 --calibration-data CALIB.npz --reconstruct -o OUT --report R
 
-in a child process: wall and CPU seconds (user + system of the child), peak RSS, and the report's stage breakdown
-(``timings``: load, prune, check_and_save, validate; the structured pass's ``stages``: analysis, selection capture,
-gram, selection, removal, refit capture, refit solve).
+in a child process: wall and CPU seconds (user + system of the child), peak RSS, the RSS when loading starts (after
+the imports) and the peak RSS of each stage (the child's resident set sampled every 20 ms, counted to the stage its
+last progress line opened), and the report's stage breakdown (``timings``: load, allocation, prune, check_and_save,
+validate; the allocation's ``stages``: reference, analysis, capture, gram, refit, probe; the structured pass's
+``stages``: analysis, capture, gram, selection, removal, refit_gram, refit_solve), wall and CPU seconds each, and
+the load average before and after. Each model's figures end with one markdown table row (docs/benchmarks.md).
+
+    OPENBLAS_NUM_THREADS=1 python bench/bench_speed.py --selection-quality resnet50 --samples 16
+
+compares the batched greedy selection (the default for groups of more than ``SELECTION_STEPS`` steps) with one unit
+per step on the model's real Grams: CPU seconds, shared removed units and the refit error of each removed set.
 """
 
 from __future__ import annotations
@@ -175,6 +183,7 @@ def bench(name: str, model: Path, calib: Path, sparsity: float, extra: list[str]
     cmd = [sys.executable, "-m", "onnxprune", str(model), "--structured", "--sparsity", str(sparsity),
            "--calibration-data", str(calib), "--reconstruct", "-o", str(out), "--force", "--report", str(report),
            *extra]
+    before = os.getloadavg()[0]
     cost = child(cmd)
     data = json.loads(report.read_text())
     details = data["passes"][0]["details"]
@@ -186,9 +195,21 @@ def bench(name: str, model: Path, calib: Path, sparsity: float, extra: list[str]
            "macs_kept": round(details["macs_after"] / max(details["macs_before"], 1), 3),
            "layers_refit": (details.get("reconstruction") or {}).get("layers"),
            "worst": (data.get("validation") or {}).get("worst"),
-           "load": os.getloadavg()[0]}
+           "load": [round(before, 1), round(os.getloadavg()[0], 1)]}
     out.unlink(missing_ok=True)
     return row
+
+
+def markdown_row(row: dict) -> str:
+    """The row as a docs/benchmarks.md table line: wall / CPU, timings, allocation and pass stages (CPU s), memory."""
+    def cpu(stages: dict | None) -> str:
+        return " / ".join(f"{k} {v['cpu_s']:.1f}" for k, v in (stages or {}).items())
+    size = row["size_mb"]
+    timings = " / ".join(f"{k} {v}" for k, v in row["timings_s"].items())
+    return (f"| {row['model']} ({size} MB) | {row['wall_s']} ({row['target_s']}) | {row['cpu_s']} | {timings} | "
+            f"{cpu(row.get('allocation_stages_s'))} | {cpu(row.get('stages_s'))} | {row['peak_rss_mb']:,} MB "
+            f"({row['peak_rss_mb'] / size:.1f}x; {row['peak_rss_mb'] - row['rss_at_load_mb']:,} above imports) | "
+            f"{row['macs_kept']} | {row['load'][0]}–{row['load'][1]} |")
 
 
 def selection_micro() -> list[dict]:
@@ -309,6 +330,7 @@ def main() -> None:
         calib = calibration(name, args.samples, args.seq, args.cache)
         rows.append(bench(name, model, calib, args.sparsity, args.extra))
         print(json.dumps(rows[-1]), flush=True)
+        print(markdown_row(rows[-1]), flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 
