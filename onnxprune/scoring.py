@@ -254,7 +254,11 @@ def _greedy_order(group: ChannelGroup, consumers: dict[str, tuple], grams: dict[
             scores[rest] = total + np.maximum(cost[rest], 0.0) + 1e-12 * (removed + 1)
             break
         take = min(batch, n - removed, n if steps is None else steps - removed)
-        chosen = [int(np.argmin(cost))] if take == 1 else np.argsort(cost, kind="stable")[:take].tolist()
+        if take == 1:
+            chosen = [int(np.argmin(cost))]
+        else:  # among the surviving units only (a removed unit's cost is inf, and so may a surviving one's be)
+            survivors = np.flatnonzero(alive)
+            chosen = survivors[np.argsort(cost[survivors], kind="stable")[:take]].tolist()
         for u in chosen:
             total += max(float(cost[u]), 0.0)
             scores[u] = total + 1e-12 * removed
