@@ -223,11 +223,13 @@ def _kernel(node, features: int, channels: int) -> tuple[int, int]:
     return side, side
 
 
-#: a group whose greedy order runs more steps than this removes several units per step (the cheapest by the costs
-#: before the step, removed jointly by one block downdate), so each consumer's O(D²)-sized step work runs at most
-#: about this many times: wide groups (2,048 residual channels, 512 channels of 3×3 patches) stay fast, and every
-#: group of up to this many steps keeps the exact one-unit-per-step order
+#: a group whose greedy order runs more steps than this, with a consumer of at least ``BATCH_FEATURES`` features,
+#: removes several units per step (the cheapest by the costs before the step, removed jointly by one block
+#: downdate), so each consumer's O(D²)-sized step work runs at most about this many times: wide groups (1,024 and
+#: 2,048 residual channels, 512 channels of 3×3 patches) stay fast; every other group keeps the exact
+#: one-unit-per-step order
 SELECTION_STEPS = 64
+BATCH_FEATURES = 1024
 
 
 def _greedy_order(group: ChannelGroup, consumers: dict[str, tuple], grams: dict[str, np.ndarray],
@@ -235,12 +237,14 @@ def _greedy_order(group: ChannelGroup, consumers: dict[str, tuple], grams: dict[
     """Greedy OBS elimination over the group's units: each step removes the unit whose block costs least,
     summed over the consumers, then downdates each consumer's inverse Gram and refitted weights (``steps``:
     stop after that many; the rest score the accumulated error plus their current cost). Past
-    ``SELECTION_STEPS`` steps, each step removes the ``batch`` cheapest units together."""
+    ``SELECTION_STEPS`` steps on a consumer of ``BATCH_FEATURES`` features or more, each step removes the ``batch``
+    cheapest units together."""
     states = _states(group, consumers, grams)
     if not states:
         return None
     n = len(group.units)
-    batch = max(1, min(n, steps or n) // SELECTION_STEPS)
+    wide = max(state.P0.shape[0] for state in states) >= BATCH_FEATURES
+    batch = max(1, min(n, steps or n) // SELECTION_STEPS) if wide else 1
     alive = np.ones(n, dtype=bool)
     scores = np.zeros(n)
     total, removed = 0.0, 0

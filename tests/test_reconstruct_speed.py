@@ -97,9 +97,12 @@ def test_batched_greedy_close_to_exact(n, block, monkeypatch):
     group, consumers, grams = _wide_group(np.random.default_rng(block), n, block)
     (H, W, feature_ids), = [(grams["c"], consumers["c"][2], consumers["c"][3])]
     steps = 2 * scoring.SELECTION_STEPS + 2
+    narrow = _greedy_order(group, consumers, grams, steps=steps)  # narrower than BATCH_FEATURES
+    monkeypatch.setattr(scoring, "BATCH_FEATURES", 100)
     batched = _greedy_order(group, consumers, grams, steps=steps)
     monkeypatch.setattr(scoring, "SELECTION_STEPS", steps)  # no more steps than the limit: one unit per step
     exact = _greedy_order(group, consumers, grams, steps=steps)
+    assert np.array_equal(narrow, exact)  # a narrow consumer keeps one unit per step past SELECTION_STEPS
     assert not np.allclose(exact, batched)  # a different path was taken
     errors = []
     for scores in (exact, batched):
