@@ -17,9 +17,17 @@ mask, or smooth seeded random images), one ``.npz`` file. Each model is pruned b
 
     python -m onnxprune MODEL --structured --sparsity 0.3 --calibration-data CALIB.npz --reconstruct -o OUT --report R
 
-in a child process: wall and CPU seconds (user + system of the child), peak RSS, and the report's stage breakdown
-(``timings``: load, prune, check_and_save, validate; the structured pass's ``stages``: analysis, selection capture,
-gram, selection, removal, refit capture, refit solve).
+in a child process: wall and CPU seconds (user + system of the child), peak RSS, the RSS when loading starts (after
+the imports) and the peak RSS of each stage (the child's resident set sampled every 20 ms, counted to the stage its
+last progress line opened), and the report's stage breakdown (``timings``: load, allocation, prune, check_and_save,
+validate; the allocation's ``stages``: reference, analysis, capture, gram, refit, probe; the structured pass's
+``stages``: analysis, capture, gram, selection, removal, refit_gram, refit_solve), wall and CPU seconds each, and
+the load average before and after. Each model's figures end with one markdown table row (docs/benchmarks.md).
+
+    OPENBLAS_NUM_THREADS=1 python bench/bench_speed.py --selection-quality resnet50 --samples 16
+
+compares the batched greedy selection (the default for groups of more than ``SELECTION_STEPS`` steps) with one unit
+per step on the model's real Grams: CPU seconds, shared removed units and the refit error of each removed set.
 """
 
 from __future__ import annotations
@@ -32,7 +40,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-from benchlib import child_cost
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -115,18 +122,68 @@ def calibration(name: str, samples: int, seq: int, folder: Path) -> Path:
     return path
 
 
+#: progress line prefix -> stage it opens (the lines onnxprune prints on stderr without -q)
+STAGE_LINES = (("loading model", "load"), ("measuring each group's sensitivity", "allocation"),
+               ("group ", "allocation"), ("analysing channel groups", "analysis"),
+               ("measuring channel activations", "capture"), ("choosing channels", "selection"),
+               ("removing channels", "removal"), ("reconstructing", "refit"), ("folding constants", "fold"),
+               ("checking", "check_and_save"), ("validating", "validate"), ("measuring accuracy", "validate"))
+
+
 def child(cmd: list[str]) -> dict:
-    """Wall seconds, CPU seconds (user + system) and peak RSS of one child process."""
-    cost = child_cost(cmd)
-    return {"wall_s": round(cost.seconds, 1), "cpu_s": round(cost.cpu_seconds, 1), "peak_rss_mb": cost.peak_rss // 2**20}
+    """Wall and CPU seconds (user + system) and peak RSS of one child process, and its RSS per stage: the child's
+    resident set is sampled every 20 ms and each sample counted to the stage its last progress line opened;
+    ``rss_at_load_mb`` is the RSS when loading starts (after the imports), the baseline of the memory target."""
+    import re
+    import subprocess
+    import threading
+
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    current, lines = ["start"], []
+
+    def read() -> None:
+        for line in proc.stderr:
+            lines.append(line)
+            message = re.sub(r"^\[\s*[\d.]+s\]\s*", "", line.strip())
+            current[0] = next((stage for prefix, stage in STAGE_LINES if message.startswith(prefix)), current[0])
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    peaks: dict[str, int] = {}
+    at_load = None
+    while True:
+        pid, code, usage = os.wait4(proc.pid, os.WNOHANG)  # reaps the child itself: its rusage is the figure
+        if pid:
+            break
+        try:
+            status = Path(f"/proc/{proc.pid}/status").read_text()
+        except OSError:
+            continue
+        found = re.search(r"VmRSS:\s+(\d+) kB", status)
+        if found:
+            rss = int(found.group(1)) << 10
+            peaks[current[0]] = max(peaks.get(current[0], 0), rss)
+            if current[0] == "load" and at_load is None:
+                at_load = rss
+        time.sleep(0.02)
+    proc.returncode = os.waitstatus_to_exitcode(code)
+    reader.join(timeout=5)
+    code = proc.returncode
+    if code:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({code}): {''.join(lines)[-2000:]}")
+    wall = time.perf_counter() - start
+    return {"wall_s": round(wall, 1), "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
+            "peak_rss_mb": usage.ru_maxrss >> 10, "rss_at_load_mb": (at_load or 0) >> 20,
+            "peak_rss_by_stage_mb": {stage: rss >> 20 for stage, rss in peaks.items()}}
 
 
 def bench(name: str, model: Path, calib: Path, sparsity: float, extra: list[str]) -> dict:
     out = model.with_name(model.stem + ".pruned.onnx")
     report = model.with_name(model.stem + ".report.json")
     cmd = [sys.executable, "-m", "onnxprune", str(model), "--structured", "--sparsity", str(sparsity),
-           "--calibration-data", str(calib), "--reconstruct", "-o", str(out), "--force", "-q", "--report", str(report),
+           "--calibration-data", str(calib), "--reconstruct", "-o", str(out), "--force", "--report", str(report),
            *extra]
+    before = os.getloadavg()[0]
     cost = child(cmd)
     data = json.loads(report.read_text())
     details = data["passes"][0]["details"]
@@ -134,12 +191,25 @@ def bench(name: str, model: Path, calib: Path, sparsity: float, extra: list[str]
     row = {"model": name, "size_mb": round(size_mb, 1), **cost, "target_s": TARGETS_S.get(name),
            "timings_s": {k: round(v, 1) for k, v in data.get("timings", {}).items()},
            "stages_s": details.get("stages"),
+           "allocation_stages_s": (data.get("allocation") or {}).get("stages"),
            "macs_kept": round(details["macs_after"] / max(details["macs_before"], 1), 3),
            "layers_refit": (details.get("reconstruction") or {}).get("layers"),
            "worst": (data.get("validation") or {}).get("worst"),
-           "load": os.getloadavg()[0]}
+           "load": [round(before, 1), round(os.getloadavg()[0], 1)]}
     out.unlink(missing_ok=True)
     return row
+
+
+def markdown_row(row: dict) -> str:
+    """The row as a docs/benchmarks.md table line: wall / CPU, timings, allocation and pass stages (CPU s), memory."""
+    def cpu(stages: dict | None) -> str:
+        return " / ".join(f"{k} {v['cpu_s']:.1f}" for k, v in (stages or {}).items())
+    size = row["size_mb"]
+    timings = " / ".join(f"{k} {v}" for k, v in row["timings_s"].items())
+    return (f"| {row['model']} ({size} MB) | {row['wall_s']} ({row['target_s']}) | {row['cpu_s']} | {timings} | "
+            f"{cpu(row.get('allocation_stages_s'))} | {cpu(row.get('stages_s'))} | {row['peak_rss_mb']:,} MB "
+            f"({row['peak_rss_mb'] / size:.1f}x; {row['peak_rss_mb'] - row['rss_at_load_mb']:,} above imports) | "
+            f"{row['macs_kept']} | {row['load'][0]}–{row['load'][1]} |")
 
 
 def selection_micro() -> list[dict]:
@@ -166,6 +236,65 @@ def selection_micro() -> list[dict]:
     return rows
 
 
+def selection_quality(model: Path, calib: Path, samples: int, ratios=(0.3, 0.6)) -> list[dict]:
+    """Greedy selection on the model's real Grams (``samples`` calibration samples), batched (the default past
+    ``SELECTION_STEPS`` steps) against one unit per step (exact), for every group of more than that many units:
+    CPU seconds of each, the share of removed units both choose, and the refit error each removed set leaves
+    (Σ over consumers of W_qᵀ (H⁻¹)_qq⁻¹ W_q, the least-squares output error after refitting without q)."""
+    import math
+
+    import onnx
+
+    sys.path.insert(0, str(ROOT))
+    from onnxprune import scoring
+    from onnxprune.analysis.groups import analyse, build_groups
+    from onnxprune.passes.structured import prepare_for_analysis
+
+    loaded = onnx.load(str(model))
+    prepare_for_analysis(loaded)
+    data = dict(np.load(calib))
+    feeds = [{k: v[i:i + 8] for k, v in data.items()} for i in range(0, samples, 8)]
+    analysis = analyse(loaded)
+    consumers = scoring._refit_consumers(analysis)
+    grams = scoring._consumer_grams(loaded, consumers, feeds, 1e-3, None, analysis.shapes)
+    rows = []
+    for group in build_groups(analysis):
+        if len(group.units) <= scoring.SELECTION_STEPS:
+            continue
+        steps = math.ceil(max(ratios) * max(group.channels, len(group.units))) + 1
+        orders = {}
+        for mode, limit in (("exact", 1 << 30), ("batched", scoring.SELECTION_STEPS)):
+            scoring.SELECTION_STEPS, saved = limit, scoring.SELECTION_STEPS
+            cpu = time.process_time()
+            scores = scoring._greedy_order(group, consumers, grams, steps)
+            orders[mode] = (np.argsort(scores, kind="stable"), time.process_time() - cpu)
+            scoring.SELECTION_STEPS = saved
+        row = {"group": group.id, "units": len(group.units), "cpu_s_exact": round(orders["exact"][1], 2),
+               "cpu_s_batched": round(orders["batched"][1], 2)}
+        for ratio in ratios:
+            n = int(ratio * len(group.units))
+            chosen = {mode: order[:n] for mode, (order, _) in orders.items()}
+            row[f"same_{ratio}"] = round(len(set(chosen["exact"]) & set(chosen["batched"])) / max(n, 1), 3)
+            errors = {mode: _refit_error(group, consumers, grams, units) for mode, units in chosen.items()}
+            row[f"error_ratio_{ratio}"] = round(errors["batched"] / max(errors["exact"], 1e-30), 4)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def _refit_error(group, consumers: dict, grams: dict, units) -> float:
+    """Σ over the group's consumers of the least-squares output error left by removing ``units`` and refitting."""
+    ids = {int(i) for u in units for i in np.asarray(group.units[u]).ravel()}
+    total = 0.0
+    for key, (_, _, matrix, feature_ids) in consumers.items():
+        q = np.flatnonzero([int(i) in ids for i in feature_ids])
+        if key not in grams or not q.size:
+            continue
+        inverse = np.linalg.inv(grams[key])
+        total += float(np.sum(matrix[q] * np.linalg.solve(inverse[np.ix_(q, q)], matrix[q])))
+    return total
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="minilm,bert-base,resnet50")
@@ -175,10 +304,19 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=HERE / "models" / "speed")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--selection", action="store_true", help="only time greedy selection on synthetic groups")
+    parser.add_argument("--selection-quality", metavar="MODEL", choices=["resnet50", "minilm", "bert-base"],
+                        help="batched against exact greedy selection on the model's real Grams")
     parser.add_argument("extra", nargs="*", help="further onnxprune options (after --)")
     args = parser.parse_args()
     if args.selection:
         selection_micro()
+        return
+    if args.selection_quality:
+        name = args.selection_quality
+        rows = selection_quality(args.cache / f"{name}.onnx", calibration(name, args.samples, args.seq, args.cache),
+                                 args.samples)
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=1))
         return
     args.cache.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -192,6 +330,7 @@ def main() -> None:
         calib = calibration(name, args.samples, args.seq, args.cache)
         rows.append(bench(name, model, calib, args.sparsity, args.extra))
         print(json.dumps(rows[-1]), flush=True)
+        print(markdown_row(rows[-1]), flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 

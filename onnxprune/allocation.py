@@ -15,6 +15,7 @@ import onnx
 
 from .accuracy import load_eval_data
 from .analysis.cost import total_macs
+from .calibration import StageClock
 from .config import PruneConfig, ValidateConfig
 from .feeds import batch_axes, input_specs, prepare_feeds, sample_count
 from .passes.structured import prepare_for_analysis
@@ -101,8 +102,9 @@ def default_allocation(model: onnx.ModelProto, config: PruneConfig, calibration,
     # the refit in the loop learns from other samples than those it is judged on (else few samples overfit)
     fit = _samples(model, list(calibration), MEASURE_SAMPLES, MEASURE_SAMPLES + FIT_SAMPLES) or samples
     logger.info("measuring each group's sensitivity on calibration data")
+    clock = StageClock()
     sens, estimate = measure_masked(model, samples, config, around(config.sparsity), input_shapes=shapes,
-                                    fit_feeds=fit)
+                                    fit_feeds=fit, clock=clock)
     if not sens["groups"] or base <= 0 or target >= base:
         return config, {"method": "uniform", "reason": "nothing to allocate: no prunable group loses MACs"}
     exact = bool(sens["head_groups"]) and config.head_sparsity > 0  # heads: the estimate does not model them
@@ -120,7 +122,8 @@ def default_allocation(model: onnx.ModelProto, config: PruneConfig, calibration,
     axes = batch_axes(input_specs(model))
     return planned, {"method": "sensitivity", "groups_measured": len(sens["groups"]),
                      "evaluations": sens["evaluations"], "samples": sum(sample_count(s, axes) for s in samples),
-                     "seconds": round(seconds, 3), "target_macs": round(target / base, 6), "uniform_macs": int(target),
+                     "seconds": round(seconds, 3), "stages": clock.as_dict(),
+                     "target_macs": round(target / base, 6), "uniform_macs": int(target),
                      "costliest": costliest(sens, config.sparsity),
                      "ratios": [{"producers": by_id[gid]["producers"], "ratio": ratio} for gid, ratio in every.items()],
                      "sensitivity": sens}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,36 @@ from .graph import free_names
 from .sessions import create_session, session_options, session_with_outputs
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm")
+
+
+class StageClock:
+    """Wall and CPU seconds per named stage of a pass, for the report; a stage nested in another is not counted in
+    its parent's own time (capture inside Gram accumulation counts as capture)."""
+
+    def __init__(self):
+        self.wall: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+        self.stack: list[str] = []
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Time the body as ``name``."""
+        wall, cpu = time.perf_counter(), time.process_time()
+        self.stack.append(name)
+        try:
+            yield
+        finally:
+            self.stack.pop()
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            self.wall[name] = self.wall.get(name, 0.0) + wall
+            self.cpu[name] = self.cpu.get(name, 0.0) + cpu
+            if self.stack:
+                self.wall[self.stack[-1]] = self.wall.get(self.stack[-1], 0.0) - wall
+                self.cpu[self.stack[-1]] = self.cpu.get(self.stack[-1], 0.0) - cpu
+
+    def as_dict(self) -> dict[str, dict[str, float]]:
+        """Stage -> {"wall_s", "cpu_s"}, in the order the stages first ran."""
+        return {k: {"wall_s": round(v, 3), "cpu_s": round(self.cpu[k], 3)} for k, v in self.wall.items()}
 
 
 @dataclass
@@ -144,7 +175,7 @@ class ActivationStream:
             clock: Any = None) -> Iterator[dict[str, np.ndarray]]:
         """Per feed, the tensors ``names``; ``live`` maps constants (initializers, Constant outputs) to values fed as
         session inputs instead, so weights that change between steps need no new model copy. ``clock`` (a
-        :class:`~onnxprune.compensation.StageClock`) times session building and runs as ``capture``."""
+        :class:`~onnxprune.calibration.StageClock`) times session building and runs as ``capture``."""
         live = live or {}
         timed = clock.stage("capture") if clock is not None else contextlib.nullcontext()
         self._forget()  # here, not after the last yield: a caller may stop iterating once it has every feed

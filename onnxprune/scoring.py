@@ -7,8 +7,8 @@ import math
 import numpy as np
 
 from .analysis.groups import Analysis, ChannelGroup
-from .calibration import ActivationStream
-from .compensation import GramSum, RowSampler, StageClock, _patches, _reconstructable
+from .calibration import ActivationStream, StageClock
+from .gram import GramSum, RowSampler, _patches, _reconstructable
 from .graph import get_attr
 
 
@@ -69,7 +69,7 @@ def reconstruction_scores(analysis: Analysis, groups: list[ChannelGroup], feeds:
     (grouped convs, batched MatMuls) keep L1 scores. With ``stop`` (the largest share of a group's channels the
     allocation may remove), the order stops one unit past that share: the remaining units score above every
     removed one (accumulated error plus their cost at that point), so the removed set is the same. ``clock`` (a
-    :class:`~onnxprune.compensation.StageClock`) times capture, Gram and selection.
+    :class:`~onnxprune.calibration.StageClock`) times capture, Gram and selection.
     """
     clock = clock or StageClock()
     fallback = unit_scores(analysis, groups, "l1")
@@ -128,6 +128,10 @@ def _refit_consumers(analysis: Analysis) -> dict[str, tuple]:
         found[node.name or node.output[0]] = (node, edit, matrix, np.asarray(feature_ids))
     return found
 
+
+#: consumers with at least this many input features cost units by k×k inverses and products (faster than a solve
+#: per output at D = C·k², equal up to rounding); narrower ones keep the batched solve
+WIDE_FEATURES = 2048
 
 #: bytes of consumer inputs captured per onnxruntime run and calibration batch (and kept between runs) in selection
 CAPTURE_BYTES = 256 << 20
@@ -219,11 +223,58 @@ def _kernel(node, features: int, channels: int) -> tuple[int, int]:
     return side, side
 
 
+#: a group whose greedy order runs more steps than this, with a consumer of at least ``BATCH_FEATURES`` features,
+#: removes several units per step (the cheapest by the costs before the step, removed jointly by one block
+#: downdate), so each consumer's O(D²)-sized step work runs at most about this many times: wide groups (1,024 and
+#: 2,048 residual channels, 512 channels of 3×3 patches) stay fast; every other group keeps the exact
+#: one-unit-per-step order
+SELECTION_STEPS = 64
+BATCH_FEATURES = 1024
+
+
 def _greedy_order(group: ChannelGroup, consumers: dict[str, tuple], grams: dict[str, np.ndarray],
                   steps: int | None = None) -> np.ndarray | None:
     """Greedy OBS elimination over the group's units: each step removes the unit whose block costs least,
     summed over the consumers, then downdates each consumer's inverse Gram and refitted weights (``steps``:
-    stop after that many; the rest score the accumulated error plus their current cost)."""
+    stop after that many; the rest score the accumulated error plus their current cost). Past
+    ``SELECTION_STEPS`` steps on a consumer of ``BATCH_FEATURES`` features or more, each step removes the ``batch``
+    cheapest units together."""
+    states = _states(group, consumers, grams)
+    if not states:
+        return None
+    n = len(group.units)
+    wide = max(state.P0.shape[0] for state in states) >= BATCH_FEATURES
+    batch = max(1, min(n, steps or n) // SELECTION_STEPS) if wide else 1
+    alive = np.ones(n, dtype=bool)
+    scores = np.zeros(n)
+    total, removed = 0.0, 0
+    while removed < n:
+        cost = np.zeros(n)
+        for state in states:
+            state.add_costs(cost)
+        cost[~alive] = np.inf
+        if steps is not None and removed >= steps:
+            rest = np.flatnonzero(alive)
+            scores[rest] = total + np.maximum(cost[rest], 0.0) + 1e-12 * (removed + 1)
+            break
+        take = min(batch, n - removed, n if steps is None else steps - removed)
+        if take == 1:
+            chosen = [int(np.argmin(cost))]
+        else:  # among the surviving units only (a removed unit's cost is inf, and so may a surviving one's be)
+            survivors = np.flatnonzero(alive)
+            chosen = survivors[np.argsort(cost[survivors], kind="stable")[:take]].tolist()
+        for u in chosen:
+            total += max(float(cost[u]), 0.0)
+            scores[u] = total + 1e-12 * removed
+            alive[u] = False
+            removed += 1
+        for state in states:
+            state.remove(chosen)
+    return scores
+
+
+def _states(group: ChannelGroup, consumers: dict[str, tuple], grams: dict[str, np.ndarray]) -> list | None:
+    """One :class:`_State` per consumer that reads the group's units (None: a Gram cannot be inverted)."""
     unit_of = {}
     for u, ids in enumerate(group.units):
         for i in np.asarray(ids).tolist():
@@ -238,32 +289,52 @@ def _greedy_order(group: ChannelGroup, consumers: dict[str, tuple], grams: dict[
             continue
         if id(grams[key]) not in inverses:
             try:
-                inverses[id(grams[key])] = np.linalg.inv(grams[key])
+                inverses[id(grams[key])] = spd_inverse(grams[key])
             except np.linalg.LinAlgError:
                 return None
         states.append(_State(inverses[id(grams[key])], matrix.copy(), units))
-    if not states:
-        return None
-    n = len(group.units)
-    alive = np.ones(n, dtype=bool)
-    scores = np.zeros(n)
-    total = 0.0
-    for step in range(n):
-        cost = np.zeros(n)
-        for state in states:
-            state.add_costs(cost)
-        cost[~alive] = np.inf
-        if steps is not None and step >= steps:
-            rest = np.flatnonzero(alive)
-            scores[rest] = total + np.maximum(cost[rest], 0.0) + 1e-12 * (step + 1)
-            break
-        u = int(np.argmin(cost))
-        total += max(float(cost[u]), 0.0)
-        scores[u] = total + 1e-12 * step
-        alive[u] = False
-        for state in states:
-            state.remove(u)
-    return scores
+    return states
+
+
+def spd_inverse(gram: np.ndarray) -> np.ndarray:
+    """The inverse of a symmetric positive definite (ridge-regularised) Gram: ``np.linalg.inv`` below
+    ``WIDE_FEATURES``; above, by Cholesky (H = L Lᵀ, H⁻¹ = L⁻ᵀ L⁻¹) with blocked products that use the triangles
+    (about half the flops of an LU inverse, same float64 accuracy); LU where Cholesky fails."""
+    if gram.shape[0] < WIDE_FEATURES:
+        return np.linalg.inv(gram)
+    try:
+        lower = np.linalg.cholesky(gram)
+    except np.linalg.LinAlgError:
+        return np.linalg.inv(gram)
+    return _lower_gram(_lower_inverse(lower))
+
+
+def _lower_inverse(lower: np.ndarray) -> np.ndarray:
+    """L⁻¹ of a lower-triangular L by halves: [[A, 0], [B, C]]⁻¹ = [[A⁻¹, 0], [−C⁻¹ B A⁻¹, C⁻¹]]."""
+    n = lower.shape[0]
+    if n <= 256:
+        return np.linalg.inv(lower)
+    m = n // 2
+    top, bottom = _lower_inverse(lower[:m, :m]), _lower_inverse(lower[m:, m:])
+    out = np.zeros_like(lower)
+    out[:m, :m], out[m:, m:] = top, bottom
+    out[m:, :m] = -(bottom @ (lower[m:, :m] @ top))
+    return out
+
+
+def _lower_gram(lower: np.ndarray) -> np.ndarray:
+    """MᵀM of a lower-triangular M by halves, skipping the zero triangle: [[AᵀA + BᵀB, BᵀC], [CᵀB, CᵀC]]."""
+    n = lower.shape[0]
+    if n <= 256:
+        return lower.T @ lower
+    m = n // 2
+    a, b, c = lower[:m, :m], lower[m:, :m], lower[m:, m:]
+    out = np.empty_like(lower)
+    out[:m, :m] = _lower_gram(a) + b.T @ b
+    out[:m, m:] = b.T @ c
+    out[m:, :m] = out[:m, m:].T
+    out[m:, m:] = _lower_gram(c)
+    return out
 
 
 class _State:
@@ -302,15 +373,16 @@ class _State:
                 continue
             w = self.W[index]  # [units, k, outputs]
             try:
-                solved = np.linalg.solve(blocks, w)
+                if self.P0.shape[0] < WIDE_FEATURES:
+                    cost[unit_ids] += np.einsum("ukj,ukj->u", w, np.linalg.solve(blocks, w))
+                else:  # the same quadratic form as trace(P_qq⁻¹ · w wᵀ): k×k products instead of solves per output
+                    cost[unit_ids] += np.einsum("ukl,ukl->u", np.linalg.inv(blocks), np.matmul(w, w.transpose(0, 2, 1)))
             except np.linalg.LinAlgError:
                 cost[unit_ids] += [_removal_cost(b, self.W[q]) for b, q in zip(blocks, index)]
-                continue
-            cost[unit_ids] += np.einsum("ukj,ukj->u", w, solved)
 
-    def remove(self, unit: int) -> None:
-        """Drop the unit's features q: refit W ← W − P[:, q] P_qq⁻¹ W[q] and append the downdate to U, V."""
-        q = np.flatnonzero(self.units == unit)
+    def remove(self, units: list[int]) -> None:
+        """Drop the units' features q together: refit W ← W − P[:, q] P_qq⁻¹ W[q], append the downdate to U, V."""
+        q = np.flatnonzero(self.units == units[0]) if len(units) == 1 else np.flatnonzero(np.isin(self.units, units))
         if not q.size:
             return
         column = self.P0[:, q] - self.U[:, :self.rank] @ self.V[q, :self.rank].T  # current P[:, q]
@@ -326,7 +398,7 @@ class _State:
         self.units[q] = -1
         for entry in self.groups:
             unit_ids, index, blocks = entry
-            alive = unit_ids != unit
+            alive = unit_ids != units[0] if len(units) == 1 else ~np.isin(unit_ids, units)
             if not alive.all():
                 entry[0], entry[1], entry[2] = unit_ids[alive], index[alive], blocks[alive]
                 unit_ids, index, blocks = entry

@@ -20,11 +20,12 @@ import onnx
 
 from .analysis.cost import node_key, node_macs, total_macs
 from .analysis.groups import Analysis, analyse, build_groups
+from .calibration import StageClock
 from .config import PruneConfig
 from .errors import UsageError
 from .graph import count_params
 from .passes.structured import StructuredPrunePass, allocate_safe, head_units, mask, never_empty, remove
-from .scoring import _consumer_grams, _refit_consumers, unit_scores
+from .scoring import WIDE_FEATURES, _consumer_grams, _refit_consumers, unit_scores
 from .sessions import create_session, session_options
 
 logger = logging.getLogger(__name__)
@@ -98,7 +99,8 @@ def around(sparsity: float) -> tuple[float, ...]:
 
 def measure_masked(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], config: PruneConfig,
                    ratios: tuple[float, ...], input_shapes: dict[str, list[int]] | None = None,
-                   fit_feeds: list[dict[str, np.ndarray]] | None = None) -> tuple[dict[str, Any], MacEstimate]:
+                   fit_feeds: list[dict[str, np.ndarray]] | None = None,
+                   clock: StageClock | None = None) -> tuple[dict[str, Any], MacEstimate]:
     """:func:`measure` from a single analysis: each point zeroes the consumer weight slices that read the
     group's dropped units (the oracle's masked model, whose outputs equal the removed model's without
     compensation) and runs it; MACs and params saved are counted from the weight edits. Attention-head
@@ -109,17 +111,23 @@ def measure_masked(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], c
     point then refits the group's consumers by least squares from them (exact for a group pruned alone: its
     consumers' inputs are the original's). Units go in data-free order (L1 unless the criterion is one): the
     greedy order of the ``reconstruction`` criterion would cost as much as the pass's own selection.
-    Returns the measurements and a :class:`MacEstimate` over the same unit order."""
-    reference = _run(model, feeds)
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    analysis = analyse(copy, input_shapes, config.exclude, config.prune_layernorm, config.overrides)
-    every = build_groups(analysis)
-    heads = [g.id for g in every if g.units and head_units(analysis, g)]
-    groups = [g for g in every if g.units and g.id not in heads]
-    scores = unit_scores(analysis, groups, _data_free(config), config.seed)
-    refit = _Refit(analysis, fit_feeds or feeds) if config.reconstruct else None
-    probe = _Probe(analysis, feeds, refit)
+    Returns the measurements and a :class:`MacEstimate` over the same unit order. ``clock`` times the stages:
+    reference (the original's outputs), analysis, capture and gram (the refit's Grams), refit and probe (the
+    points' refits and onnxruntime runs)."""
+    clock = clock or StageClock()
+    with clock.stage("reference"):
+        reference = _run(model, feeds)
+    with clock.stage("analysis"):
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        analysis = analyse(copy, input_shapes, config.exclude, config.prune_layernorm, config.overrides)
+        every = build_groups(analysis)
+        heads = [g.id for g in every if g.units and head_units(analysis, g)]
+        groups = [g for g in every if g.units and g.id not in heads]
+        scores = unit_scores(analysis, groups, _data_free(config), config.seed)
+    with clock.stage("gram"):
+        refit = _Refit(analysis, fit_feeds or feeds, clock=clock) if config.reconstruct else None
+    probe = _Probe(analysis, feeds, refit, clock)
     macs = node_macs(copy, shapes=analysis.shapes)
     rows, evaluations = [], 0
     for number, group in enumerate(groups, 1):
@@ -194,10 +202,13 @@ class MacEstimate:
 class _Refit:
     """Least-squares refit of masked consumers from Gram matrices captured once on the calibration data."""
 
-    def __init__(self, analysis: Analysis, feeds: list[dict[str, np.ndarray]], ridge: float = 1e-3):
-
+    def __init__(self, analysis: Analysis, feeds: list[dict[str, np.ndarray]], ridge: float = 1e-3,
+                 clock: StageClock | None = None):
         self.consumers = _refit_consumers(analysis)
-        self.grams = _consumer_grams(analysis.model, self.consumers, feeds, ridge) if self.consumers else {}
+        # one capture run per batch for every consumer (no chunk shapes): the fit samples are few, and chunked
+        # sessions held more memory here (MiniLM-shaped: 1.33 GB against 1.07 GB peak)
+        self.grams = _consumer_grams(analysis.model, self.consumers, feeds, ridge, clock) if self.consumers else {}
+        self.products: dict[str, np.ndarray] = {}
 
     def apply(self, keep: np.ndarray) -> None:
         """Write the refitted weights of every consumer that lost input features (after :func:`mask`)."""
@@ -208,7 +219,7 @@ class _Refit:
             gram = self.grams[key]
             fitted = np.zeros_like(matrix)
             try:
-                fitted[kept] = np.linalg.solve(gram[np.ix_(kept, kept)], gram[kept] @ matrix)
+                fitted[kept] = np.linalg.solve(gram[np.ix_(kept, kept)], self._target(key, gram, matrix, kept))
             except np.linalg.LinAlgError:
                 continue
             shape = edit.weight.array().shape
@@ -220,14 +231,24 @@ class _Refit:
                 values = fitted
             edit.weight.set_array(values)
 
+    def _target(self, key: str, gram: np.ndarray, matrix: np.ndarray, kept: np.ndarray) -> np.ndarray:
+        """H[kept] @ W, the right-hand side of the refit; for a wide consumer (every point of its group solves
+        with it) H @ W is computed once and its rows taken."""
+        if gram.shape[0] < WIDE_FEATURES:
+            return gram[kept] @ matrix
+        if key not in self.products:
+            self.products[key] = gram @ matrix
+        return self.products[key][kept]
+
 
 class _Probe:
     """Runs the analysed model with some consumer weights masked (and refitted). Where every consumer weight is
     an initializer of the main graph they become graph inputs of one onnxruntime session, fed per point; else
     each point serialises the masked model into a new session."""
 
-    def __init__(self, analysis: Analysis, feeds: list[dict[str, np.ndarray]], refit: _Refit | None):
-        self.analysis, self.feeds, self.refit = analysis, feeds, refit
+    def __init__(self, analysis: Analysis, feeds: list[dict[str, np.ndarray]], refit: _Refit | None,
+                 clock: StageClock | None = None):
+        self.analysis, self.feeds, self.refit, self.clock = analysis, feeds, refit, clock or StageClock()
         self.edits = [e for e in analysis.edits if e.role == "consumer"]
         weights = {e.weight.name: e.weight for e in self.edits}
         self.session = None
@@ -239,14 +260,16 @@ class _Probe:
         """The model's outputs on the feeds with the channels ``keep`` drops masked; weights restored after."""
         touched = [e for e in self.edits if not keep[e.ids].all()]
         saved = [(e.weight, e.weight.array()) for e in touched]
-        mask(self.analysis, keep)
-        if self.refit is not None:
-            self.refit.apply(keep)
+        with self.clock.stage("refit"):
+            mask(self.analysis, keep)
+            if self.refit is not None:
+                self.refit.apply(keep)
         try:
-            if self.session is None:
-                return _run(self.analysis.model, self.feeds)
-            weights = {**self.weights, **{e.weight.name: e.weight.array() for e in touched}}
-            return [self.session.run(None, {**feed, **weights}) for feed in self.feeds]
+            with self.clock.stage("probe"):
+                if self.session is None:
+                    return _run(self.analysis.model, self.feeds)
+                weights = {**self.weights, **{e.weight.name: e.weight.array() for e in touched}}
+                return [self.session.run(None, {**feed, **weights}) for feed in self.feeds]
         finally:
             for weight, values in reversed(saved):
                 weight.set_array(values)

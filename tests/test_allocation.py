@@ -96,10 +96,17 @@ def test_cli_reports_allocation(calib, tmp_path):
     assert "allocation: sensitivity (2 groups measured, " in out
     report = json.loads((tmp_path / "a.json").read_text())
     assert report["allocation"]["method"] == "sensitivity" and report["config"]["sparsity"] == 0.5
+    # the measurement is timed apart from the pass, stage by stage (8 probe points: 2 groups x 4 ratios)
+    stages = report["allocation"]["stages"]
+    assert {"reference", "analysis", "refit", "probe"} <= set(stages)
+    assert all(entry["wall_s"] >= 0 and entry["cpu_s"] >= 0 for entry in stages.values())
+    assert report["timings"]["allocation"] >= sum(entry["wall_s"] for entry in stages.values()) - 1e-3
+    assert {"load", "allocation", "prune", "check_and_save", "validate"} == set(report["timings"])
     code, out, err = run_cli(MLP, "--structured", "--sparsity", "0.5", "--calibration-data", calib, "--uniform",
-                             "-o", tmp_path / "u.onnx", "--runs", "1", "--warmup", "0")
+                             "-o", tmp_path / "u.onnx", "--runs", "1", "--warmup", "0", "--report", tmp_path / "u.json")
     assert code == 0, err
     assert "allocation: uniform (asked for)" in out
+    assert "allocation" not in json.loads((tmp_path / "u.json").read_text())["timings"]  # nothing measured
 
 
 def test_cli_uniform_with_target_is_a_usage_error(calib, tmp_path):

@@ -16,13 +16,14 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from onnxprune import compensation
+from onnxprune import gram as gram_module
 from onnxprune.analysis.groups import analyse, build_groups
 from onnxprune.calibration import ActivationStream, session_with_outputs
-from onnxprune.compensation import GramSum, _im2col, _reconstructable, _waves, _write_solution, reconstruct
 from onnxprune.config import PruneConfig
+from onnxprune.gram import GramSum, _im2col, _reconstructable
 from onnxprune.graph import GraphIndex
 from onnxprune.passes.structured import _reconstruction_layers, allocate_safe, prepare_for_analysis, remove
+from onnxprune.refit import _waves, _write_solution, reconstruct
 from onnxprune.scoring import _greedy_order, unit_scores
 
 from .conftest import FIXTURES
@@ -74,6 +75,61 @@ def test_greedy_selection_matches_brute_force(block):
     assert scores.max() == pytest.approx(full, rel=1e-6)  # everything removed: the whole output is the error
 
 
+def _wide_group(rng, n: int, block: int, outputs: int = 6):
+    """One consumer reading ``n`` units of ``block`` features each, with correlated inputs and a few units whose
+    weights are nearly zero (they must go first)."""
+    features = n * block
+    x = rng.standard_normal((4 * features, features)) @ rng.standard_normal((features, features)) * 0.2
+    H = x.T @ x + 0.05 * np.eye(features)
+    W = rng.standard_normal((features, outputs))
+    W[:3 * block] *= 1e-3  # units 0, 1, 2
+    return SimpleNamespace(units=[np.array([i]) for i in range(n)]), {"c": (None, None, W, np.repeat(np.arange(n),
+                                                                                                   block))}, {"c": H}
+
+
+@pytest.mark.parametrize("n, block", [(200, 1), (150, 4)])
+def test_batched_greedy_close_to_exact(n, block, monkeypatch):
+    """Past SELECTION_STEPS steps several units go per step (here 2): the near-zero units still go first, and the
+    set removed at the cut leaves a refit error close to the one-unit-per-step order's (each set's error computed
+    from scratch)."""
+    from onnxprune import scoring
+
+    group, consumers, grams = _wide_group(np.random.default_rng(block), n, block)
+    (H, W, feature_ids), = [(grams["c"], consumers["c"][2], consumers["c"][3])]
+    steps = 2 * scoring.SELECTION_STEPS + 2
+    narrow = _greedy_order(group, consumers, grams, steps=steps)  # narrower than BATCH_FEATURES
+    monkeypatch.setattr(scoring, "BATCH_FEATURES", 100)
+    batched = _greedy_order(group, consumers, grams, steps=steps)
+    monkeypatch.setattr(scoring, "SELECTION_STEPS", steps)  # no more steps than the limit: one unit per step
+    exact = _greedy_order(group, consumers, grams, steps=steps)
+    assert np.array_equal(narrow, exact)  # a narrow consumer keeps one unit per step past SELECTION_STEPS
+    assert not np.allclose(exact, batched)  # a different path was taken
+    errors = []
+    for scores in (exact, batched):
+        assert set(np.argsort(scores)[:3].tolist()) == {0, 1, 2}
+        removed = np.argsort(scores, kind="stable")[:steps - 1]
+        errors.append(_objective(H, W, ~np.isin(feature_ids, removed)))
+    assert errors[1] <= 1.03 * errors[0]
+
+
+def test_wide_consumer_costs_and_inverse_match_the_narrow_path(monkeypatch):
+    """Consumers of at least WIDE_FEATURES features cost units by k×k inverses and take the Cholesky inverse: the
+    same order and scores (to rounding) as the batched solves and the LU inverse of narrower ones."""
+    from onnxprune import scoring
+
+    group, consumers, grams = _wide_group(np.random.default_rng(5), 30, 9)
+    narrow = _greedy_order(group, consumers, grams)
+    monkeypatch.setattr(scoring, "WIDE_FEATURES", 64)
+    wide = _greedy_order(group, consumers, grams)
+    np.testing.assert_allclose(wide, narrow, rtol=1e-8)
+    assert np.argsort(wide).tolist() == np.argsort(narrow).tolist()
+    H = grams["c"]
+    np.testing.assert_allclose(scoring.spd_inverse(H), np.linalg.inv(H), rtol=1e-9, atol=1e-12 * np.abs(
+        np.linalg.inv(H)).max())
+    indefinite = H - 2 * np.linalg.eigvalsh(H).max() * np.eye(len(H)) * (np.arange(len(H)) == 0)
+    np.testing.assert_allclose(scoring.spd_inverse(indefinite) @ indefinite, np.eye(len(H)), atol=1e-8)  # LU fallback
+
+
 def test_gram_sum_matches_stacked_rows():
     rng = np.random.default_rng(0)
     blocks = [rng.standard_normal((rows, 40)).astype(np.float32) for rows in (3, 17, 50, 1, 90)]
@@ -120,7 +176,7 @@ def test_wave_refit_equals_layer_by_layer(monkeypatch):
     """With every row in the Gram (no row sampling), the refit in waves (shifted float32 products summed in float64)
     gives the weights of a float64 layer-by-layer refit: equal to a small fraction of each weight's scale (float32
     rounding compounds over 20 layers), and model outputs whose difference is under 1 % of the repair's own error."""
-    monkeypatch.setattr(compensation, "GRAM_MIN_ROWS", 1 << 40)
+    monkeypatch.setattr(gram_module, "GRAM_MIN_ROWS", 1 << 40)
     model = onnx.load(str(FIXTURES / "arch" / "resnet18.onnx"))
     prepare_for_analysis(model)
     analysis = analyse(model)
@@ -243,10 +299,11 @@ def test_stopped_order_removes_the_same_units(share):
 def test_sampled_patches_are_im2col_rows(monkeypatch):
     """Over the row budget, a Conv's Gram reads a seeded sample of im2col rows: exactly the full im2col rows at the
     picked positions, the same picks on every run, and the refit targets taken at the same positions."""
-    from onnxprune.compensation import RowSampler, _patches, _refit_rows
+    from onnxprune.gram import RowSampler, _patches
+    from onnxprune.refit import _refit_rows
 
-    monkeypatch.setattr(compensation, "GRAM_MIN_ROWS", 100)
-    monkeypatch.setattr(compensation, "GRAM_ROWS_PER_FEATURE", 2)
+    monkeypatch.setattr(gram_module, "GRAM_MIN_ROWS", 100)
+    monkeypatch.setattr(gram_module, "GRAM_ROWS_PER_FEATURE", 2)
     node = onnx.helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[2, 2])
     rng = np.random.default_rng(5)
     x = rng.standard_normal((4, 5, 11, 9)).astype(np.float32)
@@ -257,10 +314,10 @@ def test_sampled_patches_are_im2col_rows(monkeypatch):
     again = _patches(x, node, (3, 3), RowSampler(features=45, batches=2))[1]
     np.testing.assert_array_equal(picked, again)
     assert _patches(x, node, (3, 3), RowSampler(features=45, batches=1))[1] is not None  # 100 of 120 rows
-    monkeypatch.setattr(compensation, "GRAM_MIN_ROWS", 10_000)
+    monkeypatch.setattr(gram_module, "GRAM_MIN_ROWS", 10_000)
     assert _patches(x, node, (3, 3), RowSampler(features=45, batches=2))[1] is None  # under the budget: all rows
 
-    monkeypatch.setattr(compensation, "GRAM_MIN_ROWS", 100)
+    monkeypatch.setattr(gram_module, "GRAM_MIN_ROWS", 100)
     y = rng.standard_normal((4, 6, 6, 5)).astype(np.float32)
     item = SimpleNamespace(node=node, weight=SimpleNamespace(shape=(6, 5, 3, 3)), out_mask=np.ones(6, dtype=bool))
     got_rows, got_target = _refit_rows(item, x, y, RowSampler(features=45, batches=2))

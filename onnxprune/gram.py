@@ -1,0 +1,139 @@
+"""Rows for least squares on calibration data: im2col patches, a seeded row sample, Gram sums (XᵀX, XᵀY).
+
+Shared by the refit after removal (:mod:`onnxprune.refit`), the reconstruction-aware channel selection
+(:mod:`onnxprune.scoring`) and the allocation's refit (:mod:`onnxprune.sensitivity`)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from .graph import get_attr
+
+#: Gram matrices (selection and refit) use at most max(GRAM_MIN_ROWS, GRAM_ROWS_PER_FEATURE × features) rows per
+#: consumer: beyond that, a seeded uniform sample of the rows (im2col positions, tokens) of every calibration batch.
+#: XᵀX/n of a uniform sample estimates the full Gram without bias; 32 rows per feature keep its relative error
+#: small, and the sample is the same on every run (seed 0).
+GRAM_MIN_ROWS = 16384
+GRAM_ROWS_PER_FEATURE = 32
+
+
+class RowSampler:
+    """Which rows of each calibration batch enter one consumer's Gram: all of them while the batches hold at most
+    the row budget for ``features``, else a seeded uniform sample of the same share of every batch."""
+
+    def __init__(self, features: int, batches: int, seed: int = 0):
+        self.budget = max(GRAM_MIN_ROWS, GRAM_ROWS_PER_FEATURE * features)
+        self.batches = max(batches, 1)
+        self.rng = np.random.default_rng(seed)
+        self.share: float | None = None
+
+    def pick(self, rows: int) -> np.ndarray | None:
+        """Sorted row indices to keep out of ``rows`` (None: all); the share is fixed by the first batch."""
+        if self.share is None:
+            self.share = min(1.0, self.budget / max(rows * self.batches, 1))
+        if self.share >= 1.0:
+            return None
+        count = max(1, round(rows * self.share))
+        return np.sort(self.rng.choice(rows, size=count, replace=False))
+
+
+def _im2col(x: np.ndarray, node: onnx.NodeProto, kernel: tuple[int, int]) -> np.ndarray:
+    """Patches of a 4-D input as rows: [N*Ho*Wo, C*kh*kw] for a 2-D Conv's pads/strides/dilations."""
+    return _patches(x, node, kernel)[0]
+
+
+def _patches(x: np.ndarray, node: onnx.NodeProto, kernel: tuple[int, int], sampler: RowSampler | None = None
+             ) -> tuple[np.ndarray, np.ndarray | None]:
+    """:func:`_im2col` rows and the indices of the output positions they belong to (None: all, in order). With
+    ``sampler`` only the sampled positions' patches are gathered (the full patch matrix is never built)."""
+    kh, kw = kernel
+    pads = list(get_attr(node, "pads") or [0, 0, 0, 0])
+    sh, sw = list(get_attr(node, "strides") or [1, 1])
+    dh, dw = list(get_attr(node, "dilations") or [1, 1])
+    xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+    win = np.lib.stride_tricks.sliding_window_view(xp, ((kh - 1) * dh + 1, (kw - 1) * dw + 1), axis=(2, 3))
+    win = win[:, :, ::sh, ::sw, ::dh, ::dw]
+    n, c, ho, wo = win.shape[:4]
+    picked = sampler.pick(n * ho * wo) if sampler is not None else None
+    if picked is None:
+        return win.transpose(0, 2, 3, 1, 4, 5).reshape(n * ho * wo, c * kh * kw), None
+    b, rest = np.divmod(picked, ho * wo)
+    i, j = np.divmod(rest, wo)
+    return win[b, :, i, j].reshape(len(picked), c * kh * kw), picked
+
+
+def auto_pad(node: onnx.NodeProto) -> str:
+    """A Conv's ``auto_pad`` as text (attributes hold bytes)."""
+    value = get_attr(node, "auto_pad", b"NOTSET")
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _reconstructable(node: onnx.NodeProto) -> bool:
+    """Whether least squares can refit the node: a plain Conv (no groups, explicit pads), Gemm or MatMul."""
+    if node.op_type == "Conv":
+        return int(get_attr(node, "group", 1)) == 1 and auto_pad(node) == "NOTSET"
+    if node.op_type == "Gemm":
+        return not get_attr(node, "transA", 0) and get_attr(node, "alpha", 1.0) == 1.0 and get_attr(node, "beta", 1.0) == 1.0
+    return node.op_type == "MatMul"
+
+
+class GramSum:
+    """XᵀX (and XᵀY) over row blocks, summed in float64. Blocks are multiplied in ``dtype`` after subtracting a
+    shift (the first block's column means), so float32 products keep the accuracy of the centred data (the mean,
+    large after a ReLU and exact for a bias column, is added back in float64 from the column sums); blocks are
+    buffered until they hold as many rows as features, so small batches do not each cost a D×D update."""
+
+    def __init__(self, dtype: type = np.float32):
+        self.dtype = dtype
+        self.gram: np.ndarray | int = 0
+        self.cross: np.ndarray | int = 0
+        self.rows: list[np.ndarray] = []
+        self.targets: list[np.ndarray] = []
+        self.count = 0
+        self.total = 0
+        self.shift: np.ndarray | None = None
+        self.target_shift: np.ndarray | None = None
+        self.sum_x: np.ndarray | int = 0
+        self.sum_y: np.ndarray | int = 0
+
+    def add(self, rows: np.ndarray, target: np.ndarray | None = None) -> None:
+        self.rows.append(rows)
+        if target is not None:
+            self.targets.append(target)
+        self.count += rows.shape[0]
+        if self.count >= rows.shape[1]:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self.rows:
+            return
+        rows = self.rows[0] if len(self.rows) == 1 else np.concatenate(self.rows)
+        target = (self.targets[0] if len(self.targets) == 1 else np.concatenate(self.targets)) if self.targets else None
+        if self.shift is None:
+            self.shift = rows.mean(axis=0, dtype=np.float64).astype(self.dtype)
+            if target is not None:
+                self.target_shift = target.mean(axis=0, dtype=np.float64).astype(self.dtype)
+        self.total += rows.shape[0]
+        self.sum_x = self.sum_x + rows.sum(axis=0, dtype=np.float64)
+        centred = rows.astype(self.dtype, copy=False) - self.shift
+        self.gram = self.gram + (centred.T @ centred).astype(np.float64)
+        if target is not None:
+            self.sum_y = self.sum_y + target.sum(axis=0, dtype=np.float64)
+            shifted = target.astype(self.dtype, copy=False) - self.target_shift
+            self.cross = self.cross + (centred.T @ shifted).astype(np.float64)
+        self.rows, self.targets, self.count = [], [], 0
+
+    def result(self) -> tuple[np.ndarray, np.ndarray | int]:
+        """(XᵀX, XᵀY) of every block added."""
+        self._flush()
+        if self.shift is None:
+            return self.gram, self.cross
+        c = self.shift.astype(np.float64)
+        gram = self.gram + np.outer(c, self.sum_x) + np.outer(self.sum_x, c) - self.total * np.outer(c, c)
+        if self.target_shift is None:
+            return gram, self.cross
+        d = self.target_shift.astype(np.float64)
+        cross = self.cross + np.outer(c, self.sum_y) + np.outer(self.sum_x, d) - self.total * np.outer(c, d)
+        return gram, cross
+

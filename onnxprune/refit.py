@@ -1,0 +1,276 @@
+"""Least-squares reconstruction after pruning (``--reconstruct``): structured refits layer by layer in waves,
+row-wise refits that keep an unstructured sparsity pattern."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .calibration import ActivationStream, StageClock
+from .gram import GramSum, RowSampler, _im2col, _patches, _reconstructable
+from .graph import GraphIndex, get_attr
+from .sessions import session_with_outputs
+
+
+def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, layers: list[tuple[str, np.ndarray]],
+                feeds: list[dict[str, np.ndarray]], ridge: float = 1e-3, budget: int = 1 << 30,
+                clock: StageClock | None = None) -> dict[str, Any]:
+    """Refit each layer's kept weights (and bias) so its output on ``feeds`` matches the original's.
+
+    ``layers`` are (output tensor name, mask of the original output channels still present),
+    in topological order; each is solved with ridge-regularised normal equations on the
+    pruned model's own inputs to that layer (earlier refits already applied). Layers are refitted in
+    waves: a wave holds every layer whose upstream refits are all done, so one pass over ``feeds`` serves the whole
+    wave. Both models are streamed (:class:`~onnxprune.calibration.ActivationStream`): each node runs once per feed,
+    the tensors later waves read are kept between waves (at most ``budget`` bytes, else recomputed), and the
+    refitted weights are session inputs of the pruned model. ``clock`` times capture, Gram products and solves.
+    """
+    clock = clock or StageClock()
+
+    nodes = {out: node for node in pruned.graph.node for out in node.output}
+    index = GraphIndex.build(pruned.graph)
+    chosen, skipped = [], []
+    for name, out_mask in layers:
+        node = nodes.get(name)
+        weight, chain = index.resolve(node.input[1]) if node is not None and len(node.input) > 1 else (None, [])
+        if node is None or not _reconstructable(node) or weight is None or chain:
+            skipped.append(name)
+        else:
+            chosen.append((name, out_mask, node, _ensure_bias(pruned, index, node, weight)))
+    index = GraphIndex.build(pruned.graph)  # with the biases just added
+    plan = [_Refit(name, out_mask, node, index.resolve(node.input[1])[0], index, added)
+            for name, out_mask, node, added in chosen]
+    live = {}
+    for item in plan:
+        live[item.weight.name] = item.weight.array()
+        if item.bias is not None:
+            live[item.bias.name] = item.bias.array()
+    done = []
+    reference, current = ActivationStream(original, feeds, budget), ActivationStream(pruned, feeds, budget)
+    for wave in _waves(pruned, plan):
+        _refit_wave(wave, reference, current, live, ridge, clock)
+        for item in wave:
+            if item.solution is None:
+                skipped.append(item.name)
+                continue
+            _write_solution(pruned, index, item.node, item.weight, item.solution)
+            live[item.weight.name] = item.weight.array()
+            if item.bias is not None:
+                live[item.bias.name] = item.bias.array()
+            done.append(item.name)
+    for item in plan:
+        if item.solution is None and item.added is not None:
+            _drop_added_bias(pruned, item.node, item.added)
+    return {"layers": len(done), "skipped": skipped, "samples": int(sum(next(iter(f.values())).shape[0] for f in feeds))}
+
+
+class _Refit:
+    """One layer to refit: its node, weight and bias (None for MatMul) and, once solved, the solution."""
+
+    def __init__(self, name: str, out_mask: np.ndarray, node: onnx.NodeProto, weight, index: GraphIndex,
+                 added: tuple[str, str] | None):
+        self.name, self.out_mask, self.node, self.weight, self.added = name, out_mask, node, weight, added
+        self.bias = index.resolve(node.input[2])[0] if node.op_type != "MatMul" else None
+        self.solution: np.ndarray | None = None
+        shape = weight.shape
+        self.features = int(np.prod(shape[1:])) if node.op_type == "Conv" else int(
+            shape[-1] if node.op_type == "Gemm" and get_attr(node, "transB", 0) else shape[0])
+
+
+def _ensure_bias(model: onnx.ModelProto, index: GraphIndex, node: onnx.NodeProto, weight) -> tuple[str, str] | None:
+    """Give a Conv/Gemm its own bias initializer of the output width when it has none (zeros) or one of another
+    size (broadcast), as the refit would; returns (new name, previous input) so a layer left unsolved gets its
+    previous bias back, None when nothing was added."""
+    if node.op_type == "MatMul":
+        return None
+    width = weight.shape[0] if node.op_type == "Conv" or get_attr(node, "transB", 0) else weight.shape[-1]
+    previous = node.input[2] if len(node.input) > 2 else ""
+    existing = index.resolve(previous)[0] if previous else None
+    if existing is not None and existing.size == width:
+        return None
+    value = np.zeros(width, dtype=weight.dtype)
+    if existing is not None:
+        value = np.broadcast_to(existing.array().reshape(-1), (width,)).astype(weight.dtype)
+    name = f"{node.name or node.output[0]}.reconstructed_bias"
+    model.graph.initializer.append(numpy_helper.from_array(value, name))
+    while len(node.input) < 3:
+        node.input.append("")
+    node.input[2] = name
+    return name, previous
+
+
+def _drop_added_bias(model: onnx.ModelProto, node: onnx.NodeProto, added: tuple[str, str]) -> None:
+    name, previous = added
+    if previous:
+        node.input[2] = previous
+    else:
+        del node.input[2:]
+    kept = [init for init in model.graph.initializer if init.name != name]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+
+
+def _waves(model: onnx.ModelProto, plan: list[_Refit]) -> list[list[_Refit]]:
+    """``plan`` split into waves: a layer joins the wave after the last refitted layer upstream of its input."""
+    position = {id(item.node): i for i, item in enumerate(plan)}
+    upstream: dict[str, int] = {}  # tensor -> bit set of the plan layers it depends on
+    depends: dict[int, int] = {}
+    for node in model.graph.node:
+        mask = 0
+        for name in node.input:
+            mask |= upstream.get(name, 0)
+        i = position.get(id(node))
+        if i is not None:
+            depends[i] = upstream.get(node.input[0], 0)
+            mask |= 1 << i
+        for out in node.output:
+            upstream[out] = mask
+    wave_of: dict[int, int] = {}
+    for i in range(len(plan)):
+        bits, before = depends.get(i, 0), [-1]
+        before.extend(wave_of[j] for j in wave_of if bits >> j & 1)
+        wave_of[i] = max(before) + 1
+    waves: list[list[_Refit]] = [[] for _ in range(max(wave_of.values(), default=-1) + 1)]
+    for i, item in enumerate(plan):
+        waves[wave_of[i]].append(item)
+    return waves
+
+
+def _refit_wave(wave: list[_Refit], reference, current, live: dict[str, np.ndarray], ridge: float,
+                clock: StageClock) -> None:
+    """Accumulate every wave layer's normal equations over the calibration feeds and solve; ``reference`` and
+    ``current`` stream the original and the pruned model (its refitted weights fed as inputs). Products run in
+    float32 over at most the :class:`RowSampler` budget of rows and are summed in float64; the solve is float64."""
+    inputs = sorted({item.node.input[0] for item in wave})
+    outputs = [item.name for item in wave]
+    sums: dict[str, GramSum | None] = {}
+    samplers: dict[str, RowSampler] = {}
+    for xs, ys in zip(current.run(inputs, live, clock), reference.run(outputs, clock=clock)):
+        with clock.stage("refit_gram"):
+            for item in wave:
+                if item.name in sums and sums[item.name] is None:
+                    continue
+                sampler = samplers.setdefault(item.name, RowSampler(item.features, len(current.feeds)))
+                rows, target = _refit_rows(item, xs[item.node.input[0]], ys[item.name], sampler)
+                if rows is None:
+                    sums[item.name] = None
+                    continue
+                sums.setdefault(item.name, GramSum(np.float32)).add(rows, target)
+    with clock.stage("refit_solve"):
+        for item in wave:
+            if sums.get(item.name) is not None:
+                gram, cross = sums[item.name].result()
+                lam = ridge * float(np.trace(gram)) / gram.shape[0] + 1e-12
+                item.solution = np.linalg.solve(gram + lam * np.eye(gram.shape[0]), cross)  # [D(+1), O]
+
+
+def _refit_rows(item: _Refit, x: np.ndarray, y: np.ndarray, sampler: RowSampler | None = None
+                ) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The layer's input rows (im2col for a Conv, with a ones column for the bias) and its targets, float32; with
+    ``sampler``, only the sampled rows (the same ones of both)."""
+    node = item.node
+    x, y = x.astype(np.float32, copy=False), y.astype(np.float32, copy=False)
+    if node.op_type == "Conv":
+        rows, picked = _patches(x, node, tuple(item.weight.shape[2:4]), sampler)
+        target = np.moveaxis(y, 1, -1).reshape(-1, y.shape[1])
+    else:
+        rows, target = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+        picked = sampler.pick(rows.shape[0]) if sampler is not None and rows.shape[0] == target.shape[0] else None
+        rows = rows if picked is None else rows[picked]
+    if picked is not None and target.shape[0] > int(picked[-1]):
+        target = target[picked]
+    if rows.shape[0] != target.shape[0]:
+        return None, None
+    target = target[:, item.out_mask]
+    if node.op_type != "MatMul":
+        rows = np.hstack([rows, np.ones((rows.shape[0], 1), dtype=np.float32)])
+    return rows, target
+
+
+def _write_solution(model: onnx.ModelProto, index: GraphIndex, node: onnx.NodeProto, weight,
+                    solution: np.ndarray) -> None:
+    dtype = weight.dtype
+    shape = weight.shape
+    if node.op_type == "MatMul":
+        weight.set_array(solution.astype(dtype))
+        return
+    coef, bias = solution[:-1], solution[-1]
+    if node.op_type == "Conv":
+        weight.set_array(coef.T.reshape(shape).astype(dtype))
+    else:
+        weight.set_array((coef.T if get_attr(node, "transB", 0) else coef).astype(dtype))
+    if len(node.input) > 2 and node.input[2]:
+        existing, _ = index.resolve(node.input[2])
+        if existing is not None and existing.size == bias.size:
+            existing.set_array(bias.reshape(existing.shape).astype(existing.dtype))
+            return
+    name = f"{node.name or node.output[0]}.reconstructed_bias"
+    model.graph.initializer.append(numpy_helper.from_array(bias.astype(dtype), name))
+    while len(node.input) < 3:
+        node.input.append("")
+    node.input[2] = name
+
+
+def reconstruct_sparse(original: onnx.ModelProto, pruned: onnx.ModelProto, layers: list[onnx.NodeProto],
+                       feeds: list[dict[str, np.ndarray]], ridge: float = 1e-3) -> dict[str, Any]:
+    """Row-wise least squares for zeroed weights: each output row's *kept* weights are refitted so the
+    layer's output on ``feeds`` matches the original's; zeros stay zero (the sparsity pattern holds)."""
+    done, skipped = [], []
+    reference = session_with_outputs(original, [node.output[0] for node in layers])
+    index = GraphIndex.build(pruned.graph)
+    for node in layers:
+        weight, chain = index.resolve(node.input[1])
+        if weight is None or chain or not _reconstructable(node):
+            skipped.append(node.name or node.output[0])
+            continue
+        w = weight.array().astype(np.float64)
+        rows_w = _as_rows(node, w)  # [O, D]
+        bias = None
+        if node.op_type in ("Conv", "Gemm") and len(node.input) > 2 and node.input[2]:
+            b, _ = index.resolve(node.input[2])
+            bias = b.array().astype(np.float64).reshape(-1) if b is not None else None
+        current = session_with_outputs(pruned, [node.input[0]])
+        gram = cross = None
+        for feed in feeds:
+            x = current.run([node.input[0]], feed)[0].astype(np.float64)
+            y = reference.run([node.output[0]], feed)[0].astype(np.float64)
+            if node.op_type == "Conv":
+                a = _im2col(x, node, tuple(w.shape[2:4]))
+                t = np.moveaxis(y, 1, -1).reshape(-1, y.shape[1])
+            else:
+                a, t = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+            if bias is not None and bias.size in (1, t.shape[1]):
+                t = t - bias
+            gram = a.T @ a if gram is None else gram + a.T @ a
+            cross = a.T @ t if cross is None else cross + a.T @ t
+        lam = ridge * float(np.trace(gram)) / gram.shape[0] + 1e-12
+        for o in range(rows_w.shape[0]):
+            kept = np.flatnonzero(rows_w[o])
+            if kept.size:
+                sub = gram[np.ix_(kept, kept)] + lam * np.eye(kept.size)
+                rows_w[o, kept] = np.linalg.solve(sub, cross[kept, o])
+        weight.set_array(_from_rows(node, rows_w, w.shape).astype(weight.dtype))
+        done.append(node.name or node.output[0])
+    return {"layers": len(done), "skipped": skipped,
+            "samples": int(sum(next(iter(f.values())).shape[0] for f in feeds))}
+
+
+def _as_rows(node: onnx.NodeProto, w: np.ndarray) -> np.ndarray:
+    """The weight as [output rows, inputs] in im2col / feature order."""
+    if node.op_type == "Conv":
+        return w.reshape(w.shape[0], -1).copy()
+    if node.op_type == "Gemm" and get_attr(node, "transB", 0):
+        return w.copy()
+    return w.T.copy()
+
+
+def _from_rows(node: onnx.NodeProto, rows: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    if node.op_type == "Conv":
+        return rows.reshape(shape)
+    if node.op_type == "Gemm" and get_attr(node, "transB", 0):
+        return rows
+    return rows.T
+
