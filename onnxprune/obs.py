@@ -19,6 +19,15 @@ inputs no pending layer can change any more are measured together in one onnxrun
 "stage"), with one Gram matrix per distinct input, so the passes grow with the model's depth in
 layers, not with its number of layers.
 
+Recurrent layers: the rows of each direction of an LSTM/GRU/RNN ``W`` ([directions, gates x hidden, inputs])
+read x_t of every step (the node's input X, one Gram matrix for all directions); those of ``R`` read h_{t-1},
+taken from the node's hidden sequence Y shifted by one step in the direction's order with the initial state
+(zeros when absent) in front. Two approximations: ``R``'s inputs are measured once, before its own pruning feeds
+back into later steps (and, when the pass reaches ``R`` before ``W``, before ``W``'s pruning); and every row of
+a gate block is taken to read h_{t-1}, which for the GRU's hidden gate with ``linear_before_reset=0`` is really
+r_t ⊙ h_{t-1}. Padded steps (``sequence_lens``) count as inputs. A Gemm/MatMul weight read by several layers of
+one layout (the steps of an unrolled recurrence) has one Gram matrix summed over the inputs of all of them.
+
 Under ``--reconstruct`` (and ``--criterion obs``) each layer then keeps the best of three candidates,
 scored by its output error on the same Gram matrices: the OBS solution, the OBS mask with every row's
 kept weights refitted by ridge least squares (undamped: the OBS update is the optimum of the dampened
@@ -469,10 +478,12 @@ class ObsRepair:
         return any(layer.key == key for name, layer in self.layers.items() if self.position[name] > done)
 
     def _measure(self, item: PrunableWeight) -> None:
-        """One onnxruntime pass for every pending layer whose inputs are final (``item``'s among them)."""
+        """One onnxruntime pass for every pending layer whose inputs are final, and ``item``'s in any case."""
         done = {other.name for other in self.items[:self.position[item.name]]}
         ready = [name for name, layer in self.layers.items() if self.position[name] >= self.position[item.name]
                  and self.upstream[name] <= done and layer.key not in self.grams]
+        if item.name not in ready:  # an upstream weight is pruned after it (a shared weight read again downstream)
+            ready.append(item.name)
         wanted: dict[tuple, Layer] = {}
         drift: set[tuple] = set()  # keys whose inputs differ from the original model's
         for name in ready:
