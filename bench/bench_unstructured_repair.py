@@ -22,6 +22,7 @@ solution. ``--write-docs`` puts the table into docs/benchmarks.md between its ma
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -73,23 +74,24 @@ def digits(label: str, model: str, calib: str, val: str) -> Bench:
                  list(data["labels"]), _top1, "top-1")
 
 
-def _predictions(outs: list[np.ndarray]) -> list:
-    """Per sample: the argmax of every head, or for index outputs (ddddocr) the CTC-decoded sequence."""
-    if np.issubdtype(outs[0].dtype, np.integer):
-        return [tuple(int(i) for k, i in enumerate(row) if i != 0 and (k == 0 or i != row[k - 1])) for row in outs[0]]
-    return list(zip(*(tuple(o.argmax(-1)) for o in outs)))
+def _predictions(outs: list[np.ndarray], time_major: bool = False) -> list[tuple]:
+    """Per sample: the argmax of every head, or for time-major CTC logits ([steps, samples, classes], ddddocr)
+    the greedy-decoded index sequence (repeats merged, blank 0 dropped)."""
+    if time_major:
+        return [tuple(i for k, i in enumerate(col) if i != 0 and (k == 0 or i != col[k - 1]))
+                for col in outs[0].argmax(-1).T.tolist()]
+    return [tuple(row) for row in np.stack([o.argmax(-1) for o in outs], axis=1).tolist()]
 
 
-def _agreement(outputs: list[np.ndarray], dense: list) -> float:
+def _agreement(outputs: list[np.ndarray], dense: list, time_major: bool = False) -> float:
     """Share of samples whose prediction equals the dense model's: the task metric of models without labelled
     data (ddddocr, vietcombank: their rendered captchas are not the ones they were trained to read)."""
-    return float(np.mean([a == b for a, b in zip(_predictions(outputs), dense)]))
+    return float(np.mean([a == b for a, b in zip(_predictions(outputs, time_major), dense)]))
 
 
-def corpus(name: str, count: int, calib_count: int, folder: Path, out_axis: int | None = None) -> Bench | None:
+def corpus(name: str, count: int, calib_count: int, folder: Path) -> Bench | None:
     """A corpus model with rendered evaluation data (seed 1) and calibration data (seed 2, disjoint); models
-    without a task metric are scored by agreement with the dense model's predictions. ``out_axis``: the batch
-    axis of the outputs, where it differs from the corpus entry's (ddddocr's decoded indices are [1, steps])."""
+    without a task metric are scored by agreement with the dense model's predictions."""
     from tests.corpus.models import BY_NAME
 
     model = BY_NAME[name]
@@ -101,11 +103,12 @@ def corpus(name: str, count: int, calib_count: int, folder: Path, out_axis: int 
     calib, _ = model.make(np.random.default_rng(2), calib_count, 0)
     np.savez(folder / f"{name}.calib.npz", **calib)
     bench = Bench(name, model.exporter, path, folder / f"{name}.calib.npz", feeds, labels, model.metric,
-                  model.metric_name, model.fixed_batch, model.out_axis if out_axis is None else out_axis)
+                  model.metric_name, model.fixed_batch, model.out_axis)
     if model.metric is None:
         dense = outputs(path, feeds, bench.fixed_batch, bench.out_axis)
-        bench.labels = _predictions(dense)
-        bench.metric, bench.metric_name = _agreement, "agreement with dense"
+        bench.labels = _predictions(dense, bench.out_axis == 1)
+        bench.metric = functools.partial(_agreement, time_major=bench.out_axis == 1)
+        bench.metric_name = "agreement with dense"
     return bench
 
 
@@ -138,11 +141,9 @@ def measure(bench: Bench, setting: dict, method: dict, dense: list[np.ndarray]) 
 
 
 def _fidelity(out: list[np.ndarray], dense: list[np.ndarray]) -> float:
-    """Relative L2 of the float outputs against the dense model's (all heads together)."""
-    pairs = [(o.astype(np.float64), d.astype(np.float64)) for o, d in zip(out, dense) if np.issubdtype(d.dtype, np.floating)]
-    if not pairs:  # index outputs only (ddddocr): share of positions that differ
-        return float(np.mean(out[0] != dense[0]))
-    return float(np.sqrt(sum(np.sum((o - d) ** 2) for o, d in pairs) / sum(np.sum(d ** 2) for _, d in pairs)))
+    """Relative L2 of the outputs against the dense model's (all heads together)."""
+    num = sum(float(np.sum((o.astype(np.float64) - d) ** 2)) for o, d in zip(out, dense))
+    return float(np.sqrt(num / sum(float(np.sum(d.astype(np.float64) ** 2)) for d in dense)))
 
 
 def cell(row: dict, dense_metric: float) -> str:
@@ -181,7 +182,7 @@ def benches(names: list[str], folder: Path) -> list[Bench]:
              "orientation": lambda: corpus("orientation", 64, 32, folder),
              "ocr_rec": lambda: corpus("ocr_rec", 100, 32, folder),
              "captcha_crnn": lambda: corpus("captcha_crnn", 100, 64, folder),
-             "ddddocr": lambda: corpus("ddddocr", 40, 16, folder, out_axis=0),
+             "ddddocr": lambda: corpus("ddddocr", 40, 16, folder),
              "vietcombank_captcha": lambda: corpus("vietcombank_captcha", 100, 64, folder)}
     return [b for b in (known[name]() for name in names) if b is not None]
 
