@@ -456,3 +456,31 @@ def test_weight_shared_by_unrolled_steps_is_repaired_on_all_its_inputs(tmp_path)
     assert np.count_nonzero(weight_of(pruned) == 0) == 24
     plain, _ = prune(model, x, tmp_path, sparsity=0.5)
     assert output_error(pruned, model, x[:64]) < output_error(plain, model, x[:64])
+
+
+def test_ddddocr_lstm_repaired_closer_to_the_original():
+    """The trained ddddocr CRNN (torch 1.9 export, bidirectional LSTM 512): only its LSTM W and R pruned to 50 %
+    (recipe overrides); with repair the logits on held-out rendered captchas are closer to the original's."""
+    from tests.corpus.models import BY_NAME, INSTALL
+
+    entry = BY_NAME["ddddocr"]
+    path = entry.locate()
+    if path is None:
+        pytest.skip(f"corpus package {entry.dist} is not installed; install the corpus with: {INSTALL}")
+    original = onnx.load(str(path))
+    lstm = next(node for node in original.graph.node if node.op_type == "LSTM")
+    w_name, r_name = lstm.input[1], lstm.input[2]
+    overrides = [{"match": w_name, "sparsity": 0.5}, {"match": r_name, "sparsity": 0.5}, {"match": "*", "exclude": True}]
+    calib, _ = entry.make(np.random.default_rng(2), 8, 0)
+    held_out, _ = entry.make(np.random.default_rng(1), 4, 0)
+    samples = [{"input1": calib["input1"][i:i + 1]} for i in range(8)]
+    checks = [{"input1": held_out["input1"][i:i + 1]} for i in range(4)]
+    repaired, result = onnxprune.prune(original, overrides=overrides, reconstruct=True, calibration_data=samples)
+    plain, _ = onnxprune.prune(original, overrides=overrides)
+    layers = {entry["weight"]: entry for entry in result.passes[0].details["obs"]["layers"]}
+    assert set(layers) == {w_name, r_name}
+    for name in (w_name, r_name):
+        assert layers[name]["rel_error_repaired"] < layers[name]["rel_error_masked"]
+        values = numpy_helper.to_array(next(t for t in repaired.graph.initializer if t.name == name))
+        assert np.count_nonzero(values == 0) == round(0.5 * values.size)
+    assert relative(repaired, original, checks) < 0.8 * relative(plain, original, checks)
