@@ -327,11 +327,16 @@ def refit_masked(rows: np.ndarray, mask: np.ndarray, h: np.ndarray, p: np.ndarra
     lam = ridge * float(np.mean(np.diag(h))) + 1e-12
     rhs = rows.astype(np.float64) @ p.T  # row r: (P w_r), P = XₚᵀXₒ
     out = np.zeros(rows.shape, dtype=np.float32)
-    for r in range(len(rows)):
-        kept = np.flatnonzero(~mask[r])
-        if kept.size:
-            sub = h[np.ix_(kept, kept)] + lam * np.eye(kept.size)
-            out[r, kept] = np.linalg.solve(sub, rhs[r, kept])
+    kept_counts = (~mask).sum(axis=1)
+    for count in np.unique(kept_counts[kept_counts > 0]):  # rows keeping as many weights: one stacked solve
+        same = np.flatnonzero(kept_counts == count)
+        chunk = max(1, 2 ** 24 // int(count) ** 2)  # 128 MB of sub-Gram matrices at a time
+        for start in range(0, len(same), chunk):
+            rows_now = same[start:start + chunk]
+            kept = np.nonzero(~mask[rows_now])[1].reshape(len(rows_now), count)
+            sub = h[kept[:, :, None], kept[:, None, :]] + lam * np.eye(count)
+            solved = np.linalg.solve(sub, np.take_along_axis(rhs[rows_now], kept, axis=1)[:, :, None])[:, :, 0]
+            out[rows_now[:, None], kept] = solved
     return out
 
 

@@ -458,6 +458,7 @@ def test_weight_shared_by_unrolled_steps_is_repaired_on_all_its_inputs(tmp_path)
     assert output_error(pruned, model, x[:64]) < output_error(plain, model, x[:64])
 
 
+@pytest.mark.slow
 def test_ddddocr_lstm_repaired_closer_to_the_original():
     """The trained ddddocr CRNN (torch 1.9 export, bidirectional LSTM 512): only its LSTM W and R pruned to 50 %
     (recipe overrides); with repair the logits on held-out rendered captchas are closer to the original's."""
