@@ -5,11 +5,14 @@
     python bench/bench_unstructured_repair.py --from-json a.json b.json --write-docs   # table of saved runs
     ... --merge-docs   # keep the cells of the docs table that a partial run does not replace
 
-Models (three exporters): the trained digits fixtures (fixtures/build_trained.py, torch.onnx TorchScript
+Models (five exporters): the trained digits fixtures (fixtures/build_trained.py, torch.onnx TorchScript
 exporter: residual CNN, MLP, transformer; calibration: 256 training images, evaluation: the 360 test
-images), and from the real-model corpus (tests/corpus) the text-line 0/180 classifier ``ocr_cls``
-(Paddle, 200 rendered lines) and the captcha recogniser ``captcha_crnn`` (torch dynamo, 100 rendered
-captchas), each calibrated on 64 samples rendered from a different seed than the evaluation samples.
+images), and from the real-model corpus (tests/corpus) the Paddle text-line 0/180 classifier ``ocr_cls`` (200
+rendered lines), page orientation classifier (64 pages) and text recogniser ``ocr_rec`` (100 lines), the captcha
+recognisers ``captcha_crnn`` (torch dynamo, 100 rendered captchas), ``ddddocr`` (torch 1.9, LSTM node; 40) and
+``vietcombank_captcha`` (tf2onnx; 100; these two scored by agreement with the dense model's predictions), each calibrated on 64 samples rendered from a different seed than the evaluation samples (orientation
+and ocr_rec: 32; ddddocr: 64 captchas, 1,024 LSTM steps for its 512 inputs: with fewer steps than inputs the
+recurrent repair overfits the calibration data).
 Settings: unstructured 50 %, 70 % and 2:4, per layer.
 
 Methods: magnitude (l1), Wanda (``--criterion activation``), the row-wise refit of the magnitude mask
@@ -218,7 +221,7 @@ def benches(names: list[str], folder: Path) -> list[Bench]:
              "orientation": lambda: corpus("orientation", 64, 32, folder),
              "ocr_rec": lambda: corpus("ocr_rec", 100, 32, folder),
              "captcha_crnn": lambda: corpus("captcha_crnn", 100, 64, folder),
-             "ddddocr": lambda: corpus("ddddocr", 40, 16, folder),
+             "ddddocr": lambda: corpus("ddddocr", 40, 64, folder),
              "vietcombank_captcha": lambda: corpus("vietcombank_captcha", 100, 64, folder)}
     return [b for b in (known[name]() for name in names) if b is not None]
 
