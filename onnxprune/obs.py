@@ -297,8 +297,10 @@ class Grams:
     h: np.ndarray
     p: np.ndarray | None = None
     g: np.ndarray | None = None
+    rows: int = 0  # input vectors summed (samples x positions or steps)
 
     def add(self, pruned: np.ndarray, original: np.ndarray | None) -> None:
+        self.rows += len(pruned)
         self.h += _gram(pruned, pruned)
         if original is not None:
             self.p += _gram(pruned, original)
@@ -463,7 +465,13 @@ class ObsRepair:
         errors = {name: output_error(rows, new, order) for name, new in candidates.items()}
         choice = min(errors, key=errors.get)  # the first listed wins ties
         before = output_error(rows, [np.where(m, 0.0, r) for r, m in zip(rows, masks["obs"])], order)
+        width = rows[0].shape[1]
+        if stats.rows < width:
+            logger.warning("OBS: %s has %d inputs but the calibration data gave only %d input vectors: its repair "
+                           "may fit the calibration data and generalise worse (give more samples)",
+                           item.name, width, stats.rows)
         self.repaired.append({"weight": item.name, "layer": layer.node.name or layer.node.output[0],
+                              "input_vectors": stats.rows, "inputs": width,
                               "algorithm": "exact" if exact else "sparsegpt", "choice": choice,
                               "rel_error_masked": before, "rel_error_repaired": errors[choice],
                               "rel_error_candidates": errors})

@@ -485,3 +485,17 @@ def test_ddddocr_lstm_repaired_closer_to_the_original():
         values = numpy_helper.to_array(next(t for t in repaired.graph.initializer if t.name == name))
         assert np.count_nonzero(values == 0) == round(0.5 * values.size)
     assert relative(repaired, original, checks) < 0.8 * relative(plain, original, checks)
+
+
+def test_too_few_calibration_vectors_are_reported(tmp_path, caplog):
+    """Fewer input vectors than inputs: the Gram matrix is singular, the repair can fit the calibration data
+    and generalise worse (ddddocr's LSTM with 8 captchas); the report and the log say so."""
+    rng = np.random.default_rng(4)
+    model = layer_model("Gemm", rng.standard_normal((8, 32)), [1, 32], [1, 8], transB=1)
+    with caplog.at_level("WARNING", logger="onnxprune.obs"):
+        _, details = prune(model, correlated(rng, 12, 32), tmp_path, sparsity=0.5, reconstruct=True)
+    entry = details["obs"]["layers"][0]
+    assert (entry["input_vectors"], entry["inputs"]) == (12, 32)
+    assert "only 12 input vectors" in caplog.text
+    _, details = prune(model, correlated(rng, 64, 32), tmp_path, sparsity=0.5, reconstruct=True)
+    assert details["obs"]["layers"][0]["input_vectors"] == 64
