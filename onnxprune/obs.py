@@ -19,6 +19,15 @@ inputs no pending layer can change any more are measured together in one onnxrun
 "stage"), with one Gram matrix per distinct input, so the passes grow with the model's depth in
 layers, not with its number of layers.
 
+Recurrent layers: the rows of each direction of an LSTM/GRU/RNN ``W`` ([directions, gates x hidden, inputs])
+read x_t of every step (the node's input X, one Gram matrix for all directions); those of ``R`` read h_{t-1},
+taken from the node's hidden sequence Y shifted by one step in the direction's order with the initial state
+(zeros when absent) in front. Two approximations: ``R``'s inputs are measured once, before its own pruning feeds
+back into later steps (and, when the pass reaches ``R`` before ``W``, before ``W``'s pruning); and every row of
+a gate block is taken to read h_{t-1}, which for the GRU's hidden gate with ``linear_before_reset=0`` is really
+r_t ⊙ h_{t-1}. Padded steps (``sequence_lens``) count as inputs. A Gemm/MatMul weight read by several layers of
+one layout (the steps of an unrolled recurrence) has one Gram matrix summed over the inputs of all of them.
+
 Under ``--reconstruct`` (and ``--criterion obs``) each layer then keeps the best of three candidates,
 scored by its output error on the same Gram matrices: the OBS solution, the OBS mask with every row's
 kept weights refitted by ridge least squares (undamped: the OBS update is the optimum of the dampened
@@ -35,7 +44,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from .analysis.weights import PrunableWeight
+from .analysis.weights import RECURRENT_GATES, PrunableWeight
 from .compensation import _im2col
 from .graph import build_indexes, get_attr
 from .sessions import session_with_outputs
@@ -179,27 +188,53 @@ def inverse_hessian_factor(hessian: np.ndarray, damp: float = DAMP) -> np.ndarra
 
 @dataclass
 class Layer:
-    """One weight OBS can repair: its reader, the input it reads and the weight's layout."""
+    """One weight OBS can repair: its readers, the inputs they read and the weight's layout.
+
+    ``op``: conv | gemm_t (Gemm, transB=1) | gemm | matmul (one reader, or several of the same layout sharing
+    the weight, e.g. the time steps of an unrolled LSTM: their inputs are stacked as more samples) |
+    recurrent_w (LSTM/GRU/RNN ``W``: reads x_t of every step) | recurrent_r (``R``: reads h_{t-1}).
+    """
 
     item: PrunableWeight
     node: onnx.NodeProto
-    op: str  # conv | gemm_t (Gemm, transB=1) | gemm | matmul
+    op: str
     groups: int = 1
+    nodes: tuple[onnx.NodeProto, ...] = ()
+
+    @property
+    def readers(self) -> tuple[onnx.NodeProto, ...]:
+        return self.nodes or (self.node,)
+
+    @property
+    def inputs(self) -> list[str]:
+        """The tensors whose values make this layer's input columns."""
+        if self.op == "recurrent_r":
+            state = self.node.input[5] if len(self.node.input) > 5 else ""
+            return [self.node.output[0]] + ([state] if state else [])
+        return sorted({node.input[0] for node in self.readers})
 
     @property
     def key(self) -> tuple:
         """Layers with the same key share one Hessian."""
+        if self.op == "recurrent_r":
+            return ("h_prev", *self.inputs, _direction(self.node), int(get_attr(self.node, "layout", 0)))
         if self.op != "conv":
-            return (self.node.input[0],)
+            return tuple(self.inputs)
         node = self.node
         return (node.input[0], tuple(self.item.weight.shape[2:]), tuple(get_attr(node, "pads") or ()),
                 tuple(get_attr(node, "strides") or ()), tuple(get_attr(node, "dilations") or ()), self.groups)
 
+    def gram_group(self, index: int) -> int:
+        """The Gram group that row matrix ``index`` of :meth:`rows` reads (every direction of W reads x_t)."""
+        return 0 if self.op == "recurrent_w" else index
+
     def rows(self, values: np.ndarray, nm: bool) -> list[np.ndarray]:
-        """The weight as [outputs, inputs] matrices (one per conv group), columns in Hessian order."""
+        """The weight as [outputs, inputs] matrices (one per conv group or direction), columns in Hessian order."""
         if self.op == "conv":
             per_group = np.split(values.astype(np.float32), self.groups, axis=0)
             return [g.transpose(0, 2, 3, 1).reshape(len(g), -1) if nm else g.reshape(len(g), -1) for g in per_group]
+        if self.op.startswith("recurrent"):
+            return [direction.astype(np.float32) for direction in values]
         return [values.astype(np.float32) if self.op == "gemm_t" else values.T.astype(np.float32)]
 
     def write(self, values: np.ndarray, rows: list[np.ndarray], nm: bool) -> None:
@@ -209,13 +244,19 @@ class Layer:
             shape = (out // self.groups, kh, kw, cin) if nm else (out // self.groups, cin, kh, kw)
             parts = [r.reshape(shape).transpose(0, 3, 1, 2) if nm else r.reshape(shape) for r in rows]
             values[...] = np.concatenate(parts, axis=0)
+        elif self.op.startswith("recurrent"):
+            values[...] = np.stack(rows)
         else:
             values[...] = rows[0] if self.op == "gemm_t" else rows[0].T
 
-    def columns(self, x: np.ndarray) -> np.ndarray:
+    def columns(self, tensors: dict[str, np.ndarray]) -> np.ndarray:
         """One batch of inputs as [samples, groups, inputs per group], columns in im2col (channel-major) order."""
+        if self.op == "recurrent_r":
+            return _previous_states(self.node, *(tensors[name] for name in self.inputs))
         if self.op != "conv":
-            return x.reshape(-1, 1, x.shape[-1]).astype(np.float32, copy=False)
+            return np.concatenate([tensors[name].reshape(-1, 1, tensors[name].shape[-1]).astype(np.float32, copy=False)
+                                   for name in self.inputs])
+        x = tensors[self.node.input[0]]
         patches = _im2col(x.astype(np.float32, copy=False), self.node, tuple(self.item.weight.shape[2:4]))
         return patches.reshape(len(patches), self.groups, -1)
 
@@ -229,6 +270,25 @@ class Layer:
         return gram[np.ix_(order, order)]
 
 
+def _direction(node: onnx.NodeProto) -> str:
+    value = get_attr(node, "direction", b"forward")
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _previous_states(node: onnx.NodeProto, y: np.ndarray, initial: np.ndarray | None = None) -> np.ndarray:
+    """h_{t-1} of every step of a recurrent node as [steps x batch, directions, hidden]: its hidden sequence Y
+    shifted by one step in each direction's order, the initial state (zeros when absent) in front."""
+    if int(get_attr(node, "layout", 0)):  # [batch, steps, directions, hidden] -> [steps, directions, batch, hidden]
+        y = y.transpose(1, 2, 0, 3)
+        initial = None if initial is None else initial.transpose(1, 0, 2)
+    steps, directions, batch, hidden = y.shape
+    initial = np.zeros((directions, batch, hidden), y.dtype) if initial is None else initial
+    reverse = [_direction(node) == "reverse" or d == 1 for d in range(directions)]
+    per_direction = [np.concatenate([y[1:, d], initial[d][None]]) if backward else
+                     np.concatenate([initial[d][None], y[:-1, d]]) for d, backward in enumerate(reverse)]
+    return np.stack(per_direction, axis=2).reshape(steps * batch, directions, hidden).astype(np.float32, copy=False)
+
+
 @dataclass
 class Grams:
     """Per group: H = XₚᵀXₚ of the pruned model's inputs; with drift, P = XₚᵀXₒ and G = XₒᵀXₒ with the
@@ -237,8 +297,10 @@ class Grams:
     h: np.ndarray
     p: np.ndarray | None = None
     g: np.ndarray | None = None
+    rows: int = 0  # input vectors summed (samples x positions or steps)
 
     def add(self, pruned: np.ndarray, original: np.ndarray | None) -> None:
+        self.rows += len(pruned)
         self.h += _gram(pruned, pruned)
         if original is not None:
             self.p += _gram(pruned, original)
@@ -267,11 +329,16 @@ def refit_masked(rows: np.ndarray, mask: np.ndarray, h: np.ndarray, p: np.ndarra
     lam = ridge * float(np.mean(np.diag(h))) + 1e-12
     rhs = rows.astype(np.float64) @ p.T  # row r: (P w_r), P = XₚᵀXₒ
     out = np.zeros(rows.shape, dtype=np.float32)
-    for r in range(len(rows)):
-        kept = np.flatnonzero(~mask[r])
-        if kept.size:
-            sub = h[np.ix_(kept, kept)] + lam * np.eye(kept.size)
-            out[r, kept] = np.linalg.solve(sub, rhs[r, kept])
+    kept_counts = (~mask).sum(axis=1)
+    for count in np.unique(kept_counts[kept_counts > 0]):  # rows keeping as many weights: one stacked solve
+        same = np.flatnonzero(kept_counts == count)
+        chunk = max(1, 2 ** 24 // int(count) ** 2)  # 128 MB of sub-Gram matrices at a time
+        for start in range(0, len(same), chunk):
+            rows_now = same[start:start + chunk]
+            kept = np.nonzero(~mask[rows_now])[1].reshape(len(rows_now), count)
+            sub = h[kept[:, :, None], kept[:, None, :]] + lam * np.eye(count)
+            solved = np.linalg.solve(sub, np.take_along_axis(rhs[rows_now], kept, axis=1)[:, :, None])[:, :, 0]
+            out[rows_now[:, None], kept] = solved
     return out
 
 
@@ -290,18 +357,33 @@ def describe_layer(item: PrunableWeight, index) -> Layer | str:
     """The :class:`Layer` for ``item``, or why OBS cannot repair it (it keeps the magnitude mask)."""
     if item.in_subgraph:
         return "inside a control-flow subgraph"
-    if len(item.uses) != 1:
-        return "shared by several layers"
-    node = item.uses[0].node
+    layers = [_describe_use(item, use, index) for use in item.uses]
+    reason = next((layer for layer in layers if isinstance(layer, str)), None)
+    if reason is not None:
+        return reason
+    if len(layers) == 1:
+        return layers[0]
+    if len({layer.op for layer in layers}) > 1 or layers[0].op in ("conv", "recurrent_w", "recurrent_r"):
+        return "shared by several layers of different kinds"
+    return Layer(item, layers[0].node, layers[0].op, nodes=tuple(layer.node for layer in layers))
+
+
+def _describe_use(item: PrunableWeight, use, index) -> Layer | str:
+    """The :class:`Layer` of one reader of ``item``, or why it cannot be repaired."""
+    node = use.node
+    if node.op_type in RECURRENT_GATES and use.slot in (1, 2):
+        if use.slot == 2 and (not node.output or not node.output[0]):
+            return "recurrent R whose hidden sequence Y is not an output of the node (its inputs cannot be measured)"
+        return Layer(item, node, "recurrent_w" if use.slot == 1 else "recurrent_r")
     if node.op_type not in ("Conv", "Gemm", "MatMul"):
-        return f"{node.op_type} weights are not repaired (OBS covers Conv, Gemm and MatMul)"
-    if item.uses[0].slot != 1:
+        return f"{node.op_type} weights are not repaired (OBS covers Conv, Gemm, MatMul, LSTM, GRU and RNN)"
+    if use.slot != 1:
         return "read as the data input of the layer"
     weight, chain = index.resolve(node.input[1])
     if weight is None or any(step.op_type not in ("Identity", "Cast") for step in chain):
         return "weight reached through a layout change (Transpose)"
     shape = item.weight.shape
-    if node.op_type == "Conv" and item.uses[0].role == "conv":
+    if node.op_type == "Conv" and use.role == "conv":
         auto = get_attr(node, "auto_pad", b"NOTSET")
         auto = auto.decode() if isinstance(auto, bytes) else auto
         if len(shape) != 4 or auto not in ("NOTSET", "VALID"):
@@ -362,10 +444,11 @@ class ObsRepair:
         if layer.key not in self.grams:
             self._measure(item)
         stats = self.grams[layer.key] if self._needed_later(layer.key, item) else self.grams.pop(layer.key)
-        order = [[layer.in_row_order(m, nm is not None) for m in (stats.h[i], *(
+        per_group = [[layer.in_row_order(m, nm is not None) for m in (stats.h[i], *(
             (stats.p[i], stats.g[i]) if stats.p is not None else (stats.h[i], stats.h[i])))]
             for i in range(len(stats.h))]
         rows = layer.rows(values, nm is not None)
+        order = [per_group[layer.gram_group(i)] for i in range(len(rows))]
         counts = _split_count(count, [r.size for r in rows]) if nm is None else [None] * len(rows)
         targets = [refit_dense(r, h, p) if stats.p is not None else r for r, (h, p, _) in zip(rows, order)]
         exact = sum(r.shape[0] * r.shape[1] ** 3 for r in rows) <= EXACT_WORK
@@ -382,7 +465,13 @@ class ObsRepair:
         errors = {name: output_error(rows, new, order) for name, new in candidates.items()}
         choice = min(errors, key=errors.get)  # the first listed wins ties
         before = output_error(rows, [np.where(m, 0.0, r) for r, m in zip(rows, masks["obs"])], order)
+        width = rows[0].shape[1]
+        if stats.rows < width:
+            logger.warning("OBS: %s has %d inputs but the calibration data gave only %d input vectors: its repair "
+                           "may fit the calibration data and generalise worse (give more samples)",
+                           item.name, width, stats.rows)
         self.repaired.append({"weight": item.name, "layer": layer.node.name or layer.node.output[0],
+                              "input_vectors": stats.rows, "inputs": width,
                               "algorithm": "exact" if exact else "sparsegpt", "choice": choice,
                               "rel_error_masked": before, "rel_error_repaired": errors[choice],
                               "rel_error_candidates": errors})
@@ -402,10 +491,12 @@ class ObsRepair:
         return any(layer.key == key for name, layer in self.layers.items() if self.position[name] > done)
 
     def _measure(self, item: PrunableWeight) -> None:
-        """One onnxruntime pass for every pending layer whose inputs are final (``item``'s among them)."""
+        """One onnxruntime pass for every pending layer whose inputs are final, and ``item``'s in any case."""
         done = {other.name for other in self.items[:self.position[item.name]]}
         ready = [name for name, layer in self.layers.items() if self.position[name] >= self.position[item.name]
                  and self.upstream[name] <= done and layer.key not in self.grams]
+        if item.name not in ready:  # an upstream weight is pruned after it (a shared weight read again downstream)
+            ready.append(item.name)
         wanted: dict[tuple, Layer] = {}
         drift: set[tuple] = set()  # keys whose inputs differ from the original model's
         for name in ready:
@@ -413,21 +504,21 @@ class ObsRepair:
             wanted.setdefault(key, self.layers[name])
             if self.reference is not None and self.upstream[name]:
                 drift.add(key)
-        names = sorted({key[0] for key in wanted})
+        names = sorted({name for layer in wanted.values() for name in layer.inputs})
         logger.info("OBS: measuring the inputs of %d layer(s) on calibration data", len(ready))
         session = session_with_outputs(self.model, names)
-        original = sorted({key[0] for key in drift})
+        original = sorted({name for key in drift for name in wanted[key].inputs})
         reference = session_with_outputs(self.reference, original) if original else None
         for feed in self.feeds:
             tensors = dict(zip(names, session.run(names, feed)))
             before = dict(zip(original, reference.run(original, feed))) if reference is not None else {}
             for key, layer in wanted.items():
-                x = layer.columns(tensors[key[0]])
+                x = layer.columns(tensors)
                 if key not in self.grams:
                     groups, width = x.shape[1:]
                     count = 3 if key in drift else 1
                     self.grams[key] = Grams(*(np.zeros((groups, width, width)) for _ in range(count)))
-                self.grams[key].add(x, layer.columns(before[key[0]]) if key in drift else None)
+                self.grams[key].add(x, layer.columns(before) if key in drift else None)
         self.stages += 1
 
 
@@ -441,8 +532,18 @@ def _split_count(count: int | None, sizes: list[int]) -> list[int]:
 
 
 def _upstream_items(model: onnx.ModelProto, items: list[PrunableWeight]) -> dict[str, frozenset[str]]:
-    """For each item, the items whose layers' outputs reach its layer's inputs (main graph)."""
-    readers: dict[int, str] = {id(use.node): item.name for item in items for use in item.uses if not item.in_subgraph}
+    """For each item, the other items whose layers' outputs reach its layer's inputs (main graph).
+
+    A weight read again downstream of its own layer (the steps of an unrolled recurrence) is not its own
+    upstream: it is measured before its pruning feeds back. A recurrent ``R`` reads h_{t-1}, which its
+    node's ``W`` changes: ``W`` is upstream of ``R`` when it is pruned first.
+    """
+    readers: dict[int, list[PrunableWeight]] = {}
+    for item in items:
+        for use in item.uses:
+            if not item.in_subgraph:
+                readers.setdefault(id(use.node), []).append(item)
+    position = {item.name: i for i, item in enumerate(items)}
     reach: dict[str, frozenset[str]] = {}
     seen: frozenset[str] = frozenset()
     result: dict[str, frozenset[str]] = {}
@@ -451,11 +552,13 @@ def _upstream_items(model: onnx.ModelProto, items: list[PrunableWeight]) -> dict
             upstream = seen  # outer-scope reads of a subgraph are not traced: anything before may reach it
         else:
             upstream = frozenset().union(*(reach.get(name, frozenset()) for name in node.input))
-        name = readers.get(id(node))
-        if name is not None:
-            result[name] = result.get(name, frozenset()) | upstream
-            upstream = upstream | {name}
-            seen = seen | {name}
+        here = readers.get(id(node), [])
+        for item in here:
+            before = {other.name for other in here if other.uses[0].slot == 1 and item.uses[0].slot == 2
+                      and node.op_type in RECURRENT_GATES and position[other.name] < position[item.name]}
+            result[item.name] = result.get(item.name, frozenset()) | upstream | before
+        upstream = upstream | {item.name for item in here}
+        seen = seen | {item.name for item in here}
         for out in node.output:
             reach[out] = upstream
-    return {item.name: result.get(item.name, seen) for item in items}
+    return {item.name: result.get(item.name, seen) - {item.name} for item in items}

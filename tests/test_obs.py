@@ -359,3 +359,143 @@ def test_repair_usage_errors(tmp_path, args, words):
     code, _, err = run_cli(FIXTURES / "cnn.onnx", "-o", tmp_path / "o.onnx", *args)
     assert code == 2 and words in err
     assert not (tmp_path / "o.onnx").exists()
+
+
+# --- recurrent W/R and weights shared by unrolled steps --------------------------------------------------------
+
+
+def rnn_model(direction: str, layout: int, with_state: bool, rng: np.random.Generator) -> onnx.ModelProto:
+    """One RNN (Tanh) whose hidden sequence Y is the output: atanh(Y) is linear in x_t and h_{t-1}."""
+    dirs, steps, batch, features, hidden = (2 if direction == "bidirectional" else 1), 4, 3, 5, 6
+    inits = [numpy_helper.from_array((rng.standard_normal(shape) * 0.3).astype(np.float32), name)
+             for name, shape in [("W", [dirs, hidden, features]), ("R", [dirs, hidden, hidden]), ("B", [dirs, 2 * hidden])]]
+    x_shape = [batch, steps, features] if layout else [steps, batch, features]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)]
+    names = ["x", "W", "R", "B", ""]
+    if with_state:
+        inputs.append(helper.make_tensor_value_info("h0", TensorProto.FLOAT, [batch, dirs, hidden] if layout
+                                                    else [dirs, batch, hidden]))
+        names.append("h0")
+    node = helper.make_node("RNN", names, ["y"], hidden_size=hidden, direction=direction, layout=layout)
+    graph = helper.make_graph([node], "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)], ir_version=8)
+
+
+@pytest.mark.parametrize("direction, with_state", [("forward", False), ("reverse", True), ("bidirectional", True)])
+def test_previous_states_are_the_inputs_of_r(direction, with_state):
+    """h_{t-1} built from Y and the initial state reproduces every step: atanh(Y_t) = W x_t + R h_{t-1} + b."""
+    from onnxprune.obs import _previous_states
+
+    rng = np.random.default_rng(3)
+    model = rnn_model(direction, 0, with_state, rng)
+    feeds = {i.name: rng.standard_normal([d.dim_value for d in i.type.tensor_type.shape.dim]).astype(np.float32)
+             for i in model.graph.input}
+    y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    node = model.graph.node[0]
+    previous = _previous_states(node, y, feeds.get("h0"))  # [steps x batch, directions, hidden]
+    w, r, b = (numpy_helper.to_array(t) for t in model.graph.initializer)
+    x = feeds["x"]
+    for d in range(len(w)):
+        hidden = w.shape[1]
+        pre = x.reshape(-1, x.shape[-1]) @ w[d].T + previous[:, d] @ r[d].T + b[d, :hidden] + b[d, hidden:]
+        np.testing.assert_allclose(np.tanh(pre), y[:, d].reshape(-1, hidden), atol=1e-5)
+    # batch-first layout (layout=1, which onnxruntime does not run): the same states from the transposed tensors
+    batch_first = rnn_model(direction, 1, with_state, rng).graph.node[0]
+    state = feeds["h0"].transpose(1, 0, 2) if with_state else None
+    np.testing.assert_array_equal(_previous_states(batch_first, y.transpose(2, 0, 1, 3), state), previous)
+
+
+def relative(model: onnx.ModelProto, original: onnx.ModelProto, feeds: list[dict]) -> float:
+    run_a = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    run_b = ort.InferenceSession(original.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = np.concatenate([run_a.run(None, f)[0].ravel() for f in feeds])
+    want = np.concatenate([run_b.run(None, f)[0].ravel() for f in feeds])
+    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+
+
+@pytest.mark.parametrize("name", ["lstm_bidirectional", "gru_forward", "rnn_bidirectional_gemm"])
+def test_recurrent_w_and_r_are_repaired(name):
+    """W and R of LSTM/GRU/RNN are repaired (their layer error falls), each at the requested sparsity, and the
+    repaired model is closer to the original than the same sparsity without repair."""
+    original = onnx.load(str(FIXTURES / "recurrent" / f"{name}.onnx"))
+    shape = [d.dim_value for d in original.graph.input[0].type.tensor_type.shape.dim]
+    rng = np.random.default_rng(11)
+    calib = [{"input": rng.standard_normal(shape).astype(np.float32)} for _ in range(24)]
+    held_out = [{"input": rng.standard_normal(shape).astype(np.float32)} for _ in range(8)]
+    repaired, result = onnxprune.prune(original, sparsity=0.5, reconstruct=True, calibration_data=calib)
+    plain, _ = onnxprune.prune(original, sparsity=0.5)
+    details = result.passes[0].details
+    layers = {entry["weight"]: entry for entry in details["obs"]["layers"]}
+    assert {"rnn0.W", "rnn0.R"} <= set(layers)
+    for weight in ("rnn0.W", "rnn0.R"):
+        assert layers[weight]["rel_error_repaired"] < layers[weight]["rel_error_masked"]
+        values = numpy_helper.to_array(next(t for t in repaired.graph.initializer if t.name == weight))
+        assert np.count_nonzero(values == 0) == round(0.5 * values.size)
+    onnx.checker.check_model(repaired, full_check=True)
+    assert relative(repaired, original, held_out) < 0.8 * relative(plain, original, held_out)
+
+
+def test_weight_shared_by_unrolled_steps_is_repaired_on_all_its_inputs(tmp_path):
+    """One Gemm weight read at two steps (an unrolled recurrence): its Gram sums both steps' inputs, so the
+    repaired weight fits both; a refit on one step's inputs only would not."""
+    rng = np.random.default_rng(8)
+    w = numpy_helper.from_array(rng.standard_normal((6, 8)).astype(np.float32), "w")
+    nodes = [helper.make_node("Gemm", ["x", "w"], ["h1"], name="step1", transB=1),
+             helper.make_node("Tanh", ["h1"], ["t1"]),
+             helper.make_node("MatMul", ["t1", "expand"], ["x2"], name="expand"),
+             helper.make_node("Gemm", ["x2", "w"], ["y"], name="step2", transB=1)]
+    expand = numpy_helper.from_array(np.eye(6, 8, dtype=np.float32), "expand")
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6])], [w, expand])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    x = correlated(rng, 256, 8)
+    pruned, details = prune(model, x, tmp_path, sparsity=0.5, reconstruct=True)
+    entry = next(e for e in details["obs"]["layers"] if e["weight"] == "w")
+    assert entry["rel_error_repaired"] < entry["rel_error_masked"]
+    assert not any(s["weight"] == "w" for s in details["obs"]["skipped"])
+    assert np.count_nonzero(weight_of(pruned) == 0) == 24
+    plain, _ = prune(model, x, tmp_path, sparsity=0.5)
+    assert output_error(pruned, model, x[:64]) < output_error(plain, model, x[:64])
+
+
+@pytest.mark.slow
+def test_ddddocr_lstm_repaired_closer_to_the_original():
+    """The trained ddddocr CRNN (torch 1.9 export, bidirectional LSTM 512): only its LSTM W and R pruned to 50 %
+    (recipe overrides); with repair the logits on held-out rendered captchas are closer to the original's."""
+    from tests.corpus.models import BY_NAME, INSTALL
+
+    entry = BY_NAME["ddddocr"]
+    path = entry.locate()
+    if path is None:
+        pytest.skip(f"corpus package {entry.dist} is not installed; install the corpus with: {INSTALL}")
+    original = onnx.load(str(path))
+    lstm = next(node for node in original.graph.node if node.op_type == "LSTM")
+    w_name, r_name = lstm.input[1], lstm.input[2]
+    overrides = [{"match": w_name, "sparsity": 0.5}, {"match": r_name, "sparsity": 0.5}, {"match": "*", "exclude": True}]
+    calib, _ = entry.make(np.random.default_rng(2), 64, 0)  # 64 x 16 steps: twice the 512 inputs of W and R
+    held_out, _ = entry.make(np.random.default_rng(1), 4, 0)
+    samples = [{"input1": calib["input1"][i:i + 1]} for i in range(64)]
+    checks = [{"input1": held_out["input1"][i:i + 1]} for i in range(4)]
+    repaired, result = onnxprune.prune(original, overrides=overrides, reconstruct=True, calibration_data=samples)
+    plain, _ = onnxprune.prune(original, overrides=overrides)
+    layers = {entry["weight"]: entry for entry in result.passes[0].details["obs"]["layers"]}
+    assert set(layers) == {w_name, r_name}
+    for name in (w_name, r_name):
+        assert layers[name]["rel_error_repaired"] < layers[name]["rel_error_masked"]
+        values = numpy_helper.to_array(next(t for t in repaired.graph.initializer if t.name == name))
+        assert np.count_nonzero(values == 0) == round(0.5 * values.size)
+    assert relative(repaired, original, checks) < 0.8 * relative(plain, original, checks)
+
+
+def test_too_few_calibration_vectors_are_reported(tmp_path, caplog):
+    """Fewer input vectors than inputs: the Gram matrix is singular, the repair can fit the calibration data
+    and generalise worse (ddddocr's LSTM with 8 captchas); the report and the log say so."""
+    rng = np.random.default_rng(4)
+    model = layer_model("Gemm", rng.standard_normal((8, 32)), [1, 32], [1, 8], transB=1)
+    with caplog.at_level("WARNING", logger="onnxprune.obs"):
+        _, details = prune(model, correlated(rng, 12, 32), tmp_path, sparsity=0.5, reconstruct=True)
+    entry = details["obs"]["layers"][0]
+    assert (entry["input_vectors"], entry["inputs"]) == (12, 32)
+    assert "only 12 input vectors" in caplog.text
+    _, details = prune(model, correlated(rng, 64, 32), tmp_path, sparsity=0.5, reconstruct=True)
+    assert details["obs"]["layers"][0]["input_vectors"] == 64
