@@ -181,8 +181,7 @@ def depth_report(blocks: list[ResidualBlock], measured: list[dict[str, float]], 
     for i, (block, row) in enumerate(zip(blocks, measured)):
         cost = row["rel_l2"] / row["macs_saved"] if row["macs_saved"] > 0 else None
         if i in choice.blocks:
-            why = "cheaper per MAC saved than the width steps left" + (
-                f" (width's costliest step taken: {marginal:.3g})" if marginal is not None else "")
+            why = "cheaper per MAC saved than the width steps left"
         elif cost is None:
             why = "saves no MACs"
         elif len(choice.blocks) >= limit:
