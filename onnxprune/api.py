@@ -19,6 +19,7 @@ from .allocation import allocate_to_target, default_allocation
 from .analysis.cost import total_macs
 from .calibration import ImagePreprocess, load_calibration
 from .config import PruneConfig, ValidateConfig
+from .depth_allocation import allocate_with_depth
 from .errors import InputDataError, InvalidModelError, UsageError, flag
 from .feeds import (
     batch_axes,
@@ -245,7 +246,9 @@ def _prune(model, output, *, config: PruneConfig | None, validate: bool | Valida
         original_stats["macs"] = total_macs(loaded.model, input_shapes)
     allocation = None
     start = time.perf_counter()
-    if config.target_macs is not None or config.target_params is not None:
+    if config.target_macs is not None and config.depth:
+        config, allocation = allocate_with_depth(loaded.model, config, calibration, vcfg, feeds, input_shapes)
+    elif config.target_macs is not None or config.target_params is not None:
         config, allocation = allocate_to_target(loaded.model, config, calibration, vcfg, feeds, input_shapes)
     elif config.structured and config.sparsity:
         config, allocation = default_allocation(loaded.model, config, calibration, input_shapes)

@@ -160,7 +160,7 @@ def _providers(values: tuple[str, ...]) -> list[str]:
 @click.option("--structured", is_flag=True, help="Remove whole channels/neurons (physically smaller, faster model).")
 @click.option("--head-sparsity", type=float, default=0.0, show_default=True, help="Structured: share of attention heads to remove (--sparsity covers MLP neurons and other channels).")
 @click.option("--hidden-sparsity", type=float, default=0.0, show_default=True, help="Share of the transformer residual stream's hidden size to remove, exactly rotated into its PCA basis first (needs --calibration-data; docs/structured.md).")
-@click.option("--target-macs", type=float, help="Structured: keep this fraction of the MACs; per-group ratios chosen from measured sensitivity.")
+@click.option("--target-macs", type=float, help="Structured: keep this fraction of the MACs; per-group ratios chosen from measured sensitivity. With --drop-blocks/--depth-sparsity (then an upper bound) residual blocks compete with width by measured cost per MAC saved.")
 @click.option("--target-params", type=float, help="Structured: keep this fraction of the parameters (like --target-macs).")
 @click.option("--uniform", is_flag=True, help="Structured: the same --sparsity in every group. Without it, with --calibration-data, per-group ratios come from measured sensitivity at the uniform plan's MACs.")
 @click.option("--drop-blocks", type=int, default=0, show_default=True, help="Depth: remove N residual blocks (one x + f(x) each: a transformer layer's attention or MLP, a ResNet/MobileNetV2/ConvNeXt block), lowest block influence 1 - cos(x_in, x_out) on --calibration-data first.")

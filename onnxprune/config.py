@@ -50,6 +50,9 @@ class PruneConfig:
     uniform: bool = False  # structured: the same ratio in every group even with calibration data
     drop_blocks: int = 0  # depth: remove this many residual blocks, lowest block influence first (calibration data)
     depth_sparsity: float = 0.0  # depth: remove this share of the removable residual blocks, rounded down
+    # depth: the blocks (their Add's output) to remove instead of the least influential; --target-macs with
+    # drop_blocks/depth_sparsity (then an upper bound) sets it from measured cost per MAC saved
+    blocks_chosen: list[str] | None = None
     keep_tokens: str | None = None  # vocabulary: file of token ids to keep (text or .npy)
     vocab_from_calibration: bool = False  # vocabulary: keep the ids the calibration data's token inputs hold
     unknown_token: int | None = None  # vocabulary: where ids not kept are mapped (default: see passes/vocabulary.py)
@@ -160,9 +163,15 @@ class PruneConfig:
             raise _usage(f"{{depth_sparsity}} must be in [0, 1), got {self.depth_sparsity!r}", self.depth_sparsity)
         if self.drop_blocks and self.depth_sparsity:
             raise _usage("give either {drop_blocks} or {depth_sparsity}, not both")
-        if self.depth and (self.target_macs is not None or self.target_params is not None):
-            raise _usage("{target_macs}/{target_params} allocate width only and would miss the target after depth "
-                         "pruning; with {drop_blocks}/{depth_sparsity} give {sparsity}")
+        if self.depth and self.target_params is not None:
+            raise _usage("{target_params} allocates width only and would miss the target after depth pruning; with "
+                         "{drop_blocks}/{depth_sparsity} give {sparsity} or {target_macs}")
+        if self.blocks_chosen is not None:
+            if not isinstance(self.blocks_chosen, list) or not all(isinstance(n, str) for n in self.blocks_chosen):
+                raise _usage(f"{{blocks_chosen}} must be a list of block output names, got {self.blocks_chosen!r}",
+                             self.blocks_chosen)
+            if not self.depth:
+                raise _usage("{blocks_chosen} applies to depth pruning: give {drop_blocks} or {depth_sparsity}")
         if self.depth and not self.calibration_data:
             option = "{drop_blocks}" if self.drop_blocks else "{depth_sparsity}"
             raise _usage(f"{option} needs {{calibration_data}}: blocks are chosen by their influence measured on it")

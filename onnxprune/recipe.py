@@ -99,7 +99,7 @@ def applied_recipe(report: dict[str, Any]) -> dict[str, Any]:
                 "prune_layernorm", "keep_tokens", "vocab_from_calibration", "unknown_token", "shrink_logits"):
         if cfg.get(key) is not None:
             recipe[key] = cfg[key]
-    for key in ("drop_blocks", "depth_sparsity"):  # depth: replayed with the run's --calibration-data
+    for key in ("drop_blocks", "depth_sparsity", "blocks_chosen"):  # depth: replayed with the run's --calibration-data
         if cfg.get(key):
             recipe[key] = cfg[key]
     if cfg.get("hidden_sparsity"):

@@ -245,11 +245,25 @@ def _render_allocation(alloc: dict[str, Any] | None, lines: list[str], h: str, f
         target = f"MACs {alloc['target_macs']}" if alloc.get("target_macs") is not None else \
             f"params {alloc['target_params']}"
         lines.append(f"{h}Allocation for target {target} (from measured sensitivity)")
+        if alloc.get("depth"):
+            _render_depth_allocation(alloc["depth"], lines)
     ratios = sorted(alloc["ratios"], key=lambda entry: -entry["ratio"])
     for entry in ratios if full else ratios[:limit]:
         lines.append(f"  {entry['ratio']:.3f}  {', '.join(entry['producers'])[:70]}")
     if not full and len(ratios) > limit:
         lines.append(f"  ... {len(ratios) - limit} more (--verbose or --report)")
+
+
+def _render_depth_allocation(depth: dict[str, Any], lines: list[str]) -> None:
+    """Which blocks the MAC target removed and why: each block's measured loss per MAC saved against width's."""
+    width = depth.get("width_cost_per_mac")
+    lines.append(f"blocks: {depth['chosen']} of {depth['removable']} removable chosen (at most {depth['limit']}), by "
+                 "rel L2 of the outputs per MAC saved" + (f"; width's costliest step taken: {width:.3g}"
+                                                          if width is not None else "; no width step before them"))
+    for row in depth["blocks"]:
+        cost = f"{row['cost_per_mac']:.3g}" if row["cost_per_mac"] is not None else "-"
+        lines.append(f"  {'removed' if row['chosen'] else 'kept':7}  {cost:>9}  {row['add'][:50]}  ({row['why']})")
+    lines.append("ratios for the rest of the target:")
 
 
 def _render_validation(v: dict[str, Any] | None, lines: list[str], h: str, markdown: bool) -> None:

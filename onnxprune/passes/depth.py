@@ -50,8 +50,12 @@ class DepthPrunePass:
         wanted = blocks_to_drop(self.config, len(analysis.blocks))
         details["asked"] = wanted
         scores = block_influence(model, analysis.blocks, ctx.calibration) if analysis.blocks else []
-        order = sorted(range(len(scores)), key=lambda i: (scores[i], i))
-        chosen = sorted(order[:wanted])
+        if self.config.blocks_chosen is not None:
+            chosen = named_blocks(analysis.blocks, self.config.blocks_chosen)
+            details["chosen_by"] = "the --target-macs allocation (measured cost per MAC saved)"
+        else:
+            order = sorted(range(len(scores)), key=lambda i: (scores[i], i))
+            chosen = sorted(order[:wanted])
         details["blocks"] = [{**b.to_dict(), "influence": round(scores[i], 8), "removed": i in chosen}
                              for i, b in enumerate(analysis.blocks)]
         if wanted > len(analysis.blocks):
@@ -72,6 +76,17 @@ def blocks_to_drop(config: PruneConfig, found: int) -> int:
     if config.drop_blocks:
         return config.drop_blocks
     return math.floor(config.depth_sparsity * found + 1e-9)
+
+
+def named_blocks(blocks: list[ResidualBlock], names: list[str]) -> list[int]:
+    """Indices of the removable blocks whose Add outputs ``names`` lists; a name that is none of them is a usage
+    error (a recipe written for another model)."""
+    index = {b.output: i for i, b in enumerate(blocks)}
+    unknown = [n for n in names if n not in index]
+    if unknown:
+        raise UsageError(f"{{blocks_chosen}}: {unknown[0]!r} is not the output of a removable residual block",
+                         options=("blocks_chosen",), value=unknown[0])
+    return sorted(index[n] for n in set(names))
 
 
 def block_influence(model: onnx.ModelProto, blocks: list[ResidualBlock], feeds: list[Feed]) -> list[float]:
