@@ -302,6 +302,9 @@ def _render_validation(v: dict[str, Any] | None, lines: list[str], h: str, markd
         rows = [[name, _num(r.get("cosine")), _num(r.get("rel_l2")), _num(r.get("max_abs")),
                  _num(r.get("top1_agreement")), nonfinite_text(r) or "-"] for name, r in entry["outputs"].items()]
         lines += _table(["output", "cosine", "rel L2", "max abs", "top-1 agree", "NaN/Inf"], rows, markdown)
+        lines += [f"  {name}: compared on the {r['columns']['compared']} of {r['columns']['of']} last-axis columns the "
+                  "pruned model computes (the removed tokens' columns hold the lowest value)"
+                  for name, r in entry["outputs"].items() if r.get("columns")]
         lat = entry["latency"]
         lines.append(f"  latency (threads {v.get('threads')}, {lat['original']['runs']} interleaved runs): "
                      f"original median {lat['original']['median_ms']:.3f} ms (p90 {lat['original']['p90_ms']:.3f}), "

@@ -89,11 +89,13 @@ def _nonfinite(arrays: list[np.ndarray]) -> dict[str, int]:
 
 
 def compare_outputs(reference: np.ndarray | list[np.ndarray], candidate: np.ndarray | list[np.ndarray],
-                    classifier: bool | None = None) -> dict[str, Any]:
+                    classifier: bool | None = None, filler: bool = False) -> dict[str, Any]:
     """Fidelity of ``candidate`` against ``reference`` for one output (arrays, or one array per input batch).
 
     Non-finite values are counted per model and leave the metrics out; a one-element output gets its
     absolute error only; top-1 agreement only for classifier-like outputs (``classifier``; None: by shape).
+    ``filler``: the output's last axis has columns the pruned model fills with the dtype's lowest value (logits of
+    removed tokens); the metrics compare the other columns only, and ``columns`` says how many.
     """
     refs = reference if isinstance(reference, list) else [reference]
     cands = candidate if isinstance(candidate, list) else [candidate]
@@ -101,6 +103,8 @@ def compare_outputs(reference: np.ndarray | list[np.ndarray], candidate: np.ndar
                               "same_shape": all(r.shape == c.shape for r, c in zip(refs, cands))}
     if not result["same_shape"]:
         return result
+    if filler and np.issubdtype(cands[0].dtype, np.floating) and cands[0].ndim >= 1:
+        refs, cands, result["columns"] = _kept_columns(refs, cands)
     if not np.issubdtype(refs[0].dtype, np.floating):
         total = sum(r.size for r in refs)
         result["exact_match"] = float(sum(np.sum(r == c) for r, c in zip(refs, cands)) / total) if total else 1.0
@@ -130,6 +134,16 @@ def compare_outputs(reference: np.ndarray | list[np.ndarray], candidate: np.ndar
         cand_top = np.concatenate([c.reshape(-1, width).argmax(axis=1) for c in cands])
         result["top1_agreement"] = float(np.mean(ref_top == cand_top))
     return result
+
+
+def _kept_columns(refs: list[np.ndarray], cands: list[np.ndarray]) -> tuple[list, list, dict[str, int]]:
+    """Both sides restricted to the last-axis columns the pruned model computes (not the lowest-value filler)."""
+    lowest = np.finfo(cands[0].dtype).min
+    kept = np.zeros(cands[0].shape[-1], dtype=bool)
+    for c in cands:
+        kept |= (c.reshape(-1, c.shape[-1]) > lowest).any(axis=0)
+    return [r[..., kept] for r in refs], [c[..., kept] for c in cands], {"compared": int(kept.sum()),
+                                                                         "of": int(kept.size)}
 
 
 def latency_change(original: list[float], pruned: list[float]) -> str:
@@ -305,14 +319,16 @@ def _batches(feeds) -> tuple[list[dict[str, np.ndarray]], dict[str, Any]]:
 
 def run_validation(original: ModelSource, pruned: ModelSource, cfg: ValidateConfig,
                    feeds: tuple[Any, dict[str, Any]] | None = None,
-                   classifiers: set[str] | None = None, specs: list[InputSpec] | None = None) -> dict[str, Any]:
+                   classifiers: set[str] | None = None, specs: list[InputSpec] | None = None,
+                   filler_outputs: frozenset[str] = frozenset()) -> dict[str, Any]:
     """Compare ``pruned`` with ``original`` on every provider of ``cfg``.
 
     ``feeds``: (one feed dict or a list of them, description). One session is alive at a time (see
     :func:`_measure`); the original runs first, so inputs it does not accept raise :class:`ValidationUnavailable`
     before the pruned model is loaded. ``classifiers``: the outputs that get
     top-1 agreement (default: read from the graph, see :func:`classifier_outputs`); ``specs``: the inputs
-    ``--eval-data`` must match (default: read from the graph).
+    ``--eval-data`` must match (default: read from the graph); ``filler_outputs``: outputs compared on the columns
+    the pruned model computes (see :func:`compare_outputs`).
     """
     check_providers(cfg.providers)
     results: dict[str, Any] = {"status": "validated", "providers": {}, "threads": cfg.threads, "warmup": cfg.warmup,
@@ -327,7 +343,8 @@ def run_validation(original: ModelSource, pruned: ModelSource, cfg: ValidateConf
         logger.info("validating on %s", provider)
         names, (ref, got), latency = _measure((original, pruned), provider, cfg, batches, what, timed)
         outputs = {name: compare_outputs([r[i] for r in ref], [g[i] for g in got],
-                                         None if classifiers is None else name in classifiers)
+                                         None if classifiers is None else name in classifiers,
+                                         filler=name in filler_outputs)
                    for i, name in enumerate(names)}
         del ref, got
         latency["shapes"] = {name: list(arr.shape) for name, arr in timed.items()}

@@ -60,7 +60,8 @@ def validate_step(result: PruneResult, loaded: LoadedModel, vcfg: ValidateConfig
         if unavailable is not None:
             raise ValidationUnavailable(unavailable)
         validation = run_validation(original_src, ModelSource(model=loaded.model, path=output), vcfg,
-                                    feeds=feeds, classifiers=classifiers, specs=specs)
+                                    feeds=feeds, classifiers=classifiers, specs=specs,
+                                    filler_outputs=_filler_outputs(result))
     except ValidationUnavailable as exc:
         source = feeds[1].get("source") if feeds else "synthetic"
         hint = "give --data (or --calibration-data), or sizes with --input-shape" if source == "synthetic" else \
@@ -108,3 +109,14 @@ def gate_error(result: PruneResult) -> OnnxPruneError | None:
 def model_stats(model: onnx.ModelProto) -> dict[str, int]:
     params, nonzero = count_params(model)
     return {"params": params, "nonzero_params": nonzero}
+
+
+def _filler_outputs(result: PruneResult) -> frozenset[str]:
+    """Logits outputs whose removed tokens' columns hold the lowest value (vocabulary pruning without
+    ``shrink_logits``): validation compares the kept tokens' columns of these."""
+    names = set()
+    for p in result.passes:
+        details = p.details
+        if details.get("kind") == "vocabulary" and not details.get("shrink_logits") and not details.get("reason"):
+            names |= {head["logits"] for head in details.get("lm_heads", []) if head.get("logits")}
+    return frozenset(names)

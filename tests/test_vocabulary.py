@@ -15,6 +15,7 @@ from onnx import helper, numpy_helper
 from onnxprune import prune
 from onnxprune.analysis.cost import node_macs, total_macs
 from onnxprune.analysis.vocab import find_vocabulary
+from onnxprune.config import ValidateConfig
 from onnxprune.passes.vocabulary import METADATA_KEY
 
 from .conftest import FIXTURES, listing, run_cli
@@ -296,7 +297,23 @@ def test_validation_reports_top1_agreement_through_the_scattered_logits(tmp_path
     _, result = prune(str(TRANSFORMERS / "llama_ts.onnx"), keep_tokens=str(keep), validate=True)
     logits = result.validation["providers"]["CPUExecutionProvider"]["outputs"]["logits"]
     assert logits["same_shape"] and logits["top1_agreement"] == 1.0  # token 255 is never the argmax here
-    assert any("cosine and relative L2" in w for w in result.warnings)
+    assert any("validation compares the kept tokens' columns" in w for w in result.warnings)
+
+
+def test_validation_compares_the_kept_columns_only(tmp_path):
+    """With every input id kept, the kept tokens' logits are the original's: validation over those columns is
+    exact, where the filler columns would make the cosine meaningless."""
+    keep = tmp_path / "keep.txt"
+    keep.write_text(" ".join(map(str, KEPT)))
+    data = tmp_path / "data.npz"
+    ids = np.random.default_rng(3).choice(KEPT, (2, 8))
+    np.savez(data, input_ids=ids, attention_mask=np.ones_like(ids))
+    _, result = prune(str(TRANSFORMERS / "llama_ts.onnx"), keep_tokens=str(keep), validate=ValidateConfig(data=str(data)))
+    logits = result.validation["providers"]["CPUExecutionProvider"]["outputs"]["logits"]
+    assert logits["columns"] == {"compared": KEPT.size, "of": 256}
+    assert logits["cosine"] > 0.99999 and logits["rel_l2"] < 1e-4 and logits["top1_agreement"] == 1.0
+    _, plain = prune(str(TRANSFORMERS / "llama_ts.onnx"), sparsity=0.5, validate=ValidateConfig(data=str(data)))
+    assert "columns" not in plain.validation["providers"]["CPUExecutionProvider"]["outputs"]["logits"]
 
 
 def test_malformed_token_file_fails_before_calibration(tmp_path):

@@ -270,6 +270,5 @@ def vocabulary_warnings(details: dict[str, Any]) -> list[str]:
     warnings = [details["warning"]] if details.get("warning") else []
     if details.get("lm_heads") and not details.get("shrink_logits"):
         warnings.append(f"vocabulary: the logits of the {details['tokens_removed']} removed tokens hold the dtype's "
-                        "lowest value: cosine and relative L2 over all the logits' columns do not measure fidelity; "
-                        "compare the kept tokens' columns")
+                        "lowest value; validation compares the kept tokens' columns")
     return warnings
