@@ -432,7 +432,8 @@ class HiddenRotationPass:
         logger.info("hidden size: PCA of %d stream segments on calibration data", len(stream.segments))
         keep = max(stream.hidden - round(self.config.hidden_sparsity * stream.hidden), 1)
         per_segment = stream.post_ln if self.per_segment is None else self.per_segment
-        if per_segment and self.sequential and keep < stream.hidden:
+        sequential = per_segment and self.sequential and keep < stream.hidden  # nothing to measure when nothing goes
+        if sequential:
             feeds = list(ctx.calibration)
             bases = sequential_bases(ctx.model, stream, ctx.input_shapes or None, feeds, keep)
         else:
@@ -441,7 +442,7 @@ class HiddenRotationPass:
             bases = choose_bases(stream, grams, keep, per_segment)
         counts = rotate_stream(ctx.model, stream, bases)
         shares = list(bases.kept_variance.values())
-        kind = "per segment" + (", sequential" if per_segment and self.sequential else "")
+        kind = "per segment" + (", sequential" if sequential else "")
         return {**describe_stream(stream), "hidden_before": stream.hidden, "hidden_after": keep,
                 "bases": kind if per_segment else "one for the stream",
                 "explained_variance_kept": round(float(np.mean(shares)), 6),
