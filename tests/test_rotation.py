@@ -29,6 +29,7 @@ from onnxprune.passes.rotation import (
     choose_bases,
     principal_basis,
     rotate_stream,
+    segment_widths,
     sequential_bases,
     stream_covariances,
     tensor_grams,
@@ -187,7 +188,7 @@ def test_sequential_bases_are_the_pca_of_the_model_sliced_so_far() -> None:
     prepare_for_analysis(model)
     stream, feeds = stream_of(model), calibration(name="bert_ts")
     keep = 3 * stream.hidden // 4
-    sequential = sequential_bases(model, stream, SHAPES, feeds, keep)
+    sequential = sequential_bases(model, stream, SHAPES, feeds, {s.tensor: keep for s in stream.segments})
     one_shot = choose_bases(stream, stream_covariances(model, stream, feeds), keep, per_segment=True)
     first, last = stream.segments[0].tensor, stream.segments[-1].tensor
     assert _subspace_gap(sequential.of[first], one_shot.of[first]) < 1e-6
@@ -205,11 +206,30 @@ def test_sequential_bases_are_the_pca_of_the_model_sliced_so_far() -> None:
     assert 0.5 < sequential.kept_variance[last] < 1.0
 
 
-def test_sequential_bases_are_the_default_for_post_ln_streams() -> None:
-    _, details = rotated("bert_ts", 0.25, per_segment=None)
-    assert details["streams"][0]["bases"] == "per segment, sequential"
+def test_post_ln_keeps_the_last_two_segments_whole_at_the_same_mean_width() -> None:
+    """Post-LN BERT (5 segments, H = 64) at 25 %: mean width 48; the output's segment and the one before keep 64, the
+    other three share the rest (38, 37, 37); the model is smaller and runs. Pre-LN LLaMA keeps one uniform basis."""
+    original = load("bert_ts")
+    model, details = rotated("bert_ts", 0.25, per_segment=None)
+    stream = details["streams"][0]
+    assert stream["bases"] == "per segment" and stream["widths"] == [38, 37, 37, 64, 64]
+    assert sum(stream["widths"]) == 5 * stream["hidden_after"] == 5 * 48
+    assert details["macs_after"] < details["macs_before"]
+    feed = token_feed(2, 10, seed=7)
+    for expected, got in zip(run(original, feed), run(model, feed)):
+        assert got.shape == expected.shape and np.isfinite(got).all()
     _, details = rotated("llama_ts", 0.25, per_segment=None)
-    assert details["streams"][0]["bases"] == "one for the stream"
+    assert details["streams"][0]["bases"] == "one for the stream" and set(details["streams"][0]["widths"]) == {48}
+
+
+def test_segment_widths_fall_back_when_the_others_would_be_too_narrow() -> None:
+    model = load("bert_ts")
+    prepare_for_analysis(model)
+    stream = stream_of(model)
+    assert list(segment_widths(stream, 40).values()) == [24, 24, 24, 64, 64]
+    assert list(segment_widths(stream, 24).values()) == [14, 14, 14, 14, 64]  # two whole would leave nothing
+    assert list(segment_widths(stream, 16).values()) == [16] * 5  # one whole would leave 4 < 8 each: uniform
+    assert list(segment_widths(stream, 64).values()) == [64] * 5
 
 
 def stream_of(model: onnx.ModelProto):

@@ -75,8 +75,24 @@ class Bases:
         return self.of[source] is not self.of[target]
 
 
-def choose_bases(stream: Stream, grams: dict[str, np.ndarray], keep: int, per_segment: bool) -> Bases:
-    """One basis for the whole stream (the PCA of every segment's activations together) or one per segment."""
+def segment_widths(stream: Stream, keep: int, tail: int = 2) -> dict[str, int]:
+    """Kept width per segment, ``keep`` on average: the last ``tail`` segments (the output's and the one feeding the
+    last block's MLP, whose lost directions reach the output unmixed) keep the full width, the others share the rest
+    equally; fewer full segments when the others would fall below keep / 2, uniform when none fits."""
+    names, hidden = [s.tensor for s in stream.segments], stream.hidden
+    for full in range(min(tail, len(names) - 1), 0, -1):
+        budget = len(names) * keep - full * hidden
+        rest = len(names) - full
+        if keep < hidden and budget // rest >= max(keep // 2, 1):
+            widths = [budget // rest + (1 if i < budget % rest else 0) for i in range(rest)]
+            return dict(zip(names, widths + [hidden] * full))
+    return {name: keep for name in names}
+
+
+def choose_bases(stream: Stream, grams: dict[str, np.ndarray], keep: int | dict[str, int], per_segment: bool
+                 ) -> Bases:
+    """One basis for the whole stream (the PCA of every segment's activations together) or one per segment
+    (``keep``: one width, or a width per segment)."""
     if not per_segment:
         basis, values = principal_basis(sum(grams.values()))
         share = float(values[:keep].sum() / max(values.sum(), 1e-300))
@@ -85,12 +101,13 @@ def choose_bases(stream: Stream, grams: dict[str, np.ndarray], keep: int, per_se
     bases, shares = {}, {}
     for name, gram in grams.items():
         basis, values = principal_basis(gram)
-        bases[name], shares[name] = basis[:, :keep], float(values[:keep].sum() / max(values.sum(), 1e-300))
+        width = keep[name] if isinstance(keep, dict) else keep
+        bases[name], shares[name] = basis[:, :width], float(values[:width].sum() / max(values.sum(), 1e-300))
     return Bases(bases, shares)
 
 
 def sequential_bases(model: onnx.ModelProto, stream: Stream, shapes: dict[str, list] | None,
-                     feeds: list[dict[str, np.ndarray]], keep: int) -> Bases:
+                     feeds: list[dict[str, np.ndarray]], keep: dict[str, int]) -> Bases:
     """A basis per segment, each the PCA of that segment as the model sliced up to it computes it (SliceGPT): a copy
     of ``model`` is rotated with the bases found so far and the identity for the rest, then the next segment's Gram
     matrix is read from it, so each basis also captures the error the earlier slicing left in the stream."""
@@ -108,8 +125,9 @@ def sequential_bases(model: onnx.ModelProto, stream: Stream, shapes: dict[str, l
             rotate_stream(copy, copied, Bases({s.tensor: bases.get(s.tensor, full) for s in copied.segments}, {}))
             gram = tensor_grams(copy, [segment.tensor], stream.hidden, stream.centered, feeds)[segment.tensor]
         basis, values = principal_basis(gram)
-        bases[segment.tensor] = basis[:, :keep]
-        shares[segment.tensor] = float(values[:keep].sum() / max(values.sum(), 1e-300))
+        width = keep[segment.tensor]
+        bases[segment.tensor] = basis[:, :width]
+        shares[segment.tensor] = float(values[:width].sum() / max(values.sum(), 1e-300))
     return Bases(bases, shares)
 
 
@@ -398,7 +416,7 @@ class HiddenRotationPass:
 
     name = "hidden"
 
-    def __init__(self, config: PruneConfig, per_segment: bool | None = None, sequential: bool = True):
+    def __init__(self, config: PruneConfig, per_segment: bool | None = None, sequential: bool = False):
         """``per_segment`` None: a basis per segment in post-LN streams (their shortcuts carry a matrix anyway), one
         basis for pre-LN streams (their shortcuts then need none). ``sequential``: per-segment bases measured on the
         model sliced up to each segment (``sequential_bases``) rather than all on the original."""
@@ -433,17 +451,19 @@ class HiddenRotationPass:
         keep = max(stream.hidden - round(self.config.hidden_sparsity * stream.hidden), 1)
         per_segment = stream.post_ln if self.per_segment is None else self.per_segment
         sequential = per_segment and self.sequential and keep < stream.hidden  # nothing to measure when nothing goes
+        widths = segment_widths(stream, keep) if per_segment else {s.tensor: keep for s in stream.segments}
         if sequential:
             feeds = list(ctx.calibration)
-            bases = sequential_bases(ctx.model, stream, ctx.input_shapes or None, feeds, keep)
+            bases = sequential_bases(ctx.model, stream, ctx.input_shapes or None, feeds, widths)
         else:
             grams = stream_covariances(ctx.model, stream, ctx.iterate(ctx.calibration, "stream PCA",
                                                                       len(ctx.calibration)))
-            bases = choose_bases(stream, grams, keep, per_segment)
+            bases = choose_bases(stream, grams, widths if per_segment else keep, per_segment)
         counts = rotate_stream(ctx.model, stream, bases)
         shares = list(bases.kept_variance.values())
         kind = "per segment" + (", sequential" if sequential else "")
         return {**describe_stream(stream), "hidden_before": stream.hidden, "hidden_after": keep,
                 "bases": kind if per_segment else "one for the stream",
+                "widths": [bases.of[s.tensor].shape[1] for s in stream.segments],
                 "explained_variance_kept": round(float(np.mean(shares)), 6),
                 "explained_variance_min": round(float(np.min(shares)), 6), **counts}
