@@ -11,8 +11,9 @@ docstring. The embedding is the attention-masked mean of ``last_hidden_state`` (
 the original's by cosine on every held-out text (mean and 5th percentile reported).
 
 Rows, each pruned in this process with onnxprune's Python API and measured in the same run:
-- hidden rotation alone at 20/30/40 % (the default: a basis per segment in this post-LN encoder; one basis for the
-  whole stream at 30 % for comparison; with ``--hidden-only`` also 10 %);
+- hidden rotation alone at 20/30/40 % (the default: a basis per segment in this post-LN encoder, the last two
+  segments at full width; one basis for the whole stream, and sequential bases, at 30 % for comparison; with
+  ``--hidden-only`` also 10 %);
 - width only (``--structured --target-macs`` set to the MACs the 30 % rotation keeps; per-group ratios measured on the
   calibration text) - the same MACs reached the way onnxprune could before;
 - width + hidden (``--structured --sparsity 0.3`` then ``--hidden-sparsity 0.3``) and width only at its MACs.
@@ -139,10 +140,12 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def rotate_with(path: Path, sparsity: float, calibration: list[dict[str, np.ndarray]],
-                shapes: dict[str, list[int]], per_segment: bool) -> onnx.ModelProto:
-    """The rotation pass alone with the bases chosen (not a CLI option: post-LN streams get a basis per segment)."""
+                shapes: dict[str, list[int]], per_segment: bool, sequential: bool = False) -> onnx.ModelProto:
+    """The rotation pass alone with the bases chosen (not CLI options: post-LN streams get a basis per segment, all
+    measured on the original model)."""
     model = onnx.load(str(path))
-    HiddenRotationPass(PruneConfig(hidden_sparsity=sparsity, calibration_data="bench"), per_segment).run(
+    config = PruneConfig(hidden_sparsity=sparsity, calibration_data="bench")
+    HiddenRotationPass(config, per_segment, sequential).run(
         PassContext(model=model, calibration=calibration, input_shapes=shapes))
     return model
 
@@ -180,6 +183,7 @@ def main() -> None:
         label, model = run(f"hidden {sparsity:.0%}", hidden_sparsity=sparsity)
         rows[label] = model
     rows["hidden 30%, one basis for the stream"] = rotate_with(path, 0.3, batches, shapes, per_segment=False)
+    rows["hidden 30%, sequential bases"] = rotate_with(path, 0.3, batches, shapes, per_segment=True, sequential=True)
     if args.hidden_only:
         rows["hidden 10%"] = run("hidden 10%", hidden_sparsity=0.1)[1]
     kept = total_macs(rows["hidden 30%"], shapes) / macs0

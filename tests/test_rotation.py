@@ -23,7 +23,17 @@ from onnxprune.analysis.stream import find_streams
 from onnxprune.config import PruneConfig
 from onnxprune.inspect import inspect_model
 from onnxprune.passes.manager import PassContext
-from onnxprune.passes.rotation import Bases, HiddenRotationPass, rotate_stream, stream_covariances
+from onnxprune.passes.rotation import (
+    Bases,
+    HiddenRotationPass,
+    choose_bases,
+    principal_basis,
+    rotate_stream,
+    segment_widths,
+    sequential_bases,
+    stream_covariances,
+    tensor_grams,
+)
 from onnxprune.passes.structured import prepare_for_analysis
 
 from .test_transformers import FIXTURES, feeds, load, run
@@ -53,7 +63,7 @@ def shapes_for(name: str) -> dict[str, list[int]]:
     return {**SHAPES, "decoder_input_ids": [1, 19]} if name.startswith("t5") else dict(SHAPES)
 
 
-def rotated(name: str, sparsity: float, per_segment: bool = False) -> tuple[onnx.ModelProto, dict]:
+def rotated(name: str, sparsity: float, per_segment: bool | None = False) -> tuple[onnx.ModelProto, dict]:
     model = load(name)
     config = PruneConfig(hidden_sparsity=sparsity, calibration_data="calibration")
     result = HiddenRotationPass(config, per_segment).run(
@@ -164,6 +174,62 @@ def test_pca_beats_deleting_the_weakest_unrotated_dimensions(name: str) -> None:
     cos_rotated = np.mean([_cosine(run(original, f)[0], run(model, f)[0]) for f in feeds])
     cos_selected = np.mean([_cosine(run(original, f)[0], run(baseline, f)[0]) for f in feeds])
     assert np.isfinite(cos_rotated) and cos_rotated > cos_selected, (cos_rotated, cos_selected)
+
+
+def _subspace_gap(a: np.ndarray, b: np.ndarray) -> float:
+    """Largest distance between the column spans of two orthonormal bases (0: the same subspace)."""
+    return float(np.linalg.norm(a @ a.T - b @ b.T, 2))
+
+
+def test_sequential_bases_are_the_pca_of_the_model_sliced_so_far() -> None:
+    """Post-LN BERT: the first segment's basis is the one-shot PCA; the last one is the PCA of the last segment in the
+    model rotated and sliced with every earlier basis (and full width from there on), not of the original model."""
+    model = load("bert_ts")
+    prepare_for_analysis(model)
+    stream, feeds = stream_of(model), calibration(name="bert_ts")
+    keep = 3 * stream.hidden // 4
+    sequential = sequential_bases(model, stream, SHAPES, feeds, {s.tensor: keep for s in stream.segments})
+    one_shot = choose_bases(stream, stream_covariances(model, stream, feeds), keep, per_segment=True)
+    first, last = stream.segments[0].tensor, stream.segments[-1].tensor
+    assert _subspace_gap(sequential.of[first], one_shot.of[first]) < 1e-6
+    assert _subspace_gap(sequential.of[last], one_shot.of[last]) > 1e-3
+    sliced = onnx.ModelProto()
+    sliced.CopyFrom(model)
+    copied = stream_of(sliced)
+    full = np.eye(stream.hidden)
+    rotate_stream(sliced, copied, Bases({s.tensor: full if s.tensor == last else sequential.of[s.tensor]
+                                         for s in copied.segments}, {}))
+    onnx.checker.check_model(sliced, full_check=True)
+    gram = tensor_grams(sliced, [last], stream.hidden, stream.centered, feeds)[last]  # the others are sliced
+    expected = principal_basis(gram)[0][:, :keep]
+    assert _subspace_gap(sequential.of[last], expected) < 1e-6
+    assert 0.5 < sequential.kept_variance[last] < 1.0
+
+
+def test_post_ln_keeps_the_last_two_segments_whole_at_the_same_mean_width() -> None:
+    """Post-LN BERT (5 segments, H = 64) at 25 %: mean width 48; the output's segment and the one before keep 64, the
+    other three share the rest (38, 37, 37); the model is smaller and runs. Pre-LN LLaMA keeps one uniform basis."""
+    original = load("bert_ts")
+    model, details = rotated("bert_ts", 0.25, per_segment=None)
+    stream = details["streams"][0]
+    assert stream["bases"] == "per segment" and stream["widths"] == [38, 37, 37, 64, 64]
+    assert sum(stream["widths"]) == 5 * stream["hidden_after"] == 5 * 48
+    assert details["macs_after"] < details["macs_before"]
+    feed = token_feed(2, 10, seed=7)
+    for expected, got in zip(run(original, feed), run(model, feed)):
+        assert got.shape == expected.shape and np.isfinite(got).all()
+    _, details = rotated("llama_ts", 0.25, per_segment=None)
+    assert details["streams"][0]["bases"] == "one for the stream" and set(details["streams"][0]["widths"]) == {48}
+
+
+def test_segment_widths_fall_back_when_the_others_would_be_too_narrow() -> None:
+    model = load("bert_ts")
+    prepare_for_analysis(model)
+    stream = stream_of(model)
+    assert list(segment_widths(stream, 40).values()) == [24, 24, 24, 64, 64]
+    assert list(segment_widths(stream, 24).values()) == [14, 14, 14, 14, 64]  # two whole would leave nothing
+    assert list(segment_widths(stream, 16).values()) == [16] * 5  # one whole would leave 4 < 8 each: uniform
+    assert list(segment_widths(stream, 64).values()) == [64] * 5
 
 
 def stream_of(model: onnx.ModelProto):

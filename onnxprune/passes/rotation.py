@@ -36,16 +36,21 @@ def stream_covariances(model: onnx.ModelProto, stream: Stream, feeds: Iterable[d
     """Per segment tensor: the float64 Gram matrix n^T n of its normalized rows (centred for LayerNorm streams),
     accumulated feed after feed (one feed's activations in memory at a time). Where the model has an
     ``attention_mask`` input of the stream's leading shape, the padded positions are left out."""
-    names = [s.tensor for s in stream.segments]
+    return tensor_grams(model, [s.tensor for s in stream.segments], stream.hidden, stream.centered, feeds)
+
+
+def tensor_grams(model: onnx.ModelProto, names: list[str], hidden: int, centered: bool,
+                 feeds: Iterable[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The Gram matrices of ``stream_covariances`` for the [..., hidden] tensors ``names`` of ``model``."""
     session = session_with_outputs(model, names)
-    grams = {name: np.zeros((stream.hidden, stream.hidden)) for name in names}
+    grams = {name: np.zeros((hidden, hidden)) for name in names}
     for feed in feeds:
         for name, value in zip(names, session.run(names, feed)):
-            rows = value.astype(np.float64).reshape(-1, stream.hidden)
+            rows = value.astype(np.float64).reshape(-1, hidden)
             mask = feed.get("attention_mask")
             if mask is not None and tuple(mask.shape) == tuple(value.shape[:-1]):
                 rows = rows[mask.reshape(-1) != 0]  # padding positions carry no text: left out of the PCA
-            if stream.centered:
+            if centered:
                 rows = rows - rows.mean(axis=1, keepdims=True)
             rows /= np.sqrt(np.mean(rows * rows, axis=1, keepdims=True)) + 1e-12
             grams[name] += rows.T @ rows
@@ -70,8 +75,24 @@ class Bases:
         return self.of[source] is not self.of[target]
 
 
-def choose_bases(stream: Stream, grams: dict[str, np.ndarray], keep: int, per_segment: bool) -> Bases:
-    """One basis for the whole stream (the PCA of every segment's activations together) or one per segment."""
+def segment_widths(stream: Stream, keep: int, tail: int = 2) -> dict[str, int]:
+    """Kept width per segment, ``keep`` on average: the last ``tail`` segments (the output's and the one feeding the
+    last block's MLP, whose lost directions reach the output unmixed) keep the full width, the others share the rest
+    equally; fewer full segments when the others would fall below keep / 2, uniform when none fits."""
+    names, hidden = [s.tensor for s in stream.segments], stream.hidden
+    for full in range(min(tail, len(names) - 1), 0, -1):
+        budget = len(names) * keep - full * hidden
+        rest = len(names) - full
+        if keep < hidden and budget // rest >= max(keep // 2, 1):
+            widths = [budget // rest + (1 if i < budget % rest else 0) for i in range(rest)]
+            return dict(zip(names, widths + [hidden] * full))
+    return {name: keep for name in names}
+
+
+def choose_bases(stream: Stream, grams: dict[str, np.ndarray], keep: int | dict[str, int], per_segment: bool
+                 ) -> Bases:
+    """One basis for the whole stream (the PCA of every segment's activations together) or one per segment
+    (``keep``: one width, or a width per segment)."""
     if not per_segment:
         basis, values = principal_basis(sum(grams.values()))
         share = float(values[:keep].sum() / max(values.sum(), 1e-300))
@@ -80,7 +101,33 @@ def choose_bases(stream: Stream, grams: dict[str, np.ndarray], keep: int, per_se
     bases, shares = {}, {}
     for name, gram in grams.items():
         basis, values = principal_basis(gram)
-        bases[name], shares[name] = basis[:, :keep], float(values[:keep].sum() / max(values.sum(), 1e-300))
+        width = keep[name] if isinstance(keep, dict) else keep
+        bases[name], shares[name] = basis[:, :width], float(values[:width].sum() / max(values.sum(), 1e-300))
+    return Bases(bases, shares)
+
+
+def sequential_bases(model: onnx.ModelProto, stream: Stream, shapes: dict[str, list] | None,
+                     feeds: list[dict[str, np.ndarray]], keep: dict[str, int]) -> Bases:
+    """A basis per segment, each the PCA of that segment as the model sliced up to it computes it (SliceGPT): a copy
+    of ``model`` is rotated with the bases found so far and the identity for the rest, then the next segment's Gram
+    matrix is read from it, so each basis also captures the error the earlier slicing left in the stream."""
+    full = np.eye(stream.hidden)
+    bases: dict[str, np.ndarray] = {}
+    shares: dict[str, float] = {}
+    for position, segment in enumerate(stream.segments):
+        if position == 0:
+            gram = tensor_grams(model, [segment.tensor], stream.hidden, stream.centered, feeds)[segment.tensor]
+        else:
+            copy = onnx.ModelProto()
+            copy.CopyFrom(model)
+            copied = next(s for s in find_streams(copy, infer_shapes(copy, shapes)).streams
+                          if s.segments[0].tensor == stream.segments[0].tensor)
+            rotate_stream(copy, copied, Bases({s.tensor: bases.get(s.tensor, full) for s in copied.segments}, {}))
+            gram = tensor_grams(copy, [segment.tensor], stream.hidden, stream.centered, feeds)[segment.tensor]
+        basis, values = principal_basis(gram)
+        width = keep[segment.tensor]
+        bases[segment.tensor] = basis[:, :width]
+        shares[segment.tensor] = float(values[:width].sum() / max(values.sum(), 1e-300))
     return Bases(bases, shares)
 
 
@@ -234,7 +281,6 @@ def rotate_stream(model: onnx.ModelProto, stream: Stream, bases: Bases) -> dict[
     hidden = stream.hidden
     centering = np.eye(hidden) - np.full((hidden, hidden), 1.0 / hidden) if stream.centered else np.eye(hidden)
     counts = {"writers": 0, "embeddings": 0, "readers": 0, "shortcut_matrices": 0, "restored": 0, "shape_reads": 0}
-    width = next(iter(bases.of.values())).shape[1]
     segment_of = {n.name: s.tensor for s in stream.segments for n in s.norms}
     normalized: dict[str, str] = {}
     for segment in stream.segments:
@@ -244,7 +290,7 @@ def rotate_stream(model: onnx.ModelProto, stream: Stream, bases: Bases) -> dict[
         target = bases.of[segment.tensor]
         into = centering @ target
         for writer in segment.writers:
-            _write(edit, writer, into, width)
+            _write(edit, writer, into, into.shape[1])
             counts["writers"] += 1
         for embedding in segment.embeddings:
             edit.set_weight(embedding.node, 0, embedding.table @ into, embedding.node.input[0])
@@ -269,7 +315,7 @@ def rotate_stream(model: onnx.ModelProto, stream: Stream, bases: Bases) -> dict[
         basis = bases.of[segment_of[norm.name]]
         fold = basis.T * norm.gamma[None, :]  # P^T diag(gamma): [k, H]
         for reader in stream.readers[norm.name]:
-            _read(edit, reader, fold, norm.beta, normalized[norm.name], width)
+            _read(edit, reader, fold, norm.beta, normalized[norm.name], fold.shape[0])
             counts["readers"] += 1
         edit.removed |= {id(n) for n in norm.nodes}
         if stream.restored[norm.name]:
@@ -370,11 +416,13 @@ class HiddenRotationPass:
 
     name = "hidden"
 
-    def __init__(self, config: PruneConfig, per_segment: bool | None = None):
+    def __init__(self, config: PruneConfig, per_segment: bool | None = None, sequential: bool = False):
         """``per_segment`` None: a basis per segment in post-LN streams (their shortcuts carry a matrix anyway), one
-        basis for pre-LN streams (their shortcuts then need none)."""
+        basis for pre-LN streams (their shortcuts then need none). ``sequential``: per-segment bases measured on the
+        model sliced up to each segment (``sequential_bases``) rather than all on the original."""
         self.config = config
         self.per_segment = per_segment
+        self.sequential = sequential
 
     def run(self, ctx: PassContext) -> PassResult:
         model, shapes = ctx.model, ctx.input_shapes or None
@@ -400,14 +448,22 @@ class HiddenRotationPass:
 
     def _rotate(self, ctx: PassContext, stream: Stream) -> dict[str, Any]:
         logger.info("hidden size: PCA of %d stream segments on calibration data", len(stream.segments))
-        grams = stream_covariances(ctx.model, stream, ctx.iterate(ctx.calibration, "stream PCA",
-                                                                  len(ctx.calibration)))
-        keep = stream.hidden - round(self.config.hidden_sparsity * stream.hidden)
+        keep = max(stream.hidden - round(self.config.hidden_sparsity * stream.hidden), 1)
         per_segment = stream.post_ln if self.per_segment is None else self.per_segment
-        bases = choose_bases(stream, grams, max(keep, 1), per_segment)
+        sequential = per_segment and self.sequential and keep < stream.hidden  # nothing to measure when nothing goes
+        widths = segment_widths(stream, keep) if per_segment else {s.tensor: keep for s in stream.segments}
+        if sequential:
+            feeds = list(ctx.calibration)
+            bases = sequential_bases(ctx.model, stream, ctx.input_shapes or None, feeds, widths)
+        else:
+            grams = stream_covariances(ctx.model, stream, ctx.iterate(ctx.calibration, "stream PCA",
+                                                                      len(ctx.calibration)))
+            bases = choose_bases(stream, grams, widths if per_segment else keep, per_segment)
         counts = rotate_stream(ctx.model, stream, bases)
         shares = list(bases.kept_variance.values())
-        return {**describe_stream(stream), "hidden_before": stream.hidden, "hidden_after": max(keep, 1),
-                "bases": "per segment" if per_segment else "one for the stream",
+        kind = "per segment" + (", sequential" if sequential else "")
+        return {**describe_stream(stream), "hidden_before": stream.hidden, "hidden_after": keep,
+                "bases": kind if per_segment else "one for the stream",
+                "widths": [bases.of[s.tensor].shape[1] for s in stream.segments],
                 "explained_variance_kept": round(float(np.mean(shares)), 6),
                 "explained_variance_min": round(float(np.min(shares)), 6), **counts}
