@@ -132,44 +132,53 @@ class Pruner:
         return kept, result.summary
 
 
+def regula_falsi(evaluate, start: float, high: float, target: float, steps: int, tolerance: float) -> None:
+    """Calls ``evaluate(x)`` (MACs kept, falling as ``x`` grows in [0, ``high``]) from ``start`` towards ``target``:
+    the bracket's ends first, then linear interpolation between them."""
+    tried: dict[float, float] = {}
+    low, x = 0.0, start
+    for _ in range(steps):
+        tried[x] = kept = evaluate(x)
+        if abs(kept - target) <= tolerance:
+            return
+        low, high = (x, high) if kept > target else (low, x)
+        if low == high or (low == 0.0 and tried.get(0.0, 1.0) < target):
+            return  # the other settings alone keep fewer MACs than the target
+        if high not in tried:
+            x = high
+        elif low not in tried:
+            x = low
+        else:
+            x = low + (high - low) * (tried[low] - target) / (tried[low] - tried[high])
+        if x in tried:
+            return
+
+
 def matched_width(prune: Pruner, out: Path, target: float, start: float, steps: int, tolerance: float,
                   **options) -> dict:
-    """The width sparsity in [0, HIGH] that, with ``options``, keeps ``target`` of the MACs (regula falsi from
-    ``start``: MACs kept fall as the width sparsity grows); ``out`` ends holding the closest model."""
+    """The width sparsity in [0, HIGH] that, with ``options``, keeps ``target`` of the MACs; where the options alone
+    keep fewer, a lower hidden sparsity (width 0) instead. ``out`` ends holding the closest model."""
     trial = out.with_name(out.stem + "_trial.onnx")
-    tried: dict[float, float] = {}
-    best: tuple[float, float, dict] | None = None
+    best: dict = {}
 
-    def evaluate(width: float) -> float:
-        nonlocal best
-        kept, summary = prune(trial, width, **options)
-        tried[width] = kept
-        if best is None or abs(kept - target) < abs(best[1] - target):
-            best = (width, kept, summary)
+    def evaluate(width: float, **settings) -> float:
+        kept, summary = prune(trial, width, **settings)
+        if not best or abs(kept - target) < abs(best["macs_kept"] - target):
+            best.update(width=width, macs_kept=kept, summary=summary, extra=settings)
             trial.replace(out)
         return kept
 
-    low, high = (0.0, HIGH)
-    width = start
-    for _ in range(steps):
-        kept = evaluate(width)
-        if abs(kept - target) <= tolerance:
-            break
-        low, high = (width, high) if kept > target else (low, width)
-        if high == HIGH and HIGH not in tried:
-            width = HIGH
-        elif low == 0.0 and 0.0 not in tried:
-            width = 0.0
-        else:  # interpolate MACs kept linearly between the bracket's ends
-            width = low + (high - low) * (tried[low] - target) / (tried[low] - tried[high])
-        if low == high or width in tried:
-            break
-    width, kept, summary = best
+    regula_falsi(lambda w: evaluate(w, **options), start, HIGH, target, steps, tolerance)
+    hidden = options.get("hidden_sparsity", 0.0)
+    if best["macs_kept"] < target - tolerance and best["width"] == 0 and hidden:
+        regula_falsi(lambda h: evaluate(0.0, **{**options, "hidden_sparsity": round(h, 4)}), hidden / 2, hidden,
+                     target, steps, tolerance)
     note = ""
-    if abs(kept - target) > tolerance:
-        reach = "alone keeps fewer MACs than (a)" if kept < target else f"cannot reach (a)'s MACs with width <= {HIGH}"
-        note = f"{reach}: {kept:.3f} vs {target:.3f}"
-    return {"width": width, "macs_kept": kept, "summary": summary, "note": note, "tries": len(tried)}
+    if abs(best["macs_kept"] - target) > tolerance:
+        reach = "alone keeps fewer MACs than (a)" if best["macs_kept"] < target else \
+            f"cannot reach (a)'s MACs with width <= {HIGH}"
+        note = f"{reach}: {best['macs_kept']:.3f} vs {target:.3f}"
+    return {**best, "note": note}
 
 
 def bench(name: str, args: argparse.Namespace) -> list[dict]:
@@ -191,7 +200,9 @@ def bench(name: str, args: argparse.Namespace) -> list[dict]:
         path = folder / f"{row[1]}.onnx"
         found = matched_width(prune, path, target, args.width, args.steps, args.tolerance, **options)
         width = f" --structured --sparsity {found['width']:.3f} --uniform" if found["width"] > 0 else ""
-        rows.append({"model": name, "row": row, "options": flag + width, "path": path, "extra": options, **found})
+        if found["extra"].get("hidden_sparsity", args.hidden) != args.hidden:
+            flag = f"--hidden-sparsity {found['extra']['hidden_sparsity']}"
+        rows.append({"model": name, "row": row, "options": flag + width, "path": path, **found})
     if name in args.reconstruct.split(","):
         for row in (r for r in rows if r["width"] > 0):  # the widths found above: a refit keeps the MACs
             row["macs_kept"], row["summary"] = prune(row["path"], row["width"], reconstruct=True,
