@@ -228,7 +228,8 @@ def table(rows: list[dict]) -> list[str]:
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         top1 = f"{r['top1']:.3f}" if "top1" in r else "-"
-        note = r["note"]
+        blocks = (r.get("summary") or {}).get("blocks_removed")
+        note = "; ".join(filter(None, [r["note"], f"{blocks} blocks removed" if blocks else ""]))
         if "unknown" in r:
             note = "; ".join(filter(None, [note, f"{r.get('columns', '-')} columns kept" if "columns" in r else "",
                                            f"held-out ids unknown {r['unknown']:.3f}"]))
