@@ -20,7 +20,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..analysis.cost import infer_shapes, total_macs
-from ..analysis.stream import Linear, Stream, describe_stream, find_streams
+from ..analysis.stream import find_streams
+from ..analysis.stream_model import Linear, Stream, describe_stream
 from ..config import PruneConfig
 from ..graph import count_params, get_attr, opset_version, remove_dead_nodes
 from ..sessions import session_with_outputs
