@@ -132,8 +132,7 @@ def _structured(d: dict[str, Any]) -> str:
     return (f"<h2>Structured pruning (sparsity {_e(d.get('target_sparsity'))}, {_e(d.get('criterion'))}, "
             f"scope {_e(d.get('scope'))}, round-to {_e(d.get('round_to'))})</h2>"
             f"<p>{_num(d.get('channels_removed'))} of {_num(d.get('channels_total'))} channels removed, "
-            f"{_num(d.get('channels_frozen'))} frozen; params {_num(d.get('params_before'))} &rarr; "
-            f"{_num(d.get('params_after'))}; MACs {_num(d.get('macs_before'))} &rarr; {_num(d.get('macs_after'))}.</p>"
+            f"{_num(d.get('channels_frozen'))} frozen; {_change(d, 'params')}; {_change(d, 'macs')}.</p>"
             "<h3>Channels kept per group</h3>"
             + _table(["group", "producers", "kept", "", "params removed", "MACs removed"], rows)
             + "<h3>MACs per layer, before and after</h3>"
@@ -142,14 +141,19 @@ def _structured(d: dict[str, Any]) -> str:
                f"<tbody>{frozen}</tbody></table>" if frozen else ""))
 
 
+def _change(d: dict[str, Any], what: str) -> str:
+    """``MACs a &rarr; b`` / ``params a &rarr; b`` from a pass's ``<what>_before`` / ``<what>_after``."""
+    label = "MACs" if what == "macs" else what
+    return f"{label} {_num(d.get(what + '_before'))} &rarr; {_num(d.get(what + '_after'))}"
+
+
 def _depth(d: dict[str, Any]) -> str:
     rows = [[_td(b["add"]), _td(b["kind"]), _td(round(b["influence"], 6), True), _td("removed" if b["removed"] else "kept")]
             for b in d.get("blocks", [])]
     others = "".join(f"<li><code>{_e(b['add'])}</code>: {_e(b['reason'])}</li>" for b in d.get("not_removable", []))
     return (f"<h2>Depth pruning</h2><p>{_num(d.get('removed', 0))} of {_num(d.get('blocks_found', 0))} removable "
-            f"residual blocks removed (asked {_num(d.get('asked', 0))}; {_e(d.get('score'))}); MACs "
-            f"{_num(d.get('macs_before'))} &rarr; {_num(d.get('macs_after'))}, params {_num(d.get('params_before'))} "
-            f"&rarr; {_num(d.get('params_after'))}.</p>"
+            f"residual blocks removed (asked {_num(d.get('asked', 0))}; {_e(d.get('score'))}); "
+            f"{_change(d, 'macs')}, {_change(d, 'params')}.</p>"
             + (f"<p>{_e(d['reason'])}</p>" if d.get("reason") else "")
             + _table(["block (Add)", "kind", "influence", ""], rows)
             + (f"<h3>Not removable</h3><ul>{others}</ul>" if others else ""))
