@@ -26,6 +26,7 @@ from ..config import PruneConfig
 from ..graph import count_params, get_attr, opset_version, remove_dead_nodes
 from ..sessions import session_with_outputs
 from ..shapes import refresh_value_info
+from .hidden_widths import candidate_widths, choose_widths, measure_cuts
 from .manager import PassContext, PassResult
 from .structured import prepare_for_analysis
 
@@ -417,11 +418,14 @@ class HiddenRotationPass:
 
     name = "hidden"
 
-    def __init__(self, config: PruneConfig, per_segment: bool | None = None, sequential: bool = False):
+    def __init__(self, config: PruneConfig, per_segment: bool | None = None, sequential: bool = False,
+                 measure: bool = True):
         """``per_segment`` None: a basis per segment in post-LN streams (their shortcuts carry a matrix anyway), one
         basis for pre-LN streams (their shortcuts then need none). ``sequential``: per-segment bases measured on the
-        model sliced up to each segment (``sequential_bases``) rather than all on the original."""
+        model sliced up to each segment (``sequential_bases``) rather than all on the original. ``measure`` False: the
+        per-segment widths of the tail rule (``segment_widths``) instead of measured ones."""
         self.config = config
+        self.measure = measure
         self.per_segment = per_segment
         self.sequential = sequential
 
@@ -452,19 +456,39 @@ class HiddenRotationPass:
         keep = max(stream.hidden - round(self.config.hidden_sparsity * stream.hidden), 1)
         per_segment = stream.post_ln if self.per_segment is None else self.per_segment
         sequential = per_segment and self.sequential and keep < stream.hidden  # nothing to measure when nothing goes
-        widths = segment_widths(stream, keep) if per_segment else {s.tensor: keep for s in stream.segments}
+        feeds = list(ctx.iterate(ctx.calibration, "stream PCA", len(ctx.calibration)))
+        folds = [feeds[0::2], feeds[1::2]]
+        grams = [stream_covariances(ctx.model, stream, fold) for fold in folds]
+        total = {name: grams[0][name] + grams[1][name] for name in grams[0]}
+        widths = {s.tensor: keep for s in stream.segments}
+        choice: dict[str, Any] = {"widths_chosen": "uniform"}
+        if per_segment and keep < stream.hidden:
+            widths, choice = self._widths(ctx.model, stream, keep, grams[0], folds[1])
         if sequential:
-            feeds = list(ctx.calibration)
             bases = sequential_bases(ctx.model, stream, ctx.input_shapes or None, feeds, widths)
         else:
-            grams = stream_covariances(ctx.model, stream, ctx.iterate(ctx.calibration, "stream PCA",
-                                                                      len(ctx.calibration)))
-            bases = choose_bases(stream, grams, widths if per_segment else keep, per_segment)
+            bases = choose_bases(stream, total, widths if per_segment else keep, per_segment)
         counts = rotate_stream(ctx.model, stream, bases)
         shares = list(bases.kept_variance.values())
         kind = "per segment" + (", sequential" if sequential else "")
         return {**describe_stream(stream), "hidden_before": stream.hidden, "hidden_after": keep,
                 "bases": kind if per_segment else "one for the stream",
-                "widths": [bases.of[s.tensor].shape[1] for s in stream.segments],
+                "widths": [bases.of[s.tensor].shape[1] for s in stream.segments], **choice,
                 "explained_variance_kept": round(float(np.mean(shares)), 6),
                 "explained_variance_min": round(float(np.min(shares)), 6), **counts}
+
+    def _widths(self, model: onnx.ModelProto, stream: Stream, keep: int, grams: dict[str, np.ndarray],
+                held: list[dict[str, np.ndarray]]) -> tuple[dict[str, int], dict[str, Any]]:
+        """Per-segment widths measured (bases from every other calibration feed, each segment cut alone on the
+        rest: :mod:`.hidden_widths`), or the default tail rule (``segment_widths``) with fewer than two feeds."""
+        if not held or not self.measure:
+            return segment_widths(stream, keep), {"widths_chosen": "default (last two segments whole)"}
+        ordered = {name: principal_basis(gram)[0] for name, gram in grams.items()}
+        candidates = candidate_widths(stream.hidden, 1.0 - keep / stream.hidden)
+        logger.info("hidden size: probing %d widths of %d segments on calibration data", len(candidates),
+                    len(stream.segments))
+        probe = measure_cuts(model, stream, ordered, held, candidates)
+        widths = choose_widths(probe, stream.hidden, keep)
+        errors = [{str(w): round(e, 6) for w, e in sorted(probe.errors[s.tensor].items(), reverse=True)}
+                  for s in stream.segments]
+        return widths, {"widths_chosen": "measured", "probe_errors": errors}
