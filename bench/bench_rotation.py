@@ -11,12 +11,13 @@ docstring. The embedding is the attention-masked mean of ``last_hidden_state`` (
 the original's by cosine on every held-out text (mean and 5th percentile reported).
 
 Rows, each pruned in this process with onnxprune's Python API and measured in the same run:
-- hidden rotation alone at 20/30/40 % (the default: a basis per segment in this post-LN encoder, the last two
-  segments at full width; one basis for the whole stream, and sequential bases, at 30 % for comparison; with
-  ``--hidden-only`` also 10 %);
+- hidden rotation alone at 20/30/40 % (the default: a basis per segment in this post-LN encoder, widths per segment
+  measured on the calibration text); at 30 % for comparison: the tail rule's widths (the last two segments whole),
+  ``--reconstruct`` (least-squares refit of the stream's readers), one basis for the whole stream, and with
+  ``--sequential`` sequential bases;
 - width only (``--structured --target-macs`` set to the MACs the 30 % rotation keeps; per-group ratios measured on the
   calibration text) - the same MACs reached the way onnxprune could before;
-- width + hidden (``--structured --sparsity 0.3`` then ``--hidden-sparsity 0.3``) and width only at its MACs.
+- without ``--hidden-only``: width + hidden (``--structured --sparsity 0.3`` then ``--hidden-sparsity 0.3``) and width only at its MACs.
 Latency: onnxruntime CPU, one thread, the models interleaved (bench/benchlib.py), on one held-out batch.
 """
 
@@ -140,12 +141,13 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def rotate_with(path: Path, sparsity: float, calibration: list[dict[str, np.ndarray]],
-                shapes: dict[str, list[int]], per_segment: bool, sequential: bool = False) -> onnx.ModelProto:
-    """The rotation pass alone with the bases chosen (not CLI options: post-LN streams get a basis per segment, all
-    measured on the original model)."""
+                shapes: dict[str, list[int]], per_segment: bool, sequential: bool = False, measure: bool = True
+                ) -> onnx.ModelProto:
+    """The rotation pass alone with the bases and widths chosen (not CLI options: post-LN streams get a basis per
+    segment, all measured on the original model; ``measure`` False: the tail rule's widths)."""
     model = onnx.load(str(path))
     config = PruneConfig(hidden_sparsity=sparsity, calibration_data="bench")
-    HiddenRotationPass(config, per_segment, sequential).run(
+    HiddenRotationPass(config, per_segment, sequential, measure).run(
         PassContext(model=model, calibration=calibration, input_shapes=shapes))
     return model
 
@@ -157,7 +159,9 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--json", type=Path)
-    parser.add_argument("--hidden-only", action="store_true", help="only the rotation rows (no width-only runs)")
+    parser.add_argument("--hidden-only", action="store_true",
+                        help="the rotation rows and width only at the 30 %% rotation's MACs (not width + hidden)")
+    parser.add_argument("--sequential", action="store_true", help="also the sequential bases at 30 %%")
     args = parser.parse_args()
     path = export(CACHE / "all-minilm-l6-v2.onnx")
     texts = docstrings(args.calibration + args.heldout)
@@ -182,13 +186,15 @@ def main() -> None:
     for sparsity in (0.2, 0.3, 0.4):
         label, model = run(f"hidden {sparsity:.0%}", hidden_sparsity=sparsity)
         rows[label] = model
+    rows["hidden 30%, tail rule widths (last two whole)"] = rotate_with(path, 0.3, batches, shapes, True,
+                                                                        measure=False)
+    rows["hidden 30% --reconstruct"] = run("hidden 30% --reconstruct", hidden_sparsity=0.3, reconstruct=True)[1]
     rows["hidden 30%, one basis for the stream"] = rotate_with(path, 0.3, batches, shapes, per_segment=False)
-    rows["hidden 30%, sequential bases"] = rotate_with(path, 0.3, batches, shapes, per_segment=True, sequential=True)
-    if args.hidden_only:
-        rows["hidden 10%"] = run("hidden 10%", hidden_sparsity=0.1)[1]
+    if args.sequential:
+        rows["hidden 30%, sequential bases"] = rotate_with(path, 0.3, batches, shapes, True, sequential=True)
     kept = total_macs(rows["hidden 30%"], shapes) / macs0
+    rows[f"width only, target MACs {kept:.3f}"] = run("", structured=True, target_macs=round(kept, 4))[1]
     if not args.hidden_only:
-        rows[f"width only, target MACs {kept:.3f}"] = run("", structured=True, target_macs=round(kept, 4))[1]
         rows["width 30% + hidden 30%"] = run("", structured=True, sparsity=0.3, hidden_sparsity=0.3)[1]
         both = total_macs(rows["width 30% + hidden 30%"], shapes) / macs0
         rows[f"width only, target MACs {both:.3f}"] = run("", structured=True, target_macs=round(both, 4))[1]

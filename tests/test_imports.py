@@ -23,6 +23,7 @@ LAYERS = {
     4: ["calibration", "gram", "refit", "compensation", "scoring", "obs_solve", "obs", "accuracy", "validate", "recipe", "quantize"],
     5: ["passes", "passes.manager", "passes.canonical", "passes.subgraphs", "passes.unstructured", "passes.removal",
         "passes.structured", "passes.reconstruction", "passes.prepare", "passes.depth", "passes.vocabulary", "passes.rotation",
+        "passes.hidden_widths", "passes.hidden_refit",
         "sensitivity", "allocation", "depth_allocation", "refusals", "validate_step", "inspect"],
     6: ["report", "html_report", "report_files", "api", "cli", "entry", "__main__"],
 }

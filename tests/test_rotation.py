@@ -22,6 +22,7 @@ from onnxprune.analysis.cost import infer_shapes, total_macs
 from onnxprune.analysis.stream import find_streams
 from onnxprune.config import PruneConfig
 from onnxprune.inspect import inspect_model
+from onnxprune.passes.hidden_widths import WidthProbe, candidate_widths, choose_widths, probe_model, projections
 from onnxprune.passes.manager import PassContext
 from onnxprune.passes.rotation import (
     Bases,
@@ -35,6 +36,7 @@ from onnxprune.passes.rotation import (
     tensor_grams,
 )
 from onnxprune.passes.structured import prepare_for_analysis
+from onnxprune.sessions import session_with_outputs
 
 from .test_transformers import FIXTURES, feeds, load, run
 
@@ -210,8 +212,11 @@ def test_post_ln_keeps_the_last_two_segments_whole_at_the_same_mean_width() -> N
     """Post-LN BERT (5 segments, H = 64) at 25 %: mean width 48; the output's segment and the one before keep 64, the
     other three share the rest (38, 37, 37); the model is smaller and runs. Pre-LN LLaMA keeps one uniform basis."""
     original = load("bert_ts")
-    model, details = rotated("bert_ts", 0.25, per_segment=None)
+    model = load("bert_ts")
+    details = HiddenRotationPass(PruneConfig(hidden_sparsity=0.25, calibration_data="c"), measure=False).run(
+        PassContext(model=model, calibration=calibration(name="bert_ts"), input_shapes=dict(SHAPES))).details
     stream = details["streams"][0]
+    assert stream["widths_chosen"] == "default (last two segments whole)"
     assert stream["bases"] == "per segment" and stream["widths"] == [38, 37, 37, 64, 64]
     assert sum(stream["widths"]) == 5 * stream["hidden_after"] == 5 * 48
     assert details["macs_after"] < details["macs_before"]
@@ -312,3 +317,89 @@ def test_inspect_lists_the_stream() -> None:
     assert (stream["hidden"], stream["norm"], stream["layout"], stream["segments"]) == (64, "layernorm", "pre-ln", 5)
     info = inspect_model(ROOT / "fixtures" / "arch" / "convnext.onnx")
     assert info["hidden"]["streams"] == [] and "depthwise Conv" in info["hidden"]["refused"][0]
+
+
+def test_a_probe_computes_what_the_rotated_and_sliced_model_computes() -> None:
+    """Post-LN BERT: cutting two segments in the probe model (projection inputs) gives the outputs of the model the
+    rotation writes with those widths (others whole), so the probes measure the real cut."""
+    model = load("bert_ts")
+    prepare_for_analysis(model)
+    stream, feeds = stream_of(model), calibration(name="bert_ts")
+    grams = stream_covariances(model, stream, feeds)
+    ordered = {name: principal_basis(gram)[0] for name, gram in grams.items()}
+    widths = {s.tensor: 64 for s in stream.segments}
+    first, last = stream.segments[1].tensor, stream.segments[-1].tensor
+    widths[first], widths[last] = 40, 52
+    probe, inputs = probe_model(model, stream)
+    centering, cut = projections(stream, {name: ordered[name][:, :w] for name, w in widths.items()})
+    feed = token_feed(2, 10, seed=5)
+    probed = run(probe, {**feed, **{inputs[n]: cut[n].astype(np.float32) for n in widths}})
+    whole = run(probe, {**feed, **{inputs[n]: centering.astype(np.float32) for n in widths}})
+    sliced = onnx.ModelProto()
+    sliced.CopyFrom(model)
+    rotate_stream(sliced, stream_of(sliced), Bases({n: ordered[n][:, :w] for n, w in widths.items()}, {}))
+    for expected, got, full, before in zip(probed, run(sliced, feed), whole, run(load("bert_ts"), feed)):
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * float(np.abs(expected).max()))
+        np.testing.assert_allclose(full, before, rtol=1e-4, atol=1e-4 * float(np.abs(before).max()))
+        assert np.abs(got - before).max() > 1e-2 * np.abs(before).max()  # the cut changes the outputs
+
+
+def test_measured_widths_give_the_harder_hit_segment_more_width() -> None:
+    """The knapsack over probed errors: a segment whose cut costs ten times more keeps more width, the mean width is
+    exactly the promised one, and equal curves share equally (within one step)."""
+    hurt = {64: 0.0, 56: 0.01, 48: 0.04, 32: 0.2}
+    probe = WidthProbe({"a": hurt, "b": {w: e * 10 for w, e in hurt.items()}, "c": hurt})
+    widths = choose_widths(probe, 64, 52)
+    assert sum(widths.values()) == 3 * 52
+    assert widths["b"] > widths["a"] and widths["b"] > widths["c"] and abs(widths["a"] - widths["c"]) <= 1
+    assert candidate_widths(384, 0.3) == [326, 269, 211, 154]  # cuts of 0.5, 1, 1.5, 2 times S
+
+
+def test_post_ln_widths_are_measured_on_held_back_calibration_feeds() -> None:
+    """Post-LN BERT at 25 %: the pass probes every segment on the feeds the bases did not come from, reports the
+    errors, gives the widest width to a segment with the largest probed error, and keeps the mean width at 48."""
+    original = load("bert_ts")
+    model, details = rotated("bert_ts", 0.25, per_segment=None)
+    stream = details["streams"][0]
+    assert stream["widths_chosen"] == "measured" and sum(stream["widths"]) == 5 * 48
+    errors = [curve[str(candidate_widths(64, 0.25)[1])] for curve in stream["probe_errors"]]
+    assert stream["widths"][int(np.argmax(errors))] == max(stream["widths"])
+    feed = token_feed(2, 10, seed=7)
+    for expected, got in zip(run(original, feed), run(model, feed)):
+        assert got.shape == expected.shape and np.isfinite(got).all()
+
+
+def test_reconstruct_refits_the_stream_readers_and_lowers_their_error() -> None:
+    """``--hidden-sparsity --reconstruct`` on BERT: every Q/K/V/MLP-input reader is refitted and each one's calibration
+    error falls; the figures are the model's own: a reader's output error read back from the repaired and the plain
+    rotated model (sessions on the written graphs) is the reported after/before."""
+    original, feeds = load("bert_ts"), calibration(name="bert_ts")
+
+    def rotate(reconstruct: bool) -> tuple[onnx.ModelProto, dict]:
+        config = PruneConfig(hidden_sparsity=0.4, calibration_data="calibration", reconstruct=reconstruct)
+        model = load("bert_ts")
+        details = HiddenRotationPass(config, True, measure=False).run(
+            PassContext(model=model, calibration=feeds, input_shapes=dict(SHAPES))).details
+        onnx.checker.check_model(model, full_check=True)
+        return model, details["streams"][0]
+
+    plain, _ = rotate(False)
+    model, stream = rotate(True)
+    outcome = stream["reconstruction"]
+    assert len(outcome["layers"]) == stream["readers"] == 8 and not outcome["skipped"]
+    assert all(layer["error_after"] < layer["error_before"] for layer in outcome["layers"])
+    value = next(layer for layer in outcome["layers"] if "value" in layer["layer"] and "layer.1" in layer["layer"])
+    node = next(n for n in original.graph.node if n.name == value["layer"])
+    output = next(n for n in original.graph.node if node.output[0] in n.input and n.op_type == "Add").output[0]
+
+    def error(candidate: onnx.ModelProto) -> float:
+        num = den = 0.0
+        for feed in feeds:
+            (expected,), (got,) = (session_with_outputs(m, [output]).run([output], feed) for m in (original, candidate))
+            keep = feed["attention_mask"] != 0
+            num += float(np.sum((got[keep] - expected[keep]).astype(np.float64) ** 2))
+            den += float(np.sum(expected[keep].astype(np.float64) ** 2))
+        return num / den
+
+    assert error(model) == pytest.approx(value["error_after"], rel=1e-3)
+    assert error(plain) == pytest.approx(value["error_before"], rel=1e-3)

@@ -26,6 +26,7 @@ from ..config import PruneConfig
 from ..graph import count_params, get_attr, opset_version, remove_dead_nodes
 from ..sessions import session_with_outputs
 from ..shapes import refresh_value_info
+from .hidden_refit import ReaderTarget, refit_readers
 from .hidden_widths import candidate_widths, choose_widths, measure_cuts
 from .manager import PassContext, PassResult
 from .structured import prepare_for_analysis
@@ -468,7 +469,16 @@ class HiddenRotationPass:
             bases = sequential_bases(ctx.model, stream, ctx.input_shapes or None, feeds, widths)
         else:
             bases = choose_bases(stream, total, widths if per_segment else keep, per_segment)
+        targets = [ReaderTarget(r.node.name, r.bias[0].output[0] if r.bias else r.node.output[0])
+                   for readers in stream.readers.values() for r in readers if r.node.name]
+        original = None
+        if self.config.reconstruct and keep < stream.hidden:
+            original = onnx.ModelProto()
+            original.CopyFrom(ctx.model)
         counts = rotate_stream(ctx.model, stream, bases)
+        if original is not None:
+            logger.info("hidden size: refitting %d stream readers by least squares on calibration data", len(targets))
+            choice["reconstruction"] = refit_readers(original, ctx.model, targets, feeds)
         shares = list(bases.kept_variance.values())
         kind = "per segment" + (", sequential" if sequential else "")
         return {**describe_stream(stream), "hidden_before": stream.hidden, "hidden_after": keep,
