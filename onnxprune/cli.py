@@ -178,7 +178,7 @@ def _providers(values: tuple[str, ...]) -> list[str]:
 @click.option("--image-std", default="0.229,0.224,0.225", show_default=True, help="Image calibration data: per-channel std.")
 @click.option("--image-layout", type=click.Choice(["nchw", "nhwc"]), default="nchw", show_default=True, help="Image calibration data: tensor layout.")
 @click.option("--image-channels", type=click.Choice(["rgb", "bgr"]), default="rgb", show_default=True, help="Image calibration data: channel order.")
-@click.option("--reconstruct", is_flag=True, help="Refit by least squares on the calibration data so layer outputs match the original's: structured, the layers that lost inputs; unstructured and N:M, OBS repair (see --repair).")
+@click.option("--reconstruct", is_flag=True, help="Refit by least squares on the calibration data so layer outputs match the original's: structured, the layers that lost inputs; unstructured and N:M, OBS repair (see --repair); --hidden-sparsity, the layers reading the sliced stream.")
 @click.option("--repair", type=click.Choice(["obs", "rowwise"]), default=None, help="Unstructured/N:M --reconstruct: obs (default: OBS/SparseGPT masks and updates, each layer keeping the row-wise refit instead where that reproduces its output better) or rowwise (the criterion's mask, each output row's kept weights refitted).")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Leave weights/nodes whose name matches GLOB alone (repeatable).")
 @click.option("--min-params", type=int, default=0, show_default=True, help="Skip weight tensors with fewer elements.")
