@@ -82,6 +82,8 @@ def render(report: dict[str, Any], *, markdown: bool = False, verbose: bool = Fa
                     lines.append(f"  not repaired {s['weight']} (magnitude mask): {s['reason']}")
         elif p["name"] == "depth":
             _render_depth(d, lines, h, verbose or markdown, markdown, limit)
+        elif p["name"] == "hidden":
+            _render_hidden(d, lines, h, verbose or markdown, limit)
         elif p["name"] == "structured":
             lines.append(f"{h}Structured pruning: sparsity {d.get('target_sparsity')} "
                          f"({d.get('criterion')}, scope {d.get('scope')}, round-to {d.get('round_to')})")
@@ -174,6 +176,26 @@ def _render_removed_by_kind(summary: dict[str, Any], lines: list[str], h: str, m
         lines.append("")
         lines.append(f"{h}Removed by kind")
         lines += _table(["kind", "MACs removed", "params removed"], rows, markdown)
+
+
+def _render_hidden(d: dict[str, Any], lines: list[str], h: str, full: bool, limit: int) -> None:
+    """The hidden-size rotation: per stream the kept widths and how they were chosen, and the readers' refit."""
+    lines.append(f"{h}Hidden size by rotation: sparsity {d.get('hidden_sparsity')}; MACs {_num(d.get('macs_before'))} "
+                 f"-> {_num(d.get('macs_after'))}")
+    for stream in d.get("streams", []):
+        lines.append(f"stream {stream['hidden_before']} -> {stream['hidden_after']} on average ({stream['layout']}, "
+                     f"bases {stream['bases']}; widths {stream.get('widths_chosen')}): "
+                     + " ".join(str(w) for w in stream["widths"]))
+        rec = stream.get("reconstruction")
+        if rec:
+            lines.append(f"refitted {len(rec['layers'])} stream reader(s) by least squares on {rec['samples']} "
+                         "calibration samples; relative output error, rotated -> refitted:")
+            for entry in rec["layers"] if full else rec["layers"][:limit]:
+                lines.append(f"  {entry['layer']}: {entry['error_before']:.4f} -> {entry['error_after']:.4f}")
+            if rec["skipped"]:
+                lines.append(f"  not refitted: {', '.join(rec['skipped'])}")
+    if d.get("reason"):
+        lines.append(f"note: {d['reason']}")
 
 
 def _render_depth(d: dict[str, Any], lines: list[str], h: str, full: bool, markdown: bool, limit: int) -> None:

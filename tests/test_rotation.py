@@ -36,6 +36,7 @@ from onnxprune.passes.rotation import (
     tensor_grams,
 )
 from onnxprune.passes.structured import prepare_for_analysis
+from onnxprune.report import render
 from onnxprune.sessions import session_with_outputs
 
 from .test_transformers import FIXTURES, feeds, load, run
@@ -381,10 +382,11 @@ def test_reconstruct_refits_the_stream_readers_and_lowers_their_error() -> None:
         details = HiddenRotationPass(config, True, measure=False).run(
             PassContext(model=model, calibration=feeds, input_shapes=dict(SHAPES))).details
         onnx.checker.check_model(model, full_check=True)
-        return model, details["streams"][0]
+        return model, details
 
     plain, _ = rotate(False)
-    model, stream = rotate(True)
+    model, details = rotate(True)
+    stream = details["streams"][0]
     outcome = stream["reconstruction"]
     assert len(outcome["layers"]) == stream["readers"] == 8 and not outcome["skipped"]
     assert all(layer["error_after"] < layer["error_before"] for layer in outcome["layers"])
@@ -403,3 +405,8 @@ def test_reconstruct_refits_the_stream_readers_and_lowers_their_error() -> None:
 
     assert error(model) == pytest.approx(value["error_after"], rel=1e-3)
     assert error(plain) == pytest.approx(value["error_before"], rel=1e-3)
+    text = render({"config": {}, "passes": [{"name": "hidden", "details": details, "seconds": 1.0}]})
+    assert stream["widths"] == [21, 21, 20, 64, 64] and sum(stream["widths"]) == 5 * 38
+    assert "stream 64 -> 38 on average (post-ln, bases per segment; widths default (last two segments whole)): " \
+        "21 21 20 64 64" in text
+    assert f"  {value['layer']}: {value['error_before']:.4f} -> {value['error_after']:.4f}" in text
