@@ -58,6 +58,7 @@ class PruneConfig:
     unknown_token: int | None = None  # vocabulary: where ids not kept are mapped (default: see passes/vocabulary.py)
     shrink_logits: bool = False  # vocabulary: logits [.., K] over the kept tokens instead of [.., V]
     hidden_sparsity: float = 0.0  # share of the residual stream's hidden size removed by rotation (calibration data)
+    hidden_widths: str = "tail"  # post-LN streams' per-segment widths: tail (last two whole) | measured (probe runs)
 
     def validate(self) -> PruneConfig:
         """The settings to run, as a new config with the default criterion resolved; raise :class:`UsageError` for
@@ -208,6 +209,9 @@ class PruneConfig:
         if self.hidden_sparsity and not self.calibration_data:
             raise _usage("{hidden_sparsity} needs {calibration_data} (the rotation is the PCA of the stream's "
                          "activations)")
+        if self.hidden_widths not in ("tail", "measured"):
+            raise _usage(f"{{hidden_widths}} must be 'tail' or 'measured', got {self.hidden_widths!r}",
+                         self.hidden_widths)
 
     def require_calibration(self, available: bool, settings: Sequence[str] = CALIBRATED) -> None:
         """The one "needs calibration data" check: ``reconstruct``, or a criterion among ``settings`` measured on

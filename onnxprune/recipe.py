@@ -104,6 +104,7 @@ def applied_recipe(report: dict[str, Any]) -> dict[str, Any]:
             recipe[key] = cfg[key]
     if cfg.get("hidden_sparsity"):
         recipe["hidden_sparsity"] = cfg["hidden_sparsity"]
+        recipe["hidden_widths"] = cfg.get("hidden_widths", "tail")
     overrides: list[dict[str, Any]] = []
     for p in report["passes"]:
         details = p["details"]

@@ -66,9 +66,10 @@ def shapes_for(name: str) -> dict[str, list[int]]:
     return {**SHAPES, "decoder_input_ids": [1, 19]} if name.startswith("t5") else dict(SHAPES)
 
 
-def rotated(name: str, sparsity: float, per_segment: bool | None = False) -> tuple[onnx.ModelProto, dict]:
+def rotated(name: str, sparsity: float, per_segment: bool | None = False, widths: str = "tail"
+            ) -> tuple[onnx.ModelProto, dict]:
     model = load(name)
-    config = PruneConfig(hidden_sparsity=sparsity, calibration_data="calibration")
+    config = PruneConfig(hidden_sparsity=sparsity, calibration_data="calibration", hidden_widths=widths)
     result = HiddenRotationPass(config, per_segment).run(
         PassContext(model=model, calibration=calibration(name=name), input_shapes=shapes_for(name)))
     onnx.checker.check_model(model, full_check=True)
@@ -360,7 +361,7 @@ def test_post_ln_widths_are_measured_on_held_back_calibration_feeds() -> None:
     """Post-LN BERT at 25 %: the pass probes every segment on the feeds the bases did not come from, reports the
     errors, gives the widest width to a segment with the largest probed error, and keeps the mean width at 48."""
     original = load("bert_ts")
-    model, details = rotated("bert_ts", 0.25, per_segment=None)
+    model, details = rotated("bert_ts", 0.25, per_segment=None, widths="measured")
     stream = details["streams"][0]
     assert stream["widths_chosen"] == "measured" and sum(stream["widths"]) == 5 * 48
     errors = [curve[str(candidate_widths(64, 0.25)[1])] for curve in stream["probe_errors"]]
@@ -368,6 +369,25 @@ def test_post_ln_widths_are_measured_on_held_back_calibration_feeds() -> None:
     feed = token_feed(2, 10, seed=7)
     for expected, got in zip(run(original, feed), run(model, feed)):
         assert got.shape == expected.shape and np.isfinite(got).all()
+
+
+def test_cli_hidden_widths_tail_by_default_measured_on_request(tmp_path: Path) -> None:
+    """Post-LN BERT through the CLI: the tail rule unless ``--hidden-widths measured``; the applied recipe keeps it."""
+    data = tmp_path / "calibration.npz"
+    feeds = calibration(name="bert_ts")
+    np.savez(data, **{k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]})
+    chosen = {}
+    for widths in ("tail", "measured"):
+        report, applied = tmp_path / f"{widths}.json", tmp_path / f"{widths}.yaml"
+        extra = ["--hidden-widths", "measured"] if widths == "measured" else []
+        done = _cli(str(FIXTURES / "bert_ts.onnx"), "--hidden-sparsity", "0.25", "--calibration-data", str(data),
+                    *extra, "-o", str(tmp_path / f"{widths}.onnx"), "--report", str(report), "--save-recipe",
+                    str(applied), "--no-validate")
+        assert done.returncode == 0, done.stderr
+        (hidden,) = [p for p in json.loads(report.read_text())["passes"] if p["name"] == "hidden"]
+        chosen[widths] = hidden["details"]["streams"][0]["widths_chosen"]
+        assert f"hidden_widths: {widths}" in applied.read_text()
+    assert chosen == {"tail": "default (last two segments whole)", "measured": "measured"}
 
 
 def test_reconstruct_refits_the_stream_readers_and_lowers_their_error() -> None:

@@ -78,6 +78,15 @@ class Bases:
         return self.of[source] is not self.of[target]
 
 
+def _halves(feed: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+    """One calibration batch as two (its samples split along the batch axis), or as is with a single sample."""
+    size = min(len(v) for v in feed.values()) if feed else 0
+    if size < 2 or any(len(v) != size for v in feed.values()):
+        return [feed]
+    half = size // 2
+    return [{k: v[:half] for k, v in feed.items()}, {k: v[half:] for k, v in feed.items()}]
+
+
 def segment_widths(stream: Stream, keep: int, tail: int = 2) -> dict[str, int]:
     """Kept width per segment, ``keep`` on average: the last ``tail`` segments (the output's and the one feeding the
     last block's MLP, whose lost directions reach the output unmixed) keep the full width, the others share the rest
@@ -420,13 +429,13 @@ class HiddenRotationPass:
     name = "hidden"
 
     def __init__(self, config: PruneConfig, per_segment: bool | None = None, sequential: bool = False,
-                 measure: bool = True):
+                 measure: bool | None = None):
         """``per_segment`` None: a basis per segment in post-LN streams (their shortcuts carry a matrix anyway), one
         basis for pre-LN streams (their shortcuts then need none). ``sequential``: per-segment bases measured on the
-        model sliced up to each segment (``sequential_bases``) rather than all on the original. ``measure`` False: the
-        per-segment widths of the tail rule (``segment_widths``) instead of measured ones."""
+        model sliced up to each segment (``sequential_bases``) rather than all on the original. ``measure`` None: as
+        ``config.hidden_widths`` says; False: the tail rule's per-segment widths (``segment_widths``); True: measured."""
         self.config = config
-        self.measure = measure
+        self.measure = config.hidden_widths == "measured" if measure is None else measure
         self.per_segment = per_segment
         self.sequential = sequential
 
@@ -458,6 +467,8 @@ class HiddenRotationPass:
         per_segment = stream.post_ln if self.per_segment is None else self.per_segment
         sequential = per_segment and self.sequential and keep < stream.hidden  # nothing to measure when nothing goes
         feeds = list(ctx.iterate(ctx.calibration, "stream PCA", len(ctx.calibration)))
+        if len(feeds) == 1 and self.measure and per_segment:
+            feeds = _halves(feeds[0])  # measured widths need a batch the bases did not see
         folds = [feeds[0::2], feeds[1::2]]
         grams = [stream_covariances(ctx.model, stream, fold) for fold in folds]
         total = {name: grams[0][name] + grams[1][name] for name in grams[0]}
@@ -491,8 +502,11 @@ class HiddenRotationPass:
                 held: list[dict[str, np.ndarray]]) -> tuple[dict[str, int], dict[str, Any]]:
         """Per-segment widths measured (bases from every other calibration feed, each segment cut alone on the
         rest: :mod:`.hidden_widths`), or the default tail rule (``segment_widths``) with fewer than two feeds."""
-        if not held or not self.measure:
+        if not self.measure:
             return segment_widths(stream, keep), {"widths_chosen": "default (last two segments whole)"}
+        if not held:
+            return segment_widths(stream, keep), {"widths_chosen": "default (last two segments whole): measured "
+                                                  "widths need at least two calibration samples"}
         ordered = {name: principal_basis(gram)[0] for name, gram in grams.items()}
         candidates = candidate_widths(stream.hidden, 1.0 - keep / stream.hidden)
         logger.info("hidden size: probing %d widths of %d segments on calibration data", len(candidates),
