@@ -44,10 +44,8 @@ def _inferred(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None
 def _all_shapes(skel: onnx.ModelProto) -> dict[str, list[int | None]]:
     """Shapes after symbolic and onnx inference of ``skel`` (left as it is), subgraph tensors included."""
     inferred = symbolic_inference(skel)
-    try:
+    with contextlib.suppress(Exception):  # shapes are best effort for cost figures
         inferred = onnx.shape_inference.infer_shapes(inferred, data_prop=True)
-    except Exception:  # noqa: BLE001 - shapes are best effort for cost figures
-        pass
     shapes: dict[str, list[int | None]] = {}
     for graph in iter_graphs(inferred.graph):  # subgraphs too: their nodes' MACs count where they run
         main = graph is inferred.graph
