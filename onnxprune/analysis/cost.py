@@ -239,7 +239,8 @@ def evaluate_node(model: onnx.ModelProto, node: onnx.NodeProto, known: dict[str,
         [node], "fold", inputs, [onnx.helper.make_empty_tensor_value_info(node.output[0])]),
         opset_imports=list(model.opset_import), ir_version=model.ir_version)
     try:
-        return np.asarray(ReferenceEvaluator(tiny).run(None, {n: known[n] for n in names})[0])
+        with np.errstate(all="ignore"):  # a log of 0 in a mask is -inf by design, not a warning for the user
+            return np.asarray(ReferenceEvaluator(tiny).run(None, {n: known[n] for n in names})[0])
     except Exception:  # noqa: BLE001 - an op the reference cannot evaluate stays as it is
         return None
 
