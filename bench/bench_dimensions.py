@@ -1,6 +1,6 @@
 """Issue 15: one MACs target reached by width, hidden, depth and vocabulary; the accuracy each way keeps.
 
-    OPENBLAS_NUM_THREADS=1 python bench/bench_dimensions.py [--models minilm,bert-base,gpt2-mid,llama-mid]
+    OPENBLAS_NUM_THREADS=1 python bench/bench_dimensions.py [--models minilm,bert-base,gpt2-mid,llama-mid,gpt2-base,...]
         [--width 0.5] [--hidden 0.2] [--depth 0.25] [--calibration 32] [--heldout 16] [--runs 15] [--reconstruct minilm]
         [--json FILE]
 
@@ -10,7 +10,11 @@ Per model, in one run: (a) width only, ``--structured --sparsity W --uniform``; 
 --tolerance (searched with the default L1 criterion: with ``--uniform`` the MACs do not depend on which channels go;
 the models named by --reconstruct are then pruned once more at the widths found, with ``--reconstruct``). Where the
 dimension alone already removes more than (a), ``s`` = 0 and the row says so; where even
-``s`` = 0.9 does not reach (a)'s MACs, the row says so too. MACs are counted at [1, 64] tokens.
+``s`` = 0.9 does not reach (a)'s MACs, the row says so too. Vocabulary rows where the calibration's ids alone
+keep fewer MACs (a decoder's LM head) keep more tokens instead: ``--keep-tokens`` with the calibration's ids by
+frequency, then the other ids by the L2 norm of their LM-head row, as many as (a)'s MACs take (the LM head's MACs
+are linear in the tokens kept: secant steps from the two known points, usually one prune). MACs are counted at
+[1, 64] tokens.
 
 Columns: MACs kept (of the original), latency ratio (onnxruntime CPU, one thread, all rows and the original
 interleaved in one process, median of --runs on one held-out sequence), fidelity on held-out inputs: the mean cosine
@@ -24,7 +28,11 @@ with torch.onnx), calibrated and evaluated on disjoint standard-library docstrin
 bench/models/speed/bert-base.onnx (random weights); ``gpt2-mid`` and ``llama-mid`` are exports of
 fixtures/export_transformers.py ``--size mid`` (random weights, 32,000 tokens, LLaMA with grouped-query attention and
 an untied LM head; GPT-2's head is tied); their token ids are Zipf-distributed (``zipf_ids``: calibration seed 0,
-held-out seed 1).
+held-out seed 1). ``gpt2-base`` and ``llama-base`` are the same at base size (:data:`BASE`: GPT-2 124M's shape
+with its 50,257 tokens; a LLaMA-style decoder of 125 M parameters), exported when missing.
+
+On a shared machine, run the base-size models one per invocation with the same ``--json`` file: each invocation
+replaces its models' rows and keeps the others, and the file is written after every model.
 """
 
 from __future__ import annotations
