@@ -125,3 +125,17 @@ def test_real_text_recogniser_reports_the_macs_its_removed_blocks_cost(tmp_path)
     assert data["summary"]["removed_by_kind"]["depth"]["macs"] == removed
     assert depth["macs_before"] == data["validation"]["model"]["original"]["macs"]
     assert depth["macs_after"] == data["validation"]["model"]["pruned"]["macs"]
+
+
+@pytest.mark.parametrize(("name", "macs"), [("gpt_neo_ts", 1_376_256), ("swin_ts", 3_424_896)])
+def test_every_layer_of_exports_with_large_constant_masks_is_counted(name, macs):
+    """GPT-Neo's and Swin's exports (fixtures/transformers) also stopped symbolic inference at a stripped constant:
+    most of their MatMuls counted 0 MACs (0.21 M and 2.33 M in all). Now every layer counts; GPT-Neo's projections
+    at the default [1, 16] tokens are 16 x 64 x 64."""
+    model = onnx.load(str(FIXTURES.parent / "transformers" / f"{name}.onnx"))
+    counted = node_macs(model)
+    layers = [n.name for n in model.graph.node if n.op_type in ("Conv", "MatMul", "Gemm")]
+    assert all(counted.get(n) for n in layers)
+    assert sum(counted.values()) == macs
+    if name == "gpt_neo_ts":
+        assert counted["/model/transformer/h.1/attn/attention/q_proj/MatMul"] == 16 * 64 * 64
