@@ -1,6 +1,6 @@
 """Issue 15: one MACs target reached by width, hidden, depth and vocabulary; the accuracy each way keeps.
 
-    OPENBLAS_NUM_THREADS=1 python bench/bench_dimensions.py [--models minilm,bert-base,gpt2-mid,llama-mid]
+    OPENBLAS_NUM_THREADS=1 python bench/bench_dimensions.py [--models minilm,bert-base,gpt2-mid,llama-mid,gpt2-base,...]
         [--width 0.5] [--hidden 0.2] [--depth 0.25] [--calibration 32] [--heldout 16] [--runs 15] [--reconstruct minilm]
         [--json FILE]
 
@@ -10,7 +10,11 @@ Per model, in one run: (a) width only, ``--structured --sparsity W --uniform``; 
 --tolerance (searched with the default L1 criterion: with ``--uniform`` the MACs do not depend on which channels go;
 the models named by --reconstruct are then pruned once more at the widths found, with ``--reconstruct``). Where the
 dimension alone already removes more than (a), ``s`` = 0 and the row says so; where even
-``s`` = 0.9 does not reach (a)'s MACs, the row says so too. MACs are counted at [1, 64] tokens.
+``s`` = 0.9 does not reach (a)'s MACs, the row says so too. Vocabulary rows where the calibration's ids alone
+keep fewer MACs (a decoder's LM head) keep more tokens instead: ``--keep-tokens`` with the calibration's ids by
+frequency, then the other ids by the L2 norm of their LM-head row, as many as (a)'s MACs take (the LM head's MACs
+are linear in the tokens kept: secant steps from the two known points, usually one prune). MACs are counted at
+[1, 64] tokens.
 
 Columns: MACs kept (of the original), latency ratio (onnxruntime CPU, one thread, all rows and the original
 interleaved in one process, median of --runs on one held-out sequence), fidelity on held-out inputs: the mean cosine
@@ -24,7 +28,11 @@ with torch.onnx), calibrated and evaluated on disjoint standard-library docstrin
 bench/models/speed/bert-base.onnx (random weights); ``gpt2-mid`` and ``llama-mid`` are exports of
 fixtures/export_transformers.py ``--size mid`` (random weights, 32,000 tokens, LLaMA with grouped-query attention and
 an untied LM head; GPT-2's head is tied); their token ids are Zipf-distributed (``zipf_ids``: calibration seed 0,
-held-out seed 1).
+held-out seed 1). ``gpt2-base`` and ``llama-base`` are the same at base size (:data:`BASE`: GPT-2 124M's shape
+with its 50,257 tokens; a LLaMA-style decoder of 125 M parameters), exported when missing.
+
+On a shared machine, run the base-size models one per invocation with the same ``--json`` file: each invocation
+replaces its models' rows and keeps the others, and the file is written after every model.
 """
 
 from __future__ import annotations
@@ -48,6 +56,8 @@ from export_transformers import SIZES, export, zipf_ids
 import onnxprune
 from onnxprune import PruneConfig
 from onnxprune.analysis.cost import total_macs
+from onnxprune.analysis.vocab import find_vocabulary
+from onnxprune.graph import GraphIndex
 
 MODELS = ROOT / "bench" / "models"
 OUT = ROOT / "bench" / "out" / "dimensions"
@@ -70,13 +80,20 @@ def random_weights(path: Path, calibration: int, heldout: int) -> tuple[Path, di
         {"input_ids": held, "attention_mask": np.ones_like(held)}
 
 
-def decoder(arch: str) -> Path:
-    """``bench/models/transformers/mid/<arch>_ts.onnx``, exported with ``--size mid`` when missing."""
-    folder = MODELS / "transformers" / "mid"
+#: base-size decoders: GPT-2 124M's shape (50,257 tokens, tied head) and a LLaMA-style decoder of about the same
+#: parameter count (grouped-query attention with 4 KV heads, SwiGLU 2048, untied 32,000-token head: 125 M)
+BASE = {"gpt2": {"hidden": 768, "layers": 12, "heads": 12, "kv_heads": 12, "inter": 3072, "vocab": 50257},
+        "llama": {"hidden": 768, "layers": 12, "heads": 12, "kv_heads": 4, "inter": 2048, "vocab": 32000}}
+
+
+def decoder(arch: str, size: str = "mid") -> Path:
+    """``bench/models/transformers/<size>/<arch>_ts.onnx``, exported by fixtures/export_transformers.py when
+    missing (``mid``: its ``--size mid``; ``base``: :data:`BASE`)."""
+    folder = MODELS / "transformers" / size
     path = folder / f"{arch}_ts.onnx"
     if not path.exists():
         folder.mkdir(parents=True, exist_ok=True)
-        export(arch, SIZES["mid"], folder, "ts")
+        export(arch, BASE[arch] if size == "base" else SIZES[size], folder, "ts")
     return path
 
 
@@ -85,6 +102,8 @@ LOADERS = {
     "bert-base": (lambda c, h: random_weights(MODELS / "speed" / "bert-base.onnx", c, h), "tokens"),
     "gpt2-mid": (lambda c, h: random_weights(decoder("gpt2"), c, h), "logits"),
     "llama-mid": (lambda c, h: random_weights(decoder("llama"), c, h), "logits"),
+    "gpt2-base": (lambda c, h: random_weights(decoder("gpt2", "base"), c, h), "logits"),
+    "llama-base": (lambda c, h: random_weights(decoder("llama", "base"), c, h), "logits"),
 }
 
 
@@ -171,14 +190,60 @@ def matched_width(prune: Pruner, out: Path, target: float, start: float, steps: 
     regula_falsi(lambda w: evaluate(w, **options), start, HIGH, target, steps, tolerance)
     hidden = options.get("hidden_sparsity", 0.0)
     if best["macs_kept"] < target - tolerance and best["width"] == 0 and hidden:
-        regula_falsi(lambda h: evaluate(0.0, **{**options, "hidden_sparsity": round(h, 4)}), hidden / 2, hidden,
-                     target, steps, tolerance)
+        regula_falsi(lambda h: evaluate(0.0, **{**options, "hidden_sparsity": round(h, 4)}) if round(h, 4) > 0
+                     else 1.0, hidden / 2, hidden, target, steps, tolerance)  # nothing removed keeps every MAC
     note = ""
     if abs(best["macs_kept"] - target) > tolerance:
         reach = "alone keeps fewer MACs than (a)" if best["macs_kept"] < target else \
             f"cannot reach (a)'s MACs with width <= {HIGH}"
         note = f"{reach}: {best['macs_kept']:.3f} vs {target:.3f}"
     return {**best, "note": note}
+
+
+def token_ranking(model: Path, calibration_ids: np.ndarray) -> tuple[np.ndarray, int]:
+    """Every token id, best kept first: the calibration's ids by frequency (ties: lower id first), then the others by
+    the L2 norm of their LM-head row (largest first); and how many ids the calibration holds."""
+    graph = onnx.load(str(model))
+    vocab = find_vocabulary(graph)
+    head = vocab.heads[0]
+    weight, _ = GraphIndex.build(graph.graph).resolve(head.weight)
+    rows = np.moveaxis(weight.array(), head.vocab_axis, 0).reshape(vocab.size, -1)
+    counts = np.bincount(calibration_ids.reshape(-1), minlength=vocab.size)
+    seen = np.flatnonzero(counts)
+    seen = seen[np.lexsort((seen, -counts[seen]))]
+    rest = np.setdiff1d(np.arange(vocab.size), seen)
+    rest = rest[np.argsort(-np.linalg.norm(rows[rest], axis=1), kind="stable")]
+    return np.concatenate([seen, rest]), len(seen)
+
+
+def matched_vocabulary(prune: Pruner, out: Path, target: float, ranking: np.ndarray, calibrated: int, found: dict,
+                       steps: int, tolerance: float) -> dict:
+    """Where the calibration's ids alone keep fewer MACs than ``target`` (``found``: that prune): ``--keep-tokens``
+    with the first n ids of ``ranking``, n by secant steps on MACs kept (linear in n: the LM head's columns), from the
+    two points known without a prune: n = the calibration's distinct ids (``found``), n = V (nothing removed)."""
+    points = {len(ranking): 1.0, calibrated: found["macs_kept"]}
+    best = dict(found)
+    trial, keep = out.with_name(out.stem + "_trial.onnx"), out.with_name(out.stem + "_tokens.txt")
+    for _ in range(steps):
+        (n0, k0), (n1, k1) = sorted(points.items(), key=lambda p: abs(p[1] - target))[:2]
+        if k1 == k0:
+            break
+        n = round(n0 + (target - k0) * (n1 - n0) / (k1 - k0))
+        n = min(max(n, 1), len(ranking) - 1)
+        if n in points:
+            break
+        keep.write_text(" ".join(map(str, np.sort(ranking[:n]))) + "\n")
+        points[n], summary = prune(trial, 0.0, keep_tokens=str(keep))
+        if abs(points[n] - target) < abs(best["macs_kept"] - target):
+            trial.replace(out)
+            best.update(width=0.0, macs_kept=points[n], summary=summary, extra={"keep_tokens": str(keep)},
+                        tokens=n, calibrated_tokens=calibrated)
+        if abs(points[n] - target) <= tolerance:
+            break
+    if "tokens" in best:
+        best["note"] = "" if abs(best["macs_kept"] - target) <= tolerance else \
+            f"closest: {best['macs_kept']:.3f} vs {target:.3f}"
+    return best
 
 
 def bench(name: str, args: argparse.Namespace) -> list[dict]:
@@ -199,6 +264,14 @@ def bench(name: str, args: argparse.Namespace) -> list[dict]:
     for row, (options, flag) in extras.items():
         path = folder / f"{row[1]}.onnx"
         found = matched_width(prune, path, target, args.width, args.steps, args.tolerance, **options)
+        if "vocab_from_calibration" in options and found["macs_kept"] < target - args.tolerance \
+                and found["width"] == 0 and find_vocabulary(onnx.load(str(model), load_external_data=False)).heads:
+            ranking, calibrated = token_ranking(model, calib_feeds["input_ids"])
+            found = matched_vocabulary(prune, path, target, ranking, calibrated, found, args.steps, args.tolerance)
+            if "tokens" in found:
+                flag = (f"--keep-tokens FILE ({found['tokens']:,} ids: the calibration's {calibrated:,} + "
+                        f"{found['tokens'] - calibrated:,} by LM-head row norm)")
+                found["unknown"] = float(np.mean(~np.isin(held["input_ids"], ranking[:found["tokens"]])))
         width = f" --structured --sparsity {found['width']:.3f} --uniform" if found["width"] > 0 else ""
         if found["extra"].get("hidden_sparsity", args.hidden) != args.hidden:
             flag = f"--hidden-sparsity {found['extra']['hidden_sparsity']}"
@@ -211,7 +284,7 @@ def bench(name: str, args: argparse.Namespace) -> list[dict]:
     reference = outputs(model, held)
     for row in rows:
         row.update(fidelity(reference, outputs(row["path"], held), held, kind))
-        if "vocabulary" in row["row"]:
+        if "vocabulary" in row["row"] and "unknown" not in row:
             kept = np.unique(calib_feeds["input_ids"])
             row["unknown"] = float(np.mean(~np.isin(held["input_ids"], kept)))
     times = latencies({"original": model, **{r["row"]: r["path"] for r in rows}},
@@ -251,17 +324,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tolerance", type=float, default=0.01, help="MACs kept within this of (a)'s")
     parser.add_argument("--reconstruct", default="minilm", help="models whose rows are pruned once more, at the "
                         "widths found, with --reconstruct (slow: minutes per row on large models)")
-    parser.add_argument("--json", type=Path)
+    parser.add_argument("--json", type=Path, help="rows file: the models measured here replace their rows in it, "
+                        "the others' rows are kept (one model per invocation builds the table in parts)")
     args = parser.parse_args(argv)
+    names = args.models.split(",")
     rows: list[dict] = []
-    for name in args.models.split(","):
+    if args.json and args.json.exists():
+        rows = [r for r in json.loads(args.json.read_text()) if r["model"] not in names]
+    for name in names:
         start = time.perf_counter()
-        rows += bench(name, args)
-        print(f"{name}: {time.perf_counter() - start:.0f} s", file=sys.stderr)
-        print("\n".join(table([r for r in rows if r["model"] == name])[2:]), flush=True)
+        measured = bench(name, args)
+        measured[0]["seconds"] = round(time.perf_counter() - start)
+        rows += measured
+        print(f"{name}: {measured[0]['seconds']} s", file=sys.stderr)
+        print("\n".join(table(measured)[2:]), flush=True)
+        if args.json:  # after each model: a later one that fails or times out leaves these rows
+            args.json.write_text(json.dumps(rows, indent=1, default=str) + "\n")
     print("\n".join(table(rows)))
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1, default=str) + "\n")
     return 0
 
 

@@ -27,22 +27,72 @@ def _inferred(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None
     """Shapes as :func:`infer_shapes` gives them, and the condition of each If (by its first output) that the
     resolved inputs decide (see :func:`resolve_control_flow`)."""
     skel = skeleton(model, input_shapes)
+    weights_as_inputs(skel)
     if any(n.op_type == "Shape" for n in skel.graph.node):  # sizes computed from shapes become known
         fold_static_shape_reads(skel)
     conditions: dict[str, bool] = {}
     if any(node_subgraphs(node) for node in skel.graph.node):
         skel, conditions = resolve_control_flow(skel, input_values(model, skel))
-    skel = symbolic_inference(skel)
-    try:
-        inferred = onnx.shape_inference.infer_shapes(skel, data_prop=True)
-    except Exception:  # noqa: BLE001 - shapes are best effort for cost figures
-        inferred = skel
+        return _all_shapes(skel), conditions
+    shapes = _all_shapes(skel)
+    if _unresolved_layers(skel.graph, shapes):  # sizes computed at run time: evaluate them at the skeleton's dims
+        skel, conditions = resolve_control_flow(skel, input_values(model, skel))
+        shapes = {**shapes, **_all_shapes(skel)}
+    return shapes, conditions
+
+
+def _all_shapes(skel: onnx.ModelProto) -> dict[str, list[int | None]]:
+    """Shapes after symbolic and onnx inference of ``skel`` (left as it is), subgraph tensors included."""
+    inferred = symbolic_inference(skel)
+    with contextlib.suppress(Exception):  # shapes are best effort for cost figures
+        inferred = onnx.shape_inference.infer_shapes(inferred, data_prop=True)
     shapes: dict[str, list[int | None]] = {}
     for graph in iter_graphs(inferred.graph):  # subgraphs too: their nodes' MACs count where they run
         main = graph is inferred.graph
         shapes.update((name, dims) for name, dims in value_shapes(graph).items() if main or name not in shapes)
         shapes.update(constant_shapes(graph))
-    return shapes, conditions
+    return shapes
+
+
+def _unresolved_layers(graph: onnx.GraphProto, shapes: dict[str, list[int | None]]) -> bool:
+    """Does a layer of the main graph count 0 MACs because a shape it needs stays unknown?"""
+    return any(n.op_type in LAYER_OPS and not _macs(n, shapes) for n in graph.node)
+
+
+def weights_as_inputs(skel: onnx.ModelProto) -> int:
+    """In place: every tensor of a skeleton whose bytes were stripped (initializers, and weights held as Constant
+    nodes as Paddle and old torch exports do; in any graph) becomes an input of the main graph with its type and
+    dims. onnxruntime's symbolic inference reads the value of every Constant and of every initializer an
+    element-wise op meets (a 6,625-class bias) and gives up on the whole graph at an empty one, which left every
+    layer behind a run-time computed shape uncounted; an input has a shape and no value. Returns how many moved."""
+    main = skel.graph
+    moved: list[onnx.TensorProto] = []
+    for graph in iter_graphs(main):
+        stripped = [t for t in graph.initializer if not _small(t)]
+        if stripped:
+            names = {t.name for t in stripped}
+            kept_inits = [t for t in graph.initializer if t.name not in names]
+            del graph.initializer[:]
+            graph.initializer.extend(kept_inits)
+            moved.extend(stripped)
+        kept = []
+        for node in graph.node:
+            tensor = node.attribute[0].t if node.op_type == "Constant" and len(node.attribute) == 1 \
+                and node.attribute[0].name == "value" and node.output else None
+            if tensor is None or _small(tensor):
+                kept.append(node)
+                continue
+            moved.append(onnx.TensorProto(name=node.output[0], data_type=tensor.data_type, dims=tensor.dims))
+        if len(kept) != len(graph.node):
+            copies = [onnx.NodeProto() for _ in kept]
+            for copy, node in zip(copies, kept):
+                copy.CopyFrom(node)
+            del graph.node[:]
+            graph.node.extend(copies)
+    listed = {v.name for v in main.input}
+    main.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                      for t in moved if t.name not in listed)
+    return len(moved)
 
 
 def input_values(model: onnx.ModelProto, skel: onnx.ModelProto) -> dict[str, np.ndarray]:
@@ -189,7 +239,8 @@ def evaluate_node(model: onnx.ModelProto, node: onnx.NodeProto, known: dict[str,
         [node], "fold", inputs, [onnx.helper.make_empty_tensor_value_info(node.output[0])]),
         opset_imports=list(model.opset_import), ir_version=model.ir_version)
     try:
-        return np.asarray(ReferenceEvaluator(tiny).run(None, {n: known[n] for n in names})[0])
+        with np.errstate(all="ignore"):  # a log of 0 in a mask is -inf by design, not a warning for the user
+            return np.asarray(ReferenceEvaluator(tiny).run(None, {n: known[n] for n in names})[0])
     except Exception:  # noqa: BLE001 - an op the reference cannot evaluate stays as it is
         return None
 
@@ -228,12 +279,16 @@ def node_macs(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None 
     return macs
 
 
+#: ops whose MACs are counted (with their integer and quantized spellings, see :func:`_macs`)
+LAYER_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "LSTM", "GRU", "RNN"}
+
+
 def _graph_macs(graph: onnx.GraphProto, shapes: dict, constants: dict, notes: list[str]) -> int:
     """MACs of a subgraph's nodes; layers whose shapes stay unknown are named in ``notes``."""
     total, unknown = 0, []
     for n in graph.node:
         value = _control_flow_macs(n, shapes, constants, notes) if node_subgraphs(n) else _macs(n, shapes)
-        if not value and n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul", "LSTM", "GRU", "RNN"):
+        if not value and n.op_type in LAYER_OPS:
             unknown.append(n.name or n.output[0])
         total += value
     if unknown:
