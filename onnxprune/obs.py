@@ -32,7 +32,9 @@ Under ``--reconstruct`` (and ``--criterion obs``) each layer then keeps the best
 scored by its output error on the same Gram matrices: the OBS solution, the OBS mask with every row's
 kept weights refitted by ridge least squares (undamped: the OBS update is the optimum of the dampened
 problem), and the row-wise refit of the criterion's own mask. No layer thus ends worse than the
-row-wise refit would leave it from the same inputs.
+row-wise refit would leave it from the same inputs. The refit candidates solve one ridge system per row: stacked
+LU solves for rows keeping fewer than ``WIDE`` weights, Cholesky one row at a time for wider ones (the shared LSTM
+input weights of an unrolled recurrence: thousands of kept inputs per row).
 """
 
 from __future__ import annotations

@@ -15,6 +15,9 @@ DAMP = 0.01
 RIDGE = 1e-3  # the row-wise refit's ridge (compensation.reconstruct_sparse)
 
 
+WIDE = 1024  # rows keeping at least this many weights are refitted by Cholesky (solve_wide_rows), others by LU
+
+
 EXACT_WORK = 1e9  # layers with outputs x inputs³ up to this are pruned by exact per-row OBS (about a second)
 
 
@@ -160,11 +163,25 @@ def refit_dense(rows: np.ndarray, h: np.ndarray, p: np.ndarray, damp: float = DA
 def refit_masked(rows: np.ndarray, mask: np.ndarray, h: np.ndarray, p: np.ndarray, ridge: float = RIDGE
                  ) -> np.ndarray:
     """Each row's kept weights (``mask`` False) refitted by ridge least squares to the original output,
-    argmin ‖XₚAᵀ − XₒWᵀ‖² + λ‖A‖², λ = ``ridge`` x mean diag(H): the row-wise refit, on the given Gram."""
+    argmin ‖XₚAᵀ − XₒWᵀ‖² + λ‖A‖², λ = ``ridge`` x mean diag(H): the row-wise refit, on the given Gram.
+
+    Rows keeping at least ``WIDE`` weights are solved one by one by Cholesky (:func:`solve_wide_rows`), the
+    others in stacked LU solves.
+    """
     lam = ridge * float(np.mean(np.diag(h))) + 1e-12
     rhs = rows.astype(np.float64) @ p.T  # row r: (P w_r), P = XₚᵀXₒ
     out = np.zeros(rows.shape, dtype=np.float32)
     kept_counts = (~mask).sum(axis=1)
+    wide = kept_counts >= WIDE
+    if wide.any():
+        out[wide] = solve_wide_rows(h, lam, ~mask[wide], rhs[wide])
+    _refit_exact(out, mask, np.where(wide, 0, kept_counts), h, rhs, lam)
+    return out
+
+
+def _refit_exact(out: np.ndarray, mask: np.ndarray, kept_counts: np.ndarray, h: np.ndarray, rhs: np.ndarray,
+                 lam: float) -> None:
+    """The ridge solve of every row with ``kept_counts`` > 0 on its kept sub-Gram, written into ``out``."""
     for count in np.unique(kept_counts[kept_counts > 0]):  # rows keeping as many weights: one stacked solve
         same = np.flatnonzero(kept_counts == count)
         chunk = max(1, 2 ** 24 // int(count) ** 2)  # 128 MB of sub-Gram matrices at a time
@@ -174,7 +191,48 @@ def refit_masked(rows: np.ndarray, mask: np.ndarray, h: np.ndarray, p: np.ndarra
             sub = h[kept[:, :, None], kept[:, None, :]] + lam * np.eye(count)
             solved = np.linalg.solve(sub, np.take_along_axis(rhs[rows_now], kept, axis=1)[:, :, None])[:, :, 0]
             out[rows_now[:, None], kept] = solved
+
+
+def solve_wide_rows(h: np.ndarray, lam: float, keep: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+    """x_K = (H_KK + λI)⁻¹ rhs_K for each row's kept set K (``keep``, [rows, inputs]); zeros elsewhere.
+
+    For rows keeping thousands of inputs: the sub-Gram is gathered by two contiguous takes and factored by
+    Cholesky (k³/3 flops against LU's 2k³/3), then two blocked triangular solves (k² flops each).
+    """
+    out = np.zeros(keep.shape, dtype=np.float64)
+    for r, row_keep in enumerate(keep):
+        kept = np.flatnonzero(row_keep)
+        if not len(kept):
+            continue
+        sub = h.take(kept, axis=0).take(kept, axis=1)
+        sub[np.diag_indices(len(kept))] += lam
+        try:
+            lower = np.linalg.cholesky(sub)
+        except np.linalg.LinAlgError:  # not numerically positive definite: LU, as for narrow rows
+            out[r, kept] = np.linalg.solve(sub, rhs[r, kept])
+            continue
+        out[r, kept] = _upper_solve(lower.T, _lower_solve(lower, rhs[r, kept]))
     return out
+
+
+def _lower_solve(lower: np.ndarray, y: np.ndarray, block: int = 256) -> np.ndarray:
+    """L⁻¹y for lower-triangular L, by blocks: a small solve per diagonal block, one product for the rest."""
+    x = np.array(y, dtype=np.float64)
+    for start in range(0, len(x), block):
+        end = min(len(x), start + block)
+        x[start:end] = np.linalg.solve(lower[start:end, start:end], x[start:end])
+        x[end:] -= lower[end:, start:end] @ x[start:end]
+    return x
+
+
+def _upper_solve(upper: np.ndarray, y: np.ndarray, block: int = 256) -> np.ndarray:
+    """U⁻¹y for upper-triangular U, by blocks from the bottom."""
+    x = np.array(y, dtype=np.float64)
+    for end in range(len(x), 0, -block):
+        start = max(0, end - block)
+        x[start:end] = np.linalg.solve(upper[start:end, start:end], x[start:end])
+        x[:start] -= upper[:start, start:end] @ x[start:end]
+    return x
 
 
 def output_error(rows: np.ndarray, new_rows: np.ndarray, grams: list[tuple[np.ndarray, ...]]) -> float:

@@ -499,3 +499,60 @@ def test_too_few_calibration_vectors_are_reported(tmp_path, caplog):
     assert "only 12 input vectors" in caplog.text
     _, details = prune(model, correlated(rng, 64, 32), tmp_path, sparsity=0.5, reconstruct=True)
     assert details["obs"]["layers"][0]["input_vectors"] == 64
+
+
+def wide_problem(seed: int = 5, inputs: int = 1100, rows: int = 6, samples: int = 700):
+    """A refit problem like the unrolled LSTM's: rows keeping about WIDE + 50 of ``inputs`` weights, some
+    narrow rows, and a rank-deficient Gram (fewer input vectors than inputs) with drift (P != H)."""
+    from onnxprune import obs_solve
+
+    rng = np.random.default_rng(seed)
+    x = correlated(rng, samples, inputs).astype(np.float64)
+    x_orig = x + 0.05 * rng.standard_normal(x.shape)
+    h, p, g = x.T @ x, x.T @ x_orig, x_orig.T @ x_orig
+    weights = rng.standard_normal((rows, inputs)).astype(np.float32)
+    mask = np.zeros((rows, inputs), dtype=bool)
+    for r in range(rows):
+        kept = obs_solve.WIDE + 50 if r % 3 else 300  # rows 0 and 3 narrow
+        mask[r, rng.permutation(inputs)[kept:]] = True
+    return weights, mask, h, p, g
+
+
+def test_wide_rows_agree_with_the_exact_per_row_solve():
+    from onnxprune import obs_solve
+
+    weights, mask, h, p, g = wide_problem()
+    fast = obs_solve.refit_masked(weights, mask, h, p)
+    lam = obs_solve.RIDGE * float(np.mean(np.diag(h))) + 1e-12
+    exact = np.zeros(weights.shape, dtype=np.float32)
+    obs_solve._refit_exact(exact, mask, (~mask).sum(axis=1), h, weights.astype(np.float64) @ p.T, lam)
+    assert np.all(fast[mask] == 0) and np.all(exact[~mask] != 0)
+    wide = (~mask).sum(axis=1) >= obs_solve.WIDE
+    assert wide.sum() == 4
+    assert np.linalg.norm(fast[wide] - exact[wide]) <= 1e-5 * np.linalg.norm(exact[wide])
+    assert np.array_equal(fast[~wide], exact[~wide])  # narrow rows: the same stacked LU solve, bit for bit
+    errors = [obs_solve.output_error([weights], [w], [(h, p, g)]) for w in (fast, exact)]
+    assert abs(errors[0] - errors[1]) <= 1e-5 * errors[1]
+
+
+def test_wide_rows_take_the_cholesky_path(monkeypatch):
+    from onnxprune import obs_solve
+
+    weights, mask, h, p, _ = wide_problem(inputs=1080, rows=3)
+    seen = {"wide": [], "exact": []}
+    wide_solve, exact_solve = obs_solve.solve_wide_rows, obs_solve._refit_exact
+
+    def spy_wide(h, lam, keep, rhs):
+        seen["wide"].append(keep.sum(axis=1).tolist())
+        return wide_solve(h, lam, keep, rhs)
+
+    def spy_exact(out, mask, kept_counts, *args):
+        seen["exact"].append(kept_counts.tolist())
+        return exact_solve(out, mask, kept_counts, *args)
+
+    monkeypatch.setattr(obs_solve, "solve_wide_rows", spy_wide)
+    monkeypatch.setattr(obs_solve, "_refit_exact", spy_exact)
+    obs_solve.refit_masked(weights, mask, h, p)
+    wide = obs_solve.WIDE + 50
+    assert seen["wide"] == [[wide, wide]]  # rows 1 and 2, in one call
+    assert seen["exact"] == [[300, 0, 0]]  # only the narrow row 0 reaches the stacked LU solve
