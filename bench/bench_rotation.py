@@ -11,9 +11,9 @@ docstring. The embedding is the attention-masked mean of ``last_hidden_state`` (
 the original's by cosine on every held-out text (mean and 5th percentile reported).
 
 Rows, each pruned in this process with onnxprune's Python API and measured in the same run:
-- hidden rotation alone at 20/30/40 % (the default: a basis per segment in this post-LN encoder, widths per segment
-  measured on the calibration text); at 30 % for comparison: the tail rule's widths (the last two segments whole),
-  ``--reconstruct`` (least-squares refit of the stream's readers), one basis for the whole stream, and with
+- hidden rotation alone at 20/30/40 % (the default: a basis per segment in this post-LN encoder, the last two segments
+  whole and the others narrower at the same mean width); at 30 % for comparison: ``--hidden-widths measured`` (each
+  segment's width from probe runs on held-back calibration batches), ``--reconstruct`` (least-squares refit of the stream's readers), one basis for the whole stream, and with
   ``--sequential`` sequential bases;
 - width only (``--structured --target-macs`` set to the MACs the 30 % rotation keeps; per-group ratios measured on the
   calibration text) - the same MACs reached the way onnxprune could before;
@@ -186,8 +186,8 @@ def main() -> None:
     for sparsity in (0.2, 0.3, 0.4):
         label, model = run(f"hidden {sparsity:.0%}", hidden_sparsity=sparsity)
         rows[label] = model
-    rows["hidden 30%, tail rule widths (last two whole)"] = rotate_with(path, 0.3, batches, shapes, True,
-                                                                        measure=False)
+    rows["hidden 30% --hidden-widths measured"] = run("hidden 30% --hidden-widths measured", hidden_sparsity=0.3,
+                                                      hidden_widths="measured")[1]
     rows["hidden 30% --reconstruct"] = run("hidden 30% --reconstruct", hidden_sparsity=0.3, reconstruct=True)[1]
     rows["hidden 30%, one basis for the stream"] = rotate_with(path, 0.3, batches, shapes, per_segment=False)
     if args.sequential:
