@@ -1,0 +1,183 @@
+"""The runs behind each sensitivity point: the model with one group's consumer weights masked (and refitted).
+
+A point changes only the weights of the group's consumers, so only the nodes downstream of those consumers can
+change. Where every consumer weight is an initializer of the main graph, :class:`Probe` cuts, per group, the part
+of the graph downstream of its consumers into a session of its own (built once per group): the tensors that cross
+into it come from one run of the original model (per measured sample, kept until the last group that reads them),
+the group's consumer weights are its graph inputs (fed per point) and every other weight stays a constant
+initializer, so onnxruntime folds BatchNorm into convolutions, fuses activations and prepacks weights. Graph
+outputs outside the cut are the original's. Elsewhere (weights in ``Constant`` nodes or subgraphs) each point
+serialises the masked model into a new session.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import onnx
+
+from .calibration import StageClock
+from .graph import subgraph_reads
+from .sessions import create_session, session_options
+
+Outputs = list[list[np.ndarray]]
+
+
+def run_model(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> Outputs:
+    """The outputs of ``model`` on each feed (one session, every graph optimisation)."""
+    session = create_session(model, session_options(log_level=3))
+    return [session.run(None, feed) for feed in feeds]
+
+
+class Downstream:
+    """Per plan (a set of consumer weight names), a session over the nodes downstream of the weights' readers."""
+
+    def __init__(self, model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], plans: list[set[str]]):
+        self.model, self.feeds, self.plans = model, feeds, plans
+        graph = model.graph
+        self.initializers = {init.name: init for init in graph.initializer}
+        self.inputs = {i.name: i for i in graph.input if i.name not in self.initializers}
+        self.outputs = [o.name for o in graph.output]
+        self.reads = [[n for n in [*node.input, *subgraph_reads(node)] if n] for node in graph.node]
+        self.cuts = [self._cut(plan) for plan in plans]
+        needed = {name for cut in self.cuts for name in cut["boundary"]}
+        self.last_use = {name: max(i for i, cut in enumerate(self.cuts) if name in cut["boundary"]) for name in needed}
+        self.values = self._capture(sorted(needed))
+        self.current: tuple[int, object] | None = None
+
+    def _cut(self, plan: set[str]) -> dict:
+        """The nodes downstream of the plan's weights (graph order), the tensors crossing into them, its outputs."""
+        produced: set[str] = set()
+        nodes, outside = [], set()
+        for node, reads in zip(self.model.graph.node, self.reads):
+            if any(name in plan or name in produced for name in reads):
+                nodes.append(node)
+                outside.update(name for name in reads if name not in produced)
+                produced.update(node.output)
+        constants = [node for node in self.model.graph.node  # a constant stays a constant (shape values fold)
+                     if node.op_type == "Constant" and not node.input and outside.intersection(node.output)]
+        crossing = outside - {o for c in constants for o in c.output} - set(self.initializers) - set(self.inputs)
+        return {"nodes": constants + nodes, "boundary": sorted(crossing), "plan": sorted(plan),
+                "graph_inputs": sorted(outside & set(self.inputs)),
+                "initializers": sorted((outside & set(self.initializers)) - plan),
+                "outputs": [name for name in self.outputs if name in produced]}
+
+    def _capture(self, names: list[str]) -> list[dict[str, np.ndarray]]:
+        """The original's graph outputs and the crossing tensors ``names``, per feed (one run each)."""
+        copy = onnx.ModelProto()
+        copy.CopyFrom(self.model)
+        copy.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names if n not in self.outputs)
+        session = create_session(copy, session_options(log_level=3))
+        wanted = [o.name for o in session.get_outputs()]
+        return [dict(zip(wanted, session.run(None, feed))) for feed in self.feeds]
+
+    def usable(self) -> bool:
+        """Every crossing tensor came back as an array (sequences and optionals cannot be fed back as they are)."""
+        return all(isinstance(v, np.ndarray) for values in self.values for v in values.values())
+
+    def run(self, index: int, weights: dict[str, np.ndarray]) -> Outputs:
+        """The model's outputs with plan ``index``'s weights replaced by ``weights`` (the rest as the original)."""
+        cut = self.cuts[index]
+        if self.current is None or self.current[0] != index:
+            self.current = None  # the previous group's session goes before the next one is built
+            self.current = (index, create_session(self._sub_model(cut), session_options(log_level=3)))
+        session = self.current[1]
+        results = []
+        for feed, values in zip(self.feeds, self.values):
+            fed = {**{n: values[n] for n in cut["boundary"]}, **{n: feed[n] for n in cut["graph_inputs"]},
+                   **{n: weights[n] for n in cut["plan"]}}
+            produced = dict(zip(cut["outputs"], session.run(cut["outputs"], fed)))
+            results.append([produced[name] if name in produced else values[name] for name in self.outputs])
+        return results
+
+    def done(self, index: int) -> None:
+        """Plan ``index`` is measured: drop its session and the crossing tensors no later plan reads."""
+        self.current = None
+        for name in [n for n, last in self.last_use.items() if last <= index]:
+            del self.last_use[name]
+            for values in self.values:
+                values.pop(name, None)
+
+    def _sub_model(self, cut: dict) -> onnx.ModelProto:
+        """The cut as a model: crossing tensors and plan weights are inputs, other weights initializers."""
+        def typed(name: str, array: np.ndarray) -> onnx.ValueInfoProto:
+            elem = onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
+            return onnx.helper.make_tensor_value_info(name, elem, [None] * array.ndim)
+
+        first = self.values[0]
+        inputs = [self.inputs[n] for n in cut["graph_inputs"]] + [typed(n, first[n]) for n in cut["boundary"]]
+        inputs += [onnx.helper.make_tensor_value_info(n, self.initializers[n].data_type, list(self.initializers[n].dims))
+                   for n in cut["plan"]]
+        outputs = [o for o in self.model.graph.output if o.name in cut["outputs"]]
+        graph = onnx.helper.make_graph(cut["nodes"], self.model.graph.name or "probe", inputs, outputs,
+                                       [self.initializers[n] for n in cut["initializers"]])
+        sub = onnx.helper.make_model(graph, opset_imports=self.model.opset_import, ir_version=self.model.ir_version)
+        sub.functions.extend(self.model.functions)
+        return sub
+
+
+class Probe:
+    """Runs the analysed model with some consumer weights masked (and refitted) by ``change`` (which writes into
+    the analysed model's weights); the weights are restored after each point."""
+
+    def __init__(self, analysis, feeds: list[dict[str, np.ndarray]], plans: list[set[str]] | None = None,
+                 clock: StageClock | None = None):
+        self.analysis, self.feeds, self.clock = analysis, feeds, clock or StageClock()
+        self.edits = [e for e in analysis.edits if e.role == "consumer"]
+        weights = {e.weight.name: e.weight for e in self.edits}
+        self.downstream = self.session = None
+        if weights and all(w.kind == "initializer" and w.graph is analysis.model.graph for w in weights.values()):
+            self.weights = {name: w.array() for name, w in weights.items()}
+            if plans is not None:
+                self.downstream = Downstream(analysis.model, feeds, plans)
+                if not self.downstream.usable():
+                    self.downstream = None
+            if self.downstream is None:
+                self.session = create_session(weights_as_inputs(analysis.model, set(weights)),
+                                              session_options(log_level=3))
+
+    def outputs(self, keep: np.ndarray, change: Callable[[], None], plan: int | None = None) -> Outputs:
+        """The model's outputs on the feeds after ``change`` (the mask of ``keep`` and a refit, timed as ``refit``;
+        the runs as ``probe``); ``plan`` is the index of the plan covering ``keep``'s weights (downstream runs)."""
+        stage = self.clock.stage
+        touched = [e for e in self.edits if not keep[e.ids].all()]
+        saved = [(e.weight, e.weight.array()) for e in touched]
+        with stage("refit"):
+            change()
+        try:
+            with stage("probe"):
+                if self.downstream is not None and plan is not None:
+                    return self.downstream.run(plan, self._fed(touched))
+                if self.session is not None:
+                    return [self.session.run(None, {**feed, **self._fed(touched)}) for feed in self.feeds]
+                return run_model(self.analysis.model, self.feeds)
+        finally:
+            for weight, values in reversed(saved):
+                weight.set_array(values)
+
+    def _fed(self, touched: list) -> dict[str, np.ndarray]:
+        """Every consumer weight as fed: the changed ones as the point left them, the rest original."""
+        return {**self.weights, **{e.weight.name: e.weight.array() for e in touched}}
+
+    def done(self, plan: int) -> None:
+        """Plan ``plan``'s points are measured (frees its session and tensors)."""
+        if self.downstream is not None:
+            self.downstream.done(plan)
+
+
+def weights_as_inputs(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
+    """A copy of ``model`` whose initializers ``names`` are graph inputs instead (fed on every run)."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    graph = probe.graph
+    listed = {i.name for i in graph.input}
+    kept = []
+    for init in graph.initializer:
+        if init.name not in names:
+            kept.append(init)
+        elif init.name not in listed:
+            graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    return probe
