@@ -26,8 +26,8 @@ from .config import PruneConfig
 from .errors import UsageError
 from .graph import count_params
 from .passes.structured import allocate_safe, channel_roots, head_units, mask, never_empty, remove
-from .probe import Probe, run_model
-from .scoring import WIDE_FEATURES, _consumer_grams, _refit_consumers, unit_scores
+from .probe import Probe, Refit, Savings, run_model
+from .scoring import unit_scores
 
 logger = logging.getLogger(__name__)
 
@@ -125,17 +125,20 @@ def measure_masked(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], c
         groups = [g for g in every if g.units and g.id not in heads]
         scores = unit_scores(analysis, groups, _data_free(config), config.seed)
     with clock.stage("gram"):
-        refit = _Refit(analysis, fit_feeds or feeds, clock=clock) if config.reconstruct else None
+        refit = Refit(analysis, fit_feeds or feeds, clock=clock) if config.reconstruct else None
     planned = _plan_points(analysis, groups, scores, ratios)
     with clock.stage("reference"):  # the tensors entering each group's downstream part, from the original
         probe = Probe(analysis, feeds, [set().union(*(probe_touched(analysis, keep) for _, _, keep in points))
                                         for _, points in planned], clock)
     macs = node_macs(copy, shapes=analysis.shapes)
-    savings = _Savings(analysis, every, macs)
+    savings = Savings(analysis, every, macs)
     rows, evaluations = [], 0
     for index, (group, points) in enumerate(planned):
         logger.info("group %d/%d: %s", index + 1, len(groups), ", ".join(s.node.name for s in group.spaces)[:60])
         measured = []
+        if refit is not None:
+            with clock.stage("refit"):
+                refit.plan([keep for _, _, keep in points])
         for ratio, n, keep in points:
             macs_saved, params_saved = savings(keep)
             outputs = probe.outputs(keep, partial(_change, analysis, refit, keep), index)
@@ -143,6 +146,8 @@ def measure_masked(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], c
             measured.append({"ratio": ratio, "channels_removed": n, "rel_l2": _rel_error(reference, outputs),
                              "top1": None, "macs_saved": macs_saved, "params_saved": params_saved})
         probe.done(index)
+        if refit is not None:
+            refit.release()
         if measured:
             rows.append({"id": group.id, "producers": [s.node.name for s in group.spaces],
                          "channels": group.channels, "prunable": len(group.units), "points": measured})
@@ -171,45 +176,12 @@ def _plan_points(analysis: Analysis, groups: list, scores: dict[int, np.ndarray]
     return planned
 
 
-class _Savings:
-    """MACs and params a point saves, summed over the groups, as ``StructuredPrunePass._group_stats`` counts them
-    (the same sums in the same order), with what does not change between points computed once."""
-
-    def __init__(self, analysis: Analysis, groups: list, macs: dict[str, int]):
-        positions = {id(n): i for i, n in enumerate(analysis.model.graph.node)}
-        self.group_of = np.full(analysis.num_channels, -1, dtype=np.int64)
-        for g in groups:
-            for ids in g.units:
-                self.group_of[ids] = g.id
-            for ids, _ in g.frozen_units:
-                self.group_of[ids] = g.id
-        self.counted = [g.id for g in groups if g.units]
-        self.size = len(groups)
-        edits = [e for e in analysis.edits if len(e.ids)]  # an edit without channels never counts
-        self.edits = [(e.ids, e.weight.size / len(e.ids), e.role != "param",
-                       macs.get(node_key(e.node, positions.get(id(e.node), -1)), 0)) for e in edits]
-        self.flat = np.concatenate([e.ids for e in edits]) if edits else np.zeros(0, np.int64)
-        self.starts = np.cumsum([0] + [len(e.ids) for e in edits])[:-1]
-
-    def __call__(self, keep: np.ndarray) -> tuple[int, int]:
-        params, macs_removed = np.zeros(self.size), np.zeros(self.size)
-        hit = np.logical_or.reduceat(~keep[self.flat], self.starts) if len(self.flat) else []
-        for index in np.flatnonzero(hit):
-            ids, per_slice, counts_macs, node_mac = self.edits[index]
-            dropped = ~keep[ids]
-            for gid, count in zip(*np.unique(self.group_of[ids[dropped]], return_counts=True)):
-                params[gid] += per_slice * count
-                if counts_macs:
-                    macs_removed[gid] += node_mac * count / len(ids)
-        return sum(int(macs_removed[g]) for g in self.counted), sum(int(params[g]) for g in self.counted)
-
-
 def probe_touched(analysis: Analysis, keep: np.ndarray) -> set[str]:
     """The consumer weights whose slices ``keep`` drops (those a point masks and refits)."""
     return {e.weight.name for e in analysis.edits if e.role == "consumer" and not keep[e.ids].all()}
 
 
-def _change(analysis: Analysis, refit: _Refit | None, keep: np.ndarray) -> None:
+def _change(analysis: Analysis, refit: Refit | None, keep: np.ndarray) -> None:
     """A point's weight change: the consumers' slices of the dropped channels zeroed, then refitted."""
     mask(analysis, keep)
     if refit is not None:
@@ -257,48 +229,6 @@ class MacEstimate:
             for i in self.orders[gid][:n]:
                 keep[group.units[i]] = False
         return self.rest + sum(m * float(np.prod([keep[ids].mean() for ids in cut])) for m, cut in self.terms)
-
-
-class _Refit:
-    """Least-squares refit of masked consumers from Gram matrices captured once on the calibration data."""
-
-    def __init__(self, analysis: Analysis, feeds: list[dict[str, np.ndarray]], ridge: float = 1e-3,
-                 clock: StageClock | None = None):
-        self.consumers = _refit_consumers(analysis)
-        # one capture run per batch for every consumer (no chunk shapes): the fit samples are few, and chunked
-        # sessions held more memory here (MiniLM-shaped: 1.33 GB against 1.07 GB peak)
-        self.grams = _consumer_grams(analysis.model, self.consumers, feeds, ridge, clock) if self.consumers else {}
-        self.products: dict[str, np.ndarray] = {}
-
-    def apply(self, keep: np.ndarray) -> None:
-        """Write the refitted weights of every consumer that lost input features (after :func:`mask`)."""
-        for key, (node, edit, matrix, feature_ids) in self.consumers.items():
-            kept = keep[feature_ids]
-            if kept.all() or key not in self.grams or not kept.any():
-                continue
-            gram = self.grams[key]
-            fitted = np.zeros_like(matrix)
-            try:
-                fitted[kept] = np.linalg.solve(gram[np.ix_(kept, kept)], self._target(key, gram, matrix, kept))
-            except np.linalg.LinAlgError:
-                continue
-            shape = edit.weight.array().shape
-            if node.op_type == "Conv":
-                values = fitted.T.reshape(shape)
-            elif node.op_type == "Gemm" and edit.axis == 1:
-                values = fitted.T
-            else:
-                values = fitted
-            edit.weight.set_array(values)
-
-    def _target(self, key: str, gram: np.ndarray, matrix: np.ndarray, kept: np.ndarray) -> np.ndarray:
-        """H[kept] @ W, the right-hand side of the refit; for a wide consumer (every point of its group solves
-        with it) H @ W is computed once and its rows taken."""
-        if gram.shape[0] < WIDE_FEATURES:
-            return gram[kept] @ matrix
-        if key not in self.products:
-            self.products[key] = gram @ matrix
-        return self.products[key][kept]
 
 
 def measure(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], config: PruneConfig,

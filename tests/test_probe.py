@@ -16,6 +16,12 @@ from onnxprune.sensitivity import around, measure, measure_masked
 from .conftest import FIXTURES
 
 RESNET = FIXTURES / "arch" / "resnet50.onnx"  # narrow widths: many groups, small Grams
+#: the groups of the last two stages are measured (residual and bottleneck groups, skip tensors crossing the cuts)
+LATE = ["/conv1/*", "/layer1/*", "/layer2/*"]
+
+
+def _config(**options) -> PruneConfig:
+    return PruneConfig(structured=True, sparsity=0.3, calibration_data="calib.npz", exclude=LATE, **options)
 
 
 def _model() -> onnx.ModelProto:
@@ -49,7 +55,7 @@ def _same(a: dict, b: dict) -> None:
 
 @pytest.mark.parametrize("reconstruct", [False, True])
 def test_downstream_points_equal_whole_model_runs(monkeypatch, reconstruct):
-    config = PruneConfig(structured=True, sparsity=0.3, reconstruct=reconstruct, calibration_data="calib.npz")
+    config = _config(reconstruct=reconstruct)
     feeds, fit = _batches(2), _batches(3, seed=1)
     cut, _ = measure_masked(_model(), feeds, config, around(0.3), fit_feeds=fit)
     _whole_model(monkeypatch)
@@ -60,7 +66,7 @@ def test_downstream_points_equal_whole_model_runs(monkeypatch, reconstruct):
 
 def test_downstream_points_equal_the_removed_model():
     """Without a refit the masked points are the removed model's (the oracle): ``measure`` prunes a copy per point."""
-    config = PruneConfig(structured=True, sparsity=0.3)
+    config = _config()
     feeds = _batches(1)
     cut, _ = measure_masked(_model(), feeds, config, (0.25, 0.5))
     removed = measure(_model(), feeds, config, ratios=(0.25, 0.5), include_heads=False)
@@ -74,7 +80,7 @@ def test_downstream_points_equal_the_removed_model():
 
 
 def test_allocation_chooses_the_same_ratios(monkeypatch):
-    config = PruneConfig(structured=True, sparsity=0.3, reconstruct=True, calibration_data="calib.npz")
+    config = _config(reconstruct=True)
     batches = _batches(6)
     _, cut = default_allocation(_model(), config, batches, {"input": [1, 3, 64, 64]})
     _whole_model(monkeypatch)
@@ -106,3 +112,14 @@ def test_downstream_cuts_only_what_follows_the_consumers():
     assert fc.input[0] in cut.values[0] and not set(early["boundary"]) - set(late["boundary"]) & set(cut.values[0])
     cut.done(1)
     assert set(cut.values[0]) == {o.name for o in model.graph.output}
+
+
+def test_nested_refit_equals_direct_solves(monkeypatch):
+    """The allocation's refit from one Cholesky factor per consumer and group gives the points of a solve per point
+    (every consumer of the narrow fixture taken as wide, so all of them use the factor)."""
+    config = _config(reconstruct=True)
+    feeds, fit = _batches(1), _batches(2, seed=1)
+    direct, _ = measure_masked(_model(), feeds, config, around(0.3), fit_feeds=fit)
+    monkeypatch.setattr(probe_module, "WIDE_FEATURES", 16)
+    nested, _ = measure_masked(_model(), feeds, config, around(0.3), fit_feeds=fit)
+    _same(_points(nested), _points(direct))
