@@ -14,7 +14,6 @@ captured once; :class:`Savings` counts the MACs and parameters a point saves.
 from __future__ import annotations
 
 from collections.abc import Callable
-from itertools import pairwise
 
 import numpy as np
 import onnx
@@ -25,7 +24,7 @@ from .analysis.cost import node_key
 from .analysis.groups import Analysis
 from .calibration import StageClock
 from .graph import subgraph_reads
-from .scoring import WIDE_FEATURES, _consumer_grams, _lower_inverse, _refit_consumers
+from .scoring import WIDE_FEATURES, _consumer_grams, _refit_consumers
 from .sessions import create_session, session_options
 
 Outputs = list[list[np.ndarray]]
@@ -269,28 +268,6 @@ class Refit:
         # sessions held more memory here (MiniLM-shaped: 1.33 GB against 1.07 GB peak)
         self.grams = _consumer_grams(analysis.model, self.consumers, feeds, ridge, clock) if self.consumers else {}
         self.products: dict[str, np.ndarray] = {}
-        self.nested: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-
-    def plan(self, keeps: list[np.ndarray]) -> None:
-        """Before one group's points (``keeps``, each keeping fewer channels): for every wide consumer whose kept
-        features shrink point by point, the Cholesky factor L of the first point's Gram block, ordered so that
-        each later point's block is a leading one (its factor is L's leading block), with L⁻¹ and L⁻¹·(H·W) in
-        that order: each point's solve is then one product instead of a new factorisation."""
-        self.nested = {}
-        for key, (_, _, matrix, feature_ids) in self.consumers.items():
-            gram = self.grams.get(key)
-            if gram is None or gram.shape[0] < WIDE_FEATURES:
-                continue
-            kept = [k for k in (keep[feature_ids] for keep in keeps) if k.any() and not k.all()]
-            if len(kept) < 2 or any((later & ~earlier).any() for earlier, later in pairwise(kept)):
-                continue
-            order = np.argsort(-np.sum(kept, axis=0), kind="stable")[:int(kept[0].sum())]
-            try:
-                lower = np.linalg.cholesky(gram[np.ix_(order, order)])
-            except np.linalg.LinAlgError:
-                continue
-            inverse = _lower_inverse(lower)
-            self.nested[key] = (order, inverse, inverse @ self._product(key, gram, matrix)[order])
 
     def apply(self, keep: np.ndarray) -> None:
         """Write the refitted weights of every consumer that lost input features (after :func:`mask`)."""
@@ -298,14 +275,12 @@ class Refit:
             kept = keep[feature_ids]
             if kept.all() or key not in self.grams or not kept.any():
                 continue
-            fitted = self._nested(key, kept, matrix)
-            if fitted is None:
-                gram = self.grams[key]
-                fitted = np.zeros_like(matrix)
-                try:
-                    fitted[kept] = np.linalg.solve(gram[np.ix_(kept, kept)], self._target(key, gram, matrix, kept))
-                except np.linalg.LinAlgError:
-                    continue
+            gram = self.grams[key]
+            fitted = np.zeros_like(matrix)
+            try:
+                fitted[kept] = np.linalg.solve(gram[np.ix_(kept, kept)], self._target(key, gram, matrix, kept))
+            except np.linalg.LinAlgError:
+                continue
             if node.op_type == "Conv":
                 values = fitted.T.reshape(edit.weight.shape)
             elif node.op_type == "Gemm" and edit.axis == 1:
@@ -313,24 +288,6 @@ class Refit:
             else:
                 values = fitted
             edit.weight.set_array(values)
-
-    def _nested(self, key: str, kept: np.ndarray, matrix: np.ndarray) -> np.ndarray | None:
-        """The refit from the group's factor when the kept features are a leading block of its order:
-        W_k = L_m⁻ᵀ (L⁻¹ H W)[:m], with L_m⁻¹ the leading block of L⁻¹ (triangular)."""
-        found = self.nested.get(key)
-        if found is None:
-            return None
-        order, inverse, projected = found
-        m = int(kept.sum())
-        if m > len(order) or not kept[order[:m]].all():
-            return None
-        fitted = np.zeros_like(matrix)
-        fitted[order[:m]] = inverse[:m, :m].T @ projected[:m]
-        return fitted
-
-    def release(self) -> None:
-        """The group's factors are no longer needed."""
-        self.nested = {}
 
     def _target(self, key: str, gram: np.ndarray, matrix: np.ndarray, kept: np.ndarray) -> np.ndarray:
         """H[kept] @ W, the right-hand side of the refit; for a wide consumer (every point of its group solves

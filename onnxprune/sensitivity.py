@@ -136,9 +136,6 @@ def measure_masked(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], c
     for index, (group, points) in enumerate(planned):
         logger.info("group %d/%d: %s", index + 1, len(groups), ", ".join(s.node.name for s in group.spaces)[:60])
         measured = []
-        if refit is not None:
-            with clock.stage("refit"):
-                refit.plan([keep for _, _, keep in points])
         for ratio, n, keep in points:
             macs_saved, params_saved = savings(keep)
             outputs = probe.outputs(keep, partial(_change, analysis, refit, keep), index)
@@ -146,8 +143,6 @@ def measure_masked(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], c
             measured.append({"ratio": ratio, "channels_removed": n, "rel_l2": _rel_error(reference, outputs),
                              "top1": None, "macs_saved": macs_saved, "params_saved": params_saved})
         probe.done(index)
-        if refit is not None:
-            refit.release()
         if measured:
             rows.append({"id": group.id, "producers": [s.node.name for s in group.spaces],
                          "channels": group.channels, "prunable": len(group.units), "points": measured})

@@ -113,13 +113,3 @@ def test_downstream_cuts_only_what_follows_the_consumers():
     cut.done(1)
     assert set(cut.values[0]) == {o.name for o in model.graph.output}
 
-
-def test_nested_refit_equals_direct_solves(monkeypatch):
-    """The allocation's refit from one Cholesky factor per consumer and group gives the points of a solve per point
-    (every consumer of the narrow fixture taken as wide, so all of them use the factor)."""
-    config = _config(reconstruct=True)
-    feeds, fit = _batches(1), _batches(2, seed=1)
-    direct, _ = measure_masked(_model(), feeds, config, around(0.3), fit_feeds=fit)
-    monkeypatch.setattr(probe_module, "WIDE_FEATURES", 16)
-    nested, _ = measure_masked(_model(), feeds, config, around(0.3), fit_feeds=fit)
-    _same(_points(nested), _points(direct))
