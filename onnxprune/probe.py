@@ -13,12 +13,14 @@ captured once; :class:`Savings` counts the MACs and parameters a point saves.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from .analysis.cost import node_key
 from .analysis.groups import Analysis
@@ -26,6 +28,12 @@ from .calibration import StageClock
 from .graph import subgraph_reads
 from .scoring import WIDE_FEATURES, _consumer_grams, _refit_consumers
 from .sessions import create_session, session_options
+
+logger = logging.getLogger(__name__)
+
+#: what onnxruntime raises when it refuses a graph or a run (none derives from RuntimeError)
+ORT_ERRORS = (ort_state.Fail, ort_state.InvalidGraph, ort_state.InvalidArgument, ort_state.NotImplemented,
+              ort_state.RuntimeException, RuntimeError)
 
 Outputs = list[list[np.ndarray]]
 
@@ -41,7 +49,7 @@ class Downstream:
 
     def __init__(self, model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], plans: list[set[str]],
                  arrays: dict[str, np.ndarray] | None = None):
-        self.model, self.feeds, self.plans = model, feeds, plans
+        self.model, self.feeds = model, feeds
         graph = model.graph
         self.initializers = {init.name: init for init in graph.initializer}
         self.inputs = {i.name: i for i in graph.input if i.name not in self.initializers}
@@ -176,8 +184,14 @@ class Probe:
                 if not self.downstream.usable():
                     self.downstream = None
             if self.downstream is None:
-                self.session = create_session(weights_as_inputs(analysis.model, set(weights)),
-                                              session_options(log_level=3))
+                self._whole_model()
+
+    def _whole_model(self) -> None:
+        """One session over the whole model with every consumer weight as an input (the other weights never change,
+        so it may be built while a point's change is applied)."""
+        self.downstream = None
+        self.session = create_session(weights_as_inputs(self.analysis.model, set(self.weights)),
+                                      session_options(log_level=3))
 
     def outputs(self, keep: np.ndarray, change: Callable[[], None], plan: int | None = None) -> Outputs:
         """The model's outputs on the feeds after ``change`` (the mask of ``keep`` and a refit, timed as ``refit``;
@@ -190,7 +204,11 @@ class Probe:
         try:
             with stage("probe"):
                 if self.downstream is not None and plan is not None:
-                    return self.downstream.run(plan, self._fed(touched))
+                    try:
+                        return self.downstream.run(plan, self._fed(touched))
+                    except ORT_ERRORS as exc:  # onnxruntime refused a cut: measure on the whole model instead
+                        logger.debug("downstream probe off: %s", exc)
+                        self._whole_model()
                 if self.session is not None:
                     return [self.session.run(None, {**feed, **self._fed(touched)}) for feed in self.feeds]
                 return run_model(self.analysis.model, self.feeds)

@@ -113,3 +113,28 @@ def test_downstream_cuts_only_what_follows_the_consumers():
     cut.done(1)
     assert set(cut.values[0]) == {o.name for o in model.graph.output}
 
+
+
+def test_a_cut_onnxruntime_refuses_falls_back_to_the_whole_model(monkeypatch):
+    from onnxruntime.capi.onnxruntime_pybind11_state import Fail
+
+    model = onnx.load(str(FIXTURES / "cnn.onnx"))
+    prepare_for_analysis(model)
+    config = PruneConfig(structured=True, sparsity=0.5)
+    feeds = [{"input": np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)}]
+    cut, _ = measure_masked(copy_of(model), feeds, config, (0.25, 0.5))
+
+    def refuse(self, cut):
+        raise Fail("refused")
+    monkeypatch.setattr(probe_module.Downstream, "_session", refuse)
+    whole, _ = measure_masked(copy_of(model), feeds, config, (0.25, 0.5))
+    assert _points(cut).keys() == _points(whole).keys() and len(_points(cut)) == 5
+    for gid, points in _points(cut).items():
+        assert [p[:4] for p in points] == [p[:4] for p in _points(whole)[gid]]
+        assert np.allclose([p[4] for p in points], [p[4] for p in _points(whole)[gid]], rtol=1e-5, atol=1e-5)
+
+
+def copy_of(model: onnx.ModelProto) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy
