@@ -28,6 +28,14 @@ the load average before and after. Each model's figures end with one markdown ta
 
 compares the batched greedy selection (the default for groups of more than ``SELECTION_STEPS`` steps) with one unit
 per step on the model's real Grams: CPU seconds, shared removed units and the refit error of each removed set.
+
+    OPENBLAS_NUM_THREADS=1 python bench/bench_speed.py --allocation resnet50 --samples 16 --json alloc.json \
+        [--compare before.json]
+
+runs only the default allocation's measurement in-process (``--reconstruct`` on, the first ``--samples`` calibration
+samples: 4 measured, the rest fitted): its wall and CPU seconds by stage, the chosen ratios and every sensitivity
+point. ``--compare`` a file written the same way (e.g. by the code before a change, ``PYTHONPATH`` pointing at it):
+whether the chosen ratios are identical and the largest absolute difference of the points' relative L2.
 """
 
 from __future__ import annotations
@@ -108,9 +116,11 @@ def export_resnet50(path: Path) -> Path:
 
 
 def calibration(name: str, samples: int, seq: int, folder: Path) -> Path:
-    """Seeded calibration data for the model, one ``.npz``."""
+    """Seeded calibration data for the model, one ``.npz`` (reused when present)."""
     rng = np.random.default_rng(0)
     path = folder / f"{name}_calib_{samples}x{seq}.npz"
+    if path.exists():
+        return path
     if name == "resnet50":
         x = rng.standard_normal((samples, 3, 224, 224)).astype(np.float32)
         for axis in (2, 3):  # neighbouring pixels correlate, as in photos
@@ -295,6 +305,37 @@ def _refit_error(group, consumers: dict, grams: dict, units) -> float:
     return total
 
 
+def allocation_only(model: Path, calib: Path, samples: int, sparsity: float) -> dict:
+    """The default allocation's measurement alone (the package on ``PYTHONPATH``): stages, ratios, points."""
+    import onnx
+
+    from onnxprune.allocation import default_allocation
+    from onnxprune.calibration import load_calibration
+    from onnxprune.config import PruneConfig
+
+    loaded = onnx.load(str(model))
+    data = dict(np.load(calib))
+    batches = load_calibration([{k: v[:samples] for k, v in data.items()}], loaded)
+    shapes = {name: [1, *arr.shape[1:]] for name, arr in batches[0].items()}
+    config = PruneConfig(structured=True, sparsity=sparsity, reconstruct=True,
+                         calibration_data=str(calib))
+    wall, cpu = time.perf_counter(), time.process_time()
+    _, report = default_allocation(loaded, config, batches, shapes)
+    return {"wall_s": round(time.perf_counter() - wall, 2), "cpu_s": round(time.process_time() - cpu, 2),
+            "stages": report.get("stages"), "ratios": report.get("ratios"),
+            "points": {str(g["id"]): [p["rel_l2"] for p in g["points"]] for g in report["sensitivity"]["groups"]}}
+
+
+def compare_allocations(before: dict, after: dict) -> dict:
+    """Same chosen ratios? The largest absolute (and relative) difference between the points' relative L2."""
+    diffs = [(abs(a - b), abs(a - b) / max(abs(b), 1e-30)) for gid, points in before["points"].items()
+             for a, b in zip(after["points"].get(gid, []), points)]
+    return {"same_ratios": before["ratios"] == after["ratios"],
+            "same_points": before["points"].keys() == after["points"].keys(),
+            "max_abs_diff_rel_l2": max((d[0] for d in diffs), default=0.0),
+            "max_rel_diff_rel_l2": max((d[1] for d in diffs), default=0.0)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="minilm,bert-base,resnet50")
@@ -306,6 +347,9 @@ def main() -> None:
     parser.add_argument("--selection", action="store_true", help="only time greedy selection on synthetic groups")
     parser.add_argument("--selection-quality", metavar="MODEL", choices=["resnet50", "minilm", "bert-base"],
                         help="batched against exact greedy selection on the model's real Grams")
+    parser.add_argument("--allocation", metavar="MODEL", choices=["resnet50", "minilm", "bert-base"],
+                        help="only the default allocation's measurement, in-process")
+    parser.add_argument("--compare", type=Path, help="with --allocation: a JSON file it wrote before")
     parser.add_argument("extra", nargs="*", help="further onnxprune options (after --)")
     args = parser.parse_args()
     if args.selection:
@@ -317,6 +361,16 @@ def main() -> None:
                                  args.samples)
         if args.json:
             args.json.write_text(json.dumps(rows, indent=1))
+        return
+    if args.allocation:
+        name = args.allocation
+        row = allocation_only(args.cache / f"{name}.onnx", calibration(name, args.samples, args.seq, args.cache),
+                              args.samples, args.sparsity)
+        if args.compare:
+            row["compare"] = compare_allocations(json.loads(args.compare.read_text()), row)
+        print(json.dumps({k: v for k, v in row.items() if k != "points"}), flush=True)
+        if args.json:
+            args.json.write_text(json.dumps(row, indent=1))
         return
     args.cache.mkdir(parents=True, exist_ok=True)
     rows = []

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -24,18 +25,16 @@ from .calibration import StageClock
 from .config import PruneConfig
 from .errors import UsageError
 from .graph import count_params
-from .passes.structured import StructuredPrunePass, allocate_safe, head_units, mask, never_empty, remove
-from .scoring import WIDE_FEATURES, _consumer_grams, _refit_consumers, unit_scores
-from .sessions import create_session, session_options
+from .passes.structured import allocate_safe, channel_roots, head_units, mask, never_empty, remove
+from .probe import Probe, Refit, Savings, run_model
+from .scoring import unit_scores
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_RATIOS = (0.25, 0.5, 0.75)
 
 
-def _run(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> list[list[np.ndarray]]:
-    session = create_session(model, session_options(log_level=3))
-    return [session.run(None, feed) for feed in feeds]
+_run = run_model
 
 
 def _rel_error(reference: list[list[np.ndarray]], candidate: list[list[np.ndarray]]) -> float:
@@ -126,34 +125,62 @@ def measure_masked(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], c
         groups = [g for g in every if g.units and g.id not in heads]
         scores = unit_scores(analysis, groups, _data_free(config), config.seed)
     with clock.stage("gram"):
-        refit = _Refit(analysis, fit_feeds or feeds, clock=clock) if config.reconstruct else None
-    probe = _Probe(analysis, feeds, refit, clock)
+        refit = Refit(analysis, fit_feeds or feeds, clock=clock) if config.reconstruct else None
+    planned = _plan_points(analysis, groups, scores, ratios)
+    with clock.stage("reference"):  # the tensors entering each group's downstream part, from the original
+        probe = Probe(analysis, feeds, [set().union(*(probe_touched(analysis, keep) for _, _, keep in points))
+                                        for _, points in planned], clock)
     macs = node_macs(copy, shapes=analysis.shapes)
+    savings = Savings(analysis, every, macs)
     rows, evaluations = [], 0
-    for number, group in enumerate(groups, 1):
-        logger.info("group %d/%d: %s", number, len(groups), ", ".join(s.node.name for s in group.spaces)[:60])
-        order = np.argsort(scores[group.id], kind="stable")
-        points = []
-        for ratio in ratios:
-            n = max(0, min(int(np.floor(ratio * group.channels + 1e-9)), len(group.units), group.channels - 1))
-            if n == (points[-1]["channels_removed"] if points else 0):
-                continue  # the same channels as the point before (or none): nothing new to measure
-            keep = np.ones(analysis.num_channels, dtype=bool)
-            for i in order[:n]:
-                keep[group.units[i]] = False
-            keep = never_empty(analysis, keep)
-            stats = StructuredPrunePass._group_stats(analysis, every, keep, macs)
-            outputs = probe.outputs(keep)
+    for index, (group, points) in enumerate(planned):
+        logger.info("group %d/%d: %s", index + 1, len(groups), ", ".join(s.node.name for s in group.spaces)[:60])
+        measured = []
+        for ratio, n, keep in points:
+            macs_saved, params_saved = savings(keep)
+            outputs = probe.outputs(keep, partial(_change, analysis, refit, keep), index)
             evaluations += 1
-            points.append({"ratio": ratio, "channels_removed": n, "rel_l2": _rel_error(reference, outputs),
-                           "top1": None, "macs_saved": sum(s["macs_removed"] for s in stats),
-                           "params_saved": sum(s["params_removed"] for s in stats)})
-        if points:
+            measured.append({"ratio": ratio, "channels_removed": n, "rel_l2": _rel_error(reference, outputs),
+                             "top1": None, "macs_saved": macs_saved, "params_saved": params_saved})
+        probe.done(index)
+        if measured:
             rows.append({"id": group.id, "producers": [s.node.name for s in group.spaces],
-                         "channels": group.channels, "prunable": len(group.units), "points": points})
+                         "channels": group.channels, "prunable": len(group.units), "points": measured})
     return {"macs": total_macs(model, input_shapes), "params": count_params(model)[0], "ratios": list(ratios),
             "top1": None, "groups": rows, "head_groups": heads, "evaluations": evaluations}, \
         MacEstimate(analysis, groups, scores, macs)
+
+
+def _plan_points(analysis: Analysis, groups: list, scores: dict[int, np.ndarray], ratios: tuple[float, ...]
+                 ) -> list[tuple[Any, list[tuple[float, int, np.ndarray]]]]:
+    """Per group, its points: (ratio, units removed, channels kept), the lowest-scored units first; a ratio that
+    removes no unit, or the same units as the point before, is not measured."""
+    planned, roots = [], channel_roots(analysis)
+    for group in groups:
+        order = np.argsort(scores[group.id], kind="stable")
+        points: list[tuple[float, int, np.ndarray]] = []
+        for ratio in ratios:
+            n = max(0, min(int(np.floor(ratio * group.channels + 1e-9)), len(group.units), group.channels - 1))
+            if n == (points[-1][1] if points else 0):
+                continue
+            keep = np.ones(analysis.num_channels, dtype=bool)
+            for i in order[:n]:
+                keep[group.units[i]] = False
+            points.append((ratio, n, never_empty(analysis, keep, roots=roots)))
+        planned.append((group, points))
+    return planned
+
+
+def probe_touched(analysis: Analysis, keep: np.ndarray) -> set[str]:
+    """The consumer weights whose slices ``keep`` drops (those a point masks and refits)."""
+    return {e.weight.name for e in analysis.edits if e.role == "consumer" and not keep[e.ids].all()}
+
+
+def _change(analysis: Analysis, refit: Refit | None, keep: np.ndarray) -> None:
+    """A point's weight change: the consumers' slices of the dropped channels zeroed, then refitted."""
+    mask(analysis, keep)
+    if refit is not None:
+        refit.apply(keep)
 
 
 def costliest(sensitivity: dict[str, Any], ratio: float) -> dict[str, Any] | None:
@@ -197,99 +224,6 @@ class MacEstimate:
             for i in self.orders[gid][:n]:
                 keep[group.units[i]] = False
         return self.rest + sum(m * float(np.prod([keep[ids].mean() for ids in cut])) for m, cut in self.terms)
-
-
-class _Refit:
-    """Least-squares refit of masked consumers from Gram matrices captured once on the calibration data."""
-
-    def __init__(self, analysis: Analysis, feeds: list[dict[str, np.ndarray]], ridge: float = 1e-3,
-                 clock: StageClock | None = None):
-        self.consumers = _refit_consumers(analysis)
-        # one capture run per batch for every consumer (no chunk shapes): the fit samples are few, and chunked
-        # sessions held more memory here (MiniLM-shaped: 1.33 GB against 1.07 GB peak)
-        self.grams = _consumer_grams(analysis.model, self.consumers, feeds, ridge, clock) if self.consumers else {}
-        self.products: dict[str, np.ndarray] = {}
-
-    def apply(self, keep: np.ndarray) -> None:
-        """Write the refitted weights of every consumer that lost input features (after :func:`mask`)."""
-        for key, (node, edit, matrix, feature_ids) in self.consumers.items():
-            kept = keep[feature_ids]
-            if kept.all() or key not in self.grams or not kept.any():
-                continue
-            gram = self.grams[key]
-            fitted = np.zeros_like(matrix)
-            try:
-                fitted[kept] = np.linalg.solve(gram[np.ix_(kept, kept)], self._target(key, gram, matrix, kept))
-            except np.linalg.LinAlgError:
-                continue
-            shape = edit.weight.array().shape
-            if node.op_type == "Conv":
-                values = fitted.T.reshape(shape)
-            elif node.op_type == "Gemm" and edit.axis == 1:
-                values = fitted.T
-            else:
-                values = fitted
-            edit.weight.set_array(values)
-
-    def _target(self, key: str, gram: np.ndarray, matrix: np.ndarray, kept: np.ndarray) -> np.ndarray:
-        """H[kept] @ W, the right-hand side of the refit; for a wide consumer (every point of its group solves
-        with it) H @ W is computed once and its rows taken."""
-        if gram.shape[0] < WIDE_FEATURES:
-            return gram[kept] @ matrix
-        if key not in self.products:
-            self.products[key] = gram @ matrix
-        return self.products[key][kept]
-
-
-class _Probe:
-    """Runs the analysed model with some consumer weights masked (and refitted). Where every consumer weight is
-    an initializer of the main graph they become graph inputs of one onnxruntime session, fed per point; else
-    each point serialises the masked model into a new session."""
-
-    def __init__(self, analysis: Analysis, feeds: list[dict[str, np.ndarray]], refit: _Refit | None,
-                 clock: StageClock | None = None):
-        self.analysis, self.feeds, self.refit, self.clock = analysis, feeds, refit, clock or StageClock()
-        self.edits = [e for e in analysis.edits if e.role == "consumer"]
-        weights = {e.weight.name: e.weight for e in self.edits}
-        self.session = None
-        if weights and all(w.kind == "initializer" and w.graph is analysis.model.graph for w in weights.values()):
-            self.weights = {name: w.array() for name, w in weights.items()}
-            self.session = create_session(_weights_as_inputs(analysis.model, set(weights)), session_options(log_level=3))
-
-    def outputs(self, keep: np.ndarray) -> list[list[np.ndarray]]:
-        """The model's outputs on the feeds with the channels ``keep`` drops masked; weights restored after."""
-        touched = [e for e in self.edits if not keep[e.ids].all()]
-        saved = [(e.weight, e.weight.array()) for e in touched]
-        with self.clock.stage("refit"):
-            mask(self.analysis, keep)
-            if self.refit is not None:
-                self.refit.apply(keep)
-        try:
-            with self.clock.stage("probe"):
-                if self.session is None:
-                    return _run(self.analysis.model, self.feeds)
-                weights = {**self.weights, **{e.weight.name: e.weight.array() for e in touched}}
-                return [self.session.run(None, {**feed, **weights}) for feed in self.feeds]
-        finally:
-            for weight, values in reversed(saved):
-                weight.set_array(values)
-
-
-def _weights_as_inputs(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
-    """A copy of ``model`` whose initializers ``names`` are graph inputs instead (fed on every run)."""
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    graph = probe.graph
-    listed = {i.name for i in graph.input}
-    kept = []
-    for init in graph.initializer:
-        if init.name not in names:
-            kept.append(init)
-        elif init.name not in listed:
-            graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
-    return probe
 
 
 def measure(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], config: PruneConfig,

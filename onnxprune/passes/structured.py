@@ -121,12 +121,14 @@ def allocate_safe(analysis: Analysis, groups: list[ChannelGroup], scores: dict[i
     return keep
 
 
-def never_empty(analysis: Analysis, keep: np.ndarray, channel_score: np.ndarray | None = None) -> np.ndarray:
+def never_empty(analysis: Analysis, keep: np.ndarray, channel_score: np.ndarray | None = None,
+                roots: np.ndarray | None = None) -> np.ndarray:
     """Restore channels so that no tensor loses all of them (a Split part, a Concat input...).
 
     The unit restored is the best-scored one reaching the tensor (``channel_score`` per channel id), else the first.
+    ``roots`` (:func:`channel_roots`) saves recomputing the ties when called many times on one analysis.
     """
-    roots = np.array([analysis.find(i) for i in range(analysis.num_channels)], dtype=np.int64)
+    roots = channel_roots(analysis) if roots is None else roots
     arrays = [ann.ids for ann in analysis.ann.values()] + [edit.ids for edit in analysis.edits]
     changed = True
     while changed:
@@ -137,6 +139,11 @@ def never_empty(analysis: Analysis, keep: np.ndarray, channel_score: np.ndarray 
                 keep[roots == roots[best]] = True
                 changed = True
     return keep
+
+
+def channel_roots(analysis: Analysis) -> np.ndarray:
+    """The tie root of every channel id."""
+    return np.array([analysis.find(i) for i in range(analysis.num_channels)], dtype=np.int64)
 
 
 def _cap(group: ChannelGroup, fraction: float) -> int:

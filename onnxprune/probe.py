@@ -1,0 +1,321 @@
+"""The runs behind each sensitivity point: the model with one group's consumer weights masked (and refitted).
+
+A point changes only the weights of the group's consumers, so only the nodes downstream of those consumers can
+change. Where every consumer weight is an initializer of the main graph, :class:`Probe` cuts, per group, the part
+of the graph downstream of its consumers into a session of its own (built once per group): the tensors that cross
+into it come from one run of the original model (per measured sample, kept until the last group that reads them),
+the group's consumer weights are its graph inputs (fed per point) and every other weight stays a constant
+initializer, so onnxruntime folds BatchNorm into convolutions, fuses activations and prepacks weights. Graph
+outputs outside the cut are the original's. Elsewhere (weights in ``Constant`` nodes or subgraphs) each point
+serialises the masked model into a new session. :class:`Refit` refits a point's consumers from Gram matrices
+captured once; :class:`Savings` counts the MACs and parameters a point saves.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import numpy_helper
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
+
+from .analysis.cost import node_key
+from .analysis.groups import Analysis
+from .calibration import StageClock
+from .graph import subgraph_reads
+from .scoring import WIDE_FEATURES, _consumer_grams, _refit_consumers
+from .sessions import create_session, session_options
+
+logger = logging.getLogger(__name__)
+
+#: what onnxruntime raises when it refuses a graph or a run (none derives from RuntimeError)
+ORT_ERRORS = (ort_state.Fail, ort_state.InvalidGraph, ort_state.InvalidArgument, ort_state.NotImplemented,
+              ort_state.RuntimeException, RuntimeError)
+
+Outputs = list[list[np.ndarray]]
+
+
+def run_model(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> Outputs:
+    """The outputs of ``model`` on each feed (one session, every graph optimisation)."""
+    session = create_session(model, session_options(log_level=3))
+    return [session.run(None, feed) for feed in feeds]
+
+
+class Downstream:
+    """Per plan (a set of consumer weight names), a session over the nodes downstream of the weights' readers."""
+
+    def __init__(self, model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], plans: list[set[str]],
+                 arrays: dict[str, np.ndarray] | None = None):
+        self.model, self.feeds = model, feeds
+        graph = model.graph
+        self.initializers = {init.name: init for init in graph.initializer}
+        self.inputs = {i.name: i for i in graph.input if i.name not in self.initializers}
+        self.outputs = [o.name for o in graph.output]
+        self.reads = [[n for n in [*node.input, *subgraph_reads(node)] if n] for node in graph.node]
+        self.cuts = [self._cut(plan) for plan in plans]
+        self.arrays = arrays or {}
+        self.memory: dict[str, tuple[np.ndarray, ort.OrtValue] | None] = {}
+        needed = {name for cut in self.cuts for name in cut["boundary"]}
+        self.last_use = {name: max(i for i, cut in enumerate(self.cuts) if name in cut["boundary"]) for name in needed}
+        self.values = self._capture(sorted(needed))
+        self.current: tuple[int, object] | None = None
+
+    def _cut(self, plan: set[str]) -> dict:
+        """The nodes downstream of the plan's weights (graph order), the tensors crossing into them, its outputs."""
+        produced: set[str] = set()
+        nodes, outside = [], set()
+        for node, reads in zip(self.model.graph.node, self.reads):
+            if any(name in plan or name in produced for name in reads):
+                nodes.append(node)
+                outside.update(name for name in reads if name not in produced)
+                produced.update(node.output)
+        constants = [node for node in self.model.graph.node  # a constant stays a constant (shape values fold)
+                     if node.op_type == "Constant" and not node.input and outside.intersection(node.output)]
+        crossing = outside - {o for c in constants for o in c.output} - set(self.initializers) - set(self.inputs)
+        return {"nodes": constants + nodes, "boundary": sorted(crossing), "plan": sorted(plan),
+                "graph_inputs": sorted(outside & set(self.inputs)),
+                "initializers": sorted((outside & set(self.initializers)) - plan),
+                "outputs": [name for name in self.outputs if name in produced]}
+
+    def _capture(self, names: list[str]) -> list[dict[str, np.ndarray]]:
+        """The original's graph outputs and the crossing tensors ``names``, per feed (one run each)."""
+        copy = onnx.ModelProto()
+        copy.CopyFrom(self.model)
+        copy.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names if n not in self.outputs)
+        session = create_session(copy, session_options(log_level=3))
+        wanted = [o.name for o in session.get_outputs()]
+        return [dict(zip(wanted, session.run(None, feed))) for feed in self.feeds]
+
+    def usable(self) -> bool:
+        """Every crossing tensor came back as an array (sequences and optionals cannot be fed back as they are)."""
+        return all(isinstance(v, np.ndarray) for values in self.values for v in values.values())
+
+    def run(self, index: int, weights: dict[str, np.ndarray]) -> Outputs:
+        """The model's outputs with plan ``index``'s weights replaced by ``weights`` (the rest as the original)."""
+        cut = self.cuts[index]
+        if self.current is None or self.current[0] != index:
+            self.current = None  # the previous group's session goes before the next one is built
+            self.current = (index, self._session(cut))
+        session = self.current[1]
+        results = []
+        for feed, values in zip(self.feeds, self.values):
+            fed = {**{n: values[n] for n in cut["boundary"]}, **{n: feed[n] for n in cut["graph_inputs"]},
+                   **{n: weights[n] for n in cut["plan"]}}
+            produced = dict(zip(cut["outputs"], session.run(cut["outputs"], fed)))
+            results.append([produced[name] if name in produced else values[name] for name in self.outputs])
+        return results
+
+    def done(self, index: int) -> None:
+        """Plan ``index`` is measured: drop its session and the crossing tensors no later plan reads."""
+        self.current = None
+        for name in [n for n, last in self.last_use.items() if last <= index]:
+            del self.last_use[name]
+            for values in self.values:
+                values.pop(name, None)
+
+    def _sub_model(self, cut: dict) -> onnx.ModelProto:
+        """The cut as a model: crossing tensors and plan weights are inputs, other weights initializers."""
+        def typed(name: str, array: np.ndarray) -> onnx.ValueInfoProto:
+            elem = onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
+            return onnx.helper.make_tensor_value_info(name, elem, [None] * array.ndim)
+
+        first = self.values[0]
+        inputs = [self.inputs[n] for n in cut["graph_inputs"]] + [typed(n, first[n]) for n in cut["boundary"]]
+        inputs += [onnx.helper.make_tensor_value_info(n, self.initializers[n].data_type, list(self.initializers[n].dims))
+                   for n in cut["plan"]]
+        outputs = [o for o in self.model.graph.output if o.name in cut["outputs"]]
+        graph = onnx.helper.make_graph(cut["nodes"], self.model.graph.name or "probe", inputs, outputs,
+                                       [self.initializers[n] for n in cut["initializers"] if self._value(n) is None])
+        for name in cut["initializers"]:
+            if self._value(name) is not None:  # declared only: its data is handed over at session creation
+                tensor = self.initializers[name]
+                placeholder = graph.initializer.add()
+                placeholder.name, placeholder.data_type = name, tensor.data_type
+                placeholder.dims.extend(tensor.dims)
+                placeholder.data_location = onnx.TensorProto.EXTERNAL
+                entry = placeholder.external_data.add()
+                entry.key, entry.value = "location", "onnxprune-in-memory"
+        sub = onnx.helper.make_model(graph, opset_imports=self.model.opset_import, ir_version=self.model.ir_version)
+        sub.functions.extend(self.model.functions)
+        return sub
+
+    def _session(self, cut: dict) -> ort.InferenceSession:
+        """The cut's session; its larger weights are the OrtValues made once, not serialized per group."""
+        options = session_options(log_level=3)
+        names = [n for n in cut["initializers"] if self._value(n) is not None]
+        if names:
+            options.add_external_initializers(names, [self._value(n) for n in names])
+        return create_session(self._sub_model(cut), options)
+
+    def _value(self, name: str) -> ort.OrtValue | None:
+        """A larger initializer as an OrtValue over its array, made once (None: it stays in the graph). Made when a
+        cut first reads it as an initializer: then it holds its original values (a point changes only its own
+        plan's weights, which are inputs of its cut, and restores them)."""
+        if name not in self.memory:
+            tensor = self.initializers[name]
+            if (int(np.prod(tensor.dims, dtype=np.int64)) <= 256 or tensor.data_location == onnx.TensorProto.EXTERNAL
+                    or tensor.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.BFLOAT16)):
+                self.memory[name] = None
+            else:
+                array = self.arrays.get(name)
+                array = np.ascontiguousarray(numpy_helper.to_array(tensor) if array is None else array)
+                self.memory[name] = (array, ort.OrtValue.ortvalue_from_numpy(array))
+        found = self.memory[name]
+        return None if found is None else found[1]
+
+
+class Probe:
+    """Runs the analysed model with some consumer weights masked (and refitted) by ``change`` (which writes into
+    the analysed model's weights); the weights are restored after each point."""
+
+    def __init__(self, analysis, feeds: list[dict[str, np.ndarray]], plans: list[set[str]] | None = None,
+                 clock: StageClock | None = None):
+        self.analysis, self.feeds, self.clock = analysis, feeds, clock or StageClock()
+        self.edits = [e for e in analysis.edits if e.role == "consumer"]
+        weights = {e.weight.name: e.weight for e in self.edits}
+        self.downstream = self.session = None
+        if weights and all(w.kind == "initializer" and w.graph is analysis.model.graph for w in weights.values()):
+            self.weights = {name: w.array() for name, w in weights.items()}
+            if plans is not None:
+                self.downstream = Downstream(analysis.model, feeds, plans, self.weights)
+                if not self.downstream.usable():
+                    self.downstream = None
+            if self.downstream is None:
+                self._whole_model()
+
+    def _whole_model(self) -> None:
+        """One session over the whole model with every consumer weight as an input (the other weights never change,
+        so it may be built while a point's change is applied)."""
+        self.downstream = None
+        self.session = create_session(weights_as_inputs(self.analysis.model, set(self.weights)),
+                                      session_options(log_level=3))
+
+    def outputs(self, keep: np.ndarray, change: Callable[[], None], plan: int | None = None) -> Outputs:
+        """The model's outputs on the feeds after ``change`` (the mask of ``keep`` and a refit, timed as ``refit``;
+        the runs as ``probe``); ``plan`` is the index of the plan covering ``keep``'s weights (downstream runs)."""
+        stage = self.clock.stage
+        touched = [e for e in self.edits if not keep[e.ids].all()]
+        saved = [(e.weight, e.weight.array()) for e in touched]
+        with stage("refit"):
+            change()
+        try:
+            with stage("probe"):
+                if self.downstream is not None and plan is not None:
+                    try:
+                        return self.downstream.run(plan, self._fed(touched))
+                    except ORT_ERRORS as exc:  # onnxruntime refused a cut: measure on the whole model instead
+                        logger.debug("downstream probe off: %s", exc)
+                        self._whole_model()
+                if self.session is not None:
+                    return [self.session.run(None, {**feed, **self._fed(touched)}) for feed in self.feeds]
+                return run_model(self.analysis.model, self.feeds)
+        finally:
+            for weight, values in reversed(saved):
+                weight.set_array(values)
+
+    def _fed(self, touched: list) -> dict[str, np.ndarray]:
+        """Every consumer weight as fed: the changed ones as the point left them, the rest original."""
+        return {**self.weights, **{e.weight.name: e.weight.array() for e in touched}}
+
+    def done(self, plan: int) -> None:
+        """Plan ``plan``'s points are measured (frees its session and tensors)."""
+        if self.downstream is not None:
+            self.downstream.done(plan)
+
+
+def weights_as_inputs(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
+    """A copy of ``model`` whose initializers ``names`` are graph inputs instead (fed on every run)."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    graph = probe.graph
+    listed = {i.name for i in graph.input}
+    kept = []
+    for init in graph.initializer:
+        if init.name not in names:
+            kept.append(init)
+        elif init.name not in listed:
+            graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    return probe
+
+
+class Savings:
+    """MACs and params a point saves, summed over the groups, as ``StructuredPrunePass._group_stats`` counts them
+    (the same sums in the same order), with what does not change between points computed once."""
+
+    def __init__(self, analysis: Analysis, groups: list, macs: dict[str, int]):
+        positions = {id(n): i for i, n in enumerate(analysis.model.graph.node)}
+        self.group_of = np.full(analysis.num_channels, -1, dtype=np.int64)
+        for g in groups:
+            for ids in g.units:
+                self.group_of[ids] = g.id
+            for ids, _ in g.frozen_units:
+                self.group_of[ids] = g.id
+        self.counted = [g.id for g in groups if g.units]
+        self.size = len(groups)
+        edits = [e for e in analysis.edits if len(e.ids)]  # an edit without channels never counts
+        self.edits = [(e.ids, e.weight.size / len(e.ids), e.role != "param",
+                       macs.get(node_key(e.node, positions.get(id(e.node), -1)), 0)) for e in edits]
+        self.flat = np.concatenate([e.ids for e in edits]) if edits else np.zeros(0, np.int64)
+        self.starts = np.cumsum([0] + [len(e.ids) for e in edits])[:-1]
+
+    def __call__(self, keep: np.ndarray) -> tuple[int, int]:
+        params, macs_removed = np.zeros(self.size), np.zeros(self.size)
+        hit = np.logical_or.reduceat(~keep[self.flat], self.starts) if len(self.flat) else []
+        for index in np.flatnonzero(hit):
+            ids, per_slice, counts_macs, node_mac = self.edits[index]
+            dropped = ~keep[ids]
+            for gid, count in zip(*np.unique(self.group_of[ids[dropped]], return_counts=True)):
+                params[gid] += per_slice * count
+                if counts_macs:
+                    macs_removed[gid] += node_mac * count / len(ids)
+        return sum(int(macs_removed[g]) for g in self.counted), sum(int(params[g]) for g in self.counted)
+
+
+class Refit:
+    """Least-squares refit of masked consumers from Gram matrices captured once on the calibration data."""
+
+    def __init__(self, analysis: Analysis, feeds: list[dict[str, np.ndarray]], ridge: float = 1e-3,
+                 clock: StageClock | None = None):
+        self.consumers = _refit_consumers(analysis)
+        # one capture run per batch for every consumer (no chunk shapes): the fit samples are few, and chunked
+        # sessions held more memory here (MiniLM-shaped: 1.33 GB against 1.07 GB peak)
+        self.grams = _consumer_grams(analysis.model, self.consumers, feeds, ridge, clock) if self.consumers else {}
+        self.products: dict[str, np.ndarray] = {}
+
+    def apply(self, keep: np.ndarray) -> None:
+        """Write the refitted weights of every consumer that lost input features (after :func:`mask`)."""
+        for key, (node, edit, matrix, feature_ids) in self.consumers.items():
+            kept = keep[feature_ids]
+            if kept.all() or key not in self.grams or not kept.any():
+                continue
+            gram = self.grams[key]
+            fitted = np.zeros_like(matrix)
+            try:
+                fitted[kept] = np.linalg.solve(gram[np.ix_(kept, kept)], self._target(key, gram, matrix, kept))
+            except np.linalg.LinAlgError:
+                continue
+            if node.op_type == "Conv":
+                values = fitted.T.reshape(edit.weight.shape)
+            elif node.op_type == "Gemm" and edit.axis == 1:
+                values = fitted.T
+            else:
+                values = fitted
+            edit.weight.set_array(values)
+
+    def _target(self, key: str, gram: np.ndarray, matrix: np.ndarray, kept: np.ndarray) -> np.ndarray:
+        """H[kept] @ W, the right-hand side of the refit; for a wide consumer (every point of its group solves
+        with it) H @ W is computed once and its rows taken."""
+        if gram.shape[0] < WIDE_FEATURES:
+            return gram[kept] @ matrix
+        return self._product(key, gram, matrix)[kept]
+
+    def _product(self, key: str, gram: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+        """H @ W of a consumer, computed once."""
+        if key not in self.products:
+            self.products[key] = gram @ matrix
+        return self.products[key]

@@ -1,0 +1,140 @@
+"""Sensitivity points from the downstream probe (only the graph after a group's consumers runs, the tensors entering
+it from one run of the original) against whole-model runs, and the allocation they lead to."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from onnxprune import probe as probe_module
+from onnxprune.allocation import default_allocation
+from onnxprune.config import PruneConfig
+from onnxprune.passes.structured import prepare_for_analysis
+from onnxprune.sensitivity import around, measure, measure_masked
+
+from .conftest import FIXTURES
+
+RESNET = FIXTURES / "arch" / "resnet50.onnx"  # narrow widths: many groups, small Grams
+#: the groups of the last two stages are measured (residual and bottleneck groups, skip tensors crossing the cuts)
+LATE = ["/conv1/*", "/layer1/*", "/layer2/*"]
+
+
+def _config(**options) -> PruneConfig:
+    return PruneConfig(structured=True, sparsity=0.3, calibration_data="calib.npz", exclude=LATE, **options)
+
+
+def _model() -> onnx.ModelProto:
+    model = onnx.load(str(RESNET))
+    prepare_for_analysis(model)
+    return model
+
+
+def _batches(count: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{"input": rng.standard_normal((2, 3, 64, 64)).astype(np.float32)} for _ in range(count)]
+
+
+def _whole_model(monkeypatch) -> None:
+    """Force the whole-model probe (the consumer weights as inputs of one session over the full graph)."""
+    monkeypatch.setattr(probe_module.Downstream, "usable", lambda self: False)
+
+
+def _points(sens: dict) -> dict[int, list[tuple]]:
+    return {g["id"]: [(p["ratio"], p["channels_removed"], p["macs_saved"], p["params_saved"], p["rel_l2"])
+                      for p in g["points"]] for g in sens["groups"]}
+
+
+def _same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys() and len(a) > 5
+    for gid, points in a.items():
+        assert [p[:4] for p in points] == [p[:4] for p in b[gid]]
+        # rel_l2 is already relative to the outputs' norm: the runs differ only by float rounding
+        assert np.allclose([p[4] for p in points], [p[4] for p in b[gid]], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("reconstruct", [False, True])
+def test_downstream_points_equal_whole_model_runs(monkeypatch, reconstruct):
+    config = _config(reconstruct=reconstruct)
+    feeds, fit = _batches(2), _batches(3, seed=1)
+    cut, _ = measure_masked(_model(), feeds, config, around(0.3), fit_feeds=fit)
+    _whole_model(monkeypatch)
+    whole, _ = measure_masked(_model(), feeds, config, around(0.3), fit_feeds=fit)
+    _same(_points(cut), _points(whole))
+    assert all(p[4] > 0 for points in _points(cut).values() for p in points)
+
+
+def test_downstream_points_equal_the_removed_model():
+    """Without a refit the masked points are the removed model's (the oracle): ``measure`` prunes a copy per point."""
+    config = _config()
+    feeds = _batches(1)
+    cut, _ = measure_masked(_model(), feeds, config, (0.25, 0.5))
+    removed = measure(_model(), feeds, config, ratios=(0.25, 0.5), include_heads=False)
+    removed = {g["id"]: [(p["ratio"], p["channels_removed"], p["macs_saved"], p["params_saved"], p["rel_l2"])
+                         for p in g["points"] if p["channels_removed"] > 0] for g in removed["groups"]}
+    got = _points(cut)
+    assert got.keys() == {gid for gid, points in removed.items() if points}
+    for gid, points in got.items():
+        assert [p[1] for p in points] == [p[1] for p in removed[gid]]
+        assert np.allclose([p[4] for p in points], [p[4] for p in removed[gid]], rtol=1e-4, atol=1e-5)
+
+
+def test_allocation_chooses_the_same_ratios(monkeypatch):
+    config = _config(reconstruct=True)
+    batches = _batches(6)
+    _, cut = default_allocation(_model(), config, batches, {"input": [1, 3, 64, 64]})
+    _whole_model(monkeypatch)
+    _, whole = default_allocation(_model(), config, batches, {"input": [1, 3, 64, 64]})
+    assert cut["method"] == whole["method"] == "sensitivity"
+    assert cut["ratios"] == whole["ratios"]
+    assert len({r["ratio"] for r in cut["ratios"]}) > 2  # the groups really got different ratios
+
+
+def test_downstream_cuts_only_what_follows_the_consumers():
+    """A group's session holds the nodes after its consumers; the crossing tensors go once no later group reads them."""
+    model = _model()
+    feeds = _batches(1)
+    names = [n.name for n in model.graph.node]
+    fc = next(n for n in model.graph.node if n.op_type == "Gemm")
+    first_conv = next(n for n in model.graph.node if n.op_type == "Conv" and n is not model.graph.node[0])
+    plans = [{first_conv.input[1]}, {fc.input[1]}]
+    cut = probe_module.Downstream(model, feeds, plans)
+    early, late = cut.cuts
+    assert late["nodes"] and [n.name for n in late["nodes"]] == names[names.index(fc.name):]
+    assert set(late["boundary"]) == {fc.input[0]} and late["plan"] == [fc.input[1]]
+    assert len(early["nodes"]) > len(late["nodes"]) and early["outputs"] == [model.graph.output[0].name]
+    whole = probe_module.run_model(model, feeds)
+    weights = {name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer for name in [i.name]}
+    for index in (0, 1):
+        got = cut.run(index, weights)
+        assert np.allclose(got[0][0], whole[0][0], rtol=1e-4, atol=1e-5)
+    cut.done(0)
+    assert fc.input[0] in cut.values[0] and not set(early["boundary"]) - set(late["boundary"]) & set(cut.values[0])
+    cut.done(1)
+    assert set(cut.values[0]) == {o.name for o in model.graph.output}
+
+
+
+def test_a_cut_onnxruntime_refuses_falls_back_to_the_whole_model(monkeypatch):
+    from onnxruntime.capi.onnxruntime_pybind11_state import Fail
+
+    model = onnx.load(str(FIXTURES / "cnn.onnx"))
+    prepare_for_analysis(model)
+    config = PruneConfig(structured=True, sparsity=0.5)
+    feeds = [{"input": np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)}]
+    cut, _ = measure_masked(copy_of(model), feeds, config, (0.25, 0.5))
+
+    def refuse(self, cut):
+        raise Fail("refused")
+    monkeypatch.setattr(probe_module.Downstream, "_session", refuse)
+    whole, _ = measure_masked(copy_of(model), feeds, config, (0.25, 0.5))
+    assert _points(cut).keys() == _points(whole).keys() and len(_points(cut)) == 5
+    for gid, points in _points(cut).items():
+        assert [p[:4] for p in points] == [p[:4] for p in _points(whole)[gid]]
+        assert np.allclose([p[4] for p in points], [p[4] for p in _points(whole)[gid]], rtol=1e-5, atol=1e-5)
+
+
+def copy_of(model: onnx.ModelProto) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy
