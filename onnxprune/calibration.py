@@ -23,7 +23,7 @@ import onnxruntime as ort
 from .errors import InputDataError
 from .feeds import InputSpec, batch_axes, check_feed, input_specs, split_samples
 from .graph import free_names
-from .sessions import create_session, session_options, session_with_outputs
+from .sessions import lean_options, session_over, session_with_outputs
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm")
 
@@ -237,7 +237,7 @@ class ActivationStream:
         if not outputs:
             return None, [], []
         with clock.stage("capture") if clock is not None else contextlib.nullcontext():
-            session = self._session(segment, available, {}, outputs, values, arena=False)
+            session = self._session(segment, available, {}, outputs, values)
         return session, [i.name for i in session.get_inputs()], outputs
 
     def _segment(self, names: list[str], available: set[str]) -> list[onnx.NodeProto]:
@@ -253,11 +253,11 @@ class ActivationStream:
         return sorted(chosen.values(), key=lambda node: self.position[id(node)])
 
     def _session(self, segment: list[onnx.NodeProto], available: set[str], live: dict[str, np.ndarray],
-                 outputs: list[str], values: dict[str, np.ndarray] | None = None, arena: bool = True
-                 ) -> ort.InferenceSession:
-        """A session over ``segment`` returning ``outputs``; ``arena`` False: without onnxruntime's CPU memory arena
-        and weight prepacking, for sessions kept alive together (each arena would keep its largest run's memory, and
-        prepacking adds a second copy of the weights)."""
+                 outputs: list[str], values: dict[str, np.ndarray] | None = None) -> ort.InferenceSession:
+        """A session over ``segment`` returning ``outputs``, built with :func:`~onnxprune.sessions.lean_options`
+        (no arena: each run's memory goes back when it ends; no prepacking) from the segment's nodes and the
+        initializers they read, handed over as arrays (:func:`~onnxprune.sessions.session_over`): neither a copy of
+        the weights in a second proto nor serialized bytes of them."""
         model = self.model
         values = values if values is not None else {**self.feeds[0], **self.kept[0], **live}
         read = {n for node in segment for n in self.reads[id(node)]}
@@ -266,15 +266,11 @@ class ActivationStream:
         part.functions.extend(model.functions)
         part.graph.name = model.graph.name
         part.graph.node.extend(segment)
-        part.graph.initializer.extend(i for i in model.graph.initializer if i.name in read and i.name not in available)
         part.graph.input.extend(onnx.helper.make_tensor_value_info(
             name, onnx.helper.np_dtype_to_tensor_dtype(values[name].dtype), None) for name in sorted(read & available))
-        if arena:
-            return session_with_outputs(part, outputs)
         part.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in outputs)
-        options = session_options(log_level=3, optimize=False, prepacking=False)
-        options.enable_cpu_mem_arena = False
-        return create_session(part, options)
+        initializers = (i for i in model.graph.initializer if i.name in read and i.name not in available)
+        return session_over(part, initializers, options=lean_options())
 
     def _forget(self) -> None:
         """Drop kept tensors no node left to run reads; drop everything when over the budget."""

@@ -9,6 +9,7 @@ initializers over as OrtValues so that weights are not serialized a second time.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,34 +61,58 @@ def create_session(model: onnx.ModelProto | bytes | str | os.PathLike, options: 
     return ort.InferenceSession(model, options or ort.SessionOptions(), providers=list(providers))
 
 
+def lean_options(**settings) -> ort.SessionOptions:
+    """Options for sessions that run a few times over calibration or probe data: no graph optimisation
+    (intermediate tensors stay observable), no CPU memory arena (each run's memory goes back when the run ends,
+    instead of the arena keeping its largest run's) and no weight prepacking (no second copy of the weights)."""
+    options = session_options(log_level=3, optimize=False, prepacking=False, **settings)
+    options.enable_cpu_mem_arena = False
+    return options
+
+
 def session_with_outputs(model: onnx.ModelProto, names: list[str]) -> ort.InferenceSession:
-    """A session that also returns the intermediate tensors ``names`` (no graph optimisation: all stay observable)."""
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    existing = {o.name for o in probe.graph.output}
-    probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names if n not in existing)
-    return create_session(probe, session_options(log_level=3, optimize=False))
+    """A session that also returns the intermediate tensors ``names`` (no graph optimisation: all stay observable),
+    built as :func:`inference_session` builds it (weights handed over, not copied) with :func:`lean_options`."""
+    header = _header(model)
+    existing = {o.name for o in model.graph.output}
+    header.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names if n not in existing)
+    return session_over(header, model.graph.initializer, options=lean_options())
+
+
+def _header(model: onnx.ModelProto, skip: tuple[str, ...] = ()) -> onnx.ModelProto:
+    """``model`` without its main graph's initializers (nor the graph fields in ``skip``): nodes, inputs, outputs,
+    opsets and functions, a few kilobytes whatever the weights."""
+    header = onnx.ModelProto()
+    copy_fields(model, header, skip=("graph",))
+    copy_fields(model.graph, header.graph, skip=("initializer", *skip))
+    return header
 
 
 def inference_session(model: onnx.ModelProto, outputs: list[str] | None = None,
                       replaced: dict[str, np.ndarray] | None = None, options=None,
                       providers: tuple[str, ...] = CPU) -> ort.InferenceSession:
-    """A session over ``model`` that does not serialize its weights.
+    """A session over ``model`` that does not serialize its weights (see :func:`session_over`); ``replaced`` arrays
+    stand in for initializers of the same name (e.g. zeroed weights); ``outputs`` replaces the graph outputs."""
+    header = _header(model, ("output",) if outputs is not None else ())
+    if outputs is not None:
+        header.graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in outputs)
+    return session_over(header, model.graph.initializer, replaced, options, providers)
 
-    The main graph's larger initializers are handed to onnxruntime as OrtValues over numpy arrays
-    (``SessionOptions.add_external_initializers``); only the graph is serialized, so a model over
-    2 GB works and no second serialized copy of the weights is made. ``replaced`` arrays stand in
-    for initializers of the same name (e.g. zeroed weights); ``outputs`` replaces the graph outputs.
+
+def session_over(header: onnx.ModelProto, initializers: Iterable[onnx.TensorProto],
+                 replaced: dict[str, np.ndarray] | None = None, options=None,
+                 providers: tuple[str, ...] = CPU) -> ort.InferenceSession:
+    """A session over ``header`` (a model whose main graph holds no initializers) with ``initializers`` added.
+
+    The larger ones are handed to onnxruntime as OrtValues over numpy arrays
+    (``SessionOptions.add_external_initializers``); only the graph is serialized, so a model over 2 GB works, no
+    serialized copy of the weights is made and onnxruntime reads the arrays in place: the weights exist once more,
+    in numpy, for as long as the session lives. ``replaced`` arrays stand in for initializers of the same name.
     """
     replaced = replaced or {}
-    header = onnx.ModelProto()
-    copy_fields(model, header, skip=("graph",))
     graph = header.graph
-    copy_fields(model.graph, graph, skip=("initializer", "output") if outputs is not None else ("initializer",))
-    if outputs is not None:
-        graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in outputs)
     names, values, keep_alive = [], [], []
-    for tensor in model.graph.initializer:
+    for tensor in initializers:
         array = replaced.get(tensor.name)
         if array is None and (int(np.prod(tensor.dims, dtype=np.int64)) <= 256 or tensor.data_type in (
                 onnx.TensorProto.STRING, onnx.TensorProto.BFLOAT16) or tensor.data_location == onnx.TensorProto.EXTERNAL):
