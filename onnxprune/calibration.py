@@ -18,12 +18,11 @@ from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 from .errors import InputDataError
 from .feeds import InputSpec, batch_axes, check_feed, input_specs, split_samples
 from .graph import free_names
-from .sessions import lean_options, session_over, session_with_outputs
+from .sessions import FedSession, fed_session, lean_options, session_with_outputs
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm")
 
@@ -204,7 +203,7 @@ class ActivationStream:
         forward pass once, in one onnxruntime run per chunk, and only the tensors later chunks still read are kept
         between chunks, for that feed alone (memory holds one feed's captured tensors, never every feed's). The
         chunks' sessions are built on the first feed and reused. Not combinable with :meth:`run` on this stream."""
-        sessions: list[tuple[ort.InferenceSession | None, list[str], list[str]]] = []
+        sessions: list[tuple[FedSession | None, list[str], list[str]]] = []
         done: list[set[int]] = []  # nodes run once chunk i is done
         for number, feed in enumerate(self.feeds):
             values: dict[str, np.ndarray] = dict(feed)
@@ -223,7 +222,7 @@ class ActivationStream:
                         del values[name]
 
     def _chunk_session(self, names: list[str], values: dict[str, np.ndarray], done: set[int], clock: Any
-                       ) -> tuple[ort.InferenceSession | None, list[str], list[str]]:
+                       ) -> tuple[FedSession | None, list[str], list[str]]:
         """The session computing chunk ``names`` from ``values`` (adding its nodes to ``done``), its inputs and its
         outputs: the chunk's tensors and those that nodes not yet run read."""
         available = set(values)
@@ -253,11 +252,11 @@ class ActivationStream:
         return sorted(chosen.values(), key=lambda node: self.position[id(node)])
 
     def _session(self, segment: list[onnx.NodeProto], available: set[str], live: dict[str, np.ndarray],
-                 outputs: list[str], values: dict[str, np.ndarray] | None = None) -> ort.InferenceSession:
+                 outputs: list[str], values: dict[str, np.ndarray] | None = None) -> FedSession:
         """A session over ``segment`` returning ``outputs``, built with :func:`~onnxprune.sessions.lean_options`
         (no arena: each run's memory goes back when it ends; no prepacking) from the segment's nodes and the
-        initializers they read, handed over as arrays (:func:`~onnxprune.sessions.session_over`): neither a copy of
-        the weights in a second proto nor serialized bytes of them."""
+        initializers they read, fed in place as arrays (:func:`~onnxprune.sessions.fed_session`): neither a copy of
+        the weights in a second proto, serialized bytes of them nor onnxruntime's own copy."""
         model = self.model
         values = values if values is not None else {**self.feeds[0], **self.kept[0], **live}
         read = {n for node in segment for n in self.reads[id(node)]}
@@ -270,7 +269,7 @@ class ActivationStream:
             name, onnx.helper.np_dtype_to_tensor_dtype(values[name].dtype), None) for name in sorted(read & available))
         part.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in outputs)
         initializers = (i for i in model.graph.initializer if i.name in read and i.name not in available)
-        return session_over(part, initializers, options=lean_options())
+        return fed_session(part, initializers, lean_options())
 
     def _forget(self) -> None:
         """Drop kept tensors no node left to run reads; drop everything when over the budget."""

@@ -70,13 +70,13 @@ def lean_options(**settings) -> ort.SessionOptions:
     return options
 
 
-def session_with_outputs(model: onnx.ModelProto, names: list[str]) -> ort.InferenceSession:
+def session_with_outputs(model: onnx.ModelProto, names: list[str]) -> FedSession:
     """A session that also returns the intermediate tensors ``names`` (no graph optimisation: all stay observable),
-    built as :func:`inference_session` builds it (weights handed over, not copied) with :func:`lean_options`."""
+    with :func:`lean_options` and the weights fed in place (:func:`fed_session`)."""
     header = _header(model)
     existing = {o.name for o in model.graph.output}
     header.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names if n not in existing)
-    return session_over(header, model.graph.initializer, options=lean_options())
+    return fed_session(header, model.graph.initializer, lean_options())
 
 
 def _header(model: onnx.ModelProto, skip: tuple[str, ...] = ()) -> onnx.ModelProto:
@@ -136,6 +136,51 @@ def session_over(header: onnx.ModelProto, initializers: Iterable[onnx.TensorProt
     session = create_session(header, options, providers)
     session._onnxprune_arrays = keep_alive  # the OrtValues view these arrays
     return session
+
+
+#: data types whose large initializers :func:`fed_session` feeds as inputs (kernels that need a constant input
+#: read integer tensors: shapes, indices, quantization parameters; those stay initializers)
+FED_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
+
+
+class FedSession:
+    """An onnxruntime session whose large float weights are graph inputs, fed from numpy arrays on every run.
+
+    onnxruntime reads input arrays in place: the session holds no copy of the weights (external initializers are
+    copied into the session; initializers also prepacked), so building one costs its graph, not its weights. The
+    arrays are those of the model's tensors, made once. Without prepacking the kernels are those of a session with
+    prepacking disabled: outputs equal such a session's bit for bit. ``get_inputs`` lists the caller's inputs only."""
+
+    def __init__(self, session: ort.InferenceSession, weights: dict[str, np.ndarray]):
+        self.session, self.weights = session, weights
+
+    def run(self, output_names, input_feed: dict[str, np.ndarray], run_options=None) -> list[np.ndarray]:
+        return self.session.run(output_names, {**input_feed, **self.weights}, run_options)
+
+    def get_inputs(self) -> list:
+        return [i for i in self.session.get_inputs() if i.name not in self.weights]
+
+    def __getattr__(self, name: str):
+        return getattr(self.session, name)
+
+
+def fed_session(header: onnx.ModelProto, initializers: Iterable[onnx.TensorProto],
+                options: ort.SessionOptions | None = None, providers: tuple[str, ...] = CPU) -> FedSession:
+    """A :class:`FedSession` over ``header`` (a model whose main graph holds no initializers): ``initializers`` of a
+    :data:`FED_TYPES` type and more than 256 elements become typed graph inputs fed from arrays, the rest are copied
+    into the graph."""
+    graph = header.graph
+    declared = {i.name for i in graph.input}
+    weights: dict[str, np.ndarray] = {}
+    for tensor in initializers:
+        if (tensor.data_type not in FED_TYPES or tensor.data_location == onnx.TensorProto.EXTERNAL
+                or int(np.prod(tensor.dims, dtype=np.int64)) <= 256):
+            graph.initializer.append(tensor)
+            continue
+        weights[tensor.name] = np.ascontiguousarray(numpy_helper.to_array(tensor))
+        if tensor.name not in declared:
+            graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+    return FedSession(create_session(header, options or lean_options(), providers), weights)
 
 
 @dataclass
