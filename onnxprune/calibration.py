@@ -151,10 +151,12 @@ class ActivationStream:
     of layer after layer thus costs about one forward pass over the calibration data instead of one per step.
     Kept tensors are bounded by ``budget`` bytes: over it they are dropped and recomputed when needed. Values must
     not change once computed: a caller that changes weights (fed through ``live``) only changes those of nodes
-    that have not run yet."""
+    that have not run yet. Streams over two versions of one model may share ``shared`` (see
+    :func:`~onnxprune.sessions.fed_session`): the weights both hold unchanged are then held once."""
 
-    def __init__(self, model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], budget: int = 1 << 30):
-        self.model, self.feeds, self.budget = model, feeds, budget
+    def __init__(self, model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], budget: int = 1 << 30,
+                 shared: dict[str, tuple[bytes, np.ndarray]] | None = None):
+        self.model, self.feeds, self.budget, self.shared = model, feeds, budget, shared
         self.kept: list[dict[str, np.ndarray]] = [{} for _ in feeds]
         self.producer = {out: node for node in model.graph.node for out in node.output if out}
         self.position = {id(node): i for i, node in enumerate(model.graph.node)}
@@ -269,7 +271,7 @@ class ActivationStream:
             name, onnx.helper.np_dtype_to_tensor_dtype(values[name].dtype), None) for name in sorted(read & available))
         part.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in outputs)
         initializers = (i for i in model.graph.initializer if i.name in read and i.name not in available)
-        return fed_session(part, initializers, lean_options())
+        return fed_session(part, initializers, lean_options(), shared=self.shared)
 
     def _forget(self) -> None:
         """Drop kept tensors no node left to run reads; drop everything when over the budget."""

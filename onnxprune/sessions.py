@@ -165,10 +165,12 @@ class FedSession:
 
 
 def fed_session(header: onnx.ModelProto, initializers: Iterable[onnx.TensorProto],
-                options: ort.SessionOptions | None = None, providers: tuple[str, ...] = CPU) -> FedSession:
+                options: ort.SessionOptions | None = None, providers: tuple[str, ...] = CPU,
+                shared: dict[str, tuple[bytes, np.ndarray]] | None = None) -> FedSession:
     """A :class:`FedSession` over ``header`` (a model whose main graph holds no initializers): ``initializers`` of a
     :data:`FED_TYPES` type and more than 256 elements become typed graph inputs fed from arrays, the rest are copied
-    into the graph."""
+    into the graph. ``shared`` (name -> raw bytes and the array over them) lets sessions over two versions of one
+    model (original and pruned) hold one array per weight both have unchanged."""
     graph = header.graph
     declared = {i.name for i in graph.input}
     weights: dict[str, np.ndarray] = {}
@@ -177,10 +179,27 @@ def fed_session(header: onnx.ModelProto, initializers: Iterable[onnx.TensorProto
                 or int(np.prod(tensor.dims, dtype=np.int64)) <= 256):
             graph.initializer.append(tensor)
             continue
-        weights[tensor.name] = np.ascontiguousarray(numpy_helper.to_array(tensor))
+        weights[tensor.name] = _weight_array(tensor, shared)
         if tensor.name not in declared:
             graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
     return FedSession(create_session(header, options or lean_options(), providers), weights)
+
+
+def _weight_array(tensor: onnx.TensorProto, shared: dict[str, tuple[bytes, np.ndarray]] | None) -> np.ndarray:
+    """The tensor's values as a contiguous array: a read-only view of its raw bytes (one copy, out of the proto),
+    the array in ``shared`` when it holds the same bytes under that name."""
+    if not tensor.HasField("raw_data") or not np.dtype("<f4").isnative:
+        return np.ascontiguousarray(numpy_helper.to_array(tensor))
+    raw = tensor.raw_data
+    if shared is not None:
+        hit = shared.get(tensor.name)
+        if hit is not None and hit[0] == raw and hit[1].shape == tuple(tensor.dims):
+            return hit[1]
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    array = np.frombuffer(raw, dtype=dtype).reshape(tuple(tensor.dims))
+    if shared is not None:
+        shared[tensor.name] = (raw, array)
+    return array
 
 
 @dataclass

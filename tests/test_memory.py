@@ -20,7 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune import sessions
 from onnxprune.calibration import ActivationStream
-from onnxprune.sessions import create_session, session_with_outputs
+from onnxprune.sessions import create_session, fed_session, session_with_outputs
 
 WIDTH = 256  # 256 KiB per weight: far above what a session's graph bytes may hold
 
@@ -145,3 +145,19 @@ print(libc.mallinfo2().hblkhd >= 8 << 20)
     results = {mode: subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, check=True
                                     ).stdout.strip() for mode in ("bound", "default")}
     assert results == {"bound": "True", "default": "False"}
+
+
+def test_sessions_over_original_and_pruned_share_unchanged_weights():
+    """The refit's two streams (original and pruned model) hold each weight pruning left unchanged once."""
+    original, feed = _chain(), _feeds(1)[0]
+    pruned = onnx.ModelProto()
+    pruned.CopyFrom(original)
+    changed = numpy_helper.to_array(pruned.graph.initializer[1]) * 0.5
+    pruned.graph.initializer[1].CopyFrom(numpy_helper.from_array(changed, "w1"))
+    shared: dict = {}
+    names = ["h2"]
+    one, two = (fed_session(sessions._header(m), m.graph.initializer, shared=shared) for m in (original, pruned))
+    assert one.weights["w0"] is two.weights["w0"] and one.weights["w2"] is two.weights["w2"]
+    assert one.weights["w1"] is not two.weights["w1"] and np.array_equal(two.weights["w1"], changed)
+    for session, model in ((one, original), (two, pruned)):
+        assert np.allclose(session.run(names, feed)[0], _reference(model, names, feed)[0], rtol=1e-5, atol=1e-5)
