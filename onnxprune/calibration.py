@@ -18,12 +18,11 @@ from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 from .errors import InputDataError
 from .feeds import InputSpec, batch_axes, check_feed, input_specs, split_samples
 from .graph import free_names
-from .sessions import create_session, session_options, session_with_outputs
+from .sessions import FedSession, fed_session, lean_options, session_with_outputs
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm")
 
@@ -152,10 +151,12 @@ class ActivationStream:
     of layer after layer thus costs about one forward pass over the calibration data instead of one per step.
     Kept tensors are bounded by ``budget`` bytes: over it they are dropped and recomputed when needed. Values must
     not change once computed: a caller that changes weights (fed through ``live``) only changes those of nodes
-    that have not run yet."""
+    that have not run yet. Streams over two versions of one model may share ``shared`` (see
+    :func:`~onnxprune.sessions.fed_session`): the weights both hold unchanged are then held once."""
 
-    def __init__(self, model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], budget: int = 1 << 30):
-        self.model, self.feeds, self.budget = model, feeds, budget
+    def __init__(self, model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], budget: int = 1 << 30,
+                 shared: dict[str, tuple[bytes, np.ndarray]] | None = None):
+        self.model, self.feeds, self.budget, self.shared = model, feeds, budget, shared
         self.kept: list[dict[str, np.ndarray]] = [{} for _ in feeds]
         self.producer = {out: node for node in model.graph.node for out in node.output if out}
         self.position = {id(node): i for i, node in enumerate(model.graph.node)}
@@ -204,7 +205,7 @@ class ActivationStream:
         forward pass once, in one onnxruntime run per chunk, and only the tensors later chunks still read are kept
         between chunks, for that feed alone (memory holds one feed's captured tensors, never every feed's). The
         chunks' sessions are built on the first feed and reused. Not combinable with :meth:`run` on this stream."""
-        sessions: list[tuple[ort.InferenceSession | None, list[str], list[str]]] = []
+        sessions: list[tuple[FedSession | None, list[str], list[str]]] = []
         done: list[set[int]] = []  # nodes run once chunk i is done
         for number, feed in enumerate(self.feeds):
             values: dict[str, np.ndarray] = dict(feed)
@@ -223,7 +224,7 @@ class ActivationStream:
                         del values[name]
 
     def _chunk_session(self, names: list[str], values: dict[str, np.ndarray], done: set[int], clock: Any
-                       ) -> tuple[ort.InferenceSession | None, list[str], list[str]]:
+                       ) -> tuple[FedSession | None, list[str], list[str]]:
         """The session computing chunk ``names`` from ``values`` (adding its nodes to ``done``), its inputs and its
         outputs: the chunk's tensors and those that nodes not yet run read."""
         available = set(values)
@@ -237,7 +238,7 @@ class ActivationStream:
         if not outputs:
             return None, [], []
         with clock.stage("capture") if clock is not None else contextlib.nullcontext():
-            session = self._session(segment, available, {}, outputs, values, arena=False)
+            session = self._session(segment, available, {}, outputs, values)
         return session, [i.name for i in session.get_inputs()], outputs
 
     def _segment(self, names: list[str], available: set[str]) -> list[onnx.NodeProto]:
@@ -253,11 +254,11 @@ class ActivationStream:
         return sorted(chosen.values(), key=lambda node: self.position[id(node)])
 
     def _session(self, segment: list[onnx.NodeProto], available: set[str], live: dict[str, np.ndarray],
-                 outputs: list[str], values: dict[str, np.ndarray] | None = None, arena: bool = True
-                 ) -> ort.InferenceSession:
-        """A session over ``segment`` returning ``outputs``; ``arena`` False: without onnxruntime's CPU memory arena
-        and weight prepacking, for sessions kept alive together (each arena would keep its largest run's memory, and
-        prepacking adds a second copy of the weights)."""
+                 outputs: list[str], values: dict[str, np.ndarray] | None = None) -> FedSession:
+        """A session over ``segment`` returning ``outputs``, built with :func:`~onnxprune.sessions.lean_options`
+        (no arena: each run's memory goes back when it ends; no prepacking) from the segment's nodes and the
+        initializers they read, fed in place as arrays (:func:`~onnxprune.sessions.fed_session`): neither a copy of
+        the weights in a second proto, serialized bytes of them nor onnxruntime's own copy."""
         model = self.model
         values = values if values is not None else {**self.feeds[0], **self.kept[0], **live}
         read = {n for node in segment for n in self.reads[id(node)]}
@@ -266,15 +267,11 @@ class ActivationStream:
         part.functions.extend(model.functions)
         part.graph.name = model.graph.name
         part.graph.node.extend(segment)
-        part.graph.initializer.extend(i for i in model.graph.initializer if i.name in read and i.name not in available)
         part.graph.input.extend(onnx.helper.make_tensor_value_info(
             name, onnx.helper.np_dtype_to_tensor_dtype(values[name].dtype), None) for name in sorted(read & available))
-        if arena:
-            return session_with_outputs(part, outputs)
         part.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in outputs)
-        options = session_options(log_level=3, optimize=False, prepacking=False)
-        options.enable_cpu_mem_arena = False
-        return create_session(part, options)
+        initializers = (i for i in model.graph.initializer if i.name in read and i.name not in available)
+        return fed_session(part, initializers, lean_options(), shared=self.shared)
 
     def _forget(self) -> None:
         """Drop kept tensors no node left to run reads; drop everything when over the budget."""

@@ -19,6 +19,7 @@ from .analysis.registry import raise_rule_errors
 from .api import prune, sensitivity
 from .config import PruneConfig, ValidateConfig, parse_input_shape
 from .errors import EXIT_CODES, OnnxPruneError, UsageError, flag
+from .heap import bound_heap
 from .inspect import inspect_model, render_inspection
 from .model import default_output_path
 from .outputs import OutputGuard, write_atomic, write_text_atomic
@@ -52,6 +53,7 @@ def main() -> None:
     onnxprune model.onnx --pattern 2:4               N:M sparsity
     onnxprune model.onnx --structured --sparsity 0.5 remove channels
     """
+    bound_heap()  # freed activations and sessions go back to the system between stages (onnxprune/heap.py)
 
 
 class _Display(logging.Handler):

@@ -49,7 +49,8 @@ def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, layers: list
         if item.bias is not None:
             live[item.bias.name] = item.bias.array()
     done = []
-    reference, current = ActivationStream(original, feeds, budget), ActivationStream(pruned, feeds, budget)
+    shared: dict[str, tuple[bytes, np.ndarray]] = {}  # the weights pruning left unchanged, held once for both streams
+    reference, current = ActivationStream(original, feeds, budget, shared), ActivationStream(pruned, feeds, budget, shared)
     for wave in _waves(pruned, plan):
         _refit_wave(wave, reference, current, live, ridge, clock)
         for item in wave:

@@ -9,6 +9,7 @@ initializers over as OrtValues so that weights are not serialized a second time.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,34 +61,58 @@ def create_session(model: onnx.ModelProto | bytes | str | os.PathLike, options: 
     return ort.InferenceSession(model, options or ort.SessionOptions(), providers=list(providers))
 
 
-def session_with_outputs(model: onnx.ModelProto, names: list[str]) -> ort.InferenceSession:
-    """A session that also returns the intermediate tensors ``names`` (no graph optimisation: all stay observable)."""
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    existing = {o.name for o in probe.graph.output}
-    probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names if n not in existing)
-    return create_session(probe, session_options(log_level=3, optimize=False))
+def lean_options(**settings) -> ort.SessionOptions:
+    """Options for sessions that run a few times over calibration or probe data: no graph optimisation
+    (intermediate tensors stay observable), no CPU memory arena (each run's memory goes back when the run ends,
+    instead of the arena keeping its largest run's) and no weight prepacking (no second copy of the weights)."""
+    options = session_options(log_level=3, optimize=False, prepacking=False, **settings)
+    options.enable_cpu_mem_arena = False
+    return options
+
+
+def session_with_outputs(model: onnx.ModelProto, names: list[str]) -> FedSession:
+    """A session that also returns the intermediate tensors ``names`` (no graph optimisation: all stay observable),
+    with :func:`lean_options` and the weights fed in place (:func:`fed_session`)."""
+    header = _header(model)
+    existing = {o.name for o in model.graph.output}
+    header.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names if n not in existing)
+    return fed_session(header, model.graph.initializer, lean_options())
+
+
+def _header(model: onnx.ModelProto, skip: tuple[str, ...] = ()) -> onnx.ModelProto:
+    """``model`` without its main graph's initializers (nor the graph fields in ``skip``): nodes, inputs, outputs,
+    opsets and functions, a few kilobytes whatever the weights."""
+    header = onnx.ModelProto()
+    copy_fields(model, header, skip=("graph",))
+    copy_fields(model.graph, header.graph, skip=("initializer", *skip))
+    return header
 
 
 def inference_session(model: onnx.ModelProto, outputs: list[str] | None = None,
                       replaced: dict[str, np.ndarray] | None = None, options=None,
                       providers: tuple[str, ...] = CPU) -> ort.InferenceSession:
-    """A session over ``model`` that does not serialize its weights.
+    """A session over ``model`` that does not serialize its weights (see :func:`session_over`); ``replaced`` arrays
+    stand in for initializers of the same name (e.g. zeroed weights); ``outputs`` replaces the graph outputs."""
+    header = _header(model, ("output",) if outputs is not None else ())
+    if outputs is not None:
+        header.graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in outputs)
+    return session_over(header, model.graph.initializer, replaced, options, providers)
 
-    The main graph's larger initializers are handed to onnxruntime as OrtValues over numpy arrays
-    (``SessionOptions.add_external_initializers``); only the graph is serialized, so a model over
-    2 GB works and no second serialized copy of the weights is made. ``replaced`` arrays stand in
-    for initializers of the same name (e.g. zeroed weights); ``outputs`` replaces the graph outputs.
+
+def session_over(header: onnx.ModelProto, initializers: Iterable[onnx.TensorProto],
+                 replaced: dict[str, np.ndarray] | None = None, options=None,
+                 providers: tuple[str, ...] = CPU) -> ort.InferenceSession:
+    """A session over ``header`` (a model whose main graph holds no initializers) with ``initializers`` added.
+
+    The larger ones are handed to onnxruntime as OrtValues over numpy arrays
+    (``SessionOptions.add_external_initializers``); only the graph is serialized, so a model over 2 GB works, no
+    serialized copy of the weights is made and onnxruntime reads the arrays in place: the weights exist once more,
+    in numpy, for as long as the session lives. ``replaced`` arrays stand in for initializers of the same name.
     """
     replaced = replaced or {}
-    header = onnx.ModelProto()
-    copy_fields(model, header, skip=("graph",))
     graph = header.graph
-    copy_fields(model.graph, graph, skip=("initializer", "output") if outputs is not None else ("initializer",))
-    if outputs is not None:
-        graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in outputs)
     names, values, keep_alive = [], [], []
-    for tensor in model.graph.initializer:
+    for tensor in initializers:
         array = replaced.get(tensor.name)
         if array is None and (int(np.prod(tensor.dims, dtype=np.int64)) <= 256 or tensor.data_type in (
                 onnx.TensorProto.STRING, onnx.TensorProto.BFLOAT16) or tensor.data_location == onnx.TensorProto.EXTERNAL):
@@ -111,6 +136,70 @@ def inference_session(model: onnx.ModelProto, outputs: list[str] | None = None,
     session = create_session(header, options, providers)
     session._onnxprune_arrays = keep_alive  # the OrtValues view these arrays
     return session
+
+
+#: data types whose large initializers :func:`fed_session` feeds as inputs (kernels that need a constant input
+#: read integer tensors: shapes, indices, quantization parameters; those stay initializers)
+FED_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
+
+
+class FedSession:
+    """An onnxruntime session whose large float weights are graph inputs, fed from numpy arrays on every run.
+
+    onnxruntime reads input arrays in place: the session holds no copy of the weights (external initializers are
+    copied into the session; initializers also prepacked), so building one costs its graph, not its weights. The
+    arrays are those of the model's tensors, made once. Without prepacking the kernels are those of a session with
+    prepacking disabled: outputs equal such a session's bit for bit. ``get_inputs`` lists the caller's inputs only."""
+
+    def __init__(self, session: ort.InferenceSession, weights: dict[str, np.ndarray]):
+        self.session, self.weights = session, weights
+
+    def run(self, output_names, input_feed: dict[str, np.ndarray], run_options=None) -> list[np.ndarray]:
+        return self.session.run(output_names, {**input_feed, **self.weights}, run_options)
+
+    def get_inputs(self) -> list:
+        return [i for i in self.session.get_inputs() if i.name not in self.weights]
+
+    def __getattr__(self, name: str):
+        return getattr(self.session, name)
+
+
+def fed_session(header: onnx.ModelProto, initializers: Iterable[onnx.TensorProto],
+                options: ort.SessionOptions | None = None, providers: tuple[str, ...] = CPU,
+                shared: dict[str, tuple[bytes, np.ndarray]] | None = None) -> FedSession:
+    """A :class:`FedSession` over ``header`` (a model whose main graph holds no initializers): ``initializers`` of a
+    :data:`FED_TYPES` type and more than 256 elements become typed graph inputs fed from arrays, the rest are copied
+    into the graph. ``shared`` (name -> raw bytes and the array over them) lets sessions over two versions of one
+    model (original and pruned) hold one array per weight both have unchanged."""
+    graph = header.graph
+    declared = {i.name for i in graph.input}
+    weights: dict[str, np.ndarray] = {}
+    for tensor in initializers:
+        if (tensor.data_type not in FED_TYPES or tensor.data_location == onnx.TensorProto.EXTERNAL
+                or int(np.prod(tensor.dims, dtype=np.int64)) <= 256):
+            graph.initializer.append(tensor)
+            continue
+        weights[tensor.name] = _weight_array(tensor, shared)
+        if tensor.name not in declared:
+            graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+    return FedSession(create_session(header, options or lean_options(), providers), weights)
+
+
+def _weight_array(tensor: onnx.TensorProto, shared: dict[str, tuple[bytes, np.ndarray]] | None) -> np.ndarray:
+    """The tensor's values as a contiguous array: a read-only view of its raw bytes (one copy, out of the proto),
+    the array in ``shared`` when it holds the same bytes under that name."""
+    if not tensor.HasField("raw_data") or not np.dtype("<f4").isnative:
+        return np.ascontiguousarray(numpy_helper.to_array(tensor))
+    raw = tensor.raw_data
+    if shared is not None:
+        hit = shared.get(tensor.name)
+        if hit is not None and hit[0] == raw and hit[1].shape == tuple(tensor.dims):
+            return hit[1]
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    array = np.frombuffer(raw, dtype=dtype).reshape(tuple(tensor.dims))
+    if shared is not None:
+        shared[tensor.name] = (raw, array)
+    return array
 
 
 @dataclass

@@ -8,8 +8,6 @@ warm-up, then median, p25/p75 and p90 over the runs).
 
 from __future__ import annotations
 
-import ctypes
-import gc
 import logging
 import os
 import re
@@ -26,6 +24,7 @@ from .accuracy import evaluate
 from .config import ValidateConfig
 from .errors import InputDataError, UnsupportedError
 from .feeds import prepare_feeds
+from .heap import release_memory
 from .model import PROTOBUF_LIMIT, _external_locations
 from .specs import InputSpec, batch_axes, input_specs, sample_count, take_samples
 
@@ -186,16 +185,6 @@ def _time_runs(session: ort.InferenceSession, feeds: dict[str, np.ndarray], warm
         session.run(None, feeds)
         times.append((time.perf_counter() - start) * 1000.0)
     return times
-
-
-def release_memory() -> None:
-    """Collect garbage and hand freed heap pages back to the system: glibc keeps them otherwise, and the next
-    large allocation (a session, a model read back) adds to the peak instead of reusing them."""
-    gc.collect()
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to trim
-        pass
 
 
 def _measure(sources: tuple[ModelSource, ModelSource], provider: str, cfg: ValidateConfig,

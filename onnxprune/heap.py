@@ -1,0 +1,42 @@
+"""The process heap: freed memory goes back to the system instead of raising the next stage's peak.
+
+glibc serves a large request with ``mmap`` (returned to the system on ``free``) only above its mmap threshold, and
+raises that threshold to the size of every mmapped block freed, up to 32 MiB (64-bit). After the first captured
+activation or onnxruntime tensor of a few MiB is freed, later ones of that size come from the heap, whose freed
+pages stay resident: on a 86 MB encoder this kept ~600 MB that the pruning stages had freed. :func:`bound_heap`
+fixes the threshold (which also stops the adjustment), :func:`release_memory` hands back what is free now.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+
+#: ``mallopt`` parameter number of glibc's mmap threshold (malloc.h ``M_MMAP_THRESHOLD``)
+M_MMAP_THRESHOLD = -3
+#: blocks of at least this many bytes are mmapped, so freeing one returns its pages at once
+MMAP_THRESHOLD = 1 << 20
+
+
+def _libc():
+    try:
+        libc = ctypes.CDLL(None)
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+def bound_heap(threshold: int = MMAP_THRESHOLD) -> bool:
+    """Serve every allocation of at least ``threshold`` bytes by ``mmap`` for the rest of the process (glibc only;
+    False elsewhere: nothing changed). The command-line tool calls it once; a host process may too."""
+    libc = _libc()
+    return bool(libc is not None and libc.mallopt(M_MMAP_THRESHOLD, threshold) == 1)
+
+
+def release_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the system: glibc keeps them otherwise, and the next
+    large allocation (a session, a model read back) adds to the peak instead of reusing them."""
+    gc.collect()
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
