@@ -53,7 +53,6 @@ def main() -> None:
     onnxprune model.onnx --pattern 2:4               N:M sparsity
     onnxprune model.onnx --structured --sparsity 0.5 remove channels
     """
-    bound_heap()  # freed activations and sessions go back to the system between stages (onnxprune/heap.py)
 
 
 class _Display(logging.Handler):
@@ -209,11 +208,14 @@ def _providers(values: tuple[str, ...]) -> list[str]:
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @click.option("-v", "--verbose", is_flag=True, help="List every tensor/group in the summary.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
+@click.option("--low-memory", is_flag=True, help="Return freed memory to the system at once (glibc mmap threshold fixed at 1 MiB): a lower peak with --calibration-data/--reconstruct (an 86 MB encoder: ~850 instead of ~1,000 MB) for ~10 % more time on large activations (docs/benchmarks.md).")
 def prune_command(model: Path, output: Path | None, force: bool, debug: bool, quiet: bool, verbose: bool,
-                  reports: tuple[Path, ...], **opts) -> None:
+                  reports: tuple[Path, ...], low_memory: bool, **opts) -> None:
     """Prune MODEL and validate the result (the default command)."""
 
     click_ctx = click.get_current_context()
+    if low_memory:
+        bound_heap()  # freed activations and sessions go back to the system between stages (onnxprune/heap.py)
 
     def body() -> None:
         settings = _settings(opts)

@@ -18,9 +18,11 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxprune import sessions
+from onnxprune import cli, sessions
 from onnxprune.calibration import ActivationStream
 from onnxprune.sessions import create_session, fed_session, session_with_outputs
+
+from .conftest import FIXTURES, run_cli
 
 WIDTH = 256  # 256 KiB per weight: far above what a session's graph bytes may hold
 
@@ -161,3 +163,16 @@ def test_sessions_over_original_and_pruned_share_unchanged_weights():
     assert one.weights["w1"] is not two.weights["w1"] and np.array_equal(two.weights["w1"], changed)
     for session, model in ((one, original), (two, pruned)):
         assert np.allclose(session.run(names, feed)[0], _reference(model, names, feed)[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("flag", [False, True])
+def test_cli_bounds_the_heap_only_with_low_memory(tmp_path, monkeypatch, flag):
+    """``--low-memory`` fixes the mmap threshold for the run; without it the allocator is left as it is (the bound
+    costs time where activations are large)."""
+    calls: list[int] = []
+    monkeypatch.setattr(cli, "bound_heap", lambda *a, **k: calls.append(1) or True)
+    out = tmp_path / "out.onnx"
+    code, _, err = run_cli(FIXTURES / "cnn.onnx", "--sparsity", "0.5", "--no-validate", "-q", "-o", out,
+                           *(["--low-memory"] if flag else []))
+    assert code == 0, err
+    assert out.exists() and calls == ([1] if flag else [])
