@@ -32,9 +32,12 @@ Under ``--reconstruct`` (and ``--criterion obs``) each layer then keeps the best
 scored by its output error on the same Gram matrices: the OBS solution, the OBS mask with every row's
 kept weights refitted by ridge least squares (undamped: the OBS update is the optimum of the dampened
 problem), and the row-wise refit of the criterion's own mask. No layer thus ends worse than the
-row-wise refit would leave it from the same inputs. The refit candidates solve one ridge system per row: stacked
-LU solves for rows keeping fewer than ``WIDE`` weights, Cholesky one row at a time for wider ones (the shared LSTM
-input weights of an unrolled recurrence: thousands of kept inputs per row).
+row-wise refit would leave it from the same inputs. A layer whose calibration data gives fewer input vectors
+than it has inputs (a classifier head after a flatten, the shared input weights of an unrolled LSTM, on a few
+samples) keeps the OBS solution: there the refits interpolate the calibration vectors, and their near-zero
+calibration error would pick the candidate that generalises worst (a Keras captcha model's dense heads at 50 %:
+held-out agreement 0.55 with the refits, 0.68 without). The refit candidates solve one ridge system per row:
+stacked LU solves for rows keeping fewer than ``WIDE`` weights, Cholesky one row at a time for wider ones.
 """
 
 from __future__ import annotations
@@ -296,20 +299,25 @@ class ObsRepair:
         results = [prune_rows(t, h, count=c, nm=nm) for t, (h, _, _), c in zip(targets, order, counts)]
         masks = {"obs": [m for _, m in results]}
         candidates = {"obs": [new for new, _ in results]}
-        candidates["obs mask, refit"] = [refit_masked(r, m, h, p) for r, m, (h, p, _) in zip(rows, masks["obs"], order)]
-        masks["obs mask, refit"] = masks["obs"]
-        if baseline is not None:
+        width = rows[0].shape[1]
+        # with fewer input vectors than inputs the least-squares refits interpolate the calibration data: their
+        # calibration error says nothing of other inputs, so only the dampened OBS solution is a candidate
+        determined = stats.rows >= width
+        if determined:
+            candidates["obs mask, refit"] = [refit_masked(r, m, h, p)
+                                             for r, m, (h, p, _) in zip(rows, masks["obs"], order)]
+            masks["obs mask, refit"] = masks["obs"]
+        if baseline is not None and determined:
             masks["row-wise refit"] = [m > 0.5 for m in layer.rows(baseline.astype(np.float32), nm is not None)]
             candidates["row-wise refit"] = [refit_masked(r, m, h, p)
                                             for r, m, (h, p, _) in zip(rows, masks["row-wise refit"], order)]
         errors = {name: output_error(rows, new, order) for name, new in candidates.items()}
         choice = min(errors, key=errors.get)  # the first listed wins ties
         before = output_error(rows, [np.where(m, 0.0, r) for r, m in zip(rows, masks["obs"])], order)
-        width = rows[0].shape[1]
-        if stats.rows < width:
-            logger.warning("OBS: %s has %d inputs but the calibration data gave only %d input vectors: its repair "
-                           "may fit the calibration data and generalise worse (give more samples)",
-                           item.name, width, stats.rows)
+        if not determined:
+            logger.warning("OBS: %s has %d inputs but the calibration data gave only %d input vectors: its "
+                           "least-squares refits would fit the calibration data and generalise worse, so it keeps "
+                           "the dampened OBS solution (give more samples)", item.name, width, stats.rows)
         self.repaired.append({"weight": item.name, "layer": layer.node.name or layer.node.output[0],
                               "input_vectors": stats.rows, "inputs": width,
                               "algorithm": "exact" if exact else "sparsegpt", "choice": choice,

@@ -501,6 +501,27 @@ def test_too_few_calibration_vectors_are_reported(tmp_path, caplog):
     assert details["obs"]["layers"][0]["input_vectors"] == 64
 
 
+def test_too_few_calibration_vectors_keep_the_obs_solution(tmp_path):
+    """With fewer calibration vectors than inputs the refits interpolate the calibration data (near-zero error
+    there) and generalise worse: the layer keeps the dampened OBS solution, which on held-out inputs of the same
+    distribution is closer to the original than the row-wise refit (``--repair rowwise``) of the same data."""
+    rng = np.random.default_rng(7)
+    mixing = rng.standard_normal((48, 64))
+    x = (rng.standard_normal((24 + 512, 48)) @ mixing + 0.1 * rng.standard_normal((24 + 512, 64))).astype(np.float32)
+    calib, held_out = x[:24], x[24:]
+    model = layer_model("Gemm", rng.standard_normal((32, 64)), [1, 64], [1, 32], transB=1)
+    repaired, details = prune(model, calib, tmp_path, sparsity=0.5, reconstruct=True)
+    entry = details["obs"]["layers"][0]
+    assert (entry["input_vectors"], entry["inputs"], entry["choice"]) == (24, 64, "obs")
+    assert set(entry["rel_error_candidates"]) == {"obs"}
+    rowwise, _ = prune(model, calib, tmp_path, sparsity=0.5, reconstruct=True, repair="rowwise")
+    assert output_error(rowwise, model, calib) < 0.02 and output_error(repaired, model, calib) < 0.02  # both fit
+    assert output_error(repaired, model, held_out) < 0.7 * output_error(rowwise, model, held_out)  # OBS generalises
+    # enough vectors: the refits are candidates again
+    _, details = prune(model, x[:128], tmp_path, sparsity=0.5, reconstruct=True)
+    assert set(details["obs"]["layers"][0]["rel_error_candidates"]) == {"obs", "obs mask, refit", "row-wise refit"}
+
+
 def wide_problem(seed: int = 5, inputs: int = 1100, rows: int = 6, samples: int = 700):
     """A refit problem like the unrolled LSTM's: rows keeping about WIDE + 50 of ``inputs`` weights, some
     narrow rows, and a rank-deficient Gram (fewer input vectors than inputs) with drift (P != H)."""
