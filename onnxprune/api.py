@@ -37,6 +37,7 @@ from .model import (
     check_input_model,
     check_model,
     check_output_path,
+    compacted,
     load_model,
     save_model,
     tensor_bytes,
@@ -260,6 +261,9 @@ def _prune(model, output, *, config: PruneConfig | None, validate: bool | Valida
                       feeds=feeds[0] if feeds and vcfg.data else None, calibration=calibration or None)
     checkpoint("prune")
     pass_results = [r for r in PassManager(build_passes(config)).run(ctx) if r.reported]
+    if config.structured and not isinstance(model, LoadedModel):  # this run's own model: drop the replaced bytes
+        loaded.model = ctx.model = compacted(loaded.model)
+        release_memory()
     timings["prune"] = time.perf_counter() - start
 
     result = PruneResult(
