@@ -160,3 +160,26 @@ def test_capture_session_serializes_no_weights(monkeypatch):
         expected = dict(zip(wanted, session.run(None, feed)))
         assert captured.keys() == expected.keys()
         assert all(np.array_equal(captured[k], expected[k]) for k in expected)
+
+
+def test_structured_runs_continue_on_compacted_models(tmp_path, monkeypatch):
+    """A run that owns its model refits and saves a compacted copy (the removal's replaced bytes freed with the old
+    arena); the pruned model is byte-identical to a run on a caller's model, which is changed in place."""
+    from onnxprune import api
+    from onnxprune.passes import reconstruction
+
+    compacted = []
+    for module in (api, reconstruction):
+        original = module.compacted
+        monkeypatch.setattr(module, "compacted", lambda m, original=original, where=module.__name__: (
+            compacted.append(where), original(m))[1])
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, input=np.random.default_rng(1).standard_normal((16, 3, 32, 32)).astype(np.float32))
+    config = PruneConfig(structured=True, sparsity=0.5, reconstruct=True, calibration_data=str(calib), uniform=True)
+    owned, _ = api.prune(FIXTURES / "cnn.onnx", config=config)
+    assert compacted == ["onnxprune.passes.reconstruction", "onnxprune.api"]
+    compacted.clear()
+    loaded = load_model(FIXTURES / "cnn.onnx")
+    theirs, _ = api.prune(loaded, config=config)
+    assert compacted == [] and theirs is loaded.model
+    assert owned.SerializeToString() == theirs.SerializeToString()
