@@ -37,6 +37,7 @@ from .model import (
     check_input_model,
     check_model,
     check_output_path,
+    compacted,
     load_model,
     save_model,
     tensor_bytes,
@@ -256,10 +257,20 @@ def _prune(model, output, *, config: PruneConfig | None, validate: bool | Valida
         release_memory()  # the measurement's copies and sessions, before the pass allocates its own
         timings["allocation"] = time.perf_counter() - start
     start = time.perf_counter()
+    owns = not isinstance(model, LoadedModel)  # the run's own model: passes may replace it by a compacted copy
     ctx = PassContext(model=loaded.model, progress=progress, input_shapes=dict(input_shapes),
-                      feeds=feeds[0] if feeds and vcfg.data else None, calibration=calibration or None)
+                      feeds=feeds[0] if feeds and vcfg.data else None, calibration=calibration or None,
+                      owns_model=owns)
+    if owns:
+        loaded.model = None  # held by the context alone while the passes run
     checkpoint("prune")
-    pass_results = [r for r in PassManager(build_passes(config)).run(ctx) if r.reported]
+    try:
+        pass_results = [r for r in PassManager(build_passes(config)).run(ctx) if r.reported]
+    finally:
+        loaded.model = ctx.model
+    if config.structured and owns:  # the replaced tensors' old bytes go with the old arena
+        loaded.model = ctx.model = compacted(ctx.model)
+        release_memory()
     timings["prune"] = time.perf_counter() - start
 
     result = PruneResult(

@@ -213,7 +213,7 @@ def count_params(model: onnx.ModelProto) -> tuple[int, int]:
         for weight in index.weights.values():
             if weight.size <= 1 or not (weight.is_float or weight.tensor.data_type in QUANTIZED_WEIGHT_TYPES):
                 continue
-            arr = weight.array()
+            arr = numpy_helper.to_array(weight.tensor)  # read only: a view of the raw bytes, not a copy of it
             total += arr.size
             nonzero += int(np.count_nonzero(arr))
     return total, nonzero

@@ -21,6 +21,7 @@ from google.protobuf.message import DecodeError
 
 from .errors import InvalidModelError, ModelReadError, OutputError
 from .graph import iter_graphs, iter_tensors
+from .model_file import read_model, varint_bytes
 from .outputs import OutputGuard, commit, temp_folder
 
 #: Protobuf cannot serialise a message of 2 GiB or more; above this we write external data.
@@ -158,7 +159,7 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> LoadedModel:
     if size == 0:
         raise ModelReadError(f"model file is empty: {path}")
     try:
-        model = onnx.load(str(path), load_external_data=False)
+        model = read_model(path)  # piece by piece: the file's bytes and the model are not both held
     except DecodeError as exc:
         raise ModelReadError(f"not an ONNX model or corrupt/truncated file: {path} ({exc})") from None
     except (OSError, ValueError, RuntimeError) as exc:
@@ -393,6 +394,14 @@ def _skeleton_graph(src: onnx.GraphProto, dst: onnx.GraphProto, location: str,
 # --------------------------------------------------------------------------------------
 
 
+def compacted(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` in a new protobuf arena: upb frees memory only with the whole model, so the old bytes of each
+    tensor a pass rewrote (MiniLM-shaped removal: ~80 MB) go only when the caller drops the old model for this."""
+    fresh = onnx.ModelProto()
+    fresh.CopyFrom(model)
+    return fresh
+
+
 def tensor_bytes(model: onnx.ModelProto) -> int:
     """Bytes of tensor data held in memory (initializers and Constant values, subgraphs too)."""
     return sum(len(t.raw_data) if t.HasField("raw_data") else _typed_bytes(t) for t in iter_tensors(model))
@@ -451,15 +460,6 @@ def save_model(
     return [output] + [target for _, target in moves]
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | 0x80 if value else byte)
-        if not value:
-            return bytes(out)
-
-
 def _save_streamed(model: onnx.ModelProto, path: Path) -> None:
     """Write ``model`` as one protobuf file without serialising it into one buffer.
 
@@ -472,14 +472,14 @@ def _save_streamed(model: onnx.ModelProto, path: Path) -> None:
     head = onnx.ModelProto()
     copy_fields(model, head, skip=("graph",))
     copy_fields(graph, head.graph, skip=("node", "initializer"))
-    graph_tag, node_tag, init_tag = _varint((7 << 3) | 2), _varint((1 << 3) | 2), _varint((5 << 3) | 2)
+    graph_tag, node_tag, init_tag = varint_bytes((7 << 3) | 2), varint_bytes((1 << 3) | 2), varint_bytes((5 << 3) | 2)
     with open(path, "wb") as handle:
         handle.write(head.SerializeToString())
         for tag, items in ((node_tag, graph.node), (init_tag, graph.initializer)):
             for item in items:
                 payload = item.SerializeToString()
-                inner = tag + _varint(len(payload))
-                handle.write(graph_tag + _varint(len(inner) + len(payload)) + inner)
+                inner = tag + varint_bytes(len(payload))
+                handle.write(graph_tag + varint_bytes(len(inner) + len(payload)) + inner)
                 handle.write(payload)
                 del payload
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -25,9 +26,9 @@ from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 from .analysis.cost import node_key
 from .analysis.groups import Analysis
 from .calibration import StageClock
-from .graph import subgraph_reads
+from .graph import Weight, subgraph_reads
 from .scoring import WIDE_FEATURES, _consumer_grams, _refit_consumers
-from .sessions import create_session, session_options
+from .sessions import create_session, model_header, session_options
 
 logger = logging.getLogger(__name__)
 
@@ -81,11 +82,28 @@ class Downstream:
                 "outputs": [name for name in self.outputs if name in produced]}
 
     def _capture(self, names: list[str]) -> list[dict[str, np.ndarray]]:
-        """The original's graph outputs and the crossing tensors ``names``, per feed (one run each)."""
-        copy = onnx.ModelProto()
-        copy.CopyFrom(self.model)
-        copy.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names if n not in self.outputs)
-        session = create_session(copy, session_options(log_level=3))
+        """The original's graph outputs and the crossing tensors ``names``, per feed (one run each). The session
+        is the original's (every graph optimisation), its larger weights handed over as OrtValues: those the cuts
+        share (:meth:`_value`), the others made for this session alone; no proto copy, no serialized weights."""
+        header = model_header(self.model)
+        header.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names if n not in self.outputs)
+        read = {name for cut in self.cuts for name in cut["initializers"]}
+        external: dict[str, tuple[np.ndarray, ort.OrtValue]] = {}  # the arrays live as long as the session
+        for tensor in self.model.graph.initializer:
+            if tensor.name in read:
+                self._value(tensor.name)
+                held = self.memory[tensor.name]
+            else:
+                held = _ort_value(tensor, self.arrays.get(tensor.name))
+            if held is None:
+                header.graph.initializer.append(tensor)
+            else:
+                _placeholder(header.graph, tensor)
+                external[tensor.name] = held
+        options = session_options(log_level=3)
+        if external:
+            options.add_external_initializers(list(external), [value for _, value in external.values()])
+        session = create_session(header, options)
         wanted = [o.name for o in session.get_outputs()]
         return [dict(zip(wanted, session.run(None, feed))) for feed in self.feeds]
 
@@ -131,13 +149,7 @@ class Downstream:
                                        [self.initializers[n] for n in cut["initializers"] if self._value(n) is None])
         for name in cut["initializers"]:
             if self._value(name) is not None:  # declared only: its data is handed over at session creation
-                tensor = self.initializers[name]
-                placeholder = graph.initializer.add()
-                placeholder.name, placeholder.data_type = name, tensor.data_type
-                placeholder.dims.extend(tensor.dims)
-                placeholder.data_location = onnx.TensorProto.EXTERNAL
-                entry = placeholder.external_data.add()
-                entry.key, entry.value = "location", "onnxprune-in-memory"
+                _placeholder(graph, self.initializers[name])
         sub = onnx.helper.make_model(graph, opset_imports=self.model.opset_import, ir_version=self.model.ir_version)
         sub.functions.extend(self.model.functions)
         return sub
@@ -151,25 +163,70 @@ class Downstream:
         return create_session(self._sub_model(cut), options)
 
     def _value(self, name: str) -> ort.OrtValue | None:
-        """A larger initializer as an OrtValue over its array, made once (None: it stays in the graph). Made when a
-        cut first reads it as an initializer: then it holds its original values (a point changes only its own
-        plan's weights, which are inputs of its cut, and restores them)."""
+        """A larger initializer as an OrtValue over its array, made once (None: it stays in the graph). Its values
+        are the original's: a point changes only its own plan's weights, which are inputs of its cut."""
         if name not in self.memory:
-            tensor = self.initializers[name]
-            if (int(np.prod(tensor.dims, dtype=np.int64)) <= 256 or tensor.data_location == onnx.TensorProto.EXTERNAL
-                    or tensor.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.BFLOAT16)):
-                self.memory[name] = None
-            else:
-                array = self.arrays.get(name)
-                array = np.ascontiguousarray(numpy_helper.to_array(tensor) if array is None else array)
-                self.memory[name] = (array, ort.OrtValue.ortvalue_from_numpy(array))
+            self.memory[name] = _ort_value(self.initializers[name], self.arrays.get(name))
         found = self.memory[name]
         return None if found is None else found[1]
 
 
+def _ort_value(tensor: onnx.TensorProto, array: np.ndarray | None = None
+               ) -> tuple[np.ndarray, ort.OrtValue] | None:
+    """A larger initializer's values (``array`` when given) and an OrtValue over them; None for a small,
+    external, string or bfloat16 tensor (it stays in the graph)."""
+    if (int(np.prod(tensor.dims, dtype=np.int64)) <= 256 or tensor.data_location == onnx.TensorProto.EXTERNAL
+            or tensor.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.BFLOAT16)):
+        return None
+    array = np.ascontiguousarray(numpy_helper.to_array(tensor) if array is None else array)
+    return array, ort.OrtValue.ortvalue_from_numpy(array)
+
+
+def _placeholder(graph: onnx.GraphProto, tensor: onnx.TensorProto) -> None:
+    """Declare ``tensor`` in ``graph`` without its data (handed over as an OrtValue at session creation)."""
+    placeholder = graph.initializer.add()
+    placeholder.name, placeholder.data_type = tensor.name, tensor.data_type
+    placeholder.dims.extend(tensor.dims)
+    placeholder.data_location = onnx.TensorProto.EXTERNAL
+    entry = placeholder.external_data.add()
+    entry.key, entry.value = "location", "onnxprune-in-memory"
+
+
+def fed_consumers(analysis: Analysis) -> bool:
+    """Whether every consumer weight is an initializer of the main graph: a :class:`Probe` then feeds them to its
+    sessions from :class:`HeldWeight` arrays and never writes the analysed model (no copy of it is needed)."""
+    return all(e.weight.kind == "initializer" and e.weight.graph is analysis.model.graph
+               for e in analysis.edits if e.role == "consumer")
+
+
+@dataclass(eq=False)
+class HeldWeight(Weight):
+    """A weight whose values live in a numpy array: writing it leaves the protobuf alone. upb keeps every byte
+    string ever assigned to a model's tensors until the whole model is freed, so a point's mask, refit and restore
+    written into the proto would add three copies of its consumer weights per point (ResNet-50: ~1.2 GB over the
+    default allocation)."""
+
+    values: np.ndarray | None = None
+
+    @classmethod
+    def of(cls, weight: Weight) -> HeldWeight:
+        return cls(weight.name, weight.kind, weight.tensor, weight.graph, weight.node, weight.array())
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.values.shape)
+
+    def array(self) -> np.ndarray:
+        return self.values.copy()
+
+    def set_array(self, values: np.ndarray) -> None:
+        self.values = np.array(values, dtype=self.dtype, order="C", copy=True)
+
+
 class Probe:
-    """Runs the analysed model with some consumer weights masked (and refitted) by ``change`` (which writes into
-    the analysed model's weights); the weights are restored after each point."""
+    """Runs the analysed model with some consumer weights masked (and refitted) by ``change``; the weights are
+    restored after each point. Where the consumer weights are fed (:func:`fed_consumers`), ``change`` writes
+    :class:`HeldWeight` arrays, else the analysed model's weights."""
 
     def __init__(self, analysis, feeds: list[dict[str, np.ndarray]], plans: list[set[str]] | None = None,
                  clock: StageClock | None = None):
@@ -177,8 +234,11 @@ class Probe:
         self.edits = [e for e in analysis.edits if e.role == "consumer"]
         weights = {e.weight.name: e.weight for e in self.edits}
         self.downstream = self.session = None
-        if weights and all(w.kind == "initializer" and w.graph is analysis.model.graph for w in weights.values()):
+        if weights and fed_consumers(analysis):
             self.weights = {name: w.array() for name, w in weights.items()}
+            held = {name: HeldWeight.of(w) for name, w in weights.items()}
+            for edit in self.edits:  # points write these arrays, never the protobuf (whose arena would keep each)
+                edit.weight = held[edit.weight.name]
             if plans is not None:
                 self.downstream = Downstream(analysis.model, feeds, plans, self.weights)
                 if not self.downstream.usable():

@@ -26,7 +26,7 @@ from .config import PruneConfig
 from .errors import UsageError
 from .graph import count_params
 from .passes.structured import allocate_safe, channel_roots, head_units, mask, never_empty, remove
-from .probe import Probe, Refit, Savings, run_model
+from .probe import Probe, Refit, Savings, fed_consumers, run_model
 from .scoring import unit_scores
 
 logger = logging.getLogger(__name__)
@@ -117,9 +117,11 @@ def measure_masked(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], c
     with clock.stage("reference"):
         reference = _run(model, feeds)
     with clock.stage("analysis"):
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)
-        analysis = analyse(copy, input_shapes, config.exclude, config.prune_layernorm, config.overrides)
+        analysis = analyse(model, input_shapes, config.exclude, config.prune_layernorm, config.overrides)
+        if not fed_consumers(analysis):  # points write the model's weights: they write a copy's
+            copy = onnx.ModelProto()
+            copy.CopyFrom(model)
+            analysis = analyse(copy, input_shapes, config.exclude, config.prune_layernorm, config.overrides)
         every = build_groups(analysis)
         heads = [g.id for g in every if g.units and head_units(analysis, g)]
         groups = [g for g in every if g.units and g.id not in heads]
@@ -130,7 +132,7 @@ def measure_masked(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], c
     with clock.stage("reference"):  # the tensors entering each group's downstream part, from the original
         probe = Probe(analysis, feeds, [set().union(*(probe_touched(analysis, keep) for _, _, keep in points))
                                         for _, points in planned], clock)
-    macs = node_macs(copy, shapes=analysis.shapes)
+    macs = node_macs(analysis.model, shapes=analysis.shapes)
     savings = Savings(analysis, every, macs)
     rows, evaluations = [], 0
     for index, (group, points) in enumerate(planned):

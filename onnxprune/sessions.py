@@ -73,13 +73,13 @@ def lean_options(**settings) -> ort.SessionOptions:
 def session_with_outputs(model: onnx.ModelProto, names: list[str]) -> FedSession:
     """A session that also returns the intermediate tensors ``names`` (no graph optimisation: all stay observable),
     with :func:`lean_options` and the weights fed in place (:func:`fed_session`)."""
-    header = _header(model)
+    header = model_header(model)
     existing = {o.name for o in model.graph.output}
     header.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names if n not in existing)
     return fed_session(header, model.graph.initializer, lean_options())
 
 
-def _header(model: onnx.ModelProto, skip: tuple[str, ...] = ()) -> onnx.ModelProto:
+def model_header(model: onnx.ModelProto, skip: tuple[str, ...] = ()) -> onnx.ModelProto:
     """``model`` without its main graph's initializers (nor the graph fields in ``skip``): nodes, inputs, outputs,
     opsets and functions, a few kilobytes whatever the weights."""
     header = onnx.ModelProto()
@@ -93,7 +93,7 @@ def inference_session(model: onnx.ModelProto, outputs: list[str] | None = None,
                       providers: tuple[str, ...] = CPU) -> ort.InferenceSession:
     """A session over ``model`` that does not serialize its weights (see :func:`session_over`); ``replaced`` arrays
     stand in for initializers of the same name (e.g. zeroed weights); ``outputs`` replaces the graph outputs."""
-    header = _header(model, ("output",) if outputs is not None else ())
+    header = model_header(model, ("output",) if outputs is not None else ())
     if outputs is not None:
         header.graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in outputs)
     return session_over(header, model.graph.initializer, replaced, options, providers)

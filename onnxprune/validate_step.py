@@ -14,6 +14,7 @@ from .errors import GateFailedError, InputDataError, OnnxPruneError
 from .feeds import input_specs
 from .graph import count_params
 from .model import LoadedModel
+from .model_file import read_model
 from .sessions import ModelSource
 from .validate import (
     LOW_COSINE,
@@ -70,7 +71,8 @@ def validate_step(result: PruneResult, loaded: LoadedModel, vcfg: ValidateConfig
         result.warnings.append(f"not validated: {exc}; {hint}")
     if free:
         release_memory()  # what the sessions held, before the output is read back
-        loaded.model = onnx.load(str(output))
+        loaded.model = read_model(output)  # piece by piece, then its external data (if any)
+        onnx.external_data_helper.load_external_data_for_model(loaded.model, str(output.parent))
     validation["size"] = sizes
     validation["model"] = {"original": original_stats, "pruned": pruned_stats}
     result.validation = validation

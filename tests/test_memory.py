@@ -158,7 +158,7 @@ def test_sessions_over_original_and_pruned_share_unchanged_weights():
     pruned.graph.initializer[1].CopyFrom(numpy_helper.from_array(changed, "w1"))
     shared: dict = {}
     names = ["h2"]
-    one, two = (fed_session(sessions._header(m), m.graph.initializer, shared=shared) for m in (original, pruned))
+    one, two = (fed_session(sessions.model_header(m), m.graph.initializer, shared=shared) for m in (original, pruned))
     assert one.weights["w0"] is two.weights["w0"] and one.weights["w2"] is two.weights["w2"]
     assert one.weights["w1"] is not two.weights["w1"] and np.array_equal(two.weights["w1"], changed)
     for session, model in ((one, original), (two, pruned)):

@@ -51,6 +51,7 @@ class PassContext:
     feeds: Feed | list[Feed] | None = None  # the validation inputs given with --data
     reconstruction: ReconstructionRequest | None = None  # set by a pruning pass, consumed by ReconstructionPass
     prepared: bool = False  # the preparation pass ran: the structured pass does not prepare the model again
+    owns_model: bool = False  # nobody else holds ``model``: a pass may replace it by a compacted copy
 
     def iterate(self, items, label: str, length: int | None = None):
         """Wrap ``items`` in the progress display, if one is attached."""

@@ -15,6 +15,8 @@ import onnx
 
 from ..compensation import reconstruct, reconstruct_sparse
 from ..graph import count_params
+from ..heap import release_memory
+from ..model import compacted
 from .manager import PassContext, PassResult
 
 logger = logging.getLogger(__name__)
@@ -31,6 +33,9 @@ class ReconstructionPass:
         if request is None:
             return PassResult(False)
         if request.kind == "structured":
+            if ctx.owns_model:  # the removal's replaced bytes go before the refit's streams are built
+                ctx.model = compacted(ctx.model)
+                release_memory()
             logger.info(f"reconstructing {len(request.layers)} layers by least squares on calibration data")
             outcome = reconstruct(request.original, ctx.model, request.layers, ctx.calibration, clock=request.clock)
             request.details["stages"] = request.clock.as_dict()
