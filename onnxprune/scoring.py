@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import numpy as np
 
@@ -87,10 +88,12 @@ def reconstruction_scores(analysis: Analysis, groups: list[ChannelGroup], feeds:
     with clock.stage("selection"):
         for number, group in enumerate(groups):
             steps = None if stop is None else math.ceil(stop * max(group.channels, len(group.units))) + 1
-            scores[group.id] = _greedy_order(group, consumers, grams, steps) if group.units else fallback[group.id]
+            done = [k for k, n in last.items() if n == number]  # no later group reads these consumers
+            scores[group.id] = _greedy_order(group, consumers, grams, steps, partial(grams.forget, done)) \
+                if group.units else fallback[group.id]
             if scores[group.id] is None:
                 scores[group.id] = fallback[group.id]
-            grams.forget([k for k, n in last.items() if n == number])  # no later group reads these consumers
+            grams.forget(done)
     return scores
 
 
@@ -150,13 +153,15 @@ BATCH_FEATURES = 1024
 
 
 def _greedy_order(group: ChannelGroup, consumers: dict[str, tuple], grams: dict[str, np.ndarray],
-                  steps: int | None = None) -> np.ndarray | None:
+                  steps: int | None = None, inverted=None) -> np.ndarray | None:
     """Greedy OBS elimination over the group's units: each step removes the unit whose block costs least,
     summed over the consumers, then downdates each consumer's inverse Gram and refitted weights (``steps``:
     stop after that many; the rest score the accumulated error plus their current cost). Past
     ``SELECTION_STEPS`` steps on a consumer of ``BATCH_FEATURES`` features or more, each step removes the ``batch``
-    cheapest units together."""
-    states = _states(group, consumers, grams)
+    cheapest units together. ``inverted`` is called once the inverses are taken (the Grams may then go)."""
+    states = _states(group, consumers, grams, steps)
+    if inverted is not None:
+        inverted()
     if not states:
         return None
     n = len(group.units)
@@ -190,8 +195,10 @@ def _greedy_order(group: ChannelGroup, consumers: dict[str, tuple], grams: dict[
     return scores
 
 
-def _states(group: ChannelGroup, consumers: dict[str, tuple], grams: dict[str, np.ndarray]) -> list | None:
-    """One :class:`_State` per consumer that reads the group's units (None: a Gram cannot be inverted)."""
+def _states(group: ChannelGroup, consumers: dict[str, tuple], grams: dict[str, np.ndarray],
+            steps: int | None = None) -> list | None:
+    """One :class:`_State` per consumer that reads the group's units (None: a Gram cannot be inverted); each
+    state's downdate columns are sized for the most features ``steps`` removals can take from it."""
     unit_of = {}
     for u, ids in enumerate(group.units):
         for i in np.asarray(ids).tolist():
@@ -209,7 +216,9 @@ def _states(group: ChannelGroup, consumers: dict[str, tuple], grams: dict[str, n
                 inverses[id(grams[key])] = spd_inverse(grams[key])
             except np.linalg.LinAlgError:
                 return None
-        states.append(_State(inverses[id(grams[key])], np.array(matrix, dtype=np.float64, order="C"), units))
+        sizes = np.sort(np.bincount(units[units >= 0]))[::-1]
+        rank = int(sizes[:len(sizes) if steps is None else steps].sum())
+        states.append(_State(inverses[id(grams[key])], np.array(matrix, dtype=np.float64, order="C"), units, rank))
     return states
 
 
@@ -264,10 +273,10 @@ class _State:
     A step costs O(D · rank · k) instead of O(D² · k); P₀ is never written. Units with blocks of equal size are
     costed in one batched solve."""
 
-    def __init__(self, inverse: np.ndarray, weights: np.ndarray, units: np.ndarray):
+    def __init__(self, inverse: np.ndarray, weights: np.ndarray, units: np.ndarray, rank: int = 16):
         self.P0, self.W, self.units = inverse, weights, units
-        self.U = np.empty((inverse.shape[0], 16))
-        self.V = np.empty((inverse.shape[0], 16))
+        self.U = np.empty((inverse.shape[0], max(rank, 1)))  # the columns the downdates will take (grown if short)
+        self.V = np.empty((inverse.shape[0], max(rank, 1)))
         self.rank = 0
         self.groups = []  # (unit ids, feature index [units, k], current diagonal blocks [units, k, k])
         present = units >= 0
