@@ -127,7 +127,7 @@ def instrument(clock: Clock) -> None:
                 return original(*args, **kwargs)
         setattr(owner, attr, wrapped)
 
-    wrap(scoring, "_consumer_grams", "gram")
+    wrap(scoring, "ConsumerGrams" if hasattr(scoring, "ConsumerGrams") else "_consumer_grams", "gram")  # the capture
     wrap(scoring, "_greedy_order", "selection")
     wrap(compensation, "reconstruct", "refit")
     from onnxprune.passes import structured

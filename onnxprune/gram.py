@@ -117,23 +117,47 @@ class GramSum:
         self.total += rows.shape[0]
         self.sum_x = self.sum_x + rows.sum(axis=0, dtype=np.float64)
         centred = rows.astype(self.dtype, copy=False) - self.shift
-        self.gram = self.gram + (centred.T @ centred).astype(np.float64)
+        del rows
+        self.gram = _accumulate(self.gram, centred.T @ centred)
         if target is not None:
             self.sum_y = self.sum_y + target.sum(axis=0, dtype=np.float64)
             shifted = target.astype(self.dtype, copy=False) - self.target_shift
-            self.cross = self.cross + (centred.T @ shifted).astype(np.float64)
+            self.cross = _accumulate(self.cross, centred.T @ shifted)
         self.rows, self.targets, self.count = [], [], 0
 
     def result(self) -> tuple[np.ndarray, np.ndarray | int]:
-        """(XᵀX, XᵀY) of every block added."""
+        """(XᵀX, XᵀY) of every block added. The shift is added back in place, a block of rows at a time (the same
+        sums in the same order as ``G + c sᵀ + s cᵀ − n c cᵀ``, without D×D temporaries); the sums are then final."""
         self._flush()
         if self.shift is None:
             return self.gram, self.cross
         c = self.shift.astype(np.float64)
-        gram = self.gram + np.outer(c, self.sum_x) + np.outer(self.sum_x, c) - self.total * np.outer(c, c)
-        if self.target_shift is None:
-            return gram, self.cross
-        d = self.target_shift.astype(np.float64)
-        cross = self.cross + np.outer(c, self.sum_y) + np.outer(self.sum_x, d) - self.total * np.outer(c, d)
-        return gram, cross
+        if self.target_shift is not None:
+            _add_shift(self.cross, c, self.sum_x, self.sum_y, self.target_shift.astype(np.float64), self.total)
+        _add_shift(self.gram, c, self.sum_x, self.sum_x, c, self.total)
+        self.shift = self.target_shift = None
+        return self.gram, self.cross
+
+
+def _accumulate(total: np.ndarray | int, product: np.ndarray) -> np.ndarray:
+    """``total + product`` in float64, in place once ``total`` is an array (``0 + p`` first, as before)."""
+    if isinstance(total, int):
+        total = np.zeros(product.shape)
+    total += product
+    return total
+
+
+#: rows of a Gram corrected at a time by :func:`_add_shift`
+SHIFT_ROWS = 256
+
+
+def _add_shift(out: np.ndarray, c: np.ndarray, sum_x: np.ndarray, sum_y: np.ndarray, d: np.ndarray,
+               total: int) -> None:
+    """``out += c sum_yᵀ; out += sum_x dᵀ; out -= total · c dᵀ``, elementwise in that order, by blocks of rows."""
+    for start in range(0, out.shape[0], SHIFT_ROWS):
+        block = out[start:start + SHIFT_ROWS]
+        rows = slice(start, start + SHIFT_ROWS)
+        block += np.outer(c[rows], sum_y)
+        block += np.outer(sum_x[rows], d)
+        block -= total * np.outer(c[rows], d)
 

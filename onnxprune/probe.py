@@ -26,8 +26,9 @@ from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 from .analysis.cost import node_key
 from .analysis.groups import Analysis
 from .calibration import StageClock
+from .consumer_grams import ConsumerGrams
 from .graph import Weight, subgraph_reads
-from .scoring import WIDE_FEATURES, _consumer_grams, _refit_consumers
+from .scoring import WIDE_FEATURES, _refit_consumers, as_float64
 from .sessions import create_session, model_header, session_options
 
 logger = logging.getLogger(__name__)
@@ -337,24 +338,30 @@ class Savings:
 
 
 class Refit:
-    """Least-squares refit of masked consumers from Gram matrices captured once on the calibration data."""
+    """Least-squares refit of masked consumers from Gram matrices captured once on the calibration data
+    (:class:`~onnxprune.consumer_grams.ConsumerGrams`: a deep layer keeps its few inputs instead of its large Gram
+    and builds the Gram when a point first needs it). Deferred Grams and ``H @ W`` products are held while the
+    points need the same consumers (a group's points) and dropped when a point needs others."""
 
     def __init__(self, analysis: Analysis, feeds: list[dict[str, np.ndarray]], ridge: float = 1e-3,
                  clock: StageClock | None = None):
         self.consumers = _refit_consumers(analysis)
         # one capture run per batch for every consumer (no chunk shapes): the fit samples are few, and chunked
         # sessions held more memory here (MiniLM-shaped: 1.33 GB against 1.07 GB peak)
-        self.grams = _consumer_grams(analysis.model, self.consumers, feeds, ridge, clock) if self.consumers else {}
+        self.grams = ConsumerGrams(analysis.model, self.consumers, feeds, ridge, clock) if self.consumers else {}
         self.products: dict[str, np.ndarray] = {}
+        self.working: set[str] = set()
 
     def apply(self, keep: np.ndarray) -> None:
         """Write the refitted weights of every consumer that lost input features (after :func:`mask`)."""
-        for key, (node, edit, matrix, feature_ids) in self.consumers.items():
+        touched = [key for key, (*_, feature_ids) in self.consumers.items()
+                   if key in self.grams and not keep[feature_ids].all() and keep[feature_ids].any()]
+        self._work_on(set(touched))
+        for key in touched:
+            node, edit, matrix, feature_ids = self.consumers[key]
             kept = keep[feature_ids]
-            if kept.all() or key not in self.grams or not kept.any():
-                continue
             gram = self.grams[key]
-            fitted = np.zeros_like(matrix)
+            fitted = np.zeros_like(matrix, dtype=np.float64)
             try:
                 fitted[kept] = np.linalg.solve(gram[np.ix_(kept, kept)], self._target(key, gram, matrix, kept))
             except np.linalg.LinAlgError:
@@ -367,15 +374,24 @@ class Refit:
                 values = fitted
             edit.weight.set_array(values)
 
+    def _work_on(self, keys: set[str]) -> None:
+        """Drop the deferred Grams and products of the consumers the previous point refitted and this one does not."""
+        left = self.working - keys
+        if left and self.consumers:  # else no Grams at all
+            self.grams.release(left, keep=keys)
+        for key in left:
+            self.products.pop(key, None)
+        self.working = keys
+
     def _target(self, key: str, gram: np.ndarray, matrix: np.ndarray, kept: np.ndarray) -> np.ndarray:
         """H[kept] @ W, the right-hand side of the refit; for a wide consumer (every point of its group solves
         with it) H @ W is computed once and its rows taken."""
         if gram.shape[0] < WIDE_FEATURES:
-            return gram[kept] @ matrix
+            return gram[kept] @ as_float64(matrix)
         return self._product(key, gram, matrix)[kept]
 
     def _product(self, key: str, gram: np.ndarray, matrix: np.ndarray) -> np.ndarray:
         """H @ W of a consumer, computed once."""
         if key not in self.products:
-            self.products[key] = gram @ matrix
+            self.products[key] = gram @ as_float64(matrix)
         return self.products[key]

@@ -165,7 +165,10 @@ def _refit_wave(wave: list[_Refit], reference, current, live: dict[str, np.ndarr
             if sums.get(item.name) is not None:
                 gram, cross = sums[item.name].result()
                 lam = ridge * float(np.trace(gram)) / gram.shape[0] + 1e-12
-                item.solution = np.linalg.solve(gram + lam * np.eye(gram.shape[0]), cross)  # [D(+1), O]
+                np.add(gram, 0.0, out=gram)  # in place, as gram + λI: -0 becomes +0 off the diagonal, as it did
+                gram[np.diag_indices_from(gram)] += lam
+                item.solution = np.linalg.solve(gram, cross)  # [D(+1), O]
+                del sums[item.name], gram, cross  # this layer's sums go before the next one's solve
 
 
 def _refit_rows(item: _Refit, x: np.ndarray, y: np.ndarray, sampler: RowSampler | None = None

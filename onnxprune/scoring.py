@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import numpy as np
 
 from .analysis.groups import Analysis, ChannelGroup
-from .calibration import ActivationStream, StageClock
-from .gram import GramSum, RowSampler, _patches, _reconstructable
-from .graph import get_attr
+from .calibration import StageClock
+from .consumer_grams import CAPTURE_BYTES, ConsumerGrams, _capture_chunks, _consumer_grams, _patch_key
+from .gram import _reconstructable
+
+__all__ = ["CAPTURE_BYTES", "ConsumerGrams", "_capture_chunks", "_consumer_grams", "_patch_key", "channel_scores",
+           "reconstruction_scores", "unit_scores"]
 
 
 def channel_scores(analysis: Analysis, criterion: str, energy: dict[str, np.ndarray] | None = None) -> np.ndarray:
@@ -77,19 +81,19 @@ def reconstruction_scores(analysis: Analysis, groups: list[ChannelGroup], feeds:
     if not consumers:
         return fallback
     with clock.stage("gram"):
-        grams = _consumer_grams(analysis.model, consumers, feeds, ridge, clock, analysis.shapes)
+        grams = ConsumerGrams(analysis.model, consumers, feeds, ridge, clock, analysis.shapes)
     scores: dict[int, np.ndarray] = {}
     last = _last_reader(groups, consumers)
-    for key in set(grams) - set(last):
-        del grams[key]  # no group reads this consumer
+    grams.forget(set(consumers) - set(last))  # no group reads these consumers
     with clock.stage("selection"):
         for number, group in enumerate(groups):
             steps = None if stop is None else math.ceil(stop * max(group.channels, len(group.units))) + 1
-            scores[group.id] = _greedy_order(group, consumers, grams, steps) if group.units else fallback[group.id]
+            done = [k for k, n in last.items() if n == number]  # no later group reads these consumers
+            scores[group.id] = _greedy_order(group, consumers, grams, steps, partial(grams.forget, done)) \
+                if group.units else fallback[group.id]
             if scores[group.id] is None:
                 scores[group.id] = fallback[group.id]
-            for key in [k for k, n in last.items() if n == number]:
-                grams.pop(key, None)  # no later group reads this consumer: free its Gram now
+            grams.forget(done)
     return scores
 
 
@@ -105,13 +109,14 @@ def _last_reader(groups: list[ChannelGroup], consumers: dict[str, tuple]) -> dic
 
 
 def _refit_consumers(analysis: Analysis) -> dict[str, tuple]:
-    """Consumer node name -> (node, edit, weight matrix [features, outputs], channel id per feature)."""
+    """Consumer node name -> (node, edit, weight matrix [features, outputs] in the weight's float type, channel id
+    per feature); users upcast the matrices they work on (:func:`as_float64`), not every consumer's at once."""
     found = {}
     for edit in analysis.edits:
         node = edit.node
         if edit.role != "consumer" or not _reconstructable(node) or node.input[0] not in analysis.ann:
             continue
-        w = edit.weight.array().astype(np.float64)
+        w = edit.weight.array()
         _, chain = analysis.index.resolve(node.input[1])
         if chain:
             continue
@@ -129,99 +134,14 @@ def _refit_consumers(analysis: Analysis) -> dict[str, tuple]:
     return found
 
 
+def as_float64(matrix: np.ndarray) -> np.ndarray:
+    """A consumer's weight matrix in float64, laid out as the matrix is (a transposed view stays transposed)."""
+    return matrix.astype(np.float64)
+
+
 #: consumers with at least this many input features cost units by k×k inverses and products (faster than a solve
 #: per output at D = C·k², equal up to rounding); narrower ones keep the batched solve
 WIDE_FEATURES = 2048
-
-#: bytes of consumer inputs captured per onnxruntime run and calibration batch (and kept between runs) in selection
-CAPTURE_BYTES = 256 << 20
-
-
-def _capture_chunks(model, names: set[str], shapes: dict, feeds: list[dict[str, np.ndarray]]) -> list[list[str]]:
-    """``names`` in graph order, split so each chunk's tensors for one calibration batch (float32, sizes from the
-    analysis shapes; unknown dims count as 1) fit in ``CAPTURE_BYTES``."""
-    order = {out: i for i, node in enumerate(model.graph.node) for out in node.output}
-    batch = max((int(v.shape[0]) if v.ndim else 1 for feed in feeds for v in feed.values()), default=1)
-    chunks: list[list[str]] = [[]]
-    used = 0
-    for name in sorted(names, key=lambda n: (order.get(n, -1), n)):
-        dims = shapes.get(name) or []
-        size = 4 * batch * int(np.prod([d if isinstance(d, int) and d > 0 else 1 for d in dims[1:]]))
-        if chunks[-1] and used + size > CAPTURE_BYTES:
-            chunks.append([])
-            used = 0
-        chunks[-1].append(name)
-        used += size
-    return [c for c in chunks if c]
-
-
-def _consumer_grams(model, consumers: dict[str, tuple], feeds: list[dict[str, np.ndarray]],
-                    ridge: float, clock=None, shapes: dict | None = None) -> dict[str, np.ndarray]:
-    """XᵀX of each consumer's input features on ``feeds`` (+ ridge), in bounded memory.
-
-    Consumer inputs are captured batch after batch, in graph order, in chunks of at most ``CAPTURE_BYTES`` per
-    calibration batch (:meth:`~onnxprune.calibration.ActivationStream.by_feed`: one forward pass per batch, only
-    that batch's tensors later chunks read are kept, each batch's tensors dropped once added); consumers that read the same tensor with the same patch geometry share one Gram
-    (float32 products summed in float64, see ``GramSum``), over at most the ``RowSampler`` budget of rows."""
-    clock = clock or StageClock()
-    shared = {key: _patch_key(node, matrix.shape[0]) for key, (node, _, matrix, _) in consumers.items()}
-    sums: dict[tuple, GramSum | None] = {}
-    samplers = {patch: RowSampler(matrix.shape[0], len(feeds)) for key, (_, _, matrix, _) in consumers.items()
-                for patch in [shared[key]]}
-    chunks = _capture_chunks(model, {node.input[0] for node, *_ in consumers.values()}, shapes or {}, feeds)
-    readers = [{key: item for key, item in consumers.items() if item[0].input[0] in chunk} for chunk in chunks]
-    for i, values in ActivationStream(model, feeds).by_feed(chunks, clock):
-        counted = set()  # features that several consumers share are added once per feed
-        for key, (node, _, matrix, _) in readers[i].items():
-            patch = shared[key]
-            if patch in counted or (patch in sums and sums[patch] is None):
-                continue
-            counted.add(patch)
-            rows = _features(node, values[node.input[0]], matrix.shape[0], samplers[patch])
-            if rows is None:  # features that do not match the weight
-                sums[patch] = None
-                continue
-            sums.setdefault(patch, GramSum()).add(rows)
-    grams: dict[str, np.ndarray] = {}
-    done: dict[tuple, np.ndarray] = {}  # one array per shared patch; each GramSum is freed once summed
-    for key, patch in shared.items():
-        if patch not in done and sums.get(patch) is not None:
-            gram = sums.pop(patch).result()[0]
-            gram[np.diag_indices_from(gram)] += ridge * float(np.trace(gram)) / gram.shape[0] + 1e-12
-            done[patch] = gram
-        if patch in done:
-            grams[key] = done[patch]
-    return grams
-
-
-def _patch_key(node, features: int) -> tuple:
-    """What decides a consumer's input features: the tensor, and for a Conv its patch geometry."""
-    if node.op_type != "Conv":
-        return (node.input[0], features)
-    return (node.input[0], features, tuple(get_attr(node, "kernel_shape") or ()), tuple(get_attr(node, "pads") or ()),
-            tuple(get_attr(node, "strides") or ()), tuple(get_attr(node, "dilations") or ()))
-
-
-def _features(node, x: np.ndarray, features: int, sampler=None) -> np.ndarray | None:
-    """The consumer's input as float32 rows of features (im2col patches for a Conv), only the rows ``sampler``
-    picks; None if they do not match."""
-    x = x.astype(np.float32, copy=False)
-    if node.op_type == "Conv":
-        rows = _patches(x, node, _kernel(node, features, x.shape[1]), sampler)[0]
-    else:
-        rows = x.reshape(-1, x.shape[-1])
-        picked = sampler.pick(rows.shape[0]) if sampler is not None else None
-        rows = rows if picked is None else rows[picked]
-    return rows if rows.shape[1] == features else None
-
-
-def _kernel(node, features: int, channels: int) -> tuple[int, int]:
-    shape = get_attr(node, "kernel_shape")
-    if shape:
-        return int(shape[0]), int(shape[1])
-    side = round(float(np.sqrt(features // channels)))
-    return side, side
-
 
 #: a group whose greedy order runs more steps than this, with a consumer of at least ``BATCH_FEATURES`` features,
 #: removes several units per step (the cheapest by the costs before the step, removed jointly by one block
@@ -233,13 +153,15 @@ BATCH_FEATURES = 1024
 
 
 def _greedy_order(group: ChannelGroup, consumers: dict[str, tuple], grams: dict[str, np.ndarray],
-                  steps: int | None = None) -> np.ndarray | None:
+                  steps: int | None = None, inverted=None) -> np.ndarray | None:
     """Greedy OBS elimination over the group's units: each step removes the unit whose block costs least,
     summed over the consumers, then downdates each consumer's inverse Gram and refitted weights (``steps``:
     stop after that many; the rest score the accumulated error plus their current cost). Past
     ``SELECTION_STEPS`` steps on a consumer of ``BATCH_FEATURES`` features or more, each step removes the ``batch``
-    cheapest units together."""
-    states = _states(group, consumers, grams)
+    cheapest units together. ``inverted`` is called once the inverses are taken (the Grams may then go)."""
+    states = _states(group, consumers, grams, steps)
+    if inverted is not None:
+        inverted()
     if not states:
         return None
     n = len(group.units)
@@ -273,8 +195,10 @@ def _greedy_order(group: ChannelGroup, consumers: dict[str, tuple], grams: dict[
     return scores
 
 
-def _states(group: ChannelGroup, consumers: dict[str, tuple], grams: dict[str, np.ndarray]) -> list | None:
-    """One :class:`_State` per consumer that reads the group's units (None: a Gram cannot be inverted)."""
+def _states(group: ChannelGroup, consumers: dict[str, tuple], grams: dict[str, np.ndarray],
+            steps: int | None = None) -> list | None:
+    """One :class:`_State` per consumer that reads the group's units (None: a Gram cannot be inverted); each
+    state's downdate columns are sized for the most features ``steps`` removals can take from it."""
     unit_of = {}
     for u, ids in enumerate(group.units):
         for i in np.asarray(ids).tolist():
@@ -292,7 +216,9 @@ def _states(group: ChannelGroup, consumers: dict[str, tuple], grams: dict[str, n
                 inverses[id(grams[key])] = spd_inverse(grams[key])
             except np.linalg.LinAlgError:
                 return None
-        states.append(_State(inverses[id(grams[key])], matrix.copy(), units))
+        sizes = np.sort(np.bincount(units[units >= 0]))[::-1]
+        rank = int(sizes[:len(sizes) if steps is None else steps].sum())
+        states.append(_State(inverses[id(grams[key])], np.array(matrix, dtype=np.float64, order="C"), units, rank))
     return states
 
 
@@ -306,7 +232,8 @@ def spd_inverse(gram: np.ndarray) -> np.ndarray:
         lower = np.linalg.cholesky(gram)
     except np.linalg.LinAlgError:
         return np.linalg.inv(gram)
-    return _lower_gram(_lower_inverse(lower))
+    lower = _lower_inverse(lower)  # L itself is freed before the product
+    return _lower_gram(lower)
 
 
 def _lower_inverse(lower: np.ndarray) -> np.ndarray:
@@ -346,10 +273,10 @@ class _State:
     A step costs O(D · rank · k) instead of O(D² · k); P₀ is never written. Units with blocks of equal size are
     costed in one batched solve."""
 
-    def __init__(self, inverse: np.ndarray, weights: np.ndarray, units: np.ndarray):
+    def __init__(self, inverse: np.ndarray, weights: np.ndarray, units: np.ndarray, rank: int = 16):
         self.P0, self.W, self.units = inverse, weights, units
-        self.U = np.empty((inverse.shape[0], 16))
-        self.V = np.empty((inverse.shape[0], 16))
+        self.U = np.empty((inverse.shape[0], max(rank, 1)))  # the columns the downdates will take (grown if short)
+        self.V = np.empty((inverse.shape[0], max(rank, 1)))
         self.rank = 0
         self.groups = []  # (unit ids, feature index [units, k], current diagonal blocks [units, k, k])
         present = units >= 0

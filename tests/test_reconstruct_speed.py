@@ -348,7 +348,7 @@ def test_shifted_gram_sum_is_exact_in_float64():
 def test_chunked_capture_gives_the_same_grams(monkeypatch):
     """Selection Grams captured one consumer input per onnxruntime run (a tiny capture budget) equal those of one
     run capturing every input."""
-    from onnxprune import scoring
+    from onnxprune import consumer_grams, scoring
 
     model = onnx.load(str(FIXTURES / "arch" / "resnet18.onnx"))
     prepare_for_analysis(model)
@@ -359,7 +359,7 @@ def test_chunked_capture_gives_the_same_grams(monkeypatch):
     whole = scoring._consumer_grams(model, consumers, feeds, 1e-3, shapes=analysis.shapes)
     assert len(scoring._capture_chunks(model, {n.input[0] for n, *_ in consumers.values()}, analysis.shapes,
                                        feeds)) == 1
-    monkeypatch.setattr(scoring, "CAPTURE_BYTES", 1)
+    monkeypatch.setattr(consumer_grams, "CAPTURE_BYTES", 1)
     chunks = scoring._capture_chunks(model, {n.input[0] for n, *_ in consumers.values()}, analysis.shapes, feeds)
     assert len(chunks) == len({n.input[0] for n, *_ in consumers.values()}) > 10
     split = scoring._consumer_grams(model, consumers, feeds, 1e-3, shapes=analysis.shapes)

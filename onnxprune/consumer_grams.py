@@ -1,0 +1,196 @@
+"""Gram matrices XᵀX of consumer layers' input features on calibration data, held in bounded memory.
+
+One capture pass over the calibration feeds serves every consumer. Consumers that read the same features (the same
+tensor, for a Conv the same patch geometry) share one Gram. While the pass runs, each shared patch keeps whichever
+is smaller: its running Gram sum (D×D float64) or the captured input tensors themselves (float32, every feed). A
+kept-input ("deferred") Gram is built when first asked for and dropped by :meth:`ConsumerGrams.release`: deep Conv
+layers (D = C·k² features on a few positions) hold a few MB of inputs instead of hundreds of MB of Grams, and only
+the Grams of the group being worked on are in memory at once. A deferred Gram is summed from the same rows (the
+patch's seeded :class:`~onnxprune.gram.RowSampler`, drawn feed after feed) in the same order as during the pass:
+both ways give the same array, bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+
+import numpy as np
+
+from .calibration import ActivationStream, StageClock
+from .gram import GramSum, RowSampler, _patches
+from .graph import get_attr
+
+#: bytes of consumer inputs captured per onnxruntime run and calibration batch (and kept between runs); at 256 MiB
+#: ResNet-50's selection capture peaked 1,445 MB (16-sample batches at 224², 3 runs per batch), at 64 MiB 1,130 MB
+CAPTURE_BYTES = 64 << 20
+
+
+def _capture_chunks(model, names: set[str], shapes: dict, feeds: list[dict[str, np.ndarray]]) -> list[list[str]]:
+    """``names`` in graph order, split so each chunk's tensors for one calibration batch (float32, sizes from the
+    analysis shapes; unknown dims count as 1) fit in ``CAPTURE_BYTES``."""
+    order = {out: i for i, node in enumerate(model.graph.node) for out in node.output}
+    batch = max((int(v.shape[0]) if v.ndim else 1 for feed in feeds for v in feed.values()), default=1)
+    chunks: list[list[str]] = [[]]
+    used = 0
+    for name in sorted(names, key=lambda n: (order.get(n, -1), n)):
+        dims = shapes.get(name) or []
+        size = 4 * batch * int(np.prod([d if isinstance(d, int) and d > 0 else 1 for d in dims[1:]]))
+        if chunks[-1] and used + size > CAPTURE_BYTES:
+            chunks.append([])
+            used = 0
+        chunks[-1].append(name)
+        used += size
+    return [c for c in chunks if c]
+
+
+class ConsumerGrams(Mapping):
+    """Consumer name -> XᵀX of its input features on ``feeds`` (+ ridge), float64; a read-only mapping.
+
+    ``consumers`` maps a name to (node, edit, weight matrix [features, outputs], channel id per feature), as
+    :func:`~onnxprune.scoring._refit_consumers` builds them. With ``defer`` a patch keeps its captured inputs when
+    they take fewer bytes than its Gram; such a Gram is computed on first access and held until :meth:`release`.
+    ``shapes`` (the analysis shapes) split the capture into onnxruntime runs of at most ``CAPTURE_BYTES`` per batch.
+    ``live_bytes``/``peak_bytes`` count the Gram arrays held (finished and running sums)."""
+
+    def __init__(self, model, consumers: dict[str, tuple], feeds: list[dict[str, np.ndarray]], ridge: float,
+                 clock: StageClock | None = None, shapes: dict | None = None, defer: bool = True):
+        self.ridge, self.feeds, self.clock = ridge, len(feeds), clock or StageClock()
+        self.patch = {key: _patch_key(node, matrix.shape[0]) for key, (node, _, matrix, _) in consumers.items()}
+        self.node = {self.patch[key]: node for key, (node, *_) in consumers.items()}
+        self.live_bytes = self.peak_bytes = 0
+        self.grams: dict[tuple, np.ndarray] = {}  # finished Grams by patch
+        self.inputs: dict[str, list[np.ndarray]] = {}  # kept input tensors of deferred patches, per feed
+        self.deferred: set[tuple] = set()
+        self.failed: set[tuple] = set()  # features that do not match the weight
+        self._capture(model, consumers, feeds, shapes or {}, defer)
+
+    def _capture(self, model, consumers, feeds, shapes, defer) -> None:
+        sums: dict[tuple, GramSum] = {}
+        samplers = {patch: RowSampler(patch[1], len(feeds)) for patch in self.patch.values()}
+        names = {node.input[0] for node, *_ in consumers.values()}
+        chunks = _capture_chunks(model, names, shapes, feeds)
+        readers = [{self.patch[key]: item[0] for key, item in consumers.items() if item[0].input[0] in chunk}
+                   for chunk in chunks]
+        for i, values in ActivationStream(model, feeds).by_feed(chunks, self.clock):
+            for patch, node in readers[i].items():
+                if patch in self.failed:
+                    continue
+                x = values[node.input[0]]
+                if _width(node, x, patch[1]) != patch[1]:  # features that do not match the weight
+                    self.failed.add(patch)
+                    if sums.pop(patch, None) is not None:
+                        self.live_bytes -= 8 * patch[1] ** 2
+                    continue
+                if patch not in sums and patch not in self.deferred:  # first feed: which to keep
+                    if defer and x.nbytes * len(feeds) < 8 * patch[1] ** 2:
+                        self.deferred.add(patch)
+                    else:
+                        sums[patch] = GramSum()
+                        self._count(8 * patch[1] ** 2)
+                if patch in self.deferred:
+                    kept = self.inputs.setdefault(node.input[0], [])
+                    if not kept or kept[-1] is not x:  # once per feed when several patches read the tensor
+                        kept.append(x)
+                else:
+                    sums[patch].add(_features(node, x, patch[1], samplers[patch]))
+        for patch, total in sums.items():
+            self.grams[patch] = self._finish(total)
+        self.inputs = {name: kept for name, kept in self.inputs.items()
+                       if any(self.node[p].input[0] == name for p in self.deferred - self.failed)}
+
+    def _finish(self, total: GramSum) -> np.ndarray:
+        gram = total.result()[0]
+        gram[np.diag_indices_from(gram)] += self.ridge * float(np.trace(gram)) / gram.shape[0] + 1e-12
+        return gram
+
+    def _count(self, nbytes: int) -> None:
+        self.live_bytes += nbytes
+        self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        patch = self.patch.get(key)
+        if patch is None or patch in self.failed:
+            raise KeyError(key)
+        if patch not in self.grams:  # deferred: summed now from the kept inputs, as the capture would have
+            node, total = self.node[patch], GramSum()
+            sampler = RowSampler(patch[1], self.feeds)
+            self._count(8 * patch[1] ** 2)
+            with self.clock.stage("gram"):
+                for x in self.inputs[node.input[0]]:
+                    total.add(_features(node, x, patch[1], sampler))
+                self.grams[patch] = self._finish(total)
+        return self.grams[patch]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.patch and self.patch[key] not in self.failed
+
+    def __iter__(self) -> Iterator[str]:
+        return (key for key in self.patch if self.patch[key] not in self.failed)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def release(self, keys, keep=()) -> None:
+        """Drop the deferred Grams of ``keys`` but those ``keep`` reads (built again from the kept inputs if asked
+        for again); Grams summed during the capture stay until :meth:`forget`."""
+        kept = {self.patch.get(key) for key in keep}
+        for key in keys:
+            patch = self.patch.get(key)
+            if patch in self.deferred and patch in self.grams and patch not in kept:
+                self.live_bytes -= self.grams.pop(patch).nbytes
+
+    def forget(self, keys) -> None:
+        """``keys`` will not be asked for again: the Grams and kept inputs no other consumer reads are dropped."""
+        gone = {self.patch.pop(key) for key in set(keys) & set(self.patch)}
+        remaining = set(self.patch.values())
+        for patch in gone - remaining:
+            if patch in self.grams:
+                self.live_bytes -= self.grams.pop(patch).nbytes
+        needed = {self.node[patch].input[0] for patch in remaining & self.deferred}
+        for name in [n for n in self.inputs if n not in needed]:
+            del self.inputs[name]
+
+
+def _consumer_grams(model, consumers: dict[str, tuple], feeds: list[dict[str, np.ndarray]],
+                    ridge: float, clock=None, shapes: dict | None = None) -> dict[str, np.ndarray]:
+    """Every consumer's Gram at once (one array per shared patch), without deferral: what the tests compare the
+    bounded :class:`ConsumerGrams` against."""
+    grams = ConsumerGrams(model, consumers, feeds, ridge, clock, shapes, defer=False)
+    return {key: grams[key] for key in grams}
+
+
+def _patch_key(node, features: int) -> tuple:
+    """What decides a consumer's input features: the tensor, and for a Conv its patch geometry."""
+    if node.op_type != "Conv":
+        return (node.input[0], features)
+    return (node.input[0], features, tuple(get_attr(node, "kernel_shape") or ()), tuple(get_attr(node, "pads") or ()),
+            tuple(get_attr(node, "strides") or ()), tuple(get_attr(node, "dilations") or ()))
+
+
+def _width(node, x: np.ndarray, features: int) -> int:
+    """The number of input features the consumer's rows of ``x`` have (im2col patch width for a Conv)."""
+    if node.op_type == "Conv":
+        kh, kw = _kernel(node, features, x.shape[1])
+        return int(x.shape[1]) * kh * kw
+    return int(x.shape[-1])
+
+
+def _features(node, x: np.ndarray, features: int, sampler=None) -> np.ndarray | None:
+    """The consumer's input as float32 rows of features (im2col patches for a Conv), only the rows ``sampler``
+    picks; None if they do not match."""
+    x = x.astype(np.float32, copy=False)
+    if node.op_type == "Conv":
+        rows = _patches(x, node, _kernel(node, features, x.shape[1]), sampler)[0]
+    else:
+        rows = x.reshape(-1, x.shape[-1])
+        picked = sampler.pick(rows.shape[0]) if sampler is not None else None
+        rows = rows if picked is None else rows[picked]
+    return rows if rows.shape[1] == features else None
+
+
+def _kernel(node, features: int, channels: int) -> tuple[int, int]:
+    shape = get_attr(node, "kernel_shape")
+    if shape:
+        return int(shape[0]), int(shape[1])
+    side = round(float(np.sqrt(features // channels)))
+    return side, side

@@ -1,0 +1,127 @@
+"""Gram matrices of the refit consumers in bounded memory (onnxprune/consumer_grams.py): deep layers keep their
+few inputs and build their Gram when a group needs it, equal bit for bit to the Gram summed during the capture;
+the selection and the allocation's refit hold the Grams of one group at a time, not every consumer's."""
+
+from __future__ import annotations
+
+import functools
+from typing import ClassVar
+
+import numpy as np
+import onnx
+
+from onnxprune import consumer_grams, probe, scoring
+from onnxprune.analysis.groups import analyse, build_groups
+from onnxprune.config import PruneConfig
+from onnxprune.consumer_grams import ConsumerGrams
+from onnxprune.passes.structured import prepare_for_analysis
+from onnxprune.sensitivity import around, measure_masked
+
+from .conftest import FIXTURES
+
+RESNET18 = FIXTURES / "arch" / "resnet18.onnx"  # narrow widths: 21 consumers, 3×3 convs of up to 2,304 features
+
+
+def _model(path=RESNET18) -> onnx.ModelProto:
+    model = onnx.load(str(path))
+    prepare_for_analysis(model)
+    return model
+
+
+def _feeds(sizes=(3, 2), seed: int = 7) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{"input": rng.standard_normal((n, 3, 64, 64)).astype(np.float32)} for n in sizes]
+
+
+class _Recorded(ConsumerGrams):
+    """ConsumerGrams that remembers its instances (to read their byte counts after a run)."""
+
+    made: ClassVar[list[ConsumerGrams]] = []
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        _Recorded.made.append(self)
+
+
+def _gram_bytes(grams: ConsumerGrams, patches) -> int:
+    return sum(8 * patch[1] ** 2 for patch in set(patches))
+
+
+def test_deferred_grams_equal_the_grams_summed_during_capture():
+    model = _model()
+    analysis = analyse(model)
+    consumers = scoring._refit_consumers(analysis)
+    whole = ConsumerGrams(model, consumers, _feeds(), 1e-3, shapes=analysis.shapes, defer=False)
+    bounded = ConsumerGrams(model, consumers, _feeds(), 1e-3, shapes=analysis.shapes)
+    every = _gram_bytes(whole, whole.patch.values())
+    assert not whole.deferred and whole.live_bytes == every
+    assert len(bounded.deferred) >= 10  # the deep 3×3 convs: a few positions, thousands of features
+    assert bounded.live_bytes < every / 20  # after the capture: only the shallow layers' Grams are held
+    assert list(bounded) == list(whole) and len(whole) == len(consumers) > 15
+    for key in whole:
+        np.testing.assert_array_equal(bounded[key], whole[key])
+    assert bounded.live_bytes == every  # every Gram asked for is now held ...
+    bounded.release(list(bounded))
+    assert bounded.live_bytes == _gram_bytes(bounded, set(bounded.patch.values()) - bounded.deferred)  # ... until released
+    key = next(k for k in bounded if bounded.patch[k] in bounded.deferred)
+    np.testing.assert_array_equal(bounded[key], whole[key])  # built again from the kept inputs
+    bounded.forget(list(bounded))
+    assert bounded.live_bytes == 0 and not bounded.inputs and not len(bounded)
+
+
+def test_selection_holds_the_grams_of_one_group_at_a_time(monkeypatch):
+    """The greedy selection's scores equal those from every Gram held at once, and the Grams held at any time are
+    at most the shallow (summed during the capture) ones plus the deferred Grams of the one group being scored."""
+    model = _model()
+    analysis = analyse(model)
+    groups = build_groups(analysis)
+    feeds = _feeds()
+    monkeypatch.setattr(scoring, "ConsumerGrams", functools.partial(ConsumerGrams, defer=False))
+    whole = scoring.reconstruction_scores(analysis, groups, feeds, stop=0.6)
+    _Recorded.made = []
+    monkeypatch.setattr(scoring, "ConsumerGrams", _Recorded)
+    bounded = scoring.reconstruction_scores(analysis, groups, feeds, stop=0.6)
+    assert whole.keys() == bounded.keys() and len(whole) == len(groups) > 10
+    for gid, scores in whole.items():
+        np.testing.assert_array_equal(bounded[gid], scores)
+    grams = _Recorded.made[0]
+    consumers = scoring._refit_consumers(analysis)
+    patches = {key: scoring._patch_key(node, matrix.shape[0]) for key, (node, _, matrix, _) in consumers.items()}
+    shallow = _gram_bytes(grams, set(patches.values()) - grams.deferred)
+    per_group = []
+    for group in groups:
+        ids = {int(i) for unit in group.units for i in np.asarray(unit).ravel()}
+        read = {patches[key] for key, (*_, feature_ids) in consumers.items() if ids.intersection(feature_ids.tolist())}
+        per_group.append(_gram_bytes(grams, read & grams.deferred))
+    every = _gram_bytes(grams, patches.values())
+    assert grams.peak_bytes <= shallow + max(per_group) < every / 4
+    assert grams.live_bytes == 0  # each Gram dropped after the last group that reads it
+
+
+def test_allocation_refit_equals_the_refit_from_grams_held_at_once(monkeypatch):
+    """The allocation's sensitivity points with --reconstruct are the same, bit for bit, whether the refit's Grams
+    are all summed during the capture or deferred and built group by group; the deferred ones are released when
+    the points move on to another group's consumers."""
+    config = PruneConfig(structured=True, sparsity=0.3, calibration_data="calib.npz", reconstruct=True)
+    feeds, fit = _feeds((2,), seed=1), _feeds((3, 2), seed=2)
+    monkeypatch.setattr(probe, "ConsumerGrams", functools.partial(ConsumerGrams, defer=False))
+    whole, _ = measure_masked(_model(), feeds, config, around(0.3), fit_feeds=fit)
+    _Recorded.made = []
+    monkeypatch.setattr(probe, "ConsumerGrams", _Recorded)
+    bounded, _ = measure_masked(_model(), feeds, config, around(0.3), fit_feeds=fit)
+    points = [[(p["channels_removed"], p["rel_l2"]) for p in g["points"]] for g in whole["groups"]]
+    assert points == [[(p["channels_removed"], p["rel_l2"]) for p in g["points"]] for g in bounded["groups"]]
+    assert len(points) > 10
+    grams = _Recorded.made[0]
+    every = _gram_bytes(grams, grams.patch.values())
+    assert grams.deferred and grams.peak_bytes < every / 4
+
+
+def test_capture_chunks_are_read_from_the_module_budget(monkeypatch):
+    """The capture budget lives in consumer_grams (scoring re-exports it for callers that read it)."""
+    model = _model()
+    analysis = analyse(model)
+    names = {node.input[0] for node, *_ in scoring._refit_consumers(analysis).values()}
+    assert len(consumer_grams._capture_chunks(model, names, analysis.shapes, _feeds())) == 1
+    monkeypatch.setattr(consumer_grams, "CAPTURE_BYTES", 1)
+    assert len(consumer_grams._capture_chunks(model, names, analysis.shapes, _feeds())) == len(names)
