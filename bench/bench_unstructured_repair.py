@@ -4,6 +4,7 @@
     python bench/bench_unstructured_repair.py [--models ...] [--json out.json] [--write-docs]
     python bench/bench_unstructured_repair.py --from-json a.json b.json --write-docs   # table of saved runs
     ... --merge-docs   # keep the cells of the docs table that a partial run does not replace
+    ... --eval-count 1000 --json x.json   # more evaluation samples for the corpus models (not for the table)
 
 Models (five exporters): the trained digits fixtures (fixtures/build_trained.py, torch.onnx TorchScript
 exporter: residual CNN, MLP, transformer; calibration: 256 training images, evaluation: the 360 test
@@ -212,17 +213,19 @@ def write_docs(text: str) -> None:
     DOCS.write_text(doc[:start] + "\n" + text + "\n" + doc[end:])
 
 
-def benches(names: list[str], folder: Path) -> list[Bench]:
+def benches(names: list[str], folder: Path, eval_count: int | None = None) -> list[Bench]:
+    """The named models; ``eval_count`` replaces the corpus models' number of evaluation samples."""
+    n = (lambda default: eval_count or default)
     known = {"digits_cnn": lambda: digits("digits_cnn", "digits_cnn.onnx", "digits_calib.npz", "digits_val.npz"),
              "digits_mlp": lambda: digits("digits_mlp", "digits_mlp.onnx", "digits_calib.npz", "digits_val.npz"),
              "digits_transformer": lambda: digits("digits_transformer", "digits_transformer.onnx",
                                                   "digits_seq_calib.npz", "digits_seq_val.npz"),
-             "ocr_cls": lambda: corpus("ocr_cls", 200, 64, folder),
-             "orientation": lambda: corpus("orientation", 64, 32, folder),
-             "ocr_rec": lambda: corpus("ocr_rec", 100, 32, folder),
-             "captcha_crnn": lambda: corpus("captcha_crnn", 100, 64, folder),
-             "ddddocr": lambda: corpus("ddddocr", 40, 64, folder),
-             "vietcombank_captcha": lambda: corpus("vietcombank_captcha", 100, 64, folder)}
+             "ocr_cls": lambda: corpus("ocr_cls", n(200), 64, folder),
+             "orientation": lambda: corpus("orientation", n(64), 32, folder),
+             "ocr_rec": lambda: corpus("ocr_rec", n(100), 32, folder),
+             "captcha_crnn": lambda: corpus("captcha_crnn", n(100), 64, folder),
+             "ddddocr": lambda: corpus("ddddocr", n(40), 64, folder),
+             "vietcombank_captcha": lambda: corpus("vietcombank_captcha", n(100), 64, folder)}
     return [b for b in (known[name]() for name in names) if b is not None]
 
 
@@ -240,7 +243,11 @@ def main() -> None:
     parser.add_argument("--from-json", type=Path, nargs="+", help="no runs: the table from rows saved by --json")
     parser.add_argument("--merge-docs", action="store_true", help="keep the docs table's cells that these rows "
                         "do not replace")
+    parser.add_argument("--eval-count", type=int, help="evaluation samples of the corpus models (default: the "
+                        "table's 40-200 per model); a run with it is not for the docs table")
     args = parser.parse_args()
+    if args.eval_count and args.write_docs:
+        parser.error("--eval-count changes the evaluation sets: its rows do not go into the docs table")
     if args.from_json:
         results = [row for path in args.from_json for row in json.loads(path.read_text())]
         if args.merge_docs:
@@ -251,7 +258,7 @@ def main() -> None:
         return
     results = []
     with tempfile.TemporaryDirectory() as folder:
-        for bench in benches(args.models, Path(folder)):
+        for bench in benches(args.models, Path(folder), args.eval_count):
             dense = outputs(bench.path, bench.feeds, bench.fixed_batch, bench.out_axis)
             dense_metric = bench.metric(dense, bench.labels)
             for setting in args.settings:
