@@ -19,12 +19,12 @@ from onnxprune.config import PruneConfig
 from onnxprune.errors import ModelReadError
 from onnxprune.model import load_model
 from onnxprune.model_file import read_model
-from onnxprune.passes.structured import prepare_for_analysis
 from onnxprune.sensitivity import around, measure_masked
 
 from .conftest import FIXTURES
+from .test_probe import _batches
+from .test_probe import _model as _resnet
 
-RESNET = FIXTURES / "arch" / "resnet50.onnx"
 #: the module (the package exports the function ``sensitivity`` under that name)
 sensitivity_module = importlib.import_module("onnxprune.sensitivity")
 
@@ -87,17 +87,6 @@ def test_read_model_reads_an_empty_graph_and_falls_back_on_what_it_does_not_pars
         read_model(tmp_path / "cut.onnx")  # onnx.load's own error: the reader fell back
     with pytest.raises(ModelReadError, match="corrupt/truncated"):
         load_model(tmp_path / "cut.onnx")
-
-
-def _resnet() -> onnx.ModelProto:
-    model = onnx.load(str(RESNET))
-    prepare_for_analysis(model)
-    return model
-
-
-def _batches(count: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
-    rng = np.random.default_rng(seed)
-    return [{"input": rng.standard_normal((2, 3, 64, 64)).astype(np.float32)} for _ in range(count)]
 
 
 def test_sensitivity_points_neither_copy_nor_write_the_model(monkeypatch):
