@@ -29,7 +29,7 @@ from .model import PROTOBUF_LIMIT, _external_locations
 from .specs import InputSpec, batch_axes, input_specs, sample_count, take_samples
 
 logger = logging.getLogger(__name__)
-from .sessions import ModelSource
+from .sessions import ModelSource, run_outputs
 
 
 def check_providers(providers: list[str]) -> None:
@@ -188,12 +188,15 @@ def _time_runs(session: ort.InferenceSession, feeds: dict[str, np.ndarray], warm
 
 
 def _measure(sources: tuple[ModelSource, ModelSource], provider: str, cfg: ValidateConfig,
-             batches: list[dict[str, np.ndarray]], what: str, timed: dict[str, np.ndarray] | None = None):
+             batches: list[dict[str, np.ndarray]], what: str, timed: dict[str, np.ndarray] | None = None,
+             axes: dict[str, int | None] | None = None):
     """Outputs of both models on every batch and their latency, with one onnxruntime session alive at a time.
 
     Blocks alternate A B A B (``LATENCY_ROUNDS``), each with a fresh session, its warm-up, then its share of the
-    timed runs (on ``timed``, default the first batch); the outputs come from each model's first block. Peak memory
-    holds one session, and an idle session's threads cannot steal the cores from the timed one.
+    timed runs (on ``timed``, default the first batch); the outputs come from each model's first block
+    (:func:`~onnxprune.sessions.run_outputs`: a few samples at a time along ``axes``, the inputs' sample axes;
+    default: whole batches). Peak memory holds one session and its run over a few samples, and an idle session's
+    threads cannot steal the cores from the timed one.
     """
     timed = batches[0] if timed is None else timed
     outputs: list[list | None] = [None, None]
@@ -207,7 +210,7 @@ def _measure(sources: tuple[ModelSource, ModelSource], provider: str, cfg: Valid
             if outputs[which] is None:
                 names = names or [out.name for out in session.get_outputs()]
                 try:
-                    outputs[which] = [session.run(None, batch) for batch in batches]
+                    outputs[which] = run_outputs(session, batches, axes or {})
                 except Exception as exc:  # sizes or values the model does not accept (e.g. a KV cache's lengths)
                     if which == 1:
                         raise
@@ -327,10 +330,12 @@ def run_validation(original: ModelSource, pruned: ModelSource, cfg: ValidateConf
         classifiers = classifier_outputs(original.model or pruned.model)
     source = results["inputs"].get("source")
     what = {"synthetic": "synthetic inputs", "calibration hold-out": "calibration hold-out"}.get(source, "given inputs")
-    timed = _latency_feed(batches, results["inputs"], specs or input_specs(original.model or pruned.model))
+    specs = specs if specs is not None else input_specs(original.model or pruned.model)
+    timed = _latency_feed(batches, results["inputs"], specs)
     for provider in cfg.providers:
         logger.info("validating on %s", provider)
-        names, (ref, got), latency = _measure((original, pruned), provider, cfg, batches, what, timed)
+        names, (ref, got), latency = _measure((original, pruned), provider, cfg, batches, what, timed,
+                                              batch_axes(specs))
         outputs = {name: compare_outputs([r[i] for r in ref], [g[i] for g in got],
                                          None if classifiers is None else name in classifiers,
                                          filler=name in filler_outputs)
@@ -341,8 +346,7 @@ def run_validation(original: ModelSource, pruned: ModelSource, cfg: ValidateConf
     results["worst"] = _worst(results["providers"])
     if cfg.eval_data:
         logger.info("measuring accuracy on %s", cfg.eval_data)
-        results["accuracy"] = evaluate(original, pruned, cfg.eval_data,
-                                       specs if specs is not None else input_specs(original.model or pruned.model))
+        results["accuracy"] = evaluate(original, pruned, cfg.eval_data, specs)
     return results
 
 
