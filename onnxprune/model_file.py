@@ -50,6 +50,39 @@ def read_model(path: str | os.PathLike) -> onnx.ModelProto:
     return model
 
 
+#: GraphProto field numbers of its weights: ``initializer`` and ``sparse_initializer``
+WEIGHT_FIELDS = (5, 15)
+#: :func:`read_structure` keeps the initializers serialized in at most this many bytes (shapes, axes, scalars)
+SMALL_ENTRY = 4096
+
+
+def read_structure(path: str | os.PathLike) -> onnx.ModelProto:
+    """The model in the ONNX file ``path`` without its main graph's large initializers (over ``SMALL_ENTRY`` bytes
+    serialized, skipped unread): its nodes, inputs, outputs, opsets and small constants, to read its structure."""
+    path = os.fspath(path)
+    fmt = onnx.serialization.registry.get_format_from_file_extension(os.path.splitext(path)[1])
+    model = onnx.ModelProto()
+    try:
+        if fmt not in (None, "protobuf"):
+            raise _Unexpected
+        with open(path, "rb") as handle:
+            end = os.fstat(handle.fileno()).st_size
+            for number, start, stop in _fields(handle, 0, end):
+                if number != GRAPH_FIELD:
+                    model.MergeFromString(_read(handle, start, stop))
+                    continue
+                for entry, entry_start, entry_stop in _fields(handle, _payload_start(handle, start), stop):
+                    if entry not in WEIGHT_FIELDS or entry_stop - entry_start <= SMALL_ENTRY:
+                        model.MergeFromString(_as_graph_field(handle, entry_start, entry_stop))
+    except _Unexpected:
+        model = read_model(path)
+        for field in ("initializer", "sparse_initializer"):
+            kept = [t for t in getattr(model.graph, field) if t.ByteSize() <= SMALL_ENTRY]
+            model.graph.ClearField(field)
+            getattr(model.graph, field).extend(kept)
+    return model
+
+
 def _as_graph_field(handle: BinaryIO, start: int, stop: int) -> bytearray:
     """The graph entry in bytes ``start:stop`` wrapped as a ModelProto ``graph`` field, read into one buffer."""
     prefix = varint_bytes((GRAPH_FIELD << 3) | 2) + varint_bytes(stop - start)

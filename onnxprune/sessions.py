@@ -19,7 +19,9 @@ import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
 
+from .graph import iter_graphs
 from .model import copy_fields
+from .model_file import read_structure
 from .specs import sample_count, take_samples
 
 CPU = ("CPUExecutionProvider",)
@@ -204,11 +206,6 @@ def _weight_array(tensor: onnx.TensorProto, shared: dict[str, tuple[bytes, np.nd
     return array
 
 
-#: Most samples one fidelity run feeds a session: onnxruntime's memory for a run grows with its batch (ResNet-50 at
-#: 224 x 224: ~14 MB a sample), so a larger batch runs in parts (see :func:`run_outputs`).
-FIDELITY_SAMPLES = 4
-
-
 def output_sample_axes(session: ort.InferenceSession, axes: dict[str, int | None]) -> list[int] | None:
     """Each output's sample axis: its one dimension named like the inputs' sample axes (a symbolic batch size);
     None unless every output is a tensor with such a dimension and every input with a sample axis names it alike."""
@@ -226,6 +223,51 @@ def output_sample_axes(session: ort.InferenceSession, axes: dict[str, int | None
     return found
 
 
+#: reductions: one sample's result mixes the others' when the axes reduced include the sample axis (0)
+REDUCE_OPS = frozenset({"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
+                        "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare", "ArgMax", "ArgMin"})
+#: ops over the axes from ``axis`` on (Softmax before opset 13: a flattened [0:axis, axis:] view)
+AXIS_OPS = frozenset({"Softmax", "LogSoftmax", "Hardmax", "LayerNormalization"})
+
+
+def samples_independent(model: onnx.ModelProto) -> bool:
+    """Whether every graph of ``model`` computes each sample of a batch (axis 0) on its own, so that running a
+    batch in parts gives the same outputs. Conservative: False for dynamic quantization (one scale over the whole
+    tensor), training-mode BatchNormalization, and reductions or normalizations whose axes may include axis 0
+    (absent or unknown axes, 0, or a negative axis other than -1)."""
+    nodes = [*(node for graph in iter_graphs(model.graph) for node in graph.node),
+             *(node for function in model.functions for node in function.node)]
+    constants = {init.name: init for init in model.graph.initializer}
+    constants.update({node.output[0]: attr.t for node in nodes if node.op_type == "Constant"
+                      for attr in node.attribute if attr.name == "value"})
+    for node in nodes:
+        if "Dynamic" in node.op_type:
+            return False
+        if node.op_type not in REDUCE_OPS | AXIS_OPS | {"BatchNormalization"}:
+            continue
+        attrs = {attr.name: onnx.helper.get_attribute_value(attr) for attr in node.attribute}
+        if node.op_type == "BatchNormalization":
+            if attrs.get("training_mode"):
+                return False
+            continue
+        if node.op_type in REDUCE_OPS:
+            axes = attrs.get("axes", attrs.get("axis", 0 if node.op_type.startswith("Arg") else None))
+            if axes is None and len(node.input) > 1 and node.input[1]:
+                tensor = constants.get(node.input[1])
+                if tensor is None:
+                    return False
+                axes = numpy_helper.to_array(tensor).ravel().tolist()
+            if axes is None or axes == []:
+                if not attrs.get("noop_with_empty_axes"):
+                    return False
+                continue
+        else:
+            axes = attrs.get("axis", -1)
+        if any(axis == 0 or axis < -1 for axis in (axes if isinstance(axes, list) else [axes])):
+            return False
+    return True
+
+
 def _owned(value):
     """An output array in memory of its own: onnxruntime's arrays view memory of the session that made them, and
     holding one keeps the session's whole arena alive after the session is gone."""
@@ -233,16 +275,15 @@ def _owned(value):
 
 
 def run_outputs(session: ort.InferenceSession, batches: list[dict[str, np.ndarray]], axes: dict[str, int | None],
-                samples: int | None = None) -> list[list]:
+                samples: int = 0) -> list[list]:
     """``session``'s outputs on every batch, each array owning its memory (:func:`_owned`).
 
-    A batch of more than ``samples`` (default :data:`FIDELITY_SAMPLES`) samples (``axes``: each input's sample axis) runs in parts of ``samples`` when
-    every output's sample axis is known (:func:`output_sample_axes`), the parts' outputs joined along it: each
-    sample is computed on its own in a batch, so the joined arrays equal the whole batch's bit for bit, and the
-    run's memory is that of ``samples`` samples. An output whose parts do not stack so falls back to the whole run.
+    A batch of more than ``samples`` (0: no limit) samples (``axes``: each input's sample axis) runs in parts of ``samples`` when
+    every output's sample axis is known (:func:`output_sample_axes`), the parts' outputs joined along it: where
+    each sample is computed on its own (:func:`samples_independent`, the caller's to check) the joined arrays
+    equal the whole batch's bit for bit, and the run's memory is that of ``samples`` samples. An output whose parts do not stack so falls back to the whole run.
     """
-    samples = samples or FIDELITY_SAMPLES
-    out_axes = output_sample_axes(session, axes)
+    out_axes = output_sample_axes(session, axes) if samples else None
     results = []
     for batch in batches:
         count = sample_count(batch, axes)
@@ -279,6 +320,12 @@ class ModelSource:
     model: onnx.ModelProto | None = None
     path: Path | None = None
     blob: bytes | None = None
+
+    def structure(self) -> onnx.ModelProto:
+        """The model's graph without its large weights (the proto itself when in memory)."""
+        if self.model is not None:
+            return self.model
+        return read_structure(self.path) if self.path is not None else onnx.ModelProto.FromString(self.blob)
 
     def session(self, provider: str, threads: int) -> ort.InferenceSession:
         options = session_options(threads=threads, inter_threads=1, optimize=True, log_level=4, spinning=False,

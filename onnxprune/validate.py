@@ -29,7 +29,7 @@ from .model import PROTOBUF_LIMIT, _external_locations
 from .specs import InputSpec, batch_axes, input_specs, sample_count, take_samples
 
 logger = logging.getLogger(__name__)
-from .sessions import ModelSource, run_outputs
+from .sessions import ModelSource, run_outputs, samples_independent
 
 
 def check_providers(providers: list[str]) -> None:
@@ -187,15 +187,20 @@ def _time_runs(session: ort.InferenceSession, feeds: dict[str, np.ndarray], warm
     return times
 
 
+#: Most samples one fidelity run feeds a session: onnxruntime's memory for a run grows with its batch (ResNet-50 at
+#: 224 x 224: ~14 MB a sample), so a larger batch of a model that computes each sample on its own runs in parts.
+FIDELITY_SAMPLES = 4
+
+
 def _measure(sources: tuple[ModelSource, ModelSource], provider: str, cfg: ValidateConfig,
              batches: list[dict[str, np.ndarray]], what: str, timed: dict[str, np.ndarray] | None = None,
-             axes: dict[str, int | None] | None = None):
+             axes: dict[str, int | None] | None = None, samples: tuple[int, int] = (0, 0)):
     """Outputs of both models on every batch and their latency, with one onnxruntime session alive at a time.
 
     Blocks alternate A B A B (``LATENCY_ROUNDS``), each with a fresh session, its warm-up, then its share of the
     timed runs (on ``timed``, default the first batch); the outputs come from each model's first block
-    (:func:`~onnxprune.sessions.run_outputs`: a few samples at a time along ``axes``, the inputs' sample axes;
-    default: whole batches). Peak memory holds one session and its run over a few samples, and an idle session's
+    (:func:`~onnxprune.sessions.run_outputs`: at most ``samples[which]`` samples at a time along ``axes``, the
+    inputs' sample axes; default: whole batches). Peak memory holds one session and its run over a few samples, and an idle session's
     threads cannot steal the cores from the timed one.
     """
     timed = batches[0] if timed is None else timed
@@ -210,7 +215,7 @@ def _measure(sources: tuple[ModelSource, ModelSource], provider: str, cfg: Valid
             if outputs[which] is None:
                 names = names or [out.name for out in session.get_outputs()]
                 try:
-                    outputs[which] = run_outputs(session, batches, axes or {})
+                    outputs[which] = run_outputs(session, batches, axes or {}, samples[which])
                 except Exception as exc:  # sizes or values the model does not accept (e.g. a KV cache's lengths)
                     if which == 1:
                         raise
@@ -332,10 +337,11 @@ def run_validation(original: ModelSource, pruned: ModelSource, cfg: ValidateConf
     what = {"synthetic": "synthetic inputs", "calibration hold-out": "calibration hold-out"}.get(source, "given inputs")
     specs = specs if specs is not None else input_specs(original.model or pruned.model)
     timed = _latency_feed(batches, results["inputs"], specs)
+    samples = tuple(FIDELITY_SAMPLES if samples_independent(source.structure()) else 0 for source in (original, pruned))
     for provider in cfg.providers:
         logger.info("validating on %s", provider)
         names, (ref, got), latency = _measure((original, pruned), provider, cfg, batches, what, timed,
-                                              batch_axes(specs))
+                                              batch_axes(specs), samples)
         outputs = {name: compare_outputs([r[i] for r in ref], [g[i] for g in got],
                                          None if classifiers is None else name in classifiers,
                                          filler=name in filler_outputs)

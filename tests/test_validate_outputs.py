@@ -13,11 +13,12 @@ from onnx import TensorProto, helper
 
 import onnxprune
 from onnxprune.config import ValidateConfig
-from onnxprune.sessions import ModelSource, output_sample_axes, run_outputs
+from onnxprune.model_file import read_structure
+from onnxprune.sessions import ModelSource, output_sample_axes, run_outputs, samples_independent
 from onnxprune.specs import batch_axes, input_specs
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
-sessions_module = sys.modules["onnxprune.sessions"]
+validate_module = sys.modules["onnxprune.validate"]
 
 
 def save(path, nodes, inputs, outputs, inits=()):
@@ -111,14 +112,58 @@ def test_model_that_runs_whole_batches_only(tmp_path):
     assert_same(run_outputs(session, batches, axes, 4), whole(session, batches))
 
 
-def test_validation_report_does_not_depend_on_the_part_size(tmp_path, monkeypatch):
+@pytest.mark.parametrize("quantize", [None, "dynamic"])
+def test_validation_report_does_not_depend_on_the_part_size(tmp_path, monkeypatch, quantize):
+    """Dynamic quantization scales each activation over the whole batch: that model runs its batches whole."""
     src = FIXTURES / "cnn.onnx"
-    onnxprune.prune(src, tmp_path / "o.onnx", sparsity=0.5, structured=True)
+    onnxprune.prune(src, tmp_path / "o.onnx", sparsity=0.5, structured=True, quantize=quantize, validate=False)
     np.savez(tmp_path / "data.npz", input=np.random.default_rng(5).standard_normal((11, 3, 32, 32)).astype(np.float32))
     config = ValidateConfig(data=str(tmp_path / "data.npz"), runs=1, warmup=0)
     reports = []
-    for samples in (10**6, 1, 4):
-        monkeypatch.setattr(sessions_module, "FIDELITY_SAMPLES", samples)
+    for samples in (0, 1, 4):
+        monkeypatch.setattr(validate_module, "FIDELITY_SAMPLES", samples)
         reports.append(onnxprune.validate(src, tmp_path / "o.onnx", config)["providers"]["CPUExecutionProvider"])
     assert reports[0]["outputs"]["logits"]["cosine"] < 1
     assert all(report["outputs"] == reports[0]["outputs"] for report in reports)
+
+
+def node_model(*nodes, inits=()):
+    graph = helper.make_graph(list(nodes), "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], list(inits))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def axes(name, values):
+    return onnx.numpy_helper.from_array(np.array(values, np.int64), name)
+
+
+def test_samples_independent():
+    assert samples_independent(onnx.load(str(FIXTURES / "cnn.onnx")))
+    assert samples_independent(onnx.load(str(FIXTURES / "transformers" / "bert_ts.onnx")))
+    assert not samples_independent(onnx.load(str(FIXTURES / "quirks" / "quantized_dynamic.onnx")))
+    mean = helper.make_node("ReduceMean", ["x", "a"], ["y"])
+    assert samples_independent(node_model(mean, inits=[axes("a", [-1])]))
+    assert samples_independent(node_model(mean, inits=[axes("a", [1])]))
+    assert not samples_independent(node_model(mean, inits=[axes("a", [0, 1])]))
+    assert not samples_independent(node_model(mean, inits=[axes("a", [-2])]))  # axis 0 of a 2-d tensor
+    assert not samples_independent(node_model(helper.make_node("ReduceMean", ["x"], ["y"])))  # every axis
+    assert not samples_independent(node_model(mean))  # axes computed at run time: unknown
+    constant = helper.make_node("Constant", [], ["a"], value=axes("v", [1]))
+    assert samples_independent(node_model(constant, mean))
+    assert not samples_independent(node_model(helper.make_node("ArgMax", ["x"], ["y"])))  # axis 0 by default
+    assert samples_independent(node_model(helper.make_node("ArgMax", ["x"], ["y"], axis=1)))
+    assert not samples_independent(node_model(helper.make_node("Softmax", ["x"], ["y"], axis=0)))
+    assert samples_independent(node_model(helper.make_node("Softmax", ["x"], ["y"])))
+    then = helper.make_graph([helper.make_node("ReduceMax", ["x"], ["t"], keepdims=1)], "then", [],
+                             [helper.make_tensor_value_info("t", TensorProto.FLOAT, None)])
+    branch = helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=then)
+    assert not samples_independent(node_model(branch))  # inside a subgraph too
+
+
+def test_read_structure_skips_large_weights_only():
+    path = FIXTURES / "transformers" / "bert_ts.onnx"
+    full, structure = onnx.load(str(path)), read_structure(path)
+    assert structure.graph.node == full.graph.node and structure.graph.input == full.graph.input
+    assert structure.graph.output == full.graph.output and structure.opset_import == full.opset_import
+    small = [t for t in full.graph.initializer if t.ByteSize() <= 4096]
+    assert list(structure.graph.initializer) == small and len(small) < len(full.graph.initializer)
