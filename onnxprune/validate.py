@@ -3,7 +3,8 @@
 For each execution provider: per-output fidelity (cosine similarity, relative L2 error,
 max abs error, top-1 agreement for classifier-like outputs, NaN/Inf counts) and latency of both
 models measured in one process in alternating blocks (A B A B, one session alive at a time;
-warm-up, then median, p25/p75 and p90 over the runs).
+warm-up, then median, p25/p75 and p90 over the runs). The fidelity outputs of a model that computes each
+sample on its own are run ``FIDELITY_SAMPLES`` samples at a time: the same arrays, a run's memory for a few samples.
 """
 
 from __future__ import annotations

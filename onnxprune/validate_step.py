@@ -39,7 +39,8 @@ def validate_step(result: PruneResult, loaded: LoadedModel, vcfg: ValidateConfig
     """Compare the pruned model with the original and fill ``result.validation``, gates and warnings.
 
     Params and MACs are counted first; then, when the pruned model is on disk and this run owns the in-memory
-    copy, that copy is freed so that only onnxruntime's two sessions hold weights (peak memory: docs/benchmarks.md);
+    copy, that copy is freed so that only onnxruntime's session (one at a time) holds weights (peak memory:
+    docs/benchmarks.md);
     it is read back from the output afterwards. Inputs that do not run the original leave it "not validated".
     """
     input_files = None
