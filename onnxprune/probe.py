@@ -29,7 +29,7 @@ from .calibration import StageClock
 from .consumer_grams import ConsumerGrams
 from .graph import Weight, subgraph_reads
 from .scoring import WIDE_FEATURES, _refit_consumers, as_float64
-from .sessions import create_session, model_header, session_options
+from .sessions import create_session, inference_session, model_header, session_options
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +41,9 @@ Outputs = list[list[np.ndarray]]
 
 
 def run_model(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> Outputs:
-    """The outputs of ``model`` on each feed (one session, every graph optimisation)."""
-    session = create_session(model, session_options(log_level=3))
+    """The outputs of ``model`` on each feed (one session, every graph optimisation; the weights handed over as
+    arrays, not serialized: the same outputs bit for bit)."""
+    session = inference_session(model, options=session_options(log_level=3))
     return [session.run(None, feed) for feed in feeds]
 
 
@@ -102,11 +103,16 @@ class Downstream:
                 _placeholder(header.graph, tensor)
                 external[tensor.name] = held
         options = session_options(log_level=3)
+        options.enable_cpu_mem_arena = False  # run four times, then dropped: nothing to keep between runs
         if external:
             options.add_external_initializers(list(external), [value for _, value in external.values()])
         session = create_session(header, options)
         wanted = [o.name for o in session.get_outputs()]
         return [dict(zip(wanted, session.run(None, feed))) for feed in self.feeds]
+
+    def reference(self) -> Outputs:
+        """The original's graph outputs on each feed, from the capture run (the arrays the runs fall back on)."""
+        return [[values[name] for name in self.outputs] for values in self.values]
 
     def usable(self) -> bool:
         """Every crossing tensor came back as an array (sequences and optionals cannot be fed back as they are)."""
@@ -158,6 +164,7 @@ class Downstream:
     def _session(self, cut: dict) -> ort.InferenceSession:
         """The cut's session; its larger weights are the OrtValues made once, not serialized per group."""
         options = session_options(log_level=3)
+        options.enable_cpu_mem_arena = False  # the arena would keep its largest run's memory between points
         names = [n for n in cut["initializers"] if self._value(n) is not None]
         if names:
             options.add_external_initializers(names, [self._value(n) for n in names])
@@ -210,8 +217,11 @@ class HeldWeight(Weight):
     values: np.ndarray | None = None
 
     @classmethod
-    def of(cls, weight: Weight) -> HeldWeight:
-        return cls(weight.name, weight.kind, weight.tensor, weight.graph, weight.node, weight.array())
+    def of(cls, weight: Weight, values: np.ndarray | None = None) -> HeldWeight:
+        """``weight`` held in ``values`` (default: a copy of its own). The array is never written in place: a
+        write replaces it, so an array shared with others (the probe's originals) stays as it is."""
+        return cls(weight.name, weight.kind, weight.tensor, weight.graph, weight.node,
+                   weight.array() if values is None else values)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -236,8 +246,8 @@ class Probe:
         weights = {e.weight.name: e.weight for e in self.edits}
         self.downstream = self.session = None
         if weights and fed_consumers(analysis):
-            self.weights = {name: w.array() for name, w in weights.items()}
-            held = {name: HeldWeight.of(w) for name, w in weights.items()}
+            self.weights = {name: w.array() for name, w in weights.items()}  # the originals, never written
+            held = {name: HeldWeight.of(w, self.weights[name]) for name, w in weights.items()}
             for edit in self.edits:  # points write these arrays, never the protobuf (whose arena would keep each)
                 edit.weight = held[edit.weight.name]
             if plans is not None:
@@ -246,6 +256,11 @@ class Probe:
                     self.downstream = None
             if self.downstream is None:
                 self._whole_model()
+
+    def reference(self) -> Outputs | None:
+        """The original model's outputs on the feeds when the downstream capture ran them (the same session as
+        :func:`run_model`'s, with more outputs: the same values bit for bit), else None."""
+        return self.downstream.reference() if self.downstream is not None else None
 
     def _whole_model(self) -> None:
         """One session over the whole model with every consumer weight as an input (the other weights never change,
@@ -259,7 +274,8 @@ class Probe:
         the runs as ``probe``); ``plan`` is the index of the plan covering ``keep``'s weights (downstream runs)."""
         stage = self.clock.stage
         touched = [e for e in self.edits if not keep[e.ids].all()]
-        saved = [(e.weight, e.weight.array()) for e in touched]
+        saved = [(e.weight, self.weights[e.weight.name] if isinstance(e.weight, HeldWeight) else e.weight.array())
+                 for e in touched]  # a held weight goes back to its original array, not to a copy of it
         with stage("refit"):
             change()
         try:
@@ -275,11 +291,14 @@ class Probe:
                 return run_model(self.analysis.model, self.feeds)
         finally:
             for weight, values in reversed(saved):
-                weight.set_array(values)
+                if isinstance(weight, HeldWeight):
+                    weight.values = values
+                else:
+                    weight.set_array(values)
 
     def _fed(self, touched: list) -> dict[str, np.ndarray]:
         """Every consumer weight as fed: the changed ones as the point left them, the rest original."""
-        return {**self.weights, **{e.weight.name: e.weight.array() for e in touched}}
+        return {**self.weights, **{e.weight.name: e.weight.values for e in touched}}  # read in place
 
     def done(self, plan: int) -> None:
         """Plan ``plan``'s points are measured (frees its session and tensors)."""

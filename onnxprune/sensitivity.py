@@ -111,17 +111,21 @@ def measure_masked(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], c
     consumers' inputs are the original's). Units go in data-free order (L1 unless the criterion is one): the
     greedy order of the ``reconstruction`` criterion would cost as much as the pass's own selection.
     Returns the measurements and a :class:`MacEstimate` over the same unit order. ``clock`` times the stages:
-    reference (the original's outputs), analysis, capture and gram (the refit's Grams), refit and probe (the
-    points' refits and onnxruntime runs)."""
+    reference (the original's outputs, which the downstream probe's capture run gives with the tensors entering
+    each group's downstream part; else a run of their own), analysis, capture and gram (the refit's Grams), refit
+    and probe (the points' refits and onnxruntime runs)."""
     clock = clock or StageClock()
-    with clock.stage("reference"):
-        reference = _run(model, feeds)
+    reference = None
     with clock.stage("analysis"):
         analysis = analyse(model, input_shapes, config.exclude, config.prune_layernorm, config.overrides)
-        if not fed_consumers(analysis):  # points write the model's weights: they write a copy's
+    if not fed_consumers(analysis):  # points write the model's weights: they write a copy's (and no downstream
+        with clock.stage("reference"):  # capture runs the original: its outputs come from a run of their own)
+            reference = _run(model, feeds)
+        with clock.stage("analysis"):
             copy = onnx.ModelProto()
             copy.CopyFrom(model)
             analysis = analyse(copy, input_shapes, config.exclude, config.prune_layernorm, config.overrides)
+    with clock.stage("analysis"):
         every = build_groups(analysis)
         heads = [g.id for g in every if g.units and head_units(analysis, g)]
         groups = [g for g in every if g.units and g.id not in heads]
@@ -129,9 +133,13 @@ def measure_masked(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], c
     with clock.stage("gram"):
         refit = Refit(analysis, fit_feeds or feeds, clock=clock) if config.reconstruct else None
     planned = _plan_points(analysis, groups, scores, ratios)
-    with clock.stage("reference"):  # the tensors entering each group's downstream part, from the original
+    with clock.stage("reference"):  # the tensors entering each group's downstream part, and the outputs, from one
         probe = Probe(analysis, feeds, [set().union(*(probe_touched(analysis, keep) for _, _, keep in points))
-                                        for _, points in planned], clock)
+                                        for _, points in planned], clock)  # run of the original
+        if reference is None:
+            reference = probe.reference()
+        if reference is None:
+            reference = _run(model, feeds)
     macs = node_macs(analysis.model, shapes=analysis.shapes)
     savings = Savings(analysis, every, macs)
     rows, evaluations = [], 0
