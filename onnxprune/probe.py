@@ -13,6 +13,7 @@ captured once; :class:`Savings` counts the MACs and parameters a point saves.
 
 from __future__ import annotations
 
+import bisect
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from .analysis.groups import Analysis
 from .calibration import StageClock
 from .consumer_grams import ConsumerGrams
 from .graph import Weight, subgraph_reads
+from .heap import heap_bounded
 from .scoring import WIDE_FEATURES, _refit_consumers, as_float64
 from .sessions import create_session, inference_session, model_header, session_options
 
@@ -38,6 +40,11 @@ ORT_ERRORS = (ort_state.Fail, ort_state.InvalidGraph, ort_state.InvalidArgument,
               ort_state.RuntimeException, RuntimeError)
 
 Outputs = list[list[np.ndarray]]
+
+#: with a bounded heap (``--low-memory``) a capture run of the original yields the crossing tensors of consecutive
+#: plans up to this share of the model's weight bytes (ResNet-50: 144 MB of crossing tensors on 4 samples, 97 MB of
+#: weights: 4 runs instead of 1; MiniLM-shaped: 25 MB of 86 MB, one run)
+CAPTURE_SHARE = 0.5
 
 
 def run_model(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> Outputs:
@@ -51,7 +58,8 @@ class Downstream:
     """Per plan (a set of consumer weight names), a session over the nodes downstream of the weights' readers."""
 
     def __init__(self, model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], plans: list[set[str]],
-                 arrays: dict[str, np.ndarray] | None = None):
+                 arrays: dict[str, np.ndarray] | None = None, window: int | None = None,
+                 sizes: dict[str, int] | None = None):
         self.model, self.feeds = model, feeds
         graph = model.graph
         self.initializers = {init.name: init for init in graph.initializer}
@@ -61,10 +69,45 @@ class Downstream:
         self.cuts = [self._cut(plan) for plan in plans]
         self.arrays = arrays or {}
         self.memory: dict[str, tuple[np.ndarray, ort.OrtValue] | None] = {}
-        needed = {name for cut in self.cuts for name in cut["boundary"]}
-        self.last_use = {name: max(i for i, cut in enumerate(self.cuts) if name in cut["boundary"]) for name in needed}
-        self.values = self._capture(sorted(needed))
+        self.starts = self._windows(window, sizes or {})
+        self.values: list[dict[str, np.ndarray]] = []
+        self.last_use: dict[str, int] = {}
+        self.first: list[dict[str, np.ndarray]] | None = None  # the graph outputs of the first capture run
+        self.window = -1
+        self._load(0)
         self.current: tuple[int, object] | None = None
+
+    def _windows(self, window: float | None, sizes: dict[str, int]) -> list[int]:
+        """The first plan of each capture run: one run for every plan (``window`` None), else runs over consecutive
+        plans whose crossing tensors (bytes in ``sizes``) stay within ``window`` bytes (a plan over it alone)."""
+        if window is None:
+            return [0]
+        def size(names) -> int:
+            return sum(sizes.get(name, 0) for name in names)
+        starts, held = [0], set()
+        for index, cut in enumerate(self.cuts):
+            union = held | set(cut["boundary"])
+            if held and size(union) > window:
+                starts.append(index)
+                union = set(cut["boundary"])
+            held = union
+        return starts
+
+    def _load(self, window: int) -> None:
+        """The crossing tensors of window ``window``'s plans, from a run of the original (the previous window's
+        tensors go first); the graph outputs stay those of the first run."""
+        first = self.starts[window]
+        stop = self.starts[window + 1] if window + 1 < len(self.starts) else len(self.cuts)
+        self.values, self.last_use, self.window = [], {}, window
+        needed = {name for cut in self.cuts[first:stop] for name in cut["boundary"]}
+        self.last_use = {name: max(i for i in range(first, stop) if name in self.cuts[i]["boundary"])
+                         for name in needed}
+        self.values = self._capture(sorted(needed))
+        if self.first is None:
+            self.first = [{name: values[name] for name in self.outputs} for values in self.values]
+        else:
+            for values, outputs in zip(self.values, self.first):
+                values.update(outputs)
 
     def _cut(self, plan: set[str]) -> dict:
         """The nodes downstream of the plan's weights (graph order), the tensors crossing into them, its outputs."""
@@ -112,7 +155,7 @@ class Downstream:
 
     def reference(self) -> Outputs:
         """The original's graph outputs on each feed, from the capture run (the arrays the runs fall back on)."""
-        return [[values[name] for name in self.outputs] for values in self.values]
+        return [[values[name] for name in self.outputs] for values in self.first]
 
     def usable(self) -> bool:
         """Every crossing tensor came back as an array (sequences and optionals cannot be fed back as they are)."""
@@ -121,6 +164,12 @@ class Downstream:
     def run(self, index: int, weights: dict[str, np.ndarray]) -> Outputs:
         """The model's outputs with plan ``index``'s weights replaced by ``weights`` (the rest as the original)."""
         cut = self.cuts[index]
+        window = bisect.bisect_right(self.starts, index) - 1
+        if window != self.window:  # the crossing tensors of the plans from here on
+            self.current = None
+            self._load(window)
+            if not self.usable():
+                raise RuntimeError("a crossing tensor is not an array")
         if self.current is None or self.current[0] != index:
             self.current = None  # the previous group's session goes before the next one is built
             self.current = (index, self._session(cut))
@@ -200,6 +249,23 @@ def _placeholder(graph: onnx.GraphProto, tensor: onnx.TensorProto) -> None:
     entry.key, entry.value = "location", "onnxprune-in-memory"
 
 
+def capture_window(analysis: Analysis, feeds: list[dict[str, np.ndarray]]) -> tuple[int, dict[str, int]]:
+    """The bytes of crossing tensors one capture run may yield (:data:`CAPTURE_SHARE` of the weights) and each
+    tensor's estimated bytes on ``feeds``: its analysed shape's elements (4 bytes each) scaled by the feeds' size
+    against the analysed inputs'."""
+    shapes = analysis.shapes or {}
+    weights = sum(int(np.prod(t.dims, dtype=np.int64)) * 4 for t in analysis.model.graph.initializer)
+    scale = 1.0
+    for name in feeds[0] if feeds else []:
+        dims = shapes.get(name)
+        if dims and None not in dims and int(np.prod(dims)) > 0:
+            scale = sum(feed[name].size for feed in feeds) / int(np.prod(dims))
+            break
+    sizes = {name: int(4 * scale * np.prod([d or 1 for d in dims], dtype=np.int64))
+             for name, dims in shapes.items() if dims is not None}
+    return int(CAPTURE_SHARE * weights), sizes
+
+
 def fed_consumers(analysis: Analysis) -> bool:
     """Whether every consumer weight is an initializer of the main graph: a :class:`Probe` then feeds them to its
     sessions from :class:`HeldWeight` arrays and never writes the analysed model (no copy of it is needed)."""
@@ -251,7 +317,8 @@ class Probe:
             for edit in self.edits:  # points write these arrays, never the protobuf (whose arena would keep each)
                 edit.weight = held[edit.weight.name]
             if plans is not None:
-                self.downstream = Downstream(analysis.model, feeds, plans, self.weights)
+                window, sizes = capture_window(analysis, feeds) if heap_bounded() else (None, None)
+                self.downstream = Downstream(analysis.model, feeds, plans, self.weights, window, sizes)
                 if not self.downstream.usable():
                     self.downstream = None
             if self.downstream is None:

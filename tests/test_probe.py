@@ -177,3 +177,22 @@ def test_points_restore_the_original_arrays():
     assert all(w.values is probe.weights[w.name] for w in held)
     untouched = probe.outputs(np.ones_like(keep), lambda: None)
     assert not np.array_equal(untouched[0][0], first[0][0])
+
+
+def test_capture_windows_give_the_same_points(monkeypatch):
+    """With a bounded heap (--low-memory) several capture runs each give the crossing tensors of a few consecutive
+    plans: the points are those of one run for all, bit for bit."""
+    config = _config()
+    feeds = _batches(2)
+    one, _ = measure_masked(_model(), feeds, config, around(0.3))
+    windows, starts = probe_module.Downstream._windows, []
+
+    def recorded(self, *args):
+        starts.append(windows(self, *args))
+        return starts[-1]
+    monkeypatch.setattr(probe_module, "heap_bounded", lambda: True)
+    monkeypatch.setattr(probe_module, "CAPTURE_SHARE", 1e-4)
+    monkeypatch.setattr(probe_module.Downstream, "_windows", recorded)
+    several, _ = measure_masked(_model(), feeds, config, around(0.3))
+    assert len(starts) == 1 and len(starts[0]) > 3
+    assert _points(several) == _points(one)
