@@ -3,12 +3,14 @@
 A point changes only the weights of the group's consumers, so only the nodes downstream of those consumers can
 change. Where every consumer weight is an initializer of the main graph, :class:`Probe` cuts, per group, the part
 of the graph downstream of its consumers into a session of its own (built once per group): the tensors that cross
-into it come from one run of the original model (per measured sample, kept until the last group that reads them),
-the group's consumer weights are its graph inputs (fed per point) and every other weight stays a constant
-initializer, so onnxruntime folds BatchNorm into convolutions, fuses activations and prepacks weights. Graph
-outputs outside the cut are the original's. Elsewhere (weights in ``Constant`` nodes or subgraphs) each point
-serialises the masked model into a new session. :class:`Refit` refits a point's consumers from Gram matrices
-captured once; :class:`Savings` counts the MACs and parameters a point saves.
+into it come from one run of the original model (per measured sample, kept until the last group that reads them;
+with a bounded heap, ``--low-memory``, one run per window of consecutive groups, :data:`CAPTURE_SHARE`), whose
+graph outputs are also the reference the points are compared with; the group's consumer weights are its graph
+inputs (fed per point, from the original arrays, held once) and every other weight stays a constant initializer,
+so onnxruntime folds BatchNorm into convolutions, fuses activations and prepacks weights. Graph outputs outside the
+cut are the original's. Elsewhere (weights in ``Constant`` nodes or subgraphs) each point serialises the masked
+model into a new session. :class:`Refit` refits a point's consumers from Gram matrices captured once;
+:class:`Savings` counts the MACs and parameters a point saves.
 """
 
 from __future__ import annotations
