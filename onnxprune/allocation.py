@@ -19,7 +19,7 @@ from .calibration import StageClock
 from .config import PruneConfig, ValidateConfig
 from .feeds import batch_axes, input_specs, prepare_feeds, sample_count
 from .passes.structured import prepare_for_analysis
-from .sensitivity import allocate_for_target, around, costliest, measure, measure_masked, prune_groups, uniform_macs
+from .sensitivity import allocate_for_target, around, costliest, measure, measure_masked, pruned_macs, uniform_macs
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ def default_allocation(model: onnx.ModelProto, config: PruneConfig, calibration,
     ratios = allocate_for_target(model, sens, config, target_macs=target / base, input_shapes=shapes,
                                  macs_left=None if exact else estimate)
     if not exact:  # the estimate, checked once on a really pruned copy; an overshoot is asked back
-        planned_macs = total_macs(prune_groups(model, ratios, config, shapes), shapes)
+        planned_macs = pruned_macs(model, ratios, config, shapes)
         if planned_macs > target + 0.002 * base:
             ratios = allocate_for_target(model, sens, config, target_macs=(2 * target - planned_macs) / base,
                                          input_shapes=shapes, macs_left=estimate)

@@ -3,16 +3,19 @@
 A point changes only the weights of the group's consumers, so only the nodes downstream of those consumers can
 change. Where every consumer weight is an initializer of the main graph, :class:`Probe` cuts, per group, the part
 of the graph downstream of its consumers into a session of its own (built once per group): the tensors that cross
-into it come from one run of the original model (per measured sample, kept until the last group that reads them),
-the group's consumer weights are its graph inputs (fed per point) and every other weight stays a constant
-initializer, so onnxruntime folds BatchNorm into convolutions, fuses activations and prepacks weights. Graph
-outputs outside the cut are the original's. Elsewhere (weights in ``Constant`` nodes or subgraphs) each point
-serialises the masked model into a new session. :class:`Refit` refits a point's consumers from Gram matrices
-captured once; :class:`Savings` counts the MACs and parameters a point saves.
+into it come from one run of the original model (per measured sample, kept until the last group that reads them;
+with a bounded heap, ``--low-memory``, one run per window of consecutive groups, :data:`CAPTURE_SHARE`), whose
+graph outputs are also the reference the points are compared with; the group's consumer weights are its graph
+inputs (fed per point, from the original arrays, held once) and every other weight stays a constant initializer,
+so onnxruntime folds BatchNorm into convolutions, fuses activations and prepacks weights. Graph outputs outside the
+cut are the original's. Elsewhere (weights in ``Constant`` nodes or subgraphs) each point serialises the masked
+model into a new session. :class:`Refit` refits a point's consumers from Gram matrices captured once;
+:class:`Savings` counts the MACs and parameters a point saves.
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,8 +31,9 @@ from .analysis.groups import Analysis
 from .calibration import StageClock
 from .consumer_grams import ConsumerGrams
 from .graph import Weight, subgraph_reads
+from .heap import heap_bounded
 from .scoring import WIDE_FEATURES, _refit_consumers, as_float64
-from .sessions import create_session, model_header, session_options
+from .sessions import create_session, inference_session, model_header, session_options
 
 logger = logging.getLogger(__name__)
 
@@ -39,10 +43,16 @@ ORT_ERRORS = (ort_state.Fail, ort_state.InvalidGraph, ort_state.InvalidArgument,
 
 Outputs = list[list[np.ndarray]]
 
+#: with a bounded heap (``--low-memory``) a capture run of the original yields the crossing tensors of consecutive
+#: plans up to this share of the model's weight bytes (ResNet-50: 144 MB of crossing tensors on 4 samples, 97 MB of
+#: weights: 4 runs instead of 1; MiniLM-shaped: 25 MB of 86 MB, one run)
+CAPTURE_SHARE = 0.5
+
 
 def run_model(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> Outputs:
-    """The outputs of ``model`` on each feed (one session, every graph optimisation)."""
-    session = create_session(model, session_options(log_level=3))
+    """The outputs of ``model`` on each feed (one session, every graph optimisation; the weights handed over as
+    arrays, not serialized: the same outputs bit for bit)."""
+    session = inference_session(model, options=session_options(log_level=3))
     return [session.run(None, feed) for feed in feeds]
 
 
@@ -50,7 +60,8 @@ class Downstream:
     """Per plan (a set of consumer weight names), a session over the nodes downstream of the weights' readers."""
 
     def __init__(self, model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], plans: list[set[str]],
-                 arrays: dict[str, np.ndarray] | None = None):
+                 arrays: dict[str, np.ndarray] | None = None, window: int | None = None,
+                 sizes: dict[str, int] | None = None):
         self.model, self.feeds = model, feeds
         graph = model.graph
         self.initializers = {init.name: init for init in graph.initializer}
@@ -60,10 +71,45 @@ class Downstream:
         self.cuts = [self._cut(plan) for plan in plans]
         self.arrays = arrays or {}
         self.memory: dict[str, tuple[np.ndarray, ort.OrtValue] | None] = {}
-        needed = {name for cut in self.cuts for name in cut["boundary"]}
-        self.last_use = {name: max(i for i, cut in enumerate(self.cuts) if name in cut["boundary"]) for name in needed}
-        self.values = self._capture(sorted(needed))
+        self.starts = self._windows(window, sizes or {})
+        self.values: list[dict[str, np.ndarray]] = []
+        self.last_use: dict[str, int] = {}
+        self.first: list[dict[str, np.ndarray]] | None = None  # the graph outputs of the first capture run
+        self.window = -1
+        self._load(0)
         self.current: tuple[int, object] | None = None
+
+    def _windows(self, window: float | None, sizes: dict[str, int]) -> list[int]:
+        """The first plan of each capture run: one run for every plan (``window`` None), else runs over consecutive
+        plans whose crossing tensors (bytes in ``sizes``) stay within ``window`` bytes (a plan over it alone)."""
+        if window is None:
+            return [0]
+        def size(names) -> int:
+            return sum(sizes.get(name, 0) for name in names)
+        starts, held = [0], set()
+        for index, cut in enumerate(self.cuts):
+            union = held | set(cut["boundary"])
+            if held and size(union) > window:
+                starts.append(index)
+                union = set(cut["boundary"])
+            held = union
+        return starts
+
+    def _load(self, window: int) -> None:
+        """The crossing tensors of window ``window``'s plans, from a run of the original (the previous window's
+        tensors go first); the graph outputs stay those of the first run."""
+        first = self.starts[window]
+        stop = self.starts[window + 1] if window + 1 < len(self.starts) else len(self.cuts)
+        self.values, self.last_use, self.window = [], {}, window
+        needed = {name for cut in self.cuts[first:stop] for name in cut["boundary"]}
+        self.last_use = {name: max(i for i in range(first, stop) if name in self.cuts[i]["boundary"])
+                         for name in needed}
+        self.values = self._capture(sorted(needed))
+        if self.first is None:
+            self.first = [{name: values[name] for name in self.outputs} for values in self.values]
+        else:
+            for values, outputs in zip(self.values, self.first):
+                values.update(outputs)
 
     def _cut(self, plan: set[str]) -> dict:
         """The nodes downstream of the plan's weights (graph order), the tensors crossing into them, its outputs."""
@@ -102,11 +148,16 @@ class Downstream:
                 _placeholder(header.graph, tensor)
                 external[tensor.name] = held
         options = session_options(log_level=3)
+        options.enable_cpu_mem_arena = False  # run four times, then dropped: nothing to keep between runs
         if external:
             options.add_external_initializers(list(external), [value for _, value in external.values()])
         session = create_session(header, options)
         wanted = [o.name for o in session.get_outputs()]
         return [dict(zip(wanted, session.run(None, feed))) for feed in self.feeds]
+
+    def reference(self) -> Outputs:
+        """The original's graph outputs on each feed, from the capture run (the arrays the runs fall back on)."""
+        return [[values[name] for name in self.outputs] for values in self.first]
 
     def usable(self) -> bool:
         """Every crossing tensor came back as an array (sequences and optionals cannot be fed back as they are)."""
@@ -115,6 +166,12 @@ class Downstream:
     def run(self, index: int, weights: dict[str, np.ndarray]) -> Outputs:
         """The model's outputs with plan ``index``'s weights replaced by ``weights`` (the rest as the original)."""
         cut = self.cuts[index]
+        window = bisect.bisect_right(self.starts, index) - 1
+        if window != self.window:  # the crossing tensors of the plans from here on
+            self.current = None
+            self._load(window)
+            if not self.usable():
+                raise RuntimeError("a crossing tensor is not an array")
         if self.current is None or self.current[0] != index:
             self.current = None  # the previous group's session goes before the next one is built
             self.current = (index, self._session(cut))
@@ -158,6 +215,7 @@ class Downstream:
     def _session(self, cut: dict) -> ort.InferenceSession:
         """The cut's session; its larger weights are the OrtValues made once, not serialized per group."""
         options = session_options(log_level=3)
+        options.enable_cpu_mem_arena = False  # the arena would keep its largest run's memory between points
         names = [n for n in cut["initializers"] if self._value(n) is not None]
         if names:
             options.add_external_initializers(names, [self._value(n) for n in names])
@@ -193,6 +251,23 @@ def _placeholder(graph: onnx.GraphProto, tensor: onnx.TensorProto) -> None:
     entry.key, entry.value = "location", "onnxprune-in-memory"
 
 
+def capture_window(analysis: Analysis, feeds: list[dict[str, np.ndarray]]) -> tuple[int, dict[str, int]]:
+    """The bytes of crossing tensors one capture run may yield (:data:`CAPTURE_SHARE` of the weights) and each
+    tensor's estimated bytes on ``feeds``: its analysed shape's elements (4 bytes each) scaled by the feeds' size
+    against the analysed inputs'."""
+    shapes = analysis.shapes or {}
+    weights = sum(int(np.prod(t.dims, dtype=np.int64)) * 4 for t in analysis.model.graph.initializer)
+    scale = 1.0
+    for name in feeds[0] if feeds else []:
+        dims = shapes.get(name)
+        if dims and None not in dims and int(np.prod(dims)) > 0:
+            scale = sum(feed[name].size for feed in feeds) / int(np.prod(dims))
+            break
+    sizes = {name: int(4 * scale * np.prod([d or 1 for d in dims], dtype=np.int64))
+             for name, dims in shapes.items() if dims is not None}
+    return int(CAPTURE_SHARE * weights), sizes
+
+
 def fed_consumers(analysis: Analysis) -> bool:
     """Whether every consumer weight is an initializer of the main graph: a :class:`Probe` then feeds them to its
     sessions from :class:`HeldWeight` arrays and never writes the analysed model (no copy of it is needed)."""
@@ -210,8 +285,11 @@ class HeldWeight(Weight):
     values: np.ndarray | None = None
 
     @classmethod
-    def of(cls, weight: Weight) -> HeldWeight:
-        return cls(weight.name, weight.kind, weight.tensor, weight.graph, weight.node, weight.array())
+    def of(cls, weight: Weight, values: np.ndarray | None = None) -> HeldWeight:
+        """``weight`` held in ``values`` (default: a copy of its own). The array is never written in place: a
+        write replaces it, so an array shared with others (the probe's originals) stays as it is."""
+        return cls(weight.name, weight.kind, weight.tensor, weight.graph, weight.node,
+                   weight.array() if values is None else values)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -236,16 +314,22 @@ class Probe:
         weights = {e.weight.name: e.weight for e in self.edits}
         self.downstream = self.session = None
         if weights and fed_consumers(analysis):
-            self.weights = {name: w.array() for name, w in weights.items()}
-            held = {name: HeldWeight.of(w) for name, w in weights.items()}
+            self.weights = {name: w.array() for name, w in weights.items()}  # the originals, never written
+            held = {name: HeldWeight.of(w, self.weights[name]) for name, w in weights.items()}
             for edit in self.edits:  # points write these arrays, never the protobuf (whose arena would keep each)
                 edit.weight = held[edit.weight.name]
             if plans is not None:
-                self.downstream = Downstream(analysis.model, feeds, plans, self.weights)
+                window, sizes = capture_window(analysis, feeds) if heap_bounded() else (None, None)
+                self.downstream = Downstream(analysis.model, feeds, plans, self.weights, window, sizes)
                 if not self.downstream.usable():
                     self.downstream = None
             if self.downstream is None:
                 self._whole_model()
+
+    def reference(self) -> Outputs | None:
+        """The original model's outputs on the feeds when the downstream capture ran them (the same session as
+        :func:`run_model`'s, with more outputs: the same values bit for bit), else None."""
+        return self.downstream.reference() if self.downstream is not None else None
 
     def _whole_model(self) -> None:
         """One session over the whole model with every consumer weight as an input (the other weights never change,
@@ -259,7 +343,8 @@ class Probe:
         the runs as ``probe``); ``plan`` is the index of the plan covering ``keep``'s weights (downstream runs)."""
         stage = self.clock.stage
         touched = [e for e in self.edits if not keep[e.ids].all()]
-        saved = [(e.weight, e.weight.array()) for e in touched]
+        saved = [(e.weight, self.weights[e.weight.name] if isinstance(e.weight, HeldWeight) else e.weight.array())
+                 for e in touched]  # a held weight goes back to its original array, not to a copy of it
         with stage("refit"):
             change()
         try:
@@ -275,11 +360,14 @@ class Probe:
                 return run_model(self.analysis.model, self.feeds)
         finally:
             for weight, values in reversed(saved):
-                weight.set_array(values)
+                if isinstance(weight, HeldWeight):
+                    weight.values = values
+                else:
+                    weight.set_array(values)
 
     def _fed(self, touched: list) -> dict[str, np.ndarray]:
         """Every consumer weight as fed: the changed ones as the point left them, the rest original."""
-        return {**self.weights, **{e.weight.name: e.weight.array() for e in touched}}
+        return {**self.weights, **{e.weight.name: e.weight.values for e in touched}}  # read in place
 
     def done(self, plan: int) -> None:
         """Plan ``plan``'s points are measured (frees its session and tensors)."""

@@ -26,6 +26,7 @@ from .config import PruneConfig
 from .errors import UsageError
 from .graph import count_params
 from .passes.structured import allocate_safe, channel_roots, head_units, mask, never_empty, remove
+from .plan_macs import plan_macs
 from .probe import Probe, Refit, Savings, fed_consumers, run_model
 from .scoring import unit_scores
 
@@ -60,6 +61,23 @@ def prune_groups(model: onnx.ModelProto, ratios: dict[int, float], config: Prune
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     analysis = analyse(copy, input_shapes, config.exclude, config.prune_layernorm)
+    remove(analysis, _ratio_keep(analysis, ratios, config))
+    return copy
+
+
+def pruned_macs(model: onnx.ModelProto, ratios: dict[int, float], config: PruneConfig,
+                input_shapes: dict[str, list[int]] | None = None) -> int:
+    """``total_macs(prune_groups(model, ratios, config, input_shapes))``, counted without a copy of the weights
+    (:func:`~onnxprune.plan_macs.plan_macs`) where that is exact, else on the pruned copy."""
+    analysis = analyse(model, input_shapes, config.exclude, config.prune_layernorm)
+    counted = plan_macs(model, analysis, _ratio_keep(analysis, ratios, config), input_shapes, config.exclude,
+                        config.prune_layernorm)
+    return counted if counted is not None else total_macs(prune_groups(model, ratios, config, input_shapes),
+                                                          input_shapes)
+
+
+def _ratio_keep(analysis: Analysis, ratios: dict[int, float], config: PruneConfig) -> np.ndarray:
+    """The channels kept when each group in ``ratios`` loses that share of its lowest-scored (data-free) units."""
     groups = {g.id: g for g in build_groups(analysis)}
     scores = unit_scores(analysis, list(groups.values()), _data_free(config), config.seed)
     keep = np.ones(analysis.num_channels, dtype=bool)
@@ -68,8 +86,7 @@ def prune_groups(model: onnx.ModelProto, ratios: dict[int, float], config: Prune
         n = min(int(np.floor(ratio * group.channels + 1e-9)), len(group.units), group.channels - 1)
         for i in np.argsort(scores[gid], kind="stable")[:max(n, 0)]:
             keep[group.units[i]] = False
-    remove(analysis, never_empty(analysis, keep))
-    return copy
+    return never_empty(analysis, keep)
 
 
 def _data_free(config: PruneConfig) -> str:
@@ -80,10 +97,18 @@ def _data_free(config: PruneConfig) -> str:
 def uniform_macs(model: onnx.ModelProto, config: PruneConfig,
                  input_shapes: dict[str, list[int]] | None = None) -> int:
     """MACs left by the uniform plan of ``config`` (its sparsity in every group, heads at their own ratio);
-    which units go does not change the count, so data-free scores stand in for the configured criterion."""
+    which units go does not change the count, so data-free scores stand in for the configured criterion. Counted
+    without a pruned copy of the weights (:func:`~onnxprune.plan_macs.plan_macs`) where that is exact."""
+    settings = (config.exclude, config.prune_layernorm, config.overrides)
+    analysis = analyse(model, input_shapes, *settings)  # reads the model only
+    groups = build_groups(analysis)
+    keep = allocate_safe(analysis, groups, unit_scores(analysis, groups, _data_free(config), config.seed), config)
+    counted = plan_macs(model, analysis, keep, input_shapes, *settings)
+    if counted is not None:
+        return counted
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
-    analysis = analyse(copy, input_shapes, config.exclude, config.prune_layernorm, config.overrides)
+    analysis = analyse(copy, input_shapes, *settings)
     groups = build_groups(analysis)
     remove(analysis, allocate_safe(analysis, groups, unit_scores(analysis, groups, _data_free(config), config.seed),
                                    config))
@@ -111,17 +136,21 @@ def measure_masked(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], c
     consumers' inputs are the original's). Units go in data-free order (L1 unless the criterion is one): the
     greedy order of the ``reconstruction`` criterion would cost as much as the pass's own selection.
     Returns the measurements and a :class:`MacEstimate` over the same unit order. ``clock`` times the stages:
-    reference (the original's outputs), analysis, capture and gram (the refit's Grams), refit and probe (the
-    points' refits and onnxruntime runs)."""
+    reference (the original's outputs, which the downstream probe's capture run gives with the tensors entering
+    each group's downstream part; else a run of their own), analysis, capture and gram (the refit's Grams), refit
+    and probe (the points' refits and onnxruntime runs)."""
     clock = clock or StageClock()
-    with clock.stage("reference"):
-        reference = _run(model, feeds)
+    reference = None
     with clock.stage("analysis"):
         analysis = analyse(model, input_shapes, config.exclude, config.prune_layernorm, config.overrides)
-        if not fed_consumers(analysis):  # points write the model's weights: they write a copy's
+    if not fed_consumers(analysis):  # points write the model's weights: they write a copy's (and no downstream
+        with clock.stage("reference"):  # capture runs the original: its outputs come from a run of their own)
+            reference = _run(model, feeds)
+        with clock.stage("analysis"):
             copy = onnx.ModelProto()
             copy.CopyFrom(model)
             analysis = analyse(copy, input_shapes, config.exclude, config.prune_layernorm, config.overrides)
+    with clock.stage("analysis"):
         every = build_groups(analysis)
         heads = [g.id for g in every if g.units and head_units(analysis, g)]
         groups = [g for g in every if g.units and g.id not in heads]
@@ -129,9 +158,13 @@ def measure_masked(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], c
     with clock.stage("gram"):
         refit = Refit(analysis, fit_feeds or feeds, clock=clock) if config.reconstruct else None
     planned = _plan_points(analysis, groups, scores, ratios)
-    with clock.stage("reference"):  # the tensors entering each group's downstream part, from the original
+    with clock.stage("reference"):  # the tensors entering each group's downstream part, and the outputs, from one
         probe = Probe(analysis, feeds, [set().union(*(probe_touched(analysis, keep) for _, _, keep in points))
-                                        for _, points in planned], clock)
+                                        for _, points in planned], clock)  # run of the original
+        if reference is None:
+            reference = probe.reference()
+        if reference is None:
+            reference = _run(model, feeds)
     macs = node_macs(analysis.model, shapes=analysis.shapes)
     savings = Savings(analysis, every, macs)
     rows, evaluations = [], 0

@@ -24,7 +24,7 @@ LAYERS = {
     5: ["passes", "passes.manager", "passes.canonical", "passes.subgraphs", "passes.unstructured", "passes.removal",
         "passes.structured", "passes.reconstruction", "passes.prepare", "passes.depth", "passes.vocabulary", "passes.rotation",
         "passes.hidden_widths", "passes.hidden_refit",
-        "probe", "sensitivity", "allocation", "depth_allocation", "refusals", "validate_step", "inspect"],
+        "probe", "plan_macs", "sensitivity", "allocation", "depth_allocation", "refusals", "validate_step", "inspect"],
     6: ["report", "html_report", "report_files", "api", "cli", "entry", "__main__"],
 }
 #: what a function may import: optional or heavy modules that most runs never need

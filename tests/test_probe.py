@@ -138,3 +138,61 @@ def copy_of(model: onnx.ModelProto) -> onnx.ModelProto:
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     return copy
+
+
+def test_the_capture_run_gives_the_reference_outputs_bit_for_bit():
+    """The downstream capture runs the original with more outputs: its graph outputs are the reference the points are
+    compared with, equal to a run of the serialized model's own session."""
+    from onnxprune.sessions import create_session, session_options
+
+    model = _model()
+    feeds = _batches(2)
+    fc = next(n for n in model.graph.node if n.op_type == "Gemm")
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    cut = probe_module.Downstream(model, feeds, [{convs[5].input[1]}, {fc.input[1]}])
+    session = create_session(model, session_options(log_level=3))
+    serialized = [session.run(None, feed) for feed in feeds]
+    for got, whole, want in zip(cut.reference(), probe_module.run_model(model, feeds), serialized):
+        assert len(got) == len(want) == 1
+        assert all(np.array_equal(a, b) and np.array_equal(c, b) for a, c, b in zip(got, whole, want))
+
+
+def test_points_restore_the_original_arrays():
+    """A point writes new arrays for the weights it changes and gives back the originals after it (no copies)."""
+    from onnxprune.analysis.groups import analyse, build_groups
+    from onnxprune.passes.structured import mask
+
+    model = _model()
+    analysis = analyse(model, {"input": [1, 3, 64, 64]}, LATE)
+    group = next(g for g in build_groups(analysis) if len(g.units) > 2)
+    keep = np.ones(analysis.num_channels, dtype=bool)
+    keep[group.units[0]] = False
+    probe = probe_module.Probe(analysis, _batches(1))
+    first = probe.outputs(keep, lambda: mask(analysis, keep))
+    held = [e.weight for e in probe.edits]
+    assert all(isinstance(w, probe_module.HeldWeight) and w.values is probe.weights[w.name] for w in held)
+    assert any(not keep[e.ids].all() for e in probe.edits)
+    second = probe.outputs(keep, lambda: mask(analysis, keep))
+    assert all(np.array_equal(a, b) for a, b in zip(first[0], second[0]))
+    assert all(w.values is probe.weights[w.name] for w in held)
+    untouched = probe.outputs(np.ones_like(keep), lambda: None)
+    assert not np.array_equal(untouched[0][0], first[0][0])
+
+
+def test_capture_windows_give_the_same_points(monkeypatch):
+    """With a bounded heap (--low-memory) several capture runs each give the crossing tensors of a few consecutive
+    plans: the points are those of one run for all, bit for bit."""
+    config = _config()
+    feeds = _batches(2)
+    one, _ = measure_masked(_model(), feeds, config, around(0.3))
+    windows, starts = probe_module.Downstream._windows, []
+
+    def recorded(self, *args):
+        starts.append(windows(self, *args))
+        return starts[-1]
+    monkeypatch.setattr(probe_module, "heap_bounded", lambda: True)
+    monkeypatch.setattr(probe_module, "CAPTURE_SHARE", 1e-4)
+    monkeypatch.setattr(probe_module.Downstream, "_windows", recorded)
+    several, _ = measure_masked(_model(), feeds, config, around(0.3))
+    assert len(starts) == 1 and len(starts[0]) > 3
+    assert _points(several) == _points(one)
