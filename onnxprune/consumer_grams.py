@@ -101,6 +101,7 @@ class ConsumerGrams(Mapping):
                         kept.append(x)
                 else:
                     sums[patch].add(_features(node, x, patch[1], samplers[patch]))
+            values = x = None  # not held while the stream computes the next chunk
         for patch, total in sums.items():
             self.grams[patch] = self._finish(total)
         self.inputs = {name: kept for name, kept in self.inputs.items()

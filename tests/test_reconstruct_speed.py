@@ -130,6 +130,50 @@ def test_wide_consumer_costs_and_inverse_match_the_narrow_path(monkeypatch):
     np.testing.assert_allclose(scoring.spd_inverse(indefinite) @ indefinite, np.eye(len(H)), atol=1e-8)  # LU fallback
 
 
+def _blocked_inverse(lower: np.ndarray) -> np.ndarray:
+    """L⁻¹ by halves, out of place: the reference for the in-place inverse."""
+    n = lower.shape[0]
+    if n <= 256:
+        return np.linalg.inv(lower)
+    m = n // 2
+    top, bottom = _blocked_inverse(lower[:m, :m]), _blocked_inverse(lower[m:, m:])
+    out = np.zeros_like(lower)
+    out[:m, :m], out[m:, m:] = top, bottom
+    out[m:, :m] = -(bottom @ (lower[m:, :m] @ top))
+    return out
+
+
+def _blocked_gram(lower: np.ndarray) -> np.ndarray:
+    """MᵀM of a lower-triangular M by halves, out of place: the reference for the in-place product."""
+    n = lower.shape[0]
+    if n <= 256:
+        return lower.T @ lower
+    m = n // 2
+    a, b, c = lower[:m, :m], lower[m:, :m], lower[m:, m:]
+    out = np.empty_like(lower)
+    out[:m, :m] = _blocked_gram(a) + b.T @ b
+    out[:m, m:] = b.T @ c
+    out[m:, :m] = out[:m, m:].T
+    out[m:, m:] = _blocked_gram(c)
+    return out
+
+
+@pytest.mark.parametrize("n", [257, 700, 1100])
+def test_cholesky_inverse_in_place_equals_the_blocked_products(monkeypatch, n):
+    """The wide consumers' inverse, computed in place over the Cholesky factor, is bit for bit the out-of-place
+    blocked inverse and product (and the inverse to rounding)."""
+    from onnxprune import scoring
+
+    monkeypatch.setattr(scoring, "WIDE_FEATURES", 256)
+    x = np.random.default_rng(n).standard_normal((n + 40, n)).astype(np.float32)
+    H = x.T.astype(np.float64) @ x
+    H[np.diag_indices_from(H)] += 1e-3 * np.trace(H) / n
+    expected = _blocked_gram(_blocked_inverse(np.linalg.cholesky(H)))
+    got = scoring.spd_inverse(H)
+    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_allclose(got @ H, np.eye(n), atol=1e-6)
+
+
 def test_gram_sum_matches_stacked_rows():
     rng = np.random.default_rng(0)
     blocks = [rng.standard_normal((rows, 40)).astype(np.float32) for rows in (3, 17, 50, 1, 90)]
