@@ -187,6 +187,22 @@ def test_gram_sum_matches_stacked_rows():
     np.testing.assert_allclose(cross, x.T @ y, rtol=1e-5, atol=1e-4)
 
 
+def test_buffered_blocks_centred_in_place_give_the_same_sums():
+    """Small blocks buffered until they hold as many rows as features (concatenated, then centred in place) give
+    the sums of the same rows added as whole blocks (centred into a copy), bit for bit; the blocks are unchanged."""
+    rng = np.random.default_rng(3)
+    blocks = [rng.standard_normal((rows, 40)).astype(np.float32) + 2 for rows in (7, 11, 30, 45, 5, 9, 40)]
+    copies = [b.copy() for b in blocks]
+    buffered, whole = GramSum(), GramSum()
+    for b in blocks:
+        buffered.add(b)
+    for stacked in (np.concatenate(blocks[:3]), blocks[3], np.concatenate(blocks[4:])):  # the same flushes
+        whole.add(stacked)
+    np.testing.assert_array_equal(buffered.result()[0], whole.result()[0])
+    for b, c in zip(blocks, copies):
+        np.testing.assert_array_equal(b, c)
+
+
 def _layer_by_layer(original, pruned, layers, feeds, ridge=1e-3):
     """Each layer solved on the pruned model's own inputs (a fresh session after every refit), in float64."""
     reference = session_with_outputs(original, [name for name, _ in layers])
