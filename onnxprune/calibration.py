@@ -200,46 +200,49 @@ class ActivationStream:
             kept.update({out: values[out] for out in wanted + later})
             yield {n: values[n] for n in names}
 
-    def by_feed(self, chunks: list[list[str]], clock: Any = None) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    def by_feed(self, chunks: list[list[str]], clock: Any = None, keep_sessions: bool = True
+                ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
         """(chunk index, the chunk's tensors) for every feed, feed after feed, chunk after chunk: each feed runs the
         forward pass once, in one onnxruntime run per chunk, and only the tensors later chunks still read are kept
         between chunks, for that feed alone (memory holds one feed's captured tensors, never every feed's). The
-        chunks' sessions are built on the first feed and reused. Not combinable with :meth:`run` on this stream."""
-        sessions: list[tuple[FedSession | None, list[str], list[str]]] = []
+        chunks' sessions are built on the first feed and reused; without ``keep_sessions`` each is built again for
+        every run and dropped after it (only one chunk's session, and its weights, is alive at a time). Not
+        combinable with :meth:`run` on this stream."""
+        plans: list[tuple[list[onnx.NodeProto], set[str], list[str]]] = []
+        sessions: dict[int, FedSession] = {}
         done: list[set[int]] = []  # nodes run once chunk i is done
         for number, feed in enumerate(self.feeds):
             values: dict[str, np.ndarray] = dict(feed)
             for i, names in enumerate(chunks):
                 if number == 0:
                     done.append(set(done[-1]) if done else set())
-                    sessions.append(self._chunk_session(names, values, done[-1], clock))
-                session, inputs, outputs = sessions[i]
-                if session is not None:
+                    plans.append(self._chunk_plan(names, set(values), done[-1]))
+                segment, available, outputs = plans[i]
+                if outputs:
                     with clock.stage("capture") if clock is not None else contextlib.nullcontext():
+                        session = sessions[i] if i in sessions else self._session(segment, available, {}, outputs, values)
+                        if keep_sessions:
+                            sessions[i] = session
+                        inputs = [x.name for x in session.get_inputs()]
                         values.update(zip(outputs, session.run(outputs, {k: values[k] for k in inputs})))
+                        del session
                 yield i, {n: values[n] for n in names}
                 later = {n for chunk in chunks[i + 1:] for n in chunk}
                 for name in [n for n in values if n not in feed and n not in later]:
                     if all(r in done[i] for r in self.readers.get(name, [])):
                         del values[name]
 
-    def _chunk_session(self, names: list[str], values: dict[str, np.ndarray], done: set[int], clock: Any
-                       ) -> tuple[FedSession | None, list[str], list[str]]:
-        """The session computing chunk ``names`` from ``values`` (adding its nodes to ``done``), its inputs and its
-        outputs: the chunk's tensors and those that nodes not yet run read."""
-        available = set(values)
+    def _chunk_plan(self, names: list[str], available: set[str], done: set[int]
+                    ) -> tuple[list[onnx.NodeProto], set[str], list[str]]:
+        """The nodes computing chunk ``names`` from ``available`` (added to ``done``), the available names and the
+        outputs of the chunk's session: the chunk's tensors and those that nodes not yet run read."""
         segment = self._segment(names, available)
         done |= {id(node) for node in segment}
         produced = [out for node in segment for out in node.output if out]
         wanted = [n for n in names if n not in available]
         later = [out for out in produced if out not in wanted and
                  any(r not in done for r in self.readers.get(out, []))]
-        outputs = wanted + later
-        if not outputs:
-            return None, [], []
-        with clock.stage("capture") if clock is not None else contextlib.nullcontext():
-            session = self._session(segment, available, {}, outputs, values)
-        return session, [i.name for i in session.get_inputs()], outputs
+        return segment, available, wanted + later
 
     def _segment(self, names: list[str], available: set[str]) -> list[onnx.NodeProto]:
         """The nodes that compute ``names`` from what is available, in graph order."""

@@ -19,15 +19,21 @@ import numpy as np
 from .calibration import ActivationStream, StageClock
 from .gram import GramSum, RowSampler, _patches
 from .graph import get_attr
+from .heap import heap_bounded
 
 #: bytes of consumer inputs captured per onnxruntime run and calibration batch (and kept between runs); at 256 MiB
 #: ResNet-50's selection capture peaked 1,445 MB (16-sample batches at 224², 3 runs per batch), at 64 MiB 1,130 MB
 CAPTURE_BYTES = 64 << 20
+#: the same when memory comes before time (:func:`~onnxprune.heap.heap_bounded`, ``--low-memory``), where each
+#: run's session is also built for that run alone
+LOW_MEMORY_CAPTURE_BYTES = 16 << 20
 
 
-def _capture_chunks(model, names: set[str], shapes: dict, feeds: list[dict[str, np.ndarray]]) -> list[list[str]]:
+def _capture_chunks(model, names: set[str], shapes: dict, feeds: list[dict[str, np.ndarray]],
+                    budget: int | None = None) -> list[list[str]]:
     """``names`` in graph order, split so each chunk's tensors for one calibration batch (float32, sizes from the
-    analysis shapes; unknown dims count as 1) fit in ``CAPTURE_BYTES``."""
+    analysis shapes; unknown dims count as 1) fit in ``budget`` bytes (default ``CAPTURE_BYTES``)."""
+    budget = CAPTURE_BYTES if budget is None else budget
     order = {out: i for i, node in enumerate(model.graph.node) for out in node.output}
     batch = max((int(v.shape[0]) if v.ndim else 1 for feed in feeds for v in feed.values()), default=1)
     chunks: list[list[str]] = [[]]
@@ -35,7 +41,7 @@ def _capture_chunks(model, names: set[str], shapes: dict, feeds: list[dict[str, 
     for name in sorted(names, key=lambda n: (order.get(n, -1), n)):
         dims = shapes.get(name) or []
         size = 4 * batch * int(np.prod([d if isinstance(d, int) and d > 0 else 1 for d in dims[1:]]))
-        if chunks[-1] and used + size > CAPTURE_BYTES:
+        if chunks[-1] and used + size > budget:
             chunks.append([])
             used = 0
         chunks[-1].append(name)
@@ -49,7 +55,8 @@ class ConsumerGrams(Mapping):
     ``consumers`` maps a name to (node, edit, weight matrix [features, outputs], channel id per feature), as
     :func:`~onnxprune.scoring._refit_consumers` builds them. With ``defer`` a patch keeps its captured inputs when
     they take fewer bytes than its Gram; such a Gram is computed on first access and held until :meth:`release`.
-    ``shapes`` (the analysis shapes) split the capture into onnxruntime runs of at most ``CAPTURE_BYTES`` per batch.
+    ``shapes`` (the analysis shapes) split the capture into onnxruntime runs of at most ``CAPTURE_BYTES`` per batch
+    (``LOW_MEMORY_CAPTURE_BYTES`` with the heap bounded, each run's session then built for it alone).
     ``live_bytes``/``peak_bytes`` count the Gram arrays held (finished and running sums)."""
 
     def __init__(self, model, consumers: dict[str, tuple], feeds: list[dict[str, np.ndarray]], ridge: float,
@@ -68,10 +75,11 @@ class ConsumerGrams(Mapping):
         sums: dict[tuple, GramSum] = {}
         samplers = {patch: RowSampler(patch[1], len(feeds)) for patch in self.patch.values()}
         names = {node.input[0] for node, *_ in consumers.values()}
-        chunks = _capture_chunks(model, names, shapes, feeds)
+        low = heap_bounded()
+        chunks = _capture_chunks(model, names, shapes, feeds, LOW_MEMORY_CAPTURE_BYTES if low else None)
         readers = [{self.patch[key]: item[0] for key, item in consumers.items() if item[0].input[0] in chunk}
                    for chunk in chunks]
-        for i, values in ActivationStream(model, feeds).by_feed(chunks, self.clock):
+        for i, values in ActivationStream(model, feeds).by_feed(chunks, self.clock, keep_sessions=not low):
             for patch, node in readers[i].items():
                 if patch in self.failed:
                     continue
@@ -93,6 +101,7 @@ class ConsumerGrams(Mapping):
                         kept.append(x)
                 else:
                     sums[patch].add(_features(node, x, patch[1], samplers[patch]))
+            values = x = None  # not held while the stream computes the next chunk
         for patch, total in sums.items():
             self.grams[patch] = self._finish(total)
         self.inputs = {name: kept for name, kept in self.inputs.items()

@@ -108,22 +108,27 @@ class GramSum:
     def _flush(self) -> None:
         if not self.rows:
             return
+        owned = len(self.rows) > 1  # a concatenation of the blocks: centred in place
         rows = self.rows[0] if len(self.rows) == 1 else np.concatenate(self.rows)
         target = (self.targets[0] if len(self.targets) == 1 else np.concatenate(self.targets)) if self.targets else None
+        self.rows, self.targets, self.count = [], [], 0  # the blocks are not held while the products run
         if self.shift is None:
             self.shift = rows.mean(axis=0, dtype=np.float64).astype(self.dtype)
             if target is not None:
                 self.target_shift = target.mean(axis=0, dtype=np.float64).astype(self.dtype)
         self.total += rows.shape[0]
         self.sum_x = self.sum_x + rows.sum(axis=0, dtype=np.float64)
-        centred = rows.astype(self.dtype, copy=False) - self.shift
+        if owned and rows.dtype == self.dtype:
+            centred = rows
+            centred -= self.shift
+        else:
+            centred = rows.astype(self.dtype, copy=False) - self.shift
         del rows
         self.gram = _accumulate(self.gram, centred.T @ centred)
         if target is not None:
             self.sum_y = self.sum_y + target.sum(axis=0, dtype=np.float64)
             shifted = target.astype(self.dtype, copy=False) - self.target_shift
             self.cross = _accumulate(self.cross, centred.T @ shifted)
-        self.rows, self.targets, self.count = [], [], 0
 
     def result(self) -> tuple[np.ndarray, np.ndarray | int]:
         """(XᵀX, XᵀY) of every block added. The shift is added back in place, a block of rows at a time (the same

@@ -434,9 +434,8 @@ class Refit:
     def __init__(self, analysis: Analysis, feeds: list[dict[str, np.ndarray]], ridge: float = 1e-3,
                  clock: StageClock | None = None):
         self.consumers = _refit_consumers(analysis)
-        # one capture run per batch for every consumer (no chunk shapes): the fit samples are few, and chunked
-        # sessions held more memory here (MiniLM-shaped: 1.33 GB against 1.07 GB peak)
-        self.grams = ConsumerGrams(analysis.model, self.consumers, feeds, ridge, clock) if self.consumers else {}
+        self.grams = ConsumerGrams(analysis.model, self.consumers, feeds, ridge, clock, analysis.shapes) \
+            if self.consumers else {}
         self.products: dict[str, np.ndarray] = {}
         self.working: set[str] = set()
 

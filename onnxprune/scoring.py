@@ -225,43 +225,49 @@ def _states(group: ChannelGroup, consumers: dict[str, tuple], grams: dict[str, n
 def spd_inverse(gram: np.ndarray) -> np.ndarray:
     """The inverse of a symmetric positive definite (ridge-regularised) Gram: ``np.linalg.inv`` below
     ``WIDE_FEATURES``; above, by Cholesky (H = L Lᵀ, H⁻¹ = L⁻ᵀ L⁻¹) with blocked products that use the triangles
-    (about half the flops of an LU inverse, same float64 accuracy); LU where Cholesky fails."""
+    (about half the flops of an LU inverse, same float64 accuracy); LU where Cholesky fails. L is inverted and
+    multiplied in place: besides the Gram, one D×D array and a quarter-sized temporary are alive."""
     if gram.shape[0] < WIDE_FEATURES:
         return np.linalg.inv(gram)
     try:
         lower = np.linalg.cholesky(gram)
     except np.linalg.LinAlgError:
         return np.linalg.inv(gram)
-    lower = _lower_inverse(lower)  # L itself is freed before the product
+    _invert_lower(lower)
     return _lower_gram(lower)
 
 
-def _lower_inverse(lower: np.ndarray) -> np.ndarray:
-    """L⁻¹ of a lower-triangular L by halves: [[A, 0], [B, C]]⁻¹ = [[A⁻¹, 0], [−C⁻¹ B A⁻¹, C⁻¹]]."""
+def _invert_lower(lower: np.ndarray) -> None:
+    """L⁻¹ of a lower-triangular L, in place, by halves: [[A, 0], [B, C]]⁻¹ = [[A⁻¹, 0], [−C⁻¹ B A⁻¹, C⁻¹]]
+    (the same products as out of place: ``B A⁻¹`` first)."""
     n = lower.shape[0]
     if n <= 256:
-        return np.linalg.inv(lower)
+        lower[...] = np.linalg.inv(lower)
+        return
     m = n // 2
-    top, bottom = _lower_inverse(lower[:m, :m]), _lower_inverse(lower[m:, m:])
-    out = np.zeros_like(lower)
-    out[:m, :m], out[m:, m:] = top, bottom
-    out[m:, :m] = -(bottom @ (lower[m:, :m] @ top))
-    return out
+    _invert_lower(lower[:m, :m])
+    _invert_lower(lower[m:, m:])
+    block = lower[m:, :m]
+    scaled = block @ lower[:m, :m]  # B A⁻¹
+    np.matmul(lower[m:, m:], scaled, out=block)
+    np.negative(block, out=block)
 
 
 def _lower_gram(lower: np.ndarray) -> np.ndarray:
-    """MᵀM of a lower-triangular M by halves, skipping the zero triangle: [[AᵀA + BᵀB, BᵀC], [CᵀB, CᵀC]]."""
+    """MᵀM of a lower-triangular M, in place (returned), by halves, skipping the zero triangle:
+    [[A, 0], [B, C]] → [[AᵀA + BᵀB, BᵀC], [CᵀB, CᵀC]] (each block from the input blocks, as out of place)."""
     n = lower.shape[0]
     if n <= 256:
-        return lower.T @ lower
+        lower[...] = lower.T @ lower
+        return lower
     m = n // 2
     a, b, c = lower[:m, :m], lower[m:, :m], lower[m:, m:]
-    out = np.empty_like(lower)
-    out[:m, :m] = _lower_gram(a) + b.T @ b
-    out[:m, m:] = b.T @ c
-    out[m:, :m] = out[:m, m:].T
-    out[m:, m:] = _lower_gram(c)
-    return out
+    lower[:m, m:] = b.T @ c  # into the zero triangle: B and C are still read below
+    _lower_gram(a)
+    a += b.T @ b
+    b[...] = lower[:m, m:].T
+    _lower_gram(c)
+    return lower
 
 
 class _State:

@@ -5,6 +5,7 @@ the selection and the allocation's refit hold the Grams of one group at a time, 
 from __future__ import annotations
 
 import functools
+import weakref
 from typing import ClassVar
 
 import numpy as np
@@ -12,6 +13,7 @@ import onnx
 
 from onnxprune import consumer_grams, probe, scoring
 from onnxprune.analysis.groups import analyse, build_groups
+from onnxprune.calibration import ActivationStream
 from onnxprune.config import PruneConfig
 from onnxprune.consumer_grams import ConsumerGrams
 from onnxprune.passes.structured import prepare_for_analysis
@@ -125,3 +127,58 @@ def test_capture_chunks_are_read_from_the_module_budget(monkeypatch):
     assert len(consumer_grams._capture_chunks(model, names, analysis.shapes, _feeds())) == 1
     monkeypatch.setattr(consumer_grams, "CAPTURE_BYTES", 1)
     assert len(consumer_grams._capture_chunks(model, names, analysis.shapes, _feeds())) == len(names)
+
+
+def _counting_sessions(monkeypatch) -> list[weakref.ref]:
+    """Record every capture session built (weak references: whether it is still alive)."""
+    built: list[weakref.ref] = []
+    original = ActivationStream._session
+
+    def counted(self, *args, **kwargs):
+        session = original(self, *args, **kwargs)
+        built.append((weakref.ref(session), sum(ref() is not None for ref, _ in built)))
+        return session
+
+    monkeypatch.setattr(ActivationStream, "_session", counted)
+    return built
+
+
+def test_low_memory_capture_builds_one_session_at_a_time_and_gives_the_same_grams(monkeypatch):
+    """With the heap bounded (``--low-memory``) the capture runs in chunks of the smaller budget, builds each chunk's
+    session for one run and drops it before the next is built; its Grams equal the default capture's bit for bit."""
+    model = _model()
+    analysis = analyse(model)
+    consumers = scoring._refit_consumers(analysis)
+    feeds = _feeds()
+    built = _counting_sessions(monkeypatch)
+    kept = ConsumerGrams(model, consumers, feeds, 1e-3, shapes=analysis.shapes)
+    assert len(built) == 1  # default: one run per feed, its session reused
+    monkeypatch.setattr(consumer_grams, "heap_bounded", lambda: True)
+    monkeypatch.setattr(consumer_grams, "LOW_MEMORY_CAPTURE_BYTES", 60_000)
+    names = {node.input[0] for node, *_ in consumers.values()}
+    chunks = consumer_grams._capture_chunks(model, names, analysis.shapes, feeds, 60_000)
+    assert 3 < len(chunks) < len(names)
+    built.clear()
+    low = ConsumerGrams(model, consumers, feeds, 1e-3, shapes=analysis.shapes)
+    assert len(built) == len(chunks) * len(feeds)  # built for every run ...
+    assert all(alive == 0 for _, alive in built)  # ... and gone before the next one is built
+    assert low.deferred == kept.deferred and list(low) == list(kept) and len(kept) > 15
+    for key in kept:
+        np.testing.assert_array_equal(low[key], kept[key])
+
+
+def test_allocation_refit_captures_in_chunks(monkeypatch):
+    """The allocation's refit sizes its capture runs by the analysis shapes like the selection (not one run over
+    every consumer input), with the same Grams bit for bit."""
+    model = _model()
+    analysis = analyse(model)
+    fit = _feeds((3, 2), seed=2)
+    monkeypatch.setattr(consumer_grams, "CAPTURE_BYTES", 60_000)
+    built = _counting_sessions(monkeypatch)
+    refit = probe.Refit(analysis, fit)
+    names = {node.input[0] for node, *_ in refit.consumers.values()}
+    assert len(built) == len(consumer_grams._capture_chunks(model, names, analysis.shapes, fit)) > 3
+    whole = ConsumerGrams(model, refit.consumers, fit, 1e-3)  # no shapes: one run per feed
+    assert list(refit.grams) == list(whole) and len(whole) > 15
+    for key in whole:
+        np.testing.assert_array_equal(refit.grams[key], whole[key])

@@ -130,6 +130,50 @@ def test_wide_consumer_costs_and_inverse_match_the_narrow_path(monkeypatch):
     np.testing.assert_allclose(scoring.spd_inverse(indefinite) @ indefinite, np.eye(len(H)), atol=1e-8)  # LU fallback
 
 
+def _blocked_inverse(lower: np.ndarray) -> np.ndarray:
+    """L⁻¹ by halves, out of place: the reference for the in-place inverse."""
+    n = lower.shape[0]
+    if n <= 256:
+        return np.linalg.inv(lower)
+    m = n // 2
+    top, bottom = _blocked_inverse(lower[:m, :m]), _blocked_inverse(lower[m:, m:])
+    out = np.zeros_like(lower)
+    out[:m, :m], out[m:, m:] = top, bottom
+    out[m:, :m] = -(bottom @ (lower[m:, :m] @ top))
+    return out
+
+
+def _blocked_gram(lower: np.ndarray) -> np.ndarray:
+    """MᵀM of a lower-triangular M by halves, out of place: the reference for the in-place product."""
+    n = lower.shape[0]
+    if n <= 256:
+        return lower.T @ lower
+    m = n // 2
+    a, b, c = lower[:m, :m], lower[m:, :m], lower[m:, m:]
+    out = np.empty_like(lower)
+    out[:m, :m] = _blocked_gram(a) + b.T @ b
+    out[:m, m:] = b.T @ c
+    out[m:, :m] = out[:m, m:].T
+    out[m:, m:] = _blocked_gram(c)
+    return out
+
+
+@pytest.mark.parametrize("n", [257, 700, 1100])
+def test_cholesky_inverse_in_place_equals_the_blocked_products(monkeypatch, n):
+    """The wide consumers' inverse, computed in place over the Cholesky factor, is bit for bit the out-of-place
+    blocked inverse and product (and the inverse to rounding)."""
+    from onnxprune import scoring
+
+    monkeypatch.setattr(scoring, "WIDE_FEATURES", 256)
+    x = np.random.default_rng(n).standard_normal((n + 40, n)).astype(np.float32)
+    H = x.T.astype(np.float64) @ x
+    H[np.diag_indices_from(H)] += 1e-3 * np.trace(H) / n
+    expected = _blocked_gram(_blocked_inverse(np.linalg.cholesky(H)))
+    got = scoring.spd_inverse(H)
+    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_allclose(got @ H, np.eye(n), atol=1e-6)
+
+
 def test_gram_sum_matches_stacked_rows():
     rng = np.random.default_rng(0)
     blocks = [rng.standard_normal((rows, 40)).astype(np.float32) for rows in (3, 17, 50, 1, 90)]
@@ -141,6 +185,22 @@ def test_gram_sum_matches_stacked_rows():
     x, y = np.concatenate(blocks).astype(np.float64), np.concatenate(targets).astype(np.float64)
     np.testing.assert_allclose(gram, x.T @ x, rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(cross, x.T @ y, rtol=1e-5, atol=1e-4)
+
+
+def test_buffered_blocks_centred_in_place_give_the_same_sums():
+    """Small blocks buffered until they hold as many rows as features (concatenated, then centred in place) give
+    the sums of the same rows added as whole blocks (centred into a copy), bit for bit; the blocks are unchanged."""
+    rng = np.random.default_rng(3)
+    blocks = [rng.standard_normal((rows, 40)).astype(np.float32) + 2 for rows in (7, 11, 30, 45, 5, 9, 40)]
+    copies = [b.copy() for b in blocks]
+    buffered, whole = GramSum(), GramSum()
+    for b in blocks:
+        buffered.add(b)
+    for stacked in (np.concatenate(blocks[:3]), blocks[3], np.concatenate(blocks[4:])):  # the same flushes
+        whole.add(stacked)
+    np.testing.assert_array_equal(buffered.result()[0], whole.result()[0])
+    for b, c in zip(blocks, copies):
+        np.testing.assert_array_equal(b, c)
 
 
 def _layer_by_layer(original, pruned, layers, feeds, ridge=1e-3):
@@ -365,4 +425,4 @@ def test_chunked_capture_gives_the_same_grams(monkeypatch):
     split = scoring._consumer_grams(model, consumers, feeds, 1e-3, shapes=analysis.shapes)
     assert whole.keys() == split.keys() and len(whole) > 10
     for key, gram in whole.items():
-        np.testing.assert_allclose(split[key], gram, rtol=1e-6)
+        np.testing.assert_array_equal(split[key], gram)
