@@ -5,6 +5,8 @@ raises that threshold to the size of every mmapped block freed, up to 32 MiB (64
 activation or onnxruntime tensor of a few MiB is freed, later ones of that size come from the heap, whose freed
 pages stay resident: on a 86 MB encoder this kept ~600 MB that the pruning stages had freed. :func:`bound_heap`
 fixes the threshold (which also stops the adjustment), :func:`release_memory` hands back what is free now.
+:func:`heap_bounded` tells later stages that the process asked for this (``--low-memory``): those that can trade time
+for memory (the refit's kept activations, :mod:`onnxprune.refit`) then do.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ M_MMAP_THRESHOLD = -3
 #: blocks of at least this many bytes are mmapped, so freeing one returns its pages at once
 MMAP_THRESHOLD = 1 << 20
 
+_requested = {"bounded": False}
+
 
 def _libc():
     try:
@@ -28,9 +32,16 @@ def _libc():
 
 def bound_heap(threshold: int = MMAP_THRESHOLD) -> bool:
     """Serve every allocation of at least ``threshold`` bytes by ``mmap`` for the rest of the process (glibc only;
-    False elsewhere: nothing changed). The command-line tool calls it once; a host process may too."""
+    False elsewhere: nothing changed). The command-line tool calls it once; a host process may too. Either way
+    :func:`heap_bounded` is True from then on."""
+    _requested["bounded"] = True
     libc = _libc()
     return bool(libc is not None and libc.mallopt(M_MMAP_THRESHOLD, threshold) == 1)
+
+
+def heap_bounded() -> bool:
+    """Whether :func:`bound_heap` was called in this process: memory before time (``--low-memory``)."""
+    return _requested["bounded"]
 
 
 def release_memory() -> None:

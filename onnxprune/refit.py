@@ -9,14 +9,14 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .calibration import ActivationStream, StageClock
+from .calibration import ActivationStream, KeptBudget, StageClock
 from .gram import GramSum, RowSampler, _im2col, _patches, _reconstructable
 from .graph import GraphIndex, get_attr
 from .sessions import session_with_outputs
 
 
 def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, layers: list[tuple[str, np.ndarray]],
-                feeds: list[dict[str, np.ndarray]], ridge: float = 1e-3, budget: int = 1 << 30,
+                feeds: list[dict[str, np.ndarray]], ridge: float = 1e-3, budget: int | KeptBudget = 1 << 30,
                 clock: StageClock | None = None) -> dict[str, Any]:
     """Refit each layer's kept weights (and bias) so its output on ``feeds`` matches the original's.
 
@@ -25,8 +25,9 @@ def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, layers: list
     pruned model's own inputs to that layer (earlier refits already applied). Layers are refitted in
     waves: a wave holds every layer whose upstream refits are all done, so one pass over ``feeds`` serves the whole
     wave. Both models are streamed (:class:`~onnxprune.calibration.ActivationStream`): each node runs once per feed,
-    the tensors later waves read are kept between waves (at most ``budget`` bytes, else recomputed), and the
-    refitted weights are session inputs of the pruned model. ``clock`` times capture, Gram products and solves.
+    the tensors later waves read are kept between waves and the refitted weights are session inputs of the pruned
+    model. ``budget`` bounds the kept tensors: bytes per stream, or a :class:`~onnxprune.calibration.KeptBudget`
+    both streams share; a feed whose tensors do not fit is recomputed from its inputs (the same values). ``clock`` times capture, Gram products and solves.
     """
     clock = clock or StageClock()
 
@@ -62,6 +63,8 @@ def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, layers: list
             if item.bias is not None:
                 live[item.bias.name] = item.bias.array()
             done.append(item.name)
+        # the wave's layers run now with their final weights when their outputs are less to keep than their inputs
+        current.advance([item.name for item in wave], live, clock)
     for item in plan:
         if item.solution is None and item.added is not None:
             _drop_added_bias(pruned, item.node, item.added)
