@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,7 +151,7 @@ class KeptBudget:
 
     def __init__(self, limit: int | None = None):
         self.limit, self.derived = limit, 0
-        self.streams: list[ActivationStream] = []
+        self.streams: weakref.WeakSet[ActivationStream] = weakref.WeakSet()  # no cycle: streams go with their owner
 
     def allowed(self) -> int:
         """The bytes that may be kept now."""
@@ -162,8 +163,11 @@ class KeptBudget:
 
     def note(self, values: Iterable[np.ndarray], share: float) -> None:
         """Derive the limit from computed tensors of one feed holding ``share`` of the calibration samples."""
-        largest = max((v.nbytes for v in values), default=0)
-        self.derived = max(self.derived, int(largest / max(share, 1e-12)))
+        self.allow(max((v.nbytes for v in values), default=0) / max(share, 1e-12))
+
+    def allow(self, nbytes: float) -> None:
+        """Raise the derived limit to ``nbytes`` (a caller knows a larger tensor the streams do not compute)."""
+        self.derived = max(self.derived, int(nbytes))
 
 
 #: ops whose output is no larger than their largest input: the stream runs them ahead of a step when they free
@@ -204,7 +208,7 @@ class ActivationStream:
                  budget: int | KeptBudget = 1 << 30, shared: dict[str, tuple[bytes, np.ndarray]] | None = None):
         self.model, self.feeds, self.shared = model, feeds, shared
         self.budget = budget if isinstance(budget, KeptBudget) else KeptBudget(budget)
-        self.budget.streams.append(self)
+        self.budget.streams.add(self)
         self.kept: list[dict[str, np.ndarray]] = [{} for _ in feeds]
         self.whole = [True] * len(feeds)  # whether the feed keeps the frontier (else it is recomputed)
         self.frontier: set[str] = set()
