@@ -244,10 +244,10 @@ class ActivationStream:
         self._commit(step)
         for number in range(len(self.feeds)):
             values = self._compute(step, number, live, clock)
-            result = {n: values[n] for n in names}
+            result = [{n: values[n] for n in names}]
             self._keep(number, {n: values[n] for n in step.frontier})
             del values
-            yield result
+            yield result.pop()  # not held here while the caller computes the next feed
 
     def advance(self, names: list[str], live: dict[str, np.ndarray] | None = None, clock: Any = None) -> bool:
         """Take now the step a later :meth:`run` of ``names`` would take, returning nothing, when that shrinks what

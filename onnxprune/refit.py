@@ -179,6 +179,8 @@ def _refit_wave(wave: list[_Refit], reference, current, live: dict[str, np.ndarr
                     sums[item.name] = None
                     continue
                 sums.setdefault(item.name, GramSum(np.float32)).add(rows, target)
+                del rows, target
+        del xs, ys  # before the next feed is computed
     with clock.stage("refit_solve"):
         for item in wave:
             if sums.get(item.name) is not None:

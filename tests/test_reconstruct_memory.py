@@ -103,8 +103,9 @@ def _pruned_resnet18() -> tuple[onnx.ModelProto, onnx.ModelProto, list]:
 
 def test_refit_with_a_derived_budget_gives_the_same_weights(monkeypatch):
     """The refit under a budget derived from the data (about one layer's input over the calibration set, shared by
-    both streams) recomputes some feeds yet writes the weights of the default refit bit for bit; advancing the
-    pruned model's stream past each wave's layers keeps fewer bytes than leaving them to the next wave."""
+    both streams) or a tighter one that recomputes some feeds writes the weights of the default refit bit for bit;
+    advancing the pruned model's stream past each wave's layers keeps fewer bytes than leaving them to the next
+    wave."""
     original, pruned, layers = _pruned_resnet18()
     rng = np.random.default_rng(8)
     feeds = [{"input": rng.standard_normal((n, 3, 64, 64)).astype(np.float32)} for n in (3, 3, 2, 2)]
@@ -116,15 +117,16 @@ def test_refit_with_a_derived_budget_gives_the_same_weights(monkeypatch):
         held.setdefault(mode, []).append((self.budget.held(), self.budget.allowed(), self.whole[number]))
     monkeypatch.setattr(ActivationStream, "_keep", keep)
     results = {}
-    for mode, budget in (("default", 1 << 30), ("derived", KeptBudget())):
+    for mode, budget in (("default", 1 << 30), ("derived", KeptBudget()), ("tight", KeptBudget(1 << 18))):
         model = onnx.ModelProto()
         model.CopyFrom(pruned)
         summary = reconstruct(original, model, layers, feeds, budget=budget)
         assert summary["layers"] > 10 and not summary["skipped"]
         results[mode] = {i.name: i.SerializeToString() for i in model.graph.initializer}
-    assert results["derived"] == results["default"]
-    assert all(used <= allowed for used, allowed, _ in held["derived"])
-    assert not all(whole for _, _, whole in held["derived"])  # some feeds were recomputed
+    assert results["derived"] == results["default"] == results["tight"]
+    assert all(used <= allowed for mode in ("derived", "tight") for used, allowed, _ in held[mode])
+    assert held["derived"][-1][1] > 1 << 18  # about one layer's input over the feeds
+    assert not all(whole for _, _, whole in held["tight"])  # some feeds were recomputed
     assert all(whole for _, _, whole in held["default"])
 
     monkeypatch.setattr(ActivationStream, "advance", lambda self, names, live=None, clock=None: False)
