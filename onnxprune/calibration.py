@@ -11,8 +11,9 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+import weakref
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -143,23 +144,78 @@ def _read(path: Path, specs: list[InputSpec]) -> dict[str, np.ndarray]:
         raise InputDataError(f"cannot read calibration file {path}: {exc}") from None
 
 
+class KeptBudget:
+    """Bytes the :class:`ActivationStream` objects sharing it may keep between steps, all feeds and streams together.
+    ``limit`` None: derived from the data, the largest tensor the streams have computed so far, over the whole
+    calibration set (about one layer's input: ``--low-memory``)."""
+
+    def __init__(self, limit: int | None = None):
+        self.limit, self.derived = limit, 0
+        self.streams: weakref.WeakSet[ActivationStream] = weakref.WeakSet()  # no cycle: streams go with their owner
+
+    def allowed(self) -> int:
+        """The bytes that may be kept now."""
+        return self.limit if self.limit is not None else self.derived
+
+    def held(self) -> int:
+        """The bytes the streams keep now."""
+        return sum(stream.kept_bytes() for stream in self.streams)
+
+    def note(self, values: Iterable[np.ndarray], share: float) -> None:
+        """Derive the limit from computed tensors of one feed holding ``share`` of the calibration samples."""
+        self.allow(max((v.nbytes for v in values), default=0) / max(share, 1e-12))
+
+    def allow(self, nbytes: float) -> None:
+        """Raise the derived limit to ``nbytes`` (a caller knows a larger tensor the streams do not compute)."""
+        self.derived = max(self.derived, int(nbytes))
+
+
+#: ops whose output is no larger than their largest input: the stream runs them ahead of a step when they free
+#: every computed tensor they read (a residual Add's output is kept instead of both of its inputs)
+AHEAD_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Relu", "LeakyRelu", "PRelu", "Sigmoid", "Tanh", "Erf", "Gelu",
+                       "Clip", "HardSigmoid", "HardSwish", "Elu", "Selu", "Softplus", "Neg", "Abs", "Sqrt", "Exp",
+                       "Identity", "BatchNormalization", "Softmax", "LayerNormalization"})
+
+
+@dataclass
+class _Step:
+    """One step of an :class:`ActivationStream`: the tensors asked for, the nodes it runs, the frontier after it, the
+    segment, available names and outputs of a feed keeping the frontier, and the sessions built, per path (True: a
+    feed keeping the frontier, else the names the feed keeps)."""
+
+    names: list[str]
+    ids: set[int]
+    frontier: set[str]
+    whole: tuple[list[onnx.NodeProto], set[str], list[str]]
+    sessions: dict[bool | frozenset[str], tuple[Any, list[str], list[str]]] = field(default_factory=dict)
+
+
 class ActivationStream:
     """Runs ``model`` on every feed step by step, computing each node once.
 
     A step (:meth:`run`) computes only what its requested tensors need beyond the tensors kept from earlier steps;
-    computed tensors that nodes not yet run still read are kept, per feed, for later steps. Capturing the inputs
-    of layer after layer thus costs about one forward pass over the calibration data instead of one per step.
-    Kept tensors are bounded by ``budget`` bytes: over it they are dropped and recomputed when needed. Values must
-    not change once computed: a caller that changes weights (fed through ``live``) only changes those of nodes
-    that have not run yet. Streams over two versions of one model may share ``shared`` (see
-    :func:`~onnxprune.sessions.fed_session`): the weights both hold unchanged are then held once."""
+    the tensors that nodes not yet run still read (the frontier) are kept, per feed, for later steps, and nothing
+    else: a feed's consumed tensors go as soon as its step has run. Nodes that only shrink the frontier (an
+    elementwise op reading no ``live`` value that frees every computed tensor it reads) run with the step. Capturing
+    the inputs of layer after layer thus costs about one forward pass over the calibration data instead of one per
+    step. Kept tensors are bounded by ``budget`` (bytes, or a :class:`KeptBudget` shared with other streams): a feed
+    whose frontier does not fit keeps nothing and is recomputed from its inputs when a step needs it (its frontier
+    too, kept again once it fits). Values must not change once computed: a caller that changes weights (fed through
+    ``live``) only changes those of nodes that have not run yet. Streams over two versions of one model may share
+    ``shared`` (see :func:`~onnxprune.sessions.fed_session`): the weights both hold unchanged are then held once."""
 
-    def __init__(self, model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], budget: int = 1 << 30,
-                 shared: dict[str, tuple[bytes, np.ndarray]] | None = None):
-        self.model, self.feeds, self.budget, self.shared = model, feeds, budget, shared
+    def __init__(self, model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
+                 budget: int | KeptBudget = 1 << 30, shared: dict[str, tuple[bytes, np.ndarray]] | None = None):
+        self.model, self.feeds, self.shared = model, feeds, shared
+        self.budget = budget if isinstance(budget, KeptBudget) else KeptBudget(budget)
+        self.budget.streams.add(self)
         self.kept: list[dict[str, np.ndarray]] = [{} for _ in feeds]
+        self.whole = [True] * len(feeds)  # whether the feed keeps the frontier (else it is recomputed)
+        self.frontier: set[str] = set()
         self.producer = {out: node for node in model.graph.node for out in node.output if out}
         self.position = {id(node): i for i, node in enumerate(model.graph.node)}
+        self.nodes = {id(node): node for node in model.graph.node}
+        self.constants = {i.name for i in model.graph.initializer}
         self.reads: dict[int, list[str]] = {}
         self.readers: dict[str, list[int]] = {}
         for node in model.graph.node:
@@ -171,6 +227,12 @@ class ActivationStream:
             for name in names:
                 self.readers.setdefault(name, []).append(id(node))
         self.done: set[int] = set()
+        samples = [next(iter(feed.values())).shape[0] if feed else 1 for feed in feeds]
+        self.shares = [n / max(sum(samples), 1) for n in samples]
+
+    def kept_bytes(self) -> int:
+        """Bytes of the tensors kept between steps, every feed."""
+        return sum(v.nbytes for kept in self.kept for v in kept.values())
 
     def run(self, names: list[str], live: dict[str, np.ndarray] | None = None,
             clock: Any = None) -> Iterator[dict[str, np.ndarray]]:
@@ -178,27 +240,118 @@ class ActivationStream:
         session inputs instead, so weights that change between steps need no new model copy. ``clock`` (a
         :class:`~onnxprune.calibration.StageClock`) times session building and runs as ``capture``."""
         live = live or {}
-        timed = clock.stage("capture") if clock is not None else contextlib.nullcontext()
-        self._forget()  # here, not after the last yield: a caller may stop iterating once it has every feed
-        available = set(self.feeds[0]) | set(self.kept[0]) | set(live)
+        step = self._step(names, live)
+        self._commit(step)
+        for number in range(len(self.feeds)):
+            values = self._compute(step, number, live, clock)
+            result = [{n: values[n] for n in names}]
+            self._keep(number, {n: values[n] for n in step.frontier})
+            del values
+            yield result.pop()  # not held here while the caller computes the next feed
+
+    def advance(self, names: list[str], live: dict[str, np.ndarray] | None = None, clock: Any = None) -> bool:
+        """Take now the step a later :meth:`run` of ``names`` would take, returning nothing, when that shrinks what
+        the first feed keeps (a layer's output kept instead of its wider input); False when it would not (nothing
+        changed but the first feed's time)."""
+        live = live or {}
+        if not self.feeds or not self.whole[0]:
+            return False
+        step = self._step(names, live)
+        values = self._compute(step, 0, live, clock)
+        frontier = {n: values[n] for n in step.frontier}
+        del values
+        if sum(v.nbytes for v in frontier.values()) > sum(v.nbytes for v in self.kept[0].values()):
+            return False
+        self._commit(step)
+        self._keep(0, frontier)
+        del frontier
+        for number in range(1, len(self.feeds)):
+            values = self._compute(step, number, live, clock)
+            self._keep(number, {n: values[n] for n in step.frontier})
+            del values
+        return True
+
+    def _step(self, names: list[str], live: dict[str, np.ndarray]) -> _Step:
+        """What computing ``names`` takes: the nodes to run beyond the frontier (with those run ahead), the session
+        outputs of a feed keeping the frontier and of one recomputed from its inputs, the frontier after it."""
+        available = set(self.feeds[0]) | self.frontier | set(live)
         segment = self._segment(names, available)
+        segment = sorted(segment + self._ahead(segment, live), key=lambda node: self.position[id(node)])
         ids = {id(node) for node in segment}
         produced = [out for node in segment for out in node.output if out]
         wanted = [n for n in names if n not in available]
         later = [out for out in produced if out not in wanted and
                  any(r not in self.done and r not in ids for r in self.readers.get(out, []))]
-        outputs = wanted + later
-        with timed:
-            session = self._session(segment, available, live, outputs) if outputs else None
-        inputs = [i.name for i in session.get_inputs()] if session else []
-        self.done |= ids
-        for feed, kept in zip(self.feeds, self.kept):
-            values = {**feed, **kept, **live}
-            if session is not None:
-                with clock.stage("capture") if clock is not None else contextlib.nullcontext():
-                    values.update(zip(outputs, session.run(outputs, {k: values[k] for k in inputs})))
-            kept.update({out: values[out] for out in wanted + later})
-            yield {n: values[n] for n in names}
+        frontier = {out for out in self.frontier | set(produced)
+                    if any(r not in self.done and r not in ids for r in self.readers.get(out, []))}
+        return _Step(names, ids, frontier, (segment, available, wanted + later))
+
+    def _commit(self, step: _Step) -> None:
+        self.done |= step.ids
+        self.frontier = step.frontier
+
+    def _compute(self, step: _Step, number: int, live: dict[str, np.ndarray], clock: Any) -> dict[str, np.ndarray]:
+        """Feed ``number``'s values after ``step``: its inputs, kept tensors, ``live`` and the step's outputs."""
+        path = True if self.whole[number] else frozenset(self.kept[number])
+        values = {**self.feeds[number], **self.kept[number], **live}
+        if path not in step.sessions:
+            if path is True:
+                segment, available, outputs = step.whole
+            else:  # from the tensors the feed kept when it last fitted (none: its inputs)
+                segment, available = None, set(self.feeds[number]) | set(path) | set(live)
+                outputs = list(dict.fromkeys(n for n in [*step.names, *sorted(step.frontier)] if n not in available))
+            step.sessions[path] = self._path_session(segment, available, outputs, live, values, clock)
+        session, inputs, outputs = step.sessions[path]
+        if session is not None:
+            with clock.stage("capture") if clock is not None else contextlib.nullcontext():
+                values.update(zip(outputs, session.run(outputs, {k: values[k] for k in inputs})))
+            self.budget.note((values[n] for n in outputs), self.shares[number])
+        return values
+
+    def _keep(self, number: int, frontier: dict[str, np.ndarray]) -> None:
+        """Keep feed ``number``'s frontier when it fits the budget beside everything else kept; else the feed keeps
+        what it kept before (counted when the others were kept: the budget holds), recomputed from there."""
+        previous, self.kept[number] = self.kept[number], {}
+        self.whole[number] = self.budget.held() + sum(v.nbytes for v in frontier.values()) <= self.budget.allowed()
+        self.kept[number] = frontier if self.whole[number] else previous
+
+    def _path_session(self, segment: list[onnx.NodeProto] | None, available: set[str], outputs: list[str],
+                      live: dict[str, np.ndarray], values: dict[str, np.ndarray], clock: Any
+                      ) -> tuple[FedSession | None, list[str], list[str]]:
+        """The session of one path of a step (``segment`` None: the nodes computing ``outputs`` from ``available``),
+        its inputs and outputs."""
+        if segment is None:
+            segment = self._segment(outputs, available)
+        if not outputs:
+            return None, [], []
+        with clock.stage("capture") if clock is not None else contextlib.nullcontext():
+            session = self._session(segment, available, live, outputs, values)
+        return session, [i.name for i in session.get_inputs()], outputs
+
+    def _ahead(self, segment: list[onnx.NodeProto], live: dict[str, np.ndarray]) -> list[onnx.NodeProto]:
+        """Nodes not yet run that may run with ``segment`` because they shrink the frontier: an :data:`AHEAD_OPS`
+        node reading no ``live`` value, only constants and computed tensors, each of which it frees (no other
+        reader left to run)."""
+        ran = self.done | {id(node) for node in segment}
+        computed = self.frontier | {out for node in segment for out in node.output if out}
+        ahead: list[onnx.NodeProto] = []
+        queue = sorted(computed)
+        while queue:
+            for reader in self.readers.get(queue.pop(), []):
+                node = self.nodes[reader]
+                if reader in ran or node.op_type not in AHEAD_OPS or len([o for o in node.output if o]) != 1:
+                    continue
+                reads = self.reads[reader]
+                if any(n in live or (n not in computed and n not in self.constants) for n in reads):
+                    continue
+                if not any(n in computed for n in reads) or any(
+                        r not in ran and r != reader for n in reads if n in computed for r in self.readers[n]):
+                    continue
+                ran.add(reader)
+                ahead.append(node)
+                computed.add(node.output[0])
+                queue.append(node.output[0])
+        return ahead
 
     def by_feed(self, chunks: list[list[str]], clock: Any = None, keep_sessions: bool = True
                 ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
@@ -275,15 +428,6 @@ class ActivationStream:
         part.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in outputs)
         initializers = (i for i in model.graph.initializer if i.name in read and i.name not in available)
         return fed_session(part, initializers, lean_options(), shared=self.shared)
-
-    def _forget(self) -> None:
-        """Drop kept tensors no node left to run reads; drop everything when over the budget."""
-        for kept in self.kept:
-            for name in [n for n in kept if all(r in self.done for r in self.readers.get(n, []))]:
-                del kept[name]
-        if sum(v.nbytes for kept in self.kept for v in kept.values()) > self.budget:
-            for kept in self.kept:
-                kept.clear()
 
 
 def channel_energy(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],

@@ -208,7 +208,7 @@ def _providers(values: tuple[str, ...]) -> list[str]:
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @click.option("-v", "--verbose", is_flag=True, help="List every tensor/group in the summary.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-@click.option("--low-memory", is_flag=True, help="Return freed memory to the system at once (glibc mmap threshold fixed at 1 MiB): a lower peak with --calibration-data/--reconstruct (an 86 MB encoder: ~850 instead of ~1,000 MB) for ~10 % more time on large activations (docs/benchmarks.md).")
+@click.option("--low-memory", is_flag=True, help="Return freed memory to the system at once (glibc mmap threshold fixed at 1 MiB): a lower peak with --calibration-data/--reconstruct (an 86 MB encoder: ~850 instead of ~1,000 MB) for ~10 % more time on large activations (docs/benchmarks.md). The --reconstruct refit then keeps about one layer's input over the calibration data between its waves and recomputes what does not fit (more time, the same result).")
 def prune_command(model: Path, output: Path | None, force: bool, debug: bool, quiet: bool, verbose: bool,
                   reports: tuple[Path, ...], low_memory: bool, **opts) -> None:
     """Prune MODEL and validate the result (the default command)."""

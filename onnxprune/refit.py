@@ -9,14 +9,14 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .calibration import ActivationStream, StageClock
+from .calibration import ActivationStream, KeptBudget, StageClock
 from .gram import GramSum, RowSampler, _im2col, _patches, _reconstructable
 from .graph import GraphIndex, get_attr
 from .sessions import session_with_outputs
 
 
 def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, layers: list[tuple[str, np.ndarray]],
-                feeds: list[dict[str, np.ndarray]], ridge: float = 1e-3, budget: int = 1 << 30,
+                feeds: list[dict[str, np.ndarray]], ridge: float = 1e-3, budget: int | KeptBudget = 1 << 30,
                 clock: StageClock | None = None) -> dict[str, Any]:
     """Refit each layer's kept weights (and bias) so its output on ``feeds`` matches the original's.
 
@@ -25,8 +25,11 @@ def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, layers: list
     pruned model's own inputs to that layer (earlier refits already applied). Layers are refitted in
     waves: a wave holds every layer whose upstream refits are all done, so one pass over ``feeds`` serves the whole
     wave. Both models are streamed (:class:`~onnxprune.calibration.ActivationStream`): each node runs once per feed,
-    the tensors later waves read are kept between waves (at most ``budget`` bytes, else recomputed), and the
-    refitted weights are session inputs of the pruned model. ``clock`` times capture, Gram products and solves.
+    the tensors later waves read are kept between waves and the refitted weights are session inputs of the pruned
+    model. ``budget`` bounds the kept tensors: bytes per stream, or a :class:`~onnxprune.calibration.KeptBudget`
+    both streams share (with no limit of its own it allows the largest layer input of the original model over
+    ``feeds``, or a larger tensor the streams compute); a feed whose tensors do not fit is recomputed from the
+    tensors it last kept (the same values). ``clock`` times capture, Gram products and solves.
     """
     clock = clock or StageClock()
 
@@ -43,6 +46,12 @@ def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, layers: list
     index = GraphIndex.build(pruned.graph)  # with the biases just added
     plan = [_Refit(name, out_mask, node, index.resolve(node.input[1])[0], index, added)
             for name, out_mask, node, added in chosen]
+    before = {node.output[0]: node for node in original.graph.node if node.output}
+    original_index = GraphIndex.build(original.graph)
+    for item in plan:  # the original layer's input is wider by the share of its input channels pruning removed
+        node = before.get(item.name)
+        weight = original_index.resolve(node.input[1])[0] if node is not None and len(node.input) > 1 else None
+        item.widen = _features(node, weight.shape) / max(item.features, 1) if weight is not None else 1.0
     live = {}
     for item in plan:
         live[item.weight.name] = item.weight.array()
@@ -62,6 +71,8 @@ def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, layers: list
             if item.bias is not None:
                 live[item.bias.name] = item.bias.array()
             done.append(item.name)
+        # the wave's layers run now with their final weights when their outputs are less to keep than their inputs
+        current.advance([item.name for item in wave], live, clock)
     for item in plan:
         if item.solution is None and item.added is not None:
             _drop_added_bias(pruned, item.node, item.added)
@@ -76,9 +87,14 @@ class _Refit:
         self.name, self.out_mask, self.node, self.weight, self.added = name, out_mask, node, weight, added
         self.bias = index.resolve(node.input[2])[0] if node.op_type != "MatMul" else None
         self.solution: np.ndarray | None = None
-        shape = weight.shape
-        self.features = int(np.prod(shape[1:])) if node.op_type == "Conv" else int(
-            shape[-1] if node.op_type == "Gemm" and get_attr(node, "transB", 0) else shape[0])
+        self.features = _features(node, weight.shape)
+        self.widen = 1.0  # the original layer's input features per feature here
+
+
+def _features(node: onnx.NodeProto, shape: tuple[int, ...]) -> int:
+    """Input features of a Conv (channels x kernel), Gemm or MatMul with a weight of ``shape``."""
+    return int(np.prod(shape[1:])) if node.op_type == "Conv" else int(
+        shape[-1] if node.op_type == "Gemm" and get_attr(node, "transB", 0) else shape[0])
 
 
 def _ensure_bias(model: onnx.ModelProto, index: GraphIndex, node: onnx.NodeProto, weight) -> tuple[str, str] | None:
@@ -149,7 +165,10 @@ def _refit_wave(wave: list[_Refit], reference, current, live: dict[str, np.ndarr
     outputs = [item.name for item in wave]
     sums: dict[str, GramSum | None] = {}
     samplers: dict[str, RowSampler] = {}
-    for xs, ys in zip(current.run(inputs, live, clock), reference.run(outputs, clock=clock)):
+    for number, (xs, ys) in enumerate(zip(current.run(inputs, live, clock), reference.run(outputs, clock=clock))):
+        if number == 0 and current.budget.limit is None:
+            for item in wave:  # a budget derived from the data allows the original layer's input, every feed
+                current.budget.allow(xs[item.node.input[0]].nbytes * item.widen / current.shares[0])
         with clock.stage("refit_gram"):
             for item in wave:
                 if item.name in sums and sums[item.name] is None:
@@ -160,6 +179,8 @@ def _refit_wave(wave: list[_Refit], reference, current, live: dict[str, np.ndarr
                     sums[item.name] = None
                     continue
                 sums.setdefault(item.name, GramSum(np.float32)).add(rows, target)
+                del rows, target
+        del xs, ys  # before the next feed is computed
     with clock.stage("refit_solve"):
         for item in wave:
             if sums.get(item.name) is not None:

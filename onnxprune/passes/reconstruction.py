@@ -4,6 +4,8 @@ The pruning pass chooses (channels or weights) and records a :class:`~.manager.R
 context; this pass refits the layers it names against the model before pruning and writes the outcome into the
 pruning pass's report details, so the report's ``passes`` list stays the pruning passes. It runs after the pruning
 pass's own removal, including the control-flow subgraphs it pruned, so the refit sees the final pruned graph.
+Under ``--low-memory`` (:func:`~onnxprune.heap.heap_bounded`) the structured refit's activation streams share a
+:class:`~onnxprune.calibration.KeptBudget` derived from the data and recompute the feeds that do not fit.
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ from typing import Any
 
 import onnx
 
+from ..calibration import KeptBudget
 from ..compensation import reconstruct, reconstruct_sparse
 from ..graph import count_params
-from ..heap import release_memory
+from ..heap import heap_bounded, release_memory
 from ..model import compacted
 from .manager import PassContext, PassResult
 
@@ -37,7 +40,10 @@ class ReconstructionPass:
                 ctx.model = compacted(ctx.model)
                 release_memory()
             logger.info(f"reconstructing {len(request.layers)} layers by least squares on calibration data")
-            outcome = reconstruct(request.original, ctx.model, request.layers, ctx.calibration, clock=request.clock)
+            # --low-memory: both models' streams keep at most about one layer's input over the calibration set
+            budget = KeptBudget() if heap_bounded() else 1 << 30
+            outcome = reconstruct(request.original, ctx.model, request.layers, ctx.calibration, budget=budget,
+                                  clock=request.clock)
             request.details["stages"] = request.clock.as_dict()
             _recount_params(request.details, ctx.model)
         else:
