@@ -150,7 +150,6 @@ class Downstream:
                 _placeholder(header.graph, tensor)
                 external[tensor.name] = held
         options = session_options(log_level=3)
-        options.enable_cpu_mem_arena = not heap_bounded()  # --low-memory: each run's memory goes back at its end
         if external:
             options.add_external_initializers(list(external), [value for _, value in external.values()])
         session = create_session(header, options)
@@ -217,7 +216,6 @@ class Downstream:
     def _session(self, cut: dict) -> ort.InferenceSession:
         """The cut's session; its larger weights are the OrtValues made once, not serialized per group."""
         options = session_options(log_level=3)
-        options.enable_cpu_mem_arena = not heap_bounded()  # --low-memory: no arena keeping its largest run's memory
         names = [n for n in cut["initializers"] if self._value(n) is not None]
         if names:
             options.add_external_initializers(names, [self._value(n) for n in names])
