@@ -79,28 +79,30 @@ class Downstream:
         self._load(0)
         self.current: tuple[int, object] | None = None
 
-    def _windows(self, window: float | None, sizes: dict[str, int]) -> list[int]:
+    def _windows(self, window: int | None, sizes: dict[str, int]) -> list[int]:
         """The first plan of each capture run: one run for every plan (``window`` None), else runs over consecutive
-        plans whose crossing tensors (bytes in ``sizes``) stay within ``window`` bytes (a plan over it alone)."""
+        plans whose crossing tensors (bytes in ``sizes``) stay within ``window`` bytes (a plan over it alone). The
+        windows are cut from the last plan back: the later runs, which come while the refit holds the wider later
+        consumers' Grams, are the fewer."""
         if window is None:
             return [0]
         def size(names) -> int:
             return sum(sizes.get(name, 0) for name in names)
-        starts, held = [0], set()
-        for index, cut in enumerate(self.cuts):
-            union = held | set(cut["boundary"])
+        starts, held = [], set()
+        for index in range(len(self.cuts) - 1, -1, -1):
+            union = held | set(self.cuts[index]["boundary"])
             if held and size(union) > window:
-                starts.append(index)
-                union = set(cut["boundary"])
+                starts.append(index + 1)
+                union = set(self.cuts[index]["boundary"])
             held = union
-        return starts
+        return [0, *reversed(starts)]
 
     def _load(self, window: int) -> None:
         """The crossing tensors of window ``window``'s plans, from a run of the original (the previous window's
         tensors go first); the graph outputs stay those of the first run."""
         first = self.starts[window]
         stop = self.starts[window + 1] if window + 1 < len(self.starts) else len(self.cuts)
-        self.values, self.last_use, self.window = [], {}, window
+        self.values, self.window = [], window
         needed = {name for cut in self.cuts[first:stop] for name in cut["boundary"]}
         self.last_use = {name: max(i for i in range(first, stop) if name in self.cuts[i]["boundary"])
                          for name in needed}
@@ -148,7 +150,6 @@ class Downstream:
                 _placeholder(header.graph, tensor)
                 external[tensor.name] = held
         options = session_options(log_level=3)
-        options.enable_cpu_mem_arena = False  # run four times, then dropped: nothing to keep between runs
         if external:
             options.add_external_initializers(list(external), [value for _, value in external.values()])
         session = create_session(header, options)
@@ -215,7 +216,6 @@ class Downstream:
     def _session(self, cut: dict) -> ort.InferenceSession:
         """The cut's session; its larger weights are the OrtValues made once, not serialized per group."""
         options = session_options(log_level=3)
-        options.enable_cpu_mem_arena = False  # the arena would keep its largest run's memory between points
         names = [n for n in cut["initializers"] if self._value(n) is not None]
         if names:
             options.add_external_initializers(names, [self._value(n) for n in names])
