@@ -146,8 +146,8 @@ def _read(path: Path, specs: list[InputSpec]) -> dict[str, np.ndarray]:
 
 class KeptBudget:
     """Bytes the :class:`ActivationStream` objects sharing it may keep between steps, all feeds and streams together.
-    ``limit`` None: derived from the data, the largest tensor the streams have computed so far, over the whole
-    calibration set (about one layer's input: ``--low-memory``)."""
+    ``limit`` None: derived from the data, the largest tensor the streams have computed so far (or a caller allows,
+    see :meth:`allow`), over the whole calibration set: about one layer's input (``--low-memory``)."""
 
     def __init__(self, limit: int | None = None):
         self.limit, self.derived = limit, 0
@@ -199,8 +199,8 @@ class ActivationStream:
     elementwise op reading no ``live`` value that frees every computed tensor it reads) run with the step. Capturing
     the inputs of layer after layer thus costs about one forward pass over the calibration data instead of one per
     step. Kept tensors are bounded by ``budget`` (bytes, or a :class:`KeptBudget` shared with other streams): a feed
-    whose frontier does not fit keeps nothing and is recomputed from its inputs when a step needs it (its frontier
-    too, kept again once it fits). Values must not change once computed: a caller that changes weights (fed through
+    whose frontier does not fit keeps what it kept when it last fitted (nothing at first) and later steps recompute
+    it from there, its frontier too, kept again once it fits. Values must not change once computed: a caller that changes weights (fed through
     ``live``) only changes those of nodes that have not run yet. Streams over two versions of one model may share
     ``shared`` (see :func:`~onnxprune.sessions.fed_session`): the weights both hold unchanged are then held once."""
 

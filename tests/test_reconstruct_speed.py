@@ -268,7 +268,8 @@ def test_wave_refit_equals_layer_by_layer(monkeypatch):
     plan = [SimpleNamespace(node=n) for n in fast.graph.node if any(n.output[0] == name for name, _ in layers)]
     waves = _waves(fast, plan)
     assert len(waves) < len(layers)  # a stage's first conv and its downsample read one tensor: one wave
-    assert len(runs) <= 2 * len(waves) * len(feeds)  # at most one run of each model per wave and feed
+    # at most one run of each model per wave and feed, and one of the pruned model past the wave's refitted layers
+    assert len(runs) <= 3 * len(waves) * len(feeds)
     slow_w = {i.name: onnx.numpy_helper.to_array(i) for i in slow.graph.initializer}
     fast_w = {i.name: onnx.numpy_helper.to_array(i) for i in fast.graph.initializer}
     assert slow_w.keys() == fast_w.keys()
