@@ -12,7 +12,7 @@ as they always did.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
 import onnx
@@ -32,21 +32,28 @@ def read_model(path: str | os.PathLike) -> onnx.ModelProto:
     fmt = onnx.serialization.registry.get_format_from_file_extension(os.path.splitext(path)[1])
     if fmt not in (None, "protobuf"):
         return onnx.load(path, load_external_data=False)
-    model = onnx.ModelProto()
     try:
-        with open(path, "rb") as handle:
-            end = os.fstat(handle.fileno()).st_size
-            for number, start, stop in _fields(handle, 0, end):
-                if number != GRAPH_FIELD:
-                    model.MergeFromString(_read(handle, start, stop))
-                    continue
-                payload = _payload_start(handle, start)
-                if payload == stop:  # an empty graph field still sets the graph
-                    model.MergeFromString(_read(handle, start, stop))
-                for _, entry_start, entry_stop in _fields(handle, payload, stop):
-                    model.MergeFromString(_as_graph_field(handle, entry_start, entry_stop))
+        return _merge_pieces(path)
     except _Unexpected:
         return onnx.load(path, load_external_data=False)
+
+
+def _merge_pieces(path: str, keep: Callable[[int, int, int], bool] | None = None) -> onnx.ModelProto:
+    """The model in ``path`` merged one top-level field and one graph entry at a time; ``keep(field number, start,
+    stop)`` chooses the graph entries read (default: all). Raises :class:`_Unexpected` on what it does not handle."""
+    model = onnx.ModelProto()
+    with open(path, "rb") as handle:
+        end = os.fstat(handle.fileno()).st_size
+        for number, start, stop in _fields(handle, 0, end):
+            if number != GRAPH_FIELD:
+                model.MergeFromString(_read(handle, start, stop))
+                continue
+            payload = _payload_start(handle, start)
+            if payload == stop:  # an empty graph field still sets the graph
+                model.MergeFromString(_read(handle, start, stop))
+            for entry, entry_start, entry_stop in _fields(handle, payload, stop):
+                if keep is None or keep(entry, entry_start, entry_stop):
+                    model.MergeFromString(_as_graph_field(handle, entry_start, entry_stop))
     return model
 
 
@@ -61,19 +68,10 @@ def read_structure(path: str | os.PathLike) -> onnx.ModelProto:
     serialized, skipped unread): its nodes, inputs, outputs, opsets and small constants, to read its structure."""
     path = os.fspath(path)
     fmt = onnx.serialization.registry.get_format_from_file_extension(os.path.splitext(path)[1])
-    model = onnx.ModelProto()
     try:
         if fmt not in (None, "protobuf"):
             raise _Unexpected
-        with open(path, "rb") as handle:
-            end = os.fstat(handle.fileno()).st_size
-            for number, start, stop in _fields(handle, 0, end):
-                if number != GRAPH_FIELD:
-                    model.MergeFromString(_read(handle, start, stop))
-                    continue
-                for entry, entry_start, entry_stop in _fields(handle, _payload_start(handle, start), stop):
-                    if entry not in WEIGHT_FIELDS or entry_stop - entry_start <= SMALL_ENTRY:
-                        model.MergeFromString(_as_graph_field(handle, entry_start, entry_stop))
+        return _merge_pieces(path, lambda entry, start, stop: entry not in WEIGHT_FIELDS or stop - start <= SMALL_ENTRY)
     except _Unexpected:
         model = read_model(path)
         for field in ("initializer", "sparse_initializer"):
