@@ -75,7 +75,7 @@ def test_heads_and_neurons_are_prunable(name):
 
 
 @pytest.mark.parametrize("name", EXPORTS)
-@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow)])  # seed 1: the slow suite
 def test_oracle(name, seed):
     model = load(name)
     choice = random_choice(model, 0.5, seed)
@@ -173,7 +173,7 @@ def test_sdpa_decomposition_key_transpose_is_simplified():
     assert relative_error(run(model, feed), run(simplified, feed)) < 1e-6
 
 
-@pytest.mark.parametrize("head_sparsity", [0.0, 0.5])
+@pytest.mark.parametrize("head_sparsity", [pytest.param(0.0, marks=pytest.mark.slow), 0.5])  # 0.0: the slow suite
 def test_target_macs_counts_pinned_heads(tmp_path, head_sparsity):
     """--target-macs allocates MLP neurons; heads stay at --head-sparsity and count toward the target."""
     model = load("llama_ts")
