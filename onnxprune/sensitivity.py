@@ -67,13 +67,25 @@ def prune_groups(model: onnx.ModelProto, ratios: dict[int, float], config: Prune
 
 def pruned_macs(model: onnx.ModelProto, ratios: dict[int, float], config: PruneConfig,
                 input_shapes: dict[str, list[int]] | None = None) -> int:
-    """``total_macs(prune_groups(model, ratios, config, input_shapes))``, counted without a copy of the weights
-    (:func:`~onnxprune.plan_macs.plan_macs`) where that is exact, else on the pruned copy."""
-    analysis = analyse(model, input_shapes, config.exclude, config.prune_layernorm)
-    counted = plan_macs(model, analysis, _ratio_keep(analysis, ratios, config), input_shapes, config.exclude,
-                        config.prune_layernorm)
-    return counted if counted is not None else total_macs(prune_groups(model, ratios, config, input_shapes),
-                                                          input_shapes)
+    """``total_macs(prune_groups(model, ratios, config, input_shapes))``, counted by :func:`_macs_left`."""
+    return _macs_left(model, input_shapes, (config.exclude, config.prune_layernorm),
+                      lambda analysis: _ratio_keep(analysis, ratios, config))
+
+
+def _macs_left(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None, settings: tuple,
+               choose: Callable[[Analysis], np.ndarray]) -> int:
+    """MACs of ``model`` once the channels ``choose(analysis)`` marks False are removed (``settings``: the analysis's
+    exclude, prune_layernorm and overrides), counted without a pruned copy of the weights
+    (:func:`~onnxprune.plan_macs.plan_macs`) where that is exact, else on a pruned copy."""
+    analysis = analyse(model, input_shapes, *settings)  # reads the model only
+    counted = plan_macs(model, analysis, choose(analysis), input_shapes, *settings)
+    if counted is not None:
+        return counted
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    analysis = analyse(copy, input_shapes, *settings)
+    remove(analysis, choose(analysis))
+    return total_macs(copy, input_shapes)
 
 
 def _ratio_keep(analysis: Analysis, ratios: dict[int, float], config: PruneConfig) -> np.ndarray:
@@ -99,20 +111,11 @@ def uniform_macs(model: onnx.ModelProto, config: PruneConfig,
     """MACs left by the uniform plan of ``config`` (its sparsity in every group, heads at their own ratio);
     which units go does not change the count, so data-free scores stand in for the configured criterion. Counted
     without a pruned copy of the weights (:func:`~onnxprune.plan_macs.plan_macs`) where that is exact."""
-    settings = (config.exclude, config.prune_layernorm, config.overrides)
-    analysis = analyse(model, input_shapes, *settings)  # reads the model only
-    groups = build_groups(analysis)
-    keep = allocate_safe(analysis, groups, unit_scores(analysis, groups, _data_free(config), config.seed), config)
-    counted = plan_macs(model, analysis, keep, input_shapes, *settings)
-    if counted is not None:
-        return counted
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    analysis = analyse(copy, input_shapes, *settings)
-    groups = build_groups(analysis)
-    remove(analysis, allocate_safe(analysis, groups, unit_scores(analysis, groups, _data_free(config), config.seed),
-                                   config))
-    return total_macs(copy, input_shapes)
+    def choose(analysis: Analysis) -> np.ndarray:
+        groups = build_groups(analysis)
+        return allocate_safe(analysis, groups, unit_scores(analysis, groups, _data_free(config), config.seed), config)
+
+    return _macs_left(model, input_shapes, (config.exclude, config.prune_layernorm, config.overrides), choose)
 
 
 def around(sparsity: float) -> tuple[float, ...]:
