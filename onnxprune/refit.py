@@ -46,12 +46,13 @@ def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, layers: list
     index = GraphIndex.build(pruned.graph)  # with the biases just added
     plan = [_Refit(name, out_mask, node, index.resolve(node.input[1])[0], index, added)
             for name, out_mask, node, added in chosen]
-    before = {node.output[0]: node for node in original.graph.node if node.output}
-    original_index = GraphIndex.build(original.graph)
-    for item in plan:  # the original layer's input is wider by the share of its input channels pruning removed
-        node = before.get(item.name)
-        weight = original_index.resolve(node.input[1])[0] if node is not None and len(node.input) > 1 else None
-        item.widen = _features(node, weight.shape) / max(item.features, 1) if weight is not None else 1.0
+    if isinstance(budget, KeptBudget) and budget.limit is None:  # only a derived budget reads the widths
+        before = {node.output[0]: node for node in original.graph.node if node.output}
+        original_index = GraphIndex.build(original.graph)
+        for item in plan:  # the original layer's input is wider by the share of its input channels pruning removed
+            node = before.get(item.name)
+            weight = original_index.resolve(node.input[1])[0] if node is not None and len(node.input) > 1 else None
+            item.widen = _features(node, weight.shape) / max(item.features, 1) if weight is not None else 1.0
     live = {}
     for item in plan:
         live[item.weight.name] = item.weight.array()
