@@ -11,7 +11,7 @@ from typing import ClassVar
 import numpy as np
 import onnx
 
-from onnxprune import consumer_grams, probe, scoring
+from onnxprune import consumer_grams, probe, probe_refit, scoring
 from onnxprune.analysis.groups import analyse, build_groups
 from onnxprune.calibration import ActivationStream
 from onnxprune.config import PruneConfig
@@ -106,17 +106,18 @@ def test_allocation_refit_equals_the_refit_from_grams_held_at_once(monkeypatch):
     the points move on to another group's consumers."""
     config = PruneConfig(structured=True, sparsity=0.3, calibration_data="calib.npz", reconstruct=True)
     feeds, fit = _feeds((2,), seed=1), _feeds((3, 2), seed=2)
-    monkeypatch.setattr(probe, "ConsumerGrams", functools.partial(ConsumerGrams, defer=False))
+    monkeypatch.setattr(probe_refit, "ConsumerGrams", functools.partial(ConsumerGrams, defer=False))
     whole, _ = measure_masked(_model(), feeds, config, around(0.3), fit_feeds=fit)
     _Recorded.made = []
-    monkeypatch.setattr(probe, "ConsumerGrams", _Recorded)
+    monkeypatch.setattr(probe_refit, "ConsumerGrams", _Recorded)
     bounded, _ = measure_masked(_model(), feeds, config, around(0.3), fit_feeds=fit)
     points = [[(p["channels_removed"], p["rel_l2"]) for p in g["points"]] for g in whole["groups"]]
     assert points == [[(p["channels_removed"], p["rel_l2"]) for p in g["points"]] for g in bounded["groups"]]
     assert len(points) > 10
     grams = _Recorded.made[0]
-    every = _gram_bytes(grams, grams.patch.values())
+    every = _gram_bytes(grams, grams.node)  # every patch (the consumers are forgotten after their last group)
     assert grams.deferred and grams.peak_bytes < every / 4
+    assert not grams.patch and grams.live_bytes == 0  # each Gram dropped after the last group that refits with it
 
 
 def test_capture_chunks_are_read_from_the_module_budget(monkeypatch):
