@@ -10,8 +10,9 @@ from typing import ClassVar
 
 import numpy as np
 import onnx
+import pytest
 
-from onnxprune import consumer_grams, probe, probe_refit, scoring
+from onnxprune import consumer_grams, probe, probe_refit, scoring, spd_solve
 from onnxprune.analysis.groups import analyse, build_groups
 from onnxprune.calibration import ActivationStream
 from onnxprune.config import PruneConfig
@@ -183,3 +184,66 @@ def test_allocation_refit_captures_in_chunks(monkeypatch):
     assert list(refit.grams) == list(whole) and len(whole) > 15
     for key in whole:
         np.testing.assert_array_equal(refit.grams[key], whole[key])
+
+
+def test_wide_consumers_refit_from_one_factor_per_group_as_the_direct_solve(monkeypatch):
+    """A wide consumer's points solve from one in-place Cholesky factor of its permuted Gram per group (each point's
+    kept features a leading block): the points equal the direct LU solves' up to rounding, the same under a bounded
+    heap (``--low-memory``) bit for bit."""
+    config = PruneConfig(structured=True, sparsity=0.3, calibration_data="calib.npz", reconstruct=True)
+    feeds, fit = _feeds((2,), seed=1), _feeds((3, 2), seed=2)
+    direct, _ = measure_masked(_model(), feeds, config, around(0.3), fit_feeds=fit)
+    factored = []
+    original = probe_refit.Refit._factor
+
+    def counted(self, key, kept, matrix):
+        found = original(self, key, kept, matrix)
+        factored.append(found is not None)
+        return found
+
+    monkeypatch.setattr(probe_refit, "WIDE_FEATURES", 100)  # every 3×3 conv of the fixture from 144 features
+    monkeypatch.setattr(probe_refit.Refit, "_factor", counted)
+    wide, _ = measure_masked(_model(), feeds, config, around(0.3), fit_feeds=fit)
+    assert sum(factored) > 20  # the factored path ran
+    points = [[p["rel_l2"] for p in g["points"]] for g in wide["groups"]]
+    assert [[p["channels_removed"] for p in g["points"]] for g in wide["groups"]] == \
+        [[p["channels_removed"] for p in g["points"]] for g in direct["groups"]]
+    np.testing.assert_allclose([r for row in points for r in row], [p["rel_l2"] for g in direct["groups"] for p in g["points"]],
+                               rtol=1e-7)
+    monkeypatch.setattr(consumer_grams, "heap_bounded", lambda: True)
+    monkeypatch.setattr(probe, "heap_bounded", lambda: True)
+    low, _ = measure_masked(_model(), feeds, config, around(0.3), fit_feeds=fit)
+    assert [[p["rel_l2"] for p in g["points"]] for g in low["groups"]] == points
+
+
+def test_refit_matrices_view_the_probe_weights():
+    """With the probe's weight arrays given, the refit's consumer matrices are views of them (no second copy of the
+    consumer weights), with the same values as the copies."""
+    model = _model()
+    analysis = analyse(model)
+    fit = _feeds((2,), seed=2)
+    copied = scoring._refit_consumers(analysis)
+    originals = {edit.weight.name: edit.weight.array() for _, edit, _, _ in copied.values()}
+    refit = probe_refit.Refit(analysis, fit, originals=originals)
+    assert refit.consumers.keys() == copied.keys() and len(copied) > 15
+    for key, (_, edit, matrix, _) in refit.consumers.items():
+        assert np.shares_memory(matrix, originals[edit.weight.name])
+        np.testing.assert_array_equal(matrix, copied[key][2])
+
+
+def test_cholesky_in_place_and_leading_solves_match_numpy():
+    """The blocked in-place factor equals numpy's Cholesky up to rounding (upper triangle zeroed), and each leading
+    block's least-squares refit from it equals the direct solve of that block's normal equations."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((700, 300))
+    gram = x.T @ x + 1e-3 * np.eye(300)
+    weights = rng.standard_normal((300, 7))
+    lower = spd_solve.cholesky_in_place(gram.copy(), block=64)
+    np.testing.assert_allclose(lower, np.linalg.cholesky(gram), rtol=1e-10, atol=1e-10)
+    assert not np.triu(lower, 1).any()
+    c = lower.T @ weights
+    for k in (300, 211, 64, 5):
+        expected = np.linalg.solve(gram[:k, :k], (gram @ weights)[:k])
+        np.testing.assert_allclose(spd_solve.solve_leading(lower, c, k, block=64), expected, rtol=1e-9, atol=1e-9)
+    with pytest.raises(np.linalg.LinAlgError):
+        spd_solve.cholesky_in_place(-np.eye(4), block=2)
