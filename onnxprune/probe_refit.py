@@ -20,7 +20,8 @@ class Refit:
     points need the same consumers (a group's points) and dropped when a point needs others.
 
     A group's points drop nested sets of features (more units each), so after :meth:`plan` a wide consumer's Gram
-    is permuted once, features dropped last at the end, and factored in place (H' = L Lᵀ, the Gram then released):
+    is built once with its features permuted, those dropped first at the end
+    (:meth:`~onnxprune.consumer_grams.ConsumerGrams.permuted`), and factored in place (H' = L Lᵀ):
     each point's kept features are a leading block, whose system is solved from L and c = Lᵀ W' alone
     (:func:`~onnxprune.spd_solve.solve_leading`). ``originals`` (weight name -> array) are the consumer weights'
     values to read instead of copies of their own (the probe's)."""
@@ -86,7 +87,7 @@ class Refit:
         if order is None or not kept[order[:int(kept.sum())]].all():
             return None
         if key not in self.factors:
-            lower = self.grams[key][np.ix_(order, order)]
+            lower = self.grams.permuted(key, order)
             try:
                 cholesky_in_place(lower)
             except np.linalg.LinAlgError:

@@ -247,3 +247,27 @@ def test_cholesky_in_place_and_leading_solves_match_numpy():
         np.testing.assert_allclose(spd_solve.solve_leading(lower, c, k, block=64), expected, rtol=1e-9, atol=1e-9)
     with pytest.raises(np.linalg.LinAlgError):
         spd_solve.cholesky_in_place(-np.eye(4), block=2)
+
+
+def test_permuted_gram_of_a_deferred_patch_is_summed_in_that_order():
+    """``permuted`` gives ``gram[order][:, order]``: summed from the kept inputs with its columns permuted for a
+    deferred Gram not held (equal up to rounding, the unpermuted Gram never built), indexed from a held one."""
+    model = _model()
+    analysis = analyse(model)
+    consumers = scoring._refit_consumers(analysis)
+    grams = ConsumerGrams(model, consumers, _feeds(), 1e-3, shapes=analysis.shapes)
+    deferred = [key for key in grams if grams.patch[key] in grams.deferred]
+    held = [key for key in grams if grams.patch[key] not in grams.deferred]
+    assert deferred and held
+    rng = np.random.default_rng(0)
+    for key in deferred[:3] + held[:3]:
+        order = rng.permutation(grams.patch[key][1])
+        before = grams.live_bytes
+        permuted = grams.permuted(key, order)
+        assert grams.live_bytes == before  # nothing held for it
+        full = grams[key]
+        if key in held:
+            np.testing.assert_array_equal(permuted, full[np.ix_(order, order)])
+        else:
+            np.testing.assert_allclose(permuted, full[np.ix_(order, order)], rtol=1e-9, atol=1e-9 * np.abs(full).max())
+            grams.release([key])
