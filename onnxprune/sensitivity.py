@@ -25,6 +25,7 @@ from .calibration import StageClock
 from .config import PruneConfig
 from .errors import UsageError
 from .graph import count_params
+from .heap import heap_bounded
 from .passes.structured import allocate_safe, channel_roots, head_units, mask, never_empty, remove
 from .plan_macs import plan_macs
 from .probe import Probe, Refit, Savings, fed_consumers, run_model
@@ -159,6 +160,10 @@ def measure_masked(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], c
         groups = [g for g in every if g.units and g.id not in heads]
         scores = unit_scores(analysis, groups, _data_free(config), config.seed)
     planned = _plan_points(analysis, groups, scores, ratios)
+    refit, low = None, heap_bounded()
+    if config.reconstruct and not low:  # the Grams first: the probe's capture run then reuses the heap they freed
+        with clock.stage("gram"):
+            refit = Refit(analysis, fit_feeds or feeds, clock=clock)
     with clock.stage("reference"):  # the tensors entering each group's downstream part, and the outputs, from one
         probe = Probe(analysis, feeds, [set().union(*(probe_touched(analysis, keep) for _, _, keep in points))
                                         for _, points in planned], clock)  # run of the original
@@ -166,9 +171,9 @@ def measure_masked(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], c
             reference = probe.reference()
         if reference is None:
             reference = _run(model, feeds)
-    with clock.stage("gram"):  # after the probe's capture run: its peak comes before the Grams are held
-        refit = Refit(analysis, fit_feeds or feeds, clock=clock, originals=getattr(probe, "weights", None)) \
-            if config.reconstruct else None
+    if config.reconstruct and low:  # with the heap bounded (``--low-memory``) the Grams come after the probe's
+        with clock.stage("gram"):  # capture run (its peak before they are held) and read the probe's weight arrays
+            refit = Refit(analysis, fit_feeds or feeds, clock=clock, originals=getattr(probe, "weights", None))
     last = _last_refits(refit, planned)
     macs = node_macs(analysis.model, shapes=analysis.shapes)
     savings = Savings(analysis, every, macs)
