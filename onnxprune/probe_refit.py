@@ -39,8 +39,7 @@ class Refit:
     def plan(self, keeps: list[np.ndarray]) -> None:
         """The channels kept by the next points (one group's, in order): each wide consumer's feature order for
         one factorisation serving every point whose kept features lead it."""
-        self._work_on(set())
-        self.orders = {}
+        self.orders, self.factors = {}, {}  # the previous group's factors follow its order
         for key, (*_, feature_ids) in self.consumers.items():
             if len(feature_ids) < WIDE_FEATURES or key not in self.grams:
                 continue
