@@ -130,6 +130,22 @@ class ConsumerGrams(Mapping):
                 self.grams[patch] = self._finish(total)
         return self.grams[patch]
 
+    def permuted(self, key: str, order: np.ndarray) -> np.ndarray:
+        """A new array: the Gram of ``key`` with its features in ``order`` (``gram[order][:, order]``). A deferred
+        Gram not held is summed from the kept inputs with its columns already in that order (the same sums up to
+        rounding; the unpermuted Gram is never built), else the held Gram is indexed."""
+        patch = self.patch.get(key)
+        if patch is None or patch in self.failed:
+            raise KeyError(key)
+        if patch in self.grams or patch not in self.deferred:
+            return self[key][np.ix_(order, order)]
+        node, total = self.node[patch], GramSum()
+        sampler = RowSampler(patch[1], self.feeds)
+        with self.clock.stage("gram"):
+            for x in self.inputs[node.input[0]]:
+                total.add(_features(node, x, patch[1], sampler)[:, order])
+            return self._finish(total)
+
     def __contains__(self, key: object) -> bool:
         return key in self.patch and self.patch[key] not in self.failed
 

@@ -145,8 +145,12 @@ class GramSum:
 
 
 def _accumulate(total: np.ndarray | int, product: np.ndarray) -> np.ndarray:
-    """``total + product`` in float64, in place once ``total`` is an array (``0 + p`` first, as before)."""
+    """``total + product`` in float64, in place once ``total`` is an array (``0 + p`` first, as before: in the
+    product's own array when it is float64, the same values without a second D×D array)."""
     if isinstance(total, int):
+        if product.dtype == np.float64:
+            product += 0.0  # 0 + p: a negative zero becomes 0.0, as in zeros + p
+            return product
         total = np.zeros(product.shape)
     total += product
     return total

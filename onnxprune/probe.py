@@ -9,8 +9,8 @@ graph outputs are also the reference the points are compared with; the group's c
 inputs (fed per point, from the original arrays, held once) and every other weight stays a constant initializer,
 so onnxruntime folds BatchNorm into convolutions, fuses activations and prepacks weights. Graph outputs outside the
 cut are the original's. Elsewhere (weights in ``Constant`` nodes or subgraphs) each point serialises the masked
-model into a new session. :class:`Refit` refits a point's consumers from Gram matrices captured once;
-:class:`Savings` counts the MACs and parameters a point saves.
+model into a new session. :class:`Savings` counts the MACs and parameters a point saves; the points' refit is
+:class:`~onnxprune.probe_refit.Refit`.
 """
 
 from __future__ import annotations
@@ -29,10 +29,9 @@ from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 from .analysis.cost import node_key
 from .analysis.groups import Analysis
 from .calibration import StageClock
-from .consumer_grams import ConsumerGrams
 from .graph import Weight, subgraph_reads
 from .heap import heap_bounded
-from .scoring import WIDE_FEATURES, _refit_consumers, as_float64
+from .probe_refit import Refit  # noqa: F401  (the points' refit, imported from here)
 from .sessions import create_session, inference_session, model_header, session_options
 
 logger = logging.getLogger(__name__)
@@ -423,62 +422,3 @@ class Savings:
                 if counts_macs:
                     macs_removed[gid] += node_mac * count / len(ids)
         return sum(int(macs_removed[g]) for g in self.counted), sum(int(params[g]) for g in self.counted)
-
-
-class Refit:
-    """Least-squares refit of masked consumers from Gram matrices captured once on the calibration data
-    (:class:`~onnxprune.consumer_grams.ConsumerGrams`: a deep layer keeps its few inputs instead of its large Gram
-    and builds the Gram when a point first needs it). Deferred Grams and ``H @ W`` products are held while the
-    points need the same consumers (a group's points) and dropped when a point needs others."""
-
-    def __init__(self, analysis: Analysis, feeds: list[dict[str, np.ndarray]], ridge: float = 1e-3,
-                 clock: StageClock | None = None):
-        self.consumers = _refit_consumers(analysis)
-        self.grams = ConsumerGrams(analysis.model, self.consumers, feeds, ridge, clock, analysis.shapes) \
-            if self.consumers else {}
-        self.products: dict[str, np.ndarray] = {}
-        self.working: set[str] = set()
-
-    def apply(self, keep: np.ndarray) -> None:
-        """Write the refitted weights of every consumer that lost input features (after :func:`mask`)."""
-        touched = [key for key, (*_, feature_ids) in self.consumers.items()
-                   if key in self.grams and not keep[feature_ids].all() and keep[feature_ids].any()]
-        self._work_on(set(touched))
-        for key in touched:
-            node, edit, matrix, feature_ids = self.consumers[key]
-            kept = keep[feature_ids]
-            gram = self.grams[key]
-            fitted = np.zeros_like(matrix, dtype=np.float64)
-            try:
-                fitted[kept] = np.linalg.solve(gram[np.ix_(kept, kept)], self._target(key, gram, matrix, kept))
-            except np.linalg.LinAlgError:
-                continue
-            if node.op_type == "Conv":
-                values = fitted.T.reshape(edit.weight.shape)
-            elif node.op_type == "Gemm" and edit.axis == 1:
-                values = fitted.T
-            else:
-                values = fitted
-            edit.weight.set_array(values)
-
-    def _work_on(self, keys: set[str]) -> None:
-        """Drop the deferred Grams and products of the consumers the previous point refitted and this one does not."""
-        left = self.working - keys
-        if left and self.consumers:  # else no Grams at all
-            self.grams.release(left, keep=keys)
-        for key in left:
-            self.products.pop(key, None)
-        self.working = keys
-
-    def _target(self, key: str, gram: np.ndarray, matrix: np.ndarray, kept: np.ndarray) -> np.ndarray:
-        """H[kept] @ W, the right-hand side of the refit; for a wide consumer (every point of its group solves
-        with it) H @ W is computed once and its rows taken."""
-        if gram.shape[0] < WIDE_FEATURES:
-            return gram[kept] @ as_float64(matrix)
-        return self._product(key, gram, matrix)[kept]
-
-    def _product(self, key: str, gram: np.ndarray, matrix: np.ndarray) -> np.ndarray:
-        """H @ W of a consumer, computed once."""
-        if key not in self.products:
-            self.products[key] = gram @ as_float64(matrix)
-        return self.products[key]

@@ -108,15 +108,16 @@ def _last_reader(groups: list[ChannelGroup], consumers: dict[str, tuple]) -> dic
     return last
 
 
-def _refit_consumers(analysis: Analysis) -> dict[str, tuple]:
+def _refit_consumers(analysis: Analysis, originals: dict[str, np.ndarray] | None = None) -> dict[str, tuple]:
     """Consumer node name -> (node, edit, weight matrix [features, outputs] in the weight's float type, channel id
-    per feature); users upcast the matrices they work on (:func:`as_float64`), not every consumer's at once."""
+    per feature); users upcast the matrices they work on (:func:`as_float64`), not every consumer's at once. A
+    weight named in ``originals`` is read from that array (the matrix a view of it, never written), others copied."""
     found = {}
     for edit in analysis.edits:
         node = edit.node
         if edit.role != "consumer" or not _reconstructable(node) or node.input[0] not in analysis.ann:
             continue
-        w = edit.weight.array()
+        w = originals[edit.weight.name] if originals and edit.weight.name in originals else edit.weight.array()
         _, chain = analysis.index.resolve(node.input[1])
         if chain:
             continue

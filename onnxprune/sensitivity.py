@@ -25,6 +25,7 @@ from .calibration import StageClock
 from .config import PruneConfig
 from .errors import UsageError
 from .graph import count_params
+from .heap import heap_bounded
 from .passes.structured import allocate_safe, channel_roots, head_units, mask, never_empty, remove
 from .plan_macs import plan_macs
 from .probe import Probe, Refit, Savings, fed_consumers, run_model
@@ -158,9 +159,11 @@ def measure_masked(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], c
         heads = [g.id for g in every if g.units and head_units(analysis, g)]
         groups = [g for g in every if g.units and g.id not in heads]
         scores = unit_scores(analysis, groups, _data_free(config), config.seed)
-    with clock.stage("gram"):
-        refit = Refit(analysis, fit_feeds or feeds, clock=clock) if config.reconstruct else None
     planned = _plan_points(analysis, groups, scores, ratios)
+    refit, low = None, heap_bounded()
+    if config.reconstruct and not low:  # the Grams first: the probe's capture run then reuses the heap they freed
+        with clock.stage("gram"):
+            refit = Refit(analysis, fit_feeds or feeds, clock=clock)
     with clock.stage("reference"):  # the tensors entering each group's downstream part, and the outputs, from one
         probe = Probe(analysis, feeds, [set().union(*(probe_touched(analysis, keep) for _, _, keep in points))
                                         for _, points in planned], clock)  # run of the original
@@ -168,12 +171,18 @@ def measure_masked(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], c
             reference = probe.reference()
         if reference is None:
             reference = _run(model, feeds)
+    if config.reconstruct and low:  # with the heap bounded (``--low-memory``) the Grams come after the probe's
+        with clock.stage("gram"):  # capture run (its peak before they are held) and read the probe's weight arrays
+            refit = Refit(analysis, fit_feeds or feeds, clock=clock, originals=getattr(probe, "weights", None))
+    last = _last_refits(refit, planned)
     macs = node_macs(analysis.model, shapes=analysis.shapes)
     savings = Savings(analysis, every, macs)
     rows, evaluations = [], 0
     for index, (group, points) in enumerate(planned):
         logger.info("group %d/%d: %s", index + 1, len(groups), ", ".join(s.node.name for s in group.spaces)[:60])
         measured = []
+        if refit is not None:
+            refit.plan([keep for _, _, keep in points])
         for ratio, n, keep in points:
             macs_saved, params_saved = savings(keep)
             outputs = probe.outputs(keep, partial(_change, analysis, refit, keep), index)
@@ -181,6 +190,8 @@ def measure_masked(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], c
             measured.append({"ratio": ratio, "channels_removed": n, "rel_l2": _rel_error(reference, outputs),
                              "top1": None, "macs_saved": macs_saved, "params_saved": params_saved})
         probe.done(index)
+        if refit is not None:
+            refit.forget(last.get(index, ()))
         if measured:
             rows.append({"id": group.id, "producers": [s.node.name for s in group.spaces],
                          "channels": group.channels, "prunable": len(group.units), "points": measured})
@@ -207,6 +218,19 @@ def _plan_points(analysis: Analysis, groups: list, scores: dict[int, np.ndarray]
             points.append((ratio, n, never_empty(analysis, keep, roots=roots)))
         planned.append((group, points))
     return planned
+
+
+def _last_refits(refit: Refit | None, planned: list) -> dict[int, list[str]]:
+    """Group index -> the refit's consumers whose last refitting point is one of that group's."""
+    last: dict[str, int] = {}
+    for index, (_, points) in enumerate(planned):
+        for key, (*_, feature_ids) in (refit.consumers.items() if refit is not None else ()):
+            if any(not keep[feature_ids].all() for _, _, keep in points):
+                last[key] = index
+    found: dict[int, list[str]] = {}
+    for key, index in last.items():
+        found.setdefault(index, []).append(key)
+    return found
 
 
 def probe_touched(analysis: Analysis, keep: np.ndarray) -> set[str]:

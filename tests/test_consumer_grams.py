@@ -5,13 +5,15 @@ the selection and the allocation's refit hold the Grams of one group at a time, 
 from __future__ import annotations
 
 import functools
+import sys
 import weakref
 from typing import ClassVar
 
 import numpy as np
 import onnx
+import pytest
 
-from onnxprune import consumer_grams, probe, scoring
+from onnxprune import consumer_grams, probe, probe_refit, scoring, spd_solve
 from onnxprune.analysis.groups import analyse, build_groups
 from onnxprune.calibration import ActivationStream
 from onnxprune.config import PruneConfig
@@ -106,17 +108,18 @@ def test_allocation_refit_equals_the_refit_from_grams_held_at_once(monkeypatch):
     the points move on to another group's consumers."""
     config = PruneConfig(structured=True, sparsity=0.3, calibration_data="calib.npz", reconstruct=True)
     feeds, fit = _feeds((2,), seed=1), _feeds((3, 2), seed=2)
-    monkeypatch.setattr(probe, "ConsumerGrams", functools.partial(ConsumerGrams, defer=False))
+    monkeypatch.setattr(probe_refit, "ConsumerGrams", functools.partial(ConsumerGrams, defer=False))
     whole, _ = measure_masked(_model(), feeds, config, around(0.3), fit_feeds=fit)
     _Recorded.made = []
-    monkeypatch.setattr(probe, "ConsumerGrams", _Recorded)
+    monkeypatch.setattr(probe_refit, "ConsumerGrams", _Recorded)
     bounded, _ = measure_masked(_model(), feeds, config, around(0.3), fit_feeds=fit)
     points = [[(p["channels_removed"], p["rel_l2"]) for p in g["points"]] for g in whole["groups"]]
     assert points == [[(p["channels_removed"], p["rel_l2"]) for p in g["points"]] for g in bounded["groups"]]
     assert len(points) > 10
     grams = _Recorded.made[0]
-    every = _gram_bytes(grams, grams.patch.values())
+    every = _gram_bytes(grams, grams.node)  # every patch (the consumers are forgotten after their last group)
     assert grams.deferred and grams.peak_bytes < every / 4
+    assert not grams.patch and grams.live_bytes == 0  # each Gram dropped after the last group that refits with it
 
 
 def test_capture_chunks_are_read_from_the_module_budget(monkeypatch):
@@ -182,3 +185,91 @@ def test_allocation_refit_captures_in_chunks(monkeypatch):
     assert list(refit.grams) == list(whole) and len(whole) > 15
     for key in whole:
         np.testing.assert_array_equal(refit.grams[key], whole[key])
+
+
+def test_wide_consumers_refit_from_one_factor_per_group_as_the_direct_solve(monkeypatch):
+    """A wide consumer's points solve from one in-place Cholesky factor of its permuted Gram per group (each point's
+    kept features a leading block): the points equal the direct LU solves' up to rounding, the same under a bounded
+    heap (``--low-memory``) bit for bit."""
+    config = PruneConfig(structured=True, sparsity=0.3, calibration_data="calib.npz", reconstruct=True)
+    feeds, fit = _feeds((2,), seed=1), _feeds((3, 2), seed=2)
+    direct, _ = measure_masked(_model(), feeds, config, around(0.3), fit_feeds=fit)
+    factored = []
+    original = probe_refit.Refit._factor
+
+    def counted(self, key, kept, matrix):
+        found = original(self, key, kept, matrix)
+        factored.append(found is not None)
+        return found
+
+    monkeypatch.setattr(probe_refit, "WIDE_FEATURES", 100)  # every 3×3 conv of the fixture from 144 features
+    monkeypatch.setattr(probe_refit.Refit, "_factor", counted)
+    wide, _ = measure_masked(_model(), feeds, config, around(0.3), fit_feeds=fit)
+    assert sum(factored) > 20  # the factored path ran
+    points = [[p["rel_l2"] for p in g["points"]] for g in wide["groups"]]
+    assert [[p["channels_removed"] for p in g["points"]] for g in wide["groups"]] == \
+        [[p["channels_removed"] for p in g["points"]] for g in direct["groups"]]
+    np.testing.assert_allclose([r for row in points for r in row], [p["rel_l2"] for g in direct["groups"] for p in g["points"]],
+                               rtol=1e-7)
+    monkeypatch.setattr(consumer_grams, "heap_bounded", lambda: True)
+    monkeypatch.setattr(probe, "heap_bounded", lambda: True)
+    monkeypatch.setattr(sys.modules["onnxprune.sensitivity"], "heap_bounded", lambda: True)  # the probe first, its weights read by the refit
+    low, _ = measure_masked(_model(), feeds, config, around(0.3), fit_feeds=fit)
+    assert [[p["rel_l2"] for p in g["points"]] for g in low["groups"]] == points
+
+
+def test_refit_matrices_view_the_probe_weights():
+    """With the probe's weight arrays given, the refit's consumer matrices are views of them (no second copy of the
+    consumer weights), with the same values as the copies."""
+    model = _model()
+    analysis = analyse(model)
+    fit = _feeds((2,), seed=2)
+    copied = scoring._refit_consumers(analysis)
+    originals = {edit.weight.name: edit.weight.array() for _, edit, _, _ in copied.values()}
+    refit = probe_refit.Refit(analysis, fit, originals=originals)
+    assert refit.consumers.keys() == copied.keys() and len(copied) > 15
+    for key, (_, edit, matrix, _) in refit.consumers.items():
+        assert np.shares_memory(matrix, originals[edit.weight.name])
+        np.testing.assert_array_equal(matrix, copied[key][2])
+
+
+def test_cholesky_in_place_and_leading_solves_match_numpy():
+    """The blocked in-place factor equals numpy's Cholesky up to rounding (upper triangle zeroed), and each leading
+    block's least-squares refit from it equals the direct solve of that block's normal equations."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((700, 300))
+    gram = x.T @ x + 1e-3 * np.eye(300)
+    weights = rng.standard_normal((300, 7))
+    lower = spd_solve.cholesky_in_place(gram.copy(), block=64)
+    np.testing.assert_allclose(lower, np.linalg.cholesky(gram), rtol=1e-10, atol=1e-10)
+    assert not np.triu(lower, 1).any()
+    c = lower.T @ weights
+    for k in (300, 211, 64, 5):
+        expected = np.linalg.solve(gram[:k, :k], (gram @ weights)[:k])
+        np.testing.assert_allclose(spd_solve.solve_leading(lower, c, k, block=64), expected, rtol=1e-9, atol=1e-9)
+    with pytest.raises(np.linalg.LinAlgError):
+        spd_solve.cholesky_in_place(-np.eye(4), block=2)
+
+
+def test_permuted_gram_of_a_deferred_patch_is_summed_in_that_order():
+    """``permuted`` gives ``gram[order][:, order]``: summed from the kept inputs with its columns permuted for a
+    deferred Gram not held (equal up to rounding, the unpermuted Gram never built), indexed from a held one."""
+    model = _model()
+    analysis = analyse(model)
+    consumers = scoring._refit_consumers(analysis)
+    grams = ConsumerGrams(model, consumers, _feeds(), 1e-3, shapes=analysis.shapes)
+    deferred = [key for key in grams if grams.patch[key] in grams.deferred]
+    held = [key for key in grams if grams.patch[key] not in grams.deferred]
+    assert deferred and held
+    rng = np.random.default_rng(0)
+    for key in deferred[:3] + held[:3]:
+        order = rng.permutation(grams.patch[key][1])
+        before = grams.live_bytes
+        permuted = grams.permuted(key, order)
+        assert grams.live_bytes == before  # nothing held for it
+        full = grams[key]
+        if key in held:
+            np.testing.assert_array_equal(permuted, full[np.ix_(order, order)])
+        else:
+            np.testing.assert_allclose(permuted, full[np.ix_(order, order)], rtol=1e-9, atol=1e-9 * np.abs(full).max())
+            grams.release([key])

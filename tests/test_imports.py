@@ -20,11 +20,11 @@ LAYERS = {
         *(f"analysis.rules.{family}" for family in ("_common", "operands", "shape_plumbing", "layers", "norms",
                                                      "elementwise", "layout", "recurrent", "contrib", "frozen",
                                                      "catalog"))],
-    4: ["calibration", "gram", "consumer_grams", "refit", "compensation", "scoring", "obs_solve", "obs", "accuracy", "validate", "recipe", "quantize"],
+    4: ["calibration", "gram", "consumer_grams", "refit", "compensation", "scoring", "obs_solve", "spd_solve", "obs", "accuracy", "validate", "recipe", "quantize"],
     5: ["passes", "passes.manager", "passes.canonical", "passes.subgraphs", "passes.unstructured", "passes.removal",
         "passes.structured", "passes.reconstruction", "passes.prepare", "passes.depth", "passes.vocabulary", "passes.rotation",
         "passes.hidden_widths", "passes.hidden_refit",
-        "probe", "plan_macs", "sensitivity", "allocation", "depth_allocation", "refusals", "validate_step", "inspect"],
+        "probe_refit", "probe", "plan_macs", "sensitivity", "allocation", "depth_allocation", "refusals", "validate_step", "inspect"],
     6: ["report", "html_report", "report_files", "api", "cli", "entry", "__main__"],
 }
 #: what a function may import: optional or heavy modules that most runs never need
