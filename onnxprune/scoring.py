@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 import numpy as np
@@ -11,6 +13,7 @@ from .analysis.groups import Analysis, ChannelGroup
 from .calibration import StageClock
 from .consumer_grams import CAPTURE_BYTES, ConsumerGrams, _capture_chunks, _consumer_grams, _patch_key
 from .gram import _reconstructable
+from .heap import heap_bounded
 
 __all__ = ["CAPTURE_BYTES", "ConsumerGrams", "_capture_chunks", "_consumer_grams", "_patch_key", "channel_scores",
            "reconstruction_scores", "unit_scores"]
@@ -60,7 +63,8 @@ def unit_scores(analysis: Analysis, groups: list[ChannelGroup], criterion: str, 
 
 
 def reconstruction_scores(analysis: Analysis, groups: list[ChannelGroup], feeds: list[dict[str, np.ndarray]],
-                          ridge: float = 1e-3, stop: float | None = None, clock=None) -> dict[int, np.ndarray]:
+                          ridge: float = 1e-3, stop: float | None = None, clock=None,
+                          threads: int | None = None) -> dict[int, np.ndarray]:
     """Group id -> unit scores from greedy elimination that knows the consumers will be refitted.
 
     For each consumer layer of a group, its input features X on the calibration data give the Gram
@@ -74,38 +78,114 @@ def reconstruction_scores(analysis: Analysis, groups: list[ChannelGroup], feeds:
     allocation may remove), the order stops one unit past that share: the remaining units score above every
     removed one (accumulated error plus their cost at that point), so the removed set is the same. ``clock`` (a
     :class:`~onnxprune.calibration.StageClock`) times capture, Gram and selection.
+
+    Each group's order reads only the original weights and its consumers' Grams, so groups are independent: by
+    default (``threads`` None) two threads order them (numpy's LAPACK/BLAS calls release the GIL), each group's
+    scores bit-identical to a sequential run's. With the heap bounded (``--low-memory``) one thread orders them,
+    in windows of consecutive groups (:func:`_windows`) whose consumers' Grams or kept inputs fit in the
+    consumers' weight bytes: each window's capture, selection and release run before the next window's capture
+    (a consumer read from two windows is captured in both, the same Gram bit for bit).
     """
     clock = clock or StageClock()
     fallback = unit_scores(analysis, groups, "l1")
     consumers = _refit_consumers(analysis)
     if not consumers:
         return fallback
-    with clock.stage("gram"):
-        grams = ConsumerGrams(analysis.model, consumers, feeds, ridge, clock, analysis.shapes)
+    readers = _readers(groups, consumers)
+    low = heap_bounded()
+    threads = (1 if low else SELECTION_THREADS) if threads is None else max(1, threads)
+    windows = _windows(analysis, groups, consumers, readers, feeds) if low else [range(len(groups))]
     scores: dict[int, np.ndarray] = {}
-    last = _last_reader(groups, consumers)
-    grams.forget(set(consumers) - set(last))  # no group reads these consumers
-    with clock.stage("selection"):
-        for number, group in enumerate(groups):
+    for window in windows:
+        inside = {key: [n for n in numbers if n in window] for key, numbers in readers.items()}
+        keys = [key for key in consumers if inside.get(key)]
+        if not keys:
+            continue
+        with clock.stage("gram"):
+            grams = ConsumerGrams(analysis.model, {key: consumers[key] for key in keys}, feeds, ridge, clock,
+                                  analysis.shapes)
+        pending = {key: len(inside[key]) for key in keys}  # groups of the window that have still to read each
+        lock = threading.Lock()
+
+        def inverted(number: int, grams=grams, pending=pending, lock=lock, inside=inside, keys=keys) -> None:
+            """Group ``number`` holds its inverses: the Grams no other group of the window reads may go."""
+            with lock:
+                done = []
+                for key in keys:
+                    if number in inside[key]:
+                        pending[key] -= 1
+                        if not pending[key]:
+                            done.append(key)
+                grams.forget(done)
+
+        def order(number: int, grams=grams, inverted=inverted) -> np.ndarray:
+            group = groups[number]
             steps = None if stop is None else math.ceil(stop * max(group.channels, len(group.units))) + 1
-            done = [k for k, n in last.items() if n == number]  # no later group reads these consumers
-            scores[group.id] = _greedy_order(group, consumers, grams, steps, partial(grams.forget, done)) \
-                if group.units else fallback[group.id]
-            if scores[group.id] is None:
-                scores[group.id] = fallback[group.id]
-            grams.forget(done)
-    return scores
+            result = _greedy_order(group, consumers, grams, steps, partial(inverted, number)) \
+                if group.units else None
+            if not group.units:
+                inverted(number)
+            return fallback[group.id] if result is None else result
+
+        with clock.stage("selection"):
+            if threads == 1 or len(window) < 2:
+                results = [order(number) for number in window]
+            else:
+                with ThreadPoolExecutor(threads) as pool:
+                    results = list(pool.map(order, window))
+        for number, result in zip(window, results):
+            scores[groups[number].id] = result
+        del grams
+    for group in groups:  # groups no consumer reads: their L1 scores
+        scores.setdefault(group.id, fallback[group.id])
+    return {group.id: scores[group.id] for group in groups}
 
 
-def _last_reader(groups: list[ChannelGroup], consumers: dict[str, tuple]) -> dict[str, int]:
-    """Consumer -> index of the last group whose units are among its input channels."""
-    last: dict[str, int] = {}
+#: threads that order the groups in the default mode (one with the heap bounded)
+SELECTION_THREADS = 2
+#: with the heap bounded, a window's consumers hold at most this share of their weights' bytes in Grams and inputs
+WINDOW_SHARE = 1.0
+
+
+def _readers(groups: list[ChannelGroup], consumers: dict[str, tuple]) -> dict[str, list[int]]:
+    """Consumer -> indices of the groups whose units are among its input channels (consumers no group reads are
+    left out)."""
+    readers: dict[str, list[int]] = {}
+    features = {key: set(np.unique(feature_ids).tolist()) for key, (_, _, _, feature_ids) in consumers.items()}
     for number, group in enumerate(groups):
         ids = {int(i) for unit in group.units for i in np.asarray(unit).ravel()}
-        for key, (_, _, _, feature_ids) in consumers.items():
-            if ids.intersection(np.unique(feature_ids).tolist()):
-                last[key] = number
-    return last
+        for key in consumers:
+            if ids & features[key]:
+                readers.setdefault(key, []).append(number)
+    return readers
+
+
+def _windows(analysis: Analysis, groups: list[ChannelGroup], consumers: dict[str, tuple],
+             readers: dict[str, list[int]], feeds: list[dict[str, np.ndarray]]) -> list[range]:
+    """Consecutive groups whose consumers' held bytes (per shared patch the smaller of its Gram, 8·D², and its
+    input over the calibration feeds, as :class:`ConsumerGrams` keeps them) stay within the consumers' weight
+    bytes (times ``WINDOW_SHARE``); a group over it alone is a window of its own."""
+    batch = max((int(v.shape[0]) if v.ndim else 1 for feed in feeds for v in feed.values()), default=1)
+    held: dict[tuple, int] = {}
+    for key, (node, _, matrix, _) in consumers.items():
+        dims = analysis.shapes.get(node.input[0]) or []
+        size = 4 * batch * len(feeds) * int(np.prod([d if isinstance(d, int) and d > 0 else 1 for d in dims[1:]]))
+        held[_patch_key(node, matrix.shape[0])] = min(8 * matrix.shape[0] ** 2, size)
+    budget = WINDOW_SHARE * sum(matrix.nbytes for _, _, matrix, _ in consumers.values())
+    patches = {key: _patch_key(node, matrix.shape[0]) for key, (node, _, matrix, _) in consumers.items()}
+    of_group: list[set[tuple]] = [set() for _ in groups]
+    for key, numbers in readers.items():
+        for number in numbers:
+            of_group[number].add(patches[key])
+    windows, start, window = [], 0, set()
+    for number, patches_read in enumerate(of_group):
+        union = window | patches_read
+        if number > start and sum(held[p] for p in union) > budget:
+            windows.append(range(start, number))
+            start, union = number, set(patches_read)
+        window = union
+    windows.append(range(start, len(groups)))
+    return windows
 
 
 def _refit_consumers(analysis: Analysis) -> dict[str, tuple]:

@@ -82,7 +82,7 @@ def test_selection_holds_the_grams_of_one_group_at_a_time(monkeypatch):
     whole = scoring.reconstruction_scores(analysis, groups, feeds, stop=0.6)
     _Recorded.made = []
     monkeypatch.setattr(scoring, "ConsumerGrams", _Recorded)
-    bounded = scoring.reconstruction_scores(analysis, groups, feeds, stop=0.6)
+    bounded = scoring.reconstruction_scores(analysis, groups, feeds, stop=0.6, threads=1)  # one group at a time
     assert whole.keys() == bounded.keys() and len(whole) == len(groups) > 10
     for gid, scores in whole.items():
         np.testing.assert_array_equal(bounded[gid], scores)
@@ -182,3 +182,60 @@ def test_allocation_refit_captures_in_chunks(monkeypatch):
     assert list(refit.grams) == list(whole) and len(whole) > 15
     for key in whole:
         np.testing.assert_array_equal(refit.grams[key], whole[key])
+
+
+def test_threaded_selection_gives_the_sequential_scores():
+    """Ordering the groups on two threads (the default mode) gives every group's scores bit for bit as one thread
+    does, and every Gram is dropped once the groups that read it hold their inverses."""
+    model = _model()
+    analysis = analyse(model)
+    groups = build_groups(analysis)
+    feeds = _feeds()
+    sequential = scoring.reconstruction_scores(analysis, groups, feeds, stop=0.6, threads=1)
+    _Recorded.made = []
+    original = scoring.ConsumerGrams
+    scoring.ConsumerGrams = _Recorded
+    try:
+        threaded = scoring.reconstruction_scores(analysis, groups, feeds, stop=0.6, threads=2)
+    finally:
+        scoring.ConsumerGrams = original
+    assert list(threaded) == list(sequential) == [g.id for g in groups] and len(groups) > 10
+    for gid, scores in sequential.items():
+        np.testing.assert_array_equal(threaded[gid], scores)
+    assert len(_Recorded.made) == 1 and _Recorded.made[0].live_bytes == 0 and not _Recorded.made[0].inputs
+
+
+def test_low_memory_selection_runs_in_windows_with_the_same_scores(monkeypatch):
+    """With the heap bounded the groups are scored in windows of consecutive groups, each window's consumers
+    captured, selected and released before the next window's capture; the scores equal the default mode's bit for
+    bit, and each window's held bytes stay within its budget unless one group alone is over it."""
+    model = _model()
+    analysis = analyse(model)
+    groups = build_groups(analysis)
+    feeds = _feeds()
+    plain = scoring.reconstruction_scores(analysis, groups, feeds, stop=0.6)
+    consumers = scoring._refit_consumers(analysis)
+    readers = scoring._readers(groups, consumers)
+    monkeypatch.setattr(scoring, "heap_bounded", lambda: True)
+    monkeypatch.setattr(scoring, "WINDOW_SHARE", 0.1)
+    windows = scoring._windows(analysis, groups, consumers, readers, feeds)
+    assert len(windows) > 3 and [n for w in windows for n in w] == list(range(len(groups)))
+    _Recorded.made = []
+    monkeypatch.setattr(scoring, "ConsumerGrams", _Recorded)
+    windowed = scoring.reconstruction_scores(analysis, groups, feeds, stop=0.6)
+    assert list(windowed) == list(plain)
+    for gid, scores in plain.items():
+        np.testing.assert_array_equal(windowed[gid], scores)
+    made = iter(_Recorded.made)
+    budget = 0.1 * sum(matrix.nbytes for _, _, matrix, _ in consumers.values())
+    for window in windows:
+        keys = {key for key, numbers in readers.items() if set(numbers) & set(window)}
+        if not keys:
+            continue
+        grams = next(made)
+        assert set(grams.node) == {scoring._patch_key(consumers[k][0], consumers[k][2].shape[0]) for k in keys}
+        held = sum(8 * p[1] ** 2 for p in set(grams.node) - grams.deferred) + \
+            sum(x.nbytes for kept in grams.inputs.values() for x in kept)
+        assert held <= budget or len(window) == 1
+        assert grams.live_bytes == 0 and not grams.inputs  # released before the next window
+    assert next(made, None) is None
