@@ -58,7 +58,9 @@ class ConsumerGrams(Mapping):
     :func:`~onnxprune.scoring._refit_consumers` builds them. With ``defer`` a patch keeps its captured inputs when
     they take fewer bytes than its Gram; such a Gram is computed on first access and held until :meth:`release`.
     ``shapes`` (the analysis shapes) split the capture into onnxruntime runs of at most ``CAPTURE_BYTES`` per batch
-    (``LOW_MEMORY_CAPTURE_BYTES`` with the heap bounded, each run's session then built for it alone).
+    (``LOW_MEMORY_CAPTURE_BYTES`` with the heap bounded, each run's session then built for it alone). ``feeds``
+    may hold intermediate tensors (a frontier) besides or instead of graph inputs: the runs start from them. With
+    ``frontier`` (tensor names) :attr:`frontier` holds those tensors of every feed after the capture.
     ``live_bytes``/``peak_bytes`` count the Gram arrays held (finished and running sums).
 
     After the capture, lookups, :meth:`release` and :meth:`forget` may come from several threads: the bookkeeping
@@ -67,7 +69,8 @@ class ConsumerGrams(Mapping):
     its caller times)."""
 
     def __init__(self, model, consumers: dict[str, tuple], feeds: list[dict[str, np.ndarray]], ridge: float,
-                 clock: StageClock | None = None, shapes: dict | None = None, defer: bool = True):
+                 clock: StageClock | None = None, shapes: dict | None = None, defer: bool = True,
+                 frontier: set[str] | None = None):
         self.ridge, self.feeds, self.clock = ridge, len(feeds), clock or StageClock()
         self.patch = {key: _patch_key(node, matrix.shape[0]) for key, (node, _, matrix, _) in consumers.items()}
         self.node = {self.patch[key]: node for key, (node, *_) in consumers.items()}
@@ -79,9 +82,10 @@ class ConsumerGrams(Mapping):
         self.lock = threading.RLock()
         self.building: dict[tuple, threading.Lock] = {}  # deferred patches being built, one lock each
         self.owner = threading.get_ident()
-        self._capture(model, consumers, feeds, shapes or {}, defer)
+        self.frontier: list[dict[str, np.ndarray]] = []  # per feed, the ``frontier`` tensors after the capture
+        self._capture(model, consumers, feeds, shapes or {}, defer, frontier)
 
-    def _capture(self, model, consumers, feeds, shapes, defer) -> None:
+    def _capture(self, model, consumers, feeds, shapes, defer, frontier=None) -> None:
         sums: dict[tuple, GramSum] = {}
         samplers = {patch: RowSampler(patch[1], len(feeds)) for patch in self.patch.values()}
         names = {node.input[0] for node, *_ in consumers.values()}
@@ -89,7 +93,12 @@ class ConsumerGrams(Mapping):
         chunks = _capture_chunks(model, names, shapes, feeds, LOW_MEMORY_CAPTURE_BYTES if low else None)
         readers = [{self.patch[key]: item[0] for key, item in consumers.items() if item[0].input[0] in chunk}
                    for chunk in chunks]
+        if frontier:  # one more run per feed: the tensors a later capture starts from (no consumer reads them here)
+            chunks, readers = [*chunks, sorted(frontier)], [*readers, {}]
         for i, values in ActivationStream(model, feeds).by_feed(chunks, self.clock, keep_sessions=not low):
+            if frontier and i == len(chunks) - 1:
+                self.frontier.append(values)
+                continue
             for patch, node in readers[i].items():
                 if patch in self.failed:
                     continue

@@ -8,11 +8,13 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 import numpy as np
+import onnx
 
 from .analysis.groups import Analysis, ChannelGroup
 from .calibration import StageClock
 from .consumer_grams import CAPTURE_BYTES, ConsumerGrams, _capture_chunks, _consumer_grams, _patch_key
 from .gram import _reconstructable
+from .graph import free_names
 from .heap import heap_bounded
 
 __all__ = ["CAPTURE_BYTES", "ConsumerGrams", "_capture_chunks", "_consumer_grams", "_patch_key", "channel_scores",
@@ -96,14 +98,19 @@ def reconstruction_scores(analysis: Analysis, groups: list[ChannelGroup], feeds:
     threads = (1 if low else SELECTION_THREADS) if threads is None else max(1, threads)
     windows = _windows(analysis, groups, consumers, readers, feeds) if low else [range(len(groups))]
     scores: dict[int, np.ndarray] = {}
-    for window in windows:
+    source = _Source(analysis.model, feeds, _window_budget(consumers) if len(windows) > 1 else 0)
+    for number_of_window, window in enumerate(windows):
         inside = {key: [n for n in numbers if n in window] for key, numbers in readers.items()}
         keys = [key for key in consumers if inside.get(key)]
         if not keys:
             continue
+        frontier = source.after({consumers[key][0].input[0] for key in keys}) \
+            if number_of_window < len(windows) - 1 else None
         with clock.stage("gram"):
-            grams = ConsumerGrams(analysis.model, {key: consumers[key] for key in keys}, feeds, ridge, clock,
-                                  analysis.shapes)
+            grams = ConsumerGrams(analysis.model, {key: consumers[key] for key in keys}, source.feeds, ridge, clock,
+                                  analysis.shapes, frontier=frontier)
+        source.advance(frontier, grams.frontier)
+        grams.frontier = []
         pending = {key: len(inside[key]) for key in keys}  # groups of the window that have still to read each
         lock = threading.Lock()
 
@@ -160,6 +167,49 @@ def _readers(groups: list[ChannelGroup], consumers: dict[str, tuple]) -> dict[st
     return readers
 
 
+def _window_budget(consumers: dict[str, tuple]) -> float:
+    """Bytes a window's consumers may hold in Grams and inputs (and a kept frontier may take): ``WINDOW_SHARE`` of
+    their weights' bytes."""
+    return WINDOW_SHARE * sum(matrix.nbytes for _, _, matrix, _ in consumers.values())
+
+
+class _Source:
+    """Where each window's capture starts: the calibration feeds, or the frontier an earlier window's capture kept
+    (the tensors computed by then that nodes not yet computed read, plus the graph inputs), when it took at most
+    ``budget`` bytes over every feed; a frontier over it is not kept and the next capture recomputes from the last
+    kept source. The captures run unoptimised sessions node by node, so a tensor computed from a frontier equals
+    the one computed from the inputs bit for bit."""
+
+    def __init__(self, model, feeds: list[dict[str, np.ndarray]], budget: float):
+        self.inputs, self.feeds, self.budget = feeds, feeds, budget
+        self.producer = {out: i for i, node in enumerate(model.graph.node) for out in node.output if out}
+        self.reads = [[n for n in node.input if n] + [n for attr in node.attribute for sub in
+                       ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs))
+                       for n in free_names(sub)] for node in model.graph.node]
+        self.done: set[int] = set()  # nodes whose outputs the captures so far computed
+
+    def after(self, names: set[str]) -> set[str] | None:
+        """The frontier once ``names`` are computed too (None: no budget to keep one)."""
+        if not self.budget:
+            return None
+        stack = [n for n in names]
+        while stack:
+            i = self.producer.get(stack.pop())
+            if i is None or i in self.done:
+                continue
+            self.done.add(i)
+            stack.extend(self.reads[i])
+        return {n for i, reads in enumerate(self.reads) if i not in self.done for n in reads
+                if self.producer.get(n) in self.done}
+
+    def advance(self, frontier: set[str] | None, values: list[dict[str, np.ndarray]]) -> None:
+        """Start later captures from ``values`` (a frontier per feed) when they fit the budget."""
+        if frontier is None or len(values) != len(self.inputs):
+            return
+        if sum(x.nbytes for kept in values for x in kept.values()) <= self.budget:
+            self.feeds = [{**feed, **kept} for feed, kept in zip(self.inputs, values)]
+
+
 def _windows(analysis: Analysis, groups: list[ChannelGroup], consumers: dict[str, tuple],
              readers: dict[str, list[int]], feeds: list[dict[str, np.ndarray]]) -> list[range]:
     """Consecutive groups whose consumers' held bytes (per shared patch the smaller of its Gram, 8·D², and its
@@ -171,7 +221,7 @@ def _windows(analysis: Analysis, groups: list[ChannelGroup], consumers: dict[str
         dims = analysis.shapes.get(node.input[0]) or []
         size = 4 * batch * len(feeds) * int(np.prod([d if isinstance(d, int) and d > 0 else 1 for d in dims[1:]]))
         held[_patch_key(node, matrix.shape[0])] = min(8 * matrix.shape[0] ** 2, size)
-    budget = WINDOW_SHARE * sum(matrix.nbytes for _, _, matrix, _ in consumers.values())
+    budget = _window_budget(consumers)
     patches = {key: _patch_key(node, matrix.shape[0]) for key, (node, _, matrix, _) in consumers.items()}
     of_group: list[set[tuple]] = [set() for _ in groups]
     for key, numbers in readers.items():

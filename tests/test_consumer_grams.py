@@ -207,8 +207,9 @@ def test_threaded_selection_gives_the_sequential_scores():
 
 def test_low_memory_selection_runs_in_windows_with_the_same_scores(monkeypatch):
     """With the heap bounded the groups are scored in windows of consecutive groups, each window's consumers
-    captured, selected and released before the next window's capture; the scores equal the default mode's bit for
-    bit, and each window's held bytes stay within its budget unless one group alone is over it."""
+    captured (from the frontier an earlier capture kept, where it fits the budget), selected and released before the
+    next window's capture; the scores equal the default mode's bit for bit, and each window's held bytes stay within
+    its budget unless one group alone is over it."""
     model = _model()
     analysis = analyse(model)
     groups = build_groups(analysis)
@@ -221,9 +222,16 @@ def test_low_memory_selection_runs_in_windows_with_the_same_scores(monkeypatch):
     windows = scoring._windows(analysis, groups, consumers, readers, feeds)
     assert len(windows) > 3 and [n for w in windows for n in w] == list(range(len(groups)))
     _Recorded.made = []
-    monkeypatch.setattr(scoring, "ConsumerGrams", _Recorded)
+    starts = []  # the tensors each window's capture starts from
+
+    def recorded(model, consumers, sources, *args, **kwargs):
+        starts.append(set(sources[0]))
+        return _Recorded(model, consumers, sources, *args, **kwargs)
+
+    monkeypatch.setattr(scoring, "ConsumerGrams", recorded)
     windowed = scoring.reconstruction_scores(analysis, groups, feeds, stop=0.6)
     assert list(windowed) == list(plain)
+    assert starts[0] == {"input"} and any(len(names) > 1 for names in starts[1:])  # later ones from a frontier
     for gid, scores in plain.items():
         np.testing.assert_array_equal(windowed[gid], scores)
     made = iter(_Recorded.made)
