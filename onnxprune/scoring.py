@@ -98,14 +98,17 @@ def reconstruction_scores(analysis: Analysis, groups: list[ChannelGroup], feeds:
     threads = (1 if low else SELECTION_THREADS) if threads is None else max(1, threads)
     windows = _windows(analysis, groups, consumers, readers, feeds) if low else [range(len(groups))]
     scores: dict[int, np.ndarray] = {}
-    source = _Source(analysis.model, feeds, _window_budget(consumers) if len(windows) > 1 else 0)
+    source = _Source(analysis.model, feeds, _input_bytes(analysis, consumers, feeds) if len(windows) > 1 else 0,
+                     analysis.shapes)
+    names = [{consumers[key][0].input[0] for key, numbers in readers.items() if set(numbers) & set(window)}
+             for window in windows]
     for number_of_window, window in enumerate(windows):
         inside = {key: [n for n in numbers if n in window] for key, numbers in readers.items()}
         keys = [key for key in consumers if inside.get(key)]
         if not keys:
             continue
-        frontier = source.after({consumers[key][0].input[0] for key in keys}) \
-            if number_of_window < len(windows) - 1 else None
+        later = set().union(*names[number_of_window + 1:])
+        frontier = source.frontier(later) if later else None
         with clock.stage("gram"):
             grams = ConsumerGrams(analysis.model, {key: consumers[key] for key in keys}, source.feeds, ridge, clock,
                                   analysis.shapes, frontier=frontier)
@@ -168,39 +171,45 @@ def _readers(groups: list[ChannelGroup], consumers: dict[str, tuple]) -> dict[st
 
 
 def _window_budget(consumers: dict[str, tuple]) -> float:
-    """Bytes a window's consumers may hold in Grams and inputs (and a kept frontier may take): ``WINDOW_SHARE`` of
-    their weights' bytes."""
+    """Bytes a window's consumers may hold in Grams and inputs: ``WINDOW_SHARE`` of their weights' bytes."""
     return WINDOW_SHARE * sum(matrix.nbytes for _, _, matrix, _ in consumers.values())
 
 
-class _Source:
-    """Where each window's capture starts: the calibration feeds, or the frontier an earlier window's capture kept
-    (the tensors computed by then that nodes not yet computed read, plus the graph inputs), when it took at most
-    ``budget`` bytes over every feed; a frontier over it is not kept and the next capture recomputes from the last
-    kept source. The captures run unoptimised sessions node by node, so a tensor computed from a frontier equals
-    the one computed from the inputs bit for bit."""
+def _input_bytes(analysis: Analysis, consumers: dict[str, tuple], feeds: list[dict[str, np.ndarray]]) -> int:
+    """The largest consumer input over the calibration feeds, in bytes (float32, from the analysis shapes)."""
+    source = _Source(analysis.model, feeds, 0, analysis.shapes)
+    return max((source.bytes([node.input[0]]) for node, *_ in consumers.values()), default=0)
 
-    def __init__(self, model, feeds: list[dict[str, np.ndarray]], budget: float):
-        self.inputs, self.feeds, self.budget = feeds, feeds, budget
+
+class _Source:
+    """Where each window's capture starts: the calibration feeds, or the frontier the previous window's capture kept,
+    cut before the next window's first consumer input is computed (the tensors computed before that node that it or
+    later nodes read, plus the graph inputs). A frontier is kept when it takes at most ``budget`` bytes over every
+    feed (the largest consumer input over the calibration feeds, as the refit's kept budget); else the next capture
+    recomputes from the last kept source. The captures run unoptimised sessions node by node, so a tensor computed
+    from a frontier equals the one computed from the inputs bit for bit."""
+
+    def __init__(self, model, feeds: list[dict[str, np.ndarray]], budget: float, shapes: dict):
+        self.inputs, self.feeds, self.budget, self.shapes = feeds, feeds, budget, shapes
+        self.batch = max((int(v.shape[0]) if v.ndim else 1 for feed in feeds for v in feed.values()), default=1)
         self.producer = {out: i for i, node in enumerate(model.graph.node) for out in node.output if out}
         self.reads = [[n for n in node.input if n] + [n for attr in node.attribute for sub in
                        ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs))
                        for n in free_names(sub)] for node in model.graph.node]
-        self.done: set[int] = set()  # nodes whose outputs the captures so far computed
 
-    def after(self, names: set[str]) -> set[str] | None:
-        """The frontier once ``names`` are computed too (None: no budget to keep one)."""
-        if not self.budget:
+    def bytes(self, names) -> int:
+        """Bytes of ``names`` over every feed, from the analysis shapes (float32, unknown dims count as 1)."""
+        return sum(4 * self.batch * len(self.inputs) *
+                   int(np.prod([d if isinstance(d, int) and d > 0 else 1 for d in (self.shapes.get(n) or [])[1:]]))
+                   for n in names)
+
+    def frontier(self, later: set[str]) -> set[str] | None:
+        """The frontier before the first producer of ``later`` (None: nothing to cut, or over the budget)."""
+        cut = min((self.producer.get(n, -1) for n in later), default=-1)
+        if not self.budget or cut <= 0:
             return None
-        stack = [n for n in names]
-        while stack:
-            i = self.producer.get(stack.pop())
-            if i is None or i in self.done:
-                continue
-            self.done.add(i)
-            stack.extend(self.reads[i])
-        return {n for i, reads in enumerate(self.reads) if i not in self.done for n in reads
-                if self.producer.get(n) in self.done}
+        names = {n for reads in self.reads[cut:] for n in reads if 0 <= self.producer.get(n, -1) < cut}
+        return names if names and self.bytes(names) <= self.budget else None
 
     def advance(self, frontier: set[str] | None, values: list[dict[str, np.ndarray]]) -> None:
         """Start later captures from ``values`` (a frontier per feed) when they fit the budget."""
