@@ -86,7 +86,8 @@ def reconstruction_scores(analysis: Analysis, groups: list[ChannelGroup], feeds:
     scores bit-identical to a sequential run's. With the heap bounded (``--low-memory``) one thread orders them,
     in windows of consecutive groups (:func:`_windows`) whose consumers' Grams or kept inputs fit in the
     consumers' weight bytes: each window's capture, selection and release run before the next window's capture
-    (a consumer read from two windows is captured in both, the same Gram bit for bit).
+    (a consumer read from two windows is captured in both, the same Gram bit for bit), which starts from the
+    frontier the previous capture kept (:class:`_Source`) instead of the inputs where that fits.
     """
     clock = clock or StageClock()
     fallback = unit_scores(analysis, groups, "l1")
@@ -114,6 +115,8 @@ def reconstruction_scores(analysis: Analysis, groups: list[ChannelGroup], feeds:
                                   analysis.shapes, frontier=frontier)
         source.advance(frontier, grams.frontier)
         grams.frontier = []
+        if not later:  # no capture after this one: the kept frontier is not held through the selection
+            source.feeds = source.inputs
         pending = {key: len(inside[key]) for key in keys}  # groups of the window that have still to read each
         lock = threading.Lock()
 
