@@ -8,14 +8,13 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 import numpy as np
-import onnx
 
 from .analysis.groups import Analysis, ChannelGroup
 from .calibration import StageClock
 from .consumer_grams import CAPTURE_BYTES, ConsumerGrams, _capture_chunks, _consumer_grams, _patch_key
 from .gram import _reconstructable
-from .graph import free_names
 from .heap import heap_bounded
+from .selection_windows import _input_bytes, _Source, _windows
 
 __all__ = ["CAPTURE_BYTES", "ConsumerGrams", "_capture_chunks", "_consumer_grams", "_patch_key", "channel_scores",
            "reconstruction_scores", "unit_scores"]
@@ -87,7 +86,8 @@ def reconstruction_scores(analysis: Analysis, groups: list[ChannelGroup], feeds:
     in windows of consecutive groups (:func:`_windows`) whose consumers' Grams or kept inputs fit in the
     consumers' weight bytes: each window's capture, selection and release run before the next window's capture
     (a consumer read from two windows is captured in both, the same Gram bit for bit), which starts from the
-    frontier the previous capture kept (:class:`_Source`) instead of the inputs where that fits.
+    frontier the previous capture kept (:class:`_Source`) instead of the inputs where that fits; a deferred Gram
+    whose last reader is the group being ordered is inverted in place (:func:`spd_inverse`).
     """
     clock = clock or StageClock()
     fallback = unit_scores(analysis, groups, "l1")
@@ -131,11 +131,18 @@ def reconstruction_scores(analysis: Analysis, groups: list[ChannelGroup], feeds:
                             done.append(key)
                 grams.forget(done)
 
-        def order(number: int, grams=grams, inverted=inverted) -> np.ndarray:
+        def last_use(number: int, key: str, grams=grams, pending=pending, inside=inside, keys=keys) -> bool:
+            """Whether group ``number`` is the last to read the Gram of ``key`` (of every key of its patch) and the
+            Gram can be built again from kept inputs: then it may be inverted in place."""
+            patch = grams.patch.get(key)
+            return patch in grams.deferred and all(pending[k] == (number in inside[k]) for k in keys
+                                                   if grams.patch.get(k) == patch)
+
+        def order(number: int, grams=grams, inverted=inverted, last_use=last_use) -> np.ndarray:
             group = groups[number]
             steps = None if stop is None else math.ceil(stop * max(group.channels, len(group.units))) + 1
-            result = _greedy_order(group, consumers, grams, steps, partial(inverted, number)) \
-                if group.units else None
+            result = _greedy_order(group, consumers, grams, steps, partial(inverted, number),
+                                   partial(last_use, number) if low else None) if group.units else None
             if not group.units:
                 inverted(number)
             return fallback[group.id] if result is None else result
@@ -156,8 +163,6 @@ def reconstruction_scores(analysis: Analysis, groups: list[ChannelGroup], feeds:
 
 #: threads that order the groups in the default mode (one with the heap bounded)
 SELECTION_THREADS = 2
-#: with the heap bounded, a window's consumers hold at most this share of their weights' bytes in Grams and inputs
-WINDOW_SHARE = 1.0
 
 
 def _readers(groups: list[ChannelGroup], consumers: dict[str, tuple]) -> dict[str, list[int]]:
@@ -171,83 +176,6 @@ def _readers(groups: list[ChannelGroup], consumers: dict[str, tuple]) -> dict[st
             if ids & features[key]:
                 readers.setdefault(key, []).append(number)
     return readers
-
-
-def _window_budget(consumers: dict[str, tuple]) -> float:
-    """Bytes a window's consumers may hold in Grams and inputs: ``WINDOW_SHARE`` of their weights' bytes."""
-    return WINDOW_SHARE * sum(matrix.nbytes for _, _, matrix, _ in consumers.values())
-
-
-def _input_bytes(analysis: Analysis, consumers: dict[str, tuple], feeds: list[dict[str, np.ndarray]]) -> int:
-    """The largest consumer input over the calibration feeds, in bytes (float32, from the analysis shapes)."""
-    source = _Source(analysis.model, feeds, 0, analysis.shapes)
-    return max((source.bytes([node.input[0]]) for node, *_ in consumers.values()), default=0)
-
-
-class _Source:
-    """Where each window's capture starts: the calibration feeds, or the frontier the previous window's capture kept,
-    cut before the next window's first consumer input is computed (the tensors computed before that node that it or
-    later nodes read, plus the graph inputs). A frontier is kept when it takes at most ``budget`` bytes over every
-    feed (the largest consumer input over the calibration feeds, as the refit's kept budget); else the next capture
-    recomputes from the last kept source. The captures run unoptimised sessions node by node, so a tensor computed
-    from a frontier equals the one computed from the inputs bit for bit."""
-
-    def __init__(self, model, feeds: list[dict[str, np.ndarray]], budget: float, shapes: dict):
-        self.inputs, self.feeds, self.budget, self.shapes = feeds, feeds, budget, shapes
-        self.batch = max((int(v.shape[0]) if v.ndim else 1 for feed in feeds for v in feed.values()), default=1)
-        self.producer = {out: i for i, node in enumerate(model.graph.node) for out in node.output if out}
-        self.reads = [[n for n in node.input if n] + [n for attr in node.attribute for sub in
-                       ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs))
-                       for n in free_names(sub)] for node in model.graph.node]
-
-    def bytes(self, names) -> int:
-        """Bytes of ``names`` over every feed, from the analysis shapes (float32, unknown dims count as 1)."""
-        return sum(4 * self.batch * len(self.inputs) *
-                   int(np.prod([d if isinstance(d, int) and d > 0 else 1 for d in (self.shapes.get(n) or [])[1:]]))
-                   for n in names)
-
-    def frontier(self, later: set[str]) -> set[str] | None:
-        """The frontier before the first producer of ``later`` (None: nothing to cut, or over the budget)."""
-        cut = min((self.producer.get(n, -1) for n in later), default=-1)
-        if not self.budget or cut <= 0:
-            return None
-        names = {n for reads in self.reads[cut:] for n in reads if 0 <= self.producer.get(n, -1) < cut}
-        return names if names and self.bytes(names) <= self.budget else None
-
-    def advance(self, frontier: set[str] | None, values: list[dict[str, np.ndarray]]) -> None:
-        """Start later captures from ``values`` (a frontier per feed) when they fit the budget."""
-        if frontier is None or len(values) != len(self.inputs):
-            return
-        if sum(x.nbytes for kept in values for x in kept.values()) <= self.budget:
-            self.feeds = [{**feed, **kept} for feed, kept in zip(self.inputs, values)]
-
-
-def _windows(analysis: Analysis, groups: list[ChannelGroup], consumers: dict[str, tuple],
-             readers: dict[str, list[int]], feeds: list[dict[str, np.ndarray]]) -> list[range]:
-    """Consecutive groups whose consumers' held bytes (per shared patch the smaller of its Gram, 8·D², and its
-    input over the calibration feeds, as :class:`ConsumerGrams` keeps them) stay within the consumers' weight
-    bytes (times ``WINDOW_SHARE``); a group over it alone is a window of its own."""
-    batch = max((int(v.shape[0]) if v.ndim else 1 for feed in feeds for v in feed.values()), default=1)
-    held: dict[tuple, int] = {}
-    for key, (node, _, matrix, _) in consumers.items():
-        dims = analysis.shapes.get(node.input[0]) or []
-        size = 4 * batch * len(feeds) * int(np.prod([d if isinstance(d, int) and d > 0 else 1 for d in dims[1:]]))
-        held[_patch_key(node, matrix.shape[0])] = min(8 * matrix.shape[0] ** 2, size)
-    budget = _window_budget(consumers)
-    patches = {key: _patch_key(node, matrix.shape[0]) for key, (node, _, matrix, _) in consumers.items()}
-    of_group: list[set[tuple]] = [set() for _ in groups]
-    for key, numbers in readers.items():
-        for number in numbers:
-            of_group[number].add(patches[key])
-    windows, start, window = [], 0, set()
-    for number, patches_read in enumerate(of_group):
-        union = window | patches_read
-        if number > start and sum(held[p] for p in union) > budget:
-            windows.append(range(start, number))
-            start, union = number, set(patches_read)
-        window = union
-    windows.append(range(start, len(groups)))
-    return windows
 
 
 def _refit_consumers(analysis: Analysis) -> dict[str, tuple]:
@@ -295,13 +223,14 @@ BATCH_FEATURES = 1024
 
 
 def _greedy_order(group: ChannelGroup, consumers: dict[str, tuple], grams: dict[str, np.ndarray],
-                  steps: int | None = None, inverted=None) -> np.ndarray | None:
+                  steps: int | None = None, inverted=None, overwritable=None) -> np.ndarray | None:
     """Greedy OBS elimination over the group's units: each step removes the unit whose block costs least,
     summed over the consumers, then downdates each consumer's inverse Gram and refitted weights (``steps``:
     stop after that many; the rest score the accumulated error plus their current cost). Past
     ``SELECTION_STEPS`` steps on a consumer of ``BATCH_FEATURES`` features or more, each step removes the ``batch``
-    cheapest units together. ``inverted`` is called once the inverses are taken (the Grams may then go)."""
-    states = _states(group, consumers, grams, steps)
+    cheapest units together. ``inverted`` is called once the inverses are taken (the Grams may then go);
+    ``overwritable`` (see :func:`_states`) says which Grams may be inverted in place."""
+    states = _states(group, consumers, grams, steps, overwritable)
     if inverted is not None:
         inverted()
     if not states:
@@ -338,9 +267,12 @@ def _greedy_order(group: ChannelGroup, consumers: dict[str, tuple], grams: dict[
 
 
 def _states(group: ChannelGroup, consumers: dict[str, tuple], grams: dict[str, np.ndarray],
-            steps: int | None = None) -> list | None:
+            steps: int | None = None, overwritable=None) -> list | None:
     """One :class:`_State` per consumer that reads the group's units (None: a Gram cannot be inverted); each
-    state's downdate columns are sized for the most features ``steps`` removals can take from it."""
+    state's downdate columns are sized for the most features ``steps`` removals can take from it. A Gram for
+    whose key ``overwritable(key)`` is true (no later reader, built again from kept inputs if asked for again) is
+    inverted in place (:func:`spd_inverse` with ``overwrite``); where its Cholesky fails it is built again and
+    inverted as without."""
     unit_of = {}
     for u, ids in enumerate(group.units):
         for i in np.asarray(ids).tolist():
@@ -354,8 +286,17 @@ def _states(group: ChannelGroup, consumers: dict[str, tuple], grams: dict[str, n
         if not (units >= 0).any():
             continue
         if id(grams[key]) not in inverses:
+            gram = grams[key]
             try:
-                inverses[id(grams[key])] = spd_inverse(grams[key])
+                if overwritable is not None and overwritable(key):
+                    try:
+                        inverses[id(gram)] = spd_inverse(gram, overwrite=True)
+                    except _Overwritten:
+                        grams.release([key])  # the failed factor: the Gram is built again, as the plain path reads it
+                        gram = grams[key]
+                        inverses[id(gram)] = np.linalg.inv(gram)
+                else:
+                    inverses[id(gram)] = spd_inverse(gram)
             except np.linalg.LinAlgError:
                 return None
         sizes = np.sort(np.bincount(units[units >= 0]))[::-1]
@@ -364,19 +305,42 @@ def _states(group: ChannelGroup, consumers: dict[str, tuple], grams: dict[str, n
     return states
 
 
-def spd_inverse(gram: np.ndarray) -> np.ndarray:
+def spd_inverse(gram: np.ndarray, overwrite: bool = False) -> np.ndarray:
     """The inverse of a symmetric positive definite (ridge-regularised) Gram: ``np.linalg.inv`` below
     ``WIDE_FEATURES``; above, by Cholesky (H = L Lᵀ, H⁻¹ = L⁻ᵀ L⁻¹) with blocked products that use the triangles
     (about half the flops of an LU inverse, same float64 accuracy); LU where Cholesky fails. L is inverted and
-    multiplied in place: besides the Gram, one D×D array and a quarter-sized temporary are alive."""
+    multiplied in place: besides the Gram, one D×D array and a quarter-sized temporary are alive. With
+    ``overwrite`` (a C-contiguous float64 Gram above ``WIDE_FEATURES``) the factor is written over the Gram by
+    the same LAPACK call as ``np.linalg.cholesky`` (bit for bit the same factor, and LAPACK's working copy the only
+    other D×D array) and the inverse returned is the Gram's array; where the factor fails :class:`_Overwritten`
+    is raised (the Gram is lost)."""
     if gram.shape[0] < WIDE_FEATURES:
         return np.linalg.inv(gram)
+    if overwrite and gram.dtype == np.float64 and gram.flags.c_contiguous and _cholesky_lo is not None:
+        with np.errstate(call=_not_positive, invalid="call", over="ignore", divide="ignore", under="ignore"):
+            _cholesky_lo(gram, out=gram, signature="d->d")
+        _invert_lower(gram)
+        return _lower_gram(gram)
     try:
         lower = np.linalg.cholesky(gram)
     except np.linalg.LinAlgError:
         return np.linalg.inv(gram)
     _invert_lower(lower)
     return _lower_gram(lower)
+
+
+class _Overwritten(np.linalg.LinAlgError):
+    """An in-place Cholesky failed: the Gram it was written over is lost."""
+
+
+def _not_positive(err, flag):
+    raise _Overwritten("Gram not positive definite")
+
+
+try:  # the gufunc np.linalg.cholesky calls, which writes into ``out`` (no copy of an overlapping input)
+    from numpy.linalg._umath_linalg import cholesky_lo as _cholesky_lo
+except ImportError:  # pragma: no cover - another numpy layout: no in-place factor
+    _cholesky_lo = None
 
 
 def _invert_lower(lower: np.ndarray) -> None:

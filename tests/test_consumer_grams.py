@@ -10,8 +10,9 @@ from typing import ClassVar
 
 import numpy as np
 import onnx
+import pytest
 
-from onnxprune import consumer_grams, probe, scoring
+from onnxprune import consumer_grams, probe, scoring, selection_windows
 from onnxprune.analysis.groups import analyse, build_groups
 from onnxprune.calibration import ActivationStream
 from onnxprune.config import PruneConfig
@@ -214,12 +215,13 @@ def test_low_memory_selection_runs_in_windows_with_the_same_scores(monkeypatch):
     analysis = analyse(model)
     groups = build_groups(analysis)
     feeds = _feeds()
+    monkeypatch.setattr(scoring, "WIDE_FEATURES", 512)  # this model's 3×3 convs (576 features) count as wide
     plain = scoring.reconstruction_scores(analysis, groups, feeds, stop=0.6)
     consumers = scoring._refit_consumers(analysis)
     readers = scoring._readers(groups, consumers)
     monkeypatch.setattr(scoring, "heap_bounded", lambda: True)
-    monkeypatch.setattr(scoring, "WINDOW_SHARE", 0.1)
-    windows = scoring._windows(analysis, groups, consumers, readers, feeds)
+    monkeypatch.setattr(selection_windows, "WINDOW_SHARE", 0.1)
+    windows = selection_windows._windows(analysis, groups, consumers, readers, feeds)
     assert len(windows) > 3 and [n for w in windows for n in w] == list(range(len(groups)))
     _Recorded.made = []
     starts = []  # the tensors each window's capture starts from
@@ -229,7 +231,16 @@ def test_low_memory_selection_runs_in_windows_with_the_same_scores(monkeypatch):
         return _Recorded(model, consumers, sources, *args, **kwargs)
 
     monkeypatch.setattr(scoring, "ConsumerGrams", recorded)
+    overwritten = []
+    plain_inverse = scoring.spd_inverse
+
+    def inverse(gram, overwrite=False):
+        overwritten.append(overwrite and gram.shape[0] >= scoring.WIDE_FEATURES)
+        return plain_inverse(gram, overwrite)
+
+    monkeypatch.setattr(scoring, "spd_inverse", inverse)
     windowed = scoring.reconstruction_scores(analysis, groups, feeds, stop=0.6)
+    assert any(overwritten)  # a wide deferred Gram at its last reader: inverted in place, the same scores
     assert list(windowed) == list(plain)
     assert starts[0] == {"input"} and any(len(names) > 1 for names in starts[1:])  # later ones from a frontier
     for gid, scores in plain.items():
@@ -247,3 +258,20 @@ def test_low_memory_selection_runs_in_windows_with_the_same_scores(monkeypatch):
         assert held <= budget or len(window) == 1
         assert grams.live_bytes == 0 and not grams.inputs  # released before the next window
     assert next(made, None) is None
+
+
+def test_in_place_inverse_equals_the_plain_one():
+    """``spd_inverse(overwrite=True)`` writes the factor and the inverse over the Gram, bit for bit the plain inverse;
+    a Gram that is not positive definite raises ``_Overwritten`` (a ``LinAlgError``)."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((scoring.WIDE_FEATURES + 300, scoring.WIDE_FEATURES + 40))
+    gram = x.T @ x
+    plain = scoring.spd_inverse(gram)
+    work = gram.copy()
+    inverse = scoring.spd_inverse(work, overwrite=True)
+    assert inverse is work
+    np.testing.assert_array_equal(inverse, plain)
+    work = -gram
+    with pytest.raises(scoring._Overwritten):
+        scoring.spd_inverse(work, overwrite=True)
+    assert issubclass(scoring._Overwritten, np.linalg.LinAlgError)
