@@ -12,6 +12,8 @@ both ways give the same array, bit for bit.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from collections.abc import Iterator, Mapping
 
 import numpy as np
@@ -56,11 +58,19 @@ class ConsumerGrams(Mapping):
     :func:`~onnxprune.scoring._refit_consumers` builds them. With ``defer`` a patch keeps its captured inputs when
     they take fewer bytes than its Gram; such a Gram is computed on first access and held until :meth:`release`.
     ``shapes`` (the analysis shapes) split the capture into onnxruntime runs of at most ``CAPTURE_BYTES`` per batch
-    (``LOW_MEMORY_CAPTURE_BYTES`` with the heap bounded, each run's session then built for it alone).
-    ``live_bytes``/``peak_bytes`` count the Gram arrays held (finished and running sums)."""
+    (``LOW_MEMORY_CAPTURE_BYTES`` with the heap bounded, each run's session then built for it alone). ``feeds``
+    may hold intermediate tensors (a frontier) besides or instead of graph inputs: the runs start from them. With
+    ``frontier`` (tensor names) :attr:`frontier` holds those tensors of every feed after the capture.
+    ``live_bytes``/``peak_bytes`` count the Gram arrays held (finished and running sums).
+
+    After the capture, lookups, :meth:`release` and :meth:`forget` may come from several threads: the bookkeeping
+    is locked, a deferred Gram is built once (other threads asking for it wait), builds of different patches run
+    at once; only builds on the thread that made the object are timed as "gram" (a worker's count in the stage
+    its caller times)."""
 
     def __init__(self, model, consumers: dict[str, tuple], feeds: list[dict[str, np.ndarray]], ridge: float,
-                 clock: StageClock | None = None, shapes: dict | None = None, defer: bool = True):
+                 clock: StageClock | None = None, shapes: dict | None = None, defer: bool = True,
+                 frontier: set[str] | None = None):
         self.ridge, self.feeds, self.clock = ridge, len(feeds), clock or StageClock()
         self.patch = {key: _patch_key(node, matrix.shape[0]) for key, (node, _, matrix, _) in consumers.items()}
         self.node = {self.patch[key]: node for key, (node, *_) in consumers.items()}
@@ -69,9 +79,13 @@ class ConsumerGrams(Mapping):
         self.inputs: dict[str, list[np.ndarray]] = {}  # kept input tensors of deferred patches, per feed
         self.deferred: set[tuple] = set()
         self.failed: set[tuple] = set()  # features that do not match the weight
-        self._capture(model, consumers, feeds, shapes or {}, defer)
+        self.lock = threading.RLock()
+        self.building: dict[tuple, threading.Lock] = {}  # deferred patches being built, one lock each
+        self.owner = threading.get_ident()
+        self.frontier: list[dict[str, np.ndarray]] = []  # per feed, the ``frontier`` tensors after the capture
+        self._capture(model, consumers, feeds, shapes or {}, defer, frontier)
 
-    def _capture(self, model, consumers, feeds, shapes, defer) -> None:
+    def _capture(self, model, consumers, feeds, shapes, defer, frontier=None) -> None:
         sums: dict[tuple, GramSum] = {}
         samplers = {patch: RowSampler(patch[1], len(feeds)) for patch in self.patch.values()}
         names = {node.input[0] for node, *_ in consumers.values()}
@@ -79,7 +93,12 @@ class ConsumerGrams(Mapping):
         chunks = _capture_chunks(model, names, shapes, feeds, LOW_MEMORY_CAPTURE_BYTES if low else None)
         readers = [{self.patch[key]: item[0] for key, item in consumers.items() if item[0].input[0] in chunk}
                    for chunk in chunks]
+        if frontier:  # one more run per feed: the tensors a later capture starts from (no consumer reads them here)
+            chunks, readers = [*chunks, sorted(frontier)], [*readers, {}]
         for i, values in ActivationStream(model, feeds).by_feed(chunks, self.clock, keep_sessions=not low):
+            if frontier and i == len(chunks) - 1:
+                self.frontier.append(values)
+                continue
             for patch, node in readers[i].items():
                 if patch in self.failed:
                     continue
@@ -117,18 +136,29 @@ class ConsumerGrams(Mapping):
         self.peak_bytes = max(self.peak_bytes, self.live_bytes)
 
     def __getitem__(self, key: str) -> np.ndarray:
-        patch = self.patch.get(key)
-        if patch is None or patch in self.failed:
-            raise KeyError(key)
-        if patch not in self.grams:  # deferred: summed now from the kept inputs, as the capture would have
-            node, total = self.node[patch], GramSum()
-            sampler = RowSampler(patch[1], self.feeds)
-            self._count(8 * patch[1] ** 2)
-            with self.clock.stage("gram"):
-                for x in self.inputs[node.input[0]]:
+        with self.lock:
+            patch = self.patch.get(key)
+            if patch is None or patch in self.failed:
+                raise KeyError(key)
+            if patch in self.grams:
+                return self.grams[patch]
+            building = self.building.setdefault(patch, threading.Lock())
+        with building:  # deferred: summed now from the kept inputs, as the capture would have
+            with self.lock:
+                if patch in self.grams:  # built by another thread meanwhile
+                    return self.grams[patch]
+                node, kept = self.node[patch], self.inputs[self.node[patch].input[0]]
+                self._count(8 * patch[1] ** 2)
+            total, sampler = GramSum(), RowSampler(patch[1], self.feeds)
+            mine = threading.get_ident() == self.owner
+            with self.clock.stage("gram") if mine else contextlib.nullcontext():
+                for x in kept:
                     total.add(_features(node, x, patch[1], sampler))
-                self.grams[patch] = self._finish(total)
-        return self.grams[patch]
+                gram = self._finish(total)
+            with self.lock:
+                self.grams[patch] = gram
+                self.building.pop(patch, None)
+        return gram
 
     def permuted(self, key: str, order: np.ndarray) -> np.ndarray:
         """A new array: the Gram of ``key`` with its features in ``order`` (``gram[order][:, order]``). A deferred
@@ -147,7 +177,8 @@ class ConsumerGrams(Mapping):
             return self._finish(total)
 
     def __contains__(self, key: object) -> bool:
-        return key in self.patch and self.patch[key] not in self.failed
+        patch = self.patch.get(key)  # one lookup: another thread may forget the key meanwhile
+        return patch is not None and patch not in self.failed
 
     def __iter__(self) -> Iterator[str]:
         return (key for key in self.patch if self.patch[key] not in self.failed)
@@ -158,22 +189,24 @@ class ConsumerGrams(Mapping):
     def release(self, keys, keep=()) -> None:
         """Drop the deferred Grams of ``keys`` but those ``keep`` reads (built again from the kept inputs if asked
         for again); Grams summed during the capture stay until :meth:`forget`."""
-        kept = {self.patch.get(key) for key in keep}
-        for key in keys:
-            patch = self.patch.get(key)
-            if patch in self.deferred and patch in self.grams and patch not in kept:
-                self.live_bytes -= self.grams.pop(patch).nbytes
+        with self.lock:
+            kept = {self.patch.get(key) for key in keep}
+            for key in keys:
+                patch = self.patch.get(key)
+                if patch in self.deferred and patch in self.grams and patch not in kept:
+                    self.live_bytes -= self.grams.pop(patch).nbytes
 
     def forget(self, keys) -> None:
         """``keys`` will not be asked for again: the Grams and kept inputs no other consumer reads are dropped."""
-        gone = {self.patch.pop(key) for key in set(keys) & set(self.patch)}
-        remaining = set(self.patch.values())
-        for patch in gone - remaining:
-            if patch in self.grams:
-                self.live_bytes -= self.grams.pop(patch).nbytes
-        needed = {self.node[patch].input[0] for patch in remaining & self.deferred}
-        for name in [n for n in self.inputs if n not in needed]:
-            del self.inputs[name]
+        with self.lock:
+            gone = {self.patch.pop(key) for key in set(keys) & set(self.patch)}
+            remaining = set(self.patch.values())
+            for patch in gone - remaining:
+                if patch in self.grams:
+                    self.live_bytes -= self.grams.pop(patch).nbytes
+            needed = {self.node[patch].input[0] for patch in remaining & self.deferred}
+            for name in [n for n in self.inputs if n not in needed]:
+                del self.inputs[name]
 
 
 def _consumer_grams(model, consumers: dict[str, tuple], feeds: list[dict[str, np.ndarray]],

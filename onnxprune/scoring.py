@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 import numpy as np
@@ -11,6 +13,9 @@ from .analysis.groups import Analysis, ChannelGroup
 from .calibration import StageClock
 from .consumer_grams import CAPTURE_BYTES, ConsumerGrams, _capture_chunks, _consumer_grams, _patch_key
 from .gram import _reconstructable
+from .heap import heap_bounded
+from .model import tensor_bytes
+from .selection_windows import _Source, _windows
 
 __all__ = ["CAPTURE_BYTES", "ConsumerGrams", "_capture_chunks", "_consumer_grams", "_patch_key", "channel_scores",
            "reconstruction_scores", "unit_scores"]
@@ -60,7 +65,8 @@ def unit_scores(analysis: Analysis, groups: list[ChannelGroup], criterion: str, 
 
 
 def reconstruction_scores(analysis: Analysis, groups: list[ChannelGroup], feeds: list[dict[str, np.ndarray]],
-                          ridge: float = 1e-3, stop: float | None = None, clock=None) -> dict[int, np.ndarray]:
+                          ridge: float = 1e-3, stop: float | None = None, clock=None,
+                          threads: int | None = None) -> dict[int, np.ndarray]:
     """Group id -> unit scores from greedy elimination that knows the consumers will be refitted.
 
     For each consumer layer of a group, its input features X on the calibration data give the Gram
@@ -74,38 +80,102 @@ def reconstruction_scores(analysis: Analysis, groups: list[ChannelGroup], feeds:
     allocation may remove), the order stops one unit past that share: the remaining units score above every
     removed one (accumulated error plus their cost at that point), so the removed set is the same. ``clock`` (a
     :class:`~onnxprune.calibration.StageClock`) times capture, Gram and selection.
+
+    Each group's order reads only the original weights and its consumers' Grams, so groups are independent: by
+    default (``threads`` None) two threads order them (numpy's LAPACK/BLAS calls release the GIL), each group's
+    scores bit-identical to a sequential run's. With the heap bounded (``--low-memory``) one thread orders them,
+    in windows of consecutive groups (:func:`_windows`) whose consumers' Grams or kept inputs fit in the
+    consumers' weight bytes: each window's capture, selection and release run before the next window's capture
+    (a consumer read from two windows is captured in both, the same Gram bit for bit), which starts from the
+    frontier the previous capture kept (:class:`_Source`) instead of the inputs where that fits; a deferred Gram
+    whose last reader is the group being ordered is inverted in place (:func:`spd_inverse`).
     """
     clock = clock or StageClock()
     fallback = unit_scores(analysis, groups, "l1")
     consumers = _refit_consumers(analysis)
     if not consumers:
         return fallback
-    with clock.stage("gram"):
-        grams = ConsumerGrams(analysis.model, consumers, feeds, ridge, clock, analysis.shapes)
+    readers = _readers(groups, consumers)
+    low = heap_bounded()
+    threads = (1 if low else SELECTION_THREADS) if threads is None else max(1, threads)
+    windows = _windows(analysis, groups, consumers, readers, feeds) if low else [range(len(groups))]
     scores: dict[int, np.ndarray] = {}
-    last = _last_reader(groups, consumers)
-    grams.forget(set(consumers) - set(last))  # no group reads these consumers
-    with clock.stage("selection"):
-        for number, group in enumerate(groups):
+    source = _Source(analysis.model, feeds, tensor_bytes(analysis.model) if len(windows) > 1 else 0, analysis.shapes)
+    names = [{consumers[key][0].input[0] for key, numbers in readers.items() if set(numbers) & set(window)}
+             for window in windows]
+    for number_of_window, window in enumerate(windows):
+        inside = {key: [n for n in numbers if n in window] for key, numbers in readers.items()}
+        keys = [key for key in consumers if inside.get(key)]
+        if not keys:
+            continue
+        later = set().union(*names[number_of_window + 1:])
+        frontier = source.frontier(later) if later else None
+        with clock.stage("gram"):
+            grams = ConsumerGrams(analysis.model, {key: consumers[key] for key in keys}, source.feeds, ridge, clock,
+                                  analysis.shapes, frontier=frontier)
+        source.advance(frontier, grams.frontier)
+        grams.frontier = []
+        if not later:  # no capture after this one: the kept frontier is not held through the selection
+            source.feeds = source.inputs
+        pending = {key: len(inside[key]) for key in keys}  # groups of the window that have still to read each
+        lock = threading.Lock()
+
+        def inverted(number: int, grams=grams, pending=pending, lock=lock, inside=inside, keys=keys) -> None:
+            """Group ``number`` holds its inverses: the Grams no other group of the window reads may go."""
+            with lock:
+                done = []
+                for key in keys:
+                    if number in inside[key]:
+                        pending[key] -= 1
+                        if not pending[key]:
+                            done.append(key)
+                grams.forget(done)
+
+        def last_use(number: int, key: str, grams=grams, pending=pending, inside=inside, keys=keys) -> bool:
+            """Whether group ``number`` is the last to read the Gram of ``key`` (of every key of its patch) and the
+            Gram can be built again from kept inputs: then it may be inverted in place."""
+            patch = grams.patch.get(key)
+            return patch in grams.deferred and all(pending[k] == (number in inside[k]) for k in keys
+                                                   if grams.patch.get(k) == patch)
+
+        def order(number: int, grams=grams, inverted=inverted, last_use=last_use) -> np.ndarray:
+            group = groups[number]
             steps = None if stop is None else math.ceil(stop * max(group.channels, len(group.units))) + 1
-            done = [k for k, n in last.items() if n == number]  # no later group reads these consumers
-            scores[group.id] = _greedy_order(group, consumers, grams, steps, partial(grams.forget, done)) \
-                if group.units else fallback[group.id]
-            if scores[group.id] is None:
-                scores[group.id] = fallback[group.id]
-            grams.forget(done)
-    return scores
+            result = _greedy_order(group, consumers, grams, steps, partial(inverted, number),
+                                   partial(last_use, number) if low else None) if group.units else None
+            if not group.units:
+                inverted(number)
+            return fallback[group.id] if result is None else result
+
+        with clock.stage("selection"):
+            if threads == 1 or len(window) < 2:
+                results = [order(number) for number in window]
+            else:
+                with ThreadPoolExecutor(threads) as pool:
+                    results = list(pool.map(order, window))
+        for number, result in zip(window, results):
+            scores[groups[number].id] = result
+        del grams
+    for group in groups:  # groups no consumer reads: their L1 scores
+        scores.setdefault(group.id, fallback[group.id])
+    return {group.id: scores[group.id] for group in groups}
 
 
-def _last_reader(groups: list[ChannelGroup], consumers: dict[str, tuple]) -> dict[str, int]:
-    """Consumer -> index of the last group whose units are among its input channels."""
-    last: dict[str, int] = {}
+#: threads that order the groups in the default mode (one with the heap bounded)
+SELECTION_THREADS = 2
+
+
+def _readers(groups: list[ChannelGroup], consumers: dict[str, tuple]) -> dict[str, list[int]]:
+    """Consumer -> indices of the groups whose units are among its input channels (consumers no group reads are
+    left out)."""
+    readers: dict[str, list[int]] = {}
+    features = {key: set(np.unique(feature_ids).tolist()) for key, (_, _, _, feature_ids) in consumers.items()}
     for number, group in enumerate(groups):
         ids = {int(i) for unit in group.units for i in np.asarray(unit).ravel()}
-        for key, (_, _, _, feature_ids) in consumers.items():
-            if ids.intersection(np.unique(feature_ids).tolist()):
-                last[key] = number
-    return last
+        for key in consumers:
+            if ids & features[key]:
+                readers.setdefault(key, []).append(number)
+    return readers
 
 
 def _refit_consumers(analysis: Analysis, originals: dict[str, np.ndarray] | None = None) -> dict[str, tuple]:
@@ -154,13 +224,14 @@ BATCH_FEATURES = 1024
 
 
 def _greedy_order(group: ChannelGroup, consumers: dict[str, tuple], grams: dict[str, np.ndarray],
-                  steps: int | None = None, inverted=None) -> np.ndarray | None:
+                  steps: int | None = None, inverted=None, overwritable=None) -> np.ndarray | None:
     """Greedy OBS elimination over the group's units: each step removes the unit whose block costs least,
     summed over the consumers, then downdates each consumer's inverse Gram and refitted weights (``steps``:
     stop after that many; the rest score the accumulated error plus their current cost). Past
     ``SELECTION_STEPS`` steps on a consumer of ``BATCH_FEATURES`` features or more, each step removes the ``batch``
-    cheapest units together. ``inverted`` is called once the inverses are taken (the Grams may then go)."""
-    states = _states(group, consumers, grams, steps)
+    cheapest units together. ``inverted`` is called once the inverses are taken (the Grams may then go);
+    ``overwritable`` (see :func:`_states`) says which Grams may be inverted in place."""
+    states = _states(group, consumers, grams, steps, overwritable)
     if inverted is not None:
         inverted()
     if not states:
@@ -197,9 +268,12 @@ def _greedy_order(group: ChannelGroup, consumers: dict[str, tuple], grams: dict[
 
 
 def _states(group: ChannelGroup, consumers: dict[str, tuple], grams: dict[str, np.ndarray],
-            steps: int | None = None) -> list | None:
+            steps: int | None = None, overwritable=None) -> list | None:
     """One :class:`_State` per consumer that reads the group's units (None: a Gram cannot be inverted); each
-    state's downdate columns are sized for the most features ``steps`` removals can take from it."""
+    state's downdate columns are sized for the most features ``steps`` removals can take from it. A Gram for
+    whose key ``overwritable(key)`` is true (no later reader, built again from kept inputs if asked for again) is
+    inverted in place (:func:`spd_inverse` with ``overwrite``); where its Cholesky fails it is built again and
+    inverted as without."""
     unit_of = {}
     for u, ids in enumerate(group.units):
         for i in np.asarray(ids).tolist():
@@ -213,8 +287,17 @@ def _states(group: ChannelGroup, consumers: dict[str, tuple], grams: dict[str, n
         if not (units >= 0).any():
             continue
         if id(grams[key]) not in inverses:
+            gram = grams[key]
             try:
-                inverses[id(grams[key])] = spd_inverse(grams[key])
+                if overwritable is not None and overwritable(key):
+                    try:
+                        inverses[id(gram)] = spd_inverse(gram, overwrite=True)
+                    except _Overwritten:
+                        grams.release([key])  # the failed factor: the Gram is built again, as the plain path reads it
+                        gram = grams[key]
+                        inverses[id(gram)] = np.linalg.inv(gram)
+                else:
+                    inverses[id(gram)] = spd_inverse(gram)
             except np.linalg.LinAlgError:
                 return None
         sizes = np.sort(np.bincount(units[units >= 0]))[::-1]
@@ -223,19 +306,42 @@ def _states(group: ChannelGroup, consumers: dict[str, tuple], grams: dict[str, n
     return states
 
 
-def spd_inverse(gram: np.ndarray) -> np.ndarray:
+def spd_inverse(gram: np.ndarray, overwrite: bool = False) -> np.ndarray:
     """The inverse of a symmetric positive definite (ridge-regularised) Gram: ``np.linalg.inv`` below
     ``WIDE_FEATURES``; above, by Cholesky (H = L Lᵀ, H⁻¹ = L⁻ᵀ L⁻¹) with blocked products that use the triangles
     (about half the flops of an LU inverse, same float64 accuracy); LU where Cholesky fails. L is inverted and
-    multiplied in place: besides the Gram, one D×D array and a quarter-sized temporary are alive."""
+    multiplied in place: besides the Gram, one D×D array and a quarter-sized temporary are alive. With
+    ``overwrite`` (a C-contiguous float64 Gram above ``WIDE_FEATURES``) the factor is written over the Gram by
+    the same LAPACK call as ``np.linalg.cholesky`` (bit for bit the same factor, and LAPACK's working copy the only
+    other D×D array) and the inverse returned is the Gram's array; where the factor fails :class:`_Overwritten`
+    is raised (the Gram is lost)."""
     if gram.shape[0] < WIDE_FEATURES:
         return np.linalg.inv(gram)
+    if overwrite and gram.dtype == np.float64 and gram.flags.c_contiguous and _cholesky_lo is not None:
+        with np.errstate(call=_not_positive, invalid="call", over="ignore", divide="ignore", under="ignore"):
+            _cholesky_lo(gram, out=gram, signature="d->d")
+        _invert_lower(gram)
+        return _lower_gram(gram)
     try:
         lower = np.linalg.cholesky(gram)
     except np.linalg.LinAlgError:
         return np.linalg.inv(gram)
     _invert_lower(lower)
     return _lower_gram(lower)
+
+
+class _Overwritten(np.linalg.LinAlgError):
+    """An in-place Cholesky failed: the Gram it was written over is lost."""
+
+
+def _not_positive(err, flag):
+    raise _Overwritten("Gram not positive definite")
+
+
+try:  # the gufunc np.linalg.cholesky calls, which writes into ``out`` (no copy of an overlapping input)
+    from numpy.linalg._umath_linalg import cholesky_lo as _cholesky_lo
+except ImportError:  # pragma: no cover - another numpy layout: no in-place factor
+    _cholesky_lo = None
 
 
 def _invert_lower(lower: np.ndarray) -> None:

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import pytest
 
-from onnxprune import consumer_grams, probe, probe_refit, scoring, spd_solve
+from onnxprune import consumer_grams, probe, probe_refit, scoring, selection_windows, spd_solve
 from onnxprune.analysis.groups import analyse, build_groups
 from onnxprune.calibration import ActivationStream
 from onnxprune.config import PruneConfig
@@ -84,7 +84,7 @@ def test_selection_holds_the_grams_of_one_group_at_a_time(monkeypatch):
     whole = scoring.reconstruction_scores(analysis, groups, feeds, stop=0.6)
     _Recorded.made = []
     monkeypatch.setattr(scoring, "ConsumerGrams", _Recorded)
-    bounded = scoring.reconstruction_scores(analysis, groups, feeds, stop=0.6)
+    bounded = scoring.reconstruction_scores(analysis, groups, feeds, stop=0.6, threads=1)  # one group at a time
     assert whole.keys() == bounded.keys() and len(whole) == len(groups) > 10
     for gid, scores in whole.items():
         np.testing.assert_array_equal(bounded[gid], scores)
@@ -273,3 +273,93 @@ def test_permuted_gram_of_a_deferred_patch_is_summed_in_that_order():
         else:
             np.testing.assert_allclose(permuted, full[np.ix_(order, order)], rtol=1e-9, atol=1e-9 * np.abs(full).max())
             grams.release([key])
+def test_threaded_selection_gives_the_sequential_scores():
+    """Ordering the groups on two threads (the default mode) gives every group's scores bit for bit as one thread
+    does, and every Gram is dropped once the groups that read it hold their inverses."""
+    model = _model()
+    analysis = analyse(model)
+    groups = build_groups(analysis)
+    feeds = _feeds()
+    sequential = scoring.reconstruction_scores(analysis, groups, feeds, stop=0.6, threads=1)
+    _Recorded.made = []
+    original = scoring.ConsumerGrams
+    scoring.ConsumerGrams = _Recorded
+    try:
+        threaded = scoring.reconstruction_scores(analysis, groups, feeds, stop=0.6, threads=2)
+    finally:
+        scoring.ConsumerGrams = original
+    assert list(threaded) == list(sequential) == [g.id for g in groups] and len(groups) > 10
+    for gid, scores in sequential.items():
+        np.testing.assert_array_equal(threaded[gid], scores)
+    assert len(_Recorded.made) == 1 and _Recorded.made[0].live_bytes == 0 and not _Recorded.made[0].inputs
+
+
+def test_low_memory_selection_runs_in_windows_with_the_same_scores(monkeypatch):
+    """With the heap bounded the groups are scored in windows of consecutive groups, each window's consumers
+    captured (from the frontier an earlier capture kept, where it fits the budget), selected and released before the
+    next window's capture; the scores equal the default mode's bit for bit, and each window's held bytes stay within
+    its budget unless one group alone is over it."""
+    model = _model()
+    analysis = analyse(model)
+    groups = build_groups(analysis)
+    feeds = _feeds()
+    monkeypatch.setattr(scoring, "WIDE_FEATURES", 512)  # this model's 3×3 convs (576 features) count as wide
+    plain = scoring.reconstruction_scores(analysis, groups, feeds, stop=0.6)
+    consumers = scoring._refit_consumers(analysis)
+    readers = scoring._readers(groups, consumers)
+    monkeypatch.setattr(scoring, "heap_bounded", lambda: True)
+    monkeypatch.setattr(selection_windows, "WINDOW_SHARE", 0.1)
+    windows = selection_windows._windows(analysis, groups, consumers, readers, feeds)
+    assert len(windows) > 3 and [n for w in windows for n in w] == list(range(len(groups)))
+    _Recorded.made = []
+    starts = []  # the tensors each window's capture starts from
+
+    def recorded(model, consumers, sources, *args, **kwargs):
+        starts.append(set(sources[0]))
+        return _Recorded(model, consumers, sources, *args, **kwargs)
+
+    monkeypatch.setattr(scoring, "ConsumerGrams", recorded)
+    overwritten = []
+    plain_inverse = scoring.spd_inverse
+
+    def inverse(gram, overwrite=False):
+        overwritten.append(overwrite and gram.shape[0] >= scoring.WIDE_FEATURES)
+        return plain_inverse(gram, overwrite)
+
+    monkeypatch.setattr(scoring, "spd_inverse", inverse)
+    windowed = scoring.reconstruction_scores(analysis, groups, feeds, stop=0.6)
+    assert any(overwritten)  # a wide deferred Gram at its last reader: inverted in place, the same scores
+    assert list(windowed) == list(plain)
+    assert starts[0] == {"input"} and any(len(names) > 1 for names in starts[1:])  # later ones from a frontier
+    for gid, scores in plain.items():
+        np.testing.assert_array_equal(windowed[gid], scores)
+    made = iter(_Recorded.made)
+    budget = 0.1 * sum(matrix.nbytes for _, _, matrix, _ in consumers.values())
+    for window in windows:
+        keys = {key for key, numbers in readers.items() if set(numbers) & set(window)}
+        if not keys:
+            continue
+        grams = next(made)
+        assert set(grams.node) == {scoring._patch_key(consumers[k][0], consumers[k][2].shape[0]) for k in keys}
+        held = sum(8 * p[1] ** 2 for p in set(grams.node) - grams.deferred) + \
+            sum(x.nbytes for kept in grams.inputs.values() for x in kept)
+        assert held <= budget or len(window) == 1
+        assert grams.live_bytes == 0 and not grams.inputs  # released before the next window
+    assert next(made, None) is None
+
+
+def test_in_place_inverse_equals_the_plain_one():
+    """``spd_inverse(overwrite=True)`` writes the factor and the inverse over the Gram, bit for bit the plain inverse;
+    a Gram that is not positive definite raises ``_Overwritten`` (a ``LinAlgError``)."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((scoring.WIDE_FEATURES + 300, scoring.WIDE_FEATURES + 40))
+    gram = x.T @ x
+    plain = scoring.spd_inverse(gram)
+    work = gram.copy()
+    inverse = scoring.spd_inverse(work, overwrite=True)
+    assert inverse is work
+    np.testing.assert_array_equal(inverse, plain)
+    work = -gram
+    with pytest.raises(scoring._Overwritten):
+        scoring.spd_inverse(work, overwrite=True)
+    assert issubclass(scoring._Overwritten, np.linalg.LinAlgError)

@@ -1,0 +1,86 @@
+"""Windows of the reconstruction-aware selection under ``--low-memory`` (:func:`~onnxprune.scoring.reconstruction_scores`):
+consecutive groups whose consumers' Grams or kept inputs fit a budget derived from their weights, and where each
+window's capture starts (the inputs, or the frontier the previous capture kept)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from .analysis.groups import Analysis, ChannelGroup
+from .consumer_grams import _patch_key
+from .graph import free_names
+
+#: with the heap bounded, a window's consumers hold at most this share of their weights' bytes in Grams and inputs
+WINDOW_SHARE = 1.0
+
+
+def _window_budget(consumers: dict[str, tuple]) -> float:
+    """Bytes a window's consumers may hold in Grams and inputs: ``WINDOW_SHARE`` of their weights' bytes."""
+    return WINDOW_SHARE * sum(matrix.nbytes for _, _, matrix, _ in consumers.values())
+
+
+class _Source:
+    """Where each window's capture starts: the calibration feeds, or the frontier the previous window's capture kept,
+    cut before the next window's first consumer input is computed (the tensors computed before that node that it or
+    later nodes read, plus the graph inputs). A frontier is kept when it takes at most ``budget`` bytes over every
+    feed (the model's tensor bytes: a frontier as large as the model); else the next capture
+    recomputes from the last kept source. The captures run unoptimised sessions node by node, so a tensor computed
+    from a frontier equals the one computed from the inputs bit for bit."""
+
+    def __init__(self, model, feeds: list[dict[str, np.ndarray]], budget: float, shapes: dict):
+        self.inputs, self.feeds, self.budget, self.shapes = feeds, feeds, budget, shapes
+        self.batch = max((int(v.shape[0]) if v.ndim else 1 for feed in feeds for v in feed.values()), default=1)
+        self.producer = {out: i for i, node in enumerate(model.graph.node) for out in node.output if out}
+        self.reads = [[n for n in node.input if n] + [n for attr in node.attribute for sub in
+                       ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs))
+                       for n in free_names(sub)] for node in model.graph.node]
+
+    def bytes(self, names) -> int:
+        """Bytes of ``names`` over every feed, from the analysis shapes (float32, unknown dims count as 1)."""
+        return sum(4 * self.batch * len(self.inputs) *
+                   int(np.prod([d if isinstance(d, int) and d > 0 else 1 for d in (self.shapes.get(n) or [])[1:]]))
+                   for n in names)
+
+    def frontier(self, later: set[str]) -> set[str] | None:
+        """The frontier before the first producer of ``later`` (None: nothing to cut, or over the budget)."""
+        cut = min((self.producer.get(n, -1) for n in later), default=-1)
+        if not self.budget or cut <= 0:
+            return None
+        names = {n for reads in self.reads[cut:] for n in reads if 0 <= self.producer.get(n, -1) < cut}
+        return names if names and self.bytes(names) <= self.budget else None
+
+    def advance(self, frontier: set[str] | None, values: list[dict[str, np.ndarray]]) -> None:
+        """Start later captures from ``values`` (a frontier per feed) when they fit the budget."""
+        if frontier is None or len(values) != len(self.inputs):
+            return
+        if sum(x.nbytes for kept in values for x in kept.values()) <= self.budget:
+            self.feeds = [{**feed, **kept} for feed, kept in zip(self.inputs, values)]
+
+
+def _windows(analysis: Analysis, groups: list[ChannelGroup], consumers: dict[str, tuple],
+             readers: dict[str, list[int]], feeds: list[dict[str, np.ndarray]]) -> list[range]:
+    """Consecutive groups whose consumers' held bytes (per shared patch the smaller of its Gram, 8·D², and its
+    input over the calibration feeds, as :class:`ConsumerGrams` keeps them) stay within the consumers' weight
+    bytes (times ``WINDOW_SHARE``); a group over it alone is a window of its own."""
+    batch = max((int(v.shape[0]) if v.ndim else 1 for feed in feeds for v in feed.values()), default=1)
+    held: dict[tuple, int] = {}
+    for key, (node, _, matrix, _) in consumers.items():
+        dims = analysis.shapes.get(node.input[0]) or []
+        size = 4 * batch * len(feeds) * int(np.prod([d if isinstance(d, int) and d > 0 else 1 for d in dims[1:]]))
+        held[_patch_key(node, matrix.shape[0])] = min(8 * matrix.shape[0] ** 2, size)
+    budget = _window_budget(consumers)
+    patches = {key: _patch_key(node, matrix.shape[0]) for key, (node, _, matrix, _) in consumers.items()}
+    of_group: list[set[tuple]] = [set() for _ in groups]
+    for key, numbers in readers.items():
+        for number in numbers:
+            of_group[number].add(patches[key])
+    windows, start, window = [], 0, set()
+    for number, patches_read in enumerate(of_group):
+        union = window | patches_read
+        if number > start and sum(held[p] for p in union) > budget:
+            windows.append(range(start, number))
+            start, union = number, set(patches_read)
+        window = union
+    windows.append(range(start, len(groups)))
+    return windows
