@@ -14,8 +14,7 @@ from .calibration import StageClock
 from .consumer_grams import CAPTURE_BYTES, ConsumerGrams, _capture_chunks, _consumer_grams, _patch_key
 from .gram import _reconstructable
 from .heap import heap_bounded
-from .model import tensor_bytes
-from .selection_windows import _Source, _windows
+from .selection_windows import _input_bytes, _Source, _windows
 
 __all__ = ["CAPTURE_BYTES", "ConsumerGrams", "_capture_chunks", "_consumer_grams", "_patch_key", "channel_scores",
            "reconstruction_scores", "unit_scores"]
@@ -100,7 +99,8 @@ def reconstruction_scores(analysis: Analysis, groups: list[ChannelGroup], feeds:
     threads = (1 if low else SELECTION_THREADS) if threads is None else max(1, threads)
     windows = _windows(analysis, groups, consumers, readers, feeds) if low else [range(len(groups))]
     scores: dict[int, np.ndarray] = {}
-    source = _Source(analysis.model, feeds, tensor_bytes(analysis.model) if len(windows) > 1 else 0, analysis.shapes)
+    source = _Source(analysis.model, feeds, _input_bytes(analysis, consumers, feeds) if len(windows) > 1 else 0,
+                     analysis.shapes)
     names = [{consumers[key][0].input[0] for key, numbers in readers.items() if set(numbers) & set(window)}
              for window in windows]
     for number_of_window, window in enumerate(windows):

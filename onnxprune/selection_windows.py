@@ -20,11 +20,17 @@ def _window_budget(consumers: dict[str, tuple]) -> float:
     return WINDOW_SHARE * sum(matrix.nbytes for _, _, matrix, _ in consumers.values())
 
 
+def _input_bytes(analysis: Analysis, consumers: dict[str, tuple], feeds: list[dict[str, np.ndarray]]) -> int:
+    """The largest consumer input over the calibration feeds, in bytes (float32, from the analysis shapes)."""
+    source = _Source(analysis.model, feeds, 0, analysis.shapes)
+    return max((source.bytes([node.input[0]]) for node, *_ in consumers.values()), default=0)
+
+
 class _Source:
     """Where each window's capture starts: the calibration feeds, or the frontier the previous window's capture kept,
     cut before the next window's first consumer input is computed (the tensors computed before that node that it or
     later nodes read, plus the graph inputs). A frontier is kept when it takes at most ``budget`` bytes over every
-    feed (the model's tensor bytes: a frontier as large as the model); else the next capture
+    feed (the largest consumer input over the calibration feeds, as the refit's kept budget); else the next capture
     recomputes from the last kept source. The captures run unoptimised sessions node by node, so a tensor computed
     from a frontier equals the one computed from the inputs bit for bit."""
 
