@@ -202,11 +202,14 @@ class ActivationStream:
     whose frontier does not fit keeps what it kept when it last fitted (nothing at first) and later steps recompute
     it from there, its frontier too, kept again once it fits. Values must not change once computed: a caller that changes weights (fed through
     ``live``) only changes those of nodes that have not run yet. Streams over two versions of one model may share
-    ``shared`` (see :func:`~onnxprune.sessions.fed_session`): the weights both hold unchanged are then held once."""
+    ``shared`` (see :func:`~onnxprune.sessions.fed_session`): the weights both hold unchanged are then held once.
+    ``weights`` holds the values of initializers ``model`` only declares (see :func:`~onnxprune.refit.detach_weights`),
+    fed to the sessions as they are."""
 
     def __init__(self, model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
-                 budget: int | KeptBudget = 1 << 30, shared: dict[str, tuple[bytes, np.ndarray]] | None = None):
-        self.model, self.feeds, self.shared = model, feeds, shared
+                 budget: int | KeptBudget = 1 << 30, shared: dict[str, tuple[bytes, np.ndarray]] | None = None,
+                 weights: dict[str, np.ndarray] | None = None):
+        self.model, self.feeds, self.shared, self.weights = model, feeds, shared, weights or {}
         self.budget = budget if isinstance(budget, KeptBudget) else KeptBudget(budget)
         self.budget.streams.add(self)
         self.kept: list[dict[str, np.ndarray]] = [{} for _ in feeds]
@@ -426,8 +429,13 @@ class ActivationStream:
         part.graph.input.extend(onnx.helper.make_tensor_value_info(
             name, onnx.helper.np_dtype_to_tensor_dtype(values[name].dtype), None) for name in sorted(read & available))
         part.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in outputs)
-        initializers = (i for i in model.graph.initializer if i.name in read and i.name not in available)
-        return fed_session(part, initializers, lean_options(), shared=self.shared)
+        initializers = [i for i in model.graph.initializer if i.name in read and i.name not in available]
+        held = [i for i in initializers if i.name in self.weights]  # declared only: fed from ``weights``
+        part.graph.input.extend(onnx.helper.make_tensor_value_info(i.name, i.data_type, list(i.dims)) for i in held)
+        session = fed_session(part, (i for i in initializers if i.name not in self.weights), lean_options(),
+                              shared=self.shared)
+        session.weights.update((i.name, self.weights[i.name]) for i in held)
+        return session
 
 
 def channel_energy(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],

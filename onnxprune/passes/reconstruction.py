@@ -20,6 +20,7 @@ from ..compensation import reconstruct, reconstruct_sparse
 from ..graph import count_params
 from ..heap import heap_bounded, release_memory
 from ..model import compacted
+from ..refit import detach_weights
 from .manager import PassContext, PassResult
 
 logger = logging.getLogger(__name__)
@@ -42,8 +43,13 @@ class ReconstructionPass:
             logger.info(f"reconstructing {len(request.layers)} layers by least squares on calibration data")
             # --low-memory: both models' streams keep at most about one layer's input over the calibration set
             budget = KeptBudget() if heap_bounded() else 1 << 30
-            outcome = reconstruct(request.original, ctx.model, request.layers, ctx.calibration, budget=budget,
-                                  clock=request.clock)
+            # the original's weights are held once, as the arrays its stream is fed from: its proto goes here
+            original, weights = detach_weights(request.original)
+            request.original = None
+            release_memory()
+            outcome = reconstruct(original, ctx.model, request.layers, ctx.calibration, budget=budget,
+                                  clock=request.clock, original_weights=weights)
+            del original, weights
             request.details["stages"] = request.clock.as_dict()
             _recount_params(request.details, ctx.model)
         else:
