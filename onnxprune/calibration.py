@@ -23,7 +23,9 @@ import onnx
 from .errors import InputDataError
 from .feeds import InputSpec, batch_axes, check_feed, input_specs, split_samples
 from .graph import free_names
-from .sessions import FedSession, fed_session, lean_options, session_with_outputs
+from .heap import trim_heap
+from .sample_parts import run_in_parts
+from .sessions import FedSession, fed_session, lean_options, samples_independent, session_with_outputs
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm")
 
@@ -204,12 +206,16 @@ class ActivationStream:
     ``live``) only changes those of nodes that have not run yet. Streams over two versions of one model may share
     ``shared`` (see :func:`~onnxprune.sessions.fed_session`): the weights both hold unchanged are then held once.
     ``weights`` holds the values of initializers ``model`` only declares (see :func:`~onnxprune.refit.detach_weights`),
-    fed to the sessions as they are."""
+    fed to the sessions as they are. ``samples`` > 0: where ``model`` computes every sample on its own, a feed of more
+    samples runs ``samples`` at a time (:func:`~onnxprune.sample_parts.run_in_parts`): the same values, a run's
+    memory for a few samples."""
 
     def __init__(self, model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
                  budget: int | KeptBudget = 1 << 30, shared: dict[str, tuple[bytes, np.ndarray]] | None = None,
-                 weights: dict[str, np.ndarray] | None = None):
+                 weights: dict[str, np.ndarray] | None = None, samples: int = 0):
         self.model, self.feeds, self.shared, self.weights = model, feeds, shared, weights or {}
+        self.samples = samples if samples > 0 and samples_independent(model) else 0
+        self.whole_runs: weakref.WeakSet[FedSession] = weakref.WeakSet()  # sessions whose runs do not part
         self.budget = budget if isinstance(budget, KeptBudget) else KeptBudget(budget)
         self.budget.streams.add(self)
         self.kept: list[dict[str, np.ndarray]] = [{} for _ in feeds]
@@ -230,8 +236,12 @@ class ActivationStream:
             for name in names:
                 self.readers.setdefault(name, []).append(id(node))
         self.done: set[int] = set()
-        samples = [next(iter(feed.values())).shape[0] if feed else 1 for feed in feeds]
-        self.shares = [n / max(sum(samples), 1) for n in samples]
+        self.counts = [next(iter(feed.values())).shape[0] if feed else 1 for feed in feeds]
+        self.shares = [n / max(sum(self.counts), 1) for n in self.counts]
+        self.sampled = set(feeds[0]) if feeds else set()  # the tensors computed from the inputs: per sample
+        for node in model.graph.node:
+            if any(name in self.sampled for name in self.reads[id(node)]):
+                self.sampled.update(out for out in node.output if out)
 
     def kept_bytes(self) -> int:
         """Bytes of the tensors kept between steps, every feed."""
@@ -307,9 +317,21 @@ class ActivationStream:
         session, inputs, outputs = step.sessions[path]
         if session is not None:
             with clock.stage("capture") if clock is not None else contextlib.nullcontext():
-                values.update(zip(outputs, session.run(outputs, {k: values[k] for k in inputs})))
+                values.update(zip(outputs, self._run(session, outputs, {k: values[k] for k in inputs}, number)))
             self.budget.note((values[n] for n in outputs), self.shares[number])
         return values
+
+    def _run(self, session: FedSession, outputs: list[str], feed: dict[str, np.ndarray], number: int) -> list:
+        """``session``'s ``outputs`` on feed ``number``: in parts of :attr:`samples` samples where they join."""
+        count = self.counts[number]
+        if self.samples and count > self.samples and session not in self.whole_runs:
+            joined = run_in_parts(session.run, outputs, feed, {k for k in feed if k in self.sampled},
+                                  [out in self.sampled for out in outputs], count, self.samples)
+            if joined is not None:
+                trim_heap()  # a part's tensors are smaller: many came from the heap, whose freed pages stay
+                return joined
+            self.whole_runs.add(session)
+        return session.run(outputs, feed)
 
     def _keep(self, number: int, frontier: dict[str, np.ndarray]) -> None:
         """Keep feed ``number``'s frontier when it fits the budget beside everything else kept; else the feed keeps

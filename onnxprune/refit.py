@@ -18,8 +18,8 @@ from .sessions import FED_TYPES, session_with_outputs
 
 def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, layers: list[tuple[str, np.ndarray]],
                 feeds: list[dict[str, np.ndarray]], ridge: float = 1e-3, budget: int | KeptBudget = 1 << 30,
-                clock: StageClock | None = None, original_weights: dict[str, np.ndarray] | None = None
-                ) -> dict[str, Any]:
+                clock: StageClock | None = None, original_weights: dict[str, np.ndarray] | None = None,
+                samples: int = 0) -> dict[str, Any]:
     """Refit each layer's kept weights (and bias) so its output on ``feeds`` matches the original's.
 
     ``layers`` are (output tensor name, mask of the original output channels still present),
@@ -33,6 +33,8 @@ def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, layers: list
     ``feeds``, or a larger tensor the streams compute); a feed whose tensors do not fit is recomputed from the
     tensors it last kept (the same values). ``clock`` times capture, Gram products and solves.
     ``original_weights``: the values of the initializers ``original`` only declares (:func:`detach_weights`).
+    ``samples`` > 0: both streams run a feed ``samples`` samples at a time where the models compute every sample on
+    its own (the same values, less memory per run).
     """
     clock = clock or StageClock()
 
@@ -65,8 +67,8 @@ def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, layers: list
     # the weights pruning left unchanged, held once for both streams (name -> raw bytes, the array over them)
     shared: dict[str, tuple[bytes, np.ndarray]] = {name: (_raw(array), array) for name, array in
                                                    (original_weights or {}).items() if isinstance(_raw(array), bytes)}
-    reference = ActivationStream(original, feeds, budget, shared, original_weights)
-    current = ActivationStream(pruned, feeds, budget, shared)
+    reference = ActivationStream(original, feeds, budget, shared, original_weights, samples)
+    current = ActivationStream(pruned, feeds, budget, shared, samples=samples)
     for wave in _waves(pruned, plan):
         _refit_wave(wave, reference, current, live, ridge, clock)
         for item in wave:

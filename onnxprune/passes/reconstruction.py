@@ -25,6 +25,9 @@ from .manager import PassContext, PassResult
 
 logger = logging.getLogger(__name__)
 
+#: samples per onnxruntime run of the refit's streams under ``--low-memory`` (a feed holds 16)
+STREAM_SAMPLES = 4
+
 
 class ReconstructionPass:
     """Refit the layers a pruning pass asked for (``--reconstruct``); nothing to do when none asked."""
@@ -42,13 +45,14 @@ class ReconstructionPass:
                 release_memory()
             logger.info(f"reconstructing {len(request.layers)} layers by least squares on calibration data")
             # --low-memory: both models' streams keep at most about one layer's input over the calibration set
-            budget = KeptBudget() if heap_bounded() else 1 << 30
+            # and run each feed a few samples at a time (STREAM_SAMPLES) where every sample is computed on its own
+            budget, samples = (KeptBudget(), STREAM_SAMPLES) if heap_bounded() else (1 << 30, 0)
             # the original's weights are held once, as the arrays its stream is fed from: its proto goes here
             original, weights = detach_weights(request.original)
             request.original = None
             release_memory()
             outcome = reconstruct(original, ctx.model, request.layers, ctx.calibration, budget=budget,
-                                  clock=request.clock, original_weights=weights)
+                                  clock=request.clock, original_weights=weights, samples=samples)
             del original, weights
             request.details["stages"] = request.clock.as_dict()
             _recount_params(request.details, ctx.model)
