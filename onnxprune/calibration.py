@@ -179,6 +179,13 @@ AHEAD_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Relu", "LeakyRelu", "PRelu",
                        "Identity", "BatchNormalization", "Softmax", "LayerNormalization"})
 
 
+#: ops whose kernels give other bits for a sample's values in a batch of another size (onnxruntime's matrix products
+#: pick their path by the rows: a Gemm over 3 samples differs from those samples' rows of a batch of 16), and
+#: recurrent or attention ops built on them: a stream session running one runs whole feeds
+WHOLE_BATCH_OPS = frozenset({"Gemm", "MatMul", "MatMulInteger", "QLinearMatMul", "FusedMatMul", "Einsum", "Attention",
+                             "MultiHeadAttention", "LSTM", "GRU", "RNN", "ConvTranspose", "ConvInteger", "QLinearConv"})
+
+
 @dataclass
 class _Step:
     """One step of an :class:`ActivationStream`: the tensors asked for, the nodes it runs, the frontier after it, the
@@ -207,13 +214,14 @@ class ActivationStream:
     ``shared`` (see :func:`~onnxprune.sessions.fed_session`): the weights both hold unchanged are then held once.
     ``weights`` holds the values of initializers ``model`` only declares (see :func:`~onnxprune.refit.detach_weights`),
     fed to the sessions as they are. ``samples`` > 0: where ``model`` computes every sample on its own, a feed of more
-    samples runs ``samples`` at a time (:func:`~onnxprune.sample_parts.run_in_parts`): the same values, a run's
-    memory for a few samples."""
+    samples runs ``samples`` at a time (:func:`~onnxprune.sample_parts.run_in_parts`) in the sessions that run no
+    :data:`WHOLE_BATCH_OPS` node: the same values, a run's memory for a few samples."""
 
     def __init__(self, model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
                  budget: int | KeptBudget = 1 << 30, shared: dict[str, tuple[bytes, np.ndarray]] | None = None,
                  weights: dict[str, np.ndarray] | None = None, samples: int = 0):
         self.model, self.feeds, self.shared, self.weights = model, feeds, shared, weights or {}
+        self.declared = set(self.weights)
         self.samples = samples if samples > 0 and samples_independent(model) else 0
         self.whole_runs: weakref.WeakSet[FedSession] = weakref.WeakSet()  # sessions whose runs do not part
         self.budget = budget if isinstance(budget, KeptBudget) else KeptBudget(budget)
@@ -236,6 +244,7 @@ class ActivationStream:
             for name in names:
                 self.readers.setdefault(name, []).append(id(node))
         self.done: set[int] = set()
+        self.released: set[str] = set()  # initializers no later step reads (see release_weights)
         self.counts = [next(iter(feed.values())).shape[0] if feed else 1 for feed in feeds]
         self.shares = [n / max(sum(self.counts), 1) for n in self.counts]
         self.sampled = set(feeds[0]) if feeds else set()  # the tensors computed from the inputs: per sample
@@ -283,6 +292,17 @@ class ActivationStream:
             self._keep(number, {n: values[n] for n in step.frontier})
             del values
         return True
+
+    def release_weights(self) -> set[str]:
+        """Drop from :attr:`weights` the initializers no later step reads, returning every name released so far: once
+        every feed keeps its frontier, each later step (a recomputed feed too) starts from tensors past the nodes
+        run, so a weight whose readers have all run is not read again."""
+        if all(self.whole):
+            self.released |= {name for name in self.constants - self.released
+                              if all(r in self.done for r in self.readers.get(name, []))}
+            for name in self.released & set(self.weights):
+                del self.weights[name]
+        return self.released
 
     def _step(self, names: list[str], live: dict[str, np.ndarray]) -> _Step:
         """What computing ``names`` takes: the nodes to run beyond the frontier (with those run ahead), the session
@@ -351,6 +371,9 @@ class ActivationStream:
             return None, [], []
         with clock.stage("capture") if clock is not None else contextlib.nullcontext():
             session = self._session(segment, available, live, outputs, values)
+        if any(node.op_type in WHOLE_BATCH_OPS or any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                                                      for a in node.attribute) for node in segment):
+            self.whole_runs.add(session)  # its values may differ in the last bits in parts: whole feeds
         return session, [i.name for i in session.get_inputs()], outputs
 
     def _ahead(self, segment: list[onnx.NodeProto], live: dict[str, np.ndarray]) -> list[onnx.NodeProto]:
@@ -452,7 +475,9 @@ class ActivationStream:
             name, onnx.helper.np_dtype_to_tensor_dtype(values[name].dtype), None) for name in sorted(read & available))
         part.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in outputs)
         initializers = [i for i in model.graph.initializer if i.name in read and i.name not in available]
-        held = [i for i in initializers if i.name in self.weights]  # declared only: fed from ``weights``
+        held = [i for i in initializers if i.name in self.declared]  # declared only: fed from ``weights``
+        if any(i.name not in self.weights for i in held):
+            raise RuntimeError("a weight released by the stream is read again")
         part.graph.input.extend(onnx.helper.make_tensor_value_info(i.name, i.data_type, list(i.dims)) for i in held)
         session = fed_session(part, (i for i in initializers if i.name not in self.weights), lean_options(),
                               shared=self.shared)

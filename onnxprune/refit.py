@@ -82,6 +82,8 @@ def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, layers: list
             done.append(item.name)
         # the wave's layers run now with their final weights when their outputs are less to keep than their inputs
         current.advance([item.name for item in wave], live, clock)
+        for name in reference.release_weights() & current.release_weights():  # neither stream reads them again
+            shared.pop(name, None)
     for item in plan:
         if item.solution is None and item.added is not None:
             _drop_added_bias(pruned, item.node, item.added)

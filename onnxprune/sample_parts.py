@@ -19,10 +19,20 @@ def per_sample(value, count: int) -> bool:
             and (value.ndim >= 2 or value.dtype.kind == "f"))
 
 
+def part_bounds(count: int, samples: int) -> list[tuple[int, int]]:
+    """(start, stop) of the parts of ``samples`` samples covering ``count``, none of a single sample unless ``count`` is
+    1 (a last single sample joins the part before it): onnxruntime's matrix products take another path for one row
+    (a Gemm over a batch of one sample gives other bits than that sample's row in a larger batch)."""
+    stops = [*range(samples, count, samples), count]
+    if len(stops) > 1 and stops[-1] - stops[-2] == 1:
+        del stops[-2]
+    return list(zip([0, *stops[:-1]], stops))
+
+
 def run_in_parts(run: Callable[[list[str], dict[str, np.ndarray]], list], outputs: list[str],
                  feed: dict[str, np.ndarray], split: set[str], sampled: list[bool], count: int, samples: int
                  ) -> list[np.ndarray] | None:
-    """``run(outputs, feed)`` computed ``samples`` samples at a time: the inputs named in ``split`` are cut along axis
+    """``run(outputs, feed)`` computed ``samples`` samples at a time (:func:`part_bounds`): the inputs named in ``split`` are cut along axis
     0, the others given whole; the outputs flagged in ``sampled`` are written part by part into arrays of ``count``
     rows (one part's outputs alive at a time besides them), the others (computed from constants alone) are the
     first part's. None when an input or output does not hold its samples along axis 0 or a part fails: the caller
@@ -30,8 +40,7 @@ def run_in_parts(run: Callable[[list[str], dict[str, np.ndarray]], list], output
     if any(not per_sample(feed[name], count) for name in split):
         return None
     joined: list | None = None
-    for start in range(0, count, samples):
-        stop = min(start + samples, count)
+    for start, stop in part_bounds(count, samples):
         try:
             part = run(outputs, {k: v[start:stop] if k in split else v for k, v in feed.items()})
         except Exception:  # noqa: BLE001 - a part size the model does not take: the caller runs the whole batch

@@ -22,6 +22,7 @@ from onnxprune.calibration import ActivationStream, KeptBudget, session_with_out
 from onnxprune.config import PruneConfig
 from onnxprune.passes.structured import _reconstruction_layers, allocate_safe, prepare_for_analysis, remove
 from onnxprune.refit import detach_weights, reconstruct
+from onnxprune.sample_parts import part_bounds
 from onnxprune.scoring import unit_scores
 
 from .conftest import FIXTURES
@@ -164,9 +165,9 @@ def _bert_feeds(sizes: tuple[int, ...]) -> tuple[onnx.ModelProto, list[dict]]:
 @pytest.mark.parametrize("arch", ["resnet18", "bert"])
 def test_stream_in_parts_gives_the_whole_feeds_tensors(monkeypatch, arch):
     """A stream that runs each feed two samples at a time (``--low-memory``) yields every layer's input and output
-    equal bit for bit to the stream running whole feeds, under a budget that recomputes some feeds too. The parts
-    were joined: every run on the CNN; on the encoder the runs that read no batch size computed in an earlier step
-    (torch's ``Shape -> Gather`` scalars: those runs take whole feeds)."""
+    equal bit for bit to the stream running whole feeds, under a budget that recomputes some feeds too. The CNN's
+    runs were joined from parts but those of its last layer (a Gemm: :data:`WHOLE_BATCH_OPS`); the encoder's, all
+    matrix products, run whole feeds."""
     model, feeds = _resnet18_feeds(9, (5, 3)) if arch == "resnet18" else _bert_feeds((5, 3))
     layers = [node for node in model.graph.node if node.op_type in ("Conv", "MatMul", "Gemm")]
     steps = [[node.input[0], node.output[0]] for node in layers]
@@ -187,11 +188,32 @@ def test_stream_in_parts_gives_the_whole_feeds_tensors(monkeypatch, arch):
         recomputed.append(not parted.whole[number])
     parted._keep = keep
     got, _ = _stream_all(parted, steps)
-    assert any(values is not None for values in joined)
-    assert (arch == "bert") == any(values is None for values in joined)
+    assert all(values is not None for values in joined) and bool(joined) == (arch == "resnet18")
     assert any(recomputed)  # some feeds were recomputed (in parts too)
     for a, b in zip(whole, got, strict=True):
         assert a.dtype == b.dtype and np.array_equal(a, b)
+
+
+def test_matrix_products_run_whole_feeds():
+    """onnxruntime's matrix products pick their path by the rows: a Gemm over a few samples gives other bits than
+    those samples' rows of a larger batch, so a stream session running one takes whole feeds. Parts never hold a
+    single sample of a larger feed (a last one joins the part before it)."""
+    assert part_bounds(16, 4) == [(0, 4), (4, 8), (8, 12), (12, 16)]
+    assert part_bounds(5, 2) == [(0, 2), (2, 5)] and part_bounds(9, 4) == [(0, 4), (4, 9)]
+    assert part_bounds(3, 2) == [(0, 3)] and part_bounds(1, 4) == [(0, 1)]
+    rng = np.random.default_rng(13)
+    gemm = onnx.helper.make_node("Gemm", ["x", "w", "b"], ["y"], transB=1)
+    graph = onnx.helper.make_graph(
+        [gemm], "gemm", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 300])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+        [onnx.numpy_helper.from_array(rng.standard_normal((40, 300)).astype(np.float32), "w"),
+         onnx.numpy_helper.from_array(rng.standard_normal(40).astype(np.float32), "b")])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    feeds = [{"x": rng.standard_normal((n, 300)).astype(np.float32)} for n in (5, 7)]
+    whole = [values["y"] for values in ActivationStream(model, feeds).run(["y"])]
+    parted = [values["y"] for values in ActivationStream(model, feeds, samples=2).run(["y"])]
+    for a, b in zip(whole, parted, strict=True):
+        assert np.array_equal(a, b)
 
 
 def test_stream_in_parts_falls_back_to_whole_feeds(monkeypatch):
