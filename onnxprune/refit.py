@@ -238,7 +238,13 @@ def _refit_rows(item: _Refit, x: np.ndarray, y: np.ndarray, sampler: RowSampler 
     x, y = x.astype(np.float32, copy=False), y.astype(np.float32, copy=False)
     if node.op_type == "Conv":
         rows, picked = _patches(x, node, tuple(item.weight.shape[2:4]), sampler)
-        target = np.moveaxis(y, 1, -1).reshape(-1, y.shape[1])
+        n, o, ho, wo = y.shape if y.ndim == 4 else (0, 0, 0, 0)
+        if picked is not None and n * ho * wo > int(picked[-1]):  # only the sampled positions' targets are gathered
+            b, rest = np.divmod(picked, ho * wo)
+            i, j = np.divmod(rest, wo)
+            target, picked = y[b, :, i, j].reshape(len(b), o), None
+        else:
+            target = np.moveaxis(y, 1, -1).reshape(-1, y.shape[1])
     else:
         rows, target = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
         picked = sampler.pick(rows.shape[0]) if sampler is not None and rows.shape[0] == target.shape[0] else None
