@@ -4,8 +4,11 @@ The pruning pass chooses (channels or weights) and records a :class:`~.manager.R
 context; this pass refits the layers it names against the model before pruning and writes the outcome into the
 pruning pass's report details, so the report's ``passes`` list stays the pruning passes. It runs after the pruning
 pass's own removal, including the control-flow subgraphs it pruned, so the refit sees the final pruned graph.
-Under ``--low-memory`` (:func:`~onnxprune.heap.heap_bounded`) the structured refit's activation streams share a
-:class:`~onnxprune.calibration.KeptBudget` derived from the data and recompute the feeds that do not fit.
+The structured refit holds the original model's large weights once, as the arrays its stream is fed from
+(:func:`~onnxprune.refit.detach_weights`: the pass drops the original proto), and lets each go once neither stream
+reads it again. Under ``--low-memory`` (:func:`~onnxprune.heap.heap_bounded`) its activation streams share a
+:class:`~onnxprune.calibration.KeptBudget` derived from the data, recompute the feeds that do not fit and run each
+feed :data:`STREAM_SAMPLES` samples at a time where that gives the same bits (no matrix products in the run).
 """
 
 from __future__ import annotations
