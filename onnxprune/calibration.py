@@ -23,7 +23,9 @@ import onnx
 from .errors import InputDataError
 from .feeds import InputSpec, batch_axes, check_feed, input_specs, split_samples
 from .graph import free_names
-from .sessions import FedSession, fed_session, lean_options, session_with_outputs
+from .heap import trim_heap
+from .sample_parts import run_in_parts
+from .sessions import FedSession, fed_session, lean_options, samples_independent, session_with_outputs
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm")
 
@@ -177,6 +179,13 @@ AHEAD_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Relu", "LeakyRelu", "PRelu",
                        "Identity", "BatchNormalization", "Softmax", "LayerNormalization"})
 
 
+#: ops whose kernels give other bits for a sample's values in a batch of another size (onnxruntime's matrix products
+#: pick their path by the rows: a Gemm over 3 samples differs from those samples' rows of a batch of 16), and
+#: recurrent or attention ops built on them: a stream session running one runs whole feeds
+WHOLE_BATCH_OPS = frozenset({"Gemm", "MatMul", "MatMulInteger", "QLinearMatMul", "FusedMatMul", "Einsum", "Attention",
+                             "MultiHeadAttention", "LSTM", "GRU", "RNN", "ConvTranspose", "ConvInteger", "QLinearConv"})
+
+
 @dataclass
 class _Step:
     """One step of an :class:`ActivationStream`: the tensors asked for, the nodes it runs, the frontier after it, the
@@ -202,11 +211,19 @@ class ActivationStream:
     whose frontier does not fit keeps what it kept when it last fitted (nothing at first) and later steps recompute
     it from there, its frontier too, kept again once it fits. Values must not change once computed: a caller that changes weights (fed through
     ``live``) only changes those of nodes that have not run yet. Streams over two versions of one model may share
-    ``shared`` (see :func:`~onnxprune.sessions.fed_session`): the weights both hold unchanged are then held once."""
+    ``shared`` (see :func:`~onnxprune.sessions.fed_session`): the weights both hold unchanged are then held once.
+    ``weights`` holds the values of initializers ``model`` only declares (see :func:`~onnxprune.refit.detach_weights`),
+    fed to the sessions as they are. ``samples`` > 0: where ``model`` computes every sample on its own, a feed of more
+    samples runs ``samples`` at a time (:func:`~onnxprune.sample_parts.run_in_parts`) in the sessions that run no
+    :data:`WHOLE_BATCH_OPS` node: the same values, a run's memory for a few samples."""
 
     def __init__(self, model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
-                 budget: int | KeptBudget = 1 << 30, shared: dict[str, tuple[bytes, np.ndarray]] | None = None):
-        self.model, self.feeds, self.shared = model, feeds, shared
+                 budget: int | KeptBudget = 1 << 30, shared: dict[str, tuple[bytes, np.ndarray]] | None = None,
+                 weights: dict[str, np.ndarray] | None = None, samples: int = 0):
+        self.model, self.feeds, self.shared, self.weights = model, feeds, shared, weights or {}
+        self.declared = set(self.weights)
+        self.samples = samples if samples > 0 and samples_independent(model) else 0
+        self.whole_runs: weakref.WeakSet[FedSession] = weakref.WeakSet()  # sessions whose runs do not part
         self.budget = budget if isinstance(budget, KeptBudget) else KeptBudget(budget)
         self.budget.streams.add(self)
         self.kept: list[dict[str, np.ndarray]] = [{} for _ in feeds]
@@ -227,8 +244,13 @@ class ActivationStream:
             for name in names:
                 self.readers.setdefault(name, []).append(id(node))
         self.done: set[int] = set()
-        samples = [next(iter(feed.values())).shape[0] if feed else 1 for feed in feeds]
-        self.shares = [n / max(sum(samples), 1) for n in samples]
+        self.released: set[str] = set()  # initializers no later step reads (see release_weights)
+        self.counts = [next(iter(feed.values())).shape[0] if feed else 1 for feed in feeds]
+        self.shares = [n / max(sum(self.counts), 1) for n in self.counts]
+        self.sampled = set(feeds[0]) if feeds else set()  # the tensors computed from the inputs: per sample
+        for node in model.graph.node:
+            if any(name in self.sampled for name in self.reads[id(node)]):
+                self.sampled.update(out for out in node.output if out)
 
     def kept_bytes(self) -> int:
         """Bytes of the tensors kept between steps, every feed."""
@@ -271,6 +293,17 @@ class ActivationStream:
             del values
         return True
 
+    def release_weights(self) -> set[str]:
+        """Drop from :attr:`weights` the initializers no later step reads, returning every name released so far: once
+        every feed keeps its frontier, each later step (a recomputed feed too) starts from tensors past the nodes
+        run, so a weight whose readers have all run is not read again."""
+        if all(self.whole):
+            self.released |= {name for name in self.constants - self.released
+                              if all(r in self.done for r in self.readers.get(name, []))}
+            for name in self.released & set(self.weights):
+                del self.weights[name]
+        return self.released
+
     def _step(self, names: list[str], live: dict[str, np.ndarray]) -> _Step:
         """What computing ``names`` takes: the nodes to run beyond the frontier (with those run ahead), the session
         outputs of a feed keeping the frontier and of one recomputed from its inputs, the frontier after it."""
@@ -304,9 +337,21 @@ class ActivationStream:
         session, inputs, outputs = step.sessions[path]
         if session is not None:
             with clock.stage("capture") if clock is not None else contextlib.nullcontext():
-                values.update(zip(outputs, session.run(outputs, {k: values[k] for k in inputs})))
+                values.update(zip(outputs, self._run(session, outputs, {k: values[k] for k in inputs}, number)))
             self.budget.note((values[n] for n in outputs), self.shares[number])
         return values
+
+    def _run(self, session: FedSession, outputs: list[str], feed: dict[str, np.ndarray], number: int) -> list:
+        """``session``'s ``outputs`` on feed ``number``: in parts of :attr:`samples` samples where they join."""
+        count = self.counts[number]
+        if self.samples and count > self.samples and session not in self.whole_runs:
+            joined = run_in_parts(session.run, outputs, feed, {k for k in feed if k in self.sampled},
+                                  [out in self.sampled for out in outputs], count, self.samples)
+            if joined is not None:
+                trim_heap()  # a part's tensors are smaller: many came from the heap, whose freed pages stay
+                return joined
+            self.whole_runs.add(session)
+        return session.run(outputs, feed)
 
     def _keep(self, number: int, frontier: dict[str, np.ndarray]) -> None:
         """Keep feed ``number``'s frontier when it fits the budget beside everything else kept; else the feed keeps
@@ -326,6 +371,9 @@ class ActivationStream:
             return None, [], []
         with clock.stage("capture") if clock is not None else contextlib.nullcontext():
             session = self._session(segment, available, live, outputs, values)
+        if any(node.op_type in WHOLE_BATCH_OPS or any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                                                      for a in node.attribute) for node in segment):
+            self.whole_runs.add(session)  # its values may differ in the last bits in parts: whole feeds
         return session, [i.name for i in session.get_inputs()], outputs
 
     def _ahead(self, segment: list[onnx.NodeProto], live: dict[str, np.ndarray]) -> list[onnx.NodeProto]:
@@ -426,8 +474,15 @@ class ActivationStream:
         part.graph.input.extend(onnx.helper.make_tensor_value_info(
             name, onnx.helper.np_dtype_to_tensor_dtype(values[name].dtype), None) for name in sorted(read & available))
         part.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in outputs)
-        initializers = (i for i in model.graph.initializer if i.name in read and i.name not in available)
-        return fed_session(part, initializers, lean_options(), shared=self.shared)
+        initializers = [i for i in model.graph.initializer if i.name in read and i.name not in available]
+        held = [i for i in initializers if i.name in self.declared]  # declared only: fed from ``weights``
+        if any(i.name not in self.weights for i in held):
+            raise RuntimeError("a weight released by the stream is read again")
+        part.graph.input.extend(onnx.helper.make_tensor_value_info(i.name, i.data_type, list(i.dims)) for i in held)
+        session = fed_session(part, (i for i in initializers if i.name not in self.weights), lean_options(),
+                              shared=self.shared)
+        session.weights.update((i.name, self.weights[i.name]) for i in held)
+        return session
 
 
 def channel_energy(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],

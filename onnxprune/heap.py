@@ -44,6 +44,14 @@ def heap_bounded() -> bool:
     return _requested["bounded"]
 
 
+def trim_heap() -> None:
+    """Hand freed heap pages back to the system, without a garbage collection: after runs whose many tensors were
+    each below the mmap threshold (the freed pages between live blocks stay resident otherwise)."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
 def release_memory() -> None:
     """Collect garbage and hand freed heap pages back to the system: glibc keeps them otherwise, and the next
     large allocation (a session, a model read back) adds to the peak instead of reusing them."""

@@ -12,12 +12,14 @@ from onnx import numpy_helper
 from .calibration import ActivationStream, KeptBudget, StageClock
 from .gram import GramSum, RowSampler, _im2col, _patches, _reconstructable
 from .graph import GraphIndex, get_attr
-from .sessions import session_with_outputs
+from .model import copy_fields
+from .sessions import FED_TYPES, session_with_outputs
 
 
 def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, layers: list[tuple[str, np.ndarray]],
                 feeds: list[dict[str, np.ndarray]], ridge: float = 1e-3, budget: int | KeptBudget = 1 << 30,
-                clock: StageClock | None = None) -> dict[str, Any]:
+                clock: StageClock | None = None, original_weights: dict[str, np.ndarray] | None = None,
+                samples: int = 0) -> dict[str, Any]:
     """Refit each layer's kept weights (and bias) so its output on ``feeds`` matches the original's.
 
     ``layers`` are (output tensor name, mask of the original output channels still present),
@@ -30,6 +32,9 @@ def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, layers: list
     both streams share (with no limit of its own it allows the largest layer input of the original model over
     ``feeds``, or a larger tensor the streams compute); a feed whose tensors do not fit is recomputed from the
     tensors it last kept (the same values). ``clock`` times capture, Gram products and solves.
+    ``original_weights``: the values of the initializers ``original`` only declares (:func:`detach_weights`).
+    ``samples`` > 0: both streams run a feed ``samples`` samples at a time where the models compute every sample on
+    its own (the same values, less memory per run).
     """
     clock = clock or StageClock()
 
@@ -59,8 +64,11 @@ def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, layers: list
         if item.bias is not None:
             live[item.bias.name] = item.bias.array()
     done = []
-    shared: dict[str, tuple[bytes, np.ndarray]] = {}  # the weights pruning left unchanged, held once for both streams
-    reference, current = ActivationStream(original, feeds, budget, shared), ActivationStream(pruned, feeds, budget, shared)
+    # the weights pruning left unchanged, held once for both streams (name -> raw bytes, the array over them)
+    shared: dict[str, tuple[bytes, np.ndarray]] = {name: (_raw(array), array) for name, array in
+                                                   (original_weights or {}).items() if isinstance(_raw(array), bytes)}
+    reference = ActivationStream(original, feeds, budget, shared, original_weights, samples)
+    current = ActivationStream(pruned, feeds, budget, shared, samples=samples)
     for wave in _waves(pruned, plan):
         _refit_wave(wave, reference, current, live, ridge, clock)
         for item in wave:
@@ -74,10 +82,39 @@ def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, layers: list
             done.append(item.name)
         # the wave's layers run now with their final weights when their outputs are less to keep than their inputs
         current.advance([item.name for item in wave], live, clock)
+        for name in reference.release_weights() & current.release_weights():  # neither stream reads them again
+            shared.pop(name, None)
     for item in plan:
         if item.solution is None and item.added is not None:
             _drop_added_bias(pruned, item.node, item.added)
     return {"layers": len(done), "skipped": skipped, "samples": int(sum(next(iter(f.values())).shape[0] for f in feeds))}
+
+
+def detach_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """``model`` with its large float initializers declared only (name, type, dims: no data) and their values, each
+    a read-only array over one copy of the tensor's bytes. upb frees a model's bytes only with the whole model: once
+    the caller drops ``model``, the weights are held once, as the arrays the refit's sessions are fed from."""
+    header, weights = onnx.ModelProto(), {}
+    copy_fields(model, header, skip=("graph",))
+    copy_fields(model.graph, header.graph, skip=("initializer",))
+    for tensor in model.graph.initializer:
+        if (tensor.data_type not in FED_TYPES or not tensor.HasField("raw_data") or not np.dtype("<f4").isnative
+                or int(np.prod(tensor.dims, dtype=np.int64)) <= 256):
+            header.graph.initializer.add().CopyFrom(tensor)
+            continue
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+        weights[tensor.name] = np.frombuffer(tensor.raw_data, dtype=dtype).reshape(tuple(tensor.dims))
+        declared = header.graph.initializer.add()
+        declared.name, declared.data_type = tensor.name, tensor.data_type
+        declared.dims.extend(tensor.dims)
+    return header, weights
+
+
+def _raw(array: np.ndarray):
+    """The object ``array``'s memory belongs to (the bytes of :func:`detach_weights`' arrays)."""
+    while isinstance(array, np.ndarray) and array.base is not None:
+        array = array.base
+    return array
 
 
 class _Refit:
@@ -201,7 +238,13 @@ def _refit_rows(item: _Refit, x: np.ndarray, y: np.ndarray, sampler: RowSampler 
     x, y = x.astype(np.float32, copy=False), y.astype(np.float32, copy=False)
     if node.op_type == "Conv":
         rows, picked = _patches(x, node, tuple(item.weight.shape[2:4]), sampler)
-        target = np.moveaxis(y, 1, -1).reshape(-1, y.shape[1])
+        n, o, ho, wo = y.shape if y.ndim == 4 else (0, 0, 0, 0)
+        if picked is not None and n * ho * wo > int(picked[-1]):  # only the sampled positions' targets are gathered
+            b, rest = np.divmod(picked, ho * wo)
+            i, j = np.divmod(rest, wo)
+            target, picked = y[b, :, i, j].reshape(len(b), o), None
+        else:
+            target = np.moveaxis(y, 1, -1).reshape(-1, y.shape[1])
     else:
         rows, target = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
         picked = sampler.pick(rows.shape[0]) if sampler is not None and rows.shape[0] == target.shape[0] else None

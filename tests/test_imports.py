@@ -14,7 +14,7 @@ ABOVE_ANALYSIS = ("onnxprune.passes", "onnxprune.validate", "onnxprune.cli", "on
 LAYERS = {
     0: ["errors", "signals", "config", "heap"],
     1: ["graph", "outputs", "model_file", "model", "shapes"],
-    2: ["sessions", "specs", "dynamic_dims", "synthetic", "feeds"],
+    2: ["sessions", "specs", "dynamic_dims", "synthetic", "feeds", "sample_parts"],
     3: ["analysis", "analysis.weights", "analysis.blocks", "analysis.stream_model", "analysis.stream", "analysis.registry", "analysis.groups", "analysis.cost", "analysis.rules",
         "analysis.vocab",
         *(f"analysis.rules.{family}" for family in ("_common", "operands", "shape_plumbing", "layers", "norms",

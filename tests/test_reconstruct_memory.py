@@ -5,7 +5,9 @@
 - nodes run ahead (a residual Add's output kept instead of both of its inputs) and layers advanced after their refit
   keep fewer bytes;
 - the structured refit gives the same weights, bit for bit, with the budget derived from the data (``--low-memory``)
-  as with the default one.
+  as with the default one;
+- streams running each feed a few samples at a time yield the whole feeds' tensors bit for bit (and run whole feeds
+  where parts do not join), and the refit over the original's detached weights, in parts, writes the same weights.
 """
 
 from __future__ import annotations
@@ -14,12 +16,13 @@ import numpy as np
 import onnx
 import pytest
 
-from onnxprune import heap
+from onnxprune import calibration, heap
 from onnxprune.analysis.groups import analyse, build_groups
 from onnxprune.calibration import ActivationStream, KeptBudget, session_with_outputs
 from onnxprune.config import PruneConfig
 from onnxprune.passes.structured import _reconstruction_layers, allocate_safe, prepare_for_analysis, remove
-from onnxprune.refit import reconstruct
+from onnxprune.refit import detach_weights, reconstruct
+from onnxprune.sample_parts import part_bounds
 from onnxprune.scoring import unit_scores
 
 from .conftest import FIXTURES
@@ -146,3 +149,109 @@ def test_reconstruction_pass_budget_follows_the_bounded_heap(monkeypatch):
     assert not heap.heap_bounded()
     assert not heap.bound_heap()
     assert heap.heap_bounded()
+
+
+def _bert_feeds(sizes: tuple[int, ...]) -> tuple[onnx.ModelProto, list[dict]]:
+    model = onnx.load(str(FIXTURES / "transformers" / "bert_ts.onnx"))
+    rng = np.random.default_rng(11)
+    feeds = []
+    for n in sizes:
+        mask = np.ones((n, 12), dtype=np.int64)
+        mask[:, 9:] = rng.integers(0, 2, (n, 3))
+        feeds.append({"input_ids": rng.integers(0, 100, (n, 12)).astype(np.int64), "attention_mask": mask})
+    return model, feeds
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "bert"])
+def test_stream_in_parts_gives_the_whole_feeds_tensors(monkeypatch, arch):
+    """A stream that runs each feed two samples at a time (``--low-memory``) yields every layer's input and output
+    equal bit for bit to the stream running whole feeds, under a budget that recomputes some feeds too. The CNN's
+    runs were joined from parts but those of its last layer (a Gemm: :data:`WHOLE_BATCH_OPS`); the encoder's, all
+    matrix products, run whole feeds."""
+    model, feeds = _resnet18_feeds(9, (5, 3)) if arch == "resnet18" else _bert_feeds((5, 3))
+    layers = [node for node in model.graph.node if node.op_type in ("Conv", "MatMul", "Gemm")]
+    steps = [[node.input[0], node.output[0]] for node in layers]
+    joined = []
+    real = calibration.run_in_parts
+
+    def counted(*args):
+        joined.append(real(*args))
+        return joined[-1]
+    monkeypatch.setattr(calibration, "run_in_parts", counted)
+    whole, whole_kept = _stream_all(ActivationStream(model, feeds), steps)
+    assert not joined
+    parted = ActivationStream(model, feeds, KeptBudget(max(whole_kept) // 2), samples=2)
+    recomputed, real_keep = [], parted._keep
+
+    def keep(number, frontier):
+        real_keep(number, frontier)
+        recomputed.append(not parted.whole[number])
+    parted._keep = keep
+    got, _ = _stream_all(parted, steps)
+    assert all(values is not None for values in joined) and bool(joined) == (arch == "resnet18")
+    assert any(recomputed)  # some feeds were recomputed (in parts too)
+    for a, b in zip(whole, got, strict=True):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+
+
+def test_matrix_products_run_whole_feeds():
+    """onnxruntime's matrix products pick their path by the rows: a Gemm over a few samples gives other bits than
+    those samples' rows of a larger batch, so a stream session running one takes whole feeds. Parts never hold a
+    single sample of a larger feed (a last one joins the part before it)."""
+    assert part_bounds(16, 4) == [(0, 4), (4, 8), (8, 12), (12, 16)]
+    assert part_bounds(5, 2) == [(0, 2), (2, 5)] and part_bounds(9, 4) == [(0, 4), (4, 9)]
+    assert part_bounds(3, 2) == [(0, 3)] and part_bounds(1, 4) == [(0, 1)]
+    rng = np.random.default_rng(13)
+    gemm = onnx.helper.make_node("Gemm", ["x", "w", "b"], ["y"], transB=1)
+    graph = onnx.helper.make_graph(
+        [gemm], "gemm", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 300])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+        [onnx.numpy_helper.from_array(rng.standard_normal((40, 300)).astype(np.float32), "w"),
+         onnx.numpy_helper.from_array(rng.standard_normal(40).astype(np.float32), "b")])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    feeds = [{"x": rng.standard_normal((n, 300)).astype(np.float32)} for n in (5, 7)]
+    whole = [values["y"] for values in ActivationStream(model, feeds).run(["y"])]
+    parted = [values["y"] for values in ActivationStream(model, feeds, samples=2).run(["y"])]
+    for a, b in zip(whole, parted, strict=True):
+        assert np.array_equal(a, b)
+
+
+def test_stream_in_parts_falls_back_to_whole_feeds(monkeypatch):
+    """A graph whose outputs do not hold their samples along axis 0 (a flattening Reshape) runs whole feeds: the
+    same values as without parts."""
+    node = onnx.helper.make_node("Reshape", ["x", "flat"], ["y"])
+    relu = onnx.helper.make_node("Relu", ["y"], ["z"])
+    graph = onnx.helper.make_graph(
+        [node, relu], "flat", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 4])],
+        [onnx.helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, None)],
+        [onnx.numpy_helper.from_array(np.array([-1], dtype=np.int64), "flat")])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    feeds = [{"x": np.arange(n * 4, dtype=np.float32).reshape(n, 4) - 5} for n in (6, 3)]
+    tried = []
+    real = calibration.run_in_parts
+    monkeypatch.setattr(calibration, "run_in_parts", lambda *args: tried.append(real(*args)) or tried[-1])
+    stream = ActivationStream(model, feeds, samples=2)
+    got = [values["z"] for values in stream.run(["z"])]
+    assert stream.samples == 2 and tried == [None]  # tried once, then whole feeds only
+    for feed, value in zip(feeds, got, strict=True):
+        assert np.array_equal(value, np.maximum(feed["x"].reshape(-1), 0))
+
+
+def test_refit_with_detached_weights_in_parts_gives_the_same_weights():
+    """The refit as ``--low-memory`` runs it (the original's weights detached from its proto, both streams two
+    samples at a time, a derived budget) writes the default refit's weights bit for bit; the detached original
+    declares its large weights without data."""
+    original, pruned, layers = _pruned_resnet18()
+    rng = np.random.default_rng(12)
+    feeds = [{"input": rng.standard_normal((n, 3, 64, 64)).astype(np.float32)} for n in (5, 3)]
+    default = onnx.ModelProto()
+    default.CopyFrom(pruned)
+    reconstruct(original, default, layers, feeds)
+    header, weights = detach_weights(original)
+    assert weights and all(not t.HasField("raw_data") for t in header.graph.initializer if t.name in weights)
+    assert all(np.array_equal(weights[t.name], onnx.numpy_helper.to_array(t))
+               for t in original.graph.initializer if t.name in weights)
+    summary = reconstruct(header, pruned, layers, feeds, budget=KeptBudget(), original_weights=weights, samples=2)
+    assert summary["layers"] > 10 and not summary["skipped"]
+    assert ({i.name: i.SerializeToString() for i in pruned.graph.initializer}
+            == {i.name: i.SerializeToString() for i in default.graph.initializer})

@@ -4,8 +4,11 @@ The pruning pass chooses (channels or weights) and records a :class:`~.manager.R
 context; this pass refits the layers it names against the model before pruning and writes the outcome into the
 pruning pass's report details, so the report's ``passes`` list stays the pruning passes. It runs after the pruning
 pass's own removal, including the control-flow subgraphs it pruned, so the refit sees the final pruned graph.
-Under ``--low-memory`` (:func:`~onnxprune.heap.heap_bounded`) the structured refit's activation streams share a
-:class:`~onnxprune.calibration.KeptBudget` derived from the data and recompute the feeds that do not fit.
+The structured refit holds the original model's large weights once, as the arrays its stream is fed from
+(:func:`~onnxprune.refit.detach_weights`: the pass drops the original proto), and lets each go once neither stream
+reads it again. Under ``--low-memory`` (:func:`~onnxprune.heap.heap_bounded`) its activation streams share a
+:class:`~onnxprune.calibration.KeptBudget` derived from the data, recompute the feeds that do not fit and run each
+feed :data:`STREAM_SAMPLES` samples at a time where that gives the same bits (no matrix products in the run).
 """
 
 from __future__ import annotations
@@ -20,9 +23,13 @@ from ..compensation import reconstruct, reconstruct_sparse
 from ..graph import count_params
 from ..heap import heap_bounded, release_memory
 from ..model import compacted
+from ..refit import detach_weights
 from .manager import PassContext, PassResult
 
 logger = logging.getLogger(__name__)
+
+#: samples per onnxruntime run of the refit's streams under ``--low-memory`` (a feed holds 16)
+STREAM_SAMPLES = 4
 
 
 class ReconstructionPass:
@@ -41,9 +48,15 @@ class ReconstructionPass:
                 release_memory()
             logger.info(f"reconstructing {len(request.layers)} layers by least squares on calibration data")
             # --low-memory: both models' streams keep at most about one layer's input over the calibration set
-            budget = KeptBudget() if heap_bounded() else 1 << 30
-            outcome = reconstruct(request.original, ctx.model, request.layers, ctx.calibration, budget=budget,
-                                  clock=request.clock)
+            # and run each feed a few samples at a time (STREAM_SAMPLES) where every sample is computed on its own
+            budget, samples = (KeptBudget(), STREAM_SAMPLES) if heap_bounded() else (1 << 30, 0)
+            # the original's weights are held once, as the arrays its stream is fed from: its proto goes here
+            original, weights = detach_weights(request.original)
+            request.original = None
+            release_memory()
+            outcome = reconstruct(original, ctx.model, request.layers, ctx.calibration, budget=budget,
+                                  clock=request.clock, original_weights=weights, samples=samples)
+            del original, weights
             request.details["stages"] = request.clock.as_dict()
             _recount_params(request.details, ctx.model)
         else:
