@@ -281,7 +281,8 @@ def run_outputs(session: ort.InferenceSession, batches: list[dict[str, np.ndarra
     A batch of more than ``samples`` (0: no limit) samples (``axes``: each input's sample axis) runs in parts of ``samples`` when
     every output's sample axis is known (:func:`output_sample_axes`), the parts' outputs joined along it: where
     each sample is computed on its own (:func:`samples_independent`, the caller's to check) the joined arrays
-    equal the whole batch's bit for bit, and the run's memory is that of ``samples`` samples. An output whose parts do not stack so falls back to the whole run.
+    equal the whole batch's (bit for bit for elementwise and convolution kernels; onnxruntime's Gemm/MatMul can
+    differ in the last bits when fewer rows share a call), and the run's memory is that of ``samples`` samples. An output whose parts do not stack so falls back to the whole run.
     """
     out_axes = output_sample_axes(session, axes) if samples else None
     results = []

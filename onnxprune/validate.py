@@ -4,7 +4,8 @@ For each execution provider: per-output fidelity (cosine similarity, relative L2
 max abs error, top-1 agreement for classifier-like outputs, NaN/Inf counts) and latency of both
 models measured in one process in alternating blocks (A B A B, one session alive at a time;
 warm-up, then median, p25/p75 and p90 over the runs). The fidelity outputs of a model that computes each
-sample on its own are run ``FIDELITY_SAMPLES`` samples at a time: the same arrays, a run's memory for a few samples.
+sample on its own are run ``FIDELITY_SAMPLES`` samples at a time (a run's memory for a few samples): the same values,
+up to the last bits of matrix products whose kernels block by batch rows; the original and the pruned model are run alike.
 """
 
 from __future__ import annotations
