@@ -208,7 +208,7 @@ def _providers(values: tuple[str, ...]) -> list[str]:
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @click.option("-v", "--verbose", is_flag=True, help="List every tensor/group in the summary.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-@click.option("--low-memory", is_flag=True, help="Memory before time, the same results: freed memory goes back to the system at once (glibc mmap threshold fixed at 1 MiB), consumer captures run in 16 MiB pieces, the allocation's probe in windows of groups, and the --reconstruct refit keeps about one layer's input over the calibration data between its waves, recomputing what does not fit (an 86 MB encoder: ~580 instead of ~815 MB, for 35-55 % more time; docs/benchmarks.md).")
+@click.option("--low-memory", is_flag=True, help="Memory before time, the same results: freed memory goes back to the system at once (glibc mmap threshold fixed at 1 MiB), consumer captures run in 16 MiB pieces, the allocation's probe and the channel selection in windows of groups on one thread, and the --reconstruct refit keeps about one layer's input over the calibration data between its waves, recomputing what does not fit, and runs a few samples at a time where samples are independent (an 86 MB encoder: ~530 MB instead of ~0.8-1.0 GB; ResNet-50: 1.1 instead of 2.4 GB; for 55-70 % more time; docs/benchmarks.md).")
 def prune_command(model: Path, output: Path | None, force: bool, debug: bool, quiet: bool, verbose: bool,
                   reports: tuple[Path, ...], low_memory: bool, **opts) -> None:
     """Prune MODEL and validate the result (the default command)."""
