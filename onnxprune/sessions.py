@@ -22,6 +22,7 @@ from onnx import numpy_helper
 from .graph import iter_graphs
 from .model import copy_fields
 from .model_file import read_structure
+from .sample_parts import part_bounds
 from .specs import sample_count, take_samples
 
 CPU = ("CPUExecutionProvider",)
@@ -297,11 +298,11 @@ def run_outputs(session: ort.InferenceSession, batches: list[dict[str, np.ndarra
 
 def _run_in_parts(session: ort.InferenceSession, batch: dict[str, np.ndarray], axes: dict[str, int | None],
                   out_axes: list[int], count: int, samples: int) -> list[np.ndarray] | None:
-    """The outputs on ``batch`` run ``samples`` at a time and joined along ``out_axes``; None when a part fails or
-    its outputs do not hold its samples along those axes (the caller runs the whole batch instead)."""
+    """The outputs on ``batch`` run ``samples`` at a time (:func:`~onnxprune.sample_parts.part_bounds`: no part of a
+    single sample) and joined along ``out_axes``; None when a part fails or its outputs do not hold its samples along
+    those axes (the caller runs the whole batch instead)."""
     parts = []
-    for start in range(0, count, samples):
-        stop = min(start + samples, count)
+    for start, stop in part_bounds(count, samples):
         try:
             part = [_owned(value) for value in session.run(None, take_samples(batch, axes, start, stop))]
         except Exception:  # noqa: BLE001 - sizes the model does not accept: the caller runs the whole batch
