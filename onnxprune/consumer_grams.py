@@ -149,12 +149,9 @@ class ConsumerGrams(Mapping):
                     return self.grams[patch]
                 node, kept = self.node[patch], self.inputs[self.node[patch].input[0]]
                 self._count(8 * patch[1] ** 2)
-            total, sampler = GramSum(), RowSampler(patch[1], self.feeds)
             mine = threading.get_ident() == self.owner
             with self.clock.stage("gram") if mine else contextlib.nullcontext():
-                for x in kept:
-                    total.add(_features(node, x, patch[1], sampler))
-                gram = self._finish(total)
+                gram = self._sum_kept(node, kept, patch[1])
             with self.lock:
                 self.grams[patch] = gram
                 self.building.pop(patch, None)
@@ -169,12 +166,18 @@ class ConsumerGrams(Mapping):
             raise KeyError(key)
         if patch in self.grams or patch not in self.deferred:
             return self[key][np.ix_(order, order)]
-        node, total = self.node[patch], GramSum()
-        sampler = RowSampler(patch[1], self.feeds)
+        node = self.node[patch]
         with self.clock.stage("gram"):
-            for x in self.inputs[node.input[0]]:
-                total.add(_features(node, x, patch[1], sampler)[:, order])
-            return self._finish(total)
+            return self._sum_kept(node, self.inputs[node.input[0]], patch[1], order)
+
+    def _sum_kept(self, node, kept: list[np.ndarray], features: int, order: np.ndarray | None = None) -> np.ndarray:
+        """The Gram of ``node``'s features summed from its kept input tensors (one per feed), rows sampled as the
+        capture samples them; with ``order`` its features (columns) taken in that order."""
+        total, sampler = GramSum(), RowSampler(features, self.feeds)
+        for x in kept:
+            rows = _features(node, x, features, sampler)
+            total.add(rows if order is None else rows[:, order])
+        return self._finish(total)
 
     def __contains__(self, key: object) -> bool:
         patch = self.patch.get(key)  # one lookup: another thread may forget the key meanwhile
