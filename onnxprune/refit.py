@@ -12,8 +12,7 @@ from onnx import numpy_helper
 from .calibration import ActivationStream, KeptBudget, StageClock
 from .gram import GramSum, RowSampler, _im2col, _patches, _reconstructable
 from .graph import GraphIndex, get_attr
-from .model import copy_fields
-from .sessions import FED_TYPES, session_with_outputs
+from .sessions import FED_TYPES, model_header, session_with_outputs
 
 
 def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, layers: list[tuple[str, np.ndarray]],
@@ -94,9 +93,7 @@ def detach_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, n
     """``model`` with its large float initializers declared only (name, type, dims: no data) and their values, each
     a read-only array over one copy of the tensor's bytes. upb frees a model's bytes only with the whole model: once
     the caller drops ``model``, the weights are held once, as the arrays the refit's sessions are fed from."""
-    header, weights = onnx.ModelProto(), {}
-    copy_fields(model, header, skip=("graph",))
-    copy_fields(model.graph, header.graph, skip=("initializer",))
+    header, weights = model_header(model), {}
     for tensor in model.graph.initializer:
         if (tensor.data_type not in FED_TYPES or not tensor.HasField("raw_data") or not np.dtype("<f4").isnative
                 or int(np.prod(tensor.dims, dtype=np.int64)) <= 256):
