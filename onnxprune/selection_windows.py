@@ -26,6 +26,15 @@ def _input_bytes(analysis: Analysis, consumers: dict[str, tuple], feeds: list[di
     return max((source.bytes([node.input[0]]) for node, *_ in consumers.values()), default=0)
 
 
+def _feed_bytes(shapes: dict, names, feeds: list[dict[str, np.ndarray]]) -> int:
+    """Bytes of the tensors ``names`` over every feed, from the analysis shapes (float32, the batch axis the feeds'
+    largest, unknown dims counted as 1)."""
+    batch = max((int(v.shape[0]) if v.ndim else 1 for feed in feeds for v in feed.values()), default=1)
+    return sum(4 * batch * len(feeds) *
+               int(np.prod([d if isinstance(d, int) and d > 0 else 1 for d in (shapes.get(n) or [])[1:]]))
+               for n in names)
+
+
 class _Source:
     """Where each window's capture starts: the calibration feeds, or the frontier the previous window's capture kept,
     cut before the next window's first consumer input is computed (the tensors computed before that node that it or
@@ -36,17 +45,14 @@ class _Source:
 
     def __init__(self, model, feeds: list[dict[str, np.ndarray]], budget: float, shapes: dict):
         self.inputs, self.feeds, self.budget, self.shapes = feeds, feeds, budget, shapes
-        self.batch = max((int(v.shape[0]) if v.ndim else 1 for feed in feeds for v in feed.values()), default=1)
         self.producer = {out: i for i, node in enumerate(model.graph.node) for out in node.output if out}
         self.reads = [[n for n in node.input if n] + [n for attr in node.attribute for sub in
                        ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs))
                        for n in free_names(sub)] for node in model.graph.node]
 
     def bytes(self, names) -> int:
-        """Bytes of ``names`` over every feed, from the analysis shapes (float32, unknown dims count as 1)."""
-        return sum(4 * self.batch * len(self.inputs) *
-                   int(np.prod([d if isinstance(d, int) and d > 0 else 1 for d in (self.shapes.get(n) or [])[1:]]))
-                   for n in names)
+        """Bytes of ``names`` over every feed (:func:`_feed_bytes`)."""
+        return _feed_bytes(self.shapes, names, self.inputs)
 
     def frontier(self, later: set[str]) -> set[str] | None:
         """The frontier before the first producer of ``later`` (None: nothing to cut, or over the budget)."""
@@ -69,11 +75,9 @@ def _windows(analysis: Analysis, groups: list[ChannelGroup], consumers: dict[str
     """Consecutive groups whose consumers' held bytes (per shared patch the smaller of its Gram, 8·D², and its
     input over the calibration feeds, as :class:`ConsumerGrams` keeps them) stay within the consumers' weight
     bytes (times ``WINDOW_SHARE``); a group over it alone is a window of its own."""
-    batch = max((int(v.shape[0]) if v.ndim else 1 for feed in feeds for v in feed.values()), default=1)
     held: dict[tuple, int] = {}
     for key, (node, _, matrix, _) in consumers.items():
-        dims = analysis.shapes.get(node.input[0]) or []
-        size = 4 * batch * len(feeds) * int(np.prod([d if isinstance(d, int) and d > 0 else 1 for d in dims[1:]]))
+        size = _feed_bytes(analysis.shapes, [node.input[0]], feeds)
         held[_patch_key(node, matrix.shape[0])] = min(8 * matrix.shape[0] ** 2, size)
     budget = _window_budget(consumers)
     patches = {key: _patch_key(node, matrix.shape[0]) for key, (node, _, matrix, _) in consumers.items()}
