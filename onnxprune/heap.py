@@ -6,7 +6,10 @@ activation or onnxruntime tensor of a few MiB is freed, later ones of that size 
 pages stay resident: on a 86 MB encoder this kept ~600 MB that the pruning stages had freed. :func:`bound_heap`
 fixes the threshold (which also stops the adjustment), :func:`release_memory` hands back what is free now.
 :func:`heap_bounded` tells later stages that the process asked for this (``--low-memory``): those that can trade time
-for memory (the refit's kept activations, :mod:`onnxprune.refit`) then do.
+for memory (the refit's kept activations, :mod:`onnxprune.refit`) then do. Without it, the command-line tool still
+fixes the threshold for its last stage (:func:`bound_heap_for_sessions`, validation): with the dynamic threshold an
+onnxruntime session built after an earlier one was freed peaked at 3x its model (the model's bytes, its tensors and
+the prepacked copy, each from the heap), 1.1x with the threshold fixed.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ M_MMAP_THRESHOLD = -3
 #: blocks of at least this many bytes are mmapped, so freeing one returns its pages at once
 MMAP_THRESHOLD = 1 << 20
 
-_requested = {"bounded": False}
+_requested = {"bounded": False, "own_process": False}
 
 
 def _libc():
@@ -37,6 +40,24 @@ def bound_heap(threshold: int = MMAP_THRESHOLD) -> bool:
     _requested["bounded"] = True
     libc = _libc()
     return bool(libc is not None and libc.mallopt(M_MMAP_THRESHOLD, threshold) == 1)
+
+
+def own_process() -> None:
+    """The command-line tool runs in a process of its own: :func:`bound_heap_for_sessions` may fix the threshold
+    there (the Python API leaves a host process's allocator alone)."""
+    _requested["own_process"] = True
+
+
+def bound_heap_for_sessions() -> bool:
+    """Fix the mmap threshold for the rest of the run where the process is the tool's own (:func:`own_process`),
+    without asking later stages to trade time for memory (:func:`heap_bounded` stays as it was): called before the
+    validation's sessions, the last stage, whose activations live in onnxruntime's arena, so the time the fixed
+    threshold costs the pruning stages (page faults on every large block) is not spent. False where nothing
+    changed (a host process, not glibc)."""
+    if not _requested["own_process"]:
+        return False
+    libc = _libc()
+    return bool(libc is not None and libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1)
 
 
 def heap_bounded() -> bool:

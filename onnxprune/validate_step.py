@@ -13,6 +13,7 @@ from .config import ValidateConfig
 from .errors import GateFailedError, InputDataError, OnnxPruneError
 from .feeds import input_specs
 from .graph import count_params
+from .heap import bound_heap_for_sessions, release_memory
 from .model import LoadedModel
 from .model_file import read_model
 from .sessions import ModelSource
@@ -25,7 +26,6 @@ from .validate import (
     file_sizes,
     model_files,
     not_validated,
-    release_memory,
     run_validation,
 )
 
@@ -55,7 +55,8 @@ def validate_step(result: PruneResult, loaded: LoadedModel, vcfg: ValidateConfig
     free = owns_model and output is not None
     if free:
         loaded.model = None
-        release_memory()
+    bound_heap_for_sessions()  # each session from the heap peaked at 3x its model (onnxprune/heap.py)
+    release_memory()
     sizes = {"original": file_sizes(input_files, blob=original_src.blob),
              "pruned": file_sizes(written or None, loaded.model)}
     try:

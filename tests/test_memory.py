@@ -123,12 +123,13 @@ def test_captured_tensors_are_released_feed_by_feed():
 
 
 def test_bound_heap_returns_freed_blocks_to_the_system():
-    """After ``bound_heap`` a freed 8 MiB block is unmapped, and the next one is mapped again rather than carved
-    from the heap (glibc would otherwise raise its threshold to 8 MiB and keep such blocks resident)."""
+    """After ``bound_heap`` (or ``bound_heap_for_sessions`` in the tool's own process) a freed 8 MiB block is
+    unmapped, and the next one is mapped again rather than carved from the heap (glibc would otherwise raise its
+    threshold to 8 MiB and keep such blocks resident); in a host process the sessions' bound changes nothing."""
     script = """
 import ctypes, sys
 import numpy as np
-from onnxprune.heap import bound_heap
+from onnxprune import heap
 
 class Info(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
@@ -136,7 +137,12 @@ class Info(ctypes.Structure):
 libc = ctypes.CDLL(None)
 libc.mallinfo2.restype = Info
 if sys.argv[1] == "bound":
-    assert bound_heap()
+    assert heap.bound_heap()
+if sys.argv[1] == "sessions":  # the tool's own process: validation fixes the threshold, --low-memory stays off
+    heap.own_process()
+    assert heap.bound_heap_for_sessions() and not heap.heap_bounded()
+if sys.argv[1] == "host":  # a host process's allocator is left alone
+    assert not heap.bound_heap_for_sessions()
 block = np.ones(8 << 20, dtype=np.uint8)
 del block
 block = np.ones(8 << 20, dtype=np.uint8)
@@ -145,8 +151,8 @@ print(libc.mallinfo2().hblkhd >= 8 << 20)
     if not hasattr(__import__("ctypes").CDLL(None), "mallinfo2"):
         pytest.skip("not glibc >= 2.33")
     results = {mode: subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, check=True
-                                    ).stdout.strip() for mode in ("bound", "default")}
-    assert results == {"bound": "True", "default": "False"}
+                                    ).stdout.strip() for mode in ("bound", "default", "sessions", "host")}
+    assert results == {"bound": "True", "default": "False", "sessions": "True", "host": "False"}
 
 
 def test_sessions_over_original_and_pruned_share_unchanged_weights():

@@ -328,9 +328,10 @@ def test_validation_peak_memory_within_3x_the_model(tmp_path):
                 "--warmup", "1", "--report", tmp_path / f"{out.stem}.json"]
 
     baseline = peak_rss(*command(tiny, tmp_path / "tiny_out.onnx"))
-    # the same command's peak spreads by ~0.4x of this model from run to run (onnxruntime's threads and the heap:
-    # 2.55-3.07x measured on one machine): the bound holds for the lower of two runs
-    peak = min(peak_rss(*command(src, tmp_path / name)) for name in ("o2.onnx", "o.onnx"))
+    # validation's sessions peaked at 2.55-3.07x from run to run while glibc's mmap threshold moved (a session
+    # built after a freed one took the model's bytes, tensors and prepacked copy from the heap); with it fixed for
+    # that stage (heap.bound_heap_for_sessions) the check-and-save stage holds the peak, ~2.3x
+    peak = peak_rss(*command(src, tmp_path / "o.onnx"))
     assert json.loads((tmp_path / "o.json").read_text())["validation"]["status"] == "validated"
     assert peak <= 3 * size + baseline, f"peak {peak / 2**20:.0f} MiB, fixed cost {baseline / 2**20:.0f} MiB, " \
                                         f"model {size / 2**20:.0f} MiB: {(peak - baseline) / size:.2f}x"
