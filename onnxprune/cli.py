@@ -19,7 +19,7 @@ from .analysis.registry import raise_rule_errors
 from .api import prune, sensitivity
 from .config import PruneConfig, ValidateConfig, parse_input_shape
 from .errors import EXIT_CODES, OnnxPruneError, UsageError, flag
-from .heap import bound_heap, own_process
+from .heap import bound_heap
 from .inspect import inspect_model, render_inspection
 from .model import default_output_path
 from .outputs import OutputGuard, write_atomic, write_text_atomic
@@ -214,7 +214,6 @@ def prune_command(model: Path, output: Path | None, force: bool, debug: bool, qu
     """Prune MODEL and validate the result (the default command)."""
 
     click_ctx = click.get_current_context()
-    own_process()  # the validation's sessions may fix the allocator's mmap threshold (onnxprune/heap.py)
     if low_memory:
         bound_heap()  # freed activations and sessions go back to the system between stages (onnxprune/heap.py)
 

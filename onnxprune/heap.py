@@ -43,8 +43,9 @@ def bound_heap(threshold: int = MMAP_THRESHOLD) -> bool:
 
 
 def own_process() -> None:
-    """The command-line tool runs in a process of its own: :func:`bound_heap_for_sessions` may fix the threshold
-    there (the Python API leaves a host process's allocator alone)."""
+    """The command-line tool runs in a process of its own (its console entry, ``python -m onnxprune``):
+    :func:`bound_heap_for_sessions` may fix the threshold there. The Python API and the command run inside another
+    process leave the host's allocator alone (and its results independent of the runs before them)."""
     _requested["own_process"] = True
 
 
