@@ -36,6 +36,7 @@ runs only the default allocation's measurement in-process (``--reconstruct`` on,
 samples: 4 measured, the rest fitted): its wall and CPU seconds by stage, the chosen ratios and every sensitivity
 point. ``--compare`` a file written the same way (e.g. by the code before a change, ``PYTHONPATH`` pointing at it):
 whether the chosen ratios are identical and the largest absolute difference of the points' relative L2.
+``--low-memory`` bounds the heap first (the measurement's ``--low-memory`` path); ``peak_rss_mb`` is the process's.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -322,6 +324,7 @@ def allocation_only(model: Path, calib: Path, samples: int, sparsity: float) -> 
     wall, cpu = time.perf_counter(), time.process_time()
     _, report = default_allocation(loaded, config, batches, shapes)
     return {"wall_s": round(time.perf_counter() - wall, 2), "cpu_s": round(time.process_time() - cpu, 2),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10,
             "stages": report.get("stages"), "ratios": report.get("ratios"),
             "points": {str(g["id"]): [p["rel_l2"] for p in g["points"]] for g in report["sensitivity"]["groups"]}}
 
@@ -350,6 +353,8 @@ def main() -> None:
     parser.add_argument("--allocation", metavar="MODEL", choices=["resnet50", "minilm", "bert-base"],
                         help="only the default allocation's measurement, in-process")
     parser.add_argument("--compare", type=Path, help="with --allocation: a JSON file it wrote before")
+    parser.add_argument("--low-memory", action="store_true",
+                        help="with --allocation: bound the heap first, as the tool's --low-memory does")
     parser.add_argument("extra", nargs="*", help="further onnxprune options (after --)")
     args = parser.parse_args()
     if args.selection:
@@ -364,6 +369,9 @@ def main() -> None:
         return
     if args.allocation:
         name = args.allocation
+        if args.low_memory:
+            from onnxprune.heap import bound_heap
+            bound_heap()
         row = allocation_only(args.cache / f"{name}.onnx", calibration(name, args.samples, args.seq, args.cache),
                               args.samples, args.sparsity)
         if args.compare:
