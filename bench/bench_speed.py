@@ -189,7 +189,7 @@ def child(cmd: list[str]) -> dict:
             "peak_rss_by_stage_mb": {stage: rss >> 20 for stage, rss in peaks.items()}}
 
 
-def bench(name: str, model: Path, calib: Path, sparsity: float, extra: list[str]) -> dict:
+def bench(name: str, model: Path, calib: Path, sparsity: float, extra: list[str], keep: bool = False) -> dict:
     out = model.with_name(model.stem + ".pruned.onnx")
     report = model.with_name(model.stem + ".report.json")
     cmd = [sys.executable, "-m", "onnxprune", str(model), "--structured", "--sparsity", str(sparsity),
@@ -208,7 +208,8 @@ def bench(name: str, model: Path, calib: Path, sparsity: float, extra: list[str]
            "layers_refit": (details.get("reconstruction") or {}).get("layers"),
            "worst": (data.get("validation") or {}).get("worst"),
            "load": [round(before, 1), round(os.getloadavg()[0], 1)]}
-    out.unlink(missing_ok=True)
+    if not keep:
+        out.unlink(missing_ok=True)
     return row
 
 
@@ -347,6 +348,7 @@ def main() -> None:
     parser.add_argument("--sparsity", type=float, default=0.3)
     parser.add_argument("--cache", type=Path, default=HERE / "models" / "speed")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--keep-output", action="store_true", help="keep the pruned model (<cache>/<model>.pruned.onnx)")
     parser.add_argument("--selection", action="store_true", help="only time greedy selection on synthetic groups")
     parser.add_argument("--selection-quality", metavar="MODEL", choices=["resnet50", "minilm", "bert-base"],
                         help="batched against exact greedy selection on the model's real Grams")
@@ -390,7 +392,7 @@ def main() -> None:
             model = export_bert(MINILM if name == "minilm" else BERT_BASE, args.cache / f"{name}.onnx")
         print(f"{name}: model ready in {time.perf_counter() - start:.0f}s", file=sys.stderr, flush=True)
         calib = calibration(name, args.samples, args.seq, args.cache)
-        rows.append(bench(name, model, calib, args.sparsity, args.extra))
+        rows.append(bench(name, model, calib, args.sparsity, args.extra, args.keep_output))
         print(json.dumps(rows[-1]), flush=True)
         print(markdown_row(rows[-1]), flush=True)
     if args.json:
