@@ -149,7 +149,7 @@ class Refit:
         """Drop the deferred Grams, products and factors of the consumers the previous point refitted and this one
         does not."""
         left = self.working - keys
-        if left and isinstance(self.grams, ConsumerGrams):  # else no Grams at all
+        if left and not isinstance(self.grams, dict):  # else no Grams at all
             self.grams.release(left, keep=keys)
         for key in left:
             self.products.pop(key, None)
@@ -159,7 +159,7 @@ class Refit:
     def forget(self, keys) -> None:
         """``keys`` are refitted by no later point: their Grams (and kept inputs no other consumer reads) go."""
         keys = set(keys) & set(self.consumers)
-        if keys and isinstance(self.grams, ConsumerGrams):
+        if keys and not isinstance(self.grams, dict):
             self._work_on(self.working - keys)
             self.grams.forget(keys)
 
