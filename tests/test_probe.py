@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from onnx import numpy_helper
 
 from onnxprune import probe as probe_module
 from onnxprune.allocation import default_allocation
@@ -143,7 +144,8 @@ def copy_of(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def test_the_capture_run_gives_the_reference_outputs_bit_for_bit():
     """The downstream capture runs the original with more outputs: its graph outputs are the reference the points are
-    compared with, equal to a run of the serialized model's own session."""
+    compared with, equal to a run of the serialized model's own session; the captured tensors and the points'
+    outputs are arrays of their own (not views of a session's memory)."""
     from onnxprune.sessions import create_session, session_options
 
     model = _model()
@@ -156,6 +158,12 @@ def test_the_capture_run_gives_the_reference_outputs_bit_for_bit():
     for got, whole, want in zip(cut.reference(), probe_module.run_model(model, feeds), serialized):
         assert len(got) == len(want) == 1
         assert all(np.array_equal(a, b) and np.array_equal(c, b) for a, c, b in zip(got, whole, want))
+    # arrays that outlive their session own their memory: one viewing onnxruntime's keeps the session's whole arena
+    assert all(a.flags.owndata for values in cut.values for a in values.values())
+    assert all(a.flags.owndata for outputs in probe_module.run_model(model, feeds) for a in outputs)
+    points = cut.run(1, {fc.input[1]: np.zeros_like(numpy_helper.to_array(
+        next(i for i in model.graph.initializer if i.name == fc.input[1])))})
+    assert all(a.flags.owndata for outputs in points for a in outputs)
 
 
 def test_points_restore_the_original_arrays():
