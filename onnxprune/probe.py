@@ -153,8 +153,12 @@ class Downstream:
             options.add_external_initializers(list(external), [value for _, value in external.values()])
         session = create_session(header, options)
         wanted = [o.name for o in session.get_outputs()]
-        # arrays of their own (_owned): one viewing the session's memory keeps its whole arena after it is gone
-        return [dict(zip(wanted, map(_owned, session.run(None, feed)))) for feed in self.feeds]
+        runs = [dict(zip(wanted, session.run(None, feed))) for feed in self.feeds]
+        del session, options, external  # then arrays of their own (_owned): one viewing the session's memory keeps
+        for values in runs:  # its whole arena after it is gone
+            for name, value in values.items():
+                values[name] = _owned(value)
+        return runs
 
     def reference(self) -> Outputs:
         """The original's graph outputs on each feed, from the capture run (the arrays the runs fall back on)."""
