@@ -36,6 +36,7 @@ runs only the default allocation's measurement in-process (``--reconstruct`` on,
 samples: 4 measured, the rest fitted): its wall and CPU seconds by stage, the chosen ratios and every sensitivity
 point. ``--compare`` a file written the same way (e.g. by the code before a change, ``PYTHONPATH`` pointing at it):
 whether the chosen ratios are identical and the largest absolute difference of the points' relative L2.
+``--low-memory`` bounds the heap first (the measurement's ``--low-memory`` path); ``peak_rss_mb`` is the process's.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -187,7 +189,7 @@ def child(cmd: list[str]) -> dict:
             "peak_rss_by_stage_mb": {stage: rss >> 20 for stage, rss in peaks.items()}}
 
 
-def bench(name: str, model: Path, calib: Path, sparsity: float, extra: list[str]) -> dict:
+def bench(name: str, model: Path, calib: Path, sparsity: float, extra: list[str], keep: bool = False) -> dict:
     out = model.with_name(model.stem + ".pruned.onnx")
     report = model.with_name(model.stem + ".report.json")
     cmd = [sys.executable, "-m", "onnxprune", str(model), "--structured", "--sparsity", str(sparsity),
@@ -206,7 +208,8 @@ def bench(name: str, model: Path, calib: Path, sparsity: float, extra: list[str]
            "layers_refit": (details.get("reconstruction") or {}).get("layers"),
            "worst": (data.get("validation") or {}).get("worst"),
            "load": [round(before, 1), round(os.getloadavg()[0], 1)]}
-    out.unlink(missing_ok=True)
+    if not keep:
+        out.unlink(missing_ok=True)
     return row
 
 
@@ -322,6 +325,7 @@ def allocation_only(model: Path, calib: Path, samples: int, sparsity: float) -> 
     wall, cpu = time.perf_counter(), time.process_time()
     _, report = default_allocation(loaded, config, batches, shapes)
     return {"wall_s": round(time.perf_counter() - wall, 2), "cpu_s": round(time.process_time() - cpu, 2),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10,
             "stages": report.get("stages"), "ratios": report.get("ratios"),
             "points": {str(g["id"]): [p["rel_l2"] for p in g["points"]] for g in report["sensitivity"]["groups"]}}
 
@@ -344,12 +348,15 @@ def main() -> None:
     parser.add_argument("--sparsity", type=float, default=0.3)
     parser.add_argument("--cache", type=Path, default=HERE / "models" / "speed")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--keep-output", action="store_true", help="keep the pruned model (<cache>/<model>.pruned.onnx)")
     parser.add_argument("--selection", action="store_true", help="only time greedy selection on synthetic groups")
     parser.add_argument("--selection-quality", metavar="MODEL", choices=["resnet50", "minilm", "bert-base"],
                         help="batched against exact greedy selection on the model's real Grams")
     parser.add_argument("--allocation", metavar="MODEL", choices=["resnet50", "minilm", "bert-base"],
                         help="only the default allocation's measurement, in-process")
     parser.add_argument("--compare", type=Path, help="with --allocation: a JSON file it wrote before")
+    parser.add_argument("--low-memory", action="store_true",
+                        help="with --allocation: bound the heap first, as the tool's --low-memory does")
     parser.add_argument("extra", nargs="*", help="further onnxprune options (after --)")
     args = parser.parse_args()
     if args.selection:
@@ -364,6 +371,9 @@ def main() -> None:
         return
     if args.allocation:
         name = args.allocation
+        if args.low_memory:
+            from onnxprune.heap import bound_heap
+            bound_heap()
         row = allocation_only(args.cache / f"{name}.onnx", calibration(name, args.samples, args.seq, args.cache),
                               args.samples, args.sparsity)
         if args.compare:
@@ -382,7 +392,7 @@ def main() -> None:
             model = export_bert(MINILM if name == "minilm" else BERT_BASE, args.cache / f"{name}.onnx")
         print(f"{name}: model ready in {time.perf_counter() - start:.0f}s", file=sys.stderr, flush=True)
         calib = calibration(name, args.samples, args.seq, args.cache)
-        rows.append(bench(name, model, calib, args.sparsity, args.extra))
+        rows.append(bench(name, model, calib, args.sparsity, args.extra, args.keep_output))
         print(json.dumps(rows[-1]), flush=True)
         print(markdown_row(rows[-1]), flush=True)
     if args.json:

@@ -32,7 +32,7 @@ from .calibration import StageClock
 from .graph import Weight, subgraph_reads
 from .heap import heap_bounded
 from .probe_refit import Refit  # noqa: F401  (the points' refit, imported from here)
-from .sessions import create_session, inference_session, model_header, session_options
+from .sessions import _owned, create_session, inference_session, model_header, session_options
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def run_model(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> Out
     """The outputs of ``model`` on each feed (one session, every graph optimisation; the weights handed over as
     arrays, not serialized: the same outputs bit for bit)."""
     session = inference_session(model, options=session_options(log_level=3))
-    return [session.run(None, feed) for feed in feeds]
+    return [[_owned(value) for value in session.run(None, feed)] for feed in feeds]
 
 
 class Downstream:
@@ -153,7 +153,12 @@ class Downstream:
             options.add_external_initializers(list(external), [value for _, value in external.values()])
         session = create_session(header, options)
         wanted = [o.name for o in session.get_outputs()]
-        return [dict(zip(wanted, session.run(None, feed))) for feed in self.feeds]
+        runs = [dict(zip(wanted, session.run(None, feed))) for feed in self.feeds]
+        del session, options, external  # then arrays of their own (_owned): one viewing the session's memory keeps
+        for values in runs:  # its whole arena after it is gone
+            for name, value in values.items():
+                values[name] = _owned(value)
+        return runs
 
     def reference(self) -> Outputs:
         """The original's graph outputs on each feed, from the capture run (the arrays the runs fall back on)."""
@@ -180,7 +185,7 @@ class Downstream:
         for feed, values in zip(self.feeds, self.values):
             fed = {**{n: values[n] for n in cut["boundary"]}, **{n: feed[n] for n in cut["graph_inputs"]},
                    **{n: weights[n] for n in cut["plan"]}}
-            produced = dict(zip(cut["outputs"], session.run(cut["outputs"], fed)))
+            produced = dict(zip(cut["outputs"], map(_owned, session.run(cut["outputs"], fed))))  # see _capture
             results.append([produced[name] if name in produced else values[name] for name in self.outputs])
         return results
 

@@ -10,6 +10,7 @@ from .analysis.groups import Analysis
 from .calibration import StageClock
 from .consumer_grams import ConsumerGrams
 from .scoring import WIDE_FEATURES, _refit_consumers, as_float64
+from .selection_windows import _input_bytes, _Source, _windows
 from .spd_solve import cholesky_in_place, solve_leading
 
 
@@ -24,17 +25,65 @@ class Refit:
     (:meth:`~onnxprune.consumer_grams.ConsumerGrams.permuted`), and factored in place (H' = L Lᵀ):
     each point's kept features are a leading block, whose system is solved from L and c = Lᵀ W' alone
     (:func:`~onnxprune.spd_solve.solve_leading`). ``originals`` (weight name -> array) are the consumer weights'
-    values to read instead of copies of their own (the probe's)."""
+    values to read instead of copies of their own (the probe's).
+
+    With ``points`` (per group, in the order the groups are measured, the channels its points keep) the Grams are
+    captured per window of consecutive groups (:func:`~onnxprune.selection_windows._windows`: the consumers the
+    window's points refit hold at most their weights' bytes in Grams and kept inputs) when :meth:`enter` reaches
+    the window's first group, and the previous window's go; each capture after the first starts from the frontier
+    the previous one kept where that fits (:class:`~onnxprune.selection_windows._Source`). A consumer refitted in
+    two windows is captured in both: the same Gram bit for bit (``--low-memory``)."""
 
     def __init__(self, analysis: Analysis, feeds: list[dict[str, np.ndarray]], ridge: float = 1e-3,
-                 clock: StageClock | None = None, originals: dict[str, np.ndarray] | None = None):
+                 clock: StageClock | None = None, originals: dict[str, np.ndarray] | None = None,
+                 points: list[list[np.ndarray]] | None = None):
         self.consumers = _refit_consumers(analysis, originals)
-        self.grams = ConsumerGrams(analysis.model, self.consumers, feeds, ridge, clock, analysis.shapes) \
-            if self.consumers else {}
+        self.analysis, self.feeds, self.ridge, self.clock = analysis, feeds, ridge, clock or StageClock()
+        self.windows: list[tuple[range, set[str]]] = []
+        self.grams: ConsumerGrams | dict = {}
+        if points is not None and self.consumers:
+            self._plan_windows(points)
+        elif self.consumers:
+            self.grams = ConsumerGrams(analysis.model, self.consumers, feeds, ridge, clock, analysis.shapes)
         self.products: dict[str, np.ndarray] = {}
         self.working: set[str] = set()
         self.orders: dict[str, np.ndarray] = {}  # wide consumer -> its features, kept longest first
         self.factors: dict[str, tuple[np.ndarray, np.ndarray] | None] = {}  # -> (L, Lᵀ W'), None: not SPD
+
+    def _plan_windows(self, points: list[list[np.ndarray]]) -> None:
+        """The windows of consecutive groups and the consumers each window's points refit; where captures start."""
+        readers: dict[str, list[int]] = {}  # consumer -> the groups with a point that drops some of its features
+        for number, keeps in enumerate(points):
+            for key, (*_, feature_ids) in self.consumers.items():
+                if any(not keep[feature_ids].all() for keep in keeps):
+                    readers.setdefault(key, []).append(number)
+        windows = _windows(self.analysis, points, self.consumers, readers, self.feeds)
+        self.windows = [(window, {key for key, numbers in readers.items() if set(numbers) & set(window)})
+                        for window in windows]
+        self.source = _Source(self.analysis.model, self.feeds, _input_bytes(self.analysis, self.consumers, self.feeds)
+                              if len(windows) > 1 else 0, self.analysis.shapes)
+
+    def enter(self, group: int) -> None:
+        """Group ``group`` is measured next: at a window's first group, the previous window's Grams go and the
+        window's are captured (nothing without windows)."""
+        number = next((n for n, (window, _) in enumerate(self.windows) if window.start == group), None)
+        if number is None:
+            return
+        self._work_on(set())
+        self.grams, self.products, self.orders, self.factors = {}, {}, {}, {}
+        keys = self.windows[number][1]
+        if not keys:
+            return
+        later = {self.consumers[key][0].input[0] for _, others in self.windows[number + 1:] for key in others}
+        frontier = self.source.frontier(later, {self.consumers[key][0].input[0] for key in keys}) if later else None
+        with self.clock.stage("gram"):
+            self.grams = ConsumerGrams(self.analysis.model, {key: self.consumers[key] for key in self.consumers
+                                                             if key in keys}, self.source.feeds, self.ridge,
+                                       self.clock, self.analysis.shapes, frontier=frontier)
+        self.source.advance(frontier, self.grams.frontier)
+        self.grams.frontier = []
+        if not later:  # no capture after this one: the kept frontier is not held through the window's points
+            self.source.feeds = self.source.inputs
 
     def plan(self, keeps: list[np.ndarray]) -> None:
         """The channels kept by the next points (one group's, in order): each wide consumer's feature order for
@@ -100,7 +149,7 @@ class Refit:
         """Drop the deferred Grams, products and factors of the consumers the previous point refitted and this one
         does not."""
         left = self.working - keys
-        if left and self.consumers:  # else no Grams at all
+        if left and not isinstance(self.grams, dict):  # else no Grams at all
             self.grams.release(left, keep=keys)
         for key in left:
             self.products.pop(key, None)
@@ -110,7 +159,7 @@ class Refit:
     def forget(self, keys) -> None:
         """``keys`` are refitted by no later point: their Grams (and kept inputs no other consumer reads) go."""
         keys = set(keys) & set(self.consumers)
-        if keys:
+        if keys and not isinstance(self.grams, dict):
             self._work_on(self.working - keys)
             self.grams.forget(keys)
 

@@ -46,6 +46,7 @@ class _Source:
     def __init__(self, model, feeds: list[dict[str, np.ndarray]], budget: float, shapes: dict):
         self.inputs, self.feeds, self.budget, self.shapes = feeds, feeds, budget, shapes
         self.producer = {out: i for i, node in enumerate(model.graph.node) for out in node.output if out}
+        self.nodes_outputs = [[out for out in node.output if out] for node in model.graph.node]
         self.reads = [[n for n in node.input if n] + [n for attr in node.attribute for sub in
                        ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs))
                        for n in free_names(sub)] for node in model.graph.node]
@@ -54,13 +55,38 @@ class _Source:
         """Bytes of ``names`` over every feed (:func:`_feed_bytes`)."""
         return _feed_bytes(self.shapes, names, self.inputs)
 
-    def frontier(self, later: set[str]) -> set[str] | None:
-        """The frontier before the first producer of ``later`` (None: nothing to cut, or over the budget)."""
+    def frontier(self, later: set[str], after: set[str] | None = None) -> set[str] | None:
+        """The frontier before the first producer of ``later`` (None: nothing to cut, or over the budget); with
+        ``after`` (the tensors this capture computes) the narrowest cut from there on, by the bytes it keeps."""
         cut = min((self.producer.get(n, -1) for n in later), default=-1)
         if not self.budget or cut <= 0:
             return None
+        if after:
+            cut = self._narrowest(max((self.producer.get(n, -1) for n in after), default=-1) + 1, cut)
         names = {n for reads in self.reads[cut:] for n in reads if 0 <= self.producer.get(n, -1) < cut}
         return names if names and self.bytes(names) <= self.budget else None
+
+    def _narrowest(self, start: int, stop: int) -> int:
+        """The cut in ``start..stop`` (a node index: the frontier holds what nodes before it computed and nodes
+        from it read) whose frontier takes the fewest bytes; the latest of equals."""
+        last: dict[str, int] = {}
+        for index, reads in enumerate(self.reads):
+            for name in reads:
+                if 0 <= self.producer.get(name, -1):
+                    last[name] = index
+        start = max(1, min(start, stop))
+        held = {n for n, end in last.items() if self.producer[n] < start <= end}
+        size = self.bytes(held)
+        best, smallest = start, size
+        for cut in range(start + 1, stop + 1):  # node cut - 1 runs: its outputs come in, its last reads go
+            outputs = [n for n in self.nodes_outputs[cut - 1] if last.get(n, -1) >= cut]
+            gone = [n for n in held if last[n] < cut]
+            held.difference_update(gone)
+            held.update(outputs)
+            size += self.bytes(outputs) - self.bytes(gone)
+            if size <= smallest:
+                best, smallest = cut, size
+        return best
 
     def advance(self, frontier: set[str] | None, values: list[dict[str, np.ndarray]]) -> None:
         """Start later captures from ``values`` (a frontier per feed) when they fit the budget."""

@@ -172,8 +172,9 @@ def measure_masked(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], c
         if reference is None:
             reference = _run(model, feeds)
     if config.reconstruct and low:  # with the heap bounded (``--low-memory``) the Grams come after the probe's
-        with clock.stage("gram"):  # capture run (its peak before they are held) and read the probe's weight arrays
-            refit = Refit(analysis, fit_feeds or feeds, clock=clock, originals=getattr(probe, "weights", None))
+        with clock.stage("gram"):  # capture run (its peak before they are held), per window of groups, and read
+            refit = Refit(analysis, fit_feeds or feeds, clock=clock,  # the probe's weight arrays
+                          originals=getattr(probe, "weights", None), points=[[k for *_, k in p] for _, p in planned])
     last = _last_refits(refit, planned)
     macs = node_macs(analysis.model, shapes=analysis.shapes)
     savings = Savings(analysis, every, macs)
@@ -182,6 +183,7 @@ def measure_masked(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], c
         logger.info("group %d/%d: %s", index + 1, len(groups), ", ".join(s.node.name for s in group.spaces)[:60])
         measured = []
         if refit is not None:
+            refit.enter(index)
             refit.plan([keep for _, _, keep in points])
         for ratio, n, keep in points:
             macs_saved, params_saved = savings(keep)

@@ -6,9 +6,11 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from onnx import numpy_helper
 
 from onnxprune import probe as probe_module
 from onnxprune.allocation import default_allocation
+from onnxprune.analysis.groups import analyse
 from onnxprune.config import PruneConfig
 from onnxprune.passes.structured import prepare_for_analysis
 from onnxprune.sensitivity import around, measure, measure_masked
@@ -142,7 +144,8 @@ def copy_of(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def test_the_capture_run_gives_the_reference_outputs_bit_for_bit():
     """The downstream capture runs the original with more outputs: its graph outputs are the reference the points are
-    compared with, equal to a run of the serialized model's own session."""
+    compared with, equal to a run of the serialized model's own session; the captured tensors and the points'
+    outputs are arrays of their own (not views of a session's memory)."""
     from onnxprune.sessions import create_session, session_options
 
     model = _model()
@@ -155,6 +158,12 @@ def test_the_capture_run_gives_the_reference_outputs_bit_for_bit():
     for got, whole, want in zip(cut.reference(), probe_module.run_model(model, feeds), serialized):
         assert len(got) == len(want) == 1
         assert all(np.array_equal(a, b) and np.array_equal(c, b) for a, c, b in zip(got, whole, want))
+    # arrays that outlive their session own their memory: one viewing onnxruntime's keeps the session's whole arena
+    assert all(a.flags.owndata for values in cut.values for a in values.values())
+    assert all(a.flags.owndata for outputs in probe_module.run_model(model, feeds) for a in outputs)
+    points = cut.run(1, {fc.input[1]: np.zeros_like(numpy_helper.to_array(
+        next(i for i in model.graph.initializer if i.name == fc.input[1])))})
+    assert all(a.flags.owndata for outputs in points for a in outputs)
 
 
 def test_points_restore_the_original_arrays():
@@ -196,3 +205,52 @@ def test_capture_windows_give_the_same_points(monkeypatch):
     several, _ = measure_masked(_model(), feeds, config, around(0.3))
     assert len(starts) == 1 and len(starts[0]) > 3
     assert _points(several) == _points(one)
+
+
+def test_low_memory_refit_captures_grams_per_window(monkeypatch):
+    """With a bounded heap (--low-memory) the refit's Grams are captured per window of consecutive groups (later
+    windows from the frontier the previous capture kept), each window's released before the next is captured: the
+    points equal those of one capture for all groups, bit for bit, and a window holds at most its budget of Grams
+    and kept inputs unless one group alone is over it."""
+    import importlib
+
+    from onnxprune import probe_refit, selection_windows
+    sensitivity = importlib.import_module("onnxprune.sensitivity")  # the package exports a function of that name
+    config = _config(reconstruct=True)
+    feeds, fit = _batches(1), _batches(2, seed=1)
+    monkeypatch.setattr(sensitivity, "heap_bounded", lambda: True)
+    monkeypatch.setattr(selection_windows, "WINDOW_SHARE", 1e3)  # one window: every Gram captured at once
+    one, _ = measure_masked(_model(), feeds, config, around(0.3), fit_feeds=fit)
+    made, starts = [], []
+
+    class Recorded(probe_refit.ConsumerGrams):
+        def __init__(self, model, consumers, sources, *args, **kwargs):
+            starts.append(set(sources[0]))
+            super().__init__(model, consumers, sources, *args, **kwargs)
+            made.append(self.live_bytes + sum(x.nbytes for kept in self.inputs.values() for x in kept))
+    monkeypatch.setattr(selection_windows, "WINDOW_SHARE", 0.05)
+    monkeypatch.setattr(probe_refit, "ConsumerGrams", Recorded)
+    windowed, _ = measure_masked(_model(), feeds, config, around(0.3), fit_feeds=fit)
+    assert len(made) > 3 and starts[0] == {"input"} and any(len(names) > 1 for names in starts[1:])
+    assert _points(windowed) == _points(one)
+    model = _model()
+    consumers = probe_refit._refit_consumers(analyse(model, None, config.exclude))
+    budget = 0.05 * sum(matrix.nbytes for _, _, matrix, _ in consumers.values())
+    assert sum(held <= budget for held in made) >= len(made) - 2  # a group alone over the budget: its own window
+
+
+def test_the_narrowest_frontier_keeps_fewer_bytes():
+    """Between two windows' consumer inputs the frontier is cut where it keeps the fewest bytes: no more than the
+    cut just before the later window's first input, and what it keeps is computed before that input."""
+    from onnxprune.selection_windows import _Source
+
+    model = _model()
+    analysis = analyse(model, None)
+    feeds = _batches(2)
+    source = _Source(model, feeds, 1 << 40, analysis.shapes)
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    early, late = {convs[3].input[0]}, {convs[12].input[0]}
+    latest, narrowest = source.frontier(late), source.frontier(late, early)
+    assert latest and narrowest and source.bytes(narrowest) < source.bytes(latest)
+    first = min(source.producer[n] for n in late)
+    assert all(source.producer[n] < first for n in narrowest)
