@@ -12,13 +12,14 @@ from onnx import numpy_helper
 from .calibration import ActivationStream, KeptBudget, StageClock
 from .gram import GramSum, RowSampler, _im2col, _patches, _reconstructable
 from .graph import GraphIndex, get_attr
+from .model import copy_fields
 from .sessions import FED_TYPES, model_header, session_with_outputs
 
 
 def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, layers: list[tuple[str, np.ndarray]],
                 feeds: list[dict[str, np.ndarray]], ridge: float = 1e-3, budget: int | KeptBudget = 1 << 30,
                 clock: StageClock | None = None, original_weights: dict[str, np.ndarray] | None = None,
-                samples: int = 0) -> dict[str, Any]:
+                samples: int = 0, pruned_weights: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
     """Refit each layer's kept weights (and bias) so its output on ``feeds`` matches the original's.
 
     ``layers`` are (output tensor name, mask of the original output channels still present),
@@ -31,7 +32,8 @@ def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, layers: list
     both streams share (with no limit of its own it allows the largest layer input of the original model over
     ``feeds``, or a larger tensor the streams compute); a feed whose tensors do not fit is recomputed from the
     tensors it last kept (the same values). ``clock`` times capture, Gram products and solves.
-    ``original_weights``: the values of the initializers ``original`` only declares (:func:`detach_weights`).
+    ``original_weights``, ``pruned_weights``: the values of the initializers ``original`` and ``pruned`` only declare
+    (:func:`detach_weights`; ``pruned`` declares none of the layers' weights and biases, :func:`refit_weight_names`).
     ``samples`` > 0: both streams run a feed ``samples`` samples at a time where the models compute every sample on
     its own (the same values, less memory per run).
     """
@@ -67,7 +69,7 @@ def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, layers: list
     shared: dict[str, tuple[bytes, np.ndarray]] = {name: (_raw(array), array) for name, array in
                                                    (original_weights or {}).items() if isinstance(_raw(array), bytes)}
     reference = ActivationStream(original, feeds, budget, shared, original_weights, samples)
-    current = ActivationStream(pruned, feeds, budget, shared, samples=samples)
+    current = ActivationStream(pruned, feeds, budget, shared, dict(pruned_weights or {}), samples)
     for wave in _waves(pruned, plan):
         _refit_wave(wave, reference, current, live, ridge, clock)
         for item in wave:
@@ -89,22 +91,56 @@ def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, layers: list
     return {"layers": len(done), "skipped": skipped, "samples": int(sum(next(iter(f.values())).shape[0] for f in feeds))}
 
 
-def detach_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
-    """``model`` with its large float initializers declared only (name, type, dims: no data) and their values, each
-    a read-only array over one copy of the tensor's bytes. upb frees a model's bytes only with the whole model: once
-    the caller drops ``model``, the weights are held once, as the arrays the refit's sessions are fed from."""
+def detach_weights(model: onnx.ModelProto, keep: set[str] = frozenset(),
+                   shared: dict[str, np.ndarray] | None = None) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """``model`` with its large float initializers (but those named in ``keep``) declared only (every field but their
+    data) and their values, each a read-only array over one copy of the tensor's bytes, or the array of ``shared``
+    of that name when it holds the same bytes (the pruned model's weights that pruning left unchanged are the
+    original's arrays). upb frees a model's bytes only with the whole model: once the caller drops ``model``, the
+    weights are held once, as the arrays the refit's sessions are fed from; :func:`attach_weights` puts them back."""
     header, weights = model_header(model), {}
     for tensor in model.graph.initializer:
-        if (tensor.data_type not in FED_TYPES or not tensor.HasField("raw_data") or not np.dtype("<f4").isnative
-                or int(np.prod(tensor.dims, dtype=np.int64)) <= 256):
+        if (tensor.name in keep or tensor.data_type not in FED_TYPES or not tensor.HasField("raw_data")
+                or not np.dtype("<f4").isnative or int(np.prod(tensor.dims, dtype=np.int64)) <= 256):
             header.graph.initializer.add().CopyFrom(tensor)
             continue
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
-        weights[tensor.name] = np.frombuffer(tensor.raw_data, dtype=dtype).reshape(tuple(tensor.dims))
-        declared = header.graph.initializer.add()
-        declared.name, declared.data_type = tensor.name, tensor.data_type
-        declared.dims.extend(tensor.dims)
+        raw, hit = tensor.raw_data, (shared or {}).get(tensor.name)
+        if hit is not None and hit.shape == tuple(tensor.dims) and _raw(hit) == raw:
+            weights[tensor.name] = hit
+        else:
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+            weights[tensor.name] = np.frombuffer(raw, dtype=dtype).reshape(tuple(tensor.dims))
+        del raw
+        copy_fields(tensor, header.graph.initializer.add(), skip=("raw_data",))
     return header, weights
+
+
+def attach_weights(header: onnx.ModelProto, weights: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """The model :func:`detach_weights` took apart, in a new protobuf arena: ``header``'s initializers in their order,
+    those it declares with the data of ``weights`` (the same message, byte for byte, as before detaching)."""
+    model = model_header(header)
+    for tensor in header.graph.initializer:
+        added = model.graph.initializer.add()
+        added.CopyFrom(tensor)
+        if tensor.name in weights and not tensor.HasField("raw_data"):
+            array = weights[tensor.name]
+            whole = _raw(array)
+            added.raw_data = whole if isinstance(whole, bytes) and len(whole) == array.nbytes else array.tobytes()
+    return model
+
+
+def refit_weight_names(model: onnx.ModelProto, layers: list[tuple[str, np.ndarray]]) -> set[str]:
+    """The initializers :func:`reconstruct` reads or writes in ``model`` as weights and biases of ``layers``."""
+    index = GraphIndex.build(model.graph)
+    nodes = {out: node for node in model.graph.node for out in node.output}
+    names = set()
+    for name, _ in layers:
+        node = nodes.get(name)
+        for tensor in (node.input[1:] if node is not None else []):
+            weight = index.resolve(tensor)[0] if tensor else None
+            if weight is not None:
+                names.add(weight.name)
+    return names
 
 
 def _raw(array: np.ndarray):

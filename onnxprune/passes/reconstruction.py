@@ -22,8 +22,7 @@ from ..calibration import KeptBudget
 from ..compensation import reconstruct, reconstruct_sparse
 from ..graph import count_params
 from ..heap import heap_bounded, release_memory
-from ..model import compacted
-from ..refit import detach_weights
+from ..refit import attach_weights, detach_weights, refit_weight_names
 from .manager import PassContext, PassResult
 
 logger = logging.getLogger(__name__)
@@ -43,9 +42,6 @@ class ReconstructionPass:
         if request is None:
             return PassResult(False)
         if request.kind == "structured":
-            if ctx.owns_model:  # the removal's replaced bytes go before the refit's streams are built
-                ctx.model = compacted(ctx.model)
-                release_memory()
             logger.info(f"reconstructing {len(request.layers)} layers by least squares on calibration data")
             # --low-memory: both models' streams keep at most about one layer's input over the calibration set
             # and run each feed a few samples at a time (STREAM_SAMPLES) where every sample is computed on its own
@@ -54,9 +50,25 @@ class ReconstructionPass:
             original, weights = detach_weights(request.original)
             request.original = None
             release_memory()
-            outcome = reconstruct(original, ctx.model, request.layers, ctx.calibration, budget=budget,
-                                  clock=request.clock, original_weights=weights, samples=samples)
-            del original, weights
+            pruned, pruned_weights = ctx.model, None
+            if ctx.owns_model:  # the pruned model's too, those pruning left unchanged as the original's arrays
+                pruned, pruned_weights = detach_weights(ctx.model, refit_weight_names(ctx.model, request.layers),
+                                                        weights)
+                ctx.model = None  # its proto, and the removal's replaced bytes in its arena, go here
+                release_memory()
+            try:
+                outcome = reconstruct(original, pruned, request.layers, ctx.calibration, budget=budget,
+                                      clock=request.clock, original_weights=weights, samples=samples,
+                                      pruned_weights=pruned_weights)
+            finally:
+                del original, weights
+                if pruned_weights is not None:
+                    release_memory()  # the original's own weights, before the pruned model's bytes are put back
+                    pruned = attach_weights(pruned, pruned_weights)
+                    del pruned_weights
+                ctx.model = pruned
+                del pruned
+                release_memory()
             request.details["stages"] = request.clock.as_dict()
             _recount_params(request.details, ctx.model)
         else:
