@@ -47,8 +47,10 @@ class ReconstructionPass:
             # and run each feed a few samples at a time (STREAM_SAMPLES) where every sample is computed on its own
             budget, samples = (KeptBudget(), STREAM_SAMPLES) if heap_bounded() else (1 << 30, 0)
             # the original's weights are held once, as the arrays its stream is fed from: its proto goes here
-            original, weights = detach_weights(request.original)
-            request.original = None
+            original, weights = request.original, request.original_weights
+            if weights is None:
+                original, weights = detach_weights(original)
+            request.original = request.original_weights = None
             release_memory()
             pruned, pruned_weights = ctx.model, None
             if ctx.owns_model:  # the pruned model's too, those pruning left unchanged as the original's arrays
