@@ -5,8 +5,10 @@ context; this pass refits the layers it names against the model before pruning a
 pruning pass's report details, so the report's ``passes`` list stays the pruning passes. It runs after the pruning
 pass's own removal, including the control-flow subgraphs it pruned, so the refit sees the final pruned graph.
 The structured refit holds the original model's large weights once, as the arrays its stream is fed from
-(:func:`~onnxprune.refit.detach_weights`: the pass drops the original proto), and lets each go once neither stream
-reads it again. Under ``--low-memory`` (:func:`~onnxprune.heap.heap_bounded`) its activation streams share a
+(:func:`~onnxprune.refit.detach_weights`: the structured pass keeps no proto copy of the original), and lets each go
+once neither stream reads it again. On a model the run owns it detaches the pruned model's large weights too (those
+pruning left unchanged are the original's arrays; the refit layers' stay in the proto) and puts them back after the
+refit (:func:`~onnxprune.refit.attach_weights`, a new arena: the removal's replaced bytes go with the old one). Under ``--low-memory`` (:func:`~onnxprune.heap.heap_bounded`) its activation streams share a
 :class:`~onnxprune.calibration.KeptBudget` derived from the data, recompute the feeds that do not fit and run each
 feed :data:`STREAM_SAMPLES` samples at a time where that gives the same bits (no matrix products in the run).
 """
