@@ -7,7 +7,9 @@
 - the structured refit gives the same weights, bit for bit, with the budget derived from the data (``--low-memory``)
   as with the default one;
 - streams running each feed a few samples at a time yield the whole feeds' tensors bit for bit (and run whole feeds
-  where parts do not join), and the refit over the original's detached weights, in parts, writes the same weights.
+  where parts do not join), and the refit over the original's detached weights, in parts, writes the same weights;
+- the reconstruction pass over a model it owns detaches the pruned model's weights (unchanged ones shared with the
+  original's arrays) and gives the model refitted in place byte for byte.
 """
 
 from __future__ import annotations
