@@ -9,7 +9,8 @@
 - streams running each feed a few samples at a time yield the whole feeds' tensors bit for bit (and run whole feeds
   where parts do not join), and the refit over the original's detached weights, in parts, writes the same weights;
 - the reconstruction pass over a model it owns detaches the pruned model's weights (unchanged ones shared with the
-  original's arrays) and gives the model refitted in place byte for byte.
+  original's arrays) and gives the model refitted in place byte for byte;
+- a Conv's targets are gathered at the sampled positions as the original's stream runs, its output never joined.
 """
 
 from __future__ import annotations
@@ -299,3 +300,34 @@ def test_reconstruction_pass_detaches_the_pruned_weights_and_gives_the_same_mode
     ctx = PassContext(model=pruned, calibration=feeds, owns_model=True, reconstruction=request)
     ReconstructionPass().run(ctx)
     assert ctx.model is not pruned and ctx.model.SerializeToString() == in_place.SerializeToString()
+
+
+@pytest.mark.parametrize("samples", [0, 2])
+@pytest.mark.parametrize("conv", [4, 3])
+def test_conv_targets_are_gathered_without_the_whole_output(samples, conv):
+    """The refit's original stream hands a Conv output no later step reads (the 5th conv's: its ReLU runs ahead) to
+    the target gatherer part by part (or whole, without parts) and yields a placeholder holding no memory, of the
+    output's shape and bytes; the gathered rows equal the whole output's at the sampled positions. An output the
+    stream keeps (the 4th conv's, read by a residual Add not yet run) is yielded whole and not gathered."""
+    from onnxprune.refit import _TargetGather
+
+    model, feeds = _resnet18_feeds(15, (5, 4))
+    name = [node for node in model.graph.node if node.op_type == "Conv"][conv].output[0]
+    whole = [values[name] for values in ActivationStream(model, feeds).run([name])]
+    stream = ActivationStream(model, feeds, samples=samples)
+    rng = np.random.default_rng(3)
+    values = stream.run([name])
+    for number, expected in enumerate(whole):
+        n, _, ho, wo = expected.shape
+        picked = np.sort(rng.choice(n * ho * wo, size=50, replace=False))
+        gather = stream.consumers[name] = _TargetGather(picked, n)
+        got = next(values)[name]
+        stream.consumers.clear()
+        assert got.shape == expected.shape and got.nbytes == expected.nbytes
+        if conv == 3:
+            assert gather.result() is None and np.array_equal(got, expected)
+            continue
+        assert not any(got.strides)
+        b, rest = np.divmod(picked, ho * wo)
+        i, j = np.divmod(rest, wo)
+        assert np.array_equal(gather.result(), expected[b, :, i, j])
