@@ -24,7 +24,7 @@ from .errors import InputDataError
 from .feeds import InputSpec, batch_axes, check_feed, input_specs, split_samples
 from .graph import free_names
 from .heap import trim_heap
-from .sample_parts import run_in_parts
+from .sample_parts import per_sample, placeholder, run_in_parts
 from .sessions import FedSession, fed_session, lean_options, samples_independent, session_with_outputs
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm")
@@ -224,6 +224,11 @@ class ActivationStream:
         self.declared = set(self.weights)
         self.samples = samples if samples > 0 and samples_independent(model) else 0
         self.whole_runs: weakref.WeakSet[FedSession] = weakref.WeakSet()  # sessions whose runs do not part
+        #: tensor -> consumer(part, start, stop) -> taken, set by a caller: a computed tensor no later step reads is
+        #: handed over sample part by sample part (the whole feed's at once where runs do not part) and yielded as a
+        #: placeholder (:func:`~onnxprune.sample_parts.placeholder`), never joined, where the consumer takes it: the
+        #: refit gathers a Conv's sampled targets so
+        self.consumers: dict[str, Any] = {}
         self.budget = budget if isinstance(budget, KeptBudget) else KeptBudget(budget)
         self.budget.streams.add(self)
         self.kept: list[dict[str, np.ndarray]] = [{} for _ in feeds]
@@ -337,21 +342,31 @@ class ActivationStream:
         session, inputs, outputs = step.sessions[path]
         if session is not None:
             with clock.stage("capture") if clock is not None else contextlib.nullcontext():
-                values.update(zip(outputs, self._run(session, outputs, {k: values[k] for k in inputs}, number)))
+                consumers = [self.consumers.get(n) if n not in step.frontier else None for n in outputs]
+                values.update(zip(outputs, self._run(session, outputs, {k: values[k] for k in inputs}, number,
+                                                     consumers)))
             self.budget.note((values[n] for n in outputs), self.shares[number])
         return values
 
-    def _run(self, session: FedSession, outputs: list[str], feed: dict[str, np.ndarray], number: int) -> list:
-        """``session``'s ``outputs`` on feed ``number``: in parts of :attr:`samples` samples where they join."""
+    def _run(self, session: FedSession, outputs: list[str], feed: dict[str, np.ndarray], number: int,
+             consumers: list | None = None) -> list:
+        """``session``'s ``outputs`` on feed ``number``: in parts of :attr:`samples` samples where they join; an output
+        with a ``consumers`` entry handed to it (see :attr:`consumers`)."""
         count = self.counts[number]
+        consumers = [c if c is not None and out in self.sampled else None
+                     for c, out in zip(consumers or [None] * len(outputs), outputs)]
         if self.samples and count > self.samples and session not in self.whole_runs:
             joined = run_in_parts(session.run, outputs, feed, {k for k in feed if k in self.sampled},
-                                  [out in self.sampled for out in outputs], count, self.samples)
+                                  [out in self.sampled for out in outputs], count, self.samples, consumers)
             if joined is not None:
                 trim_heap()  # a part's tensors are smaller: many came from the heap, whose freed pages stay
                 return joined
             self.whole_runs.add(session)
-        return session.run(outputs, feed)
+        values = session.run(outputs, feed)
+        for i, consumer in enumerate(consumers):
+            if consumer is not None and per_sample(values[i], count) and consumer(values[i], 0, count):
+                values[i] = placeholder(values[i], count)
+        return values
 
     def _keep(self, number: int, frontier: dict[str, np.ndarray]) -> None:
         """Keep feed ``number``'s frontier when it fits the budget beside everything else kept; else the feed keeps

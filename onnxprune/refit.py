@@ -12,13 +12,14 @@ from onnx import numpy_helper
 from .calibration import ActivationStream, KeptBudget, StageClock
 from .gram import GramSum, RowSampler, _im2col, _patches, _reconstructable
 from .graph import GraphIndex, get_attr
+from .model import copy_fields
 from .sessions import FED_TYPES, model_header, session_with_outputs
 
 
 def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, layers: list[tuple[str, np.ndarray]],
                 feeds: list[dict[str, np.ndarray]], ridge: float = 1e-3, budget: int | KeptBudget = 1 << 30,
                 clock: StageClock | None = None, original_weights: dict[str, np.ndarray] | None = None,
-                samples: int = 0) -> dict[str, Any]:
+                samples: int = 0, pruned_weights: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
     """Refit each layer's kept weights (and bias) so its output on ``feeds`` matches the original's.
 
     ``layers`` are (output tensor name, mask of the original output channels still present),
@@ -31,7 +32,8 @@ def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, layers: list
     both streams share (with no limit of its own it allows the largest layer input of the original model over
     ``feeds``, or a larger tensor the streams compute); a feed whose tensors do not fit is recomputed from the
     tensors it last kept (the same values). ``clock`` times capture, Gram products and solves.
-    ``original_weights``: the values of the initializers ``original`` only declares (:func:`detach_weights`).
+    ``original_weights``, ``pruned_weights``: the values of the initializers ``original`` and ``pruned`` only declare
+    (:func:`detach_weights`; ``pruned`` declares none of the layers' weights and biases, :func:`refit_weight_names`).
     ``samples`` > 0: both streams run a feed ``samples`` samples at a time where the models compute every sample on
     its own (the same values, less memory per run).
     """
@@ -67,7 +69,7 @@ def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, layers: list
     shared: dict[str, tuple[bytes, np.ndarray]] = {name: (_raw(array), array) for name, array in
                                                    (original_weights or {}).items() if isinstance(_raw(array), bytes)}
     reference = ActivationStream(original, feeds, budget, shared, original_weights, samples)
-    current = ActivationStream(pruned, feeds, budget, shared, samples=samples)
+    current = ActivationStream(pruned, feeds, budget, shared, dict(pruned_weights or {}), samples)
     for wave in _waves(pruned, plan):
         _refit_wave(wave, reference, current, live, ridge, clock)
         for item in wave:
@@ -89,22 +91,56 @@ def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, layers: list
     return {"layers": len(done), "skipped": skipped, "samples": int(sum(next(iter(f.values())).shape[0] for f in feeds))}
 
 
-def detach_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
-    """``model`` with its large float initializers declared only (name, type, dims: no data) and their values, each
-    a read-only array over one copy of the tensor's bytes. upb frees a model's bytes only with the whole model: once
-    the caller drops ``model``, the weights are held once, as the arrays the refit's sessions are fed from."""
+def detach_weights(model: onnx.ModelProto, keep: set[str] = frozenset(),
+                   shared: dict[str, np.ndarray] | None = None) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """``model`` with its large float initializers (but those named in ``keep``) declared only (every field but their
+    data) and their values, each a read-only array over one copy of the tensor's bytes, or the array of ``shared``
+    of that name when it holds the same bytes (the pruned model's weights that pruning left unchanged are the
+    original's arrays). upb frees a model's bytes only with the whole model: once the caller drops ``model``, the
+    weights are held once, as the arrays the refit's sessions are fed from; :func:`attach_weights` puts them back."""
     header, weights = model_header(model), {}
     for tensor in model.graph.initializer:
-        if (tensor.data_type not in FED_TYPES or not tensor.HasField("raw_data") or not np.dtype("<f4").isnative
-                or int(np.prod(tensor.dims, dtype=np.int64)) <= 256):
+        if (tensor.name in keep or tensor.data_type not in FED_TYPES or not tensor.HasField("raw_data")
+                or not np.dtype("<f4").isnative or int(np.prod(tensor.dims, dtype=np.int64)) <= 256):
             header.graph.initializer.add().CopyFrom(tensor)
             continue
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
-        weights[tensor.name] = np.frombuffer(tensor.raw_data, dtype=dtype).reshape(tuple(tensor.dims))
-        declared = header.graph.initializer.add()
-        declared.name, declared.data_type = tensor.name, tensor.data_type
-        declared.dims.extend(tensor.dims)
+        raw, hit = tensor.raw_data, (shared or {}).get(tensor.name)
+        if hit is not None and hit.shape == tuple(tensor.dims) and _raw(hit) == raw:
+            weights[tensor.name] = hit
+        else:
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+            weights[tensor.name] = np.frombuffer(raw, dtype=dtype).reshape(tuple(tensor.dims))
+        del raw
+        copy_fields(tensor, header.graph.initializer.add(), skip=("raw_data",))
     return header, weights
+
+
+def attach_weights(header: onnx.ModelProto, weights: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """The model :func:`detach_weights` took apart, in a new protobuf arena: ``header``'s initializers in their order,
+    those it declares with the data of ``weights`` (the same message, byte for byte, as before detaching)."""
+    model = model_header(header)
+    for tensor in header.graph.initializer:
+        added = model.graph.initializer.add()
+        added.CopyFrom(tensor)
+        if tensor.name in weights and not tensor.HasField("raw_data"):
+            array = weights[tensor.name]
+            whole = _raw(array)
+            added.raw_data = whole if isinstance(whole, bytes) and len(whole) == array.nbytes else array.tobytes()
+    return model
+
+
+def refit_weight_names(model: onnx.ModelProto, layers: list[tuple[str, np.ndarray]]) -> set[str]:
+    """The initializers :func:`reconstruct` reads or writes in ``model`` as weights and biases of ``layers``."""
+    index = GraphIndex.build(model.graph)
+    nodes = {out: node for node in model.graph.node for out in node.output}
+    names = set()
+    for name, _ in layers:
+        node = nodes.get(name)
+        for tensor in (node.input[1:] if node is not None else []):
+            weight = index.resolve(tensor)[0] if tensor else None
+            if weight is not None:
+                names.add(weight.name)
+    return names
 
 
 def _raw(array: np.ndarray):
@@ -200,16 +236,40 @@ def _refit_wave(wave: list[_Refit], reference, current, live: dict[str, np.ndarr
     outputs = [item.name for item in wave]
     sums: dict[str, GramSum | None] = {}
     samplers: dict[str, RowSampler] = {}
-    for number, (xs, ys) in enumerate(zip(current.run(inputs, live, clock), reference.run(outputs, clock=clock))):
+    x_feeds, y_feeds = current.run(inputs, live, clock), reference.run(outputs, clock=clock)
+    for number in range(len(current.feeds)):
+        xs = next(x_feeds)
         if number == 0 and current.budget.limit is None:
             for item in wave:  # a budget derived from the data allows the original layer's input, every feed
                 current.budget.allow(xs[item.node.input[0]].nbytes * item.widen / current.shares[0])
+        patches: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
+        gathers: dict[str, _TargetGather] = {}
+        with clock.stage("refit_gram"):  # a Conv's patches first: its targets are gathered as the original runs
+            for item in wave:
+                if item.node.op_type != "Conv" or (item.name in sums and sums[item.name] is None):
+                    continue
+                sampler = samplers.setdefault(item.name, RowSampler(item.features, len(current.feeds)))
+                x = xs[item.node.input[0]].astype(np.float32, copy=False)
+                patches[item.name] = _patches(x, item.node, tuple(item.weight.shape[2:4]), sampler)
+                del x
+                if patches[item.name][1] is not None:
+                    gathers[item.name] = reference.consumers[item.name] = _TargetGather(
+                        patches[item.name][1], reference.counts[number])
+        try:
+            ys = next(y_feeds)
+        finally:
+            reference.consumers.clear()
         with clock.stage("refit_gram"):
             for item in wave:
                 if item.name in sums and sums[item.name] is None:
                     continue
                 sampler = samplers.setdefault(item.name, RowSampler(item.features, len(current.feeds)))
-                rows, target = _refit_rows(item, xs[item.node.input[0]], ys[item.name], sampler)
+                if item.name in patches:
+                    gather = gathers.pop(item.name, None)
+                    rows, target = _conv_rows(item, *patches.pop(item.name), ys[item.name],
+                                              gather.result() if gather is not None else None)
+                else:
+                    rows, target = _refit_rows(item, xs[item.node.input[0]], ys[item.name], sampler)
                 if rows is None:
                     sums[item.name] = None
                     continue
@@ -232,28 +292,72 @@ def _refit_rows(item: _Refit, x: np.ndarray, y: np.ndarray, sampler: RowSampler 
     """The layer's input rows (im2col for a Conv, with a ones column for the bias) and its targets, float32; with
     ``sampler``, only the sampled rows (the same ones of both)."""
     node = item.node
-    x, y = x.astype(np.float32, copy=False), y.astype(np.float32, copy=False)
+    x = x.astype(np.float32, copy=False)
     if node.op_type == "Conv":
-        rows, picked = _patches(x, node, tuple(item.weight.shape[2:4]), sampler)
-        n, o, ho, wo = y.shape if y.ndim == 4 else (0, 0, 0, 0)
-        if picked is not None and n * ho * wo > int(picked[-1]):  # only the sampled positions' targets are gathered
-            b, rest = np.divmod(picked, ho * wo)
-            i, j = np.divmod(rest, wo)
-            target, picked = y[b, :, i, j].reshape(len(b), o), None
-        else:
-            target = np.moveaxis(y, 1, -1).reshape(-1, y.shape[1])
+        return _conv_rows(item, *_patches(x, node, tuple(item.weight.shape[2:4]), sampler), y)
+    y = y.astype(np.float32, copy=False)
+    rows, target = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+    picked = sampler.pick(rows.shape[0]) if sampler is not None and rows.shape[0] == target.shape[0] else None
+    rows = rows if picked is None else rows[picked]
+    return _finish_rows(item, rows, target, picked)
+
+
+def _conv_rows(item: _Refit, rows: np.ndarray, picked: np.ndarray | None, y: np.ndarray,
+               gathered: np.ndarray | None = None) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """A Conv's :func:`_refit_rows` from its patch rows at the positions ``picked`` (None: all) and its output ``y``,
+    or the output at those positions already ``gathered`` (:class:`_TargetGather`)."""
+    if gathered is not None:
+        return _finish_rows(item, rows, gathered, None)
+    y = y.astype(np.float32, copy=False)
+    n, o, ho, wo = y.shape if y.ndim == 4 else (0, 0, 0, 0)
+    if picked is not None and n * ho * wo > int(picked[-1]):  # only the sampled positions' targets are gathered
+        b, rest = np.divmod(picked, ho * wo)
+        i, j = np.divmod(rest, wo)
+        target, picked = y[b, :, i, j].reshape(len(b), o), None
     else:
-        rows, target = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
-        picked = sampler.pick(rows.shape[0]) if sampler is not None and rows.shape[0] == target.shape[0] else None
-        rows = rows if picked is None else rows[picked]
+        target = np.moveaxis(y, 1, -1).reshape(-1, y.shape[1])
+    return _finish_rows(item, rows, target, picked)
+
+
+def _finish_rows(item: _Refit, rows: np.ndarray, target: np.ndarray, picked: np.ndarray | None
+                 ) -> tuple[np.ndarray | None, np.ndarray | None]:
     if picked is not None and target.shape[0] > int(picked[-1]):
         target = target[picked]
     if rows.shape[0] != target.shape[0]:
         return None, None
     target = target[:, item.out_mask]
-    if node.op_type != "MatMul":
+    if item.node.op_type != "MatMul":
         rows = np.hstack([rows, np.ones((rows.shape[0], 1), dtype=np.float32)])
     return rows, target
+
+
+class _TargetGather:
+    """A Conv's output at the sampled positions ``picked`` (indices over samples x height x width, sorted) of a feed
+    of ``count`` samples, gathered from the parts of the original's run (``ActivationStream.consumers``): the rows
+    :func:`_conv_rows` takes from the whole output, without the whole output."""
+
+    def __init__(self, picked: np.ndarray, count: int):
+        self.picked, self.count = picked, count
+        self.rows: np.ndarray | None = None
+        self.covered = np.zeros(count, dtype=bool)
+
+    def __call__(self, part: np.ndarray, start: int, stop: int) -> bool:
+        """Take the output's samples ``start:stop``; False (nothing taken) when they are not a 2-D conv's output
+        holding the sampled positions: the stream then yields the whole output."""
+        if part.ndim != 4 or self.count * part.shape[2] * part.shape[3] <= int(self.picked[-1]):
+            return False
+        b, rest = np.divmod(self.picked, part.shape[2] * part.shape[3])
+        i, j = np.divmod(rest, part.shape[3])
+        inside = (b >= start) & (b < stop)
+        if self.rows is None:
+            self.rows = np.empty((len(self.picked), part.shape[1]), dtype=np.float32)
+        self.rows[inside] = part[b[inside] - start, :, i[inside], j[inside]]
+        self.covered[start:stop] = True
+        return True
+
+    def result(self) -> np.ndarray | None:
+        """The gathered rows [picked, output channels], float32; None unless every sample was covered."""
+        return self.rows if self.covered.all() else None
 
 
 def _write_solution(model: onnx.ModelProto, index: GraphIndex, node: onnx.NodeProto, weight,

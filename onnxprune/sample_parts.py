@@ -30,13 +30,17 @@ def part_bounds(count: int, samples: int) -> list[tuple[int, int]]:
 
 
 def run_in_parts(run: Callable[[list[str], dict[str, np.ndarray]], list], outputs: list[str],
-                 feed: dict[str, np.ndarray], split: set[str], sampled: list[bool], count: int, samples: int
+                 feed: dict[str, np.ndarray], split: set[str], sampled: list[bool], count: int, samples: int,
+                 consumers: list[Callable[[np.ndarray, int, int], bool] | None] | None = None
                  ) -> list[np.ndarray] | None:
     """``run(outputs, feed)`` computed ``samples`` samples at a time (:func:`part_bounds`): the inputs named in ``split`` are cut along axis
     0, the others given whole; the outputs flagged in ``sampled`` are written part by part into arrays of ``count``
     rows (one part's outputs alive at a time besides them), the others (computed from constants alone) are the
-    first part's. None when an input or output does not hold its samples along axis 0 or a part fails: the caller
-    runs the whole batch."""
+    first part's. A sampled output with a ``consumers`` entry is handed over part by part instead (``consumer(part,
+    start, stop)``, False when it does not take it) and stands in the result as :func:`placeholder` of the whole
+    array. None when an input or output
+    does not hold its samples along axis 0 or a part fails: the caller runs the whole batch."""
+    consumers = consumers or [None] * len(outputs)
     if any(not per_sample(feed[name], count) for name in split):
         return None
     joined: list | None = None
@@ -48,12 +52,23 @@ def run_in_parts(run: Callable[[list[str], dict[str, np.ndarray]], list], output
         if any(flag and not per_sample(value, stop - start) for value, flag in zip(part, sampled)):
             return None
         if joined is None:
-            joined = [np.empty((count, *value.shape[1:]), value.dtype) if flag else value
-                      for value, flag in zip(part, sampled)]
-        for whole, value, flag in zip(joined, part, sampled):
+            joined = [(placeholder(value, count) if consumer is not None else np.empty((count, *value.shape[1:]),
+                                                                                          value.dtype))
+                      if flag else value for value, flag, consumer in zip(part, sampled, consumers)]
+        for whole, value, flag, consumer in zip(joined, part, sampled, consumers):
             if flag:
                 if value.shape[1:] != whole.shape[1:] or value.dtype != whole.dtype:
                     return None
-                whole[start:stop] = value
+                if consumer is not None:
+                    if not consumer(value, start, stop):
+                        return None
+                else:
+                    whole[start:stop] = value
         del part
     return joined
+
+
+def placeholder(value: np.ndarray, count: int) -> np.ndarray:
+    """A read-only array of ``count`` samples shaped like ``value``'s, holding no memory (a broadcast zero): it stands
+    for a joined output handed to a consumer part by part, its ``nbytes`` the whole output's."""
+    return np.broadcast_to(np.zeros((), value.dtype), (count, *value.shape[1:]))

@@ -152,16 +152,17 @@ def test_capture_session_serializes_no_weights(monkeypatch):
 
 
 def test_structured_runs_continue_on_compacted_models(tmp_path, monkeypatch):
-    """A run that owns its model refits and saves a compacted copy (the removal's replaced bytes freed with the old
-    arena); the pruned model is byte-identical to a run on a caller's model, which is changed in place."""
+    """A run that owns its model refits it with its large weights detached (put back after the refit in a new arena:
+    the removal's replaced bytes freed with the old one) and saves a compacted copy; the pruned model is
+    byte-identical to a run on a caller's model, which is changed in place."""
     from onnxprune import api
     from onnxprune.passes import reconstruction
 
     compacted = []
-    for module in (api, reconstruction):
-        original = module.compacted
-        monkeypatch.setattr(module, "compacted", lambda m, original=original, where=module.__name__: (
-            compacted.append(where), original(m))[1])
+    for module, name in ((api, "compacted"), (reconstruction, "attach_weights")):
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *args, original=original, where=module.__name__: (
+            compacted.append(where), original(*args))[1])
     calib = tmp_path / "calib.npz"
     np.savez(calib, input=np.random.default_rng(1).standard_normal((16, 3, 32, 32)).astype(np.float32))
     config = PruneConfig(structured=True, sparsity=0.5, reconstruct=True, calibration_data=str(calib), uniform=True)

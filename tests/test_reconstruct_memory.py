@@ -7,7 +7,10 @@
 - the structured refit gives the same weights, bit for bit, with the budget derived from the data (``--low-memory``)
   as with the default one;
 - streams running each feed a few samples at a time yield the whole feeds' tensors bit for bit (and run whole feeds
-  where parts do not join), and the refit over the original's detached weights, in parts, writes the same weights.
+  where parts do not join), and the refit over the original's detached weights, in parts, writes the same weights;
+- the reconstruction pass over a model it owns detaches the pruned model's weights (unchanged ones shared with the
+  original's arrays) and gives the model refitted in place byte for byte;
+- a Conv's targets are gathered at the sampled positions as the original's stream runs, its output never joined.
 """
 
 from __future__ import annotations
@@ -91,8 +94,8 @@ def test_run_ahead_keeps_fewer_bytes(monkeypatch):
         assert np.array_equal(a, b)
 
 
-def _pruned_resnet18() -> tuple[onnx.ModelProto, onnx.ModelProto, list]:
-    model = onnx.load(str(FIXTURES / "arch" / "resnet18.onnx"))
+def _pruned(path) -> tuple[onnx.ModelProto, onnx.ModelProto, list]:
+    model = onnx.load(str(path))
     prepare_for_analysis(model)
     analysis = analyse(model)
     groups = build_groups(analysis)
@@ -102,6 +105,10 @@ def _pruned_resnet18() -> tuple[onnx.ModelProto, onnx.ModelProto, list]:
     layers = _reconstruction_layers(analysis, keep)
     remove(analysis, keep)
     return original, model, layers
+
+
+def _pruned_resnet18() -> tuple[onnx.ModelProto, onnx.ModelProto, list]:
+    return _pruned(FIXTURES / "arch" / "resnet18.onnx")
 
 
 def test_refit_with_a_derived_budget_gives_the_same_weights(monkeypatch):
@@ -255,3 +262,72 @@ def test_refit_with_detached_weights_in_parts_gives_the_same_weights():
     assert summary["layers"] > 10 and not summary["skipped"]
     assert ({i.name: i.SerializeToString() for i in pruned.graph.initializer}
             == {i.name: i.SerializeToString() for i in default.graph.initializer})
+
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "bert"])
+def test_reconstruction_pass_detaches_the_pruned_weights_and_gives_the_same_model(arch):
+    """The reconstruction pass over a model it owns detaches the pruned model's large weights for the refit (those
+    pruning left unchanged held as the original's arrays, the refit layers' kept in the proto) and puts them back
+    after it: the model equals, byte for byte, the one refitted in place; detaching and attaching alone give the
+    same bytes."""
+    from onnxprune.calibration import StageClock
+    from onnxprune.passes.manager import PassContext, ReconstructionRequest
+    from onnxprune.passes.reconstruction import ReconstructionPass
+    from onnxprune.refit import attach_weights, refit_weight_names
+
+    path = FIXTURES / "arch" / "resnet18.onnx" if arch == "resnet18" else FIXTURES / "transformers" / "bert_ts.onnx"
+    original, pruned, layers = _pruned(path)
+    assert layers
+    feeds = _resnet18_feeds(14, (3, 2))[1] if arch == "resnet18" else _bert_feeds((3, 2))[1]
+    in_place = onnx.ModelProto()
+    in_place.CopyFrom(pruned)
+    reconstruct(original, in_place, layers, feeds)
+
+    kept = refit_weight_names(pruned, layers)
+    orig_header, orig_weights = detach_weights(original)
+    header, weights = detach_weights(pruned, kept, orig_weights)
+    assert weights and not kept & set(weights)
+    assert all(not t.HasField("raw_data") for t in header.graph.initializer if t.name in weights)
+    shared = [name for name in weights if weights[name] is orig_weights.get(name)]
+    unchanged = [t.name for t in pruned.graph.initializer if t.name in orig_weights and any(
+        o.name == t.name and o.raw_data == t.raw_data for o in original.graph.initializer)]
+    assert set(shared) == set(unchanged) - kept and (shared or arch == "resnet18")
+    assert attach_weights(header, weights).SerializeToString() == pruned.SerializeToString()
+    del orig_header, orig_weights, header, weights
+
+    request = ReconstructionRequest("structured", original, layers, {"params_before": 0}, StageClock())
+    ctx = PassContext(model=pruned, calibration=feeds, owns_model=True, reconstruction=request)
+    ReconstructionPass().run(ctx)
+    assert ctx.model is not pruned and ctx.model.SerializeToString() == in_place.SerializeToString()
+
+
+@pytest.mark.parametrize("samples", [0, 2])
+@pytest.mark.parametrize("conv", [4, 3])
+def test_conv_targets_are_gathered_without_the_whole_output(samples, conv):
+    """The refit's original stream hands a Conv output no later step reads (the 5th conv's: its ReLU runs ahead) to
+    the target gatherer part by part (or whole, without parts) and yields a placeholder holding no memory, of the
+    output's shape and bytes; the gathered rows equal the whole output's at the sampled positions. An output the
+    stream keeps (the 4th conv's, read by a residual Add not yet run) is yielded whole and not gathered."""
+    from onnxprune.refit import _TargetGather
+
+    model, feeds = _resnet18_feeds(15, (5, 4))
+    name = [node for node in model.graph.node if node.op_type == "Conv"][conv].output[0]
+    whole = [values[name] for values in ActivationStream(model, feeds).run([name])]
+    stream = ActivationStream(model, feeds, samples=samples)
+    rng = np.random.default_rng(3)
+    values = stream.run([name])
+    for number, expected in enumerate(whole):
+        n, _, ho, wo = expected.shape
+        picked = np.sort(rng.choice(n * ho * wo, size=50, replace=False))
+        gather = stream.consumers[name] = _TargetGather(picked, n)
+        got = next(values)[name]
+        stream.consumers.clear()
+        assert got.shape == expected.shape and got.nbytes == expected.nbytes
+        if conv == 3:
+            assert gather.result() is None and np.array_equal(got, expected)
+            continue
+        assert not any(got.strides)
+        b, rest = np.divmod(picked, ho * wo)
+        i, j = np.divmod(rest, wo)
+        assert np.array_equal(gather.result(), expected[b, :, i, j])

@@ -38,6 +38,7 @@ class ReconstructionRequest:
     layers: list
     details: dict[str, Any]
     clock: StageClock | None = None
+    original_weights: dict[str, Any] | None = None  # the values of the initializers ``original`` only declares
 
 
 @dataclass

@@ -5,8 +5,10 @@ context; this pass refits the layers it names against the model before pruning a
 pruning pass's report details, so the report's ``passes`` list stays the pruning passes. It runs after the pruning
 pass's own removal, including the control-flow subgraphs it pruned, so the refit sees the final pruned graph.
 The structured refit holds the original model's large weights once, as the arrays its stream is fed from
-(:func:`~onnxprune.refit.detach_weights`: the pass drops the original proto), and lets each go once neither stream
-reads it again. Under ``--low-memory`` (:func:`~onnxprune.heap.heap_bounded`) its activation streams share a
+(:func:`~onnxprune.refit.detach_weights`: the structured pass keeps no proto copy of the original), and lets each go
+once neither stream reads it again. On a model the run owns it detaches the pruned model's large weights too (those
+pruning left unchanged are the original's arrays; the refit layers' stay in the proto) and puts them back after the
+refit (:func:`~onnxprune.refit.attach_weights`, a new arena: the removal's replaced bytes go with the old one). Under ``--low-memory`` (:func:`~onnxprune.heap.heap_bounded`) its activation streams share a
 :class:`~onnxprune.calibration.KeptBudget` derived from the data, recompute the feeds that do not fit and run each
 feed :data:`STREAM_SAMPLES` samples at a time where that gives the same bits (no matrix products in the run).
 """
@@ -22,14 +24,14 @@ from ..calibration import KeptBudget
 from ..compensation import reconstruct, reconstruct_sparse
 from ..graph import count_params
 from ..heap import heap_bounded, release_memory
-from ..model import compacted
-from ..refit import detach_weights
+from ..refit import attach_weights, detach_weights, refit_weight_names
 from .manager import PassContext, PassResult
 
 logger = logging.getLogger(__name__)
 
-#: samples per onnxruntime run of the refit's streams under ``--low-memory`` (a feed holds 16)
-STREAM_SAMPLES = 4
+#: samples per onnxruntime run of the refit's streams under ``--low-memory`` (a feed holds 16; 2 rather than 4:
+#: ResNet-50's refit peak 932 -> 906 MB for ~5 % more CPU)
+STREAM_SAMPLES = 2
 
 
 class ReconstructionPass:
@@ -43,20 +45,35 @@ class ReconstructionPass:
         if request is None:
             return PassResult(False)
         if request.kind == "structured":
-            if ctx.owns_model:  # the removal's replaced bytes go before the refit's streams are built
-                ctx.model = compacted(ctx.model)
-                release_memory()
             logger.info(f"reconstructing {len(request.layers)} layers by least squares on calibration data")
             # --low-memory: both models' streams keep at most about one layer's input over the calibration set
             # and run each feed a few samples at a time (STREAM_SAMPLES) where every sample is computed on its own
             budget, samples = (KeptBudget(), STREAM_SAMPLES) if heap_bounded() else (1 << 30, 0)
             # the original's weights are held once, as the arrays its stream is fed from: its proto goes here
-            original, weights = detach_weights(request.original)
-            request.original = None
+            original, weights = request.original, request.original_weights
+            if weights is None:
+                original, weights = detach_weights(original)
+            request.original = request.original_weights = None
             release_memory()
-            outcome = reconstruct(original, ctx.model, request.layers, ctx.calibration, budget=budget,
-                                  clock=request.clock, original_weights=weights, samples=samples)
-            del original, weights
+            pruned, pruned_weights = ctx.model, None
+            if ctx.owns_model:  # the pruned model's too, those pruning left unchanged as the original's arrays
+                pruned, pruned_weights = detach_weights(ctx.model, refit_weight_names(ctx.model, request.layers),
+                                                        weights)
+                ctx.model = None  # its proto, and the removal's replaced bytes in its arena, go here
+                release_memory()
+            try:
+                outcome = reconstruct(original, pruned, request.layers, ctx.calibration, budget=budget,
+                                      clock=request.clock, original_weights=weights, samples=samples,
+                                      pruned_weights=pruned_weights)
+            finally:
+                del original, weights
+                if pruned_weights is not None:
+                    release_memory()  # the original's own weights, before the pruned model's bytes are put back
+                    pruned = attach_weights(pruned, pruned_weights)
+                    del pruned_weights
+                ctx.model = pruned
+                del pruned
+                release_memory()
             request.details["stages"] = request.clock.as_dict()
             _recount_params(request.details, ctx.model)
         else:

@@ -23,6 +23,7 @@ from ..config import PruneConfig, ValidateConfig
 from ..feeds import prepare_feeds
 from ..graph import count_params, remove_dead_nodes
 from ..recipe import find_override
+from ..refit import detach_weights
 from ..scoring import reconstruction_scores, unit_scores
 from ..shapes import fold_static_shape_reads, refresh_value_info
 from .canonical import merge_batched_transposes
@@ -382,9 +383,10 @@ class StructuredPrunePass:
         folded = request = None
         cfg.require_calibration(bool(ctx.calibration), ("reconstruct",))
         if cfg.reconstruct and not keep.all():  # the choice, for the reconstruction pass that follows
-            original = onnx.ModelProto()
-            original.CopyFrom(model)
-            request = ReconstructionRequest("structured", original, _reconstruction_layers(analysis, keep), {}, clock)
+            # the model before removal, its large weights held once as arrays (refit.detach_weights), not a proto copy
+            original, weights = detach_weights(model)
+            request = ReconstructionRequest("structured", original, _reconstruction_layers(analysis, keep), {}, clock,
+                                            weights)
         elif cfg.fold_constants and not keep.all():
             logger.info("folding constants of removed channels into consumer biases")
             folded = fold_removed_constants(model, keep, _fold_feeds(ctx, model), shapes, cfg.prune_layernorm,
