@@ -32,7 +32,7 @@ from .calibration import StageClock
 from .graph import Weight, subgraph_reads
 from .heap import heap_bounded
 from .probe_refit import Refit  # noqa: F401  (the points' refit, imported from here)
-from .sessions import _owned, create_session, inference_session, model_header, session_options
+from .sessions import create_session, inference_session, model_header, owned, session_options
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def run_model(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> Out
     """The outputs of ``model`` on each feed (one session, every graph optimisation; the weights handed over as
     arrays, not serialized: the same outputs bit for bit)."""
     session = inference_session(model, options=session_options(log_level=3))
-    return [[_owned(value) for value in session.run(None, feed)] for feed in feeds]
+    return [[owned(value) for value in session.run(None, feed)] for feed in feeds]
 
 
 class Downstream:
@@ -154,10 +154,10 @@ class Downstream:
         session = create_session(header, options)
         wanted = [o.name for o in session.get_outputs()]
         runs = [dict(zip(wanted, session.run(None, feed))) for feed in self.feeds]
-        del session, options, external  # then arrays of their own (_owned): one viewing the session's memory keeps
+        del session, options, external  # then arrays of their own (owned): one viewing the session's memory keeps
         for values in runs:  # its whole arena after it is gone
             for name, value in values.items():
-                values[name] = _owned(value)
+                values[name] = owned(value)
         return runs
 
     def reference(self) -> Outputs:
@@ -185,7 +185,7 @@ class Downstream:
         for feed, values in zip(self.feeds, self.values):
             fed = {**{n: values[n] for n in cut["boundary"]}, **{n: feed[n] for n in cut["graph_inputs"]},
                    **{n: weights[n] for n in cut["plan"]}}
-            produced = dict(zip(cut["outputs"], map(_owned, session.run(cut["outputs"], fed))))  # see _capture
+            produced = dict(zip(cut["outputs"], map(owned, session.run(cut["outputs"], fed))))  # see _capture
             results.append([produced[name] if name in produced else values[name] for name in self.outputs])
         return results
 

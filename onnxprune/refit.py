@@ -132,10 +132,9 @@ def attach_weights(header: onnx.ModelProto, weights: dict[str, np.ndarray]) -> o
 def refit_weight_names(model: onnx.ModelProto, layers: list[tuple[str, np.ndarray]]) -> set[str]:
     """The initializers :func:`reconstruct` reads or writes in ``model`` as weights and biases of ``layers``."""
     index = GraphIndex.build(model.graph)
-    nodes = {out: node for node in model.graph.node for out in node.output}
     names = set()
     for name, _ in layers:
-        node = nodes.get(name)
+        node = index.producer.get(name)
         for tensor in (node.input[1:] if node is not None else []):
             weight = index.resolve(tensor)[0] if tensor else None
             if weight is not None:
@@ -311,12 +310,18 @@ def _conv_rows(item: _Refit, rows: np.ndarray, picked: np.ndarray | None, y: np.
     y = y.astype(np.float32, copy=False)
     n, o, ho, wo = y.shape if y.ndim == 4 else (0, 0, 0, 0)
     if picked is not None and n * ho * wo > int(picked[-1]):  # only the sampled positions' targets are gathered
-        b, rest = np.divmod(picked, ho * wo)
-        i, j = np.divmod(rest, wo)
+        b, i, j = _positions(picked, ho, wo)
         target, picked = y[b, :, i, j].reshape(len(b), o), None
     else:
         target = np.moveaxis(y, 1, -1).reshape(-1, y.shape[1])
     return _finish_rows(item, rows, target, picked)
+
+
+def _positions(picked: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sample, row and column of each index in ``picked`` over samples x ``height`` x ``width``."""
+    b, rest = np.divmod(picked, height * width)
+    i, j = np.divmod(rest, width)
+    return b, i, j
 
 
 def _finish_rows(item: _Refit, rows: np.ndarray, target: np.ndarray, picked: np.ndarray | None
@@ -346,8 +351,7 @@ class _TargetGather:
         holding the sampled positions: the stream then yields the whole output."""
         if part.ndim != 4 or self.count * part.shape[2] * part.shape[3] <= int(self.picked[-1]):
             return False
-        b, rest = np.divmod(self.picked, part.shape[2] * part.shape[3])
-        i, j = np.divmod(rest, part.shape[3])
+        b, i, j = _positions(self.picked, part.shape[2], part.shape[3])
         inside = (b >= start) & (b < stop)
         if self.rows is None:
             self.rows = np.empty((len(self.picked), part.shape[1]), dtype=np.float32)

@@ -269,7 +269,7 @@ def samples_independent(model: onnx.ModelProto) -> bool:
     return True
 
 
-def _owned(value):
+def owned(value):
     """An output array in memory of its own: onnxruntime's arrays view memory of the session that made them, and
     holding one keeps the session's whole arena alive after the session is gone."""
     return np.array(value) if isinstance(value, np.ndarray) else value
@@ -277,7 +277,7 @@ def _owned(value):
 
 def run_outputs(session: ort.InferenceSession, batches: list[dict[str, np.ndarray]], axes: dict[str, int | None],
                 samples: int = 0) -> list[list]:
-    """``session``'s outputs on every batch, each array owning its memory (:func:`_owned`).
+    """``session``'s outputs on every batch, each array owning its memory (:func:`owned`).
 
     A batch of more than ``samples`` (0: no limit) samples (``axes``: each input's sample axis) runs in parts of ``samples`` when
     every output's sample axis is known (:func:`output_sample_axes`), the parts' outputs joined along it: where
@@ -292,7 +292,7 @@ def run_outputs(session: ort.InferenceSession, batches: list[dict[str, np.ndarra
         joined = None
         if out_axes is not None and count > samples:
             joined = _run_in_parts(session, batch, axes, out_axes, count, samples)
-        results.append(joined if joined is not None else [_owned(value) for value in session.run(None, batch)])
+        results.append(joined if joined is not None else [owned(value) for value in session.run(None, batch)])
     return results
 
 
@@ -304,7 +304,7 @@ def _run_in_parts(session: ort.InferenceSession, batch: dict[str, np.ndarray], a
     parts = []
     for start, stop in part_bounds(count, samples):
         try:
-            part = [_owned(value) for value in session.run(None, take_samples(batch, axes, start, stop))]
+            part = [owned(value) for value in session.run(None, take_samples(batch, axes, start, stop))]
         except Exception:  # noqa: BLE001 - sizes the model does not accept: the caller runs the whole batch
             return None
         if any(not isinstance(value, np.ndarray) or value.ndim <= axis or value.shape[axis] != stop - start
