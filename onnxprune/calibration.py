@@ -146,10 +146,15 @@ def _read(path: Path, specs: list[InputSpec]) -> dict[str, np.ndarray]:
         raise InputDataError(f"cannot read calibration file {path}: {exc}") from None
 
 
+#: the share of the largest tensor over the calibration set a derived :class:`KeptBudget` allows
+DERIVED_SHARE = 0.5
+
+
 class KeptBudget:
     """Bytes the :class:`ActivationStream` objects sharing it may keep between steps, all feeds and streams together.
-    ``limit`` None: derived from the data, the largest tensor the streams have computed so far (or a caller allows,
-    see :meth:`allow`), over the whole calibration set: about one layer's input (``--low-memory``)."""
+    ``limit`` None: derived from the data, ``DERIVED_SHARE`` of the largest tensor the streams have computed so far
+    (or a caller allows, see :meth:`allow`) over the whole calibration set (``--low-memory``): what the streams keep
+    and what a step computes beside it stay within about one layer's activations."""
 
     def __init__(self, limit: int | None = None):
         self.limit, self.derived = limit, 0
@@ -157,7 +162,7 @@ class KeptBudget:
 
     def allowed(self) -> int:
         """The bytes that may be kept now."""
-        return self.limit if self.limit is not None else self.derived
+        return self.limit if self.limit is not None else int(DERIVED_SHARE * self.derived)
 
     def held(self) -> int:
         """The bytes the streams keep now."""

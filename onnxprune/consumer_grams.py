@@ -60,7 +60,9 @@ class ConsumerGrams(Mapping):
     ``shapes`` (the analysis shapes) split the capture into onnxruntime runs of at most ``CAPTURE_BYTES`` per batch
     (``LOW_MEMORY_CAPTURE_BYTES`` with the heap bounded, each run's session then built for it alone). ``feeds``
     may hold intermediate tensors (a frontier) besides or instead of graph inputs: the runs start from them. With
-    ``frontier`` (tensor names) :attr:`frontier` holds those tensors of every feed after the capture.
+    ``frontier`` (tensor names) :attr:`frontier` holds those tensors of every feed after the capture. ``shared``
+    (see :func:`~onnxprune.sessions.fed_session`) feeds the capture sessions the weights the caller holds as arrays
+    already, instead of a copy of each per session.
     ``live_bytes``/``peak_bytes`` count the Gram arrays held (finished and running sums).
 
     After the capture, lookups, :meth:`release` and :meth:`forget` may come from several threads: the bookkeeping
@@ -70,8 +72,9 @@ class ConsumerGrams(Mapping):
 
     def __init__(self, model, consumers: dict[str, tuple], feeds: list[dict[str, np.ndarray]], ridge: float,
                  clock: StageClock | None = None, shapes: dict | None = None, defer: bool = True,
-                 frontier: set[str] | None = None):
+                 frontier: set[str] | None = None, shared: dict[str, tuple[bytes, np.ndarray]] | None = None):
         self.ridge, self.feeds, self.clock = ridge, len(feeds), clock or StageClock()
+        self.shared = shared
         self.patch = {key: _patch_key(node, matrix.shape[0]) for key, (node, _, matrix, _) in consumers.items()}
         self.node = {self.patch[key]: node for key, (node, *_) in consumers.items()}
         self.live_bytes = self.peak_bytes = 0
@@ -95,7 +98,8 @@ class ConsumerGrams(Mapping):
                    for chunk in chunks]
         if frontier:  # one more run per feed: the tensors a later capture starts from (no consumer reads them here)
             chunks, readers = [*chunks, sorted(frontier)], [*readers, {}]
-        for i, values in ActivationStream(model, feeds).by_feed(chunks, self.clock, keep_sessions=not low):
+        for i, values in ActivationStream(model, feeds, shared=self.shared).by_feed(chunks, self.clock,
+                                                                                   keep_sessions=not low):
             if frontier and i == len(chunks) - 1:
                 self.frontier.append(values)
                 continue

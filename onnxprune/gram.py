@@ -78,11 +78,20 @@ def _reconstructable(node: onnx.NodeProto) -> bool:
     return node.op_type == "MatMul"
 
 
+#: a :class:`GramSum` flushes its buffered rows once they are this many (or as many as its features, if fewer)
+FLUSH_ROWS = 2048
+#: a Gram wider than ``FLUSH_ROWS`` adds its product in blocks of this many columns
+PRODUCT_COLUMNS = 512
+
+
 class GramSum:
     """XᵀX (and XᵀY) over row blocks, summed in float64. Blocks are multiplied in ``dtype`` after subtracting a
     shift (the first block's column means), so float32 products keep the accuracy of the centred data (the mean,
     large after a ReLU and exact for a bias column, is added back in float64 from the column sums); blocks are
-    buffered until they hold as many rows as features, so small batches do not each cost a D×D update."""
+    buffered until they hold as many rows as features (at most ``FLUSH_ROWS``), so small batches do not each cost a
+    D×D update. A Gram wider than ``FLUSH_ROWS`` adds its product ``PRODUCT_COLUMNS`` columns at a time: besides the
+    float64 sum, a flush holds its rows and a D×512 float32 block, not a second D×D array (ResNet-50's 4,608-feature
+    Grams: 19 MB instead of 85 MB of product, at most ~38 MB instead of 85 MB of rows)."""
 
     def __init__(self, dtype: type = np.float32):
         self.dtype = dtype
@@ -102,7 +111,7 @@ class GramSum:
         if target is not None:
             self.targets.append(target)
         self.count += rows.shape[0]
-        if self.count >= rows.shape[1]:
+        if self.count >= min(rows.shape[1], FLUSH_ROWS):
             self._flush()
 
     def _flush(self) -> None:
@@ -124,7 +133,14 @@ class GramSum:
         else:
             centred = rows.astype(self.dtype, copy=False) - self.shift
         del rows
-        self.gram = _accumulate(self.gram, centred.T @ centred)
+        width = centred.shape[1]
+        if width <= FLUSH_ROWS:
+            self.gram = _accumulate(self.gram, centred.T @ centred)
+        else:
+            if isinstance(self.gram, int):
+                self.gram = np.zeros((width, width))
+            for start in range(0, width, PRODUCT_COLUMNS):
+                self.gram[:, start:start + PRODUCT_COLUMNS] += centred.T @ centred[:, start:start + PRODUCT_COLUMNS]
         if target is not None:
             self.sum_y = self.sum_y + target.sum(axis=0, dtype=np.float64)
             shifted = target.astype(self.dtype, copy=False) - self.target_shift

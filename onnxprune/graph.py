@@ -88,6 +88,12 @@ class Weight:
         values = numpy_helper.to_array(self.tensor)
         return values if values.flags.writeable and values.flags.owndata else values.copy()
 
+    def values(self) -> np.ndarray:
+        """The values to read, never to write: where the tensor holds raw bytes, a read-only array over one copy of
+        them (no second copy, as :meth:`array` makes), which sessions may be fed without copying
+        (:func:`~onnxprune.sessions.shared_weights`)."""
+        return numpy_helper.to_array(self.tensor)
+
     def set_array(self, values: np.ndarray) -> None:
         """Replace the values (and shape); the dtype stays the tensor's own."""
         values = np.ascontiguousarray(values, dtype=self.dtype)

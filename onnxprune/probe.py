@@ -318,7 +318,7 @@ class Probe:
         weights = {e.weight.name: e.weight for e in self.edits}
         self.downstream = self.session = None
         if weights and fed_consumers(analysis):
-            self.weights = {name: w.array() for name, w in weights.items()}  # the originals, never written
+            self.weights = {name: w.values() for name, w in weights.items()}  # the originals, never written
             held = {name: HeldWeight.of(w, self.weights[name]) for name, w in weights.items()}
             for edit in self.edits:  # points write these arrays, never the protobuf (whose arena would keep each)
                 edit.weight = held[edit.weight.name]

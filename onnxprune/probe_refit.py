@@ -11,6 +11,7 @@ from .calibration import StageClock
 from .consumer_grams import ConsumerGrams
 from .scoring import WIDE_FEATURES, _refit_consumers, as_float64
 from .selection_windows import _input_bytes, _Source, _windows
+from .sessions import shared_weights
 from .spd_solve import cholesky_in_place, solve_leading
 
 
@@ -25,7 +26,7 @@ class Refit:
     (:meth:`~onnxprune.consumer_grams.ConsumerGrams.permuted`), and factored in place (H' = L Lᵀ):
     each point's kept features are a leading block, whose system is solved from L and c = Lᵀ W' alone
     (:func:`~onnxprune.spd_solve.solve_leading`). ``originals`` (weight name -> array) are the consumer weights'
-    values to read instead of copies of their own (the probe's).
+    values to read instead of copies of their own (the probe's); those over bytes also feed the capture sessions.
 
     With ``points`` (per group, in the order the groups are measured, the channels its points keep) the Grams are
     captured per window of consecutive groups (:func:`~onnxprune.selection_windows._windows`: the consumers the
@@ -38,13 +39,15 @@ class Refit:
                  clock: StageClock | None = None, originals: dict[str, np.ndarray] | None = None,
                  points: list[list[np.ndarray]] | None = None):
         self.consumers = _refit_consumers(analysis, originals)
+        self.shared = shared_weights(originals)  # the capture sessions are fed the originals, not copies of them
         self.analysis, self.feeds, self.ridge, self.clock = analysis, feeds, ridge, clock or StageClock()
         self.windows: list[tuple[range, set[str]]] = []
         self.grams: ConsumerGrams | dict = {}
         if points is not None and self.consumers:
             self._plan_windows(points)
         elif self.consumers:
-            self.grams = ConsumerGrams(analysis.model, self.consumers, feeds, ridge, clock, analysis.shapes)
+            self.grams = ConsumerGrams(analysis.model, self.consumers, feeds, ridge, clock, analysis.shapes,
+                                       shared=self.shared)
         self.products: dict[str, np.ndarray] = {}
         self.working: set[str] = set()
         self.orders: dict[str, np.ndarray] = {}  # wide consumer -> its features, kept longest first
@@ -79,7 +82,7 @@ class Refit:
         with self.clock.stage("gram"):
             self.grams = ConsumerGrams(self.analysis.model, {key: self.consumers[key] for key in self.consumers
                                                              if key in keys}, self.source.feeds, self.ridge,
-                                       self.clock, self.analysis.shapes, frontier=frontier)
+                                       self.clock, self.analysis.shapes, frontier=frontier, shared=self.shared)
         self.source.advance(frontier, self.grams.frontier)
         self.grams.frontier = []
         if not later:  # no capture after this one: the kept frontier is not held through the window's points

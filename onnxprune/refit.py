@@ -13,7 +13,7 @@ from .calibration import ActivationStream, KeptBudget, StageClock
 from .gram import GramSum, RowSampler, _im2col, _patches, _reconstructable
 from .graph import GraphIndex, get_attr
 from .model import copy_fields
-from .sessions import FED_TYPES, model_header, session_with_outputs
+from .sessions import FED_TYPES, array_owner, model_header, session_with_outputs, shared_weights
 
 
 def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, layers: list[tuple[str, np.ndarray]],
@@ -66,8 +66,7 @@ def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, layers: list
             live[item.bias.name] = item.bias.array()
     done = []
     # the weights pruning left unchanged, held once for both streams (name -> raw bytes, the array over them)
-    shared: dict[str, tuple[bytes, np.ndarray]] = {name: (_raw(array), array) for name, array in
-                                                   (original_weights or {}).items() if isinstance(_raw(array), bytes)}
+    shared = shared_weights(original_weights)
     reference = ActivationStream(original, feeds, budget, shared, original_weights, samples)
     current = ActivationStream(pruned, feeds, budget, shared, dict(pruned_weights or {}), samples)
     for wave in _waves(pruned, plan):
@@ -105,7 +104,7 @@ def detach_weights(model: onnx.ModelProto, keep: set[str] = frozenset(),
             header.graph.initializer.add().CopyFrom(tensor)
             continue
         raw, hit = tensor.raw_data, (shared or {}).get(tensor.name)
-        if hit is not None and hit.shape == tuple(tensor.dims) and _raw(hit) == raw:
+        if hit is not None and hit.shape == tuple(tensor.dims) and array_owner(hit) == raw:
             weights[tensor.name] = hit
         else:
             dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
@@ -124,7 +123,7 @@ def attach_weights(header: onnx.ModelProto, weights: dict[str, np.ndarray]) -> o
         added.CopyFrom(tensor)
         if tensor.name in weights and not tensor.HasField("raw_data"):
             array = weights[tensor.name]
-            whole = _raw(array)
+            whole = array_owner(array)
             added.raw_data = whole if isinstance(whole, bytes) and len(whole) == array.nbytes else array.tobytes()
     return model
 
@@ -140,13 +139,6 @@ def refit_weight_names(model: onnx.ModelProto, layers: list[tuple[str, np.ndarra
             if weight is not None:
                 names.add(weight.name)
     return names
-
-
-def _raw(array: np.ndarray):
-    """The object ``array``'s memory belongs to (the bytes of :func:`detach_weights`' arrays)."""
-    while isinstance(array, np.ndarray) and array.base is not None:
-        array = array.base
-    return array
 
 
 class _Refit:

@@ -15,6 +15,10 @@ from .graph import free_names
 WINDOW_SHARE = 1.0
 
 
+#: a kept frontier takes at most this share of the largest consumer input over the calibration feeds
+FRONTIER_SHARE = 0.5
+
+
 def _window_budget(consumers: dict[str, tuple]) -> float:
     """Bytes a window's consumers may hold in Grams and inputs: ``WINDOW_SHARE`` of their weights' bytes."""
     return WINDOW_SHARE * sum(matrix.nbytes for _, _, matrix, _ in consumers.values())
@@ -38,13 +42,14 @@ def _feed_bytes(shapes: dict, names, feeds: list[dict[str, np.ndarray]]) -> int:
 class _Source:
     """Where each window's capture starts: the calibration feeds, or the frontier the previous window's capture kept,
     cut before the next window's first consumer input is computed (the tensors computed before that node that it or
-    later nodes read, plus the graph inputs). A frontier is kept when it takes at most ``budget`` bytes over every
-    feed (the largest consumer input over the calibration feeds, as the refit's kept budget); else the next capture
-    recomputes from the last kept source. The captures run unoptimised sessions node by node, so a tensor computed
+    later nodes read, plus the graph inputs). A frontier is kept when it takes at most ``FRONTIER_SHARE`` of
+    ``budget`` bytes over every feed (``budget``: the largest consumer input over the calibration feeds, one layer's
+    activations): a capture holds the frontier it starts from and the one it keeps, both together within that;
+    else the next capture recomputes from the last kept source. The captures run unoptimised sessions node by node, so a tensor computed
     from a frontier equals the one computed from the inputs bit for bit."""
 
     def __init__(self, model, feeds: list[dict[str, np.ndarray]], budget: float, shapes: dict):
-        self.inputs, self.feeds, self.budget, self.shapes = feeds, feeds, budget, shapes
+        self.inputs, self.feeds, self.budget, self.shapes = feeds, feeds, FRONTIER_SHARE * budget, shapes
         self.producer = {out: i for i, node in enumerate(model.graph.node) for out in node.output if out}
         self.nodes_outputs = [[out for out in node.output if out] for node in model.graph.node]
         self.reads = [[n for n in node.input if n] + [n for attr in node.attribute for sub in

@@ -190,6 +190,21 @@ def fed_session(header: onnx.ModelProto, initializers: Iterable[onnx.TensorProto
     return FedSession(create_session(header, options or lean_options(), providers), weights)
 
 
+def array_owner(array: np.ndarray):
+    """The object ``array``'s memory belongs to (for the arrays of :func:`~onnxprune.refit.detach_weights`, the
+    bytes copied out of the tensor)."""
+    while isinstance(array, np.ndarray) and array.base is not None:
+        array = array.base
+    return array
+
+
+def shared_weights(arrays: dict[str, np.ndarray] | None) -> dict[str, tuple[bytes, np.ndarray]]:
+    """``arrays`` over bytes (as :func:`~onnxprune.refit.detach_weights` makes them) in the form :func:`fed_session`
+    takes as ``shared``: sessions fed from them hold no copy of their own."""
+    return {name: (array_owner(array), array) for name, array in (arrays or {}).items()
+            if isinstance(array_owner(array), bytes)}
+
+
 def _weight_array(tensor: onnx.TensorProto, shared: dict[str, tuple[bytes, np.ndarray]] | None) -> np.ndarray:
     """The tensor's values as a contiguous array: a read-only view of its raw bytes (one copy, out of the proto),
     the array in ``shared`` when it holds the same bytes under that name."""

@@ -160,18 +160,26 @@ def _blocked_gram(lower: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("n", [257, 700, 1100])
 def test_cholesky_inverse_in_place_equals_the_blocked_products(monkeypatch, n):
-    """The wide consumers' inverse, computed in place over the Cholesky factor, is bit for bit the out-of-place
-    blocked inverse and product (and the inverse to rounding)."""
+    """The wide consumers' inverse, computed in place over the blocked Cholesky factor, is bit for bit the
+    out-of-place blocked inverse and product (and the inverse to rounding); the factor is LAPACK's to rounding, and
+    written over the Gram (``overwrite``) it is the same bit for bit, the Gram's array returned."""
     from onnxprune import scoring
+    from onnxprune.spd_solve import cholesky_in_place
 
     monkeypatch.setattr(scoring, "WIDE_FEATURES", 256)
     x = np.random.default_rng(n).standard_normal((n + 40, n)).astype(np.float32)
     H = x.T.astype(np.float64) @ x
     H[np.diag_indices_from(H)] += 1e-3 * np.trace(H) / n
-    expected = _blocked_gram(_blocked_inverse(np.linalg.cholesky(H)))
+    factor = cholesky_in_place(H.copy())
+    np.testing.assert_allclose(factor, np.linalg.cholesky(H), rtol=1e-9, atol=1e-9 * np.abs(factor).max())
+    expected = _blocked_gram(_blocked_inverse(factor))
     got = scoring.spd_inverse(H)
     np.testing.assert_array_equal(got, expected)
     np.testing.assert_allclose(got @ H, np.eye(n), atol=1e-6)
+    overwritten = H.copy()
+    in_place = scoring.spd_inverse(overwritten, overwrite=True)
+    assert in_place is overwritten
+    np.testing.assert_array_equal(in_place, expected)
 
 
 def test_gram_sum_matches_stacked_rows():
