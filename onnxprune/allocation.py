@@ -130,7 +130,8 @@ def default_allocation(model: onnx.ModelProto, config: PruneConfig, calibration,
 
 
 def _samples(model: onnx.ModelProto, batches: list[dict], start: int, stop: int) -> list[dict]:
-    """Samples ``start`` to ``stop`` of the calibration batches, cut along each input's sample axis."""
+    """Samples ``start`` to ``stop`` of the calibration batches, cut along each input's sample axis: views of the
+    batches (no second copy of the calibration data while the measurement runs)."""
     axes = batch_axes(input_specs(model))
     taken, first = [], 0
     for batch in batches:
@@ -139,6 +140,13 @@ def _samples(model: onnx.ModelProto, batches: list[dict], start: int, stop: int)
         first += count
         if hi <= lo:
             continue
-        taken.append({name: np.take(arr, np.arange(lo, hi), axis=axes[name])
-                      if axes.get(name) is not None and arr.ndim > axes[name] else arr for name, arr in batch.items()})
+        taken.append({name: _cut(arr, axes[name], lo, hi) if axes.get(name) is not None and arr.ndim > axes[name]
+                      else arr for name, arr in batch.items()})
     return taken
+
+
+def _cut(array: np.ndarray, axis: int, lo: int, hi: int) -> np.ndarray:
+    """``array``'s entries ``lo`` to ``hi`` along ``axis``, a view."""
+    index = [slice(None)] * array.ndim
+    index[axis] = slice(lo, hi)
+    return array[tuple(index)]

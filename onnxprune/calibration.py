@@ -147,7 +147,7 @@ def _read(path: Path, specs: list[InputSpec]) -> dict[str, np.ndarray]:
 
 
 #: the share of the largest tensor over the calibration set a derived :class:`KeptBudget` allows
-DERIVED_SHARE = 0.5
+DERIVED_SHARE = 0.75
 
 
 class KeptBudget:

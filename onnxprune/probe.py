@@ -44,7 +44,8 @@ Outputs = list[list[np.ndarray]]
 
 #: with a bounded heap (``--low-memory``) a capture run of the original yields the crossing tensors of consecutive
 #: plans up to this share of the model's weight bytes (ResNet-50: 144 MB of crossing tensors on 4 samples, 97 MB of
-#: weights: 4 runs instead of 1; MiniLM-shaped: 25 MB of 86 MB, one run)
+#: weights: 4 runs instead of 1; MiniLM-shaped: 25 MB of 86 MB, one run; at 0.25 MiniLM's second run, late in the
+#: loop beside the refit's Grams, raised its allocation peak from 482 to 543 MB)
 CAPTURE_SHARE = 0.5
 
 
@@ -148,7 +149,7 @@ class Downstream:
             else:
                 _placeholder(header.graph, tensor)
                 external[tensor.name] = held
-        options = session_options(log_level=3)
+        options = _probe_options()
         if external:
             options.add_external_initializers(list(external), [value for _, value in external.values()])
         session = create_session(header, options)
@@ -219,7 +220,7 @@ class Downstream:
 
     def _session(self, cut: dict) -> ort.InferenceSession:
         """The cut's session; its larger weights are the OrtValues made once, not serialized per group."""
-        options = session_options(log_level=3)
+        options = _probe_options()
         names = [n for n in cut["initializers"] if self._value(n) is not None]
         if names:
             options.add_external_initializers(names, [self._value(n) for n in names])
@@ -232,6 +233,15 @@ class Downstream:
             self.memory[name] = _ort_value(self.initializers[name], self.arrays.get(name))
         found = self.memory[name]
         return None if found is None else found[1]
+
+
+def _probe_options() -> ort.SessionOptions:
+    """The probe's session options: every graph optimisation; with the heap bounded (``--low-memory``) no CPU memory
+    arena (a run's activations go back when it ends instead of staying with the session; the same outputs)."""
+    options = session_options(log_level=3)
+    if heap_bounded():
+        options.enable_cpu_mem_arena = False
+    return options
 
 
 def _ort_value(tensor: onnx.TensorProto, array: np.ndarray | None = None

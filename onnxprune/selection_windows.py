@@ -49,7 +49,9 @@ class _Source:
     from a frontier equals the one computed from the inputs bit for bit."""
 
     def __init__(self, model, feeds: list[dict[str, np.ndarray]], budget: float, shapes: dict):
-        self.inputs, self.feeds, self.budget, self.shapes = feeds, feeds, FRONTIER_SHARE * budget, shapes
+        weights = sum(int(np.prod(t.dims, dtype=np.int64)) * 4 for t in model.graph.initializer)
+        self.inputs, self.feeds, self.shapes = feeds, feeds, shapes
+        self.budget = max(FRONTIER_SHARE * budget, weights) if budget else 0
         self.producer = {out: i for i, node in enumerate(model.graph.node) for out in node.output if out}
         self.nodes_outputs = [[out for out in node.output if out] for node in model.graph.node]
         self.reads = [[n for n in node.input if n] + [n for attr in node.attribute for sub in

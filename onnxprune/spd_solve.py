@@ -1,6 +1,7 @@
 """Symmetric positive definite systems solved in the memory of their matrix, for the allocation's refit
-(:class:`~onnxprune.probe.Refit`): a blocked Cholesky factorisation written over the matrix, and the solve of a
-leading block's system from that one factor. ``np.linalg.cholesky`` and ``np.linalg.solve`` copy their matrix into
+(:class:`~onnxprune.probe.Refit`) and the selection's wide inverses (:func:`~onnxprune.scoring.spd_inverse`): a
+blocked Cholesky factorisation written over the matrix, and the solve of a leading block's system from that one
+factor. ``np.linalg.cholesky`` and ``np.linalg.solve`` copy their matrix into
 a work buffer of their own (a 4,608-feature Gram is 170 MB); here no temporary exceeds one block of rows. Numpy
 only."""
 

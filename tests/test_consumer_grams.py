@@ -233,6 +233,36 @@ def test_refit_matrices_view_the_probe_weights():
         np.testing.assert_array_equal(matrix, copied[key][2])
 
 
+def test_lazy_consumer_matrices_read_the_weights_when_used_and_equal_the_copies(monkeypatch):
+    """The selection's consumer matrices (``lazy``) hold no copy of their weights: each is read when used, with the
+    copies' shape, dtype, bytes and values; a deferred or captured wide Gram summed with the wide flush (bounded rows,
+    column blocks of the product) is the same bit for bit both ways."""
+    model = _model()
+    analysis = analyse(model)
+    copied = scoring._refit_consumers(analysis)
+    lazy = scoring._refit_consumers(analysis, lazy=True)
+    assert lazy.keys() == copied.keys() and len(copied) > 15
+    forms = set()
+    for key, (_, _, matrix, feature_ids) in lazy.items():
+        assert isinstance(matrix, scoring._LazyMatrix) and not hasattr(matrix, "values")
+        forms.add(matrix.form)
+        expected = copied[key][2]
+        assert (matrix.shape, matrix.dtype, matrix.nbytes) == (expected.shape, expected.dtype, expected.nbytes)
+        np.testing.assert_array_equal(np.asarray(matrix), expected)
+        np.testing.assert_array_equal(np.array(matrix, dtype=np.float64, order="C"), expected.astype(np.float64))
+        np.testing.assert_array_equal(feature_ids, copied[key][3])
+    assert forms >= {"conv", "transposed"}  # the 3×3/1×1 convs and the classifier Gemm (transB)
+    from onnxprune import gram
+
+    monkeypatch.setattr(gram, "FLUSH_ROWS", 300)  # the 3×3 convs of 576+ features flush wide, by column blocks
+    monkeypatch.setattr(gram, "PRODUCT_COLUMNS", 100)
+    whole = ConsumerGrams(model, lazy, _feeds(), 1e-3, shapes=analysis.shapes, defer=False)
+    bounded = ConsumerGrams(model, lazy, _feeds(), 1e-3, shapes=analysis.shapes)
+    assert bounded.deferred
+    for key in whole:
+        np.testing.assert_array_equal(bounded[key], whole[key])
+
+
 def test_cholesky_in_place_and_leading_solves_match_numpy():
     """The blocked in-place factor equals numpy's Cholesky up to rounding (upper triangle zeroed), and each leading
     block's least-squares refit from it equals the direct solve of that block's normal equations."""

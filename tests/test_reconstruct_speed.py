@@ -195,6 +195,48 @@ def test_gram_sum_matches_stacked_rows():
     np.testing.assert_allclose(cross, x.T @ y, rtol=1e-5, atol=1e-4)
 
 
+def test_wide_gram_sums_flush_bounded_rows_and_add_the_product_by_column_blocks(monkeypatch):
+    """A Gram wider than FLUSH_ROWS flushes every FLUSH_ROWS rows and adds its product PRODUCT_COLUMNS columns at a
+    time (no D×D float32 product): the same sums as the stacked rows, to float32 rounding, and as the one-block
+    product of the same flushes, to rounding."""
+    from onnxprune import gram as gram_module
+
+    rng = np.random.default_rng(3)
+    blocks = [rng.standard_normal((rows, 90)).astype(np.float32) + 2.0 for rows in (40, 70, 10, 100, 33)]
+    def sums(columns: int) -> np.ndarray:
+        monkeypatch.setattr(gram_module, "PRODUCT_COLUMNS", columns)
+        total = GramSum()
+        for b in blocks:
+            total.add(b)
+        return total.result()[0]
+
+    monkeypatch.setattr(gram_module, "FLUSH_ROWS", 64)
+    blocked = sums(32)
+    whole = sums(90)
+    x = np.concatenate(blocks).astype(np.float64)
+    np.testing.assert_allclose(blocked, x.T @ x, rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(blocked, whole, rtol=1e-12, atol=1e-9)
+
+
+def test_downdate_factor_gives_the_downdate_term():
+    """A wide consumer's downdate is held as z with z zᵀ = column · block⁻¹ · columnᵀ (Cholesky of the block); a
+    block rounding left indefinite keeps its positive part."""
+    from onnxprune.scoring import _downdate_factor
+
+    rng = np.random.default_rng(4)
+    a = rng.standard_normal((30, 30))
+    P = a @ a.T + 30 * np.eye(30)
+    q = np.array([3, 7, 8])
+    column, block = P[:, q], P[np.ix_(q, q)]
+    z = _downdate_factor(column, block)
+    np.testing.assert_allclose(z @ z.T, column @ np.linalg.inv(block) @ column.T, rtol=1e-10, atol=1e-10)
+    vectors = np.linalg.eigh(block)[1]
+    indefinite = vectors @ np.diag([-1.0, 2.0, 5.0]) @ vectors.T
+    z = _downdate_factor(column, indefinite)
+    positive = vectors[:, 1:] @ np.diag([0.5, 0.2]) @ vectors[:, 1:].T
+    np.testing.assert_allclose(z @ z.T, column @ positive @ column.T, rtol=1e-8, atol=1e-8)
+
+
 def test_buffered_blocks_centred_in_place_give_the_same_sums():
     """Small blocks buffered until they hold as many rows as features (concatenated, then centred in place) give
     the sums of the same rows added as whole blocks (centred into a copy), bit for bit; the blocks are unchanged."""
