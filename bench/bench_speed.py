@@ -6,7 +6,9 @@
     OPENBLAS_NUM_THREADS=1 python bench/bench_speed.py --selection   # greedy selection alone, synthetic groups
 
 Models (random weights, exported once by torch.onnx's TorchScript exporter into ``--cache``, default the git-ignored
-``bench/models/speed/``; nothing is written into the tracked tree):
+``bench/models/speed/``; nothing is written into the tracked tree; a child process of this script, ``--prepare``, exports
+and writes what is missing, so the measured children are never forked from a process that imported torch, whose
+resident set their ``ru_maxrss`` would report):
 - ``minilm``: a BERT encoder of the MiniLM-L6-H384 shape (hidden 384, 6 layers, 12 heads, FFN 1536, 30,522 tokens;
   22.7M parameters), Hugging Face ``BertModel``;
 - ``bert-base``: the same code at BERT-base size (110M parameters);
@@ -357,6 +359,8 @@ def main() -> None:
     parser.add_argument("--compare", type=Path, help="with --allocation: a JSON file it wrote before")
     parser.add_argument("--low-memory", action="store_true",
                         help="with --allocation: bound the heap first, as the tool's --low-memory does")
+    parser.add_argument("--prepare", action="store_true",
+                        help="only export the models and write their calibration data into --cache")
     parser.add_argument("extra", nargs="*", help="further onnxprune options (after --)")
     args = parser.parse_args()
     if args.selection:
@@ -383,6 +387,12 @@ def main() -> None:
             args.json.write_text(json.dumps(row, indent=1))
         return
     args.cache.mkdir(parents=True, exist_ok=True)
+    if not args.prepare:  # exports and calibration data in a process of their own: a measured child forked from a
+        # process that imported torch would report that process's resident set as its own peak (ru_maxrss keeps it)
+        import subprocess
+
+        subprocess.run([sys.executable, __file__, "--prepare", "--models", args.models, "--samples", str(args.samples),
+                        "--seq", str(args.seq), "--cache", str(args.cache)], check=True)
     rows = []
     for name in args.models.split(","):
         start = time.perf_counter()
@@ -392,6 +402,8 @@ def main() -> None:
             model = export_bert(MINILM if name == "minilm" else BERT_BASE, args.cache / f"{name}.onnx")
         print(f"{name}: model ready in {time.perf_counter() - start:.0f}s", file=sys.stderr, flush=True)
         calib = calibration(name, args.samples, args.seq, args.cache)
+        if args.prepare:
+            continue
         rows.append(bench(name, model, calib, args.sparsity, args.extra, args.keep_output))
         print(json.dumps(rows[-1]), flush=True)
         print(markdown_row(rows[-1]), flush=True)
