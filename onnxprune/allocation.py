@@ -10,14 +10,13 @@ import time
 from dataclasses import replace
 from typing import Any
 
-import numpy as np
 import onnx
 
 from .accuracy import load_eval_data
 from .analysis.cost import total_macs
 from .calibration import StageClock
 from .config import PruneConfig, ValidateConfig
-from .feeds import batch_axes, input_specs, prepare_feeds, sample_count
+from .feeds import batch_axes, input_specs, prepare_feeds, sample_count, take_samples
 from .passes.structured import prepare_for_analysis
 from .sensitivity import allocate_for_target, around, costliest, measure, measure_masked, pruned_macs, uniform_macs
 
@@ -140,13 +139,5 @@ def _samples(model: onnx.ModelProto, batches: list[dict], start: int, stop: int)
         first += count
         if hi <= lo:
             continue
-        taken.append({name: _cut(arr, axes[name], lo, hi) if axes.get(name) is not None and arr.ndim > axes[name]
-                      else arr for name, arr in batch.items()})
+        taken.append(take_samples(batch, axes, lo, hi))
     return taken
-
-
-def _cut(array: np.ndarray, axis: int, lo: int, hi: int) -> np.ndarray:
-    """``array``'s entries ``lo`` to ``hi`` along ``axis``, a view."""
-    index = [slice(None)] * array.ndim
-    index[axis] = slice(lo, hi)
-    return array[tuple(index)]

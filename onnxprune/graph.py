@@ -107,6 +107,11 @@ class Weight:
         tensor.raw_data = values.tobytes()
 
 
+def weight_bytes(model: onnx.ModelProto) -> int:
+    """The main graph's initializers at 4 bytes an element: the float32 size the memory budgets count in."""
+    return sum(int(np.prod(t.dims, dtype=np.int64)) * 4 for t in model.graph.initializer)
+
+
 FLOAT_TYPES = {
     onnx.TensorProto.FLOAT,
     onnx.TensorProto.FLOAT16,

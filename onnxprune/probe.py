@@ -29,7 +29,7 @@ from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 from .analysis.cost import node_key
 from .analysis.groups import Analysis
 from .calibration import StageClock
-from .graph import Weight, subgraph_reads
+from .graph import Weight, subgraph_reads, weight_bytes
 from .heap import heap_bounded
 from .probe_refit import Refit  # noqa: F401  (the points' refit, imported from here)
 from .sessions import create_session, inference_session, model_header, owned, session_options
@@ -270,7 +270,7 @@ def capture_window(analysis: Analysis, feeds: list[dict[str, np.ndarray]]) -> tu
     tensor's estimated bytes on ``feeds``: its analysed shape's elements (4 bytes each) scaled by the feeds' size
     against the analysed inputs'."""
     shapes = analysis.shapes or {}
-    weights = sum(int(np.prod(t.dims, dtype=np.int64)) * 4 for t in analysis.model.graph.initializer)
+    weights = weight_bytes(analysis.model)
     scale = 1.0
     for name in feeds[0] if feeds else []:
         dims = shapes.get(name)

@@ -9,13 +9,14 @@ import onnx
 
 from .analysis.groups import Analysis, ChannelGroup
 from .consumer_grams import _patch_key
-from .graph import free_names
+from .graph import free_names, weight_bytes
 
 #: with the heap bounded, a window's consumers hold at most this share of their weights' bytes in Grams and inputs
 WINDOW_SHARE = 1.0
 
 
-#: a kept frontier takes at most this share of the largest consumer input over the calibration feeds
+#: a kept frontier takes at most this share of the largest consumer input over the calibration feeds (or the model's
+#: weight bytes, if more)
 FRONTIER_SHARE = 0.5
 
 
@@ -44,14 +45,13 @@ class _Source:
     cut before the next window's first consumer input is computed (the tensors computed before that node that it or
     later nodes read, plus the graph inputs). A frontier is kept when it takes at most ``FRONTIER_SHARE`` of
     ``budget`` bytes over every feed (``budget``: the largest consumer input over the calibration feeds, one layer's
-    activations): a capture holds the frontier it starts from and the one it keeps, both together within that;
-    else the next capture recomputes from the last kept source. The captures run unoptimised sessions node by node, so a tensor computed
-    from a frontier equals the one computed from the inputs bit for bit."""
+    activations: a capture holds the frontier it starts from and the one it keeps) or, if more, the model's weight
+    bytes; else the next capture recomputes from the last kept source. The captures run unoptimised sessions node by
+    node, so a tensor computed from a frontier equals the one computed from the inputs bit for bit."""
 
     def __init__(self, model, feeds: list[dict[str, np.ndarray]], budget: float, shapes: dict):
-        weights = sum(int(np.prod(t.dims, dtype=np.int64)) * 4 for t in model.graph.initializer)
         self.inputs, self.feeds, self.shapes = feeds, feeds, shapes
-        self.budget = max(FRONTIER_SHARE * budget, weights) if budget else 0
+        self.budget = max(FRONTIER_SHARE * budget, weight_bytes(model)) if budget else 0
         self.producer = {out: i for i, node in enumerate(model.graph.node) for out in node.output if out}
         self.nodes_outputs = [[out for out in node.output if out] for node in model.graph.node]
         self.reads = [[n for n in node.input if n] + [n for attr in node.attribute for sub in

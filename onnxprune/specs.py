@@ -98,9 +98,14 @@ def check_feed(arrays: dict[str, np.ndarray], specs: list[InputSpec], where: str
 
 def take_samples(feed: dict[str, np.ndarray], axes: dict[str, int | None], start: int, stop: int
                  ) -> dict[str, np.ndarray]:
-    """Samples ``start:stop`` of ``feed`` (inputs without a sample axis are passed whole)."""
+    """Samples ``start:stop`` of ``feed``, views of its arrays (inputs without a sample axis are passed whole)."""
     out = {}
     for name, arr in feed.items():
         axis = axes.get(name)
-        out[name] = arr if axis is None or arr.ndim <= axis else np.take(arr, range(start, stop), axis=axis)
+        if axis is None or arr.ndim <= axis:
+            out[name] = arr
+        else:
+            index = [slice(None)] * arr.ndim
+            index[axis] = slice(start, stop)
+            out[name] = arr[tuple(index)]
     return out

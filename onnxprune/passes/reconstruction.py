@@ -46,7 +46,7 @@ class ReconstructionPass:
             return PassResult(False)
         if request.kind == "structured":
             logger.info(f"reconstructing {len(request.layers)} layers by least squares on calibration data")
-            # --low-memory: both models' streams keep at most half of one layer's input over the calibration set
+            # --low-memory: both models' streams keep at most three quarters of one layer's input over the calibration set
             # and run each feed a few samples at a time (STREAM_SAMPLES) where every sample is computed on its own
             budget, samples = (KeptBudget(), STREAM_SAMPLES) if heap_bounded() else (1 << 30, 0)
             # the original's weights are held once, as the arrays its stream is fed from: its proto goes here
