@@ -19,6 +19,7 @@ from .config import PruneConfig, ValidateConfig
 from .feeds import batch_axes, input_specs, prepare_feeds, sample_count, take_samples
 from .passes.structured import prepare_for_analysis
 from .sensitivity import allocate_for_target, around, costliest, measure, measure_masked, pruned_macs, uniform_macs
+from .stored_weights import StoredWeights
 
 logger = logging.getLogger(__name__)
 
@@ -84,12 +85,13 @@ def _uniform_reason(config: PruneConfig, calibration) -> str | None:
 
 
 def default_allocation(model: onnx.ModelProto, config: PruneConfig, calibration, shapes: dict[str, list[int]],
-                        ) -> tuple[PruneConfig, dict[str, Any]]:
+                       stored: StoredWeights | None = None) -> tuple[PruneConfig, dict[str, Any]]:
     """With calibration data: the MACs the uniform plan removes, spread over the groups by measured sensitivity.
 
     Each group is measured alone at four ratios around the sparsity (masked weights, one analysis, one onnxruntime
     run per point on at most ``MEASURE_SAMPLES`` calibration samples); the greedy target allocation then reaches
-    the uniform plan's MACs. Returns the config to run (a new one) and the report's ``allocation``."""
+    the uniform plan's MACs. ``stored``: where the model's weights lie in its files (the probe's sessions read
+    them there). Returns the config to run (a new one) and the report's ``allocation``."""
     reason = _uniform_reason(config, calibration)
     if reason is not None:
         return config, {"method": "uniform", "reason": reason}
@@ -103,7 +105,7 @@ def default_allocation(model: onnx.ModelProto, config: PruneConfig, calibration,
     logger.info("measuring each group's sensitivity on calibration data")
     clock = StageClock()
     sens, estimate = measure_masked(model, samples, config, around(config.sparsity), input_shapes=shapes,
-                                    fit_feeds=fit, clock=clock)
+                                    fit_feeds=fit, clock=clock, stored=stored)
     if not sens["groups"] or base <= 0 or target >= base:
         return config, {"method": "uniform", "reason": "nothing to allocate: no prunable group loses MACs"}
     exact = bool(sens["head_groups"]) and config.head_sparsity > 0  # heads: the estimate does not model them

@@ -248,11 +248,12 @@ def _prune(model, output, *, config: PruneConfig | None, validate: bool | Valida
     allocation = None
     start = time.perf_counter()
     if config.target_macs is not None and config.depth:
-        config, allocation = allocate_with_depth(loaded.model, config, calibration, vcfg, feeds, input_shapes)
+        config, allocation = allocate_with_depth(loaded.model, config, calibration, vcfg, feeds, input_shapes,
+                                                 stored=loaded.stored)
     elif config.target_macs is not None or config.target_params is not None:
         config, allocation = allocate_to_target(loaded.model, config, calibration, vcfg, feeds, input_shapes)
     elif config.structured and config.sparsity:
-        config, allocation = default_allocation(loaded.model, config, calibration, input_shapes)
+        config, allocation = default_allocation(loaded.model, config, calibration, input_shapes, stored=loaded.stored)
     if allocation is not None and allocation["method"] == "sensitivity":  # measured: timed apart from the pass
         release_memory()  # the measurement's copies and sessions, before the pass allocates its own
         timings["allocation"] = time.perf_counter() - start

@@ -25,6 +25,7 @@ from .passes.depth import blocks_to_drop, remove_blocks
 from .passes.structured import prepare_for_analysis
 from .sensitivity import _rel_error, _run, measure_masked
 from .shapes import refresh_value_info
+from .stored_weights import StoredWeights
 
 logger = logging.getLogger(__name__)
 
@@ -56,10 +57,11 @@ class Choice:
 
 
 def allocate_with_depth(model: onnx.ModelProto, config: PruneConfig, calibration, vcfg: ValidateConfig, feeds,
-                        shapes: dict[str, list[int]]) -> tuple[PruneConfig, dict[str, Any]]:
+                        shapes: dict[str, list[int]], stored: StoredWeights | None = None
+                        ) -> tuple[PruneConfig, dict[str, Any]]:
     """Choose the blocks to remove by cost per MAC saved against width, then per-group ratios for the rest of
     ``config.target_macs``; returns the config to run (blocks named in ``blocks_chosen``, ratios as overrides) and
-    the report's ``allocation``."""
+    the report's ``allocation``. ``stored``: where the model's weights lie in its files (for the width probe)."""
     prepare_for_analysis(model)  # what the depth and structured passes analyse
     base = total_macs(model, shapes)
     samples = list(calibration)[:MEASURE_SAMPLES]
@@ -68,7 +70,7 @@ def allocate_with_depth(model: onnx.ModelProto, config: PruneConfig, calibration
     logger.info("measuring %d residual block(s) removed alone", len(blocks))
     measured = measure_blocks(model, blocks, samples, shapes)
     logger.info("measuring each group's sensitivity against the blocks")
-    sens, _ = measure_masked(model, samples, config, WIDTH_RATIOS, input_shapes=shapes)
+    sens, _ = measure_masked(model, samples, config, WIDTH_RATIOS, input_shapes=shapes, stored=stored)
     inside = groups_inside(blocks, sens["groups"])
     choice = choose(measured, sens["groups"], inside, (1.0 - config.target_macs) * base, limit)
     chosen = sorted(choice.blocks)

@@ -23,6 +23,7 @@ from .errors import InvalidModelError, ModelReadError, OutputError
 from .graph import iter_graphs, iter_tensors
 from .model_file import read_model, varint_bytes
 from .outputs import OutputGuard, commit, temp_folder
+from .stored_weights import StoredWeights
 
 #: Protobuf cannot serialise a message of 2 GiB or more; above this we write external data.
 PROTOBUF_LIMIT = 2**31 - 1
@@ -47,6 +48,7 @@ class LoadedModel:
     file_bytes: int = 0  # model file plus external data files, as on disk
     warnings: list[str] = field(default_factory=list)
     data_files: list[Path] = field(default_factory=list)  # the external data files read (inside the folder)
+    stored: StoredWeights | None = None  # where the initializers' bytes lie in those files (sessions read them there)
 
 
 #: ops onnxruntime's transformer optimizer writes into the default ONNX domain, which onnxruntime runs
@@ -169,6 +171,7 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> LoadedModel:
     base = path.parent
     data_files = check_external_locations(model, path)
     file_bytes = size + sum(p.stat().st_size for p in data_files)
+    stored = StoredWeights.of_file(path, model)  # before the external entries are replaced by the data
     if data_files:
         try:
             onnx.external_data_helper.load_external_data_for_model(model, str(base))
@@ -177,7 +180,7 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> LoadedModel:
     check_tensors(model, path)
     warnings = check_input_model(model) if check else []
     return LoadedModel(model=model, path=path, has_external_data=bool(data_files), file_bytes=file_bytes,
-                       warnings=warnings, data_files=data_files)
+                       warnings=warnings, data_files=data_files, stored=stored)
 
 
 #: bits per element of the packed sub-byte types (onnx versions without a type lack its name)

@@ -81,6 +81,60 @@ def read_structure(path: str | os.PathLike) -> onnx.ModelProto:
     return model
 
 
+#: TensorProto field numbers: ``name`` and ``raw_data``
+TENSOR_NAME, TENSOR_RAW_DATA = 8, 9
+#: GraphProto's ``initializer`` field number
+INITIALIZER_FIELD = 5
+
+
+def tensor_data_ranges(path: str | os.PathLike) -> dict[str, tuple[int, int]]:
+    """(offset, length) in the file ``path`` of each main-graph initializer's ``raw_data`` bytes, by name; reads
+    the fields' tags and lengths only. Empty for a file this reader does not handle; a name met twice, or a tensor
+    whose name or data is given twice, has no entry."""
+    path = os.fspath(path)
+    fmt = onnx.serialization.registry.get_format_from_file_extension(os.path.splitext(path)[1])
+    if fmt not in (None, "protobuf"):
+        return {}
+    ranges: dict[str, tuple[int, int] | None] = {}
+    try:
+        with open(path, "rb") as handle:
+            end = os.fstat(handle.fileno()).st_size
+            for number, start, stop in _fields(handle, 0, end):
+                if number != GRAPH_FIELD:
+                    continue
+                for entry, entry_start, entry_stop in _fields(handle, _payload_start(handle, start), stop):
+                    if entry != INITIALIZER_FIELD or not _delimited(handle, entry_start, entry_stop):
+                        continue
+                    name, data = _name_and_data(handle, _payload_start(handle, entry_start), entry_stop)
+                    if name is not None:
+                        ranges[name] = None if name in ranges else data
+    except (_Unexpected, OSError, UnicodeDecodeError):
+        return {}
+    return {name: found for name, found in ranges.items() if found is not None}
+
+
+def _name_and_data(handle: BinaryIO, position: int, end: int) -> tuple[str | None, tuple[int, int] | None]:
+    """A serialized TensorProto's name and the (offset, length) of its raw data (None where absent or given
+    twice: protobuf would keep the last, and a merge may join them)."""
+    names, data = [], []
+    for number, start, stop in _fields(handle, position, end):
+        if number in (TENSOR_NAME, TENSOR_RAW_DATA):
+            if not _delimited(handle, start, stop):
+                return None, None
+            payload = _payload_start(handle, start)
+            if number == TENSOR_NAME:
+                names.append(_read(handle, payload, stop).decode("utf-8"))
+            else:
+                data.append((payload, stop - payload))
+    return (names[0] if len(names) == 1 else None), (data[0] if len(data) == 1 else None)
+
+
+def _delimited(handle: BinaryIO, start: int, stop: int) -> bool:
+    """Whether the field at ``start`` is length-delimited (wire type 2)."""
+    tag, _ = _varint(handle, start, stop)
+    return tag & 7 == 2
+
+
 def _as_graph_field(handle: BinaryIO, start: int, stop: int) -> bytearray:
     """The graph entry in bytes ``start:stop`` wrapped as a ModelProto ``graph`` field, read into one buffer."""
     prefix = varint_bytes((GRAPH_FIELD << 3) | 2) + varint_bytes(stop - start)

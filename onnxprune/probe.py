@@ -7,8 +7,10 @@ into it come from one run of the original model (per measured sample, kept until
 with a bounded heap, ``--low-memory``, one run per window of consecutive groups, :data:`CAPTURE_SHARE`), whose
 graph outputs are also the reference the points are compared with; the group's consumer weights are its graph
 inputs (fed per point, from the original arrays, held once) and every other weight stays a constant initializer,
-so onnxruntime folds BatchNorm into convolutions, fuses activations and prepacks weights. Graph outputs outside the
-cut are the original's. Elsewhere (weights in ``Constant`` nodes or subgraphs) each point serialises the masked
+so onnxruntime folds BatchNorm into convolutions, fuses activations and prepacks weights. Those constant weights
+are declared as external data at their place in the user's model files where they still hold the same bytes
+(:mod:`~onnxprune.stored_weights`: onnxruntime then reads them there one at a time instead of copying all of ours
+while it optimises), else handed over as OrtValues. Graph outputs outside the cut are the original's. Elsewhere (weights in ``Constant`` nodes or subgraphs) each point serialises the masked
 model into a new session. :class:`Savings` counts the MACs and parameters a point saves; the points' refit is
 :class:`~onnxprune.probe_refit.Refit`.
 """
@@ -33,6 +35,7 @@ from .graph import Weight, subgraph_reads, weight_bytes
 from .heap import heap_bounded
 from .probe_refit import Refit  # noqa: F401  (the points' refit, imported from here)
 from .sessions import create_session, inference_session, model_header, owned, session_options
+from .stored_weights import StoredWeights, Verified
 
 logger = logging.getLogger(__name__)
 
@@ -61,10 +64,12 @@ class Downstream:
 
     def __init__(self, model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], plans: list[set[str]],
                  arrays: dict[str, np.ndarray] | None = None, window: int | None = None,
-                 sizes: dict[str, int] | None = None):
+                 sizes: dict[str, int] | None = None, stored: StoredWeights | None = None):
         self.model, self.feeds = model, feeds
         graph = model.graph
         self.initializers = {init.name: init for init in graph.initializer}
+        self.stored: Verified | None = (stored.verified(list(graph.initializer), arrays)
+                                        if stored is not None else None)
         self.inputs = {i.name: i for i in graph.input if i.name not in self.initializers}
         self.outputs = [o.name for o in graph.output]
         self.reads = [[n for n in [*node.input, *subgraph_reads(node)] if n] for node in graph.node]
@@ -138,7 +143,10 @@ class Downstream:
         header.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names if n not in self.outputs)
         read = {name for cut in self.cuts for name in cut["initializers"]}
         external: dict[str, tuple[np.ndarray, ort.OrtValue]] = {}  # the arrays live as long as the session
+        stored = self._stored()
         for tensor in self.model.graph.initializer:
+            if stored is not None and stored.declare(header.graph, tensor):
+                continue
             if tensor.name in read:
                 self._value(tensor.name)
                 held = self.memory[tensor.name]
@@ -149,7 +157,7 @@ class Downstream:
             else:
                 _placeholder(header.graph, tensor)
                 external[tensor.name] = held
-        options = _probe_options()
+        options = _probe_options(stored)
         if external:
             options.add_external_initializers(list(external), [value for _, value in external.values()])
         session = create_session(header, options)
@@ -198,8 +206,9 @@ class Downstream:
             for values in self.values:
                 values.pop(name, None)
 
-    def _sub_model(self, cut: dict) -> onnx.ModelProto:
-        """The cut as a model: crossing tensors and plan weights are inputs, other weights initializers."""
+    def _sub_model(self, cut: dict, stored: Verified | None) -> onnx.ModelProto:
+        """The cut as a model: crossing tensors and plan weights are inputs, other weights initializers (at their
+        ranges in ``stored``, else OrtValues handed over at session creation, else in the graph)."""
         def typed(name: str, array: np.ndarray) -> onnx.ValueInfoProto:
             elem = onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
             return onnx.helper.make_tensor_value_info(name, elem, [None] * array.ndim)
@@ -209,22 +218,33 @@ class Downstream:
         inputs += [onnx.helper.make_tensor_value_info(n, self.initializers[n].data_type, list(self.initializers[n].dims))
                    for n in cut["plan"]]
         outputs = [o for o in self.model.graph.output if o.name in cut["outputs"]]
-        graph = onnx.helper.make_graph(cut["nodes"], self.model.graph.name or "probe", inputs, outputs,
-                                       [self.initializers[n] for n in cut["initializers"] if self._value(n) is None])
+        graph = onnx.helper.make_graph(cut["nodes"], self.model.graph.name or "probe", inputs, outputs)
         for name in cut["initializers"]:
-            if self._value(name) is not None:  # declared only: its data is handed over at session creation
-                _placeholder(graph, self.initializers[name])
+            tensor = self.initializers[name]
+            if stored is not None and stored.declare(graph, tensor):
+                continue
+            if self._value(name) is None:
+                graph.initializer.append(tensor)
+            else:  # declared only: its data is handed over at session creation
+                _placeholder(graph, tensor)
         sub = onnx.helper.make_model(graph, opset_imports=self.model.opset_import, ir_version=self.model.ir_version)
         sub.functions.extend(self.model.functions)
         return sub
 
     def _session(self, cut: dict) -> ort.InferenceSession:
-        """The cut's session; its larger weights are the OrtValues made once, not serialized per group."""
-        options = _probe_options()
-        names = [n for n in cut["initializers"] if self._value(n) is not None]
+        """The cut's session; its larger weights read from the model's files (:meth:`_stored`) or the OrtValues
+        made once, never serialized per group."""
+        stored = self._stored()
+        options = _probe_options(stored)
+        declared = stored.entries if stored is not None else {}
+        names = [n for n in cut["initializers"] if n not in declared and self._value(n) is not None]
         if names:
             options.add_external_initializers(names, [self._value(n) for n in names])
-        return create_session(self._sub_model(cut), options)
+        return create_session(self._sub_model(cut, stored), options)
+
+    def _stored(self) -> Verified | None:
+        """The weights' ranges in the model's files while those are unchanged (None: none usable)."""
+        return self.stored if self.stored is not None and self.stored.usable() else None
 
     def _value(self, name: str) -> ort.OrtValue | None:
         """A larger initializer as an OrtValue over its array, made once (None: it stays in the graph). Its values
@@ -235,12 +255,15 @@ class Downstream:
         return None if found is None else found[1]
 
 
-def _probe_options() -> ort.SessionOptions:
+def _probe_options(stored: Verified | None = None) -> ort.SessionOptions:
     """The probe's session options: every graph optimisation; with the heap bounded (``--low-memory``) no CPU memory
-    arena (a run's activations go back when it ends instead of staying with the session; the same outputs)."""
+    arena (a run's activations go back when it ends instead of staying with the session; the same outputs); the
+    folder of ``stored``'s files where weights are read there."""
     options = session_options(log_level=3)
     if heap_bounded():
         options.enable_cpu_mem_arena = False
+    if stored is not None:
+        stored.configure(options)
     return options
 
 
@@ -322,7 +345,7 @@ class Probe:
     :class:`HeldWeight` arrays, else the analysed model's weights."""
 
     def __init__(self, analysis, feeds: list[dict[str, np.ndarray]], plans: list[set[str]] | None = None,
-                 clock: StageClock | None = None):
+                 clock: StageClock | None = None, stored: StoredWeights | None = None):
         self.analysis, self.feeds, self.clock = analysis, feeds, clock or StageClock()
         self.edits = [e for e in analysis.edits if e.role == "consumer"]
         weights = {e.weight.name: e.weight for e in self.edits}
@@ -334,7 +357,7 @@ class Probe:
                 edit.weight = held[edit.weight.name]
             if plans is not None:
                 window, sizes = capture_window(analysis, feeds) if heap_bounded() else (None, None)
-                self.downstream = Downstream(analysis.model, feeds, plans, self.weights, window, sizes)
+                self.downstream = Downstream(analysis.model, feeds, plans, self.weights, window, sizes, stored)
                 if not self.downstream.usable():
                     self.downstream = None
             if self.downstream is None:

@@ -30,6 +30,7 @@ from .passes.structured import allocate_safe, channel_roots, head_units, mask, n
 from .plan_macs import plan_macs
 from .probe import Probe, Refit, Savings, fed_consumers, run_model
 from .scoring import unit_scores
+from .stored_weights import StoredWeights
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +129,8 @@ def around(sparsity: float) -> tuple[float, ...]:
 def measure_masked(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], config: PruneConfig,
                    ratios: tuple[float, ...], input_shapes: dict[str, list[int]] | None = None,
                    fit_feeds: list[dict[str, np.ndarray]] | None = None,
-                   clock: StageClock | None = None) -> tuple[dict[str, Any], MacEstimate]:
+                   clock: StageClock | None = None, stored: StoredWeights | None = None
+                   ) -> tuple[dict[str, Any], MacEstimate]:
     """:func:`measure` from a single analysis: each point zeroes the consumer weight slices that read the
     group's dropped units (the oracle's masked model, whose outputs equal the removed model's without
     compensation) and runs it; MACs and params saved are counted from the weight edits. Attention-head
@@ -142,7 +144,8 @@ def measure_masked(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], c
     Returns the measurements and a :class:`MacEstimate` over the same unit order. ``clock`` times the stages:
     reference (the original's outputs, which the downstream probe's capture run gives with the tensors entering
     each group's downstream part; else a run of their own), analysis, capture and gram (the refit's Grams), refit
-    and probe (the points' refits and onnxruntime runs)."""
+    and probe (the points' refits and onnxruntime runs). ``stored``: where ``model``'s weights lie in its files
+    (the probe's sessions read unchanged weights there, :mod:`~onnxprune.stored_weights`)."""
     clock = clock or StageClock()
     reference = None
     with clock.stage("analysis"):
@@ -166,7 +169,7 @@ def measure_masked(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], c
             refit = Refit(analysis, fit_feeds or feeds, clock=clock)
     with clock.stage("reference"):  # the tensors entering each group's downstream part, and the outputs, from one
         probe = Probe(analysis, feeds, [set().union(*(probe_touched(analysis, keep) for _, _, keep in points))
-                                        for _, points in planned], clock)  # run of the original
+                                        for _, points in planned], clock, stored)  # run of the original
         if reference is None:
             reference = probe.reference()
         if reference is None:
