@@ -12,7 +12,7 @@ import contextlib
 import os
 import time
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -223,7 +223,7 @@ class ActivationStream:
     :data:`WHOLE_BATCH_OPS` node: the same values, a run's memory for a few samples."""
 
     def __init__(self, model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
-                 budget: int | KeptBudget = 1 << 30, shared: dict[str, tuple[bytes, np.ndarray]] | None = None,
+                 budget: int | KeptBudget = 1 << 30, shared: Mapping[str, tuple[bytes, np.ndarray]] | None = None,
                  weights: dict[str, np.ndarray] | None = None, samples: int = 0):
         self.model, self.feeds, self.shared, self.weights = model, feeds, shared, weights or {}
         self.declared = set(self.weights)

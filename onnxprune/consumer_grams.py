@@ -72,7 +72,7 @@ class ConsumerGrams(Mapping):
 
     def __init__(self, model, consumers: dict[str, tuple], feeds: list[dict[str, np.ndarray]], ridge: float,
                  clock: StageClock | None = None, shapes: dict | None = None, defer: bool = True,
-                 frontier: set[str] | None = None, shared: dict[str, tuple[bytes, np.ndarray]] | None = None):
+                 frontier: set[str] | None = None, shared: Mapping[str, tuple[bytes, np.ndarray]] | None = None):
         self.ridge, self.feeds, self.clock = ridge, len(feeds), clock or StageClock()
         self.shared = shared
         self.patch = {key: _patch_key(node, matrix.shape[0]) for key, (node, _, matrix, _) in consumers.items()}

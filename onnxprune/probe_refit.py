@@ -4,6 +4,8 @@ points through :func:`~onnxprune.sensitivity.measure_masked`)."""
 
 from __future__ import annotations
 
+from types import MappingProxyType
+
 import numpy as np
 
 from .analysis.groups import Analysis
@@ -39,7 +41,9 @@ class Refit:
                  clock: StageClock | None = None, originals: dict[str, np.ndarray] | None = None,
                  points: list[list[np.ndarray]] | None = None):
         self.consumers = _refit_consumers(analysis, originals)
-        self.shared = shared_weights(originals)  # the capture sessions are fed the originals, not copies of them
+        # the capture sessions are fed the originals, not copies of them; the copies of other weights they make go
+        # with them (read-only: not kept for later windows' captures beside the Grams)
+        self.shared = MappingProxyType(shared_weights(originals))
         self.analysis, self.feeds, self.ridge, self.clock = analysis, feeds, ridge, clock or StageClock()
         self.windows: list[tuple[range, set[str]]] = []
         self.grams: ConsumerGrams | dict = {}

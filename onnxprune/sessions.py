@@ -10,7 +10,7 @@ few samples at a time and keeps outputs that hold no session memory.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -171,11 +171,12 @@ class FedSession:
 
 def fed_session(header: onnx.ModelProto, initializers: Iterable[onnx.TensorProto],
                 options: ort.SessionOptions | None = None, providers: tuple[str, ...] = CPU,
-                shared: dict[str, tuple[bytes, np.ndarray]] | None = None) -> FedSession:
+                shared: Mapping[str, tuple[bytes, np.ndarray]] | None = None) -> FedSession:
     """A :class:`FedSession` over ``header`` (a model whose main graph holds no initializers): ``initializers`` of a
     :data:`FED_TYPES` type and more than 256 elements become typed graph inputs fed from arrays, the rest are copied
     into the graph. ``shared`` (name -> raw bytes and the array over them) lets sessions over two versions of one
-    model (original and pruned) hold one array per weight both have unchanged."""
+    model (original and pruned) hold one array per weight both have unchanged: a dict gains the arrays made here,
+    a read-only mapping (``types.MappingProxyType``) is only read (the other arrays go with the session)."""
     graph = header.graph
     declared = {i.name for i in graph.input}
     weights: dict[str, np.ndarray] = {}
@@ -205,7 +206,7 @@ def shared_weights(arrays: dict[str, np.ndarray] | None) -> dict[str, tuple[byte
             if isinstance(array_owner(array), bytes)}
 
 
-def _weight_array(tensor: onnx.TensorProto, shared: dict[str, tuple[bytes, np.ndarray]] | None) -> np.ndarray:
+def _weight_array(tensor: onnx.TensorProto, shared: Mapping[str, tuple[bytes, np.ndarray]] | None) -> np.ndarray:
     """The tensor's values as a contiguous array: a read-only view of its raw bytes (one copy, out of the proto),
     the array in ``shared`` when it holds the same bytes under that name."""
     if not tensor.HasField("raw_data") or not np.dtype("<f4").isnative:
@@ -217,7 +218,7 @@ def _weight_array(tensor: onnx.TensorProto, shared: dict[str, tuple[bytes, np.nd
             return hit[1]
     dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
     array = np.frombuffer(raw, dtype=dtype).reshape(tuple(tensor.dims))
-    if shared is not None:
+    if isinstance(shared, dict):
         shared[tensor.name] = (raw, array)
     return array
 

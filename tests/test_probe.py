@@ -254,3 +254,38 @@ def test_the_narrowest_frontier_keeps_fewer_bytes():
     assert latest and narrowest and source.bytes(narrowest) < source.bytes(latest)
     first = min(source.producer[n] for n in late)
     assert all(source.producer[n] < first for n in narrowest)
+
+
+def test_refit_captures_keep_no_copies_of_other_weights(monkeypatch):
+    """The allocation refit's capture sessions are fed the probe's original consumer arrays, and the copies they make
+    of the other weights go with the sessions: after the windows' captures the refit holds the originals alone (it
+    held a copy of every weight a capture read, through the whole measurement)."""
+    import importlib
+    from types import MappingProxyType
+
+    from onnxprune import selection_windows
+    from onnxprune.sessions import fed_session, model_header, shared_weights
+    sensitivity = importlib.import_module("onnxprune.sensitivity")
+    monkeypatch.setattr(sensitivity, "heap_bounded", lambda: True)
+    monkeypatch.setattr(selection_windows, "WINDOW_SHARE", 0.05)
+    made = []
+    refit_class = sensitivity.Refit
+
+    def recorded(*args, **kwargs):
+        made.append(refit_class(*args, **kwargs))
+        return made[-1]
+    monkeypatch.setattr(sensitivity, "Refit", recorded)
+    measure_masked(_model(), _batches(1), _config(reconstruct=True), around(0.3), fit_feeds=_batches(2, seed=1))
+    refit = made[0]
+    assert len(refit.windows) > 3 and len(refit.shared) > 5
+    assert all(isinstance(refit.shared[name][0], bytes) for name in refit.shared)
+    assert set(refit.shared) <= {e.weight.name for e in refit.analysis.edits if e.role == "consumer"}
+    # the rule itself: a dict gains the arrays a session makes, a read-only mapping is only read
+    model = _model()
+    weight = next(t for t in model.graph.initializer if len(t.dims) == 4)
+    given = shared_weights({weight.name: numpy_helper.to_array(weight)})
+    gained: dict = {}
+    fed_session(model_header(model), model.graph.initializer, shared=gained)
+    read_only = fed_session(model_header(model), model.graph.initializer, shared=MappingProxyType(given))
+    assert len(gained) > 40 and set(given) == {weight.name}
+    assert read_only.weights[weight.name] is given[weight.name][1]
