@@ -106,11 +106,13 @@ class Verified:
 
 
 def _external_entry(tensor: onnx.TensorProto) -> tuple[str, int, int] | None:
-    """(location, offset, length) of an external tensor as its entries give them; None without a plain location
-    (one naming a folder is not taken) or a length that cannot be known without reading."""
+    """(location, offset, length) of an external tensor as its entries give them; None without a relative location
+    inside the folder (loading checked it already: a regular file, no link on the way) or a length that cannot be
+    known without reading."""
     info = {item.key: item.value for item in tensor.external_data}
     location = info.get("location", "")
-    if not location or os.path.basename(location) != location:
+    parts = Path(location).parts
+    if not location or Path(location).is_absolute() or any(part in ("..", ".", "") for part in parts):
         return None
     try:
         offset = int(info.get("offset", "0"))

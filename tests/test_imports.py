@@ -13,7 +13,7 @@ ABOVE_ANALYSIS = ("onnxprune.passes", "onnxprune.validate", "onnxprune.cli", "on
 #: the layers of docs/architecture.md ("Layers"), bottom up: a module imports only from its own layer or lower ones
 LAYERS = {
     0: ["errors", "signals", "config", "heap"],
-    1: ["graph", "outputs", "model_file", "model", "shapes"],
+    1: ["graph", "outputs", "model_file", "stored_weights", "model", "shapes"],
     2: ["sessions", "specs", "dynamic_dims", "synthetic", "feeds", "sample_parts"],
     3: ["analysis", "analysis.weights", "analysis.blocks", "analysis.stream_model", "analysis.stream", "analysis.registry", "analysis.groups", "analysis.cost", "analysis.rules",
         "analysis.vocab",

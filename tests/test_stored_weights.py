@@ -69,9 +69,11 @@ def test_ranges_leave_out_repeated_names_and_unreadable_files(tmp_path):
     assert tensor_data_ranges(truncated) == {}
 
 
-def test_external_data_ranges_come_from_the_data_file(tmp_path):
+@pytest.mark.parametrize("location", ["ext.data", "weights/ext.data"])
+def test_external_data_ranges_come_from_the_data_file(tmp_path, location):
     path = tmp_path / "ext.onnx"
-    onnx.save(onnx.load(str(RESNET)), str(path), save_as_external_data=True, location="ext.data",
+    (tmp_path / "weights").mkdir()
+    onnx.save(onnx.load(str(RESNET)), str(path), save_as_external_data=True, location=location,
               size_threshold=1024)
     model = onnx.load(str(RESNET))
     loaded = load_model(path)
@@ -79,12 +81,23 @@ def test_external_data_ranges_come_from_the_data_file(tmp_path):
     assert stored is not None and stored.folder == tmp_path
     large = [t for t in model.graph.initializer if len(t.raw_data) >= 1024]
     assert len(large) > 40
-    data = (tmp_path / "ext.data").read_bytes()
+    data = (tmp_path / location).read_bytes()
     for tensor in large:
-        location, start, length = stored.entries[tensor.name]
-        assert location == "ext.data" and data[start:start + length] == tensor.raw_data
+        where, start, length = stored.entries[tensor.name]
+        assert where == location and data[start:start + length] == tensor.raw_data
     verified = stored.verified(list(loaded.model.graph.initializer))
     assert set(verified.entries) == set(stored.entries)
+    feeds = _batches(1)
+    model = _loaded(path).model
+    conv = [n for n in model.graph.node if n.op_type == "Conv"][5]
+    cut = probe_module.Downstream(model, feeds, [{conv.input[1]}], stored=stored)
+    assert cut._stored() is not None
+    declared = [n for n in cut.cuts[0]["initializers"] if n in cut.stored.entries]
+    assert len(declared) > 40
+    cut._session(cut.cuts[0])  # onnxruntime reads them from the data file (it raises if it cannot)
+    from_file, _ = measure_masked(model, feeds, _config(), (0.25,), stored=stored)
+    from_memory, _ = measure_masked(_loaded(RESNET).model, feeds, _config(), (0.25,))
+    assert _points(from_file) == _points(from_memory)
 
 
 def test_probe_points_equal_bit_for_bit_with_weights_read_from_the_file(tmp_path, monkeypatch):
