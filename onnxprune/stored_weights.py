@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,12 @@ from .model_file import tensor_data_ranges
 FOLDER_KEY = "session.model_external_initializers_file_folder_path"
 #: bytes compared at a time when a range is checked against the values in memory
 CHUNK = 16 << 20
+#: the first onnxruntime release taken to honour :data:`FOLDER_KEY` (older ones would resolve the locations against
+#: the working folder, a path the user did not name: no ranges are used with them)
+FOLDER_KEY_SINCE = (1, 20)
+#: the distributions onnxruntime's Python module is installed by
+_ORT_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-directml", "onnxruntime-openvino",
+                      "onnxruntime-qnn", "ort-nightly", "ort-nightly-gpu")
 
 
 @dataclass
@@ -54,6 +61,8 @@ class StoredWeights:
         """The ranges that hold ``tensors``' values now (compared byte for byte with ``arrays[name]`` where given,
         else with the tensor's ``raw_data``), with the files' stamps to check before each use."""
         arrays = arrays or {}
+        if not folder_setting_supported():
+            return Verified(self.folder, {}, {})
         found: dict[str, tuple[str, int, int]] = {}
         stamps: dict[str, tuple[int, int, int] | None] = {}
         for tensor in tensors:
@@ -103,6 +112,23 @@ class Verified:
     def configure(self, options) -> None:
         """Point ``options`` (onnxruntime ``SessionOptions``) at the folder the locations are relative to."""
         options.add_session_config_entry(FOLDER_KEY, os.fspath(self.folder))
+
+
+def folder_setting_supported() -> bool:
+    """Whether the installed onnxruntime reads external data relative to :data:`FOLDER_KEY` (its version)."""
+    for distribution in _ORT_DISTRIBUTIONS:
+        try:
+            version = metadata.version(distribution)
+            break
+        except metadata.PackageNotFoundError:
+            continue
+    else:  # a build installed under another name: not known to honour it
+        return False
+    numbers = []
+    for part in version.split(".")[:2]:
+        digits = "".join(ch for ch in part if ch.isdigit())
+        numbers.append(int(digits) if digits else 0)
+    return tuple(numbers) >= FOLDER_KEY_SINCE
 
 
 def _external_entry(tensor: onnx.TensorProto) -> tuple[str, int, int] | None:

@@ -177,3 +177,17 @@ def test_only_the_files_the_model_was_read_from_are_named(tmp_path):
     loaded = _loaded(_copy(tmp_path))
     assert {entry[0] for entry in loaded.stored.entries.values()} == {"model.onnx"}
     assert isinstance(loaded.stored, StoredWeights) and loaded.stored.folder == tmp_path
+
+
+def test_an_onnxruntime_without_the_folder_setting_reads_from_memory(tmp_path, monkeypatch):
+    """An onnxruntime older than the folder setting would resolve the locations against the working folder: with
+    it no range is used (the sessions are handed the weights from memory)."""
+    from onnxprune import stored_weights
+
+    loaded = _loaded(_copy(tmp_path))
+    assert stored_weights.folder_setting_supported()
+    assert loaded.stored.verified(list(loaded.model.graph.initializer)).usable()
+    monkeypatch.setattr(stored_weights.metadata, "version", lambda name: "1.19.2")
+    assert not stored_weights.folder_setting_supported()
+    verified = loaded.stored.verified(list(loaded.model.graph.initializer))
+    assert verified.entries == {} and not verified.usable()
