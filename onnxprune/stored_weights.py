@@ -27,6 +27,8 @@ from .model_file import tensor_data_ranges
 FOLDER_KEY = "session.model_external_initializers_file_folder_path"
 #: bytes compared at a time when a range is checked against the values in memory
 CHUNK = 16 << 20
+#: tensors of at most this many elements stay in the graphs (as the OrtValues handed over leave them)
+SMALL_ELEMENTS = 256
 #: the first onnxruntime release taken to honour :data:`FOLDER_KEY` (older ones would resolve the locations against
 #: the working folder, a path the user did not name: no ranges are used with them)
 FOLDER_KEY_SINCE = (1, 20)
@@ -59,7 +61,8 @@ class StoredWeights:
 
     def verified(self, tensors: list[onnx.TensorProto], arrays: dict[str, np.ndarray] | None = None) -> Verified:
         """The ranges that hold ``tensors``' values now (compared byte for byte with ``arrays[name]`` where given,
-        else with the tensor's ``raw_data``), with the files' stamps to check before each use."""
+        else with the tensor's ``raw_data``), with the files' stamps to check before each use. Tensors of at most
+        :data:`SMALL_ELEMENTS` elements (shapes, axes, scalars) are left out: they stay in the graph."""
         arrays = arrays or {}
         if not folder_setting_supported():
             return Verified(self.folder, {}, {})
@@ -67,7 +70,8 @@ class StoredWeights:
         stamps: dict[str, tuple[int, int, int] | None] = {}
         for tensor in tensors:
             entry = self.entries.get(tensor.name)
-            if entry is None or tensor.data_location == onnx.TensorProto.EXTERNAL:
+            if (entry is None or tensor.data_location == onnx.TensorProto.EXTERNAL
+                    or int(np.prod(tensor.dims, dtype=np.int64)) <= SMALL_ELEMENTS):
                 continue
             if entry[0] not in stamps:
                 stamps[entry[0]] = _stamp(self.folder / entry[0])

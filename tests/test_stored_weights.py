@@ -86,7 +86,8 @@ def test_external_data_ranges_come_from_the_data_file(tmp_path, location):
         where, start, length = stored.entries[tensor.name]
         assert where == location and data[start:start + length] == tensor.raw_data
     verified = stored.verified(list(loaded.model.graph.initializer))
-    assert set(verified.entries) == set(stored.entries)
+    large = {t.name for t in loaded.model.graph.initializer if int(np.prod(t.dims)) > 256}
+    assert set(verified.entries) == large & set(stored.entries) and len(verified.entries) > 40
     feeds = _batches(1)
     model = _loaded(path).model
     conv = [n for n in model.graph.node if n.op_type == "Conv"][5]
@@ -132,7 +133,7 @@ def test_a_weight_changed_in_memory_is_read_from_memory(tmp_path):
     conv = [t for t in model.graph.initializer if len(t.dims) == 4][-3]
     conv.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(conv) * 2.0, conv.name))
     verified = loaded.stored.verified(list(model.graph.initializer))
-    assert conv.name not in verified.entries and len(verified.entries) > 50
+    assert conv.name not in verified.entries and len(verified.entries) > 40
     feeds = _batches(2)
     changed, _ = measure_masked(model, feeds, _config(), around(0.3), stored=loaded.stored)
     same = _loaded(RESNET).model
