@@ -35,7 +35,7 @@ from .graph import Weight, subgraph_reads, weight_bytes
 from .heap import heap_bounded
 from .probe_refit import Refit  # noqa: F401  (the points' refit, imported from here)
 from .sessions import create_session, inference_session, model_header, owned, session_options
-from .stored_weights import StoredWeights, Verified
+from .stored_weights import IN_MEMORY, StoredWeights, Verified, declare_external
 
 logger = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ class Downstream:
             if held is None:
                 header.graph.initializer.append(tensor)
             else:
-                _placeholder(header.graph, tensor)
+                declare_external(header.graph, tensor, location=IN_MEMORY)
                 external[tensor.name] = held
         options = _probe_options(stored)
         if external:
@@ -226,7 +226,7 @@ class Downstream:
             if self._value(name) is None:
                 graph.initializer.append(tensor)
             else:  # declared only: its data is handed over at session creation
-                _placeholder(graph, tensor)
+                declare_external(graph, tensor, location=IN_MEMORY)
         sub = onnx.helper.make_model(graph, opset_imports=self.model.opset_import, ir_version=self.model.ir_version)
         sub.functions.extend(self.model.functions)
         return sub
@@ -276,16 +276,6 @@ def _ort_value(tensor: onnx.TensorProto, array: np.ndarray | None = None
         return None
     array = np.ascontiguousarray(numpy_helper.to_array(tensor) if array is None else array)
     return array, ort.OrtValue.ortvalue_from_numpy(array)
-
-
-def _placeholder(graph: onnx.GraphProto, tensor: onnx.TensorProto) -> None:
-    """Declare ``tensor`` in ``graph`` without its data (handed over as an OrtValue at session creation)."""
-    placeholder = graph.initializer.add()
-    placeholder.name, placeholder.data_type = tensor.name, tensor.data_type
-    placeholder.dims.extend(tensor.dims)
-    placeholder.data_location = onnx.TensorProto.EXTERNAL
-    entry = placeholder.external_data.add()
-    entry.key, entry.value = "location", "onnxprune-in-memory"
 
 
 def capture_window(analysis: Analysis, feeds: list[dict[str, np.ndarray]]) -> tuple[int, dict[str, int]]:

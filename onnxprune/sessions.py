@@ -24,6 +24,7 @@ from .model import copy_fields
 from .model_file import read_structure
 from .sample_parts import part_bounds
 from .specs import sample_count, take_samples
+from .stored_weights import IN_MEMORY, declare_external
 
 CPU = ("CPUExecutionProvider",)
 
@@ -129,12 +130,7 @@ def session_over(header: onnx.ModelProto, initializers: Iterable[onnx.TensorProt
         keep_alive.append(array)
         names.append(tensor.name)
         values.append(ort.OrtValue.ortvalue_from_numpy(array))
-        placeholder = graph.initializer.add()  # declared, its data given at session creation
-        placeholder.name, placeholder.data_type = tensor.name, tensor.data_type
-        placeholder.dims.extend(tensor.dims)
-        placeholder.data_location = onnx.TensorProto.EXTERNAL
-        entry = placeholder.external_data.add()
-        entry.key, entry.value = "location", "onnxprune-in-memory"
+        declare_external(graph, tensor, location=IN_MEMORY)  # its data given at session creation
     options = options or ort.SessionOptions()
     if names:
         options.add_external_initializers(names, values)

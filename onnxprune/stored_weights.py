@@ -14,6 +14,7 @@ memory and while the files are unchanged since (size, inode and modification tim
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -104,18 +105,28 @@ class Verified:
         entry = self.entries.get(tensor.name)
         if entry is None:
             return False
-        placeholder = graph.initializer.add()
-        placeholder.name, placeholder.data_type = tensor.name, tensor.data_type
-        placeholder.dims.extend(tensor.dims)
-        placeholder.data_location = onnx.TensorProto.EXTERNAL
-        for key, value in (("location", entry[0]), ("offset", str(entry[1])), ("length", str(entry[2]))):
-            item = placeholder.external_data.add()
-            item.key, item.value = key, value
+        declare_external(graph, tensor, location=entry[0], offset=str(entry[1]), length=str(entry[2]))
         return True
 
     def configure(self, options) -> None:
         """Point ``options`` (onnxruntime ``SessionOptions``) at the folder the locations are relative to."""
         options.add_session_config_entry(FOLDER_KEY, os.fspath(self.folder))
+
+
+#: the location of a tensor whose data is handed to onnxruntime at session creation (an OrtValue), not in a file
+IN_MEMORY = "onnxprune-in-memory"
+
+
+def declare_external(graph: onnx.GraphProto, tensor: onnx.TensorProto, **entries: str) -> None:
+    """Declare ``tensor`` in ``graph`` without its data: its name, type and shape, as external data with ``entries``
+    (``location``, and ``offset``/``length`` for a file; :data:`IN_MEMORY` for data handed over as an OrtValue)."""
+    placeholder = graph.initializer.add()
+    placeholder.name, placeholder.data_type = tensor.name, tensor.data_type
+    placeholder.dims.extend(tensor.dims)
+    placeholder.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in entries.items():
+        item = placeholder.external_data.add()
+        item.key, item.value = key, value
 
 
 def folder_setting_supported() -> bool:
@@ -199,9 +210,7 @@ def _stamp(path: Path) -> tuple[int, int, int] | None:
         info = path.stat()
     except OSError:
         return None
-    if not os.path.isfile(path):
-        return None
-    return info.st_size, info.st_ino, info.st_mtime_ns
+    return (info.st_size, info.st_ino, info.st_mtime_ns) if stat.S_ISREG(info.st_mode) else None
 
 
 #: the data types a range is declared for (little-endian fixed-size elements, as onnxruntime reads raw data)
