@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator, Mapping
+from concurrent.futures import Executor
 
 import numpy as np
 
@@ -62,7 +63,10 @@ class ConsumerGrams(Mapping):
     may hold intermediate tensors (a frontier) besides or instead of graph inputs: the runs start from them. With
     ``frontier`` (tensor names) :attr:`frontier` holds those tensors of every feed after the capture. ``shared``
     (see :func:`~onnxprune.sessions.fed_session`) feeds the capture sessions the weights the caller holds as arrays
-    already, instead of a copy of each per session.
+    already, instead of a copy of each per session. ``pool`` (:func:`~onnxprune.gram.product_pool`): the Gram
+    products of the capture, and of deferred Grams built on the thread that made the object, run on its threads
+    while that thread goes on (:class:`~onnxprune.gram.GramSum`; the same sums bit for bit), for a caller that
+    would leave the other core idle.
     ``live_bytes``/``peak_bytes`` count the Gram arrays held (finished and running sums).
 
     After the capture, lookups, :meth:`release` and :meth:`forget` may come from several threads: the bookkeeping
@@ -72,8 +76,10 @@ class ConsumerGrams(Mapping):
 
     def __init__(self, model, consumers: dict[str, tuple], feeds: list[dict[str, np.ndarray]], ridge: float,
                  clock: StageClock | None = None, shapes: dict | None = None, defer: bool = True,
-                 frontier: set[str] | None = None, shared: Mapping[str, tuple[bytes, np.ndarray]] | None = None):
+                 frontier: set[str] | None = None, shared: Mapping[str, tuple[bytes, np.ndarray]] | None = None,
+                 pool: Executor | None = None):
         self.ridge, self.feeds, self.clock = ridge, len(feeds), clock or StageClock()
+        self.pool = pool
         self.shared = shared
         self.patch = {key: _patch_key(node, matrix.shape[0]) for key, (node, _, matrix, _) in consumers.items()}
         self.node = {self.patch[key]: node for key, (node, *_) in consumers.items()}
@@ -116,7 +122,7 @@ class ConsumerGrams(Mapping):
                     if defer and x.nbytes * len(feeds) < 8 * patch[1] ** 2:
                         self.deferred.add(patch)
                     else:
-                        sums[patch] = GramSum()
+                        sums[patch] = GramSum(pool=self.pool)
                         self._count(8 * patch[1] ** 2)
                 if patch in self.deferred:
                     kept = self.inputs.setdefault(node.input[0], [])
@@ -177,7 +183,8 @@ class ConsumerGrams(Mapping):
     def _sum_kept(self, node, kept: list[np.ndarray], features: int, order: np.ndarray | None = None) -> np.ndarray:
         """The Gram of ``node``'s features summed from its kept input tensors (one per feed), rows sampled as the
         capture samples them; with ``order`` its features (columns) taken in that order."""
-        total, sampler = GramSum(), RowSampler(features, self.feeds)
+        total = GramSum(pool=self.pool if threading.get_ident() == self.owner else None)
+        sampler = RowSampler(features, self.feeds)
         for x in kept:
             rows = _features(node, x, features, sampler)
             total.add(rows if order is None else rows[:, order])

@@ -5,6 +5,10 @@ Shared by the refit after removal (:mod:`onnxprune.refit`), the reconstruction-a
 
 from __future__ import annotations
 
+import threading
+from collections import deque
+from concurrent.futures import Executor, ThreadPoolExecutor
+
 import numpy as np
 import onnx
 
@@ -82,6 +86,9 @@ def _reconstructable(node: onnx.NodeProto) -> bool:
 FLUSH_ROWS = 2048
 #: a Gram wider than ``FLUSH_ROWS`` adds its product in blocks of this many columns
 PRODUCT_COLUMNS = 512
+#: products a :class:`GramSum` with a pool leaves running while its caller makes the next rows (each holds its
+#: centred rows and a D×D float32 product, D ≤ ``FLUSH_ROWS``: at most 32 MB)
+IN_FLIGHT = 1
 
 
 class GramSum:
@@ -91,10 +98,17 @@ class GramSum:
     buffered until they hold as many rows as features (at most ``FLUSH_ROWS``), so small batches do not each cost a
     D×D update. A Gram wider than ``FLUSH_ROWS`` adds its product ``PRODUCT_COLUMNS`` columns at a time: besides the
     float64 sum, a flush holds its rows and a D×512 float32 block, not a second D×D array (ResNet-50's 4,608-feature
-    Grams: 19 MB instead of 85 MB of product, at most ~38 MB instead of 85 MB of rows)."""
+    Grams: 19 MB instead of 85 MB of product, at most ~38 MB instead of 85 MB of rows).
 
-    def __init__(self, dtype: type = np.float32):
+    With ``pool`` (:func:`product_pool`) the products run on its threads: a narrow flush's product runs while the
+    caller makes the next rows (``IN_FLIGHT`` left running, added to the sum in the order of the flushes), a wide
+    flush's column blocks run on the pool's threads at once (disjoint columns of the sum). Each product is the same
+    call on the same arrays and the sums are added in the same order: the result is the same, bit for bit."""
+
+    def __init__(self, dtype: type = np.float32, pool: Executor | None = None):
         self.dtype = dtype
+        self.pool = pool
+        self.flights: deque = deque()  # narrow products running on the pool, oldest first
         self.gram: np.ndarray | int = 0
         self.cross: np.ndarray | int = 0
         self.rows: list[np.ndarray] = []
@@ -133,23 +147,49 @@ class GramSum:
         else:
             centred = rows.astype(self.dtype, copy=False) - self.shift
         del rows
-        width = centred.shape[1]
-        if width <= FLUSH_ROWS:
-            self.gram = _accumulate(self.gram, centred.T @ centred)
-        else:
-            if isinstance(self.gram, int):
-                self.gram = np.zeros((width, width))
-            for start in range(0, width, PRODUCT_COLUMNS):
-                self.gram[:, start:start + PRODUCT_COLUMNS] += centred.T @ centred[:, start:start + PRODUCT_COLUMNS]
+        shifted = None
         if target is not None:
             self.sum_y = self.sum_y + target.sum(axis=0, dtype=np.float64)
             shifted = target.astype(self.dtype, copy=False) - self.target_shift
-            self.cross = _accumulate(self.cross, centred.T @ shifted)
+        if centred.shape[1] > FLUSH_ROWS:
+            self._wide(centred)
+            if shifted is not None:
+                self.cross = _accumulate(self.cross, centred.T @ shifted)
+        elif self.pool is None:
+            self._take(_products(centred, shifted))
+        else:
+            self.flights.append(self.pool.submit(_products, centred, shifted))
+            del centred, shifted
+            while len(self.flights) > IN_FLIGHT:
+                self._take(self.flights.popleft().result())
+
+    def _take(self, products: tuple[np.ndarray, np.ndarray | None]) -> None:
+        gram, cross = products
+        self.gram = _accumulate(self.gram, gram)
+        if cross is not None:
+            self.cross = _accumulate(self.cross, cross)
+
+    def _wide(self, centred: np.ndarray) -> None:
+        width = centred.shape[1]
+        if isinstance(self.gram, int):
+            self.gram = np.zeros((width, width))
+        gram = self.gram
+
+        def block(start: int) -> None:
+            gram[:, start:start + PRODUCT_COLUMNS] += centred.T @ centred[:, start:start + PRODUCT_COLUMNS]
+
+        if self.pool is None:
+            for start in range(0, width, PRODUCT_COLUMNS):
+                block(start)
+        else:
+            list(self.pool.map(block, range(0, width, PRODUCT_COLUMNS)))
 
     def result(self) -> tuple[np.ndarray, np.ndarray | int]:
         """(XᵀX, XᵀY) of every block added. The shift is added back in place, a block of rows at a time (the same
         sums in the same order as ``G + c sᵀ + s cᵀ − n c cᵀ``, without D×D temporaries); the sums are then final."""
         self._flush()
+        while self.flights:
+            self._take(self.flights.popleft().result())
         if self.shift is None:
             return self.gram, self.cross
         c = self.shift.astype(np.float64)
@@ -158,6 +198,26 @@ class GramSum:
         _add_shift(self.gram, c, self.sum_x, self.sum_x, c, self.total)
         self.shift = self.target_shift = None
         return self.gram, self.cross
+
+
+def _products(centred: np.ndarray, shifted: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """A narrow flush's float32 products: (centredᵀ centred, centredᵀ shifted)."""
+    return centred.T @ centred, (centred.T @ shifted if shifted is not None else None)
+
+
+#: threads of :func:`product_pool`
+PRODUCT_THREADS = 2
+_pool: dict[str, Executor] = {}
+_pool_lock = threading.Lock()
+
+
+def product_pool() -> Executor:
+    """The process's pool for Gram products (:class:`GramSum` ``pool``), made on first use: for callers that sum
+    Grams on one thread while the other core would idle (the selection under ``--low-memory``)."""
+    with _pool_lock:
+        if "pool" not in _pool:
+            _pool["pool"] = ThreadPoolExecutor(PRODUCT_THREADS, thread_name_prefix="onnxprune-gram")
+        return _pool["pool"]
 
 
 def _accumulate(total: np.ndarray | int, product: np.ndarray) -> np.ndarray:

@@ -11,6 +11,7 @@ import numpy as np
 from .analysis.groups import Analysis
 from .calibration import StageClock
 from .consumer_grams import ConsumerGrams
+from .gram import product_pool
 from .scoring import WIDE_FEATURES, _refit_consumers, as_float64
 from .selection_windows import _input_bytes, _Source, _windows
 from .sessions import shared_weights
@@ -51,7 +52,7 @@ class Refit:
             self._plan_windows(points)
         elif self.consumers:
             self.grams = ConsumerGrams(analysis.model, self.consumers, feeds, ridge, clock, analysis.shapes,
-                                       shared=self.shared)
+                                       shared=self.shared, pool=product_pool())  # windows: memory first, no pool
         self.products: dict[str, np.ndarray] = {}
         self.working: set[str] = set()
         self.orders: dict[str, np.ndarray] = {}  # wide consumer -> its features, kept longest first

@@ -12,7 +12,7 @@ import numpy as np
 from .analysis.groups import Analysis, ChannelGroup
 from .calibration import StageClock
 from .consumer_grams import CAPTURE_BYTES, ConsumerGrams, _capture_chunks, _consumer_grams, _patch_key
-from .gram import _reconstructable
+from .gram import _reconstructable, product_pool
 from .heap import heap_bounded
 from .selection_windows import _input_bytes, _Source, _windows
 from .spd_solve import cholesky_in_place
@@ -115,7 +115,7 @@ def reconstruction_scores(analysis: Analysis, groups: list[ChannelGroup], feeds:
         frontier = source.frontier(later) if later else None
         with clock.stage("gram"):
             grams = ConsumerGrams(analysis.model, {key: consumers[key] for key in keys}, source.feeds, ridge, clock,
-                                  analysis.shapes, frontier=frontier)
+                                  analysis.shapes, frontier=frontier, pool=product_pool() if threads == 1 else None)
         source.advance(frontier, grams.frontier)
         grams.frontier = []
         if not later:  # no capture after this one: the kept frontier is not held through the selection

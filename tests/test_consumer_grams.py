@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import sys
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from typing import ClassVar
 
 import numpy as np
@@ -324,6 +325,40 @@ def test_threaded_selection_gives_the_sequential_scores():
     assert len(_Recorded.made) == 1 and _Recorded.made[0].live_bytes == 0 and not _Recorded.made[0].inputs
 
 
+def test_grams_with_their_products_on_the_pool_equal_the_plain_ones():
+    """With the product pool, the Grams summed during the capture and the deferred ones built on the thread that made
+    the object equal those without it, bit for bit; a deferred Gram built on another thread does not use the pool."""
+    from onnxprune.gram import product_pool
+
+    model = _model()
+    analysis = analyse(model)
+    consumers = scoring._refit_consumers(analysis)
+    plain = ConsumerGrams(model, consumers, _feeds(), 1e-3, shapes=analysis.shapes)
+    pooled = ConsumerGrams(model, consumers, _feeds(), 1e-3, shapes=analysis.shapes, pool=product_pool())
+    assert pooled.deferred == plain.deferred and len(plain.deferred) >= 10
+    for key in plain:
+        np.testing.assert_array_equal(pooled[key], plain[key])
+    used = []
+    sums = consumer_grams.GramSum
+
+    class Recording(sums):
+        def __init__(self, *args, pool=None, **kwargs):
+            used.append(pool)
+            super().__init__(*args, pool=pool, **kwargs)
+
+    deferred = next(k for k in plain if plain.patch[k] in plain.deferred)
+    pooled.release(list(pooled))
+    try:
+        consumer_grams.GramSum = Recording
+        with ThreadPoolExecutor(1) as other:
+            np.testing.assert_array_equal(other.submit(pooled.__getitem__, deferred).result(), plain[deferred])
+        pooled.release(list(pooled))
+        np.testing.assert_array_equal(pooled[deferred], plain[deferred])
+    finally:
+        consumer_grams.GramSum = sums
+    assert used == [None, pooled.pool]
+
+
 def test_low_memory_selection_runs_in_windows_with_the_same_scores(monkeypatch):
     """With the heap bounded the groups are scored in windows of consecutive groups, each window's consumers
     captured (from the frontier an earlier capture kept, where it fits the budget), selected and released before the
@@ -346,6 +381,7 @@ def test_low_memory_selection_runs_in_windows_with_the_same_scores(monkeypatch):
 
     def recorded(model, consumers, sources, *args, **kwargs):
         starts.append(set(sources[0]))
+        assert kwargs.get("pool") is not None  # one thread orders the groups: Gram products on the product pool
         return _Recorded(model, consumers, sources, *args, **kwargs)
 
     monkeypatch.setattr(scoring, "ConsumerGrams", recorded)

@@ -218,6 +218,57 @@ def test_wide_gram_sums_flush_bounded_rows_and_add_the_product_by_column_blocks(
     np.testing.assert_allclose(blocked, whole, rtol=1e-12, atol=1e-9)
 
 
+class _CountingPool:
+    """The product pool, counting the products handed to it and the threads that ran them."""
+
+    def __init__(self):
+        from onnxprune.gram import product_pool
+
+        self.pool, self.threads, self.calls = product_pool(), set(), 0
+
+    def _record(self, fn):
+        def run(*args):
+            import threading
+
+            self.threads.add(threading.current_thread().name)
+            return fn(*args)
+        return run
+
+    def submit(self, fn, *args):
+        self.calls += 1
+        return self.pool.submit(self._record(fn), *args)
+
+    def map(self, fn, items):
+        items = list(items)
+        self.calls += len(items)
+        return self.pool.map(self._record(fn), items)
+
+
+@pytest.mark.parametrize("features", [40, 90])
+def test_gram_products_on_the_pool_give_the_same_sums(monkeypatch, features):
+    """Products run on the product pool (a narrow flush's while the caller makes the next rows, a wide flush's
+    column blocks at once) give the sums of the products run in place, bit for bit, XᵀY too."""
+    from onnxprune import gram as gram_module
+
+    monkeypatch.setattr(gram_module, "FLUSH_ROWS", 64)  # 90 features: wide, 40: narrow
+    monkeypatch.setattr(gram_module, "PRODUCT_COLUMNS", 32)
+    rng = np.random.default_rng(5)
+    blocks = [rng.standard_normal((rows, features)).astype(np.float32) + 1.5 for rows in (30, 45, 70, 5, 66, 12, 90)]
+    targets = [rng.standard_normal((b.shape[0], 6)).astype(np.float32) for b in blocks]
+    pool = _CountingPool()
+    plain, pooled = GramSum(), GramSum(pool=pool)
+    for b, t in zip(blocks, targets):
+        plain.add(b, t)
+        pooled.add(b, t)
+    (gram, cross), (pooled_gram, pooled_cross) = plain.result(), pooled.result()
+    np.testing.assert_array_equal(pooled_gram, gram)
+    np.testing.assert_array_equal(pooled_cross, cross)
+    assert pool.calls >= 4 and all(name.startswith("onnxprune-gram") for name in pool.threads)
+    assert not pooled.flights
+    x = np.concatenate(blocks).astype(np.float64)
+    np.testing.assert_allclose(pooled_gram, x.T @ x, rtol=1e-5, atol=1e-3)
+
+
 def test_downdate_factor_gives_the_downdate_term():
     """A wide consumer's downdate is held as z with z zᵀ = column · block⁻¹ · columnᵀ (Cholesky of the block); a
     block rounding left indefinite keeps its positive part."""
