@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from functools import partial
 
 import numpy as np
@@ -101,6 +101,7 @@ def reconstruction_scores(analysis: Analysis, groups: list[ChannelGroup], feeds:
     low = heap_bounded()
     threads = (1 if low else SELECTION_THREADS) if threads is None else max(1, threads)
     windows = _windows(analysis, groups, consumers, readers, feeds) if low else [range(len(groups))]
+    products = product_pool() if threads == 1 else None  # one thread orders: products and inverses use the other core
     scores: dict[int, np.ndarray] = {}
     source = _Source(analysis.model, feeds, _input_bytes(analysis, consumers, feeds) if len(windows) > 1 else 0,
                      analysis.shapes)
@@ -115,7 +116,7 @@ def reconstruction_scores(analysis: Analysis, groups: list[ChannelGroup], feeds:
         frontier = source.frontier(later) if later else None
         with clock.stage("gram"):
             grams = ConsumerGrams(analysis.model, {key: consumers[key] for key in keys}, source.feeds, ridge, clock,
-                                  analysis.shapes, frontier=frontier, pool=product_pool() if threads == 1 else None)
+                                  analysis.shapes, frontier=frontier, pool=products)
         source.advance(frontier, grams.frontier)
         grams.frontier = []
         if not later:  # no capture after this one: the kept frontier is not held through the selection
@@ -145,7 +146,7 @@ def reconstruction_scores(analysis: Analysis, groups: list[ChannelGroup], feeds:
             group = groups[number]
             steps = None if stop is None else math.ceil(stop * max(group.channels, len(group.units))) + 1
             result = _greedy_order(group, consumers, grams, steps, partial(inverted, number),
-                                   partial(last_use, number) if low else None) if group.units else None
+                                   partial(last_use, number) if low else None, products) if group.units else None
             if not group.units:
                 inverted(number)
             return fallback[group.id] if result is None else result
@@ -154,8 +155,8 @@ def reconstruction_scores(analysis: Analysis, groups: list[ChannelGroup], feeds:
             if threads == 1 or len(window) < 2:
                 results = [order(number) for number in window]
             else:
-                with ThreadPoolExecutor(threads) as pool:
-                    results = list(pool.map(order, window))
+                with ThreadPoolExecutor(threads) as workers:
+                    results = list(workers.map(order, window))
         for number, result in zip(window, results):
             scores[groups[number].id] = result
         del grams
@@ -263,14 +264,16 @@ BATCH_FEATURES = 1024
 
 
 def _greedy_order(group: ChannelGroup, consumers: dict[str, tuple], grams: dict[str, np.ndarray],
-                  steps: int | None = None, inverted=None, overwritable=None) -> np.ndarray | None:
+                  steps: int | None = None, inverted=None, overwritable=None, pool: Executor | None = None
+                  ) -> np.ndarray | None:
     """Greedy OBS elimination over the group's units: each step removes the unit whose block costs least,
     summed over the consumers, then downdates each consumer's inverse Gram and refitted weights (``steps``:
     stop after that many; the rest score the accumulated error plus their current cost). Past
     ``SELECTION_STEPS`` steps on a consumer of ``BATCH_FEATURES`` features or more, each step removes the ``batch``
     cheapest units together. ``inverted`` is called once the inverses are taken (the Grams may then go);
-    ``overwritable`` (see :func:`_states`) says which Grams may be inverted in place."""
-    states = _states(group, consumers, grams, steps, overwritable)
+    ``overwritable`` (see :func:`_states`) says which Grams may be inverted in place; ``pool``: wide inverses run
+    partly on it (:func:`spd_inverse`)."""
+    states = _states(group, consumers, grams, steps, overwritable, pool)
     if inverted is not None:
         inverted()
     if not states:
@@ -307,7 +310,7 @@ def _greedy_order(group: ChannelGroup, consumers: dict[str, tuple], grams: dict[
 
 
 def _states(group: ChannelGroup, consumers: dict[str, tuple], grams: dict[str, np.ndarray],
-            steps: int | None = None, overwritable=None) -> list | None:
+            steps: int | None = None, overwritable=None, pool: Executor | None = None) -> list | None:
     """One :class:`_State` per consumer that reads the group's units (None: a Gram cannot be inverted); each
     state's downdate columns are sized for the most features ``steps`` removals can take from it. A Gram for
     whose key ``overwritable(key)`` is true (no later reader, built again from kept inputs if asked for again) is
@@ -330,13 +333,13 @@ def _states(group: ChannelGroup, consumers: dict[str, tuple], grams: dict[str, n
             try:
                 if overwritable is not None and overwritable(key):
                     try:
-                        inverses[id(gram)] = spd_inverse(gram, overwrite=True)
+                        inverses[id(gram)] = spd_inverse(gram, overwrite=True, pool=pool)
                     except _Overwritten:
                         grams.release([key])  # the failed factor: the Gram is built again, as the plain path reads it
                         gram = grams[key]
                         inverses[id(gram)] = np.linalg.inv(gram)
                 else:
-                    inverses[id(gram)] = spd_inverse(gram)
+                    inverses[id(gram)] = spd_inverse(gram, pool=pool)
             except np.linalg.LinAlgError:
                 return None
         sizes = np.sort(np.bincount(units[units >= 0]))[::-1]
@@ -345,7 +348,7 @@ def _states(group: ChannelGroup, consumers: dict[str, tuple], grams: dict[str, n
     return states
 
 
-def spd_inverse(gram: np.ndarray, overwrite: bool = False) -> np.ndarray:
+def spd_inverse(gram: np.ndarray, overwrite: bool = False, pool: Executor | None = None) -> np.ndarray:
     """The inverse of a symmetric positive definite (ridge-regularised) Gram: ``np.linalg.inv`` below
     ``WIDE_FEATURES``; above, by Cholesky (H = L Lᵀ, H⁻¹ = L⁻ᵀ L⁻¹) with blocked products that use the triangles
     (about half the flops of an LU inverse, same float64 accuracy); LU where Cholesky fails. The factor is the
@@ -353,46 +356,55 @@ def spd_inverse(gram: np.ndarray, overwrite: bool = False) -> np.ndarray:
     would take a work copy besides), L is inverted and multiplied in place: besides the Gram, one D×D array and a
     quarter-sized temporary are alive. With ``overwrite`` (a C-contiguous float64 Gram above ``WIDE_FEATURES``)
     the factor is written over the Gram itself (the same factor, bit for bit; no other D×D array) and the inverse
-    returned is the Gram's array; where the factor fails :class:`_Overwritten` is raised (the Gram is lost)."""
+    returned is the Gram's array; where the factor fails :class:`_Overwritten` is raised (the Gram is lost).
+    With ``pool`` (:func:`~onnxprune.gram.product_pool`) the factor's strips and the halves of the inverse and of
+    the product run partly on it: the same inverse bit for bit."""
     if gram.shape[0] < WIDE_FEATURES:
         return np.linalg.inv(gram)
     if overwrite and gram.dtype == np.float64 and gram.flags.c_contiguous:
         try:
-            lower = cholesky_in_place(gram)
+            lower = cholesky_in_place(gram, pool=pool)
         except np.linalg.LinAlgError as exc:
             raise _Overwritten("Gram not positive definite") from exc
     else:
         try:
-            lower = cholesky_in_place(np.array(gram, dtype=np.float64, order="C"))
+            lower = cholesky_in_place(np.array(gram, dtype=np.float64, order="C"), pool=pool)
         except np.linalg.LinAlgError:
             return np.linalg.inv(gram)
-    _invert_lower(lower)
-    return _lower_gram(lower)
+    _invert_lower(lower, pool)
+    return _lower_gram(lower, pool)
 
 
 class _Overwritten(np.linalg.LinAlgError):
     """An in-place Cholesky failed: the Gram it was written over is lost."""
 
 
-def _invert_lower(lower: np.ndarray) -> None:
+def _invert_lower(lower: np.ndarray, pool: Executor | None = None) -> None:
     """L⁻¹ of a lower-triangular L, in place, by halves: [[A, 0], [B, C]]⁻¹ = [[A⁻¹, 0], [−C⁻¹ B A⁻¹, C⁻¹]]
-    (the same products as out of place: ``B A⁻¹`` first)."""
+    (the same products as out of place: ``B A⁻¹`` first). With ``pool`` the two halves are inverted at once (one
+    on the pool; the same arrays bit for bit)."""
     n = lower.shape[0]
     if n <= 256:
         lower[...] = np.linalg.inv(lower)
         return
     m = n // 2
-    _invert_lower(lower[:m, :m])
-    _invert_lower(lower[m:, m:])
+    if pool is None:
+        _invert_lower(lower[:m, :m])
+        _invert_lower(lower[m:, m:])
+    else:
+        other = pool.submit(_invert_lower, lower[m:, m:])
+        _invert_lower(lower[:m, :m])
+        other.result()
     block = lower[m:, :m]
     scaled = block @ lower[:m, :m]  # B A⁻¹
     np.matmul(lower[m:, m:], scaled, out=block)
     np.negative(block, out=block)
 
 
-def _lower_gram(lower: np.ndarray) -> np.ndarray:
+def _lower_gram(lower: np.ndarray, pool: Executor | None = None) -> np.ndarray:
     """MᵀM of a lower-triangular M, in place (returned), by halves, skipping the zero triangle:
-    [[A, 0], [B, C]] → [[AᵀA + BᵀB, BᵀC], [CᵀB, CᵀC]] (each block from the input blocks, as out of place)."""
+    [[A, 0], [B, C]] → [[AᵀA + BᵀB, BᵀC], [CᵀB, CᵀC]] (each block from the input blocks, as out of place). With
+    ``pool`` the CᵀC half runs on the pool while the AᵀA + BᵀB half runs here (the same arrays bit for bit)."""
     n = lower.shape[0]
     if n <= 256:
         lower[...] = lower.T @ lower
@@ -400,10 +412,14 @@ def _lower_gram(lower: np.ndarray) -> np.ndarray:
     m = n // 2
     a, b, c = lower[:m, :m], lower[m:, :m], lower[m:, m:]
     lower[:m, m:] = b.T @ c  # into the zero triangle: B and C are still read below
+    other = pool.submit(_lower_gram, c) if pool is not None else None
     _lower_gram(a)
     a += b.T @ b
     b[...] = lower[:m, m:].T
-    _lower_gram(c)
+    if other is None:
+        _lower_gram(c)
+    else:
+        other.result()
     return lower
 
 

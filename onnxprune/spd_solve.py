@@ -7,6 +7,8 @@ only."""
 
 from __future__ import annotations
 
+from concurrent.futures import Executor
+
 import numpy as np
 
 from .obs_solve import _upper_solve
@@ -14,12 +16,13 @@ from .obs_solve import _upper_solve
 BLOCK = 256
 
 
-def cholesky_in_place(a: np.ndarray, block: int = BLOCK) -> np.ndarray:
+def cholesky_in_place(a: np.ndarray, block: int = BLOCK, pool: Executor | None = None) -> np.ndarray:
     """The lower Cholesky factor L of ``a`` (A = L Lᵀ, float64, C-ordered, only its lower triangle read), written
     over ``a`` with a zeroed upper triangle (returned). Right-looking by ``block`` columns: each panel is solved
     against its diagonal factor and the trailing lower triangle updated by row strips, so no temporary exceeds
     ``block`` rows. Raises ``np.linalg.LinAlgError`` (``a`` then partly overwritten) when ``a`` is not numerically
-    positive definite."""
+    positive definite. With ``pool`` (:func:`~onnxprune.gram.product_pool`) the strips of each update run on its
+    threads (disjoint rows, each the same product: the same factor bit for bit)."""
     n = a.shape[0]
     for start in range(0, n, block):
         end = min(n, start + block)
@@ -30,9 +33,17 @@ def cholesky_in_place(a: np.ndarray, block: int = BLOCK) -> np.ndarray:
             break
         panel = a[end:, start:end]
         panel[...] = np.linalg.solve(diagonal, panel.T).T  # L21 = A21 L11⁻ᵀ
-        for row in range(end, n, block):
+
+        def strip(row: int, end: int = end, panel: np.ndarray = panel) -> None:
             stop = min(n, row + block)
             a[row:stop, end:stop] -= panel[row - end:stop - end] @ panel[:stop - end].T
+
+        rows = range(end, n, block)
+        if pool is None or len(rows) < 2:
+            for row in rows:
+                strip(row)
+        else:
+            list(pool.map(strip, rows))
     return a
 
 

@@ -388,9 +388,10 @@ def test_low_memory_selection_runs_in_windows_with_the_same_scores(monkeypatch):
     overwritten = []
     plain_inverse = scoring.spd_inverse
 
-    def inverse(gram, overwrite=False):
+    def inverse(gram, overwrite=False, pool=None):
         overwritten.append(overwrite and gram.shape[0] >= scoring.WIDE_FEATURES)
-        return plain_inverse(gram, overwrite)
+        assert pool is not None  # the inverses use the other core too
+        return plain_inverse(gram, overwrite, pool)
 
     monkeypatch.setattr(scoring, "spd_inverse", inverse)
     windowed = scoring.reconstruction_scores(analysis, groups, feeds, stop=0.6)

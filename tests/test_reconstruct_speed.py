@@ -180,6 +180,14 @@ def test_cholesky_inverse_in_place_equals_the_blocked_products(monkeypatch, n):
     in_place = scoring.spd_inverse(overwritten, overwrite=True)
     assert in_place is overwritten
     np.testing.assert_array_equal(in_place, expected)
+    # with the product pool (the factor's strips, the halves of the inverse and of the product on its threads)
+    pool = _CountingPool()
+    np.testing.assert_array_equal(cholesky_in_place(H.copy(), pool=pool), factor)
+    np.testing.assert_array_equal(scoring.spd_inverse(H, pool=pool), expected)
+    overwritten = H.copy()
+    assert scoring.spd_inverse(overwritten, overwrite=True, pool=pool) is overwritten
+    np.testing.assert_array_equal(overwritten, expected)
+    assert pool.calls >= 4 and all(name.startswith("onnxprune-gram") for name in pool.threads)
 
 
 def test_gram_sum_matches_stacked_rows():
