@@ -63,10 +63,11 @@ class ConsumerGrams(Mapping):
     may hold intermediate tensors (a frontier) besides or instead of graph inputs: the runs start from them. With
     ``frontier`` (tensor names) :attr:`frontier` holds those tensors of every feed after the capture. ``shared``
     (see :func:`~onnxprune.sessions.fed_session`) feeds the capture sessions the weights the caller holds as arrays
-    already, instead of a copy of each per session. ``pool`` (:func:`~onnxprune.gram.product_pool`): the Gram
-    products of the capture, and of deferred Grams built on the thread that made the object, run on its threads
-    while that thread goes on (:class:`~onnxprune.gram.GramSum`; the same sums bit for bit), for a caller that
-    would leave the other core idle.
+    already, instead of a copy of each per session. ``pool`` (:func:`~onnxprune.gram.product_pool`): the products
+    of deferred Grams built on the thread that made the object run on its threads while that thread makes the next
+    rows (:class:`~onnxprune.gram.GramSum`; the same sums bit for bit), for a caller that would leave the other core
+    idle; the capture's own sums do not use it (a product in flight beside an onnxruntime run raised a MiniLM-shaped
+    encoder's selection peak by 20-30 MB).
     ``live_bytes``/``peak_bytes`` count the Gram arrays held (finished and running sums).
 
     After the capture, lookups, :meth:`release` and :meth:`forget` may come from several threads: the bookkeeping
@@ -122,7 +123,7 @@ class ConsumerGrams(Mapping):
                     if defer and x.nbytes * len(feeds) < 8 * patch[1] ** 2:
                         self.deferred.add(patch)
                     else:
-                        sums[patch] = GramSum(pool=self.pool)
+                        sums[patch] = GramSum()  # no pool: a product in flight would add to the runs' peak
                         self._count(8 * patch[1] ** 2)
                 if patch in self.deferred:
                     kept = self.inputs.setdefault(node.input[0], [])
