@@ -66,8 +66,8 @@ class ConsumerGrams(Mapping):
     already, instead of a copy of each per session. ``pool`` (:func:`~onnxprune.gram.product_pool`): the products
     of deferred Grams built on the thread that made the object run on its threads while that thread makes the next
     rows (:class:`~onnxprune.gram.GramSum`; the same sums bit for bit), for a caller that would leave the other core
-    idle; the capture's own sums do not use it (a product in flight beside an onnxruntime run raised a MiniLM-shaped
-    encoder's selection peak by 20-30 MB).
+    idle; the capture's own sums use it only for the column blocks of wide flushes, done before the next run (a
+    narrow product in flight beside an onnxruntime run raised a MiniLM-shaped encoder's selection peak by 20-30 MB).
     ``live_bytes``/``peak_bytes`` count the Gram arrays held (finished and running sums).
 
     After the capture, lookups, :meth:`release` and :meth:`forget` may come from several threads: the bookkeeping
@@ -123,7 +123,8 @@ class ConsumerGrams(Mapping):
                     if defer and x.nbytes * len(feeds) < 8 * patch[1] ** 2:
                         self.deferred.add(patch)
                     else:
-                        sums[patch] = GramSum()  # no pool: a product in flight would add to the runs' peak
+                        # no narrow product in flight: it would add to the next onnxruntime run's peak
+                        sums[patch] = GramSum(pool=self.pool, in_flight=0)
                         self._count(8 * patch[1] ** 2)
                 if patch in self.deferred:
                     kept = self.inputs.setdefault(node.input[0], [])

@@ -101,13 +101,14 @@ class GramSum:
     Grams: 19 MB instead of 85 MB of product, at most ~38 MB instead of 85 MB of rows).
 
     With ``pool`` (:func:`product_pool`) the products run on its threads: a narrow flush's product runs while the
-    caller makes the next rows (``IN_FLIGHT`` left running, added to the sum in the order of the flushes), a wide
-    flush's column blocks run on the pool's threads at once (disjoint columns of the sum). Each product is the same
-    call on the same arrays and the sums are added in the same order: the result is the same, bit for bit."""
+    caller makes the next rows (``in_flight`` left running, added to the sum in the order of the flushes; with 0 it
+    runs in place), a wide flush's column blocks run on the pool's threads at once (disjoint columns of the sum, the
+    flush returning when they are done). Each product is the same call on the same arrays and the sums are added in
+    the same order: the result is the same, bit for bit."""
 
-    def __init__(self, dtype: type = np.float32, pool: Executor | None = None):
+    def __init__(self, dtype: type = np.float32, pool: Executor | None = None, in_flight: int = IN_FLIGHT):
         self.dtype = dtype
-        self.pool = pool
+        self.pool, self.in_flight = pool, in_flight
         self.flights: deque = deque()  # narrow products running on the pool, oldest first
         self.gram: np.ndarray | int = 0
         self.cross: np.ndarray | int = 0
@@ -155,12 +156,12 @@ class GramSum:
             self._wide(centred)
             if shifted is not None:
                 self.cross = _accumulate(self.cross, centred.T @ shifted)
-        elif self.pool is None:
+        elif self.pool is None or not self.in_flight:
             self._take(_products(centred, shifted))
         else:
             self.flights.append(self.pool.submit(_products, centred, shifted))
             del centred, shifted
-            while len(self.flights) > IN_FLIGHT:
+            while len(self.flights) > self.in_flight:
                 self._take(self.flights.popleft().result())
 
     def _take(self, products: tuple[np.ndarray, np.ndarray | None]) -> None:

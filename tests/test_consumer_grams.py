@@ -327,7 +327,7 @@ def test_threaded_selection_gives_the_sequential_scores():
 
 def test_grams_with_their_products_on_the_pool_equal_the_plain_ones():
     """With the product pool, the deferred Grams built on the thread that made the object (their products on the
-    pool) equal those without it, bit for bit, as do the Grams summed during the capture (never on the pool); a
+    pool) equal those without it, bit for bit, as do the Grams summed during the capture (no narrow product left in flight there); a
     deferred Gram built on another thread does not use the pool."""
     from onnxprune.gram import product_pool
 

@@ -273,6 +273,15 @@ def test_gram_products_on_the_pool_give_the_same_sums(monkeypatch, features):
     np.testing.assert_array_equal(pooled_cross, cross)
     assert pool.calls >= 4 and all(name.startswith("onnxprune-gram") for name in pool.threads)
     assert not pooled.flights
+    waiting = _CountingPool()  # nothing left in flight: narrow products in place, wide blocks still on the pool
+    inline = GramSum(pool=waiting, in_flight=0)
+    for b, t in zip(blocks, targets):
+        inline.add(b, t)
+        assert not inline.flights
+    inline_gram, inline_cross = inline.result()
+    np.testing.assert_array_equal(inline_gram, gram)
+    np.testing.assert_array_equal(inline_cross, cross)
+    assert (waiting.calls > 0) == (features > gram_module.FLUSH_ROWS)
     x = np.concatenate(blocks).astype(np.float64)
     np.testing.assert_allclose(pooled_gram, x.T @ x, rtol=1e-5, atol=1e-3)
 
