@@ -165,12 +165,14 @@ class GramSum:
                 self._take(self.flights.popleft().result())
 
     def _take(self, products: tuple[np.ndarray, np.ndarray | None]) -> None:
+        """Add one narrow flush's products to the float64 sums."""
         gram, cross = products
         self.gram = _accumulate(self.gram, gram)
         if cross is not None:
             self.cross = _accumulate(self.cross, cross)
 
     def _wide(self, centred: np.ndarray) -> None:
+        """Add a wide flush's product to the sum ``PRODUCT_COLUMNS`` columns at a time (on the pool: at once)."""
         width = centred.shape[1]
         if isinstance(self.gram, int):
             self.gram = np.zeros((width, width))
@@ -214,7 +216,9 @@ _pool_lock = threading.Lock()
 
 def product_pool() -> Executor:
     """The process's pool for Gram products (:class:`GramSum` ``pool``), made on first use: for callers that sum
-    Grams on one thread while the other core would idle (the selection under ``--low-memory``)."""
+    Grams on one thread while the other core would idle (the selection under ``--low-memory``). What runs on it is
+    a leaf computation that never waits on the pool itself (two threads: a task waiting on another could deadlock);
+    callers on several threads only queue behind each other."""
     with _pool_lock:
         if "pool" not in _pool:
             _pool["pool"] = ThreadPoolExecutor(PRODUCT_THREADS, thread_name_prefix="onnxprune-gram")

@@ -52,7 +52,7 @@ class Refit:
             self._plan_windows(points)
         elif self.consumers:
             self.grams = ConsumerGrams(analysis.model, self.consumers, feeds, ridge, clock, analysis.shapes,
-                                       shared=self.shared, pool=product_pool())  # windows: memory first, no pool
+                                       shared=self.shared, pool=product_pool())  # the windows go without it
         self.products: dict[str, np.ndarray] = {}
         self.working: set[str] = set()
         self.orders: dict[str, np.ndarray] = {}  # wide consumer -> its features, kept longest first
