@@ -270,7 +270,7 @@ def selection_quality(model: Path, calib: Path, samples: int, ratios=(0.3, 0.6))
     data = dict(np.load(calib))
     feeds = [{k: v[i:i + 8] for k, v in data.items()} for i in range(0, samples, 8)]
     analysis = analyse(loaded)
-    consumers = scoring._refit_consumers(analysis)
+    consumers = scoring.refit_consumers(analysis)
     grams = scoring._consumer_grams(loaded, consumers, feeds, 1e-3, None, analysis.shapes)
     rows = []
     for group in build_groups(analysis):

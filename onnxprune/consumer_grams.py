@@ -56,7 +56,7 @@ class ConsumerGrams(Mapping):
     """Consumer name -> XᵀX of its input features on ``feeds`` (+ ridge), float64; a read-only mapping.
 
     ``consumers`` maps a name to (node, edit, weight matrix [features, outputs], channel id per feature), as
-    :func:`~onnxprune.scoring._refit_consumers` builds them. With ``defer`` a patch keeps its captured inputs when
+    :func:`~onnxprune.scoring.refit_consumers` builds them. With ``defer`` a patch keeps its captured inputs when
     they take fewer bytes than its Gram; such a Gram is computed on first access and held until :meth:`release`.
     ``shapes`` (the analysis shapes) split the capture into onnxruntime runs of at most ``CAPTURE_BYTES`` per batch
     (``LOW_MEMORY_CAPTURE_BYTES`` with the heap bounded, each run's session then built for it alone). ``feeds``

@@ -12,8 +12,8 @@ from .analysis.groups import Analysis
 from .calibration import StageClock
 from .consumer_grams import ConsumerGrams
 from .gram import product_pool
-from .scoring import WIDE_FEATURES, _refit_consumers, as_float64
-from .selection_windows import _input_bytes, _Source, _windows
+from .scoring import WIDE_FEATURES, as_float64, refit_consumers
+from .selection_windows import CaptureSource, consumer_input_bytes, consumer_windows
 from .sessions import shared_weights
 from .spd_solve import cholesky_in_place, solve_leading
 
@@ -32,16 +32,16 @@ class Refit:
     values to read instead of copies of their own (the probe's); those over bytes also feed the capture sessions.
 
     With ``points`` (per group, in the order the groups are measured, the channels its points keep) the Grams are
-    captured per window of consecutive groups (:func:`~onnxprune.selection_windows._windows`: the consumers the
+    captured per window of consecutive groups (:func:`~onnxprune.selection_windows.consumer_windows`: the consumers the
     window's points refit hold at most their weights' bytes in Grams and kept inputs) when :meth:`enter` reaches
     the window's first group, and the previous window's go; each capture after the first starts from the frontier
-    the previous one kept where that fits (:class:`~onnxprune.selection_windows._Source`). A consumer refitted in
+    the previous one kept where that fits (:class:`~onnxprune.selection_windows.CaptureSource`). A consumer refitted in
     two windows is captured in both: the same Gram bit for bit (``--low-memory``)."""
 
     def __init__(self, analysis: Analysis, feeds: list[dict[str, np.ndarray]], ridge: float = 1e-3,
                  clock: StageClock | None = None, originals: dict[str, np.ndarray] | None = None,
                  points: list[list[np.ndarray]] | None = None):
-        self.consumers = _refit_consumers(analysis, originals)
+        self.consumers = refit_consumers(analysis, originals)
         # the capture sessions are fed the originals, not copies of them; the copies of other weights they make go
         # with them (read-only: not kept for later windows' captures beside the Grams)
         self.shared = MappingProxyType(shared_weights(originals))
@@ -65,10 +65,10 @@ class Refit:
             for key, (*_, feature_ids) in self.consumers.items():
                 if any(not keep[feature_ids].all() for keep in keeps):
                     readers.setdefault(key, []).append(number)
-        windows = _windows(self.analysis, points, self.consumers, readers, self.feeds)
+        windows = consumer_windows(self.analysis, points, self.consumers, readers, self.feeds)
         self.windows = [(window, {key for key, numbers in readers.items() if set(numbers) & set(window)})
                         for window in windows]
-        self.source = _Source(self.analysis.model, self.feeds, _input_bytes(self.analysis, self.consumers, self.feeds)
+        self.source = CaptureSource(self.analysis.model, self.feeds, consumer_input_bytes(self.analysis, self.consumers, self.feeds)
                               if len(windows) > 1 else 0, self.analysis.shapes)
 
     def enter(self, group: int) -> None:

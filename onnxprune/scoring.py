@@ -14,7 +14,7 @@ from .calibration import StageClock
 from .consumer_grams import CAPTURE_BYTES, ConsumerGrams, _capture_chunks, _consumer_grams, _patch_key
 from .gram import _reconstructable, product_pool
 from .heap import heap_bounded
-from .selection_windows import _input_bytes, _Source, _windows
+from .selection_windows import CaptureSource, consumer_input_bytes, consumer_windows
 from .spd_solve import cholesky_in_place
 
 __all__ = ["CAPTURE_BYTES", "ConsumerGrams", "_capture_chunks", "_consumer_grams", "_patch_key", "channel_scores",
@@ -84,26 +84,26 @@ def reconstruction_scores(analysis: Analysis, groups: list[ChannelGroup], feeds:
     Each group's order reads only the original weights and its consumers' Grams, so groups are independent: by
     default (``threads`` None) two threads order them (numpy's LAPACK/BLAS calls release the GIL), each group's
     scores bit-identical to a sequential run's. With the heap bounded (``--low-memory``) one thread orders them,
-    in windows of consecutive groups (:func:`_windows`) whose consumers' Grams or kept inputs fit in the
+    in windows of consecutive groups (:func:`consumer_windows`) whose consumers' Grams or kept inputs fit in the
     consumers' weight bytes: each window's capture, selection and release run before the next window's capture
     (a consumer read from two windows is captured in both, the same Gram bit for bit), which starts from the
-    frontier the previous capture kept (:class:`_Source`) instead of the inputs where that fits; a deferred Gram
+    frontier the previous capture kept (:class:`CaptureSource`) instead of the inputs where that fits; a deferred Gram
     whose last reader is the group being ordered is inverted in place (:func:`spd_inverse`).
     The consumers' weight matrices are read when a group's order needs them (:class:`_LazyMatrix`): no copy of the
     model's weights is held through the selection.
     """
     clock = clock or StageClock()
     fallback = unit_scores(analysis, groups, "l1")
-    consumers = _refit_consumers(analysis, lazy=True)
+    consumers = refit_consumers(analysis, lazy=True)
     if not consumers:
         return fallback
     readers = _readers(groups, consumers)
     low = heap_bounded()
     threads = (1 if low else SELECTION_THREADS) if threads is None else max(1, threads)
-    windows = _windows(analysis, groups, consumers, readers, feeds) if low else [range(len(groups))]
+    windows = consumer_windows(analysis, groups, consumers, readers, feeds) if low else [range(len(groups))]
     products = product_pool() if threads == 1 else None  # one thread orders: products and inverses use the other core
     scores: dict[int, np.ndarray] = {}
-    source = _Source(analysis.model, feeds, _input_bytes(analysis, consumers, feeds) if len(windows) > 1 else 0,
+    source = CaptureSource(analysis.model, feeds, consumer_input_bytes(analysis, consumers, feeds) if len(windows) > 1 else 0,
                      analysis.shapes)
     names = [{consumers[key][0].input[0] for key, numbers in readers.items() if set(numbers) & set(window)}
              for window in windows]
@@ -182,7 +182,7 @@ def _readers(groups: list[ChannelGroup], consumers: dict[str, tuple]) -> dict[st
     return readers
 
 
-def _refit_consumers(analysis: Analysis, originals: dict[str, np.ndarray] | None = None,
+def refit_consumers(analysis: Analysis, originals: dict[str, np.ndarray] | None = None,
                      lazy: bool = False) -> dict[str, tuple]:
     """Consumer node name -> (node, edit, weight matrix [features, outputs] in the weight's float type, channel id
     per feature); users upcast the matrices they work on (:func:`as_float64`), not every consumer's at once. A

@@ -25,9 +25,9 @@ def _window_budget(consumers: dict[str, tuple]) -> float:
     return WINDOW_SHARE * sum(matrix.nbytes for _, _, matrix, _ in consumers.values())
 
 
-def _input_bytes(analysis: Analysis, consumers: dict[str, tuple], feeds: list[dict[str, np.ndarray]]) -> int:
+def consumer_input_bytes(analysis: Analysis, consumers: dict[str, tuple], feeds: list[dict[str, np.ndarray]]) -> int:
     """The largest consumer input over the calibration feeds, in bytes (float32, from the analysis shapes)."""
-    source = _Source(analysis.model, feeds, 0, analysis.shapes)
+    source = CaptureSource(analysis.model, feeds, 0, analysis.shapes)
     return max((source.bytes([node.input[0]]) for node, *_ in consumers.values()), default=0)
 
 
@@ -40,7 +40,7 @@ def _feed_bytes(shapes: dict, names, feeds: list[dict[str, np.ndarray]]) -> int:
                for n in names)
 
 
-class _Source:
+class CaptureSource:
     """Where each window's capture starts: the calibration feeds, or the frontier the previous window's capture kept,
     cut before the next window's first consumer input is computed (the tensors computed before that node that it or
     later nodes read, plus the graph inputs). A frontier is kept when it takes at most ``FRONTIER_SHARE`` of
@@ -103,7 +103,7 @@ class _Source:
             self.feeds = [{**feed, **kept} for feed, kept in zip(self.inputs, values)]
 
 
-def _windows(analysis: Analysis, groups: list[ChannelGroup], consumers: dict[str, tuple],
+def consumer_windows(analysis: Analysis, groups: list[ChannelGroup], consumers: dict[str, tuple],
              readers: dict[str, list[int]], feeds: list[dict[str, np.ndarray]]) -> list[range]:
     """Consecutive groups whose consumers' held bytes (per shared patch the smaller of its Gram, 8·D², and its
     input over the calibration feeds, as :class:`ConsumerGrams` keeps them) stay within the consumers' weight

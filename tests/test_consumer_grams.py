@@ -55,7 +55,7 @@ def _gram_bytes(grams: ConsumerGrams, patches) -> int:
 def test_deferred_grams_equal_the_grams_summed_during_capture():
     model = _model()
     analysis = analyse(model)
-    consumers = scoring._refit_consumers(analysis)
+    consumers = scoring.refit_consumers(analysis)
     whole = ConsumerGrams(model, consumers, _feeds(), 1e-3, shapes=analysis.shapes, defer=False)
     bounded = ConsumerGrams(model, consumers, _feeds(), 1e-3, shapes=analysis.shapes)
     every = _gram_bytes(whole, whole.patch.values())
@@ -90,7 +90,7 @@ def test_selection_holds_the_grams_of_one_group_at_a_time(monkeypatch):
     for gid, scores in whole.items():
         np.testing.assert_array_equal(bounded[gid], scores)
     grams = _Recorded.made[0]
-    consumers = scoring._refit_consumers(analysis)
+    consumers = scoring.refit_consumers(analysis)
     patches = {key: scoring._patch_key(node, matrix.shape[0]) for key, (node, _, matrix, _) in consumers.items()}
     shallow = _gram_bytes(grams, set(patches.values()) - grams.deferred)
     per_group = []
@@ -127,7 +127,7 @@ def test_capture_chunks_are_read_from_the_module_budget(monkeypatch):
     """The capture budget lives in consumer_grams (scoring re-exports it for callers that read it)."""
     model = _model()
     analysis = analyse(model)
-    names = {node.input[0] for node, *_ in scoring._refit_consumers(analysis).values()}
+    names = {node.input[0] for node, *_ in scoring.refit_consumers(analysis).values()}
     assert len(consumer_grams._capture_chunks(model, names, analysis.shapes, _feeds())) == 1
     monkeypatch.setattr(consumer_grams, "CAPTURE_BYTES", 1)
     assert len(consumer_grams._capture_chunks(model, names, analysis.shapes, _feeds())) == len(names)
@@ -152,7 +152,7 @@ def test_low_memory_capture_builds_one_session_at_a_time_and_gives_the_same_gram
     session for one run and drops it before the next is built; its Grams equal the default capture's bit for bit."""
     model = _model()
     analysis = analyse(model)
-    consumers = scoring._refit_consumers(analysis)
+    consumers = scoring.refit_consumers(analysis)
     feeds = _feeds()
     built = _counting_sessions(monkeypatch)
     kept = ConsumerGrams(model, consumers, feeds, 1e-3, shapes=analysis.shapes)
@@ -225,7 +225,7 @@ def test_refit_matrices_view_the_probe_weights():
     model = _model()
     analysis = analyse(model)
     fit = _feeds((2,), seed=2)
-    copied = scoring._refit_consumers(analysis)
+    copied = scoring.refit_consumers(analysis)
     originals = {edit.weight.name: edit.weight.array() for _, edit, _, _ in copied.values()}
     refit = probe_refit.Refit(analysis, fit, originals=originals)
     assert refit.consumers.keys() == copied.keys() and len(copied) > 15
@@ -240,8 +240,8 @@ def test_lazy_consumer_matrices_read_the_weights_when_used_and_equal_the_copies(
     column blocks of the product) is the same bit for bit both ways."""
     model = _model()
     analysis = analyse(model)
-    copied = scoring._refit_consumers(analysis)
-    lazy = scoring._refit_consumers(analysis, lazy=True)
+    copied = scoring.refit_consumers(analysis)
+    lazy = scoring.refit_consumers(analysis, lazy=True)
     assert lazy.keys() == copied.keys() and len(copied) > 15
     forms = set()
     for key, (_, _, matrix, feature_ids) in lazy.items():
@@ -287,7 +287,7 @@ def test_permuted_gram_of_a_deferred_patch_is_summed_in_that_order():
     deferred Gram not held (equal up to rounding, the unpermuted Gram never built), indexed from a held one."""
     model = _model()
     analysis = analyse(model)
-    consumers = scoring._refit_consumers(analysis)
+    consumers = scoring.refit_consumers(analysis)
     grams = ConsumerGrams(model, consumers, _feeds(), 1e-3, shapes=analysis.shapes)
     deferred = [key for key in grams if grams.patch[key] in grams.deferred]
     held = [key for key in grams if grams.patch[key] not in grams.deferred]
@@ -333,7 +333,7 @@ def test_grams_with_their_products_on_the_pool_equal_the_plain_ones():
 
     model = _model()
     analysis = analyse(model)
-    consumers = scoring._refit_consumers(analysis)
+    consumers = scoring.refit_consumers(analysis)
     plain = ConsumerGrams(model, consumers, _feeds(), 1e-3, shapes=analysis.shapes)
     pooled = ConsumerGrams(model, consumers, _feeds(), 1e-3, shapes=analysis.shapes, pool=product_pool())
     assert pooled.deferred == plain.deferred and len(plain.deferred) >= 10
@@ -371,11 +371,11 @@ def test_low_memory_selection_runs_in_windows_with_the_same_scores(monkeypatch):
     feeds = _feeds()
     monkeypatch.setattr(scoring, "WIDE_FEATURES", 512)  # this model's 3×3 convs (576 features) count as wide
     plain = scoring.reconstruction_scores(analysis, groups, feeds, stop=0.6)
-    consumers = scoring._refit_consumers(analysis)
+    consumers = scoring.refit_consumers(analysis)
     readers = scoring._readers(groups, consumers)
     monkeypatch.setattr(scoring, "heap_bounded", lambda: True)
     monkeypatch.setattr(selection_windows, "WINDOW_SHARE", 0.1)
-    windows = selection_windows._windows(analysis, groups, consumers, readers, feeds)
+    windows = selection_windows.consumer_windows(analysis, groups, consumers, readers, feeds)
     assert len(windows) > 3 and [n for w in windows for n in w] == list(range(len(groups)))
     _Recorded.made = []
     starts = []  # the tensors each window's capture starts from

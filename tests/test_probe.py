@@ -234,7 +234,7 @@ def test_low_memory_refit_captures_grams_per_window(monkeypatch):
     assert len(made) > 3 and starts[0] == {"input"} and any(len(names) > 1 for names in starts[1:])
     assert _points(windowed) == _points(one)
     model = _model()
-    consumers = probe_refit._refit_consumers(analyse(model, None, config.exclude))
+    consumers = probe_refit.refit_consumers(analyse(model, None, config.exclude))
     budget = 0.05 * sum(matrix.nbytes for _, _, matrix, _ in consumers.values())
     assert sum(held <= budget for held in made) >= len(made) - 2  # a group alone over the budget: its own window
 
@@ -242,12 +242,12 @@ def test_low_memory_refit_captures_grams_per_window(monkeypatch):
 def test_the_narrowest_frontier_keeps_fewer_bytes():
     """Between two windows' consumer inputs the frontier is cut where it keeps the fewest bytes: no more than the
     cut just before the later window's first input, and what it keeps is computed before that input."""
-    from onnxprune.selection_windows import _Source
+    from onnxprune.selection_windows import CaptureSource
 
     model = _model()
     analysis = analyse(model, None)
     feeds = _batches(2)
-    source = _Source(model, feeds, 1 << 40, analysis.shapes)
+    source = CaptureSource(model, feeds, 1 << 40, analysis.shapes)
     convs = [n for n in model.graph.node if n.op_type == "Conv"]
     early, late = {convs[3].input[0]}, {convs[12].input[0]}
     latest, narrowest = source.frontier(late), source.frontier(late, early)

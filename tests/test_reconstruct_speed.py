@@ -532,7 +532,7 @@ def test_chunked_capture_gives_the_same_grams(monkeypatch):
     model = onnx.load(str(FIXTURES / "arch" / "resnet18.onnx"))
     prepare_for_analysis(model)
     analysis = analyse(model)
-    consumers = scoring._refit_consumers(analysis)
+    consumers = scoring.refit_consumers(analysis)
     rng = np.random.default_rng(7)
     feeds = [{"input": rng.standard_normal((n, 3, 64, 64)).astype(np.float32)} for n in (3, 2)]
     whole = scoring._consumer_grams(model, consumers, feeds, 1e-3, shapes=analysis.shapes)
