@@ -57,6 +57,7 @@ class CaptureSource:
         self.reads = [[n for n in node.input if n] + [n for attr in node.attribute for sub in
                        ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs))
                        for n in free_names(sub)] for node in model.graph.node]
+        self.last_reads = self._last_reads()
 
     def bytes(self, names) -> int:
         """Bytes of ``names`` over every feed (:func:`_feed_bytes`)."""
@@ -75,25 +76,33 @@ class CaptureSource:
 
     def _narrowest(self, start: int, stop: int) -> int:
         """The cut in ``start..stop`` (a node index: the frontier holds what nodes before it computed and nodes
-        from it read) whose frontier takes the fewest bytes; the latest of equals."""
-        last: dict[str, int] = {}
-        for index, reads in enumerate(self.reads):
-            for name in reads:
-                if 0 <= self.producer.get(name, -1):
-                    last[name] = index
+        from it read) whose frontier takes the fewest bytes; the latest of equals. Linear in the nodes passed."""
+        last, ends = self.last_reads
         start = max(1, min(start, stop))
         held = {n for n, end in last.items() if self.producer[n] < start <= end}
         size = self.bytes(held)
         best, smallest = start, size
         for cut in range(start + 1, stop + 1):  # node cut - 1 runs: its outputs come in, its last reads go
             outputs = [n for n in self.nodes_outputs[cut - 1] if last.get(n, -1) >= cut]
-            gone = [n for n in held if last[n] < cut]
+            gone = [n for n in ends[cut - 1] if n in held]
             held.difference_update(gone)
             held.update(outputs)
             size += self.bytes(outputs) - self.bytes(gone)
             if size <= smallest:
                 best, smallest = cut, size
         return best
+
+    def _last_reads(self) -> tuple[dict[str, int], list[list[str]]]:
+        """Per computed tensor the index of the last node that reads it, and per node the tensors it reads last."""
+        last: dict[str, int] = {}
+        for index, reads in enumerate(self.reads):
+            for name in reads:
+                if 0 <= self.producer.get(name, -1):
+                    last[name] = index
+        ends: list[list[str]] = [[] for _ in self.reads]
+        for name, index in last.items():
+            ends[index].append(name)
+        return last, ends
 
     def advance(self, frontier: set[str] | None, values: list[dict[str, np.ndarray]]) -> None:
         """Start later captures from ``values`` (a frontier per feed) when they fit the budget."""

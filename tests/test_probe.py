@@ -256,6 +256,25 @@ def test_the_narrowest_frontier_keeps_fewer_bytes():
     assert all(source.producer[n] < first for n in narrowest)
 
 
+def test_the_narrowest_cut_is_the_smallest_frontier_by_its_definition():
+    """Every start..stop range of a residual CNN and a transformer: the cut chosen holds the fewest bytes among
+    the range's cuts, counted from the definition (tensors computed before the cut that it or later nodes read),
+    the latest of equals."""
+    from onnxprune.selection_windows import CaptureSource
+
+    for model in (_model(), onnx.load(FIXTURES / "transformers" / "bert_ts.onnx")):
+        analysis = analyse(model, None)
+        source = CaptureSource(model, [{"batch": np.zeros(2, np.float32)}], 1 << 40, analysis.shapes)
+        count = len(model.graph.node)
+        sizes = [source.bytes({n for reads in source.reads[cut:] for n in reads
+                               if 0 <= source.producer.get(n, -1) < cut}) for cut in range(count + 1)]
+        step = max(1, count // 25)
+        for start in range(1, count, step):
+            for stop in range(start, count + 1, step):
+                best = min(sizes[start:stop + 1])
+                assert source._narrowest(start, stop) == max(c for c in range(start, stop + 1) if sizes[c] == best)
+
+
 def test_refit_captures_keep_no_copies_of_other_weights(monkeypatch):
     """The allocation refit's capture sessions are fed the probe's original consumer arrays, and the copies they make
     of the other weights go with the sessions: after the windows' captures the refit holds the originals alone (it
