@@ -19,7 +19,8 @@ from concurrent.futures import Executor
 
 import numpy as np
 
-from .calibration import ActivationStream, StageClock
+from .activation_stream import ActivationStream
+from .calibration import StageClock
 from .gram import GramSum, RowSampler, _patches
 from .graph import get_attr
 from .heap import heap_bounded

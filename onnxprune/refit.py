@@ -9,7 +9,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .calibration import ActivationStream, KeptBudget, StageClock
+from .activation_stream import ActivationStream, KeptBudget
+from .calibration import StageClock
 from .gram import GramSum, RowSampler, _im2col, _patches, _reconstructable
 from .graph import GraphIndex, get_attr
 from .model import copy_fields
@@ -26,9 +27,9 @@ def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, layers: list
     in topological order; each is solved with ridge-regularised normal equations on the
     pruned model's own inputs to that layer (earlier refits already applied). Layers are refitted in
     waves: a wave holds every layer whose upstream refits are all done, so one pass over ``feeds`` serves the whole
-    wave. Both models are streamed (:class:`~onnxprune.calibration.ActivationStream`): each node runs once per feed,
+    wave. Both models are streamed (:class:`~onnxprune.activation_stream.ActivationStream`): each node runs once per feed,
     the tensors later waves read are kept between waves and the refitted weights are session inputs of the pruned
-    model. ``budget`` bounds the kept tensors: bytes per stream, or a :class:`~onnxprune.calibration.KeptBudget`
+    model. ``budget`` bounds the kept tensors: bytes per stream, or a :class:`~onnxprune.activation_stream.KeptBudget`
     both streams share (with no limit of its own it allows the largest layer input of the original model over
     ``feeds``, or a larger tensor the streams compute); a feed whose tensors do not fit is recomputed from the
     tensors it last kept (the same values). ``clock`` times capture, Gram products and solves.

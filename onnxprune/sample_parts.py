@@ -2,7 +2,7 @@
 
 Where every sample is computed on its own (:func:`~onnxprune.sessions.samples_independent`) the joined arrays equal
 one run's over the whole batch bit for bit, and the run holds the memory of a few samples instead of the batch's
-(the refit's activation streams under ``--low-memory``, :class:`~onnxprune.calibration.ActivationStream`).
+(the refit's activation streams under ``--low-memory``, :class:`~onnxprune.activation_stream.ActivationStream`).
 """
 
 from __future__ import annotations

@@ -15,8 +15,8 @@ import onnx
 import pytest
 
 from onnxprune import consumer_grams, probe, probe_refit, scoring, selection_windows, spd_solve
+from onnxprune.activation_stream import ActivationStream
 from onnxprune.analysis.groups import analyse, build_groups
-from onnxprune.calibration import ActivationStream
 from onnxprune.config import PruneConfig
 from onnxprune.consumer_grams import ConsumerGrams
 from onnxprune.passes.structured import prepare_for_analysis

@@ -19,7 +19,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune import cli, sessions
-from onnxprune.calibration import ActivationStream
+from onnxprune.activation_stream import ActivationStream
 from onnxprune.sessions import create_session, fed_session, session_with_outputs
 
 from .conftest import FIXTURES, run_cli

@@ -1,6 +1,6 @@
 """What the refit's activation streams keep between steps, and that keeping less changes no value.
 
-- a stream under a byte budget (:class:`~onnxprune.calibration.KeptBudget`) keeps the frontier of the feeds that fit
+- a stream under a byte budget (:class:`~onnxprune.activation_stream.KeptBudget`) keeps the frontier of the feeds that fit
   and recomputes the others from their inputs: the same tensors, bit for bit, and never more kept than the budget;
 - nodes run ahead (a residual Add's output kept instead of both of its inputs) and layers advanced after their refit
   keep fewer bytes;
@@ -19,14 +19,15 @@ import numpy as np
 import onnx
 import pytest
 
-from onnxprune import calibration, heap
+from onnxprune import activation_stream, heap
+from onnxprune.activation_stream import ActivationStream, KeptBudget
 from onnxprune.analysis.groups import analyse, build_groups
-from onnxprune.calibration import ActivationStream, KeptBudget, session_with_outputs
 from onnxprune.config import PruneConfig
 from onnxprune.passes.structured import _reconstruction_layers, allocate_safe, prepare_for_analysis, remove
 from onnxprune.refit import detach_weights, reconstruct
 from onnxprune.sample_parts import part_bounds
 from onnxprune.scoring import unit_scores
+from onnxprune.sessions import session_with_outputs
 
 from .conftest import FIXTURES
 
@@ -179,12 +180,12 @@ def test_stream_in_parts_gives_the_whole_feeds_tensors(monkeypatch, arch):
     layers = [node for node in model.graph.node if node.op_type in ("Conv", "MatMul", "Gemm")]
     steps = [[node.input[0], node.output[0]] for node in layers]
     joined = []
-    real = calibration.run_in_parts
+    real = activation_stream.run_in_parts
 
     def counted(*args):
         joined.append(real(*args))
         return joined[-1]
-    monkeypatch.setattr(calibration, "run_in_parts", counted)
+    monkeypatch.setattr(activation_stream, "run_in_parts", counted)
     whole, whole_kept = _stream_all(ActivationStream(model, feeds), steps)
     assert not joined
     parted = ActivationStream(model, feeds, KeptBudget(max(whole_kept) // 2), samples=2)
@@ -235,8 +236,8 @@ def test_stream_in_parts_falls_back_to_whole_feeds(monkeypatch):
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
     feeds = [{"x": np.arange(n * 4, dtype=np.float32).reshape(n, 4) - 5} for n in (6, 3)]
     tried = []
-    real = calibration.run_in_parts
-    monkeypatch.setattr(calibration, "run_in_parts", lambda *args: tried.append(real(*args)) or tried[-1])
+    real = activation_stream.run_in_parts
+    monkeypatch.setattr(activation_stream, "run_in_parts", lambda *args: tried.append(real(*args)) or tried[-1])
     stream = ActivationStream(model, feeds, samples=2)
     got = [values["z"] for values in stream.run(["z"])]
     assert stream.samples == 2 and tried == [None]  # tried once, then whole feeds only

@@ -17,14 +17,15 @@ import onnxruntime as ort
 import pytest
 
 from onnxprune import gram as gram_module
+from onnxprune.activation_stream import ActivationStream
 from onnxprune.analysis.groups import analyse, build_groups
-from onnxprune.calibration import ActivationStream, session_with_outputs
 from onnxprune.config import PruneConfig
 from onnxprune.gram import GramSum, _im2col, _reconstructable
 from onnxprune.graph import GraphIndex
 from onnxprune.passes.structured import _reconstruction_layers, allocate_safe, prepare_for_analysis, remove
 from onnxprune.refit import _waves, _write_solution, reconstruct
 from onnxprune.scoring import _greedy_order, unit_scores
+from onnxprune.sessions import session_with_outputs
 
 from .conftest import FIXTURES
 

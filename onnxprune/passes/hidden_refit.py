@@ -4,7 +4,7 @@ pooler or LM head) gets the weight and bias of least ridge-regularised squared e
 pruned model's calibration activations and the original model's output of the same layer (bias included).
 
 Layers are refitted in graph order, one step per distinct input tensor (Q/K/V share theirs), each on the pruned
-model with the earlier refits applied; both models are streamed (:class:`~onnxprune.calibration.ActivationStream`)
+model with the earlier refits applied; both models are streamed (:class:`~onnxprune.activation_stream.ActivationStream`)
 and the Gram sums are :class:`~onnxprune.gram.GramSum`. Padded positions (an ``attention_mask`` of the rows'
 leading shape) are left out, as in the PCA.
 """
@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ..calibration import ActivationStream
+from ..activation_stream import ActivationStream
 from ..gram import GramSum
 
 

@@ -9,7 +9,7 @@ The structured refit holds the original model's large weights once, as the array
 once neither stream reads it again. On a model the run owns it detaches the pruned model's large weights too (those
 pruning left unchanged are the original's arrays; the refit layers' stay in the proto) and puts them back after the
 refit (:func:`~onnxprune.refit.attach_weights`, a new arena: the removal's replaced bytes go with the old one). Under ``--low-memory`` (:func:`~onnxprune.heap.heap_bounded`) its activation streams share a
-:class:`~onnxprune.calibration.KeptBudget` derived from the data, recompute the feeds that do not fit and run each
+:class:`~onnxprune.activation_stream.KeptBudget` derived from the data, recompute the feeds that do not fit and run each
 feed :data:`STREAM_SAMPLES` samples at a time where that gives the same bits (no matrix products in the run).
 """
 
@@ -20,7 +20,7 @@ from typing import Any
 
 import onnx
 
-from ..calibration import KeptBudget
+from ..activation_stream import KeptBudget
 from ..compensation import reconstruct, reconstruct_sparse
 from ..graph import count_params
 from ..heap import heap_bounded, release_memory
