@@ -29,6 +29,7 @@ from .feeds import (
     resolve_inputs,
     split_samples,
 )
+from .heap import heap_bounded, memory_first
 from .model import (
     EXTERNAL_DATA_THRESHOLD,
     PROTOBUF_LIMIT,
@@ -80,6 +81,7 @@ class PruneResult:
     warnings: list[str] = field(default_factory=list)
     quantization: dict[str, Any] | None = None
     allocation: dict[str, Any] | None = None
+    low_memory: bool = False  # the run traded time for memory (heap.heap_bounded)
 
     def to_dict(self) -> dict[str, Any]:
         report = {
@@ -93,6 +95,7 @@ class PruneResult:
             "validation": self.validation,
             "quantization": self.quantization,
             "allocation": self.allocation,
+            "low_memory": self.low_memory,
             "gates": {"passed": not self.gate_failures, "failures": self.gate_failures},
             "timings": {k: round(v, 4) for k, v in self.timings.items()},
             "warnings": self.warnings,
@@ -148,6 +151,7 @@ def prune(
     progress: Callable[..., Any] | None = None,
     quantize: str | None = None,
     outputs: OutputGuard | None = None,
+    low_memory: bool = False,
     **options: Any,
 ) -> tuple[onnx.ModelProto, PruneResult]:
     """Prune ``model`` (path or ModelProto) and return the pruned model and a result.
@@ -158,8 +162,10 @@ def prune(
     ("dynamic" or "static", needs ``output``) quantizes the pruned model with onnxruntime;
     validation then compares the original with the pruned-and-quantized model. ``outputs`` (the CLI's
     :class:`~onnxprune.outputs.OutputGuard`) also protects the input's external data from the run's other outputs.
+    ``low_memory`` (``--low-memory``): memory before time for this call, the same model (:func:`~onnxprune.heap.memory_first`;
+    glibc's mmap threshold stays fixed for the rest of the process).
     """
-    with forward_log(log):
+    with forward_log(log), memory_first(low_memory):
         return _prune(model, output, config=config, validate=validate, force=force, external_data=external_data,
                       progress=progress, quantize=quantize, outputs=outputs, **options)
 
@@ -282,6 +288,7 @@ def _prune(model, output, *, config: PruneConfig | None, validate: bool | Valida
         timings=timings,
         allocation=allocation,
         warnings=list(loaded.warnings),
+        low_memory=heap_bounded(),
     )
     start = time.perf_counter()
     written: list[Path] = []

@@ -19,7 +19,7 @@ from .analysis.registry import raise_rule_errors
 from .api import prune, sensitivity
 from .config import PruneConfig, ValidateConfig, parse_input_shape
 from .errors import EXIT_CODES, OnnxPruneError, UsageError, flag
-from .heap import bound_heap
+from .heap import memory_first
 from .inspect import inspect_model, render_inspection
 from .model import default_output_path
 from .outputs import OutputGuard, write_atomic, write_text_atomic
@@ -214,8 +214,6 @@ def prune_command(model: Path, output: Path | None, force: bool, debug: bool, qu
     """Prune MODEL and validate the result (the default command)."""
 
     click_ctx = click.get_current_context()
-    if low_memory:
-        bound_heap()  # freed activations and sessions go back to the system between stages (onnxprune/heap.py)
 
     def body() -> None:
         settings = _settings(opts)
@@ -255,7 +253,8 @@ def prune_command(model: Path, output: Path | None, force: bool, debug: bool, qu
         display = _Display(quiet, verbose)
         with display:
             _, result = prune(model, out, config=config, validate=vcfg, force=force, quantize=opts["quantize"],
-                              external_data=opts["external_data"], progress=display.progress, outputs=guard)
+                              external_data=opts["external_data"], progress=display.progress, outputs=guard,
+                              low_memory=low_memory)
         report = result.to_dict()
         for path in reports:
             write_report(report, path)
@@ -267,7 +266,8 @@ def prune_command(model: Path, output: Path | None, force: bool, debug: bool, qu
         if error is not None:
             raise error
 
-    run_guarded(debug, body)
+    with memory_first(low_memory):  # freed activations and sessions go back to the system (onnxprune/heap.py)
+        run_guarded(debug, body)
 
 
 def _settings(opts: dict) -> dict:

@@ -14,8 +14,10 @@ the prepacked copy, each from the heap), 1.1x with the threshold fixed.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
+from collections.abc import Iterator
 
 #: ``mallopt`` parameter number of glibc's mmap threshold (malloc.h ``M_MMAP_THRESHOLD``)
 M_MMAP_THRESHOLD = -3
@@ -61,8 +63,26 @@ def bound_heap_for_sessions() -> bool:
     return bool(libc is not None and libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1)
 
 
+@contextlib.contextmanager
+def memory_first(enabled: bool = True) -> Iterator[None]:
+    """While the block runs, the stages trade time for memory (:func:`heap_bounded` is True: ``--low-memory``,
+    ``prune(low_memory=True)``); after it they are as before. The mmap threshold :func:`bound_heap` fixes stays
+    fixed for the rest of the process: glibc has no way back to its dynamic threshold. ``enabled`` False, or memory
+    already first (an enclosing block, the command): nothing."""
+    if not enabled or _requested["bounded"]:
+        yield
+        return
+    before = _requested["bounded"]
+    bound_heap()
+    try:
+        yield
+    finally:
+        _requested["bounded"] = before
+
+
 def heap_bounded() -> bool:
-    """Whether :func:`bound_heap` was called in this process: memory before time (``--low-memory``)."""
+    """Whether memory comes before time now: :func:`bound_heap` was called in this process, or a
+    :func:`memory_first` block runs (``--low-memory``)."""
     return _requested["bounded"]
 
 

@@ -135,7 +135,8 @@ def render(report: dict[str, Any], *, markdown: bool = False, verbose: bool = Fa
     timing = ", ".join(f"{p['name']} {p['seconds']:.2f}s" for p in report["passes"])
     others = ", ".join(f"{k} {v:.2f}s" for k, v in report.get("timings", {}).items() if k != "prune")
     lines.append("")
-    lines.append(f"time: {timing}" + (f"; {others}" if others else ""))
+    lines.append(f"time: {timing}" + (f"; {others}" if others else "")
+                 + (" (--low-memory: memory before time)" if report.get("low_memory") else ""))
     for note in caveats(report):
         lines.append(f"note: {note}")
     return "\n".join(lines) + "\n"

@@ -18,7 +18,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxprune import cli, sessions
+from onnxprune import sessions
 from onnxprune.activation_stream import ActivationStream
 from onnxprune.sessions import create_session, fed_session, session_with_outputs
 
@@ -173,12 +173,46 @@ def test_sessions_over_original_and_pruned_share_unchanged_weights():
 
 @pytest.mark.parametrize("flag", [False, True])
 def test_cli_bounds_the_heap_only_with_low_memory(tmp_path, monkeypatch, flag):
-    """``--low-memory`` fixes the mmap threshold for the run; without it the allocator is left as it is (the bound
-    costs time where activations are large)."""
+    """``--low-memory`` fixes the mmap threshold for the run and says so in the report; without it the allocator is
+    left as it is (the bound costs time where activations are large). Either way the stages are back to time
+    before memory after the command (a later call in the same process does not inherit it)."""
+    import json
+
+    from onnxprune import heap
+
     calls: list[int] = []
-    monkeypatch.setattr(cli, "bound_heap", lambda *a, **k: calls.append(1) or True)
-    out = tmp_path / "out.onnx"
-    code, _, err = run_cli(FIXTURES / "cnn.onnx", "--sparsity", "0.5", "--no-validate", "-q", "-o", out,
-                           *(["--low-memory"] if flag else []))
+    monkeypatch.setitem(heap._requested, "bounded", False)
+    monkeypatch.setattr(heap, "_libc", lambda: None)  # the allocator of this test process is left as it is
+    real = heap.bound_heap
+    monkeypatch.setattr(heap, "bound_heap", lambda *a, **k: calls.append(1) or real(*a, **k))
+    out, report = tmp_path / "out.onnx", tmp_path / "report.json"
+    code, text, err = run_cli(FIXTURES / "cnn.onnx", "--sparsity", "0.5", "--no-validate", "-o", out,
+                              "--report", report, *(["--low-memory"] if flag else []))
     assert code == 0, err
     assert out.exists() and calls == ([1] if flag else [])
+    assert json.loads(report.read_text())["low_memory"] is flag
+    assert ("--low-memory: memory before time" in text) is flag
+    assert not heap.heap_bounded()
+
+
+def test_api_low_memory_gives_the_same_model_and_ends_with_the_call(monkeypatch):
+    """``prune(low_memory=True)``: the stages that trade time for memory do so during the call (the refit's budget
+    derived from the data), the model is the default run's bit for bit, the report says it, and the process is back
+    to time before memory afterwards."""
+    import onnxprune
+    from onnxprune import heap
+    from onnxprune.passes import reconstruction
+
+    monkeypatch.setitem(heap._requested, "bounded", False)
+    monkeypatch.setattr(heap, "_libc", lambda: None)
+    seen: list[bool] = []
+    monkeypatch.setattr(reconstruction, "heap_bounded", lambda: seen.append(heap.heap_bounded()) or seen[-1])
+    trained = FIXTURES / "trained"
+    options = {"structured": True, "sparsity": 0.3, "reconstruct": True,
+               "calibration_data": str(trained / "digits_calib.npz")}
+    default, plain = onnxprune.prune(trained / "digits_cnn.onnx", **options)
+    assert seen == [False] and not plain.to_dict()["low_memory"]
+    low, bounded = onnxprune.prune(trained / "digits_cnn.onnx", low_memory=True, **options)
+    assert seen == [False, True] and bounded.to_dict()["low_memory"]
+    assert not heap.heap_bounded()
+    assert low.SerializeToString() == default.SerializeToString()
