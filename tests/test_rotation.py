@@ -390,6 +390,41 @@ def test_cli_hidden_widths_tail_by_default_measured_on_request(tmp_path: Path) -
     assert chosen == {"tail": "default (last two segments whole)", "measured": "measured"}
 
 
+def test_low_memory_reader_refit_keeps_less_and_gives_the_same_weights(monkeypatch) -> None:
+    """Under ``--low-memory`` the readers' refit streams share a budget derived from the data: they keep less between
+    steps than with the default budget, and the refitted weights are the same bit for bit."""
+    from onnxprune import activation_stream, heap
+    from onnxprune.passes import hidden_refit
+
+    feeds = calibration(name="bert_ts")
+    feeds = [{k: np.concatenate([v] * 4) for k, v in feed.items()} for feed in feeds]  # larger activations
+    held: dict[bool, int] = {}
+
+    def rotate(low: bool) -> onnx.ModelProto:
+        monkeypatch.setattr(hidden_refit, "heap_bounded", lambda: low)
+        model = load("bert_ts")
+        config = PruneConfig(hidden_sparsity=0.4, calibration_data="calibration", reconstruct=True)
+        HiddenRotationPass(config, True, measure=False).run(
+            PassContext(model=model, calibration=feeds, input_shapes=dict(SHAPES)))
+        return model
+
+    real = activation_stream.ActivationStream._keep
+    low_now = [False]
+
+    def kept(self, number, frontier):
+        real(self, number, frontier)
+        held[low_now[0]] = max(held.get(low_now[0], 0), self.budget.held())
+
+    monkeypatch.setattr(activation_stream.ActivationStream, "_keep", kept)
+    default = rotate(False)
+    low_now[0] = True
+    low = rotate(True)
+    assert 0 < held[True] < 0.5 * held[False], held
+    assert not heap.heap_bounded()  # the stage asked hidden_refit, not the process
+    weights = {t.name: t.SerializeToString() for t in default.graph.initializer}
+    assert all(weights[t.name] == t.SerializeToString() for t in low.graph.initializer)
+
+
 def test_reconstruct_refits_the_stream_readers_and_lowers_their_error() -> None:
     """``--hidden-sparsity --reconstruct`` on BERT: every Q/K/V/MLP-input reader is refitted and each one's calibration
     error falls; the figures are the model's own: a reader's output error read back from the repaired and the plain

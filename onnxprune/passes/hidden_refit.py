@@ -5,7 +5,10 @@ pruned model's calibration activations and the original model's output of the sa
 
 Layers are refitted in graph order, one step per distinct input tensor (Q/K/V share theirs), each on the pruned
 model with the earlier refits applied; both models are streamed (:class:`~onnxprune.activation_stream.ActivationStream`)
-and the Gram sums are :class:`~onnxprune.gram.GramSum`. Padded positions (an ``attention_mask`` of the rows'
+and the Gram sums are :class:`~onnxprune.gram.GramSum`. Under ``--low-memory`` (:func:`~onnxprune.heap.heap_bounded`)
+the two streams share a :class:`~onnxprune.activation_stream.KeptBudget` derived from the data, as the structured
+refit's do: what they keep between steps stays within about one layer's activations, the rest is recomputed (the
+same values). Padded positions (an ``attention_mask`` of the rows'
 leading shape) are left out, as in the PCA.
 """
 
@@ -18,8 +21,9 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ..activation_stream import ActivationStream
+from ..activation_stream import ActivationStream, KeptBudget
 from ..gram import GramSum
+from ..heap import heap_bounded
 
 
 @dataclass
@@ -45,7 +49,8 @@ def refit_readers(original: onnx.ModelProto, pruned: onnx.ModelProto, targets: l
                   feeds: list[dict[str, np.ndarray]], ridge: float = 1e-3) -> dict[str, Any]:
     """Refit ``targets`` in ``pruned`` in place; returns per layer the calibration relative error before/after."""
     layers, skipped = _plan(pruned, targets)
-    reference, current = ActivationStream(original, feeds), ActivationStream(pruned, feeds)
+    budget = KeptBudget() if heap_bounded() else 1 << 30
+    reference, current = ActivationStream(original, feeds, budget), ActivationStream(pruned, feeds, budget)
     live = {layer.weight.name: numpy_helper.to_array(layer.weight) for layer in layers}
     live |= {layer.bias.name: numpy_helper.to_array(layer.bias) for layer in layers if layer.bias is not None}
     order = {out: i for i, n in enumerate(pruned.graph.node) for out in n.output}
