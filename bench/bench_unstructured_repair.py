@@ -5,6 +5,8 @@
     python bench/bench_unstructured_repair.py --from-json a.json b.json --write-docs   # table of saved runs
     ... --merge-docs   # keep the cells of the docs table that a partial run does not replace
     ... --eval-count 1000 --json x.json   # more evaluation samples for the corpus models (not for the table)
+    ... --calib-draws 5 --eval-count 500 --methods "row-wise refit" OBS --json d.json [--write-draws-docs]
+        # each cell repeated on 5 calibration draws: means, spread and OBS against the refit draw by draw
 
 Models (five exporters): the trained digits fixtures (fixtures/build_trained.py, torch.onnx TorchScript
 exporter: residual CNN, MLP, transformer; calibration: 256 training images, evaluation: the 360 test
@@ -47,6 +49,7 @@ import onnxprune
 TRAINED = ROOT / "fixtures" / "trained"
 DOCS = ROOT / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- unstructured-repair-table:begin -->", "<!-- unstructured-repair-table:end -->"
+DRAWS_BEGIN, DRAWS_END = "<!-- repair-draws-table:begin -->", "<!-- repair-draws-table:end -->"
 SETTINGS = {"50%": {"sparsity": 0.5}, "70%": {"sparsity": 0.7}, "2:4": {"pattern": "2:4"}}
 METHODS = {"magnitude": {}, "Wanda": {"criterion": "activation"},
            "Wanda + repair": {"criterion": "activation", "reconstruct": True},
@@ -67,16 +70,42 @@ class Bench:
     metric_name: str
     fixed_batch: bool = False
     out_axis: int = 0
+    draw: Callable[[int, Path], Path] | None = None  # calibration draw k (k >= 1) written into a folder
+    loss: Callable[[list[np.ndarray], list], float] | None = None  # test loss where labels and logits allow it
 
 
 def _top1(outputs: list[np.ndarray], labels: list) -> float:
     return float(np.mean(outputs[0].argmax(-1) == np.asarray(labels)))
 
 
+def _cross_entropy(outputs: list[np.ndarray], labels: list) -> float:
+    """Mean negative log-likelihood of the true labels under the logits: a graded accuracy measure that moves with
+    every image, where top-1 on 360 images moves in steps of one image."""
+    logits = outputs[0].astype(np.float64)
+    top = logits.max(-1, keepdims=True)
+    log_z = (top + np.log(np.exp(logits - top).sum(-1, keepdims=True)))[:, 0]
+    return float(np.mean(log_z - logits[np.arange(len(labels)), np.asarray(labels)]))
+
+
 def digits(label: str, model: str, calib: str, val: str) -> Bench:
     data = dict(np.load(TRAINED / val))
     return Bench(label, "torch.onnx (TorchScript)", TRAINED / model, TRAINED / calib, {"input": data["input"]},
-                 list(data["labels"]), _top1, "top-1")
+                 list(data["labels"]), _top1, "top-1", draw=functools.partial(_digits_draw, label, calib),
+                 loss=_cross_entropy)
+
+
+def _digits_draw(label: str, calib: str, k: int, folder: Path) -> Path:
+    """Calibration draw ``k``: 256 other training images (a seeded choice among the 1,437; draw 0 is the committed
+    file, the first 256), in the committed file's layout; the test images stay out of every draw."""
+    sys.path.insert(0, str(ROOT / "fixtures"))
+    from build_trained import digits as split
+
+    x_train = split()[0]
+    chosen = x_train[np.sort(np.random.default_rng(k).choice(len(x_train), 256, replace=False))]
+    layout = np.load(TRAINED / calib)["input"].shape[1:]
+    path = folder / f"{label}.draw{k}.npz"
+    np.savez(path, input=chosen.reshape((256, *layout)))
+    return path
 
 
 def _predictions(outs: list[np.ndarray], time_major: bool = False) -> list[tuple]:
@@ -107,8 +136,14 @@ def corpus(name: str, count: int, calib_count: int, folder: Path) -> Bench | Non
     feeds, labels = model.make(np.random.default_rng(1), count, 0)
     calib, _ = model.make(np.random.default_rng(2), calib_count, 0)
     np.savez(folder / f"{name}.calib.npz", **calib)
+
+    def draw(k: int, where: Path) -> Path:  # draw k renders its samples from seed 2 + k (evaluation: seed 1)
+        out = where / f"{name}.draw{k}.npz"
+        np.savez(out, **model.make(np.random.default_rng(2 + k), calib_count, 0)[0])
+        return out
+
     bench = Bench(name, model.exporter, path, folder / f"{name}.calib.npz", feeds, labels, model.metric,
-                  model.metric_name, model.fixed_batch, model.out_axis)
+                  model.metric_name, model.fixed_batch, model.out_axis, draw)
     if model.metric is None:
         dense = outputs(path, feeds, bench.fixed_batch, bench.out_axis)
         bench.labels = _predictions(dense, bench.out_axis == 1)
@@ -129,8 +164,8 @@ def outputs(model: onnx.ModelProto | Path, feeds: dict[str, np.ndarray], fixed_b
     return [np.concatenate(parts, axis=out_axis if parts[0].ndim > 1 else 0) for parts in zip(*runs)]
 
 
-def measure(bench: Bench, setting: dict, method: dict, dense: list[np.ndarray]) -> dict:
-    config = onnxprune.PruneConfig(calibration_data=str(bench.calib), **setting, **method)
+def measure(bench: Bench, setting: dict, method: dict, dense: list[np.ndarray], calib: Path | None = None) -> dict:
+    config = onnxprune.PruneConfig(calibration_data=str(calib or bench.calib), **setting, **method)
     start = time.perf_counter()
     pruned, result = onnxprune.prune(bench.path, config=config)
     seconds = time.perf_counter() - start
@@ -139,6 +174,8 @@ def measure(bench: Bench, setting: dict, method: dict, dense: list[np.ndarray]) 
     row = {"metric": bench.metric(out, bench.labels), "seconds": seconds,
            "rel_l2": _fidelity(out, dense),
            "sparsity": details["achieved_sparsity"]}
+    if bench.loss is not None:
+        row["loss"] = bench.loss(out, bench.labels)
     if "obs" in details:
         choices = [entry["choice"] for entry in details["obs"]["layers"]]
         row["layers"] = {name: choices.count(name) for name in sorted(set(choices))}
@@ -169,6 +206,48 @@ def table(results: list[dict]) -> str:
         first = next(iter(rows.values()))
         cells = [cell(rows[m], first["dense_metric"]) if m in rows else "–" for m in METHODS]
         lines.append(f"| {model} ({first['exporter']}, {first['metric_name']}) | {setting} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def draws_table(results: list[dict]) -> str:
+    """Rows measured on several calibration draws: per method the mean task metric with its range over the draws and
+    the mean relative L2; then OBS against the row-wise refit draw by draw (same draw, same evaluation samples)."""
+    methods = [m for m in METHODS if any(r["method"] == m for r in results)]
+    paired = "OBS" in methods and "row-wise refit" in methods
+    lines = ["| model (exporter, metric) | setting | dense | draws × evaluation samples | " + " | ".join(methods)
+             + (" | OBS − row-wise refit, draw by draw |" if paired else " |"),
+             "|---|---|---|---|" + "---|" * (len(methods) + paired)]
+    keys = sorted({(r["model"], r["setting"]) for r in results}, key=lambda k: (
+        [r["model"] for r in results].index(k[0]), list(SETTINGS).index(k[1])))
+    for model, setting in keys:
+        rows = {r["method"]: r for r in results if r["model"] == model and r["setting"] == setting}
+        first = next(iter(rows.values()))
+        cells = []
+        for method in methods:
+            if method not in rows:
+                cells.append("–")
+                continue
+            draws = rows[method]["draws"]
+            values = [d["metric"] for d in draws]
+            text = (f"{np.mean(values):.3f} [{min(values):.3f}–{max(values):.3f}] / "
+                    f"{np.mean([d['rel_l2'] for d in draws]):.3f}")
+            if all("loss" in d for d in draws):
+                text += f" / {np.mean([d['loss'] for d in draws]):.4f}"
+            cells.append(text)
+        if paired:
+            if "OBS" in rows and "row-wise refit" in rows:
+                pairs = list(zip(rows["OBS"]["draws"], rows["row-wise refit"]["draws"]))
+                diffs = [a["metric"] - b["metric"] for a, b in pairs]
+                ahead, behind = sum(d > 1e-9 for d in diffs), sum(d < -1e-9 for d in diffs)
+                text = f"{np.mean(diffs):+.3f} (ahead {ahead}, equal {len(diffs) - ahead - behind}, behind {behind})"
+                if all("loss" in a and "loss" in b for a, b in pairs):
+                    text += f"; loss lower in {sum(a['loss'] < b['loss'] for a, b in pairs)} of {len(pairs)}"
+                cells.append(text)
+            else:
+                cells.append("–")
+        dense = f"{first['dense_metric']:.3f}" + (f" / {first['dense_loss']:.4f}" if "dense_loss" in first else "")
+        lines.append(f"| {model} ({first['exporter']}, {first['metric_name']}) | {setting} | {dense} | "
+                     f"{len(first['draws'])} × {first['eval_samples']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -207,9 +286,9 @@ def merge(old: list[dict], new: list[dict]) -> list[dict]:
     return list(merged.values())
 
 
-def write_docs(text: str) -> None:
+def write_docs(text: str, markers: tuple[str, str] = (BEGIN, END)) -> None:
     doc = DOCS.read_text()
-    start, end = doc.index(BEGIN) + len(BEGIN), doc.index(END)
+    start, end = doc.index(markers[0]) + len(markers[0]), doc.index(markers[1])
     DOCS.write_text(doc[:start] + "\n" + text + "\n" + doc[end:])
 
 
@@ -245,9 +324,22 @@ def main() -> None:
                         "do not replace")
     parser.add_argument("--eval-count", type=int, help="evaluation samples of the corpus models (default: the "
                         "table's 40-200 per model); a run with it is not for the docs table")
+    parser.add_argument("--calib-draws", type=int, default=1, help="repeat every cell on this many calibration "
+                        "draws (draw 0 is the table's calibration data): means, ranges, OBS against the refit per draw")
+    parser.add_argument("--write-draws-docs", action="store_true", help="write the calibration-draws table into "
+                        "docs/benchmarks.md (rows of --calib-draws runs, merged with --from-json)")
     args = parser.parse_args()
-    if args.eval_count and args.write_docs:
-        parser.error("--eval-count changes the evaluation sets: its rows do not go into the docs table")
+    if (args.eval_count or args.calib_draws > 1) and args.write_docs:
+        parser.error("--eval-count and --calib-draws change the evaluation: their rows go into the draws table "
+                     "(--write-draws-docs), not the main one")
+    if args.from_json and args.write_draws_docs:
+        results = [row for path in args.from_json for row in json.loads(path.read_text())]
+        print(draws_table(results))
+        write_docs(draws_table(results), (DRAWS_BEGIN, DRAWS_END))
+        return
+    if args.calib_draws > 1:
+        run_draws(args)
+        return
     if args.from_json:
         results = [row for path in args.from_json for row in json.loads(path.read_text())]
         if args.merge_docs:
@@ -274,6 +366,35 @@ def main() -> None:
     print(table(results))
     if args.write_docs:
         write_docs(table(results))
+
+
+def run_draws(args: argparse.Namespace) -> None:
+    """Every model x setting x method on ``args.calib_draws`` calibration draws, the same evaluation samples."""
+    import tempfile
+
+    results = []
+    with tempfile.TemporaryDirectory() as folder:
+        for bench in benches(args.models, Path(folder), args.eval_count):
+            dense = outputs(bench.path, bench.feeds, bench.fixed_batch, bench.out_axis)
+            dense_metric = bench.metric(dense, bench.labels)
+            calibs = [bench.calib] + [bench.draw(k, Path(folder)) for k in range(1, args.calib_draws)]
+            for setting in args.settings:
+                for method in args.methods:
+                    row = {"model": bench.label, "exporter": bench.exporter, "metric_name": bench.metric_name,
+                           "setting": setting, "method": method, "dense_metric": dense_metric,
+                           "eval_samples": len(next(iter(bench.feeds.values()))), "draws": []}
+                    if bench.loss is not None:
+                        row["dense_loss"] = bench.loss(dense, bench.labels)
+                    for k, calib in enumerate(calibs):
+                        row["draws"].append(measure(bench, SETTINGS[setting], METHODS[method], dense, calib))
+                        print(f"{bench.label} {setting} {method} draw {k}: {cell(row['draws'][-1], dense_metric)}",
+                              flush=True)
+                    results.append(row)
+                    if args.json:
+                        args.json.write_text(json.dumps(results, indent=2))
+    print(draws_table(results))
+    if args.write_draws_docs:
+        write_docs(draws_table(results), (DRAWS_BEGIN, DRAWS_END))
 
 
 if __name__ == "__main__":
