@@ -20,10 +20,10 @@ from .sessions import ModelSource
 from .validate import (
     LOW_COSINE,
     ValidationUnavailable,
+    both_file_sizes,
     check_gates,
     classifier_outputs,
     describe_nonfinite,
-    file_sizes,
     model_files,
     not_validated,
     run_validation,
@@ -57,8 +57,7 @@ def validate_step(result: PruneResult, loaded: LoadedModel, vcfg: ValidateConfig
         loaded.model = None
     bound_heap_for_sessions()  # each session from the heap peaked at 3x its model (onnxprune/heap.py)
     release_memory()
-    sizes = {"original": file_sizes(input_files, blob=original_src.blob),
-             "pruned": file_sizes(written or None, loaded.model)}
+    sizes = both_file_sizes((input_files, None, original_src.blob), (written or None, loaded.model))
     try:
         if unavailable is not None:
             raise ValidationUnavailable(unavailable)

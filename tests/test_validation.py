@@ -17,7 +17,7 @@ import onnxprune
 from onnxprune.config import ValidateConfig
 from onnxprune.html_report import render_html
 
-from .conftest import listing, run_cli
+from .conftest import FIXTURES, listing, run_cli
 
 validate_module = sys.modules["onnxprune.validate"]
 FAST = ("--runs", "2", "--warmup", "1")
@@ -335,3 +335,29 @@ def test_validation_peak_memory_within_3x_the_model(tmp_path):
     assert json.loads((tmp_path / "o.json").read_text())["validation"]["status"] == "validated"
     assert peak <= 3 * size + baseline, f"peak {peak / 2**20:.0f} MiB, fixed cost {baseline / 2**20:.0f} MiB, " \
                                         f"model {size / 2**20:.0f} MiB: {(peak - baseline) / size:.2f}x"
+
+
+def test_zip_sizes_are_one_deflate_call_whichever_way_the_bytes_come(tmp_path, monkeypatch):
+    """The report's zip size is the length of one level-6 deflate of the bytes: from a blob, a model or files (read
+    and compressed a few bytes at a time here), and for both models at once on two threads."""
+    import importlib
+    import zlib
+
+    validate_module = importlib.import_module("onnxprune.validate")
+
+    monkeypatch.setattr(validate_module, "CHUNK", 1000)  # many chunks, ends that do not line up
+    model = onnx.load(str(FIXTURES / "cnn.onnx"))
+    blob = model.SerializeToString()
+    expected = {"bytes": len(blob), "zip_bytes": len(zlib.compress(blob, 6))}
+    path = tmp_path / "m.onnx"
+    path.write_bytes(blob)
+    data = tmp_path / "m.onnx.data"
+    data.write_bytes(bytes(range(256)) * 41 + b"\x00" * 5000)
+    both = blob + data.read_bytes()
+    assert validate_module.file_sizes(None, blob=blob) == expected
+    assert validate_module.file_sizes(None, model) == expected
+    files = validate_module.file_sizes([path, data])
+    assert files["bytes"] == len(both)
+    assert files["zip_bytes"] == expected["zip_bytes"] + len(zlib.compress(data.read_bytes(), 6))
+    assert validate_module.both_file_sizes((None, None, blob), ([path, data],)) == {"original": expected,
+                                                                                   "pruned": files}
