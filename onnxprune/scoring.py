@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from functools import partial
 
@@ -152,7 +153,10 @@ def reconstruction_scores(analysis: Analysis, groups: list[ChannelGroup], feeds:
             return fallback[group.id] if result is None else result
 
         with clock.stage("selection"):
-            if threads == 1 or len(window) < 2:
+            if threads == 1 and low:
+                results = _narrow_in_pairs(window, order, lambda number: _widest(groups[number], consumers,
+                                                                                  readers, number))
+            elif threads == 1 or len(window) < 2:
                 results = [order(number) for number in window]
             else:
                 with ThreadPoolExecutor(threads) as workers:
@@ -165,8 +169,36 @@ def reconstruction_scores(analysis: Analysis, groups: list[ChannelGroup], feeds:
     return {group.id: scores[group.id] for group in groups}
 
 
-#: threads that order the groups in the default mode (one with the heap bounded)
+#: threads that order the groups in the default mode (one with the heap bounded, but for narrow groups)
 SELECTION_THREADS = 2
+
+
+def _widest(group: ChannelGroup, consumers: dict[str, tuple], readers: dict[str, list[int]], number: int) -> int:
+    """The most features of a consumer that reads group ``number``: the side of its largest inverse."""
+    return max((len(consumers[key][3]) for key, numbers in readers.items() if number in numbers), default=0)
+
+
+def _narrow_in_pairs(window: range, order: Callable[[int], np.ndarray], widest: Callable[[int], int]
+                     ) -> list[np.ndarray]:
+    """The window's groups ordered in their order, one at a time, but consecutive narrow groups (every consumer
+    below ``WIDE_FEATURES`` features: inverses of at most 32 MB) two at a time on two threads (the memory-bounded
+    mode's one thread leaves the other core idle there: their inverses and downdates do not use the product pool).
+    Each group's scores are its own, bit for bit, whichever thread orders it."""
+    results: list[np.ndarray] = []
+    numbers = list(window)
+    with ThreadPoolExecutor(1, thread_name_prefix="onnxprune-narrow") as other:
+        i = 0
+        while i < len(numbers):
+            pair = numbers[i:i + 2]
+            if len(pair) == 2 and all(widest(n) < WIDE_FEATURES for n in pair):
+                second = other.submit(order, pair[1])
+                results.append(order(pair[0]))
+                results.append(second.result())
+                i += 2
+            else:
+                results.append(order(numbers[i]))
+                i += 1
+    return results
 
 
 def _readers(groups: list[ChannelGroup], consumers: dict[str, tuple]) -> dict[str, list[int]]:

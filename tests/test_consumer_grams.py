@@ -416,6 +416,40 @@ def test_low_memory_selection_runs_in_windows_with_the_same_scores(monkeypatch):
     assert next(made, None) is None
 
 
+def test_low_memory_selection_orders_narrow_groups_two_at_a_time(monkeypatch):
+    """With the heap bounded, consecutive narrow groups (every consumer below ``WIDE_FEATURES`` features) are ordered
+    two at a time, one on a second thread, the wide ones alone on the caller's thread; the scores equal the default
+    mode's bit for bit."""
+    import threading
+
+    model = _model()
+    analysis = analyse(model)
+    groups = build_groups(analysis)
+    feeds = _feeds()
+    monkeypatch.setattr(scoring, "WIDE_FEATURES", 512)  # this model's 3×3 convs (576 features) count as wide
+    plain = scoring.reconstruction_scores(analysis, groups, feeds, stop=0.6)
+    consumers = scoring.refit_consumers(analysis)
+    readers = scoring._readers(groups, consumers)
+    widest = {g.id: scoring._widest(g, consumers, readers, n) for n, g in enumerate(groups)}
+    assert min(widest.values()) < 512 <= max(widest.values())
+    monkeypatch.setattr(scoring, "heap_bounded", lambda: True)
+    where: dict[int, str] = {}
+    real = scoring._greedy_order
+
+    def recorded(group, *args, **kwargs):
+        where[group.id] = threading.current_thread().name
+        return real(group, *args, **kwargs)
+
+    monkeypatch.setattr(scoring, "_greedy_order", recorded)
+    bounded = scoring.reconstruction_scores(analysis, groups, feeds, stop=0.6)
+    assert all(where[gid] == threading.current_thread().name for gid, width in widest.items()
+               if width >= 512 and gid in where)
+    assert any(name.startswith("onnxprune-narrow") for name in where.values())
+    assert list(bounded) == list(plain)
+    for gid, scores in plain.items():
+        np.testing.assert_array_equal(bounded[gid], scores)
+
+
 def test_in_place_inverse_equals_the_plain_one():
     """``spd_inverse(overwrite=True)`` writes the factor and the inverse over the Gram, bit for bit the plain inverse;
     a Gram that is not positive definite raises ``_Overwritten`` (a ``LinAlgError``)."""
