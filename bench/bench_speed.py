@@ -36,7 +36,8 @@ per step on the model's real Grams: CPU seconds, shared removed units and the re
 
 runs only the default allocation's measurement in-process (``--reconstruct`` on, the first ``--samples`` calibration
 samples: 4 measured, the rest fitted): its wall and CPU seconds by stage, the chosen ratios and every sensitivity
-point. ``--compare`` a file written the same way (e.g. by the code before a change, ``PYTHONPATH`` pointing at it):
+point. ``--compare`` a file written the same way (e.g. by the code before a change, ``PYTHONPATH`` pointing at it; the
+pruning runs then start python with ``-P``, so that PYTHONPATH's package is the one measured):
 whether the chosen ratios are identical and the largest absolute difference of the points' relative L2.
 ``--low-memory`` bounds the heap first (the measurement's ``--low-memory`` path); ``peak_rss_mb`` is the process's.
 """
@@ -194,7 +195,10 @@ def child(cmd: list[str]) -> dict:
 def bench(name: str, model: Path, calib: Path, sparsity: float, extra: list[str], keep: bool = False) -> dict:
     out = model.with_name(model.stem + ".pruned.onnx")
     report = model.with_name(model.stem + ".report.json")
-    cmd = [sys.executable, "-m", "onnxprune", str(model), "--structured", "--sparsity", str(sparsity),
+    # with PYTHONPATH set (the code before a change, for --compare or a baseline) -P keeps the current folder out of
+    # sys.path: python -m puts it first, and from the repository root its onnxprune would win over PYTHONPATH's
+    first = ["-P"] if os.environ.get("PYTHONPATH") else []
+    cmd = [sys.executable, *first, "-m", "onnxprune", str(model), "--structured", "--sparsity", str(sparsity),
            "--calibration-data", str(calib), "--reconstruct", "-o", str(out), "--force", "--report", str(report),
            *extra]
     before = os.getloadavg()[0]
