@@ -360,19 +360,24 @@ def test_grams_with_their_products_on_the_pool_equal_the_plain_ones():
     assert used == [None, pooled.pool]
 
 
+def _selection_setup(monkeypatch) -> tuple:
+    """The test model's analysis, groups, feeds, default-mode scores, refit consumers and their readers, with its 3×3
+    convs (576 features) counting as wide."""
+    analysis = analyse(_model())
+    groups = build_groups(analysis)
+    feeds = _feeds()
+    monkeypatch.setattr(scoring, "WIDE_FEATURES", 512)
+    plain = scoring.reconstruction_scores(analysis, groups, feeds, stop=0.6)
+    consumers = scoring.refit_consumers(analysis)
+    return analysis, groups, feeds, plain, consumers, scoring._readers(groups, consumers)
+
+
 def test_low_memory_selection_runs_in_windows_with_the_same_scores(monkeypatch):
     """With the heap bounded the groups are scored in windows of consecutive groups, each window's consumers
     captured (from the frontier an earlier capture kept, where it fits the budget), selected and released before the
     next window's capture; the scores equal the default mode's bit for bit, and each window's held bytes stay within
     its budget unless one group alone is over it."""
-    model = _model()
-    analysis = analyse(model)
-    groups = build_groups(analysis)
-    feeds = _feeds()
-    monkeypatch.setattr(scoring, "WIDE_FEATURES", 512)  # this model's 3×3 convs (576 features) count as wide
-    plain = scoring.reconstruction_scores(analysis, groups, feeds, stop=0.6)
-    consumers = scoring.refit_consumers(analysis)
-    readers = scoring._readers(groups, consumers)
+    analysis, groups, feeds, plain, consumers, readers = _selection_setup(monkeypatch)
     monkeypatch.setattr(scoring, "heap_bounded", lambda: True)
     monkeypatch.setattr(selection_windows, "WINDOW_SHARE", 0.1)
     windows = selection_windows.consumer_windows(analysis, groups, consumers, readers, feeds)
@@ -422,14 +427,7 @@ def test_low_memory_selection_orders_narrow_groups_two_at_a_time(monkeypatch):
     mode's bit for bit."""
     import threading
 
-    model = _model()
-    analysis = analyse(model)
-    groups = build_groups(analysis)
-    feeds = _feeds()
-    monkeypatch.setattr(scoring, "WIDE_FEATURES", 512)  # this model's 3×3 convs (576 features) count as wide
-    plain = scoring.reconstruction_scores(analysis, groups, feeds, stop=0.6)
-    consumers = scoring.refit_consumers(analysis)
-    readers = scoring._readers(groups, consumers)
+    analysis, groups, feeds, plain, consumers, readers = _selection_setup(monkeypatch)
     widest = {g.id: scoring._widest(g, consumers, readers, n) for n, g in enumerate(groups)}
     assert min(widest.values()) < 512 <= max(widest.values())
     monkeypatch.setattr(scoring, "heap_bounded", lambda: True)
