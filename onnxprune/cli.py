@@ -19,7 +19,6 @@ from .analysis.registry import raise_rule_errors
 from .api import prune, sensitivity
 from .config import PruneConfig, ValidateConfig, parse_input_shape
 from .errors import EXIT_CODES, OnnxPruneError, UsageError, flag
-from .heap import memory_first
 from .inspect import inspect_model, render_inspection
 from .model import default_output_path
 from .outputs import OutputGuard, write_atomic, write_text_atomic
@@ -254,7 +253,7 @@ def prune_command(model: Path, output: Path | None, force: bool, debug: bool, qu
         with display:
             _, result = prune(model, out, config=config, validate=vcfg, force=force, quantize=opts["quantize"],
                               external_data=opts["external_data"], progress=display.progress, outputs=guard,
-                              low_memory=low_memory)
+                              low_memory=low_memory)  # memory before time (onnxprune/heap.py)
         report = result.to_dict()
         for path in reports:
             write_report(report, path)
@@ -266,8 +265,7 @@ def prune_command(model: Path, output: Path | None, force: bool, debug: bool, qu
         if error is not None:
             raise error
 
-    with memory_first(low_memory):  # freed activations and sessions go back to the system (onnxprune/heap.py)
-        run_guarded(debug, body)
+    run_guarded(debug, body)
 
 
 def _settings(opts: dict) -> dict:

@@ -72,12 +72,11 @@ def memory_first(enabled: bool = True) -> Iterator[None]:
     if not enabled or _requested["bounded"]:
         yield
         return
-    before = _requested["bounded"]
     bound_heap()
     try:
         yield
     finally:
-        _requested["bounded"] = before
+        _requested["bounded"] = False
 
 
 def heap_bounded() -> bool:

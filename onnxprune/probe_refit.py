@@ -68,8 +68,8 @@ class Refit:
         windows = consumer_windows(self.analysis, points, self.consumers, readers, self.feeds)
         self.windows = [(window, {key for key, numbers in readers.items() if set(numbers) & set(window)})
                         for window in windows]
-        self.source = CaptureSource(self.analysis.model, self.feeds, consumer_input_bytes(self.analysis, self.consumers, self.feeds)
-                              if len(windows) > 1 else 0, self.analysis.shapes)
+        start = consumer_input_bytes(self.analysis, self.consumers, self.feeds) if len(windows) > 1 else 0
+        self.source = CaptureSource(self.analysis.model, self.feeds, start, self.analysis.shapes)
 
     def enter(self, group: int) -> None:
         """Group ``group`` is measured next: at a window's first group, the previous window's Grams go and the

@@ -104,8 +104,8 @@ def reconstruction_scores(analysis: Analysis, groups: list[ChannelGroup], feeds:
     windows = consumer_windows(analysis, groups, consumers, readers, feeds) if low else [range(len(groups))]
     products = product_pool() if threads == 1 else None  # one thread orders: products and inverses use the other core
     scores: dict[int, np.ndarray] = {}
-    source = CaptureSource(analysis.model, feeds, consumer_input_bytes(analysis, consumers, feeds) if len(windows) > 1 else 0,
-                     analysis.shapes)
+    source = CaptureSource(analysis.model, feeds,
+                           consumer_input_bytes(analysis, consumers, feeds) if len(windows) > 1 else 0, analysis.shapes)
     names = [{consumers[key][0].input[0] for key, numbers in readers.items() if set(numbers) & set(window)}
              for window in windows]
     for number_of_window, window in enumerate(windows):
@@ -154,8 +154,7 @@ def reconstruction_scores(analysis: Analysis, groups: list[ChannelGroup], feeds:
 
         with clock.stage("selection"):
             if threads == 1 and low:
-                results = _narrow_in_pairs(window, order, lambda number: _widest(groups[number], consumers,
-                                                                                  readers, number))
+                results = _narrow_in_pairs(window, order, partial(_widest, consumers, readers))
             elif threads == 1 or len(window) < 2:
                 results = [order(number) for number in window]
             else:
@@ -173,7 +172,7 @@ def reconstruction_scores(analysis: Analysis, groups: list[ChannelGroup], feeds:
 SELECTION_THREADS = 2
 
 
-def _widest(group: ChannelGroup, consumers: dict[str, tuple], readers: dict[str, list[int]], number: int) -> int:
+def _widest(consumers: dict[str, tuple], readers: dict[str, list[int]], number: int) -> int:
     """The most features of a consumer that reads group ``number``: the side of its largest inverse."""
     return max((len(consumers[key][3]) for key, numbers in readers.items() if number in numbers), default=0)
 

@@ -15,8 +15,8 @@ import os
 import re
 import time
 import zlib
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -245,22 +245,14 @@ def file_sizes(files: list[Path] | None, model: onnx.ModelProto | None = None, b
         return {"bytes": len(blob), "zip_bytes": _deflated(view[i:i + CHUNK] for i in range(0, len(view), CHUNK))}
     total = compressed = 0
     for file in files:
-        read = [0]
         with open(file, "rb") as handle:
-            compressed += _deflated(_chunks(handle, read))
-        total += read[0]
+            compressed += _deflated(iter(partial(handle.read, CHUNK), b""))
+            total += handle.tell()
     return {"bytes": total, "zip_bytes": compressed}
 
 
 #: bytes read and compressed at a time for the zip size
 CHUNK = 16 << 20
-
-
-def _chunks(handle, read: list[int]) -> Iterator[bytes]:
-    """``handle``'s bytes ``CHUNK`` at a time, their count added to ``read[0]``."""
-    while chunk := handle.read(CHUNK):
-        read[0] += len(chunk)
-        yield chunk
 
 
 def _deflated(chunks) -> int:

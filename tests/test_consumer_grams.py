@@ -428,7 +428,7 @@ def test_low_memory_selection_orders_narrow_groups_two_at_a_time(monkeypatch):
     import threading
 
     analysis, groups, feeds, plain, consumers, readers = _selection_setup(monkeypatch)
-    widest = {g.id: scoring._widest(g, consumers, readers, n) for n, g in enumerate(groups)}
+    widest = {g.id: scoring._widest(consumers, readers, n) for n, g in enumerate(groups)}
     assert min(widest.values()) < 512 <= max(widest.values())
     monkeypatch.setattr(scoring, "heap_bounded", lambda: True)
     where: dict[int, str] = {}
