@@ -30,6 +30,7 @@ class KeptBudget:
 
     def __init__(self, limit: int | None = None):
         self.limit, self.derived = limit, 0
+        self.reserved = 0  # bytes held beside the streams' within the budget (a caller's, counted in held())
         self.streams: weakref.WeakSet[ActivationStream] = weakref.WeakSet()  # no cycle: streams go with their owner
 
     def allowed(self) -> int:
@@ -37,8 +38,8 @@ class KeptBudget:
         return self.limit if self.limit is not None else int(DERIVED_SHARE * self.derived)
 
     def held(self) -> int:
-        """The bytes the streams keep now."""
-        return sum(stream.kept_bytes() for stream in self.streams)
+        """The bytes the streams keep now, and those :attr:`reserved`."""
+        return self.reserved + sum(stream.kept_bytes() for stream in self.streams)
 
     def note(self, values: Iterable[np.ndarray], share: float) -> None:
         """Derive the limit from computed tensors of one feed holding ``share`` of the calibration samples."""
@@ -134,9 +135,10 @@ class ActivationStream:
             if any(name in self.sampled for name in self.reads[id(node)]):
                 self.sampled.update(out for out in node.output if out)
 
-    def kept_bytes(self) -> int:
-        """Bytes of the tensors kept between steps, every feed."""
-        return sum(v.nbytes for kept in self.kept for v in kept.values())
+    def kept_bytes(self, number: int | None = None) -> int:
+        """Bytes of the tensors kept between steps, every feed's or feed ``number``'s."""
+        kept = self.kept if number is None else [self.kept[number]]
+        return sum(v.nbytes for values in kept for v in values.values())
 
     def run(self, names: list[str], live: dict[str, np.ndarray] | None = None,
             clock: Any = None) -> Iterator[dict[str, np.ndarray]]:
@@ -174,6 +176,17 @@ class ActivationStream:
             self._keep(number, {n: values[n] for n in step.frontier})
             del values
         return True
+
+    def stale_bytes(self) -> int:
+        """Bytes kept by the feeds that no longer keep their frontier (what :meth:`forget_stale` would free)."""
+        return 0 if self.released else sum(self.kept_bytes(n) for n, whole in enumerate(self.whole) if not whole)
+
+    def forget_stale(self) -> None:
+        """Drop what the feeds that no longer keep their frontier kept: each is recomputed from its inputs at the
+        next step instead of from a tensor of an earlier step. Nothing once weights were released
+        (:meth:`release_weights`: the inputs could not be run again)."""
+        if not self.released:
+            self.kept = [kept if whole else {} for kept, whole in zip(self.kept, self.whole)]
 
     def release_weights(self) -> set[str]:
         """Drop from :attr:`weights` the initializers no later step reads, returning every name released so far: once

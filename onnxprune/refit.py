@@ -11,10 +11,11 @@ from onnx import numpy_helper
 
 from .activation_stream import ActivationStream, KeptBudget
 from .calibration import StageClock
-from .gram import GramSum, RowSampler, _im2col, _patches, _reconstructable
+from .gram import GRAM_MIN_ROWS, GRAM_ROWS_PER_FEATURE, GramSum, RowSampler, _im2col, _patches, _reconstructable
 from .graph import GraphIndex, get_attr
 from .model import copy_fields
 from .sessions import FED_TYPES, array_owner, model_header, session_with_outputs, shared_weights
+from .shapes import header_only
 
 
 def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, layers: list[tuple[str, np.ndarray]],
@@ -32,7 +33,10 @@ def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, layers: list
     model. ``budget`` bounds the kept tensors: bytes per stream, or a :class:`~onnxprune.activation_stream.KeptBudget`
     both streams share (with no limit of its own it allows the largest layer input of the original model over
     ``feeds``, or a larger tensor the streams compute); a feed whose tensors do not fit is recomputed from the
-    tensors it last kept (the same values). ``clock`` times capture, Gram products and solves.
+    tensors it last kept (the same values). Under a :class:`~onnxprune.activation_stream.KeptBudget` the original's
+    outputs of consecutive waves of Convs are gathered ahead in one step of its stream (:func:`_gather_ahead`: only
+    the sampled rows the refit reads, within the budget), so the original's feeds that do not fit recompute once per
+    window of waves, not once per wave. ``clock`` times capture, Gram products and solves.
     ``original_weights``, ``pruned_weights``: the values of the initializers ``original`` and ``pruned`` only declare
     (:func:`detach_weights`; ``pruned`` declares none of the layers' weights and biases, :func:`refit_weight_names`).
     ``samples`` > 0: both streams run a feed ``samples`` samples at a time where the models compute every sample on
@@ -70,7 +74,15 @@ def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, layers: list
     shared = shared_weights(original_weights)
     reference = ActivationStream(original, feeds, budget, shared, original_weights, samples)
     current = ActivationStream(pruned, feeds, budget, shared, dict(pruned_weights or {}), samples)
-    for wave in _waves(pruned, plan):
+    sizes = _spatial_sizes(original) if isinstance(budget, KeptBudget) else {}
+    samples_in = sum(next(iter(feed.values())).shape[0] if feed else 1 for feed in feeds)
+    for item in plan:
+        item.picks = _Picks(RowSampler(item.features, len(feeds)))
+        item.positions = samples_in * sizes[item.name] if item.name in sizes else None
+    waves = _waves(pruned, plan)
+    for position, wave in enumerate(waves):
+        if isinstance(budget, KeptBudget) and any(item.targets is None for item in wave):
+            _gather_ahead(_window(waves[position:], budget, reference), reference, clock)
         _refit_wave(wave, reference, current, live, ridge, clock)
         for item in wave:
             if item.solution is None:
@@ -152,6 +164,46 @@ class _Refit:
         self.solution: np.ndarray | None = None
         self.features = _features(node, weight.shape)
         self.widen = 1.0  # the original layer's input features per feature here
+        self.picks: _Picks | None = None  # the rows sampled of each feed (set by reconstruct)
+        #: per feed, the original output at the sampled rows, the kept channels, gathered ahead (see _gather_ahead)
+        self.targets: list[np.ndarray | None] | None = None
+        self.positions: int | None = None  # output positions over the calibration data, where shapes tell them
+
+    def target_bytes(self, feeds: int) -> int:
+        """The most bytes :attr:`targets` can hold: the sampler's rows (one more per feed for rounding), or every
+        output position where :attr:`positions` says they are fewer, of float32."""
+        rows = max(GRAM_MIN_ROWS, GRAM_ROWS_PER_FEATURE * self.features) + feeds
+        if self.positions is not None:
+            rows = min(rows, self.positions)
+        return rows * int(np.count_nonzero(self.out_mask)) * 4
+
+
+class _Picks:
+    """One layer's :class:`~onnxprune.gram.RowSampler` with its draws kept per feed: the original's output gathered
+    ahead (:func:`_gather_ahead`) and the pruned model's inputs later take the same rows, drawn once per feed in feed
+    order as a single pass would draw them."""
+
+    def __init__(self, sampler: RowSampler):
+        self.sampler, self.drawn = sampler, {}
+
+    def draw(self, number: int, rows: int) -> np.ndarray | None:
+        """Feed ``number``'s sorted rows out of ``rows`` (None: all)."""
+        if number not in self.drawn:
+            self.drawn[number] = self.sampler.pick(rows)
+        return self.drawn[number]
+
+    def feed(self, number: int) -> _FeedPicks:
+        return _FeedPicks(self, number)
+
+
+class _FeedPicks:
+    """The sampler one feed's rows are taken with (:func:`~onnxprune.gram._patches` calls ``pick``)."""
+
+    def __init__(self, picks: _Picks, number: int):
+        self.picks, self.number = picks, number
+
+    def pick(self, rows: int) -> np.ndarray | None:
+        return self.picks.draw(self.number, rows)
 
 
 def _features(node: onnx.NodeProto, shape: tuple[int, ...]) -> int:
@@ -219,16 +271,115 @@ def _waves(model: onnx.ModelProto, plan: list[_Refit]) -> list[list[_Refit]]:
     return waves
 
 
+def _spatial_sizes(model: onnx.ModelProto) -> dict[str, int]:
+    """Height x width of every 4-D tensor whose last two dims shape inference gives as numbers (nothing on failure:
+    the sizes only narrow an estimate)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(header_only(model), strict_mode=False)
+    except Exception:  # noqa: BLE001 - an estimate's refinement: a model shape inference rejects keeps the bound
+        return {}
+    sizes = {}
+    for info in inferred.graph.value_info:
+        dims = info.type.tensor_type.shape.dim
+        if len(dims) == 4 and all(d.HasField("dim_value") for d in dims[2:]):
+            sizes[info.name] = dims[2].dim_value * dims[3].dim_value
+    return sizes
+
+
+#: under a budget derived from the data, the share of it the original's outputs gathered ahead may take
+AHEAD_SHARE = 0.5
+
+
+def _window(waves: list[list[_Refit]], budget: KeptBudget, reference: ActivationStream) -> list[list[_Refit]]:
+    """The waves from the first on whose original outputs one run of the original model gathers ahead (none unless
+    they are two or more): consecutive waves of 2-D Convs whose sampled outputs (:meth:`_Refit.target_bytes`)
+    fit ``AHEAD_SHARE`` of the budget and the room left beside what the pruned model's stream keeps."""
+    feeds = len(reference.feeds)
+    room = min(AHEAD_SHARE * budget.allowed(),
+               budget.allowed() - budget.held() + reference.stale_bytes())
+    window, used = [], 0
+    for wave in waves:
+        if any(item.node.op_type != "Conv" or len(item.weight.shape) != 4 for item in wave):
+            break
+        used += sum(item.target_bytes(feeds) for item in wave)
+        if used > room:
+            break
+        window.append(wave)
+    return window if len(window) > 1 else []
+
+
+def _gather_ahead(window: list[list[_Refit]], reference: ActivationStream, clock: StageClock) -> None:
+    """Run the original model once through the ``window``'s waves, keeping of each layer's output, per feed, only
+    the rows its sampler draws (the kept channels), counted in the budget as reserved until the layer's wave takes
+    them. The original's stream takes one step for the window instead of one per wave: under a budget its feeds that
+    do not keep their frontier recompute once (from their inputs: what they kept makes room for the rows), not once
+    per wave."""
+    items = [item for wave in window for item in wave if item.targets is None]
+    if not items:
+        return
+    reference.forget_stale()
+    estimate = sum(item.target_bytes(len(reference.feeds)) for item in items)
+    reference.budget.reserved += estimate  # the most the rows take: the stream keeps its frontier beside them
+    for item in items:
+        item.targets = [None] * len(reference.feeds)
+    y_feeds = reference.run([item.name for item in items], clock=clock)
+    for number, count in enumerate(reference.counts):
+        gathers = {item.name: _AheadGather(item, number, count) for item in items}
+        reference.consumers.update(gathers)
+        try:
+            ys = next(y_feeds)
+        finally:
+            reference.consumers.clear()
+        with clock.stage("refit_gram"):
+            for item in items:
+                target = gathers[item.name].result()
+                if target is None and ys[item.name].ndim == 4:  # handed over whole (kept for a later step)
+                    gather = _AheadGather(item, number, count)
+                    target = gather.result() if gather(ys[item.name], 0, count) else None
+                item.targets[number] = target
+        del ys
+    reference.budget.reserved += sum(t.nbytes for item in items for t in item.targets if t is not None) - estimate
+
+
+class _AheadGather:
+    """A Conv's original output of one feed at the rows its sampler draws (all rows when it draws none), the kept
+    channels, gathered part by part from the original's run (``ActivationStream.consumers``)."""
+
+    def __init__(self, item: _Refit, number: int, count: int):
+        self.item, self.number, self.count = item, number, count
+        self.channels = np.flatnonzero(item.out_mask)
+        self.picked: np.ndarray | None = None
+        self.rows: np.ndarray | None = None
+        self.covered = np.zeros(count, dtype=bool)
+
+    def __call__(self, part: np.ndarray, start: int, stop: int) -> bool:
+        if part.ndim != 4:
+            return False
+        if self.picked is None:
+            rows = self.count * part.shape[2] * part.shape[3]
+            picked = self.item.picks.draw(self.number, rows)
+            self.picked = np.arange(rows) if picked is None else picked
+            self.rows = np.empty((len(self.picked), len(self.channels)), dtype=np.float32)
+        b, i, j = _positions(self.picked, part.shape[2], part.shape[3])
+        inside = np.flatnonzero((b >= start) & (b < stop))
+        self.rows[inside] = part[(b[inside] - start)[:, None], self.channels[None, :], i[inside, None], j[inside, None]]
+        self.covered[start:stop] = True
+        return True
+
+    def result(self) -> np.ndarray | None:
+        return self.rows if self.covered.all() else None
+
+
 def _refit_wave(wave: list[_Refit], reference, current, live: dict[str, np.ndarray], ridge: float,
                 clock: StageClock) -> None:
     """Accumulate every wave layer's normal equations over the calibration feeds and solve; ``reference`` and
     ``current`` stream the original and the pruned model (its refitted weights fed as inputs). Products run in
     float32 over at most the :class:`RowSampler` budget of rows and are summed in float64; the solve is float64."""
     inputs = sorted({item.node.input[0] for item in wave})
-    outputs = [item.name for item in wave]
+    outputs = [item.name for item in wave if item.targets is None]
     sums: dict[str, GramSum | None] = {}
-    samplers: dict[str, RowSampler] = {}
-    x_feeds, y_feeds = current.run(inputs, live, clock), reference.run(outputs, clock=clock)
+    x_feeds = current.run(inputs, live, clock)
+    y_feeds = reference.run(outputs, clock=clock) if outputs else iter(dict, None)
     for number in range(len(current.feeds)):
         xs = next(x_feeds)
         if number == 0 and current.budget.limit is None:
@@ -240,11 +391,10 @@ def _refit_wave(wave: list[_Refit], reference, current, live: dict[str, np.ndarr
             for item in wave:
                 if item.node.op_type != "Conv" or (item.name in sums and sums[item.name] is None):
                     continue
-                sampler = samplers.setdefault(item.name, RowSampler(item.features, len(current.feeds)))
                 x = xs[item.node.input[0]].astype(np.float32, copy=False)
-                patches[item.name] = _patches(x, item.node, tuple(item.weight.shape[2:4]), sampler)
+                patches[item.name] = _patches(x, item.node, tuple(item.weight.shape[2:4]), item.picks.feed(number))
                 del x
-                if patches[item.name][1] is not None:
+                if patches[item.name][1] is not None and item.targets is None:
                     gathers[item.name] = reference.consumers[item.name] = _TargetGather(
                         patches[item.name][1], reference.counts[number])
         try:
@@ -255,19 +405,24 @@ def _refit_wave(wave: list[_Refit], reference, current, live: dict[str, np.ndarr
             for item in wave:
                 if item.name in sums and sums[item.name] is None:
                     continue
-                sampler = samplers.setdefault(item.name, RowSampler(item.features, len(current.feeds)))
-                if item.name in patches:
+                if item.targets is not None:
+                    rows, target = _finish_rows(item, patches.pop(item.name)[0], _take_target(item, number, current),
+                                                None, masked=True)
+                elif item.name in patches:
                     gather = gathers.pop(item.name, None)
                     rows, target = _conv_rows(item, *patches.pop(item.name), ys[item.name],
                                               gather.result() if gather is not None else None)
                 else:
-                    rows, target = _refit_rows(item, xs[item.node.input[0]], ys[item.name], sampler)
+                    rows, target = _refit_rows(item, xs[item.node.input[0]], ys[item.name], item.picks.feed(number))
                 if rows is None:
                     sums[item.name] = None
                     continue
                 sums.setdefault(item.name, GramSum(np.float32)).add(rows, target)
                 del rows, target
         del xs, ys  # before the next feed is computed
+    for item in wave:  # a layer that gave up keeps no rows gathered ahead
+        for number in range(len(item.targets or [])):
+            _take_target(item, number, current)
     with clock.stage("refit_solve"):
         for item in wave:
             if sums.get(item.name) is not None:
@@ -277,6 +432,13 @@ def _refit_wave(wave: list[_Refit], reference, current, live: dict[str, np.ndarr
                 gram[np.diag_indices_from(gram)] += lam
                 item.solution = np.linalg.solve(gram, cross)  # [D(+1), O]
                 del sums[item.name], gram, cross  # this layer's sums go before the next one's solve
+
+
+def _take_target(item: _Refit, number: int, stream: ActivationStream) -> np.ndarray | None:
+    """Feed ``number``'s rows of the original output gathered ahead, no longer held by ``item`` nor reserved."""
+    target, item.targets[number] = item.targets[number], None
+    stream.budget.reserved -= target.nbytes if target is not None else 0
+    return target
 
 
 def _refit_rows(item: _Refit, x: np.ndarray, y: np.ndarray, sampler: RowSampler | None = None
@@ -317,13 +479,17 @@ def _positions(picked: np.ndarray, height: int, width: int) -> tuple[np.ndarray,
     return b, i, j
 
 
-def _finish_rows(item: _Refit, rows: np.ndarray, target: np.ndarray, picked: np.ndarray | None
-                 ) -> tuple[np.ndarray | None, np.ndarray | None]:
+def _finish_rows(item: _Refit, rows: np.ndarray, target: np.ndarray | None, picked: np.ndarray | None,
+                 masked: bool = False) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The rows with a ones column for the bias and the target's kept channels (already taken where ``masked``)."""
+    if target is None:
+        return None, None
     if picked is not None and target.shape[0] > int(picked[-1]):
         target = target[picked]
     if rows.shape[0] != target.shape[0]:
         return None, None
-    target = target[:, item.out_mask]
+    if not masked:
+        target = target[:, item.out_mask]
     if item.node.op_type != "MatMul":
         rows = np.hstack([rows, np.ones((rows.shape[0], 1), dtype=np.float32)])
     return rows, target

@@ -332,3 +332,44 @@ def test_conv_targets_are_gathered_without_the_whole_output(samples, conv):
         b, rest = np.divmod(picked, ho * wo)
         i, j = np.divmod(rest, wo)
         assert np.array_equal(gather.result(), expected[b, :, i, j])
+
+
+def test_original_outputs_gathered_ahead_give_the_same_weights(monkeypatch):
+    """Under a derived budget (``--low-memory``) the original's stream runs once through several waves of Convs,
+    keeping of each layer's output only the rows its sampler draws (the kept channels): it takes fewer steps than
+    there are waves, the pruned model's inputs are sampled at the same rows (some layers sampled, not whole), the
+    rows stay within the budget beside the kept tensors, and the weights equal the default refit's bit for bit."""
+    from onnxprune import refit as refit_module
+
+    original, pruned, layers = _pruned_resnet18()
+    rng = np.random.default_rng(16)
+    feeds = [{"input": rng.standard_normal((n, 3, 128, 128)).astype(np.float32)} for n in (7, 7, 6)]
+    default = onnx.ModelProto()
+    default.CopyFrom(pruned)
+    reconstruct(original, default, layers, feeds)
+
+    windows, drawn, steps, held = [], [], {}, []
+    real_ahead, real_draw, real_run, real_keep = (refit_module._gather_ahead, refit_module._Picks.draw,
+                                                  ActivationStream.run, ActivationStream._keep)
+    monkeypatch.setattr(refit_module, "_gather_ahead",
+                        lambda window, reference, clock: windows.append(len(window)) or real_ahead(window, reference, clock))
+    monkeypatch.setattr(refit_module._Picks, "draw",
+                        lambda self, number, rows: drawn.append(real_draw(self, number, rows)) or drawn[-1])
+
+    def run(self, names, live=None, clock=None):
+        steps[id(self.model)] = steps.get(id(self.model), 0) + 1
+        return real_run(self, names, live, clock)
+
+    def keep(self, number, frontier):
+        real_keep(self, number, frontier)
+        held.append(self.budget.held() <= self.budget.allowed())
+    monkeypatch.setattr(ActivationStream, "run", run)
+    monkeypatch.setattr(ActivationStream, "_keep", keep)
+    header, weights = detach_weights(original)
+    summary = reconstruct(header, pruned, layers, feeds, budget=KeptBudget(), original_weights=weights, samples=2)
+    assert summary["layers"] > 10 and not summary["skipped"]
+    assert max(windows) >= 2 and steps[id(header)] < steps[id(pruned)]  # the pruned model's stream: one per wave
+    assert any(picked is None for picked in drawn) and any(picked is not None for picked in drawn)
+    assert held and all(held)
+    assert ({i.name: i.SerializeToString() for i in pruned.graph.initializer}
+            == {i.name: i.SerializeToString() for i in default.graph.initializer})
