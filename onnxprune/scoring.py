@@ -88,7 +88,8 @@ def reconstruction_scores(analysis: Analysis, groups: list[ChannelGroup], feeds:
     in windows of consecutive groups (:func:`consumer_windows`) whose consumers' Grams or kept inputs fit in the
     consumers' weight bytes: each window's capture, selection and release run before the next window's capture
     (a consumer read from two windows is captured in both, the same Gram bit for bit), which starts from the
-    frontier the previous capture kept (:class:`CaptureSource`) instead of the inputs where that fits; a deferred Gram
+    frontier the previous capture kept (:class:`CaptureSource`: the narrowest cut between the window's consumer
+    inputs and the next window's) instead of the inputs where that fits; a deferred Gram
     whose last reader is the group being ordered is inverted in place (:func:`spd_inverse`).
     The consumers' weight matrices are read when a group's order needs them (:class:`_LazyMatrix`): no copy of the
     model's weights is held through the selection.
@@ -114,7 +115,7 @@ def reconstruction_scores(analysis: Analysis, groups: list[ChannelGroup], feeds:
         if not keys:
             continue
         later = set().union(*names[number_of_window + 1:])
-        frontier = source.frontier(later) if later else None
+        frontier = source.frontier(later, {consumers[key][0].input[0] for key in keys}) if later else None
         with clock.stage("gram"):
             grams = ConsumerGrams(analysis.model, {key: consumers[key] for key in keys}, source.feeds, ridge, clock,
                                   analysis.shapes, frontier=frontier, pool=products)

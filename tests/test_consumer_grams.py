@@ -385,8 +385,11 @@ def test_low_memory_selection_runs_in_windows_with_the_same_scores(monkeypatch):
     _Recorded.made = []
     starts = []  # the tensors each window's capture starts from
 
+    kept = []  # the frontier each window's capture keeps for the next
+
     def recorded(model, consumers, sources, *args, **kwargs):
         starts.append(set(sources[0]))
+        kept.append(kwargs.get("frontier"))
         assert kwargs.get("pool") is not None  # one thread orders the groups: Gram products on the product pool
         return _Recorded(model, consumers, sources, *args, **kwargs)
 
@@ -404,6 +407,14 @@ def test_low_memory_selection_runs_in_windows_with_the_same_scores(monkeypatch):
     assert any(overwritten)  # a wide deferred Gram at its last reader: inverted in place, the same scores
     assert list(windowed) == list(plain)
     assert starts[0] == {"input"} and any(len(names) > 1 for names in starts[1:])  # later ones from a frontier
+    # each kept frontier is the narrowest cut after the window's consumer inputs, not the one just before the next
+    # window's first input: never wider, narrower somewhere
+    source = selection_windows.CaptureSource(analysis.model, feeds, 1 << 40, analysis.shapes)
+    inputs = [{consumers[key][0].input[0] for key, numbers in readers.items() if set(numbers) & set(window)}
+              for window in windows]
+    latest = [source.frontier(set().union(*inputs[i + 1:])) for i in range(len(windows) - 1)]
+    pairs = [(source.bytes(k), source.bytes(last)) for k, last in zip(kept, latest) if k and last]
+    assert pairs and all(a <= b for a, b in pairs) and any(a < b for a, b in pairs)
     for gid, scores in plain.items():
         np.testing.assert_array_equal(windowed[gid], scores)
     made = iter(_Recorded.made)
