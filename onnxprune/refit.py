@@ -342,12 +342,12 @@ def _gather_ahead(window: list[list[_Refit]], reference: ActivationStream, clock
 
 
 class _AheadGather:
-    """A Conv's original output of one feed at the rows its sampler draws (all rows when it draws none), the kept
-    channels, gathered part by part from the original's run (``ActivationStream.consumers``)."""
+    """A Conv's original output of one feed at the rows its sampler draws (all rows when it draws none), gathered
+    part by part from the original's run (``ActivationStream.consumers``); :meth:`result` gives them as the refit
+    takes them from the whole output (the kept channels, laid out alike: the bias's sums depend on the layout)."""
 
     def __init__(self, item: _Refit, number: int, count: int):
         self.item, self.number, self.count = item, number, count
-        self.channels = np.flatnonzero(item.out_mask)
         self.picked: np.ndarray | None = None
         self.rows: np.ndarray | None = None
         self.covered = np.zeros(count, dtype=bool)
@@ -355,19 +355,24 @@ class _AheadGather:
     def __call__(self, part: np.ndarray, start: int, stop: int) -> bool:
         if part.ndim != 4:
             return False
-        if self.picked is None:
+        if self.rows is None:
             rows = self.count * part.shape[2] * part.shape[3]
             picked = self.item.picks.draw(self.number, rows)
+            if start == 0 and stop == self.count:  # the whole output at once
+                self.rows = _conv_target(part, picked)
+                self.covered[:] = True
+                return True
             self.picked = np.arange(rows) if picked is None else picked
-            self.rows = np.empty((len(self.picked), len(self.channels)), dtype=np.float32)
+            self.rows = np.empty((len(self.picked), part.shape[1]), dtype=np.float32)
         b, i, j = _positions(self.picked, part.shape[2], part.shape[3])
-        inside = np.flatnonzero((b >= start) & (b < stop))
-        self.rows[inside] = part[(b[inside] - start)[:, None], self.channels[None, :], i[inside, None], j[inside, None]]
+        inside = (b >= start) & (b < stop)
+        self.rows[inside] = part[b[inside] - start, :, i[inside], j[inside]]
         self.covered[start:stop] = True
         return True
 
     def result(self) -> np.ndarray | None:
-        return self.rows if self.covered.all() else None
+        """The gathered rows' kept channels (as :func:`_finish_rows` takes them); None unless every sample came."""
+        return self.rows[:, self.item.out_mask] if self.rows is not None and self.covered.all() else None
 
 
 def _refit_wave(wave: list[_Refit], reference, current, live: dict[str, np.ndarray], ridge: float,
@@ -462,14 +467,20 @@ def _conv_rows(item: _Refit, rows: np.ndarray, picked: np.ndarray | None, y: np.
     or the output at those positions already ``gathered`` (:class:`_TargetGather`)."""
     if gathered is not None:
         return _finish_rows(item, rows, gathered, None)
-    y = y.astype(np.float32, copy=False)
-    n, o, ho, wo = y.shape if y.ndim == 4 else (0, 0, 0, 0)
+    n, _, ho, wo = y.shape if y.ndim == 4 else (0, 0, 0, 0)
     if picked is not None and n * ho * wo > int(picked[-1]):  # only the sampled positions' targets are gathered
-        b, i, j = _positions(picked, ho, wo)
-        target, picked = y[b, :, i, j].reshape(len(b), o), None
-    else:
-        target = np.moveaxis(y, 1, -1).reshape(-1, y.shape[1])
-    return _finish_rows(item, rows, target, picked)
+        return _finish_rows(item, rows, _conv_target(y, picked), None)
+    return _finish_rows(item, rows, _conv_target(y, None), picked)
+
+
+def _conv_target(y: np.ndarray, picked: np.ndarray | None) -> np.ndarray:
+    """A Conv output [samples, channels, height, width] as float32 rows [positions, channels]: those ``picked``
+    (indices over samples x height x width, sorted), or all of them in order."""
+    y = y.astype(np.float32, copy=False)
+    if picked is None:
+        return np.moveaxis(y, 1, -1).reshape(-1, y.shape[1])
+    b, i, j = _positions(picked, y.shape[2], y.shape[3])
+    return y[b, :, i, j].reshape(len(b), y.shape[1])
 
 
 def _positions(picked: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -334,16 +334,19 @@ def test_conv_targets_are_gathered_without_the_whole_output(samples, conv):
         assert np.array_equal(gather.result(), expected[b, :, i, j])
 
 
-def test_original_outputs_gathered_ahead_give_the_same_weights(monkeypatch):
+@pytest.mark.parametrize("sizes", [(7, 7, 6), (1,) * 20])
+def test_original_outputs_gathered_ahead_give_the_same_weights(monkeypatch, sizes):
     """Under a derived budget (``--low-memory``) the original's stream runs once through several waves of Convs,
     keeping of each layer's output only the rows its sampler draws (the kept channels): it takes fewer steps than
     there are waves, the pruned model's inputs are sampled at the same rows (some layers sampled, not whole), the
-    rows stay within the budget beside the kept tensors, and the weights equal the default refit's bit for bit."""
+    rows stay within the budget beside the kept tensors, and the weights equal the default refit's bit for bit;
+    with feeds of one sample too, whose unsampled rows the default refit lays out otherwise (the bias's sums
+    depend on it)."""
     from onnxprune import refit as refit_module
 
     original, pruned, layers = _pruned_resnet18()
     rng = np.random.default_rng(16)
-    feeds = [{"input": rng.standard_normal((n, 3, 128, 128)).astype(np.float32)} for n in (7, 7, 6)]
+    feeds = [{"input": rng.standard_normal((n, 3, 128, 128)).astype(np.float32)} for n in sizes]
     default = onnx.ModelProto()
     default.CopyFrom(pruned)
     reconstruct(original, default, layers, feeds)
@@ -373,3 +376,31 @@ def test_original_outputs_gathered_ahead_give_the_same_weights(monkeypatch):
     assert held and all(held)
     assert ({i.name: i.SerializeToString() for i in pruned.graph.initializer}
             == {i.name: i.SerializeToString() for i in default.graph.initializer})
+
+
+@pytest.mark.parametrize("count, size, parts", [(1, 5, 1), (5, 5, 1), (5, 5, 2), (1, 130, 1), (5, 80, 1), (5, 80, 2)])
+def test_gathered_rows_are_the_default_refits_rows_laid_out_alike(count, size, parts):
+    """The original's Conv output gathered ahead, whole or part by part, sampled (over 16,384 positions) or not,
+    gives the rows and the layout the default refit takes from the whole output: the same values, strides and
+    column sums bit for bit (the refit's bias comes from those sums; a single sample's unsampled rows are a
+    column-major view there)."""
+    from types import SimpleNamespace
+
+    from onnxprune.gram import RowSampler
+    from onnxprune.refit import _AheadGather, _conv_rows, _Picks
+
+    rng = np.random.default_rng(17)
+    y = rng.standard_normal((count, 6, size, size + 3)).astype(np.float32) * rng.uniform(0.1, 1e3, (1, 6, 1, 1))
+    out_mask = np.array([True, False, True, True, False, True])
+    ahead = SimpleNamespace(out_mask=out_mask, picks=_Picks(RowSampler(8, 1)), node=SimpleNamespace(op_type="Conv"))
+    plain = SimpleNamespace(out_mask=out_mask, node=ahead.node)
+    gather = _AheadGather(ahead, 0, count)
+    for start, stop in part_bounds(count, parts) if parts > 1 else [(0, count)]:
+        assert gather(y[start:stop], start, stop)
+    got = gather.result()
+    picked = RowSampler(8, 1).pick(count * size * (size + 3))
+    assert (picked is None) == (count * size * (size + 3) <= 16384)
+    _, expected = _conv_rows(plain, np.zeros((count * size * (size + 3) if picked is None else len(picked), 2),
+                                              np.float32), picked, y)
+    assert np.array_equal(got, expected) and got.strides == expected.strides
+    assert np.array_equal(got.sum(axis=0, dtype=np.float64), expected.sum(axis=0, dtype=np.float64))
