@@ -74,14 +74,15 @@ def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, layers: list
     shared = shared_weights(original_weights)
     reference = ActivationStream(original, feeds, budget, shared, original_weights, samples)
     current = ActivationStream(pruned, feeds, budget, shared, dict(pruned_weights or {}), samples)
-    sizes = _spatial_sizes(original) if isinstance(budget, KeptBudget) else {}
+    ahead = isinstance(budget, KeptBudget) and any(item.node.op_type == "Conv" for item in plan)
+    sizes = _spatial_sizes(original) if ahead else {}
     samples_in = sum(next(iter(feed.values())).shape[0] if feed else 1 for feed in feeds)
     for item in plan:
         item.picks = _Picks(RowSampler(item.features, len(feeds)))
         item.positions = samples_in * sizes[item.name] if item.name in sizes else None
     waves = _waves(pruned, plan)
     for position, wave in enumerate(waves):
-        if isinstance(budget, KeptBudget) and any(item.targets is None for item in wave):
+        if ahead and any(item.targets is None for item in wave):
             _gather_ahead(_window(waves[position:], budget, reference), reference, clock)
         _refit_wave(wave, reference, current, live, ridge, clock)
         for item in wave:
@@ -326,10 +327,7 @@ def _gather_ahead(window: list[list[_Refit]], reference: ActivationStream, clock
     for number, count in enumerate(reference.counts):
         gathers = {item.name: _AheadGather(item, number, count) for item in items}
         reference.consumers.update(gathers)
-        try:
-            ys = next(y_feeds)
-        finally:
-            reference.consumers.clear()
+        ys = _next_feed(reference, y_feeds)
         with clock.stage("refit_gram"):
             for item in items:
                 target = gathers[item.name].result()
@@ -339,6 +337,15 @@ def _gather_ahead(window: list[list[_Refit]], reference: ActivationStream, clock
                 item.targets[number] = target
         del ys
     reference.budget.reserved += sum(t.nbytes for item in items for t in item.targets if t is not None) - estimate
+
+
+def _next_feed(stream: ActivationStream, values) -> dict[str, np.ndarray]:
+    """The next feed's tensors of ``values`` (a :meth:`~ActivationStream.run` of ``stream``), the consumers set for
+    that feed cleared after it, whatever happens."""
+    try:
+        return next(values)
+    finally:
+        stream.consumers.clear()
 
 
 class _AheadGather:
@@ -402,10 +409,7 @@ def _refit_wave(wave: list[_Refit], reference, current, live: dict[str, np.ndarr
                 if patches[item.name][1] is not None and item.targets is None:
                     gathers[item.name] = reference.consumers[item.name] = _TargetGather(
                         patches[item.name][1], reference.counts[number])
-        try:
-            ys = next(y_feeds)
-        finally:
-            reference.consumers.clear()
+        ys = _next_feed(reference, y_feeds)
         with clock.stage("refit_gram"):
             for item in wave:
                 if item.name in sums and sums[item.name] is None:
