@@ -3,6 +3,8 @@ row-wise refits that keep an unstructured sparsity pattern."""
 
 from __future__ import annotations
 
+from functools import partial
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -76,10 +78,9 @@ def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, layers: list
     current = ActivationStream(pruned, feeds, budget, shared, dict(pruned_weights or {}), samples)
     ahead = isinstance(budget, KeptBudget) and any(item.node.op_type == "Conv" for item in plan)
     sizes = _spatial_sizes(original) if ahead else {}
-    samples_in = sum(next(iter(feed.values())).shape[0] if feed else 1 for feed in feeds)
     for item in plan:
         item.picks = _Picks(RowSampler(item.features, len(feeds)))
-        item.positions = samples_in * sizes[item.name] if item.name in sizes else None
+        item.positions = sum(reference.counts) * sizes[item.name] if item.name in sizes else None
     waves = _waves(pruned, plan)
     for position, wave in enumerate(waves):
         if ahead and any(item.targets is None for item in wave):
@@ -193,18 +194,9 @@ class _Picks:
             self.drawn[number] = self.sampler.pick(rows)
         return self.drawn[number]
 
-    def feed(self, number: int) -> _FeedPicks:
-        return _FeedPicks(self, number)
-
-
-class _FeedPicks:
-    """The sampler one feed's rows are taken with (:func:`~onnxprune.gram._patches` calls ``pick``)."""
-
-    def __init__(self, picks: _Picks, number: int):
-        self.picks, self.number = picks, number
-
-    def pick(self, rows: int) -> np.ndarray | None:
-        return self.picks.draw(self.number, rows)
+    def feed(self, number: int) -> SimpleNamespace:
+        """The sampler feed ``number``'s rows are taken with (:func:`~onnxprune.gram._patches` calls ``pick``)."""
+        return SimpleNamespace(pick=partial(self.draw, number))
 
 
 def _features(node: onnx.NodeProto, shape: tuple[int, ...]) -> int:
@@ -348,40 +340,6 @@ def _next_feed(stream: ActivationStream, values) -> dict[str, np.ndarray]:
         stream.consumers.clear()
 
 
-class _AheadGather:
-    """A Conv's original output of one feed at the rows its sampler draws (all rows when it draws none), gathered
-    part by part from the original's run (``ActivationStream.consumers``); :meth:`result` gives them as the refit
-    takes them from the whole output (the kept channels, laid out alike: the bias's sums depend on the layout)."""
-
-    def __init__(self, item: _Refit, number: int, count: int):
-        self.item, self.number, self.count = item, number, count
-        self.picked: np.ndarray | None = None
-        self.rows: np.ndarray | None = None
-        self.covered = np.zeros(count, dtype=bool)
-
-    def __call__(self, part: np.ndarray, start: int, stop: int) -> bool:
-        if part.ndim != 4:
-            return False
-        if self.rows is None:
-            rows = self.count * part.shape[2] * part.shape[3]
-            picked = self.item.picks.draw(self.number, rows)
-            if start == 0 and stop == self.count:  # the whole output at once
-                self.rows = _conv_target(part, picked)
-                self.covered[:] = True
-                return True
-            self.picked = np.arange(rows) if picked is None else picked
-            self.rows = np.empty((len(self.picked), part.shape[1]), dtype=np.float32)
-        b, i, j = _positions(self.picked, part.shape[2], part.shape[3])
-        inside = (b >= start) & (b < stop)
-        self.rows[inside] = part[b[inside] - start, :, i[inside], j[inside]]
-        self.covered[start:stop] = True
-        return True
-
-    def result(self) -> np.ndarray | None:
-        """The gathered rows' kept channels (as :func:`_finish_rows` takes them); None unless every sample came."""
-        return self.rows[:, self.item.out_mask] if self.rows is not None and self.covered.all() else None
-
-
 def _refit_wave(wave: list[_Refit], reference, current, live: dict[str, np.ndarray], ridge: float,
                 clock: StageClock) -> None:
     """Accumulate every wave layer's normal equations over the calibration feeds and solve; ``reference`` and
@@ -391,7 +349,7 @@ def _refit_wave(wave: list[_Refit], reference, current, live: dict[str, np.ndarr
     outputs = [item.name for item in wave if item.targets is None]
     sums: dict[str, GramSum | None] = {}
     x_feeds = current.run(inputs, live, clock)
-    y_feeds = reference.run(outputs, clock=clock) if outputs else iter(dict, None)
+    y_feeds = reference.run(outputs, clock=clock) if outputs else iter(dict, None)  # every output gathered: {}
     for number in range(len(current.feeds)):
         xs = next(x_feeds)
         if number == 0 and current.budget.limit is None:
@@ -515,7 +473,7 @@ class _TargetGather:
     of ``count`` samples, gathered from the parts of the original's run (``ActivationStream.consumers``): the rows
     :func:`_conv_rows` takes from the whole output, without the whole output."""
 
-    def __init__(self, picked: np.ndarray, count: int):
+    def __init__(self, picked: np.ndarray | None, count: int):
         self.picked, self.count = picked, count
         self.rows: np.ndarray | None = None
         self.covered = np.zeros(count, dtype=bool)
@@ -536,6 +494,35 @@ class _TargetGather:
     def result(self) -> np.ndarray | None:
         """The gathered rows [picked, output channels], float32; None unless every sample was covered."""
         return self.rows if self.covered.all() else None
+
+
+class _AheadGather(_TargetGather):
+    """A :class:`_TargetGather` for the original's output gathered ahead: the feed's rows are drawn from the layer's
+    :class:`_Picks` when the first part comes (all rows where it draws none), and :meth:`result` gives them as the
+    refit takes them from the whole output (the kept channels, laid out alike: the bias's sums depend on the
+    layout)."""
+
+    def __init__(self, item: _Refit, number: int, count: int):
+        super().__init__(None, count)
+        self.item, self.number = item, number
+
+    def __call__(self, part: np.ndarray, start: int, stop: int) -> bool:
+        if part.ndim != 4:
+            return False
+        if self.picked is None:
+            rows = self.count * part.shape[2] * part.shape[3]
+            picked = self.item.picks.draw(self.number, rows)
+            if start == 0 and stop == self.count:  # the whole output at once
+                self.rows = _conv_target(part, picked)
+                self.covered[:] = True
+                return True
+            self.picked = np.arange(rows) if picked is None else picked
+        return super().__call__(part, start, stop)
+
+    def result(self) -> np.ndarray | None:
+        """The gathered rows' kept channels (as :func:`_finish_rows` takes them); None unless every sample came."""
+        rows = super().result()
+        return None if rows is None else rows[:, self.item.out_mask]
 
 
 def _write_solution(model: onnx.ModelProto, index: GraphIndex, node: onnx.NodeProto, weight,
