@@ -577,3 +577,96 @@ def test_wide_rows_take_the_cholesky_path(monkeypatch):
     wide = obs_solve.WIDE + 50
     assert seen["wide"] == [[wide, wide]]  # rows 1 and 2, in one call
     assert seen["exact"] == [[300, 0, 0]]  # only the narrow row 0 reaches the stacked LU solve
+
+
+def normalized_layer(op: str, weight: np.ndarray, x: np.ndarray, *, group: int = 1, second_reader: bool = False,
+                     gamma: np.ndarray | None = None) -> onnx.ModelProto:
+    """``op`` (Gemm transB=1 or a 1x1 Conv) followed by an inference BatchNormalization that normalises each output
+    channel over ``x`` (γ = 1: every channel has unit variance after it, however small its weights); with
+    ``second_reader`` an Identity reads the layer's output too (the normalisation is then not its only reader)."""
+    pre = x.astype(np.float64) @ weight.reshape(len(weight), -1).T if op == "Gemm" else None
+    if op == "Conv":
+        per_group = np.split(weight.reshape(len(weight), -1), group)
+        parts = np.split(x.reshape(len(x), x.shape[1]), group, axis=1)
+        pre = np.concatenate([p.astype(np.float64) @ w.T for p, w in zip(parts, per_group)], axis=1)
+    channels = len(weight)
+    gamma = np.ones(channels) if gamma is None else gamma
+    params = [numpy_helper.from_array(a.astype(np.float32), n) for a, n in (
+        (gamma, "gamma"), (np.zeros(channels), "beta"), (pre.mean(0), "mean"), (pre.var(0), "var"))]
+    attrs = {"transB": 1} if op == "Gemm" else {"group": group}
+    nodes = [helper.make_node(op, ["x", "w"], ["pre"], name="layer", **attrs),
+             helper.make_node("BatchNormalization", ["pre", "gamma", "beta", "mean", "var"], ["y"], name="bn")]
+    shape = ["N", x.shape[1]] + ([1, 1] if op == "Conv" else [])
+    out_shape = ["N", channels] + ([1, 1] if op == "Conv" else [])
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)]
+    if second_reader:
+        nodes.append(helper.make_node("Identity", ["pre"], ["raw"]))
+        outputs.append(helper.make_tensor_value_info("raw", TensorProto.FLOAT, out_shape))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)], outputs,
+                              [numpy_helper.from_array(weight.astype(np.float32), "w"), *params])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def quiet_rows_problem(seed: int = 11):
+    """32 output rows of 64 inputs, the last 16 rows with weights 20x smaller: their outputs vary little on the
+    calibration data, and the BatchNormalization after the layer gives them unit variance like the others."""
+    rng = np.random.default_rng(seed)
+    weight = rng.standard_normal((32, 64))
+    weight[16:] *= 0.05
+    return weight, correlated(rng, 512, 64)
+
+
+@pytest.mark.parametrize("options", [{"sparsity": 0.5, "reconstruct": True}, {"sparsity": 0.7, "criterion": "obs"}])
+def test_rows_are_weighed_as_they_act_after_a_batch_normalization(tmp_path, monkeypatch, options):
+    """A layer whose output only a BatchNormalization reads is pruned and repaired for its output after the
+    normalisation (as a BN-folded export would be): the OBS sweep's scores of each row are scaled by γ/σ, so the rows
+    with small weights (which the normalisation amplifies) keep their share instead of losing almost every weight."""
+    monkeypatch.setattr("onnxprune.obs.EXACT_WORK", 0)  # the sweep: one mask over all rows of a column block
+    weight, x = quiet_rows_problem()
+    model = normalized_layer("Gemm", weight, x)
+    scaled, details = prune(model, x, tmp_path, **options)
+    entry = details["obs"]["layers"][0]
+    assert entry["errors_after"] == "bn"
+    monkeypatch.setattr("onnxprune.obs.normalization_scales", lambda *args: None)  # the rows as they are
+    plain, plain_details = prune(model, x, tmp_path, **options)
+    assert "errors_after" not in plain_details["obs"]["layers"][0]
+    quiet_pruned = {name: float(np.mean(weight_of(m)[16:] == 0)) for name, m in (("scaled", scaled), ("plain", plain))}
+    share = options["sparsity"]
+    assert quiet_pruned["plain"] > min(0.95, share + 0.25)  # the quiet rows lose (almost) everything without scales
+    assert abs(quiet_pruned["scaled"] - share) < 0.15  # with them about the layer's share
+    assert np.count_nonzero(weight_of(scaled) == 0) == np.count_nonzero(weight_of(plain) == 0)  # same sparsity
+    after = {name: output_error(m, model, x) for name, m in (("scaled", scaled), ("plain", plain))}
+    assert after["scaled"] < 0.5 * after["plain"]
+    assert entry["rel_error_repaired"] == pytest.approx(after["scaled"], rel=1e-2)  # errors measured after the BN
+
+
+@pytest.mark.parametrize("group", [1, 2])
+def test_conv_rows_scaled_by_their_own_channels_factor(tmp_path, monkeypatch, group):
+    """A grouped 1x1 Conv before a BatchNormalization: each group's rows take their own channels' factors (γ of
+    several sizes here), and the weights written back are in the layer's own scale."""
+    monkeypatch.setattr("onnxprune.obs.EXACT_WORK", 0)
+    weight, x = quiet_rows_problem(seed=12)
+    weight = weight.reshape(32, 64 // group, 1, 1) if group == 1 else weight[:, :32].reshape(32, 32, 1, 1)
+    gamma = np.linspace(0.5, 2.0, 32)
+    model = normalized_layer("Conv", weight, x.reshape(len(x), 64, 1, 1), group=group, gamma=gamma)
+    pruned, details = prune(model, x.reshape(len(x), 64, 1, 1), tmp_path, sparsity=0.5, reconstruct=True)
+    assert details["obs"]["layers"][0]["errors_after"] == "bn"
+    monkeypatch.setattr("onnxprune.obs.normalization_scales", lambda *args: None)
+    plain, _ = prune(model, x.reshape(len(x), 64, 1, 1), tmp_path, sparsity=0.5, reconstruct=True)
+    feed = x.reshape(len(x), 64, 1, 1)
+    assert output_error(pruned, model, feed) < 0.5 * output_error(plain, model, feed)
+    kept = weight_of(pruned) != 0
+    assert np.abs(weight_of(pruned)[kept][:8]).max() < 10 * np.abs(weight).max()  # scaled back, not γ/σ times larger
+
+
+def test_a_normalization_with_another_reader_leaves_the_rows_as_they_are(tmp_path, monkeypatch):
+    """When the layer's raw output is read elsewhere too, its error there counts as much: no scales, and the same
+    weights as with the scales switched off."""
+    monkeypatch.setattr("onnxprune.obs.EXACT_WORK", 0)
+    weight, x = quiet_rows_problem()
+    model = normalized_layer("Gemm", weight, x, second_reader=True)
+    pruned, details = prune(model, x, tmp_path, sparsity=0.5, reconstruct=True)
+    assert "errors_after" not in details["obs"]["layers"][0]
+    monkeypatch.setattr("onnxprune.obs.normalization_scales", lambda *args: None)
+    plain, _ = prune(model, x, tmp_path, sparsity=0.5, reconstruct=True)
+    assert np.array_equal(weight_of(pruned), weight_of(plain))
