@@ -144,11 +144,12 @@ def reconstruction_scores(analysis: Analysis, groups: list[ChannelGroup], feeds:
             return patch in grams.deferred and all(pending[k] == (number in inside[k]) for k in keys
                                                    if grams.patch.get(k) == patch)
 
-        def order(number: int, grams=grams, inverted=inverted, last_use=last_use) -> np.ndarray:
+        def order(number: int, alone: bool = True, grams=grams, inverted=inverted, last_use=last_use) -> np.ndarray:
             group = groups[number]
             steps = None if stop is None else math.ceil(stop * max(group.channels, len(group.units))) + 1
             result = _greedy_order(group, consumers, grams, steps, partial(inverted, number),
-                                   partial(last_use, number) if low else None, products) if group.units else None
+                                   partial(last_use, number) if low else None,
+                                   products if alone else None) if group.units else None
             if not group.units:
                 inverted(number)
             return fallback[group.id] if result is None else result
@@ -182,8 +183,9 @@ def _narrow_in_pairs(window: range, order: Callable[[int], np.ndarray], widest: 
                      ) -> list[np.ndarray]:
     """The window's groups ordered in their order, one at a time, but consecutive narrow groups (every consumer
     below ``WIDE_FEATURES`` features: inverses of at most 32 MB) two at a time on two threads (the memory-bounded
-    mode's one thread leaves the other core idle there: their inverses and downdates do not use the product pool).
-    Each group's scores are its own, bit for bit, whichever thread orders it."""
+    mode's one thread leaves the other core idle there: ``order(number, False)`` keeps their inverses and downdates
+    off the product pool); a group ordered alone (``order(number)``) splits its wide products with the pool. Each
+    group's scores are its own, bit for bit, whichever thread orders it."""
     results: list[np.ndarray] = []
     numbers = list(window)
     with ThreadPoolExecutor(1, thread_name_prefix="onnxprune-narrow") as other:
@@ -191,8 +193,8 @@ def _narrow_in_pairs(window: range, order: Callable[[int], np.ndarray], widest: 
         while i < len(numbers):
             pair = numbers[i:i + 2]
             if len(pair) == 2 and all(widest(n) < WIDE_FEATURES for n in pair):
-                second = other.submit(order, pair[1])
-                results.append(order(pair[0]))
+                second = other.submit(order, pair[1], False)
+                results.append(order(pair[0], False))
                 results.append(second.result())
                 i += 2
             else:
@@ -304,7 +306,7 @@ def _greedy_order(group: ChannelGroup, consumers: dict[str, tuple], grams: dict[
     ``SELECTION_STEPS`` steps on a consumer of ``BATCH_FEATURES`` features or more, each step removes the ``batch``
     cheapest units together. ``inverted`` is called once the inverses are taken (the Grams may then go);
     ``overwritable`` (see :func:`_states`) says which Grams may be inverted in place; ``pool``: wide inverses run
-    partly on it (:func:`spd_inverse`)."""
+    partly on it (:func:`spd_inverse`), and so do half the rows of each wide state's step products (:class:`_State`)."""
     states = _states(group, consumers, grams, steps, overwritable, pool)
     if inverted is not None:
         inverted()
@@ -376,7 +378,8 @@ def _states(group: ChannelGroup, consumers: dict[str, tuple], grams: dict[str, n
                 return None
         sizes = np.sort(np.bincount(units[units >= 0]))[::-1]
         rank = int(sizes[:len(sizes) if steps is None else steps].sum())
-        states.append(_State(inverses[id(grams[key])], np.array(matrix, dtype=np.float64, order="C"), units, rank))
+        states.append(_State(inverses[id(grams[key])], np.array(matrix, dtype=np.float64, order="C"), units, rank,
+                             pool))
     return states
 
 
@@ -428,9 +431,24 @@ def _invert_lower(lower: np.ndarray, pool: Executor | None = None) -> None:
         _invert_lower(lower[:m, :m])
         other.result()
     block = lower[m:, :m]
-    scaled = block @ lower[:m, :m]  # B A⁻¹
-    np.matmul(lower[m:, m:], scaled, out=block)
+    scaled = _rows_product(block, lower[:m, :m], pool)  # B A⁻¹
+    _rows_product(lower[m:, m:], scaled, pool, out=block)
     np.negative(block, out=block)
+
+
+def _rows_product(a: np.ndarray, b: np.ndarray, pool: Executor | None = None, out: np.ndarray | None = None
+                  ) -> np.ndarray:
+    """``a @ b`` (into ``out`` when given, which must not overlap ``b``), the rows of ``a`` in two parts from
+    ``SPLIT_FEATURES // 2`` rows on (:func:`_in_halves`), one on ``pool`` where there is one: the same products
+    with or without it, bit for bit."""
+    if out is None:
+        out = np.empty((a.shape[0], b.shape[1]), dtype=np.result_type(a, b))
+
+    def rows(lo: int, hi: int) -> None:
+        np.matmul(a[lo:hi], b, out=out[lo:hi])
+
+    _in_halves(pool, a.shape[0], rows, least=SPLIT_FEATURES // 2)
+    return out
 
 
 def _lower_gram(lower: np.ndarray, pool: Executor | None = None) -> np.ndarray:
@@ -443,7 +461,7 @@ def _lower_gram(lower: np.ndarray, pool: Executor | None = None) -> np.ndarray:
         return lower
     m = n // 2
     a, b, c = lower[:m, :m], lower[m:, :m], lower[m:, m:]
-    lower[:m, m:] = b.T @ c  # into the zero triangle: B and C are still read below
+    _rows_product(b.T, c, pool, out=lower[:m, m:])  # into the zero triangle: B and C are still read below
     other = pool.submit(_lower_gram, c) if pool is not None else None
     _lower_gram(a)
     a += b.T @ b
@@ -464,10 +482,18 @@ class _State:
     A step costs O(D · rank · k) instead of O(D² · k); P₀ is never written. Units with blocks of equal size are
     costed in one batched solve. A wide consumer (``WIDE_FEATURES`` or more) holds the downdates as one factor Z,
     P = P₀ − Z Zᵀ: a step's term P[:, q] P_qq⁻¹ P[q, :] is z zᵀ with z = P[:, q] C⁻ᵀ (P_qq = C Cᵀ, Cholesky), so the
-    D × rank columns are held once instead of twice (ResNet-50's layer4: 85 MB instead of 170)."""
+    D × rank columns are held once instead of twice (ResNet-50's layer4: 85 MB instead of 170).
 
-    def __init__(self, inverse: np.ndarray, weights: np.ndarray, units: np.ndarray, rank: int = 16):
+    A consumer of ``SPLIT_FEATURES`` features or more computes the rows of a step's products (the current columns,
+    the refit of W) and the units of its costs in two parts (:func:`_in_halves`); with ``pool`` (a group ordered
+    while the other core would idle) one part runs on the pool: the same products of views of the same arrays, so
+    the same results bit for bit."""
+
+    def __init__(self, inverse: np.ndarray, weights: np.ndarray, units: np.ndarray, rank: int = 16,
+                 pool: Executor | None = None):
         self.P0, self.W, self.units = inverse, weights, units
+        self.pool = pool
+        self.least = SPLIT_FEATURES if inverse.shape[0] >= SPLIT_FEATURES else inverse.shape[0] + 1  # split or not
         self.factored = inverse.shape[0] >= WIDE_FEATURES  # P = P₀ − Z Zᵀ (Z held in U), else P₀ − U Vᵀ
         self.U = np.empty((inverse.shape[0], max(rank, 1)))  # the columns the downdates will take (grown if short)
         self.V = self.U if self.factored else np.empty((inverse.shape[0], max(rank, 1)))
@@ -493,11 +519,19 @@ class _State:
                     cost[unit_ids] += np.where(diag > 0, np.einsum("uj,uj->u", rows, rows) / diag, np.inf)
                 continue
             w = self.W[index]  # [units, k, outputs]
-            try:
+            added = np.empty(len(unit_ids))
+
+            def quadratic(lo: int, hi: int, w=w, blocks=blocks, added=added) -> None:
+                part, parts = w[lo:hi], blocks[lo:hi]
                 if self.P0.shape[0] < WIDE_FEATURES:
-                    cost[unit_ids] += np.einsum("ukj,ukj->u", w, np.linalg.solve(blocks, w))
+                    added[lo:hi] = np.einsum("ukj,ukj->u", part, np.linalg.solve(parts, part))
                 else:  # the same quadratic form as trace(P_qq⁻¹ · w wᵀ): k×k products instead of solves per output
-                    cost[unit_ids] += np.einsum("ukl,ukl->u", np.linalg.inv(blocks), np.matmul(w, w.transpose(0, 2, 1)))
+                    added[lo:hi] = np.einsum("ukl,ukl->u", np.linalg.inv(parts), np.matmul(part, part.transpose(0, 2, 1)))
+
+            try:
+                units = SPLIT_UNITS if self.least <= self.P0.shape[0] else len(unit_ids) + 1
+                _in_halves(self.pool, len(unit_ids), quadratic, least=units, align=1)  # units: one by one
+                cost[unit_ids] += added
             except np.linalg.LinAlgError:
                 cost[unit_ids] += [_removal_cost(b, self.W[q]) for b, q in zip(blocks, index)]
 
@@ -506,14 +540,25 @@ class _State:
         q = np.flatnonzero(self.units == units[0]) if len(units) == 1 else np.flatnonzero(np.isin(self.units, units))
         if not q.size:
             return
-        column = self.P0[:, q] - self.U[:, :self.rank] @ self.V[q, :self.rank].T  # current P[:, q]
+        rows, rank, taken = self.P0.shape[0], self.rank, self.V[q, :self.rank]
+        column = np.empty((rows, q.size))
+
+        def current(lo: int, hi: int) -> None:  # rows lo:hi of the current P[:, q]
+            np.subtract(self.P0[lo:hi, q], self.U[lo:hi, :rank] @ taken.T, out=column[lo:hi])
+
+        _in_halves(self.pool, rows, current, least=self.least)
         block = column[q]
         try:
             inv = np.linalg.inv(block)
         except np.linalg.LinAlgError:
             inv = np.linalg.pinv(block)
         scaled = column @ inv
-        self.W -= scaled @ self.W[q]
+        removed = self.W[q]
+
+        def refit(lo: int, hi: int) -> None:
+            self.W[lo:hi] -= scaled[lo:hi] @ removed
+
+        _in_halves(self.pool, rows, refit, least=self.least)
         self.W[q] = 0.0
         if self.factored:
             self._append(_downdate_factor(column, block))
@@ -539,6 +584,38 @@ class _State:
         if not self.factored:
             self.V[:, self.rank:self.rank + k] = column
         self.rank += k
+
+
+#: a :class:`_State` over at least this many features splits its step products between two threads when it has a
+#: pool; its costs are split once at least ``SPLIT_UNITS`` units share a block size
+SPLIT_FEATURES = 1024
+SPLIT_UNITS = 64
+#: a product split by rows is split at a multiple of this many rows: OpenBLAS's kernels handle a block's last rows
+#: (below their unroll, 4-24 rows) by other code paths, whose sums may round differently, so a split elsewhere
+#: could change those rows' last bits (measured: splits at multiples of 8 or 16 do, of 96 or 192 do not)
+ROW_ALIGN = 192
+
+
+def _in_halves(pool: Executor | None, count: int, work: Callable[[int, int], None], least: int = 0,
+               align: int = ROW_ALIGN) -> None:
+    """``work(lo, hi)`` over ``range(count)``, in two parts split near the middle at a multiple of ``align`` where
+    ``count`` is at least ``least`` (else at once): the second on ``pool`` where there is one, else after the first,
+    here. The parts are the same with or without a pool, so the results are too (whatever threads OpenBLAS itself
+    runs a product on: its own partition of a product follows the product's shape). Returns when both are done; an
+    error of either is raised."""
+    half = max(align, round(count / 2 / align) * align)
+    if count < least or half >= count:
+        work(0, count)
+        return
+    if pool is None:
+        work(0, half)
+        work(half, count)
+        return
+    other = pool.submit(work, half, count)
+    try:
+        work(0, half)
+    finally:
+        other.result()
 
 
 def _downdate_factor(column: np.ndarray, block: np.ndarray) -> np.ndarray:

@@ -131,6 +131,18 @@ def test_wide_consumer_costs_and_inverse_match_the_narrow_path(monkeypatch):
     np.testing.assert_allclose(scoring.spd_inverse(indefinite) @ indefinite, np.eye(len(H)), atol=1e-8)  # LU fallback
 
 
+def _row_parts(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a @ b`` with the rows of ``a`` in the two parts the wide products use (from SPLIT_FEATURES // 2 rows on,
+    split at a multiple of ROW_ALIGN near the middle), stacked: the products the in-place inverse makes."""
+    from onnxprune import scoring
+
+    rows = a.shape[0]
+    half = max(scoring.ROW_ALIGN, round(rows / 2 / scoring.ROW_ALIGN) * scoring.ROW_ALIGN)
+    if rows < scoring.SPLIT_FEATURES // 2 or half >= rows:
+        return a @ b
+    return np.vstack([a[:half] @ b, a[half:] @ b])
+
+
 def _blocked_inverse(lower: np.ndarray) -> np.ndarray:
     """L⁻¹ by halves, out of place: the reference for the in-place inverse."""
     n = lower.shape[0]
@@ -140,7 +152,7 @@ def _blocked_inverse(lower: np.ndarray) -> np.ndarray:
     top, bottom = _blocked_inverse(lower[:m, :m]), _blocked_inverse(lower[m:, m:])
     out = np.zeros_like(lower)
     out[:m, :m], out[m:, m:] = top, bottom
-    out[m:, :m] = -(bottom @ (lower[m:, :m] @ top))
+    out[m:, :m] = -_row_parts(bottom, _row_parts(lower[m:, :m], top))
     return out
 
 
@@ -153,13 +165,13 @@ def _blocked_gram(lower: np.ndarray) -> np.ndarray:
     a, b, c = lower[:m, :m], lower[m:, :m], lower[m:, m:]
     out = np.empty_like(lower)
     out[:m, :m] = _blocked_gram(a) + b.T @ b
-    out[:m, m:] = b.T @ c
+    out[:m, m:] = _row_parts(b.T, c)
     out[m:, :m] = out[:m, m:].T
     out[m:, m:] = _blocked_gram(c)
     return out
 
 
-@pytest.mark.parametrize("n", [257, 700, 1100])
+@pytest.mark.parametrize("n", [257, 700, 1100, 2100])
 def test_cholesky_inverse_in_place_equals_the_blocked_products(monkeypatch, n):
     """The wide consumers' inverse, computed in place over the blocked Cholesky factor, is bit for bit the
     out-of-place blocked inverse and product (and the inverse to rounding); the factor is LAPACK's to rounding, and
@@ -189,6 +201,27 @@ def test_cholesky_inverse_in_place_equals_the_blocked_products(monkeypatch, n):
     assert scoring.spd_inverse(overwritten, overwrite=True, pool=pool) is overwritten
     np.testing.assert_array_equal(overwritten, expected)
     assert pool.calls >= 4 and all(name.startswith("onnxprune-gram") for name in pool.threads)
+
+
+def test_wide_greedy_order_splits_its_products_with_the_pool():
+    """A consumer of SPLIT_FEATURES features or more computes each step's columns, refit and costs in two parts:
+    ordered with the product pool (one part on its threads) the scores are those of the order without it, bit for
+    bit, and equal to rounding the order computed in one piece."""
+    from onnxprune import scoring
+
+    group, consumers, grams = _wide_group(np.random.default_rng(11), 128, 9, outputs=40)  # 1,152 features
+    assert grams["c"].shape[0] >= scoring.SPLIT_FEATURES
+    alone = _greedy_order(group, consumers, grams, steps=80)
+    pool = _CountingPool()
+    pooled = _greedy_order(group, consumers, grams, steps=80, pool=pool)
+    np.testing.assert_array_equal(pooled, alone)
+    assert pool.calls >= 2 * 80  # each step's columns and refit (and the costs of 64 units or more)
+    assert all(name.startswith("onnxprune-gram") for name in pool.threads)
+    with pytest.MonkeyPatch.context() as patch:  # in one piece: the same to rounding
+        patch.setattr(scoring, "SPLIT_FEATURES", 1 << 20)
+        one_piece = _greedy_order(group, consumers, grams, steps=80)
+    np.testing.assert_allclose(one_piece, alone, rtol=1e-9)
+    assert np.argsort(one_piece, kind="stable")[:40].tolist() == np.argsort(alone, kind="stable")[:40].tolist()
 
 
 def test_gram_sum_matches_stacked_rows():
