@@ -87,8 +87,7 @@ class Refit:
         with self.clock.stage("gram"):
             self.grams = ConsumerGrams(self.analysis.model, {key: self.consumers[key] for key in self.consumers
                                                              if key in keys}, self.source.feeds, self.ridge,
-                                       self.clock, self.analysis.shapes, frontier=frontier, shared=self.shared,
-                                       pool=product_pool())
+                                       self.clock, self.analysis.shapes, frontier=frontier, shared=self.shared)
         self.source.advance(frontier, self.grams.frontier)
         self.grams.frontier = []
         if not later:  # no capture after this one: the kept frontier is not held through the window's points
@@ -148,7 +147,7 @@ class Refit:
             try:
                 # strips on the other core (the same factor), but not in windows (--low-memory): their temporaries
                 # beside the probe's sessions raised ResNet-50's allocation peak by ~9 MB, to 773 of its 776 budget
-                cholesky_in_place(lower, pool=product_pool())
+                cholesky_in_place(lower, pool=None if self.windows else product_pool())
             except np.linalg.LinAlgError:
                 self.factors[key] = None
                 return None
