@@ -15,6 +15,7 @@ from .calibration import StageClock
 from .consumer_grams import CAPTURE_BYTES, ConsumerGrams, _capture_chunks, _consumer_grams, _patch_key
 from .gram import _reconstructable, product_pool
 from .heap import heap_bounded
+from .row_parts import in_halves, rows_product
 from .selection_windows import CaptureSource, consumer_input_bytes, consumer_windows
 from .spd_solve import cholesky_in_place
 
@@ -284,6 +285,12 @@ def as_float64(matrix: np.ndarray) -> np.ndarray:
     return matrix.astype(np.float64)
 
 
+#: a :class:`_State` over at least this many features computes its step products in two row parts
+#: (:func:`~onnxprune.row_parts.in_halves`, one on the pool when it has one); its costs in two halves once at least
+#: ``SPLIT_UNITS`` units share a block size
+SPLIT_FEATURES = 1024
+SPLIT_UNITS = 64
+
 #: consumers with at least this many input features cost units by k×k inverses and products (faster than a solve
 #: per output at D = C·k², equal up to rounding); narrower ones keep the batched solve
 WIDE_FEATURES = 2048
@@ -431,24 +438,9 @@ def _invert_lower(lower: np.ndarray, pool: Executor | None = None) -> None:
         _invert_lower(lower[:m, :m])
         other.result()
     block = lower[m:, :m]
-    scaled = _rows_product(block, lower[:m, :m], pool)  # B A⁻¹
-    _rows_product(lower[m:, m:], scaled, pool, out=block)
+    scaled = rows_product(block, lower[:m, :m], pool)  # B A⁻¹
+    rows_product(lower[m:, m:], scaled, pool, out=block)
     np.negative(block, out=block)
-
-
-def _rows_product(a: np.ndarray, b: np.ndarray, pool: Executor | None = None, out: np.ndarray | None = None
-                  ) -> np.ndarray:
-    """``a @ b`` (into ``out`` when given, which must not overlap ``b``), the rows of ``a`` in two parts from
-    ``SPLIT_FEATURES // 2`` rows on (:func:`_in_halves`), one on ``pool`` where there is one: the same products
-    with or without it, bit for bit."""
-    if out is None:
-        out = np.empty((a.shape[0], b.shape[1]), dtype=np.result_type(a, b))
-
-    def rows(lo: int, hi: int) -> None:
-        np.matmul(a[lo:hi], b, out=out[lo:hi])
-
-    _in_halves(pool, a.shape[0], rows, least=SPLIT_FEATURES // 2)
-    return out
 
 
 def _lower_gram(lower: np.ndarray, pool: Executor | None = None) -> np.ndarray:
@@ -461,7 +453,7 @@ def _lower_gram(lower: np.ndarray, pool: Executor | None = None) -> np.ndarray:
         return lower
     m = n // 2
     a, b, c = lower[:m, :m], lower[m:, :m], lower[m:, m:]
-    _rows_product(b.T, c, pool, out=lower[:m, m:])  # into the zero triangle: B and C are still read below
+    rows_product(b.T, c, pool, out=lower[:m, m:])  # into the zero triangle: B and C are still read below
     other = pool.submit(_lower_gram, c) if pool is not None else None
     _lower_gram(a)
     a += b.T @ b
@@ -485,9 +477,9 @@ class _State:
     D × rank columns are held once instead of twice (ResNet-50's layer4: 85 MB instead of 170).
 
     A consumer of ``SPLIT_FEATURES`` features or more computes the rows of a step's products (the current columns,
-    the refit of W) and the units of its costs in two parts (:func:`_in_halves`); with ``pool`` (a group ordered
-    while the other core would idle) one part runs on the pool: the same products of views of the same arrays, so
-    the same results bit for bit."""
+    the refit of W) and the units of its costs in two parts (:func:`~onnxprune.row_parts.in_halves`); with ``pool``
+    (a group ordered while the other core would idle) one part runs on the pool: the same products of views of the
+    same arrays, so the same results bit for bit."""
 
     def __init__(self, inverse: np.ndarray, weights: np.ndarray, units: np.ndarray, rank: int = 16,
                  pool: Executor | None = None):
@@ -530,7 +522,7 @@ class _State:
 
             try:
                 units = SPLIT_UNITS if self.least <= self.P0.shape[0] else len(unit_ids) + 1
-                _in_halves(self.pool, len(unit_ids), quadratic, least=units, align=1)  # units: one by one
+                in_halves(self.pool, len(unit_ids), quadratic, least=units, align=1)  # units: one by one
                 cost[unit_ids] += added
             except np.linalg.LinAlgError:
                 cost[unit_ids] += [_removal_cost(b, self.W[q]) for b, q in zip(blocks, index)]
@@ -546,7 +538,7 @@ class _State:
         def current(lo: int, hi: int) -> None:  # rows lo:hi of the current P[:, q]
             np.subtract(self.P0[lo:hi, q], self.U[lo:hi, :rank] @ taken.T, out=column[lo:hi])
 
-        _in_halves(self.pool, rows, current, least=self.least)
+        in_halves(self.pool, rows, current, least=self.least)
         block = column[q]
         try:
             inv = np.linalg.inv(block)
@@ -558,7 +550,7 @@ class _State:
         def refit(lo: int, hi: int) -> None:
             self.W[lo:hi] -= scaled[lo:hi] @ removed
 
-        _in_halves(self.pool, rows, refit, least=self.least)
+        in_halves(self.pool, rows, refit, least=self.least)
         self.W[q] = 0.0
         if self.factored:
             self._append(_downdate_factor(column, block))
@@ -584,38 +576,6 @@ class _State:
         if not self.factored:
             self.V[:, self.rank:self.rank + k] = column
         self.rank += k
-
-
-#: a :class:`_State` over at least this many features splits its step products between two threads when it has a
-#: pool; its costs are split once at least ``SPLIT_UNITS`` units share a block size
-SPLIT_FEATURES = 1024
-SPLIT_UNITS = 64
-#: a product split by rows is split at a multiple of this many rows: OpenBLAS's kernels handle a block's last rows
-#: (below their unroll, 4-24 rows) by other code paths, whose sums may round differently, so a split elsewhere
-#: could change those rows' last bits (measured: splits at multiples of 8 or 16 do, of 96 or 192 do not)
-ROW_ALIGN = 192
-
-
-def _in_halves(pool: Executor | None, count: int, work: Callable[[int, int], None], least: int = 0,
-               align: int = ROW_ALIGN) -> None:
-    """``work(lo, hi)`` over ``range(count)``, in two parts split near the middle at a multiple of ``align`` where
-    ``count`` is at least ``least`` (else at once): the second on ``pool`` where there is one, else after the first,
-    here. The parts are the same with or without a pool, so the results are too (whatever threads OpenBLAS itself
-    runs a product on: its own partition of a product follows the product's shape). Returns when both are done; an
-    error of either is raised."""
-    half = max(align, round(count / 2 / align) * align)
-    if count < least or half >= count:
-        work(0, count)
-        return
-    if pool is None:
-        work(0, half)
-        work(half, count)
-        return
-    other = pool.submit(work, half, count)
-    try:
-        work(0, half)
-    finally:
-        other.result()
 
 
 def _downdate_factor(column: np.ndarray, block: np.ndarray) -> np.ndarray:

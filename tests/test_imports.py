@@ -20,7 +20,7 @@ LAYERS = {
         *(f"analysis.rules.{family}" for family in ("_common", "operands", "shape_plumbing", "layers", "norms",
                                                      "elementwise", "layout", "recurrent", "contrib", "frozen",
                                                      "catalog"))],
-    4: ["calibration", "activation_stream", "gram", "consumer_grams", "selection_windows", "refit", "compensation", "scoring", "obs_solve", "spd_solve", "obs", "accuracy", "validate", "recipe", "quantize"],
+    4: ["calibration", "activation_stream", "gram", "consumer_grams", "selection_windows", "refit", "compensation", "scoring", "obs_solve", "spd_solve", "row_parts", "obs", "accuracy", "validate", "recipe", "quantize"],
     5: ["passes", "passes.manager", "passes.canonical", "passes.subgraphs", "passes.unstructured", "passes.removal",
         "passes.structured", "passes.reconstruction", "passes.prepare", "passes.depth", "passes.vocabulary", "passes.rotation",
         "passes.hidden_widths", "passes.hidden_refit",

@@ -132,13 +132,13 @@ def test_wide_consumer_costs_and_inverse_match_the_narrow_path(monkeypatch):
 
 
 def _row_parts(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """``a @ b`` with the rows of ``a`` in the two parts the wide products use (from SPLIT_FEATURES // 2 rows on,
-    split at a multiple of ROW_ALIGN near the middle), stacked: the products the in-place inverse makes."""
-    from onnxprune import scoring
+    """``a @ b`` with the rows of ``a`` in the two parts the wide products use (from SPLIT_ROWS rows on, split at a
+    multiple of ROW_ALIGN near the middle), stacked: the products the in-place inverse makes."""
+    from onnxprune.row_parts import ROW_ALIGN, SPLIT_ROWS
 
     rows = a.shape[0]
-    half = max(scoring.ROW_ALIGN, round(rows / 2 / scoring.ROW_ALIGN) * scoring.ROW_ALIGN)
-    if rows < scoring.SPLIT_FEATURES // 2 or half >= rows:
+    half = max(ROW_ALIGN, round(rows / 2 / ROW_ALIGN) * ROW_ALIGN)
+    if rows < SPLIT_ROWS or half >= rows:
         return a @ b
     return np.vstack([a[:half] @ b, a[half:] @ b])
 
