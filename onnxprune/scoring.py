@@ -15,7 +15,7 @@ from .calibration import StageClock
 from .consumer_grams import CAPTURE_BYTES, ConsumerGrams, _capture_chunks, _consumer_grams, _patch_key
 from .gram import _reconstructable, product_pool
 from .heap import heap_bounded
-from .row_parts import in_halves, rows_product
+from .row_parts import ROW_ALIGN, in_halves, rows_product
 from .selection_windows import CaptureSource, consumer_input_bytes, consumer_windows
 from .spd_solve import cholesky_in_place
 
@@ -484,8 +484,7 @@ class _State:
     def __init__(self, inverse: np.ndarray, weights: np.ndarray, units: np.ndarray, rank: int = 16,
                  pool: Executor | None = None):
         self.P0, self.W, self.units = inverse, weights, units
-        self.pool = pool
-        self.least = SPLIT_FEATURES if inverse.shape[0] >= SPLIT_FEATURES else inverse.shape[0] + 1  # split or not
+        self.pool, self.split = pool, inverse.shape[0] >= SPLIT_FEATURES
         self.factored = inverse.shape[0] >= WIDE_FEATURES  # P = P₀ − Z Zᵀ (Z held in U), else P₀ − U Vᵀ
         self.U = np.empty((inverse.shape[0], max(rank, 1)))  # the columns the downdates will take (grown if short)
         self.V = self.U if self.factored else np.empty((inverse.shape[0], max(rank, 1)))
@@ -521,8 +520,7 @@ class _State:
                     added[lo:hi] = np.einsum("ukl,ukl->u", np.linalg.inv(parts), np.matmul(part, part.transpose(0, 2, 1)))
 
             try:
-                units = SPLIT_UNITS if self.least <= self.P0.shape[0] else len(unit_ids) + 1
-                in_halves(self.pool, len(unit_ids), quadratic, least=units, align=1)  # units: one by one
+                self._parts(len(unit_ids), quadratic, least=SPLIT_UNITS, align=1)  # units: one by one
                 cost[unit_ids] += added
             except np.linalg.LinAlgError:
                 cost[unit_ids] += [_removal_cost(b, self.W[q]) for b, q in zip(blocks, index)]
@@ -538,7 +536,7 @@ class _State:
         def current(lo: int, hi: int) -> None:  # rows lo:hi of the current P[:, q]
             np.subtract(self.P0[lo:hi, q], self.U[lo:hi, :rank] @ taken.T, out=column[lo:hi])
 
-        in_halves(self.pool, rows, current, least=self.least)
+        self._parts(rows, current)
         block = column[q]
         try:
             inv = np.linalg.inv(block)
@@ -550,7 +548,7 @@ class _State:
         def refit(lo: int, hi: int) -> None:
             self.W[lo:hi] -= scaled[lo:hi] @ removed
 
-        in_halves(self.pool, rows, refit, least=self.least)
+        self._parts(rows, refit)
         self.W[q] = 0.0
         if self.factored:
             self._append(_downdate_factor(column, block))
@@ -564,6 +562,14 @@ class _State:
                 entry[0], entry[1], entry[2] = unit_ids[alive], index[alive], blocks[alive]
                 unit_ids, index, blocks = entry
             blocks -= np.einsum("ukr,ulr->ukl", scaled[index], column[index])
+
+    def _parts(self, count: int, work: Callable[[int, int], None], least: int = 0, align: int = ROW_ALIGN) -> None:
+        """``work`` over ``range(count)`` in two parts (:func:`~onnxprune.row_parts.in_halves`) for a consumer of
+        ``SPLIT_FEATURES`` features or more, else at once."""
+        if self.split:
+            in_halves(self.pool, count, work, least, align)
+        else:
+            work(0, count)
 
     def _append(self, scaled: np.ndarray, column: np.ndarray | None = None) -> None:
         """Append a downdate's columns: ``scaled`` to U and ``column`` to V, or (factored) ``scaled`` to Z alone."""
