@@ -132,15 +132,11 @@ def test_wide_consumer_costs_and_inverse_match_the_narrow_path(monkeypatch):
 
 
 def _row_parts(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """``a @ b`` with the rows of ``a`` in the two parts the wide products use (from SPLIT_ROWS rows on, split at a
-    multiple of ROW_ALIGN near the middle), stacked: the products the in-place inverse makes."""
-    from onnxprune.row_parts import ROW_ALIGN, SPLIT_ROWS
+    """``a @ b`` with the rows of ``a`` in the two parts the wide products use (:func:`~onnxprune.row_parts.rows_product`
+    without a pool): the products the in-place inverse makes, out of place."""
+    from onnxprune.row_parts import rows_product
 
-    rows = a.shape[0]
-    half = max(ROW_ALIGN, round(rows / 2 / ROW_ALIGN) * ROW_ALIGN)
-    if rows < SPLIT_ROWS or half >= rows:
-        return a @ b
-    return np.vstack([a[:half] @ b, a[half:] @ b])
+    return rows_product(a, b)
 
 
 def _blocked_inverse(lower: np.ndarray) -> np.ndarray:
